@@ -1,0 +1,53 @@
+# pqueue — every target sets itself up: `make test` and `make cluster` work on
+# a fresh clone with only python3 (3.11+) installed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROTOS := $(wildcard proto/pqueue/v1/*.proto)
+# Tests marked slow (soak, long fault runs) are left out of `make test`.
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: install proto proto-check lint typecheck test test-all cluster bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Generated code lives in pqueue/v1/, is committed, and is never edited by hand.
+proto: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m grpc_tools.protoc -I proto \
+	  --python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=. $(PROTOS)
+
+proto-check: proto
+	@git diff --exit-code -- pqueue/v1 || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- pqueue/v1)" || { git status --porcelain -- pqueue/v1; echo "generated code is not committed: run 'make proto' and commit"; exit 1; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest
+
+# A local cluster (3 nodes; NODES=5 for five) on SQLite under .cluster/.
+NODES ?= 3
+cluster: $(STAMP)
+	$(VENV)/bin/pq dev-cluster --dir .cluster --nodes $(NODES)
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .cluster .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,170 @@
+"""Multi-Paxos messages, log records and the ``Ready`` batch the core hands out.
+
+Pure data. Ballots are ``(round, node_id)`` tuples, compared as tuples, so two
+proposers never share one. ``ZERO`` is below every real ballot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Ballot = tuple[int, int]
+ZERO: Ballot = (0, 0)
+
+#: The value a new leader proposes to fill a slot nobody reported (a gap).
+NOOP = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What an acceptor stores for one slot."""
+
+    slot: int
+    ballot: Ballot
+    value: bytes
+    #: Known chosen (learned from a leader's catch-up), not merely accepted.
+    chosen: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    """Phase 1a: promise ``ballot`` for every slot from ``from_slot`` on."""
+
+    src: int
+    dst: int
+    ballot: Ballot
+    from_slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    """Phase 1b. ``ok=False`` is a refusal naming the higher ``promised``."""
+
+    src: int
+    dst: int
+    ballot: Ballot
+    ok: bool
+    promised: Ballot
+    #: Everything accepted at slots >= the prepare's ``from_slot`` (not compacted).
+    records: tuple[Record, ...] = ()
+    #: Slots up to here are chosen (the sender may have compacted them).
+    commit_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Phase 2a for several slots at once (pipelined, batched)."""
+
+    src: int
+    dst: int
+    ballot: Ballot
+    entries: tuple[tuple[int, bytes], ...]
+    commit_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Phase 2b. ``ok=False`` is a refusal naming the higher ``promised``."""
+
+    src: int
+    dst: int
+    ballot: Ballot
+    ok: bool
+    promised: Ballot
+    slots: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The leader is alive; slots up to ``commit_index`` are chosen."""
+
+    src: int
+    dst: int
+    ballot: Ballot
+    commit_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    """A follower's answer: it still follows, and how far it has learned."""
+
+    src: int
+    dst: int
+    ballot: Ballot
+    ok: bool
+    promised: Ballot
+    commit_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class CatchupRequest:
+    """Send me the chosen values from ``from_slot`` on."""
+
+    src: int
+    dst: int
+    from_slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class CatchupReply:
+    """Chosen values, contiguous from the request's slot."""
+
+    src: int
+    dst: int
+    entries: tuple[tuple[int, bytes], ...]
+    commit_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSnapshot:
+    """The log the follower asked for is compacted: here is the state instead."""
+
+    src: int
+    dst: int
+    index: int
+    data: bytes
+    commit_index: int
+
+
+Message = (
+    Prepare
+    | Promise
+    | Accept
+    | Accepted
+    | Heartbeat
+    | HeartbeatReply
+    | CatchupRequest
+    | CatchupReply
+    | InstallSnapshot
+)
+
+
+@dataclass
+class Ready:
+    """What the shell must do, in this order: persist, then send, then apply.
+
+    Messages (including those a node addresses to itself, which is how its
+    own promise and its own accept vote are counted) may only leave once
+    ``promised``, ``records`` and ``snapshot`` are durable.
+    """
+
+    promised: Ballot | None = None
+    records: list[Record] = field(default_factory=list)
+    #: Replace the application state and drop the log up to this index.
+    snapshot: tuple[int, bytes] | None = None
+    messages: list[Message] = field(default_factory=list)
+    #: Chosen values to apply, contiguous and in slot order.
+    committed: list[tuple[int, bytes]] = field(default_factory=list)
+    #: The commit index to persist (a hint that spares a restart some catch-up).
+    commit_index: int | None = None
+
+    def empty(self) -> bool:
+        """Nothing to do."""
+        return not (
+            self.promised
+            or self.records
+            or self.snapshot
+            or self.messages
+            or self.committed
+            or self.commit_index is not None
+        )

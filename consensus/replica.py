@@ -1,0 +1,632 @@
+"""Multi-Paxos as a pure state machine (after etcd/raft's shape).
+
+A ``Replica`` is proposer, acceptor and learner in one. It does no IO, reads
+no clock and draws randomness only from the ``random.Random`` it is given.
+Inputs: ``tick()``, ``step(message)``, ``propose(value)``, ``compact(...)``.
+Output: ``ready()``, a batch the shell handles in a fixed order: persist the
+promise, records and snapshot; then send the messages; then apply the
+committed values.
+
+Messages a node addresses to itself travel the same way, so a candidate's own
+promise and a leader's own accept vote are counted only after the node's own
+persist, exactly like everybody else's.
+
+Protocol, briefly: a node that hears no leader for a randomized election
+timeout runs phase 1 once, for every slot after its commit index, with a
+fresh ballot ``(round, node_id)``. With promises from a majority it re-proposes
+the highest-ballot value reported for each open slot (a no-op where none
+was), then proposes new values at the following slots, several in flight at
+once (phase 2). A slot is chosen when a majority accepted it in the leader's
+ballot. Followers learn the commit index from accepts and heartbeats, and
+fetch values they lack from the leader (or a snapshot once the leader has
+compacted them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from consensus.messages import (
+    NOOP,
+    ZERO,
+    Accept,
+    Accepted,
+    Ballot,
+    CatchupReply,
+    CatchupRequest,
+    Heartbeat,
+    HeartbeatReply,
+    InstallSnapshot,
+    Message,
+    Prepare,
+    Promise,
+    Ready,
+    Record,
+)
+
+if TYPE_CHECKING:
+    from random import Random
+
+
+class Role(Enum):
+    """What a replica is doing now."""
+
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Timing and limits, in ticks and counts."""
+
+    node_id: int
+    #: Every node of the cluster, this one included.
+    nodes: tuple[int, ...]
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
+    max_inflight_slots: int = 128
+    max_batch_entries: int = 256
+    #: An Accept or CatchupReply stops adding entries past this many value
+    #: bytes (it always carries at least one).
+    max_batch_bytes: int = 40 << 20
+    catchup_retry_ticks: int = 4
+
+    def __post_init__(self) -> None:
+        if self.node_id <= 0 or self.node_id not in self.nodes:
+            raise ValueError("node_id must be a positive id listed in nodes")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError("nodes must be distinct")
+        if not 0 < self.heartbeat_ticks < self.election_ticks:
+            raise ValueError("need 0 < heartbeat_ticks < election_ticks")
+        if self.max_inflight_slots < 1 or self.max_batch_entries < 1:
+            raise ValueError("max_inflight_slots and max_batch_entries must be positive")
+
+
+@dataclass
+class DurableState:
+    """What a replica persisted: all it needs to restart safely."""
+
+    promised: Ballot = ZERO
+    records: dict[int, Record] = field(default_factory=dict)
+    commit_index: int = 0
+    snapshot: tuple[int, bytes] | None = None
+
+
+class Replica:
+    """One node's Multi-Paxos roles. See the module docstring."""
+
+    def __init__(self, config: Config, rng: Random, durable: DurableState | None = None) -> None:
+        self.config = config
+        self.id = config.node_id
+        self.majority = len(config.nodes) // 2 + 1
+        self.rng = rng
+        durable = durable or DurableState()
+        self.promised: Ballot = durable.promised
+        self.log: dict[int, Record] = dict(durable.records)
+        self.snapshot_index, self.snapshot_data = durable.snapshot or (0, b"")
+        self.commit_index = max(self.snapshot_index, 0)
+        #: Highest slot known chosen anywhere (our target while catching up).
+        self.known_commit = max(durable.commit_index, self.snapshot_index)
+        #: Last slot handed out for applying; restarts from the snapshot.
+        self.emitted = self.snapshot_index
+        self.max_round = self.promised[0]
+        self.role = Role.FOLLOWER
+        self.leader_id = 0
+        self.leader_ballot: Ballot = ZERO
+        self.ballot: Ballot = ZERO
+        self.election_elapsed = 0
+        self.election_timeout = self._random_timeout()
+        self.heartbeat_elapsed = 0
+        self.catchup_wait = 0
+        # Candidate and leader state.
+        self.promises: dict[int, Promise] = {}
+        self.prepare_from = 0
+        self.votes: dict[int, set[int]] = {}
+        self.proposals: dict[int, bytes] = {}
+        self.chosen: set[int] = set()
+        self.next_slot = 1
+        self.heard: set[int] = set()
+        #: Commit indexes peers reported to us (where to catch up from).
+        self.peer_commit: dict[int, int] = {}
+        #: A leader heard a majority in its last check-quorum period.
+        self.quorum_ok = False
+        #: Slots the last phase 1 re-proposed, with their values (for checkers).
+        self.recovered: dict[int, bytes] = {}
+        self._out = Ready()
+        self._accept_buffer: list[tuple[int, bytes]] = []
+        self._trust_upto = 0
+        # Records up to the persisted commit index hold chosen values: a
+        # committed slot's record is never overwritten, and the hint is
+        # persisted with (or after) the records it covers.
+        while self.commit_index < durable.commit_index and self.commit_index + 1 in self.log:
+            self.commit_index += 1
+
+    # ------------------------------------------------------------- inputs
+
+    def tick(self) -> None:
+        """One unit of time passed."""
+        self.election_elapsed += 1
+        if self.catchup_wait:
+            self.catchup_wait -= 1
+        if self.role is Role.FOLLOWER:
+            if self.election_elapsed >= self.election_timeout:
+                self._start_election()
+            elif self.commit_index < self.known_commit and self.leader_id:
+                self._request_catchup(self.leader_id)
+            return
+        self.heartbeat_elapsed += 1
+        if self.role is Role.CANDIDATE:
+            if self.election_elapsed >= self.election_timeout:
+                self._start_election()  # split vote or lost messages: try a higher ballot
+            elif self.heartbeat_elapsed >= self.config.heartbeat_ticks:
+                self.heartbeat_elapsed = 0
+                for node in self.config.nodes:
+                    if node not in self.promises:
+                        self._send(Prepare(self.id, node, self.ballot, self.prepare_from))
+            return
+        if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
+            self.heartbeat_elapsed = 0
+            self._heartbeat()
+        if self.election_elapsed >= self.election_timeout:
+            # Check quorum: a leader cut off from a majority steps down, so a
+            # stale leader stops serving instead of believing it still leads.
+            self.quorum_ok = len(self.heard | {self.id}) >= self.majority
+            if not self.quorum_ok:
+                self._become_follower(0, ZERO)
+            self.heard = set()
+            self.election_elapsed = 0
+        if self.commit_index < self.known_commit:
+            self._request_catchup(self._best_catchup_source())
+
+    def propose(self, value: bytes) -> int | None:
+        """Propose ``value`` at the next slot; the slot, or None if we cannot now.
+
+        None means: not the leader (yet), or too many slots in flight. A slot
+        number is no promise: only applying ``value`` at that slot is.
+        """
+        if self.role is not Role.LEADER or len(self.votes) >= self.config.max_inflight_slots:
+            return None
+        slot = self.next_slot
+        self.next_slot += 1
+        self._propose_at(slot, value)
+        return slot
+
+    def compact(self, index: int, data: bytes) -> None:
+        """The application holds a snapshot at ``index``: forget the log up to it."""
+        if index > self.emitted:
+            raise ValueError(f"cannot compact to {index}: applied only to {self.emitted}")
+        if index <= self.snapshot_index:
+            return
+        self.snapshot_index, self.snapshot_data = index, data
+        for slot in [s for s in self.log if s <= index]:
+            del self.log[slot]
+
+    def ready(self) -> Ready:
+        """Everything to persist, send and apply since the last call."""
+        out, self._out = self._out, Ready()
+        if self._accept_buffer:
+            fresh, self._accept_buffer = self._accept_buffer, []
+            for batch in self._batches(fresh):
+                for node in self.config.nodes:
+                    out.messages.append(
+                        Accept(self.id, node, self.ballot, batch, self.commit_index)
+                    )
+        if self.emitted < self.commit_index:
+            out.committed = [
+                (s, self._value_at(s)) for s in range(self.emitted + 1, self.commit_index + 1)
+            ]
+            self.emitted = self.commit_index
+        return out
+
+    def step(self, msg: Message) -> None:
+        """Handle one message addressed to this node."""
+        match msg:
+            case Prepare():
+                self._on_prepare(msg)
+            case Promise():
+                self._on_promise(msg)
+            case Accept():
+                self._on_accept(msg)
+            case Accepted():
+                self._on_accepted(msg)
+            case Heartbeat():
+                self._on_heartbeat(msg)
+            case HeartbeatReply():
+                self._on_heartbeat_reply(msg)
+            case CatchupRequest():
+                self._on_catchup_request(msg)
+            case CatchupReply():
+                self._on_catchup_reply(msg)
+            case InstallSnapshot():
+                self._on_install_snapshot(msg)
+
+    # ------------------------------------------------------------ acceptor
+
+    def _promise(self, ballot: Ballot) -> None:
+        """Raise the promise. It is persisted before any reply leaves
+        (``Ready`` order), so a restart never forgets what we promised."""
+        if ballot > self.promised:
+            self.promised = ballot
+            self._out.promised = ballot
+        self.max_round = max(self.max_round, ballot[0])
+
+    def _on_prepare(self, msg: Prepare) -> None:
+        self.max_round = max(self.max_round, msg.ballot[0])
+        if msg.ballot < self.promised or self._has_live_leader(msg.src):
+            # Refusing is always safe. Refusing while a live leader serves us
+            # keeps a node that lost touch (or just restarted) from deposing it.
+            self._send(Promise(self.id, msg.src, msg.ballot, False, self.promised))
+            return
+        self._promise(msg.ballot)
+        if msg.src != self.id:
+            if self.role is not Role.FOLLOWER and msg.ballot > self.ballot:
+                self._become_follower(0, ZERO)
+            self.election_elapsed = 0  # give the candidate its chance
+        # Report every accepted, not-yet-chosen slot from from_slot on. Slots up
+        # to our commit index are chosen; commit_index tells the candidate so,
+        # and it must not re-propose them (we may have compacted them).
+        floor = max(msg.from_slot, self.commit_index + 1)
+        records = tuple(self.log[s] for s in sorted(self.log) if s >= floor)
+        self._send(
+            Promise(self.id, msg.src, msg.ballot, True, msg.ballot, records, self.commit_index)
+        )
+
+    def _on_accept(self, msg: Accept) -> None:
+        self.max_round = max(self.max_round, msg.ballot[0])
+        if msg.ballot < self.promised:
+            self._send(Accepted(self.id, msg.src, msg.ballot, False, self.promised))
+            return
+        self._promise(msg.ballot)
+        if msg.src != self.id:
+            self._follow(msg.src, msg.ballot)
+        voted = []
+        for slot, value in msg.entries:
+            existing = self.log.get(slot)
+            if slot <= self.commit_index or (existing is not None and existing.chosen):
+                # Chosen already: by Paxos the leader sends this same value. Vote
+                # only if it does (or we compacted it): never help a wrong value.
+                if existing is None or existing.value == value:
+                    voted.append(slot)
+                continue
+            record = Record(slot, msg.ballot, value)
+            self.log[slot] = record
+            self._out.records.append(record)
+            voted.append(slot)
+        # The vote leaves only after the records above are durable (Ready order).
+        slots = tuple(voted)
+        self._send(Accepted(self.id, msg.src, msg.ballot, True, msg.ballot, slots))
+        self._learn_commit(msg.commit_index, msg.ballot, msg.src)
+
+    def _on_heartbeat(self, msg: Heartbeat) -> None:
+        self.max_round = max(self.max_round, msg.ballot[0])
+        if msg.ballot < self.promised:
+            self._send(
+                HeartbeatReply(
+                    self.id, msg.src, msg.ballot, False, self.promised, self.commit_index
+                )
+            )
+            return
+        self._promise(msg.ballot)
+        if msg.src != self.id:
+            self._follow(msg.src, msg.ballot)
+        self._learn_commit(msg.commit_index, msg.ballot, msg.src)
+        self._send(
+            HeartbeatReply(self.id, msg.src, msg.ballot, True, msg.ballot, self.commit_index)
+        )
+
+    # ------------------------------------------------------------ proposer
+
+    def _start_election(self) -> None:
+        # The old ballot's phase-2 state must not outlive it: a leftover buffer
+        # would go out stamped with a ballot that had no phase 1.
+        self.votes, self.proposals, self.chosen, self._accept_buffer = {}, {}, set(), []
+        self.role = Role.CANDIDATE
+        self.leader_id, self.leader_ballot = 0, ZERO
+        self.max_round = max(self.max_round, self.promised[0]) + 1
+        self.ballot = (self.max_round, self.id)
+        self.promises = {}
+        self.prepare_from = self.commit_index + 1
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.election_timeout = self._random_timeout()
+        for node in self.config.nodes:  # ourselves included: counted after our persist
+            self._send(Prepare(self.id, node, self.ballot, self.prepare_from))
+
+    def _on_promise(self, msg: Promise) -> None:
+        if not msg.ok:
+            self._on_refusal(msg.promised)
+            return
+        if self.role is not Role.CANDIDATE or msg.ballot != self.ballot:
+            return
+        self.promises[msg.src] = msg
+        if len(self.promises) >= self.majority:
+            self._become_leader()
+
+    def _become_leader(self) -> None:
+        self.role = Role.LEADER
+        self.leader_id, self.leader_ballot = self.id, self.ballot
+        self.votes, self.proposals, self.chosen = {}, {}, set()
+        self._accept_buffer = []
+        self.heard = set(self.promises)
+        self.quorum_ok = True
+        self.election_elapsed = 0
+        # Slots up to the highest reported commit index are chosen: never
+        # re-propose them (their records may be compacted away on every node
+        # of this quorum); learn them by catch-up instead.
+        # Our own knowledge counts even when our own promise is not among the
+        # majority: acceptors reported only slots from prepare_from on, so the
+        # slots before it are covered by nothing but our commit index.
+        max_commit = max(
+            self.prepare_from - 1,
+            self.commit_index,
+            *(p.commit_index for p in self.promises.values()),
+        )
+        self.known_commit = max(self.known_commit, max_commit)
+        # Above that, the safe value of each slot is the highest-ballot one any
+        # promise reported: a chosen value was accepted by a majority, which
+        # meets this quorum, and nothing with a higher ballot differs from it.
+        best: dict[int, Record] = {}
+        for promise in self.promises.values():
+            for record in promise.records:
+                if record.slot > max_commit and (
+                    record.slot not in best or record.ballot > best[record.slot].ballot
+                ):
+                    best[record.slot] = record
+        top = max(best, default=max_commit)
+        self.next_slot = max(top, max_commit, self.commit_index) + 1
+        self.recovered = {}
+        for slot in range(max_commit + 1, top + 1):
+            # Gaps get a no-op, so the log stays contiguous for learners.
+            value = best[slot].value if slot in best else NOOP
+            self.recovered[slot] = value
+            self._propose_at(slot, value)
+        self._heartbeat()
+        if self.commit_index < self.known_commit:
+            self._request_catchup(self._best_catchup_source())
+
+    def _propose_at(self, slot: int, value: bytes) -> None:
+        self.votes[slot] = set()
+        self.proposals[slot] = value
+        self._accept_buffer.append((slot, value))
+
+    def _on_accepted(self, msg: Accepted) -> None:
+        if not msg.ok:
+            self._on_refusal(msg.promised)
+            return
+        if self.role is not Role.LEADER or msg.ballot != self.ballot:
+            return
+        self.heard.add(msg.src)
+        for slot in msg.slots:
+            voters = self.votes.get(slot)
+            if voters is None:
+                continue
+            voters.add(msg.src)
+            if len(voters) >= self.majority:
+                # Chosen: a majority accepted this value in our ballot.
+                del self.votes[slot]
+                self.chosen.add(slot)
+        self._advance_commit(trusted=None)
+
+    def _on_heartbeat_reply(self, msg: HeartbeatReply) -> None:
+        if not msg.ok:
+            self._on_refusal(msg.promised)
+            return
+        if self.role is Role.LEADER and msg.ballot == self.ballot:
+            self.heard.add(msg.src)
+            self.peer_commit[msg.src] = msg.commit_index
+
+    def _on_refusal(self, promised: Ballot) -> None:
+        """Someone promised a higher ballot than ours."""
+        self.max_round = max(self.max_round, promised[0])
+        if self.role is Role.FOLLOWER or promised <= self.ballot:
+            return
+        if self.role is Role.LEADER and self.quorum_ok:
+            # We still lead a majority: take the lead again above that ballot
+            # (one round trip) rather than leave the cluster leaderless.
+            self._start_election()
+        else:
+            self._become_follower(0, ZERO)
+
+    def _has_live_leader(self, candidate: int) -> bool:
+        """Whether we are served by a live leader other than ``candidate``."""
+        if candidate == self.id:
+            return False
+        if self.role is Role.LEADER:
+            return self.quorum_ok
+        return (
+            self.role is Role.FOLLOWER
+            and self.leader_id not in (0, candidate)
+            and self.election_elapsed < self.config.election_ticks
+        )
+
+    def _heartbeat(self) -> None:
+        for node in self.config.nodes:
+            if node != self.id:
+                self._send(Heartbeat(self.id, node, self.ballot, self.commit_index))
+        # Messages get lost: offer every slot still short of a majority again.
+        if self.votes:
+            for node in self.config.nodes:
+                missing = [
+                    (s, self.proposals[s]) for s in sorted(self.votes) if node not in self.votes[s]
+                ]
+                for batch in self._batches(missing):
+                    self._send(Accept(self.id, node, self.ballot, batch, self.commit_index))
+
+    # ------------------------------------------------------------- learner
+
+    def _learn_commit(self, leader_commit: int, ballot: Ballot, leader: int) -> None:
+        self.known_commit = max(self.known_commit, leader_commit)
+        # Trust same-ballot records only up to what this message says is
+        # committed: known_commit may come from a newer regime.
+        self._trust_upto = leader_commit
+        self._advance_commit(trusted=ballot)
+        self._trust_upto = 0
+        if self.commit_index < self.known_commit and leader != self.id:
+            self._request_catchup(leader)
+
+    def _advance_commit(self, trusted: Ballot | None) -> None:
+        """Move the commit index over every slot whose chosen value we hold.
+
+        A record accepted in the current leader's ballot is that leader's only
+        value for the slot, so once the leader says the slot is committed the
+        record is the chosen value. Anything else needs a chosen mark or our
+        own count of votes.
+        """
+        start = self.commit_index
+        by_votes: set[int] = set()
+        while self._holds_chosen(self.commit_index + 1, trusted):
+            slot = self.commit_index + 1
+            self.commit_index = slot
+            if slot in self.chosen and slot in self.proposals:
+                by_votes.add(slot)
+            self.chosen.discard(slot)
+        for slot in [s for s in self.votes if s <= self.commit_index]:
+            del self.votes[slot]  # committed another way (catch-up, snapshot)
+        if self.commit_index > start:
+            self.known_commit = max(self.known_commit, self.commit_index)
+            self._out.commit_index = self.commit_index
+            for slot in [s for s in self.proposals if s <= self.commit_index]:
+                value = self.proposals.pop(slot)
+                # Only what our own votes chose: a slot learned another way holds
+                # its chosen value, and our proposal was never chosen there.
+                if slot in by_votes:
+                    self._store_chosen(slot, value)
+
+    def _store_chosen(self, slot: int, value: bytes) -> None:
+        """Make a slot we committed durable here before it is applied.
+
+        Our own accept may not be durable yet (others' votes can arrive
+        first), and an older ballot's record may sit in the slot.
+        """
+        record = self.log.get(slot)
+        if record is None or record.value != value or record.ballot != self.ballot:
+            record = Record(slot, self.ballot, value, chosen=True)
+            self.log[slot] = record
+            self._out.records.append(record)
+
+    def _holds_chosen(self, slot: int, trusted: Ballot | None) -> bool:
+        """Whether we hold the chosen value of ``slot`` (see ``_advance_commit``)."""
+        if slot in self.chosen and slot in self.proposals:
+            return True  # our own proposal, voted by a majority
+        record = self.log.get(slot)
+        if record is None:
+            return False
+        if record.chosen:
+            return True
+        return trusted is not None and record.ballot == trusted and slot <= self._trust_upto
+
+    def _request_catchup(self, source: int) -> None:
+        if self.catchup_wait or source in (0, self.id):
+            return
+        self.catchup_wait = self.config.catchup_retry_ticks
+        self._send(CatchupRequest(self.id, source, self.commit_index + 1))
+
+    def _best_catchup_source(self) -> int:
+        """A node known to be ahead of us; a different one each time, so one
+        that died cannot stall us."""
+        for promise in self.promises.values():
+            self.peer_commit[promise.src] = max(
+                self.peer_commit.get(promise.src, 0), promise.commit_index
+            )
+        ahead = sorted(
+            n for n, c in self.peer_commit.items() if c > self.commit_index and n != self.id
+        )
+        return self.rng.choice(ahead) if ahead else 0
+
+    def _on_catchup_request(self, msg: CatchupRequest) -> None:
+        if msg.from_slot <= self.snapshot_index:
+            self._send(
+                InstallSnapshot(
+                    self.id, msg.src, self.snapshot_index, self.snapshot_data, self.commit_index
+                )
+            )
+            return
+        last = min(self.commit_index, msg.from_slot + self.config.max_batch_entries - 1)
+        entries = [(s, self._value_at(s)) for s in range(msg.from_slot, last + 1)]
+        first = next(iter(self._batches(entries)), ())  # the rest on the next request
+        self._send(CatchupReply(self.id, msg.src, first, self.commit_index))
+
+    def _on_catchup_reply(self, msg: CatchupReply) -> None:
+        self.catchup_wait = 0
+        self.known_commit = max(self.known_commit, msg.commit_index)
+        for slot, value in msg.entries:
+            # The sender had these committed: they are chosen, whatever we accepted.
+            if slot > self.commit_index:
+                record = Record(
+                    slot, self.log[slot].ballot if slot in self.log else ZERO, value, True
+                )
+                self.log[slot] = record
+                self._out.records.append(record)
+        self._advance_commit(trusted=None)
+        if self.commit_index < self.known_commit:
+            self._request_catchup(msg.src)
+
+    def _on_install_snapshot(self, msg: InstallSnapshot) -> None:
+        self.catchup_wait = 0
+        self.known_commit = max(self.known_commit, msg.commit_index)
+        if msg.index <= self.commit_index:
+            return
+        self.snapshot_index, self.snapshot_data = msg.index, msg.data
+        for slot in [s for s in self.log if s <= msg.index]:
+            del self.log[slot]
+        self.commit_index = self.emitted = msg.index
+        self._out.snapshot = (msg.index, msg.data)
+        self._out.committed = []  # anything queued is older than the snapshot
+        self._out.commit_index = msg.index
+        self._advance_commit(trusted=None)
+        if self.commit_index < self.known_commit:
+            self._request_catchup(msg.src)
+
+    # -------------------------------------------------------------- helpers
+
+    def _follow(self, leader: int, ballot: Ballot) -> None:
+        if self.role is not Role.FOLLOWER and ballot > self.ballot:
+            self._become_follower(leader, ballot)
+        if self.role is Role.FOLLOWER:
+            self.leader_id, self.leader_ballot = leader, ballot
+            self.election_elapsed = 0
+
+    def _become_follower(self, leader: int, ballot: Ballot) -> None:
+        self.role = Role.FOLLOWER
+        self.quorum_ok = False
+        self.leader_id, self.leader_ballot = leader, ballot
+        self.votes, self.promises, self.chosen = {}, {}, set()
+        self.proposals = {}
+        self._accept_buffer = []
+        self.election_elapsed = 0
+        self.election_timeout = self._random_timeout()
+
+    def _value_at(self, slot: int) -> bytes:
+        """The chosen value of a committed slot (a leader's own proposal first)."""
+        if slot in self.proposals:
+            return self.proposals[slot]
+        return self.log[slot].value
+
+    def _batches(self, entries: list[tuple[int, bytes]]) -> list[tuple[tuple[int, bytes], ...]]:
+        """Split entries into message-sized batches (count and bytes bounded)."""
+        batches: list[tuple[tuple[int, bytes], ...]] = []
+        current: list[tuple[int, bytes]] = []
+        size = 0
+        for entry in entries:
+            if current and (
+                len(current) >= self.config.max_batch_entries
+                or size + len(entry[1]) > self.config.max_batch_bytes
+            ):
+                batches.append(tuple(current))
+                current, size = [], 0
+            current.append(entry)
+            size += len(entry[1])
+        if current:
+            batches.append(tuple(current))
+        return batches
+
+    def _random_timeout(self) -> int:
+        if len(self.config.nodes) == 1:
+            return 1  # a quorum of one has nobody to wait for
+        return self.rng.randint(self.config.election_ticks, 2 * self.config.election_ticks)
+
+    def _send(self, msg: Message) -> None:
+        self._out.messages.append(msg)

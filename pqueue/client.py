@@ -1,0 +1,360 @@
+"""Python client SDK: an async ``Client`` and a synchronous ``SyncClient``.
+
+Every failed call raises a ``pqueue.errors.PQueueError`` subclass (mapped from
+the gRPC status in ``pqueue.status``). Calls that are safe to repeat (reads,
+and enqueues carrying an idempotency key) are retried on retriable errors,
+honouring the server's retry hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import grpc
+
+from pqueue import limits
+from pqueue.errors import InvalidArgumentError, NotLeaderError
+from pqueue.status import from_rpc_error
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.v1 import queue_pb2_grpc as pbg
+
+#: Where `make cluster` serves: every node of it (the first that answers is
+#: used; any node forwards writes to the leader).
+DEFAULT_ENDPOINT = "ipv4:127.0.0.1:7701,127.0.0.1:7702,127.0.0.1:7703"
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _payload(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def job_spec(
+    payload: bytes | str,
+    *,
+    priority: int = 0,
+    delay_ms: int = 0,
+    not_before_ms: int = 0,
+    idempotency_key: str = "",
+    group: str = "",
+) -> pb.JobSpec:
+    """One job for ``enqueue_batch`` (a ``str`` payload is sent as UTF-8)."""
+    if not INT32_MIN <= priority <= INT32_MAX:
+        raise InvalidArgumentError("priority", f"{priority} does not fit in int32")
+    return pb.JobSpec(
+        payload=_payload(payload),
+        priority=priority,
+        delay_ms=delay_ms,
+        not_before_ms=not_before_ms,
+        idempotency_key=idempotency_key,
+        group=group,
+    )
+
+
+def _channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+        ],
+    )
+
+
+class _Stubs:
+    """The public services on one channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.queue = pbg.QueueStub(channel)
+        self.admin = pbg.AdminStub(channel)
+
+
+class Client:
+    """An async connection to a pqueue node (or, later, the balancer)."""
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout_s: float = 10.0,
+        max_retries: int = 3,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self._channel = _channel(endpoint)
+        self._stubs = _Stubs(self._channel)
+        #: Channels to leaders named in not-leader answers, by address.
+        self._leaders: dict[str, _Stubs] = {}
+
+    async def close(self) -> None:
+        """Close the channels."""
+        await self._channel.close()
+        for stubs in self._leaders.values():
+            await stubs.channel.close()
+        self._leaders = {}
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(
+        self,
+        pick: Callable[[_Stubs], Callable[..., Awaitable[T]]],
+        request: Any,
+        *,
+        retry: bool = False,
+        timeout_s: float | None = None,
+    ) -> T:
+        """Call; follow one leader hint; retry retriable errors if ``retry``."""
+        stubs = self._stubs
+        attempt = 0
+        redirected = False
+        while True:
+            try:
+                return await pick(stubs)(request, timeout=timeout_s or self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if isinstance(error, NotLeaderError) and error.leader_address and not redirected:
+                    # Nothing ran on that node, so any call may go to the leader.
+                    stubs = self._leader_stubs(error.leader_address)
+                    redirected = True
+                    continue
+                if not (retry and error.retriable and attempt < self.max_retries):
+                    raise error from exc
+                attempt += 1
+                stubs = self._stubs  # the endpoint again: another node may lead now
+                hint = getattr(error, "retry_after_s", 0.0)
+                await asyncio.sleep(hint or 0.1 * 2**attempt)
+
+    def _leader_stubs(self, address: str) -> _Stubs:
+        stubs = self._leaders.get(address)
+        if stubs is None:
+            stubs = self._leaders[address] = _Stubs(_channel(address))
+        return stubs
+
+    # --------------------------------------------------------------- Queue
+
+    async def enqueue(
+        self,
+        queue: str,
+        payload: bytes | str,
+        *,
+        priority: int = 0,
+        delay_ms: int = 0,
+        not_before_ms: int = 0,
+        idempotency_key: str = "",
+        group: str = "",
+    ) -> pb.EnqueueResponse:
+        """Enqueue one job; retried on failover only when it carries a key."""
+        spec = job_spec(
+            payload,
+            priority=priority,
+            delay_ms=delay_ms,
+            not_before_ms=not_before_ms,
+            idempotency_key=idempotency_key,
+            group=group,
+        )
+        req = pb.EnqueueRequest(queue=queue, job=spec)
+        return await self._call(lambda s: s.queue.Enqueue, req, retry=bool(idempotency_key))
+
+    async def enqueue_batch(
+        self, queue: str, jobs: Sequence[pb.JobSpec]
+    ) -> list[pb.EnqueueResponse]:
+        """Enqueue many jobs atomically (see ``job_spec``)."""
+        req = pb.EnqueueBatchRequest(queue=queue, jobs=jobs)
+        retry = all(j.idempotency_key for j in jobs)
+        resp = await self._call(lambda s: s.queue.EnqueueBatch, req, retry=retry)
+        return list(resp.results)
+
+    async def lease(
+        self,
+        queue: str,
+        *,
+        max_jobs: int = 1,
+        lease_ms: int = 0,
+        wait_ms: int = 0,
+        consumer_id: str = "",
+    ) -> list[pb.LeasedJob]:
+        """Lease up to ``max_jobs``, long-polling up to ``wait_ms``."""
+        req = pb.LeaseRequest(
+            queue=queue,
+            max_jobs=max_jobs,
+            lease_ms=lease_ms,
+            wait_ms=wait_ms,
+            consumer_id=consumer_id,
+        )
+        resp = await self._call(
+            lambda s: s.queue.Lease, req, timeout_s=self.timeout_s + wait_ms / 1000
+        )
+        return list(resp.jobs)
+
+    async def ack(self, queue: str, job_id: int, lease_id: int) -> None:
+        """Complete one job; ``LeaseLostError`` if the lease is stale."""
+        await self.ack_many(queue, [(job_id, lease_id)])
+
+    async def ack_many(self, queue: str, leases: Iterable[tuple[int, int]]) -> int:
+        """Complete several jobs atomically: all, or none if any lease is stale."""
+        req = pb.AckRequest(
+            queue=queue, leases=[pb.JobLease(job_id=j, lease_id=lid) for j, lid in leases]
+        )
+        return (await self._call(lambda s: s.queue.Ack, req)).acked
+
+    async def nack(
+        self,
+        queue: str,
+        job_id: int,
+        lease_id: int,
+        *,
+        delay_ms: int | None = None,
+        reason: str = "",
+        release: bool = False,
+    ) -> pb.NackResponse:
+        """Give a job back for a retry (after ``delay_ms`` or the queue's backoff).
+
+        ``release=True`` gives it back without counting the delivery as an
+        attempt (for a consumer that stops before working on it).
+        """
+        req = pb.NackRequest(
+            queue=queue, job_id=job_id, lease_id=lease_id, reason=reason, release=release
+        )
+        if delay_ms is not None:
+            req.delay_ms = delay_ms
+        return await self._call(lambda s: s.queue.Nack, req)
+
+    async def extend(
+        self, queue: str, job_id: int, lease_id: int, lease_ms: int = 0
+    ) -> pb.ExtendLeaseResponse:
+        """Move the lease's expiry to now + ``lease_ms`` (capped by the queue)."""
+        req = pb.ExtendLeaseRequest(
+            queue=queue, job_id=job_id, lease_id=lease_id, lease_ms=lease_ms
+        )
+        return await self._call(lambda s: s.queue.ExtendLease, req)
+
+    async def get_job(self, queue: str, job_id: int, *, consistent: bool = False) -> pb.Job:
+        """One job's state and error history."""
+        req = pb.GetJobRequest(queue=queue, job_id=job_id, consistent=consistent)
+        return (await self._call(lambda s: s.queue.GetJob, req, retry=True)).job
+
+    async def stats(self, queue: str = "", *, consistent: bool = False) -> list[pb.QueueStats]:
+        """Counts for one queue, or all."""
+        req = pb.StatsRequest(queue=queue, consistent=consistent)
+        return list((await self._call(lambda s: s.queue.Stats, req, retry=True)).queues)
+
+    # --------------------------------------------------------------- Admin
+
+    async def create_queue(
+        self, queue: str, config: pb.QueueConfig | None = None
+    ) -> pb.CreateQueueResponse:
+        """Create a queue (idempotent for the same config)."""
+        req = pb.CreateQueueRequest(queue=queue, config=config or pb.QueueConfig())
+        return await self._call(lambda s: s.admin.CreateQueue, req, retry=True)
+
+    async def delete_queue(self, queue: str) -> int:
+        """Delete a queue and its jobs; the number of jobs deleted."""
+        req = pb.DeleteQueueRequest(queue=queue)
+        return (await self._call(lambda s: s.admin.DeleteQueue, req)).deleted_jobs
+
+    async def list_queues(self) -> list[pb.QueueInfo]:
+        """Every queue with its config and stats."""
+        resp = await self._call(lambda s: s.admin.ListQueues, pb.ListQueuesRequest(), retry=True)
+        return list(resp.queues)
+
+    async def purge(self, queue: str) -> int:
+        """Remove ready and delayed jobs; how many."""
+        return (
+            await self._call(lambda s: s.admin.PurgeQueue, pb.PurgeQueueRequest(queue=queue))
+        ).purged
+
+    async def list_dead(
+        self, queue: str, *, limit: int = 0, after_job_id: int = 0
+    ) -> pb.ListDeadResponse:
+        """A page of dead jobs with their error history."""
+        req = pb.ListDeadRequest(queue=queue, limit=limit, after_job_id=after_job_id)
+        return await self._call(lambda s: s.admin.ListDead, req, retry=True)
+
+    async def redrive(self, queue: str, job_ids: Iterable[int] = ()) -> int:
+        """Make dead jobs ready again (all when ``job_ids`` is empty)."""
+        req = pb.RedriveRequest(queue=queue, job_ids=list(job_ids))
+        return (await self._call(lambda s: s.admin.Redrive, req)).redriven
+
+    async def node_status(self) -> pb.NodeStatusResponse:
+        """The connected node's view of the cluster."""
+        return await self._call(lambda s: s.admin.NodeStatus, pb.NodeStatusRequest(), retry=True)
+
+    async def delete_dead(self, queue: str, job_ids: Iterable[int] = ()) -> int:
+        """Delete dead jobs (all when ``job_ids`` is empty)."""
+        req = pb.DeleteDeadRequest(queue=queue, job_ids=list(job_ids))
+        return (await self._call(lambda s: s.admin.DeleteDead, req)).deleted
+
+
+def _blocking(
+    method: Callable[Concatenate[Client, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SyncClient, P], T]:
+    def call(self: SyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(method(self._client, *args, **kwargs))
+
+    call.__doc__ = method.__doc__
+    call.__name__ = method.__name__
+    return call
+
+
+class SyncClient:
+    """The same calls, blocking: an event loop runs on a private thread."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="pq-sync-client", daemon=True
+        )
+        self._thread.start()
+
+        async def make() -> Client:
+            return Client(endpoint, **options)
+
+        self._client = self._run(make())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        """Close the channel and stop the private loop."""
+        if self._loop.is_closed():
+            return
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    enqueue = _blocking(Client.enqueue)
+    enqueue_batch = _blocking(Client.enqueue_batch)
+    lease = _blocking(Client.lease)
+    ack = _blocking(Client.ack)
+    ack_many = _blocking(Client.ack_many)
+    nack = _blocking(Client.nack)
+    extend = _blocking(Client.extend)
+    get_job = _blocking(Client.get_job)
+    stats = _blocking(Client.stats)
+    create_queue = _blocking(Client.create_queue)
+    delete_queue = _blocking(Client.delete_queue)
+    list_queues = _blocking(Client.list_queues)
+    purge = _blocking(Client.purge)
+    list_dead = _blocking(Client.list_dead)
+    redrive = _blocking(Client.redrive)
+    delete_dead = _blocking(Client.delete_dead)
+    node_status = _blocking(Client.node_status)

@@ -1,0 +1,207 @@
+"""``pq dev-cluster`` (what ``make cluster`` runs) and ``pq cluster ...``.
+
+Starts each node as its own ``pq node`` process on loopback, prints a table
+of nodes, ports and data dirs, waits for a leader, and supervises: a node an
+operator stopped (``pq cluster stop-node N``) stays down until
+``pq cluster start-node N``; a node that died on its own is reported and
+stays down too, so failover can be watched. Ctrl-C or SIGTERM stops them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pqueue import render
+from pqueue.client import Client
+from pqueue.errors import PQueueError
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports the OS has just handed out (for tests; a small race remains)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def cluster_addresses(nodes: int, base_port: int) -> dict[int, str]:
+    """Node id -> address: base_port+1.. (or free ports when base_port is 0)."""
+    ports = free_ports(nodes) if base_port == 0 else [base_port + i for i in range(1, nodes + 1)]
+    return {i: f"127.0.0.1:{port}" for i, port in enumerate(ports, start=1)}
+
+
+def peers_arg(addresses: dict[int, str]) -> str:
+    """``1=host:port,2=host:port,...``"""
+    return ",".join(f"{i}={a}" for i, a in sorted(addresses.items()))
+
+
+class _Node:
+    def __init__(self, root: Path, node_id: int, addresses: dict[int, str]) -> None:
+        self.id = node_id
+        self.address = addresses[node_id]
+        self.data = root / f"n{node_id}"
+        self.log = root / f"n{node_id}.log"
+        self.addresses = addresses
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.reported_exit = False
+
+    def start(self) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        (self.data / "STOPPED").unlink(missing_ok=True)
+        (self.data / "START").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(self.data)]
+        cmd += ["--listen", self.address, "--node-id", str(self.id)]
+        cmd += ["--peers", peers_arg(self.addresses)]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        (self.data / "PID").write_text(f"{self.proc.pid}\n")
+        self.reported_exit = False
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+async def _statuses(addresses: dict[int, str], timeout_s: float = 1.0) -> dict[int, Any]:
+    async def one(address: str) -> Any:
+        try:
+            async with Client(address, timeout_s=timeout_s, max_retries=0) as c:
+                return await c.node_status()
+        except PQueueError:
+            return None
+
+    results = await asyncio.gather(*(one(a) for a in addresses.values()))
+    return dict(zip(addresses, results, strict=True))
+
+
+def _leader(addresses: dict[int, str]) -> int:
+    statuses = asyncio.run(_statuses(addresses, timeout_s=0.5))
+    leaders = [i for i, s in statuses.items() if s is not None and s.role == "leader"]
+    return leaders[0] if len(leaders) == 1 else 0
+
+
+def run_dev_cluster(root: Path, base_port: int, nodes: int) -> int:
+    """Run until interrupted; non-zero if the cluster fails to come up."""
+    root.mkdir(parents=True, exist_ok=True)
+    addresses = cluster_addresses(nodes, base_port)
+    cluster = [_Node(root, i, addresses) for i in sorted(addresses)]
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        for node in cluster:
+            node.start()
+        deadline = time.monotonic() + 30
+        leader = 0
+        while not leader:
+            if stop or time.monotonic() > deadline or not all(n.running() for n in cluster):
+                print(f"the cluster did not come up; see the logs in {root}/")
+                return 1
+            time.sleep(0.2)
+            leader = _leader(addresses)
+        rows = [
+            {"node": f"n{n.id}", "address": n.address, "data_dir": str(n.data), "log": str(n.log)}
+            for n in cluster
+        ]
+        print(render.table(rows))
+        endpoint = "ipv4:" + ",".join(addresses[i] for i in sorted(addresses))
+        print(f"\nleader: n{leader}")
+        print(f"ready: export PQ_ENDPOINT={endpoint}  (Ctrl-C stops the cluster)")
+        sys.stdout.flush()
+        while not stop:
+            for node in cluster:
+                if (node.data / "START").exists() and not node.running():
+                    print(f"starting n{node.id}", flush=True)
+                    node.start()
+                elif not node.running() and not node.reported_exit:
+                    node.reported_exit = True
+                    how = "stopped" if (node.data / "STOPPED").exists() else "exited"
+                    code = node.proc.returncode if node.proc else "?"
+                    print(
+                        f"n{node.id} {how} (status {code}); `pq cluster start-node {node.id}`"
+                        " brings it back",
+                        flush=True,
+                    )
+            time.sleep(0.2)
+        return 0
+    finally:
+        for node in cluster:
+            if node.running() and node.proc is not None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in cluster:
+            if node.proc is None:
+                continue
+            try:
+                node.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+            print(f"stopped n{node.id}")
+
+
+def stop_node(root: Path, node_id: int) -> str:
+    """Ask the dev cluster's node to stop (SIGTERM); it stays down."""
+    data = root / f"n{node_id}"
+    pid_file = data / "PID"
+    if not pid_file.exists():
+        raise ValueError(f"no node n{node_id} under {root}")
+    (data / "STOPPED").touch()
+    try:
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    except ProcessLookupError:
+        return f"n{node_id} was not running"
+    return f"stopping n{node_id}"
+
+
+def start_node(root: Path, node_id: int) -> str:
+    """Ask the running dev cluster to start a stopped node again."""
+    data = root / f"n{node_id}"
+    if not data.exists():
+        raise ValueError(f"no node n{node_id} under {root}")
+    (data / "START").touch()
+    return f"asked the dev cluster to start n{node_id}"
+
+
+async def cluster_status(endpoint: str, timeout_s: float) -> list[dict[str, Any]]:
+    """One row per node, from each node's own view; unreachable nodes say so."""
+    async with Client(endpoint, timeout_s=timeout_s, max_retries=0) as c:
+        first = await c.node_status()
+    peers = dict(first.peers) or {first.node_id: first.address or endpoint}
+    statuses = await _statuses(peers, timeout_s=min(timeout_s, 2.0))
+    top = max((s.commit_index for s in statuses.values() if s is not None), default=0)
+    rows = []
+    for node_id in sorted(peers):
+        s = statuses[node_id]
+        if s is None:
+            rows.append({"node": f"n{node_id}", "address": peers[node_id], "role": "down"})
+            continue
+        rows.append(
+            {
+                "node": f"n{node_id}",
+                "address": peers[node_id],
+                "role": s.role,
+                "ballot": s.ballot,
+                "leader": f"n{s.leader_id}" if s.leader_id else "",
+                "commit": s.commit_index,
+                "applied": s.applied_index,
+                "lag": top - s.applied_index,
+                "snapshot": s.snapshot_index,
+                "pending": s.pending,
+            }
+        )
+    return rows

@@ -1,0 +1,71 @@
+"""Forwarding a client's call from a follower to the leader, in one hop."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+
+from pqueue import limits
+from pqueue.status import from_rpc_error
+from pqueue.v1 import queue_pb2 as pb
+
+#: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
+DEFAULT_FORWARD_TIMEOUT_S = 75.0
+
+#: Metadata a forwarded call carries, so it is never forwarded twice.
+FORWARDED_KEY = "pq-forwarded-by"
+
+
+class Forwarder:
+    """Cached channels to leaders; calls by method name with the caller's deadline."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                address,
+                options=[
+                    ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+                ],
+            )
+            self._channels[address] = channel
+        return channel
+
+    async def call(
+        self,
+        address: str,
+        service: str,
+        method: str,
+        request: Message,
+        timeout_s: float | None,
+        forwarded_by: str,
+    ) -> Message:
+        """The leader's answer; its error re-raised as a ``PQueueError``."""
+        descriptor = pb.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
+        output = message_factory.GetMessageClass(descriptor.methods_by_name[method].output_type)
+        stub = self._channel(address).unary_unary(
+            f"/{service}/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=output.FromString,
+        )
+        try:
+            response: Message = await stub(
+                request,
+                # Never unbounded: a caller without a deadline still gets one.
+                timeout=timeout_s if timeout_s is not None else DEFAULT_FORWARD_TIMEOUT_S,
+                metadata=((FORWARDED_KEY, forwarded_by),),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels = {}

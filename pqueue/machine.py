@@ -1,0 +1,564 @@
+"""The queue state machine: deterministic ``apply(entry)`` of logged commands.
+
+Pure: no clock, IO or global random. Time arrives only as ``LogEntry.time_ms``
+stamped by the proposer, so every replica applying the same entries reaches
+the same state (same snapshot bytes). Each command either succeeds or raises
+a ``PQueueError`` *before* changing anything; ``apply_entry`` returns one
+result per command (the response message, or that error).
+
+Every entry first advances time: delayed jobs that came due become ready,
+leases that expired return their jobs (or make them dead), and idempotency
+keys past their window are forgotten. Expiry is therefore decided in the log,
+never guessed per replica.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from google.protobuf.message import Message
+
+from pqueue import limits
+from pqueue.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    LeaseLostError,
+    NotFoundError,
+    PQueueError,
+)
+from pqueue.jobs import DEAD, DELAYED, LEASED, READY, WAITING, Group, Job, QueueState, backoff_ms
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+
+Result = Message | PQueueError
+
+
+class QueueMachine:
+    """All queues of one node, advanced only by ``apply_entry``."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, QueueState] = {}
+        self.jobs: dict[int, Job] = {}
+        self.next_job_id = 1
+        self.next_lease_id = 1
+        self.applied_index = 0
+        self.time_ms = 0
+        #: (ready_at_ms, job_id, token) of DELAYED jobs, all queues.
+        self._delayed: list[tuple[int, int, int]] = []
+        #: (expires_at_ms, lease_id, job_id) of LEASED jobs, all queues.
+        self._leases: list[tuple[int, int, int]] = []
+        #: (expires_at_ms, queue, key) of idempotency records.
+        self._dedup: list[tuple[int, str, str]] = []
+        #: Per queue, how many jobs became leasable since the last ``drain_woken``.
+        self._woken: Counter[str] = Counter()
+        #: Queues with delete_when_idle that lost their last job this command.
+        self._idle: set[str] = set()
+        self._handlers: dict[str, Callable[[Any, int], Message]] = {
+            "enqueue": self._enqueue,
+            "lease": self._lease,
+            "ack": self._ack,
+            "nack": self._nack,
+            "extend": self._extend,
+            "create_queue": self._create_queue,
+            "delete_queue": self._delete_queue,
+            "purge": self._purge,
+            "redrive": self._redrive,
+            "delete_dead": self._delete_dead,
+            "tick": self._tick,
+        }
+
+    # ------------------------------------------------------------------ apply
+
+    def apply_entry(self, entry: logpb.LogEntry) -> list[Result]:
+        """Apply one log entry; one result per command, in order."""
+        if entry.index != self.applied_index + 1:
+            raise ValueError(f"entry {entry.index} applied after {self.applied_index}")
+        now = max(entry.time_ms, self.time_ms)  # time never runs backwards
+        self.time_ms = now
+        self.applied_index = entry.index
+        self.advance(now)
+        return [self.apply_command(cmd, now) for cmd in entry.commands]
+
+    def apply_command(self, cmd: logpb.Command, now: int) -> Result:
+        """Apply one command at ``now``; an error result means nothing changed."""
+        kind = cmd.WhichOneof("kind")
+        if kind is None:
+            return InvalidArgumentError("command", "empty command")
+        try:
+            return self._handlers[kind](getattr(cmd, kind), now)
+        except PQueueError as exc:
+            return exc
+        finally:
+            for name in self._idle:
+                queue = self.queues.get(name)
+                if queue is not None:
+                    self._drop_if_idle(queue)
+            self._idle.clear()
+
+    def advance(self, now: int) -> None:
+        """Promote due delayed jobs, expire due leases, forget old dedup keys."""
+        self._compact_time_heaps()
+        while self._delayed and self._delayed[0][0] <= now:
+            job = self._delayed_job(heapq.heappop(self._delayed))
+            if job is not None:
+                self._make_ready(self.queues[job.queue], job, job.ready_at_ms)
+        while self._leases and self._leases[0][0] <= now:
+            job = self._leased_by(heapq.heappop(self._leases))
+            if job is not None:
+                queue = self.queues[job.queue]
+                queue.counters.expired += 1
+                self._fail_delivery(queue, job, now, "lease expired", retry_at=now)
+        while self._dedup and self._dedup[0][0] <= now:
+            expires, name, key = heapq.heappop(self._dedup)
+            owner = self.queues.get(name)
+            if owner is not None and owner.dedup.get(key, (0, -1))[1] == expires:
+                del owner.dedup[key]
+                self._drop_if_idle(owner)
+
+    def _compact_time_heaps(self) -> None:
+        """Acked jobs leave lease entries behind until their expiry time: drop
+        them once they outnumber the live ones (amortized O(1) per entry)."""
+        live = {DELAYED: 0, LEASED: 0}
+        if len(self._leases) + len(self._delayed) < 1024:
+            return
+        for queue in self.queues.values():
+            live[DELAYED] += queue.counts[DELAYED]
+            live[LEASED] += queue.counts[LEASED]
+        if len(self._leases) > 2 * live[LEASED] + 1024:
+            self._leases = [
+                (j.lease_expires_at_ms, j.lease_id, j.job_id)
+                for j in self.jobs.values()
+                if j.state == LEASED
+            ]
+            heapq.heapify(self._leases)
+        if len(self._delayed) > 2 * live[DELAYED] + 1024:
+            self._delayed = [e for e in self._delayed if self._delayed_job(e) is not None]
+            heapq.heapify(self._delayed)
+
+    # ------------------------------------------------------------------ reads
+
+    def get_job(self, queue_name: str, job_id: int) -> pb.Job:
+        """One job's public view."""
+        job = self._queue(queue_name).jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id} not found in queue {queue_name!r}")
+        return job.to_proto()
+
+    def stats(self, queue_name: str, now_ms: int) -> list[pb.QueueStats]:
+        """Stats of one queue, or of all (by name) when ``queue_name`` is empty."""
+        if queue_name:
+            return [self._queue(queue_name).stats(now_ms)]
+        return [self.queues[name].stats(now_ms) for name in sorted(self.queues)]
+
+    def list_queues(self, now_ms: int) -> list[pb.QueueInfo]:
+        """Every queue with its config and stats, by name."""
+        return [
+            pb.QueueInfo(queue=name, config=q.config, stats=q.stats(now_ms))
+            for name, q in sorted(self.queues.items())
+        ]
+
+    def list_dead(self, queue_name: str, limit: int, after_job_id: int) -> pb.ListDeadResponse:
+        """A page of dead jobs by id, after ``after_job_id``."""
+        queue = self._queue(queue_name)
+        ids = sorted(i for i in queue.dead_ids if i > after_job_id)
+        page = ids[:limit]
+        return pb.ListDeadResponse(
+            jobs=[queue.jobs[i].to_proto() for i in page],
+            next_after_job_id=page[-1] if len(ids) > limit else 0,
+        )
+
+    def has_ready(self, queue_name: str) -> bool:
+        """Whether a lease on this queue would find a job now."""
+        queue = self.queues.get(queue_name)
+        return queue is not None and queue.peek_ready() is not None
+
+    def next_due_ms(self) -> int | None:
+        """When the next delayed job comes due or lease expires, if ever."""
+        while self._delayed and self._delayed_job(self._delayed[0]) is None:
+            heapq.heappop(self._delayed)
+        while self._leases and self._leased_by(self._leases[0]) is None:
+            heapq.heappop(self._leases)
+        due = [h[0][0] for h in (self._delayed, self._leases) if h]
+        return min(due) if due else None
+
+    def drain_woken(self) -> Counter[str]:
+        """Per queue, how many jobs became leasable since the last call."""
+        woken, self._woken = self._woken, Counter()
+        return woken
+
+    # --------------------------------------------------------------- commands
+
+    def _enqueue(self, req: pb.EnqueueBatchRequest, now: int) -> pb.EnqueueBatchResponse:
+        limits.check_queue_name(req.queue)
+        queue = self.queues.get(req.queue)
+        config = queue.config if queue else limits.effective_config(pb.QueueConfig())
+        for i, spec in enumerate(req.jobs):
+            self._check_spec(config, spec, f"jobs[{i}]")
+        if queue is None:
+            queue = self._new_queue(req.queue, config)
+        out = pb.EnqueueBatchResponse()
+        for spec in req.jobs:
+            key = spec.idempotency_key
+            if key and key in queue.dedup:
+                out.results.add(job_id=queue.dedup[key][0], duplicate=True)
+                continue
+            job = Job(
+                job_id=self.next_job_id,
+                queue=queue.name,
+                priority=spec.priority,
+                payload=spec.payload,
+                state=0,
+                group=spec.group,
+                idempotency_key=key,
+                enqueued_at_ms=now,
+                ready_at_ms=now,
+            )
+            self.next_job_id += 1
+            queue.jobs[job.job_id] = job
+            self.jobs[job.job_id] = job
+            queue.counters.enqueued += 1
+            if key:
+                self.remember_key(queue, key, job.job_id, now + config.dedup_window_ms)
+            ready_at = max(now + spec.delay_ms, spec.not_before_ms)
+            if ready_at > now:
+                self._make_delayed(queue, job, ready_at)
+            else:
+                self._make_ready(queue, job, now)
+            out.results.add(job_id=job.job_id)
+        return out
+
+    def _lease(self, req: pb.LeaseRequest, now: int) -> pb.LeaseResponse:
+        queue = self._queue(req.queue)
+        limits.check_duration(req.lease_ms, "lease_ms")
+        max_jobs = min(max(req.max_jobs, 1), limits.MAX_LEASE_JOBS)
+        lease_ms = min(
+            req.lease_ms or queue.config.default_lease_ms, queue.config.max_lease_total_ms
+        )
+        out = pb.LeaseResponse()
+        size = 0
+        while len(out.jobs) < max_jobs and size < limits.MAX_LEASE_RESPONSE_BYTES:
+            job = queue.peek_ready()
+            if job is None:
+                break
+            heapq.heappop(queue.ready)
+            size += len(job.payload)
+            self._set_state(queue, job, LEASED)
+            job.attempts += 1
+            job.lease_id = self.next_lease_id
+            self.next_lease_id += 1
+            job.leased_at_ms = now
+            job.lease_expires_at_ms = now + lease_ms
+            job.consumer_id = req.consumer_id
+            heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+            if job.group:
+                queue.groups[job.group].in_flight = job.job_id
+            out.jobs.add(
+                job_id=job.job_id,
+                lease_id=job.lease_id,
+                priority=job.priority,
+                payload=job.payload,
+                attempt=job.attempts,
+                group=job.group,
+                enqueued_at_ms=job.enqueued_at_ms,
+                lease_expires_at_ms=job.lease_expires_at_ms,
+                queue=queue.name,
+            )
+        return out
+
+    def _ack(self, req: pb.AckRequest, now: int) -> pb.AckResponse:
+        queue = self._queue(req.queue)
+        seen: set[int] = set()
+        jobs = []
+        for i, lease in enumerate(req.leases):
+            if lease.job_id in seen:
+                raise InvalidArgumentError(f"leases[{i}].job_id", "job listed twice")
+            seen.add(lease.job_id)
+            jobs.append(self._leased_job(queue, lease.job_id, lease.lease_id))
+        for job in jobs:
+            queue.counters.acked += 1
+            self._end_lease(queue, job)
+            self._remove(queue, job)
+        return pb.AckResponse(acked=len(jobs))
+
+    def _nack(self, req: pb.NackRequest, now: int) -> pb.NackResponse:
+        queue = self._queue(req.queue)
+        job = self._leased_job(queue, req.job_id, req.lease_id)
+        if req.release:
+            delay = req.delay_ms if req.HasField("delay_ms") else 0
+            limits.check_duration(delay, "delay_ms")
+            job.attempts -= 1  # this delivery does not count
+            self._end_lease(queue, job)
+            if delay:
+                self._make_delayed(queue, job, now + delay)
+            else:
+                self._make_ready(queue, job, now)
+            return pb.NackResponse(
+                state=job.state,  # type: ignore[arg-type]
+                ready_at_ms=job.ready_at_ms,
+                attempts=job.attempts,
+            )
+        delay = (
+            req.delay_ms
+            if req.HasField("delay_ms")
+            else backoff_ms(queue.config, job.job_id, job.attempts)
+        )
+        limits.check_duration(delay, "delay_ms")
+        queue.counters.nacked += 1
+        self._fail_delivery(queue, job, now, req.reason or "nacked", retry_at=now + delay)
+        return pb.NackResponse(
+            state=job.state,  # type: ignore[arg-type]
+            ready_at_ms=job.ready_at_ms if job.state != DEAD else 0,
+            attempts=job.attempts,
+        )
+
+    def _extend(self, req: pb.ExtendLeaseRequest, now: int) -> pb.ExtendLeaseResponse:
+        queue = self._queue(req.queue)
+        limits.check_duration(req.lease_ms, "lease_ms")
+        job = self._leased_job(queue, req.job_id, req.lease_id)
+        wanted = now + (req.lease_ms or queue.config.default_lease_ms)
+        cap = job.leased_at_ms + queue.config.max_lease_total_ms
+        job.lease_expires_at_ms = min(wanted, cap)
+        # The older heap entry no longer matches the expiry and is skipped.
+        heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+        return pb.ExtendLeaseResponse(
+            lease_expires_at_ms=job.lease_expires_at_ms, capped=wanted > cap
+        )
+
+    def _create_queue(self, req: pb.CreateQueueRequest, now: int) -> pb.CreateQueueResponse:
+        limits.check_queue_name(req.queue)
+        config = limits.effective_config(req.config)
+        existing = self.queues.get(req.queue)
+        if existing is not None:
+            if existing.config != config:
+                raise AlreadyExistsError(f"queue {req.queue!r} exists with a different config")
+            return pb.CreateQueueResponse(created=False, config=existing.config)
+        self._new_queue(req.queue, config)
+        return pb.CreateQueueResponse(created=True, config=config)
+
+    def _delete_queue(self, req: pb.DeleteQueueRequest, now: int) -> pb.DeleteQueueResponse:
+        queue = self._queue(req.queue)
+        count = len(queue.jobs)
+        self._drop_queue(queue)
+        return pb.DeleteQueueResponse(deleted_jobs=count)
+
+    def _purge(self, req: pb.PurgeQueueRequest, now: int) -> pb.PurgeQueueResponse:
+        queue = self._queue(req.queue)
+        doomed = [job for job in queue.jobs.values() if job.state in WAITING]
+        for job in doomed:
+            self._remove(queue, job)
+        return pb.PurgeQueueResponse(purged=len(doomed))
+
+    def _redrive(self, req: pb.RedriveRequest, now: int) -> pb.RedriveResponse:
+        queue = self._queue(req.queue)
+        jobs = self._dead_jobs(queue, req.job_ids)
+        for job in jobs:
+            queue.dead_ids.discard(job.job_id)
+            job.attempts = 0
+            self._make_ready(queue, job, now)
+        return pb.RedriveResponse(redriven=len(jobs))
+
+    def _delete_dead(self, req: pb.DeleteDeadRequest, now: int) -> pb.DeleteDeadResponse:
+        queue = self._queue(req.queue)
+        jobs = self._dead_jobs(queue, req.job_ids)
+        for job in jobs:
+            self._remove(queue, job)
+        return pb.DeleteDeadResponse(deleted=len(jobs))
+
+    def _tick(self, req: logpb.Tick, now: int) -> logpb.Tick:
+        return logpb.Tick()
+
+    # -------------------------------------------------------------- restore
+
+    def index_job(self, queue: QueueState, job: Job) -> None:
+        """Adopt a job restored from a snapshot, in whatever state it was.
+
+        Group heads are offered for leasing afterwards, once every job of the
+        group is known (see ``pqueue.snapshot.restore``).
+        """
+        queue.jobs[job.job_id] = job
+        self.jobs[job.job_id] = job
+        queue.counts[job.state] += 1
+        if job.state == DEAD:
+            queue.dead_ids.add(job.job_id)
+            return
+        group = queue.groups.setdefault(job.group, Group()) if job.group else None
+        if job.state == LEASED:
+            heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+            if group is not None:
+                group.in_flight = job.job_id
+            return
+        if group is not None:
+            heapq.heappush(group.waiting, job.job_id)
+        if job.state == READY:
+            queue.note_ready(job)
+        if job.state == DELAYED:
+            job.token += 1
+            heapq.heappush(self._delayed, (job.ready_at_ms, job.job_id, job.token))
+        elif group is None:
+            queue.push_ready(job)
+
+    def remember_key(self, queue: QueueState, key: str, job_id: int, expires_at_ms: int) -> None:
+        """Record an idempotency key until ``expires_at_ms``."""
+        queue.dedup[key] = (job_id, expires_at_ms)
+        heapq.heappush(self._dedup, (expires_at_ms, queue.name, key))
+
+    # ----------------------------------------------------------- transitions
+
+    def _new_queue(self, name: str, config: pb.QueueConfig) -> QueueState:
+        queue = QueueState(name=name, config=config)
+        self.queues[name] = queue
+        return queue
+
+    def _drop_if_idle(self, queue: QueueState) -> None:
+        """delete_when_idle: drop a queue with no job and no live idempotency key
+        (the keys must outlive their jobs, or a retried enqueue makes a twin)."""
+        if queue.config.delete_when_idle and not queue.jobs and not queue.dedup:
+            self._drop_queue(queue)
+
+    def _drop_queue(self, queue: QueueState) -> None:
+        for job_id in queue.jobs:
+            del self.jobs[job_id]
+        del self.queues[queue.name]
+
+    def _set_state(self, queue: QueueState, job: Job, state: int) -> None:
+        if job.state:
+            queue.counts[job.state] -= 1
+        queue.counts[state] += 1
+        job.state = state
+
+    def _make_ready(self, queue: QueueState, job: Job, ready_at: int) -> None:
+        self._set_state(queue, job, READY)
+        job.ready_at_ms = ready_at
+        queue.note_ready(job)
+        if job.group:
+            self._join_group(queue, job)
+        else:
+            queue.push_ready(job)
+            self._woken[queue.name] += 1
+
+    def _make_delayed(self, queue: QueueState, job: Job, ready_at: int) -> None:
+        self._set_state(queue, job, DELAYED)
+        job.ready_at_ms = ready_at
+        job.token += 1
+        heapq.heappush(self._delayed, (ready_at, job.job_id, job.token))
+        if job.group:
+            self._join_group(queue, job)
+
+    def _join_group(self, queue: QueueState, job: Job) -> None:
+        group = queue.groups.setdefault(job.group, Group())
+        if group.in_flight != job.job_id:
+            heapq.heappush(group.waiting, job.job_id)
+        self._refresh_group(queue, job.group)
+
+    def _refresh_group(self, queue: QueueState, name: str) -> None:
+        """Offer the group's head for leasing when nothing of it is in flight."""
+        group = queue.groups[name]
+        if group.in_flight:
+            return
+        head = queue.group_head(name)
+        if head is None:
+            del queue.groups[name]
+        elif head.state == READY:
+            queue.push_ready(head)
+            self._woken[queue.name] += 1
+
+    def _end_lease(self, queue: QueueState, job: Job) -> None:
+        """The delivery is over (ack, nack, expiry): free the job's group."""
+        job.lease_expires_at_ms = 0
+        if job.group:
+            group = queue.groups[job.group]
+            if group.in_flight == job.job_id:
+                group.in_flight = 0
+
+    def _fail_delivery(
+        self, queue: QueueState, job: Job, now: int, reason: str, retry_at: int
+    ) -> None:
+        """Record the failed attempt; retry at ``retry_at`` or make the job dead."""
+        job.errors.append((job.attempts, now, reason[: limits.MAX_REASON_CHARS]))
+        del job.errors[: -limits.MAX_ERROR_HISTORY]
+        self._end_lease(queue, job)
+        if job.attempts >= queue.config.max_attempts:
+            self._set_state(queue, job, DEAD)
+            queue.dead_ids.add(job.job_id)
+            queue.counters.dead += 1
+            if job.group:
+                self._refresh_group(queue, job.group)
+        elif retry_at > now:
+            self._make_delayed(queue, job, retry_at)
+        else:
+            self._make_ready(queue, job, now)
+
+    def _remove(self, queue: QueueState, job: Job) -> None:
+        queue.counts[job.state] -= 1
+        del queue.jobs[job.job_id]
+        del self.jobs[job.job_id]
+        queue.dead_ids.discard(job.job_id)
+        if job.group and job.group in queue.groups:
+            self._refresh_group(queue, job.group)
+        if queue.config.delete_when_idle and not queue.jobs:
+            self._idle.add(queue.name)
+
+    # ------------------------------------------------------------- lookups
+
+    def _delayed_job(self, entry: tuple[int, int, int]) -> Job | None:
+        """The job a delayed-heap entry names, if the entry is still current."""
+        _, job_id, token = entry
+        job = self.jobs.get(job_id)
+        return job if job is not None and job.token == token and job.state == DELAYED else None
+
+    def _leased_by(self, entry: tuple[int, int, int]) -> Job | None:
+        """The job a lease-heap entry names, if that lease and expiry still hold."""
+        expires, lease_id, job_id = entry
+        job = self.jobs.get(job_id)
+        if (
+            job is None
+            or job.state != LEASED
+            or job.lease_id != lease_id
+            or job.lease_expires_at_ms != expires
+        ):
+            return None
+        return job
+
+    def _queue(self, name: str) -> QueueState:
+        queue = self.queues.get(name)
+        if queue is None:
+            limits.check_queue_name(name)
+            raise NotFoundError(f"queue {name!r} not found")
+        return queue
+
+    def _leased_job(self, queue: QueueState, job_id: int, lease_id: int) -> Job:
+        """The job under this lease, or the error a stale or unknown lease earns."""
+        job = queue.jobs.get(job_id)
+        if job is None and (job_id == 0 or job_id >= self.next_job_id):
+            raise NotFoundError(f"job {job_id} not found in queue {queue.name!r}")
+        if job is None or job.state != LEASED or job.lease_id != lease_id:
+            raise LeaseLostError(f"job {job_id} is not leased under lease {lease_id}", job_id)
+        return job
+
+    def _check_spec(self, config: pb.QueueConfig, spec: pb.JobSpec, field: str) -> None:
+        limits.check_job_spec(spec, field)
+        if len(spec.payload) > config.max_payload_bytes:
+            raise InvalidArgumentError(
+                f"{field}.payload",
+                f"{len(spec.payload)} bytes exceeds the queue's max_payload_bytes "
+                f"{config.max_payload_bytes}",
+            )
+        if config.HasField("min_priority") and spec.priority < config.min_priority:
+            raise InvalidArgumentError(
+                f"{field}.priority",
+                f"{spec.priority} is below the queue's min_priority {config.min_priority}",
+            )
+        if config.HasField("max_priority") and spec.priority > config.max_priority:
+            raise InvalidArgumentError(
+                f"{field}.priority",
+                f"{spec.priority} is above the queue's max_priority {config.max_priority}",
+            )
+
+    def _dead_jobs(self, queue: QueueState, job_ids: Iterable[int]) -> list[Job]:
+        """The queue's dead jobs, all of them or those listed, by id."""
+        wanted = set(job_ids)
+        ids = sorted(wanted & queue.dead_ids if wanted else queue.dead_ids)
+        return [queue.jobs[i] for i in ids]

@@ -1,0 +1,123 @@
+"""The gRPC peer transport: one long-lived stream per peer, messages batched.
+
+Consensus tolerates lost, duplicated and reordered messages, so the transport
+keeps it simple: each peer gets a bounded queue (the oldest message goes when
+it overflows) and a sender task that holds a client stream open, writes
+whatever has queued up as one batch, and reconnects with backoff when the
+stream breaks. Inbound streams are decoded and handed to the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from consensus.messages import Message
+from pqueue import limits
+from pqueue.peer_codec import decode, encode
+from pqueue.v1 import peer_pb2 as ppb
+from pqueue.v1 import peer_pb2_grpc as ppbg
+
+logger = logging.getLogger(__name__)
+
+MAX_QUEUED = 10_000
+MAX_BATCH = 512
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", limits.MAX_PEER_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+]
+
+
+class PeerService(ppbg.PeerServicer):
+    """Receives peers' streams and hands each message on."""
+
+    def __init__(self, deliver: Callable[[Message], None]) -> None:
+        self.deliver = deliver
+
+    async def Send(
+        self,
+        request_iterator: AsyncIterator[ppb.PeerBatch],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ppb.PeerAck:
+        async for batch in request_iterator:
+            for wire in batch.messages:
+                try:
+                    msg = decode(wire)
+                except ValueError as exc:
+                    logger.warning("dropping a malformed peer message: %s", exc)
+                    continue
+                self.deliver(msg)
+        return ppb.PeerAck()
+
+
+class _Link:
+    """The outbound half towards one peer."""
+
+    def __init__(self, node_id: int, peer: int, address: str) -> None:
+        self.node_id, self.peer, self.address = node_id, peer, address
+        self.queue: deque[ppb.PeerMessage] = deque(maxlen=MAX_QUEUED)
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def put(self, msg: ppb.PeerMessage) -> None:
+        self.queue.append(msg)
+        self.ready.set()
+
+    async def send_loop(self) -> None:
+        backoff_s = 0.05
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS) as ch:
+                    call = ppbg.PeerStub(ch).Send()
+                    while True:
+                        if not self.queue:
+                            self.ready.clear()
+                            await self.ready.wait()
+                        batch = [
+                            self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))
+                        ]
+                        await call.write(ppb.PeerBatch(messages=batch))
+                        backoff_s = 0.05
+            except Exception as exc:  # any failure: reconnect, never die
+                logger.debug("node %d -> %d: stream broke: %r", self.node_id, self.peer, exc)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 1.0)
+
+
+class PeerTransport:
+    """Sends consensus messages to the other nodes."""
+
+    def __init__(self, node_id: int, addresses: dict[int, str]) -> None:
+        self.node_id = node_id
+        self._addresses = addresses
+        self._links: dict[int, _Link] = {}
+
+    def start(self) -> None:
+        """Start one sender per peer (addresses are read now: ports may bind late)."""
+        self._links = {
+            peer: _Link(self.node_id, peer, address)
+            for peer, address in self._addresses.items()
+            if peer != self.node_id
+        }
+        for link in self._links.values():
+            link.task = asyncio.create_task(link.send_loop(), name=f"pq-peer-{link.peer}")
+
+    async def stop(self) -> None:
+        """Stop the senders and close their streams."""
+        tasks = [link.task for link in self._links.values() if link.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def send(self, msg: Message) -> None:
+        """Queue a message for its destination (dropped if unknown)."""
+        link = self._links.get(msg.dst)
+        if link is not None:
+            link.put(encode(msg))

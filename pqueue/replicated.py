@@ -1,0 +1,362 @@
+"""``ReplicatedLog``: the command log as a Multi-Paxos log (the asyncio shell).
+
+The same ``CommandLog`` seam as ``LocalLog``, so the state machine and the
+servicer do not change. The leader packs every command waiting at that
+moment into one ``LogEntry`` (group commit) per slot and keeps several slots
+in flight. The shell runs the pure ``consensus.Replica`` and handles each
+``Ready`` in a fixed order: persist (one transaction, fsynced), then send
+(messages to itself are stepped only now, after the persist), then apply.
+A caller is answered once its slot is applied *with its own entry*; if
+another value won the slot, it gets a retriable UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from consensus import Config, DurableState, Replica, Role
+from consensus.messages import Message as PeerMessage
+from consensus.messages import Ready
+from pqueue.commitlog import Applier, LogStatus, Proposals, Result
+from pqueue.errors import NotLeaderError, PQueueError, UnavailableError
+from pqueue.storage.base import Storage, StoredSnapshot
+from pqueue.v1 import log_pb2 as logpb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """This node's place in the cluster and the protocol's timing."""
+
+    node_id: int
+    #: Every node's peer address, this one's included: id -> "host:port".
+    addresses: dict[int, str] = field(default_factory=dict)
+    tick_ms: int = 50
+    #: Election timeout: between 1 and 2 times this many ticks.
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
+    max_inflight_slots: int = 64
+    max_batch_commands: int = 2_000
+    snapshot_every_entries: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.tick_ms < 1:
+            raise ValueError("tick_ms must be at least 1")
+
+    def validate(self) -> None:
+        """Called at start, once every address is known (ports may be bound late)."""
+        if self.node_id not in self.addresses:
+            raise ValueError(f"node {self.node_id} is not among the peers {sorted(self.addresses)}")
+
+
+class ReplicatedLog:
+    """A ``CommandLog`` whose order and durability come from a majority."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        applier: Applier,
+        clock_ms: Callable[[], int],
+        config: ClusterConfig,
+        send: Callable[[PeerMessage], None],
+    ) -> None:
+        self._storage = storage
+        self._applier = applier
+        self._clock_ms = clock_ms
+        self.config = config
+        self._send = send
+        self.replica: Replica | None = None
+        self._proposals = Proposals()
+        self._inflight: dict[int, tuple[bytes, list[asyncio.Future[Result]]]] = {}
+        self._wake = self._proposals.wake
+        self._tasks: list[asyncio.Task[None]] = []
+        self._accepting = False
+        self._last_time_ms = 0
+        self._applied_time_ms = 0
+        self._snapshot_index = 0
+        self._commit_hint: int | None = None
+        self._was_leader = False
+        self._leading = asyncio.Event()
+        self.failed = asyncio.Event()
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.config.validate()
+        await self._storage.open()
+        state = await self._storage.load_acceptor()
+        snapshot = None
+        if state.snapshot is not None:
+            self._applier.restore(state.snapshot.data)
+            snapshot = (state.snapshot.index, state.snapshot.data)
+            self._snapshot_index = state.snapshot.index
+        c = self.config
+        self.replica = Replica(
+            Config(
+                node_id=c.node_id,
+                nodes=tuple(sorted(c.addresses)),
+                election_ticks=c.election_ticks,
+                heartbeat_ticks=c.heartbeat_ticks,
+                max_inflight_slots=c.max_inflight_slots,
+            ),
+            random.Random(),
+            DurableState(
+                promised=state.promised,
+                records={r.slot: r for r in state.records},
+                commit_index=state.commit_index,
+                snapshot=snapshot,
+            ),
+        )
+        self._last_time_ms = self._applied_time_ms = self._applier.last_time_ms()
+        logger.info(
+            "node %d recovered: promised %s, %d records, commit %d, snapshot %d",
+            c.node_id,
+            state.promised,
+            len(state.records),
+            state.commit_index,
+            self._snapshot_index,
+        )
+        self._accepting = True
+        for coro, name in ((self._tick_loop(), "pq-paxos-tick"), (self._ready_loop(), "pq-ready")):
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(self._on_task_done)
+            self._tasks.append(task)
+        if len(c.addresses) == 1:
+            # A quorum of one elects itself at once; be ready when start returns.
+            self.replica.tick()
+            self._wake.set()
+            await asyncio.wait_for(self._leading.wait(), timeout=10)
+            # ...and has applied what it recovered (re-proposed in phase 1).
+            deadline = asyncio.get_running_loop().time() + 10
+            while self.replica.emitted < self.replica.next_slot - 1:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise UnavailableError("recovery did not finish", retry_after_s=1.0)
+                await asyncio.sleep(0.005)
+        self._wake.set()  # replay what the commit hint already covers
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("replicated log failed: %s", task.exception(), exc_info=task.exception())
+        self._accepting = False
+        self._fail_all(UnavailableError(f"log stopped: {task.exception()}", retry_after_s=1.0))
+        self.failed.set()
+
+    async def stop(self) -> None:
+        self._accepting = False
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        self._tasks = []
+        self._fail_all(UnavailableError("node stopped", retry_after_s=1.0))
+        await self._storage.close()
+
+    def _fail_all(self, error: PQueueError) -> None:
+        self._proposals.fail(error)
+        inflight, self._inflight = self._inflight, {}
+        for _, futures in inflight.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(error)
+
+    # ------------------------------------------------------------ commands
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node leads (and may take commands) now."""
+        return self.replica is not None and self.replica.role is Role.LEADER
+
+    def leader_hint(self) -> tuple[int, str]:
+        """The leader's id and address as far as we know; (0, "") if unknown."""
+        if self.replica is None or not self.replica.leader_id:
+            return 0, ""
+        leader = self.replica.leader_id
+        return leader, self.config.addresses.get(leader, "")
+
+    def not_leader_error(self) -> PQueueError:
+        """What a caller gets from a node that cannot take its command."""
+        leader, address = self.leader_hint()
+        if leader:
+            return NotLeaderError(f"node {leader} leads", str(leader), address)
+        return UnavailableError("no leader yet", retry_after_s=0.5)
+
+    async def submit(self, command: logpb.Command) -> Message:
+        if not self._accepting:
+            raise UnavailableError("node is not accepting writes", retry_after_s=1.0)
+        if not self.is_leader:
+            raise self.not_leader_error()
+        return await self._proposals.submit(command)
+
+    def on_message(self, msg: PeerMessage) -> None:
+        """A message from a peer (the transport calls this)."""
+        if self.replica is not None and msg.dst == self.config.node_id:
+            self.replica.step(msg)
+            self._wake.set()
+
+    # --------------------------------------------------------------- loops
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_ms / 1000)
+            assert self.replica is not None
+            self.replica.tick()
+            self._wake.set()
+
+    async def _ready_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                self._propose_pending()
+                assert self.replica is not None
+                ready = self.replica.ready()
+                self._note_role()
+                if ready.empty():
+                    break
+                await self._handle(ready)
+
+    def _note_role(self) -> None:
+        leading = self.is_leader
+        if leading != self._was_leader:
+            assert self.replica is not None
+            logger.info(
+                "node %d %s at ballot %s",
+                self.config.node_id,
+                "became leader" if leading else "stepped down",
+                self.replica.ballot,
+            )
+            self._was_leader = leading
+        if leading:
+            self._leading.set()
+        else:
+            self._leading.clear()
+        if not leading and self._proposals:
+            self._proposals.fail(self.not_leader_error())
+
+    def _propose_pending(self) -> None:
+        replica = self.replica
+        assert replica is not None
+        while self._proposals and replica.role is Role.LEADER:
+            batch = self._proposals.peek_batch(self.config.max_batch_commands)
+            # Time enters only here, and never runs backwards.
+            self._last_time_ms = max(self._clock_ms(), self._last_time_ms)
+            entry = logpb.LogEntry(
+                index=replica.next_slot,
+                time_ms=self._last_time_ms,
+                commands=[cmd for cmd, _ in batch],
+            )
+            data = entry.SerializeToString()
+            slot = replica.propose(data)
+            if slot is None:
+                return  # too much in flight: these wait for the next round
+            assert slot == entry.index
+            self._proposals.remove(batch)
+            # A slot we proposed at in an earlier term is being reused: that
+            # proposal lost it (its callers learn so now, not never).
+            self._fail_slot(slot, "a later term reused the slot")
+            self._inflight[slot] = (data, [fut for _, fut in batch])
+
+    async def _handle(self, ready: Ready) -> None:
+        replica = self.replica
+        assert replica is not None
+        # 1. Persist. A Ready carrying only a commit index needs no fsync: the
+        #    index is a hint, stored with the next real write.
+        if ready.commit_index is not None:
+            self._commit_hint = max(self._commit_hint or 0, ready.commit_index)
+        if ready.promised is not None or ready.records or ready.snapshot is not None:
+            snapshot = StoredSnapshot(*ready.snapshot) if ready.snapshot else None
+            await self._storage.persist(ready.promised, ready.records, self._commit_hint, snapshot)
+            self._commit_hint = None
+        if ready.snapshot is not None:
+            index, data = ready.snapshot
+            self._applier.restore(data)
+            self._snapshot_index = index
+            self._applied_time_ms = self._applier.last_time_ms()
+            for slot in [s for s in self._inflight if s <= index]:
+                self._fail_slot(slot, "covered by a snapshot: outcome unknown")
+        # 2. Send: only now may our own promise and accept vote be counted.
+        for msg in ready.messages:
+            if msg.dst == self.config.node_id:
+                replica.step(msg)
+            else:
+                self._send(msg)
+        # 3. Apply.
+        for slot, value in ready.committed:
+            entry = (
+                logpb.LogEntry.FromString(value)
+                if value
+                else logpb.LogEntry(index=slot, time_ms=self._applied_time_ms)  # a no-op
+            )
+            self._applied_time_ms = max(self._applied_time_ms, entry.time_ms)
+            self._last_time_ms = max(self._last_time_ms, entry.time_ms)
+            results = self._applier.apply(entry)
+            self._resolve(slot, value, results)
+        # Snapshot what the applier holds, at its own index: a snapshot
+        # installed during an await above may have moved the replica on.
+        applied = self._applier.last_index()
+        if applied - max(self._snapshot_index, replica.snapshot_index) >= (
+            self.config.snapshot_every_entries
+        ):
+            await self._snapshot(applied)
+
+    def _resolve(self, slot: int, value: bytes, results: list[Result]) -> None:
+        inflight = self._inflight.pop(slot, None)
+        if inflight is None:
+            return
+        data, futures = inflight
+        if data == value:
+            for fut, result in zip(futures, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+            return
+        self._fail_slot(slot, "leadership changed before the command committed", futures)
+
+    def _fail_slot(
+        self, slot: int, why: str, futures: list[asyncio.Future[Result]] | None = None
+    ) -> None:
+        """Fail a slot's callers (retriable: with an idempotency key, retry)."""
+        if futures is None:
+            futures = self._inflight.pop(slot, (b"", []))[1]
+        error = UnavailableError(why, retry_after_s=0.2)
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(error)
+
+    async def _snapshot(self, index: int) -> None:
+        assert self.replica is not None
+        data = self._applier.snapshot()
+        if index != self._applier.last_index() or index <= self.replica.snapshot_index:
+            return  # the state moved while we were away: next time
+        try:
+            await self._storage.save_snapshot(index, data)
+        except PQueueError as exc:
+            logger.error("snapshot failed, will retry: %s", exc)
+            self._snapshot_index += self.config.snapshot_every_entries // 2
+            return
+        self.replica.compact(index, data)
+        self._snapshot_index = index
+        logger.info("node %d: snapshot at %d", self.config.node_id, index)
+
+    def status(self) -> LogStatus:
+        replica = self.replica
+        if replica is None:
+            return LogStatus("starting", 0, 0, 0, len(self._proposals))
+        return LogStatus(
+            role=replica.role.value,
+            commit_index=replica.commit_index,
+            applied_index=replica.emitted,
+            snapshot_index=self._snapshot_index,
+            pending=len(self._proposals) + len(self._inflight),
+            node_id=self.config.node_id,
+            ballot=replica.ballot if replica.role is not Role.FOLLOWER else replica.leader_ballot,
+            leader_id=replica.leader_id,
+            peers=dict(self.config.addresses),
+        )

@@ -1,0 +1,73 @@
+"""Entry point of ``pq node``: logging, event loop, serve until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from pqueue.errors import PQueueError
+from pqueue.node import NodeConfig
+from pqueue.replicated import ClusterConfig
+from pqueue.server import NodeServer, ServerConfig
+from pqueue.storage import open_storage
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d [%(levelname)s] %(name)s: %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr with millisecond timestamps."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt=LOG_DATEFMT)
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+async def _serve(
+    data_dir: Path, listen: str, node_id: int, peers: dict[int, str] | None, grace_s: float
+) -> bool:
+    cluster = ClusterConfig(node_id=node_id, addresses=peers) if peers else None
+    server = NodeServer(
+        open_storage(str(data_dir)),
+        ServerConfig(listen=listen, grace_s=grace_s),
+        NodeConfig(node_id=f"n{node_id}"),
+        cluster=cluster,
+    )
+    await server.start()
+    # Tell scripts and `pq dev-cluster` where we listen (port 0 resolved).
+    tmp = data_dir / "ADDRESS.tmp"
+    tmp.write_text(server.address + "\n")
+    tmp.replace(data_dir / "ADDRESS")
+    return await server.serve_until_signal()
+
+
+def run_node(
+    data_dir: Path,
+    listen: str,
+    node_id: int,
+    peers: dict[int, str] | None,
+    log_level: str,
+    grace_s: float,
+) -> int:
+    """Run one node until SIGTERM/SIGINT; exit status 0 on a clean stop."""
+    setup_logging(log_level)
+    try:
+        with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+            clean = runner.run(_serve(data_dir, listen, node_id, peers, grace_s))
+    except (PQueueError, OSError, ValueError) as exc:
+        logger.error("node %s cannot run: %s", node_id, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not clean:
+        print(f"error: node {node_id} stopped: its log failed (see the log above)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,164 @@
+"""The node's gRPC server: public services, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from pqueue import limits
+from pqueue.forward import Forwarder
+from pqueue.node import NodeConfig, QueueNode
+from pqueue.peers import PeerService
+from pqueue.replicated import ClusterConfig, ReplicatedLog
+from pqueue.servicer import AdminService, QueueService
+from pqueue.storage import Storage
+from pqueue.v1 import peer_pb2_grpc as ppbg
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.v1 import queue_pb2_grpc as pbg
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the node listens."""
+
+    listen: str = "127.0.0.1:0"
+    #: How long in-flight calls may finish after a stop begins.
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if ":" not in self.listen:
+            raise ValueError(f"listen address {self.listen!r} needs a port (HOST:PORT)")
+        if self.grace_s < 0:
+            raise ValueError("grace_s must not be negative")
+
+
+class NodeServer:
+    """A ``QueueNode`` served over gRPC. ``async with`` or ``start``/``stop``."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        server_config: ServerConfig | None = None,
+        node_config: NodeConfig | None = None,
+        cluster: ClusterConfig | None = None,
+    ) -> None:
+        self.config = server_config or ServerConfig()
+        self.node = QueueNode(storage, node_config, cluster=cluster)
+        self.forwarder = Forwarder()
+        self.health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._started = False
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """``host:port`` actually bound (port 0 resolved)."""
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def bind(self) -> str:
+        """Bind the listen address (port 0 resolved) before starting; idempotent."""
+        if self._server is None:
+            self._server = grpc.aio.server(
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+                ]
+            )
+            try:
+                self.port = self._server.add_insecure_port(self.config.listen)
+            except RuntimeError as exc:
+                self._server = None
+                raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
+        return self.address
+
+    async def start(self) -> None:
+        """Recover the node, then serve."""
+        await self.bind()
+        # A node alone learns its own address only now (port 0 resolved).
+        self.node.cluster.addresses.setdefault(self.node.cluster.node_id, self.address)
+        server = self._server
+        assert server is not None
+        await self.node.start()
+        pbg.add_QueueServicer_to_server(QueueService(self.node, self.forwarder), server)
+        pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder), server)
+        if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
+            ppbg.add_PeerServicer_to_server(PeerService(self.node.log.on_message), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_name, reflection.SERVICE_NAME), server
+        )
+        await server.start()
+        self._started = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._watch_log_loop(), name="pq-watch-log")
+        logger.info("node %s serving on %s", self.node.config.node_id, self.address)
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _watch_log_loop(self) -> None:
+        """A failed log means this node can serve nothing: say so at once."""
+        await self.node.log.failed.wait()
+        logger.error("node %s: log failed, reporting NOT_SERVING", self.node.config.node_id)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self) -> None:
+        """Drain: report NOT_SERVING, end long polls, let calls finish, then close."""
+        if self._server is None or not self._started:
+            return
+        self._started = False
+        logger.info("node %s draining", self.node.config.node_id)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.wait([self._watch])
+        await self.health.enter_graceful_shutdown()
+        self.node.begin_drain()
+        await self._server.stop(self.config.grace_s)
+        self._server = None
+        await self.forwarder.close()
+        await self.node.stop()
+
+    async def __aenter__(self) -> NodeServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def serve_until_signal(self) -> bool:
+        """Run until SIGTERM or SIGINT (True), or until the log fails (False)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        waits = [
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(self.node.log.failed.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+        return not self.node.log.failed.is_set()

@@ -1,0 +1,88 @@
+"""The ``Storage`` protocol: what a node persists, and how.
+
+A node persists its Multi-Paxos acceptor state (the promised ballot, the
+records it accepted or learned chosen, a commit-index hint) and snapshots of
+its state machine. Every write returns only once durable (fsynced, or
+committed with ``synchronous_commit`` on): nothing is acknowledged before.
+
+Records carry a CRC32. Both stores commit atomically (SQLite; PostgreSQL
+next), so there is no torn tail: any bad record is corruption, raised as
+``StorageCorruptError``, and the node stops.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from consensus.messages import ZERO, Ballot, Record
+
+
+@dataclass(frozen=True)
+class StoredSnapshot:
+    """A state-machine snapshot covering the log up to ``index``."""
+
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AcceptorState:
+    """What a node finds on start."""
+
+    promised: Ballot = ZERO
+    #: Records after the snapshot, by slot.
+    records: list[Record] = field(default_factory=list)
+    commit_index: int = 0
+    snapshot: StoredSnapshot | None = None
+
+
+class Storage(Protocol):
+    """A node's durable acceptor state and snapshots."""
+
+    async def open(self) -> None:
+        """Create or migrate the store and take exclusive ownership of it."""
+
+    async def close(self) -> None:
+        """Release the store; safe to call twice."""
+
+    def describe(self) -> str:
+        """Where the data lives, for logs and status output."""
+
+    async def load_acceptor(self) -> AcceptorState:
+        """The promise, the records after the snapshot, the commit hint, the snapshot."""
+
+    async def persist(
+        self,
+        promised: Ballot | None,
+        records: Sequence[Record],
+        commit_index: int | None,
+        snapshot: StoredSnapshot | None,
+    ) -> None:
+        """Durably store one Ready's worth of state, in one transaction.
+
+        A snapshot replaces an older one (never a newer one) and drops the
+        records it covers; the commit hint only ever moves forward.
+        """
+
+    async def save_snapshot(self, index: int, data: bytes) -> None:
+        """Durably store a snapshot this node took (see ``persist``)."""
+
+
+def checksum(index: int, data: bytes) -> int:
+    """CRC32 over the index and the bytes, so a record moved to another slot fails too."""
+    return zlib.crc32(data, zlib.crc32(index.to_bytes(8, "big")))
+
+
+def open_storage(url: str) -> Storage:
+    """A store from ``sqlite:PATH`` (a data directory) or a bare directory path."""
+    from pqueue.storage.sqlite import SqliteStorage
+
+    if url.startswith("sqlite:"):
+        return SqliteStorage(Path(url.removeprefix("sqlite:")))
+    if "://" in url:
+        raise ValueError(f"unsupported store {url!r}: use sqlite:PATH")
+    return SqliteStorage(Path(url))

@@ -1,0 +1,119 @@
+"""A cluster of real ``pq node`` processes for fault tests (kill -9, SIGSTOP, partitions)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pqueue.client import Client
+from pqueue.devcluster import free_ports, peers_arg
+from pqueue.errors import PQueueError
+from tests.faults.proxy import Proxy
+
+
+class ProcCluster:
+    def __init__(self, root: Path, nodes: int = 3, partitionable: bool = False) -> None:
+        self.root = root
+        self.n = nodes
+        self.partitionable = partitionable
+        self.ports: dict[int, int] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.proxies: dict[tuple[int, int], Proxy] = {}
+
+    @property
+    def endpoint(self) -> str:
+        return "ipv4:" + ",".join(f"127.0.0.1:{p}" for _, p in sorted(self.ports.items()))
+
+    def address(self, i: int) -> str:
+        return f"127.0.0.1:{self.ports[i]}"
+
+    async def start(self) -> None:
+        self.ports = dict(enumerate(free_ports(self.n), start=1))
+        if self.partitionable:
+            for i in self.ports:
+                for j in self.ports:
+                    if i != j:
+                        self.proxies[(i, j)] = Proxy(self.ports[j])
+                        await self.proxies[(i, j)].start()
+        for i in self.ports:
+            self.launch(i)
+        await self.leader()
+
+    def _peers_of(self, i: int) -> dict[int, str]:
+        if not self.partitionable:
+            return {j: self.address(j) for j in self.ports}
+        return {
+            j: self.address(j) if j == i else f"127.0.0.1:{self.proxies[(i, j)].port}"
+            for j in self.ports
+        }
+
+    def launch(self, i: int) -> None:
+        data = self.root / f"n{i}"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(data)]
+        cmd += ["--listen", self.address(i), "--node-id", str(i), "--grace-s", "1"]
+        cmd += ["--peers", peers_arg(self._peers_of(i)), "--log-level", "INFO"]
+        with (self.root / f"n{i}.log").open("ab") as log:
+            self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=log)
+
+    async def leader(self, timeout_s: float = 20.0, among: list[int] | None = None) -> int:
+        """The one node that says it leads (and is running)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            leaders = []
+            for i in among or list(self.ports):
+                if self.procs[i].poll() is not None:
+                    continue
+                try:
+                    async with Client(self.address(i), timeout_s=0.5, max_retries=0) as c:
+                        if (await c.node_status()).role == "leader":
+                            leaders.append(i)
+                except PQueueError:
+                    pass
+            if len(leaders) == 1:
+                return leaders[0]
+            await asyncio.sleep(0.1)
+        raise AssertionError("no single leader")
+
+    def kill9(self, i: int) -> None:
+        self.procs[i].kill()
+        self.procs[i].wait()
+
+    def pause(self, i: int) -> None:
+        os.kill(self.procs[i].pid, signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        os.kill(self.procs[i].pid, signal.SIGCONT)
+
+    def isolate(self, i: int) -> None:
+        for (a, b), proxy in self.proxies.items():
+            if i in (a, b):
+                proxy.cut()
+
+    def heal(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.heal()
+
+    async def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with_signal(proc, signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                await asyncio.to_thread(proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for proxy in self.proxies.values():
+            await proxy.stop()
+
+
+def with_signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, sig)

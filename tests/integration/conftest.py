@@ -1,0 +1,33 @@
+"""Real gRPC servers on 127.0.0.1:0, stopped in ``finally``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pqueue.client import Client
+from pqueue.server import NodeServer, ServerConfig
+from pqueue.storage.sqlite import SqliteStorage
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[NodeServer]:
+    srv = NodeServer(
+        SqliteStorage(tmp_path / "n1"), ServerConfig(listen="127.0.0.1:0", grace_s=1.0)
+    )
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+@pytest.fixture
+async def client(server: NodeServer) -> AsyncIterator[Client]:
+    c = Client(server.address, timeout_s=10.0, max_retries=0)
+    try:
+        yield c
+    finally:
+        await c.close()

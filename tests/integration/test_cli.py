@@ -1,0 +1,155 @@
+"""``pq`` as a user runs it: real processes, JSON output, one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pqueue.server import NodeServer
+
+PQ = (sys.executable, "-m", "pqueue.cli")
+
+
+async def pq(address: str, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *PQ,
+        "--endpoint",
+        address,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(stdin)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def pq_json(address: str, *args: str) -> Any:
+    code, out, err = await pq(address, "-o", "json", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+async def test_cli_tour(server: NodeServer) -> None:
+    a = server.address
+    assert (await pq_json(a, "enqueue", "emails", "hello", "--priority", "5"))["job_id"] == 1
+    await pq_json(a, "enqueue", "emails", "urgent", "--priority", "0", "--idempotency-key", "k1")
+    assert (await pq_json(a, "enqueue", "emails", "urgent", "--idempotency-key", "k1"))["duplicate"]
+    jobs = await pq_json(a, "lease", "emails", "--max", "2")
+    assert [(j["payload"], j["priority"], j["attempt"]) for j in jobs] == [
+        ("urgent", 0, 1),
+        ("hello", 5, 1),
+    ]
+    assert set(jobs[0]) >= {"job_id", "lease_id", "priority", "payload", "attempt"}
+    first, second = jobs
+    await pq_json(a, "ack", "emails", str(first["job_id"]), str(first["lease_id"]))
+    nack = await pq_json(
+        a,
+        "nack",
+        "emails",
+        str(second["job_id"]),
+        str(second["lease_id"]),
+        "--reason",
+        "nope",
+        "--delay-ms",
+        "0",
+    )
+    assert nack["state"] == "ready"
+    job = await pq_json(a, "job", "emails", str(second["job_id"]))
+    assert (job["state"], job["errors"][0]["reason"]) == ("ready", "nope")
+    [stats] = await pq_json(a, "stats", "emails")
+    assert (stats["ready"], stats["acked_total"]) == (1, 1)
+    [queue] = await pq_json(a, "queues")
+    assert queue["queue"] == "emails"
+
+    code, out, _ = await pq(a, "stats")
+    assert code == 0
+    assert out.splitlines()[0].split()[:3] == ["QUEUE", "READY", "DELAYED"]
+
+
+async def test_binary_payload_is_base64_in_json(server: NodeServer) -> None:
+    code, _, err = await pq(server.address, "enqueue", "bin", "-", stdin=b"\xff\xfe\x00")
+    assert code == 0, err
+    [job] = await pq_json(server.address, "lease", "bin")
+    assert (job["payload"], job["payload_encoding"]) == ("//4A", "base64")
+
+
+async def test_dead_letter_commands(server: NodeServer) -> None:
+    a = server.address
+    await pq_json(a, "queue", "create", "q", "--max-attempts", "1")
+    await pq_json(a, "enqueue", "q", "x")
+    [job] = await pq_json(a, "lease", "q")
+    await pq_json(a, "nack", "q", str(job["job_id"]), str(job["lease_id"]), "--reason", "bad")
+    [dead] = await pq_json(a, "dead", "list", "q")
+    assert dead["errors"][0]["reason"] == "bad"
+    assert (await pq_json(a, "dead", "redrive", "q"))["redriven"] == 1
+    [job] = await pq_json(a, "lease", "q")
+    await pq_json(a, "nack", "q", str(job["job_id"]), str(job["lease_id"]))
+    assert (await pq_json(a, "dead", "delete", "q", str(job["job_id"])))["deleted"] == 1
+    assert (await pq_json(a, "queue", "purge", "q"))["purged"] == 0
+    assert (await pq_json(a, "queue", "delete", "q"))["deleted_jobs"] == 0
+
+
+async def test_errors_are_one_line_and_non_zero(server: NodeServer) -> None:
+    code, out, err = await pq(server.address, "ack", "emails", "1", "2")
+    assert (code, out) == (1, "")
+    assert err.strip() == "error: NOT_FOUND: queue 'emails' not found"
+    code, _, err = await pq(server.address, "enqueue", "", "x")
+    assert (code, err.strip()) == (1, "error: INVALID_ARGUMENT: queue: must not be empty")
+    code, _, err = await pq("127.0.0.1:1", "--timeout-s", "2", "stats")
+    assert code == 1
+    assert err.startswith("error: UNAVAILABLE: ")
+    assert err.count("\n") == 1
+
+
+async def test_endpoint_from_environment(server: NodeServer) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *PQ,
+        "-o",
+        "json",
+        "stats",
+        env={**os.environ, "PQ_ENDPOINT": server.address},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert (proc.returncode, json.loads(out)) == (0, [])
+
+
+def _log_tails(root: Path) -> dict[str, str]:
+    return {p.name: p.read_text()[-600:] for p in root.glob("n*.log")}
+
+
+async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *PQ,
+        "dev-cluster",
+        "--dir",
+        str(tmp_path),
+        "--base-port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not lines or not lines[-1].startswith("ready:"):
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if not line:
+                logs = await asyncio.to_thread(_log_tails, tmp_path)
+                raise AssertionError(f"dev-cluster exited: {lines}; node logs: {logs}")
+            lines.append(line.decode().strip())
+        assert lines[0].split()[:3] == ["NODE", "ADDRESS", "DATA_DIR"]
+        address = lines[-1].split("PQ_ENDPOINT=")[1].split()[0]
+        assert (await pq_json(address, "enqueue", "q", "x"))["job_id"] == 1
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

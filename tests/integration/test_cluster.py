@@ -1,0 +1,169 @@
+"""A 3-node cluster in one process: real gRPC between nodes, SQLite on each."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pqueue.client import Client
+from pqueue.errors import PQueueError
+from pqueue.replicated import ClusterConfig
+from pqueue.server import NodeServer, ServerConfig
+from pqueue.snapshot import state_hash
+from pqueue.storage.sqlite import SqliteStorage
+from pqueue.v1 import queue_pb2 as pb
+
+
+class Cluster:
+    def __init__(self, root: Path, n: int = 3) -> None:
+        self.root = root
+        self.addresses: dict[int, str] = {}
+        self.servers: dict[int, NodeServer] = {}
+        self.n = n
+
+    def _server(self, i: int) -> NodeServer:
+        config = ClusterConfig(node_id=i, addresses=self.addresses, tick_ms=20)
+        listen = self.addresses.get(i, "127.0.0.1:0")
+        return NodeServer(
+            SqliteStorage(self.root / f"n{i}"),
+            ServerConfig(listen=listen, grace_s=0.5),
+            cluster=config,
+        )
+
+    async def start(self) -> None:
+        for i in range(1, self.n + 1):
+            self.servers[i] = self._server(i)
+            self.addresses[i] = await self.servers[i].bind()
+        await asyncio.gather(*(s.start() for s in self.servers.values()))
+
+    async def stop_node(self, i: int) -> None:
+        await self.servers.pop(i).stop()
+
+    async def start_node(self, i: int) -> None:
+        self.servers[i] = self._server(i)
+        await self.servers[i].start()
+
+    async def leader(self, timeout_s: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            leaders = [i for i, s in self.servers.items() if s.node.log.is_leader]
+            if len(leaders) == 1:
+                return leaders[0]
+            await asyncio.sleep(0.05)
+        raise AssertionError("no single leader")
+
+    async def settled(self, timeout_s: float = 10.0) -> None:
+        """Every running node has applied the same index."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            indexes = {s.node.machine.applied_index for s in self.servers.values()}
+            if len(indexes) == 1:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"nodes did not converge: {indexes}")
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self.servers.values()))
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+async def test_any_node_takes_writes_and_every_node_applies_them(cluster: Cluster) -> None:
+    leader = await cluster.leader()
+    follower = next(i for i in cluster.servers if i != leader)
+    async with Client(cluster.addresses[follower], max_retries=0) as c:
+        ids = [(await c.enqueue("q", f"job-{k}", priority=k % 3)).job_id for k in range(20)]
+        jobs = await c.lease("q", max_jobs=5)  # a lease through a follower, too
+        await c.ack_many("q", [(j.job_id, j.lease_id) for j in jobs])
+    await cluster.settled()
+    hashes = {state_hash(s.node.machine) for s in cluster.servers.values()}
+    assert len(hashes) == 1  # the same state everywhere
+    for server in cluster.servers.values():
+        [stats] = server.node.machine.stats("q", 0)
+        assert (stats.enqueued_total, stats.acked_total) == (20, 5)
+    assert len(set(ids)) == 20
+
+
+async def test_consistent_reads_go_to_the_leader(cluster: Cluster) -> None:
+    leader = await cluster.leader()
+    follower = next(i for i in cluster.servers if i != leader)
+    async with Client(cluster.addresses[follower], max_retries=0) as c:
+        r = await c.enqueue("q", b"x")
+        job = await c.get_job("q", r.job_id, consistent=True)
+        assert job.state == pb.JOB_STATE_READY
+
+
+async def test_leader_loss_elects_another_and_keeps_every_acknowledged_job(
+    cluster: Cluster,
+) -> None:
+    leader = await cluster.leader()
+    others = [i for i in cluster.servers if i != leader]
+    acked: list[int] = []
+    async with Client(cluster.addresses[others[0]], max_retries=0) as c:
+        for k in range(30):
+            acked.append((await c.enqueue("q", f"{k}", idempotency_key=f"k{k}")).job_id)
+    await cluster.stop_node(leader)
+    new_leader = await cluster.leader()
+    assert new_leader != leader
+    async with Client(cluster.addresses[others[1]], max_retries=3) as c:
+        for k in range(30, 40):
+            acked.append((await c.enqueue("q", f"{k}", idempotency_key=f"k{k}")).job_id)
+        for job_id in acked:
+            assert (await c.get_job("q", job_id, consistent=True)).job_id == job_id
+    await cluster.start_node(leader)  # it rejoins and catches up
+    await cluster.settled()
+    assert len({state_hash(s.node.machine) for s in cluster.servers.values()}) == 1
+
+
+async def test_a_minority_alone_refuses_writes(cluster: Cluster) -> None:
+    await cluster.leader()
+    survivor = 1
+    for i in [i for i in list(cluster.servers) if i != survivor]:
+        await cluster.stop_node(i)
+    async with Client(cluster.addresses[survivor], max_retries=0, timeout_s=3) as c:
+        with pytest.raises(PQueueError) as err:
+            await c.enqueue("q", b"x")
+    assert err.value.retriable  # UNAVAILABLE or a deadline: never a false success
+
+
+async def test_a_node_that_cannot_forward_names_the_leader_and_the_sdk_follows(
+    cluster: Cluster,
+) -> None:
+    import functools
+
+    import grpc
+
+    from pqueue.errors import NotLeaderError
+    from pqueue.forward import FORWARDED_KEY
+    from pqueue.status import from_rpc_error
+
+    leader = await cluster.leader()
+    follower = next(i for i in cluster.servers if i != leader)
+    req = pb.EnqueueRequest(queue="q", job=pb.JobSpec(payload=b"x"))
+    already_forwarded = ((FORWARDED_KEY, "n9"),)
+    async with Client(cluster.addresses[follower], max_retries=0) as c:
+        # A call that was already forwarded once is not forwarded again...
+        with pytest.raises(grpc.aio.AioRpcError) as raw:
+            await c._stubs.queue.Enqueue(req, metadata=already_forwarded)
+        err = from_rpc_error(raw.value)
+        assert isinstance(err, NotLeaderError)
+        assert err.leader_id == str(leader)
+        assert err.leader_address == cluster.addresses[leader]
+    async with Client(cluster.addresses[follower], max_retries=0) as c:
+        # ...and the SDK follows the leader hint in such an answer.
+        r = await c._call(
+            lambda s: functools.partial(s.queue.Enqueue, metadata=already_forwarded), req
+        )
+        assert r.job_id > 0

@@ -1,0 +1,109 @@
+"""Long polls wake on enqueue, on a delayed job coming due, and on lease expiry,
+and end with an empty OK when the wait runs out (never DEADLINE_EXCEEDED).
+
+Time bounds here are deliberately loose: they tell "woke on the event" from
+"waited out a 30 s poll", not how fast anything is (that is bench/'s job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from google.protobuf.message import Message
+
+from pqueue.client import Client
+from pqueue.server import NodeServer
+from pqueue.v1 import log_pb2 as logpb
+
+LONG_WAIT_MS = 30_000
+
+
+async def _lease_in_background(client: Client, queue: str) -> asyncio.Task[list]:  # type: ignore[type-arg]
+    task = asyncio.create_task(client.lease(queue, wait_ms=LONG_WAIT_MS))
+    await asyncio.sleep(0.2)  # the poll is now parked on the server
+    assert not task.done()
+    return task
+
+
+async def test_empty_wait_returns_ok_with_no_jobs(client: Client) -> None:
+    await client.create_queue("q")
+    started = time.monotonic()
+    assert await client.lease("q", wait_ms=300) == []
+    assert time.monotonic() - started >= 0.25
+
+
+async def test_wakes_on_enqueue(client: Client) -> None:
+    await client.create_queue("q")
+    poll = await _lease_in_background(client, "q")
+    r = await client.enqueue("q", b"now")
+    [job] = await asyncio.wait_for(poll, timeout=10)
+    assert job.job_id == r.job_id
+
+
+async def test_wakes_when_a_delayed_job_comes_due(client: Client) -> None:
+    r = await client.enqueue("q", b"later", delay_ms=500)
+    poll = await _lease_in_background(client, "q")
+    [job] = await asyncio.wait_for(poll, timeout=10)
+    assert job.job_id == r.job_id
+
+
+async def test_wakes_when_a_lease_expires(client: Client) -> None:
+    r = await client.enqueue("q", b"x")
+    [first] = await client.lease("q", lease_ms=500)
+    poll = await _lease_in_background(client, "q")
+    [again] = await asyncio.wait_for(poll, timeout=10)
+    assert (again.job_id, again.attempt) == (r.job_id, 2)
+    assert again.lease_id > first.lease_id
+
+
+async def test_many_waiters_share_the_work_without_double_delivery(client: Client) -> None:
+    await client.create_queue("q")
+    polls = [asyncio.create_task(client.lease("q", wait_ms=3000)) for _ in range(5)]
+    await asyncio.sleep(0.2)
+    await client.enqueue("q", b"a")
+    await client.enqueue("q", b"b")
+    results = await asyncio.gather(*polls)
+    got = sorted(j.job_id for jobs in results for j in jobs)
+    assert got == [1, 2]
+
+
+async def test_draining_ends_long_polls_empty(server: NodeServer, client: Client) -> None:
+    await client.create_queue("q")
+    poll = await _lease_in_background(client, "q")
+    server.node.begin_drain()
+    assert await asyncio.wait_for(poll, timeout=10) == []
+
+
+async def test_one_job_wakes_one_waiter_not_all(server: NodeServer, client: Client) -> None:
+    await client.create_queue("q")
+    polls = [asyncio.create_task(client.lease("q", wait_ms=2000)) for _ in range(8)]
+    await asyncio.sleep(0.3)
+    proposed: list[str | None] = []
+    propose = server.node.propose
+
+    async def counting_propose(command: logpb.Command) -> Message:
+        proposed.append(command.WhichOneof("kind"))
+        return await propose(command)
+
+    server.node.propose = counting_propose  # type: ignore[method-assign]
+    await client.enqueue("q", b"one")
+    results = await asyncio.gather(*polls)
+    # One lease for one job: no herd of waiters each proposing an empty lease.
+    assert proposed.count("lease") == 1
+    assert sum(len(r) for r in results) == 1
+
+
+async def test_timed_out_and_cancelled_waiters_leave_no_trace(
+    server: NodeServer, client: Client
+) -> None:
+    await client.create_queue("q")
+    assert await client.lease("q", wait_ms=100) == []
+    poll = asyncio.create_task(client.lease("q", wait_ms=30_000))
+    await asyncio.sleep(0.2)
+    poll.cancel()
+    await asyncio.sleep(0.2)
+    assert server.node._waiters == {}
+    await client.enqueue("q", b"x")
+    [job] = await client.lease("q", wait_ms=1000)  # nothing stranded it
+    assert job.payload == b"x"

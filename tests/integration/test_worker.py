@@ -1,0 +1,155 @@
+"""The Worker helper against a real node."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pqueue.client import Client
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.worker import Worker, WorkerConfig
+
+
+async def _run_until(worker: Worker, done: asyncio.Event, timeout_s: float = 20) -> None:
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(done.wait(), timeout_s)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout_s)
+
+
+async def test_successful_jobs_are_acked_in_batches(client: Client) -> None:
+    await client.enqueue_batch("q", [pb.JobSpec(payload=str(i).encode()) for i in range(40)])
+    seen: list[bytes] = []
+    done = asyncio.Event()
+    barriers = [asyncio.Event()]
+
+    async def handler(job: pb.LeasedJob) -> None:
+        barrier = barriers[-1]
+        seen.append(job.payload)
+        if len(seen) % 10 == 0:  # ten arrived: release them together
+            barriers.append(asyncio.Event())
+            barrier.set()
+        await barrier.wait()
+        if len(seen) == 40:
+            done.set()
+
+    calls = 0
+    ack_many = client.ack_many
+
+    async def counting_ack_many(queue: str, leases):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return await ack_many(queue, leases)
+
+    client.ack_many = counting_ack_many  # type: ignore[method-assign]
+    worker = Worker(client, "q", handler, config=WorkerConfig(concurrency=10, wait_ms=200))
+    await _run_until(worker, done)
+    await asyncio.sleep(0.1)
+    [stats] = await client.stats("q")
+    assert (stats.ready, stats.leased, stats.acked_total) == (0, 0, 40)
+    assert sorted(seen) == sorted(str(i).encode() for i in range(40))
+    assert worker.stats.acked == 40
+    assert calls < 40  # acks that finished together shared calls
+
+
+async def test_failing_jobs_become_dead_with_the_exception_text(client: Client) -> None:
+    await client.create_queue(
+        "q", pb.QueueConfig(max_attempts=3, backoff_base_ms=10, backoff_max_ms=20)
+    )
+    r = await client.enqueue("q", b"x")
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> None:
+        attempts.append(job.attempt)
+        if job.attempt == 3:
+            asyncio.get_running_loop().call_later(0.2, done.set)
+        raise ValueError(f"boom {job.attempt}")
+
+    worker = Worker(client, "q", handler, config=WorkerConfig(concurrency=1, wait_ms=100))
+    await _run_until(worker, done)
+    assert attempts == [1, 2, 3]
+    job = await client.get_job("q", r.job_id)
+    assert job.state == pb.JOB_STATE_DEAD
+    assert [e.reason for e in job.errors] == [
+        "ValueError: boom 1",
+        "ValueError: boom 2",
+        "ValueError: boom 3",
+    ]
+    assert worker.stats.failed == 3
+
+
+async def test_slow_handler_keeps_its_lease_by_extending(client: Client) -> None:
+    r = await client.enqueue("q", b"slow")
+    done = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> None:
+        await asyncio.sleep(1.5)  # five times the lease
+        done.set()
+
+    worker = Worker(
+        client, "q", handler, config=WorkerConfig(concurrency=1, lease_ms=300, wait_ms=100)
+    )
+    await _run_until(worker, done)
+    await asyncio.sleep(0.1)
+    [stats] = await client.stats("q")
+    assert (stats.acked_total, stats.expired_total) == (1, 0)
+    assert worker.stats.acked == 1
+    assert r.job_id > 0
+
+
+async def test_stop_releases_unfinished_jobs_for_others(client: Client) -> None:
+    # max_attempts=1: were the release counted as a failed attempt, the job
+    # would be dead after one redeploy.
+    await client.create_queue("q", pb.QueueConfig(max_attempts=1))
+    r = await client.enqueue("q", b"stuck")
+    started = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    worker = Worker(
+        client, "q", handler, config=WorkerConfig(concurrency=1, wait_ms=100, shutdown_grace_s=0.2)
+    )
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 10)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    job = await client.get_job("q", r.job_id)
+    assert (job.state, job.attempts, list(job.errors)) == (pb.JOB_STATE_READY, 0, [])
+    assert worker.stats.released == 1
+
+
+async def test_stop_lets_running_handlers_finish(client: Client) -> None:
+    await client.enqueue("q", b"quick")
+    started = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+
+    worker = Worker(client, "q", handler, config=WorkerConfig(concurrency=1, wait_ms=100))
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 10)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    [stats] = await client.stats("q")
+    assert stats.acked_total == 1
+
+
+async def test_a_worker_waits_for_a_queue_that_does_not_exist_yet(client: Client) -> None:
+    done = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> None:
+        done.set()
+
+    worker = Worker(client, "later", handler, config=WorkerConfig(concurrency=1, wait_ms=100))
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.3)
+    assert not task.done()  # NOT_FOUND did not end it
+    await client.enqueue("later", b"x")
+    await asyncio.wait_for(done.wait(), 10)
+    worker.stop()
+    await asyncio.wait_for(task, 10)

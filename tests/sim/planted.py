@@ -1,0 +1,31 @@
+"""Replicas broken on purpose: the simulator's checker must catch each one."""
+
+from __future__ import annotations
+
+from consensus.messages import Ballot, Record
+from consensus.replica import Replica
+
+
+class SkipsPromiseFsync(Replica):
+    """Promises without persisting the promise: a restart forgets it."""
+
+    def _promise(self, ballot: Ballot) -> None:
+        if ballot > self.promised:
+            self.promised = ballot  # but nothing for the shell to persist
+        self.max_round = max(self.max_round, ballot[0])
+
+
+class VotesBeforeFsync(Replica):
+    """The leader counts its own accept vote before its own persist.
+
+    It then trusts that vote to be durable, so it also skips storing the
+    chosen value at commit (the real core's second line of defence, which on
+    its own makes an early vote harmless).
+    """
+
+    def _propose_at(self, slot: int, value: bytes) -> None:
+        super()._propose_at(slot, value)
+        self.votes[slot].add(self.id)
+
+    def _store_chosen(self, slot: int, value: bytes) -> None:
+        self.log.setdefault(slot, Record(slot, self.ballot, value))  # in memory only

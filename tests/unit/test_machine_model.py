@@ -1,0 +1,333 @@
+"""The state machine against a naive reference model (hypothesis stateful test).
+
+The model keeps jobs in a dict and answers every question by scanning, in the
+plainest reading of DESIGN.md §2. The machine, with its heaps, lazy deletion
+and group bookkeeping, must agree with it after every step, including after
+being replaced by a restore of its own snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from pqueue import limits
+from pqueue.errors import InvalidArgumentError, LeaseLostError, NotFoundError, PQueueError
+from pqueue.jobs import backoff_ms
+from pqueue.snapshot import restore, snapshot_bytes, state_hash
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+from tests.machine_driver import Driver
+
+READY, DELAYED, LEASED, DEAD = (
+    pb.JOB_STATE_READY,
+    pb.JOB_STATE_DELAYED,
+    pb.JOB_STATE_LEASED,
+    pb.JOB_STATE_DEAD,
+)
+
+
+@dataclass
+class MJob:
+    id: int
+    priority: int
+    group: str
+    state: int
+    ready_at: int
+    attempts: int = 0
+    lease_id: int = 0
+    leased_at: int = 0
+    expires: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Model:
+    """DESIGN.md §2 by brute force."""
+
+    def __init__(self, config: pb.QueueConfig) -> None:
+        self.cfg = config
+        self.jobs: dict[int, MJob] = {}
+        self.next_id = 1
+        self.next_lease = 1
+        self.dedup: dict[str, tuple[int, int]] = {}
+
+    def advance(self, now: int) -> None:
+        for j in self.jobs.values():
+            if j.state == DELAYED and j.ready_at <= now:
+                j.state = READY
+        for j in sorted(self.jobs.values(), key=lambda j: j.id):
+            if j.state == LEASED and j.expires <= now:
+                self._fail(j, now, "lease expired", now)
+        self.dedup = {k: v for k, v in self.dedup.items() if v[1] > now}
+
+    def _fail(self, j: MJob, now: int, reason: str, retry_at: int) -> None:
+        j.errors.append(reason)
+        j.expires = 0
+        if j.attempts >= self.cfg.max_attempts:
+            j.state = DEAD
+        elif retry_at > now:
+            j.state, j.ready_at = DELAYED, retry_at
+        else:
+            j.state, j.ready_at = READY, now
+
+    def enqueue(self, specs: list[pb.JobSpec], now: int) -> list[tuple[int, bool]]:
+        out = []
+        for s in specs:
+            if s.idempotency_key and s.idempotency_key in self.dedup:
+                out.append((self.dedup[s.idempotency_key][0], True))
+                continue
+            ready_at = max(now + s.delay_ms, s.not_before_ms)
+            state = DELAYED if ready_at > now else READY
+            j = MJob(self.next_id, s.priority, s.group, state, ready_at if ready_at > now else now)
+            self.jobs[j.id] = j
+            self.next_id += 1
+            if s.idempotency_key:
+                self.dedup[s.idempotency_key] = (j.id, now + self.cfg.dedup_window_ms)
+            out.append((j.id, False))
+        return out
+
+    def _eligible(self, j: MJob) -> bool:
+        if j.state != READY:
+            return False
+        if not j.group:
+            return True
+        same = [o for o in self.jobs.values() if o.group == j.group]
+        if any(o.state == LEASED for o in same):
+            return False
+        return j.id == min(o.id for o in same if o.state in (READY, DELAYED))
+
+    def _key(self, j: MJob) -> tuple[int, int, int]:
+        i = self.cfg.aging_interval_ms
+        return (j.priority * i + j.ready_at if i else j.priority, j.ready_at, j.id)
+
+    def lease(self, n: int, lease_ms: int, now: int) -> list[tuple[int, int]]:
+        lease_ms = min(lease_ms or self.cfg.default_lease_ms, self.cfg.max_lease_total_ms)
+        out = []
+        for _ in range(n):
+            ready = [j for j in self.jobs.values() if self._eligible(j)]
+            if not ready:
+                break
+            j = min(ready, key=self._key)
+            j.state, j.attempts = LEASED, j.attempts + 1
+            j.lease_id, self.next_lease = self.next_lease, self.next_lease + 1
+            j.leased_at, j.expires = now, now + lease_ms
+            out.append((j.id, j.lease_id))
+        return out
+
+    def check(self, job_id: int, lease_id: int) -> MJob | PQueueError:
+        j = self.jobs.get(job_id)
+        if j is None and (job_id == 0 or job_id >= self.next_id):
+            return NotFoundError("")
+        if j is None or j.state != LEASED or j.lease_id != lease_id:
+            return LeaseLostError("")
+        return j
+
+
+class MachineVsModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.d = Driver()
+        self.delivered: list[tuple[int, int]] = []
+
+    @initialize(aging=st.sampled_from([0, 100]), groups=st.booleans())
+    def setup(self, aging: int, groups: bool) -> None:
+        config = pb.QueueConfig(
+            max_attempts=3,
+            default_lease_ms=1000,
+            max_lease_total_ms=3000,
+            backoff_base_ms=100,
+            backoff_max_ms=1000,
+            aging_interval_ms=aging,
+            dedup_window_ms=500,
+        )
+        self.d.ok(create_queue=pb.CreateQueueRequest(queue="q", config=config))
+        self.model = Model(limits.effective_config(config))
+        self.groups = ["", "a", "b"] if groups else [""]
+
+    def _step(self, **command: object) -> object:
+        """Apply at the driver's time in both; return the machine's result."""
+        self.model.advance(self.d.now)
+        return self.d.run(**command)
+
+    @rule(
+        jobs=st.lists(
+            st.tuples(
+                st.integers(0, 3),
+                st.sampled_from([0, 0, 50, 200]),
+                st.integers(0, 2),
+                st.sampled_from(["", "", "k1", "k2"]),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    def enqueue(self, jobs: list[tuple[int, int, int, str]]) -> None:
+        specs = [
+            pb.JobSpec(
+                priority=p, delay_ms=dl, group=self.groups[g % len(self.groups)], idempotency_key=k
+            )
+            for p, dl, g, k in jobs
+        ]
+        r = self._step(enqueue=pb.EnqueueBatchRequest(queue="q", jobs=specs))
+        expected = self.model.enqueue(specs, self.d.now)
+        assert isinstance(r, pb.EnqueueBatchResponse)
+        assert [(x.job_id, x.duplicate) for x in r.results] == expected
+
+    @rule(n=st.integers(1, 3), lease_ms=st.sampled_from([0, 100, 300]))
+    def lease(self, n: int, lease_ms: int) -> None:
+        r = self._step(lease=pb.LeaseRequest(queue="q", max_jobs=n, lease_ms=lease_ms))
+        expected = self.model.lease(n, lease_ms, self.d.now)
+        assert isinstance(r, pb.LeaseResponse)
+        got = [(j.job_id, j.lease_id) for j in r.jobs]
+        assert got == expected
+        self.delivered += got
+
+    def _pick(self, i: int) -> tuple[int, int]:
+        return self.delivered[i % len(self.delivered)] if self.delivered else (99, 99)
+
+    @rule(i=st.integers(0, 50), two=st.booleans())
+    def ack(self, i: int, two: bool) -> None:
+        picks = list(dict.fromkeys([self._pick(i), self._pick(i + 1)] if two else [self._pick(i)]))
+        leases = [pb.JobLease(job_id=j, lease_id=lid) for j, lid in picks]
+        if len({j for j, _ in picks}) < len(picks):
+            return  # same job under two leases: covered by the unit tests
+        r = self._step(ack=pb.AckRequest(queue="q", leases=leases))
+        self.model.advance(self.d.now)
+        checked = [self.model.check(j, lid) for j, lid in picks]
+        errors = [c for c in checked if isinstance(c, PQueueError)]
+        if errors:
+            assert type(r) is type(errors[0])
+            return
+        assert r == pb.AckResponse(acked=len(picks))
+        for c in checked:
+            assert isinstance(c, MJob)
+            del self.model.jobs[c.id]
+
+    @rule(i=st.integers(0, 50), delay=st.sampled_from([None, 0, 100]))
+    def nack(self, i: int, delay: int | None) -> None:
+        job_id, lease_id = self._pick(i)
+        req = pb.NackRequest(queue="q", job_id=job_id, lease_id=lease_id, reason="r")
+        if delay is not None:
+            req.delay_ms = delay
+        r = self._step(nack=req)
+        c = self.model.check(job_id, lease_id)
+        if isinstance(c, PQueueError):
+            assert type(r) is type(c)
+            return
+        wait = delay if delay is not None else backoff_ms(self.model.cfg, c.id, c.attempts)
+        self.model._fail(c, self.d.now, "r", self.d.now + wait)
+        assert isinstance(r, pb.NackResponse)
+        assert r.state == c.state
+
+    @rule(i=st.integers(0, 50), lease_ms=st.sampled_from([0, 150]))
+    def extend(self, i: int, lease_ms: int) -> None:
+        job_id, lease_id = self._pick(i)
+        r = self._step(
+            extend=pb.ExtendLeaseRequest(
+                queue="q", job_id=job_id, lease_id=lease_id, lease_ms=lease_ms
+            )
+        )
+        c = self.model.check(job_id, lease_id)
+        if isinstance(c, PQueueError):
+            assert type(r) is type(c)
+            return
+        cfg = self.model.cfg
+        c.expires = min(
+            self.d.now + (lease_ms or cfg.default_lease_ms), c.leased_at + cfg.max_lease_total_ms
+        )
+        assert isinstance(r, pb.ExtendLeaseResponse)
+        assert r.lease_expires_at_ms == c.expires
+
+    @rule(ms=st.sampled_from([1, 50, 100, 400, 1000]))
+    def advance(self, ms: int) -> None:
+        self.d.now += ms
+        self._step(tick=logpb.Tick())
+
+    @rule(which=st.integers(0, 20), everything=st.booleans())
+    def redrive(self, which: int, everything: bool) -> None:
+        dead = sorted(j.id for j in self.model.jobs.values() if j.state == DEAD)
+        ids = [] if everything or not dead else [dead[which % len(dead)]]
+        r = self._step(redrive=pb.RedriveRequest(queue="q", job_ids=ids))
+        chosen = ids if ids else dead
+        for job_id in chosen:
+            j = self.model.jobs[job_id]
+            j.state, j.attempts, j.ready_at = READY, 0, self.d.now
+        assert isinstance(r, pb.RedriveResponse)
+        assert r.redriven == len(chosen)
+
+    @rule()
+    def delete_dead(self) -> None:
+        r = self._step(delete_dead=pb.DeleteDeadRequest(queue="q"))
+        dead = [j.id for j in self.model.jobs.values() if j.state == DEAD]
+        for job_id in dead:
+            del self.model.jobs[job_id]
+        assert isinstance(r, pb.DeleteDeadResponse)
+        assert r.deleted == len(dead)
+
+    @rule()
+    def invalid_enqueue_changes_nothing(self) -> None:
+        before = self.d.state()
+        r = self.d.run(
+            enqueue=pb.EnqueueBatchRequest(queue="q", jobs=[pb.JobSpec(), pb.JobSpec(delay_ms=-1)])
+        )
+        assert isinstance(r, InvalidArgumentError)
+        assert self.d.state() == before
+
+    @rule()
+    def snapshot_and_restore(self) -> None:
+        before = state_hash(self.d.m)
+        self.d.m = restore(snapshot_bytes(self.d.m))
+        assert state_hash(self.d.m) == before
+
+    @invariant()
+    def same_jobs(self) -> None:
+        if not hasattr(self, "model"):
+            return
+        q = self.d.m.queues["q"]
+        got = {
+            j.job_id: (
+                j.state,
+                j.attempts,
+                j.ready_at_ms,
+                j.lease_id if j.state == LEASED else 0,
+                j.lease_expires_at_ms,
+                j.priority,
+                j.group,
+                [e[2] for e in j.errors],
+            )
+            for j in q.jobs.values()
+        }
+        want = {
+            j.id: (
+                j.state,
+                j.attempts,
+                j.ready_at,
+                j.lease_id if j.state == LEASED else 0,
+                j.expires,
+                j.priority,
+                j.group,
+                j.errors,
+            )
+            for j in self.model.jobs.values()
+        }
+        assert got == want
+        stats = q.stats(self.d.now)
+        for state, count in (
+            (READY, stats.ready),
+            (DELAYED, stats.delayed),
+            (LEASED, stats.leased),
+            (DEAD, stats.dead),
+        ):
+            assert count == sum(1 for j in self.model.jobs.values() if j.state == state)
+
+
+TestMachineVsModel = MachineVsModel.TestCase
+TestMachineVsModel.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)

@@ -1,0 +1,80 @@
+"""Pure cores import no IO, clock, network or global randomness (CONVENTIONS §1)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PURE_MODULES = [
+    "pqueue/machine.py",
+    "pqueue/jobs.py",
+    "pqueue/limits.py",
+    "pqueue/snapshot.py",
+    "pqueue/errors.py",
+    "consensus/messages.py",
+    "consensus/replica.py",
+]
+FORBIDDEN = {
+    "asyncio",
+    "grpc",
+    "time",
+    "random",
+    "os",
+    "socket",
+    "sqlite3",
+    "asyncpg",
+    "threading",
+    "subprocess",
+    "datetime",
+    "psutil",
+    "uvloop",
+    "pathlib",
+}
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except those under ``if TYPE_CHECKING:`` (type-only imports)."""
+    out: list[ast.AST] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            stack.extend(node.orelse)
+            continue
+        out.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in _runtime_nodes(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_core_has_no_io_imports(module: str) -> None:
+    assert _imports(ROOT / module) & FORBIDDEN == set()
+
+
+def test_the_scan_would_see_a_forbidden_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import time\nfrom asyncio import sleep\nif TYPE_CHECKING:\n    from random import Random\n"
+    )
+    assert _imports(bad) & FORBIDDEN == {"time", "asyncio"}
+
+
+def test_consensus_and_balancer_keep_their_boundaries() -> None:
+    for path in (ROOT / "consensus").rglob("*.py"):
+        assert not _imports(path) & {"pqueue", "balancer"}, path
+    for path in (ROOT / "balancer").rglob("*.py"):
+        assert "consensus" not in _imports(path), path
