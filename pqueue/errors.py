@@ -10,6 +10,7 @@
     ├── FailedPreconditionError      no                        FAILED_PRECONDITION
     │   └── NotLeaderError           yes   (leader_id, leader_address)
     ├── UnavailableError             yes   (retry_after_s)     UNAVAILABLE
+    │   └── NotTakenError            yes   (retry_after_s)     (no leader, draining)
     ├── ResourceExhaustedError       hint  (retry_after_s)     RESOURCE_EXHAUSTED
     ├── UnauthenticatedError         no                        UNAUTHENTICATED
     ├── PermissionDeniedError        no                        PERMISSION_DENIED
@@ -84,6 +85,14 @@ class UnavailableError(PQueueError):
     def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class NotTakenError(UnavailableError):
+    """This node took nothing (no leader known, or it is draining): retry anywhere.
+
+    Unlike a bare ``UnavailableError``, whose call may or may not have run,
+    this one is certain the call did not, so even a lease may be retried.
+    """
 
 
 class ResourceExhaustedError(PQueueError):

@@ -170,6 +170,10 @@ class QueueMachine:
             next_after_job_id=page[-1] if len(ids) > limit else 0,
         )
 
+    def ready_jobs(self) -> int:
+        """Ready jobs over all queues."""
+        return sum(q.counts[READY] for q in self.queues.values())
+
     def has_ready(self, queue_name: str) -> bool:
         """Whether a lease on this queue would find a job now."""
         queue = self.queues.get(queue_name)

@@ -78,6 +78,8 @@ class QueueNode:
         self._due_changed = asyncio.Event()
         self._tick_task: asyncio.Task[None] | None = None
         self.draining = False
+        #: Client calls being served (the servicer counts them).
+        self.calls_in_flight = 0
 
     # ------------------------------------------------------------- Applier
 
@@ -157,6 +159,11 @@ class QueueNode:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def waiting_long_polls(self) -> int:
+        """Long polls parked until a job comes."""
+        return sum(len(w) for w in self._waiters.values())
 
     # ----------------------------------------------------------- commands
 

@@ -24,7 +24,7 @@ from consensus import Config, DurableState, Replica, Role
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
 from pqueue.commitlog import Applier, LogStatus, Proposals, Result
-from pqueue.errors import NotLeaderError, PQueueError, UnavailableError
+from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
 
@@ -186,11 +186,11 @@ class ReplicatedLog:
         leader, address = self.leader_hint()
         if leader:
             return NotLeaderError(f"node {leader} leads", str(leader), address)
-        return UnavailableError("no leader yet", retry_after_s=0.5)
+        return NotTakenError("no leader yet", retry_after_s=0.5)
 
     async def submit(self, command: logpb.Command) -> Message:
         if not self._accepting:
-            raise UnavailableError("node is not accepting writes", retry_after_s=1.0)
+            raise NotTakenError("node is not accepting writes", retry_after_s=1.0)
         if not self.is_leader:
             raise self.not_leader_error()
         return await self._proposals.submit(command)

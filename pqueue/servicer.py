@@ -16,8 +16,10 @@ import grpc
 from google.protobuf.message import Message
 
 from pqueue import limits
-from pqueue.errors import InvalidArgumentError, NotLeaderError, PQueueError, UnavailableError
+from pqueue.commitlog import LogStatus
+from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError, PQueueError
 from pqueue.forward import FORWARDED_KEY, Forwarder
+from pqueue.load import CpuSampler
 from pqueue.node import QueueNode
 from pqueue.status import to_status
 from pqueue.v1 import log_pb2 as logpb
@@ -37,12 +39,15 @@ def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        self.node.calls_in_flight += 1  # load, as balancers see it
         try:
             return await fn(self, request, context)
         except PQueueError as exc:
             logger.debug("%s refused: %s", fn.__name__, exc)
             await context.abort_with_status(to_status(exc))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
+        finally:
+            self.node.calls_in_flight -= 1
 
     return wrapper
 
@@ -84,6 +89,7 @@ class _Base:
     def __init__(self, node: QueueNode, forwarder: Forwarder) -> None:
         self.node = node
         self.forwarder = forwarder
+        self.cpu = CpuSampler()
 
     async def _forward(self, method: str, request: Message, context: Context) -> Message:
         if any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ()):
@@ -102,7 +108,7 @@ class _Base:
 
     async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
         if self.node.draining:
-            raise UnavailableError("node is draining", retry_after_s=1.0)
+            raise NotTakenError("node is draining", retry_after_s=1.0)
         result = await self.node.propose(command)
         if not isinstance(result, response_type):
             raise TypeError(f"{command.WhichOneof('kind')} gave {type(result).__name__}")
@@ -146,7 +152,7 @@ class QueueService(_Base, pbg.QueueServicer):
         limits.check_duration(request.wait_ms, "wait_ms", limits.MAX_WAIT_MS)
         limits.check_text(request.consumer_id, "consumer_id")
         if self.node.draining:
-            raise UnavailableError("node is draining", retry_after_s=1.0)
+            raise NotTakenError("node is draining", retry_after_s=1.0)
         return await self.node.lease(request)
 
     @rpc
@@ -267,4 +273,22 @@ class AdminService(_Base, pbg.AdminServicer):
             snapshot_index=st.snapshot_index,
             pending=st.pending,
             peers=st.peers,
+            ballot_round=st.ballot[0],
+            serving=not (self.node.draining or self.node.log.failed.is_set()),
+            load=self._load(st),
+        )
+
+    def _load(self, st: LogStatus) -> pb.NodeLoad:
+        cpu = self.cpu.read()
+        long_polls = self.node.waiting_long_polls
+        return pb.NodeLoad(
+            cpu_utilization=cpu.utilization,
+            process_cpu_cores=cpu.process_cores,
+            cpu_count=cpu.cpu_count,
+            # Neither this probe nor the long polls parked here are work.
+            in_flight_calls=max(0, self.node.calls_in_flight - 1 - long_polls),
+            waiting_long_polls=long_polls,
+            apply_lag_entries=max(0, st.commit_index - st.applied_index),
+            ready_jobs=self.node.machine.ready_jobs(),
+            rss_bytes=cpu.rss_bytes,
         )

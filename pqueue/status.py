@@ -5,7 +5,9 @@ call ``from_rpc_error`` (status -> domain error). Details follow the standard
 google.rpc error model so clients in any language can read them:
 INVALID_ARGUMENT carries ``BadRequest`` (the field and why), retriable errors
 carry ``RetryInfo`` (and the ``grpc-retry-pushback-ms`` trailer), and a
-not-leader error carries ``ErrorInfo`` with the leader's id and address.
+not-leader error carries ``ErrorInfo`` with the leader's id and address, and
+an UNAVAILABLE that is sure the call was not taken carries ``ErrorInfo``
+``NOT_TAKEN`` (a proxy may retry any call on it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pqueue import errors
 
 _ERROR_DOMAIN = "pqueue.v1"
 _DETAILS_KEY = "grpc-status-details-bin"
+#: ErrorInfo reasons a proxy may act on.
+NOT_LEADER = "NOT_LEADER"
+NOT_TAKEN = "NOT_TAKEN"
 
 _CODES: list[tuple[type[errors.PQueueError], grpc.StatusCode]] = [
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -79,7 +84,7 @@ def to_status(error: errors.PQueueError) -> grpc.Status:
         proto.details.append(
             _pack(
                 error_details_pb2.ErrorInfo(
-                    reason="NOT_LEADER",
+                    reason=NOT_LEADER,
                     domain=_ERROR_DOMAIN,
                     metadata={
                         "leader_id": error.leader_id,
@@ -87,6 +92,10 @@ def to_status(error: errors.PQueueError) -> grpc.Status:
                     },
                 )
             )
+        )
+    if isinstance(error, errors.NotTakenError):
+        proto.details.append(
+            _pack(error_details_pb2.ErrorInfo(reason=NOT_TAKEN, domain=_ERROR_DOMAIN))
         )
     retry_after_s = getattr(error, "retry_after_s", 0.0)
     if retry_after_s > 0:
@@ -131,6 +140,11 @@ def _error_info(details: list[any_pb2.Any], reason: str) -> dict[str, str] | Non
     return None
 
 
+def error_info(exc: grpc.aio.AioRpcError, reason: str) -> dict[str, str] | None:
+    """The metadata of a failed call's ``ErrorInfo`` with ``reason``, if it has one."""
+    return _error_info(_rich_details(exc), reason)
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> errors.PQueueError:
     """The domain error a failed call stands for, details decoded."""
     code = exc.code()
@@ -152,7 +166,7 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> errors.PQueueError:
                     return errors.InvalidArgumentError(v.field, v.description)
         return errors.InvalidArgumentError("request", message)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        leader = _error_info(details, "NOT_LEADER")
+        leader = _error_info(details, NOT_LEADER)
         if leader is not None:
             return errors.NotLeaderError(
                 message,
@@ -174,6 +188,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> errors.PQueueError:
     if code in simple:
         return simple[code](message)
     if code == grpc.StatusCode.UNAVAILABLE:
+        if _error_info(details, NOT_TAKEN) is not None:
+            return errors.NotTakenError(message, retry_after_s)
         return errors.UnavailableError(message, retry_after_s)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return errors.ResourceExhaustedError(message, retry_after_s)

@@ -1146,6 +1146,9 @@ class NodeStatusResponse(_message.Message):
     SNAPSHOT_INDEX_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
     PEERS_FIELD_NUMBER: _builtins.int
+    BALLOT_ROUND_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     """0 for a single node without replication."""
     address: _builtins.str
@@ -1160,9 +1163,21 @@ class NodeStatusResponse(_message.Message):
     snapshot_index: _builtins.int
     pending: _builtins.int
     """Commands waiting or in flight on this node."""
+    ballot_round: _builtins.int
+    """The ballot's round: of two reports that both claim to lead, the one
+    with the higher (ballot_round, node_id) is newer.
+    """
+    serving: _builtins.bool
+    """False while the node drains or after its storage failed (as its
+    grpc.health.v1 status says).
+    """
     @_builtins.property
     def peers(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
         """Every node's peer address, by node id."""
+
+    @_builtins.property
+    def load(self) -> Global___NodeLoad:
+        """What balancers weigh this node by."""
 
     def __init__(
         self,
@@ -1178,11 +1193,66 @@ class NodeStatusResponse(_message.Message):
         snapshot_index: _builtins.int = ...,
         pending: _builtins.int = ...,
         peers: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
+        ballot_round: _builtins.int = ...,
+        serving: _builtins.bool = ...,
+        load: Global___NodeLoad | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "commit_index", b"commit_index", "leader_address", b"leader_address", "leader_id", b"leader_id", "node_id", b"node_id", "peers", b"peers", "pending", b"pending", "role", b"role", "snapshot_index", b"snapshot_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "commit_index", b"commit_index", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "node_id", b"node_id", "peers", b"peers", "pending", b"pending", "role", b"role", "serving", b"serving", "snapshot_index", b"snapshot_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeStatusResponse: _TypeAlias = NodeStatusResponse  # noqa: Y015
+
+@_typing.final
+class NodeLoad(_message.Message):
+    """A node's load, as balancers probe it every second."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_UTILIZATION_FIELD_NUMBER: _builtins.int
+    PROCESS_CPU_CORES_FIELD_NUMBER: _builtins.int
+    CPU_COUNT_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_CALLS_FIELD_NUMBER: _builtins.int
+    WAITING_LONG_POLLS_FIELD_NUMBER: _builtins.int
+    APPLY_LAG_ENTRIES_FIELD_NUMBER: _builtins.int
+    READY_JOBS_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    cpu_utilization: _builtins.float
+    """Utilization of the CPUs this node may run on (its affinity set; the
+    whole host when unpinned), 0..1, since the previous report.
+    """
+    process_cpu_cores: _builtins.float
+    """The node process's own CPU use, in cores (1.0 = one core busy)."""
+    cpu_count: _builtins.int
+    """How many CPUs the node may run on."""
+    in_flight_calls: _builtins.int
+    """Client calls being served now; long polls that are waiting are not."""
+    waiting_long_polls: _builtins.int
+    """Long polls waiting for a job."""
+    apply_lag_entries: _builtins.int
+    """Entries committed but not yet applied here."""
+    ready_jobs: _builtins.int
+    """Ready jobs over all queues (the same on every up-to-date node)."""
+    rss_bytes: _builtins.int
+    """Resident memory of the node process."""
+    def __init__(
+        self,
+        *,
+        cpu_utilization: _builtins.float = ...,
+        process_cpu_cores: _builtins.float = ...,
+        cpu_count: _builtins.int = ...,
+        in_flight_calls: _builtins.int = ...,
+        waiting_long_polls: _builtins.int = ...,
+        apply_lag_entries: _builtins.int = ...,
+        ready_jobs: _builtins.int = ...,
+        rss_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_lag_entries", b"apply_lag_entries", "cpu_count", b"cpu_count", "cpu_utilization", b"cpu_utilization", "in_flight_calls", b"in_flight_calls", "process_cpu_cores", b"process_cpu_cores", "ready_jobs", b"ready_jobs", "rss_bytes", b"rss_bytes", "waiting_long_polls", b"waiting_long_polls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeLoad: _TypeAlias = NodeLoad  # noqa: Y015

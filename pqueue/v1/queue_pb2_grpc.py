@@ -516,7 +516,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def NodeStatus(self, request, context):
-        """This node's view of the cluster: its role, ballot, indexes and peers.
+        """This node's view of the cluster (role, ballot, indexes, peers) and its
+        load. Balancers poll it every second; it never forwards.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -183,7 +183,9 @@ class AdminStub:
     """Make dead jobs ready again with fresh attempts (history is kept)."""
     DeleteDead: _grpc.UnaryUnaryMultiCallable[_queue_pb2.DeleteDeadRequest, _queue_pb2.DeleteDeadResponse]
     NodeStatus: _grpc.UnaryUnaryMultiCallable[_queue_pb2.NodeStatusRequest, _queue_pb2.NodeStatusResponse]
-    """This node's view of the cluster: its role, ballot, indexes and peers."""
+    """This node's view of the cluster (role, ballot, indexes, peers) and its
+    load. Balancers poll it every second; it never forwards.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -205,7 +207,9 @@ class AdminAsyncStub(AdminStub):
     """Make dead jobs ready again with fresh attempts (history is kept)."""
     DeleteDead: _aio.UnaryUnaryMultiCallable[_queue_pb2.DeleteDeadRequest, _queue_pb2.DeleteDeadResponse]  # type: ignore[assignment]
     NodeStatus: _aio.UnaryUnaryMultiCallable[_queue_pb2.NodeStatusRequest, _queue_pb2.NodeStatusResponse]  # type: ignore[assignment]
-    """This node's view of the cluster: its role, ballot, indexes and peers."""
+    """This node's view of the cluster (role, ballot, indexes, peers) and its
+    load. Balancers poll it every second; it never forwards.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Operators manage queues and dead letters."""
@@ -272,6 +276,8 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_pb2.NodeStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.NodeStatusResponse, _abc.Awaitable[_queue_pb2.NodeStatusResponse]]:
-        """This node's view of the cluster: its role, ballot, indexes and peers."""
+        """This node's view of the cluster (role, ballot, indexes, peers) and its
+        load. Balancers poll it every second; it never forwards.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
