@@ -16,6 +16,9 @@ PURE_MODULES = [
     "pqueue/errors.py",
     "consensus/messages.py",
     "consensus/replica.py",
+    "balancer/picker.py",
+    "balancer/pool.py",
+    "balancer/routes.py",
 ]
 FORBIDDEN = {
     "asyncio",

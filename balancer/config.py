@@ -1,0 +1,43 @@
+"""What a balancer is told: where it listens, its backends, its probe rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from balancer.pool import PoolConfig
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    """A balancer's settings (times in seconds)."""
+
+    backends: tuple[str, ...]
+    listen: str = "127.0.0.1:0"
+    #: ``HOST:PORT`` for ``/metrics`` (port 0: any); None serves no metrics.
+    metrics_listen: str | None = None
+    #: How often each node's load is probed.
+    probe_interval_s: float = 1.0
+    #: A probe that takes longer fails.
+    probe_timeout_s: float = 0.8
+    #: How often to probe while no leader is known (an election is running).
+    fast_probe_interval_s: float = 0.1
+    #: How long a write may wait for a leader to be known (within its deadline).
+    leader_wait_s: float = 5.0
+    #: How long in-flight calls may finish on stop.
+    grace_s: float = 5.0
+    #: Seeds the picker's random start; None: a fresh one per balancer.
+    seed: int | None = None
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on a setting that cannot work."""
+        if not self.backends:
+            raise ValueError("a balancer needs at least one backend")
+        for address in (*self.backends, self.listen, self.metrics_listen or "h:0"):
+            if ":" not in address:
+                raise ValueError(f"address {address!r} needs a port (HOST:PORT)")
+        if not 0 < self.probe_timeout_s <= self.probe_interval_s:
+            raise ValueError("need 0 < probe_timeout_s <= probe_interval_s")
+        if self.fast_probe_interval_s <= 0 or self.leader_wait_s < 0 or self.grace_s < 0:
+            raise ValueError("intervals and waits must be positive")
+        self.pool.validate()

@@ -1,0 +1,158 @@
+"""The proxy: every public method forwarded as raw bytes, in one hop.
+
+A ``grpc.GenericRpcHandler`` with no (de)serializers: request and response
+bytes pass through untouched. The client's metadata goes along (plus
+``pq-forwarded-by`` so the node answers rather than forwarding again), its
+remaining deadline becomes the forwarded call's deadline, and the node's
+status, details and trailers (rich error details, retry pushback) come back
+as they were. See ``balancer.routes`` for where each call goes and when a
+failed one is sent a second time; a call is sent at most twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from balancer.backends import BALANCER_ID, Backends
+from balancer.routes import Kind, Route, route_for
+from pqueue.errors import NotTakenError
+from pqueue.forward import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY
+from pqueue.status import NOT_LEADER, NOT_TAKEN, error_info, to_status
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[bytes, bytes]
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+#: Metadata that belongs to one hop, not to the call.
+_HOP_KEYS = frozenset(("user-agent", "te", "content-type", "host", FORWARDED_KEY))
+#: Of gRPC's own keys, those that carry the call's meaning and must pass.
+_GRPC_KEYS_KEPT = frozenset(("grpc-status-details-bin", "grpc-retry-pushback-ms"))
+
+
+def passthrough(metadata: Any) -> Metadata:
+    """Metadata worth carrying to the next hop (reserved and hop keys left out)."""
+    kept: list[tuple[str, str | bytes]] = []
+    for key, value in metadata or ():
+        if key in _HOP_KEYS or key.startswith(":"):
+            continue
+        if key.startswith("grpc-") and key not in _GRPC_KEYS_KEPT:
+            continue
+        kept.append((key, value))
+    return tuple(kept)
+
+
+def _why(exc: grpc.aio.AioRpcError) -> str | None:
+    """Why a call failed, if the proxy may act on it."""
+    code = exc.code()
+    if code == grpc.StatusCode.FAILED_PRECONDITION and error_info(exc, NOT_LEADER) is not None:
+        return "not_leader"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return "not_taken" if error_info(exc, NOT_TAKEN) is not None else "unreachable"
+    return None
+
+
+class ProxyHandler(grpc.GenericRpcHandler):
+    """Serves every method of the public services by forwarding it."""
+
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+        self.metrics = backends.metrics
+        self.retries = 0
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+        route = route_for(handler_call_details.method)
+        if route is None:
+            return None
+        return grpc.unary_unary_rpc_method_handler(functools.partial(self._call, route))
+
+    async def _call(self, route: Route, request: bytes, context: Context) -> bytes:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await self._forward(route, request, context)
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.metrics.calls.labels(route.name, code.name).inc()
+            self.metrics.latency.labels(route.name).observe(time.perf_counter() - started)
+
+    async def _forward(self, route: Route, request: bytes, context: Context) -> bytes:
+        kind = route.kind_of(request)
+        metadata = (*passthrough(context.invocation_metadata()), (FORWARDED_KEY, BALANCER_ID))
+        remaining = context.time_remaining()
+        # Never unbounded: a caller without a deadline still gets one.
+        deadline = self.backends.clock_s() + (
+            remaining if remaining is not None else DEFAULT_FORWARD_TIMEOUT_S
+        )
+        tried: list[str] = []
+        for attempt in range(2):
+            address = await self._target(kind, tried, deadline)
+            if address is None:
+                what = "no leader is known" if kind is Kind.LEADER else "no backend is serving"
+                await context.abort_with_status(to_status(NotTakenError(what, retry_after_s=0.5)))
+            assert address is not None
+            self._count(address, kind)
+            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.backends.channels[
+                address
+            ].unary_unary(route.method)
+            call = stub(
+                request,
+                timeout=max(0.0, deadline - self.backends.clock_s()),
+                metadata=metadata,
+            )
+            try:
+                response: bytes = await call
+            except grpc.aio.AioRpcError as exc:
+                why = _why(exc)
+                if why == "not_leader":
+                    info = error_info(exc, NOT_LEADER) or {}
+                    self.backends.not_leader(address, int(info.get("leader_id") or 0))
+                elif why is not None and kind is Kind.LEADER:
+                    self.backends.unreachable(address)
+                elif why is not None:
+                    self.backends.kick()
+                again = why in ("not_leader", "not_taken") or (
+                    why == "unreachable" and route.retry_unavailable(request)
+                )
+                if attempt == 0 and again and deadline > self.backends.clock_s():
+                    assert why is not None
+                    self.retries += 1
+                    self.metrics.retries.labels(address, why).inc()
+                    logger.debug("%s to %s: %s, retrying", route.name, address, why)
+                    tried.append(address)
+                    continue
+                if why == "not_leader":
+                    # The leader moved twice within one call. Do not hand the
+                    # client a node address it may not reach: say try again.
+                    await context.abort_with_status(
+                        to_status(NotTakenError("the leader moved; try again", retry_after_s=0.2))
+                    )
+                await context.abort(
+                    exc.code(), exc.details() or "", passthrough(exc.trailing_metadata())
+                )
+            initial = passthrough(await call.initial_metadata())
+            if initial:
+                await context.send_initial_metadata(initial)
+            context.set_trailing_metadata(passthrough(await call.trailing_metadata()))
+            return response
+        raise AssertionError("unreachable: the second attempt returns or aborts")
+
+    async def _target(self, kind: Kind, tried: list[str], deadline: float) -> str | None:
+        if kind is Kind.READ:
+            return self.backends.pool.pick(tuple(tried))
+        budget = min(self.backends.config.leader_wait_s, deadline - self.backends.clock_s())
+        return await self.backends.wait_leader(max(0.0, budget))
+
+    def _count(self, address: str, kind: Kind) -> None:
+        if kind is Kind.LEADER:
+            self.backends.pool.backends[address].leader_calls += 1
+        self.metrics.picks.labels(address, kind.value).inc()

@@ -1,0 +1,117 @@
+"""Where each public method goes, and whether a failed call may be sent again.
+
+- **Leader** calls (every write, every lease, and reads asking for
+  ``consistent``) go to the known leader, in one hop.
+- **Read** calls go to any node by weight: followers serve them from their
+  applied state.
+
+A call answered "not leader" or "not taken" (``ErrorInfo`` ``NOT_LEADER`` /
+``NOT_TAKEN``) never ran, so any call may be sent again. A call that met a
+plain ``UNAVAILABLE`` may or may not have run: only reads and enqueues whose
+every job carries an idempotency key are sent again then.
+
+Methods the table does not know (a newer API than this balancer) go to the
+leader and are never retried on ``UNAVAILABLE``: the safe default.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from pqueue.v1 import queue_pb2 as pb
+
+
+class Kind(enum.Enum):
+    LEADER = "leader"
+    READ = "read"
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one method is proxied."""
+
+    method: str  # "/pqueue.v1.Queue/Enqueue"
+    name: str  # "Enqueue", for metrics
+    kind: Kind
+    #: Given the request bytes: its kind for this call (a consistent read leads).
+    kind_of: Callable[[bytes], Kind]
+    #: Given the request bytes: may it be sent again after a plain UNAVAILABLE?
+    retry_unavailable: Callable[[bytes], bool]
+
+
+def _always(kind: Kind) -> Callable[[bytes], Kind]:
+    return lambda _: kind
+
+
+def _never(_: bytes) -> bool:
+    return False
+
+
+def _yes(_: bytes) -> bool:
+    return True
+
+
+def _consistent_leads(
+    message: type[pb.GetJobRequest] | type[pb.StatsRequest],
+) -> Callable[[bytes], Kind]:
+    def kind_of(data: bytes) -> Kind:
+        try:
+            return Kind.LEADER if message.FromString(data).consistent else Kind.READ
+        except DecodeError:
+            return Kind.READ  # the node will say INVALID_ARGUMENT
+
+    return kind_of
+
+
+def _enqueue_keyed(data: bytes) -> bool:
+    try:
+        return bool(pb.EnqueueRequest.FromString(data).job.idempotency_key)
+    except DecodeError:
+        return False
+
+
+def _batch_keyed(data: bytes) -> bool:
+    try:
+        jobs = pb.EnqueueBatchRequest.FromString(data).jobs
+    except DecodeError:
+        return False
+    return bool(jobs) and all(j.idempotency_key for j in jobs)
+
+
+_READS = {"GetJob", "Stats", "ListQueues", "ListDead", "NodeStatus"}
+_CONSISTENT = {"GetJob": pb.GetJobRequest, "Stats": pb.StatsRequest}
+_IDEMPOTENT_WRITES = {"Enqueue": _enqueue_keyed, "EnqueueBatch": _batch_keyed}
+
+
+def _route(service: str, name: str) -> Route:
+    method = f"/{service}/{name}"
+    if name in _READS:
+        consistent = _CONSISTENT.get(name)
+        kind_of = _consistent_leads(consistent) if consistent else _always(Kind.READ)
+        return Route(method, name, Kind.READ, kind_of, _yes)
+    retry = _IDEMPOTENT_WRITES.get(name, _never)
+    return Route(method, name, Kind.LEADER, _always(Kind.LEADER), retry)
+
+
+#: Every method of the public services, by its full gRPC path.
+ROUTES: dict[str, Route] = {
+    route.method: route
+    for service in pb.DESCRIPTOR.services_by_name.values()
+    for route in (_route(service.full_name, m.name) for m in service.methods)
+}
+
+_PUBLIC_PREFIXES = tuple(f"/{s.full_name}/" for s in pb.DESCRIPTOR.services_by_name.values())
+
+
+def route_for(method: str) -> Route | None:
+    """The route for a gRPC path; None for anything outside the public services."""
+    route = ROUTES.get(method)
+    if route is None and method.startswith(_PUBLIC_PREFIXES):
+        name = method[1:].split("/", 1)[1]
+        if name and "/" not in name:
+            return Route(method, "unknown", Kind.LEADER, _always(Kind.LEADER), _never)
+    return route

@@ -1,0 +1,38 @@
+"""Entry point of ``pq balancer run``: logging, event loop, serve until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from balancer.config import BalancerConfig
+from balancer.errors import BalancerError
+from balancer.server import BalancerServer
+from pqueue.runner import new_event_loop, setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+async def _serve(config: BalancerConfig) -> None:
+    server = BalancerServer(config)
+    await server.start()
+    metrics = (
+        f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""
+    )
+    print(f"balancer listening on {server.address}{metrics}", flush=True)
+    await server.serve_until_signal()
+
+
+def run_balancer(config: BalancerConfig, log_level: str) -> int:
+    """Run one balancer until SIGTERM/SIGINT; exit status 0 on a clean stop."""
+    setup_logging(log_level)
+    try:
+        config.validate()
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(config))
+    except (BalancerError, ValueError) as exc:
+        logger.error("balancer cannot run: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

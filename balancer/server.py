@@ -1,0 +1,174 @@
+"""The balancer process: the proxy, its own health, reflection, status and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from balancer.backends import Backends
+from balancer.config import BalancerConfig
+from balancer.errors import ListenError
+from balancer.metrics import BalancerMetrics
+from balancer.proxy import ProxyHandler
+from pqueue import limits
+from pqueue.v1 import balancer_pb2 as bpb
+from pqueue.v1 import balancer_pb2_grpc as bpbg
+from pqueue.v1 import queue_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+PROXIED_SERVICES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+BALANCER_SERVICE = bpb.DESCRIPTOR.services_by_name["Balancer"].full_name
+
+
+class StatusService(bpbg.BalancerServicer):
+    """``Balancer.Status``: the backends as this balancer sees them."""
+
+    def __init__(self, backends: Backends, proxy: ProxyHandler) -> None:
+        self.backends = backends
+        self.proxy = proxy
+
+    async def Status(
+        self, request: bpb.BalancerStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bpb.BalancerStatusResponse:
+        pool = self.backends.pool
+        now = self.backends.clock_s()
+        leader = pool.leader() or ""
+        rows = []
+        for address, b in pool.backends.items():
+            r = b.report
+            health = {True: "serving", False: "not_serving", None: "unknown"}[b.health_serving]
+            rows.append(
+                bpb.BackendStatus(
+                    address=address,
+                    node_id=r.node_id if r else 0,
+                    ejected=b.ejected,
+                    leader=address == leader,
+                    health=health,
+                    weight=b.weight,
+                    cpu_utilization=r.cpu_utilization if r else 0.0,
+                    backlog=b.backlog,
+                    load=b.load,
+                    reads=b.picks,
+                    leader_calls=b.leader_calls,
+                    ejections=b.ejections,
+                    report_age_ms=-1
+                    if b.reported_at_s is None
+                    else round((now - b.reported_at_s) * 1000),
+                    last_error=b.last_error,
+                    ready_jobs=r.ready_jobs if r else 0,
+                    consecutive_failures=b.failures,
+                )
+            )
+        return bpb.BalancerStatusResponse(
+            backends=rows, retries=self.proxy.retries, leader_address=leader
+        )
+
+
+class BalancerServer:
+    """A balancer in front of ``config.backends``. ``async with`` or ``start``/``stop``."""
+
+    def __init__(self, config: BalancerConfig, metrics: BalancerMetrics | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.metrics = metrics or BalancerMetrics()
+        self.backends = Backends(config, self.metrics)
+        self.proxy = ProxyHandler(self.backends)
+        self.health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._http: WSGIServer | None = None
+        self.port = 0
+        self.metrics_port = 0
+
+    @property
+    def address(self) -> str:
+        """``host:port`` actually bound."""
+        return f"{self.config.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """``host:port`` of ``/metrics``; empty when not served."""
+        if self.config.metrics_listen is None:
+            return ""
+        return f"{self.config.metrics_listen.rsplit(':', 1)[0]}:{self.metrics_port}"
+
+    async def start(self) -> None:
+        """Bind, start probing, serve."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+            ]
+        )
+        try:
+            self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            raise ListenError(f"cannot listen on {self.config.listen}: {exc}") from exc
+        if self.config.metrics_listen is not None:
+            host, port = self.config.metrics_listen.rsplit(":", 1)
+            try:
+                self._http, _ = start_http_server(int(port), host, registry=self.metrics.registry)
+            except OSError as exc:
+                raise ListenError(
+                    f"cannot serve metrics on {self.config.metrics_listen}: {exc}"
+                ) from exc
+            self.metrics_port = self._http.server_address[1]
+        bpbg.add_BalancerServicer_to_server(StatusService(self.backends, self.proxy), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((self.proxy,))
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            (*PROXIED_SERVICES, BALANCER_SERVICE, health_name, reflection.SERVICE_NAME), server
+        )
+        await self.backends.start()
+        await server.start()
+        self._server = server
+        for name in ("", *PROXIED_SERVICES, BALANCER_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "balancer serving on %s in front of %s", self.address, ", ".join(self.config.backends)
+        )
+
+    async def stop(self) -> None:
+        """Report NOT_SERVING, let calls in flight finish, close."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        await self.health.enter_graceful_shutdown()
+        await server.stop(self.config.grace_s)
+        await self.backends.stop()
+        if self._http is not None:
+            await asyncio.to_thread(self._http.shutdown)
+            self._http.server_close()
+            self._http = None
+        logger.info("balancer on %s stopped", self.address)
+
+    async def __aenter__(self) -> BalancerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
