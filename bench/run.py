@@ -7,9 +7,12 @@ Same scenarios, payloads and concurrency against both, in one run:
 - end-to-end: producers and consumers at once; latency from enqueue call
   to ack, per job
 
-pqueue runs as a real ``pq node`` process on SQLite (fsync per group commit);
-the baseline is a table with ``FOR UPDATE SKIP LOCKED`` through an asyncpg
-pool, one transaction per call with ``synchronous_commit`` on.
+pqueue runs as real ``pq node`` processes on SQLite (fsync per group commit):
+one node alone, then a 3-node cluster called directly at its leader and
+through a ``pq balancer`` process (the "hop" column is the balancer's
+throughput over direct-to-leader: the cost of the extra hop). The baseline
+is a table with ``FOR UPDATE SKIP LOCKED`` through an asyncpg pool, one
+transaction per call with ``synchronous_commit`` on.
 
     python -m bench.run [--jobs N] [--concurrency C]     (make bench)
 
@@ -233,7 +236,7 @@ SCENARIOS = [
 
 
 def _row(cells: Sequence[str]) -> str:
-    widths = (12, 8, 21, 21, 21, 12)
+    widths = (12, 8, 21, 21, 21, 21, 6, 18)
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
 
 
@@ -241,10 +244,10 @@ def _fmt(r: Result | None) -> str:
     return f"{r.jobs_per_s:7.0f}/s {r.p50_ms:5.1f}/{r.p99_ms:.0f}ms" if r else "n/a"
 
 
-async def failover_trials(cluster: ProcCluster, trials: int) -> list[float]:
-    """Seconds from kill -9 of the leader to the first successful write."""
+async def failover_trials(cluster: ProcCluster, trials: int, endpoint: str) -> list[float]:
+    """Seconds from kill -9 of the leader to the first successful write via ``endpoint``."""
     times = []
-    async with Client(cluster.endpoint, timeout_s=2, max_retries=0) as c:
+    async with Client(endpoint, timeout_s=2, max_retries=0) as c:
         await c.create_queue("failover")
         for trial in range(trials):
             leader = await cluster.leader()
@@ -284,22 +287,28 @@ async def main(argv: Sequence[str] | None = None) -> int:
         try:
             address = node.start()
             await cluster.start()
+            balancer = await cluster.start_balancer(probe_interval_s=1.0)
+            leader = cluster.address(await cluster.leader())
             async with (
                 Client(address, timeout_s=30) as single,
-                Client(cluster.endpoint, timeout_s=30) as replicated,
+                Client(leader, timeout_s=30) as direct,
+                Client(balancer, timeout_s=30) as via_balancer,
             ):
                 backends: list[Backend] = [
                     PQueueBackend(single, "pqueue 1 node"),
-                    PQueueBackend(replicated, "pqueue 3 nodes"),
+                    PQueueBackend(direct, "3 nodes: leader"),
+                    PQueueBackend(via_balancer, "3 nodes: balancer"),
                 ]
                 if pool is not None:
                     backends.append(PostgresBackend(pool))
                 print(
                     f"{args.concurrency} concurrent clients, {len(PAYLOAD)}-byte payloads; "
                     "cells are jobs/s and p50/p99 latency per call (end-to-end: per job); "
-                    "ratios are each pqueue column over the PostgreSQL one"
+                    "hop is balancer over leader throughput; ratios are each pqueue "
+                    "column over the PostgreSQL one"
                 )
-                print(_row(["scenario", "per call", *(b.name for b in backends), "ratios"]))
+                names = [b.name for b in backends]
+                print(_row(["scenario", "per call", *names, "hop", "ratios"]))
                 for name, per_call, fn in SCENARIOS:
                     jobs = args.jobs if per_call == 1 else args.batched_jobs
                     results: list[Result | None] = []
@@ -314,18 +323,23 @@ async def main(argv: Sequence[str] | None = None) -> int:
                     base = results[-1] if pool is not None else None
                     if base is not None:
                         ratios = " ".join(
-                            f"{r.jobs_per_s / base.jobs_per_s:.2f}x" for r in results[:-1] if r
+                            f"{r.jobs_per_s / base.jobs_per_s:.2f}x" for r in results[:3] if r
                         )
-                    print(
-                        _row([name, str(per_call), *(_fmt(r) for r in results), ratios]), flush=True
-                    )
-            if args.failover_trials:
-                times = await failover_trials(cluster, args.failover_trials)
+                    leader_r, balancer_r = results[1], results[2]
+                    hop = "-"
+                    if leader_r and balancer_r:
+                        hop = f"{balancer_r.jobs_per_s / leader_r.jobs_per_s:.2f}x"
+                    cells = [name, str(per_call), *(_fmt(r) for r in results), hop, ratios]
+                    print(_row(cells), flush=True)
+            for label, endpoint in (("any node", cluster.endpoint), ("balancer", balancer)):
+                if not args.failover_trials:
+                    break
+                times = await failover_trials(cluster, args.failover_trials, endpoint)
                 ms = sorted(t * 1000 for t in times)
                 print(
-                    f"failover (kill -9 of the leader to the first successful write), "
-                    f"{len(ms)} trials: min {ms[0]:.0f} ms, median {statistics.median(ms):.0f} ms, "
-                    f"max {ms[-1]:.0f} ms"
+                    f"failover via {label} (kill -9 of the leader to the first successful "
+                    f"write), {len(ms)} trials: min {ms[0]:.0f} ms, "
+                    f"median {statistics.median(ms):.0f} ms, max {ms[-1]:.0f} ms"
                 )
         finally:
             node.terminate()

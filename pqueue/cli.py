@@ -1,7 +1,7 @@
-"""``pq``: run a node, and talk to one from the shell.
+"""``pq``: run a node or a balancer, and talk to them from the shell.
 
-The endpoint comes from ``--endpoint`` or ``PQ_ENDPOINT`` (default: where
-``make cluster`` serves). Output is a table, or JSON with ``-o json``. Errors
+The endpoint comes from ``--endpoint`` or ``PQ_ENDPOINT`` (default: the
+balancer ``make cluster`` starts). Output is a table, or JSON with ``-o json``. Errors
 print one line (``error: CODE: message``) to stderr and exit 1.
 """
 
@@ -152,11 +152,44 @@ async def cmd_start_node(c: Client, a: argparse.Namespace) -> Outcome:
     return {"node": f"n{a.node}", "result": start_node(a.dir, a.node)}, None
 
 
+async def cmd_balancer_status(c: Client, a: argparse.Namespace) -> Outcome:
+    status = await c.balancer_status()
+    rows = [
+        {
+            "backend": b.address,
+            "node": f"n{b.node_id}" if b.node_id else "?",
+            "health": b.health,
+            "state": "ejected" if b.ejected else ("leader" if b.leader else "up"),
+            "weight": b.weight,
+            "cpu": round(b.cpu_utilization, 2),
+            "backlog": b.backlog,
+            "load": round(b.load, 2),
+            "reads": b.reads,
+            "leader_calls": b.leader_calls,
+            "ejections": b.ejections,
+            "report_age_ms": b.report_age_ms,
+            "last_error": b.last_error,
+        }
+        for b in status.backends
+    ]
+    if a.output == "json":
+        return {"backends": rows, "retries": status.retries, "leader": status.leader_address}, None
+    columns = ("backend", "node", "health", "state", "weight", "cpu", "backlog", "load", "reads")
+    return rows, (*columns, "leader_calls", "ejections", "report_age_ms")
+
+
 def _node_id(text: str) -> int:
     value = int(text.removeprefix("n"))
     if value < 1:
         raise argparse.ArgumentTypeError("node ids start at 1")
     return value
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    addresses = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not addresses or any(":" not in a for a in addresses):
+        raise argparse.ArgumentTypeError("expected HOST:PORT,HOST:PORT,...")
+    return addresses
 
 
 def _peers(text: str) -> dict[int, str]:
@@ -174,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--endpoint",
         default=os.environ.get("PQ_ENDPOINT", DEFAULT_ENDPOINT),
-        help="HOST:PORT of a node (env PQ_ENDPOINT; default %(default)s)",
+        help="HOST:PORT of the balancer or a node (env PQ_ENDPOINT; default %(default)s)",
     )
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.add_argument("--timeout-s", type=float, default=10.0, help="per-call deadline")
@@ -199,10 +232,30 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--log-level", default="INFO")
     node.add_argument("--grace-s", type=float, default=5.0, help="drain time on SIGTERM")
 
+    bal = sub.add_parser("balancer", help="run a balancer, or show one's backends")
+    bsub = bal.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = bsub.add_parser("run", help="run a balancer", description="Run a balancer.")
+    run.add_argument("--listen", default="127.0.0.1:7700", help="HOST:PORT (port 0: any)")
+    run.add_argument(
+        "--backends", required=True, type=_addresses, help="the nodes: HOST:PORT,HOST:PORT,..."
+    )
+    run.add_argument("--metrics-listen", default=None, help="HOST:PORT for /metrics")
+    run.add_argument("--probe-interval-s", type=float, default=1.0)
+    run.add_argument("--log-level", default="INFO")
+    add(
+        "status", cmd_balancer_status, "each backend's health, weight, CPU, backlog and picks", bsub
+    )
+
     dev = sub.add_parser("dev-cluster", help="run a local cluster under DIR (make cluster)")
     dev.add_argument("--dir", type=Path, default=Path(".cluster"))
     dev.add_argument("--nodes", type=int, default=3)
-    dev.add_argument("--base-port", type=int, default=7700, help="node N gets base+N (0: any)")
+    dev.add_argument(
+        "--base-port",
+        type=int,
+        default=7700,
+        help="the balancer listens on base, node N on base+N (0: any free ports)",
+    )
+    dev.add_argument("--metrics-port", type=int, default=9700, help="the balancer's /metrics")
 
     cluster = sub.add_parser("cluster", help="cluster status; stop or start a dev-cluster node")
     csub = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -304,8 +357,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_node(
             args.data_dir, args.listen, args.node_id, args.peers, args.log_level, args.grace_s
         )
+    if args.command == "balancer" and args.action == "run":
+        from balancer.config import BalancerConfig
+        from balancer.runner import run_balancer
+
+        try:
+            config = BalancerConfig(
+                backends=args.backends,
+                listen=args.listen,
+                metrics_listen=args.metrics_listen,
+                probe_interval_s=args.probe_interval_s,
+                probe_timeout_s=min(0.8, args.probe_interval_s),
+            )
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return run_balancer(config, args.log_level)
     if args.command == "dev-cluster":
-        return run_dev_cluster(args.dir, args.base_port, args.nodes)
+        return run_dev_cluster(args.dir, args.base_port, args.nodes, args.metrics_port)
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(_run_client(args))
 

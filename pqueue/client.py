@@ -16,14 +16,15 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import grpc
 
 from pqueue import limits
-from pqueue.errors import InvalidArgumentError, NotLeaderError
+from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError
 from pqueue.status import from_rpc_error
+from pqueue.v1 import balancer_pb2 as bpb
+from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 
-#: Where `make cluster` serves: every node of it (the first that answers is
-#: used; any node forwards writes to the leader).
-DEFAULT_ENDPOINT = "ipv4:127.0.0.1:7701,127.0.0.1:7702,127.0.0.1:7703"
+#: The balancer that ``make cluster`` starts in front of its nodes.
+DEFAULT_ENDPOINT = "127.0.0.1:7700"
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -74,10 +75,11 @@ class _Stubs:
         self.channel = channel
         self.queue = pbg.QueueStub(channel)
         self.admin = pbg.AdminStub(channel)
+        self.balancer = bpbg.BalancerStub(channel)
 
 
 class Client:
-    """An async connection to a pqueue node (or, later, the balancer)."""
+    """An async connection to a pqueue balancer or node."""
 
     def __init__(
         self,
@@ -91,6 +93,8 @@ class Client:
         self.max_retries = max_retries
         self._channel = _channel(endpoint)
         self._stubs = _Stubs(self._channel)
+        #: Calls sent again after a retriable error, in all (for tests and metrics).
+        self.retries = 0
         #: Channels to leaders named in not-leader answers, by address.
         self._leaders: dict[str, _Stubs] = {}
 
@@ -129,9 +133,12 @@ class Client:
                     stubs = self._leader_stubs(error.leader_address)
                     redirected = True
                     continue
-                if not (retry and error.retriable and attempt < self.max_retries):
+                # A call the server did not take may be sent again, whatever it is.
+                again = (retry and error.retriable) or isinstance(error, NotTakenError)
+                if not (again and attempt < self.max_retries):
                     raise error from exc
                 attempt += 1
+                self.retries += 1
                 stubs = self._stubs  # the endpoint again: another node may lead now
                 hint = getattr(error, "retry_after_s", 0.0)
                 await asyncio.sleep(hint or 0.1 * 2**attempt)
@@ -290,6 +297,12 @@ class Client:
     async def node_status(self) -> pb.NodeStatusResponse:
         """The connected node's view of the cluster."""
         return await self._call(lambda s: s.admin.NodeStatus, pb.NodeStatusRequest(), retry=True)
+
+    async def balancer_status(self) -> bpb.BalancerStatusResponse:
+        """The backends as the balancer at this endpoint sees them."""
+        return await self._call(
+            lambda s: s.balancer.Status, bpb.BalancerStatusRequest(), retry=True
+        )
 
     async def delete_dead(self, queue: str, job_ids: Iterable[int] = ()) -> int:
         """Delete dead jobs (all when ``job_ids`` is empty)."""

@@ -50,10 +50,13 @@ def peers_arg(addresses: dict[int, str]) -> str:
 class _Node:
     def __init__(self, root: Path, node_id: int, addresses: dict[int, str]) -> None:
         self.id = node_id
+        self.name = f"n{node_id}"
         self.address = addresses[node_id]
-        self.data = root / f"n{node_id}"
-        self.log = root / f"n{node_id}.log"
-        self.addresses = addresses
+        self.data = root / self.name
+        self.log = root / f"{self.name}.log"
+        self.cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(self.data)]
+        self.cmd += ["--listen", self.address, "--node-id", str(node_id)]
+        self.cmd += ["--peers", peers_arg(addresses)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.reported_exit = False
 
@@ -61,16 +64,29 @@ class _Node:
         self.data.mkdir(parents=True, exist_ok=True)
         (self.data / "STOPPED").unlink(missing_ok=True)
         (self.data / "START").unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(self.data)]
-        cmd += ["--listen", self.address, "--node-id", str(self.id)]
-        cmd += ["--peers", peers_arg(self.addresses)]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log)
         (self.data / "PID").write_text(f"{self.proc.pid}\n")
         self.reported_exit = False
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class _Balancer(_Node):
+    """The balancer in front of the nodes: supervised like one, never restarted."""
+
+    def __init__(self, root: Path, address: str, metrics: str, backends: list[str]) -> None:
+        self.id = 0
+        self.name = "balancer"
+        self.address = address
+        self.metrics = metrics
+        self.data = root / self.name
+        self.log = root / f"{self.name}.log"
+        self.cmd = [sys.executable, "-m", "pqueue.cli", "balancer", "run", "--listen", address]
+        self.cmd += ["--backends", ",".join(backends), "--metrics-listen", metrics]
+        self.proc = None
+        self.reported_exit = False
 
 
 async def _statuses(addresses: dict[int, str], timeout_s: float = 1.0) -> dict[int, Any]:
@@ -85,17 +101,30 @@ async def _statuses(addresses: dict[int, str], timeout_s: float = 1.0) -> dict[i
     return dict(zip(addresses, results, strict=True))
 
 
-def _leader(addresses: dict[int, str]) -> int:
-    statuses = asyncio.run(_statuses(addresses, timeout_s=0.5))
-    leaders = [i for i, s in statuses.items() if s is not None and s.role == "leader"]
-    return leaders[0] if len(leaders) == 1 else 0
+async def _balancer_leader(address: str) -> str:
+    try:
+        async with Client(address, timeout_s=0.5, max_retries=0) as c:
+            return (await c.balancer_status()).leader_address
+    except PQueueError:
+        return ""
 
 
-def run_dev_cluster(root: Path, base_port: int, nodes: int) -> int:
+def run_dev_cluster(root: Path, base_port: int, nodes: int, metrics_port: int) -> int:
     """Run until interrupted; non-zero if the cluster fails to come up."""
     root.mkdir(parents=True, exist_ok=True)
     addresses = cluster_addresses(nodes, base_port)
-    cluster = [_Node(root, i, addresses) for i in sorted(addresses)]
+    if base_port == 0:
+        balancer_port, metrics_port = free_ports(2)
+    else:
+        balancer_port = base_port
+    balancer = _Balancer(
+        root,
+        f"127.0.0.1:{balancer_port}",
+        f"127.0.0.1:{metrics_port}",
+        [addresses[i] for i in sorted(addresses)],
+    )
+    nodes_ = [_Node(root, i, addresses) for i in sorted(addresses)]
+    cluster = [*nodes_, balancer]
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -108,50 +137,48 @@ def run_dev_cluster(root: Path, base_port: int, nodes: int) -> int:
         for node in cluster:
             node.start()
         deadline = time.monotonic() + 30
-        leader = 0
-        while not leader:
+        leader = ""
+        while not leader:  # the balancer knows a leader: nodes elected one, it probed them
             if stop or time.monotonic() > deadline or not all(n.running() for n in cluster):
                 print(f"the cluster did not come up; see the logs in {root}/")
                 return 1
             time.sleep(0.2)
-            leader = _leader(addresses)
+            leader = asyncio.run(_balancer_leader(balancer.address))
+        print(f"balancer: {balancer.address}  (metrics: http://{balancer.metrics}/metrics)\n")
         rows = [
-            {"node": f"n{n.id}", "address": n.address, "data_dir": str(n.data), "log": str(n.log)}
+            {"name": n.name, "address": n.address, "data_dir": str(n.data), "log": str(n.log)}
             for n in cluster
         ]
         print(render.table(rows))
-        endpoint = "ipv4:" + ",".join(addresses[i] for i in sorted(addresses))
-        print(f"\nleader: n{leader}")
-        print(f"ready: export PQ_ENDPOINT={endpoint}  (Ctrl-C stops the cluster)")
+        print(f"\nleader: n{next(n.id for n in nodes_ if n.address == leader)} ({leader})")
+        print(f"ready: export PQ_ENDPOINT={balancer.address}  (Ctrl-C stops the cluster)")
         sys.stdout.flush()
         while not stop:
             for node in cluster:
                 if (node.data / "START").exists() and not node.running():
-                    print(f"starting n{node.id}", flush=True)
+                    print(f"starting {node.name}", flush=True)
                     node.start()
                 elif not node.running() and not node.reported_exit:
                     node.reported_exit = True
                     how = "stopped" if (node.data / "STOPPED").exists() else "exited"
                     code = node.proc.returncode if node.proc else "?"
-                    print(
-                        f"n{node.id} {how} (status {code}); `pq cluster start-node {node.id}`"
-                        " brings it back",
-                        flush=True,
-                    )
+                    again = f"; `pq cluster start-node {node.id}` brings it back" if node.id else ""
+                    print(f"{node.name} {how} (status {code}){again}", flush=True)
             time.sleep(0.2)
         return 0
     finally:
-        for node in cluster:
+        # The balancer first, so it is not left probing nodes that are gone.
+        for node in reversed(cluster):
             if node.running() and node.proc is not None:
                 node.proc.send_signal(signal.SIGTERM)
-        for node in cluster:
+        for node in reversed(cluster):
             if node.proc is None:
                 continue
             try:
                 node.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 node.proc.kill()
-            print(f"stopped n{node.id}")
+            print(f"stopped {node.name}")
 
 
 def stop_node(root: Path, node_id: int) -> str:

@@ -24,7 +24,8 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt=LOG_DATEFMT)
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed, asyncio's loop elsewhere."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
@@ -61,7 +62,7 @@ def run_node(
     """Run one node until SIGTERM/SIGINT; exit status 0 on a clean stop."""
     setup_logging(log_level)
     try:
-        with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
             clean = runner.run(_serve(data_dir, listen, node_id, peers, grace_s))
     except (PQueueError, OSError, ValueError) as exc:
         logger.error("node %s cannot run: %s", node_id, exc)

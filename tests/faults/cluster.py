@@ -25,6 +25,8 @@ class ProcCluster:
         self.ports: dict[int, int] = {}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.proxies: dict[tuple[int, int], Proxy] = {}
+        self.balancer: subprocess.Popen[bytes] | None = None
+        self.balancer_address = ""
 
     @property
     def endpoint(self) -> str:
@@ -81,6 +83,30 @@ class ProcCluster:
             await asyncio.sleep(0.1)
         raise AssertionError("no single leader")
 
+    async def start_balancer(self, probe_interval_s: float = 0.5) -> str:
+        """A ``pq balancer`` process in front of the nodes; its address once it knows a leader."""
+        self.balancer = self._launch_balancer(probe_interval_s)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.balancer.poll() is not None:
+                raise AssertionError(f"the balancer exited: {self.balancer.returncode}")
+            try:
+                async with Client(self.balancer_address, timeout_s=0.5, max_retries=0) as c:
+                    if (await c.balancer_status()).leader_address:
+                        return self.balancer_address
+            except PQueueError:
+                pass
+            await asyncio.sleep(0.1)
+        raise AssertionError("the balancer did not learn a leader")
+
+    def _launch_balancer(self, probe_interval_s: float) -> subprocess.Popen[bytes]:
+        self.balancer_address = f"127.0.0.1:{free_ports(1)[0]}"
+        cmd = [sys.executable, "-m", "pqueue.cli", "balancer", "run"]
+        cmd += ["--listen", self.balancer_address, "--probe-interval-s", str(probe_interval_s)]
+        cmd += ["--backends", ",".join(self.address(i) for i in sorted(self.ports))]
+        with (self.root / "balancer.log").open("ab") as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=log)
+
     def kill9(self, i: int) -> None:
         self.procs[i].kill()
         self.procs[i].wait()
@@ -101,6 +127,12 @@ class ProcCluster:
             proxy.heal()
 
     async def stop(self) -> None:
+        if self.balancer is not None and self.balancer.poll() is None:
+            self.balancer.terminate()
+            try:
+                await asyncio.to_thread(self.balancer.wait, 15)
+            except subprocess.TimeoutExpired:
+                self.balancer.kill()
         for proc in self.procs.values():
             if proc.poll() is None:
                 with_signal(proc, signal.SIGCONT)

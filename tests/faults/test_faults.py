@@ -20,17 +20,23 @@ Fault = Callable[[ProcCluster], Awaitable[None]]
 
 
 async def scenario(
-    cluster: ProcCluster, fault: Fault, settle_s: float = 2.0, history: History | None = None
+    cluster: ProcCluster,
+    fault: Fault,
+    settle_s: float = 2.0,
+    history: History | None = None,
+    endpoint: str = "",
 ) -> dict[str, int]:
+    """Load through ``endpoint`` (default: every node), the fault, then the check."""
+    endpoint = endpoint or cluster.endpoint
     history = history or History()
     stop = asyncio.Event()
-    load = asyncio.create_task(workload.run(cluster.endpoint, history, stop))
+    load = asyncio.create_task(workload.run(endpoint, history, stop))
     await asyncio.sleep(1.5)
     await fault(cluster)
     await asyncio.sleep(settle_s)
     stop.set()
     await load
-    await workload.drain(cluster.endpoint, history)
+    await workload.drain(endpoint, history)
     counts = history.check()
     print(f"\n{counts}")
     history.assert_safe()

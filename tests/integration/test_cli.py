@@ -144,9 +144,15 @@ async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
                 logs = await asyncio.to_thread(_log_tails, tmp_path)
                 raise AssertionError(f"dev-cluster exited: {lines}; node logs: {logs}")
             lines.append(line.decode().strip())
-        assert lines[0].split()[:3] == ["NODE", "ADDRESS", "DATA_DIR"]
+        assert lines[0].startswith("balancer: 127.0.0.1:")  # the balancer's address first
+        assert lines[2].split()[:3] == ["NAME", "ADDRESS", "DATA_DIR"]
+        balancer = lines[0].split()[1]
         address = lines[-1].split("PQ_ENDPOINT=")[1].split()[0]
+        assert address == balancer  # clients go through the balancer
         assert (await pq_json(address, "enqueue", "q", "x"))["job_id"] == 1
+        status = await pq_json(address, "balancer", "status")
+        assert len(status["backends"]) == 3
+        assert sum(b["state"] == "leader" for b in status["backends"]) == 1
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:

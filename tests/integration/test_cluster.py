@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,63 +9,9 @@ import pytest
 
 from pqueue.client import Client
 from pqueue.errors import PQueueError
-from pqueue.replicated import ClusterConfig
-from pqueue.server import NodeServer, ServerConfig
 from pqueue.snapshot import state_hash
-from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import queue_pb2 as pb
-
-
-class Cluster:
-    def __init__(self, root: Path, n: int = 3) -> None:
-        self.root = root
-        self.addresses: dict[int, str] = {}
-        self.servers: dict[int, NodeServer] = {}
-        self.n = n
-
-    def _server(self, i: int) -> NodeServer:
-        config = ClusterConfig(node_id=i, addresses=self.addresses, tick_ms=20)
-        listen = self.addresses.get(i, "127.0.0.1:0")
-        return NodeServer(
-            SqliteStorage(self.root / f"n{i}"),
-            ServerConfig(listen=listen, grace_s=0.5),
-            cluster=config,
-        )
-
-    async def start(self) -> None:
-        for i in range(1, self.n + 1):
-            self.servers[i] = self._server(i)
-            self.addresses[i] = await self.servers[i].bind()
-        await asyncio.gather(*(s.start() for s in self.servers.values()))
-
-    async def stop_node(self, i: int) -> None:
-        await self.servers.pop(i).stop()
-
-    async def start_node(self, i: int) -> None:
-        self.servers[i] = self._server(i)
-        await self.servers[i].start()
-
-    async def leader(self, timeout_s: float = 10.0) -> int:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            leaders = [i for i, s in self.servers.items() if s.node.log.is_leader]
-            if len(leaders) == 1:
-                return leaders[0]
-            await asyncio.sleep(0.05)
-        raise AssertionError("no single leader")
-
-    async def settled(self, timeout_s: float = 10.0) -> None:
-        """Every running node has applied the same index."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            indexes = {s.node.machine.applied_index for s in self.servers.values()}
-            if len(indexes) == 1:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"nodes did not converge: {indexes}")
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(s.stop() for s in self.servers.values()))
+from tests.inproc import Cluster
 
 
 @pytest.fixture

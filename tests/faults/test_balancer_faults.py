@@ -1,0 +1,179 @@
+"""The balancer in front of real node processes: kill -9, failover, a CPU-burning neighbour."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pqueue.client import Client
+from pqueue.errors import PQueueError
+from tests.faults.cluster import ProcCluster
+from tests.faults.test_faults import scenario
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
+    c = ProcCluster(tmp_path)
+    await c.start()
+    try:
+        await c.start_balancer(probe_interval_s=0.5)
+        yield c
+    finally:
+        await c.stop()
+
+
+async def balancer_status(address: str) -> dict[str, Any]:
+    """What an operator sees: ``pq -o json balancer status``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pqueue.cli",
+        "--endpoint",
+        address,
+        "-o",
+        "json",
+        "balancer",
+        "status",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    status: dict[str, Any] = json.loads(out)
+    return status
+
+
+def row(status: dict[str, Any], node_id: int) -> dict[str, Any]:
+    return next(b for b in status["backends"] if b["node"] == f"n{node_id}")
+
+
+async def test_a_killed_node_is_ejected_and_traffic_goes_on(cluster: ProcCluster) -> None:
+    address = cluster.balancer_address
+    leader = await cluster.leader()
+    follower = next(i for i in cluster.ports if i != leader)
+    errors: list[PQueueError] = []
+    served = 0
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        nonlocal served
+        async with Client(address, timeout_s=5, max_retries=0) as c:
+            await c.create_queue("q")
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    await c.enqueue("q", f"job-{i}", idempotency_key=f"job-{i}")
+                    await c.stats("q")
+                    served += 1
+                except PQueueError as exc:
+                    errors.append(exc)
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(traffic())
+    await asyncio.sleep(1.0)
+    killed_at = time.monotonic()
+    cluster.kill9(follower)
+    while row(await balancer_status(address), follower)["state"] != "ejected":
+        assert time.monotonic() - killed_at < 3.0, "not ejected within a few probe intervals"
+        await asyncio.sleep(0.1)
+    before = served
+    await asyncio.sleep(1.5)
+    stop.set()
+    await task
+    assert served > before + 10  # traffic went on
+    assert all(e.retriable for e in errors), errors  # nothing a client could not retry
+    status = await balancer_status(address)
+    assert row(status, follower)["weight"] == 0
+    assert row(status, follower)["ejections"] == 1
+
+
+async def test_a_leader_kill_through_the_balancer_loses_nothing(cluster: ProcCluster) -> None:
+    async def fault(c: ProcCluster) -> None:
+        old = await c.leader()
+        c.kill9(old)
+        await c.leader(among=[i for i in c.ports if i != old])
+        await asyncio.sleep(1.0)
+        c.launch(old)
+
+    steady = asyncio.Event()
+    failures: list[PQueueError] = []
+
+    async def one_retry_producer() -> None:
+        # Idempotent enqueues allowed a single retry each: a failover must
+        # never need more (the balancer absorbs it, or one retry does).
+        async with Client(cluster.balancer_address, timeout_s=10, max_retries=1) as c:
+            i = 0
+            while not steady.is_set():
+                i += 1
+                try:
+                    await c.enqueue("one-retry", f"x-{i}", idempotency_key=f"x-{i}")
+                except PQueueError as exc:
+                    failures.append(exc)
+                await asyncio.sleep(0.005)
+
+    producer = asyncio.create_task(one_retry_producer())
+    try:
+        await scenario(cluster, fault, settle_s=2.0, endpoint=cluster.balancer_address)
+    finally:
+        steady.set()
+        await producer
+    assert failures == []
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a process (affinity is per thread on Linux)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
+def _burner(cpus: set[int]) -> subprocess.Popen[bytes]:
+    """A process that keeps ``cpus`` busy until killed."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    _pin(burner.pid, cpus)
+    return burner
+
+
+async def test_a_node_beside_a_cpu_burner_gets_fewer_reads(cluster: ProcCluster) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: one for the burner and its node, one for the rest")
+    address = cluster.balancer_address
+    leader = await cluster.leader()
+    busy, calm = (i for i in sorted(cluster.ports) if i != leader)
+    hot, rest = {cpus[0]}, set(cpus[1:])
+    _pin(cluster.procs[busy].pid, hot)
+    for i, proc in cluster.procs.items():
+        if i != busy:
+            _pin(proc.pid, rest)
+    assert cluster.balancer is not None
+    _pin(cluster.balancer.pid, rest)
+    burner = _burner(hot)
+    try:
+        async with Client(address, timeout_s=5) as c:
+            await c.create_queue("q")
+            deadline = time.monotonic() + 10
+            while True:  # the operator's view: the busy node's weight drops
+                status = await balancer_status(address)
+                if row(status, busy)["weight"] < row(status, calm)["weight"] / 2:
+                    break
+                assert time.monotonic() < deadline, status
+                await asyncio.sleep(0.3)
+            before = {n: row(status, n)["reads"] for n in (busy, calm)}
+            for _ in range(300):  # paced: the calm CPU stays calm
+                await c.stats("q")
+                await asyncio.sleep(0.01)
+        status = await balancer_status(address)
+        reads = {n: row(status, n)["reads"] - before[n] for n in (busy, calm)}
+        assert reads[busy] < 0.6 * reads[calm], (reads, status)
+    finally:
+        burner.kill()
+        burner.wait()
