@@ -16,7 +16,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,7 +42,7 @@ def report_of(status: pb.NodeStatusResponse) -> Report:
     load = status.load
     return Report(
         node_id=status.node_id,
-        serving=status.serving,
+        serving=not status.not_serving,
         is_leader=status.role == "leader",
         ballot_round=status.ballot_round,
         leader_id=status.leader_id,
@@ -55,11 +56,23 @@ def report_of(status: pb.NodeStatusResponse) -> Report:
     )
 
 
-def channel_options() -> list[tuple[str, int]]:
-    """Message limits as the nodes have them."""
+def channel_options(probe_interval_s: float) -> list[tuple[str, int]]:
+    """Message limits as the nodes have them; reconnects as fast as probes.
+
+    gRPC's default reconnect backoff grows to 120 s, and while it waits,
+    calls and probes fail without trying: a node back from a restart (maybe
+    the new leader) would stay unreachable for minutes. Keepalive pings
+    find a silently dead connection (the health stream would hang).
+    """
     return [
         ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", max(100, int(probe_interval_s * 1000))),
+        ("grpc.keepalive_time_ms", limits.KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", limits.KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
@@ -84,13 +97,15 @@ class Backends:
     async def start(self) -> None:
         """Open channels and start probing."""
         for address in self.config.backends:
-            self.channels[address] = grpc.aio.insecure_channel(address, options=channel_options())
+            self.channels[address] = grpc.aio.insecure_channel(
+                address, options=channel_options(self.config.probe_interval_s)
+            )
             self._spawn(self._probe_loop(address), f"pq-probe-{address}")
             self._spawn(self._health_loop(address), f"pq-health-{address}")
         self._spawn(self._refresh_loop(), "pq-refresh")
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._on_task_done)
 
@@ -151,16 +166,24 @@ class Backends:
 
     def unreachable(self, address: str) -> None:
         """A call to ``address`` failed without an answer, or it took nothing."""
-        self.pool.on_unreachable(address)
+        self.pool.on_unreachable(address, self.clock_s())
         self._changed()
         self.kick()
 
     async def wait_leader(self, timeout_s: float) -> str | None:
         """The leader's address, waiting up to ``timeout_s`` for one to be known."""
+        return await self._wait(self.pool.leader, timeout_s)
+
+    async def wait_read(self, exclude: tuple[str, ...], timeout_s: float) -> str | None:
+        """A backend for a read by weight, waiting up to ``timeout_s`` for one to be up."""
+        return await self._wait(lambda: self.pool.pick(exclude), timeout_s)
+
+    async def _wait(self, find: Callable[[], str | None], timeout_s: float) -> str | None:
         deadline = self.clock_s() + timeout_s
-        if self.pool.leader() is None:
-            self.kick()  # then the probes run fast until a leader is known
-        while (leader := self.pool.leader()) is None:
+        if (found := find()) is not None:
+            return found
+        self.kick()  # then the probes run fast until one is found
+        while (found := find()) is None:
             remaining = deadline - self.clock_s()
             if remaining <= 0:
                 return None
@@ -169,8 +192,12 @@ class Backends:
                 async with asyncio.timeout(remaining):
                     await updated.wait()
             except TimeoutError:
-                return self.pool.leader()
-        return leader
+                return find()
+        return found
+
+    def usable(self) -> bool:
+        """Whether any backend is up (the balancer's own health)."""
+        return any(not b.ejected for b in self.pool.backends.values())
 
     # ------------------------------------------------------------ loops
 
@@ -184,6 +211,7 @@ class Backends:
     async def _probe_loop(self, address: str) -> None:
         stub = pbg.AdminStub(self.channels[address])
         while True:
+            sent_at = self.clock_s()
             try:
                 status = await stub.NodeStatus(
                     pb.NodeStatusRequest(),
@@ -191,14 +219,16 @@ class Backends:
                     metadata=((FORWARDED_KEY, BALANCER_ID),),
                 )
             except grpc.aio.AioRpcError as exc:
-                self.metrics.probe_failures.labels(address).inc()
-                self.pool.on_failure(address, f"probe: {exc.code().name}", self.clock_s())
+                self._probe_failed(address, f"probe: {exc.code().name}")
+            except Exception as exc:  # a bad answer must not end the probing
+                logger.warning("probe of %s failed: %r", address, exc)
+                self._probe_failed(address, f"probe: {type(exc).__name__}")
             else:
-                self.pool.on_report(address, report_of(status), self.clock_s())
+                self.pool.on_report(address, report_of(status), self.clock_s(), sent_at)
             self._changed()
             interval = (
                 self.config.probe_interval_s
-                if self.pool.leader() is not None
+                if self.pool.leader() is not None and self.usable()
                 else self.config.fast_probe_interval_s
             )
             try:
@@ -208,6 +238,10 @@ class Backends:
                 self._kick.clear()
             except TimeoutError:
                 pass
+
+    def _probe_failed(self, address: str, why: str) -> None:
+        self.metrics.probe_failures.labels(address).inc()
+        self.pool.on_failure(address, why, self.clock_s())
 
     async def _health_loop(self, address: str) -> None:
         stub = health_pb2_grpc.HealthStub(self.channels[address])
@@ -221,10 +255,11 @@ class Backends:
                     backoff_s = 0.05
                     if not serving:
                         self.kick()
-            except grpc.aio.AioRpcError as exc:
+            except Exception as exc:
                 # The stream broke: the node died, restarts or cannot be
                 # reached. Treat it as not serving until a watch says again.
-                self.pool.backends[address].last_error = f"health: {exc.code().name}"
+                why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                self.pool.backends[address].last_error = f"health: {why}"
                 self.pool.on_health(address, False, self.clock_s())
                 self._changed()
                 self.kick()

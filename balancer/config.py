@@ -21,7 +21,8 @@ class BalancerConfig:
     probe_timeout_s: float = 0.8
     #: How often to probe while no leader is known (an election is running).
     fast_probe_interval_s: float = 0.1
-    #: How long a write may wait for a leader to be known (within its deadline).
+    #: How long a call may wait for a leader (or, for a read, any node) to be
+    #: known, within its deadline.
     leader_wait_s: float = 5.0
     #: How long in-flight calls may finish on stop.
     grace_s: float = 5.0
@@ -36,8 +37,13 @@ class BalancerConfig:
         for address in (*self.backends, self.listen, self.metrics_listen or "h:0"):
             if ":" not in address:
                 raise ValueError(f"address {address!r} needs a port (HOST:PORT)")
-        if not 0 < self.probe_timeout_s <= self.probe_interval_s:
-            raise ValueError("need 0 < probe_timeout_s <= probe_interval_s")
+        if self.probe_interval_s <= 0 or self.probe_timeout_s <= 0:
+            raise ValueError("probe_interval_s and probe_timeout_s must be positive")
+        if self.pool.report_expiry_s <= self.probe_interval_s + self.probe_timeout_s:
+            raise ValueError(
+                "report_expiry_s must exceed probe_interval_s + probe_timeout_s, or every "
+                "node would expire between two probes"
+            )
         if self.fast_probe_interval_s <= 0 or self.leader_wait_s < 0 or self.grace_s < 0:
             raise ValueError("intervals and waits must be positive")
         self.pool.validate()

@@ -27,7 +27,6 @@ class Picker:
         self._rng = rng
         self._weights: dict[str, int] = {}
         self._current: dict[str, int] = {}
-        self._started = False
 
     @property
     def weights(self) -> dict[str, int]:
@@ -39,14 +38,15 @@ class Picker:
         (as in nginx), so a small change does not restart the cycle."""
         if any(w < 0 for w in weights.values()):
             raise ValueError(f"weights must be >= 0: {dict(weights)}")
-        self._weights = {name: w for name, w in weights.items()}
+        before = sum(1 for w in self._weights.values() if w > 0)
+        self._weights = dict(weights)
         self._current = {name: self._current.get(name, 0) for name in self._weights}
-        total = sum(self._weights.values())
-        if not self._started and total > 0:
-            # A random phase of the cycle, once: the skipped picks keep every
+        if before <= 1 < sum(1 for w in self._weights.values() if w > 0):
+            # There is a cycle again (at start, the second backend's first
+            # report): enter it at a random phase. Skipped picks keep every
             # smoothness property, unlike random running values would.
-            self._started = True
-            for _ in range(self._rng.randrange(total)):
+            self._current = dict.fromkeys(self._weights, 0)
+            for _ in range(self._rng.randrange(sum(self._weights.values()))):
                 self.pick()
 
     def pick(self, exclude: Collection[str] = ()) -> str | None:

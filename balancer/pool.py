@@ -81,6 +81,8 @@ class Backend:
     picks: int = 0  # reads sent here by weight
     leader_calls: int = 0  # writes and leases sent here as the leader
     last_error: str = ""
+    #: Leadership claims of probes sent before this are stale.
+    distrust_before_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,18 +115,30 @@ class Pool:
             raise ValueError(f"backends must be distinct and at least one: {self.addresses}")
         self.backends = {a: Backend(a) for a in self.addresses}
         self.picker = Picker(self.rng)
-        self._leader_hint: tuple[int, float] | None = None  # (node id, when told)
+        #: From a not-leader answer: (node id it named, when).
+        self._hint: tuple[int, float] | None = None
+        self._now_s = 0.0  # the latest time an input brought
         #: (backend, ejected) for each change since the caller last looked.
         self.changes: list[tuple[str, bool]] = []
 
     # ------------------------------------------------------------ inputs
 
-    def on_report(self, address: str, report: Report, now_s: float) -> None:
-        """A probe answered."""
+    def on_report(
+        self, address: str, report: Report, now_s: float, sent_at_s: float | None = None
+    ) -> None:
+        """A probe sent at ``sent_at_s`` (default: now) answered."""
         b = self.backends[address]
+        sent_at_s = now_s if sent_at_s is None else sent_at_s
+        if b.distrust_before_s is not None:
+            if sent_at_s < b.distrust_before_s:
+                # Sent before the node failed a call or said it does not
+                # lead: its claim to lead is stale.
+                report = _replace_leader(report, report.leader_id)
+            else:
+                b.distrust_before_s = None
         b.report, b.reported_at_s, b.failures, b.last_error = report, now_s, 0, ""
-        if self._leader_hint and report.is_leader and report.node_id != self._leader_hint[0]:
-            self._leader_hint = None  # a report outranks a hint
+        if self._hint and report.is_leader and report.node_id != self._hint[0]:
+            self._hint = None  # a fresh claim outranks a hint
         self.refresh(now_s)
 
     def on_failure(self, address: str, error: str, now_s: float) -> None:
@@ -141,23 +155,28 @@ class Pool:
 
     def on_not_leader(self, address: str, leader_id: int, now_s: float) -> None:
         """A node said it does not lead (and named who does, if it knows)."""
-        b = self.backends[address]
-        if b.report is not None and b.report.is_leader:
-            b.report = _replace_leader(b.report, leader_id)
-        self._leader_hint = (leader_id, now_s) if leader_id else None
+        self._depose(address, now_s)
+        self._hint = (leader_id, now_s) if leader_id else None
 
-    def on_unreachable(self, address: str) -> None:
-        """A call could not reach it: it is no longer trusted to lead."""
+    def on_unreachable(self, address: str, now_s: float) -> None:
+        """A call to it failed unanswered, or it took nothing: it may not lead now."""
+        self._depose(address, now_s)
+        b = self.backends[address]
+        if self._hint and b.report and self._hint[0] == b.report.node_id:
+            self._hint = None
+
+    def _depose(self, address: str, now_s: float) -> None:
         b = self.backends[address]
         if b.report is not None and b.report.is_leader:
             b.report = _replace_leader(b.report, 0)
-        if self._leader_hint and b.report and self._leader_hint[0] == b.report.node_id:
-            self._leader_hint = None
+        b.distrust_before_s = now_s
+        self._now_s = max(self._now_s, now_s)
 
     # ------------------------------------------------------------ derived
 
     def refresh(self, now_s: float) -> None:
         """Recompute ejection and weights (also on each probe tick)."""
+        self._now_s = max(self._now_s, now_s)
         weights: dict[str, int] = {}
         for b in self.backends.values():
             up = (
@@ -207,25 +226,29 @@ class Pool:
         return address
 
     def leader(self) -> str | None:
-        """The backend that leads, as far as we know, if it is not ejected.
+        """The backend that leads, as far as we know.
 
-        Of several reports that claim to lead (an old leader that has not
-        heard yet), the highest ballot wins; a not-leader answer's hint
-        overrides reports until a report names someone else.
+        Not-leader answers name the leader (a hint, trusted for
+        ``report_expiry_s`` or until a fresh report claims otherwise);
+        otherwise, of the reports claiming to lead (an old leader may not
+        have heard yet), the highest ballot wins. A leader is dropped when it
+        says it does not lead, fails a call, stops serving or its health
+        stream breaks, not merely because a probe was slow: a slow leader
+        is still the only one that can take a write.
         """
-        by_id = {b.report.node_id: b for b in self.backends.values() if b.report is not None}
-        if self._leader_hint is not None:
-            hinted = by_id.get(self._leader_hint[0])
-            if hinted is not None and not hinted.ejected:
-                return hinted.address
-        claims = [
-            b
-            for b in self.backends.values()
-            if b.report is not None and b.report.is_leader and not b.ejected
-        ]
+        if self._hint is not None and self._now_s - self._hint[1] <= self.config.report_expiry_s:
+            for b in self.backends.values():
+                if b.report is not None and b.report.node_id == self._hint[0] and _can_lead(b):
+                    return b.address
+        claims = [b for b in self.backends.values() if b.report and b.report.is_leader]
+        claims = [b for b in claims if _can_lead(b)]
         if not claims:
             return None
         return max(claims, key=_ballot).address
+
+
+def _can_lead(b: Backend) -> bool:
+    return b.health_serving is not False and b.report is not None and b.report.serving
 
 
 def _ballot(b: Backend) -> tuple[int, int]:

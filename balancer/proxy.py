@@ -11,6 +11,7 @@ failed one is sent a second time; a call is sent at most twice.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -47,6 +48,10 @@ def passthrough(metadata: Any) -> Metadata:
     return tuple(kept)
 
 
+#: Method handlers kept (the public methods, and a few newer ones).
+_MAX_HANDLERS = 256
+
+
 def _why(exc: grpc.aio.AioRpcError) -> str | None:
     """Why a call failed, if the proxy may act on it."""
     code = exc.code()
@@ -64,14 +69,21 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self.backends = backends
         self.metrics = backends.metrics
         self.retries = 0
+        self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
-        route = route_for(handler_call_details.method)
-        if route is None:
-            return None
-        return grpc.unary_unary_rpc_method_handler(functools.partial(self._call, route))
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            route = route_for(method)
+            if route is None:
+                return None
+            handler = grpc.unary_unary_rpc_method_handler(functools.partial(self._call, route))
+            if len(self._handlers) < _MAX_HANDLERS:  # unknown names must not grow it forever
+                self._handlers[method] = handler
+        return handler
 
     async def _call(self, route: Route, request: bytes, context: Context) -> bytes:
         started = time.perf_counter()
@@ -80,6 +92,17 @@ class ProxyHandler(grpc.GenericRpcHandler):
             return await self._forward(route, request, context)
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:  # the client went away (or its deadline passed)
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED  # too late even to answer
+            else:
+                code = grpc.StatusCode.UNKNOWN
+                logger.exception("proxying %s failed", route.name)
             raise
         finally:
             self.metrics.calls.labels(route.name, code.name).inc()
@@ -136,6 +159,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     await context.abort_with_status(
                         to_status(NotTakenError("the leader moved; try again", retry_after_s=0.2))
                     )
+                initial = passthrough(exc.initial_metadata())
+                if initial:
+                    await context.send_initial_metadata(initial)
                 await context.abort(
                     exc.code(), exc.details() or "", passthrough(exc.trailing_metadata())
                 )
@@ -147,9 +173,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
         raise AssertionError("unreachable: the second attempt returns or aborts")
 
     async def _target(self, kind: Kind, tried: list[str], deadline: float) -> str | None:
+        """Where to send: waits (within the deadline) while nothing fits."""
+        # Keep a tenth of the time left to say why, rather than time out.
+        remaining = deadline - self.backends.clock_s()
+        budget = min(self.backends.config.leader_wait_s, 0.9 * remaining)
         if kind is Kind.READ:
-            return self.backends.pool.pick(tuple(tried))
-        budget = min(self.backends.config.leader_wait_s, deadline - self.backends.clock_s())
+            return await self.backends.wait_read(tuple(tried), max(0.0, budget))
         return await self.backends.wait_leader(max(0.0, budget))
 
     def _count(self, address: str, kind: Kind) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -20,6 +19,7 @@ from balancer.errors import ListenError
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
 from pqueue import limits
+from pqueue.signals import until_signal_or
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
@@ -86,6 +86,7 @@ class BalancerServer:
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._http: WSGIServer | None = None
+        self._health_task: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
 
@@ -107,9 +108,22 @@ class BalancerServer:
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
+                *limits.SERVER_KEEPALIVE_OPTIONS,
                 ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
             ]
         )
+        try:
+            await self._start(server)
+        except BaseException:
+            await self._close(server)
+            raise
+        self._server = server
+        self._health_task = asyncio.create_task(self._health_loop(), name="pq-balancer-health")
+        logger.info(
+            "balancer serving on %s in front of %s", self.address, ", ".join(self.config.backends)
+        )
+
+    async def _start(self, server: grpc.aio.Server) -> None:
         try:
             self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as exc:
@@ -130,27 +144,48 @@ class BalancerServer:
         reflection.enable_server_reflection(
             (*PROXIED_SERVICES, BALANCER_SERVICE, health_name, reflection.SERVICE_NAME), server
         )
+        await self._set_health(serving=False)  # until a backend is up
         await self.backends.start()
         await server.start()
-        self._server = server
-        for name in ("", *PROXIED_SERVICES, BALANCER_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info(
-            "balancer serving on %s in front of %s", self.address, ", ".join(self.config.backends)
-        )
 
-    async def stop(self) -> None:
-        """Report NOT_SERVING, let calls in flight finish, close."""
-        if self._server is None:
-            return
-        server, self._server = self._server, None
-        await self.health.enter_graceful_shutdown()
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *PROXIED_SERVICES, BALANCER_SERVICE):
+            await self.health.set(name, status)
+
+    async def _health_loop(self) -> None:
+        """SERVING while some backend is up: a balancer with none is not ready."""
+        serving = False
+        while True:
+            if self.backends.usable() != serving:
+                serving = not serving
+                logger.info("balancer %s", "serving" if serving else "has no backend up")
+                await self._set_health(serving)
+            await asyncio.sleep(0.1)
+
+    async def _close(self, server: grpc.aio.Server) -> None:
         await server.stop(self.config.grace_s)
         await self.backends.stop()
         if self._http is not None:
             await asyncio.to_thread(self._http.shutdown)
             self._http.server_close()
             self._http = None
+
+    async def stop(self) -> None:
+        """Report NOT_SERVING, let calls in flight finish, close."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.wait([self._health_task])
+            self._health_task = None
+        await self.health.enter_graceful_shutdown()
+        await self._close(server)
         logger.info("balancer on %s stopped", self.address)
 
     async def __aenter__(self) -> BalancerServer:
@@ -162,13 +197,7 @@ class BalancerServer:
 
     async def serve_until_signal(self) -> None:
         """Run until SIGTERM or SIGINT, then stop."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         try:
-            await stop.wait()
+            await until_signal_or()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             await self.stop()

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 import asyncpg
+import psutil
 
 from pqueue.client import Client, job_spec
 from pqueue.errors import PQueueError
@@ -266,6 +267,35 @@ async def failover_trials(cluster: ProcCluster, trials: int, endpoint: str) -> l
     return times
 
 
+async def hop_cpu(cluster: ProcCluster, balancer: str, calls: int, conc: int) -> str:
+    """CPU per single-job enqueue of the leader and the balancer, direct and through it."""
+    leader = await cluster.leader()
+    assert cluster.balancer is not None
+    procs = [psutil.Process(cluster.procs[leader].pid), psutil.Process(cluster.balancer.pid)]
+    parts = []
+    for label, endpoint in (("direct", cluster.address(leader)), ("via balancer", balancer)):
+        async with Client(endpoint, timeout_s=30) as c:
+            await c.create_queue("hop")
+
+            async def one(c: Client = c) -> None:
+                await c.enqueue("hop", PAYLOAD)
+
+            before = [p.cpu_times() for p in procs]
+            started = time.perf_counter()
+            await _spread(conc, calls, one)
+            elapsed = time.perf_counter() - started
+            after = [p.cpu_times() for p in procs]
+        us = [
+            ((b.user + b.system) - (a.user + a.system)) / calls * 1e6
+            for a, b in zip(before, after, strict=True)
+        ]
+        parts.append(
+            f"{label}: {calls / elapsed:.0f} calls/s, leader {us[0]:.0f} us, "
+            f"balancer {us[1]:.0f} us of CPU per call"
+        )
+    return "hop cost (enqueue x1): " + "; ".join(parts)
+
+
 async def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--jobs", type=int, default=5_000, help="jobs per single-job scenario")
@@ -331,6 +361,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                         hop = f"{balancer_r.jobs_per_s / leader_r.jobs_per_s:.2f}x"
                     cells = [name, str(per_call), *(_fmt(r) for r in results), hop, ratios]
                     print(_row(cells), flush=True)
+            print(await hop_cpu(cluster, balancer, args.jobs, args.concurrency), flush=True)
             for label, endpoint in (("any node", cluster.endpoint), ("balancer", balancer)):
                 if not args.failover_trials:
                     break

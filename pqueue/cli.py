@@ -359,15 +359,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "balancer" and args.action == "run":
         from balancer.config import BalancerConfig
+        from balancer.pool import PoolConfig
         from balancer.runner import run_balancer
 
         try:
+            interval = args.probe_interval_s
             config = BalancerConfig(
                 backends=args.backends,
                 listen=args.listen,
                 metrics_listen=args.metrics_listen,
-                probe_interval_s=args.probe_interval_s,
-                probe_timeout_s=min(0.8, args.probe_interval_s),
+                probe_interval_s=interval,
+                probe_timeout_s=min(0.8, interval),
+                # A report expires after three intervals (3 s by default).
+                pool=PoolConfig(report_expiry_s=3 * interval),
             )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -77,16 +77,13 @@ class _Balancer(_Node):
     """The balancer in front of the nodes: supervised like one, never restarted."""
 
     def __init__(self, root: Path, address: str, metrics: str, backends: list[str]) -> None:
-        self.id = 0
+        super().__init__(root, 0, {0: address})
         self.name = "balancer"
-        self.address = address
         self.metrics = metrics
         self.data = root / self.name
         self.log = root / f"{self.name}.log"
         self.cmd = [sys.executable, "-m", "pqueue.cli", "balancer", "run", "--listen", address]
         self.cmd += ["--backends", ",".join(backends), "--metrics-listen", metrics]
-        self.proc = None
-        self.reported_exit = False
 
 
 async def _statuses(addresses: dict[int, str], timeout_s: float = 1.0) -> dict[int, Any]:

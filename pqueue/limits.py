@@ -146,3 +146,16 @@ def check_job_spec(spec: pb.JobSpec, field: str) -> None:
         raise InvalidArgumentError(f"{field}.not_before_ms", "must not be negative")
     check_text(spec.idempotency_key, f"{field}.idempotency_key")
     check_text(spec.group, f"{field}.group")
+
+
+#: Keepalive pings on long-lived channels (balancer to node): every 10 s,
+#: answered within 5 s or the connection is dead. Servers allow pings this
+#: often (``KEEPALIVE_MIN_INTERVAL_MS``), else they would hang up on them.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+KEEPALIVE_MIN_INTERVAL_MS = 5_000
+#: What a server sets so clients' keepalive pings are welcome.
+SERVER_KEEPALIVE_OPTIONS = (
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MIN_INTERVAL_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+)

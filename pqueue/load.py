@@ -38,8 +38,9 @@ def _affinity() -> list[int]:
 
 def _busy_total(times: Any) -> tuple[float, float]:
     """(busy, total) seconds of one CPU's ``psutil.cpu_times`` entry."""
-    total = float(sum(times))
-    # As psutil counts it: guest time is already inside user time.
+    # Linux counts guest time inside user (and guest_nice inside nice) too.
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+    total = float(sum(times)) - guest
     idle = float(times.idle + getattr(times, "iowait", 0.0))
     return total - idle, total
 
@@ -56,7 +57,11 @@ class CpuSampler:
     def _sample(self) -> tuple[float, float, list[int], list[tuple[float, float]]]:
         cpus = _affinity()
         per_cpu = psutil.cpu_times(percpu=True)
-        busy_total = [_busy_total(per_cpu[i]) for i in cpus if i < len(per_cpu)]
+        if len(per_cpu) != (psutil.cpu_count() or 0) or max(cpus) >= len(per_cpu):
+            # psutil lists online CPUs only; with some offline its index is
+            # not the CPU id. Fall back to the whole host.
+            cpus = list(range(len(per_cpu)))
+        busy_total = [_busy_total(per_cpu[i]) for i in cpus]
         t = self._process.cpu_times()
         return time.monotonic(), t.user + t.system, cpus, busy_total
 

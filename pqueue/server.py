@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +17,7 @@ from pqueue.node import NodeConfig, QueueNode
 from pqueue.peers import PeerService
 from pqueue.replicated import ClusterConfig, ReplicatedLog
 from pqueue.servicer import AdminService, QueueService
+from pqueue.signals import until_signal_or
 from pqueue.storage import Storage
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from pqueue.v1 import queue_pb2 as pb
@@ -75,6 +75,7 @@ class NodeServer:
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
+                    *limits.SERVER_KEEPALIVE_OPTIONS,
                     ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
                 ]
             )
@@ -145,20 +146,8 @@ class NodeServer:
 
     async def serve_until_signal(self) -> bool:
         """Run until SIGTERM or SIGINT (True), or until the log fails (False)."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        waits = [
-            asyncio.create_task(stop.wait()),
-            asyncio.create_task(self.node.log.failed.wait()),
-        ]
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await until_signal_or(self.node.log.failed)
         finally:
-            for w in waits:
-                w.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             await self.stop()
         return not self.node.log.failed.is_set()

@@ -89,7 +89,6 @@ class _Base:
     def __init__(self, node: QueueNode, forwarder: Forwarder) -> None:
         self.node = node
         self.forwarder = forwarder
-        self.cpu = CpuSampler()
 
     async def _forward(self, method: str, request: Message, context: Context) -> Message:
         if any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ()):
@@ -274,9 +273,13 @@ class AdminService(_Base, pbg.AdminServicer):
             pending=st.pending,
             peers=st.peers,
             ballot_round=st.ballot[0],
-            serving=not (self.node.draining or self.node.log.failed.is_set()),
+            not_serving=self.node.draining or self.node.log.failed.is_set(),
             load=self._load(st),
         )
+
+    def __init__(self, node: QueueNode, forwarder: Forwarder) -> None:
+        super().__init__(node, forwarder)
+        self.cpu = CpuSampler()
 
     def _load(self, st: LogStatus) -> pb.NodeLoad:
         cpu = self.cpu.read()

@@ -1147,7 +1147,7 @@ class NodeStatusResponse(_message.Message):
     PENDING_FIELD_NUMBER: _builtins.int
     PEERS_FIELD_NUMBER: _builtins.int
     BALLOT_ROUND_FIELD_NUMBER: _builtins.int
-    SERVING_FIELD_NUMBER: _builtins.int
+    NOT_SERVING_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     """0 for a single node without replication."""
@@ -1167,9 +1167,9 @@ class NodeStatusResponse(_message.Message):
     """The ballot's round: of two reports that both claim to lead, the one
     with the higher (ballot_round, node_id) is newer.
     """
-    serving: _builtins.bool
-    """False while the node drains or after its storage failed (as its
-    grpc.health.v1 status says).
+    not_serving: _builtins.bool
+    """True while the node drains or after its storage failed (as its
+    grpc.health.v1 status says). Absent, as from an older node, it serves.
     """
     @_builtins.property
     def peers(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
@@ -1194,12 +1194,12 @@ class NodeStatusResponse(_message.Message):
         pending: _builtins.int = ...,
         peers: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
         ballot_round: _builtins.int = ...,
-        serving: _builtins.bool = ...,
+        not_serving: _builtins.bool = ...,
         load: Global___NodeLoad | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "commit_index", b"commit_index", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "node_id", b"node_id", "peers", b"peers", "pending", b"pending", "role", b"role", "serving", b"serving", "snapshot_index", b"snapshot_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "commit_index", b"commit_index", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "node_id", b"node_id", "not_serving", b"not_serving", "peers", b"peers", "pending", b"pending", "role", b"role", "snapshot_index", b"snapshot_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

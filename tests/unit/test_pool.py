@@ -115,12 +115,44 @@ def test_a_not_leader_hint_redirects_until_a_report_says_otherwise() -> None:
     assert p.leader() == B
 
 
-def test_an_unreachable_leader_is_forgotten_until_it_reports_again() -> None:
+def test_an_unreachable_leader_is_forgotten_until_a_later_probe_says_it_leads() -> None:
     p = pool()
-    p.on_unreachable(A)
+    p.on_unreachable(A, now_s=1.0)
     assert p.leader() is None
-    p.on_report(A, report(1, is_leader=True), 1.0)
+    p.on_report(A, report(1, is_leader=True), now_s=1.2, sent_at_s=0.9)  # sent before: stale
+    assert p.leader() is None
+    p.on_report(A, report(1, is_leader=True), now_s=1.5, sent_at_s=1.1)
     assert p.leader() == A
+
+
+def test_a_stale_probe_does_not_undo_a_not_leader_hint() -> None:
+    p = pool()
+    p.on_report(B, report(2), now_s=0.5)
+    p.on_not_leader(A, leader_id=2, now_s=1.0)  # B leads now, though B has not said so yet
+    p.on_report(A, report(1, is_leader=True), now_s=1.1, sent_at_s=0.95)  # in flight before
+    assert p.leader() == B
+    p.refresh(5.0)  # the hint is trusted for report_expiry_s only
+    assert p.leader() is None
+
+
+def test_a_slow_leader_is_still_the_leader() -> None:
+    p = pool(report_expiry_s=3.0)
+    p.on_failure(A, "probe: DEADLINE_EXCEEDED", 1.0)
+    p.on_failure(A, "probe: DEADLINE_EXCEEDED", 2.0)
+    p.on_failure(A, "probe: DEADLINE_EXCEEDED", 3.0)
+    p.refresh(10.0)
+    assert p.backends[A].ejected  # no reads go there
+    assert p.leader() == A  # but only it can take a write
+
+
+def test_balancers_do_not_pick_in_lockstep() -> None:
+    sequences = set()
+    for seed in range(20):
+        p = Pool([A, B, C], random.Random(seed))
+        for i, address in enumerate((A, B, C), start=1):  # one report at a time, as probes come
+            p.on_report(address, report(i), now_s=0.0)
+        sequences.add(tuple(p.pick() for _ in range(6)))
+    assert len(sequences) > 1
 
 
 def test_bad_pools_are_refused() -> None:
