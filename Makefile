@@ -41,10 +41,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(VENV)/bin/pytest
 
-# A local cluster (3 nodes; NODES=5 for five) on SQLite under .cluster/.
+# A local cluster (3 nodes; NODES=5 for five) on SQLite under .cluster/, or
+# with STORE=postgres on the PostgreSQL at PG_DSN (schemas pq_n1, pq_n2, ...).
 NODES ?= 3
+STORE ?= sqlite
+PG_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 cluster: $(STAMP)
-	$(VENV)/bin/pq dev-cluster --dir .cluster --nodes $(NODES)
+	$(VENV)/bin/pq dev-cluster --dir .cluster --nodes $(NODES) \
+	  $(if $(filter postgres postgresql,$(STORE)),--store $(PG_DSN))
 
 bench: $(STAMP)
 	$(PY) -m bench.run

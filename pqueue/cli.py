@@ -231,6 +231,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--log-level", default="INFO")
     node.add_argument("--grace-s", type=float, default=5.0, help="drain time on SIGTERM")
+    node.add_argument(
+        "--store",
+        default=None,
+        help="sqlite:PATH or postgresql://USER@HOST:PORT/DB (default: sqlite:DATA_DIR)",
+    )
+    node.add_argument(
+        "--pg-schema", default=None, help="the node's PostgreSQL schema (default: pq_nNODE_ID)"
+    )
 
     bal = sub.add_parser("balancer", help="run a balancer, or show one's backends")
     bsub = bal.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -256,6 +264,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the balancer listens on base, node N on base+N (0: any free ports)",
     )
     dev.add_argument("--metrics-port", type=int, default=9700, help="the balancer's /metrics")
+    dev.add_argument(
+        "--store",
+        default=None,
+        help="postgresql://… to keep every node in PostgreSQL (schemas pq_n1, pq_n2, …); "
+        "default: SQLite under DIR",
+    )
 
     cluster = sub.add_parser("cluster", help="cluster status; stop or start a dev-cluster node")
     csub = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -355,7 +369,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pqueue.runner import run_node
 
         return run_node(
-            args.data_dir, args.listen, args.node_id, args.peers, args.log_level, args.grace_s
+            args.data_dir,
+            args.listen,
+            args.node_id,
+            args.peers,
+            args.log_level,
+            args.grace_s,
+            args.store,
+            args.pg_schema,
         )
     if args.command == "balancer" and args.action == "run":
         from balancer.config import BalancerConfig
@@ -378,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return run_balancer(config, args.log_level)
     if args.command == "dev-cluster":
-        return run_dev_cluster(args.dir, args.base_port, args.nodes, args.metrics_port)
+        return run_dev_cluster(args.dir, args.base_port, args.nodes, args.metrics_port, args.store)
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(_run_client(args))
 

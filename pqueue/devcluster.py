@@ -48,7 +48,9 @@ def peers_arg(addresses: dict[int, str]) -> str:
 
 
 class _Node:
-    def __init__(self, root: Path, node_id: int, addresses: dict[int, str]) -> None:
+    def __init__(
+        self, root: Path, node_id: int, addresses: dict[int, str], store: str | None = None
+    ) -> None:
         self.id = node_id
         self.name = f"n{node_id}"
         self.address = addresses[node_id]
@@ -57,6 +59,8 @@ class _Node:
         self.cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(self.data)]
         self.cmd += ["--listen", self.address, "--node-id", str(node_id)]
         self.cmd += ["--peers", peers_arg(addresses)]
+        if store:
+            self.cmd += ["--store", store, "--pg-schema", f"pq_n{node_id}"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.reported_exit = False
 
@@ -106,7 +110,9 @@ async def _balancer_leader(address: str) -> str:
         return ""
 
 
-def run_dev_cluster(root: Path, base_port: int, nodes: int, metrics_port: int) -> int:
+def run_dev_cluster(
+    root: Path, base_port: int, nodes: int, metrics_port: int, store: str | None = None
+) -> int:
     """Run until interrupted; non-zero if the cluster fails to come up."""
     root.mkdir(parents=True, exist_ok=True)
     addresses = cluster_addresses(nodes, base_port)
@@ -120,7 +126,7 @@ def run_dev_cluster(root: Path, base_port: int, nodes: int, metrics_port: int) -
         f"127.0.0.1:{metrics_port}",
         [addresses[i] for i in sorted(addresses)],
     )
-    nodes_ = [_Node(root, i, addresses) for i in sorted(addresses)]
+    nodes_ = [_Node(root, i, addresses, store) for i in sorted(addresses)]
     cluster = [*nodes_, balancer]
     stop = False
 

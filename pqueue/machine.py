@@ -56,6 +56,10 @@ class QueueMachine:
         self._woken: Counter[str] = Counter()
         #: Queues with delete_when_idle that lost their last job this command.
         self._idle: set[str] = set()
+        #: Ids of jobs changed or removed since ``take_changes`` (None: not
+        #: tracked). A store that mirrors jobs (PostgreSQL's ``jobs`` table)
+        #: turns it on; it never affects what the machine does.
+        self.changed: set[int] | None = None
         self._handlers: dict[str, Callable[[Any, int], Message]] = {
             "enqueue": self._enqueue,
             "lease": self._lease,
@@ -325,6 +329,8 @@ class QueueMachine:
         wanted = now + (req.lease_ms or queue.config.default_lease_ms)
         cap = job.leased_at_ms + queue.config.max_lease_total_ms
         job.lease_expires_at_ms = min(wanted, cap)
+        if self.changed is not None:
+            self.changed.add(job.job_id)
         # The older heap entry no longer matches the expiry and is skipped.
         heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
         return pb.ExtendLeaseResponse(
@@ -425,9 +431,21 @@ class QueueMachine:
     def _drop_queue(self, queue: QueueState) -> None:
         for job_id in queue.jobs:
             del self.jobs[job_id]
+        if self.changed is not None:
+            self.changed.update(queue.jobs)
         del self.queues[queue.name]
 
+    def take_changes(self) -> tuple[list[pb.Job], list[int]]:
+        """Jobs changed since the last call (as shown to clients), and ids removed."""
+        if not self.changed:
+            return [], []
+        changed, self.changed = self.changed, set()
+        live = [self.jobs[i].to_proto() for i in sorted(changed) if i in self.jobs]
+        return live, sorted(i for i in changed if i not in self.jobs)
+
     def _set_state(self, queue: QueueState, job: Job, state: int) -> None:
+        if self.changed is not None:
+            self.changed.add(job.job_id)
         if job.state:
             queue.counts[job.state] -= 1
         queue.counts[state] += 1
@@ -496,6 +514,8 @@ class QueueMachine:
             self._make_ready(queue, job, now)
 
     def _remove(self, queue: QueueState, job: Job) -> None:
+        if self.changed is not None:
+            self.changed.add(job.job_id)
         queue.counts[job.state] -= 1
         del queue.jobs[job.job_id]
         del self.jobs[job.job_id]

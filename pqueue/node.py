@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from pqueue.commitlog import CommandLog, Result
 from pqueue.errors import PQueueError
 from pqueue.machine import QueueMachine
+from pqueue.mirror import JobsMirror, MirrorStore
 from pqueue.peers import PeerTransport
 from pqueue.replicated import ClusterConfig, ReplicatedLog
 from pqueue.snapshot import restore, snapshot_bytes
@@ -80,11 +81,22 @@ class QueueNode:
         self.draining = False
         #: Client calls being served (the servicer counts them).
         self.calls_in_flight = 0
+        self.storage = storage
+        self.mirror = (
+            JobsMirror(storage, lambda: self.machine) if isinstance(storage, MirrorStore) else None
+        )
 
     # ------------------------------------------------------------- Applier
 
+    @property
+    def serving(self) -> bool:
+        """Neither draining nor failed, and its storage reachable."""
+        return not (self.draining or self.log.failed.is_set()) and self.storage.available
+
     def apply(self, entry: logpb.LogEntry) -> list[Result]:
         results = self.machine.apply_entry(entry)
+        if self.mirror is not None:
+            self.mirror.notify()
         for name, count in self.machine.drain_woken().items():
             self._wake(name, count)
         self._due_changed.set()
@@ -111,6 +123,8 @@ class QueueNode:
 
     def restore(self, data: bytes) -> None:
         self.machine = restore(data)
+        if self.mirror is not None:
+            self.mirror.notify(restored=True)
 
     def last_time_ms(self) -> int:
         return self.machine.time_ms
@@ -124,6 +138,8 @@ class QueueNode:
         """Recover from storage and start the tick loop."""
         self.cluster.addresses.setdefault(self.cluster.node_id, "")
         await self.log.start()
+        if self.mirror is not None:
+            self.mirror.start()
         self.transport.start()
         self._tick_task = asyncio.create_task(self._tick_loop(), name="pq-tick-loop")
         self._tick_task.add_done_callback(self._on_tick_done)
@@ -149,6 +165,8 @@ class QueueNode:
             self._tick_task.cancel()
             await asyncio.wait([self._tick_task])
             self._tick_task = None
+        if self.mirror is not None:
+            await self.mirror.stop()
         await self.log.stop()
         await self.transport.stop()
         logger.info("node %s stopped at index %d", self.config.node_id, self.machine.applied_index)

@@ -193,6 +193,8 @@ class ReplicatedLog:
             raise NotTakenError("node is not accepting writes", retry_after_s=1.0)
         if not self.is_leader:
             raise self.not_leader_error()
+        if not self._storage.available:
+            raise NotTakenError("storage is unreachable; retrying", retry_after_s=1.0)
         return await self._proposals.submit(command)
 
     def on_message(self, msg: PeerMessage) -> None:

@@ -34,11 +34,19 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 async def _serve(
-    data_dir: Path, listen: str, node_id: int, peers: dict[int, str] | None, grace_s: float
+    data_dir: Path,
+    listen: str,
+    node_id: int,
+    peers: dict[int, str] | None,
+    grace_s: float,
+    store: str | None,
+    pg_schema: str | None,
 ) -> bool:
     cluster = ClusterConfig(node_id=node_id, addresses=peers) if peers else None
+    storage = open_storage(store or f"sqlite:{data_dir}", pg_schema or f"pq_n{node_id}")
+    logger.info("node %s stores its log in %s", node_id, storage.describe())
     server = NodeServer(
-        open_storage(str(data_dir)),
+        storage,
         ServerConfig(listen=listen, grace_s=grace_s),
         NodeConfig(node_id=f"n{node_id}"),
         cluster=cluster,
@@ -58,12 +66,15 @@ def run_node(
     peers: dict[int, str] | None,
     log_level: str,
     grace_s: float,
+    store: str | None = None,
+    pg_schema: str | None = None,
 ) -> int:
     """Run one node until SIGTERM/SIGINT; exit status 0 on a clean stop."""
     setup_logging(log_level)
     try:
+        data_dir.mkdir(parents=True, exist_ok=True)  # ADDRESS goes there, whatever the store
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            clean = runner.run(_serve(data_dir, listen, node_id, peers, grace_s))
+            clean = runner.run(_serve(data_dir, listen, node_id, peers, grace_s, store, pg_schema))
     except (PQueueError, OSError, ValueError) as exc:
         logger.error("node %s cannot run: %s", node_id, exc)
         print(f"error: {exc}", file=sys.stderr)

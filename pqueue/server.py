@@ -116,8 +116,28 @@ class NodeServer:
             await self.health.set(name, status)
 
     async def _watch_log_loop(self) -> None:
-        """A failed log means this node can serve nothing: say so at once."""
-        await self.node.log.failed.wait()
+        """Health follows the node: NOT_SERVING while its store is unreachable
+        (it comes back with the store), and for good once its log failed."""
+        serving = True
+        while not self.node.log.failed.is_set():
+            if self.node.serving != serving:
+                serving = not serving
+                logger.warning(
+                    "node %s: storage %s, reporting %s",
+                    self.node.config.node_id,
+                    "reachable again" if serving else "unreachable",
+                    "SERVING" if serving else "NOT_SERVING",
+                )
+                await self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING
+                    if serving
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+            try:
+                async with asyncio.timeout(0.25):
+                    await self.node.log.failed.wait()
+            except TimeoutError:
+                pass
         logger.error("node %s: log failed, reporting NOT_SERVING", self.node.config.node_id)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 

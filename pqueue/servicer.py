@@ -273,7 +273,7 @@ class AdminService(_Base, pbg.AdminServicer):
             pending=st.pending,
             peers=st.peers,
             ballot_round=st.ballot[0],
-            not_serving=self.node.draining or self.node.log.failed.is_set(),
+            not_serving=not self.node.serving,
             load=self._load(st),
         )
 

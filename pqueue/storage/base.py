@@ -5,8 +5,8 @@ records it accepted or learned chosen, a commit-index hint) and snapshots of
 its state machine. Every write returns only once durable (fsynced, or
 committed with ``synchronous_commit`` on): nothing is acknowledged before.
 
-Records carry a CRC32. Both stores commit atomically (SQLite; PostgreSQL
-next), so there is no torn tail: any bad record is corruption, raised as
+Records carry a CRC32. Both stores (SQLite, PostgreSQL) commit atomically,
+so there is no torn tail: any bad record is corruption, raised as
 ``StorageCorruptError``, and the node stops.
 """
 
@@ -43,6 +43,10 @@ class AcceptorState:
 class Storage(Protocol):
     """A node's durable acceptor state and snapshots."""
 
+    #: False while the store cannot be reached (its writes wait and retry);
+    #: the node refuses new writes meanwhile. An embedded store is always so.
+    available: bool
+
     async def open(self) -> None:
         """Create or migrate the store and take exclusive ownership of it."""
 
@@ -77,12 +81,17 @@ def checksum(index: int, data: bytes) -> int:
     return zlib.crc32(data, zlib.crc32(index.to_bytes(8, "big")))
 
 
-def open_storage(url: str) -> Storage:
-    """A store from ``sqlite:PATH`` (a data directory) or a bare directory path."""
+def open_storage(url: str, schema: str = "pqueue") -> Storage:
+    """A store from ``sqlite:PATH`` (a data directory), a bare directory path,
+    or ``postgresql://…`` (in ``schema``, one per node)."""
     from pqueue.storage.sqlite import SqliteStorage
 
+    if url.startswith(("postgresql://", "postgres://")):
+        from pqueue.storage.postgres import PostgresStorage
+
+        return PostgresStorage(url, schema)
     if url.startswith("sqlite:"):
         return SqliteStorage(Path(url.removeprefix("sqlite:")))
     if "://" in url:
-        raise ValueError(f"unsupported store {url!r}: use sqlite:PATH")
+        raise ValueError(f"unsupported store {url!r}: use sqlite:PATH or postgresql://…")
     return SqliteStorage(Path(url))

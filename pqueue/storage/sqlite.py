@@ -64,6 +64,7 @@ class SqliteStorage:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self.available = True  # a local disk: its failures are fatal, not outages
 
     def describe(self) -> str:
         return f"sqlite:{self.data_dir}"

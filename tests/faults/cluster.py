@@ -18,8 +18,18 @@ from tests.faults.proxy import Proxy
 
 
 class ProcCluster:
-    def __init__(self, root: Path, nodes: int = 3, partitionable: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        nodes: int = 3,
+        partitionable: bool = False,
+        store: str | None = None,
+        schema_prefix: str = "",
+    ) -> None:
+        """``store``: a postgresql:// DSN puts node N in schema ``{schema_prefix}_nN``."""
         self.root = root
+        self.store = store
+        self.schema_prefix = schema_prefix
         self.n = nodes
         self.partitionable = partitionable
         self.ports: dict[int, int] = {}
@@ -61,8 +71,14 @@ class ProcCluster:
         cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(data)]
         cmd += ["--listen", self.address(i), "--node-id", str(i), "--grace-s", "1"]
         cmd += ["--peers", peers_arg(self._peers_of(i)), "--log-level", "INFO"]
+        if self.store:
+            cmd += ["--store", self.store, "--pg-schema", self.schema(i)]
         with (self.root / f"n{i}.log").open("ab") as log:
             self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=log)
+
+    def schema(self, i: int) -> str:
+        """Node ``i``'s PostgreSQL schema (with a postgresql store)."""
+        return f"{self.schema_prefix}_n{i}"
 
     async def leader(self, timeout_s: float = 20.0, among: list[int] | None = None) -> int:
         """The one node that says it leads (and is running)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pg
 from tests.faults import workload
 from tests.faults.cluster import ProcCluster
 from tests.faults.history import History
@@ -55,6 +56,19 @@ async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
 
 
 @pytest.fixture
+async def pg_cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
+    """The same cluster, each node keeping its log in a PostgreSQL schema."""
+    prefix = pg.new_schema("pq_fault")
+    c = ProcCluster(tmp_path, store=pg.dsn(), schema_prefix=prefix)
+    try:
+        await c.start()
+        yield c
+    finally:
+        await c.stop()
+        await pg.drop_schemas(*(c.schema(i) for i in range(1, c.n + 1)))
+
+
+@pytest.fixture
 async def partitionable(tmp_path: Path) -> AsyncIterator[ProcCluster]:
     c = ProcCluster(tmp_path, partitionable=True)
     await c.start()
@@ -64,16 +78,21 @@ async def partitionable(tmp_path: Path) -> AsyncIterator[ProcCluster]:
         await c.stop()
 
 
-async def test_kill_9_of_the_leader_under_load(cluster: ProcCluster) -> None:
-    async def fault(c: ProcCluster) -> None:
-        old = await c.leader()
-        c.kill9(old)
-        new = await c.leader(among=[i for i in c.ports if i != old])
-        assert new != old
-        await asyncio.sleep(1.5)
-        c.launch(old)  # it rejoins
+async def kill_9_of_the_leader(c: ProcCluster) -> None:
+    old = await c.leader()
+    c.kill9(old)
+    new = await c.leader(among=[i for i in c.ports if i != old])
+    assert new != old
+    await asyncio.sleep(1.5)
+    c.launch(old)  # it rejoins
 
-    await scenario(cluster, fault)
+
+async def test_kill_9_of_the_leader_under_load(cluster: ProcCluster) -> None:
+    await scenario(cluster, kill_9_of_the_leader)
+
+
+async def test_kill_9_of_the_leader_on_postgres(pg_cluster: ProcCluster) -> None:
+    await scenario(pg_cluster, kill_9_of_the_leader)
 
 
 async def test_kill_9_of_a_follower_under_load(cluster: ProcCluster) -> None:
@@ -103,16 +122,21 @@ async def test_a_paused_leader_steps_down_when_it_wakes(cluster: ProcCluster) ->
     await scenario(cluster, fault)
 
 
-async def test_whole_cluster_kill_9_and_restart(cluster: ProcCluster) -> None:
-    async def fault(c: ProcCluster) -> None:
-        for i in c.ports:
-            c.kill9(i)
-        await asyncio.sleep(0.5)
-        for i in c.ports:
-            c.launch(i)
-        await c.leader()
+async def whole_cluster_kill_9_and_restart(c: ProcCluster) -> None:
+    for i in c.ports:
+        c.kill9(i)
+    await asyncio.sleep(0.5)
+    for i in c.ports:
+        c.launch(i)
+    await c.leader()
 
-    await scenario(cluster, fault, settle_s=3.0)
+
+async def test_whole_cluster_kill_9_and_restart(cluster: ProcCluster) -> None:
+    await scenario(cluster, whole_cluster_kill_9_and_restart, settle_s=3.0)
+
+
+async def test_whole_cluster_kill_9_and_restart_on_postgres(pg_cluster: ProcCluster) -> None:
+    await scenario(pg_cluster, whole_cluster_kill_9_and_restart, settle_s=3.0)
 
 
 async def test_a_minority_partition_keeps_the_majority_serving(partitionable: ProcCluster) -> None:

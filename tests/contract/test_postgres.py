@@ -1,0 +1,128 @@
+"""What only the PostgreSQL store promises: its settings, group commit, riding
+out an outage, and the operators' ``jobs`` table."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from consensus.messages import Record
+from pqueue.storage.jobrow import JobRow
+from pqueue.storage.postgres import PostgresStorage
+from tests import pg
+from tests.faults.proxy import Proxy
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    pg.dsn()  # skips without PostgreSQL
+    name = pg.new_schema()
+    try:
+        yield name
+    finally:
+        await pg.drop_schemas(name)
+
+
+@pytest.fixture
+async def store(schema: str) -> AsyncIterator[PostgresStorage]:
+    s = PostgresStorage(pg.dsn(), schema)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_it_commits_synchronously_in_its_own_schema(store: PostgresStorage) -> None:
+    await store.persist((1, 1), [Record(1, (1, 1), b"x")], 1, None)
+    assert store._pool is not None
+    async with store._pool.acquire() as conn:
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        assert await conn.fetchval("SELECT current_schema()") == store.schema
+    conn2 = await asyncpg.connect(pg.dsn())
+    try:
+        versions = await conn2.fetch(f"SELECT version FROM {store.schema}.schema_migrations")
+        assert [r["version"] for r in versions] == [1]
+        assert await conn2.fetchval(f"SELECT count(*) FROM {store.schema}.records") == 1
+    finally:
+        await conn2.close()
+
+
+async def test_waiting_writes_share_one_transaction(store: PostgresStorage) -> None:
+    before = store.transactions
+    await asyncio.gather(
+        *(store.persist(None, [Record(i, (1, 1), b"v")], None, None) for i in range(1, 101))
+    )
+    assert len((await store.load_acceptor()).records) == 100
+    assert store.transactions - before < 50  # group commit: far fewer than 100
+
+
+async def test_reopening_migrates_nothing_twice(schema: str) -> None:
+    for _ in range(2):
+        s = PostgresStorage(pg.dsn(), schema)
+        await s.open()
+        await s.close()
+
+
+async def test_an_outage_holds_writes_and_loses_nothing(schema: str) -> None:
+    url = urlsplit(pg.dsn())
+    proxy = Proxy(url.port or 5432)
+    await proxy.start()
+    via_proxy = urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}"))
+    store = PostgresStorage(via_proxy, schema, retry_max_s=0.2)
+    await store.open()
+    try:
+        await store.persist((1, 1), [Record(1, (1, 1), b"before")], 1, None)
+        proxy.cut()  # PostgreSQL goes away
+        held = asyncio.create_task(store.persist(None, [Record(2, (1, 1), b"during")], 2, None))
+        for _ in range(100):
+            if not store.available:
+                break
+            await asyncio.sleep(0.02)
+        assert not store.available  # the node refuses new writes meanwhile
+        assert not held.done()  # and this one is not acknowledged
+        proxy.heal()
+        await asyncio.wait_for(held, 10)
+        assert store.available
+        state = await store.load_acceptor()
+        assert [(r.slot, r.value) for r in state.records] == [(1, b"before"), (2, b"during")]
+        assert state.commit_index == 2
+    finally:
+        await store.close()
+        await proxy.stop()
+
+
+def job(job_id: int, state: str = "ready", queue: str = "q") -> JobRow:
+    return JobRow(
+        id=job_id,
+        queue=queue,
+        priority=job_id % 3,
+        payload=b"p%d" % job_id,
+        state=state,
+        attempts=0,
+        group="",
+        idempotency_key="",
+        created_at_ms=1_700_000_000_000 + job_id,
+        ready_at_ms=1_700_000_000_000 + job_id,
+        lease_expires_at_ms=None,
+        last_error=None,
+    )
+
+
+async def test_the_jobs_table_moves_with_the_applied_index(store: PostgresStorage) -> None:
+    await store.record_applied(5, [job(1), job(2), job(3)], [], replace_all=True)
+    await store.record_applied(6, [job(2, "leased")], [3], replace_all=False)
+    await store.persist(None, [], None, None)  # the mirror rides this commit; wait for it
+    assert store._pool is not None
+    async with store._pool.acquire() as conn:
+        rows = await conn.fetch("SELECT id, state FROM jobs ORDER BY id")
+        assert [(r["id"], r["state"]) for r in rows] == [(1, "ready"), (2, "leased")]
+        assert await conn.fetchval("SELECT applied_index FROM applied") == 6
+    await store.record_applied(9, [job(7)], [], replace_all=True)
+    await store.persist(None, [], None, None)
+    async with store._pool.acquire() as conn:
+        assert [r["id"] for r in await conn.fetch("SELECT id FROM jobs")] == [7]
