@@ -10,7 +10,8 @@ Same scenarios, payloads and concurrency against both, in one run:
 pqueue runs as real ``pq node`` processes on SQLite (fsync per group commit):
 one node alone, then a 3-node cluster called directly at its leader and
 through a ``pq balancer`` process (the "hop" column is the balancer's
-throughput over direct-to-leader: the cost of the extra hop). The baseline
+throughput over direct-to-leader: the cost of the extra hop), then a 3-node
+cluster keeping its logs in PostgreSQL (one schema per node), at its leader. The baseline
 is a table with ``FOR UPDATE SKIP LOCKED`` through an asyncpg pool, one
 transaction per call with ``synchronous_commit`` on.
 
@@ -29,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +239,7 @@ SCENARIOS = [
 
 
 def _row(cells: Sequence[str]) -> str:
-    widths = (12, 8, 21, 21, 21, 21, 6, 18)
+    widths = (12, 8, 21, 21, 21, 21, 21, 6, 24)
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
 
 
@@ -314,15 +316,24 @@ async def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pq-bench-") as tmp:
         node = NodeProcess(Path(tmp) / "single" / "n1")
         cluster = ProcCluster(Path(tmp) / "cluster")
+        # The same cluster keeping its logs in PostgreSQL (schemas dropped after).
+        on_pg = ProcCluster(
+            Path(tmp) / "pg-cluster", store=dsn, schema_prefix=f"pq_bench_{uuid.uuid4().hex[:8]}"
+        )
         try:
             address = node.start()
             await cluster.start()
             balancer = await cluster.start_balancer(probe_interval_s=1.0)
             leader = cluster.address(await cluster.leader())
+            pg_leader = ""
+            if pool is not None:
+                await on_pg.start()
+                pg_leader = on_pg.address(await on_pg.leader())
             async with (
                 Client(address, timeout_s=30) as single,
                 Client(leader, timeout_s=30) as direct,
                 Client(balancer, timeout_s=30) as via_balancer,
+                Client(pg_leader or leader, timeout_s=30) as on_pg_leader,
             ):
                 backends: list[Backend] = [
                     PQueueBackend(single, "pqueue 1 node"),
@@ -330,6 +341,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                     PQueueBackend(via_balancer, "3 nodes: balancer"),
                 ]
                 if pool is not None:
+                    backends.append(PQueueBackend(on_pg_leader, "3 nodes on PG: leader"))
                     backends.append(PostgresBackend(pool))
                 print(
                     f"{args.concurrency} concurrent clients, {len(PAYLOAD)}-byte payloads; "
@@ -353,7 +365,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                     base = results[-1] if pool is not None else None
                     if base is not None:
                         ratios = " ".join(
-                            f"{r.jobs_per_s / base.jobs_per_s:.2f}x" for r in results[:3] if r
+                            f"{r.jobs_per_s / base.jobs_per_s:.2f}x" for r in results[:-1] if r
                         )
                     leader_r, balancer_r = results[1], results[2]
                     hop = "-"
@@ -375,6 +387,10 @@ async def main(argv: Sequence[str] | None = None) -> int:
         finally:
             node.terminate()
             await cluster.stop()
+            await on_pg.stop()
+            if pool is not None:
+                for i in range(1, on_pg.n + 1):
+                    await pool.execute(f"DROP SCHEMA IF EXISTS {on_pg.schema(i)} CASCADE")
             if pool is not None:
                 await pool.execute("DROP TABLE IF EXISTS pq_bench_jobs")
                 await pool.close()

@@ -27,15 +27,14 @@ logger = logging.getLogger(__name__)
 class MirrorStore(Protocol):
     """A store with a ``jobs`` table."""
 
-    async def record_applied(
-        self,
-        applied_index: int,
-        upserts: list[JobRow],
-        deleted: list[int],
-        replace_all: bool,
-        wait: bool = False,
-    ) -> None:
-        """Bring the table to ``applied_index`` (``wait``: until committed)."""
+    def record_applied(
+        self, applied_index: int, upserts: list[JobRow], deleted: list[int], replace_all: bool
+    ) -> asyncio.Future[None]:
+        """Bring the table to ``applied_index``; the future resolves at commit."""
+
+
+#: Table writes in flight before the mirror waits for one (backpressure).
+MAX_IN_FLIGHT = 64
 
 
 class JobsMirror:
@@ -46,6 +45,8 @@ class JobsMirror:
         self.machine = machine
         self._wake = asyncio.Event()
         self._full = True
+        self._failed = False
+        self._in_flight: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -69,11 +70,11 @@ class JobsMirror:
         self._task = None
         try:
             async with asyncio.timeout(flush_timeout_s):
-                await self._flush(wait=True)
+                await self._flush()
         except (TimeoutError, PQueueError) as exc:
             logger.warning("jobs table left behind on stop (rebuilt on start): %r", exc)
 
-    async def _flush(self, wait: bool = False) -> None:
+    def _flush(self) -> asyncio.Future[None]:
         machine = self.machine()
         full, self._full = self._full, False
         if full:
@@ -83,19 +84,26 @@ class JobsMirror:
         else:
             upserts, deleted = machine.take_changes()
         rows = [JobRow.of(job) for job in upserts]
-        try:
-            await self.store.record_applied(machine.applied_index, rows, deleted, full, wait)
-        except PQueueError:
-            self._full = True  # what was taken is lost: copy everything next time
-            raise
+        fut = self.store.record_applied(machine.applied_index, rows, deleted, full)
+        fut.add_done_callback(self._written)
+        return fut
+
+    def _written(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            # What that write carried is lost: copy everything next time.
+            error = "cancelled" if fut.cancelled() else repr(fut.exception())
+            logger.error("jobs table write failed (a full copy follows): %s", error)
+            self._full = self._failed = True
+            self._wake.set()
 
     async def _mirror_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            try:
-                await self._flush()
-            except PQueueError as exc:
-                logger.error("jobs table not updated (a full copy follows): %s", exc)
-                await asyncio.sleep(1.0)
-                self._wake.set()
+            if self._failed:
+                self._failed = False
+                await asyncio.sleep(1.0)  # not a tight loop on a lasting failure
+            self._in_flight = [f for f in self._in_flight if not f.done()]
+            self._in_flight.append(self._flush())
+            if len(self._in_flight) > MAX_IN_FLIGHT:
+                await asyncio.wait([self._in_flight[-1]])

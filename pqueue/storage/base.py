@@ -43,9 +43,10 @@ class AcceptorState:
 class Storage(Protocol):
     """A node's durable acceptor state and snapshots."""
 
-    #: False while the store cannot be reached (its writes wait and retry);
-    #: the node refuses new writes meanwhile. An embedded store is always so.
-    available: bool
+    @property
+    def available(self) -> bool:
+        """False while the store cannot be reached (its writes wait and retry);
+        the node refuses new writes meanwhile. An embedded store always is."""
 
     async def open(self) -> None:
         """Create or migrate the store and take exclusive ownership of it."""

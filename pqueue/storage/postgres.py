@@ -3,27 +3,34 @@
 Tables in the node's schema (created and migrated on open, versioned in
 ``schema_migrations``): ``acceptor`` (promised ballot, commit hint),
 ``records`` (one per slot: ballot, value, chosen flag, CRC), ``snapshot``
-(the latest one), ``applied`` (the index the ``jobs`` table reflects) and
-``jobs`` (one row per live job, for operators' SQL).
+(the latest one), ``owner`` (a fencing epoch), ``applied`` (the index the
+``jobs`` table reflects) and ``jobs`` (one row per live job, for SQL).
 
 Durability: every transaction commits with ``synchronous_commit = on``, so
-a write returns only once PostgreSQL has flushed it. All writes go through
-one writer task that packs every write waiting at that moment into one
-transaction (group commit). Every write is idempotent (upserts, monotonic
-maxima, "only a newer snapshot"), so when PostgreSQL goes away mid-commit
-the writer retries the same transaction until it comes back: the node's
-log waits, ``available`` is false (its callers are told UNAVAILABLE), and
-nothing acknowledged is lost.
+a write returns only once PostgreSQL has flushed it. The log's writes go
+through one ``GroupWriter`` (every write waiting at that moment in one
+transaction); the ``jobs`` table has a writer of its own, so it never
+delays nor fails the log. Every write is idempotent (upserts, a promise
+that only rises, maxima, "only a newer snapshot"), so when PostgreSQL goes
+away mid-commit the writer retries the same transaction until it comes
+back: the node's log waits, ``available`` is false (its callers are told
+UNAVAILABLE), and nothing acknowledged is lost.
 
-A session-level advisory lock on the schema's name, held on a connection
-of its own, keeps a second node from opening the same schema.
+Ownership: a session advisory lock on the schema's name, on a connection of
+its own, keeps a second node out; taking it bumps ``owner.epoch``, and every
+write transaction checks the epoch is still ours, so a node whose lock
+session died unnoticed (a partition) cannot write after another took over.
+After an outage the lock is taken again before the next write; while an
+older session of ours still holds it (the server has not yet noticed the
+partition: TCP keepalives bound that), the writer keeps waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import re
+from collections.abc import Sequence
 
 import asyncpg
 
@@ -31,12 +38,9 @@ from consensus.messages import ZERO, Ballot, Record
 from pqueue.errors import StorageCorruptError, StorageError
 from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum
 from pqueue.storage.jobrow import JobRow
+from pqueue.storage.pgwriter import Conn, GroupWriter, Write, transient
 
 logger = logging.getLogger(__name__)
-
-#: A connection from the pool (asyncpg hands out proxies of connections).
-Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-Write = Callable[[Conn], Awaitable[None]]
 
 #: Versioned migrations: (version, SQL). Applied in order, each once.
 MIGRATIONS: list[tuple[int, str]] = [
@@ -84,88 +88,145 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX jobs_backlog ON jobs (queue, state, priority, ready_at);
         """,
     ),
+    (
+        2,
+        """
+        -- Who owns the schema: bumped by each node that takes the lock, and
+        -- checked (FOR SHARE) inside every write transaction, so a node that
+        -- lost its lock unnoticed cannot commit after another took over.
+        CREATE TABLE owner (id smallint PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL);
+        INSERT INTO owner VALUES (1, 0);
+        """,
+    ),
 ]
 
-#: Errors after which the same transaction may simply be tried again.
-_TRANSIENT = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.InterfaceError,
-)
+#: A schema name as PostgreSQL keeps it unquoted: lower case, at most 63 bytes.
+SCHEMA_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
-#: Jobs-table writes allowed to wait before ``record_applied`` waits too.
-_MAX_PENDING_MIRROR = 64
+#: Find a dead client within about 10 s (server side) so its lock goes.
+KEEPALIVE_SETTINGS = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+CONNECT_TIMEOUT_S = 5.0
+#: The latest time a timestamptz column takes here (9999-12-31).
+_MAX_MS = 253_402_300_799_999
 
 
-def _log_mirror_failure(fut: asyncio.Future[None]) -> None:
-    """Nobody may await a jobs-table write: say here when one failed."""
-    if not fut.cancelled() and fut.exception() is not None:
-        logger.error("jobs table write failed: %s", fut.exception())
+class LockBusyError(ConnectionError):
+    """The schema's lock is still held by a session the server has not yet
+    seen die (ours, before a partition): wait, as for any outage."""
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL: the jobs table shows it as ``\\x00``."""
+    return value.replace("\x00", "\\x00")
+
+
+def _seconds(ms: int) -> float:
+    return min(max(ms, 0), _MAX_MS) / 1000
 
 
 class PostgresStorage:
     """A node's store in ``schema`` of the PostgreSQL at ``dsn``."""
 
-    def __init__(self, dsn: str, schema: str, retry_max_s: float = 2.0) -> None:
-        if not schema.replace("_", "").isalnum() or not schema[0].isalpha():
-            raise ValueError(f"schema {schema!r}: letters, digits and _ only, a letter first")
+    def __init__(
+        self, dsn: str, schema: str, retry_max_s: float = 2.0, attempt_timeout_s: float = 10.0
+    ) -> None:
+        if not SCHEMA_NAME.match(schema):
+            raise ValueError(
+                f"schema {schema!r}: lower-case letters, digits and _, a letter first, at most 63"
+            )
         self.dsn = dsn
         self.schema = schema
-        self.retry_max_s = retry_max_s
-        #: False while PostgreSQL cannot be reached (writes wait and retry).
-        self.available = True
-        #: Transactions committed (each holds every write that waited for it).
-        self.transactions = 0
         self._pool: asyncpg.Pool | None = None
         self._lock_conn: asyncpg.Connection | None = None
-        self._queue: asyncio.Queue[tuple[Write, asyncio.Future[None]]] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
-        self._mirror_pending: list[asyncio.Future[None]] = []
+        self._epoch = 0
+        self._log = GroupWriter("log", self._run, self.describe(), retry_max_s, attempt_timeout_s)
+        self._jobs = GroupWriter("jobs", self._run, self.describe(), retry_max_s, attempt_timeout_s)
+
+    @property
+    def available(self) -> bool:
+        """False while PostgreSQL cannot be reached (the log's writes wait)."""
+        return self._log.available
+
+    @property
+    def transactions(self) -> int:
+        """The log's transactions committed (each holds every write that waited)."""
+        return self._log.transactions
 
     def describe(self) -> str:
-        host = self.dsn.split("@")[-1]  # never the password
-        return f"postgresql://…@{host} schema {self.schema}"
+        where = self.dsn.split("@")[-1].split("?")[0]  # never a password
+        return f"postgresql://…@{where} schema {self.schema}"
 
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
         try:
-            await self._lock()
+            await self._lock(first=True)
             assert self._lock_conn is not None
             await self._migrate(self._lock_conn)
+            await self._bump_epoch()
+            settings = {"search_path": self.schema, "synchronous_commit": "on"}
             # Startup parameters, not SETs: the pool's RESET ALL on release
             # returns to these, never to the server's defaults.
             self._pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=1,
-                max_size=2,
-                server_settings={"search_path": self.schema, "synchronous_commit": "on"},
+                max_size=3,
+                timeout=CONNECT_TIMEOUT_S,
+                server_settings={**settings, **KEEPALIVE_SETTINGS},
             )
-        except (asyncpg.PostgresError, *_TRANSIENT) as exc:
+        except BaseException as exc:
             await self.close()
-            raise StorageError(f"cannot open {self.describe()}: {exc}") from exc
-        except BaseException:
-            await self.close()
-            raise
-        self._writer = asyncio.create_task(self._writer_loop(), name=f"pq-pg-{self.schema}")
+            if isinstance(exc, StorageError) or not isinstance(exc, Exception):
+                raise
+            raise StorageError(f"cannot open {self.describe()}: {exc!r}") from exc
+        self._log.start()
+        self._jobs.start()
 
-    async def _lock(self) -> None:
+    async def _lock(self, first: bool = False) -> None:
         """Own the schema: a session advisory lock on a connection of our own."""
         if self._lock_conn is not None and not self._lock_conn.is_closed():
             return
-        self._lock_conn = await asyncpg.connect(self.dsn)
-        got = await self._lock_conn.fetchval(
-            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", f"pqueue:{self.schema}"
+        self._lock_conn = None
+        conn = await asyncpg.connect(
+            self.dsn,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=CONNECT_TIMEOUT_S,
+            server_settings={"synchronous_commit": "on", **KEEPALIVE_SETTINGS},
         )
+        try:
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", f"pqueue:{self.schema}"
+            )
+            epoch = (
+                None
+                if got or first
+                else await conn.fetchval(f"SELECT epoch FROM {self.schema}.owner WHERE id = 1")
+            )
+        except BaseException:
+            await conn.close()
+            raise
         if not got:
-            await self._lock_conn.close()
-            self._lock_conn = None
-            raise StorageError(f"schema {self.schema} is in use by another node")
+            await conn.close()
+            if first or epoch != self._epoch:
+                raise StorageError(f"schema {self.schema} is in use by another node")
+            # Still ours: our old session, which the server has not seen die.
+            raise LockBusyError(f"schema {self.schema}'s lock is still held")
+        self._lock_conn = conn
+        if not first:
+            await self._bump_epoch()
+
+    async def _bump_epoch(self) -> None:
+        assert self._lock_conn is not None
+        epoch = await self._lock_conn.fetchval(
+            f"UPDATE {self.schema}.owner SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch"
+        )
+        self._epoch = int(epoch)
+        logger.info("schema %s owned at epoch %d", self.schema, self._epoch)
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction():
@@ -194,74 +255,30 @@ class PostgresStorage:
                     )
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.wait([self._writer])
-            self._writer = None
-        while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
-            if not fut.done():
-                fut.set_exception(StorageError("storage closed"))
+        await self._log.stop()
+        await self._jobs.stop()
         if self._pool is not None:
-            await self._pool.close()
+            self._pool.terminate()
             self._pool = None
         if self._lock_conn is not None:
-            await self._lock_conn.close()  # releases the advisory lock
+            self._lock_conn.terminate()  # the server drops the advisory lock with it
             self._lock_conn = None
 
     # ------------------------------------------------------------ writes
 
-    async def _write(self, op: Write) -> None:
-        if self._writer is None:
-            raise StorageError("storage is not open")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((op, fut))
-        await fut
-
-    async def _writer_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[tuple[Write, asyncio.Future[None]]]) -> None:
-        """One transaction for the whole batch, retried while PostgreSQL is away."""
-        backoff_s = 0.05
-        while True:
-            try:
-                # After an outage the lock's session may be gone: take it
-                # again before writing, or refuse (another node took over).
-                await self._lock()
-                assert self._pool is not None
-                async with self._pool.acquire() as conn, conn.transaction():
-                    for op, _ in batch:
-                        await op(conn)
-                self.transactions += 1
-            except _TRANSIENT as exc:
-                if self.available:
-                    logger.error("postgresql unavailable, retrying writes: %s", exc)
-                self.available = False
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(self.retry_max_s, backoff_s * 2)
-                continue
-            except (asyncpg.PostgresError, StorageError) as exc:
-                error = (
-                    exc
-                    if isinstance(exc, StorageError)
-                    else StorageError(f"{self.describe()}: {exc}")
+    async def _run(self, ops: list[Write]) -> None:
+        """One transaction for ``ops``, as the schema's owner (or not at all)."""
+        await self._lock()
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            epoch = await conn.fetchval("SELECT epoch FROM owner WHERE id = 1 FOR SHARE")
+            if epoch != self._epoch:
+                raise StorageError(
+                    f"{self.describe()}: another node owns the schema now "
+                    f"(epoch {epoch}, ours {self._epoch})"
                 )
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(error)
-                return
-            if not self.available:
-                logger.info("postgresql is back: writes resume")
-            self.available = True
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
-            return
+            for op in ops:
+                await op(conn)
 
     async def persist(
         self,
@@ -295,14 +312,17 @@ class PostgresStorage:
                     rows,
                 )
             if promised is not None or commit_index is not None:
-                # A retried transaction must land where the first would have:
-                # the promise is set (it only ever rises), the hint only grows.
+                # A retried transaction lands where the first would have: the
+                # promise only rises, the hint only grows.
                 await conn.execute(
                     "INSERT INTO acceptor VALUES (1, $1, $2, $3) ON CONFLICT (id) DO UPDATE SET "
-                    "promised_round = CASE WHEN $4 THEN excluded.promised_round "
-                    "ELSE acceptor.promised_round END, "
-                    "promised_node = CASE WHEN $4 THEN excluded.promised_node "
-                    "ELSE acceptor.promised_node END, "
+                    "(promised_round, promised_node) = (SELECT CASE WHEN $4 AND "
+                    "(excluded.promised_round, excluded.promised_node) > "
+                    "(acceptor.promised_round, acceptor.promised_node) "
+                    "THEN excluded.promised_round ELSE acceptor.promised_round END, "
+                    "CASE WHEN $4 AND (excluded.promised_round, excluded.promised_node) > "
+                    "(acceptor.promised_round, acceptor.promised_node) "
+                    "THEN excluded.promised_node ELSE acceptor.promised_node END), "
                     "commit_index = GREATEST(acceptor.commit_index, excluded.commit_index)",
                     (promised or ZERO)[0],
                     (promised or ZERO)[1],
@@ -310,39 +330,31 @@ class PostgresStorage:
                     promised is not None,
                 )
 
-        await self._write(write)
+        await self._log.submit(write)
 
     async def save_snapshot(self, index: int, data: bytes) -> None:
         await self.persist(None, (), None, StoredSnapshot(index, data))
 
-    async def record_applied(
-        self,
-        applied_index: int,
-        upserts: list[JobRow],
-        deleted: list[int],
-        replace_all: bool,
-        wait: bool = False,
-    ) -> None:
+    def record_applied(
+        self, applied_index: int, upserts: list[JobRow], deleted: list[int], replace_all: bool
+    ) -> asyncio.Future[None]:
         """Bring the ``jobs`` table to ``applied_index``, in one transaction with it
-        (``replace_all``: the rows are every job there is).
-
-        Joins the next group commit without waiting for it, unless many such
-        writes already wait (then it waits: the table must not fall far behind).
-        """
+        (``replace_all``: the rows are every job there is). Resolves at commit;
+        nobody need wait (the table has a writer of its own)."""
         rows = [
             (
                 r.id,
-                r.queue,
+                _text(r.queue),
                 r.priority,
                 r.payload,
                 r.state,
                 r.attempts,
-                r.group,
-                r.idempotency_key,
-                r.created_at_ms / 1000,
-                r.ready_at_ms / 1000,
-                None if r.lease_expires_at_ms is None else r.lease_expires_at_ms / 1000,
-                r.last_error,
+                _text(r.group),
+                _text(r.idempotency_key),
+                _seconds(r.created_at_ms),
+                _seconds(r.ready_at_ms),
+                None if r.lease_expires_at_ms is None else _seconds(r.lease_expires_at_ms),
+                None if r.last_error is None else _text(r.last_error),
             )
             for r in upserts
         ]
@@ -353,42 +365,38 @@ class PostgresStorage:
             if deleted:
                 await conn.execute("DELETE FROM jobs WHERE id = ANY($1::bigint[])", deleted)
             if rows:
+                # The payload never changes: written on insert only.
                 await conn.executemany(
                     "INSERT INTO jobs VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9), "
                     "to_timestamp($10), to_timestamp($11), $12) ON CONFLICT (id) DO UPDATE SET "
-                    "queue = excluded.queue, priority = excluded.priority, payload = "
-                    "excluded.payload, state = excluded.state, attempts = excluded.attempts, "
-                    '"group" = excluded."group", idempotency_key = excluded.idempotency_key, '
-                    "created_at = excluded.created_at, ready_at = excluded.ready_at, "
+                    "state = excluded.state, attempts = excluded.attempts, "
+                    "priority = excluded.priority, ready_at = excluded.ready_at, "
                     "lease_expires_at = excluded.lease_expires_at, "
                     "last_error = excluded.last_error",
                     rows,
                 )
+            # This index, not the highest seen: after a restore it can go back.
             await conn.execute(
                 "INSERT INTO applied VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET "
-                "applied_index = GREATEST(applied.applied_index, excluded.applied_index)",
+                "applied_index = excluded.applied_index",
                 applied_index,
             )
 
-        if self._writer is None:
-            raise StorageError("storage is not open")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((write, fut))
-        fut.add_done_callback(_log_mirror_failure)
-        self._mirror_pending = [f for f in self._mirror_pending if not f.done()]
-        self._mirror_pending.append(fut)
-        if wait or len(self._mirror_pending) > _MAX_PENDING_MIRROR:
-            await fut
+        return self._jobs.submit(write)
 
     # ------------------------------------------------------------ reads
 
     async def load_acceptor(self) -> AcceptorState:
-        assert self._pool is not None
+        if self._pool is None:
+            raise StorageError("storage is not open")
         try:
             async with self._pool.acquire() as conn:
                 return await self._load(conn)
-        except (asyncpg.PostgresError, *_TRANSIENT) as exc:
-            raise StorageError(f"{self.describe()}: {exc}") from exc
+        except StorageError:
+            raise
+        except Exception as exc:
+            kind = "unreachable" if transient(exc) else "failed"
+            raise StorageError(f"{self.describe()} {kind}: {exc!r}") from exc
 
     async def _load(self, conn: Conn) -> AcceptorState:
         snapshot = None

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from consensus.messages import Record
+from pqueue.errors import StorageError
 from pqueue.storage.jobrow import JobRow
 from pqueue.storage.postgres import PostgresStorage
 from tests import pg
@@ -41,12 +42,17 @@ async def test_it_commits_synchronously_in_its_own_schema(store: PostgresStorage
     await store.persist((1, 1), [Record(1, (1, 1), b"x")], 1, None)
     assert store._pool is not None
     async with store._pool.acquire() as conn:
-        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        # Set by the store itself, whatever the server's default.
+        setting = await conn.fetchrow(
+            "SELECT setting, source FROM pg_settings WHERE name = 'synchronous_commit'"
+        )
+        assert setting is not None
+        assert (setting["setting"], setting["source"]) == ("on", "client")
         assert await conn.fetchval("SELECT current_schema()") == store.schema
     conn2 = await asyncpg.connect(pg.dsn())
     try:
         versions = await conn2.fetch(f"SELECT version FROM {store.schema}.schema_migrations")
-        assert [r["version"] for r in versions] == [1]
+        assert [r["version"] for r in versions] == [1, 2]
         assert await conn2.fetchval(f"SELECT count(*) FROM {store.schema}.records") == 1
     finally:
         await conn2.close()
@@ -116,13 +122,76 @@ def job(job_id: int, state: str = "ready", queue: str = "q") -> JobRow:
 async def test_the_jobs_table_moves_with_the_applied_index(store: PostgresStorage) -> None:
     await store.record_applied(5, [job(1), job(2), job(3)], [], replace_all=True)
     await store.record_applied(6, [job(2, "leased")], [3], replace_all=False)
-    await store.persist(None, [], None, None)  # the mirror rides this commit; wait for it
     assert store._pool is not None
     async with store._pool.acquire() as conn:
         rows = await conn.fetch("SELECT id, state FROM jobs ORDER BY id")
         assert [(r["id"], r["state"]) for r in rows] == [(1, "ready"), (2, "leased")]
         assert await conn.fetchval("SELECT applied_index FROM applied") == 6
-    await store.record_applied(9, [job(7)], [], replace_all=True)
-    await store.persist(None, [], None, None)
+    await store.record_applied(2, [job(7)], [], replace_all=True)  # a restore: back in time
     async with store._pool.acquire() as conn:
         assert [r["id"] for r in await conn.fetch("SELECT id FROM jobs")] == [7]
+        assert await conn.fetchval("SELECT applied_index FROM applied") == 2
+
+
+async def test_any_job_fits_the_jobs_table(store: PostgresStorage) -> None:
+    odd = JobRow(
+        id=1,
+        queue="q",
+        priority=0,
+        payload=b"\x00\xff",
+        state="delayed",
+        attempts=0,
+        group="a\x00b",  # PostgreSQL text cannot hold NUL
+        idempotency_key="k\x00",
+        created_at_ms=0,
+        ready_at_ms=2**62,  # beyond any timestamptz
+        lease_expires_at_ms=None,
+        last_error="bad\x00byte",
+    )
+    await store.record_applied(1, [odd], [], replace_all=False)
+    assert store._pool is not None
+    async with store._pool.acquire() as conn:
+        row = await conn.fetchrow('SELECT "group", ready_at, last_error FROM jobs')
+        assert row is not None
+        assert row["group"] == "a\\x00b"
+        assert row["ready_at"].year == 9999
+        assert row["last_error"] == "bad\\x00byte"
+
+
+def test_schema_names_are_what_postgresql_keeps() -> None:
+    for bad in ("PQ_N1", "pq-n1", "1pq", "pq_" + "x" * 61, "pqé", ""):
+        with pytest.raises(ValueError, match="schema"):
+            PostgresStorage("postgresql://x@h/db", bad)
+    PostgresStorage("postgresql://x@h/db", "pq_" + "x" * 60)  # 63: the longest
+
+
+async def test_a_node_that_lost_its_lock_cannot_write_after_another_took_over(
+    schema: str,
+) -> None:
+    first = PostgresStorage(pg.dsn(), schema, retry_max_s=0.05)
+    await first.open()
+    try:
+        await first.persist((5, 1), [Record(1, (5, 1), b"first")], 1, None)
+        admin = await asyncpg.connect(pg.dsn())
+        try:  # its lock session dies unseen (a partition the server noticed first)
+            assert first._lock_conn is not None
+            await admin.execute(
+                "SELECT pg_terminate_backend($1)", first._lock_conn.get_server_pid()
+            )
+        finally:
+            await admin.close()
+        second = PostgresStorage(pg.dsn(), schema)
+        await second.open()  # takes the lock, bumps the epoch
+        try:
+            await second.persist((6, 2), [Record(2, (6, 2), b"second")], 2, None)
+            with pytest.raises(StorageError, match="another node"):
+                await asyncio.wait_for(
+                    first.persist((7, 1), [Record(3, (7, 1), b"stale")], 3, None), 10
+                )
+            state = await second.load_acceptor()
+            assert state.promised == (6, 2)
+            assert [r.slot for r in state.records] == [1, 2]  # nothing from the stale node
+        finally:
+            await second.close()
+    finally:
+        await first.close()

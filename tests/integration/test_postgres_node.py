@@ -135,3 +135,19 @@ async def test_postgres_going_away_stops_writes_until_it_returns(schema: str) ->
     finally:
         await server.stop()
         await proxy.stop()
+
+
+async def test_no_job_a_client_can_send_breaks_the_node_or_its_table(schema: str) -> None:
+    server = node(pg.dsn(), schema)
+    await server.start()
+    try:
+        async with Client(server.address, max_retries=0) as c:
+            await c.enqueue("q", b"x", group="a\x00b")  # text in PostgreSQL cannot hold NUL
+            await c.enqueue("q", b"y", not_before_ms=2**62)  # beyond any timestamptz
+            await c.enqueue("q", b"z")
+            [stats] = await c.stats("q")
+            assert stats.ready + stats.delayed == 3  # it kept serving
+        rows = await jobs_table(schema, server.node.machine.applied_index)
+        assert [r[0] for r in rows] == [1, 2, 3]
+    finally:
+        await server.stop()
