@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+
+from tests.faults.proxy import Proxy
 
 DSN_ENV = "PQ_TEST_PG_DSN"
 SKIP_REASON = (
@@ -40,3 +45,15 @@ async def drop_schemas(*schemas: str) -> None:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def through_a_proxy() -> AsyncIterator[tuple[Proxy, str]]:
+    """A cuttable TCP proxy in front of the test PostgreSQL, and a DSN through it."""
+    url = urlsplit(dsn())
+    proxy = Proxy(url.port or 5432)
+    await proxy.start()
+    try:
+        yield proxy, urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}"))
+    finally:
+        await proxy.stop()

@@ -77,6 +77,11 @@ class Storage(Protocol):
         """Durably store a snapshot this node took (see ``persist``)."""
 
 
+def record_row(r: Record) -> tuple[int, int, int, bool, int, bytes]:
+    """A record as both stores keep it: slot, ballot, chosen, CRC, value."""
+    return (r.slot, r.ballot[0], r.ballot[1], r.chosen, checksum(r.slot, r.value), r.value)
+
+
 def checksum(index: int, data: bytes) -> int:
     """CRC32 over the index and the bytes, so a record moved to another slot fails too."""
     return zlib.crc32(data, zlib.crc32(index.to_bytes(8, "big")))

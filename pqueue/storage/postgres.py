@@ -36,7 +36,7 @@ import asyncpg
 
 from consensus.messages import ZERO, Ballot, Record
 from pqueue.errors import StorageCorruptError, StorageError
-from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum
+from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum, record_row
 from pqueue.storage.jobrow import JobRow
 from pqueue.storage.pgwriter import Conn, GroupWriter, Write, transient
 
@@ -287,10 +287,7 @@ class PostgresStorage:
         commit_index: int | None,
         snapshot: StoredSnapshot | None,
     ) -> None:
-        rows = [
-            (r.slot, r.ballot[0], r.ballot[1], r.chosen, checksum(r.slot, r.value), r.value)
-            for r in records
-        ]
+        rows = [record_row(r) for r in records]
 
         async def write(conn: Conn) -> None:
             if snapshot is not None:

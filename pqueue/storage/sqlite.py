@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from consensus.messages import ZERO, Ballot, Record
 from pqueue.errors import StorageCorruptError, StorageError
-from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum
+from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum, record_row
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +177,7 @@ class SqliteStorage:
         commit_index: int | None,
         snapshot: StoredSnapshot | None,
     ) -> None:
-        rows = [
-            (r.slot, r.ballot[0], r.ballot[1], int(r.chosen), checksum(r.slot, r.value), r.value)
-            for r in records
-        ]
+        rows = [record_row(r) for r in records]
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")

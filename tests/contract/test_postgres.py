@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -75,11 +74,11 @@ async def test_reopening_migrates_nothing_twice(schema: str) -> None:
 
 
 async def test_an_outage_holds_writes_and_loses_nothing(schema: str) -> None:
-    url = urlsplit(pg.dsn())
-    proxy = Proxy(url.port or 5432)
-    await proxy.start()
-    via_proxy = urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}"))
-    store = PostgresStorage(via_proxy, schema, retry_max_s=0.2)
+    async with pg.through_a_proxy() as (proxy, via_proxy):
+        await _ride_out_an_outage(proxy, PostgresStorage(via_proxy, schema, retry_max_s=0.2))
+
+
+async def _ride_out_an_outage(proxy: Proxy, store: PostgresStorage) -> None:
     await store.open()
     try:
         await store.persist((1, 1), [Record(1, (1, 1), b"before")], 1, None)
@@ -99,7 +98,6 @@ async def test_an_outage_holds_writes_and_loses_nothing(schema: str) -> None:
         assert state.commit_index == 2
     finally:
         await store.close()
-        await proxy.stop()
 
 
 def job(job_id: int, state: str = "ready", queue: str = "q") -> JobRow:

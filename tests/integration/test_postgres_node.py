@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -79,11 +78,11 @@ async def test_a_node_on_postgres_serves_restarts_and_shows_its_jobs(schema: str
 
 
 async def test_postgres_going_away_stops_writes_until_it_returns(schema: str) -> None:
-    url = urlsplit(pg.dsn())
-    proxy = Proxy(url.port or 5432)
-    await proxy.start()
-    via_proxy = urlunsplit(url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}"))
-    server = node(via_proxy, schema)
+    async with pg.through_a_proxy() as (proxy, via_proxy):
+        await _ride_out_an_outage(proxy, node(via_proxy, schema))
+
+
+async def _ride_out_an_outage(proxy: Proxy, server: NodeServer) -> None:
     await server.start()
     try:
         async with (
@@ -134,7 +133,6 @@ async def test_postgres_going_away_stops_writes_until_it_returns(schema: str) ->
             assert status.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop()
-        await proxy.stop()
 
 
 async def test_no_job_a_client_can_send_breaks_the_node_or_its_table(schema: str) -> None:
