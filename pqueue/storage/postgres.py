@@ -143,6 +143,7 @@ class PostgresStorage:
         self.schema = schema
         self._pool: asyncpg.Pool | None = None
         self._lock_conn: asyncpg.Connection | None = None
+        self._locking = asyncio.Lock()
         self._epoch = 0
         self._log = GroupWriter("log", self._run, self.describe(), retry_max_s, attempt_timeout_s)
         self._jobs = GroupWriter("jobs", self._run, self.describe(), retry_max_s, attempt_timeout_s)
@@ -189,6 +190,12 @@ class PostgresStorage:
 
     async def _lock(self, first: bool = False) -> None:
         """Own the schema: a session advisory lock on a connection of our own."""
+        # Both writers come here after an outage: one takes the lock (and
+        # bumps the epoch), the other must then find it taken by us.
+        async with self._locking:
+            await self._take_lock(first)
+
+    async def _take_lock(self, first: bool) -> None:
         if self._lock_conn is not None and not self._lock_conn.is_closed():
             return
         self._lock_conn = None
