@@ -52,7 +52,6 @@ def report_of(status: pb.NodeStatusResponse) -> Report:
         apply_lag_entries=load.apply_lag_entries,
         applied_index=status.applied_index,
         ready_jobs=load.ready_jobs,
-        waiting_long_polls=load.waiting_long_polls,
     )
 
 

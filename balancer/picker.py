@@ -28,11 +28,6 @@ class Picker:
         self._weights: dict[str, int] = {}
         self._current: dict[str, int] = {}
 
-    @property
-    def weights(self) -> dict[str, int]:
-        """The weights in force."""
-        return dict(self._weights)
-
     def set_weights(self, weights: Mapping[str, int]) -> None:
         """Replace the weights. Running values of known backends carry over
         (as in nginx), so a small change does not restart the cycle."""

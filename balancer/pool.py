@@ -50,7 +50,6 @@ class Report:
     apply_lag_entries: int
     applied_index: int
     ready_jobs: int
-    waiting_long_polls: int = 0
 
 
 def load_of(report: Report, backlog: int) -> float:
