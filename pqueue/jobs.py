@@ -82,6 +82,7 @@ class Counters:
     """Monotonic per-queue totals."""
 
     enqueued: int = 0
+    leased: int = 0
     acked: int = 0
     nacked: int = 0
     expired: int = 0
@@ -194,6 +195,7 @@ class QueueState:
             dead=self.counts[DEAD],
             oldest_ready_age_ms=max(0, now_ms - oldest) if oldest is not None else 0,
             enqueued_total=c.enqueued,
+            leased_total=c.leased,
             acked_total=c.acked,
             nacked_total=c.nacked,
             expired_total=c.expired,

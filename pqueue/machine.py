@@ -255,6 +255,7 @@ class QueueMachine:
             size += len(job.payload)
             self._set_state(queue, job, LEASED)
             job.attempts += 1
+            queue.counters.leased += 1
             job.lease_id = self.next_lease_id
             self.next_lease_id += 1
             job.leased_at_ms = now

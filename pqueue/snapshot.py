@@ -32,6 +32,7 @@ def take_snapshot(machine: QueueMachine) -> logpb.Snapshot:
             config=queue.config,
             counters=pb.QueueStats(
                 enqueued_total=c.enqueued,
+                leased_total=c.leased,
                 acked_total=c.acked,
                 nacked_total=c.nacked,
                 expired_total=c.expired,
@@ -87,6 +88,7 @@ def restore(data: bytes) -> QueueMachine:
             config=qs.config,
             counters=Counters(
                 enqueued=c.enqueued_total,
+                leased=c.leased_total,
                 acked=c.acked_total,
                 nacked=c.nacked_total,
                 expired=c.expired_total,

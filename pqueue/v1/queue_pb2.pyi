@@ -622,6 +622,7 @@ class QueueStats(_message.Message):
     NACKED_TOTAL_FIELD_NUMBER: _builtins.int
     EXPIRED_TOTAL_FIELD_NUMBER: _builtins.int
     DEAD_TOTAL_FIELD_NUMBER: _builtins.int
+    LEASED_TOTAL_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     ready: _builtins.int
     delayed: _builtins.int
@@ -634,6 +635,8 @@ class QueueStats(_message.Message):
     nacked_total: _builtins.int
     expired_total: _builtins.int
     dead_total: _builtins.int
+    leased_total: _builtins.int
+    """Deliveries: every lease of a job counts once."""
     def __init__(
         self,
         *,
@@ -648,10 +651,11 @@ class QueueStats(_message.Message):
         nacked_total: _builtins.int = ...,
         expired_total: _builtins.int = ...,
         dead_total: _builtins.int = ...,
+        leased_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_total", b"acked_total", "dead", b"dead", "dead_total", b"dead_total", "delayed", b"delayed", "enqueued_total", b"enqueued_total", "expired_total", b"expired_total", "leased", b"leased", "nacked_total", b"nacked_total", "oldest_ready_age_ms", b"oldest_ready_age_ms", "queue", b"queue", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_total", b"acked_total", "dead", b"dead", "dead_total", b"dead_total", "delayed", b"delayed", "enqueued_total", b"enqueued_total", "expired_total", b"expired_total", "leased", b"leased", "leased_total", b"leased_total", "nacked_total", b"nacked_total", "oldest_ready_age_ms", b"oldest_ready_age_ms", "queue", b"queue", "ready", b"ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
