@@ -92,6 +92,7 @@ class Backends:
         self._tasks: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
         self._updated = asyncio.Event()
+        self._leader: str | None = None
 
     async def start(self) -> None:
         """Open channels and start probing."""
@@ -129,23 +130,36 @@ class Backends:
         """After every pool input: log and count ejections, wake waiters."""
         for address, ejected in self.pool.changes:
             b = self.pool.backends[address]
+            node = b.report.node_id if b.report else "?"
+            ballot = b.report.ballot_round if b.report else "?"
             if ejected:
                 self.metrics.ejections.labels(address).inc()
                 logger.info(
-                    "backend %s (node %s) ejected: %s",
+                    "backend %s (node %s, ballot round %s) ejected: %s",
                     address,
-                    b.report.node_id if b.report else "?",
+                    node,
+                    ballot,
                     b.last_error or "not serving or report expired",
                 )
             else:
                 logger.info(
-                    "backend %s (node %s) %s",
+                    "backend %s (node %s, ballot round %s) %s",
                     address,
-                    b.report.node_id if b.report else "?",
+                    node,
+                    ballot,
                     "back: ramping up" if b.ejections else "up",
                 )
         self.pool.changes.clear()
         leader = self.pool.leader()
+        if leader != self._leader:
+            self._leader = leader
+            r = self.pool.backends[leader].report if leader else None
+            logger.info(
+                "writes now go to %s (node %s, ballot round %s)",
+                leader or "nobody: no leader known",
+                r.node_id if r else "?",
+                r.ballot_round if r else "?",
+            )
         for address, b in self.pool.backends.items():
             self.metrics.weight.labels(address).set(b.weight)
             self.metrics.up.labels(address).set(0 if b.ejected else 1)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from pqueue.observe import GrpcMetrics
+from pqueue.process_metrics import ProcessCollector
 
 
 class BalancerMetrics:
-    """Per-backend weight, picks, ejections and retries; per-method calls."""
+    """Per-backend weight, picks, ejections and retries; calls; the process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -47,33 +50,5 @@ class BalancerMetrics:
         self.probe_failures = Counter(
             "pq_balancer_probe_failures_total", "Load probes that failed.", ["backend"], registry=r
         )
-        self.calls = Counter(
-            "pq_balancer_calls_total",
-            "Calls proxied, by method and final status code.",
-            ["method", "code"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "pq_balancer_call_seconds",
-            "Time from a call's arrival to its answer, by method.",
-            ["method"],
-            registry=r,
-            buckets=(
-                0.0005,
-                0.001,
-                0.0025,
-                0.005,
-                0.01,
-                0.025,
-                0.05,
-                0.1,
-                0.25,
-                0.5,
-                1,
-                2.5,
-                5,
-                10,
-                30,
-                60,
-            ),
-        )
+        self.grpc = GrpcMetrics(r)  # calls by method and code, and their latency
+        r.register(ProcessCollector())

@@ -11,10 +11,8 @@ failed one is sent a second time; a call is sent at most twice.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import time
 from typing import Any
 
 import grpc
@@ -23,6 +21,7 @@ from balancer.backends import BALANCER_ID, Backends
 from balancer.routes import Kind, Route, route_for
 from pqueue.errors import NotTakenError
 from pqueue.forward import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY
+from pqueue.observe import FORWARDED_FOR_KEY, REQUEST_ID_KEY, hop_metadata
 from pqueue.status import NOT_LEADER, NOT_TAKEN, error_info, to_status
 
 logger = logging.getLogger(__name__)
@@ -31,7 +30,9 @@ Context = grpc.aio.ServicerContext[bytes, bytes]
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 #: Metadata that belongs to one hop, not to the call.
-_HOP_KEYS = frozenset(("user-agent", "te", "content-type", "host", FORWARDED_KEY))
+_HOP_KEYS = frozenset(
+    ("user-agent", "te", "content-type", "host", FORWARDED_KEY, REQUEST_ID_KEY, FORWARDED_FOR_KEY)
+)
 #: Of gRPC's own keys, those that carry the call's meaning and must pass.
 _GRPC_KEYS_KEPT = frozenset(("grpc-status-details-bin", "grpc-retry-pushback-ms"))
 
@@ -86,31 +87,13 @@ class ProxyHandler(grpc.GenericRpcHandler):
         return handler
 
     async def _call(self, route: Route, request: bytes, context: Context) -> bytes:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await self._forward(route, request, context)
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except asyncio.CancelledError:  # the client went away (or its deadline passed)
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED  # too late even to answer
-            else:
-                code = grpc.StatusCode.UNKNOWN
-                logger.exception("proxying %s failed", route.name)
-            raise
-        finally:
-            self.metrics.calls.labels(route.name, code.name).inc()
-            self.metrics.latency.labels(route.name).observe(time.perf_counter() - started)
-
-    async def _forward(self, route: Route, request: bytes, context: Context) -> bytes:
+        """Forward one call (``pqueue.observe`` counts, times and logs it)."""
         kind = route.kind_of(request)
-        metadata = (*passthrough(context.invocation_metadata()), (FORWARDED_KEY, BALANCER_ID))
+        metadata = (
+            *passthrough(context.invocation_metadata()),
+            (FORWARDED_KEY, BALANCER_ID),
+            *hop_metadata(),  # the request id and the caller's IP, as the observer took them
+        )
         remaining = context.time_remaining()
         # Never unbounded: a caller without a deadline still gets one.
         deadline = self.backends.clock_s() + (

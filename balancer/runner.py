@@ -9,7 +9,8 @@ import sys
 from balancer.config import BalancerConfig
 from balancer.errors import BalancerError
 from balancer.server import BalancerServer
-from pqueue.runner import new_event_loop, setup_logging
+from pqueue.logs import LogFormat, setup_logging
+from pqueue.runner import new_event_loop
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +25,9 @@ async def _serve(config: BalancerConfig) -> None:
     await server.serve_until_signal()
 
 
-def run_balancer(config: BalancerConfig, log_level: str) -> int:
+def run_balancer(config: BalancerConfig, log_level: str, log_format: LogFormat = "text") -> int:
     """Run one balancer until SIGTERM/SIGINT; exit status 0 on a clean stop."""
-    setup_logging(log_level)
+    setup_logging(log_level, "balancer", log_format)
     try:
         config.validate()
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from balancer.backends import Backends
 from balancer.config import BalancerConfig
@@ -19,6 +17,8 @@ from balancer.errors import ListenError
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
 from pqueue import limits
+from pqueue.metrics_http import MetricsServer
+from pqueue.observe import Observer, served_methods
 from pqueue.signals import until_signal_or
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
@@ -85,7 +85,7 @@ class BalancerServer:
         self.proxy = ProxyHandler(self.backends)
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
-        self._http: WSGIServer | None = None
+        self._http: MetricsServer | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
@@ -100,17 +100,24 @@ class BalancerServer:
         """``host:port`` of ``/metrics``; empty when not served."""
         if self.config.metrics_listen is None:
             return ""
-        return f"{self.config.metrics_listen.rsplit(':', 1)[0]}:{self.metrics_port}"
+        return self._http.address if self._http is not None else ""
 
     async def start(self) -> None:
         """Bind, start probing, serve."""
+        observer = Observer(
+            "balancer",
+            lambda: self.address,
+            self.metrics.grpc,
+            served_methods(pb.DESCRIPTOR, bpb.DESCRIPTOR, health_pb2.DESCRIPTOR),
+        )
         server = grpc.aio.server(
+            interceptors=(observer,),
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
                 *limits.SERVER_KEEPALIVE_OPTIONS,
                 ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         try:
             await self._start(server)
@@ -129,14 +136,13 @@ class BalancerServer:
         except RuntimeError as exc:
             raise ListenError(f"cannot listen on {self.config.listen}: {exc}") from exc
         if self.config.metrics_listen is not None:
-            host, port = self.config.metrics_listen.rsplit(":", 1)
+            self._http = MetricsServer(self.metrics.registry, self.config.metrics_listen)
             try:
-                self._http, _ = start_http_server(int(port), host, registry=self.metrics.registry)
+                await self._http.start()
             except OSError as exc:
-                raise ListenError(
-                    f"cannot serve metrics on {self.config.metrics_listen}: {exc}"
-                ) from exc
-            self.metrics_port = self._http.server_address[1]
+                self._http = None
+                raise ListenError(str(exc)) from exc
+            self.metrics_port = self._http.port
         bpbg.add_BalancerServicer_to_server(StatusService(self.backends, self.proxy), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.proxy,))
@@ -171,9 +177,7 @@ class BalancerServer:
         await server.stop(self.config.grace_s)
         await self.backends.stop()
         if self._http is not None:
-            await asyncio.to_thread(self._http.shutdown)
-            self._http.server_close()
-            self._http = None
+            await self._http.stop()
 
     async def stop(self) -> None:
         """Report NOT_SERVING, let calls in flight finish, close."""

@@ -20,6 +20,7 @@ from pqueue import render
 from pqueue.client import DEFAULT_ENDPOINT, Client
 from pqueue.devcluster import cluster_status, run_dev_cluster, start_node, stop_node
 from pqueue.errors import PQueueError, RemoteError
+from pqueue.logs import LOG_FORMATS
 from pqueue.status import code_of
 from pqueue.v1 import queue_pb2 as pb
 
@@ -202,7 +203,7 @@ def _peers(text: str) -> dict[int, str]:
     return peers
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pq", description="pqueue: a replicated priority queue")
     p.add_argument(
         "--endpoint",
@@ -230,6 +231,12 @@ def _parser() -> argparse.ArgumentParser:
         "(without it the node runs alone)",
     )
     node.add_argument("--log-level", default="INFO")
+    node.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
+    )
+    node.add_argument(
+        "--metrics-listen", default=None, help="HOST:PORT to serve Prometheus /metrics on"
+    )
     node.add_argument("--grace-s", type=float, default=5.0, help="drain time on SIGTERM")
     node.add_argument(
         "--store",
@@ -250,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-listen", default=None, help="HOST:PORT for /metrics")
     run.add_argument("--probe-interval-s", type=float, default=1.0)
     run.add_argument("--log-level", default="INFO")
+    run.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
+    )
     add(
         "status", cmd_balancer_status, "each backend's health, weight, CPU, backlog and picks", bsub
     )
@@ -263,7 +273,12 @@ def _parser() -> argparse.ArgumentParser:
         default=7700,
         help="the balancer listens on base, node N on base+N (0: any free ports)",
     )
-    dev.add_argument("--metrics-port", type=int, default=9700, help="the balancer's /metrics")
+    dev.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9700,
+        help="/metrics of the balancer on this port, of node N on this port+N (0: any)",
+    )
     dev.add_argument(
         "--store",
         default=None,
@@ -364,7 +379,7 @@ async def _run_client(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pq`` console script."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "node":
         from pqueue.runner import run_node
 
@@ -377,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.grace_s,
             args.store,
             args.pg_schema,
+            args.metrics_listen,
+            args.log_format,
         )
     if args.command == "balancer" and args.action == "run":
         from balancer.config import BalancerConfig
@@ -397,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        return run_balancer(config, args.log_level)
+        return run_balancer(config, args.log_level, args.log_format)
     if args.command == "dev-cluster":
         return run_dev_cluster(args.dir, args.base_port, args.nodes, args.metrics_port, args.store)
     logging.basicConfig(level=logging.WARNING)

@@ -47,6 +47,32 @@ class Applier(Protocol):
         """The index of the last applied entry (what ``snapshot`` covers)."""
 
 
+class LogObserver(Protocol):
+    """What a log reports as it works (metrics); every call is cheap and never fails."""
+
+    def batch(self, commands: int) -> None:
+        """A log entry was proposed carrying this many commands (group commit)."""
+
+    def persisted(self, seconds: float) -> None:
+        """A durable write (fsync, or a committed transaction) took this long."""
+
+    def election(self) -> None:
+        """This node started a phase 1 (an election) at a new ballot."""
+
+
+class NoObserver:
+    """A ``LogObserver`` that keeps nothing."""
+
+    def batch(self, commands: int) -> None:
+        pass
+
+    def persisted(self, seconds: float) -> None:
+        pass
+
+    def election(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class LogStatus:
     """What a log reports about itself (for status output and metrics)."""

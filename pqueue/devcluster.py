@@ -49,9 +49,15 @@ def peers_arg(addresses: dict[int, str]) -> str:
 
 class _Node:
     def __init__(
-        self, root: Path, node_id: int, addresses: dict[int, str], store: str | None = None
+        self,
+        root: Path,
+        node_id: int,
+        addresses: dict[int, str],
+        store: str | None = None,
+        metrics: str = "",
     ) -> None:
         self.id = node_id
+        self.metrics = metrics
         self.name = f"n{node_id}"
         self.address = addresses[node_id]
         self.data = root / self.name
@@ -61,6 +67,8 @@ class _Node:
         self.cmd += ["--peers", peers_arg(addresses)]
         if store:
             self.cmd += ["--store", store, "--pg-schema", f"pq_n{node_id}"]
+        if metrics:
+            self.cmd += ["--metrics-listen", metrics]
         self.proc: subprocess.Popen[bytes] | None = None
         self.reported_exit = False
 
@@ -81,9 +89,8 @@ class _Balancer(_Node):
     """The balancer in front of the nodes: supervised like one, never restarted."""
 
     def __init__(self, root: Path, address: str, metrics: str, backends: list[str]) -> None:
-        super().__init__(root, 0, {0: address})
+        super().__init__(root, 0, {0: address}, metrics=metrics)
         self.name = "balancer"
-        self.metrics = metrics
         self.data = root / self.name
         self.log = root / f"{self.name}.log"
         self.cmd = [sys.executable, "-m", "pqueue.cli", "balancer", "run", "--listen", address]
@@ -117,16 +124,19 @@ def run_dev_cluster(
     root.mkdir(parents=True, exist_ok=True)
     addresses = cluster_addresses(nodes, base_port)
     if base_port == 0:
-        balancer_port, metrics_port = free_ports(2)
+        balancer_port, *metrics_ports = free_ports(2 + nodes)
     else:
         balancer_port = base_port
+        metrics_ports = [metrics_port + i for i in range(nodes + 1)]
     balancer = _Balancer(
         root,
         f"127.0.0.1:{balancer_port}",
-        f"127.0.0.1:{metrics_port}",
+        f"127.0.0.1:{metrics_ports[0]}",
         [addresses[i] for i in sorted(addresses)],
     )
-    nodes_ = [_Node(root, i, addresses, store) for i in sorted(addresses)]
+    nodes_ = [
+        _Node(root, i, addresses, store, f"127.0.0.1:{metrics_ports[i]}") for i in sorted(addresses)
+    ]
     cluster = [*nodes_, balancer]
     stop = False
 
@@ -149,7 +159,13 @@ def run_dev_cluster(
             leader = asyncio.run(_balancer_leader(balancer.address))
         print(f"balancer: {balancer.address}  (metrics: http://{balancer.metrics}/metrics)\n")
         rows = [
-            {"name": n.name, "address": n.address, "data_dir": str(n.data), "log": str(n.log)}
+            {
+                "name": n.name,
+                "address": n.address,
+                "metrics": f"http://{n.metrics}/metrics",
+                "data_dir": str(n.data),
+                "log": str(n.log),
+            }
             for n in cluster
         ]
         print(render.table(rows))

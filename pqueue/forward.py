@@ -7,6 +7,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 
 from pqueue import limits
+from pqueue.observe import hop_metadata
 from pqueue.status import from_rpc_error
 from pqueue.v1 import queue_pb2 as pb
 
@@ -58,7 +59,7 @@ class Forwarder:
                 request,
                 # Never unbounded: a caller without a deadline still gets one.
                 timeout=timeout_s if timeout_s is not None else DEFAULT_FORWARD_TIMEOUT_S,
-                metadata=((FORWARDED_KEY, forwarded_by),),
+                metadata=((FORWARDED_KEY, forwarded_by), *hop_metadata()),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from pqueue.commitlog import CommandLog, Result
+from pqueue.commitlog import CommandLog, LogObserver, Result
 from pqueue.errors import PQueueError
 from pqueue.machine import QueueMachine
 from pqueue.mirror import JobsMirror, MirrorStore
@@ -63,6 +63,7 @@ class QueueNode:
         config: NodeConfig | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
         cluster: ClusterConfig | None = None,
+        observer: LogObserver | None = None,
     ) -> None:
         self.config = config or NodeConfig()
         self.clock_ms = clock_ms
@@ -74,7 +75,9 @@ class QueueNode:
         )
         self.cluster = cluster
         self.transport = PeerTransport(cluster.node_id, cluster.addresses)
-        self.log: CommandLog = ReplicatedLog(storage, self, clock_ms, cluster, self.transport.send)
+        self.log: CommandLog = ReplicatedLog(
+            storage, self, clock_ms, cluster, self.transport.send, observer
+        )
         self._waiters: dict[str, deque[tuple[asyncio.Future[None], int]]] = {}
         self._due_changed = asyncio.Event()
         self._tick_task: asyncio.Task[None] | None = None

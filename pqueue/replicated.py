@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from google.protobuf.message import Message
 from consensus import Config, DurableState, Replica, Role
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
-from pqueue.commitlog import Applier, LogStatus, Proposals, Result
+from pqueue.commitlog import Applier, LogObserver, LogStatus, NoObserver, Proposals, Result
 from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
@@ -66,8 +67,10 @@ class ReplicatedLog:
         clock_ms: Callable[[], int],
         config: ClusterConfig,
         send: Callable[[PeerMessage], None],
+        observer: LogObserver | None = None,
     ) -> None:
         self._storage = storage
+        self.observer: LogObserver = observer or NoObserver()
         self._applier = applier
         self._clock_ms = clock_ms
         self.config = config
@@ -83,6 +86,8 @@ class ReplicatedLog:
         self._snapshot_index = 0
         self._commit_hint: int | None = None
         self._was_leader = False
+        self._last_ballot = (0, 0)
+        self._last_leader = 0
         self._leading = asyncio.Event()
         self.failed = asyncio.Event()
 
@@ -226,16 +231,35 @@ class ReplicatedLog:
                 await self._handle(ready)
 
     def _note_role(self) -> None:
+        replica = self.replica
+        assert replica is not None
+        if replica.ballot != self._last_ballot:
+            self._last_ballot = replica.ballot
+            if replica.ballot[1] == self.config.node_id:  # only an election moves it
+                self.observer.election()
+                logger.info(
+                    "node %d started an election at ballot %s",
+                    self.config.node_id,
+                    _ballot(replica.ballot),
+                )
         leading = self.is_leader
         if leading != self._was_leader:
-            assert self.replica is not None
             logger.info(
                 "node %d %s at ballot %s",
                 self.config.node_id,
                 "became leader" if leading else "stepped down",
-                self.replica.ballot,
+                _ballot(replica.ballot),
             )
             self._was_leader = leading
+        if replica.leader_id != self._last_leader:
+            self._last_leader = replica.leader_id
+            if replica.leader_id and replica.leader_id != self.config.node_id:
+                logger.info(
+                    "node %d follows leader %d at ballot %s",
+                    self.config.node_id,
+                    replica.leader_id,
+                    _ballot(replica.leader_ballot),
+                )
         if leading:
             self._leading.set()
         else:
@@ -259,6 +283,7 @@ class ReplicatedLog:
             slot = replica.propose(data)
             if slot is None:
                 return  # too much in flight: these wait for the next round
+            self.observer.batch(len(batch))
             assert slot == entry.index
             self._proposals.remove(batch)
             # A slot we proposed at in an earlier term is being reused: that
@@ -275,7 +300,9 @@ class ReplicatedLog:
             self._commit_hint = max(self._commit_hint or 0, ready.commit_index)
         if ready.promised is not None or ready.records or ready.snapshot is not None:
             snapshot = StoredSnapshot(*ready.snapshot) if ready.snapshot else None
+            started = time.perf_counter()
             await self._storage.persist(ready.promised, ready.records, self._commit_hint, snapshot)
+            self.observer.persisted(time.perf_counter() - started)
             self._commit_hint = None
         if ready.snapshot is not None:
             index, data = ready.snapshot
@@ -347,6 +374,17 @@ class ReplicatedLog:
         self._snapshot_index = index
         logger.info("node %d: snapshot at %d", self.config.node_id, index)
 
+    def replication_lag(self) -> dict[int, int]:
+        """On the leader: entries each peer's last reported commit index trails ours."""
+        replica = self.replica
+        if replica is None or replica.role is not Role.LEADER:
+            return {}
+        return {
+            peer: max(0, replica.commit_index - replica.peer_commit.get(peer, 0))
+            for peer in replica.config.nodes
+            if peer != self.config.node_id
+        }
+
     def status(self) -> LogStatus:
         replica = self.replica
         if replica is None:
@@ -362,3 +400,8 @@ class ReplicatedLog:
             leader_id=replica.leader_id,
             peers=dict(self.config.addresses),
         )
+
+
+def _ballot(ballot: tuple[int, int]) -> str:
+    """A ballot as operators read it: ``round.node``."""
+    return f"{ballot[0]}.{ballot[1]}"

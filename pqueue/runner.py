@@ -8,20 +8,13 @@ import sys
 from pathlib import Path
 
 from pqueue.errors import PQueueError
+from pqueue.logs import LogFormat, setup_logging
 from pqueue.node import NodeConfig
 from pqueue.replicated import ClusterConfig
 from pqueue.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
 
-LOG_FORMAT = "%(asctime)s.%(msecs)03d [%(levelname)s] %(name)s: %(message)s"
-LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
-
 logger = logging.getLogger(__name__)
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr with millisecond timestamps."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt=LOG_DATEFMT)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -41,13 +34,14 @@ async def _serve(
     grace_s: float,
     store: str | None,
     pg_schema: str | None,
+    metrics_listen: str | None,
 ) -> bool:
     cluster = ClusterConfig(node_id=node_id, addresses=peers) if peers else None
     storage = open_storage(store or f"sqlite:{data_dir}", pg_schema or f"pq_n{node_id}")
     logger.info("node %s stores its log in %s", node_id, storage.describe())
     server = NodeServer(
         storage,
-        ServerConfig(listen=listen, grace_s=grace_s),
+        ServerConfig(listen=listen, grace_s=grace_s, metrics_listen=metrics_listen),
         NodeConfig(node_id=f"n{node_id}"),
         cluster=cluster,
     )
@@ -68,13 +62,17 @@ def run_node(
     grace_s: float,
     store: str | None = None,
     pg_schema: str | None = None,
+    metrics_listen: str | None = None,
+    log_format: LogFormat = "text",
 ) -> int:
     """Run one node until SIGTERM/SIGINT; exit status 0 on a clean stop."""
-    setup_logging(log_level)
+    setup_logging(log_level, f"n{node_id}", log_format)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)  # ADDRESS goes there, whatever the store
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            clean = runner.run(_serve(data_dir, listen, node_id, peers, grace_s, store, pg_schema))
+            clean = runner.run(
+                _serve(data_dir, listen, node_id, peers, grace_s, store, pg_schema, metrics_listen)
+            )
     except (PQueueError, OSError, ValueError) as exc:
         logger.error("node %s cannot run: %s", node_id, exc)
         print(f"error: {exc}", file=sys.stderr)

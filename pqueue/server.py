@@ -13,12 +13,16 @@ from grpc_reflection.v1alpha import reflection
 
 from pqueue import limits
 from pqueue.forward import Forwarder
+from pqueue.metrics import NodeCollector, NodeMetrics
+from pqueue.metrics_http import MetricsServer, split_listen
 from pqueue.node import NodeConfig, QueueNode
+from pqueue.observe import Observer, served_methods
 from pqueue.peers import PeerService
 from pqueue.replicated import ClusterConfig, ReplicatedLog
 from pqueue.servicer import AdminService, QueueService
 from pqueue.signals import until_signal_or
 from pqueue.storage import Storage
+from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
@@ -33,6 +37,8 @@ class ServerConfig:
     """Where and how the node listens."""
 
     listen: str = "127.0.0.1:0"
+    #: HOST:PORT to serve Prometheus ``/metrics`` on (port 0: any); None: not served.
+    metrics_listen: str | None = None
     #: How long in-flight calls may finish after a stop begins.
     grace_s: float = 5.0
 
@@ -41,6 +47,8 @@ class ServerConfig:
             raise ValueError(f"listen address {self.listen!r} needs a port (HOST:PORT)")
         if self.grace_s < 0:
             raise ValueError("grace_s must not be negative")
+        if self.metrics_listen is not None:
+            split_listen(self.metrics_listen)
 
 
 class NodeServer:
@@ -54,7 +62,17 @@ class NodeServer:
         cluster: ClusterConfig | None = None,
     ) -> None:
         self.config = server_config or ServerConfig()
-        self.node = QueueNode(storage, node_config, cluster=cluster)
+        #: This server's own registry: several nodes fit in one process.
+        self.metrics = NodeMetrics()
+        if node_config is None and cluster is not None:
+            node_config = NodeConfig(node_id=f"n{cluster.node_id}")  # names logs and metrics
+        self.node = QueueNode(storage, node_config, cluster=cluster, observer=self.metrics)
+        self.metrics.registry.register(NodeCollector(self.node))
+        self.metrics_server = (
+            MetricsServer(self.metrics.registry, self.config.metrics_listen)
+            if self.config.metrics_listen is not None
+            else None
+        )
         self.forwarder = Forwarder()
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -71,13 +89,20 @@ class NodeServer:
     async def bind(self) -> str:
         """Bind the listen address (port 0 resolved) before starting; idempotent."""
         if self._server is None:
+            observer = Observer(
+                self.node.config.node_id,
+                lambda: self.address,
+                self.metrics.grpc,
+                served_methods(pb.DESCRIPTOR, ppb.DESCRIPTOR, health_pb2.DESCRIPTOR),
+            )
             self._server = grpc.aio.server(
+                interceptors=(observer,),
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
                     *limits.SERVER_KEEPALIVE_OPTIONS,
                     ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-                ]
+                ],
             )
             try:
                 self.port = self._server.add_insecure_port(self.config.listen)
@@ -93,7 +118,14 @@ class NodeServer:
         self.node.cluster.addresses.setdefault(self.node.cluster.node_id, self.address)
         server = self._server
         assert server is not None
-        await self.node.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()  # first: a taken port fails before recovery
+        try:
+            await self.node.start()
+        except BaseException:
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
+            raise
         pbg.add_QueueServicer_to_server(QueueService(self.node, self.forwarder), server)
         pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder), server)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
@@ -107,7 +139,12 @@ class NodeServer:
         self._started = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_log_loop(), name="pq-watch-log")
-        logger.info("node %s serving on %s", self.node.config.node_id, self.address)
+        metrics = (
+            f", metrics on http://{self.metrics_server.address}/metrics"
+            if self.metrics_server is not None
+            else ""
+        )
+        logger.info("node %s serving on %s%s", self.node.config.node_id, self.address, metrics)
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
@@ -156,6 +193,8 @@ class NodeServer:
         self._server = None
         await self.forwarder.close()
         await self.node.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
 
     async def __aenter__(self) -> NodeServer:
         await self.start()

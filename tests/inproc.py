@@ -12,8 +12,9 @@ from pqueue.storage.sqlite import SqliteStorage
 
 
 class Cluster:
-    def __init__(self, root: Path, n: int = 3) -> None:
+    def __init__(self, root: Path, n: int = 3, metrics: bool = False) -> None:
         self.root = root
+        self.metrics = metrics
         self.addresses: dict[int, str] = {}
         self.servers: dict[int, NodeServer] = {}
         self.n = n
@@ -23,7 +24,9 @@ class Cluster:
         listen = self.addresses.get(i, "127.0.0.1:0")
         return NodeServer(
             SqliteStorage(self.root / f"n{i}"),
-            ServerConfig(listen=listen, grace_s=0.5),
+            ServerConfig(
+                listen=listen, grace_s=0.5, metrics_listen="127.0.0.1:0" if self.metrics else None
+            ),
             cluster=config,
         )
 

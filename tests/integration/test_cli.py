@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,15 @@ async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
                 raise AssertionError(f"dev-cluster exited: {lines}; node logs: {logs}")
             lines.append(line.decode().strip())
         assert lines[0].startswith("balancer: 127.0.0.1:")  # the balancer's address first
-        assert lines[2].split()[:3] == ["NAME", "ADDRESS", "DATA_DIR"]
+        assert lines[2].split()[:4] == ["NAME", "ADDRESS", "METRICS", "DATA_DIR"]
+        # Every node's and the balancer's /metrics, as printed, answers.
+        urls = {row.split()[0]: row.split()[2] for row in lines[3:7]}
+        assert set(urls) == {"n1", "n2", "n3", "balancer"}
+        for name, url in urls.items():
+            text = await asyncio.to_thread(_get, url)
+            assert "pq_process_cpu_seconds_total" in text
+            if name != "balancer":
+                assert f'pq_node_info{{node="{name}"' in text
         balancer = lines[0].split()[1]
         address = lines[-1].split("PQ_ENDPOINT=")[1].split()[0]
         assert address == balancer  # clients go through the balancer
@@ -159,3 +168,8 @@ async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())

@@ -1,0 +1,168 @@
+"""A node's Prometheus metrics, on a registry of its own (one per server).
+
+Three kinds of figures:
+
+- **Events as they happen**: calls (``pqueue.observe``), commands per log
+  entry, durable-write seconds, elections. Histograms and counters fed by
+  the log through ``LogObserver``.
+- **State at scrape time**: jobs by queue and state, the oldest ready job's
+  age, per-queue totals, consensus indexes, replication lag, serving. Read
+  from the node by ``NodeCollector`` when Prometheus asks, so nothing is
+  kept twice and nothing goes stale. Queue state is replicated: every node
+  reports the same figures for the same applied index (dashboards take
+  ``max by (queue)``).
+- **The process**: CPU and memory (``pqueue.process_metrics``).
+
+Queue names label the per-queue families; they are bounded by
+``limits.MAX_QUEUES`` and vanish with their queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pqueue.node import QueueNode
+from pqueue.observe import GrpcMetrics
+from pqueue.process_metrics import ProcessCollector
+from pqueue.replicated import ReplicatedLog
+
+try:
+    VERSION = metadata.version("pqueue")
+except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+    VERSION = "unknown"
+
+_STATES = ("ready", "delayed", "leased", "dead")
+#: (family suffix, QueueStats field, help)
+_TOTALS = (
+    ("enqueued", "enqueued_total", "Jobs enqueued (duplicates of an idempotency key not counted)."),
+    ("leased", "leased_total", "Deliveries: jobs handed to a consumer under a lease."),
+    ("acked", "acked_total", "Jobs acknowledged as done."),
+    ("nacked", "nacked_total", "Jobs handed back by a consumer."),
+    ("expired", "expired_total", "Leases that ran out before an ack."),
+    ("dead_lettered", "dead_total", "Jobs moved to the dead letters."),
+)
+
+
+class NodeMetrics:
+    """The registry, plus the families fed as things happen. A ``LogObserver``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.grpc = GrpcMetrics(r)
+        self.batch_commands = Histogram(
+            "pq_consensus_batch_commands",
+            "Commands packed into one log entry by the leader (group commit).",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+        )
+        self.fsync_seconds = Histogram(
+            "pq_storage_fsync_seconds",
+            "Time of each durable write of the log (an fsync, or a committed transaction).",
+            registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1),
+        )
+        self.elections = Counter(
+            "pq_consensus_elections",
+            "Elections (phase-1 rounds) this node started.",
+            registry=r,
+        )
+        r.register(ProcessCollector())
+
+    # LogObserver
+    def batch(self, commands: int) -> None:
+        self.batch_commands.observe(commands)
+
+    def persisted(self, seconds: float) -> None:
+        self.fsync_seconds.observe(seconds)
+
+    def election(self) -> None:
+        self.elections.inc()
+
+
+class NodeCollector(Collector):
+    """Figures read from a running node at scrape time."""
+
+    def __init__(self, node: QueueNode) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        node = self._node
+        info = GaugeMetricFamily(
+            "pq_node_info", "This node's name and version (always 1).", labels=["node", "version"]
+        )
+        info.add_metric([node.config.node_id, VERSION], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "pq_node_serving",
+            "1 while the node takes calls (not draining, log healthy, storage reachable).",
+            value=int(node.serving),
+        )
+        yield GaugeMetricFamily(
+            "pq_node_calls_in_flight", "Client calls being served now.", value=node.calls_in_flight
+        )
+        yield GaugeMetricFamily(
+            "pq_storage_available",
+            "1 while the store is reachable.",
+            value=int(node.storage.available),
+        )
+        yield from self._queues(node)
+        st = node.log.status()
+        yield GaugeMetricFamily(
+            "pq_consensus_leader", "1 while this node leads.", value=int(node.log.is_leader)
+        )
+        yield GaugeMetricFamily(
+            "pq_consensus_ballot_round",
+            "Round of the ballot this node leads or follows.",
+            value=st.ballot[0],
+        )
+        for name, value, text in (
+            ("commit", st.commit_index, "Highest log index known chosen."),
+            ("applied", st.applied_index, "Highest log index applied to the queues."),
+            ("snapshot", st.snapshot_index, "Log index of the last snapshot."),
+        ):
+            yield GaugeMetricFamily(f"pq_consensus_{name}_index", text, value=value)
+        yield GaugeMetricFamily(
+            "pq_consensus_pending_commands",
+            "Commands waiting for, or in, a log entry not yet applied.",
+            value=st.pending,
+        )
+        lag = GaugeMetricFamily(
+            "pq_consensus_replication_lag_entries",
+            "On the leader: entries each peer's reported commit index trails the leader's.",
+            labels=["peer"],
+        )
+        if isinstance(node.log, ReplicatedLog):
+            for peer, entries in sorted(node.log.replication_lag().items()):
+                lag.add_metric([str(peer)], entries)
+        yield lag
+
+    @staticmethod
+    def _queues(node: QueueNode) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = node.machine.stats("", node.clock_ms())
+        jobs = GaugeMetricFamily(
+            "pq_queue_jobs", "Jobs in each queue, by state.", labels=["queue", "state"]
+        )
+        age = GaugeMetricFamily(
+            "pq_queue_oldest_ready_age_seconds",
+            "Age of each queue's oldest ready job (0: none).",
+            labels=["queue"],
+        )
+        totals = {
+            field: CounterMetricFamily(f"pq_queue_jobs_{name}", text, labels=["queue"])
+            for name, field, text in _TOTALS
+        }
+        for qs in stats:
+            for state in _STATES:
+                jobs.add_metric([qs.queue, state], getattr(qs, state))
+            age.add_metric([qs.queue], qs.oldest_ready_age_ms / 1000)
+            for field, family in totals.items():
+                family.add_metric([qs.queue], getattr(qs, field))
+        yield jobs
+        yield age
+        yield from totals.values()

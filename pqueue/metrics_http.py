@@ -1,0 +1,145 @@
+"""``/metrics`` over HTTP, served on the event loop.
+
+prometheus-client's own server runs in a thread; our collectors read the
+queue state and the consensus replica, which only the event loop may touch
+while it runs. So the scrape is answered on the loop: a plain HTTP/1.1
+server that knows ``GET /metrics`` (text format 0.0.4, gzip if asked) and
+nothing else. A scrape is small work (a few hundred lines), done between
+other callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import logging
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+logger = logging.getLogger(__name__)
+
+#: Longest request head accepted (a scrape's is a few hundred bytes).
+_MAX_HEAD_BYTES = 16 * 1024
+_READ_TIMEOUT_S = 10.0
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); raises ValueError on a bad address."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"metrics address {listen!r} must be HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class MetricsServer:
+    """Serves one registry at ``/metrics``; ``start`` binds, ``stop`` closes."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        self.registry = registry
+        self.host, self._port = split_listen(listen)
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        """The bound port (0 resolved once started)."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self._port}"
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self._port)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {self.host}:{self._port}: {exc}") from exc
+        self._port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        if self._conns:
+            await asyncio.wait(self._conns)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            while await self._one(reader, writer):
+                pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass
+        finally:
+            self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; whether the connection stays open."""
+        async with asyncio.timeout(_READ_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+        if len(head) > _MAX_HEAD_BYTES:
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (line.partition(":") for line in lines[1:] if line)
+        }
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            await self._respond(writer, 400, b"bad request\n", "text/plain", False)
+            return False
+        method, target, version = parts
+        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            await self._respond(writer, 405, b"method not allowed\n", "text/plain", keep)
+        elif path == "/metrics":
+            body = generate_latest(self.registry)
+            gz = "gzip" in headers.get("accept-encoding", "")
+            await self._respond(
+                writer,
+                200,
+                gzip.compress(body, 1) if gz else body,
+                CONTENT_TYPE_PLAIN_0_0_4,  # the classic text format every Prometheus 2 reads
+                keep,
+                gzipped=gz,
+                head=method == "HEAD",
+            )
+        else:
+            await self._respond(writer, 404, b"see /metrics\n", "text/plain", keep)
+        return keep
+
+    @staticmethod
+    async def _respond(
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        content_type: str,
+        keep: bool,
+        gzipped: bool = False,
+        head: bool = False,
+    ) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        lines = [
+            f"HTTP/1.1 {status} {reason[status]}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            f"Connection: {'keep-alive' if keep else 'close'}",
+        ]
+        if gzipped:
+            lines.append("Content-Encoding: gzip")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if not head:
+            writer.write(body)
+        await writer.drain()

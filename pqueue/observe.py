@@ -1,0 +1,337 @@
+"""Every call a server takes, counted, timed and logged, in one interceptor.
+
+Node and balancer both install ``Observer``. For each call it
+
+- logs one request line when the call arrives and, if the call fails, one
+  error line when it ends (``pqueue.logs`` gives the format);
+- counts it by service, method and final status code, and times it, on the
+  server's own registry (``pq_grpc_server_handled_total``,
+  ``pq_grpc_server_handling_seconds``);
+- gives it a request id: the caller's ``x-request-id``, or a new one. The id
+  is held in a context variable for the call's task, so a hop onwards (the
+  balancer's proxy, a follower forwarding to the leader) passes it on.
+
+Health checks, load probes, reflection and peer traffic log at DEBUG: they
+are machines talking, several times a second. Method labels come from the
+methods actually served, so a caller cannot grow them: an unknown name is
+``unknown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeAlias
+
+import grpc
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+
+#: Metadata carrying the request id, end to end.
+REQUEST_ID_KEY = "x-request-id"
+#: Metadata naming the original caller's IP (each hop appends the one it saw).
+FORWARDED_FOR_KEY = "x-forwarded-for"
+#: Longest request id taken from a caller (longer ones are replaced).
+MAX_REQUEST_ID_CHARS = 64
+
+#: The request id of the call being served by this task ("" outside a call).
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("pq_request_id", default="")
+#: The original caller's IP of the call being served ("" outside a call).
+client_ip: contextvars.ContextVar[str] = contextvars.ContextVar("pq_client_ip", default="")
+
+_QUIET_SERVICES = frozenset(
+    (
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+        "pqueue.v1.Peer",
+    )
+)
+_QUIET_METHODS = frozenset(("/pqueue.v1.Admin/NodeStatus", "/pqueue.v1.Balancer/Status"))
+
+#: Latency buckets: sub-millisecond reads up to a minute-long poll.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
+
+logger = logging.getLogger("pqueue.requests")
+
+# No ``*_created`` series: they double every counter and histogram and no
+# dashboard of ours reads them (Prometheus detects counter resets itself).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Behaviour = Callable[..., Any]  # the stubs type behaviours as sync; ours are async
+
+
+class GrpcMetrics:
+    """Calls by service, method and code, and their latency, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.handled = Counter(
+            "pq_grpc_server_handled_total",
+            "Calls finished, by service, method and status code.",
+            ["service", "method", "code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "pq_grpc_server_handling_seconds",
+            "Time from a call's arrival to its answer, by service and method.",
+            ["service", "method"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+
+
+def new_request_id() -> str:
+    """A fresh request id: 16 hex digits."""
+    return uuid.uuid4().hex[:16]
+
+
+def _ip_of(peer: str) -> str:
+    """``ipv4:1.2.3.4:5`` -> ``1.2.3.4``; ``ipv6:[::1]:5`` -> ``::1``; else as is."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
+def _first_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str:
+    for k, v in metadata or ():
+        if k == key and isinstance(v, str):
+            return v
+    return ""
+
+
+def hop_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata for a hop onwards from the call this task serves: its id and caller."""
+    rid, ip = request_id.get(), client_ip.get()
+    out: list[tuple[str, str]] = []
+    if rid:
+        out.append((REQUEST_ID_KEY, rid))
+    if ip:
+        out.append((FORWARDED_FOR_KEY, ip))
+    return tuple(out)
+
+
+class _Call:
+    """One call's bookkeeping: start, request line, outcome."""
+
+    __slots__ = ("ip", "method", "name", "observer", "quiet", "rid", "service", "started")
+
+    def __init__(self, observer: Observer, method: str, metadata: Any, context: Context) -> None:
+        self.observer = observer
+        self.method = method
+        self.service, _, self.name = method.lstrip("/").partition("/")
+        if method not in observer.known_methods:
+            self.service, self.name = "unknown", "unknown"
+        self.quiet = self.service in _QUIET_SERVICES or method in _QUIET_METHODS
+        self.started = time.perf_counter()
+        rid = _first_value(metadata, REQUEST_ID_KEY)
+        self.rid = rid if 0 < len(rid) <= MAX_REQUEST_ID_CHARS and rid.isprintable() else ""
+        self.rid = self.rid or new_request_id()
+        # The first hop's caller, if a balancer or a follower passed it on.
+        forwarded = _first_value(metadata, FORWARDED_FOR_KEY).split(",")[0].strip()
+        self.ip = forwarded or _ip_of(context.peer() or "")
+        request_id.set(self.rid)
+        client_ip.set(self.ip)
+
+    @property
+    def route(self) -> str:
+        return f"{self.observer.name}{self.method}"
+
+    def received(self) -> None:
+        level = logging.DEBUG if self.quiet else logging.INFO
+        if not logger.isEnabledFor(level):
+            return
+        uri = f"grpc://{self.observer.authority()}{self.method}?request_id={self.rid}"
+        logger.log(
+            level,
+            "Received %s request for %s from IP: %s",
+            self.name,
+            uri,
+            self.ip,
+            extra={
+                "route": self.route,
+                "request_id": self.rid,
+                "client_ip": self.ip,
+                "grpc_method": self.method,
+            },
+        )
+
+    def finished(self, code: grpc.StatusCode, details: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        metrics = self.observer.metrics
+        metrics.handled.labels(self.service, self.name, code.name).inc()
+        metrics.seconds.labels(self.service, self.name).observe(elapsed)
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            return  # a caller that went away is not an error here
+        level = logging.DEBUG if self.quiet else logging.ERROR
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "%s: %s (request_id=%s, %.1f ms)",
+                code.name,
+                details or "-",
+                self.rid,
+                elapsed * 1000,
+                extra={
+                    "route": self.route,
+                    "request_id": self.rid,
+                    "code": code.name,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
+
+    def outcome(self, context: Context, exc: BaseException | None) -> None:
+        """Work out the final status from how the behaviour ended."""
+        if exc is None:
+            code = context.code() or grpc.StatusCode.OK
+        elif isinstance(exc, grpc.aio.AbortError):
+            code = context.code() or grpc.StatusCode.UNKNOWN
+        elif isinstance(exc, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED
+        else:
+            remaining = context.time_remaining()
+            late = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.UNKNOWN
+            if not late:
+                logger.error(
+                    "%s failed unexpectedly (request_id=%s)",
+                    self.method,
+                    self.rid,
+                    exc_info=exc,
+                    extra={"route": self.route, "request_id": self.rid},
+                )
+        details = ""
+        if code is not grpc.StatusCode.OK:
+            details = context.details() or (str(exc) if exc is not None else "")
+        self.finished(code, details if isinstance(details, str) else repr(details))
+
+
+class Observer(grpc.aio.ServerInterceptor):
+    """Logs, counts and times every call; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        authority: Callable[[], str],
+        metrics: GrpcMetrics,
+        known_methods: Iterable[str],
+    ) -> None:
+        #: Who serves: ``n1``, ``balancer``. Prefixes every request route.
+        self.name = name
+        self.authority = authority
+        self.metrics = metrics
+        self.known_methods = frozenset(known_methods)
+        self._cache: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # gRPC answers UNIMPLEMENTED; nothing ran
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        if method in self.known_methods:
+            self._cache[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._behaviour(method, handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._behaviour(method, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._behaviour(method, handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            self._behaviour(method, handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+    def _behaviour(self, method: str, inner: Behaviour) -> Behaviour:
+        """Wrap a behaviour, whether it returns, or yields its responses."""
+        if inspect.isasyncgenfunction(inner):
+
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                call = _Call(self, method, context.invocation_metadata(), context)
+                call.received()
+                error: BaseException | None = None
+                try:
+                    async for response in inner(request, context):
+                        yield response
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    call.outcome(context, error)
+
+            return stream
+
+        async def unary(request: Any, context: Context) -> Any:
+            call = _Call(self, method, context.invocation_metadata(), context)
+            call.received()
+            error: BaseException | None = None
+            try:
+                return await inner(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                call.outcome(context, error)
+
+        return unary
+
+
+def served_methods(*descriptors: Any) -> frozenset[str]:
+    """Full method paths (``/pkg.Service/Method``) of the given file descriptors' services."""
+    return frozenset(
+        f"/{service.full_name}/{m.name}"
+        for d in descriptors
+        for service in d.services_by_name.values()
+        for m in service.methods
+    )

@@ -1,0 +1,69 @@
+"""The /metrics endpoint as Prometheus (and a confused client) would use it."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+
+from prometheus_client import CollectorRegistry, Counter
+
+from pqueue.metrics_http import MetricsServer
+
+
+async def request(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+        head_only = raw.startswith(b"HEAD ")
+        body = b"" if head_only else await reader.readexactly(int(headers["content-length"]))
+        return head[0], headers, body
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_metrics_are_served_plain_or_gzipped_and_nothing_else() -> None:
+    registry = CollectorRegistry()
+    Counter("pq_test_things", "Things.", registry=registry).inc(3)
+    server = MetricsServer(registry, "127.0.0.1:0")
+    await server.start()
+    try:
+        status, headers, body = await request(
+            server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert status == "HTTP/1.1 200 OK"
+        assert headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert b"pq_test_things_total 3.0" in body
+        status, headers, body = await request(
+            server.port, b"GET /metrics HTTP/1.1\r\nAccept-Encoding: gzip\r\n\r\n"
+        )
+        assert headers["content-encoding"] == "gzip"
+        assert b"pq_test_things_total 3.0" in gzip.decompress(body)
+        status, _, _ = await request(server.port, b"GET /other HTTP/1.1\r\n\r\n")
+        assert status == "HTTP/1.1 404 Not Found"
+        status, _, _ = await request(server.port, b"POST /metrics HTTP/1.1\r\n\r\n")
+        assert status == "HTTP/1.1 405 Method Not Allowed"
+        status, _, _ = await request(server.port, b"nonsense\r\n\r\n")
+        assert status == "HTTP/1.1 400 Bad Request"
+        status, headers, body = await request(server.port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        assert status == "HTTP/1.1 200 OK"
+        assert int(headers["content-length"]) > 0
+    finally:
+        await server.stop()
+
+
+async def test_a_client_that_never_finishes_its_request_does_not_block_stop() -> None:
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1:0")
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /metr")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(server.stop(), 5)
+        assert await reader.read() == b""  # closed on us
+    finally:
+        writer.close()

@@ -1,0 +1,336 @@
+"""Metrics and logs of a running cluster: a 3-node cluster and a balancer in one
+process (real gRPC, real HTTP scrapes), and a real ``pq node`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from balancer.server import BalancerServer
+from pqueue.client import Client
+from pqueue.errors import InvalidArgumentError
+from pqueue.logs import JsonFormatter, TextFormatter
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.v1 import queue_pb2_grpc as pbg
+from tests import promtool
+from tests.deploy.dashboard import dashboard_metric_names
+from tests.inproc import Cluster
+from tests.integration.test_balancer import Setup, balancer_config
+
+#: Families the issue asks every node to export.
+NODE_FAMILIES = {
+    "pq_grpc_server_handled_total",
+    "pq_grpc_server_handling_seconds",
+    "pq_queue_jobs",
+    "pq_queue_oldest_ready_age_seconds",
+    "pq_queue_jobs_enqueued_total",
+    "pq_queue_jobs_leased_total",
+    "pq_queue_jobs_acked_total",
+    "pq_queue_jobs_nacked_total",
+    "pq_queue_jobs_expired_total",
+    "pq_queue_jobs_dead_lettered_total",
+    "pq_consensus_leader",
+    "pq_consensus_ballot_round",
+    "pq_consensus_commit_index",
+    "pq_consensus_applied_index",
+    "pq_consensus_elections_total",
+    "pq_consensus_replication_lag_entries",
+    "pq_consensus_batch_commands",
+    "pq_storage_fsync_seconds",
+    "pq_process_cpu_seconds_total",
+    "pq_process_resident_memory_bytes",
+}
+BALANCER_FAMILIES = {
+    "pq_grpc_server_handled_total",
+    "pq_grpc_server_handling_seconds",
+    "pq_balancer_backend_weight",
+    "pq_balancer_picks_total",
+    "pq_balancer_ejections_total",
+    "pq_balancer_retries_total",
+    "pq_process_cpu_seconds_total",
+    "pq_process_resident_memory_bytes",
+}
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return str(r.read().decode())
+
+
+def family_names(text: str) -> set[str]:
+    """Family names as exposed: counters with ``_total``, histograms without suffixes."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+    return names
+
+
+def samples(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(s: Samples, name: str, **labels: str) -> float:
+    return s[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    cluster = Cluster(tmp_path, metrics=True)
+    await cluster.start()
+    try:
+        await cluster.leader()
+        balancer = BalancerServer(balancer_config(cluster))
+        await balancer.start()
+        try:
+            s = Setup(cluster, balancer)
+
+            async def knows_leader() -> bool:
+                return balancer.backends.pool.leader() is not None
+
+            await s.wait_for("the balancer to know the leader", knows_leader)
+            yield s
+        finally:
+            await balancer.stop()
+    finally:
+        await cluster.stop()
+
+
+async def some_traffic(address: str) -> None:
+    """Three jobs in: one acked, one nacked to the dead letters, one ready; one bad call."""
+    async with Client(address, max_retries=0) as c:
+        await c.create_queue("q", pb.QueueConfig(max_attempts=1, max_priority=5))
+        for priority in (1, 2, 3):
+            await c.enqueue("q", b"job", priority=priority)
+        [first] = await c.lease("q")
+        await c.ack("q", first.job_id, first.lease_id)
+        [second] = await c.lease("q")
+        await c.nack("q", second.job_id, second.lease_id, reason="boom")
+        with pytest.raises(InvalidArgumentError):
+            await c.enqueue("q", b"x", priority=9)
+
+
+async def test_every_node_and_the_balancer_export_every_family_and_pass_promtool(
+    setup: Setup,
+) -> None:
+    await some_traffic(setup.balancer.address)
+    await setup.cluster.settled()
+    leader = await setup.cluster.leader()
+    texts = {
+        i: await asyncio.to_thread(scrape, s.metrics_server.address)
+        for i, s in setup.cluster.servers.items()
+        if s.metrics_server is not None
+    }
+    assert len(texts) == 3
+    balancer_text = await asyncio.to_thread(scrape, setup.balancer.metrics_address)
+    for text in (*texts.values(), balancer_text):
+        promtool.check("metrics", stdin=text.encode())
+    for i, text in texts.items():
+        missing = NODE_FAMILIES - family_names(text)
+        assert not missing, f"n{i} lacks {sorted(missing)}"
+    assert not BALANCER_FAMILIES - family_names(balancer_text)
+
+    # The figures are the cluster's: replicated state reads the same on every node.
+    for i, text in texts.items():
+        s = samples(text)
+        assert value(s, "pq_queue_jobs", queue="q", state="ready") == 1
+        assert value(s, "pq_queue_jobs", queue="q", state="dead") == 1
+        assert value(s, "pq_queue_jobs", queue="q", state="leased") == 0
+        assert value(s, "pq_queue_jobs_enqueued_total", queue="q") == 3
+        assert value(s, "pq_queue_jobs_leased_total", queue="q") == 2
+        assert value(s, "pq_queue_jobs_acked_total", queue="q") == 1
+        assert value(s, "pq_queue_jobs_nacked_total", queue="q") == 1
+        assert value(s, "pq_queue_jobs_dead_lettered_total", queue="q") == 1
+        assert value(s, "pq_consensus_leader") == (1 if i == leader else 0)
+        assert value(s, "pq_consensus_applied_index") == value(s, "pq_consensus_commit_index")
+        assert value(s, "pq_storage_fsync_seconds_count") > 0
+        assert value(s, "pq_node_info", node=f"n{i}", version=value_label(s, "pq_node_info")) == 1
+        lag = {dict(k[1])["peer"] for k in s if k[0] == "pq_consensus_replication_lag_entries"}
+        assert lag == ({str(p) for p in texts if p != i} if i == leader else set())
+    s = samples(texts[leader])
+    assert value(s, "pq_consensus_batch_commands_count") > 0
+    created = {"service": "pqueue.v1.Admin", "method": "CreateQueue", "code": "OK"}
+    assert value(s, "pq_grpc_server_handled_total", **created) == 1
+    refused = {"service": "pqueue.v1.Queue", "method": "Enqueue", "code": "INVALID_ARGUMENT"}
+    assert value(s, "pq_grpc_server_handled_total", **refused) == 1
+    assert sum(value(samples(t), "pq_consensus_elections_total") for t in texts.values()) >= 1
+    b = samples(balancer_text)
+    assert value(b, "pq_grpc_server_handled_total", **refused) == 1
+    assert value(b, "pq_balancer_backend_leader", backend=setup.backend(leader)) == 1
+
+
+def value_label(s: Samples, name: str) -> str:
+    [labels] = [dict(k[1]) for k in s if k[0] == name]
+    return labels["version"]
+
+
+async def test_every_metric_the_dashboard_queries_is_exported(setup: Setup) -> None:
+    await some_traffic(setup.balancer.address)
+    exported: set[str] = set()
+    for server in setup.cluster.servers.values():
+        assert server.metrics_server is not None
+        exported |= family_names(await asyncio.to_thread(scrape, server.metrics_server.address))
+    exported |= family_names(await asyncio.to_thread(scrape, setup.balancer.metrics_address))
+    used = dashboard_metric_names()
+    assert len(used) >= 15  # the dashboard is not empty
+    assert used <= exported, f"the dashboard queries what nobody exports: {used - exported}"
+
+
+TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
+REQUEST_LINE = re.compile(
+    rf"^{TIME} \[INFO\] (?P<route>\S+): Received (?P<method>\w+) request for "
+    r"(?P<uri>grpc://[\d.]+:\d+(?P<path>/\S+)\?request_id=(?P<rid>[\w-]+)) from IP: (?P<ip>\S+)$"
+)
+ERROR_LINE = re.compile(
+    rf"^{TIME} \[ERROR\] (?P<route>\S+): (?P<message>(?P<code>[A-Z_]+): .+ "
+    r"\(request_id=(?P<rid>[\w-]+), [\d.]+ ms\))$"
+)
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    text = TextFormatter("test")
+    return [text.format(r) for r in caplog.records if r.name == "pqueue.requests"]
+
+
+async def test_request_and_error_lines_carry_the_node_and_one_request_id_end_to_end(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pqueue.requests")
+    async with Client(setup.balancer.address, max_retries=0) as c:
+        await c.create_queue("q", pb.QueueConfig(max_priority=5))
+    caplog.clear()
+    async with grpc.aio.insecure_channel(setup.balancer.address) as channel:
+        queue = pbg.QueueStub(channel)
+        job = pb.JobSpec(payload=b"x", priority=1)
+        await queue.Enqueue(
+            pb.EnqueueRequest(queue="q", job=job), metadata=(("x-request-id", "my-req-1"),)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await queue.Enqueue(pb.EnqueueRequest(queue="q", job=pb.JobSpec(priority=9)))
+    requests = [m for m in map(REQUEST_LINE.match, lines(caplog)) if m]
+    errors = [m for m in map(ERROR_LINE.match, lines(caplog)) if m]
+    leader = f"n{await setup.cluster.leader()}"
+    # The caller's own id, through the balancer to the leader.
+    mine = [m for m in requests if m["rid"] == "my-req-1"]
+    assert {m["route"] for m in mine} == {
+        "balancer/pqueue.v1.Queue/Enqueue",
+        f"{leader}/pqueue.v1.Queue/Enqueue",
+    }
+    for m in mine:
+        assert (m["method"], m["path"], m["ip"]) == (
+            "Enqueue",
+            "/pqueue.v1.Queue/Enqueue",
+            "127.0.0.1",
+        )
+    # A call without one gets one at the balancer, and the node logs the same.
+    others = [m for m in requests if m["rid"] != "my-req-1"]
+    assert len(others) == 2
+    assert len({m["rid"] for m in others}) == 1
+    # The refused call: one error line on the node and one on the balancer, same id.
+    assert {m["route"] for m in errors} == {
+        "balancer/pqueue.v1.Queue/Enqueue",
+        f"{leader}/pqueue.v1.Queue/Enqueue",
+    }
+    assert {m["rid"] for m in errors} == {others[0]["rid"]}
+    assert all(m["code"] == "INVALID_ARGUMENT" and "priority" in m["message"] for m in errors)
+
+
+async def test_a_follower_forwarding_passes_the_request_id_and_the_callers_ip(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    leader = await setup.cluster.leader()
+    follower = next(i for i in setup.cluster.servers if i != leader)
+    async with Client(setup.backend(leader), max_retries=0) as c:
+        await c.create_queue("q")
+    caplog.set_level(logging.INFO, logger="pqueue.requests")
+    async with grpc.aio.insecure_channel(setup.backend(follower)) as channel:
+        await pbg.QueueStub(channel).Enqueue(
+            pb.EnqueueRequest(queue="q", job=pb.JobSpec(payload=b"x")),
+            metadata=(("x-request-id", "fwd-1"),),
+        )
+    routes = {
+        m["route"]: m["ip"]
+        for m in map(REQUEST_LINE.match, lines(caplog))
+        if m and m["rid"] == "fwd-1"
+    }
+    assert routes == {
+        f"n{follower}/pqueue.v1.Queue/Enqueue": "127.0.0.1",
+        f"n{leader}/pqueue.v1.Queue/Enqueue": "127.0.0.1",
+    }
+
+
+def test_json_lines_hold_the_same_fields() -> None:
+    record = logging.LogRecord(
+        "pqueue.requests", logging.INFO, __file__, 1, "Received %s", ("X",), None
+    )
+    record.route = "n2/pqueue.v1.Queue/Lease"
+    record.request_id = "abc"
+    line = json.loads(JsonFormatter("n2").format(record))
+    assert line["level"] == "INFO"
+    assert line["node"] == "n2"
+    assert line["route"] == "n2/pqueue.v1.Queue/Lease"
+    assert line["message"] == "Received X"
+    assert line["request_id"] == "abc"
+    assert re.fullmatch(TIME, line["time"])
+    plain = logging.LogRecord(
+        "pqueue.replicated", logging.INFO, __file__, 1, "became leader", (), None
+    )
+    assert json.loads(JsonFormatter("n2").format(plain))["route"] == "n2/pqueue.replicated"
+    assert re.fullmatch(
+        rf"{TIME} \[INFO\] n2/pqueue\.replicated: became leader", TextFormatter("n2").format(plain)
+    )
+
+
+def test_a_node_process_logs_json_and_serves_metrics(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(tmp_path / "n1")]
+    cmd += ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        os.set_blocking(proc.stderr.fileno(), True)
+        deadline = time.monotonic() + 30
+        metrics = ""
+        seen: list[dict[str, object]] = []
+        while not metrics and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(json.loads(line))  # every line is one JSON object
+            found = re.search(r"metrics on http://(\S+)/metrics", str(seen[-1]["message"]))
+            metrics = found.group(1) if found else ""
+        assert metrics, f"no metrics address in {seen}"
+        assert all(entry["node"] == "n1" for entry in seen)
+        assert any("became leader" in str(entry["message"]) for entry in seen)
+        text = scrape(metrics)
+        assert 'pq_node_info{node="n1"' in text
+        assert "pq_consensus_leader 1.0" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
