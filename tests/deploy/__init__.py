@@ -1,0 +1,1 @@
+"""Static checks of ``deploy/``: compose, Kubernetes, the image, Prometheus and Grafana."""
