@@ -31,6 +31,8 @@ MAX_WAIT_MS = 60_000
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
 MAX_NAME_CHARS = 128
+#: Queues a cluster holds (each is a dozen metric series, labelled by its name).
+MAX_QUEUES = 10_000
 MAX_KEY_CHARS = 256
 MAX_REASON_CHARS = 4096
 #: A dead job keeps this many of its most recent errors.

@@ -28,6 +28,7 @@ from pqueue.errors import (
     LeaseLostError,
     NotFoundError,
     PQueueError,
+    ResourceExhaustedError,
 )
 from pqueue.jobs import DEAD, DELAYED, LEASED, READY, WAITING, Group, Job, QueueState, backoff_ms
 from pqueue.v1 import log_pb2 as logpb
@@ -419,6 +420,10 @@ class QueueMachine:
     # ----------------------------------------------------------- transitions
 
     def _new_queue(self, name: str, config: pb.QueueConfig) -> QueueState:
+        if len(self.queues) >= limits.MAX_QUEUES:
+            raise ResourceExhaustedError(
+                f"the cluster holds its limit of {limits.MAX_QUEUES} queues; delete one first"
+            )
         queue = QueueState(name=name, config=config)
         self.queues[name] = queue
         return queue

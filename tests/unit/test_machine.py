@@ -10,6 +10,7 @@ from pqueue.errors import (
     InvalidArgumentError,
     LeaseLostError,
     NotFoundError,
+    ResourceExhaustedError,
 )
 from pqueue.jobs import backoff_ms
 from pqueue.v1 import queue_pb2 as pb
@@ -463,3 +464,19 @@ def test_heaps_stay_bounded_under_churn(d: Driver) -> None:
     assert len(q.ready) < 200
     assert len(q.oldest) < 200
     assert len(d.m._leases) < 3000
+
+
+def test_queues_are_bounded_and_the_refusal_changes_nothing(
+    d: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_QUEUES", 2)
+    d.create("a")
+    d.enqueue("b")
+    before = d.state()
+    for command in (
+        {"create_queue": pb.CreateQueueRequest(queue="c")},
+        {"enqueue": pb.EnqueueBatchRequest(queue="c", jobs=[pb.JobSpec(payload=b"x")])},
+    ):
+        assert isinstance(d.run(**command), ResourceExhaustedError)
+    assert d.state() == before
+    d.enqueue("a")  # existing queues take jobs as before
