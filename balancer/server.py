@@ -108,7 +108,7 @@ class BalancerServer:
             "balancer",
             lambda: self.address,
             self.metrics.grpc,
-            served_methods(pb.DESCRIPTOR, bpb.DESCRIPTOR, health_pb2.DESCRIPTOR),
+            served_methods(pb.DESCRIPTOR, bpb.DESCRIPTOR),
         )
         server = grpc.aio.server(
             interceptors=(observer,),

@@ -123,10 +123,10 @@ def run_dev_cluster(
     """Run until interrupted; non-zero if the cluster fails to come up."""
     root.mkdir(parents=True, exist_ok=True)
     addresses = cluster_addresses(nodes, base_port)
-    if base_port == 0:
-        balancer_port, *metrics_ports = free_ports(2 + nodes)
+    balancer_port = base_port or free_ports(1)[0]
+    if base_port == 0 or metrics_port == 0:  # 0: any free ports
+        metrics_ports = free_ports(nodes + 1)
     else:
-        balancer_port = base_port
         metrics_ports = [metrics_port + i for i in range(nodes + 1)]
     balancer = _Balancer(
         root,

@@ -7,15 +7,15 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 
 from pqueue import limits
+from pqueue.observe import (
+    FORWARDED_KEY as FORWARDED_KEY,  # a forwarded call is never forwarded twice
+)
 from pqueue.observe import hop_metadata
 from pqueue.status import from_rpc_error
 from pqueue.v1 import queue_pb2 as pb
 
 #: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
 DEFAULT_FORWARD_TIMEOUT_S = 75.0
-
-#: Metadata a forwarded call carries, so it is never forwarded twice.
-FORWARDED_KEY = "pq-forwarded-by"
 
 
 class Forwarder:

@@ -13,8 +13,10 @@ Three kinds of figures:
   ``max by (queue)``).
 - **The process**: CPU and memory (``pqueue.process_metrics``).
 
-Queue names label the per-queue families; they are bounded by
-``limits.MAX_QUEUES`` and vanish with their queue.
+Queue names label the per-queue families: the first ``max_queues`` by name
+get series of their own, the rest are summed under ``queue="_other"``, so
+the series stay bounded however many queues the cluster holds (up to
+``limits.MAX_QUEUES``), and a scrape stays cheap for the event loop.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pqueue.jobs import DEAD, DELAYED, LEASED, READY, QueueState
 from pqueue.node import QueueNode
 from pqueue.observe import GrpcMetrics
 from pqueue.process_metrics import ProcessCollector
@@ -36,16 +39,20 @@ try:
 except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
     VERSION = "unknown"
 
-_STATES = ("ready", "delayed", "leased", "dead")
-#: (family suffix, QueueStats field, help)
+_STATES = (("ready", READY), ("delayed", DELAYED), ("leased", LEASED), ("dead", DEAD))
+#: (family suffix, Counters attribute, help)
 _TOTALS = (
-    ("enqueued", "enqueued_total", "Jobs enqueued (duplicates of an idempotency key not counted)."),
-    ("leased", "leased_total", "Deliveries: jobs handed to a consumer under a lease."),
-    ("acked", "acked_total", "Jobs acknowledged as done."),
-    ("nacked", "nacked_total", "Jobs handed back by a consumer."),
-    ("expired", "expired_total", "Leases that ran out before an ack."),
-    ("dead_lettered", "dead_total", "Jobs moved to the dead letters."),
+    ("enqueued", "enqueued", "Jobs enqueued (duplicates of an idempotency key not counted)."),
+    ("leased", "leased", "Deliveries: jobs handed to a consumer under a lease."),
+    ("acked", "acked", "Jobs acknowledged as done."),
+    ("nacked", "nacked", "Jobs handed back by a consumer."),
+    ("expired", "expired", "Leases that ran out before an ack."),
+    ("dead_lettered", "dead", "Jobs moved to the dead letters."),
 )
+#: Queues given series of their own, by name; the rest are summed as one.
+DEFAULT_MAX_QUEUES = 500
+#: The label of the row that sums the queues beyond the budget.
+OTHER_QUEUES = "_other"
 
 
 class NodeMetrics:
@@ -88,8 +95,10 @@ class NodeMetrics:
 class NodeCollector(Collector):
     """Figures read from a running node at scrape time."""
 
-    def __init__(self, node: QueueNode) -> None:
+    def __init__(self, node: QueueNode, max_queues: int = DEFAULT_MAX_QUEUES) -> None:
         self._node = node
+        #: Queues with series of their own (11 each, per node); the rest are summed.
+        self.max_queues = max_queues
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         node = self._node
@@ -142,9 +151,7 @@ class NodeCollector(Collector):
                 lag.add_metric([str(peer)], entries)
         yield lag
 
-    @staticmethod
-    def _queues(node: QueueNode) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = node.machine.stats("", node.clock_ms())
+    def _queues(self, node: QueueNode) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         jobs = GaugeMetricFamily(
             "pq_queue_jobs", "Jobs in each queue, by state.", labels=["queue", "state"]
         )
@@ -154,15 +161,27 @@ class NodeCollector(Collector):
             labels=["queue"],
         )
         totals = {
-            field: CounterMetricFamily(f"pq_queue_jobs_{name}", text, labels=["queue"])
-            for name, field, text in _TOTALS
+            attr: CounterMetricFamily(f"pq_queue_jobs_{name}", text, labels=["queue"])
+            for name, attr, text in _TOTALS
         }
-        for qs in stats:
-            for state in _STATES:
-                jobs.add_metric([qs.queue, state], getattr(qs, state))
-            age.add_metric([qs.queue], qs.oldest_ready_age_ms / 1000)
-            for field, family in totals.items():
-                family.add_metric([qs.queue], getattr(qs, field))
+        # Replicated totals must never go backwards: wait until this node has
+        # applied what the leader has chosen (see ReplicatedLog.caught_up).
+        if isinstance(node.log, ReplicatedLog) and not node.log.caught_up:
+            return
+        now = node.clock_ms()
+        queues = node.machine.queues
+        names = sorted(queues)
+        shown, rest = names[: self.max_queues], names[self.max_queues :]
+        rows: list[tuple[str, list[QueueState]]] = [(n, [queues[n]]) for n in shown]
+        if rest:  # beyond the budget: one row for all of them
+            rows.append((OTHER_QUEUES, [queues[n] for n in rest]))
+        for label, group in rows:
+            for state, key in _STATES:
+                jobs.add_metric([label, state], sum(q.counts[key] for q in group))
+            oldest = [t for t in (q.oldest_ready_at() for q in group) if t is not None]
+            age.add_metric([label], max(0, now - min(oldest)) / 1000 if oldest else 0.0)
+            for attr, family in totals.items():
+                family.add_metric([label], sum(getattr(q.counters, attr) for q in group))
         yield jobs
         yield age
         yield from totals.values()

@@ -5,7 +5,8 @@ queue state and the consensus replica, which only the event loop may touch
 while it runs. So the scrape is answered on the loop: a plain HTTP/1.1
 server that knows ``GET /metrics`` (text format 0.0.4, gzip if asked) and
 nothing else. A scrape is small work (a few hundred lines), done between
-other callbacks.
+other callbacks; turning them into text (the costly part with many series)
+runs in a thread.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import asyncio
 import contextlib
 import gzip
 import logging
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,16 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"metrics address {listen!r} must be HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _Collected(Collector):
+    """Families already read, for formatting away from the loop."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
 
 
 class MetricsServer:
@@ -78,6 +92,8 @@ class MetricsServer:
                 pass
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            pass  # stop(): end quietly (asyncio logs a cancelled connection task)
         finally:
             self._conns.discard(task)
             writer.close()
@@ -105,7 +121,14 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             await self._respond(writer, 405, b"method not allowed\n", "text/plain", keep)
         elif path == "/metrics":
-            body = generate_latest(self.registry)
+            try:
+                body = await self._render()
+            except Exception:
+                logger.exception("collecting metrics failed")
+                await self._respond(
+                    writer, 500, b"collecting metrics failed\n", "text/plain", False
+                )
+                return False
             gz = "gzip" in headers.get("accept-encoding", "")
             await self._respond(
                 writer,
@@ -120,6 +143,11 @@ class MetricsServer:
             await self._respond(writer, 404, b"see /metrics\n", "text/plain", keep)
         return keep
 
+    async def _render(self) -> bytes:
+        """Read every figure on the loop (cheap), format them in a thread (not)."""
+        families = list(self.registry.collect())
+        return await asyncio.to_thread(generate_latest, _Collected(families))
+
     @staticmethod
     async def _respond(
         writer: asyncio.StreamWriter,
@@ -130,7 +158,13 @@ class MetricsServer:
         gzipped: bool = False,
         head: bool = False,
     ) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        reason = {
+            200: "OK",
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            500: "Internal Server Error",
+        }
         lines = [
             f"HTTP/1.1 {status} {reason[status]}",
             f"Content-Type: {content_type}",

@@ -23,6 +23,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -30,12 +31,15 @@ from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
 #: Metadata carrying the request id, end to end.
 REQUEST_ID_KEY = "x-request-id"
-#: Metadata naming the original caller's IP (each hop appends the one it saw).
+#: Metadata naming the first caller's IP, set by a hop (balancer, forwarding follower).
 FORWARDED_FOR_KEY = "x-forwarded-for"
+#: Metadata a hop (the balancer, a forwarding follower) marks its calls with.
+FORWARDED_KEY = "pq-forwarded-by"
 #: Longest request id taken from a caller (longer ones are replaced).
 MAX_REQUEST_ID_CHARS = 64
 
@@ -47,8 +51,7 @@ client_ip: contextvars.ContextVar[str] = contextvars.ContextVar("pq_client_ip", 
 _QUIET_SERVICES = frozenset(
     (
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        "grpc.reflection.v1alpha.ServerReflection",
-        "grpc.reflection.v1.ServerReflection",
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name,
         "pqueue.v1.Peer",
     )
 )
@@ -105,6 +108,9 @@ class GrpcMetrics:
         )
 
 
+_REQUEST_ID_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}")
+
+
 def new_request_id() -> str:
     """A fresh request id: 16 hex digits."""
     return uuid.uuid4().hex[:16]
@@ -147,16 +153,18 @@ class _Call:
         self.observer = observer
         self.method = method
         self.service, _, self.name = method.lstrip("/").partition("/")
+        self.quiet = self.service in _QUIET_SERVICES or method in _QUIET_METHODS
         if method not in observer.known_methods:
             self.service, self.name = "unknown", "unknown"
-        self.quiet = self.service in _QUIET_SERVICES or method in _QUIET_METHODS
         self.started = time.perf_counter()
         rid = _first_value(metadata, REQUEST_ID_KEY)
-        self.rid = rid if 0 < len(rid) <= MAX_REQUEST_ID_CHARS and rid.isprintable() else ""
-        self.rid = self.rid or new_request_id()
-        # The first hop's caller, if a balancer or a follower passed it on.
-        forwarded = _first_value(metadata, FORWARDED_FOR_KEY).split(",")[0].strip()
-        self.ip = forwarded or _ip_of(context.peer() or "")
+        self.rid = rid if _REQUEST_ID_RE.fullmatch(rid) else new_request_id()
+        # The first caller, as a balancer or a forwarding follower saw it. Only
+        # a hop marks itself so; a client's own x-forwarded-for is ignored.
+        ip = _ip_of(context.peer() or "")
+        if _first_value(metadata, FORWARDED_KEY):
+            ip = _first_value(metadata, FORWARDED_FOR_KEY).split(",")[0].strip() or ip
+        self.ip = ip
         request_id.set(self.rid)
         client_ip.set(self.ip)
 
@@ -183,11 +191,13 @@ class _Call:
             },
         )
 
-    def finished(self, code: grpc.StatusCode, details: str) -> None:
+    def finished(
+        self, code: grpc.StatusCode, details: str, exc: BaseException | None = None
+    ) -> None:
         elapsed = time.perf_counter() - self.started
-        metrics = self.observer.metrics
-        metrics.handled.labels(self.service, self.name, code.name).inc()
-        metrics.seconds.labels(self.service, self.name).observe(elapsed)
+        handled, seconds = self.observer.children(self.service, self.name, code)
+        handled.inc()
+        seconds.observe(elapsed)
         if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
             return  # a caller that went away is not an error here
         level = logging.DEBUG if self.quiet else logging.ERROR
@@ -199,6 +209,7 @@ class _Call:
                 details or "-",
                 self.rid,
                 elapsed * 1000,
+                exc_info=exc,
                 extra={
                     "route": self.route,
                     "request_id": self.rid,
@@ -209,28 +220,27 @@ class _Call:
 
     def outcome(self, context: Context, exc: BaseException | None) -> None:
         """Work out the final status from how the behaviour ended."""
+        remaining = context.time_remaining()
+        late = remaining is not None and remaining <= 0
+        unexpected = None
         if exc is None:
             code = context.code() or grpc.StatusCode.OK
         elif isinstance(exc, grpc.aio.AbortError):
             code = context.code() or grpc.StatusCode.UNKNOWN
-        elif isinstance(exc, asyncio.CancelledError):
-            code = grpc.StatusCode.CANCELLED
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # gRPC cancels the call's task when its deadline passes, or when
+            # the client goes away (a stream left mid-write is closed).
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        elif late:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED  # too late even to answer
         else:
-            remaining = context.time_remaining()
-            late = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.UNKNOWN
-            if not late:
-                logger.error(
-                    "%s failed unexpectedly (request_id=%s)",
-                    self.method,
-                    self.rid,
-                    exc_info=exc,
-                    extra={"route": self.route, "request_id": self.rid},
-                )
+            code, unexpected = grpc.StatusCode.UNKNOWN, exc  # a bug: the line carries it
         details = ""
-        if code is not grpc.StatusCode.OK:
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = "the caller's deadline passed"
+        elif code is not grpc.StatusCode.OK:
             details = context.details() or (str(exc) if exc is not None else "")
-        self.finished(code, details if isinstance(details, str) else repr(details))
+        self.finished(code, details if isinstance(details, str) else repr(details), unexpected)
 
 
 class Observer(grpc.aio.ServerInterceptor):
@@ -248,7 +258,21 @@ class Observer(grpc.aio.ServerInterceptor):
         self.authority = authority
         self.metrics = metrics
         self.known_methods = frozenset(known_methods)
+        #: Metric children by (service, method, code): ``labels()`` is not free.
+        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
         self._cache: dict[str, tuple[Handler, Handler]] = {}
+
+    def children(self, service: str, method: str, code: grpc.StatusCode) -> tuple[Any, Any]:
+        """The counter and histogram children for one outcome (bounded: known methods)."""
+        key = (service, method, code)
+        found = self._children.get(key)
+        if found is None:
+            found = (
+                self.metrics.handled.labels(service, method, code.name),
+                self.metrics.seconds.labels(service, method),
+            )
+            self._children[key] = found
+        return found
 
     async def intercept_service(
         self,
@@ -328,10 +352,11 @@ class Observer(grpc.aio.ServerInterceptor):
 
 
 def served_methods(*descriptors: Any) -> frozenset[str]:
-    """Full method paths (``/pkg.Service/Method``) of the given file descriptors' services."""
+    """Full method paths (``/pkg.Service/Method``) of the given file descriptors'
+    services, and of health and reflection, which every server of ours serves."""
     return frozenset(
         f"/{service.full_name}/{m.name}"
-        for d in descriptors
+        for d in (*descriptors, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         for service in d.services_by_name.values()
         for m in service.methods
     )

@@ -88,6 +88,7 @@ class ReplicatedLog:
         self._was_leader = False
         self._last_ballot = (0, 0)
         self._last_leader = 0
+        self._caught_up = False
         self._leading = asyncio.Event()
         self.failed = asyncio.Event()
 
@@ -373,6 +374,20 @@ class ReplicatedLog:
         self.replica.compact(index, data)
         self._snapshot_index = index
         logger.info("node %d: snapshot at %d", self.config.node_id, index)
+
+    @property
+    def caught_up(self) -> bool:
+        """Applied all a leader has said is chosen, since this process started.
+
+        Until then the applied state may be behind what this node showed
+        before a restart (the stored commit index lags); metrics read from
+        it wait, so replicated totals never appear to go backwards. Once
+        true, it stays true.
+        """
+        replica = self.replica
+        if not self._caught_up and replica is not None:
+            self._caught_up = bool(replica.leader_id) and replica.emitted >= replica.known_commit
+        return self._caught_up
 
     def replication_lag(self) -> dict[int, int]:
         """On the leader: entries each peer's last reported commit index trails ours."""

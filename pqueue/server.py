@@ -93,7 +93,7 @@ class NodeServer:
                 self.node.config.node_id,
                 lambda: self.address,
                 self.metrics.grpc,
-                served_methods(pb.DESCRIPTOR, ppb.DESCRIPTOR, health_pb2.DESCRIPTOR),
+                served_methods(pb.DESCRIPTOR, ppb.DESCRIPTOR),
             )
             self._server = grpc.aio.server(
                 interceptors=(observer,),
@@ -191,10 +191,12 @@ class NodeServer:
         self.node.begin_drain()
         await self._server.stop(self.config.grace_s)
         self._server = None
-        await self.forwarder.close()
-        await self.node.stop()
-        if self.metrics_server is not None:
-            await self.metrics_server.stop()
+        try:
+            await self.forwarder.close()
+            await self.node.stop()
+        finally:
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
 
     async def __aenter__(self) -> NodeServer:
         await self.start()

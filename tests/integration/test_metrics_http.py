@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
+from collections.abc import Iterable
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from pqueue.metrics_http import MetricsServer
 
@@ -67,3 +72,44 @@ async def test_a_client_that_never_finishes_its_request_does_not_block_stop() ->
         assert await reader.read() == b""  # closed on us
     finally:
         writer.close()
+
+
+class Broken(Collector):
+    def collect(self) -> Iterable[Metric]:
+        raise RuntimeError("boom")
+
+
+async def test_a_failing_collector_is_a_500_and_the_server_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    broken = Broken()
+    registry.register(broken)
+    server = MetricsServer(registry, "127.0.0.1:0")
+    await server.start()
+    try:
+        status, _, _ = await request(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert status == "HTTP/1.1 500 Internal Server Error"
+        assert "collecting metrics failed" in caplog.text
+        registry.unregister(broken)
+        status, _, _ = await request(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert status == "HTTP/1.1 200 OK"
+    finally:
+        await server.stop()
+
+
+async def test_stopping_with_a_kept_alive_scrape_open_is_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1:0")
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")  # keep-alive: Prometheus's way
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        await server.stop()
+        await asyncio.sleep(0.1)  # asyncio reports a mishandled task on a later callback
+    finally:
+        writer.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

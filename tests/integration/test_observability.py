@@ -18,12 +18,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.server import BalancerServer
 from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError
 from pqueue.logs import JsonFormatter, TextFormatter
+from pqueue.metrics import NodeCollector
+from pqueue.server import NodeServer, ServerConfig
+from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from tests import promtool
@@ -228,6 +234,11 @@ async def test_request_and_error_lines_carry_the_node_and_one_request_id_end_to_
         )
         with pytest.raises(grpc.aio.AioRpcError):
             await queue.Enqueue(pb.EnqueueRequest(queue="q", job=pb.JobSpec(priority=9)))
+    # A server logs a call's end just after its answer is on the wire.
+    deadline = time.monotonic() + 5
+    while len([m for m in map(ERROR_LINE.match, lines(caplog)) if m]) < 2:
+        assert time.monotonic() < deadline, lines(caplog)
+        await asyncio.sleep(0.02)
     requests = [m for m in map(REQUEST_LINE.match, lines(caplog)) if m]
     errors = [m for m in map(ERROR_LINE.match, lines(caplog)) if m]
     leader = f"n{await setup.cluster.leader()}"
@@ -334,3 +345,98 @@ def test_a_node_process_logs_json_and_serves_metrics(tmp_path: Path) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[NodeServer]:
+    srv = NodeServer(
+        SqliteStorage(tmp_path / "n1"),
+        ServerConfig(listen="127.0.0.1:0", grace_s=1.0, metrics_listen="127.0.0.1:0"),
+    )
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+async def node_samples(node: NodeServer) -> Samples:
+    assert node.metrics_server is not None
+    return samples(await asyncio.to_thread(scrape, node.metrics_server.address))
+
+
+async def test_a_passed_deadline_is_deadline_exceeded_and_a_cancel_is_not_an_error(
+    node: NodeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Client(node.address, max_retries=0) as c:
+        await c.create_queue("q")
+    caplog.set_level(logging.INFO, logger="pqueue.requests")
+    async with grpc.aio.insecure_channel(node.address) as channel:
+        queue = pbg.QueueStub(channel)
+        poll = pb.LeaseRequest(queue="q", wait_ms=5000)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await queue.Lease(poll, timeout=0.3)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        call = queue.Lease(poll, timeout=30)
+        await asyncio.sleep(0.3)  # parked on the node
+        call.cancel()
+
+        async def counted() -> bool:
+            s = await node_samples(node)
+            return ("pq_grpc_server_handled_total", _lease("CANCELLED")) in s
+
+        deadline = time.monotonic() + 10
+        while not await counted():
+            assert time.monotonic() < deadline, "the cancelled poll was never counted"
+            await asyncio.sleep(0.05)
+    s = await node_samples(node)
+    assert s[("pq_grpc_server_handled_total", _lease("DEADLINE_EXCEEDED"))] == 1
+    errors = [m for m in map(ERROR_LINE.match, lines(caplog)) if m]
+    assert [m["code"] for m in errors] == ["DEADLINE_EXCEEDED"]  # the cancel is not one
+
+
+def _lease(code: str) -> frozenset[tuple[str, str]]:
+    return frozenset({"service": "pqueue.v1.Queue", "method": "Lease", "code": code}.items())
+
+
+async def test_machine_traffic_logs_at_debug_and_is_still_counted(
+    node: NodeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pqueue.requests")
+    async with grpc.aio.insecure_channel(node.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for _ in stub.ServerReflectionInfo(iter([request])):
+            pass
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        await pbg.AdminStub(channel).NodeStatus(pb.NodeStatusRequest())
+        nope: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/pqueue.v1.Queue/Nope"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await nope(b"")
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert lines(caplog) == []
+    s = await node_samples(node)
+    reflection = {
+        "service": "grpc.reflection.v1alpha.ServerReflection",
+        "method": "ServerReflectionInfo",
+        "code": "OK",
+    }
+    assert value(s, "pq_grpc_server_handled_total", **reflection) == 1
+    assert not [k for k in s if dict(k[1]).get("method") == "Nope"]  # no label for a made-up name
+
+
+async def test_queues_beyond_the_budget_are_summed_as_one_row(node: NodeServer) -> None:
+    async with Client(node.address, max_retries=0) as c:
+        for name in ("a", "b", "c", "d"):
+            await c.enqueue(name, b"x")
+        await c.lease("d")
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(node.node, max_queues=2))
+    s = samples(generate_latest(registry).decode())
+    assert value(s, "pq_queue_jobs", queue="a", state="ready") == 1
+    assert value(s, "pq_queue_jobs", queue="_other", state="ready") == 1  # c
+    assert value(s, "pq_queue_jobs", queue="_other", state="leased") == 1  # d
+    assert value(s, "pq_queue_jobs_enqueued_total", queue="_other") == 2
+    assert {dict(k[1])["queue"] for k in s if k[0] == "pq_queue_jobs"} == {"a", "b", "_other"}
