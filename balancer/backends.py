@@ -26,7 +26,9 @@ from balancer.config import BalancerConfig
 from balancer.metrics import BalancerMetrics
 from balancer.pool import Pool, Report
 from pqueue import limits
+from pqueue.access import AUTHORIZATION_KEY
 from pqueue.forward import FORWARDED_KEY
+from pqueue.tls import channel as tls_channel
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 
@@ -93,12 +95,17 @@ class Backends:
         self._kick = asyncio.Event()
         self._updated = asyncio.Event()
         self._leader: str | None = None
+        token = config.probe_token
+        self._probe_metadata: tuple[tuple[str, str], ...] = (
+            (FORWARDED_KEY, BALANCER_ID),
+            *(((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()),
+        )
 
     async def start(self) -> None:
         """Open channels and start probing."""
         for address in self.config.backends:
-            self.channels[address] = grpc.aio.insecure_channel(
-                address, options=channel_options(self.config.probe_interval_s)
+            self.channels[address] = tls_channel(
+                address, self.config.backend_tls, channel_options(self.config.probe_interval_s)
             )
             self._spawn(self._probe_loop(address), f"pq-probe-{address}")
             self._spawn(self._health_loop(address), f"pq-health-{address}")
@@ -229,7 +236,7 @@ class Backends:
                 status = await stub.NodeStatus(
                     pb.NodeStatusRequest(),
                     timeout=self.config.probe_timeout_s,
-                    metadata=((FORWARDED_KEY, BALANCER_ID),),
+                    metadata=self._probe_metadata,
                 )
             except grpc.aio.AioRpcError as exc:
                 self._probe_failed(address, f"probe: {exc.code().name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from balancer.pool import PoolConfig
+from pqueue.tls import Tls
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class BalancerConfig:
     #: Seeds the picker's random start; None: a fresh one per balancer.
     seed: int | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
+    #: TLS for the balancer's own port (clients); with a CA, clients need certificates.
+    tls: Tls | None = None
+    #: TLS towards the nodes: their CA, and this balancer's certificate for mutual TLS.
+    backend_tls: Tls | None = None
+    #: The bearer token load probes carry, when the nodes require tokens.
+    probe_token: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting that cannot work."""

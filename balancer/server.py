@@ -20,6 +20,7 @@ from pqueue import limits
 from pqueue.metrics_http import MetricsServer
 from pqueue.observe import Observer, served_methods
 from pqueue.signals import until_signal_or
+from pqueue.tls import add_port
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
@@ -132,7 +133,7 @@ class BalancerServer:
 
     async def _start(self, server: grpc.aio.Server) -> None:
         try:
-            self.port = server.add_insecure_port(self.config.listen)
+            self.port = add_port(server, self.config.listen, self.config.tls)
         except RuntimeError as exc:
             raise ListenError(f"cannot listen on {self.config.listen}: {exc}") from exc
         if self.config.metrics_listen is not None:

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import json
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pqueue import render
+from pqueue.auth import ROLES, Verifier, issue
 from pqueue.client import DEFAULT_ENDPOINT, Client
 from pqueue.devcluster import cluster_status, run_dev_cluster, start_node, stop_node
 from pqueue.errors import PQueueError, RemoteError
 from pqueue.logs import LOG_FORMATS
 from pqueue.status import code_of
+from pqueue.tls import Tls
 from pqueue.v1 import queue_pb2 as pb
+
+if TYPE_CHECKING:
+    from pqueue.runner import NodeOptions
 
 Outcome = tuple[Any, Sequence[str] | None]
 Command = Callable[[Client, argparse.Namespace], Awaitable[Outcome]]
@@ -203,6 +210,116 @@ def _peers(text: str) -> dict[int, str]:
     return peers
 
 
+def _auth_and_tls_args(node: argparse.ArgumentParser) -> None:
+    node.add_argument(
+        "--auth-key-file",
+        type=Path,
+        default=None,
+        help="turn on auth: the HS256 secret, or the PEM public key (RS256, ES256)",
+    )
+    node.add_argument("--auth-audience", default=None, help="tokens must name this audience")
+    node.add_argument("--auth-issuer", default=None, help="tokens must name this issuer")
+    node.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve without auth on a non-loopback address (anyone reaching it may do anything)",
+    )
+    node.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (turns on TLS)")
+    node.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
+    node.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="PEM CA: require certificates from it of peers, balancers and clients (mutual TLS)",
+    )
+
+
+def _listen_is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _node_options(args: argparse.Namespace) -> NodeOptions:
+    from pqueue.runner import NodeOptions
+    from pqueue.server import ServerConfig
+
+    verifier = (
+        Verifier.from_file(args.auth_key_file, args.auth_audience, args.auth_issuer)
+        if args.auth_key_file is not None
+        else None
+    )
+    if verifier is None and not args.insecure_no_auth and not _listen_is_loopback(args.listen):
+        raise ValueError(
+            f"refusing to serve {args.listen} without auth: give --auth-key-file, "
+            "or --insecure-no-auth if anyone who can reach it may do anything"
+        )
+    tls = None
+    if args.tls_cert is not None or args.tls_key is not None or args.tls_ca is not None:
+        tls = Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+    return NodeOptions(
+        data_dir=args.data_dir,
+        node_id=args.node_id,
+        server=ServerConfig(
+            listen=args.listen,
+            grace_s=args.grace_s,
+            metrics_listen=args.metrics_listen,
+            tls=tls,
+            verifier=verifier,
+        ),
+        peers=args.peers,
+        store=args.store,
+        pg_schema=args.pg_schema,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+def _duration_s(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError as exc:
+        raise ValueError(f"not a duration: {text!r} (3600, 90s, 30m, 24h, 7d)") from exc
+    if value <= 0:
+        raise ValueError("a duration must be positive")
+    return value
+
+
+def _issue_token(args: argparse.Namespace) -> int:
+    try:
+        token = issue(
+            args.key_file.read_bytes(),
+            args.tenant,
+            args.role,
+            _duration_s(args.ttl),
+            subject=args.subject,
+            audience=args.audience,
+            issuer=args.issuer,
+        )
+    except (OSError, ValueError, PQueueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"token": token}) if args.output == "json" else token)
+    return 0
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``Client`` keyword arguments from the global options (token, TLS)."""
+    token = args.token
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+    tls = None
+    if args.tls_ca is not None or args.tls_cert is not None:
+        tls = Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+    return {"token": token or None, "tls": tls}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pq", description="pqueue: a replicated priority queue")
     p.add_argument(
@@ -211,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT of the balancer or a node (env PQ_ENDPOINT; default %(default)s)",
     )
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument(
+        "--token", default=os.environ.get("PQ_TOKEN"), help="bearer token (env PQ_TOKEN)"
+    )
+    p.add_argument("--token-file", type=Path, default=None, help="read the bearer token here")
+    p.add_argument("--tls-ca", type=Path, default=None, help="CA of the server (turns on TLS)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="client key (mutual TLS)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="per-call deadline")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -237,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--metrics-listen", default=None, help="HOST:PORT to serve Prometheus /metrics on"
     )
+    _auth_and_tls_args(node)
     node.add_argument("--grace-s", type=float, default=5.0, help="drain time on SIGTERM")
     node.add_argument(
         "--store",
@@ -256,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-listen", default=None, help="HOST:PORT for /metrics")
     run.add_argument("--probe-interval-s", type=float, default=1.0)
+    run.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate for clients")
+    run.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
+    run.add_argument("--tls-ca", type=Path, default=None, help="require client certificates")
+    run.add_argument("--backend-tls-ca", type=Path, default=None, help="the nodes' CA (TLS)")
+    run.add_argument("--backend-tls-cert", type=Path, default=None, help="for mutual TLS")
+    run.add_argument("--backend-tls-key", type=Path, default=None, help="for mutual TLS")
+    run.add_argument(
+        "--probe-token-file",
+        type=Path,
+        default=None,
+        help="bearer token for load probes, when the nodes require one (role: any)",
+    )
     run.add_argument("--log-level", default="INFO")
     run.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
@@ -263,6 +400,26 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "status", cmd_balancer_status, "each backend's health, weight, CPU, backlog and picks", bsub
     )
+
+    tok = sub.add_parser("token", help="issue bearer tokens (operators)")
+    tsub = tok.add_subparsers(dest="action", required=True, metavar="ACTION")
+    issue = tsub.add_parser(
+        "issue", help="print a signed token", description="Print a signed bearer token (a JWT)."
+    )
+    issue.add_argument("--tenant", required=True)
+    issue.add_argument(
+        "--role", action="append", required=True, choices=sorted(ROLES), help="repeat for more"
+    )
+    issue.add_argument(
+        "--key-file",
+        type=Path,
+        required=True,
+        help="the HS256 secret (32+ bytes), or a PEM private key (RSA: RS256, EC P-256: ES256)",
+    )
+    issue.add_argument("--ttl", default="24h", help="lifetime: 3600, 90s, 30m, 24h, 7d")
+    issue.add_argument("--subject", default="", help="who it is for (logged)")
+    issue.add_argument("--audience", default=None)
+    issue.add_argument("--issuer", default=None)
 
     dev = sub.add_parser("dev-cluster", help="run a local cluster under DIR (make cluster)")
     dev.add_argument("--dir", type=Path, default=Path(".cluster"))
@@ -363,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run_client(args: argparse.Namespace) -> int:
-    async with Client(args.endpoint, timeout_s=args.timeout_s) as client:
+    try:
+        options = client_options(args)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
         try:
             data, columns = await args.func(client, args)
         except ValueError as exc:
@@ -383,18 +545,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "node":
         from pqueue.runner import run_node
 
-        return run_node(
-            args.data_dir,
-            args.listen,
-            args.node_id,
-            args.peers,
-            args.log_level,
-            args.grace_s,
-            args.store,
-            args.pg_schema,
-            args.metrics_listen,
-            args.log_format,
-        )
+        try:
+            options = _node_options(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return run_node(options)
+    if args.command == "token":
+        return _issue_token(args)
     if args.command == "balancer" and args.action == "run":
         from balancer.config import BalancerConfig
         from balancer.pool import PoolConfig
@@ -410,8 +568,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 probe_timeout_s=min(0.8, interval),
                 # A report expires after three intervals (3 s by default).
                 pool=PoolConfig(report_expiry_s=3 * interval),
+                tls=Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+                if args.tls_cert is not None
+                else None,
+                backend_tls=Tls.from_files(
+                    args.backend_tls_cert, args.backend_tls_key, args.backend_tls_ca
+                )
+                if args.backend_tls_ca is not None
+                else None,
+                probe_token=args.probe_token_file.read_text().strip()
+                if args.probe_token_file is not None
+                else None,
             )
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return run_balancer(config, args.log_level, args.log_format)

@@ -16,8 +16,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import grpc
 
 from pqueue import limits
+from pqueue.access import AUTHORIZATION_KEY
 from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError
 from pqueue.status import from_rpc_error
+from pqueue.tls import Tls, channel
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
@@ -58,10 +60,11 @@ def job_spec(
     )
 
 
-def _channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
+def _channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
+    return channel(
         target,
-        options=[
+        tls,
+        [
             ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
         ],
@@ -87,11 +90,18 @@ class Client:
         *,
         timeout_s: float = 10.0,
         max_retries: int = 3,
+        token: str | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self._channel = _channel(endpoint)
+        self.tls = tls
+        #: Sent with every call: the bearer token, when the cluster wants one.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            ((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()
+        )
+        self._channel = _channel(endpoint, tls)
         self._stubs = _Stubs(self._channel)
         #: Calls sent again after a retriable error, in all (for tests and metrics).
         self.retries = 0
@@ -125,7 +135,9 @@ class Client:
         redirected = False
         while True:
             try:
-                return await pick(stubs)(request, timeout=timeout_s or self.timeout_s)
+                return await pick(stubs)(
+                    request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
                 if isinstance(error, NotLeaderError) and error.leader_address and not redirected:
@@ -146,7 +158,7 @@ class Client:
     def _leader_stubs(self, address: str) -> _Stubs:
         stubs = self._leaders.get(address)
         if stubs is None:
-            stubs = self._leaders[address] = _Stubs(_channel(address))
+            stubs = self._leaders[address] = _Stubs(_channel(address, self.tls))
         return stubs
 
     # --------------------------------------------------------------- Queue

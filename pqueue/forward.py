@@ -12,6 +12,8 @@ from pqueue.observe import (
 )
 from pqueue.observe import hop_metadata
 from pqueue.status import from_rpc_error
+from pqueue.tls import Tls
+from pqueue.tls import channel as channel_to
 from pqueue.v1 import queue_pb2 as pb
 
 #: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
@@ -21,15 +23,17 @@ DEFAULT_FORWARD_TIMEOUT_S = 75.0
 class Forwarder:
     """Cached channels to leaders; calls by method name with the caller's deadline."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Tls | None = None) -> None:
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
+            channel = channel_to(
                 address,
-                options=[
+                self.tls,
+                [
                     ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
                 ],
@@ -45,6 +49,7 @@ class Forwarder:
         request: Message,
         timeout_s: float | None,
         forwarded_by: str,
+        credentials: tuple[tuple[str, str], ...] = (),
     ) -> Message:
         """The leader's answer; its error re-raised as a ``PQueueError``."""
         descriptor = pb.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
@@ -59,7 +64,8 @@ class Forwarder:
                 request,
                 # Never unbounded: a caller without a deadline still gets one.
                 timeout=timeout_s if timeout_s is not None else DEFAULT_FORWARD_TIMEOUT_S,
-                metadata=((FORWARDED_KEY, forwarded_by), *hop_metadata()),
+                # The caller's own token goes along: the leader checks it again.
+                metadata=((FORWARDED_KEY, forwarded_by), *hop_metadata(), *credentials),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc

@@ -66,7 +66,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
 
 
 def check_queue_name(name: str, field: str = "queue") -> None:
-    """Queue names: 1..128 characters of letters, digits and ``._:-``."""
+    """Queue names: 1..128 characters of letters, digits and ``._:-``, optionally
+    after a tenant's name and a slash (``acme/emails``: tenant ``acme``'s queue)."""
+    tenant, slash, rest = name.partition("/")
+    if slash:
+        check_tenant(tenant, field)
+        name = rest
     if not name:
         raise InvalidArgumentError(field, "must not be empty")
     if len(name) > MAX_NAME_CHARS:
@@ -74,6 +79,17 @@ def check_queue_name(name: str, field: str = "queue") -> None:
     if not _NAME_RE.match(name):
         raise InvalidArgumentError(
             field, "use letters, digits and . _ : - (starting with a letter or digit)"
+        )
+
+
+def check_tenant(tenant: str, field: str = "tenant") -> None:
+    """Tenant names follow the queue-name rules (a tenant prefixes its queues' names)."""
+    if not tenant:
+        raise InvalidArgumentError(field, "the tenant must not be empty")
+    if len(tenant) > MAX_NAME_CHARS or not _NAME_RE.match(tenant):
+        raise InvalidArgumentError(
+            field,
+            "a tenant is 1..128 letters, digits and . _ : - (starting with one of the first two)",
         )
 
 

@@ -27,6 +27,7 @@ from pqueue.peers import PeerTransport
 from pqueue.replicated import ClusterConfig, ReplicatedLog
 from pqueue.snapshot import restore, snapshot_bytes
 from pqueue.storage import Storage
+from pqueue.tls import Tls
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
@@ -64,6 +65,7 @@ class QueueNode:
         clock_ms: Callable[[], int] = wall_clock_ms,
         cluster: ClusterConfig | None = None,
         observer: LogObserver | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.config = config or NodeConfig()
         self.clock_ms = clock_ms
@@ -74,7 +76,7 @@ class QueueNode:
             cluster, snapshot_every_entries=self.config.snapshot_every_entries
         )
         self.cluster = cluster
-        self.transport = PeerTransport(cluster.node_id, cluster.addresses)
+        self.transport = PeerTransport(cluster.node_id, cluster.addresses, tls)
         self.log: CommandLog = ReplicatedLog(
             storage, self, clock_ms, cluster, self.transport.send, observer
         )

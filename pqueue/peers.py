@@ -20,6 +20,7 @@ import grpc
 from consensus.messages import Message
 from pqueue import limits
 from pqueue.peer_codec import decode, encode
+from pqueue.tls import Tls, channel
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 
@@ -59,8 +60,9 @@ class PeerService(ppbg.PeerServicer):
 class _Link:
     """The outbound half towards one peer."""
 
-    def __init__(self, node_id: int, peer: int, address: str) -> None:
+    def __init__(self, node_id: int, peer: int, address: str, tls: Tls | None) -> None:
         self.node_id, self.peer, self.address = node_id, peer, address
+        self.tls = tls
         self.queue: deque[ppb.PeerMessage] = deque(maxlen=MAX_QUEUED)
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -73,7 +75,7 @@ class _Link:
         backoff_s = 0.05
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS) as ch:
+                async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
                     call = ppbg.PeerStub(ch).Send()
                     while True:
                         if not self.queue:
@@ -93,15 +95,17 @@ class _Link:
 class PeerTransport:
     """Sends consensus messages to the other nodes."""
 
-    def __init__(self, node_id: int, addresses: dict[int, str]) -> None:
+    def __init__(self, node_id: int, addresses: dict[int, str], tls: Tls | None = None) -> None:
         self.node_id = node_id
+        #: With mutual TLS, this node's certificate is its identity to the peers.
+        self.tls = tls
         self._addresses = addresses
         self._links: dict[int, _Link] = {}
 
     def start(self) -> None:
         """Start one sender per peer (addresses are read now: ports may bind late)."""
         self._links = {
-            peer: _Link(self.node_id, peer, address)
+            peer: _Link(self.node_id, peer, address, self.tls)
             for peer, address in self._addresses.items()
             if peer != self.node_id
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pqueue.errors import PQueueError
@@ -26,58 +27,62 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _serve(
-    data_dir: Path,
-    listen: str,
-    node_id: int,
-    peers: dict[int, str] | None,
-    grace_s: float,
-    store: str | None,
-    pg_schema: str | None,
-    metrics_listen: str | None,
-) -> bool:
-    cluster = ClusterConfig(node_id=node_id, addresses=peers) if peers else None
-    storage = open_storage(store or f"sqlite:{data_dir}", pg_schema or f"pq_n{node_id}")
-    logger.info("node %s stores its log in %s", node_id, storage.describe())
-    server = NodeServer(
-        storage,
-        ServerConfig(listen=listen, grace_s=grace_s, metrics_listen=metrics_listen),
-        NodeConfig(node_id=f"n{node_id}"),
-        cluster=cluster,
-    )
+@dataclass(frozen=True)
+class NodeOptions:
+    """Everything ``pq node`` was told."""
+
+    data_dir: Path
+    node_id: int
+    server: ServerConfig
+    peers: dict[int, str] | None = None
+    store: str | None = None
+    pg_schema: str | None = None
+    log_level: str = "INFO"
+    log_format: LogFormat = "text"
+
+
+OPEN_BANNER = (
+    "AUTH IS OFF: anyone who can reach %s may enqueue, lease, read and delete "
+    "any queue. Fine for a laptop; give --auth-key-file anywhere else."
+)
+
+
+async def _serve(o: NodeOptions) -> bool:
+    cluster = ClusterConfig(node_id=o.node_id, addresses=o.peers) if o.peers else None
+    storage = open_storage(o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}")
+    logger.info("node %s stores its log in %s", o.node_id, storage.describe())
+    server = NodeServer(storage, o.server, NodeConfig(node_id=f"n{o.node_id}"), cluster=cluster)
     await server.start()
+    if o.server.verifier is None:
+        logger.warning(OPEN_BANNER, server.address)
+    else:
+        logger.info("node %s checks %s bearer tokens", o.node_id, o.server.verifier.algorithm)
+    if o.server.tls is not None:
+        mutual = "mutual TLS: peers, balancers and clients need a certificate from the CA"
+        logger.info(
+            "node %s serves TLS%s", o.node_id, f" ({mutual})" if o.server.tls.mutual else ""
+        )
     # Tell scripts and `pq dev-cluster` where we listen (port 0 resolved).
-    tmp = data_dir / "ADDRESS.tmp"
+    tmp = o.data_dir / "ADDRESS.tmp"
     tmp.write_text(server.address + "\n")
-    tmp.replace(data_dir / "ADDRESS")
+    tmp.replace(o.data_dir / "ADDRESS")
     return await server.serve_until_signal()
 
 
-def run_node(
-    data_dir: Path,
-    listen: str,
-    node_id: int,
-    peers: dict[int, str] | None,
-    log_level: str,
-    grace_s: float,
-    store: str | None = None,
-    pg_schema: str | None = None,
-    metrics_listen: str | None = None,
-    log_format: LogFormat = "text",
-) -> int:
+def run_node(o: NodeOptions) -> int:
     """Run one node until SIGTERM/SIGINT; exit status 0 on a clean stop."""
-    setup_logging(log_level, f"n{node_id}", log_format)
+    setup_logging(o.log_level, f"n{o.node_id}", o.log_format)
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)  # ADDRESS goes there, whatever the store
+        o.data_dir.mkdir(parents=True, exist_ok=True)  # ADDRESS goes there, whatever the store
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            clean = runner.run(
-                _serve(data_dir, listen, node_id, peers, grace_s, store, pg_schema, metrics_listen)
-            )
+            clean = runner.run(_serve(o))
     except (PQueueError, OSError, ValueError) as exc:
-        logger.error("node %s cannot run: %s", node_id, exc)
+        logger.error("node %s cannot run: %s", o.node_id, exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not clean:
-        print(f"error: node {node_id} stopped: its log failed (see the log above)", file=sys.stderr)
+        print(
+            f"error: node {o.node_id} stopped: its log failed (see the log above)", file=sys.stderr
+        )
         return 1
     return 0

@@ -12,6 +12,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from pqueue import limits
+from pqueue.auth import Verifier
 from pqueue.forward import Forwarder
 from pqueue.metrics import NodeCollector, NodeMetrics
 from pqueue.metrics_http import MetricsServer, split_listen
@@ -22,6 +23,7 @@ from pqueue.replicated import ClusterConfig, ReplicatedLog
 from pqueue.servicer import AdminService, QueueService
 from pqueue.signals import until_signal_or
 from pqueue.storage import Storage
+from pqueue.tls import Tls, add_port
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from pqueue.v1 import queue_pb2 as pb
@@ -39,6 +41,10 @@ class ServerConfig:
     listen: str = "127.0.0.1:0"
     #: HOST:PORT to serve Prometheus ``/metrics`` on (port 0: any); None: not served.
     metrics_listen: str | None = None
+    #: TLS for the gRPC port and for calls to peers; with a CA, mutual TLS.
+    tls: Tls | None = None
+    #: Checks bearer tokens; None: auth is off (every caller may do anything).
+    verifier: Verifier | None = None
     #: How long in-flight calls may finish after a stop begins.
     grace_s: float = 5.0
 
@@ -66,14 +72,16 @@ class NodeServer:
         self.metrics = NodeMetrics()
         if node_config is None and cluster is not None:
             node_config = NodeConfig(node_id=f"n{cluster.node_id}")  # names logs and metrics
-        self.node = QueueNode(storage, node_config, cluster=cluster, observer=self.metrics)
+        self.node = QueueNode(
+            storage, node_config, cluster=cluster, observer=self.metrics, tls=self.config.tls
+        )
         self.metrics.registry.register(NodeCollector(self.node))
         self.metrics_server = (
             MetricsServer(self.metrics.registry, self.config.metrics_listen)
             if self.config.metrics_listen is not None
             else None
         )
-        self.forwarder = Forwarder()
+        self.forwarder = Forwarder(self.config.tls)
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -105,7 +113,7 @@ class NodeServer:
                 ],
             )
             try:
-                self.port = self._server.add_insecure_port(self.config.listen)
+                self.port = add_port(self._server, self.config.listen, self.config.tls)
             except RuntimeError as exc:
                 self._server = None
                 raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
@@ -126,8 +134,9 @@ class NodeServer:
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
             raise
-        pbg.add_QueueServicer_to_server(QueueService(self.node, self.forwarder), server)
-        pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder), server)
+        verifier = self.config.verifier
+        pbg.add_QueueServicer_to_server(QueueService(self.node, self.forwarder, verifier), server)
+        pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), server)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
             ppbg.add_PeerServicer_to_server(PeerService(self.node.log.on_message), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -7,6 +7,7 @@ become gRPC statuses here and nowhere else (``pqueue.status.to_status``).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from pqueue import limits
+from pqueue import access, limits
+from pqueue.auth import ADMIN, CONSUMER, OPEN, PRODUCER, Principal, Verifier
 from pqueue.commitlog import LogStatus
 from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError, PQueueError
 from pqueue.forward import FORWARDED_KEY, Forwarder
@@ -34,13 +36,19 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
 
 
+#: The authenticated caller of the call this task serves.
+principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("pq_principal", default=OPEN)
+
+
 def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turn a raised ``PQueueError`` into the matching gRPC status."""
+    """Authenticate the caller, run the method, and turn a raised
+    ``PQueueError`` into the matching gRPC status."""
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: Context) -> Resp:
         self.node.calls_in_flight += 1  # load, as balancers see it
         try:
+            principal.set(self.authenticate(context))
             return await fn(self, request, context)
         except PQueueError as exc:
             logger.debug("%s refused: %s", fn.__name__, exc)
@@ -76,6 +84,13 @@ def _check_size(request: Message) -> None:
         )
 
 
+def _queue(named: str, *roles: str) -> str:
+    """The stored name of the queue the caller names, if its token allows ``roles`` on it."""
+    caller = principal.get()
+    access.require(caller, *roles)
+    return access.scoped(caller, named)
+
+
 def _check_count(n: int, field: str, upper: int) -> None:
     if n == 0:
         raise InvalidArgumentError(field, "must not be empty")
@@ -86,12 +101,22 @@ def _check_count(n: int, field: str, upper: int) -> None:
 class _Base:
     SERVICE = ""
 
-    def __init__(self, node: QueueNode, forwarder: Forwarder) -> None:
+    def __init__(
+        self, node: QueueNode, forwarder: Forwarder, verifier: Verifier | None = None
+    ) -> None:
         self.node = node
         self.forwarder = forwarder
+        #: None: auth is off, every caller is ``auth.OPEN``.
+        self.verifier = verifier
+
+    def authenticate(self, context: Context) -> Principal:
+        if self.verifier is None:
+            return OPEN
+        return self.verifier.verify(access.bearer(context.invocation_metadata()))
 
     async def _forward(self, method: str, request: Message, context: Context) -> Message:
-        if any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ()):
+        metadata = context.invocation_metadata() or ()
+        if any(key == FORWARDED_KEY for key, _ in metadata):
             raise self.node.log.not_leader_error()  # already forwarded once: no second hop
         _, address = self.node.log.leader_hint()
         if not address:
@@ -103,6 +128,7 @@ class _Base:
             request,
             context.time_remaining(),
             self.node.config.node_id,
+            access.credentials(metadata),
         )
 
     async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
@@ -123,7 +149,7 @@ class QueueService(_Base, pbg.QueueServicer):
     @on_leader
     async def Enqueue(self, request: pb.EnqueueRequest, context: Context) -> pb.EnqueueResponse:
         _check_size(request)
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, PRODUCER)
         limits.check_job_spec(request.job, "job")
         batch = pb.EnqueueBatchRequest(queue=request.queue, jobs=[request.job])
         result = await self._propose(logpb.Command(enqueue=batch), pb.EnqueueBatchResponse)
@@ -135,7 +161,7 @@ class QueueService(_Base, pbg.QueueServicer):
         self, request: pb.EnqueueBatchRequest, context: Context
     ) -> pb.EnqueueBatchResponse:
         _check_size(request)
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, PRODUCER)
         _check_count(len(request.jobs), "jobs", limits.MAX_BATCH_JOBS)
         for i, spec in enumerate(request.jobs):
             limits.check_job_spec(spec, f"jobs[{i}]")
@@ -144,7 +170,8 @@ class QueueService(_Base, pbg.QueueServicer):
     @rpc
     @on_leader
     async def Lease(self, request: pb.LeaseRequest, context: Context) -> pb.LeaseResponse:
-        limits.check_queue_name(request.queue)
+        named = request.queue
+        request.queue = _queue(request.queue, CONSUMER)
         if request.max_jobs > limits.MAX_LEASE_JOBS:
             raise InvalidArgumentError("max_jobs", f"at most {limits.MAX_LEASE_JOBS}")
         limits.check_duration(request.lease_ms, "lease_ms")
@@ -152,19 +179,22 @@ class QueueService(_Base, pbg.QueueServicer):
         limits.check_text(request.consumer_id, "consumer_id")
         if self.node.draining:
             raise NotTakenError("node is draining", retry_after_s=1.0)
-        return await self.node.lease(request)
+        response = await self.node.lease(request)
+        for job in response.jobs:
+            job.queue = named
+        return response
 
     @rpc
     @on_leader
     async def Ack(self, request: pb.AckRequest, context: Context) -> pb.AckResponse:
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, CONSUMER)
         _check_count(len(request.leases), "leases", limits.MAX_BATCH_JOBS)
         return await self._propose(logpb.Command(ack=request), pb.AckResponse)
 
     @rpc
     @on_leader
     async def Nack(self, request: pb.NackRequest, context: Context) -> pb.NackResponse:
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, CONSUMER)
         if request.HasField("delay_ms"):
             limits.check_duration(request.delay_ms, "delay_ms")
         limits.check_text(request.reason, "reason", limits.MAX_REASON_CHARS)
@@ -175,25 +205,27 @@ class QueueService(_Base, pbg.QueueServicer):
     async def ExtendLease(
         self, request: pb.ExtendLeaseRequest, context: Context
     ) -> pb.ExtendLeaseResponse:
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, CONSUMER)
         limits.check_duration(request.lease_ms, "lease_ms")
         return await self._propose(logpb.Command(extend=request), pb.ExtendLeaseResponse)
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
-        limits.check_queue_name(request.queue)
+        stored = _queue(request.queue, PRODUCER, CONSUMER)
         if request.consistent and not self.node.log.is_leader:
             return await self._forward("GetJob", request, context)  # type: ignore[return-value]
-        return pb.GetJobResponse(job=self.node.machine.get_job(request.queue, request.job_id))
+        job = self.node.machine.get_job(stored, request.job_id)
+        job.queue = request.queue
+        return pb.GetJobResponse(job=job)
 
     @rpc
     async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
-        if request.queue:
-            limits.check_queue_name(request.queue)
+        stored = _queue(request.queue, PRODUCER, CONSUMER) if request.queue else ""
+        access.require(principal.get(), PRODUCER, CONSUMER)
         if request.consistent and not self.node.log.is_leader:
             return await self._forward("Stats", request, context)  # type: ignore[return-value]
-        stats = self.node.machine.stats(request.queue, self.node.clock_ms())
-        return pb.StatsResponse(queues=stats)
+        stats = self.node.machine.stats(stored, self.node.clock_ms())
+        return pb.StatsResponse(queues=access.show_stats(principal.get(), stats))
 
 
 class AdminService(_Base, pbg.AdminServicer):
@@ -206,7 +238,7 @@ class AdminService(_Base, pbg.AdminServicer):
     async def CreateQueue(
         self, request: pb.CreateQueueRequest, context: Context
     ) -> pb.CreateQueueResponse:
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, ADMIN)
         limits.effective_config(request.config)
         return await self._propose(logpb.Command(create_queue=request), pb.CreateQueueResponse)
 
@@ -215,35 +247,39 @@ class AdminService(_Base, pbg.AdminServicer):
     async def DeleteQueue(
         self, request: pb.DeleteQueueRequest, context: Context
     ) -> pb.DeleteQueueResponse:
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, ADMIN)
         return await self._propose(logpb.Command(delete_queue=request), pb.DeleteQueueResponse)
 
     @rpc
     async def ListQueues(
         self, request: pb.ListQueuesRequest, context: Context
     ) -> pb.ListQueuesResponse:
-        return pb.ListQueuesResponse(queues=self.node.machine.list_queues(self.node.clock_ms()))
+        queues = self.node.machine.list_queues(self.node.clock_ms())
+        return pb.ListQueuesResponse(queues=access.show_queues(principal.get(), queues))
 
     @rpc
     @on_leader
     async def PurgeQueue(
         self, request: pb.PurgeQueueRequest, context: Context
     ) -> pb.PurgeQueueResponse:
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, ADMIN)
         return await self._propose(logpb.Command(purge=request), pb.PurgeQueueResponse)
 
     @rpc
     async def ListDead(self, request: pb.ListDeadRequest, context: Context) -> pb.ListDeadResponse:
-        limits.check_queue_name(request.queue)
+        stored = _queue(request.queue, PRODUCER, CONSUMER)
         if request.limit > limits.MAX_LIST_LIMIT:
             raise InvalidArgumentError("limit", f"at most {limits.MAX_LIST_LIMIT}")
         limit = request.limit or limits.DEFAULT_LIST_LIMIT
-        return self.node.machine.list_dead(request.queue, limit, request.after_job_id)
+        dead = self.node.machine.list_dead(stored, limit, request.after_job_id)
+        for job in dead.jobs:
+            job.queue = request.queue
+        return dead
 
     @rpc
     @on_leader
     async def Redrive(self, request: pb.RedriveRequest, context: Context) -> pb.RedriveResponse:
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, ADMIN)
         return await self._propose(logpb.Command(redrive=request), pb.RedriveResponse)
 
     @rpc
@@ -251,7 +287,7 @@ class AdminService(_Base, pbg.AdminServicer):
     async def DeleteDead(
         self, request: pb.DeleteDeadRequest, context: Context
     ) -> pb.DeleteDeadResponse:
-        limits.check_queue_name(request.queue)
+        request.queue = _queue(request.queue, ADMIN)
         return await self._propose(logpb.Command(delete_dead=request), pb.DeleteDeadResponse)
 
     @rpc
@@ -277,8 +313,10 @@ class AdminService(_Base, pbg.AdminServicer):
             load=self._load(st),
         )
 
-    def __init__(self, node: QueueNode, forwarder: Forwarder) -> None:
-        super().__init__(node, forwarder)
+    def __init__(
+        self, node: QueueNode, forwarder: Forwarder, verifier: Verifier | None = None
+    ) -> None:
+        super().__init__(node, forwarder, verifier)
         self.cpu = CpuSampler()
 
     def _load(self, st: LogStatus) -> pb.NodeLoad:

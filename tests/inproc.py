@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from pqueue.auth import Verifier
 from pqueue.replicated import ClusterConfig
 from pqueue.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
+from pqueue.tls import Tls
 
 
 class Cluster:
-    def __init__(self, root: Path, n: int = 3, metrics: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        n: int = 3,
+        metrics: bool = False,
+        tls: Callable[[int], Tls] | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
         self.root = root
         self.metrics = metrics
+        self.tls = tls
+        self.verifier = verifier
         self.addresses: dict[int, str] = {}
         self.servers: dict[int, NodeServer] = {}
         self.n = n
@@ -25,7 +37,11 @@ class Cluster:
         return NodeServer(
             SqliteStorage(self.root / f"n{i}"),
             ServerConfig(
-                listen=listen, grace_s=0.5, metrics_listen="127.0.0.1:0" if self.metrics else None
+                listen=listen,
+                grace_s=0.5,
+                metrics_listen="127.0.0.1:0" if self.metrics else None,
+                tls=self.tls(i) if self.tls is not None else None,
+                verifier=self.verifier,
             ),
             cluster=config,
         )

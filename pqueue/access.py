@@ -1,0 +1,97 @@
+"""Who may do what to which queue: roles, and tenants' queue names.
+
+With auth on, each tenant has a namespace: a caller of tenant ``acme``
+naming queue ``emails`` works on ``acme/emails``, which is what the log
+stores; it never sees the prefix. It may also name ``acme/emails`` itself.
+Another tenant's queue (``other/emails``) is PERMISSION_DENIED, and lists
+and stats leave other tenants' queues out. ``admin`` is the operator's
+role: it may name any tenant's queues, and sees every queue by its full
+name. With auth off every caller is ``auth.OPEN`` and names pass unchanged.
+
+Pure: no IO, no gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pqueue import limits
+from pqueue.auth import ADMIN, OPEN, Principal
+from pqueue.errors import PermissionDeniedError, UnauthenticatedError
+from pqueue.v1 import queue_pb2 as pb
+
+AUTHORIZATION_KEY = "authorization"
+
+
+def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The bearer token in call metadata; ``UnauthenticatedError`` without one."""
+    for key, value in metadata or ():
+        if key == AUTHORIZATION_KEY and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            raise UnauthenticatedError("authorization metadata must be 'Bearer <token>'")
+    raise UnauthenticatedError(
+        "this cluster requires a bearer token (metadata 'authorization: Bearer <JWT>')"
+    )
+
+
+def credentials(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:
+    """The caller's credentials, to pass on a hop (the next server checks them again)."""
+    return tuple((k, v) for k, v in metadata if k == AUTHORIZATION_KEY and isinstance(v, str))
+
+
+def require(principal: Principal, *roles: str) -> None:
+    """PERMISSION_DENIED unless the caller holds one of ``roles`` (admin holds all)."""
+    if not any(principal.has(role) for role in roles):
+        raise PermissionDeniedError(
+            f"this call needs the role {' or '.join(roles)}; "
+            f"the token grants {', '.join(sorted(principal.roles)) or 'none'}"
+        )
+
+
+def scoped(principal: Principal, queue: str) -> str:
+    """The stored name of the queue a caller names, if it may touch it."""
+    limits.check_queue_name(queue)
+    if principal is OPEN:
+        return queue
+    tenant, slash, _ = queue.partition("/")
+    if not slash:
+        return f"{principal.tenant}/{queue}"
+    if tenant == principal.tenant or ADMIN in principal.roles:
+        return queue
+    raise PermissionDeniedError(f"queue {queue!r} belongs to another tenant")
+
+
+def shown(principal: Principal, stored: str) -> str | None:
+    """The name a caller sees for a stored queue name; None if not its to see."""
+    if principal is OPEN or ADMIN in principal.roles:
+        return stored
+    tenant, slash, name = stored.partition("/")
+    return name if slash and tenant == principal.tenant else None
+
+
+def show_stats(principal: Principal, stats: Iterable[pb.QueueStats]) -> list[pb.QueueStats]:
+    """The caller's own queues' stats, under the names it knows them by."""
+    out = []
+    for qs in stats:
+        name = shown(principal, qs.queue)
+        if name is not None:
+            qs.queue = name
+            out.append(qs)
+    return out
+
+
+def show_queues(principal: Principal, queues: Iterable[pb.QueueInfo]) -> list[pb.QueueInfo]:
+    out = []
+    for info in queues:
+        name = shown(principal, info.queue)
+        if name is not None:
+            info.queue = name
+            out.append(info)
+    return out
+
+
+def show_job_queue(principal: Principal, queue: str) -> str:
+    """The name a job's ``queue`` field carries back to a caller who could name it."""
+    return shown(principal, queue) or queue

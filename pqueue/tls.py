@@ -1,0 +1,82 @@
+"""TLS for every gRPC hop: clients to balancer or node, balancer to node, node to node.
+
+A ``Tls`` is read from PEM files: this side's certificate and key, and the
+CA that certifies the other side. A server given a CA requires and checks a
+client certificate (mutual TLS): nodes started that way accept only peers,
+balancers and clients holding a certificate from that CA, so a node without
+one cannot join the cluster or speak the peer protocol. A channel given a
+certificate presents it. Names are checked against the certificate's
+subject alternative names, as gRPC does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+
+@dataclass(frozen=True)
+class Tls:
+    """PEM bytes: this side's chain and key (optional for a plain client), and the CA."""
+
+    cert: bytes | None = None
+    key: bytes | None = None
+    ca: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a TLS certificate and its key go together: give both or neither")
+
+    @classmethod
+    def from_files(
+        cls,
+        cert: Path | str | None = None,
+        key: Path | str | None = None,
+        ca: Path | str | None = None,
+    ) -> Tls:
+        def read(path: Path | str | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read the TLS {what} {path}: {exc}") from exc
+
+        return cls(read(cert, "certificate"), read(key, "key"), read(ca, "CA"))
+
+    @property
+    def mutual(self) -> bool:
+        """A server with a CA requires client certificates."""
+        return self.ca is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if self.cert is None or self.key is None:
+            raise ValueError("a TLS server needs a certificate and a key")
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=self.mutual
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
+def channel(
+    target: str, tls: Tls | None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """An aio channel to ``target``: TLS when ``tls`` is given, plaintext otherwise."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=list(options))
+
+
+def add_port(server: grpc.aio.Server, listen: str, tls: Tls | None) -> int:
+    """Bind ``listen`` on ``server`` with or without TLS; the bound port."""
+    if tls is None:
+        return server.add_insecure_port(listen)
+    return server.add_secure_port(listen, tls.server_credentials())
