@@ -172,6 +172,15 @@ def test_published_ports() -> None:
         assert not published_ports(services()[name]), f"{name} is reached through the balancer"
 
 
+def test_nodes_run_open_only_because_nothing_outside_reaches_them() -> None:
+    """`pq node` refuses a non-loopback address without auth unless told; compose tells
+    it, and that is safe only while no node port is published."""
+    for name, args in nodes().items():
+        assert args.auth_key_file is not None or args.insecure_no_auth, name
+        if args.insecure_no_auth:
+            assert not published_ports(services()[name]), name
+
+
 def test_prometheus_scrapes_every_pq_service_at_its_metrics_port() -> None:
     config = load_yaml(PROMETHEUS)
     jobs = {

@@ -167,6 +167,22 @@ def test_node_command_parses_in_every_pod(tmp_path: Path) -> None:
         assert str(args.data_dir) == data_mount["mountPath"]
         assert args.store in (None, f"sqlite:{data_mount['mountPath']}")
         assert args.log_format == "json"
+        # Listening beyond loopback needs auth: the key comes from a mounted secret.
+        assert not args.insecure_no_auth
+        assert mounted_secret(s, str(args.auth_key_file)), f"{pod}: --auth-key-file"
+
+
+def mounted_secret(workload: dict[str, Any], path: str) -> bool:
+    """Whether ``path`` is a file a secret volume puts in the container."""
+    c, volumes = container(workload), pod_spec(workload).get("volumes", [])
+    for mount in c.get("volumeMounts", []):
+        for volume in volumes:
+            if volume["name"] != mount["name"] or "secret" not in volume:
+                continue
+            for item in volume["secret"].get("items", []):
+                if f"{mount['mountPath']}/{item['path']}" == path:
+                    return True
+    return False
 
 
 def test_balancer_backends_are_the_peer_addresses(tmp_path: Path) -> None:
@@ -176,6 +192,7 @@ def test_balancer_backends_are_the_peer_addresses(tmp_path: Path) -> None:
     assert sorted(args.backends) == sorted(peer_addresses().values())
     assert host_port(args.listen) == ("0.0.0.0", container_port(container(b), "grpc"))
     assert args.log_format == "json"
+    assert mounted_secret(b, str(args.probe_token_file)), "--probe-token-file"
     service = of_kind("Service")["pq"]
     assert selected_workloads(service["spec"]["selector"]) == [b]
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
