@@ -24,6 +24,7 @@ from pqueue.client import DEFAULT_ENDPOINT, Client
 from pqueue.devcluster import cluster_status, run_dev_cluster, start_node, stop_node
 from pqueue.errors import PQueueError, RemoteError
 from pqueue.logs import LOG_FORMATS
+from pqueue.quotas import Quotas
 from pqueue.status import code_of
 from pqueue.tls import Tls
 from pqueue.v1 import queue_pb2 as pb
@@ -224,6 +225,12 @@ def _auth_and_tls_args(node: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve without auth on a non-loopback address (anyone reaching it may do anything)",
     )
+    node.add_argument(
+        "--tenants",
+        type=Path,
+        default=None,
+        help="TOML of per-tenant quotas: enqueue rate, leases, queue depth, payload size",
+    )
     node.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (turns on TLS)")
     node.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
     node.add_argument(
@@ -270,6 +277,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             metrics_listen=args.metrics_listen,
             tls=tls,
             verifier=verifier,
+            quotas=Quotas.from_file(args.tenants) if args.tenants is not None else None,
         ),
         peers=args.peers,
         store=args.store,

@@ -57,6 +57,8 @@ class QueueMachine:
         self._woken: Counter[str] = Counter()
         #: Queues with delete_when_idle that lost their last job this command.
         self._idle: set[str] = set()
+        #: The tenant limits stamped on the command being applied (None: none).
+        self._limits: logpb.TenantLimits | None = None
         #: Ids of jobs changed or removed since ``take_changes`` (None: not
         #: tracked). A store that mirrors jobs (PostgreSQL's ``jobs`` table)
         #: turns it on; it never affects what the machine does.
@@ -92,11 +94,13 @@ class QueueMachine:
         kind = cmd.WhichOneof("kind")
         if kind is None:
             return InvalidArgumentError("command", "empty command")
+        self._limits = cmd.limits if cmd.HasField("limits") else None
         try:
             return self._handlers[kind](getattr(cmd, kind), now)
         except PQueueError as exc:
             return exc
         finally:
+            self._limits = None
             for name in self._idle:
                 queue = self.queues.get(name)
                 if queue is not None:
@@ -206,6 +210,7 @@ class QueueMachine:
         config = queue.config if queue else limits.effective_config(pb.QueueConfig())
         for i, spec in enumerate(req.jobs):
             self._check_spec(config, spec, f"jobs[{i}]")
+        self._check_tenant_enqueue(req, queue)
         if queue is None:
             queue = self._new_queue(req.queue, config)
         out = pb.EnqueueBatchResponse()
@@ -242,7 +247,7 @@ class QueueMachine:
     def _lease(self, req: pb.LeaseRequest, now: int) -> pb.LeaseResponse:
         queue = self._queue(req.queue)
         limits.check_duration(req.lease_ms, "lease_ms")
-        max_jobs = min(max(req.max_jobs, 1), limits.MAX_LEASE_JOBS)
+        max_jobs = min(max(req.max_jobs, 1), limits.MAX_LEASE_JOBS, self._lease_room(req.queue))
         lease_ms = min(
             req.lease_ms or queue.config.default_lease_ms, queue.config.max_lease_total_ms
         )
@@ -418,6 +423,47 @@ class QueueMachine:
         heapq.heappush(self._dedup, (expires_at_ms, queue.name, key))
 
     # ----------------------------------------------------------- transitions
+
+    def _check_tenant_enqueue(self, req: pb.EnqueueBatchRequest, queue: QueueState | None) -> None:
+        """The stamped tenant limits on payload size and queue depth: all jobs or none."""
+        bound = self._limits
+        if bound is None:
+            return
+        for i, spec in enumerate(req.jobs):
+            if bound.max_payload_bytes and len(spec.payload) > bound.max_payload_bytes:
+                raise InvalidArgumentError(
+                    f"jobs[{i}].payload",
+                    f"{len(spec.payload)} bytes exceeds the tenant's limit of "
+                    f"{bound.max_payload_bytes}",
+                )
+        if not bound.max_queue_depth:
+            return
+        depth = 0 if queue is None else sum(queue.counts[s] for s in (READY, DELAYED, LEASED))
+        keys = set() if queue is None else queue.dedup.keys()
+        new = sum(
+            1 for spec in req.jobs if not (spec.idempotency_key and spec.idempotency_key in keys)
+        )
+        if depth + new > bound.max_queue_depth:
+            raise ResourceExhaustedError(
+                f"queue {req.queue!r} holds {depth} jobs and the tenant's limit is "
+                f"{bound.max_queue_depth}; retry once consumers catch up",
+                retry_after_s=1.0,
+            )
+
+    def _lease_room(self, queue_name: str) -> int:
+        """How many more jobs the stamped limit lets the queue's tenant hold leased."""
+        bound = self._limits
+        if bound is None or not bound.max_inflight_leases:
+            return limits.MAX_LEASE_JOBS
+        tenant = queue_name.partition("/")[0] + "/"
+        leased = sum(q.counts[LEASED] for name, q in self.queues.items() if name.startswith(tenant))
+        room = bound.max_inflight_leases - leased
+        if room <= 0:
+            raise ResourceExhaustedError(
+                f"the tenant holds {leased} leases, its limit; ack or nack some first",
+                retry_after_s=1.0,
+            )
+        return room
 
     def _new_queue(self, name: str, config: pb.QueueConfig) -> QueueState:
         if len(self.queues) >= limits.MAX_QUEUES:

@@ -194,7 +194,9 @@ class QueueNode:
         """The command's result once it is durable and applied."""
         return await self.log.submit(command)
 
-    async def lease(self, req: pb.LeaseRequest) -> pb.LeaseResponse:
+    async def lease(
+        self, req: pb.LeaseRequest, bound: logpb.TenantLimits | None = None
+    ) -> pb.LeaseResponse:
         """Lease, waiting up to ``req.wait_ms`` for a job (long poll).
 
         Wakes on an enqueue, a delayed job coming due, or an expired lease (all
@@ -211,7 +213,7 @@ class QueueNode:
             if self.machine.has_ready(req.queue) or req.queue not in self.machine.queues:
                 # An unknown queue goes to the log too, which answers NOT_FOUND.
                 try:
-                    result = await self.propose(logpb.Command(lease=req))
+                    result = await self.propose(logpb.Command(lease=req, limits=bound))
                 except BaseException:
                     self._pass_on(req.queue)  # we may hold a wake-up: hand it on
                     raise

@@ -19,6 +19,7 @@ from pqueue.metrics_http import MetricsServer, split_listen
 from pqueue.node import NodeConfig, QueueNode
 from pqueue.observe import Observer, served_methods
 from pqueue.peers import PeerService
+from pqueue.quotas import Quotas
 from pqueue.replicated import ClusterConfig, ReplicatedLog
 from pqueue.servicer import AdminService, QueueService
 from pqueue.signals import until_signal_or
@@ -45,6 +46,8 @@ class ServerConfig:
     tls: Tls | None = None
     #: Checks bearer tokens; None: auth is off (every caller may do anything).
     verifier: Verifier | None = None
+    #: Per-tenant rates and limits; None: none.
+    quotas: Quotas | None = None
     #: How long in-flight calls may finish after a stop begins.
     grace_s: float = 5.0
 
@@ -134,8 +137,9 @@ class NodeServer:
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
             raise
-        verifier = self.config.verifier
-        pbg.add_QueueServicer_to_server(QueueService(self.node, self.forwarder, verifier), server)
+        verifier, quotas = self.config.verifier, self.config.quotas
+        queue = QueueService(self.node, self.forwarder, verifier, quotas)
+        pbg.add_QueueServicer_to_server(queue, server)
         pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), server)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
             ppbg.add_PeerServicer_to_server(PeerService(self.node.log.on_message), server)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError, P
 from pqueue.forward import FORWARDED_KEY, Forwarder
 from pqueue.load import CpuSampler
 from pqueue.node import QueueNode
+from pqueue.quotas import Quotas
 from pqueue.status import to_status
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
@@ -102,12 +104,27 @@ class _Base:
     SERVICE = ""
 
     def __init__(
-        self, node: QueueNode, forwarder: Forwarder, verifier: Verifier | None = None
+        self,
+        node: QueueNode,
+        forwarder: Forwarder,
+        verifier: Verifier | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.node = node
         self.forwarder = forwarder
         #: None: auth is off, every caller is ``auth.OPEN``.
         self.verifier = verifier
+        self.quotas = quotas
+
+    def _bound(self, queue: str, enqueuing: int = 0) -> logpb.TenantLimits | None:
+        """The limits of the queue's tenant, to stamp on a command; spends enqueue
+        tokens (on the leader: only it runs this)."""
+        if self.quotas is None:
+            return None
+        tenant = queue.partition("/")[0] if "/" in queue else ""
+        if enqueuing:
+            self.quotas.take(tenant, enqueuing, time.monotonic())
+        return self.quotas.of(tenant).stamp()
 
     def authenticate(self, context: Context) -> Principal:
         if self.verifier is None:
@@ -152,7 +169,8 @@ class QueueService(_Base, pbg.QueueServicer):
         request.queue = _queue(request.queue, PRODUCER)
         limits.check_job_spec(request.job, "job")
         batch = pb.EnqueueBatchRequest(queue=request.queue, jobs=[request.job])
-        result = await self._propose(logpb.Command(enqueue=batch), pb.EnqueueBatchResponse)
+        command = logpb.Command(enqueue=batch, limits=self._bound(request.queue, 1))
+        result = await self._propose(command, pb.EnqueueBatchResponse)
         return result.results[0]
 
     @rpc
@@ -165,7 +183,9 @@ class QueueService(_Base, pbg.QueueServicer):
         _check_count(len(request.jobs), "jobs", limits.MAX_BATCH_JOBS)
         for i, spec in enumerate(request.jobs):
             limits.check_job_spec(spec, f"jobs[{i}]")
-        return await self._propose(logpb.Command(enqueue=request), pb.EnqueueBatchResponse)
+        bound = self._bound(request.queue, len(request.jobs))
+        command = logpb.Command(enqueue=request, limits=bound)
+        return await self._propose(command, pb.EnqueueBatchResponse)
 
     @rpc
     @on_leader
@@ -179,7 +199,7 @@ class QueueService(_Base, pbg.QueueServicer):
         limits.check_text(request.consumer_id, "consumer_id")
         if self.node.draining:
             raise NotTakenError("node is draining", retry_after_s=1.0)
-        response = await self.node.lease(request)
+        response = await self.node.lease(request, self._bound(request.queue))
         for job in response.jobs:
             job.queue = named
         return response

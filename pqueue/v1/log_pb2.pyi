@@ -56,6 +56,7 @@ class Command(_message.Message):
     REDRIVE_FIELD_NUMBER: _builtins.int
     DELETE_DEAD_FIELD_NUMBER: _builtins.int
     TICK_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def enqueue(self) -> _queue_pb2.EnqueueBatchRequest: ...
     @_builtins.property
@@ -78,6 +79,12 @@ class Command(_message.Message):
     def delete_dead(self) -> _queue_pb2.DeleteDeadRequest: ...
     @_builtins.property
     def tick(self) -> Global___Tick: ...
+    @_builtins.property
+    def limits(self) -> Global___TenantLimits:
+        """The caller's tenant limits, stamped by the leader on the commands they
+        bound (enqueue, lease), so every replica enforces the same numbers.
+        """
+
     def __init__(
         self,
         *,
@@ -92,16 +99,47 @@ class Command(_message.Message):
         redrive: _queue_pb2.RedriveRequest | None = ...,
         delete_dead: _queue_pb2.DeleteDeadRequest | None = ...,
         tick: Global___Tick | None = ...,
+        limits: Global___TenantLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["enqueue", "lease", "ack", "nack", "extend", "create_queue", "delete_queue", "purge", "redrive", "delete_dead", "tick"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class TenantLimits(_message.Message):
+    """Zero (or unset): no limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_LEASES_FIELD_NUMBER: _builtins.int
+    MAX_PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    max_queue_depth: _builtins.int
+    """Jobs not yet done (ready, delayed, leased) in any one of the tenant's queues."""
+    max_inflight_leases: _builtins.int
+    """Jobs leased at once over all of the tenant's queues."""
+    max_payload_bytes: _builtins.int
+    """Bytes in one job's payload (the queue's own limit holds too)."""
+    def __init__(
+        self,
+        *,
+        max_queue_depth: _builtins.int = ...,
+        max_inflight_leases: _builtins.int = ...,
+        max_payload_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_inflight_leases", b"max_inflight_leases", "max_payload_bytes", b"max_payload_bytes", "max_queue_depth", b"max_queue_depth"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantLimits: _TypeAlias = TenantLimits  # noqa: Y015
 
 @_typing.final
 class LogEntry(_message.Message):

@@ -20,9 +20,11 @@ from pqueue.client import Client
 from pqueue.errors import (
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
+from pqueue.quotas import Quotas
 from pqueue.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.tls import Tls, channel
@@ -284,3 +286,69 @@ async def test_a_cluster_on_mutual_tls_refuses_whoever_lacks_a_certificate(
         assert sorted(j.payload for j in got) == [b"via the balancer", b"x", b"y"]
     finally:
         await cluster.stop()
+
+
+QUOTAS = """
+[defaults]
+enqueue_per_s = 1000
+
+[tenants.flood]
+enqueue_per_s = 5
+enqueue_burst = 5
+max_inflight_leases = 2
+max_queue_depth = 6
+"""
+
+
+async def test_quotas_refuse_with_a_retry_delay_and_keep_to_their_tenant(tmp_path: Path) -> None:
+    srv = NodeServer(
+        SqliteStorage(tmp_path / "n1"),
+        ServerConfig(
+            listen="127.0.0.1:0",
+            grace_s=0.5,
+            verifier=Verifier(SECRET),
+            quotas=Quotas.parse(QUOTAS),
+        ),
+    )
+    await srv.start()
+    flood = token("flood", "producer", "consumer")
+    try:
+        async with Client(srv.address, max_retries=0, token=flood) as c:
+            for i in range(5):
+                await c.enqueue("q", f"{i}".encode())
+            with pytest.raises(ResourceExhaustedError) as over:
+                await c.enqueue("q", b"one too many")
+            assert 0 < over.value.retry_after_s <= 0.2  # one job's worth at 5/s
+            # The same refusal on the wire: RESOURCE_EXHAUSTED with gRPC's pushback trailer.
+            call = c._stubs.queue.Enqueue(
+                pb.EnqueueRequest(queue="q", job=pb.JobSpec(payload=b"x")),
+                metadata=(("authorization", f"Bearer {flood}"),),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as wire:
+                await call
+            assert wire.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            pushback = dict(wire.value.trailing_metadata() or ())["grpc-retry-pushback-ms"]
+            assert 0 < int(pushback) <= 200
+            # Leases: at most two held at once.
+            held = await c.lease("q", max_jobs=10)
+            assert len(held) == 2
+            with pytest.raises(ResourceExhaustedError):
+                await c.lease("q")
+            # Depth: five in the queue; the bucket refills, the queue takes one more only.
+            await asyncio.sleep(0.5)
+            await c.enqueue("q", b"sixth")
+            await asyncio.sleep(0.5)
+            with pytest.raises(ResourceExhaustedError, match="limit is 6"):
+                await c.enqueue("q", b"seventh")
+        # Another tenant is not held back by the first's limits.
+        async with Client(srv.address, max_retries=0, token=token("calm", "producer")) as c:
+            for _ in range(20):
+                await c.enqueue("q", b"x")
+        # The SDK, allowed to retry, waits out the pushback instead of failing.
+        async with Client(srv.address, max_retries=3, token=flood) as c:
+            await c.ack_many("q", [(j.job_id, j.lease_id) for j in held])  # depth: 4 of 6
+            for i in range(7):  # over the rate (not the depth): each waits its turn
+                await c.enqueue("q", b"after a wait", idempotency_key=f"k{i % 2}")
+            assert c.retries > 0
+    finally:
+        await srv.stop()

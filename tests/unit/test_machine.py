@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from pqueue import limits
@@ -13,6 +15,7 @@ from pqueue.errors import (
     ResourceExhaustedError,
 )
 from pqueue.jobs import backoff_ms
+from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver
 
@@ -480,3 +483,36 @@ def test_queues_are_bounded_and_the_refusal_changes_nothing(
         assert isinstance(d.run(**command), ResourceExhaustedError)
     assert d.state() == before
     d.enqueue("a")  # existing queues take jobs as before
+
+
+def _limited(d: Driver, **bound: int) -> Callable[..., object]:
+    def run(**command: object) -> object:
+        return d.run(**command, limits=logpb.TenantLimits(**bound))
+
+    return run
+
+
+def test_stamped_tenant_limits_bound_depth_leases_and_payload(d: Driver) -> None:
+    run = _limited(d, max_queue_depth=3, max_inflight_leases=2, max_payload_bytes=4)
+    jobs = [pb.JobSpec(payload=b"x", idempotency_key=k) for k in ("a", "b")]
+    assert not isinstance(run(enqueue=pb.EnqueueBatchRequest(queue="t/q", jobs=jobs)), Exception)
+    before = d.state()
+    two_more = [pb.JobSpec(payload=b"x"), pb.JobSpec(payload=b"y")]
+    refused = run(enqueue=pb.EnqueueBatchRequest(queue="t/q", jobs=two_more))
+    assert isinstance(refused, ResourceExhaustedError)  # 2 + 2 > 3: none of them
+    assert refused.retriable
+    assert d.state() == before
+    # Retrying a key already in the queue adds nothing, so it fits.
+    again = run(enqueue=pb.EnqueueBatchRequest(queue="t/q", jobs=[*jobs, pb.JobSpec(payload=b"z")]))
+    assert not isinstance(again, Exception)
+    big = run(enqueue=pb.EnqueueBatchRequest(queue="t/p", jobs=[pb.JobSpec(payload=b"12345")]))
+    assert isinstance(big, InvalidArgumentError)
+    leased = run(lease=pb.LeaseRequest(queue="t/q", max_jobs=10))
+    assert isinstance(leased, pb.LeaseResponse)
+    assert len(leased.jobs) == 2  # capped by the tenant's in-flight limit
+    assert isinstance(run(lease=pb.LeaseRequest(queue="t/q")), ResourceExhaustedError)
+    # Another tenant's leases do not count against this one.
+    d.ok(enqueue=pb.EnqueueBatchRequest(queue="u/q", jobs=[pb.JobSpec(payload=b"x")]))
+    assert len(run(lease=pb.LeaseRequest(queue="u/q")).jobs) == 1  # type: ignore[attr-defined]
+    # Without a stamp (auth off, no quotas) nothing is bounded.
+    d.ok(enqueue=pb.EnqueueBatchRequest(queue="t/q", jobs=two_more))

@@ -1,0 +1,148 @@
+"""Per-tenant quotas: an enqueue rate, and limits the state machine enforces.
+
+Read from a TOML file given to every node (``pq node --tenants FILE``)::
+
+    [defaults]                  # every tenant not named below
+    enqueue_per_s = 1000        # jobs per second, sustained
+    enqueue_burst = 2000        # jobs at once (the bucket's size)
+    max_inflight_leases = 10000 # leased at once, over all its queues
+    max_queue_depth = 1000000   # ready + delayed + leased, in any one queue
+    max_payload_bytes = 1048576 # per job
+
+    [tenants.acme]
+    enqueue_per_s = 50
+
+The rate is a token bucket kept on the leader, which takes every enqueue,
+so it holds for the cluster (a new leader starts with full buckets). The
+other limits are stamped on each enqueue and lease command the leader
+proposes (``TenantLimits``), so every replica decides the same way against
+the same numbers. Zero or absent: no limit.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pqueue import limits
+from pqueue.errors import InvalidArgumentError, ResourceExhaustedError
+from pqueue.v1 import log_pb2 as logpb
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One tenant's limits (0: none)."""
+
+    enqueue_per_s: float = 0.0
+    enqueue_burst: float = 0.0
+    max_inflight_leases: int = 0
+    max_queue_depth: int = 0
+    max_payload_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"{f.name} must not be negative")
+
+    @property
+    def burst(self) -> float:
+        """The bucket's size: the burst given, else one second's worth (at least 1 job)."""
+        return self.enqueue_burst or max(self.enqueue_per_s, 1.0)
+
+    def stamp(self) -> logpb.TenantLimits:
+        return logpb.TenantLimits(
+            max_queue_depth=self.max_queue_depth,
+            max_inflight_leases=self.max_inflight_leases,
+            max_payload_bytes=self.max_payload_bytes,
+        )
+
+
+def _quota(table: Any, where: str) -> Quota:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table")
+    known = {f.name for f in fields(Quota)}
+    unknown = set(table) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    try:
+        values: dict[str, Any] = {
+            k: float(v) if k.startswith("enqueue") else int(v) for k, v in table.items()
+        }
+        return Quota(**values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at_s: float
+
+
+@dataclass
+class Quotas:
+    """Every tenant's quota, and the leader's enqueue buckets."""
+
+    defaults: Quota = field(default_factory=Quota)
+    tenants: dict[str, Quota] = field(default_factory=dict)
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Quotas:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"not TOML: {exc}") from exc
+        unknown = set(data) - {"defaults", "tenants"}
+        if unknown:
+            raise ValueError(f"unknown tables {sorted(unknown)} (known: defaults, tenants)")
+        tenants = data.get("tenants", {})
+        if not isinstance(tenants, dict):
+            raise ValueError("tenants must be a table of tables")
+        for name in tenants:
+            try:
+                limits.check_tenant(name)
+            except InvalidArgumentError as exc:
+                raise ValueError(f"tenant {name!r}: {exc}") from exc
+        return cls(
+            defaults=_quota(data.get("defaults", {}), "defaults"),
+            tenants={name: _quota(t, f"tenants.{name}") for name, t in tenants.items()},
+        )
+
+    @classmethod
+    def from_file(cls, path: Path) -> Quotas:
+        try:
+            return cls.parse(path.read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read the tenants file {path}: {exc}") from exc
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    def of(self, tenant: str) -> Quota:
+        return self.tenants.get(tenant, self.defaults)
+
+    def take(self, tenant: str, jobs: int, now_s: float) -> None:
+        """Spend ``jobs`` enqueue tokens, or raise RESOURCE_EXHAUSTED with the wait."""
+        quota = self.of(tenant)
+        if not quota.enqueue_per_s:
+            return
+        burst = quota.burst
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            bucket = self._buckets[tenant] = _Bucket(burst, now_s)
+        bucket.tokens = min(burst, bucket.tokens + (now_s - bucket.at_s) * quota.enqueue_per_s)
+        bucket.at_s = now_s
+        if jobs > burst:
+            raise ResourceExhaustedError(
+                f"{jobs} jobs in one call exceed tenant {tenant!r}'s burst of {burst:g}; "
+                "send smaller batches"
+            )
+        if bucket.tokens < jobs:
+            wait_s = (jobs - bucket.tokens) / quota.enqueue_per_s
+            raise ResourceExhaustedError(
+                f"tenant {tenant!r} is over its enqueue rate of {quota.enqueue_per_s:g} jobs/s",
+                retry_after_s=max(wait_s, 0.001),
+            )
+        bucket.tokens -= jobs
