@@ -292,33 +292,27 @@ class Observer(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
+        parse = _lenient(handler.request_deserializer)
+        serialize = handler.response_serializer
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._behaviour(method, handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
+            behaviour = self._behaviour(method, handler.unary_unary, streaming=False)
+            return grpc.unary_unary_rpc_method_handler(behaviour, parse, serialize)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._behaviour(method, handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
+            behaviour = self._behaviour(method, handler.unary_stream, streaming=False)
+            return grpc.unary_stream_rpc_method_handler(behaviour, parse, serialize)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._behaviour(method, handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
+            behaviour = self._behaviour(method, handler.stream_unary, streaming=True)
+            return grpc.stream_unary_rpc_method_handler(behaviour, parse, serialize)
         assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            self._behaviour(method, handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        behaviour = self._behaviour(method, handler.stream_stream, streaming=True)
+        return grpc.stream_stream_rpc_method_handler(behaviour, parse, serialize)
 
-    def _behaviour(self, method: str, inner: Behaviour) -> Behaviour:
+    def _behaviour(self, method: str, inner: Behaviour, streaming: bool) -> Behaviour:
         """Wrap a behaviour, whether it returns, or yields its responses."""
+
+        def checked(request: Any, context: Context) -> Any:
+            return _checked_stream(request, context) if streaming else request
+
         if inspect.isasyncgenfunction(inner):
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
@@ -326,7 +320,8 @@ class Observer(grpc.aio.ServerInterceptor):
                 call.received()
                 error: BaseException | None = None
                 try:
-                    async for response in inner(request, context):
+                    await _refuse_malformed(request, context)
+                    async for response in inner(checked(request, context), context):
                         yield response
                 except BaseException as exc:
                     error = exc
@@ -341,7 +336,8 @@ class Observer(grpc.aio.ServerInterceptor):
             call.received()
             error: BaseException | None = None
             try:
-                return await inner(request, context)
+                await _refuse_malformed(request, context)
+                return await inner(checked(request, context), context)
             except BaseException as exc:
                 error = exc
                 raise
@@ -349,6 +345,42 @@ class Observer(grpc.aio.ServerInterceptor):
                 call.outcome(context, error)
 
         return unary
+
+
+class _Malformed:
+    """What a request that would not parse becomes (gRPC would answer INTERNAL)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if parse is None:
+        return None  # raw bytes (the balancer's proxy): nothing to parse
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:
+            return _Malformed(exc)
+
+    return lenient
+
+
+async def _refuse_malformed(request: Any, context: Context) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid message of this method: {request.error}",
+        )
+
+
+async def _checked_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    async for item in requests:
+        await _refuse_malformed(item, context)
+        yield item
 
 
 def served_methods(*descriptors: Any) -> frozenset[str]:
