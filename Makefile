@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/pqueue/v1/*.proto)
 # Tests marked slow (soak, long fault runs) are left out of `make test`.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install proto proto-check lint typecheck test test-all cluster bench clean
+.PHONY: install proto proto-check lint typecheck test test-all cluster bench bench-tenants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ cluster: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# A flooding tenant beside a calm one (quotas): the calm tenant's lease latency.
+bench-tenants: $(STAMP)
+	$(PY) -m bench.tenants
 
 clean:
 	rm -rf $(VENV) .cluster .mypy_cache .pytest_cache .ruff_cache

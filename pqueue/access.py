@@ -14,6 +14,7 @@ Pure: no IO, no gRPC.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 from pqueue import limits
 from pqueue.auth import ADMIN, OPEN, Principal
@@ -21,6 +22,8 @@ from pqueue.errors import PermissionDeniedError, UnauthenticatedError
 from pqueue.v1 import queue_pb2 as pb
 
 AUTHORIZATION_KEY = "authorization"
+
+Named = TypeVar("Named", pb.QueueStats, pb.QueueInfo)
 
 
 def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -71,27 +74,12 @@ def shown(principal: Principal, stored: str) -> str | None:
     return name if slash and tenant == principal.tenant else None
 
 
-def show_stats(principal: Principal, stats: Iterable[pb.QueueStats]) -> list[pb.QueueStats]:
-    """The caller's own queues' stats, under the names it knows them by."""
+def show(principal: Principal, items: Iterable[Named]) -> list[Named]:
+    """The caller's own queues' entries (stats, infos), under the names it knows."""
     out = []
-    for qs in stats:
-        name = shown(principal, qs.queue)
+    for item in items:
+        name = shown(principal, item.queue)
         if name is not None:
-            qs.queue = name
-            out.append(qs)
+            item.queue = name
+            out.append(item)
     return out
-
-
-def show_queues(principal: Principal, queues: Iterable[pb.QueueInfo]) -> list[pb.QueueInfo]:
-    out = []
-    for info in queues:
-        name = shown(principal, info.queue)
-        if name is not None:
-            info.queue = name
-            out.append(info)
-    return out
-
-
-def show_job_queue(principal: Principal, queue: str) -> str:
-    """The name a job's ``queue`` field carries back to a caller who could name it."""
-    return shown(principal, queue) or queue

@@ -245,7 +245,7 @@ class QueueService(_Base, pbg.QueueServicer):
         if request.consistent and not self.node.log.is_leader:
             return await self._forward("Stats", request, context)  # type: ignore[return-value]
         stats = self.node.machine.stats(stored, self.node.clock_ms())
-        return pb.StatsResponse(queues=access.show_stats(principal.get(), stats))
+        return pb.StatsResponse(queues=access.show(principal.get(), stats))
 
 
 class AdminService(_Base, pbg.AdminServicer):
@@ -275,7 +275,7 @@ class AdminService(_Base, pbg.AdminServicer):
         self, request: pb.ListQueuesRequest, context: Context
     ) -> pb.ListQueuesResponse:
         queues = self.node.machine.list_queues(self.node.clock_ms())
-        return pb.ListQueuesResponse(queues=access.show_queues(principal.get(), queues))
+        return pb.ListQueuesResponse(queues=access.show(principal.get(), queues))
 
     @rpc
     @on_leader

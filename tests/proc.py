@@ -13,9 +13,11 @@ from pathlib import Path
 class NodeProcess:
     """One ``pq node`` in its own process, on 127.0.0.1:0."""
 
-    def __init__(self, data_dir: Path, node_id: str = "n1") -> None:
+    def __init__(self, data_dir: Path, node_id: str = "n1", extra: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.node_id = node_id
+        #: More ``pq node`` flags (auth, quotas, TLS).
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
 
@@ -25,6 +27,7 @@ class NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(self.data_dir)]
         cmd += ["--listen", "127.0.0.1:0", "--node-id", self.node_id, "--grace-s", "1"]
+        cmd += self.extra
         with (self.data_dir.parent / f"{self.node_id}.log").open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s

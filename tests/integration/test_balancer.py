@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,9 +67,10 @@ def balancer_config(cluster: Cluster, probe_interval_s: float = 0.2) -> Balancer
     )
 
 
-@pytest.fixture
-async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
-    cluster = Cluster(tmp_path)
+@contextlib.asynccontextmanager
+async def balanced(tmp_path: Path, metrics: bool = False) -> AsyncIterator[Setup]:
+    """Three nodes in this process and a balancer that knows their leader."""
+    cluster = Cluster(tmp_path, metrics=metrics)
     await cluster.start()
     try:
         await cluster.leader()
@@ -86,6 +88,12 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
             await balancer.stop()
     finally:
         await cluster.stop()
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    async with balanced(tmp_path) as s:
+        yield s
 
 
 async def test_the_api_works_through_the_balancer_with_error_details_intact(setup: Setup) -> None:

@@ -15,12 +15,10 @@ service gets bytes and batches that do not decode, which it must shrug off.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -30,8 +28,7 @@ from hypothesis import strategies as st
 
 from pqueue import limits
 from pqueue.client import Client
-from pqueue.server import NodeServer, ServerConfig
-from pqueue.storage.sqlite import SqliteStorage
+from pqueue.server import NodeServer
 from pqueue.v1 import peer_pb2
 from pqueue.v1 import queue_pb2 as pb
 
@@ -142,23 +139,11 @@ async def _status(call: Any) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.OK, ""
 
 
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[NodeServer]:
-    srv = NodeServer(
-        SqliteStorage(tmp_path / "n1"), ServerConfig(listen="127.0.0.1:0", grace_s=0.5)
-    )
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop()
-
-
-async def _history(node: NodeServer) -> dict[int, bytes]:
+async def _history(server: NodeServer) -> dict[int, bytes]:
     """Acknowledged jobs, to find again after the fuzzing (which never names their
     queue), and jobs in queue ``q`` for the fuzzer to lease, ack and delete."""
     jobs = {}
-    async with Client(node.address, max_retries=0) as c:
+    async with Client(server.address, max_retries=0) as c:
         for i in range(20):
             await c.enqueue("q", b"fodder", priority=i % 3)
         for i in range(20):
@@ -167,11 +152,11 @@ async def _history(node: NodeServer) -> dict[int, bytes]:
     return jobs
 
 
-async def _still_serving_with_nothing_lost(node: NodeServer, jobs: dict[int, bytes]) -> None:
-    async with grpc.aio.insecure_channel(node.address) as channel:
+async def _still_serving_with_nothing_lost(server: NodeServer, jobs: dict[int, bytes]) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-    async with Client(node.address, max_retries=0) as c:
+    async with Client(server.address, max_retries=0) as c:
         for job_id, payload in jobs.items():
             job = await c.get_job(HISTORY, job_id, consistent=True)
             assert job.payload == payload
@@ -179,11 +164,11 @@ async def _still_serving_with_nothing_lost(node: NodeServer, jobs: dict[int, byt
 
 
 async def test_every_public_method_answers_random_and_malformed_requests_clearly(
-    node: NodeServer,
+    server: NodeServer,
 ) -> None:
-    jobs = await _history(node)
+    jobs = await _history(server)
     seen: dict[grpc.StatusCode, int] = {}
-    async with grpc.aio.insecure_channel(node.address) as channel:
+    async with grpc.aio.insecure_channel(server.address) as channel:
         calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {
             method: channel.unary_unary(method, request_serializer=None, response_deserializer=None)
             for method, _ in METHODS
@@ -209,11 +194,11 @@ async def test_every_public_method_answers_random_and_malformed_requests_clearly
             seen[code] = seen.get(code, 0) + 1
     assert seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0  # the fuzzer reached the checks
     assert seen.get(grpc.StatusCode.OK, 0) > 0  # and got past them too
-    await _still_serving_with_nothing_lost(node, jobs)
+    await _still_serving_with_nothing_lost(server, jobs)
 
 
-async def test_the_peer_service_shrugs_off_what_does_not_decode(node: NodeServer) -> None:
-    jobs = await _history(node)
+async def test_the_peer_service_shrugs_off_what_does_not_decode(server: NodeServer) -> None:
+    jobs = await _history(server)
     garbage: list[list[bytes]] = []
 
     @settings(max_examples=100, deadline=None, database=None)
@@ -237,19 +222,19 @@ async def test_the_peer_service_shrugs_off_what_does_not_decode(node: NodeServer
         garbage.append(stream)
 
     collect()
-    async with grpc.aio.insecure_channel(node.address) as channel:
+    async with grpc.aio.insecure_channel(server.address) as channel:
         send: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
             "/pqueue.v1.Peer/Send", request_serializer=None, response_deserializer=None
         )
         for stream in garbage:
             code, details = await _status(send(iter(stream), timeout=CALL_TIMEOUT_S))
             assert code in CLEAR, f"{stream!r}: {code} {details}"
-    await _still_serving_with_nothing_lost(node, jobs)
+    await _still_serving_with_nothing_lost(server, jobs)
 
 
-async def test_oversized_requests_are_refused_before_the_state_machine(node: NodeServer) -> None:
+async def test_oversized_requests_are_refused_before_the_state_machine(server: NodeServer) -> None:
     async with grpc.aio.insecure_channel(
-        node.address, options=[("grpc.max_send_message_length", -1)]
+        server.address, options=[("grpc.max_send_message_length", -1)]
     ) as channel:
         enqueue: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             "/pqueue.v1.Queue/Enqueue"
@@ -263,5 +248,5 @@ async def test_oversized_requests_are_refused_before_the_state_machine(node: Nod
         big = pb.EnqueueRequest(queue="q", job=job).SerializeToString()
         code, details = await _status(enqueue(big, timeout=30))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
-    async with Client(node.address, max_retries=0) as c:
+    async with Client(server.address, max_retries=0) as c:
         assert not await c.list_queues()  # nothing was enqueued, not even the queue

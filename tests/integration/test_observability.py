@@ -23,7 +23,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancer.server import BalancerServer
 from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError
 from pqueue.logs import JsonFormatter, TextFormatter
@@ -34,8 +33,7 @@ from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from tests import promtool
 from tests.deploy.dashboard import dashboard_metric_names
-from tests.inproc import Cluster
-from tests.integration.test_balancer import Setup, balancer_config
+from tests.integration.test_balancer import Setup, balanced
 
 #: Families the issue asks every node to export.
 NODE_FAMILIES = {
@@ -103,24 +101,8 @@ def value(s: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
-    cluster = Cluster(tmp_path, metrics=True)
-    await cluster.start()
-    try:
-        await cluster.leader()
-        balancer = BalancerServer(balancer_config(cluster))
-        await balancer.start()
-        try:
-            s = Setup(cluster, balancer)
-
-            async def knows_leader() -> bool:
-                return balancer.backends.pool.leader() is not None
-
-            await s.wait_for("the balancer to know the leader", knows_leader)
-            yield s
-        finally:
-            await balancer.stop()
-    finally:
-        await cluster.stop()
+    async with balanced(tmp_path, metrics=True) as s:
+        yield s
 
 
 async def some_traffic(address: str) -> None:
