@@ -2,13 +2,14 @@
 
 One ``pq node`` process with auth and a tenants file. Tenant ``calm`` has
 a queue filled ahead and 4 consumers that lease and ack one job per call;
-we time each lease. Tenant ``flood`` runs 16 producers that enqueue as fast
-as they can and, when refused, go again at once (the rudest client: no
-pushback honoured). Three runs, the same node setup each time:
+we time each lease. Tenant ``flood`` runs 16 producers, in a process of their own, that
+enqueue as fast as they can. Four runs, the same node setup each time:
 
 - calm alone (the baseline);
-- with the flood limited by its quota (``enqueue_per_s``);
-- with the flood unlimited (no quota for it), to show what the quota buys.
+- the flood held to its quota (``enqueue_per_s``), its SDK waiting out each
+  refusal's pushback (polite);
+- the same, but going again at once when refused (rude);
+- the flood with no quota, to show what the quota buys.
 
     python -m bench.tenants [--seconds 8]      (make bench-tenants)
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -37,7 +39,7 @@ def _p(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else 0
 
 
-async def _run(tmp: Path, name: str, flood_quota: str | None, flood: bool, seconds: float) -> str:
+async def _run(tmp: Path, name: str, flood_quota: str | None, flood: str, seconds: float) -> str:
     (tmp / "secret").write_bytes(SECRET)
     tenants = "[defaults]\n"
     if flood_quota is not None:
@@ -66,22 +68,20 @@ async def _run(tmp: Path, name: str, flood_quota: str | None, flood: bool, secon
                     for job in jobs:
                         await calm.ack("work", job.job_id, job.lease_id)
 
-            async def produce(client: Client) -> None:
-                nonlocal flood_ok, flood_refused
-                while not stop.is_set():
-                    try:
-                        await client.enqueue("spam", b"y" * 256)
-                        flood_ok += 1
-                    except ResourceExhaustedError:
-                        flood_refused += 1
-
-            async with Client(address, token=flood_token, timeout_s=30, max_retries=0) as fc:
-                tasks = [asyncio.create_task(consume()) for _ in range(CALM_CONSUMERS)]
-                if flood:
-                    tasks += [asyncio.create_task(produce(fc)) for _ in range(FLOOD_PRODUCERS)]
-                await asyncio.sleep(seconds)
-                stop.set()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            flooder = None
+            if flood:  # a process of its own: it must not slow the calm client's loop
+                flooder = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.tenants", "--flood", address, flood_token,
+                    "--seconds", str(seconds), *(["--polite"] if flood == "polite" else []),
+                    stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+            tasks = [asyncio.create_task(consume()) for _ in range(CALM_CONSUMERS)]
+            await asyncio.sleep(seconds)
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if flooder is not None:
+                out, _ = await flooder.communicate()
+                flood_ok, flood_refused = json.loads(out)
     finally:
         node.terminate()
     ms = sorted(x * 1000 for x in latencies)
@@ -91,26 +91,55 @@ async def _run(tmp: Path, name: str, flood_quota: str | None, flood: bool, secon
         else "no flood"
     )
     return (
-        f"{name:<24} calm leases {len(ms) / seconds:6.0f}/s  p50 {_p(ms, 50):6.1f} ms  "
+        f"{name:<26} calm leases {len(ms) / seconds:6.0f}/s  p50 {_p(ms, 50):6.1f} ms  "
         f"p99 {_p(ms, 99):6.1f} ms   {flood_cell}"
     )
+
+
+async def _flood(address: str, token: str, seconds: float, polite: bool) -> None:
+    """The flooding tenant's producers; prints [accepted, refused]. Polite ones use
+    the SDK's retries, which wait out each refusal's pushback."""
+    ok = refused = 0
+    deadline = time.monotonic() + seconds
+
+    async def produce(client: Client) -> None:
+        nonlocal ok, refused
+        while time.monotonic() < deadline:
+            try:
+                await client.enqueue("spam", b"y" * 256)
+                ok += 1
+            except ResourceExhaustedError:
+                refused += 1
+
+    retries = 1000 if polite else 0
+    async with Client(address, token=token, timeout_s=30, max_retries=retries) as client:
+        await asyncio.gather(*(produce(client) for _ in range(FLOOD_PRODUCERS)))
+        refused += client.retries
+    print(json.dumps([ok, refused]))
 
 
 async def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--flood-rate", type=float, default=200.0, help="the flood's quota, jobs/s")
+    p.add_argument("--flood", nargs=2, metavar=("ADDRESS", "TOKEN"), help=argparse.SUPPRESS)
+    p.add_argument("--polite", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.flood:
+        await _flood(args.flood[0], args.flood[1], args.seconds, args.polite)
+        return 0
     quota = f"enqueue_per_s = {args.flood_rate}"
     print(
         f"1 node; calm: {CALM_CONSUMERS} consumers leasing 1 job per call; "
-        f"flood: {FLOOD_PRODUCERS} producers enqueueing without pause, {args.seconds:g} s each"
+        f"flood: {FLOOD_PRODUCERS} producers in a process of their own, {args.seconds:g} s each; "
+        "polite: the SDK waits out each refusal's pushback; rude: it goes again at once"
     )
     with tempfile.TemporaryDirectory(prefix="pq-bench-tenants-") as tmp:
         for name, flood_quota, flood in (
-            ("calm alone", None, False),
-            (f"flood at {args.flood_rate:g}/s quota", quota, True),
-            ("flood without quota", None, True),
+            ("calm alone", None, ""),
+            (f"flood at {args.flood_rate:g}/s, polite", quota, "polite"),
+            (f"flood at {args.flood_rate:g}/s, rude", quota, "rude"),
+            ("flood without quota", None, "rude"),
         ):
             print(f"  running {name}...", file=sys.stderr, flush=True)
             try:

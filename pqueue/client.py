@@ -17,7 +17,12 @@ import grpc
 
 from pqueue import limits
 from pqueue.access import AUTHORIZATION_KEY
-from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError
+from pqueue.errors import (
+    InvalidArgumentError,
+    NotLeaderError,
+    NotTakenError,
+    ResourceExhaustedError,
+)
 from pqueue.status import from_rpc_error
 from pqueue.tls import Tls, channel
 from pqueue.v1 import balancer_pb2 as bpb
@@ -145,8 +150,14 @@ class Client:
                     stubs = self._leader_stubs(error.leader_address)
                     redirected = True
                     continue
-                # A call the server did not take may be sent again, whatever it is.
-                again = (retry and error.retriable) or isinstance(error, NotTakenError)
+                # A call the server did not take may be sent again, whatever it
+                # is: NOT_TAKEN, or a quota's refusal (nothing changed) that says
+                # when to come back.
+                again = (
+                    (retry and error.retriable)
+                    or isinstance(error, NotTakenError)
+                    or (isinstance(error, ResourceExhaustedError) and error.retriable)
+                )
                 if not (again and attempt < self.max_retries):
                     raise error from exc
                 attempt += 1

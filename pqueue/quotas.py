@@ -30,6 +30,9 @@ from pqueue import limits
 from pqueue.errors import InvalidArgumentError, ResourceExhaustedError
 from pqueue.v1 import log_pb2 as logpb
 
+#: The shortest wait a refusal asks for.
+MIN_PUSHBACK_S = 0.1
+
 
 @dataclass(frozen=True)
 class Quota:
@@ -140,9 +143,11 @@ class Quotas:
                 "send smaller batches"
             )
         if bucket.tokens < jobs:
-            wait_s = (jobs - bucket.tokens) / quota.enqueue_per_s
+            # Not the time until the next token: every other caller of this
+            # tenant wants it too, and each refusal costs the leader a call.
+            wait_s = max((jobs - bucket.tokens) / quota.enqueue_per_s, MIN_PUSHBACK_S)
             raise ResourceExhaustedError(
                 f"tenant {tenant!r} is over its enqueue rate of {quota.enqueue_per_s:g} jobs/s",
-                retry_after_s=max(wait_s, 0.001),
+                retry_after_s=wait_s,
             )
         bucket.tokens -= jobs
