@@ -32,7 +32,10 @@ from pqueue.errors import InvalidArgumentError, UnauthenticatedError
 PRODUCER = "producer"
 CONSUMER = "consumer"
 ADMIN = "admin"
-ROLES = frozenset((PRODUCER, CONSUMER, ADMIN))
+#: A node of the cluster: may speak the peer (consensus) protocol. No other
+#: role implies it, not even admin: a peer's messages decide what is committed.
+PEER = "peer"
+ROLES = frozenset((PRODUCER, CONSUMER, ADMIN, PEER))
 
 #: Verified tokens kept (each until it expires).
 _CACHE_SIZE = 4096
@@ -51,11 +54,13 @@ class Principal:
     expires_at: float = 0.0
 
     def has(self, role: str) -> bool:
-        return role in self.roles or ADMIN in self.roles
+        return role in self.roles or (ADMIN in self.roles and role != PEER)
 
 
 #: The caller when auth is off: every role, no tenant (queue names unscoped).
 OPEN = Principal(tenant="", roles=ROLES, subject="anonymous")
+#: Nobody: what a call runs as until it is authenticated.
+NOBODY = Principal(tenant="", roles=frozenset(), subject="unauthenticated")
 
 
 def check_claims(tenant: str, roles: Iterable[str]) -> frozenset[str]:
@@ -85,16 +90,17 @@ class Verifier:
 
     def __post_init__(self) -> None:
         self._algorithms, self._key = _verification_key(self.key)
+        if self._algorithms == ["HS256"]:
+            try:  # PyJWT refuses secrets that look like public keys (SSH, JWK): say so now
+                jwt.decode(jwt.encode({"x": 1}, self._key, "HS256"), self._key, ["HS256"])
+            except jwt.PyJWTError as exc:
+                raise ValueError(f"the key cannot verify HS256 tokens: {exc}") from exc
 
     @classmethod
     def from_file(
         cls, path: Path, audience: str | None = None, issuer: str | None = None
     ) -> Verifier:
-        try:
-            key = path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot read the token key {path}: {exc}") from exc
-        return cls(key.strip() if b"-----BEGIN" not in key else key, audience, issuer)
+        return cls(read_key(path), audience, issuer)
 
     @property
     def algorithm(self) -> str:
@@ -121,7 +127,7 @@ class Verifier:
             )
         except jwt.ExpiredSignatureError as exc:
             raise UnauthenticatedError("the token has expired") from exc
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:  # invalid tokens, and keys PyJWT will not use
             raise UnauthenticatedError(f"the token is not valid: {exc}") from exc
         tenant, roles = claims.get("tenant"), claims.get("roles")
         if not isinstance(tenant, str) or not isinstance(roles, list):
@@ -135,6 +141,14 @@ class Verifier:
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return principal
+
+
+def read_key(path: Path) -> bytes:
+    """A key file's bytes, exactly: the node and ``pq token issue`` read it alike."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the key {path}: {exc}") from exc
 
 
 def _verification_key(key: bytes) -> tuple[list[str], Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pqueue import render
-from pqueue.auth import ROLES, Verifier, issue
+from pqueue.auth import ROLES, Verifier, issue, read_key
 from pqueue.client import DEFAULT_ENDPOINT, Client
 from pqueue.devcluster import cluster_status, run_dev_cluster, start_node, stop_node
 from pqueue.errors import PQueueError, RemoteError
@@ -218,6 +218,12 @@ def _auth_and_tls_args(node: argparse.ArgumentParser) -> None:
         default=None,
         help="turn on auth: the HS256 secret, or the PEM public key (RS256, ES256)",
     )
+    node.add_argument(
+        "--peer-token-file",
+        type=Path,
+        default=None,
+        help="with auth: this node's token for its peers (pq token issue --role peer)",
+    )
     node.add_argument("--auth-audience", default=None, help="tokens must name this audience")
     node.add_argument("--auth-issuer", default=None, help="tokens must name this issuer")
     node.add_argument(
@@ -265,6 +271,12 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             f"refusing to serve {args.listen} without auth: give --auth-key-file, "
             "or --insecure-no-auth if anyone who can reach it may do anything"
         )
+    peer_token = read_key(args.peer_token_file).decode().strip() if args.peer_token_file else None
+    if verifier is not None and len(args.peers or {}) > 1 and not peer_token:
+        raise ValueError(
+            "with auth on, nodes authenticate to each other: give --peer-token-file "
+            "(pq token issue --tenant cluster --role peer ...)"
+        )
     tls = None
     if args.tls_cert is not None or args.tls_key is not None or args.tls_ca is not None:
         tls = Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
@@ -278,6 +290,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             tls=tls,
             verifier=verifier,
             quotas=Quotas.from_file(args.tenants) if args.tenants is not None else None,
+            peer_token=peer_token,
         ),
         peers=args.peers,
         store=args.store,
@@ -285,6 +298,17 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         log_level=args.log_level,
         log_format=args.log_format,
     )
+
+
+def _tls(cert: Path | None, key: Path | None, ca: Path | None, server: bool) -> Tls | None:
+    """TLS from whichever flags were given (none: plaintext); refuses half a setup."""
+    if cert is None and key is None and ca is None:
+        return None
+    if server and cert is None:
+        raise ValueError("a TLS server needs --tls-cert and --tls-key")
+    if not server and ca is None:
+        raise ValueError("TLS to the nodes needs --backend-tls-ca (their CA)")
+    return Tls.from_files(cert, key, ca)
 
 
 def _duration_s(text: str) -> float:
@@ -302,7 +326,7 @@ def _duration_s(text: str) -> float:
 def _issue_token(args: argparse.Namespace) -> int:
     try:
         token = issue(
-            args.key_file.read_bytes(),
+            read_key(args.key_file),
             args.tenant,
             args.role,
             _duration_s(args.ttl),
@@ -576,14 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 probe_timeout_s=min(0.8, interval),
                 # A report expires after three intervals (3 s by default).
                 pool=PoolConfig(report_expiry_s=3 * interval),
-                tls=Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
-                if args.tls_cert is not None
-                else None,
-                backend_tls=Tls.from_files(
-                    args.backend_tls_cert, args.backend_tls_key, args.backend_tls_ca
-                )
-                if args.backend_tls_ca is not None
-                else None,
+                tls=_tls(args.tls_cert, args.tls_key, args.tls_ca, server=True),
+                backend_tls=_tls(
+                    args.backend_tls_cert, args.backend_tls_key, args.backend_tls_ca, server=False
+                ),
                 probe_token=args.probe_token_file.read_text().strip()
                 if args.probe_token_file is not None
                 else None,

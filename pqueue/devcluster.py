@@ -171,6 +171,10 @@ def run_dev_cluster(
         print(render.table(rows))
         print(f"\nleader: n{next(n.id for n in nodes_ if n.address == leader)} ({leader})")
         print(f"ready: export PQ_ENDPOINT={balancer.address}  (Ctrl-C stops the cluster)")
+        print(
+            "\n*** AUTH IS OFF: this local cluster takes any call from anyone who can reach "
+            "127.0.0.1. See README, Security, for tokens, quotas and TLS. ***"
+        )
         sys.stdout.flush()
         while not stop:
             for node in cluster:

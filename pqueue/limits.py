@@ -76,17 +76,23 @@ def check_queue_name(name: str, field: str = "queue") -> None:
         raise InvalidArgumentError(field, "must not be empty")
     if len(name) > MAX_NAME_CHARS:
         raise InvalidArgumentError(field, f"longer than {MAX_NAME_CHARS} characters")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidArgumentError(
             field, "use letters, digits and . _ : - (starting with a letter or digit)"
         )
+
+
+def tenant_of(queue: str) -> str:
+    """The tenant a stored queue name belongs to ("" for a name without one)."""
+    tenant, slash, _ = queue.partition("/")
+    return tenant if slash else ""
 
 
 def check_tenant(tenant: str, field: str = "tenant") -> None:
     """Tenant names follow the queue-name rules (a tenant prefixes its queues' names)."""
     if not tenant:
         raise InvalidArgumentError(field, "the tenant must not be empty")
-    if len(tenant) > MAX_NAME_CHARS or not _NAME_RE.match(tenant):
+    if len(tenant) > MAX_NAME_CHARS or not _NAME_RE.fullmatch(tenant):
         raise InvalidArgumentError(
             field,
             "a tenant is 1..128 letters, digits and . _ : - (starting with one of the first two)",

@@ -438,7 +438,8 @@ class QueueMachine:
                 )
         if not bound.max_queue_depth:
             return
-        depth = 0 if queue is None else sum(queue.counts[s] for s in (READY, DELAYED, LEASED))
+        # Dead jobs count: they stay until redriven or deleted.
+        depth = 0 if queue is None else sum(queue.counts[s] for s in (READY, DELAYED, LEASED, DEAD))
         keys = set() if queue is None else queue.dedup.keys()
         new = sum(
             1 for spec in req.jobs if not (spec.idempotency_key and spec.idempotency_key in keys)
@@ -455,8 +456,10 @@ class QueueMachine:
         bound = self._limits
         if bound is None or not bound.max_inflight_leases:
             return limits.MAX_LEASE_JOBS
-        tenant = queue_name.partition("/")[0] + "/"
-        leased = sum(q.counts[LEASED] for name, q in self.queues.items() if name.startswith(tenant))
+        tenant = limits.tenant_of(queue_name)
+        leased = sum(
+            q.counts[LEASED] for name, q in self.queues.items() if limits.tenant_of(name) == tenant
+        )
         room = bound.max_inflight_leases - leased
         if room <= 0:
             raise ResourceExhaustedError(
@@ -470,6 +473,14 @@ class QueueMachine:
             raise ResourceExhaustedError(
                 f"the cluster holds its limit of {limits.MAX_QUEUES} queues; delete one first"
             )
+        bound = self._limits
+        if bound is not None and bound.max_queues:
+            tenant = limits.tenant_of(name)
+            held = sum(1 for other in self.queues if limits.tenant_of(other) == tenant)
+            if held >= bound.max_queues:
+                raise ResourceExhaustedError(
+                    f"the tenant holds {held} queues, its limit; delete one first"
+                )
         queue = QueueState(name=name, config=config)
         self.queues[name] = queue
         return queue

@@ -66,6 +66,7 @@ class QueueNode:
         cluster: ClusterConfig | None = None,
         observer: LogObserver | None = None,
         tls: Tls | None = None,
+        peer_token: str | None = None,
     ) -> None:
         self.config = config or NodeConfig()
         self.clock_ms = clock_ms
@@ -76,7 +77,7 @@ class QueueNode:
             cluster, snapshot_every_entries=self.config.snapshot_every_entries
         )
         self.cluster = cluster
-        self.transport = PeerTransport(cluster.node_id, cluster.addresses, tls)
+        self.transport = PeerTransport(cluster.node_id, cluster.addresses, tls, peer_token)
         self.log: CommandLog = ReplicatedLog(
             storage, self, clock_ms, cluster, self.transport.send, observer
         )

@@ -160,7 +160,7 @@ class _Call:
         rid = _first_value(metadata, REQUEST_ID_KEY)
         self.rid = rid if _REQUEST_ID_RE.fullmatch(rid) else new_request_id()
         # The first caller, as a balancer or a forwarding follower saw it. Only
-        # a hop marks itself so; a client's own x-forwarded-for is ignored.
+        # a hop marks itself so (a client could too: this is for logs, not trust).
         ip = _ip_of(context.peer() or "")
         if _first_value(metadata, FORWARDED_KEY):
             ip = _first_value(metadata, FORWARDED_FOR_KEY).split(",")[0].strip() or ip

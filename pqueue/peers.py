@@ -19,12 +19,17 @@ import grpc
 
 from consensus.messages import Message
 from pqueue import limits
+from pqueue.access import AUTHORIZATION_KEY, bearer
+from pqueue.auth import PEER, Verifier
+from pqueue.errors import UnauthenticatedError
 from pqueue.peer_codec import decode, encode
 from pqueue.tls import Tls, channel
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 
 logger = logging.getLogger(__name__)
+
+Metadata = tuple[tuple[str, str], ...]
 
 MAX_QUEUED = 10_000
 MAX_BATCH = 512
@@ -38,14 +43,31 @@ _CHANNEL_OPTIONS = [
 class PeerService(ppbg.PeerServicer):
     """Receives peers' streams and hands each message on."""
 
-    def __init__(self, deliver: Callable[[Message], None]) -> None:
+    def __init__(
+        self, deliver: Callable[[Message], None], verifier: Verifier | None = None
+    ) -> None:
         self.deliver = deliver
+        #: With auth on, only a token with the ``peer`` role may send: consensus
+        #: trusts its peers, so a stranger's messages could decide the log.
+        self.verifier = verifier
 
     async def Send(
         self,
         request_iterator: AsyncIterator[ppb.PeerBatch],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ppb.PeerAck:
+        if self.verifier is not None:
+            try:
+                caller = self.verifier.verify(bearer(context.invocation_metadata()))
+            except UnauthenticatedError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                raise AssertionError("unreachable") from exc  # abort raises
+            if PEER not in caller.roles:
+                logger.warning("refused a peer stream from %s: no peer role", context.peer())
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "only the cluster's nodes (a token with the peer role) speak this protocol",
+                )
         async for batch in request_iterator:
             for wire in batch.messages:
                 try:
@@ -60,9 +82,12 @@ class PeerService(ppbg.PeerServicer):
 class _Link:
     """The outbound half towards one peer."""
 
-    def __init__(self, node_id: int, peer: int, address: str, tls: Tls | None) -> None:
+    def __init__(
+        self, node_id: int, peer: int, address: str, tls: Tls | None, metadata: Metadata
+    ) -> None:
         self.node_id, self.peer, self.address = node_id, peer, address
         self.tls = tls
+        self.metadata = metadata
         self.queue: deque[ppb.PeerMessage] = deque(maxlen=MAX_QUEUED)
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -76,7 +101,7 @@ class _Link:
         while True:
             try:
                 async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
-                    call = ppbg.PeerStub(ch).Send()
+                    call = ppbg.PeerStub(ch).Send(metadata=self.metadata)
                     while True:
                         if not self.queue:
                             self.ready.clear()
@@ -95,8 +120,16 @@ class _Link:
 class PeerTransport:
     """Sends consensus messages to the other nodes."""
 
-    def __init__(self, node_id: int, addresses: dict[int, str], tls: Tls | None = None) -> None:
+    def __init__(
+        self,
+        node_id: int,
+        addresses: dict[int, str],
+        tls: Tls | None = None,
+        token: str | None = None,
+    ) -> None:
         self.node_id = node_id
+        #: This node's peer token (role ``peer``), when the cluster checks tokens.
+        self.metadata: Metadata = ((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()
         #: With mutual TLS, this node's certificate is its identity to the peers.
         self.tls = tls
         self._addresses = addresses
@@ -105,7 +138,7 @@ class PeerTransport:
     def start(self) -> None:
         """Start one sender per peer (addresses are read now: ports may bind late)."""
         self._links = {
-            peer: _Link(self.node_id, peer, address, self.tls)
+            peer: _Link(self.node_id, peer, address, self.tls, self.metadata)
             for peer, address in self._addresses.items()
             if peer != self.node_id
         }

@@ -8,6 +8,7 @@ Read from a TOML file given to every node (``pq node --tenants FILE``)::
     max_inflight_leases = 10000 # leased at once, over all its queues
     max_queue_depth = 1000000   # ready + delayed + leased, in any one queue
     max_payload_bytes = 1048576 # per job
+    max_queues = 1000           # queues it holds (enqueues create them)
 
     [tenants.acme]
     enqueue_per_s = 50
@@ -43,11 +44,15 @@ class Quota:
     max_inflight_leases: int = 0
     max_queue_depth: int = 0
     max_payload_bytes: int = 0
+    max_queues: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 0:
-                raise ValueError(f"{f.name} must not be negative")
+            value = getattr(self, f.name)
+            if not 0 <= value < 2**63:  # nan and infinities fail this too
+                raise ValueError(f"{f.name} must be a number from 0 to 2**63, got {value}")
+        if 0 < self.enqueue_burst < 1:
+            raise ValueError("enqueue_burst below 1 would refuse every enqueue")
 
     @property
     def burst(self) -> float:
@@ -59,6 +64,7 @@ class Quota:
             max_queue_depth=self.max_queue_depth,
             max_inflight_leases=self.max_inflight_leases,
             max_payload_bytes=self.max_payload_bytes,
+            max_queues=self.max_queues,
         )
 
 

@@ -48,6 +48,8 @@ class ServerConfig:
     verifier: Verifier | None = None
     #: Per-tenant rates and limits; None: none.
     quotas: Quotas | None = None
+    #: This node's token for its peers (role ``peer``), when auth is on.
+    peer_token: str | None = None
     #: How long in-flight calls may finish after a stop begins.
     grace_s: float = 5.0
 
@@ -76,7 +78,12 @@ class NodeServer:
         if node_config is None and cluster is not None:
             node_config = NodeConfig(node_id=f"n{cluster.node_id}")  # names logs and metrics
         self.node = QueueNode(
-            storage, node_config, cluster=cluster, observer=self.metrics, tls=self.config.tls
+            storage,
+            node_config,
+            cluster=cluster,
+            observer=self.metrics,
+            tls=self.config.tls,
+            peer_token=self.config.peer_token,
         )
         self.metrics.registry.register(NodeCollector(self.node))
         self.metrics_server = (
@@ -142,7 +149,8 @@ class NodeServer:
         pbg.add_QueueServicer_to_server(queue, server)
         pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), server)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
-            ppbg.add_PeerServicer_to_server(PeerService(self.node.log.on_message), server)
+            peers = PeerService(self.node.log.on_message, verifier)
+            ppbg.add_PeerServicer_to_server(peers, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(

@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.message import Message
 
 from pqueue import access, limits
-from pqueue.auth import ADMIN, CONSUMER, OPEN, PRODUCER, Principal, Verifier
+from pqueue.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
 from pqueue.commitlog import LogStatus
 from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError, PQueueError
 from pqueue.forward import FORWARDED_KEY, Forwarder
@@ -39,7 +39,9 @@ Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
 
 
 #: The authenticated caller of the call this task serves.
-principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("pq_principal", default=OPEN)
+principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
+    "pq_principal", default=NOBODY
+)
 
 
 def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -121,7 +123,7 @@ class _Base:
         tokens (on the leader: only it runs this)."""
         if self.quotas is None:
             return None
-        tenant = queue.partition("/")[0] if "/" in queue else ""
+        tenant = limits.tenant_of(queue)
         if enqueuing:
             self.quotas.take(tenant, enqueuing, time.monotonic())
         return self.quotas.of(tenant).stamp()

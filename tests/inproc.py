@@ -22,11 +22,13 @@ class Cluster:
         metrics: bool = False,
         tls: Callable[[int], Tls] | None = None,
         verifier: Verifier | None = None,
+        peer_token: str | None = None,
     ) -> None:
         self.root = root
         self.metrics = metrics
         self.tls = tls
         self.verifier = verifier
+        self.peer_token = peer_token
         self.addresses: dict[int, str] = {}
         self.servers: dict[int, NodeServer] = {}
         self.n = n
@@ -42,6 +44,7 @@ class Cluster:
                 metrics_listen="127.0.0.1:0" if self.metrics else None,
                 tls=self.tls(i) if self.tls is not None else None,
                 verifier=self.verifier,
+                peer_token=self.peer_token,
             ),
             cluster=config,
         )

@@ -120,22 +120,26 @@ class TenantLimits(_message.Message):
     MAX_QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_LEASES_FIELD_NUMBER: _builtins.int
     MAX_PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_QUEUES_FIELD_NUMBER: _builtins.int
     max_queue_depth: _builtins.int
-    """Jobs not yet done (ready, delayed, leased) in any one of the tenant's queues."""
+    """Jobs held (ready, delayed, leased, dead) in any one of the tenant's queues."""
     max_inflight_leases: _builtins.int
     """Jobs leased at once over all of the tenant's queues."""
     max_payload_bytes: _builtins.int
     """Bytes in one job's payload (the queue's own limit holds too)."""
+    max_queues: _builtins.int
+    """Queues the tenant holds (enqueues create them)."""
     def __init__(
         self,
         *,
         max_queue_depth: _builtins.int = ...,
         max_inflight_leases: _builtins.int = ...,
         max_payload_bytes: _builtins.int = ...,
+        max_queues: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_inflight_leases", b"max_inflight_leases", "max_payload_bytes", b"max_payload_bytes", "max_queue_depth", b"max_queue_depth"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_inflight_leases", b"max_inflight_leases", "max_payload_bytes", b"max_payload_bytes", "max_queue_depth", b"max_queue_depth", "max_queues", b"max_queues"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -170,6 +170,7 @@ def test_node_command_parses_in_every_pod(tmp_path: Path) -> None:
         # Listening beyond loopback needs auth: the key comes from a mounted secret.
         assert not args.insecure_no_auth
         assert mounted_secret(s, str(args.auth_key_file)), f"{pod}: --auth-key-file"
+        assert mounted_secret(s, str(args.peer_token_file)), f"{pod}: --peer-token-file"
 
 
 def mounted_secret(workload: dict[str, Any], path: str) -> bool:

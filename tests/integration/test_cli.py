@@ -139,7 +139,7 @@ async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         lines: list[str] = []
-        while not lines or not lines[-1].startswith("ready:"):
+        while not lines or not lines[-1].startswith("*** AUTH IS OFF"):
             line = await asyncio.wait_for(proc.stdout.readline(), 60)
             if not line:
                 logs = await asyncio.to_thread(_log_tails, tmp_path)
@@ -156,7 +156,8 @@ async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
             if name != "balancer":
                 assert f'pq_node_info{{node="{name}"' in text
         balancer = lines[0].split()[1]
-        address = lines[-1].split("PQ_ENDPOINT=")[1].split()[0]
+        [ready] = [line for line in lines if line.startswith("ready:")]
+        address = ready.split("PQ_ENDPOINT=")[1].split()[0]
         assert address == balancer  # clients go through the balancer
         assert (await pq_json(address, "enqueue", "q", "x"))["job_id"] == 1
         status = await pq_json(address, "balancer", "status")

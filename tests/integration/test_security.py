@@ -168,6 +168,15 @@ async def test_pq_token_issue_and_the_cli_use_it(node: NodeServer, tmp_path: Pat
     assert issued.returncode == 0
     tok = out.decode().strip()
     assert Verifier(SECRET).verify(tok).tenant == "acme"
+    # A key file as an editor leaves it (a final newline): both sides read it alike.
+    edited = tmp_path / "edited"
+    edited.write_bytes(SECRET + b"\n")
+    again = await asyncio.create_subprocess_exec(
+        *PQ, "token", "issue", "--tenant", "acme", "--role", "admin", "--key-file", str(edited),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await again.communicate()
+    assert Verifier.from_file(edited).verify(out.decode().strip()).roles == {"admin"}
     run = await asyncio.create_subprocess_exec(
         *PQ, "--endpoint", node.address, "--token", tok, "-o", "json", "enqueue", "q", "hi",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -205,10 +214,11 @@ async def test_open_mode_says_so_loudly(tmp_path: Path) -> None:
         await proc.wait()
 
 
-async def speak_peer(address: str, tls: Tls | None) -> None:
+async def speak_peer(address: str, tls: Tls | None, tok: str | None = None) -> None:
     """Open a peer stream and send one (empty) batch, as a node would."""
+    metadata = (("authorization", f"Bearer {tok}"),) if tok else ()
     async with channel(address, tls) as ch:
-        send = peer_pb2_grpc.PeerStub(ch).Send(timeout=3)
+        send = peer_pb2_grpc.PeerStub(ch).Send(timeout=3, metadata=metadata)
         await send.write(peer_pb2.PeerBatch())
         await send.done_writing()
         await send
@@ -219,7 +229,12 @@ async def test_a_cluster_on_mutual_tls_refuses_whoever_lacks_a_certificate(
 ) -> None:
     ca = Authority.new()
     tls = {i: ca.tls(f"n{i}") for i in (1, 2, 3)}
-    cluster = Cluster(tmp_path, tls=lambda i: tls[i], verifier=Verifier(SECRET))
+    cluster = Cluster(
+        tmp_path,
+        tls=lambda i: tls[i],
+        verifier=Verifier(SECRET),
+        peer_token=token("cluster", "peer"),
+    )
     await cluster.start()
     try:
         leader = await cluster.leader()  # the nodes elected one over mutual TLS
@@ -252,6 +267,17 @@ async def test_a_cluster_on_mutual_tls_refuses_whoever_lacks_a_certificate(
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await speak_peer(address, who)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A certificate from the cluster's own CA (as clients and balancers hold) lets
+        # one connect, but not speak the peer protocol without a peer token: not
+        # with none, not with a producer's, not even with an admin's.
+        insider = ca.tls("a client")
+        for tok in (None, producer, token("ops", "admin")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await speak_peer(address, insider, tok)
+            expected = grpc.StatusCode.UNAUTHENTICATED if tok is None else (
+                grpc.StatusCode.PERMISSION_DENIED
+            )  # fmt: skip
+            assert refused.value.code() == expected
         # Through a balancer: TLS to clients, mutual TLS and a probe token to the nodes.
         balancer_ca = Authority.new("balancer CA")
         cert, key = balancer_ca.issue("balancer")
@@ -352,3 +378,25 @@ async def test_quotas_refuse_with_a_retry_delay_and_keep_to_their_tenant(tmp_pat
             assert c.retries > 0
     finally:
         await srv.stop()
+
+
+async def test_every_call_naming_another_tenants_queue_is_refused(node: NodeServer) -> None:
+    async with as_(node, token("bolt", "producer", "consumer")) as b:
+        await b.enqueue("jobs", b"bolt's")
+    acme = as_(node, token("acme", "producer", "consumer"))
+    try:
+        for call in (
+            acme.ack("bolt/jobs", 1, 1),
+            acme.nack("bolt/jobs", 1, 1),
+            acme.extend("bolt/jobs", 1, 1, 1000),
+            acme.enqueue_batch("bolt/jobs", [pb.JobSpec(payload=b"x")]),
+        ):
+            with pytest.raises(PermissionDeniedError):
+                await call
+    finally:
+        await acme.close()
+    async with as_(node, token("acme", "admin")) as admin:  # the operator may
+        assert [s.queue for s in await admin.stats("bolt/jobs")] == ["bolt/jobs"]
+    async with as_(node, token("acme", "producer", "consumer", "peer")) as peer:
+        with pytest.raises(PermissionDeniedError):  # peer is no queue role
+            await peer.purge("jobs")

@@ -516,3 +516,31 @@ def test_stamped_tenant_limits_bound_depth_leases_and_payload(d: Driver) -> None
     assert len(run(lease=pb.LeaseRequest(queue="u/q")).jobs) == 1  # type: ignore[attr-defined]
     # Without a stamp (auth off, no quotas) nothing is bounded.
     d.ok(enqueue=pb.EnqueueBatchRequest(queue="t/q", jobs=two_more))
+
+
+def test_dead_jobs_count_towards_depth_and_queues_per_tenant_are_bounded(d: Driver) -> None:
+    run = _limited(d, max_queue_depth=2, max_queues=2)
+    d.ok(create_queue=pb.CreateQueueRequest(queue="t/q", config=pb.QueueConfig(max_attempts=1)))
+    for _ in range(2):  # each job dies on its first nack: dead jobs must fill the queue
+        assert not isinstance(
+            run(enqueue=pb.EnqueueBatchRequest(queue="t/q", jobs=[pb.JobSpec(payload=b"x")])),
+            Exception,
+        )
+        [job] = d.lease("t/q")
+        d.nack(job, queue="t/q")
+    full = run(enqueue=pb.EnqueueBatchRequest(queue="t/q", jobs=[pb.JobSpec(payload=b"x")]))
+    assert isinstance(full, ResourceExhaustedError)
+    one = pb.EnqueueBatchRequest(queue="t/r", jobs=[pb.JobSpec(payload=b"x")])
+    assert not isinstance(run(enqueue=one), Exception)  # the tenant's second queue
+    third = run(enqueue=pb.EnqueueBatchRequest(queue="t/s", jobs=[pb.JobSpec(payload=b"x")]))
+    assert isinstance(third, ResourceExhaustedError)
+    assert "t/s" not in d.m.queues
+    d.ok(enqueue=pb.EnqueueBatchRequest(queue="u/s", jobs=[pb.JobSpec(payload=b"x")]))  # not u's
+
+
+def test_unprefixed_queues_share_one_lease_limit(d: Driver) -> None:
+    run = _limited(d, max_inflight_leases=2)
+    for name in ("a", "b"):
+        d.ok(enqueue=pb.EnqueueBatchRequest(queue=name, jobs=[pb.JobSpec(payload=b"x")] * 2))
+    assert len(run(lease=pb.LeaseRequest(queue="a", max_jobs=2)).jobs) == 2  # type: ignore[attr-defined]
+    assert isinstance(run(lease=pb.LeaseRequest(queue="b")), ResourceExhaustedError)

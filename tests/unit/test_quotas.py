@@ -58,3 +58,16 @@ def test_the_bucket_allows_the_burst_then_the_rate() -> None:
 
 def test_no_rate_means_no_bucket() -> None:
     Quotas().take("acme", 10_000, now_s=0.0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[defaults]\nenqueue_per_s = nan",
+        "[defaults]\nenqueue_burst = 0.5",
+        "[defaults]\nmax_queues = 1e30",
+    ],
+)
+def test_numbers_that_would_misbehave_are_refused_at_load(text: str) -> None:
+    with pytest.raises(ValueError, match=r".+"):
+        Quotas.parse(text)
