@@ -378,8 +378,15 @@ async def _refuse_malformed(request: Any, context: Context) -> None:
 
 
 async def _checked_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    """A stream's messages, less those that do not parse (dropped, and said so).
+
+    Aborting mid-stream while the client still writes ends the call with an
+    INTERNAL error from gRPC's core, so a bad message is dropped instead, as
+    the peer protocol drops any message it cannot use."""
     async for item in requests:
-        await _refuse_malformed(item, context)
+        if isinstance(item, _Malformed):
+            logger.warning("dropped a stream message that does not parse: %s", item.error)
+            continue
         yield item
 
 
