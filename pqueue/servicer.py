@@ -242,8 +242,8 @@ class QueueService(_Base, pbg.QueueServicer):
 
     @rpc
     async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
-        stored = _queue(request.queue, PRODUCER, CONSUMER) if request.queue else ""
         access.require(principal.get(), PRODUCER, CONSUMER)
+        stored = access.scoped(principal.get(), request.queue) if request.queue else ""
         if request.consistent and not self.node.log.is_leader:
             return await self._forward("Stats", request, context)  # type: ignore[return-value]
         stats = self.node.machine.stats(stored, self.node.clock_ms())
