@@ -48,6 +48,14 @@ class Job:
     #: Bumped each time the job enters the ready or delayed heap; older heap
     #: entries then no longer match and are skipped.
     token: int = 0
+    #: The tenant whose producer enqueued it ("" with auth off).
+    tenant: str = ""
+
+    @property
+    def group_key(self) -> tuple[str, str]:
+        """Groups are per producing tenant: tenants sharing a queue never
+        hold up each other's groups by picking the same name."""
+        return (self.tenant, self.group)
 
     def to_proto(self) -> pb.Job:
         """The public view (never the lease id: that is the consumer's secret)."""
@@ -65,6 +73,7 @@ class Job:
             lease_expires_at_ms=self.lease_expires_at_ms if self.state == LEASED else 0,
             consumer_id=self.consumer_id,
             errors=[pb.JobError(attempt=a, at_ms=t, reason=r) for a, t, r in self.errors],
+            tenant=self.tenant,
         )
 
 
@@ -75,6 +84,35 @@ class Group:
     #: Heap of ids of the group's READY/DELAYED jobs (lazy: may hold stale ids).
     waiting: list[int] = field(default_factory=list)
     in_flight: int = 0
+
+
+@dataclass(slots=True)
+class Lane:
+    """One producing tenant's jobs in a queue, for fair sharing between tenants.
+
+    A queue that is not shared has a single lane. With several, the lane
+    that leases next is the one with the least virtual time among those
+    whose best job is within one priority level of the queue's best; each
+    lease then costs the lane ``FAIR_SCALE // weight`` (start-time fair
+    queueing, so weights set the shares of a backlogged queue).
+    """
+
+    #: Ready heap of the lane's leasable jobs (lazy: may hold stale entries).
+    ready: list[ReadyEntry] = field(default_factory=list)
+    #: Jobs of the lane in the queue, in any state.
+    held: int = 0
+    #: The lane's virtual time: the start tag of its next lease. Never below
+    #: the queue's clock when used, so an idle lane banks no credit.
+    vtime: int = 0
+
+
+#: Virtual time one lease costs a lane of weight 1; weight w pays 1/w of it,
+#: rounded up. lcm(1..16): weights up to 16 divide it exactly, and a uint64
+#: clock lasts 2.5e13 leases.
+FAIR_SCALE = 720_720
+
+#: A group is named within the tenant that enqueued its jobs.
+GroupKey = tuple[str, str]
 
 
 @dataclass(slots=True)
@@ -96,10 +134,16 @@ class QueueState:
     name: str
     config: pb.QueueConfig
     jobs: dict[int, Job] = field(default_factory=dict)
-    ready: list[ReadyEntry] = field(default_factory=list)
+    #: Producing tenant -> lane. Lanes are kept while the queue lives (a
+    #: queue holds at most the owner, its shares and admins).
+    lanes: dict[str, Lane] = field(default_factory=dict)
+    #: Virtual clock: the start tag of the latest lease (never decreases).
+    vclock: int = 0
+    #: Entries in all lanes' ready heaps, stale ones included.
+    entries: int = 0
     #: (ready_at_ms, job_id) of every READY job, for the oldest-ready age.
     oldest: list[tuple[int, int]] = field(default_factory=list)
-    groups: dict[str, Group] = field(default_factory=dict)
+    groups: dict[GroupKey, Group] = field(default_factory=dict)
     dead_ids: set[int] = field(default_factory=set)
     counts: dict[int, int] = field(
         default_factory=lambda: {READY: 0, DELAYED: 0, LEASED: 0, DEAD: 0}
@@ -107,6 +151,11 @@ class QueueState:
     counters: Counters = field(default_factory=Counters)
     #: idempotency key -> (job_id, expires_at_ms)
     dedup: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Tenant -> lease weight, from ``config.shares``.
+    weights: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.weights = {s.tenant: s.weight or 1 for s in self.config.shares}
 
     def ready_key(self, job: Job) -> ReadyEntry:
         """Priority then FIFO; with aging, the static key priority*I + ready time."""
@@ -114,11 +163,19 @@ class QueueState:
         first = job.priority * interval + job.ready_at_ms if interval else job.priority
         return (first, job.ready_at_ms, job.job_id, job.token)
 
+    def lane(self, tenant: str) -> Lane:
+        """The tenant's lane, made on first use."""
+        lane = self.lanes.get(tenant)
+        if lane is None:
+            lane = self.lanes[tenant] = Lane()
+        return lane
+
     def push_ready(self, job: Job) -> None:
         """Make ``job`` (READY, eligible) a candidate for the next lease."""
         job.token += 1
-        heapq.heappush(self.ready, self.ready_key(job))
-        if len(self.ready) > 2 * self.counts[READY] + _SLACK:
+        heapq.heappush(self.lane(job.tenant).ready, self.ready_key(job))
+        self.entries += 1
+        if self.entries > 2 * self.counts[READY] + _SLACK:
             self._rebuild_ready()
 
     def note_ready(self, job: Job) -> None:
@@ -131,22 +188,30 @@ class QueueState:
             heapq.heapify(self.oldest)
 
     def _rebuild_ready(self) -> None:
-        """Drop stale entries: the heap holds only leasable jobs again."""
-        self.ready = []
+        """Drop stale entries: the heaps hold only leasable jobs again."""
+        for lane in self.lanes.values():
+            lane.ready = []
+        self.entries = 0
         for job in self.jobs.values():
-            if job.state == READY and (not job.group or self.group_head(job.group) is job):
-                group = self.groups.get(job.group) if job.group else None
-                if group is None or not group.in_flight:
-                    job.token += 1
-                    self.ready.append(self.ready_key(job))
-        heapq.heapify(self.ready)
+            if job.state != READY:
+                continue
+            if job.group:
+                key = job.group_key
+                group = self.groups.get(key)
+                if group is None or group.in_flight or self.group_head(key) is not job:
+                    continue
+            job.token += 1
+            self.lane(job.tenant).ready.append(self.ready_key(job))
+            self.entries += 1
+        for lane in self.lanes.values():
+            heapq.heapify(lane.ready)
 
-    def group_head(self, name: str) -> Job | None:
+    def group_head(self, key: GroupKey) -> Job | None:
         """The group's first waiting job, dropping stale heap entries."""
-        group = self.groups[name]
+        group = self.groups[key]
         while group.waiting:
             job = self.jobs.get(group.waiting[0])
-            if job is not None and job.group == name and job.state in WAITING:
+            if job is not None and job.group_key == key and job.state in WAITING:
                 return job
             heapq.heappop(group.waiting)
         return None
@@ -157,21 +222,66 @@ class QueueState:
             return False
         if not job.group:
             return True
-        group = self.groups.get(job.group)
+        group = self.groups.get(job.group_key)
         if group is None or group.in_flight:
             return False
-        head = self.group_head(job.group)
+        head = self.group_head(job.group_key)
         return head is job
+
+    def _lane_head(self, lane: Lane) -> ReadyEntry | None:
+        """The lane's next leasable entry, dropping stale ones."""
+        while lane.ready:
+            entry = lane.ready[0]
+            job = self.jobs.get(entry[2])
+            if job is not None and self.is_eligible(job, entry[3]):
+                return entry
+            heapq.heappop(lane.ready)
+            self.entries -= 1
+        return None
+
+    def _next_lane(self) -> tuple[str, Lane, ReadyEntry] | None:
+        """The lane the next lease serves, and its head entry.
+
+        Candidates are the lanes whose head is within one priority level of
+        the best head (with aging: less than one aging interval behind it);
+        of those, the least virtual time wins, ties going to the tenant
+        name, so every replica chooses alike whatever its dict order.
+        """
+        if len(self.lanes) == 1:
+            tenant, lane = next(iter(self.lanes.items()))
+            head = self._lane_head(lane)
+            return None if head is None else (tenant, lane, head)
+        heads = []
+        for tenant, lane in self.lanes.items():
+            head = self._lane_head(lane)
+            if head is not None:
+                heads.append((tenant, lane, head))
+        if not heads:
+            return None
+        window = self.config.aging_interval_ms or 1
+        best = min(head[0] for _, _, head in heads)
+        return min(
+            (h for h in heads if h[2][0] < best + window),
+            key=lambda h: (max(h[1].vtime, self.vclock), h[0]),
+        )
 
     def peek_ready(self) -> Job | None:
         """The job the next lease would take, dropping stale entries."""
-        while self.ready:
-            _, _, job_id, token = self.ready[0]
-            job = self.jobs.get(job_id)
-            if job is not None and self.is_eligible(job, token):
-                return job
-            heapq.heappop(self.ready)
-        return None
+        chosen = self._next_lane()
+        return None if chosen is None else self.jobs[chosen[2][2]]
+
+    def take_ready(self) -> Job | None:
+        """Take the job the next lease gets off its heap, charging its lane."""
+        chosen = self._next_lane()
+        if chosen is None:
+            return None
+        tenant, lane, head = chosen
+        heapq.heappop(lane.ready)
+        self.entries -= 1
+        start = max(lane.vtime, self.vclock)
+        lane.vtime = start - (-FAIR_SCALE // self.weights.get(tenant, 1))
+        self.vclock = start
+        return self.jobs[head[2]]
 
     def oldest_ready_at(self) -> int | None:
         """The earliest ready time among READY jobs, dropping stale entries."""

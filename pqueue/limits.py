@@ -7,7 +7,7 @@ machine (which re-checks everything that depends on state).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from pqueue.errors import InvalidArgumentError
@@ -34,6 +34,9 @@ MAX_NAME_CHARS = 128
 #: Queues a cluster holds (each is a dozen metric series, labelled by its name).
 MAX_QUEUES = 10_000
 MAX_KEY_CHARS = 256
+#: Tenants a queue can list in ``shares``, and the largest weight of one.
+MAX_SHARES = 64
+MAX_WEIGHT = 1000
 MAX_REASON_CHARS = 4096
 #: A dead job keeps this many of its most recent errors.
 MAX_ERROR_HISTORY = 32
@@ -124,6 +127,9 @@ def effective_config(config: pb.QueueConfig) -> pb.QueueConfig:
     out.backoff_max_ms = out.backoff_max_ms or DEFAULT_BACKOFF_MAX_MS
     out.max_payload_bytes = out.max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES
     out.dedup_window_ms = out.dedup_window_ms or DEFAULT_DEDUP_WINDOW_MS
+    shares = sorted(out.shares, key=lambda share: share.tenant)
+    del out.shares[:]
+    out.shares.extend(pb.TenantShare(tenant=s.tenant, weight=s.weight or 1) for s in shares)
     validate_config(out)
     return out
 
@@ -157,6 +163,20 @@ def validate_config(c: pb.QueueConfig) -> None:
         and c.min_priority > c.max_priority
     ):
         raise InvalidArgumentError("config.min_priority", "must not exceed config.max_priority")
+    _check_shares(c.shares)
+
+
+def _check_shares(shares: Sequence[pb.TenantShare]) -> None:
+    if len(shares) > MAX_SHARES:
+        raise InvalidArgumentError("config.shares", f"at most {MAX_SHARES} tenants")
+    seen: set[str] = set()
+    for i, share in enumerate(shares):
+        check_tenant(share.tenant, f"config.shares[{i}].tenant")
+        if share.tenant in seen:
+            raise InvalidArgumentError(f"config.shares[{i}].tenant", "listed twice")
+        seen.add(share.tenant)
+        if share.weight > MAX_WEIGHT:
+            raise InvalidArgumentError(f"config.shares[{i}].weight", f"at most {MAX_WEIGHT}")
 
 
 def check_job_spec(spec: pb.JobSpec, field: str) -> None:

@@ -27,10 +27,22 @@ from pqueue.errors import (
     InvalidArgumentError,
     LeaseLostError,
     NotFoundError,
+    PermissionDeniedError,
     PQueueError,
     ResourceExhaustedError,
 )
-from pqueue.jobs import DEAD, DELAYED, LEASED, READY, WAITING, Group, Job, QueueState, backoff_ms
+from pqueue.jobs import (
+    DEAD,
+    DELAYED,
+    LEASED,
+    READY,
+    WAITING,
+    Group,
+    GroupKey,
+    Job,
+    QueueState,
+    backoff_ms,
+)
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
@@ -59,6 +71,8 @@ class QueueMachine:
         self._idle: set[str] = set()
         #: The tenant limits stamped on the command being applied (None: none).
         self._limits: logpb.TenantLimits | None = None
+        #: Who sent the command being applied (None: not stamped, auth off).
+        self._caller: logpb.Caller | None = None
         #: Ids of jobs changed or removed since ``take_changes`` (None: not
         #: tracked). A store that mirrors jobs (PostgreSQL's ``jobs`` table)
         #: turns it on; it never affects what the machine does.
@@ -95,12 +109,13 @@ class QueueMachine:
         if kind is None:
             return InvalidArgumentError("command", "empty command")
         self._limits = cmd.limits if cmd.HasField("limits") else None
+        self._caller = cmd.caller if cmd.HasField("caller") else None
         try:
             return self._handlers[kind](getattr(cmd, kind), now)
         except PQueueError as exc:
             return exc
         finally:
-            self._limits = None
+            self._limits = self._caller = None
             for name in self._idle:
                 queue = self.queues.get(name)
                 if queue is not None:
@@ -207,12 +222,14 @@ class QueueMachine:
     def _enqueue(self, req: pb.EnqueueBatchRequest, now: int) -> pb.EnqueueBatchResponse:
         limits.check_queue_name(req.queue)
         queue = self.queues.get(req.queue)
+        tenant = self._check_producer(req.queue, queue)
         config = queue.config if queue else limits.effective_config(pb.QueueConfig())
         for i, spec in enumerate(req.jobs):
             self._check_spec(config, spec, f"jobs[{i}]")
-        self._check_tenant_enqueue(req, queue)
+        self._check_tenant_enqueue(req, queue, tenant)
         if queue is None:
             queue = self._new_queue(req.queue, config)
+        lane = queue.lane(tenant)
         out = pb.EnqueueBatchResponse()
         for spec in req.jobs:
             key = spec.idempotency_key
@@ -229,9 +246,11 @@ class QueueMachine:
                 idempotency_key=key,
                 enqueued_at_ms=now,
                 ready_at_ms=now,
+                tenant=tenant,
             )
             self.next_job_id += 1
             queue.jobs[job.job_id] = job
+            lane.held += 1
             self.jobs[job.job_id] = job
             queue.counters.enqueued += 1
             if key:
@@ -254,10 +273,9 @@ class QueueMachine:
         out = pb.LeaseResponse()
         size = 0
         while len(out.jobs) < max_jobs and size < limits.MAX_LEASE_RESPONSE_BYTES:
-            job = queue.peek_ready()
+            job = queue.take_ready()
             if job is None:
                 break
-            heapq.heappop(queue.ready)
             size += len(job.payload)
             self._set_state(queue, job, LEASED)
             job.attempts += 1
@@ -269,7 +287,7 @@ class QueueMachine:
             job.consumer_id = req.consumer_id
             heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
             if job.group:
-                queue.groups[job.group].in_flight = job.job_id
+                queue.groups[job.group_key].in_flight = job.job_id
             out.jobs.add(
                 job_id=job.job_id,
                 lease_id=job.lease_id,
@@ -280,6 +298,7 @@ class QueueMachine:
                 enqueued_at_ms=job.enqueued_at_ms,
                 lease_expires_at_ms=job.lease_expires_at_ms,
                 queue=queue.name,
+                tenant=job.tenant,
             )
         return out
 
@@ -397,11 +416,12 @@ class QueueMachine:
         """
         queue.jobs[job.job_id] = job
         self.jobs[job.job_id] = job
+        queue.lane(job.tenant).held += 1
         queue.counts[job.state] += 1
         if job.state == DEAD:
             queue.dead_ids.add(job.job_id)
             return
-        group = queue.groups.setdefault(job.group, Group()) if job.group else None
+        group = queue.groups.setdefault(job.group_key, Group()) if job.group else None
         if job.state == LEASED:
             heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
             if group is not None:
@@ -424,8 +444,27 @@ class QueueMachine:
 
     # ----------------------------------------------------------- transitions
 
-    def _check_tenant_enqueue(self, req: pb.EnqueueBatchRequest, queue: QueueState | None) -> None:
-        """The stamped tenant limits on payload size and queue depth: all jobs or none."""
+    def _check_producer(self, name: str, queue: QueueState | None) -> str:
+        """The producing tenant of a stamped enqueue, if it may enqueue here: the
+        queue's owner, an admin, or a tenant the queue is shared with. A queue
+        that does not exist is refused alike, so its existence does not leak."""
+        caller = self._caller
+        if caller is None or not caller.tenant:
+            return ""
+        if caller.admin or limits.tenant_of(name) == caller.tenant:
+            return caller.tenant
+        if queue is None or caller.tenant not in queue.weights:
+            raise PermissionDeniedError(
+                f"queue {name!r} belongs to another tenant and is not shared with "
+                f"tenant {caller.tenant!r}"
+            )
+        return caller.tenant
+
+    def _check_tenant_enqueue(
+        self, req: pb.EnqueueBatchRequest, queue: QueueState | None, tenant: str
+    ) -> None:
+        """The stamped tenant limits on payload size and queue depth: all jobs or
+        none. Depth counts the producing tenant's jobs in the queue."""
         bound = self._limits
         if bound is None:
             return
@@ -439,7 +478,8 @@ class QueueMachine:
         if not bound.max_queue_depth:
             return
         # Dead jobs count: they stay until redriven or deleted.
-        depth = 0 if queue is None else sum(queue.counts[s] for s in (READY, DELAYED, LEASED, DEAD))
+        lane = None if queue is None else queue.lanes.get(tenant)
+        depth = 0 if lane is None else lane.held
         keys = set() if queue is None else queue.dedup.keys()
         new = sum(
             1 for spec in req.jobs if not (spec.idempotency_key and spec.idempotency_key in keys)
@@ -533,19 +573,19 @@ class QueueMachine:
             self._join_group(queue, job)
 
     def _join_group(self, queue: QueueState, job: Job) -> None:
-        group = queue.groups.setdefault(job.group, Group())
+        group = queue.groups.setdefault(job.group_key, Group())
         if group.in_flight != job.job_id:
             heapq.heappush(group.waiting, job.job_id)
-        self._refresh_group(queue, job.group)
+        self._refresh_group(queue, job.group_key)
 
-    def _refresh_group(self, queue: QueueState, name: str) -> None:
+    def _refresh_group(self, queue: QueueState, key: GroupKey) -> None:
         """Offer the group's head for leasing when nothing of it is in flight."""
-        group = queue.groups[name]
+        group = queue.groups[key]
         if group.in_flight:
             return
-        head = queue.group_head(name)
+        head = queue.group_head(key)
         if head is None:
-            del queue.groups[name]
+            del queue.groups[key]
         elif head.state == READY:
             queue.push_ready(head)
             self._woken[queue.name] += 1
@@ -554,7 +594,7 @@ class QueueMachine:
         """The delivery is over (ack, nack, expiry): free the job's group."""
         job.lease_expires_at_ms = 0
         if job.group:
-            group = queue.groups[job.group]
+            group = queue.groups[job.group_key]
             if group.in_flight == job.job_id:
                 group.in_flight = 0
 
@@ -570,7 +610,7 @@ class QueueMachine:
             queue.dead_ids.add(job.job_id)
             queue.counters.dead += 1
             if job.group:
-                self._refresh_group(queue, job.group)
+                self._refresh_group(queue, job.group_key)
         elif retry_at > now:
             self._make_delayed(queue, job, retry_at)
         else:
@@ -582,9 +622,10 @@ class QueueMachine:
         queue.counts[job.state] -= 1
         del queue.jobs[job.job_id]
         del self.jobs[job.job_id]
+        queue.lanes[job.tenant].held -= 1
         queue.dead_ids.discard(job.job_id)
-        if job.group and job.group in queue.groups:
-            self._refresh_group(queue, job.group)
+        if job.group and job.group_key in queue.groups:
+            self._refresh_group(queue, job.group_key)
         if queue.config.delete_when_idle and not queue.jobs:
             self._idle.add(queue.name)
 

@@ -38,7 +38,12 @@ def take_snapshot(machine: QueueMachine) -> logpb.Snapshot:
                 expired_total=c.expired,
                 dead_total=c.dead,
             ),
+            vclock=queue.vclock,
         )
+        for tenant in sorted(queue.lanes):
+            # A lane at or behind the clock acts as if at it: only those ahead count.
+            if queue.lanes[tenant].vtime > queue.vclock:
+                qs.lanes.add(tenant=tenant, vtime=queue.lanes[tenant].vtime)
         for job_id in sorted(queue.jobs):
             job = queue.jobs[job_id]
             qs.jobs.add(
@@ -56,6 +61,7 @@ def take_snapshot(machine: QueueMachine) -> logpb.Snapshot:
                 lease_expires_at_ms=job.lease_expires_at_ms,
                 consumer_id=job.consumer_id,
                 errors=[pb.JobError(attempt=a, at_ms=t, reason=r) for a, t, r in job.errors],
+                tenant=job.tenant,
             )
         for key in sorted(queue.dedup):
             job_id, expires = queue.dedup[key]
@@ -94,13 +100,16 @@ def restore(data: bytes) -> QueueMachine:
                 expired=c.expired_total,
                 dead=c.dead_total,
             ),
+            vclock=qs.vclock,
         )
         machine.queues[qs.name] = queue
+        for lane in qs.lanes:
+            queue.lane(lane.tenant).vtime = lane.vtime
         for rec in qs.jobs:
             machine.index_job(queue, _job(queue.name, rec))
-        for name in sorted(queue.groups):
-            group = queue.groups[name]
-            head = queue.group_head(name)
+        for key in sorted(queue.groups):
+            group = queue.groups[key]
+            head = queue.group_head(key)
             if not group.in_flight and head is not None and head.state == READY:
                 queue.push_ready(head)
         for d in qs.dedup:
@@ -125,4 +134,5 @@ def _job(queue: str, rec: logpb.JobRecord) -> Job:
         lease_expires_at_ms=rec.lease_expires_at_ms,
         consumer_id=rec.consumer_id,
         errors=[(e.attempt, e.at_ms, e.reason) for e in rec.errors],
+        tenant=rec.tenant,
     )

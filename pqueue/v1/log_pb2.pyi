@@ -57,6 +57,7 @@ class Command(_message.Message):
     DELETE_DEAD_FIELD_NUMBER: _builtins.int
     TICK_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def enqueue(self) -> _queue_pb2.EnqueueBatchRequest: ...
     @_builtins.property
@@ -85,6 +86,13 @@ class Command(_message.Message):
         bound (enqueue, lease), so every replica enforces the same numbers.
         """
 
+    @_builtins.property
+    def caller(self) -> Global___Caller:
+        """Who asked, stamped by the leader on enqueues when auth is on: the
+        machine checks a foreign tenant against the queue's shares and records
+        the producing tenant on each job.
+        """
+
     def __init__(
         self,
         *,
@@ -100,16 +108,40 @@ class Command(_message.Message):
         delete_dead: _queue_pb2.DeleteDeadRequest | None = ...,
         tick: Global___Tick | None = ...,
         limits: Global___TenantLimits | None = ...,
+        caller: Global___Caller | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "caller", b"caller", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "caller", b"caller", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["enqueue", "lease", "ack", "nack", "extend", "create_queue", "delete_queue", "purge", "redrive", "delete_dead", "tick"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class Caller(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ADMIN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    admin: _builtins.bool
+    """Admins may enqueue into any tenant's queue."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        admin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Caller: _TypeAlias = Caller  # noqa: Y015
 
 @_typing.final
 class TenantLimits(_message.Message):
@@ -193,6 +225,7 @@ class JobRecord(_message.Message):
     LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     CONSUMER_ID_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     priority: _builtins.int
     payload: _builtins.bytes
@@ -206,6 +239,7 @@ class JobRecord(_message.Message):
     leased_at_ms: _builtins.int
     lease_expires_at_ms: _builtins.int
     consumer_id: _builtins.str
+    tenant: _builtins.str
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.JobError]: ...
     def __init__(
@@ -225,10 +259,11 @@ class JobRecord(_message.Message):
         lease_expires_at_ms: _builtins.int = ...,
         consumer_id: _builtins.str = ...,
         errors: _abc.Iterable[_queue_pb2.JobError] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer_id", b"consumer_id", "enqueued_at_ms", b"enqueued_at_ms", "errors", b"errors", "group", b"group", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "lease_id", b"lease_id", "leased_at_ms", b"leased_at_ms", "payload", b"payload", "priority", b"priority", "ready_at_ms", b"ready_at_ms", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer_id", b"consumer_id", "enqueued_at_ms", b"enqueued_at_ms", "errors", b"errors", "group", b"group", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "lease_id", b"lease_id", "leased_at_ms", b"leased_at_ms", "payload", b"payload", "priority", b"priority", "ready_at_ms", b"ready_at_ms", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,7 +303,13 @@ class QueueSnapshot(_message.Message):
     JOBS_FIELD_NUMBER: _builtins.int
     DEDUP_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
+    VCLOCK_FIELD_NUMBER: _builtins.int
+    LANES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    vclock: _builtins.int
+    """Fair sharing between tenants: the queue's virtual clock, and the
+    virtual time of each tenant lane that is ahead of it (ordered by tenant).
+    """
     @_builtins.property
     def config(self) -> _queue_pb2.QueueConfig: ...
     @_builtins.property
@@ -281,6 +322,8 @@ class QueueSnapshot(_message.Message):
 
     @_builtins.property
     def counters(self) -> _queue_pb2.QueueStats: ...
+    @_builtins.property
+    def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneRecord]: ...
     def __init__(
         self,
         *,
@@ -289,14 +332,38 @@ class QueueSnapshot(_message.Message):
         jobs: _abc.Iterable[Global___JobRecord] | None = ...,
         dedup: _abc.Iterable[Global___DedupRecord] | None = ...,
         counters: _queue_pb2.QueueStats | None = ...,
+        vclock: _builtins.int = ...,
+        lanes: _abc.Iterable[Global___LaneRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "counters", b"counters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "counters", b"counters", "dedup", b"dedup", "jobs", b"jobs", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "counters", b"counters", "dedup", b"dedup", "jobs", b"jobs", "lanes", b"lanes", "name", b"name", "vclock", b"vclock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueueSnapshot: _TypeAlias = QueueSnapshot  # noqa: Y015
+
+@_typing.final
+class LaneRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    VTIME_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    vtime: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        vtime: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "vtime", b"vtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneRecord: _TypeAlias = LaneRecord  # noqa: Y015
 
 @_typing.final
 class Snapshot(_message.Message):

@@ -239,6 +239,7 @@ class LeasedJob(_message.Message):
     ENQUEUED_AT_MS_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     lease_id: _builtins.int
     """Unique per delivery; a later delivery of the same job has a larger id."""
@@ -250,6 +251,10 @@ class LeasedJob(_message.Message):
     enqueued_at_ms: _builtins.int
     lease_expires_at_ms: _builtins.int
     queue: _builtins.str
+    tenant: _builtins.str
+    """The tenant whose producer enqueued the job ("" with auth off). In a
+    queue shared between tenants, it says whose work this is.
+    """
     def __init__(
         self,
         *,
@@ -262,10 +267,11 @@ class LeasedJob(_message.Message):
         enqueued_at_ms: _builtins.int = ...,
         lease_expires_at_ms: _builtins.int = ...,
         queue: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "enqueued_at_ms", b"enqueued_at_ms", "group", b"group", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "lease_id", b"lease_id", "payload", b"payload", "priority", b"priority", "queue", b"queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "enqueued_at_ms", b"enqueued_at_ms", "group", b"group", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "lease_id", b"lease_id", "payload", b"payload", "priority", b"priority", "queue", b"queue", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -521,6 +527,7 @@ class Job(_message.Message):
     LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     CONSUMER_ID_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     queue: _builtins.str
     priority: _builtins.int
@@ -534,6 +541,8 @@ class Job(_message.Message):
     lease_expires_at_ms: _builtins.int
     """Set while leased."""
     consumer_id: _builtins.str
+    tenant: _builtins.str
+    """The tenant whose producer enqueued the job ("" with auth off)."""
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobError]: ...
     def __init__(
@@ -552,10 +561,11 @@ class Job(_message.Message):
         lease_expires_at_ms: _builtins.int = ...,
         consumer_id: _builtins.str = ...,
         errors: _abc.Iterable[Global___JobError] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer_id", b"consumer_id", "enqueued_at_ms", b"enqueued_at_ms", "errors", b"errors", "group", b"group", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "payload", b"payload", "priority", b"priority", "queue", b"queue", "ready_at_ms", b"ready_at_ms", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer_id", b"consumer_id", "enqueued_at_ms", b"enqueued_at_ms", "errors", b"errors", "group", b"group", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "payload", b"payload", "priority", b"priority", "queue", b"queue", "ready_at_ms", b"ready_at_ms", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -721,6 +731,7 @@ class QueueConfig(_message.Message):
     MIN_PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_PRIORITY_FIELD_NUMBER: _builtins.int
     DELETE_WHEN_IDLE_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """Deliveries before a job is dead. Default 5."""
     default_lease_ms: _builtins.int
@@ -745,6 +756,16 @@ class QueueConfig(_message.Message):
     max_priority: _builtins.int
     delete_when_idle: _builtins.bool
     """Delete the queue once it holds no job at all."""
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantShare]:
+        """Sharing, with auth on: the tenants besides the owner that may enqueue
+        into this queue, and each tenant's weight when leases are shared out.
+        Within one priority level (with aging: within one aging interval of the
+        most urgent job), leases go to tenants in proportion to their weights,
+        so one tenant's backlog cannot starve another's. The owner may be
+        listed to set its own weight. At most 64 entries; kept sorted by tenant.
+        """
+
     def __init__(
         self,
         *,
@@ -759,10 +780,11 @@ class QueueConfig(_message.Message):
         min_priority: _builtins.int | None = ...,
         max_priority: _builtins.int | None = ...,
         delete_when_idle: _builtins.bool = ...,
+        shares: _abc.Iterable[Global___TenantShare] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "max_priority", b"max_priority", "min_priority", b"min_priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "aging_interval_ms", b"aging_interval_ms", "backoff_base_ms", b"backoff_base_ms", "backoff_max_ms", b"backoff_max_ms", "dedup_window_ms", b"dedup_window_ms", "default_lease_ms", b"default_lease_ms", "delete_when_idle", b"delete_when_idle", "max_attempts", b"max_attempts", "max_lease_total_ms", b"max_lease_total_ms", "max_payload_bytes", b"max_payload_bytes", "max_priority", b"max_priority", "min_priority", b"min_priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "aging_interval_ms", b"aging_interval_ms", "backoff_base_ms", b"backoff_base_ms", "backoff_max_ms", b"backoff_max_ms", "dedup_window_ms", b"dedup_window_ms", "default_lease_ms", b"default_lease_ms", "delete_when_idle", b"delete_when_idle", "max_attempts", b"max_attempts", "max_lease_total_ms", b"max_lease_total_ms", "max_payload_bytes", b"max_payload_bytes", "max_priority", b"max_priority", "min_priority", b"min_priority", "shares", b"shares"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_priority: _TypeAlias = _typing.Literal["max_priority"]  # noqa: Y015
     _WhichOneofArgType__max_priority: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority"]  # noqa: Y015
@@ -774,6 +796,29 @@ class QueueConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_priority) -> _WhichOneofReturnType__min_priority | None: ...
 
 Global___QueueConfig: _TypeAlias = QueueConfig  # noqa: Y015
+
+@_typing.final
+class TenantShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    weight: _builtins.int
+    """1 to 1000; 0 means 1. Unlisted tenants (the owner, admins) weigh 1."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantShare: _TypeAlias = TenantShare  # noqa: Y015
 
 @_typing.final
 class CreateQueueRequest(_message.Message):

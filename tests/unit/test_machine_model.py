@@ -1,7 +1,8 @@
 """The state machine against a naive reference model (hypothesis stateful test).
 
 The model keeps jobs in a dict and answers every question by scanning, in the
-plainest reading of DESIGN.md §2. The machine, with its heaps, lazy deletion
+plainest reading of DESIGN.md §2 (and of fair sharing between tenants:
+``QueueConfig.shares``). The machine, with its heaps, lazy deletion
 and group bookkeeping, must agree with it after every step, including after
 being replaced by a restore of its own snapshot.
 """
@@ -15,8 +16,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pqueue import limits
-from pqueue.errors import InvalidArgumentError, LeaseLostError, NotFoundError, PQueueError
-from pqueue.jobs import backoff_ms
+from pqueue.errors import (
+    InvalidArgumentError,
+    LeaseLostError,
+    NotFoundError,
+    PermissionDeniedError,
+    PQueueError,
+)
+from pqueue.jobs import FAIR_SCALE, backoff_ms
 from pqueue.snapshot import restore, snapshot_bytes, state_hash
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
@@ -42,6 +49,7 @@ class MJob:
     leased_at: int = 0
     expires: int = 0
     errors: list[str] = field(default_factory=list)
+    tenant: str = ""
 
 
 class Model:
@@ -53,6 +61,10 @@ class Model:
         self.next_id = 1
         self.next_lease = 1
         self.dedup: dict[str, tuple[int, int]] = {}
+        self.weights = {s.tenant: s.weight for s in config.shares}
+        #: Fair sharing: each tenant's virtual time, and the queue's clock.
+        self.vtime: dict[str, int] = {}
+        self.vclock = 0
 
     def advance(self, now: int) -> None:
         for j in self.jobs.values():
@@ -73,7 +85,11 @@ class Model:
         else:
             j.state, j.ready_at = READY, now
 
-    def enqueue(self, specs: list[pb.JobSpec], now: int) -> list[tuple[int, bool]]:
+    def enqueue(
+        self, specs: list[pb.JobSpec], now: int, tenant: str = ""
+    ) -> list[tuple[int, bool]] | PQueueError:
+        if tenant and tenant not in self.weights:
+            return PermissionDeniedError("")
         out = []
         for s in specs:
             if s.idempotency_key and s.idempotency_key in self.dedup:
@@ -82,6 +98,7 @@ class Model:
             ready_at = max(now + s.delay_ms, s.not_before_ms)
             state = DELAYED if ready_at > now else READY
             j = MJob(self.next_id, s.priority, s.group, state, ready_at if ready_at > now else now)
+            j.tenant = tenant
             self.jobs[j.id] = j
             self.next_id += 1
             if s.idempotency_key:
@@ -94,7 +111,7 @@ class Model:
             return False
         if not j.group:
             return True
-        same = [o for o in self.jobs.values() if o.group == j.group]
+        same = [o for o in self.jobs.values() if (o.tenant, o.group) == (j.tenant, j.group)]
         if any(o.state == LEASED for o in same):
             return False
         return j.id == min(o.id for o in same if o.state in (READY, DELAYED))
@@ -110,12 +127,28 @@ class Model:
             ready = [j for j in self.jobs.values() if self._eligible(j)]
             if not ready:
                 break
-            j = min(ready, key=self._key)
+            j = self._fair_pick(ready)
             j.state, j.attempts = LEASED, j.attempts + 1
             j.lease_id, self.next_lease = self.next_lease, self.next_lease + 1
             j.leased_at, j.expires = now, now + lease_ms
             out.append((j.id, j.lease_id))
         return out
+
+    def _fair_pick(self, ready: list[MJob]) -> MJob:
+        """Each tenant's most urgent job; of those within one level of the
+        best, the tenant with the least virtual time (never below the clock)."""
+        heads = {}
+        for t in {j.tenant for j in ready}:
+            heads[t] = min((j for j in ready if j.tenant == t), key=self._key)
+        best = min(self._key(j)[0] for j in heads.values())
+        window = self.cfg.aging_interval_ms or 1
+        near = [t for t, j in heads.items() if self._key(j)[0] < best + window]
+        t = min(near, key=lambda t: (max(self.vtime.get(t, 0), self.vclock), t))
+        start = max(self.vtime.get(t, 0), self.vclock)
+        weight = self.weights.get(t, 1)
+        self.vtime[t] = start + (FAIR_SCALE + weight - 1) // weight
+        self.vclock = start
+        return heads[t]
 
     def check(self, job_id: int, lease_id: int) -> MJob | PQueueError:
         j = self.jobs.get(job_id)
@@ -134,6 +167,7 @@ class MachineVsModel(RuleBasedStateMachine):
 
     @initialize(aging=st.sampled_from([0, 100]), groups=st.booleans())
     def setup(self, aging: int, groups: bool) -> None:
+        # Tenants "a" and "b" share the queue, by 1:3 (its owner, "", weighs 1).
         config = pb.QueueConfig(
             max_attempts=3,
             default_lease_ms=1000,
@@ -142,6 +176,7 @@ class MachineVsModel(RuleBasedStateMachine):
             backoff_max_ms=1000,
             aging_interval_ms=aging,
             dedup_window_ms=500,
+            shares=[pb.TenantShare(tenant="a", weight=1), pb.TenantShare(tenant="b", weight=3)],
         )
         self.d.ok(create_queue=pb.CreateQueueRequest(queue="q", config=config))
         self.model = Model(limits.effective_config(config))
@@ -162,17 +197,22 @@ class MachineVsModel(RuleBasedStateMachine):
             ),
             min_size=1,
             max_size=3,
-        )
+        ),
+        tenant=st.sampled_from(["", "a", "b", "b", "c"]),
     )
-    def enqueue(self, jobs: list[tuple[int, int, int, str]]) -> None:
+    def enqueue(self, jobs: list[tuple[int, int, int, str]], tenant: str) -> None:
         specs = [
             pb.JobSpec(
                 priority=p, delay_ms=dl, group=self.groups[g % len(self.groups)], idempotency_key=k
             )
             for p, dl, g, k in jobs
         ]
-        r = self._step(enqueue=pb.EnqueueBatchRequest(queue="q", jobs=specs))
-        expected = self.model.enqueue(specs, self.d.now)
+        caller = logpb.Caller(tenant=tenant) if tenant else None
+        r = self._step(enqueue=pb.EnqueueBatchRequest(queue="q", jobs=specs), caller=caller)
+        expected = self.model.enqueue(specs, self.d.now, tenant)
+        if isinstance(expected, PQueueError):
+            assert type(r) is type(expected)
+            return
         assert isinstance(r, pb.EnqueueBatchResponse)
         assert [(x.job_id, x.duplicate) for x in r.results] == expected
 
@@ -297,6 +337,7 @@ class MachineVsModel(RuleBasedStateMachine):
                 j.priority,
                 j.group,
                 [e[2] for e in j.errors],
+                j.tenant,
             )
             for j in q.jobs.values()
         }
@@ -310,6 +351,7 @@ class MachineVsModel(RuleBasedStateMachine):
                 j.priority,
                 j.group,
                 j.errors,
+                j.tenant,
             )
             for j in self.model.jobs.values()
         }
