@@ -4,7 +4,10 @@ With auth on, each tenant has a namespace: a caller of tenant ``acme``
 naming queue ``emails`` works on ``acme/emails``, which is what the log
 stores; it never sees the prefix. It may also name ``acme/emails`` itself.
 Another tenant's queue (``other/emails``) is PERMISSION_DENIED, and lists
-and stats leave other tenants' queues out. ``admin`` is the operator's
+and stats leave other tenants' queues out. The one exception is enqueueing
+into a queue its owner shares (``QueueConfig.shares``): whether it is shared
+is state, so the state machine decides, from the caller the leader stamps
+on the command (``caller``). ``admin`` is the operator's
 role: it may name any tenant's queues, and sees every queue by its full
 name. With auth off every caller is ``auth.OPEN`` and names pass unchanged.
 
@@ -19,6 +22,7 @@ from typing import TypeVar
 from pqueue import limits
 from pqueue.auth import ADMIN, OPEN, Principal
 from pqueue.errors import PermissionDeniedError, UnauthenticatedError
+from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
 AUTHORIZATION_KEY = "authorization"
@@ -53,17 +57,28 @@ def require(principal: Principal, *roles: str) -> None:
         )
 
 
-def scoped(principal: Principal, queue: str) -> str:
-    """The stored name of the queue a caller names, if it may touch it."""
+def scoped(principal: Principal, queue: str, shared: bool = False) -> str:
+    """The stored name of the queue a caller names, if it may touch it.
+
+    With ``shared`` (enqueues), another tenant's queue passes here: the
+    state machine refuses it unless the queue is shared with the caller.
+    """
     limits.check_queue_name(queue)
     if principal is OPEN:
         return queue
     tenant, slash, _ = queue.partition("/")
     if not slash:
         return f"{principal.tenant}/{queue}"
-    if tenant == principal.tenant or ADMIN in principal.roles:
+    if tenant == principal.tenant or ADMIN in principal.roles or shared:
         return queue
     raise PermissionDeniedError(f"queue {queue!r} belongs to another tenant")
+
+
+def caller(principal: Principal) -> logpb.Caller | None:
+    """Who enqueues, to stamp on the command (None with auth off)."""
+    if principal is OPEN:
+        return None
+    return logpb.Caller(tenant=principal.tenant, admin=ADMIN in principal.roles)
 
 
 def shown(principal: Principal, stored: str) -> str | None:

@@ -99,6 +99,7 @@ async def cmd_queues(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[st
         row = render.stats_row(q.stats)
         row["max_attempts"] = q.config.max_attempts
         row["aging_interval_ms"] = q.config.aging_interval_ms
+        row["shares"] = ",".join(f"{s.tenant}={s.weight}" for s in q.config.shares)
         rows.append(row)
     return rows, (
         "queue",
@@ -108,7 +109,17 @@ async def cmd_queues(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[st
         "dead",
         "max_attempts",
         "aging_interval_ms",
+        "shares",
     )
+
+
+def share_arg(text: str) -> pb.TenantShare:
+    """``TENANT`` or ``TENANT=WEIGHT``, for ``pq queue create --share``."""
+    tenant, eq, weight = text.partition("=")
+    try:
+        return pb.TenantShare(tenant=tenant, weight=int(weight) if eq else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TENANT or TENANT=WEIGHT") from None
 
 
 async def cmd_queue_create(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
@@ -118,6 +129,7 @@ async def cmd_queue_create(c: Client, a: argparse.Namespace) -> tuple[Any, Seque
         aging_interval_ms=a.aging_interval_ms,
         dedup_window_ms=a.dedup_window_ms,
         max_payload_bytes=a.max_payload_bytes,
+        shares=a.share,
     )
     if a.min_priority is not None:
         config.min_priority = a.min_priority
@@ -532,6 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-payload-bytes", type=int, default=0)
     sp.add_argument("--min-priority", type=int, default=None)
     sp.add_argument("--max-priority", type=int, default=None)
+    sp.add_argument(
+        "--share",
+        type=share_arg,
+        action="append",
+        default=[],
+        metavar="TENANT[=WEIGHT]",
+        help="let TENANT enqueue here too, leasing by WEIGHT (default 1); repeat per tenant. "
+        "List the owner to set its own weight",
+    )
     add("delete", cmd_queue_delete, "delete a queue and its jobs", qsub).add_argument("queue")
     add("purge", cmd_queue_purge, "remove ready and delayed jobs", qsub).add_argument("queue")
 

@@ -34,6 +34,7 @@ def leased_job_row(job: pb.LeasedJob) -> dict[str, Any]:
         "attempt": job.attempt,
         "group": job.group,
         "lease_expires_at_ms": job.lease_expires_at_ms,
+        "tenant": job.tenant,
     }
 
 
@@ -53,6 +54,7 @@ def job_row(job: pb.Job) -> dict[str, Any]:
         "errors": [
             {"attempt": e.attempt, "at_ms": e.at_ms, "reason": e.reason} for e in job.errors
         ],
+        "tenant": job.tenant,
     }
 
 

@@ -88,11 +88,11 @@ def _check_size(request: Message) -> None:
         )
 
 
-def _queue(named: str, *roles: str) -> str:
+def _queue(named: str, *roles: str, shared: bool = False) -> str:
     """The stored name of the queue the caller names, if its token allows ``roles`` on it."""
     caller = principal.get()
     access.require(caller, *roles)
-    return access.scoped(caller, named)
+    return access.scoped(caller, named, shared)
 
 
 def _check_count(n: int, field: str, upper: int) -> None:
@@ -119,12 +119,15 @@ class _Base:
         self.quotas = quotas
 
     def _bound(self, queue: str, enqueuing: int = 0) -> logpb.TenantLimits | None:
-        """The limits of the queue's tenant, to stamp on a command; spends enqueue
-        tokens (on the leader: only it runs this)."""
+        """The limits to stamp on a command; spends enqueue tokens (on the
+        leader: only it runs this). An enqueue is bounded by the producer's
+        tenant (it may be filling a queue another tenant shares with it), a
+        lease by the queue's."""
         if self.quotas is None:
             return None
         tenant = limits.tenant_of(queue)
         if enqueuing:
+            tenant = principal.get().tenant or tenant
             self.quotas.take(tenant, enqueuing, time.monotonic())
         return self.quotas.of(tenant).stamp()
 
@@ -168,10 +171,14 @@ class QueueService(_Base, pbg.QueueServicer):
     @on_leader
     async def Enqueue(self, request: pb.EnqueueRequest, context: Context) -> pb.EnqueueResponse:
         _check_size(request)
-        request.queue = _queue(request.queue, PRODUCER)
+        request.queue = _queue(request.queue, PRODUCER, shared=True)
         limits.check_job_spec(request.job, "job")
         batch = pb.EnqueueBatchRequest(queue=request.queue, jobs=[request.job])
-        command = logpb.Command(enqueue=batch, limits=self._bound(request.queue, 1))
+        command = logpb.Command(
+            enqueue=batch,
+            limits=self._bound(request.queue, 1),
+            caller=access.caller(principal.get()),
+        )
         result = await self._propose(command, pb.EnqueueBatchResponse)
         return result.results[0]
 
@@ -181,12 +188,14 @@ class QueueService(_Base, pbg.QueueServicer):
         self, request: pb.EnqueueBatchRequest, context: Context
     ) -> pb.EnqueueBatchResponse:
         _check_size(request)
-        request.queue = _queue(request.queue, PRODUCER)
+        request.queue = _queue(request.queue, PRODUCER, shared=True)
         _check_count(len(request.jobs), "jobs", limits.MAX_BATCH_JOBS)
         for i, spec in enumerate(request.jobs):
             limits.check_job_spec(spec, f"jobs[{i}]")
         bound = self._bound(request.queue, len(request.jobs))
-        command = logpb.Command(enqueue=request, limits=bound)
+        command = logpb.Command(
+            enqueue=request, limits=bound, caller=access.caller(principal.get())
+        )
         return await self._propose(command, pb.EnqueueBatchResponse)
 
     @rpc
