@@ -152,11 +152,9 @@ class QueueMachine:
             live[DELAYED] += queue.counts[DELAYED]
             live[LEASED] += queue.counts[LEASED]
         if len(self._leases) > 2 * live[LEASED] + 1024:
-            self._leases = [
-                (j.lease_expires_at_ms, j.lease_id, j.job_id)
-                for j in self.jobs.values()
-                if j.state == LEASED
-            ]
+            # Filter the heap itself: scanning every job instead cost time in
+            # proportion to the backlog, not to the entries dropped.
+            self._leases = [e for e in self._leases if self._leased_by(e) is not None]
             heapq.heapify(self._leases)
         if len(self._delayed) > 2 * live[DELAYED] + 1024:
             self._delayed = [e for e in self._delayed if self._delayed_job(e) is not None]
