@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/pqueue/v1/*.proto)
 # Tests marked slow (soak, long fault runs) are left out of `make test`.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install proto proto-check lint typecheck test test-all cluster bench bench-tenants clean
+.PHONY: install proto proto-check lint typecheck test test-all cluster bench bench-tenants bench-shared clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ bench: $(STAMP)
 # A flooding tenant beside a calm one (quotas): the calm tenant's lease latency.
 bench-tenants: $(STAMP)
 	$(PY) -m bench.tenants
+
+bench-shared: $(STAMP)
+	$(PY) -m bench.shared
 
 clean:
 	rm -rf $(VENV) .cluster .mypy_cache .pytest_cache .ruff_cache
