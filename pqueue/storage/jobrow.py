@@ -23,6 +23,8 @@ class JobRow:
     ready_at_ms: int
     lease_expires_at_ms: int | None
     last_error: str | None
+    #: The tenant whose producer enqueued the job ("" with auth off).
+    tenant: str = ""
 
     @staticmethod
     def of(job: pb.Job) -> JobRow:
@@ -41,4 +43,5 @@ class JobRow:
             ready_at_ms=job.ready_at_ms,
             lease_expires_at_ms=job.lease_expires_at_ms or None,
             last_error=job.errors[-1].reason if job.errors else None,
+            tenant=job.tenant,
         )

@@ -98,6 +98,13 @@ MIGRATIONS: list[tuple[int, str]] = [
         INSERT INTO owner VALUES (1, 0);
         """,
     ),
+    (
+        3,
+        """
+        -- The tenant whose producer enqueued each job (queues may be shared).
+        ALTER TABLE jobs ADD COLUMN tenant text NOT NULL DEFAULT '';
+        """,
+    ),
 ]
 
 #: A schema name as PostgreSQL keeps it unquoted: lower case, at most 63 bytes.
@@ -359,6 +366,7 @@ class PostgresStorage:
                 _seconds(r.ready_at_ms),
                 None if r.lease_expires_at_ms is None else _seconds(r.lease_expires_at_ms),
                 None if r.last_error is None else _text(r.last_error),
+                _text(r.tenant),
             )
             for r in upserts
         ]
@@ -372,7 +380,8 @@ class PostgresStorage:
                 # The payload never changes: written on insert only.
                 await conn.executemany(
                     "INSERT INTO jobs VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9), "
-                    "to_timestamp($10), to_timestamp($11), $12) ON CONFLICT (id) DO UPDATE SET "
+                    "to_timestamp($10), to_timestamp($11), $12, $13) "
+                    "ON CONFLICT (id) DO UPDATE SET "
                     "state = excluded.state, attempts = excluded.attempts, "
                     "priority = excluded.priority, ready_at = excluded.ready_at, "
                     "lease_expires_at = excluded.lease_expires_at, "

@@ -4,6 +4,7 @@ out an outage, and the operators' ``jobs`` table."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -51,7 +52,7 @@ async def test_it_commits_synchronously_in_its_own_schema(store: PostgresStorage
     conn2 = await asyncpg.connect(pg.dsn())
     try:
         versions = await conn2.fetch(f"SELECT version FROM {store.schema}.schema_migrations")
-        assert [r["version"] for r in versions] == [1, 2]
+        assert [r["version"] for r in versions] == [1, 2, 3]
         assert await conn2.fetchval(f"SELECT count(*) FROM {store.schema}.records") == 1
     finally:
         await conn2.close()
@@ -118,9 +119,12 @@ def job(job_id: int, state: str = "ready", queue: str = "q") -> JobRow:
 
 
 async def test_the_jobs_table_moves_with_the_applied_index(store: PostgresStorage) -> None:
-    await store.record_applied(5, [job(1), job(2), job(3)], [], replace_all=True)
-    await store.record_applied(6, [job(2, "leased")], [3], replace_all=False)
+    shared = dataclasses.replace(job(3), tenant="beta")
+    await store.record_applied(5, [job(1), job(2), shared], [], replace_all=True)
     assert store._pool is not None
+    async with store._pool.acquire() as conn:
+        assert await conn.fetchval("SELECT tenant FROM jobs WHERE id = 3") == "beta"
+    await store.record_applied(6, [job(2, "leased")], [3], replace_all=False)
     async with store._pool.acquire() as conn:
         rows = await conn.fetch("SELECT id, state FROM jobs ORDER BY id")
         assert [(r["id"], r["state"]) for r in rows] == [(1, "ready"), (2, "leased")]
