@@ -48,7 +48,8 @@ class Job:
     #: Bumped each time the job enters the ready or delayed heap; older heap
     #: entries then no longer match and are skipped.
     token: int = 0
-    #: The tenant whose producer enqueued it ("" with auth off).
+    #: The tenant whose producer enqueued it (the owner's, for the owner's,
+    #: an admin's and unstamped enqueues; "" for a queue name without one).
     tenant: str = ""
 
     @property
@@ -92,9 +93,9 @@ class Lane:
 
     A queue that is not shared has a single lane. With several, the lane
     that leases next is the one with the least virtual time among those
-    whose best job is within one priority level of the queue's best; each
-    lease then costs the lane ``FAIR_SCALE // weight`` (start-time fair
-    queueing, so weights set the shares of a backlogged queue).
+    whose head is at least as urgent, by priority, as the queue's most
+    urgent job; each lease then costs the lane ``FAIR_SCALE / weight``
+    (start-time fair queueing, so weights set the shares of a backlog).
     """
 
     #: Ready heap of the lane's leasable jobs (lazy: may hold stale entries).
@@ -149,8 +150,8 @@ class QueueState:
         default_factory=lambda: {READY: 0, DELAYED: 0, LEASED: 0, DEAD: 0}
     )
     counters: Counters = field(default_factory=Counters)
-    #: idempotency key -> (job_id, expires_at_ms)
-    dedup: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: (producing tenant, idempotency key) -> (job_id, expires_at_ms)
+    dedup: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     #: Tenant -> lease weight, from ``config.shares``.
     weights: dict[str, int] = field(init=False)
 
@@ -242,10 +243,12 @@ class QueueState:
     def _next_lane(self) -> tuple[str, Lane, ReadyEntry] | None:
         """The lane the next lease serves, and its head entry.
 
-        Candidates are the lanes whose head is within one priority level of
-        the best head (with aging: less than one aging interval behind it);
-        of those, the least virtual time wins, ties going to the tenant
-        name, so every replica chooses alike whatever its dict order.
+        The most urgent head (by the queue's order, aging included) sets the
+        level: lanes whose head is at least as urgent by priority compete,
+        and of those the least virtual time wins, ties going to the tenant
+        name, so every replica chooses alike whatever its dict order. (With
+        aging, comparing aged keys instead would let an old backlog outrank
+        every newcomer of the same priority: starvation by age.)
         """
         if len(self.lanes) == 1:
             tenant, lane = next(iter(self.lanes.items()))
@@ -258,10 +261,9 @@ class QueueState:
                 heads.append((tenant, lane, head))
         if not heads:
             return None
-        window = self.config.aging_interval_ms or 1
-        best = min(head[0] for _, _, head in heads)
+        level = self.jobs[min(head for _, _, head in heads)[2]].priority
         return min(
-            (h for h in heads if h[2][0] < best + window),
+            (h for h in heads if self.jobs[h[2][2]].priority <= level),
             key=lambda h: (max(h[1].vtime, self.vclock), h[0]),
         )
 

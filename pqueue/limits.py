@@ -164,6 +164,10 @@ def validate_config(c: pb.QueueConfig) -> None:
     ):
         raise InvalidArgumentError("config.min_priority", "must not exceed config.max_priority")
     _check_shares(c.shares)
+    if c.shares and c.delete_when_idle:
+        raise InvalidArgumentError(
+            "config.delete_when_idle", "a shared queue is kept: its shares would go with it"
+        )
 
 
 def _check_shares(shares: Sequence[pb.TenantShare]) -> None:

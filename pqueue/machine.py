@@ -63,8 +63,8 @@ class QueueMachine:
         self._delayed: list[tuple[int, int, int]] = []
         #: (expires_at_ms, lease_id, job_id) of LEASED jobs, all queues.
         self._leases: list[tuple[int, int, int]] = []
-        #: (expires_at_ms, queue, key) of idempotency records.
-        self._dedup: list[tuple[int, str, str]] = []
+        #: (expires_at_ms, queue, tenant, key) of idempotency records.
+        self._dedup: list[tuple[int, str, str, str]] = []
         #: Per queue, how many jobs became leasable since the last ``drain_woken``.
         self._woken: Counter[str] = Counter()
         #: Queues with delete_when_idle that lost their last job this command.
@@ -136,10 +136,10 @@ class QueueMachine:
                 queue.counters.expired += 1
                 self._fail_delivery(queue, job, now, "lease expired", retry_at=now)
         while self._dedup and self._dedup[0][0] <= now:
-            expires, name, key = heapq.heappop(self._dedup)
+            expires, name, tenant, key = heapq.heappop(self._dedup)
             owner = self.queues.get(name)
-            if owner is not None and owner.dedup.get(key, (0, -1))[1] == expires:
-                del owner.dedup[key]
+            if owner is not None and owner.dedup.get((tenant, key), (0, -1))[1] == expires:
+                del owner.dedup[tenant, key]
                 self._drop_if_idle(owner)
 
     def _compact_time_heaps(self) -> None:
@@ -231,8 +231,8 @@ class QueueMachine:
         out = pb.EnqueueBatchResponse()
         for spec in req.jobs:
             key = spec.idempotency_key
-            if key and key in queue.dedup:
-                out.results.add(job_id=queue.dedup[key][0], duplicate=True)
+            if key and (tenant, key) in queue.dedup:
+                out.results.add(job_id=queue.dedup[tenant, key][0], duplicate=True)
                 continue
             job = Job(
                 job_id=self.next_job_id,
@@ -252,7 +252,7 @@ class QueueMachine:
             self.jobs[job.job_id] = job
             queue.counters.enqueued += 1
             if key:
-                self.remember_key(queue, key, job.job_id, now + config.dedup_window_ms)
+                self.remember_key(queue, tenant, key, job.job_id, now + config.dedup_window_ms)
             ready_at = max(now + spec.delay_ms, spec.not_before_ms)
             if ready_at > now:
                 self._make_delayed(queue, job, ready_at)
@@ -435,22 +435,28 @@ class QueueMachine:
         elif group is None:
             queue.push_ready(job)
 
-    def remember_key(self, queue: QueueState, key: str, job_id: int, expires_at_ms: int) -> None:
-        """Record an idempotency key until ``expires_at_ms``."""
-        queue.dedup[key] = (job_id, expires_at_ms)
-        heapq.heappush(self._dedup, (expires_at_ms, queue.name, key))
+    def remember_key(
+        self, queue: QueueState, tenant: str, key: str, job_id: int, expires_at_ms: int
+    ) -> None:
+        """Record a producing tenant's idempotency key until ``expires_at_ms``
+        (per tenant: in a shared queue, one tenant's key never answers for another's)."""
+        queue.dedup[tenant, key] = (job_id, expires_at_ms)
+        heapq.heappush(self._dedup, (expires_at_ms, queue.name, tenant, key))
 
     # ----------------------------------------------------------- transitions
 
     def _check_producer(self, name: str, queue: QueueState | None) -> str:
-        """The producing tenant of a stamped enqueue, if it may enqueue here: the
-        queue's owner, an admin, or a tenant the queue is shared with. A queue
-        that does not exist is refused alike, so its existence does not leak."""
+        """The tenant an enqueue produces for, if the caller may enqueue here.
+
+        The queue's owner, an admin (on the owner's behalf) and an unstamped
+        enqueue (auth off, or logged before callers were stamped) produce
+        for the owner; a tenant the queue is shared with, for itself. Anyone
+        else is refused, alike whether the queue exists, so that does not leak.
+        """
+        owner = limits.tenant_of(name)
         caller = self._caller
-        if caller is None or not caller.tenant:
-            return ""
-        if caller.admin or limits.tenant_of(name) == caller.tenant:
-            return caller.tenant
+        if caller is None or not caller.tenant or caller.tenant == owner or caller.admin:
+            return owner
         if queue is None or caller.tenant not in queue.weights:
             raise PermissionDeniedError(
                 f"queue {name!r} belongs to another tenant and is not shared with "
@@ -480,7 +486,9 @@ class QueueMachine:
         depth = 0 if lane is None else lane.held
         keys = set() if queue is None else queue.dedup.keys()
         new = sum(
-            1 for spec in req.jobs if not (spec.idempotency_key and spec.idempotency_key in keys)
+            1
+            for spec in req.jobs
+            if not (spec.idempotency_key and (tenant, spec.idempotency_key) in keys)
         )
         if depth + new > bound.max_queue_depth:
             raise ResourceExhaustedError(

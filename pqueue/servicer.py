@@ -120,14 +120,16 @@ class _Base:
 
     def _bound(self, queue: str, enqueuing: int = 0) -> logpb.TenantLimits | None:
         """The limits to stamp on a command; spends enqueue tokens (on the
-        leader: only it runs this). An enqueue is bounded by the producer's
-        tenant (it may be filling a queue another tenant shares with it), a
-        lease by the queue's."""
+        leader: only it runs this). The queue's owner's limits, except for an
+        enqueue by a tenant the queue is shared with, which spends its own
+        (the state machine counts its depth in its own lane, too)."""
         if self.quotas is None:
             return None
         tenant = limits.tenant_of(queue)
         if enqueuing:
-            tenant = principal.get().tenant or tenant
+            caller = principal.get()
+            if caller.tenant and ADMIN not in caller.roles:
+                tenant = caller.tenant  # the owner, or a sharer
             self.quotas.take(tenant, enqueuing, time.monotonic())
         return self.quotas.of(tenant).stamp()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
+from pqueue import limits
 from pqueue.jobs import READY, Counters, Job, QueueState
 from pqueue.machine import QueueMachine
 from pqueue.v1 import log_pb2 as logpb
@@ -63,9 +64,9 @@ def take_snapshot(machine: QueueMachine) -> logpb.Snapshot:
                 errors=[pb.JobError(attempt=a, at_ms=t, reason=r) for a, t, r in job.errors],
                 tenant=job.tenant,
             )
-        for key in sorted(queue.dedup):
-            job_id, expires = queue.dedup[key]
-            qs.dedup.add(key=key, job_id=job_id, expires_at_ms=expires)
+        for tenant, key in sorted(queue.dedup):
+            job_id, expires = queue.dedup[tenant, key]
+            qs.dedup.add(key=key, job_id=job_id, expires_at_ms=expires, tenant=tenant)
     return snap
 
 
@@ -112,8 +113,9 @@ def restore(data: bytes) -> QueueMachine:
             head = queue.group_head(key)
             if not group.in_flight and head is not None and head.state == READY:
                 queue.push_ready(head)
+        owner = limits.tenant_of(qs.name)
         for d in qs.dedup:
-            machine.remember_key(queue, d.key, d.job_id, d.expires_at_ms)
+            machine.remember_key(queue, d.tenant or owner, d.key, d.job_id, d.expires_at_ms)
     return machine
 
 
@@ -134,5 +136,5 @@ def _job(queue: str, rec: logpb.JobRecord) -> Job:
         lease_expires_at_ms=rec.lease_expires_at_ms,
         consumer_id=rec.consumer_id,
         errors=[(e.attempt, e.at_ms, e.reason) for e in rec.errors],
-        tenant=rec.tenant,
+        tenant=rec.tenant or limits.tenant_of(queue),  # older records: the owner
     )

@@ -128,7 +128,7 @@ class Caller(_message.Message):
     ADMIN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     admin: _builtins.bool
-    """Admins may enqueue into any tenant's queue."""
+    """Admins may enqueue into any tenant's queue, on its owner's behalf."""
     def __init__(
         self,
         *,
@@ -240,6 +240,7 @@ class JobRecord(_message.Message):
     lease_expires_at_ms: _builtins.int
     consumer_id: _builtins.str
     tenant: _builtins.str
+    """The producing tenant ("" in records from before: the queue's owner)."""
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.JobError]: ...
     def __init__(
@@ -276,19 +277,23 @@ class DedupRecord(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     job_id: _builtins.int
     expires_at_ms: _builtins.int
+    tenant: _builtins.str
+    """Keys are per producing tenant ("" in records from before: the queue's owner)."""
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         job_id: _builtins.int = ...,
         expires_at_ms: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "job_id", b"job_id", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "job_id", b"job_id", "key", b"key", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,7 +323,7 @@ class QueueSnapshot(_message.Message):
 
     @_builtins.property
     def dedup(self) -> _containers.RepeatedCompositeFieldContainer[Global___DedupRecord]:
-        """Ordered by key."""
+        """Ordered by tenant, then key."""
 
     @_builtins.property
     def counters(self) -> _queue_pb2.QueueStats: ...

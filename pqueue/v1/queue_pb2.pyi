@@ -252,8 +252,9 @@ class LeasedJob(_message.Message):
     lease_expires_at_ms: _builtins.int
     queue: _builtins.str
     tenant: _builtins.str
-    """The tenant whose producer enqueued the job ("" with auth off). In a
-    queue shared between tenants, it says whose work this is.
+    """The tenant whose producer enqueued the job: in a queue shared between
+    tenants, whose work this is. Jobs enqueued by the owner, by an admin, or
+    with auth off carry the owner's tenant ("" for a name without one).
     """
     def __init__(
         self,
@@ -542,7 +543,7 @@ class Job(_message.Message):
     """Set while leased."""
     consumer_id: _builtins.str
     tenant: _builtins.str
-    """The tenant whose producer enqueued the job ("" with auth off)."""
+    """As LeasedJob.tenant."""
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobError]: ...
     def __init__(
@@ -760,10 +761,12 @@ class QueueConfig(_message.Message):
     def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantShare]:
         """Sharing, with auth on: the tenants besides the owner that may enqueue
         into this queue, and each tenant's weight when leases are shared out.
-        Within one priority level (with aging: within one aging interval of the
-        most urgent job), leases go to tenants in proportion to their weights,
-        so one tenant's backlog cannot starve another's. The owner may be
-        listed to set its own weight. At most 64 entries; kept sorted by tenant.
+        The queue's most urgent job (aging included) sets the level; tenants
+        whose most urgent job has at least that priority share the leases in
+        proportion to their weights, so one tenant's backlog cannot starve
+        another's. The owner may be listed to set its own weight (admins
+        enqueue on the owner's behalf). At most 64 entries; kept sorted by
+        tenant. Not with delete_when_idle (the shares would go with the queue).
         """
 
     def __init__(

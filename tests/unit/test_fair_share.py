@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pqueue.errors import PermissionDeniedError, ResourceExhaustedError
-from pqueue.snapshot import restore, snapshot_bytes, state_hash
+from pqueue.snapshot import restore, snapshot_bytes, state_hash, take_snapshot
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver
@@ -51,7 +51,8 @@ def test_only_the_owner_admins_and_listed_tenants_may_enqueue(d: Driver) -> None
     assert d.state() == before
     for tenant, admin in (("acme", False), ("beta", False), ("ops", True)):
         assert isinstance(put(d, tenant, admin=admin), pb.EnqueueBatchResponse)
-    assert sorted(j.tenant for j in d.m.queues[Q].jobs.values()) == ["acme", "beta", "ops"]
+    # An admin enqueues on the owner's behalf.
+    assert sorted(j.tenant for j in d.m.queues[Q].jobs.values()) == ["acme", "acme", "beta"]
 
 
 def test_a_foreign_enqueue_never_creates_a_queue(d: Driver) -> None:
@@ -61,10 +62,46 @@ def test_a_foreign_enqueue_never_creates_a_queue(d: Driver) -> None:
     assert Q not in d.m.queues
 
 
-def test_unstamped_enqueues_have_no_tenant(d: Driver) -> None:
+def test_unstamped_enqueues_produce_for_the_owner(d: Driver) -> None:
+    # Auth off, or logged before callers were stamped: the owner's, as then
+    # nobody else could enqueue there.
     job_id = d.enqueue(Q)
-    assert d.m.get_job(Q, job_id).tenant == ""
-    assert d.lease(Q)[0].tenant == ""
+    assert d.m.get_job(Q, job_id).tenant == "acme"
+    assert d.lease(Q)[0].tenant == "acme"
+    assert d.m.get_job("q", d.enqueue("q")).tenant == ""
+
+
+def test_jobs_from_before_callers_were_stamped_stay_in_the_owners_lane(d: Driver) -> None:
+    share(d, ("beta", 1))
+    old = [d.enqueue(Q, group="g", idempotency_key=f"k{i}") for i in range(2)]
+    put(d, "acme", group="g")  # after the upgrade: the same group, and one lane
+    again = put(d, "acme", idempotency_key="k0")
+    assert (again.results[0].job_id, again.results[0].duplicate) == (old[0], True)
+    assert [j.job_id for j in d.lease(Q, n=3)] == [old[0]]  # one in flight: group FIFO
+    assert set(d.m.queues[Q].lanes) == {"acme"}
+
+
+def test_an_older_snapshot_restores_its_jobs_and_keys_to_the_owner(d: Driver) -> None:
+    d.enqueue(Q, group="g", idempotency_key="k")
+    before = state_hash(d.m)
+    snap = take_snapshot(d.m)
+    for queue in snap.queues:  # as written before jobs and keys had tenants
+        for job in queue.jobs:
+            job.tenant = ""
+        for key in queue.dedup:
+            key.tenant = ""
+    restored = restore(snap.SerializeToString(deterministic=True))
+    assert state_hash(restored) == before
+
+
+def test_idempotency_keys_are_per_producing_tenant(d: Driver) -> None:
+    share(d, ("beta", 1))
+    theirs = put(d, "beta", idempotency_key="order-42").results[0]
+    mine = put(d, "acme", idempotency_key="order-42").results[0]
+    assert not mine.duplicate
+    assert mine.job_id != theirs.job_id
+    again = put(d, "beta", idempotency_key="order-42").results[0]
+    assert (again.job_id, again.duplicate) == (theirs.job_id, True)
 
 
 def test_weights_share_out_a_backlog(d: Driver) -> None:
@@ -106,19 +143,26 @@ def test_a_late_tenant_gets_its_share_at_once_but_no_back_pay(d: Driver) -> None
     assert Counter(tenants(d, 20)) == {"acme": 10, "beta": 10}
 
 
-def test_with_aging_jobs_within_one_interval_compete(d: Driver) -> None:
+def test_with_aging_an_old_backlog_does_not_outrank_a_newcomer(d: Driver) -> None:
     share(d, ("beta", 1), aging=1000)
-    put(d, "acme", 10)
-    d.now += 999  # beta's jobs are just under one level behind acme's
+    put(d, "acme", 30)
+    d.now += 300_000  # five minutes on: acme's backlog has aged 300 levels
     put(d, "beta", 10)
-    d.now += 2  # and these two are over one level behind the best
-    put(d, "beta", 2)
-    put(d, "acme", 2)
-    got = tenants(d, 20)
-    assert got[:4] == ["acme", "beta", "acme", "beta"]
-    assert Counter(got) == {"acme": 10, "beta": 10}
-    # The late pair is served after every job of the first two waves.
-    assert tenants(d, 4) == ["acme", "beta", "acme", "beta"]
+    assert Counter(tenants(d, 20)) == {"acme": 10, "beta": 10}
+
+
+def test_with_aging_priority_still_leads_and_age_still_lifts(d: Driver) -> None:
+    share(d, ("beta", 1), aging=1000)
+    put(d, "beta", 2, priority=3)
+    d.now += 1000
+    put(d, "acme", 4, priority=0)
+    # beta's priority 3 is not yet as urgent as acme's 0 (aged one level only).
+    assert tenants(d, 4) == ["acme"] * 4
+    d.now += 5000
+    put(d, "acme", 4, priority=0)
+    # Now acme's fresh jobs are worth less than beta's old ones, which lead and
+    # set the level; acme's priority 0 is as urgent, so the two share.
+    assert Counter(tenants(d, 4)) == {"acme": 2, "beta": 2}
 
 
 def test_groups_are_per_tenant(d: Driver) -> None:
@@ -130,6 +174,12 @@ def test_groups_are_per_tenant(d: Driver) -> None:
     assert sorted(j.tenant for j in leased) == ["acme", "beta"]
     d.ack(leased[0], queue=Q)
     assert [j.tenant for j in d.lease(Q, n=4)] == [leased[0].tenant]
+
+
+def test_a_shared_queue_is_not_dropped_when_idle(d: Driver) -> None:
+    config = pb.QueueConfig(shares=[pb.TenantShare(tenant="beta")], delete_when_idle=True)
+    r = d.run(create_queue=pb.CreateQueueRequest(queue=Q, config=config))
+    assert r.__class__.__name__ == "InvalidArgumentError"
 
 
 def test_depth_counts_the_producing_tenants_jobs(d: Driver) -> None:

@@ -60,7 +60,7 @@ class Model:
         self.jobs: dict[int, MJob] = {}
         self.next_id = 1
         self.next_lease = 1
-        self.dedup: dict[str, tuple[int, int]] = {}
+        self.dedup: dict[tuple[str, str], tuple[int, int]] = {}
         self.weights = {s.tenant: s.weight for s in config.shares}
         #: Fair sharing: each tenant's virtual time, and the queue's clock.
         self.vtime: dict[str, int] = {}
@@ -92,8 +92,8 @@ class Model:
             return PermissionDeniedError("")
         out = []
         for s in specs:
-            if s.idempotency_key and s.idempotency_key in self.dedup:
-                out.append((self.dedup[s.idempotency_key][0], True))
+            if s.idempotency_key and (tenant, s.idempotency_key) in self.dedup:
+                out.append((self.dedup[tenant, s.idempotency_key][0], True))
                 continue
             ready_at = max(now + s.delay_ms, s.not_before_ms)
             state = DELAYED if ready_at > now else READY
@@ -102,7 +102,7 @@ class Model:
             self.jobs[j.id] = j
             self.next_id += 1
             if s.idempotency_key:
-                self.dedup[s.idempotency_key] = (j.id, now + self.cfg.dedup_window_ms)
+                self.dedup[tenant, s.idempotency_key] = (j.id, now + self.cfg.dedup_window_ms)
             out.append((j.id, False))
         return out
 
@@ -135,14 +135,14 @@ class Model:
         return out
 
     def _fair_pick(self, ready: list[MJob]) -> MJob:
-        """Each tenant's most urgent job; of those within one level of the
-        best, the tenant with the least virtual time (never below the clock)."""
+        """Each tenant's most urgent job; of those with at least the priority of
+        the most urgent one, the tenant with the least virtual time (never
+        below the clock)."""
         heads = {}
         for t in {j.tenant for j in ready}:
             heads[t] = min((j for j in ready if j.tenant == t), key=self._key)
-        best = min(self._key(j)[0] for j in heads.values())
-        window = self.cfg.aging_interval_ms or 1
-        near = [t for t, j in heads.items() if self._key(j)[0] < best + window]
+        level = min(heads.values(), key=self._key).priority
+        near = [t for t, j in heads.items() if j.priority <= level]
         t = min(near, key=lambda t: (max(self.vtime.get(t, 0), self.vclock), t))
         start = max(self.vtime.get(t, 0), self.vclock)
         weight = self.weights.get(t, 1)
