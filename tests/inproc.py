@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from pqueue.auth import Verifier
 from pqueue.replicated import ClusterConfig
 from pqueue.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.tls import Tls
+
+
+@contextlib.asynccontextmanager
+async def one_node(root: Path, **config: Any) -> AsyncIterator[NodeServer]:
+    """One node on 127.0.0.1:0 with SQLite under ``root``; ``config``: more
+    ``ServerConfig`` fields (verifier, quotas, ...). Stopped on the way out."""
+    srv = NodeServer(
+        SqliteStorage(root / "n1"), ServerConfig(listen="127.0.0.1:0", grace_s=0.5, **config)
+    )
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
 
 
 class Cluster:

@@ -25,13 +25,12 @@ from pqueue.errors import (
     UnavailableError,
 )
 from pqueue.quotas import Quotas
-from pqueue.server import NodeServer, ServerConfig
-from pqueue.storage.sqlite import SqliteStorage
+from pqueue.server import NodeServer
 from pqueue.tls import Tls, channel
 from pqueue.v1 import peer_pb2, peer_pb2_grpc
 from pqueue.v1 import queue_pb2 as pb
 from tests.certs import Authority, ec_pair, rsa_pair
-from tests.inproc import Cluster
+from tests.inproc import Cluster, one_node
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")
@@ -43,15 +42,8 @@ def token(tenant: str, *roles: str, key: bytes = SECRET, ttl_s: float = 600) -> 
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[NodeServer]:
-    srv = NodeServer(
-        SqliteStorage(tmp_path / "n1"),
-        ServerConfig(listen="127.0.0.1:0", grace_s=0.5, verifier=Verifier(SECRET)),
-    )
-    await srv.start()
-    try:
+    async with one_node(tmp_path, verifier=Verifier(SECRET)) as srv:
         yield srv
-    finally:
-        await srv.stop()
 
 
 def as_(node: NodeServer, tok: str | None) -> Client:
@@ -136,12 +128,7 @@ async def test_tenants_cannot_see_or_touch_each_others_queues(node: NodeServer) 
 async def test_public_key_tokens(tmp_path: Path, pair: object) -> None:
     assert callable(pair)
     private, public = pair()
-    srv = NodeServer(
-        SqliteStorage(tmp_path / "n1"),
-        ServerConfig(listen="127.0.0.1:0", grace_s=0.5, verifier=Verifier(public)),
-    )
-    await srv.start()
-    try:
+    async with one_node(tmp_path, verifier=Verifier(public)) as srv:
         async with Client(
             srv.address, max_retries=0, token=issue(private, "t", ["producer"], 60)
         ) as c:
@@ -152,8 +139,6 @@ async def test_public_key_tokens(tmp_path: Path, pair: object) -> None:
         ) as c:
             with pytest.raises(UnauthenticatedError):
                 await c.enqueue("q", b"x")
-    finally:
-        await srv.stop()
 
 
 async def test_pq_token_issue_and_the_cli_use_it(node: NodeServer, tmp_path: Path) -> None:
@@ -327,18 +312,8 @@ max_queue_depth = 6
 
 
 async def test_quotas_refuse_with_a_retry_delay_and_keep_to_their_tenant(tmp_path: Path) -> None:
-    srv = NodeServer(
-        SqliteStorage(tmp_path / "n1"),
-        ServerConfig(
-            listen="127.0.0.1:0",
-            grace_s=0.5,
-            verifier=Verifier(SECRET),
-            quotas=Quotas.parse(QUOTAS),
-        ),
-    )
-    await srv.start()
     flood = token("flood", "producer", "consumer")
-    try:
+    async with one_node(tmp_path, verifier=Verifier(SECRET), quotas=Quotas.parse(QUOTAS)) as srv:
         async with Client(srv.address, max_retries=0, token=flood) as c:
             for i in range(5):
                 await c.enqueue("q", f"{i}".encode())
@@ -376,8 +351,6 @@ async def test_quotas_refuse_with_a_retry_delay_and_keep_to_their_tenant(tmp_pat
             for i in range(7):  # over the rate (not the depth): each waits its turn
                 await c.enqueue("q", b"after a wait", idempotency_key=f"k{i % 2}")
             assert c.retries > 0
-    finally:
-        await srv.stop()
 
 
 async def test_every_call_naming_another_tenants_queue_is_refused(node: NodeServer) -> None:

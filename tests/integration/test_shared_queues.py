@@ -14,11 +14,9 @@ from pqueue.auth import Verifier, issue
 from pqueue.client import Client
 from pqueue.errors import PermissionDeniedError, ResourceExhaustedError
 from pqueue.quotas import Quotas
-from pqueue.server import NodeServer, ServerConfig
 from pqueue.snapshot import state_hash
-from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import queue_pb2 as pb
-from tests.inproc import Cluster
+from tests.inproc import Cluster, one_node
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")
@@ -101,17 +99,7 @@ max_queue_depth = 8
 
 
 async def test_a_sharing_tenant_spends_its_own_quota(tmp_path: Path) -> None:
-    srv = NodeServer(
-        SqliteStorage(tmp_path / "n1"),
-        ServerConfig(
-            listen="127.0.0.1:0",
-            grace_s=0.5,
-            verifier=Verifier(SECRET),
-            quotas=Quotas.parse(QUOTAS),
-        ),
-    )
-    await srv.start()
-    try:
+    async with one_node(tmp_path, verifier=Verifier(SECRET), quotas=Quotas.parse(QUOTAS)) as srv:
         async with Client(srv.address, max_retries=0, token=token("ops", "admin")) as admin:
             config = pb.QueueConfig(shares=[pb.TenantShare(tenant="beta")])
             await admin.create_queue("acme/render", config)
@@ -128,5 +116,3 @@ async def test_a_sharing_tenant_spends_its_own_quota(tmp_path: Path) -> None:
             await asyncio.sleep(0.3)
             with pytest.raises(ResourceExhaustedError, match="limit is 8"):
                 await beta.enqueue("acme/render", b"x")
-    finally:
-        await srv.stop()
