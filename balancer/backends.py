@@ -27,6 +27,7 @@ from balancer.metrics import BalancerMetrics
 from balancer.pool import Pool, Report
 from pqueue import limits
 from pqueue.access import AUTHORIZATION_KEY
+from pqueue.auth import current_token
 from pqueue.forward import FORWARDED_KEY
 from pqueue.tls import channel as tls_channel
 from pqueue.v1 import queue_pb2 as pb
@@ -95,7 +96,7 @@ class Backends:
         self._kick = asyncio.Event()
         self._updated = asyncio.Event()
         self._leader: str | None = None
-        token = config.probe_token
+        token = config.probe_token or current_token(config.balancer_token)
         self._probe_metadata: tuple[tuple[str, str], ...] = (
             (FORWARDED_KEY, BALANCER_ID),
             *(((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from balancer.pool import PoolConfig
+from pqueue.auth import TokenSource
 from pqueue.tls import Tls
 
 
@@ -36,6 +37,12 @@ class BalancerConfig:
     backend_tls: Tls | None = None
     #: The bearer token load probes carry, when the nodes require tokens.
     probe_token: str | None = None
+    #: This balancer's own token (role ``balancer``; a string, or a ``TokenFile``
+    #: re-read when it changes), sent to the nodes as ``pq-forwarder-token`` so
+    #: that they believe the client address it passes on; probes carry it too
+    #: when no ``probe_token`` is given. None: nodes with auth on log the
+    #: balancer's address as the client's, and the forwarded one as claimed.
+    balancer_token: TokenSource | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting that cannot work."""

@@ -19,9 +19,10 @@ import grpc
 
 from balancer.backends import BALANCER_ID, Backends
 from balancer.routes import Kind, Route, route_for
+from pqueue.auth import current_token
 from pqueue.errors import NotTakenError
 from pqueue.forward import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY
-from pqueue.observe import FORWARDED_FOR_KEY, REQUEST_ID_KEY, hop_metadata
+from pqueue.observe import FORWARDED_FOR_KEY, FORWARDER_TOKEN_KEY, REQUEST_ID_KEY, hop_metadata
 from pqueue.status import NOT_LEADER, NOT_TAKEN, error_info, to_status
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,16 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 #: Metadata that belongs to one hop, not to the call.
 _HOP_KEYS = frozenset(
-    ("user-agent", "te", "content-type", "host", FORWARDED_KEY, REQUEST_ID_KEY, FORWARDED_FOR_KEY)
+    (
+        "user-agent",
+        "te",
+        "content-type",
+        "host",
+        FORWARDED_KEY,
+        REQUEST_ID_KEY,
+        FORWARDED_FOR_KEY,
+        FORWARDER_TOKEN_KEY,
+    )
 )
 #: Of gRPC's own keys, those that carry the call's meaning and must pass.
 _GRPC_KEYS_KEPT = frozenset(("grpc-status-details-bin", "grpc-retry-pushback-ms"))
@@ -89,10 +99,14 @@ class ProxyHandler(grpc.GenericRpcHandler):
     async def _call(self, route: Route, request: bytes, context: Context) -> bytes:
         """Forward one call (``pqueue.observe`` counts, times and logs it)."""
         kind = route.kind_of(request)
+        # The balancer's own token proves to the node that it is a hop, so the
+        # node believes the caller's IP it passes on (a client's claim it strips).
+        hop_token = current_token(self.backends.config.balancer_token)
         metadata = (
             *passthrough(context.invocation_metadata()),
             (FORWARDED_KEY, BALANCER_ID),
             *hop_metadata(),  # the request id and the caller's IP, as the observer took them
+            *(((FORWARDER_TOKEN_KEY, hop_token),) if hop_token else ()),
         )
         remaining = context.time_remaining()
         # Never unbounded: a caller without a deadline still gets one.

@@ -18,7 +18,7 @@ from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
 from pqueue import limits
 from pqueue.metrics_http import MetricsServer
-from pqueue.observe import Observer, served_methods
+from pqueue.observe import Observer, never_a_hop, served_methods
 from pqueue.signals import until_signal_or
 from pqueue.tls import add_port
 from pqueue.v1 import balancer_pb2 as bpb
@@ -110,6 +110,7 @@ class BalancerServer:
             lambda: self.address,
             self.metrics.grpc,
             served_methods(pb.DESCRIPTOR, bpb.DESCRIPTOR),
+            hops=never_a_hop,  # the first hop: a client's forwarded address is only claimed
         )
         server = grpc.aio.server(
             interceptors=(observer,),

@@ -5,8 +5,13 @@ node holds only the public key). Its claims:
 
 - ``tenant``: the tenant whose queues the caller works on (a queue name);
 - ``roles``: any of ``producer``, ``consumer``, ``admin``;
-- ``sub`` (who, for logs), ``iat``, ``exp`` (required), and ``iss`` /
-  ``aud`` when the verifier is configured to check them.
+- ``sub`` (who, for logs; a peer token's is ``node:<id>``, the node it
+  speaks for), ``iat``, ``exp`` (required), ``jti`` (its id, to revoke it),
+  and ``iss`` / ``aud`` when the verifier is configured to check them.
+
+Time checks allow ``leeway_s`` of clock skew (5 s by default); a verifier
+may also refuse tokens that live longer than ``max_lifetime_s``, and tokens
+whose ``jti`` its revocation file lists (re-read when it changes).
 
 ``Verifier`` checks tokens (a small cache keeps the cost of a signature
 check off the hot path); ``issue`` makes them, for ``pq token issue`` and
@@ -15,9 +20,12 @@ for tests. Nothing here knows about gRPC: ``pqueue.access`` applies it.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +43,23 @@ ADMIN = "admin"
 #: A node of the cluster: may speak the peer (consensus) protocol. No other
 #: role implies it, not even admin: a peer's messages decide what is committed.
 PEER = "peer"
-ROLES = frozenset((PRODUCER, CONSUMER, ADMIN, PEER))
+#: A balancer: may tell a node which client it forwards a call for
+#: (``x-forwarded-for``) and nothing else; no other role implies it.
+BALANCER = "balancer"
+ROLES = frozenset((PRODUCER, CONSUMER, ADMIN, PEER, BALANCER))
+#: Roles ``admin`` does not imply: they make the holder part of the cluster.
+_HOP_ROLES = frozenset((PEER, BALANCER))
+#: A peer token's subject names the node it speaks for: ``node:<id>``.
+NODE_SUBJECT_PREFIX = "node:"
+
+logger = logging.getLogger(__name__)
 
 #: Verified tokens kept (each until it expires).
 _CACHE_SIZE = 4096
-#: Clock skew tolerated on ``exp``, ``iat`` and ``nbf``.
-LEEWAY_S = 30
+#: Clock skew tolerated on ``exp``, ``iat`` and ``nbf`` by default (``--auth-leeway-s``).
+DEFAULT_LEEWAY_S = 5.0
+#: How often a revocation file's change time is looked at, at most.
+_REVOCATION_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,9 +71,110 @@ class Principal:
     subject: str = ""
     #: When the token stops being valid (Unix seconds; 0: never, for ``OPEN``).
     expires_at: float = 0.0
+    #: The token's ``jti`` ("" if it has none): what a revocation names.
+    token_id: str = ""
 
     def has(self, role: str) -> bool:
-        return role in self.roles or (ADMIN in self.roles and role != PEER)
+        return role in self.roles or (ADMIN in self.roles and role not in _HOP_ROLES)
+
+    @property
+    def node_id(self) -> int | None:
+        """The node a peer token speaks for (``sub`` = ``node:<id>``), else None."""
+        return node_of_subject(self.subject) if PEER in self.roles else None
+
+
+def node_subject(node_id: int) -> str:
+    """The subject of node ``node_id``'s peer token."""
+    return f"{NODE_SUBJECT_PREFIX}{node_id}"
+
+
+def node_of_subject(subject: str) -> int | None:
+    """``node:3`` -> 3; anything else -> None."""
+    if not subject.startswith(NODE_SUBJECT_PREFIX):
+        return None
+    digits = subject[len(NODE_SUBJECT_PREFIX) :]
+    if not digits.isdigit() or not digits.isascii() or len(digits) > 9:
+        return None
+    node = int(digits)
+    return node if node > 0 else None
+
+
+class RevokedTokens:
+    """The ``jti`` values listed in a file (one a line, ``#`` comments), re-read
+    when the file changes: ``--revoked-tokens-file``. A missing file revokes none."""
+
+    def __init__(self, path: Path, clock_s: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self.clock_s = clock_s
+        self._ids: frozenset[str] = frozenset()
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked_at = float("-inf")
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._ids, self._stamp = frozenset(), None
+            return
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
+            return
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+        self._ids = frozenset(line for line in lines if line)
+        self._stamp = stamp
+        logger.info("revoked tokens: %d listed in %s", len(self._ids), self.path)
+
+    def ids(self) -> frozenset[str]:
+        """The revoked ids now (the file is looked at no more than once a second)."""
+        now = self.clock_s()
+        if now - self._checked_at >= _REVOCATION_CHECK_S:
+            self._checked_at = now
+            try:
+                self._load()
+            except OSError as exc:  # keep the last list rather than revoke nothing
+                logger.warning("cannot read the revoked tokens %s: %s", self.path, exc)
+        return self._ids
+
+    def __contains__(self, token_id: object) -> bool:
+        return isinstance(token_id, str) and bool(token_id) and token_id in self.ids()
+
+
+class TokenFile:
+    """A token kept in a file, re-read when the file changes (rotation without
+    a restart). Calling it gives the token now."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._token = ""
+        self._stamp: tuple[int, int, int] | None = None
+        self()  # a file that cannot be read fails now, at start
+
+    def __call__(self) -> str:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp != self._stamp:
+                token = read_key(self.path).decode().strip()
+                if token or self._stamp is None:  # a file caught mid-write keeps the old one
+                    self._token, self._stamp = token, stamp
+        except (OSError, ValueError) as exc:
+            if self._stamp is None:
+                raise ValueError(f"cannot read the token {self.path}: {exc}") from exc
+            logger.warning("cannot re-read the token %s: %s (keeping the last)", self.path, exc)
+        return self._token
+
+
+#: A token, or where to get the current one (``TokenFile``).
+TokenSource = str | Callable[[], str]
+
+
+def current_token(source: TokenSource | None) -> str:
+    """The token a source gives now ("" for none)."""
+    if source is None:
+        return ""
+    return source if isinstance(source, str) else source()
 
 
 #: The caller when auth is off: every role, no tenant (queue names unscoped).
@@ -84,11 +204,21 @@ class Verifier:
     audience: str | None = None
     issuer: str | None = None
     clock_s: Any = time.time
+    #: Clock skew tolerated on ``exp``, ``nbf`` and ``iat`` (``--auth-leeway-s``).
+    leeway_s: float = DEFAULT_LEEWAY_S
+    #: Refuse tokens meant to live longer (``exp - iat``); None: any lifetime.
+    max_lifetime_s: float | None = None
+    #: Tokens refused whatever else holds (``--revoked-tokens-file``).
+    revoked: RevokedTokens | None = None
     _algorithms: list[str] = field(init=False)
     _key: Any = field(init=False)
     _cache: OrderedDict[str, Principal] = field(init=False, default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
+        if self.leeway_s < 0:
+            raise ValueError("the leeway must not be negative")
+        if self.max_lifetime_s is not None and self.max_lifetime_s <= 0:
+            raise ValueError("the maximum token lifetime must be positive")
         self._algorithms, self._key = _verification_key(self.key)
         if self._algorithms == ["HS256"]:
             try:  # PyJWT refuses secrets that look like public keys (SSH, JWK): say so now
@@ -98,9 +228,10 @@ class Verifier:
 
     @classmethod
     def from_file(
-        cls, path: Path, audience: str | None = None, issuer: str | None = None
+        cls, path: Path, audience: str | None = None, issuer: str | None = None, **options: Any
     ) -> Verifier:
-        return cls(read_key(path), audience, issuer)
+        """A verifier with the key in ``path``; ``options``: leeway, lifetime, revocations."""
+        return cls(read_key(path), audience, issuer, **options)
 
     @property
     def algorithm(self) -> str:
@@ -111,7 +242,8 @@ class Verifier:
         now = self.clock_s()
         cached = self._cache.get(token)
         if cached is not None:
-            if cached.expires_at > now - LEEWAY_S:
+            if cached.expires_at > now - self.leeway_s:
+                self._refuse_revoked(cached)
                 self._cache.move_to_end(token)
                 return cached
             del self._cache[token]
@@ -122,7 +254,7 @@ class Verifier:
                 algorithms=self._algorithms,
                 audience=self.audience,
                 issuer=self.issuer,
-                leeway=LEEWAY_S,
+                leeway=self.leeway_s,
                 options={"require": ["exp", "tenant", "roles"], "verify_aud": bool(self.audience)},
             )
         except jwt.ExpiredSignatureError as exc:
@@ -136,11 +268,44 @@ class Verifier:
             granted = check_claims(tenant, (str(r) for r in roles))
         except InvalidArgumentError as exc:
             raise UnauthenticatedError(f"the token's claims are not valid: {exc}") from exc
-        principal = Principal(tenant, granted, str(claims.get("sub", "")), float(claims["exp"]))
+        self._check_lifetime(claims, now)
+        jti = claims.get("jti", "")
+        principal = Principal(
+            tenant,
+            granted,
+            str(claims.get("sub", "")),
+            float(claims["exp"]),
+            jti if isinstance(jti, str) else "",
+        )
+        self._refuse_revoked(principal)
         self._cache[token] = principal
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return principal
+
+    def _check_lifetime(self, claims: dict[str, Any], now: float) -> None:
+        if self.max_lifetime_s is None:
+            return
+        exp, iat = claims["exp"], claims.get("iat")
+        # A token without ``iat`` is judged by what it has left.
+        start = iat if isinstance(iat, (int, float)) and not isinstance(iat, bool) else now
+        lifetime = float(exp) - float(start)
+        if lifetime > self.max_lifetime_s + self.leeway_s:
+            raise UnauthenticatedError(
+                f"the token lives {lifetime:.0f} s, longer than this cluster accepts "
+                f"({self.max_lifetime_s:.0f} s, --auth-max-token-lifetime-s): issue a shorter one"
+            )
+
+    def _refuse_revoked(self, principal: Principal) -> None:
+        if self.revoked is not None and principal.token_id in self.revoked:
+            raise UnauthenticatedError("the token has been revoked")
+
+    def still_valid(self, principal: Principal) -> None:
+        """``UnauthenticatedError`` once a principal's token has expired (beyond
+        the leeway) or been revoked: for streams, which outlive their first check."""
+        if principal.expires_at and principal.expires_at <= self.clock_s() - self.leeway_s:
+            raise UnauthenticatedError("the token has expired")
+        self._refuse_revoked(principal)
 
 
 def read_key(path: Path) -> bytes:
@@ -176,8 +341,11 @@ def issue(
     audience: str | None = None,
     issuer: str | None = None,
     now_s: float | None = None,
+    token_id: str | None = None,
 ) -> str:
-    """A signed token. ``key``: the HS256 secret, or a PEM private key (RSA or EC P-256)."""
+    """A signed token. ``key``: the HS256 secret, or a PEM private key (RSA or EC P-256).
+
+    It carries a ``jti`` (``token_id``, else a random one) so that it can be revoked."""
     granted = check_claims(tenant, roles)
     if ttl_s <= 0:
         raise InvalidArgumentError("ttl", "must be positive")
@@ -187,6 +355,7 @@ def issue(
         "roles": sorted(granted),
         "iat": now,
         "exp": now + int(ttl_s),
+        "jti": token_id or uuid.uuid4().hex,
     }
     if subject:
         claims["sub"] = subject

@@ -19,7 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pqueue import render
-from pqueue.auth import ROLES, Verifier, issue, read_key
+from pqueue.auth import (
+    DEFAULT_LEEWAY_S,
+    PEER,
+    ROLES,
+    RevokedTokens,
+    TokenFile,
+    Verifier,
+    current_token,
+    issue,
+    node_subject,
+    read_key,
+)
 from pqueue.client import DEFAULT_ENDPOINT, Client
 from pqueue.devcluster import cluster_status, run_dev_cluster, start_node, stop_node
 from pqueue.errors import PQueueError, RemoteError
@@ -238,6 +249,25 @@ def _auth_and_tls_args(node: argparse.ArgumentParser) -> None:
     )
     node.add_argument("--auth-audience", default=None, help="tokens must name this audience")
     node.add_argument("--auth-issuer", default=None, help="tokens must name this issuer")
+    # Token checks (issue 12): clock skew, lifetime, revocation.
+    node.add_argument(
+        "--auth-leeway-s",
+        type=float,
+        default=DEFAULT_LEEWAY_S,
+        help=f"clock skew allowed on exp, nbf, iat (default {DEFAULT_LEEWAY_S:g})",
+    )
+    node.add_argument(
+        "--auth-max-token-lifetime-s",
+        type=float,
+        default=None,
+        help="refuse tokens that live longer (exp - iat), UNAUTHENTICATED (default: any)",
+    )
+    node.add_argument(
+        "--revoked-tokens-file",
+        type=Path,
+        default=None,
+        help="token ids (jti) refused, one a line; re-read when it changes",
+    )
     node.add_argument(
         "--insecure-no-auth",
         action="store_true",
@@ -274,7 +304,16 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
     from pqueue.server import ServerConfig
 
     verifier = (
-        Verifier.from_file(args.auth_key_file, args.auth_audience, args.auth_issuer)
+        Verifier.from_file(
+            args.auth_key_file,
+            args.auth_audience,
+            args.auth_issuer,
+            leeway_s=args.auth_leeway_s,
+            max_lifetime_s=args.auth_max_token_lifetime_s,
+            revoked=RevokedTokens(args.revoked_tokens_file)
+            if args.revoked_tokens_file is not None
+            else None,
+        )
         if args.auth_key_file is not None
         else None
     )
@@ -283,12 +322,15 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             f"refusing to serve {args.listen} without auth: give --auth-key-file, "
             "or --insecure-no-auth if anyone who can reach it may do anything"
         )
-    peer_token = read_key(args.peer_token_file).decode().strip() if args.peer_token_file else None
-    if verifier is not None and len(args.peers or {}) > 1 and not peer_token:
+    # Re-read when the file changes: a rotated token is used from the next connection.
+    peer_token = TokenFile(args.peer_token_file) if args.peer_token_file else None
+    if verifier is not None and len(args.peers or {}) > 1 and not current_token(peer_token):
         raise ValueError(
             "with auth on, nodes authenticate to each other: give --peer-token-file "
-            "(pq token issue --tenant cluster --role peer ...)"
+            f"(pq token issue --tenant cluster --node-id {args.node_id} ...)"
         )
+    if verifier is not None and peer_token is not None:
+        _check_peer_token(verifier, current_token(peer_token), args.node_id)
     tls = None
     if args.tls_cert is not None or args.tls_key is not None or args.tls_ca is not None:
         tls = Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
@@ -310,6 +352,20 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         log_level=args.log_level,
         log_format=args.log_format,
     )
+
+
+def _check_peer_token(verifier: Verifier, token: str, node_id: int) -> None:
+    """Refuse to start with a peer token the peers would refuse."""
+    try:
+        principal = verifier.verify(token)
+    except PQueueError as exc:
+        raise ValueError(f"the peer token is not valid: {exc}") from exc
+    if PEER not in principal.roles or principal.node_id != node_id:
+        raise ValueError(
+            f"the peer token must have the peer role and name this node ({node_subject(node_id)}); "
+            f"it names {principal.subject or 'nobody'!r} with {sorted(principal.roles)}: "
+            f"pq token issue --tenant cluster --node-id {node_id} ..."
+        )
 
 
 def _tls(cert: Path | None, key: Path | None, ca: Path | None, server: bool) -> Tls | None:
@@ -336,15 +392,28 @@ def _duration_s(text: str) -> float:
 
 
 def _issue_token(args: argparse.Namespace) -> int:
+    roles, subject = list(args.role or ()), args.subject
+    if args.node_id is not None:  # a node's peer token: it speaks for that node only
+        if subject and subject != node_subject(args.node_id):
+            print("error: --node-id sets the subject; give no --subject", file=sys.stderr)
+            return 1
+        roles, subject = sorted({*roles, PEER}), node_subject(args.node_id)
+    elif PEER in roles:
+        print("error: a peer token names its node: give --node-id N", file=sys.stderr)
+        return 1
+    if not roles:
+        print("error: give --role (or --node-id for a node's peer token)", file=sys.stderr)
+        return 1
     try:
         token = issue(
             read_key(args.key_file),
             args.tenant,
-            args.role,
+            roles,
             _duration_s(args.ttl),
-            subject=args.subject,
+            subject=subject,
             audience=args.audience,
             issuer=args.issuer,
+            token_id=args.token_id,
         )
     except (OSError, ValueError, PQueueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -437,6 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bearer token for load probes, when the nodes require one (role: any)",
     )
+    run.add_argument(
+        "--balancer-token-file",
+        type=Path,
+        default=None,
+        help="this balancer's token (role balancer), so nodes believe the client IPs it passes "
+        "on; re-read when it changes",
+    )
     run.add_argument("--log-level", default="INFO")
     run.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
@@ -452,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     issue.add_argument("--tenant", required=True)
     issue.add_argument(
-        "--role", action="append", required=True, choices=sorted(ROLES), help="repeat for more"
+        "--role", action="append", default=None, choices=sorted(ROLES), help="repeat for more"
     )
     issue.add_argument(
         "--key-file",
@@ -464,6 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--subject", default="", help="who it is for (logged)")
     issue.add_argument("--audience", default=None)
     issue.add_argument("--issuer", default=None)
+    issue.add_argument(
+        "--node-id",
+        type=_node_id,
+        default=None,
+        help="a node's peer token: role peer, subject node:N (it may speak for node N only)",
+    )
+    issue.add_argument(
+        "--token-id", default=None, help="its jti, to revoke it by (default: a random one)"
+    )
 
     dev = sub.add_parser("dev-cluster", help="run a local cluster under DIR (make cluster)")
     dev.add_argument("--dir", type=Path, default=Path(".cluster"))
@@ -627,6 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
                 probe_token=args.probe_token_file.read_text().strip()
                 if args.probe_token_file is not None
+                else None,
+                balancer_token=TokenFile(args.balancer_token_file)
+                if args.balancer_token_file is not None
                 else None,
             )
         except (OSError, ValueError) as exc:

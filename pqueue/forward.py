@@ -7,10 +7,11 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 
 from pqueue import limits
+from pqueue.auth import TokenSource, current_token
 from pqueue.observe import (
     FORWARDED_KEY as FORWARDED_KEY,  # a forwarded call is never forwarded twice
 )
-from pqueue.observe import hop_metadata
+from pqueue.observe import FORWARDER_TOKEN_KEY, hop_metadata
 from pqueue.status import from_rpc_error
 from pqueue.tls import Tls
 from pqueue.tls import channel as channel_to
@@ -23,8 +24,11 @@ DEFAULT_FORWARD_TIMEOUT_S = 75.0
 class Forwarder:
     """Cached channels to leaders; calls by method name with the caller's deadline."""
 
-    def __init__(self, tls: Tls | None = None) -> None:
+    def __init__(self, tls: Tls | None = None, hop_token: TokenSource | None = None) -> None:
         self.tls = tls
+        #: This node's peer token, shown to the leader (``pq-forwarder-token``) so
+        #: that it believes the client address the follower passes on.
+        self.hop_token = hop_token
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
@@ -59,13 +63,15 @@ class Forwarder:
             request_serializer=type(request).SerializeToString,
             response_deserializer=output.FromString,
         )
+        hop_token = current_token(self.hop_token)
+        proof = ((FORWARDER_TOKEN_KEY, hop_token),) if hop_token else ()
         try:
             response: Message = await stub(
                 request,
                 # Never unbounded: a caller without a deadline still gets one.
                 timeout=timeout_s if timeout_s is not None else DEFAULT_FORWARD_TIMEOUT_S,
                 # The caller's own token goes along: the leader checks it again.
-                metadata=((FORWARDED_KEY, forwarded_by), *hop_metadata(), *credentials),
+                metadata=((FORWARDED_KEY, forwarded_by), *hop_metadata(), *proof, *credentials),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
+from pqueue.auth import TokenSource
 from pqueue.commitlog import CommandLog, LogObserver, Result
 from pqueue.errors import PQueueError
 from pqueue.machine import QueueMachine
@@ -66,7 +67,7 @@ class QueueNode:
         cluster: ClusterConfig | None = None,
         observer: LogObserver | None = None,
         tls: Tls | None = None,
-        peer_token: str | None = None,
+        peer_token: TokenSource | None = None,
     ) -> None:
         self.config = config or NodeConfig()
         self.clock_ms = clock_ms

@@ -9,7 +9,11 @@ Node and balancer both install ``Observer``. For each call it
   ``pq_grpc_server_handling_seconds``);
 - gives it a request id: the caller's ``x-request-id``, or a new one. The id
   is held in a context variable for the call's task, so a hop onwards (the
-  balancer's proxy, a follower forwarding to the leader) passes it on.
+  balancer's proxy, a follower forwarding to the leader) passes it on;
+- names the client: the connection's address, or the address a hop passes
+  on (``x-forwarded-for``) when the hop proves it is one (``hops``: a
+  ``pq-forwarder-token`` with the ``balancer`` or ``peer`` role). An address
+  nobody vouches for is logged as ``claimed_client``, never as the client.
 
 Health checks, load probes, reflection and peer traffic log at DEBUG: they
 are machines talking, several times a second. Method labels come from the
@@ -40,8 +44,15 @@ REQUEST_ID_KEY = "x-request-id"
 FORWARDED_FOR_KEY = "x-forwarded-for"
 #: Metadata a hop (the balancer, a forwarding follower) marks its calls with.
 FORWARDED_KEY = "pq-forwarded-by"
+#: Metadata a hop proves itself with: its own token (role ``balancer`` or ``peer``).
+FORWARDER_TOKEN_KEY = "pq-forwarder-token"
 #: Longest request id taken from a caller (longer ones are replaced).
 MAX_REQUEST_ID_CHARS = 64
+#: Longest claimed client address kept for a log line.
+MAX_CLAIM_CHARS = 64
+
+#: Whether a call's ``pq-forwarder-token`` proves it comes from a hop.
+HopCheck = Callable[[str], bool]
 
 #: The request id of the call being served by this task ("" outside a call).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("pq_request_id", default="")
@@ -133,6 +144,35 @@ def _first_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str:
     return ""
 
 
+def never_a_hop(token: str) -> bool:
+    """For the first hop (the balancer): no caller's forwarded address is believed."""
+    return False
+
+
+def trusted_hops(verifier: Any) -> HopCheck | None:
+    """A node's ``HopCheck``: with auth off (no verifier) None (forwarded addresses
+    are informational, logged as claimed); else a check that the token verifies
+    and has the ``balancer`` or ``peer`` role."""
+    if verifier is None:
+        return None
+    from pqueue.auth import BALANCER, PEER
+    from pqueue.errors import UnauthenticatedError
+
+    def check(token: str) -> bool:
+        if not token:
+            return False
+        scheme, _, rest = token.partition(" ")
+        if scheme.lower() == "bearer" and rest.strip():
+            token = rest.strip()
+        try:
+            principal = verifier.verify(token)
+        except UnauthenticatedError:
+            return False
+        return PEER in principal.roles or BALANCER in principal.roles
+
+    return check
+
+
 def hop_metadata() -> tuple[tuple[str, str], ...]:
     """Metadata for a hop onwards from the call this task serves: its id and caller."""
     rid, ip = request_id.get(), client_ip.get()
@@ -147,7 +187,17 @@ def hop_metadata() -> tuple[tuple[str, str], ...]:
 class _Call:
     """One call's bookkeeping: start, request line, outcome."""
 
-    __slots__ = ("ip", "method", "name", "observer", "quiet", "rid", "service", "started")
+    __slots__ = (
+        "claimed",
+        "ip",
+        "method",
+        "name",
+        "observer",
+        "quiet",
+        "rid",
+        "service",
+        "started",
+    )
 
     def __init__(self, observer: Observer, method: str, metadata: Any, context: Context) -> None:
         self.observer = observer
@@ -159,14 +209,25 @@ class _Call:
         self.started = time.perf_counter()
         rid = _first_value(metadata, REQUEST_ID_KEY)
         self.rid = rid if _REQUEST_ID_RE.fullmatch(rid) else new_request_id()
-        # The first caller, as a balancer or a forwarding follower saw it. Only
-        # a hop marks itself so (a client could too: this is for logs, not trust).
+        # The first caller, as a balancer or a forwarding follower saw it: any
+        # client can send these headers, so they are believed only from a hop
+        # that proves it is one; else the line says the address is claimed.
         ip = _ip_of(context.peer() or "")
-        if _first_value(metadata, FORWARDED_KEY):
-            ip = _first_value(metadata, FORWARDED_FOR_KEY).split(",")[0].strip() or ip
+        claimed = _first_value(metadata, FORWARDED_FOR_KEY).split(",")[0].strip()
+        claimed = claimed[:MAX_CLAIM_CHARS]
+        onward = ip
+        if claimed:
+            hops = observer.hops
+            if hops is None:  # auth off: informational, passed on as a claim
+                onward = claimed
+            elif _first_value(metadata, FORWARDED_KEY) and hops(
+                _first_value(metadata, FORWARDER_TOKEN_KEY)
+            ):
+                ip, onward, claimed = claimed, claimed, ""
         self.ip = ip
+        self.claimed = claimed if claimed != ip else ""  # nothing to doubt
         request_id.set(self.rid)
-        client_ip.set(self.ip)
+        client_ip.set(onward)
 
     @property
     def route(self) -> str:
@@ -177,18 +238,26 @@ class _Call:
         if not logger.isEnabledFor(level):
             return
         uri = f"grpc://{self.observer.authority()}{self.method}?request_id={self.rid}"
+        extra = {
+            "route": self.route,
+            "request_id": self.rid,
+            "client_ip": self.ip,
+            "grpc_method": self.method,
+        }
+        if self.claimed:
+            extra["claimed_client"] = self.claimed
+            logger.log(
+                level,
+                "Received %s request for %s from IP: %s claimed_client=%s",
+                self.name,
+                uri,
+                self.ip,
+                self.claimed,
+                extra=extra,
+            )
+            return
         logger.log(
-            level,
-            "Received %s request for %s from IP: %s",
-            self.name,
-            uri,
-            self.ip,
-            extra={
-                "route": self.route,
-                "request_id": self.rid,
-                "client_ip": self.ip,
-                "grpc_method": self.method,
-            },
+            level, "Received %s request for %s from IP: %s", self.name, uri, self.ip, extra=extra
         )
 
     def finished(
@@ -252,9 +321,13 @@ class Observer(grpc.aio.ServerInterceptor):
         authority: Callable[[], str],
         metrics: GrpcMetrics,
         known_methods: Iterable[str],
+        hops: HopCheck | None = None,
     ) -> None:
         #: Who serves: ``n1``, ``balancer``. Prefixes every request route.
         self.name = name
+        #: Which callers' ``x-forwarded-for`` is believed (see ``trusted_hops``);
+        #: None: auth is off, a forwarded address is logged as claimed.
+        self.hops = hops
         self.authority = authority
         self.metrics = metrics
         self.known_methods = frozenset(known_methods)

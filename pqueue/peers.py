@@ -20,7 +20,7 @@ import grpc
 from consensus.messages import Message
 from pqueue import limits
 from pqueue.access import AUTHORIZATION_KEY, bearer
-from pqueue.auth import PEER, Verifier
+from pqueue.auth import PEER, Principal, TokenSource, Verifier, current_token
 from pqueue.errors import UnauthenticatedError
 from pqueue.peer_codec import decode, encode
 from pqueue.tls import Tls, channel
@@ -48,49 +48,93 @@ class PeerService(ppbg.PeerServicer):
     ) -> None:
         self.deliver = deliver
         #: With auth on, only a token with the ``peer`` role may send: consensus
-        #: trusts its peers, so a stranger's messages could decide the log.
+        #: trusts its peers, so a stranger's messages could decide the log. The
+        #: token names the one node it speaks for (``sub`` = ``node:<id>``).
         self.verifier = verifier
+        #: Messages dropped because their ``src`` was not the sender's node.
+        self.spoofed = 0
 
     async def Send(
         self,
         request_iterator: AsyncIterator[ppb.PeerBatch],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ppb.PeerAck:
-        if self.verifier is not None:
-            try:
-                caller = self.verifier.verify(bearer(context.invocation_metadata()))
-            except UnauthenticatedError as exc:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-                raise AssertionError("unreachable") from exc  # abort raises
-            if PEER not in caller.roles:
-                logger.warning("refused a peer stream from %s: no peer role", context.peer())
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "only the cluster's nodes (a token with the peer role) speak this protocol",
-                )
+        caller = await self._authenticate(context)
         async for batch in request_iterator:
+            if caller is not None and self.verifier is not None:
+                try:  # a stream outlives its first check: expiry and revocation end it
+                    self.verifier.still_valid(caller)
+                except UnauthenticatedError as exc:
+                    logger.warning("ended the peer stream of %s: %s", caller.subject, exc)
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             for wire in batch.messages:
                 try:
                     msg = decode(wire)
                 except ValueError as exc:
                     logger.warning("dropping a malformed peer message: %s", exc)
                     continue
+                if caller is not None and msg.src != caller.node_id:
+                    # A node speaks only for itself: a message claiming another
+                    # sender (the leader, say) could win a vote it has no right to.
+                    self.spoofed += 1
+                    if self.spoofed & (self.spoofed - 1) == 0:  # 1, 2, 4, 8...: bounded noise
+                        logger.warning(
+                            "dropped a peer message claiming to be from node %d on the stream "
+                            "of %s (%d so far)",
+                            msg.src,
+                            caller.subject,
+                            self.spoofed,
+                        )
+                    continue
                 self.deliver(msg)
         return ppb.PeerAck()
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
+        """The sending node's principal (None with auth off); aborts the call if none."""
+        if self.verifier is None:
+            return None
+        try:
+            caller = self.verifier.verify(bearer(context.invocation_metadata()))
+        except UnauthenticatedError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise AssertionError("unreachable") from exc  # abort raises
+        if PEER not in caller.roles:
+            logger.warning("refused a peer stream from %s: no peer role", context.peer())
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "only the cluster's nodes (a token with the peer role) speak this protocol",
+            )
+        if caller.node_id is None:
+            logger.warning("refused a peer stream from %s: its token names no node", context.peer())
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "a peer token must name its node (sub node:<id>; pq token issue --node-id N)",
+            )
+        return caller
 
 
 class _Link:
     """The outbound half towards one peer."""
 
     def __init__(
-        self, node_id: int, peer: int, address: str, tls: Tls | None, metadata: Metadata
+        self,
+        node_id: int,
+        peer: int,
+        address: str,
+        tls: Tls | None,
+        metadata: Callable[[], Metadata],
     ) -> None:
         self.node_id, self.peer, self.address = node_id, peer, address
         self.tls = tls
-        self.metadata = metadata
+        self._metadata = metadata
         self.queue: deque[ppb.PeerMessage] = deque(maxlen=MAX_QUEUED)
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def metadata(self) -> Metadata:
+        """The stream's metadata, with the token as it is now (read at each connect)."""
+        return self._metadata()
 
     def put(self, msg: ppb.PeerMessage) -> None:
         self.queue.append(msg)
@@ -125,15 +169,21 @@ class PeerTransport:
         node_id: int,
         addresses: dict[int, str],
         tls: Tls | None = None,
-        token: str | None = None,
+        token: TokenSource | None = None,
     ) -> None:
         self.node_id = node_id
-        #: This node's peer token (role ``peer``), when the cluster checks tokens.
-        self.metadata: Metadata = ((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()
+        #: This node's peer token (role ``peer``), when the cluster checks tokens:
+        #: a string, or a ``TokenFile`` re-read when it changes (rotation).
+        self.token = token
         #: With mutual TLS, this node's certificate is its identity to the peers.
         self.tls = tls
         self._addresses = addresses
         self._links: dict[int, _Link] = {}
+
+    def metadata(self) -> Metadata:
+        """What a stream to a peer carries: this node's token as it is now."""
+        token = current_token(self.token)
+        return ((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()
 
     def start(self) -> None:
         """Start one sender per peer (addresses are read now: ports may bind late)."""

@@ -12,12 +12,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from pqueue import limits
-from pqueue.auth import Verifier
+from pqueue.auth import TokenSource, Verifier
 from pqueue.forward import Forwarder
 from pqueue.metrics import NodeCollector, NodeMetrics
 from pqueue.metrics_http import MetricsServer, split_listen
 from pqueue.node import NodeConfig, QueueNode
-from pqueue.observe import Observer, served_methods
+from pqueue.observe import Observer, served_methods, trusted_hops
 from pqueue.peers import PeerService
 from pqueue.quotas import Quotas
 from pqueue.replicated import ClusterConfig, ReplicatedLog
@@ -48,8 +48,11 @@ class ServerConfig:
     verifier: Verifier | None = None
     #: Per-tenant rates and limits; None: none.
     quotas: Quotas | None = None
-    #: This node's token for its peers (role ``peer``), when auth is on.
-    peer_token: str | None = None
+    #: This node's token for its peers (role ``peer``, ``sub`` ``node:<id>``),
+    #: when auth is on: a string, or a ``TokenFile`` re-read when it changes.
+    #: A follower also shows it to the leader when it forwards a call, so that
+    #: the leader believes the client address it passes on.
+    peer_token: TokenSource | None = None
     #: How long in-flight calls may finish after a stop begins.
     grace_s: float = 5.0
 
@@ -91,7 +94,7 @@ class NodeServer:
             if self.config.metrics_listen is not None
             else None
         )
-        self.forwarder = Forwarder(self.config.tls)
+        self.forwarder = Forwarder(self.config.tls, self.config.peer_token)
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -112,6 +115,7 @@ class NodeServer:
                 lambda: self.address,
                 self.metrics.grpc,
                 served_methods(pb.DESCRIPTOR, ppb.DESCRIPTOR),
+                hops=trusted_hops(self.config.verifier),
             )
             self._server = grpc.aio.server(
                 interceptors=(observer,),

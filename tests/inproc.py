@@ -9,11 +9,16 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from pqueue.auth import Verifier
+from pqueue.auth import PEER, TokenSource, Verifier, issue, node_subject
 from pqueue.replicated import ClusterConfig
 from pqueue.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.tls import Tls
+
+
+def node_tokens(key: bytes, ttl_s: float = 600) -> Callable[[int], str]:
+    """Each node's own peer token (``sub`` ``node:<id>``), for ``Cluster(peer_token=...)``."""
+    return lambda i: issue(key, "cluster", [PEER], ttl_s, subject=node_subject(i))
 
 
 @contextlib.asynccontextmanager
@@ -31,6 +36,8 @@ async def one_node(root: Path, **config: Any) -> AsyncIterator[NodeServer]:
 
 
 class Cluster:
+    """``n`` nodes on loopback; ``peer_token``: one for all, or node id -> its own."""
+
     def __init__(
         self,
         root: Path,
@@ -38,7 +45,7 @@ class Cluster:
         metrics: bool = False,
         tls: Callable[[int], Tls] | None = None,
         verifier: Verifier | None = None,
-        peer_token: str | None = None,
+        peer_token: str | Callable[[int], TokenSource] | None = None,
     ) -> None:
         self.root = root
         self.metrics = metrics
@@ -60,7 +67,7 @@ class Cluster:
                 metrics_listen="127.0.0.1:0" if self.metrics else None,
                 tls=self.tls(i) if self.tls is not None else None,
                 verifier=self.verifier,
-                peer_token=self.peer_token,
+                peer_token=self.peer_token(i) if callable(self.peer_token) else self.peer_token,
             ),
             cluster=config,
         )

@@ -30,7 +30,7 @@ from pqueue.tls import Tls, channel
 from pqueue.v1 import peer_pb2, peer_pb2_grpc
 from pqueue.v1 import queue_pb2 as pb
 from tests.certs import Authority, ec_pair, rsa_pair
-from tests.inproc import Cluster, one_node
+from tests.inproc import Cluster, node_tokens, one_node
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")
@@ -218,7 +218,7 @@ async def test_a_cluster_on_mutual_tls_refuses_whoever_lacks_a_certificate(
         tmp_path,
         tls=lambda i: tls[i],
         verifier=Verifier(SECRET),
-        peer_token=token("cluster", "peer"),
+        peer_token=node_tokens(SECRET),
     )
     await cluster.start()
     try:

@@ -16,7 +16,7 @@ from pqueue.errors import PermissionDeniedError, ResourceExhaustedError
 from pqueue.quotas import Quotas
 from pqueue.snapshot import state_hash
 from pqueue.v1 import queue_pb2 as pb
-from tests.inproc import Cluster, one_node
+from tests.inproc import Cluster, node_tokens, one_node
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")
@@ -38,7 +38,7 @@ async def pq(endpoint: str, tok: str, *args: str) -> object:
 
 
 async def test_a_shared_queue_leases_by_weight_within_the_priority_order(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path, verifier=Verifier(SECRET), peer_token=token("cluster", "peer"))
+    cluster = Cluster(tmp_path, verifier=Verifier(SECRET), peer_token=node_tokens(SECRET))
     await cluster.start()
     try:
         leader = await cluster.leader()
