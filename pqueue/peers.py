@@ -53,6 +53,8 @@ class PeerService(ppbg.PeerServicer):
         self.verifier = verifier
         #: Messages dropped because their ``src`` was not the sender's node.
         self.spoofed = 0
+        #: Streams refused or ended for their token (none, bad, expired, revoked).
+        self.refused = 0
 
     async def Send(
         self,
@@ -65,6 +67,7 @@ class PeerService(ppbg.PeerServicer):
                 try:  # a stream outlives its first check: expiry and revocation end it
                     self.verifier.still_valid(caller)
                 except UnauthenticatedError as exc:
+                    self.refused += 1
                     logger.warning("ended the peer stream of %s: %s", caller.subject, exc)
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             for wire in batch.messages:
@@ -96,15 +99,18 @@ class PeerService(ppbg.PeerServicer):
         try:
             caller = self.verifier.verify(bearer(context.invocation_metadata()))
         except UnauthenticatedError as exc:
+            self.refused += 1
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
         if PEER not in caller.roles:
+            self.refused += 1
             logger.warning("refused a peer stream from %s: no peer role", context.peer())
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "only the cluster's nodes (a token with the peer role) speak this protocol",
             )
         if caller.node_id is None:
+            self.refused += 1
             logger.warning("refused a peer stream from %s: its token names no node", context.peer())
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,

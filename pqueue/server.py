@@ -100,6 +100,8 @@ class NodeServer:
         self._watch: asyncio.Task[None] | None = None
         self._started = False
         self.port = 0
+        #: The peer protocol's service, once started (its refusal counters).
+        self.peers: PeerService | None = None
 
     @property
     def address(self) -> str:
@@ -153,8 +155,8 @@ class NodeServer:
         pbg.add_QueueServicer_to_server(queue, server)
         pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), server)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
-            peers = PeerService(self.node.log.on_message, verifier)
-            ppbg.add_PeerServicer_to_server(peers, server)
+            self.peers = PeerService(self.node.log.on_message, verifier)
+            ppbg.add_PeerServicer_to_server(self.peers, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(
