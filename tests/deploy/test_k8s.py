@@ -171,6 +171,8 @@ def test_node_command_parses_in_every_pod(tmp_path: Path) -> None:
         assert not args.insecure_no_auth
         assert mounted_secret(s, str(args.auth_key_file)), f"{pod}: --auth-key-file"
         assert mounted_secret(s, str(args.peer_token_file)), f"{pod}: --peer-token-file"
+        # Each node its own peer token (sub node:<id>): none speaks for another.
+        assert str(args.peer_token_file).endswith(f"-{args.node_id}"), f"{pod}: its own token"
 
 
 def mounted_secret(workload: dict[str, Any], path: str) -> bool:
@@ -194,6 +196,7 @@ def test_balancer_backends_are_the_peer_addresses(tmp_path: Path) -> None:
     assert host_port(args.listen) == ("0.0.0.0", container_port(container(b), "grpc"))
     assert args.log_format == "json"
     assert mounted_secret(b, str(args.probe_token_file)), "--probe-token-file"
+    assert mounted_secret(b, str(args.balancer_token_file)), "--balancer-token-file"
     service = of_kind("Service")["pq"]
     assert selected_workloads(service["spec"]["selector"]) == [b]
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
