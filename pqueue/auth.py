@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pqueue import limits
 from pqueue.errors import InvalidArgumentError, UnauthenticatedError
+from pqueue.logs import escape
 
 PRODUCER = "producer"
 CONSUMER = "consumer"
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 _CACHE_SIZE = 4096
 #: Clock skew tolerated on ``exp``, ``iat`` and ``nbf`` by default (``--auth-leeway-s``).
 DEFAULT_LEEWAY_S = 5.0
+#: Longest part of a refusal quoting what the caller sent.
+_MAX_QUOTED_CHARS = 200
 #: How often a revocation file's change time is looked at, at most.
 _REVOCATION_CHECK_S = 1.0
 
@@ -260,7 +263,8 @@ class Verifier:
         except jwt.ExpiredSignatureError as exc:
             raise UnauthenticatedError("the token has expired") from exc
         except jwt.PyJWTError as exc:  # invalid tokens, and keys PyJWT will not use
-            raise UnauthenticatedError(f"the token is not valid: {exc}") from exc
+            # PyJWT may quote the (unauthenticated) header: keep it short and one line.
+            raise UnauthenticatedError(f"the token is not valid: {_quoted(exc)}") from exc
         tenant, roles = claims.get("tenant"), claims.get("roles")
         if not isinstance(tenant, str) or not isinstance(roles, list):
             raise UnauthenticatedError("the token's tenant must be a string and roles a list")
@@ -306,6 +310,12 @@ class Verifier:
         if principal.expires_at and principal.expires_at <= self.clock_s() - self.leeway_s:
             raise UnauthenticatedError("the token has expired")
         self._refuse_revoked(principal)
+
+
+def _quoted(exc: Exception) -> str:
+    """An error's text, as a caller's own words may appear in it: escaped, bounded."""
+    text = escape(str(exc))
+    return text if len(text) <= _MAX_QUOTED_CHARS else text[:_MAX_QUOTED_CHARS] + "..."
 
 
 def read_key(path: Path) -> bytes:

@@ -5,6 +5,11 @@ keeps it simple: each peer gets a bounded queue (the oldest message goes when
 it overflows) and a sender task that holds a client stream open, writes
 whatever has queued up as one batch, and reconnects with backoff when the
 stream breaks. Inbound streams are decoded and handed to the log.
+
+With auth on, each node has its own peer token naming it (``sub`` =
+``node:<id>``): a stream is taken only with one, a message on it that claims
+another sender is dropped, and the stream ends once its token expires or is
+revoked; a node reads its token again (``TokenFile``) at each connection.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import grpc
 from consensus.messages import Message
 from pqueue import limits
 from pqueue.access import AUTHORIZATION_KEY, bearer
-from pqueue.auth import PEER, Principal, TokenSource, Verifier, current_token
+from pqueue.auth import PEER, Principal, TokenSource, Verifier, current_token, node_subject
 from pqueue.errors import UnauthenticatedError
 from pqueue.peer_codec import decode, encode
 from pqueue.tls import Tls, channel
@@ -62,6 +67,7 @@ class PeerService(ppbg.PeerServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ppb.PeerAck:
         caller = await self._authenticate(context)
+        sender = caller.node_id if caller is not None else None
         async for batch in request_iterator:
             if caller is not None and self.verifier is not None:
                 try:  # a stream outlives its first check: expiry and revocation end it
@@ -76,7 +82,7 @@ class PeerService(ppbg.PeerServicer):
                 except ValueError as exc:
                     logger.warning("dropping a malformed peer message: %s", exc)
                     continue
-                if caller is not None and msg.src != caller.node_id:
+                if sender is not None and msg.src != sender:
                     # A node speaks only for itself: a message claiming another
                     # sender (the leader, say) could win a vote it has no right to.
                     self.spoofed += 1
@@ -85,7 +91,7 @@ class PeerService(ppbg.PeerServicer):
                             "dropped a peer message claiming to be from node %d on the stream "
                             "of %s (%d so far)",
                             msg.src,
-                            caller.subject,
+                            node_subject(sender),
                             self.spoofed,
                         )
                     continue
