@@ -97,10 +97,12 @@ class _Balancer(_Node):
         self.cmd += ["--backends", ",".join(backends), "--metrics-listen", metrics]
 
 
-async def _statuses(addresses: dict[int, str], timeout_s: float = 1.0) -> dict[int, Any]:
+async def _statuses(
+    addresses: dict[int, str], timeout_s: float = 1.0, **client: Any
+) -> dict[int, Any]:
     async def one(address: str) -> Any:
         try:
-            async with Client(address, timeout_s=timeout_s, max_retries=0) as c:
+            async with Client(address, timeout_s=timeout_s, max_retries=0, **client) as c:
                 return await c.node_status()
         except PQueueError:
             return None
@@ -227,12 +229,13 @@ def start_node(root: Path, node_id: int) -> str:
     return f"asked the dev cluster to start n{node_id}"
 
 
-async def cluster_status(endpoint: str, timeout_s: float) -> list[dict[str, Any]]:
-    """One row per node, from each node's own view; unreachable nodes say so."""
-    async with Client(endpoint, timeout_s=timeout_s, max_retries=0) as c:
+async def cluster_status(endpoint: str, timeout_s: float, **client: Any) -> list[dict[str, Any]]:
+    """One row per node, from each node's own view; unreachable nodes say so.
+    ``client``: ``Client`` options (``token``, ``tls``) for a secured cluster."""
+    async with Client(endpoint, timeout_s=timeout_s, max_retries=0, **client) as c:
         first = await c.node_status()
     peers = dict(first.peers) or {first.node_id: first.address or endpoint}
-    statuses = await _statuses(peers, timeout_s=min(timeout_s, 2.0))
+    statuses = await _statuses(peers, timeout_s=min(timeout_s, 2.0), **client)
     top = max((s.commit_index for s in statuses.values() if s is not None), default=0)
     rows = []
     for node_id in sorted(peers):

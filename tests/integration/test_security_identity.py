@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,9 +32,11 @@ from pqueue.server import NodeServer
 from pqueue.v1 import peer_pb2, peer_pb2_grpc
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from tests.certs import Authority
 from tests.inproc import Cluster, node_tokens, one_node
 
 SECRET = b"s" * 32
+PQ = (sys.executable, "-m", "pqueue.cli")
 LINE_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[[A-Z]+\] ")
 
 
@@ -305,5 +308,35 @@ async def test_a_revoked_peer_token_is_cut_off_and_a_rotated_one_picked_up(
             except PQueueError:
                 assert time.monotonic() < deadline, "the rotated token was never used"
                 await asyncio.sleep(0.2)
+    finally:
+        await cluster.stop()
+
+
+async def test_pq_cluster_status_works_on_a_secured_cluster(tmp_path: Path) -> None:
+    ca = Authority.new()
+    cluster = Cluster(
+        tmp_path,
+        tls=lambda i: ca.tls(f"n{i}"),
+        verifier=Verifier(SECRET),
+        peer_token=node_tokens(SECRET),
+    )
+    await cluster.start()
+    try:
+        await cluster.leader()
+        cert, key = ca.issue("ops")
+        files = {"ca": ca.pem, "cert": cert, "key": key}
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+        run = await asyncio.create_subprocess_exec(
+            *PQ, "--endpoint", cluster.addresses[1], "--token", token("ops", "admin"),
+            "--tls-ca", str(tmp_path / "ca"), "--tls-cert", str(tmp_path / "cert"),
+            "--tls-key", str(tmp_path / "key"), "-o", "json", "cluster", "status",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await run.communicate()
+        assert run.returncode == 0, err.decode()
+        rows = json.loads(out)
+        assert sorted(r["node"] for r in rows) == ["n1", "n2", "n3"]
+        assert all(r["role"] != "down" for r in rows), rows
     finally:
         await cluster.stop()
