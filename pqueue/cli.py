@@ -245,7 +245,7 @@ def _auth_and_tls_args(node: argparse.ArgumentParser) -> None:
         "--peer-token-file",
         type=Path,
         default=None,
-        help="with auth: this node's token for its peers (pq token issue --role peer)",
+        help="with auth: this node's own peer token (pq token issue --node-id N), re-read",
     )
     node.add_argument("--auth-audience", default=None, help="tokens must name this audience")
     node.add_argument("--auth-issuer", default=None, help="tokens must name this issuer")
