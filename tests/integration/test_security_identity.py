@@ -117,6 +117,14 @@ async def test_a_forged_jwt_header_cannot_forge_node_or_balancer_log_lines(
                     )
                 assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert "forged" in (refused.value.details() or "")  # the caller still learns why
+                # A name carrying a line is refused (and not echoed); metadata cannot
+                # carry one at all (gRPC refuses control characters in headers).
+                with pytest.raises(grpc.aio.AioRpcError) as bad:
+                    await stub.Enqueue(
+                        pb.EnqueueRequest(queue="q" + forged, job=pb.JobSpec(payload=b"x")),
+                        metadata=(("authorization", f"Bearer {token('acme', 'producer')}"),),
+                    )
+                assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         text, js = written
         await wait_until("the error lines", lambda: text.getvalue().count("forged") >= 3)
     finally:
