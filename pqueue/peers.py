@@ -106,6 +106,9 @@ class PeerService(ppbg.PeerServicer):
             caller = self.verifier.verify(bearer(context.invocation_metadata()))
         except UnauthenticatedError as exc:
             self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8...: a node retries each second
+                peer, n = context.peer(), self.refused
+                logger.warning("refused a peer stream from %s: %s (%d so far)", peer, exc, n)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
         if PEER not in caller.roles:
