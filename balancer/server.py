@@ -17,6 +17,7 @@ from balancer.errors import ListenError
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
 from pqueue import limits
+from pqueue.admission import SERVER_CONNECTION_OPTIONS, Admission
 from pqueue.metrics_http import MetricsServer
 from pqueue.observe import Observer, served_methods
 from pqueue.signals import until_signal_or
@@ -112,11 +113,13 @@ class BalancerServer:
             served_methods(pb.DESCRIPTOR, bpb.DESCRIPTOR),
         )
         server = grpc.aio.server(
-            interceptors=(observer,),
+            # Admission caps each method's request before the proxy reads it.
+            interceptors=(observer, Admission()),
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
                 *limits.SERVER_KEEPALIVE_OPTIONS,
+                *SERVER_CONNECTION_OPTIONS,
                 ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
             ],
         )

@@ -12,6 +12,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from pqueue import limits
+from pqueue.admission import SERVER_CONNECTION_OPTIONS, Admission, AdmissionConfig
 from pqueue.auth import Verifier
 from pqueue.forward import Forwarder
 from pqueue.metrics import NodeCollector, NodeMetrics
@@ -52,6 +53,8 @@ class ServerConfig:
     peer_token: str | None = None
     #: How long in-flight calls may finish after a stop begins.
     grace_s: float = 5.0
+    #: Per-method request caps and health-watch bounds (``pqueue.admission``).
+    admission: AdmissionConfig | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -114,11 +117,15 @@ class NodeServer:
                 served_methods(pb.DESCRIPTOR, ppb.DESCRIPTOR),
             )
             self._server = grpc.aio.server(
-                interceptors=(observer,),
+                # Admission after the observer: its refusals are logged and counted.
+                interceptors=(observer, Admission(self.config.admission)),
                 options=[
                     ("grpc.so_reuseport", 0),
+                    # The peer service's limit (the port is shared); each public
+                    # method has its own, smaller cap, checked before parsing.
                     ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
                     *limits.SERVER_KEEPALIVE_OPTIONS,
+                    *SERVER_CONNECTION_OPTIONS,
                     ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
                 ],
             )
