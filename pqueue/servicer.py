@@ -155,9 +155,24 @@ class _Base:
             access.credentials(metadata),
         )
 
+    def _charge_log_bytes(self, command: logpb.Command) -> None:
+        """Per-tenant bytes into the log (``Quota.max_command_bytes``,
+        ``log_bytes_per_s``), checked on the leader before it proposes: the
+        caller's tenant pays; an admin's call, the queue's owner."""
+        if self.quotas is None:
+            return
+        kind = command.WhichOneof("kind")
+        queue = getattr(getattr(command, kind), "queue", "") if kind else ""
+        caller = principal.get()
+        tenant = limits.tenant_of(queue)
+        if caller.tenant and ADMIN not in caller.roles:
+            tenant = caller.tenant
+        self.quotas.take_bytes(tenant, command.ByteSize(), time.monotonic())
+
     async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
         if self.node.draining:
             raise NotTakenError("node is draining", retry_after_s=1.0)
+        self._charge_log_bytes(command)
         result = await self.node.propose(command)
         if not isinstance(result, response_type):
             raise TypeError(f"{command.WhichOneof('kind')} gave {type(result).__name__}")

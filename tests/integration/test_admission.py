@@ -20,7 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from balancer.server import BalancerServer
 from pqueue.admission import MAX_HEALTH_WATCHES_PER_IP
+from pqueue.auth import Verifier, issue
 from pqueue.client import Client
+from pqueue.errors import ResourceExhaustedError
+from pqueue.quotas import Quotas
 from pqueue.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
 from tests.inproc import Cluster, one_node
@@ -29,6 +32,13 @@ from tests.integration.test_balancer import balancer_config
 MIB = 1 << 20
 ACK = "/pqueue.v1.Queue/Ack"
 BATCH = "/pqueue.v1.Queue/EnqueueBatch"
+SECRET = b"s" * 32
+
+
+def token(tenant: str, *roles: str) -> str:
+    return issue(SECRET, tenant, roles, 600)
+
+
 #: A field number no pqueue message uses.
 UNKNOWN_FIELD = 1007
 
@@ -206,3 +216,31 @@ async def test_node_serves_with_the_caps_on(tmp_path: Path) -> None:
         assert len(leased) == 1000
         assert await c.ack_many("q", [(j.job_id, j.lease_id) for j in leased]) == 1000
         assert isinstance(srv, NodeServer)
+
+
+LOG_QUOTAS = """
+[tenants.flood]
+max_command_bytes = 65536
+log_bytes_per_s = 100000
+log_bytes_burst = 200000
+"""
+
+
+async def test_a_tenant_is_held_to_its_bytes_in_the_log(tmp_path: Path) -> None:
+    flood, calm = token("flood", "producer", "consumer"), token("calm", "producer")
+    quotas = Quotas.parse(LOG_QUOTAS)
+    async with one_node(tmp_path, verifier=Verifier(SECRET), quotas=quotas) as srv:
+        async with Client(srv.address, max_retries=0, token=flood) as c:
+            applied = srv.node.machine.applied_index
+            with pytest.raises(ResourceExhaustedError, match="per command") as big:
+                await c.enqueue_batch("q", [pb.JobSpec(payload=b"x" * 1000) for _ in range(100)])
+            assert not big.value.retriable
+            assert srv.node.machine.applied_index == applied  # nothing was proposed
+            for _ in range(3):  # 3 x 60 KB fit the 200 KB burst
+                await c.enqueue_batch("q", [pb.JobSpec(payload=b"x" * 1000) for _ in range(60)])
+            with pytest.raises(ResourceExhaustedError, match="log bytes/s") as rate:
+                await c.enqueue_batch("q", [pb.JobSpec(payload=b"x" * 1000) for _ in range(60)])
+            assert rate.value.retriable
+            assert rate.value.retry_after_s >= 0.1
+        async with Client(srv.address, max_retries=0, token=calm) as c:  # others unaffected
+            await c.enqueue_batch("q", [pb.JobSpec(payload=b"x" * 1000) for _ in range(100)])
