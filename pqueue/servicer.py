@@ -7,6 +7,7 @@ become gRPC statuses here and nowhere else (``pqueue.status.to_status``).
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import functools
 import logging
@@ -93,6 +94,27 @@ def _queue(named: str, *roles: str, shared: bool = False) -> str:
     caller = principal.get()
     access.require(caller, *roles)
     return access.scoped(caller, named, shared)
+
+
+def _page_of(limit: int, page_token: str) -> tuple[str | None, str, int]:
+    """Whose queues a list or stats call reads (None: all, for an admin or
+    with auth off), the stored name to start after, and the page size."""
+    if limit > limits.MAX_LIST_LIMIT:
+        raise InvalidArgumentError("limit", f"at most {limits.MAX_LIST_LIMIT}")
+    caller = principal.get()
+    scope = None if caller is OPEN or ADMIN in caller.roles else caller.tenant
+    after = ""
+    if page_token:
+        try:
+            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+        except (ValueError, UnicodeError) as exc:
+            raise InvalidArgumentError("page_token", "not a token this server gave") from exc
+    return scope, after, limit or limits.DEFAULT_LIST_LIMIT
+
+
+def _token(last: str) -> str:
+    """The page token that continues after the stored name ``last`` ("" : no more)."""
+    return base64.urlsafe_b64encode(last.encode()).decode() if last else ""
 
 
 def _check_count(n: int, field: str, upper: int) -> None:
@@ -272,8 +294,13 @@ class QueueService(_Base, pbg.QueueServicer):
         stored = access.scoped(principal.get(), request.queue) if request.queue else ""
         if request.consistent and not self.node.log.is_leader:
             return await self._forward("Stats", request, context)  # type: ignore[return-value]
-        stats = self.node.machine.stats(stored, self.node.clock_ms())
-        return pb.StatsResponse(queues=access.show(principal.get(), stats))
+        if stored:
+            stats, token = self.node.machine.stats(stored, self.node.clock_ms()), ""
+        else:  # a page of the caller's own queues: never a scan of every tenant's
+            scope, after, limit = _page_of(request.limit, request.page_token)
+            stats, last = self.node.machine.stats_page(scope, after, limit, self.node.clock_ms())
+            token = _token(last)
+        return pb.StatsResponse(queues=access.show(principal.get(), stats), next_page_token=token)
 
 
 class AdminService(_Base, pbg.AdminServicer):
@@ -302,8 +329,12 @@ class AdminService(_Base, pbg.AdminServicer):
     async def ListQueues(
         self, request: pb.ListQueuesRequest, context: Context
     ) -> pb.ListQueuesResponse:
-        queues = self.node.machine.list_queues(self.node.clock_ms())
-        return pb.ListQueuesResponse(queues=access.show(principal.get(), queues))
+        access.require(principal.get(), PRODUCER, CONSUMER)
+        scope, after, limit = _page_of(request.limit, request.page_token)
+        queues, last = self.node.machine.queues_page(scope, after, limit, self.node.clock_ms())
+        return pb.ListQueuesResponse(
+            queues=access.show(principal.get(), queues), next_page_token=_token(last)
+        )
 
     @rpc
     @on_leader

@@ -22,7 +22,7 @@ from balancer.server import BalancerServer
 from pqueue.admission import MAX_HEALTH_WATCHES_PER_IP
 from pqueue.auth import Verifier, issue
 from pqueue.client import Client
-from pqueue.errors import ResourceExhaustedError
+from pqueue.errors import PermissionDeniedError, ResourceExhaustedError
 from pqueue.quotas import Quotas
 from pqueue.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
@@ -244,3 +244,39 @@ async def test_a_tenant_is_held_to_its_bytes_in_the_log(tmp_path: Path) -> None:
             assert rate.value.retry_after_s >= 0.1
         async with Client(srv.address, max_retries=0, token=calm) as c:  # others unaffected
             await c.enqueue_batch("q", [pb.JobSpec(payload=b"x" * 1000) for _ in range(100)])
+
+
+async def test_lists_and_stats_read_a_page_of_the_callers_own_queues(tmp_path: Path) -> None:
+    acme, bolt = token("acme", "producer", "consumer"), token("bolt", "producer")
+    async with one_node(tmp_path, verifier=Verifier(SECRET)) as srv:
+        async with Client(srv.address, max_retries=0, token=bolt) as b:
+            await asyncio.gather(*(b.enqueue(f"b{i:03}", b"x") for i in range(105)))
+        async with Client(srv.address, max_retries=0, token=acme) as a:
+            for name in ("q1", "q2", "q3"):
+                await a.enqueue(name, b"x")
+            stub = a._stubs
+            auth = (("authorization", f"Bearer {acme}"),)
+            page = await stub.admin.ListQueues(pb.ListQueuesRequest(limit=2), metadata=auth)
+            assert [q.queue for q in page.queues] == ["q1", "q2"]
+            assert page.next_page_token
+            rest = await stub.admin.ListQueues(
+                pb.ListQueuesRequest(limit=2, page_token=page.next_page_token), metadata=auth
+            )
+            assert ([q.queue for q in rest.queues], rest.next_page_token) == (["q3"], "")
+            stats = await stub.queue.Stats(pb.StatsRequest(limit=1), metadata=auth)
+            assert [s.queue for s in stats.queues] == ["q1"]
+            assert stats.next_page_token
+            # The SDK pages through: every queue of its own, none of another's.
+            assert [q.queue for q in await a.list_queues()] == ["q1", "q2", "q3"]
+            assert [s.queue for s in await a.stats()] == ["q1", "q2", "q3"]
+        async with Client(srv.address, max_retries=0, token=bolt) as b:
+            # An old client (no limit, no token) gets the first 100 and a token for the rest.
+            first = await b._stubs.admin.ListQueues(
+                pb.ListQueuesRequest(), metadata=(("authorization", f"Bearer {bolt}"),)
+            )
+            assert len(first.queues) == 100
+            assert first.next_page_token
+            assert len(await b.list_queues()) == 105
+        async with Client(srv.address, max_retries=0, token=token("acme", "peer")) as nobody:
+            with pytest.raises(PermissionDeniedError):
+                await nobody.list_queues()
