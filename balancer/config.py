@@ -36,6 +36,8 @@ class BalancerConfig:
     backend_tls: Tls | None = None
     #: The bearer token load probes carry, when the nodes require tokens.
     probe_token: str | None = None
+    #: Bearer token a ``/metrics`` scrape must carry; None: none needed.
+    metrics_token: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting that cannot work."""

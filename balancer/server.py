@@ -140,7 +140,9 @@ class BalancerServer:
         except RuntimeError as exc:
             raise ListenError(f"cannot listen on {self.config.listen}: {exc}") from exc
         if self.config.metrics_listen is not None:
-            self._http = MetricsServer(self.metrics.registry, self.config.metrics_listen)
+            self._http = MetricsServer(
+                self.metrics.registry, self.config.metrics_listen, self.config.metrics_token
+            )
             try:
                 await self._http.start()
             except OSError as exc:

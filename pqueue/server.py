@@ -15,7 +15,7 @@ from pqueue import limits
 from pqueue.admission import SERVER_CONNECTION_OPTIONS, Admission, AdmissionConfig
 from pqueue.auth import Verifier
 from pqueue.forward import Forwarder
-from pqueue.metrics import NodeCollector, NodeMetrics
+from pqueue.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
 from pqueue.metrics_http import MetricsServer, split_listen
 from pqueue.node import NodeConfig, QueueNode
 from pqueue.observe import Observer, served_methods
@@ -55,6 +55,10 @@ class ServerConfig:
     grace_s: float = 5.0
     #: Per-method request caps and health-watch bounds (``pqueue.admission``).
     admission: AdmissionConfig | None = None
+    #: Bearer token a ``/metrics`` scrape must carry; None: none needed.
+    metrics_token: str | None = None
+    #: The ``queue`` label of per-queue series: ``queue``, ``tenant`` or ``off``.
+    metrics_queue_labels: str = "queue"
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -63,6 +67,11 @@ class ServerConfig:
             raise ValueError("grace_s must not be negative")
         if self.metrics_listen is not None:
             split_listen(self.metrics_listen)
+        if self.metrics_queue_labels not in QUEUE_LABEL_MODES:
+            raise ValueError(
+                f"metrics queue labels must be one of {', '.join(QUEUE_LABEL_MODES)}, "
+                f"not {self.metrics_queue_labels!r}"
+            )
 
 
 class NodeServer:
@@ -88,9 +97,13 @@ class NodeServer:
             tls=self.config.tls,
             peer_token=self.config.peer_token,
         )
-        self.metrics.registry.register(NodeCollector(self.node))
+        self.metrics.registry.register(
+            NodeCollector(self.node, queue_labels=self.config.metrics_queue_labels)
+        )
         self.metrics_server = (
-            MetricsServer(self.metrics.registry, self.config.metrics_listen)
+            MetricsServer(
+                self.metrics.registry, self.config.metrics_listen, self.config.metrics_token
+            )
             if self.config.metrics_listen is not None
             else None
         )

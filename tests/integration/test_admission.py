@@ -28,6 +28,7 @@ from pqueue.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
 from tests.inproc import Cluster, one_node
 from tests.integration.test_balancer import balancer_config
+from tests.integration.test_metrics_http import request
 
 MIB = 1 << 20
 ACK = "/pqueue.v1.Queue/Ack"
@@ -280,3 +281,46 @@ async def test_lists_and_stats_read_a_page_of_the_callers_own_queues(tmp_path: P
         async with Client(srv.address, max_retries=0, token=token("acme", "peer")) as nobody:
             with pytest.raises(PermissionDeniedError):
                 await nobody.list_queues()
+
+
+async def _scrape(port: int, auth: bytes = b"") -> tuple[str, bytes]:
+    status, _, body = await request(
+        port, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n" + auth + b"\r\n"
+    )
+    return status, body
+
+
+async def test_metrics_can_require_a_token_and_hide_queue_names(tmp_path: Path) -> None:
+    config = {
+        "metrics_listen": "127.0.0.1:0",
+        "metrics_token": "scrape-secret",
+        "metrics_queue_labels": "tenant",
+        "verifier": Verifier(SECRET),
+    }
+    async with one_node(tmp_path, **config) as srv:
+        assert srv.metrics_server is not None
+        port = srv.metrics_server.port
+        async with Client(srv.address, max_retries=0, token=token("acme", "producer")) as c:
+            await c.enqueue("secret-project", b"x")
+            await c.enqueue("other-project", b"x")
+        for auth in (b"", b"Authorization: Bearer wrong\r\n", b"Authorization: Basic x\r\n"):
+            status, body = await _scrape(port, auth)
+            assert status == "HTTP/1.1 401 Unauthorized", auth
+            assert b"pq_queue" not in body
+        status, body = await _scrape(port, b"Authorization: Bearer scrape-secret\r\n")
+        assert status == "HTTP/1.1 200 OK"
+        assert b'pq_queue_jobs{queue="acme/*",state="ready"} 2.0' in body
+        assert b"project" not in body  # no queue names
+
+
+async def test_metrics_queue_labels_off_sum_every_queue(tmp_path: Path) -> None:
+    async with one_node(tmp_path, metrics_listen="127.0.0.1:0", metrics_queue_labels="off") as srv:
+        assert srv.metrics_server is not None
+        async with Client(srv.address, max_retries=0) as c:
+            await c.enqueue("a/q", b"x")
+            await c.enqueue("b/q", b"x")
+        status, body = await _scrape(srv.metrics_server.port)
+        assert status == "HTTP/1.1 200 OK"
+        assert b'pq_queue_jobs{queue="*",state="ready"} 2.0' in body
+        assert b"a/q" not in body
+        assert b"b/q" not in body
