@@ -19,8 +19,11 @@ other call). For each method it
   they need no credentials, so without a bound they hold memory and tasks
   without limit. Past the bound: ``RESOURCE_EXHAUSTED``.
 
-A refusal is sent before any auth-independent work; auth itself is the
-servicer's (it needs the parsed request only for the queue name).
+- with auth on, refuses a call of the public or peer services whose bearer
+  token is missing or not valid (``UNAUTHENTICATED``) before its request is
+  parsed: a stranger's 60 MiB request used to be parsed before anyone
+  looked at its token. Roles and tenants are still the servicer's to check
+  (they need the queue name), from the same verifier's cache.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
-from pqueue import limits
+from pqueue import access, limits
+from pqueue.auth import Verifier
+from pqueue.errors import UnauthenticatedError
 from pqueue.v1 import queue_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ HEALTH_WATCH = "/" + health_pb2.DESCRIPTOR.services_by_name["Health"].full_name 
 MAX_HEALTH_WATCHES = 1024
 MAX_HEALTH_WATCHES_PER_IP = 32
 
+PEER_SEND = "/pqueue.v1.Peer/Send"
 _Q = "/pqueue.v1.Queue/"
 _A = "/pqueue.v1.Admin/"
 
@@ -87,7 +93,7 @@ def request_caps() -> dict[str, int]:
         _A + "Redrive": 10 * ids + SMALL_REQUEST_BYTES,
         _A + "DeleteDead": 10 * ids + SMALL_REQUEST_BYTES,
         _A + "NodeStatus": SMALL_REQUEST_BYTES,
-        "/pqueue.v1.Peer/Send": limits.MAX_PEER_MESSAGE_BYTES,
+        PEER_SEND: limits.MAX_PEER_MESSAGE_BYTES,
     }
 
 
@@ -172,9 +178,14 @@ def _ip_of(peer: str) -> str:
 class Admission(grpc.aio.ServerInterceptor):
     """Caps request sizes before parsing, refuses unknown fields, bounds watches."""
 
-    def __init__(self, config: AdmissionConfig | None = None) -> None:
+    def __init__(
+        self, config: AdmissionConfig | None = None, verifier: Verifier | None = None
+    ) -> None:
         self.config = config or AdmissionConfig()
         self.config.validate()
+        #: Checks tokens before parsing; None: auth is off (or not this server's).
+        self.verifier = verifier
+        self._authenticated = self.config.strict_methods | {PEER_SEND}
         #: Open ``Health.Watch`` streams, in all and by client IP.
         self.watches = 0
         self.watches_by_ip: Counter[str] = Counter()
@@ -189,6 +200,11 @@ class Admission(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        if self.verifier is not None and method in self._authenticated:
+            try:
+                self.verifier.verify(access.bearer(handler_call_details.invocation_metadata))
+            except UnauthenticatedError as exc:
+                return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -262,6 +278,25 @@ class Admission(grpc.aio.ServerInterceptor):
                 release(ip)
 
         return watch
+
+
+def _refusing(handler: Handler, code: grpc.StatusCode, details: str) -> Handler:
+    """A handler of ``handler``'s shape that parses nothing and answers ``code``."""
+
+    def discard(data: bytes) -> None:
+        return None
+
+    async def refuse(request: Any, context: Context) -> None:
+        await context.abort(code, details)
+
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse, discard, serialize)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse, discard, serialize)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse, discard, serialize)
+    return grpc.stream_stream_rpc_method_handler(refuse, discard, serialize)
 
 
 def _capped(

@@ -131,7 +131,7 @@ class NodeServer:
             )
             self._server = grpc.aio.server(
                 # Admission after the observer: its refusals are logged and counted.
-                interceptors=(observer, Admission(self.config.admission)),
+                interceptors=(observer, Admission(self.config.admission, self.config.verifier)),
                 options=[
                     ("grpc.so_reuseport", 0),
                     # The peer service's limit (the port is shared); each public

@@ -324,3 +324,21 @@ async def test_metrics_queue_labels_off_sum_every_queue(tmp_path: Path) -> None:
         assert b'pq_queue_jobs{queue="*",state="ready"} 2.0' in body
         assert b"a/q" not in body
         assert b"b/q" not in body
+
+
+async def test_a_stranger_is_refused_before_its_request_is_parsed(tmp_path: Path) -> None:
+    async with one_node(tmp_path, verifier=Verifier(SECRET)) as srv, roomy(srv.address) as channel:
+        garbage = b"\xff" * MIB  # not a message: parsing it would say INVALID_ARGUMENT
+        for method in ("/pqueue.v1.Queue/Enqueue", ACK, "/pqueue.v1.Admin/ListQueues"):
+            code, details = await raw_call(channel, method, garbage)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (method, details)
+        forged = (("authorization", "Bearer not-a-jwt"),)
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ACK)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(garbage, metadata=forged, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # A caller with a valid token is parsed, and told what is wrong with its request.
+        good = (("authorization", f"Bearer {token('acme', 'consumer')}"),)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(b"\xff" * 100, metadata=good, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
