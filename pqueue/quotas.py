@@ -11,7 +11,7 @@ Read from a TOML file given to every node (``pq node --tenants FILE``)::
     max_queues = 1000           # queues it holds (enqueues create them)
     max_command_bytes = 4194304 # bytes one call may put in the log
     log_bytes_per_s = 8388608   # bytes per second it may put in the log, sustained
-    log_bytes_burst = 33554432  # bytes at once (default: one second's worth)
+    log_bytes_burst = 33554432  # bytes at once (default: a second's worth, at least one command)
 
     [tenants.acme]
     enqueue_per_s = 50
