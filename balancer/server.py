@@ -17,7 +17,12 @@ from balancer.errors import ListenError
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
 from pqueue import limits
-from pqueue.admission import SERVER_CONNECTION_OPTIONS, Admission
+from pqueue.admission import (
+    MAX_CONCURRENT_STREAMS,
+    SERVER_CONNECTION_OPTIONS,
+    Admission,
+    streams_option,
+)
 from pqueue.metrics_http import MetricsServer
 from pqueue.observe import Observer, served_methods
 from pqueue.signals import until_signal_or
@@ -120,6 +125,7 @@ class BalancerServer:
                 ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
                 *limits.SERVER_KEEPALIVE_OPTIONS,
                 *SERVER_CONNECTION_OPTIONS,
+                streams_option(MAX_CONCURRENT_STREAMS),
                 ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
             ],
         )

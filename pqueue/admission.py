@@ -356,14 +356,21 @@ def _streaming(inner: Behaviour, strict: bool) -> Behaviour:
 
 #: Server options for the node and the balancer: a connection that has not
 #: finished its handshake in 10 s is closed (half-open connections held fds
-#: forever), an idle one after 30 min, and one connection may hold at most
-#: ``MAX_CONCURRENT_STREAMS`` calls at once (more wait in the client).
-MAX_CONCURRENT_STREAMS = 1024
+#: forever), and an idle one after 30 min.
 SERVER_CONNECTION_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.server_handshake_timeout_ms", 10_000),
     ("grpc.max_connection_idle_ms", 30 * 60 * 1000),
-    ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
 )
+#: Calls one client connection may hold at once on a balancer (more wait in
+#: the client). A node allows more: a balancer or a forwarding follower
+#: multiplexes many clients' calls, long polls included, on one connection.
+MAX_CONCURRENT_STREAMS = 1024
+MAX_CONCURRENT_STREAMS_NODE = 16_384
+
+
+def streams_option(limit: int) -> tuple[str, int]:
+    """The server option bounding concurrent calls per connection."""
+    return ("grpc.max_concurrent_streams", limit)
 
 
 def raise_fd_limit() -> int:

@@ -12,7 +12,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from pqueue import limits
-from pqueue.admission import SERVER_CONNECTION_OPTIONS, Admission, AdmissionConfig
+from pqueue.admission import (
+    MAX_CONCURRENT_STREAMS_NODE,
+    SERVER_CONNECTION_OPTIONS,
+    Admission,
+    AdmissionConfig,
+    streams_option,
+)
 from pqueue.auth import Verifier
 from pqueue.forward import Forwarder
 from pqueue.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
@@ -139,6 +145,7 @@ class NodeServer:
                     ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
                     *limits.SERVER_KEEPALIVE_OPTIONS,
                     *SERVER_CONNECTION_OPTIONS,
+                    streams_option(MAX_CONCURRENT_STREAMS_NODE),
                     ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
                 ],
             )

@@ -342,3 +342,17 @@ async def test_a_stranger_is_refused_before_its_request_is_parsed(tmp_path: Path
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(b"\xff" * 100, metadata=good, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.slow
+async def test_a_connection_that_never_finishes_its_handshake_is_closed(tmp_path: Path) -> None:
+    """A half-open connection (TCP, then silence) held a descriptor for 120 s by default."""
+    async with one_node(tmp_path) as srv:
+        host, port = srv.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            async with asyncio.timeout(20):  # the node's handshake timeout is 10 s
+                said = await reader.read()  # returns at EOF: the node closed it
+            assert not said or b"handshake timeout" in said  # gRPC may say why (GOAWAY)
+        finally:
+            writer.close()
