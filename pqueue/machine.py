@@ -524,9 +524,7 @@ class QueueMachine:
         if bound is None or not bound.max_inflight_leases:
             return limits.MAX_LEASE_JOBS
         tenant = limits.tenant_of(queue_name)
-        leased = sum(
-            q.counts[LEASED] for name, q in self.queues.items() if limits.tenant_of(name) == tenant
-        )
+        leased = sum(self.queues[name].counts[LEASED] for name in self.queues.names_of(tenant))
         room = bound.max_inflight_leases - leased
         if room <= 0:
             raise ResourceExhaustedError(

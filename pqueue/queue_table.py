@@ -43,6 +43,10 @@ class QueueTable(dict[str, QueueState]):
         """How many queues a tenant holds ("" : names without a tenant)."""
         return len(self._by_tenant.get(tenant, ()))
 
+    def names_of(self, tenant: str) -> list[str]:
+        """A tenant's queue names, sorted (do not change the list)."""
+        return self._by_tenant.get(tenant, [])
+
     def page(self, tenant: str | None, after: str, limit: int) -> tuple[list[str], bool]:
         """Up to ``limit`` names after ``after`` (a tenant's, or all with None),
         sorted, and whether more follow."""
