@@ -43,6 +43,8 @@ class BalancerConfig:
     #: when no ``probe_token`` is given. None: nodes with auth on log the
     #: balancer's address as the client's, and the forwarded one as claimed.
     balancer_token: TokenSource | None = None
+    #: Bearer token a ``/metrics`` scrape must carry; None: none needed.
+    metrics_token: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting that cannot work."""

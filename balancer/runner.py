@@ -9,6 +9,7 @@ import sys
 from balancer.config import BalancerConfig
 from balancer.errors import BalancerError
 from balancer.server import BalancerServer
+from pqueue.admission import raise_fd_limit
 from pqueue.logs import LogFormat, setup_logging
 from pqueue.runner import new_event_loop
 
@@ -28,6 +29,7 @@ async def _serve(config: BalancerConfig) -> None:
 def run_balancer(config: BalancerConfig, log_level: str, log_format: LogFormat = "text") -> int:
     """Run one balancer until SIGTERM/SIGINT; exit status 0 on a clean stop."""
     setup_logging(log_level, "balancer", log_format)
+    raise_fd_limit()  # one descriptor per client connection: the default 1,024 is few
     try:
         config.validate()
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

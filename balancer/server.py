@@ -17,6 +17,12 @@ from balancer.errors import ListenError
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
 from pqueue import limits
+from pqueue.admission import (
+    MAX_CONCURRENT_STREAMS,
+    SERVER_CONNECTION_OPTIONS,
+    Admission,
+    streams_option,
+)
 from pqueue.metrics_http import MetricsServer
 from pqueue.observe import Observer, never_a_hop, served_methods
 from pqueue.signals import until_signal_or
@@ -113,11 +119,14 @@ class BalancerServer:
             hops=never_a_hop,  # the first hop: a client's forwarded address is only claimed
         )
         server = grpc.aio.server(
-            interceptors=(observer,),
+            # Admission caps each method's request before the proxy reads it.
+            interceptors=(observer, Admission()),
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
                 *limits.SERVER_KEEPALIVE_OPTIONS,
+                *SERVER_CONNECTION_OPTIONS,
+                streams_option(MAX_CONCURRENT_STREAMS),
                 ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
             ],
         )
@@ -138,7 +147,9 @@ class BalancerServer:
         except RuntimeError as exc:
             raise ListenError(f"cannot listen on {self.config.listen}: {exc}") from exc
         if self.config.metrics_listen is not None:
-            self._http = MetricsServer(self.metrics.registry, self.config.metrics_listen)
+            self._http = MetricsServer(
+                self.metrics.registry, self.config.metrics_listen, self.config.metrics_token
+            )
             try:
                 await self._http.start()
             except OSError as exc:

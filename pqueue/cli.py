@@ -345,6 +345,8 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             verifier=verifier,
             quotas=Quotas.from_file(args.tenants) if args.tenants is not None else None,
             peer_token=peer_token,
+            metrics_token=_metrics_token(args.metrics_token_file),
+            metrics_queue_labels=args.metrics_queue_labels,
         ),
         peers=args.peers,
         store=args.store,
@@ -366,6 +368,16 @@ def _check_peer_token(verifier: Verifier, token: str, node_id: int) -> None:
             f"it names {principal.subject or 'nobody'!r} with {sorted(principal.roles)}: "
             f"pq token issue --tenant cluster --node-id {node_id} ..."
         )
+
+
+def _metrics_token(path: Path | None) -> str | None:
+    """The /metrics scrape token in ``path`` (None: no file given)."""
+    if path is None:
+        return None
+    token = read_key(path).decode().strip()
+    if not token:
+        raise ValueError(f"{path} is empty: a metrics token file needs the token")
+    return token
 
 
 def _tls(cert: Path | None, key: Path | None, ca: Path | None, server: bool) -> Tls | None:
@@ -484,6 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--pg-schema", default=None, help="the node's PostgreSQL schema (default: pq_nNODE_ID)"
     )
+    # /metrics exposure (issue 12): a scrape token, and what queue labels show.
+    node.add_argument(
+        "--metrics-token-file",
+        type=Path,
+        default=None,
+        help="/metrics answers only scrapes with 'Authorization: Bearer <this file's text>'",
+    )
+    node.add_argument(
+        "--metrics-queue-labels",
+        choices=("queue", "tenant", "off"),
+        default="queue",
+        help="per-queue series labelled by queue name, summed per tenant, or one sum (off)",
+    )
 
     bal = sub.add_parser("balancer", help="run a balancer, or show one's backends")
     bsub = bal.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -493,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends", required=True, type=_addresses, help="the nodes: HOST:PORT,HOST:PORT,..."
     )
     run.add_argument("--metrics-listen", default=None, help="HOST:PORT for /metrics")
+    run.add_argument(
+        "--metrics-token-file",
+        type=Path,
+        default=None,
+        help="/metrics answers only scrapes with 'Authorization: Bearer <this file's text>'",
+    )
     run.add_argument("--probe-interval-s", type=float, default=1.0)
     run.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate for clients")
     run.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
@@ -716,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 balancer_token=TokenFile(args.balancer_token_file)
                 if args.balancer_token_file is not None
                 else None,
+                metrics_token=_metrics_token(args.metrics_token_file),
             )
         except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)

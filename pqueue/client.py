@@ -276,9 +276,15 @@ class Client:
         return (await self._call(lambda s: s.queue.GetJob, req, retry=True)).job
 
     async def stats(self, queue: str = "", *, consistent: bool = False) -> list[pb.QueueStats]:
-        """Counts for one queue, or all."""
+        """Counts for one queue, or all (read a page at a time)."""
         req = pb.StatsRequest(queue=queue, consistent=consistent)
-        return list((await self._call(lambda s: s.queue.Stats, req, retry=True)).queues)
+        out: list[pb.QueueStats] = []
+        while True:
+            resp = await self._call(lambda s: s.queue.Stats, req, retry=True)
+            out += resp.queues
+            if not resp.next_page_token:
+                return out
+            req.page_token = resp.next_page_token
 
     # --------------------------------------------------------------- Admin
 
@@ -295,9 +301,15 @@ class Client:
         return (await self._call(lambda s: s.admin.DeleteQueue, req)).deleted_jobs
 
     async def list_queues(self) -> list[pb.QueueInfo]:
-        """Every queue with its config and stats."""
-        resp = await self._call(lambda s: s.admin.ListQueues, pb.ListQueuesRequest(), retry=True)
-        return list(resp.queues)
+        """Every queue the caller may see, with its config and stats (read a page at a time)."""
+        req = pb.ListQueuesRequest()
+        out: list[pb.QueueInfo] = []
+        while True:
+            resp = await self._call(lambda s: s.admin.ListQueues, req, retry=True)
+            out += resp.queues
+            if not resp.next_page_token:
+                return out
+            req.page_token = resp.next_page_token
 
     async def purge(self, queue: str) -> int:
         """Remove ready and delayed jobs; how many."""

@@ -43,6 +43,7 @@ from pqueue.jobs import (
     QueueState,
     backoff_ms,
 )
+from pqueue.queue_table import QueueTable
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
@@ -53,7 +54,7 @@ class QueueMachine:
     """All queues of one node, advanced only by ``apply_entry``."""
 
     def __init__(self) -> None:
-        self.queues: dict[str, QueueState] = {}
+        self.queues = QueueTable()
         self.jobs: dict[int, Job] = {}
         self.next_job_id = 1
         self.next_lease_id = 1
@@ -181,6 +182,26 @@ class QueueMachine:
             pb.QueueInfo(queue=name, config=q.config, stats=q.stats(now_ms))
             for name, q in sorted(self.queues.items())
         ]
+
+    def stats_page(
+        self, tenant: str | None, after: str, limit: int, now_ms: int
+    ) -> tuple[list[pb.QueueStats], str]:
+        """Stats of up to ``limit`` queues after ``after`` (one tenant's, or
+        all with None), by name, and the name to continue after ("": no more)."""
+        names, more = self.queues.page(tenant, after, limit)
+        stats = [self.queues[name].stats(now_ms) for name in names]
+        return stats, names[-1] if more else ""
+
+    def queues_page(
+        self, tenant: str | None, after: str, limit: int, now_ms: int
+    ) -> tuple[list[pb.QueueInfo], str]:
+        """``list_queues`` a page at a time, as ``stats_page``."""
+        names, more = self.queues.page(tenant, after, limit)
+        infos = [
+            pb.QueueInfo(queue=n, config=self.queues[n].config, stats=self.queues[n].stats(now_ms))
+            for n in names
+        ]
+        return infos, names[-1] if more else ""
 
     def list_dead(self, queue_name: str, limit: int, after_job_id: int) -> pb.ListDeadResponse:
         """A page of dead jobs by id, after ``after_job_id``."""
@@ -503,9 +524,7 @@ class QueueMachine:
         if bound is None or not bound.max_inflight_leases:
             return limits.MAX_LEASE_JOBS
         tenant = limits.tenant_of(queue_name)
-        leased = sum(
-            q.counts[LEASED] for name, q in self.queues.items() if limits.tenant_of(name) == tenant
-        )
+        leased = sum(self.queues[name].counts[LEASED] for name in self.queues.names_of(tenant))
         room = bound.max_inflight_leases - leased
         if room <= 0:
             raise ResourceExhaustedError(
@@ -522,7 +541,7 @@ class QueueMachine:
         bound = self._limits
         if bound is not None and bound.max_queues:
             tenant = limits.tenant_of(name)
-            held = sum(1 for other in self.queues if limits.tenant_of(other) == tenant)
+            held = self.queues.held_by(tenant)
             if held >= bound.max_queues:
                 raise ResourceExhaustedError(
                     f"the tenant holds {held} queues, its limit; delete one first"

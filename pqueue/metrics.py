@@ -53,6 +53,12 @@ _TOTALS = (
 DEFAULT_MAX_QUEUES = 500
 #: The label of the row that sums the queues beyond the budget.
 OTHER_QUEUES = "_other"
+#: What the ``queue`` label of the per-queue families holds
+#: (``pq node --metrics-queue-labels``): each queue's name; each tenant's
+#: name with ``/*`` (its queues summed, no queue names shown); or one row
+#: ``*`` summing every queue (nothing about tenants shown).
+QUEUE_LABEL_MODES = ("queue", "tenant", "off")
+ALL_QUEUES = "*"
 
 
 class NodeMetrics:
@@ -95,10 +101,16 @@ class NodeMetrics:
 class NodeCollector(Collector):
     """Figures read from a running node at scrape time."""
 
-    def __init__(self, node: QueueNode, max_queues: int = DEFAULT_MAX_QUEUES) -> None:
+    def __init__(
+        self, node: QueueNode, max_queues: int = DEFAULT_MAX_QUEUES, queue_labels: str = "queue"
+    ) -> None:
+        if queue_labels not in QUEUE_LABEL_MODES:
+            raise ValueError(f"queue_labels must be one of {', '.join(QUEUE_LABEL_MODES)}")
         self._node = node
         #: Queues with series of their own (11 each, per node); the rest are summed.
         self.max_queues = max_queues
+        #: One of QUEUE_LABEL_MODES.
+        self.queue_labels = queue_labels
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         node = self._node
@@ -169,13 +181,7 @@ class NodeCollector(Collector):
         if isinstance(node.log, ReplicatedLog) and not node.log.caught_up:
             return
         now = node.clock_ms()
-        queues = node.machine.queues
-        names = sorted(queues)
-        shown, rest = names[: self.max_queues], names[self.max_queues :]
-        rows: list[tuple[str, list[QueueState]]] = [(n, [queues[n]]) for n in shown]
-        if rest:  # beyond the budget: one row for all of them
-            rows.append((OTHER_QUEUES, [queues[n] for n in rest]))
-        for label, group in rows:
+        for label, group in self._rows(node.machine.queues):
             for state, key in _STATES:
                 jobs.add_metric([label, state], sum(q.counts[key] for q in group))
             oldest = [t for t in (q.oldest_ready_at() for q in group) if t is not None]
@@ -185,3 +191,22 @@ class NodeCollector(Collector):
         yield jobs
         yield age
         yield from totals.values()
+
+    def _rows(self, queues: dict[str, QueueState]) -> list[tuple[str, list[QueueState]]]:
+        """(label, queues summed under it), at most ``max_queues`` + 1 rows."""
+        if self.queue_labels == "off":
+            return [(ALL_QUEUES, list(queues.values()))] if queues else []
+        groups: dict[str, list[QueueState]] = {}
+        for name in sorted(queues):
+            if self.queue_labels == "tenant":
+                tenant, slash, _ = name.partition("/")
+                label = f"{tenant}/*" if slash else ALL_QUEUES
+            else:
+                label = name
+            groups.setdefault(label, []).append(queues[name])
+        labels = sorted(groups)
+        rows = [(label, groups[label]) for label in labels[: self.max_queues]]
+        rest = labels[self.max_queues :]
+        if rest:  # beyond the budget: one row for all of them
+            rows.append((OTHER_QUEUES, [q for label in rest for q in groups[label]]))
+        return rows

@@ -4,7 +4,9 @@ prometheus-client's own server runs in a thread; our collectors read the
 queue state and the consensus replica, which only the event loop may touch
 while it runs. So the scrape is answered on the loop: a plain HTTP/1.1
 server that knows ``GET /metrics`` (text format 0.0.4, gzip if asked) and
-nothing else. A scrape is small work (a few hundred lines), done between
+nothing else. With a token (``pq node --metrics-token-file``), a scrape must
+carry ``Authorization: Bearer <token>`` (Prometheus: ``authorization:
+credentials_file``) or gets 401. A scrape is small work (a few hundred lines), done between
 other callbacks; turning them into text (the costly part with many series)
 runs in a thread.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import hmac
 import logging
 from collections.abc import Iterable
 
@@ -50,8 +53,10 @@ class _Collected(Collector):
 class MetricsServer:
     """Serves one registry at ``/metrics``; ``start`` binds, ``stop`` closes."""
 
-    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+    def __init__(self, registry: CollectorRegistry, listen: str, token: str | None = None) -> None:
         self.registry = registry
+        #: The bearer token a scrape must carry; None: none needed.
+        self.token = token
         self.host, self._port = split_listen(listen)
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
@@ -120,6 +125,8 @@ class MetricsServer:
         path = target.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             await self._respond(writer, 405, b"method not allowed\n", "text/plain", keep)
+        elif not self._authorized(headers.get("authorization", "")):
+            await self._respond(writer, 401, b"a bearer token is needed\n", "text/plain", keep)
         elif path == "/metrics":
             try:
                 body = await self._render()
@@ -143,6 +150,14 @@ class MetricsServer:
             await self._respond(writer, 404, b"see /metrics\n", "text/plain", keep)
         return keep
 
+    def _authorized(self, header: str) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        )
+
     async def _render(self) -> bytes:
         """Read every figure on the loop (cheap), format them in a thread (not)."""
         families = list(self.registry.collect())
@@ -161,6 +176,7 @@ class MetricsServer:
         reason = {
             200: "OK",
             400: "Bad Request",
+            401: "Unauthorized",
             404: "Not Found",
             405: "Method Not Allowed",
             500: "Internal Server Error",
@@ -173,6 +189,8 @@ class MetricsServer:
         ]
         if gzipped:
             lines.append("Content-Encoding: gzip")
+        if status == 401:
+            lines.append('WWW-Authenticate: Bearer realm="metrics"')
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if not head:
             writer.write(body)

@@ -9,12 +9,17 @@ Read from a TOML file given to every node (``pq node --tenants FILE``)::
     max_queue_depth = 1000000   # ready + delayed + leased, in any one queue
     max_payload_bytes = 1048576 # per job
     max_queues = 1000           # queues it holds (enqueues create them)
+    max_command_bytes = 4194304 # bytes one call may put in the log
+    log_bytes_per_s = 8388608   # bytes per second it may put in the log, sustained
+    log_bytes_burst = 33554432  # bytes at once (default: a second's worth, at least one command)
 
     [tenants.acme]
     enqueue_per_s = 50
 
-The rate is a token bucket kept on the leader, which takes every enqueue,
-so it holds for the cluster (a new leader starts with full buckets). The
+The rates (jobs, and bytes put in the log by any command) are token
+buckets kept on the leader, which takes every write, so they hold for the
+cluster (a new leader starts with full buckets). ``max_command_bytes`` is
+checked there too, on the encoded command, before it is proposed. The
 other limits are stamped on each enqueue and lease command the leader
 proposes (``TenantLimits``), so every replica decides the same way against
 the same numbers. Zero or absent: no limit.
@@ -45,6 +50,9 @@ class Quota:
     max_queue_depth: int = 0
     max_payload_bytes: int = 0
     max_queues: int = 0
+    max_command_bytes: int = 0
+    log_bytes_per_s: float = 0.0
+    log_bytes_burst: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -53,11 +61,20 @@ class Quota:
                 raise ValueError(f"{f.name} must be a number from 0 to 2**63, got {value}")
         if 0 < self.enqueue_burst < 1:
             raise ValueError("enqueue_burst below 1 would refuse every enqueue")
+        if 0 < self.log_bytes_burst < 1024:
+            raise ValueError("log_bytes_burst below 1024 would refuse every command")
 
     @property
     def burst(self) -> float:
         """The bucket's size: the burst given, else one second's worth (at least 1 job)."""
         return self.enqueue_burst or max(self.enqueue_per_s, 1.0)
+
+    @property
+    def bytes_burst(self) -> float:
+        """The log-bytes bucket's size: the burst given, else one second's worth
+        (at least one command of ``max_command_bytes``, or of the client limit)."""
+        largest = self.max_command_bytes or limits.MAX_MESSAGE_BYTES
+        return self.log_bytes_burst or max(self.log_bytes_per_s, float(largest))
 
     def stamp(self) -> logpb.TenantLimits:
         return logpb.TenantLimits(
@@ -76,12 +93,13 @@ def _quota(table: Any, where: str) -> Quota:
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
     try:
-        values: dict[str, Any] = {
-            k: float(v) if k.startswith("enqueue") else int(v) for k, v in table.items()
-        }
+        values: dict[str, Any] = {k: float(v) if k in _RATES else int(v) for k, v in table.items()}
         return Quota(**values)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from exc
+
+
+_RATES = frozenset(("enqueue_per_s", "enqueue_burst", "log_bytes_per_s", "log_bytes_burst"))
 
 
 @dataclass
@@ -97,6 +115,7 @@ class Quotas:
     defaults: Quota = field(default_factory=Quota)
     tenants: dict[str, Quota] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _byte_buckets: dict[str, _Bucket] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> Quotas:
@@ -157,3 +176,35 @@ class Quotas:
                 retry_after_s=wait_s,
             )
         bucket.tokens -= jobs
+
+    def take_bytes(self, tenant: str, size: int, now_s: float) -> None:
+        """Charge ``size`` bytes a command would put in the log, or raise
+        RESOURCE_EXHAUSTED: without a retry hint for a command over
+        ``max_command_bytes`` (it fails the same way every time), with one
+        while the tenant is over its bytes rate."""
+        quota = self.of(tenant)
+        if quota.max_command_bytes and size > quota.max_command_bytes:
+            raise ResourceExhaustedError(
+                f"this command is {size} bytes, over tenant {tenant!r}'s limit of "
+                f"{quota.max_command_bytes} bytes per command; send smaller batches"
+            )
+        if not quota.log_bytes_per_s:
+            return
+        burst = quota.bytes_burst
+        if size > burst:
+            raise ResourceExhaustedError(
+                f"this command is {size} bytes, over tenant {tenant!r}'s burst of "
+                f"{burst:g} log bytes; send smaller batches"
+            )
+        bucket = self._byte_buckets.get(tenant)
+        if bucket is None:
+            bucket = self._byte_buckets[tenant] = _Bucket(burst, now_s)
+        bucket.tokens = min(burst, bucket.tokens + (now_s - bucket.at_s) * quota.log_bytes_per_s)
+        bucket.at_s = now_s
+        if bucket.tokens < size:
+            wait_s = max((size - bucket.tokens) / quota.log_bytes_per_s, MIN_PUSHBACK_S)
+            raise ResourceExhaustedError(
+                f"tenant {tenant!r} is over its rate of {quota.log_bytes_per_s:g} log bytes/s",
+                retry_after_s=wait_s,
+            )
+        bucket.tokens -= size

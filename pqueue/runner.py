@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pqueue.admission import raise_fd_limit
 from pqueue.errors import PQueueError
 from pqueue.logs import LogFormat, setup_logging
 from pqueue.node import NodeConfig
@@ -72,6 +73,7 @@ async def _serve(o: NodeOptions) -> bool:
 def run_node(o: NodeOptions) -> int:
     """Run one node until SIGTERM/SIGINT; exit status 0 on a clean stop."""
     setup_logging(o.log_level, f"n{o.node_id}", o.log_format)
+    raise_fd_limit()  # one descriptor per client connection: the default 1,024 is few
     try:
         o.data_dir.mkdir(parents=True, exist_ok=True)  # ADDRESS goes there, whatever the store
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -12,9 +12,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from pqueue import limits
+from pqueue.admission import (
+    MAX_CONCURRENT_STREAMS_NODE,
+    SERVER_CONNECTION_OPTIONS,
+    Admission,
+    AdmissionConfig,
+    streams_option,
+)
 from pqueue.auth import TokenSource, Verifier
 from pqueue.forward import Forwarder
-from pqueue.metrics import NodeCollector, NodeMetrics
+from pqueue.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
 from pqueue.metrics_http import MetricsServer, split_listen
 from pqueue.node import NodeConfig, QueueNode
 from pqueue.observe import Observer, served_methods, trusted_hops
@@ -55,6 +62,12 @@ class ServerConfig:
     peer_token: TokenSource | None = None
     #: How long in-flight calls may finish after a stop begins.
     grace_s: float = 5.0
+    #: Per-method request caps and health-watch bounds (``pqueue.admission``).
+    admission: AdmissionConfig | None = None
+    #: Bearer token a ``/metrics`` scrape must carry; None: none needed.
+    metrics_token: str | None = None
+    #: The ``queue`` label of per-queue series: ``queue``, ``tenant`` or ``off``.
+    metrics_queue_labels: str = "queue"
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -63,6 +76,11 @@ class ServerConfig:
             raise ValueError("grace_s must not be negative")
         if self.metrics_listen is not None:
             split_listen(self.metrics_listen)
+        if self.metrics_queue_labels not in QUEUE_LABEL_MODES:
+            raise ValueError(
+                f"metrics queue labels must be one of {', '.join(QUEUE_LABEL_MODES)}, "
+                f"not {self.metrics_queue_labels!r}"
+            )
 
 
 class NodeServer:
@@ -88,9 +106,13 @@ class NodeServer:
             tls=self.config.tls,
             peer_token=self.config.peer_token,
         )
-        self.metrics.registry.register(NodeCollector(self.node))
+        self.metrics.registry.register(
+            NodeCollector(self.node, queue_labels=self.config.metrics_queue_labels)
+        )
         self.metrics_server = (
-            MetricsServer(self.metrics.registry, self.config.metrics_listen)
+            MetricsServer(
+                self.metrics.registry, self.config.metrics_listen, self.config.metrics_token
+            )
             if self.config.metrics_listen is not None
             else None
         )
@@ -120,11 +142,16 @@ class NodeServer:
                 hops=trusted_hops(self.config.verifier),
             )
             self._server = grpc.aio.server(
-                interceptors=(observer,),
+                # Admission after the observer: its refusals are logged and counted.
+                interceptors=(observer, Admission(self.config.admission, self.config.verifier)),
                 options=[
                     ("grpc.so_reuseport", 0),
+                    # The peer service's limit (the port is shared); each public
+                    # method has its own, smaller cap, checked before parsing.
                     ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
                     *limits.SERVER_KEEPALIVE_OPTIONS,
+                    *SERVER_CONNECTION_OPTIONS,
+                    streams_option(MAX_CONCURRENT_STREAMS_NODE),
                     ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
                 ],
             )

@@ -7,6 +7,7 @@ become gRPC statuses here and nowhere else (``pqueue.status.to_status``).
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import functools
 import logging
@@ -95,6 +96,27 @@ def _queue(named: str, *roles: str, shared: bool = False) -> str:
     return access.scoped(caller, named, shared)
 
 
+def _page_of(limit: int, page_token: str) -> tuple[str | None, str, int]:
+    """Whose queues a list or stats call reads (None: all, for an admin or
+    with auth off), the stored name to start after, and the page size."""
+    if limit > limits.MAX_LIST_LIMIT:
+        raise InvalidArgumentError("limit", f"at most {limits.MAX_LIST_LIMIT}")
+    caller = principal.get()
+    scope = None if caller is OPEN or ADMIN in caller.roles else caller.tenant
+    after = ""
+    if page_token:
+        try:
+            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+        except (ValueError, UnicodeError) as exc:
+            raise InvalidArgumentError("page_token", "not a token this server gave") from exc
+    return scope, after, limit or limits.DEFAULT_LIST_LIMIT
+
+
+def _token(last: str) -> str:
+    """The page token that continues after the stored name ``last`` ("" : no more)."""
+    return base64.urlsafe_b64encode(last.encode()).decode() if last else ""
+
+
 def _check_count(n: int, field: str, upper: int) -> None:
     if n == 0:
         raise InvalidArgumentError(field, "must not be empty")
@@ -155,9 +177,24 @@ class _Base:
             access.credentials(metadata),
         )
 
+    def _charge_log_bytes(self, command: logpb.Command) -> None:
+        """Per-tenant bytes into the log (``Quota.max_command_bytes``,
+        ``log_bytes_per_s``), checked on the leader before it proposes: the
+        caller's tenant pays; an admin's call, the queue's owner."""
+        if self.quotas is None:
+            return
+        kind = command.WhichOneof("kind")
+        queue = getattr(getattr(command, kind), "queue", "") if kind else ""
+        caller = principal.get()
+        tenant = limits.tenant_of(queue)
+        if caller.tenant and ADMIN not in caller.roles:
+            tenant = caller.tenant
+        self.quotas.take_bytes(tenant, command.ByteSize(), time.monotonic())
+
     async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
         if self.node.draining:
             raise NotTakenError("node is draining", retry_after_s=1.0)
+        self._charge_log_bytes(command)
         result = await self.node.propose(command)
         if not isinstance(result, response_type):
             raise TypeError(f"{command.WhichOneof('kind')} gave {type(result).__name__}")
@@ -257,8 +294,13 @@ class QueueService(_Base, pbg.QueueServicer):
         stored = access.scoped(principal.get(), request.queue) if request.queue else ""
         if request.consistent and not self.node.log.is_leader:
             return await self._forward("Stats", request, context)  # type: ignore[return-value]
-        stats = self.node.machine.stats(stored, self.node.clock_ms())
-        return pb.StatsResponse(queues=access.show(principal.get(), stats))
+        if stored:
+            stats, token = self.node.machine.stats(stored, self.node.clock_ms()), ""
+        else:  # a page of the caller's own queues: never a scan of every tenant's
+            scope, after, limit = _page_of(request.limit, request.page_token)
+            stats, last = self.node.machine.stats_page(scope, after, limit, self.node.clock_ms())
+            token = _token(last)
+        return pb.StatsResponse(queues=access.show(principal.get(), stats), next_page_token=token)
 
 
 class AdminService(_Base, pbg.AdminServicer):
@@ -287,8 +329,12 @@ class AdminService(_Base, pbg.AdminServicer):
     async def ListQueues(
         self, request: pb.ListQueuesRequest, context: Context
     ) -> pb.ListQueuesResponse:
-        queues = self.node.machine.list_queues(self.node.clock_ms())
-        return pb.ListQueuesResponse(queues=access.show(principal.get(), queues))
+        access.require(principal.get(), PRODUCER, CONSUMER)
+        scope, after, limit = _page_of(request.limit, request.page_token)
+        queues, last = self.node.machine.queues_page(scope, after, limit, self.node.clock_ms())
+        return pb.ListQueuesResponse(
+            queues=access.show(principal.get(), queues), next_page_token=_token(last)
+        )
 
     @rpc
     @on_leader

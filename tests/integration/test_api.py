@@ -15,6 +15,7 @@ from pqueue.errors import (
     InvalidArgumentError,
     LeaseLostError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from pqueue.server import NodeServer
@@ -231,7 +232,7 @@ async def test_oversized_message_is_refused_by_grpc_and_the_node_keeps_serving(
     assert (await client.enqueue("q", b"fine")).job_id == 1
 
 
-async def test_a_batch_over_the_client_limit_is_invalid(client: Client) -> None:
+async def test_a_batch_over_the_client_limit_is_refused_unparsed(client: Client) -> None:
     from pqueue import limits
     from pqueue.client import _Stubs
 
@@ -241,9 +242,10 @@ async def test_a_batch_over_the_client_limit_is_invalid(client: Client) -> None:
         grpc.aio.insecure_channel(client.endpoint, options=[("grpc.max_send_message_length", -1)])
     )
     try:
-        with pytest.raises(InvalidArgumentError) as err:
+        with pytest.raises(ResourceExhaustedError) as err:
             await roomy.enqueue_batch("q", big)
-        assert err.value.field == "request"
+        assert "may be at most" in str(err.value)
+        assert not err.value.retriable  # the same request fails the same way every time
     finally:
         await roomy._stubs.channel.close()
         await roomy.close()

@@ -243,10 +243,12 @@ async def test_oversized_requests_are_refused_before_the_state_machine(server: N
         huge = b"\x0a" + b"\xff" * (limits.MAX_PEER_MESSAGE_BYTES + 1024)
         code, _ = await _status(enqueue(huge, timeout=30))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # Within it but past a client request's limit: refused before the log.
+        # Within it but past the method's own cap: refused before parsing, as
+        # gRPC refuses a message past its limit.
         job = pb.JobSpec(payload=b"x" * (limits.MAX_MESSAGE_BYTES + 1))
         big = pb.EnqueueRequest(queue="q", job=job).SerializeToString()
         code, details = await _status(enqueue(big, timeout=30))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "may be at most" in details
     async with Client(server.address, max_retries=0) as c:
         assert not await c.list_queues()  # nothing was enqueued, not even the queue

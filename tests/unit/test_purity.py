@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE_MODULES = [
     "pqueue/machine.py",
+    "pqueue/queue_table.py",
     "pqueue/access.py",
     "pqueue/jobs.py",
     "pqueue/limits.py",

@@ -71,3 +71,26 @@ def test_no_rate_means_no_bucket() -> None:
 def test_numbers_that_would_misbehave_are_refused_at_load(text: str) -> None:
     with pytest.raises(ValueError, match=r".+"):
         Quotas.parse(text)
+
+
+def test_log_bytes_per_command_and_per_second() -> None:
+    q = Quotas.parse(
+        "[tenants.acme]\nmax_command_bytes = 4096\nlog_bytes_per_s = 10000\nlog_bytes_burst = 8192"
+    )
+    assert q.of("acme").max_command_bytes == 4096
+    with pytest.raises(ResourceExhaustedError) as big:
+        q.take_bytes("acme", 5000, now_s=0.0)
+    assert not big.value.retriable  # the same command fails the same way every time
+    q.take_bytes("acme", 4000, now_s=0.0)
+    q.take_bytes("acme", 4000, now_s=0.0)
+    with pytest.raises(ResourceExhaustedError) as rate:
+        q.take_bytes("acme", 4000, now_s=0.0)
+    assert rate.value.retriable
+    assert rate.value.retry_after_s == pytest.approx(0.3808)  # 3,808 bytes short at 10,000/s
+    q.take_bytes("acme", 4000, now_s=0.4)  # refilled
+    q.take_bytes("other", 10 << 20, now_s=0.0)  # no limits for tenants not named
+
+
+def test_a_log_bytes_burst_too_small_for_any_command_is_refused() -> None:
+    with pytest.raises(ValueError, match="log_bytes_burst"):
+        Quotas.parse("[defaults]\nlog_bytes_burst = 10")
