@@ -161,7 +161,7 @@ async def cmd_dead_delete(c: Client, a: argparse.Namespace) -> tuple[Any, Sequen
 
 
 async def cmd_cluster_status(c: Client, a: argparse.Namespace) -> Outcome:
-    rows = await cluster_status(c.endpoint, a.timeout_s)
+    rows = await cluster_status(c.endpoint, a.timeout_s, **client_options(a))
     return rows, ("node", "address", "role", "ballot", "leader", "commit", "applied", "lag")
 
 

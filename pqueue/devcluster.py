@@ -22,6 +22,7 @@ from typing import Any
 from pqueue import render
 from pqueue.client import Client
 from pqueue.errors import PQueueError
+from pqueue.tls import Tls
 
 
 def free_ports(n: int) -> list[int]:
@@ -97,10 +98,15 @@ class _Balancer(_Node):
         self.cmd += ["--backends", ",".join(backends), "--metrics-listen", metrics]
 
 
-async def _statuses(addresses: dict[int, str], timeout_s: float = 1.0) -> dict[int, Any]:
+async def _statuses(
+    addresses: dict[int, str], timeout_s: float = 1.0, **options: Any
+) -> dict[int, Any]:
+    """Each node's own status (None where it cannot be asked); ``options``:
+    more ``Client`` options (token, TLS), as for the first node asked."""
+
     async def one(address: str) -> Any:
         try:
-            async with Client(address, timeout_s=timeout_s, max_retries=0) as c:
+            async with Client(address, timeout_s=timeout_s, max_retries=0, **options) as c:
                 return await c.node_status()
         except PQueueError:
             return None
@@ -227,12 +233,16 @@ def start_node(root: Path, node_id: int) -> str:
     return f"asked the dev cluster to start n{node_id}"
 
 
-async def cluster_status(endpoint: str, timeout_s: float) -> list[dict[str, Any]]:
-    """One row per node, from each node's own view; unreachable nodes say so."""
-    async with Client(endpoint, timeout_s=timeout_s, max_retries=0) as c:
+async def cluster_status(
+    endpoint: str, timeout_s: float, token: str | None = None, tls: Tls | None = None
+) -> list[dict[str, Any]]:
+    """One row per node, from each node's own view; unreachable nodes say so.
+    ``token`` and ``tls`` go with every call (the first node's and its peers')."""
+    options: dict[str, Any] = {"token": token, "tls": tls}
+    async with Client(endpoint, timeout_s=timeout_s, max_retries=0, **options) as c:
         first = await c.node_status()
     peers = dict(first.peers) or {first.node_id: first.address or endpoint}
-    statuses = await _statuses(peers, timeout_s=min(timeout_s, 2.0))
+    statuses = await _statuses(peers, timeout_s=min(timeout_s, 2.0), **options)
     top = max((s.commit_index for s in statuses.values() if s is not None), default=0)
     rows = []
     for node_id in sorted(peers):
