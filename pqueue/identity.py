@@ -109,7 +109,7 @@ def restart_hint(record: Identity, data_dir: str) -> str:
         command += f" --cluster-id {record.cluster_id}"
     if len(record.members) > 1:
         command += f" --peers {_peers(record.members)}"
-    hint = f"start it with `{command}` (and your usual --listen, auth and TLS flags)"
+    hint = f"start it with `{command}` (and your usual --listen, store, auth and TLS flags)"
     if len(record.members) > 1:
         hint += f", or in a `make cluster` dev cluster `pq cluster start-node {record.node_id}`"
     return hint
