@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 from pqueue.errors import PQueueError
 
 if TYPE_CHECKING:
-    from pqueue.storage.base import Storage
+    from pqueue.storage.base import AcceptorState, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +121,27 @@ def check(
     cluster_id_given: bool,
     accept_member_change: bool,
     where: str,
+    seen_nodes: frozenset[int] = frozenset(),
 ) -> Identity:
     """What to record for a start as ``wanted`` on a dir that recorded ``record``.
 
     ``cluster_id_given``: the operator named the cluster (else a recorded id
-    is kept). ``where``: the data dir or schema, for messages. Raises
-    ``IdentityError`` when the start would make this dir another node,
-    another cluster's member, or a member of another member set.
+    is kept). ``where``: the data dir or schema, for messages.
+    ``seen_nodes``: the node ids in the ballots the store holds (its promise
+    and records), which tell a dir from before identity records that was a
+    member. Raises ``IdentityError`` when the start would make this dir
+    another node, another cluster's member, or a member of another member set.
     """
     if record is None:
+        others = sorted(seen_nodes - {wanted.node_id})
+        if len(wanted.members) == 1 and others and not accept_member_change:
+            # A dir from before identity records: its ballots show it was in
+            # a cluster with these nodes, so alone it would split from them.
+            raise IdentityError(
+                f"refusing to start alone (no --peers): {where} has no identity record "
+                f"yet, but holds ballots of nodes {others}: it was a member of a cluster. "
+                f"Start it with the --node-id and --peers it ran with."
+            )
         return wanted  # first start: this is who the dir is from now on
     whose = (
         f"{where} belongs to node {record.node_id} of cluster {record.cluster_id!r} "
@@ -175,10 +187,14 @@ class Claimant(Protocol):
     def data_dir(self) -> str: ...
 
 
-async def claim_identity(storage: Storage, config: Claimant) -> Identity:
+async def claim_identity(
+    storage: Storage, config: Claimant, state: AcceptorState | None = None
+) -> Identity:
     """Check ``config`` against the identity ``storage`` recorded (record it at
     the first start, update it when addresses or, if accepted, members change).
-    Raises ``IdentityError`` when this start must not happen."""
+    ``state``: the store's acceptor state, whose ballots show the nodes a dir
+    from before identity records ran with. Raises ``IdentityError`` when this
+    start must not happen."""
     raw = await storage.load_identity()
     record = None if raw is None else Identity.from_json(raw)
     # A cluster of one records no address: it has no peer to reach it, and
@@ -186,7 +202,17 @@ async def claim_identity(storage: Storage, config: Claimant) -> Identity:
     members = dict(config.addresses) if len(config.addresses) > 1 else {config.node_id: ""}
     wanted = Identity(config.cluster_id or DEFAULT_CLUSTER_ID, config.node_id, members)
     where = config.data_dir or storage.describe()
-    new = check(record, wanted, config.cluster_id is not None, config.accept_member_change, where)
+    seen: set[int] = set()
+    if state is not None:
+        seen = {state.promised[1], *(r.ballot[1] for r in state.records)} - {0}
+    new = check(
+        record,
+        wanted,
+        config.cluster_id is not None,
+        config.accept_member_change,
+        where,
+        frozenset(seen),
+    )
     if new != record:
         await storage.save_identity(new.to_json())
         if record is None:

@@ -105,11 +105,11 @@ class ReplicatedLog:
         self.config.validate()
         await self._storage.open()
         try:
-            await claim_identity(self._storage, self.config)
+            state = await self._storage.load_acceptor()
+            await claim_identity(self._storage, self.config, state)
         except BaseException:
             await self._storage.close()
             raise
-        state = await self._storage.load_acceptor()
         snapshot = None
         if state.snapshot is not None:
             self._applier.restore(state.snapshot.data)

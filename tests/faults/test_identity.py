@@ -4,6 +4,7 @@ refused, and the cluster is not split (issue 12, item 5)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -70,6 +71,15 @@ async def test_a_member_restarted_alone_is_refused_and_the_cluster_stays_one(
     assert f"refusing to start as node {leader}" in log
     log = refused(tmp_path / f"n{victim}", str(victim), "--peers", peers, "--cluster-id", "b")
     assert "refusing to start in cluster 'b'" in log
+    # A dir from before identity records (none kept): its ballots give it away.
+    db = sqlite3.connect(tmp_path / f"n{victim}" / "pqueue.db")
+    try:
+        db.execute("DELETE FROM identity")
+        db.commit()
+    finally:
+        db.close()
+    log = refused(tmp_path / f"n{victim}", str(victim))
+    assert f"holds ballots of nodes [{leader}]" in log
 
     # The cluster was never split: one leader, and a job id has one payload.
     async with Client(cluster.address(leader), max_retries=2) as c:

@@ -54,3 +54,12 @@ def test_another_clusters_dir_is_refused_even_with_accepted_member_change() -> N
 
 def test_the_record_round_trips() -> None:
     assert Identity.from_json(RECORD.to_json()) == RECORD
+
+
+def test_a_dir_from_before_identity_records_is_not_started_alone_if_it_was_a_member() -> None:
+    alone = Identity(DEFAULT_CLUSTER_ID, 1, {1: ""})
+    with pytest.raises(IdentityError, match=r"holds ballots of nodes \[2, 3\]"):
+        check(None, alone, False, False, "d", frozenset({1, 2, 3}))
+    assert check(None, alone, False, False, "d", frozenset({1})) == alone  # its own log
+    with_peers = Identity(DEFAULT_CLUSTER_ID, 1, MEMBERS)
+    assert check(None, with_peers, False, False, "d", frozenset({1, 2, 3})) == with_peers
