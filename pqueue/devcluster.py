@@ -222,7 +222,6 @@ def run_dev_cluster(
     if running is not None and running != os.getpid():
         print(f"a dev cluster already runs under {root}/ (pid {running})", file=sys.stderr)
         return 1
-    root = root.resolve()  # node command lines name their data dirs absolutely
     addresses = cluster_addresses(nodes, base_port)
     balancer_port = base_port or free_ports(1)[0]
     if base_port == 0 or metrics_port == 0:  # 0: any free ports
