@@ -122,11 +122,13 @@ def check(
     accept_member_change: bool,
     where: str,
     seen_nodes: frozenset[int] = frozenset(),
+    store: str = "",
 ) -> Identity:
     """What to record for a start as ``wanted`` on a dir that recorded ``record``.
 
     ``cluster_id_given``: the operator named the cluster (else a recorded id
-    is kept). ``where``: the data dir or schema, for messages.
+    is kept). ``where``: the data dir, for messages; ``store``: where the
+    record lives when not in that dir (a PostgreSQL schema).
     ``seen_nodes``: the node ids in the ballots the store holds (its promise
     and records), which tell a dir from before identity records that was a
     member. Raises ``IdentityError`` when the start would make this dir
@@ -144,7 +146,8 @@ def check(
             )
         return wanted  # first start: this is who the dir is from now on
     whose = (
-        f"{where} belongs to node {record.node_id} of cluster {record.cluster_id!r} "
+        f"{where}{f' ({store})' if store else ''} belongs to node {record.node_id} of cluster "
+        f"{record.cluster_id!r} "
         f"with members {_peers(record.members)}"
     )
     hint = restart_hint(record, where)
@@ -202,6 +205,8 @@ async def claim_identity(
     members = dict(config.addresses) if len(config.addresses) > 1 else {config.node_id: ""}
     wanted = Identity(config.cluster_id or DEFAULT_CLUSTER_ID, config.node_id, members)
     where = config.data_dir or storage.describe()
+    described = storage.describe()
+    store = "" if described in (f"sqlite:{where}", where) else described
     seen: set[int] = set()
     if state is not None:
         seen = {state.promised[1], *(r.ballot[1] for r in state.records)} - {0}
@@ -212,6 +217,7 @@ async def claim_identity(
         config.accept_member_change,
         where,
         frozenset(seen),
+        store,
     )
     if new != record:
         await storage.save_identity(new.to_json())
