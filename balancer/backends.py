@@ -208,13 +208,16 @@ class Backends:
 
         After ``stall_s`` (a call to ``address`` still unanswered), suspects
         the leader, so the probes find a successor within about one election
-        timeout. Never returns while ``address`` leads, or nobody is known to.
+        timeout. Never returns while ``address`` leads, or nobody is known to,
+        or ``address`` said it drains (NOT_SERVING): a node that can say so is
+        not frozen, and answers its calls as it hands over.
         """
         await asyncio.sleep(stall_s)
         if self.pool.leader() == address:
             logger.info("leader %s has not answered a call for %.2f s: probing", address, stall_s)
         self.suspect_leader()
-        while (leader := self.pool.leader()) in (address, None):
+        old = self.pool.backends[address]
+        while (leader := self.pool.leader()) in (address, None) or old.health_serving is False:
             await self._updated.wait()
         assert leader is not None
         return leader
