@@ -79,8 +79,8 @@ async def test_the_dev_cluster_never_lies(tmp_path: Path) -> None:
             await stop(b)
         assert code == 1
         assert "ready:" not in out
-        assert f"refusing to start: 127.0.0.1:{port}" in err
-        assert "taken" in err
+        assert "refusing to start: " in err
+        assert f"127.0.0.1:{port}" in err.split("already taken")[0]
         code, out, err = await pq("--endpoint", balancer, "-o", "json", "enqueue", "q", "x")
         assert code == 0, err
 
