@@ -11,9 +11,9 @@ failed one is sent a second time; a call is sent at most twice.
 A leader call still waiting when another node takes over (the old leader
 froze, and has not said it drains: ``Backends.leader_moved``) is abandoned:
 sent to the new leader when it may be sent again (as after a plain
-UNAVAILABLE), else answered
-UNAVAILABLE at once (it may or may not have been applied), instead of
-waiting out its deadline on a node that cannot answer.
+UNAVAILABLE), else answered UNAVAILABLE at once (it may or may not have
+been applied), instead of waiting out its deadline on a node that cannot
+answer.
 """
 
 from __future__ import annotations
