@@ -8,6 +8,12 @@ node that starts draining, or whose connection drops (``kill -9``), is
 ejected at once rather than after missed probes. A node that stops
 answering without closing its connection (``SIGSTOP``) is ejected when its
 probes fail ``eject_after_failures`` times or its report expires.
+
+A frozen *leader* is noticed sooner, within about one election timeout: a
+leader call unanswered for ``leader_stall_s``, or a failed probe of the
+leader, makes every node be probed fast for ``suspect_probe_s``; as soon as
+another node claims leadership with a higher ballot, ``leader_moved`` wakes
+the calls still waiting on the old one (``balancer.proxy`` abandons them).
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ class Backends:
         self._kick = asyncio.Event()
         self._updated = asyncio.Event()
         self._leader: str | None = None
+        #: Probe fast until then: the leader may be frozen.
+        self._suspect_until_s = 0.0
         token = config.probe_token or current_token(config.balancer_token)
         self._probe_metadata: tuple[tuple[str, str], ...] = (
             (FORWARDED_KEY, BALANCER_ID),
@@ -191,6 +199,30 @@ class Backends:
         self._changed()
         self.kick()
 
+    def suspect_leader(self) -> None:
+        """The leader may be frozen: probe every node fast for a while."""
+        self._suspect_until_s = self.clock_s() + self.config.suspect_probe_s
+        self.kick()
+
+    async def leader_moved(self, address: str, stall_s: float) -> str:
+        """Return once a node other than ``address`` leads (its address).
+
+        After ``stall_s`` (a call to ``address`` still unanswered), suspects
+        the leader, so the probes find a successor within about one election
+        timeout. Never returns while ``address`` leads, or nobody is known to,
+        or ``address`` said it drains (NOT_SERVING): a node that can say so is
+        not frozen, and answers its calls as it hands over.
+        """
+        await asyncio.sleep(stall_s)
+        if self.pool.leader() == address:
+            logger.info("leader %s has not answered a call for %.2f s: probing", address, stall_s)
+        self.suspect_leader()
+        old = self.pool.backends[address]
+        while (leader := self.pool.leader()) in (address, None) or old.health_serving is False:
+            await self._updated.wait()
+        assert leader is not None
+        return leader
+
     async def wait_leader(self, timeout_s: float) -> str | None:
         """The leader's address, waiting up to ``timeout_s`` for one to be known."""
         return await self._wait(self.pool.leader, timeout_s)
@@ -241,6 +273,8 @@ class Backends:
                 )
             except grpc.aio.AioRpcError as exc:
                 self._probe_failed(address, f"probe: {exc.code().name}")
+                if self.pool.leader() == address:
+                    self.suspect_leader()  # a late leader probe: is it frozen?
             except Exception as exc:  # a bad answer must not end the probing
                 logger.warning("probe of %s failed: %r", address, exc)
                 self._probe_failed(address, f"probe: {type(exc).__name__}")
@@ -249,7 +283,9 @@ class Backends:
             self._changed()
             interval = (
                 self.config.probe_interval_s
-                if self.pool.leader() is not None and self.usable()
+                if self.pool.leader() is not None
+                and self.usable()
+                and self.clock_s() >= self._suspect_until_s
                 else self.config.fast_probe_interval_s
             )
             try:

@@ -26,6 +26,12 @@ class BalancerConfig:
     #: How long a call may wait for a leader (or, for a read, any node) to be
     #: known, within its deadline.
     leader_wait_s: float = 5.0
+    #: A leader call unanswered this long makes every node be probed fast
+    #: (``fast_probe_interval_s``) for ``suspect_probe_s``: has another node
+    #: taken over (a frozen leader)? If one has, calls still waiting on the
+    #: old leader are abandoned (and sent to the new one when they may be).
+    leader_stall_s: float = 0.25
+    suspect_probe_s: float = 3.0
     #: How long in-flight calls may finish on stop.
     grace_s: float = 5.0
     #: Seeds the picker's random start; None: a fresh one per balancer.
@@ -60,6 +66,8 @@ class BalancerConfig:
                 "report_expiry_s must exceed probe_interval_s + probe_timeout_s, or every "
                 "node would expire between two probes"
             )
+        if self.leader_stall_s <= 0 or self.suspect_probe_s <= 0:
+            raise ValueError("leader_stall_s and suspect_probe_s must be positive")
         if self.fast_probe_interval_s <= 0 or self.leader_wait_s < 0 or self.grace_s < 0:
             raise ValueError("intervals and waits must be positive")
         self.pool.validate()

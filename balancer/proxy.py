@@ -7,10 +7,18 @@ remaining deadline becomes the forwarded call's deadline, and the node's
 status, details and trailers (rich error details, retry pushback) come back
 as they were. See ``balancer.routes`` for where each call goes and when a
 failed one is sent a second time; a call is sent at most twice.
+
+A leader call still waiting when another node takes over (the old leader
+froze, and has not said it drains: ``Backends.leader_moved``) is abandoned:
+sent to the new leader when it may be sent again (as after a plain
+UNAVAILABLE), else answered UNAVAILABLE at once (it may or may not have
+been applied), instead of waiting out its deadline on a node that cannot
+answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import Any
@@ -20,7 +28,7 @@ import grpc
 from balancer.backends import BALANCER_ID, Backends
 from balancer.routes import Kind, Route, route_for
 from pqueue.auth import current_token
-from pqueue.errors import NotTakenError
+from pqueue.errors import NotTakenError, UnavailableError
 from pqueue.forward import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY
 from pqueue.observe import FORWARDED_FOR_KEY, FORWARDER_TOKEN_KEY, REQUEST_ID_KEY, hop_metadata
 from pqueue.status import NOT_LEADER, NOT_TAKEN, error_info, to_status
@@ -130,7 +138,32 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 metadata=metadata,
             )
             try:
-                response: bytes = await call
+                if kind is Kind.LEADER:
+                    stall_s = self.backends.config.leader_stall_s + route.waits_s(request)
+                    answer = await self._unless_leader_moves(call, address, stall_s)
+                    if answer is None:  # another node leads now; the call was cancelled
+                        if (
+                            attempt == 0
+                            and route.retry_unavailable(request)
+                            and deadline > self.backends.clock_s()
+                        ):
+                            self.retries += 1
+                            self.metrics.retries.labels(address, "leader_moved").inc()
+                            tried.append(address)
+                            continue
+                        await context.abort_with_status(
+                            to_status(
+                                UnavailableError(
+                                    "the leader stopped answering and another took over; "
+                                    "the call may or may not have been applied",
+                                    retry_after_s=0.1,
+                                )
+                            )
+                        )
+                    assert answer is not None
+                    response: bytes = answer
+                else:
+                    response = await call
             except grpc.aio.AioRpcError as exc:
                 why = _why(exc)
                 if why == "not_leader":
@@ -168,6 +201,26 @@ class ProxyHandler(grpc.GenericRpcHandler):
             context.set_trailing_metadata(passthrough(await call.trailing_metadata()))
             return response
         raise AssertionError("unreachable: the second attempt returns or aborts")
+
+    async def _unless_leader_moves(
+        self, call: grpc.aio.UnaryUnaryCall[bytes, bytes], address: str, stall_s: float
+    ) -> bytes | None:
+        """The call's answer (or its error), or None, the call cancelled, once it
+        waited ``stall_s`` and another node than ``address`` leads (a frozen leader)."""
+        answer = asyncio.ensure_future(call)
+        moved = asyncio.ensure_future(self.backends.leader_moved(address, stall_s))
+        try:
+            await asyncio.wait((answer, moved), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved.cancel()
+            if not answer.done():
+                call.cancel()
+                answer.cancel()
+            await asyncio.wait((answer, moved))
+        if answer.cancelled():
+            logger.info("leader %s did not answer; %s leads now", address, moved.result())
+            return None
+        return answer.result()
 
     async def _target(self, kind: Kind, tried: list[str], deadline: float) -> str | None:
         """Where to send: waits (within the deadline) while nothing fits."""

@@ -41,6 +41,9 @@ class Route:
     kind_of: Callable[[bytes], Kind]
     #: Given the request bytes: may it be sent again after a plain UNAVAILABLE?
     retry_unavailable: Callable[[bytes], bool]
+    #: Given the request bytes: how long the node may rightly hold it before
+    #: answering (a long poll's wait), beyond which a leader is suspected.
+    waits_s: Callable[[bytes], float] = lambda _: 0.0
 
 
 def _always(kind: Kind) -> Callable[[bytes], Kind]:
@@ -82,6 +85,13 @@ def _batch_keyed(data: bytes) -> bool:
     return bool(jobs) and all(j.idempotency_key for j in jobs)
 
 
+def _lease_wait_s(data: bytes) -> float:
+    try:
+        return max(0, min(pb.LeaseRequest.FromString(data).wait_ms, 3_600_000)) / 1000
+    except DecodeError:
+        return 0.0
+
+
 _READS = {"GetJob", "Stats", "ListQueues", "ListDead", "NodeStatus"}
 _CONSISTENT = {"GetJob": pb.GetJobRequest, "Stats": pb.StatsRequest}
 _IDEMPOTENT_WRITES = {"Enqueue": _enqueue_keyed, "EnqueueBatch": _batch_keyed}
@@ -94,7 +104,8 @@ def _route(service: str, name: str) -> Route:
         kind_of = _consistent_leads(consistent) if consistent else _always(Kind.READ)
         return Route(method, name, Kind.READ, kind_of, _yes)
     retry = _IDEMPOTENT_WRITES.get(name, _never)
-    return Route(method, name, Kind.LEADER, _always(Kind.LEADER), retry)
+    waits = _lease_wait_s if name == "Lease" else lambda _: 0.0
+    return Route(method, name, Kind.LEADER, _always(Kind.LEADER), retry, waits)
 
 
 #: Every method of the public services, by its full gRPC path.

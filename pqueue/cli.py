@@ -234,6 +234,32 @@ def _peers(text: str) -> dict[int, str]:
     return peers
 
 
+def _cluster_id(text: str) -> str:
+    from pqueue.identity import validate_cluster_id
+
+    try:
+        return validate_cluster_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _identity_args(node: argparse.ArgumentParser) -> None:
+    """Identity on disk: the data dir records node id, cluster and members at first start."""
+    node.add_argument(
+        "--cluster-id",
+        type=_cluster_id,
+        default=None,
+        help="the cluster's name, the same on every node; the data dir records it at first "
+        "start and refuses another (default: the recorded one, or 'pqueue')",
+    )
+    node.add_argument(
+        "--accept-member-change",
+        action="store_true",
+        help="let --peers name another member set than the data dir recorded (stop every "
+        "node first and give each the new set; without it such a start is refused)",
+    )
+
+
 def _auth_and_tls_args(node: argparse.ArgumentParser) -> None:
     node.add_argument(
         "--auth-key-file",
@@ -349,6 +375,8 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             metrics_queue_labels=args.metrics_queue_labels,
         ),
         peers=args.peers,
+        cluster_id=args.cluster_id,
+        accept_member_change=args.accept_member_change,
         store=args.store,
         pg_schema=args.pg_schema,
         log_level=args.log_level,
@@ -477,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_peers,
         default=None,
         help="every node of the cluster, this one too: 1=HOST:PORT,2=HOST:PORT,... "
-        "(without it the node runs alone)",
+        "(without it the node runs alone; a member of a cluster always needs it)",
     )
+    _identity_args(node)
     node.add_argument("--log-level", default="INFO")
     node.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"

@@ -26,6 +26,7 @@ from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
 from pqueue.commitlog import Applier, LogObserver, LogStatus, NoObserver, Proposals, Result
 from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
+from pqueue.identity import claim_identity
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
 
@@ -46,6 +47,12 @@ class ClusterConfig:
     max_inflight_slots: int = 64
     max_batch_commands: int = 2_000
     snapshot_every_entries: int = 10_000
+    #: Identity on disk (``pqueue.identity``): the cluster's name (None: keep the
+    #: recorded one, or ``DEFAULT_CLUSTER_ID`` at first start), whether a new
+    #: member set may replace the recorded one, and the data dir named in hints.
+    cluster_id: str | None = None
+    accept_member_change: bool = False
+    data_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.tick_ms < 1:
@@ -97,7 +104,12 @@ class ReplicatedLog:
     async def start(self) -> None:
         self.config.validate()
         await self._storage.open()
-        state = await self._storage.load_acceptor()
+        try:
+            state = await self._storage.load_acceptor()
+            await claim_identity(self._storage, self.config, state)
+        except BaseException:
+            await self._storage.close()
+            raise
         snapshot = None
         if state.snapshot is not None:
             self._applier.restore(state.snapshot.data)

@@ -36,6 +36,10 @@ class NodeOptions:
     node_id: int
     server: ServerConfig
     peers: dict[int, str] | None = None
+    #: Identity on disk (``pqueue.identity``): the cluster's name, and whether a
+    #: new member set may replace the one the data dir recorded.
+    cluster_id: str | None = None
+    accept_member_change: bool = False
     store: str | None = None
     pg_schema: str | None = None
     log_level: str = "INFO"
@@ -49,7 +53,14 @@ OPEN_BANNER = (
 
 
 async def _serve(o: NodeOptions) -> bool:
-    cluster = ClusterConfig(node_id=o.node_id, addresses=o.peers) if o.peers else None
+    # Always this node's id, alone too: the data dir's identity is checked against it.
+    cluster = ClusterConfig(
+        node_id=o.node_id,
+        addresses=dict(o.peers or {}),
+        cluster_id=o.cluster_id,
+        accept_member_change=o.accept_member_change,
+        data_dir=str(o.data_dir),
+    )
     storage = open_storage(o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}")
     logger.info("node %s stores its log in %s", o.node_id, storage.describe())
     server = NodeServer(storage, o.server, NodeConfig(node_id=f"n{o.node_id}"), cluster=cluster)

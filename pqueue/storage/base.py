@@ -76,6 +76,13 @@ class Storage(Protocol):
     async def save_snapshot(self, index: int, data: bytes) -> None:
         """Durably store a snapshot this node took (see ``persist``)."""
 
+    async def load_identity(self) -> str | None:
+        """The identity record (``pqueue.identity.Identity.to_json``), None before
+        the first start."""
+
+    async def save_identity(self, record: str) -> None:
+        """Durably replace the identity record."""
+
 
 def record_row(r: Record) -> tuple[int, int, int, bool, int, bytes]:
     """A record as both stores keep it: slot, ballot, chosen, CRC, value."""

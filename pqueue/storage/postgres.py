@@ -3,7 +3,8 @@
 Tables in the node's schema (created and migrated on open, versioned in
 ``schema_migrations``): ``acceptor`` (promised ballot, commit hint),
 ``records`` (one per slot: ballot, value, chosen flag, CRC), ``snapshot``
-(the latest one), ``owner`` (a fencing epoch), ``applied`` (the index the
+(the latest one), ``owner`` (a fencing epoch), ``identity`` (which node of
+which cluster: ``pqueue.identity``), ``applied`` (the index the
 ``jobs`` table reflects) and ``jobs`` (one row per live job, for SQL).
 
 Durability: every transaction commits with ``synchronous_commit = on``, so
@@ -103,6 +104,13 @@ MIGRATIONS: list[tuple[int, str]] = [
         """
         -- The tenant whose producer enqueued each job (queues may be shared).
         ALTER TABLE jobs ADD COLUMN tenant text NOT NULL DEFAULT '';
+        """,
+    ),
+    (
+        4,
+        """
+        -- Which node of which cluster this schema is (pqueue.identity).
+        CREATE TABLE identity (id smallint PRIMARY KEY CHECK (id = 1), record text NOT NULL);
         """,
     ),
 ]
@@ -345,6 +353,27 @@ class PostgresStorage:
 
     async def save_snapshot(self, index: int, data: bytes) -> None:
         await self.persist(None, (), None, StoredSnapshot(index, data))
+
+    async def save_identity(self, record: str) -> None:
+        async def write(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO identity VALUES (1, $1) ON CONFLICT (id) DO UPDATE "
+                "SET record = excluded.record",
+                record,
+            )
+
+        await self._log.submit(write)
+
+    async def load_identity(self) -> str | None:
+        if self._pool is None:
+            raise StorageError("storage is not open")
+        try:
+            async with self._pool.acquire() as conn:
+                value = await conn.fetchval("SELECT record FROM identity WHERE id = 1")
+        except Exception as exc:
+            kind = "unreachable" if transient(exc) else "failed"
+            raise StorageError(f"{self.describe()} {kind}: {exc!r}") from exc
+        return None if value is None else str(value)
 
     def record_applied(
         self, applied_index: int, upserts: list[JobRow], deleted: list[int], replace_all: bool

@@ -1,7 +1,9 @@
 """SQLite storage: WAL mode, ``synchronous=FULL``, one writer thread.
 
 Tables: ``acceptor`` (promised ballot, commit hint), ``records`` (one per
-slot: ballot, value, chosen flag, CRC) and ``snapshot`` (the latest one).
+slot: ballot, value, chosen flag, CRC), ``snapshot`` (the latest one) and
+``identity`` (which node of which cluster this dir is: ``pqueue.identity``;
+added without a schema version bump, as ``CREATE TABLE IF NOT EXISTS``).
 
 All SQLite work runs on one dedicated thread, so the event loop never blocks
 on disk and the connection never crosses threads. A commit in WAL mode with
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS records (
     crc INTEGER NOT NULL,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS identity (id INTEGER PRIMARY KEY CHECK (id = 1), record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshot (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     idx INTEGER NOT NULL,
@@ -146,6 +149,20 @@ class SqliteStorage:
     async def save_snapshot(self, index: int, data: bytes) -> None:
         await self.persist(None, (), None, StoredSnapshot(index, data))
         await self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+
+    # ------------------------------------------------------------ identity
+
+    async def load_identity(self) -> str | None:
+        row = await self._run(
+            lambda conn: conn.execute("SELECT record FROM identity WHERE id = 1").fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def save_identity(self, record: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO identity VALUES (1, ?)", (record,))
+
+        await self._run(write)  # autocommit: one fsynced transaction
 
     # ------------------------------------------------------------ acceptor
 

@@ -222,3 +222,18 @@ async def test_sqlite_runs_in_wal_with_full_sync(tmp_path: Path) -> None:
         assert sync == 2  # FULL
     finally:
         await store.close()
+
+
+async def test_the_identity_record_survives_a_restart_and_is_replaced_whole(
+    store: Storage, make_store: StoreFactory
+) -> None:
+    assert await store.load_identity() is None  # a new store: first start
+    await store.save_identity('{"node_id": 1}')
+    await store.save_identity('{"node_id": 2}')
+    store = await reopened(store, make_store)
+    try:
+        assert await store.load_identity() == '{"node_id": 2}'
+        await store.persist((1, 1), [rec(1)], 1, None)  # the log does not touch it
+        assert await store.load_identity() == '{"node_id": 2}'
+    finally:
+        await store.close()

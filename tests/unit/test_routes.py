@@ -56,3 +56,12 @@ def test_an_unknown_method_of_a_public_service_leads_and_anything_else_is_refuse
     assert not newer.retry_unavailable(b"")
     assert route_for("/pqueue.v1.Peer/Send") is None  # node-to-node only
     assert route_for("/other.Service/Call") is None
+
+
+def test_a_long_poll_may_wait_its_wait_before_its_leader_is_suspected() -> None:
+    lease = ROUTES["/pqueue.v1.Queue/Lease"]
+    assert lease.waits_s(pb.LeaseRequest(queue="q", wait_ms=20_000).SerializeToString()) == 20.0
+    assert lease.waits_s(pb.LeaseRequest(queue="q", wait_ms=-5).SerializeToString()) == 0.0
+    assert lease.waits_s(b"\xff") == 0.0  # undecodable: the node will say why
+    enqueue = ROUTES["/pqueue.v1.Queue/Enqueue"]
+    assert enqueue.waits_s(pb.EnqueueRequest(queue="q").SerializeToString()) == 0.0
