@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pqueue.auth import Verifier, issue
 from tests.certs import Authority
-from tests.inproc import Cluster
+from tests.inproc import Cluster, node_tokens
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")
@@ -22,7 +22,7 @@ async def test_cluster_status_honours_token_and_mutual_tls(tmp_path: Path) -> No
         tmp_path,
         tls=lambda i: tls[i],
         verifier=Verifier(SECRET),
-        peer_token=issue(SECRET, "cluster", ["peer"], 600),
+        peer_token=node_tokens(SECRET),
     )
     await cluster.start()
     try:
