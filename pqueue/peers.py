@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import grpc
 
 from consensus.messages import Message
-from pqueue import limits
+from pqueue import features, limits
 from pqueue.access import AUTHORIZATION_KEY, bearer
 from pqueue.auth import PEER, Verifier
 from pqueue.errors import UnauthenticatedError
@@ -44,9 +44,14 @@ class PeerService(ppbg.PeerServicer):
     """Receives peers' streams and hands each message on."""
 
     def __init__(
-        self, deliver: Callable[[Message], None], verifier: Verifier | None = None
+        self,
+        deliver: Callable[[Message], None],
+        verifier: Verifier | None = None,
+        announce: Callable[[int, frozenset[str]], None] | None = None,
     ) -> None:
         self.deliver = deliver
+        #: Told what each sender supports (its stream's ``pq-features`` header).
+        self.announce = announce
         #: With auth on, only a token with the ``peer`` role may send: consensus
         #: trusts its peers, so a stranger's messages could decide the log.
         self.verifier = verifier
@@ -68,6 +73,8 @@ class PeerService(ppbg.PeerServicer):
                     grpc.StatusCode.PERMISSION_DENIED,
                     "only the cluster's nodes (a token with the peer role) speak this protocol",
                 )
+        announced = _announcement(context.invocation_metadata())
+        heard: set[int] = set()
         async for batch in request_iterator:
             for wire in batch.messages:
                 try:
@@ -75,8 +82,19 @@ class PeerService(ppbg.PeerServicer):
                 except ValueError as exc:
                     logger.warning("dropping a malformed peer message: %s", exc)
                     continue
+                if self.announce is not None and msg.src not in heard:
+                    heard.add(msg.src)
+                    self.announce(msg.src, announced)
                 self.deliver(msg)
         return ppb.PeerAck()
+
+
+def _announcement(metadata: Any) -> frozenset[str]:
+    """The features a peer stream's header announces (none: ``LEGACY``)."""
+    for key, value in metadata or ():
+        if key == features.FEATURES_KEY and isinstance(value, str):
+            return features.parse_announcement(value)
+    return features.parse_announcement(None)
 
 
 class _Link:
@@ -126,10 +144,15 @@ class PeerTransport:
         addresses: dict[int, str],
         tls: Tls | None = None,
         token: str | None = None,
+        supported: Collection[str] = features.SUPPORTED,
     ) -> None:
         self.node_id = node_id
-        #: This node's peer token (role ``peer``), when the cluster checks tokens.
-        self.metadata: Metadata = ((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()
+        #: This node's peer token (role ``peer``), when the cluster checks tokens,
+        #: and the log features it supports (each stream announces them).
+        self.metadata: Metadata = (
+            *(((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()),
+            (features.FEATURES_KEY, features.announce(supported)),
+        )
         #: With mutual TLS, this node's certificate is its identity to the peers.
         self.tls = tls
         self._addresses = addresses

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from pqueue import limits
+from pqueue.features import check_snapshot
 from pqueue.jobs import READY, Counters, Job, QueueState
 from pqueue.machine import QueueMachine
 from pqueue.v1 import log_pb2 as logpb
@@ -83,6 +84,7 @@ def state_hash(machine: QueueMachine) -> str:
 def restore(data: bytes) -> QueueMachine:
     """A machine in exactly the state the snapshot bytes describe."""
     snap = logpb.Snapshot.FromString(data)
+    check_snapshot(snap)  # a newer release's snapshot: stop, never drop its fields
     machine = QueueMachine()
     machine.applied_index = snap.index
     machine.time_ms = snap.time_ms
