@@ -136,7 +136,7 @@ async def test_an_old_replica_that_meets_a_newer_entry_stops_loudly_and_the_rest
 
     async def not_serving() -> bool:
         status = await _health(cluster.addresses[OLD])
-        return status == health_pb2.HealthCheckResponse.NOT_SERVING
+        return status == int(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     await _until(not_serving)
     stopped = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
