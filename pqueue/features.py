@@ -136,6 +136,7 @@ IGNORABLE_FIELDS: frozenset[str] = frozenset(
         # Read by replicas that check features; one that predates them applies
         # only what it understands anyway (the leader gated on its announcement).
         "pqueue.v1.LogEntry.required_features",
+        "pqueue.v1.Snapshot.required_features",
     }
 )
 
@@ -263,6 +264,19 @@ def check_entry(entry: logpb.LogEntry, supported: Collection[str]) -> None:
         )
         raise UpgradeRequiredError(
             entry.index, ["unknown"], f"log entry {entry.index} holds {what}"
+        )
+
+
+def check_restored(index: int, needed: Collection[str], supported: Collection[str]) -> None:
+    """Raise ``UpgradeRequiredError`` if a snapshot's state needs a feature
+    outside ``supported`` (its entries used one this release cannot apply)."""
+    missing = sorted(set(needed) - set(supported))
+    if missing:
+        raise UpgradeRequiredError(
+            index,
+            missing,
+            f"the snapshot at entry {index} needs feature(s) "
+            f"{', '.join(map(repr, missing))}, which this node's release does not support",
         )
 
 

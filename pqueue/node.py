@@ -142,7 +142,13 @@ class QueueNode:
         return snapshot_bytes(self.machine)
 
     def restore(self, data: bytes) -> None:
-        self.machine = restore(data)
+        try:
+            machine = restore(data)
+            features.check_restored(machine.applied_index, machine.features, self.config.features)
+        except UpgradeRequiredError as exc:
+            logger.error("node %s: %s", self.config.node_id, exc)
+            raise
+        self.machine = machine
         if self.mirror is not None:
             self.mirror.notify(restored=True)
 
@@ -157,7 +163,11 @@ class QueueNode:
     async def start(self) -> None:
         """Recover from storage and start the tick loop."""
         self.cluster.addresses.setdefault(self.cluster.node_id, "")
-        await self.log.start()
+        try:
+            await self.log.start()
+        except UpgradeRequiredError:
+            await self.log.stop()  # its stored snapshot needs a newer release: let go
+            raise
         if self.mirror is not None:
             self.mirror.start()
         self.transport.start()

@@ -25,6 +25,7 @@ def take_snapshot(machine: QueueMachine) -> logpb.Snapshot:
         time_ms=machine.time_ms,
         next_job_id=machine.next_job_id,
         next_lease_id=machine.next_lease_id,
+        required_features=sorted(machine.features),
     )
     for name in sorted(machine.queues):
         queue = machine.queues[name]
@@ -90,6 +91,7 @@ def restore(data: bytes) -> QueueMachine:
     machine.time_ms = snap.time_ms
     machine.next_job_id = snap.next_job_id
     machine.next_lease_id = snap.next_lease_id
+    machine.features = set(snap.required_features)
     for qs in snap.queues:
         c = qs.counters
         queue = QueueState(

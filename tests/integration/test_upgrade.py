@@ -10,6 +10,7 @@ feature and the entry) while the others go on, and stop again on restart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pqueue import features
 from pqueue.client import Client
 from pqueue.commitlog import Result
-from pqueue.errors import FailedPreconditionError, NotLeaderError
+from pqueue.errors import FailedPreconditionError, NotLeaderError, UpgradeRequiredError
+from pqueue.replicated import ReplicatedLog
 from pqueue.snapshot import state_hash
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
@@ -165,3 +167,49 @@ async def test_an_old_replica_that_meets_a_newer_entry_stops_loudly_and_the_rest
     assert "shared" not in old.machine.queues
     stopped = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(f"log entry {entry} needs feature(s) 'shares'" in m for m in stopped), stopped
+
+
+async def test_an_old_replica_stops_at_a_snapshot_that_needs_a_feature_it_lacks(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind the leader's compacted log, the old node is sent a snapshot
+    whose state came from an entry needing 'shares': it must not install it."""
+    caplog.set_level(logging.ERROR, logger="pqueue.node")
+    leader = await _new_leader(cluster)
+    async with Client(cluster.addresses[leader], max_retries=0) as c:
+        await c.enqueue("plain", b"before")
+    await cluster.settled()
+    old_index = cluster.servers[OLD].node.machine.applied_index
+    await cluster.stop_node(OLD)
+    lead = cluster.servers[leader]
+    lead.node.check_features = lambda command: None  # type: ignore[method-assign]
+    for server in cluster.servers.values():  # both new nodes compact their logs
+        assert isinstance(server.node.log, ReplicatedLog)
+        server.node.log.config = dataclasses.replace(
+            server.node.log.config, snapshot_every_entries=4
+        )
+    log = lead.node.log
+    assert isinstance(log, ReplicatedLog)
+    async with Client(cluster.addresses[leader], max_retries=0) as c:
+        await c.create_queue("shared", SHARED)
+        for k in range(12):
+            await c.enqueue("shared", f"after-{k}")
+    await cluster.settled()
+    for server in cluster.servers.values():  # the old node must take a snapshot
+        assert isinstance(server.node.log, ReplicatedLog)
+        assert server.node.log.replica is not None
+        assert server.node.log.replica.snapshot_index > old_index + 1
+
+    await cluster.start_node(OLD)
+    old = cluster.servers[OLD].node
+    await asyncio.wait_for(old.log.failed.wait(), timeout=10)
+    assert old.machine.applied_index <= old_index  # the snapshot was not installed
+    assert "shared" not in old.machine.queues
+    stopped = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("needs feature(s) 'shares'" in m and "snapshot" in m for m in stopped), stopped
+
+    # It stored the snapshot before trying it: restarted, it refuses to start.
+    await cluster.stop_node(OLD)
+    with pytest.raises(UpgradeRequiredError, match="'shares'"):
+        await cluster.start_node(OLD)
+    await cluster.servers.pop(OLD).stop()

@@ -146,3 +146,17 @@ def test_announcements_round_trip_and_ignore_junk() -> None:
     assert features.parse_announcement("shares, Bad Name,\n,x" * 1) == {"shares", "x"}
     many = ",".join(f"f{i}" for i in range(10_000))
     assert len(features.parse_announcement(many)) <= features.MAX_ANNOUNCED
+
+
+def test_a_snapshot_remembers_every_feature_its_entries_needed() -> None:
+    machine = QueueMachine()
+    machine.apply_entry(
+        logpb.LogEntry(index=1, time_ms=5, commands=[_shared_queue()], required_features=["shares"])
+    )
+    machine.apply_entry(logpb.LogEntry(index=2, time_ms=6))
+    restored = restore(snapshot_bytes(machine))
+    assert restored.features == {"shares"}
+    assert snapshot_bytes(restored) == snapshot_bytes(machine)
+    features.check_restored(2, restored.features, features.SUPPORTED)
+    with pytest.raises(UpgradeRequiredError, match="the snapshot at entry 2 needs"):
+        features.check_restored(2, restored.features, features.SUPPORTED - {"shares"})
