@@ -73,8 +73,8 @@ class PeerService(ppbg.PeerServicer):
                     grpc.StatusCode.PERMISSION_DENIED,
                     "only the cluster's nodes (a token with the peer role) speak this protocol",
                 )
-        announced = _announcement(context.invocation_metadata())
-        heard: set[int] = set()
+        # One stream per peer: its header speaks for the sender of its first message.
+        announced: frozenset[str] | None = _announcement(context.invocation_metadata())
         async for batch in request_iterator:
             for wire in batch.messages:
                 try:
@@ -82,9 +82,9 @@ class PeerService(ppbg.PeerServicer):
                 except ValueError as exc:
                     logger.warning("dropping a malformed peer message: %s", exc)
                     continue
-                if self.announce is not None and msg.src not in heard:
-                    heard.add(msg.src)
+                if announced is not None and self.announce is not None:
                     self.announce(msg.src, announced)
+                    announced = None
                 self.deliver(msg)
         return ppb.PeerAck()
 
