@@ -24,11 +24,14 @@ from pqueue import features
 from pqueue.client import Client
 from pqueue.commitlog import Result
 from pqueue.errors import FailedPreconditionError, NotLeaderError, UpgradeRequiredError
+from pqueue.node import NodeConfig
 from pqueue.replicated import ReplicatedLog
+from pqueue.server import NodeServer, ServerConfig
 from pqueue.snapshot import state_hash
+from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
-from tests.inproc import Cluster
+from tests.inproc import Cluster, one_node
 
 OLD = 3
 OLD_FEATURES = features.SUPPORTED - {features.SHARES}
@@ -221,3 +224,55 @@ async def test_an_old_replica_stops_at_a_snapshot_that_needs_a_feature_it_lacks(
     with pytest.raises(UpgradeRequiredError, match="'shares'"):
         await cluster.start_node(OLD)
     await cluster.servers.pop(OLD).stop()
+
+
+async def test_a_newer_clients_unknown_fields_never_stop_a_replica(cluster: Cluster) -> None:
+    """Replicas stop at unknown fields in the log, so the leader must never put
+    a client's there: a field this release does not know is dropped (or the
+    call refused), and every node goes on serving."""
+    leader = await _new_leader(cluster)
+    follower = next(i for i in cluster.servers if i not in (leader, OLD))
+    field_99 = b"\x98\x06\x01"  # a field this release does not know
+    calls = {
+        "/pqueue.v1.Queue/Enqueue": pb.EnqueueRequest(queue="q", job=pb.JobSpec(payload=b"x")),
+        "/pqueue.v1.Admin/CreateQueue": pb.CreateQueueRequest(queue="newer"),
+        "/pqueue.v1.Queue/Ack": pb.AckRequest(
+            queue="q", leases=[pb.JobLease(job_id=1, lease_id=99)]
+        ),
+    }
+    codes = []
+    for address in (cluster.addresses[leader], cluster.addresses[follower]):
+        async with grpc.aio.insecure_channel(address) as ch:
+            for method, request in calls.items():
+                call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(method)
+                try:
+                    await call(request.SerializeToString() + field_99, timeout=10)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+    # Taken without the field, or refused as such (a stale ack: ABORTED).
+    assert set(codes) <= {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.ABORTED,
+    }, codes
+    async with Client(cluster.addresses[leader], max_retries=3) as c:
+        await c.enqueue("q", b"after")
+    await cluster.settled()
+    assert not any(s.node.log.failed.is_set() for s in cluster.servers.values())
+    assert len({state_hash(s.node.machine) for s in cluster.servers.values()}) == 1
+
+
+async def test_a_cluster_of_one_supports_what_it_has(tmp_path: Path) -> None:
+    config = NodeConfig(node_id="n1", features=OLD_FEATURES)
+    srv = NodeServer(SqliteStorage(tmp_path / "n1"), ServerConfig(grace_s=0.5), node_config=config)
+    await srv.start()
+    try:
+        async with Client(srv.address, max_retries=0) as c:
+            with pytest.raises(FailedPreconditionError, match="node 1 has not announced"):
+                await c.create_queue("shared", SHARED)
+            await c.create_queue("plain")
+    finally:
+        await srv.stop()
+    async with one_node(tmp_path / "new") as full, Client(full.address) as c:
+        await c.create_queue("shared", SHARED)  # every feature this release has
