@@ -8,8 +8,10 @@ diverging:
 1. **Announce.** Each node supports a set of features (``SUPPORTED`` in this
    release) and announces it to every peer, in the ``pq-features`` header of
    the peer stream it opens (``pqueue.peers``). A node whose stream carries no
-   header predates announcements and is taken to support ``LEGACY`` (what
-   that release understood); a member never heard from supports nothing.
+   header predates announcements, and a member not heard from since this
+   process started may too: both are taken to support ``LEGACY`` only (what
+   every release that can be a member understands), so any feature added
+   from now on waits for every member's announcement.
 2. **Gate.** The leader proposes a command only if every member supports
    every feature it needs (``required``); otherwise the call is refused with
    FAILED_PRECONDITION naming the feature and the nodes lacking it
@@ -21,6 +23,9 @@ diverging:
    log fails, the node reports NOT_SERVING and says to upgrade it. It applies
    neither that entry nor any after it, and stops the same way on every
    restart until it is upgraded. Diverging silently is never an option.
+   Snapshots carry the union of their entries' features
+   (``Snapshot.required_features``) and are refused the same way
+   (``check_restored``, ``check_snapshot``).
 
 A new command kind or field goes into ``FIELD_FEATURES`` with a new feature
 name added to ``SUPPORTED``; ``tests/unit/test_features.py`` fails until it
@@ -62,7 +67,10 @@ SUPPORTED: frozenset[str] = frozenset({TENANT_LIMITS, CALLER, SHARES, LEASED_TOT
 #: member understands these (the log carried them before announcements
 #: existed), so a member that is down does not make them unusable. A feature
 #: added from now on is *not* listed here: until every member announces it,
-#: the leader does not use it.
+#: the leader does not use it. (Development builds older than per-tenant
+#: quotas and shares cannot join a mixed cluster safely: they announce
+#: nothing and understand less than this. Bring them to the last release
+#: before announcements first.)
 LEGACY: frozenset[str] = frozenset({TENANT_LIMITS, CALLER, SHARES, LEASED_TOTAL})
 
 #: What each feature lets the leader do, as a refusal names it.
