@@ -96,6 +96,9 @@ async def test_the_leader_does_not_use_a_feature_an_old_member_lacks(cluster: Cl
         with pytest.raises(FailedPreconditionError):  # forwarded to the leader: same answer
             await c.create_queue("shared", SHARED)
         await c.enqueue("plain", b"via the old node")
+        assert list((await c.node_status()).features) == sorted(OLD_FEATURES)
+    async with Client(cluster.addresses[leader], max_retries=3) as c:
+        assert list((await c.node_status()).features) == sorted(features.SUPPORTED)
     await cluster.settled()
     for server in cluster.servers.values():
         assert "shared" not in server.node.machine.queues
