@@ -8,7 +8,8 @@
     ├── AlreadyExistsError           no                        ALREADY_EXISTS
     ├── LeaseLostError               no    (job_id)            ABORTED
     ├── FailedPreconditionError      no                        FAILED_PRECONDITION
-    │   └── NotLeaderError           yes   (leader_id, leader_address)
+    │   ├── NotLeaderError           yes   (leader_id, leader_address)
+    │   └── FeatureUnavailableError  no    (feature, nodes)    (rolling upgrade)
     ├── UnavailableError             yes   (retry_after_s)     UNAVAILABLE
     │   └── NotTakenError            yes   (retry_after_s)     (no leader, draining)
     ├── ResourceExhaustedError       hint  (retry_after_s)     RESOURCE_EXHAUSTED
@@ -16,8 +17,9 @@
     ├── PermissionDeniedError        no                        PERMISSION_DENIED
     ├── DeadlineExceededError        yes                       DEADLINE_EXCEEDED
     ├── RemoteError                  no    (code name)         anything else from a server
-    └── StorageError                 no                        (node-internal)
-        └── StorageCorruptError      no
+    ├── StorageError                 no                        (node-internal)
+    │   └── StorageCorruptError      no
+    └── UpgradeRequiredError         no    (index, features)   (node-internal)
 
 Domain code raises these; the servicer turns them into gRPC statuses
 (``pqueue.server.status``) and the client turns statuses back into them
@@ -75,6 +77,16 @@ class NotLeaderError(FailedPreconditionError):
         super().__init__(message)
         self.leader_id = leader_id
         self.leader_address = leader_address
+
+
+class FeatureUnavailableError(FailedPreconditionError):
+    """The call needs a log feature that some members have not announced (a
+    rolling upgrade is not finished): ``feature`` and the ``nodes`` lacking it."""
+
+    def __init__(self, message: str, feature: str = "", nodes: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.feature = feature
+        self.nodes = nodes
 
 
 class UnavailableError(PQueueError):
@@ -137,3 +149,18 @@ class StorageError(PQueueError):
 
 class StorageCorruptError(StorageError):
     """Stored data fails its checksum or does not decode, away from the torn tail."""
+
+
+class UpgradeRequiredError(PQueueError):
+    """A chosen log entry (or snapshot) needs what this node's release cannot
+    apply: the node stops before applying it (node-internal, never sent)."""
+
+    def __init__(self, index: int, features: list[str], what: str) -> None:
+        super().__init__(
+            f"{what}: a newer leader wrote it. This node stopped before applying it "
+            "(and anything after it) rather than diverge from the other nodes. Upgrade "
+            "this node to the release the others run and start it again: it resumes "
+            f"at entry {index}."
+        )
+        self.index = index
+        self.features = features

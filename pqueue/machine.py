@@ -60,6 +60,9 @@ class QueueMachine:
         self.next_lease_id = 1
         self.applied_index = 0
         self.time_ms = 0
+        #: Every feature the entries applied so far needed (their
+        #: ``required_features``): a snapshot of this state needs them too.
+        self.features: set[str] = set()
         #: (ready_at_ms, job_id, token) of DELAYED jobs, all queues.
         self._delayed: list[tuple[int, int, int]] = []
         #: (expires_at_ms, lease_id, job_id) of LEASED jobs, all queues.
@@ -101,6 +104,7 @@ class QueueMachine:
         now = max(entry.time_ms, self.time_ms)  # time never runs backwards
         self.time_ms = now
         self.applied_index = entry.index
+        self.features.update(entry.required_features)
         self.advance(now)
         return [self.apply_command(cmd, now) for cmd in entry.commands]
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
+from pqueue import features
 from pqueue.auth import TokenSource
 from pqueue.commitlog import CommandLog, LogObserver, Result
-from pqueue.errors import PQueueError
+from pqueue.errors import FeatureUnavailableError, PQueueError, UpgradeRequiredError
 from pqueue.machine import QueueMachine
 from pqueue.mirror import JobsMirror, MirrorStore
 from pqueue.peers import PeerTransport
@@ -48,6 +49,9 @@ class NodeConfig:
     snapshot_every_entries: int = 10_000
     #: Ticks are proposed at most this often, whatever falls due.
     min_tick_interval_ms: int = 20
+    #: The log features this node applies and announces. Only tests set it,
+    #: to play an older release (``pqueue.features``).
+    features: frozenset[str] = features.SUPPORTED
 
     def __post_init__(self) -> None:
         if self.snapshot_every_entries < 1:
@@ -78,7 +82,11 @@ class QueueNode:
             cluster, snapshot_every_entries=self.config.snapshot_every_entries
         )
         self.cluster = cluster
-        self.transport = PeerTransport(cluster.node_id, cluster.addresses, tls, peer_token)
+        self.transport = PeerTransport(
+            cluster.node_id, cluster.addresses, tls, peer_token, self.config.features
+        )
+        #: Each member's announced features (this node's own included).
+        self.announced: dict[int, frozenset[str]] = {cluster.node_id: self.config.features}
         self.log: CommandLog = ReplicatedLog(
             storage, self, clock_ms, cluster, self.transport.send, observer
         )
@@ -101,6 +109,12 @@ class QueueNode:
         return not (self.draining or self.log.failed.is_set()) and self.storage.available
 
     def apply(self, entry: logpb.LogEntry) -> list[Result]:
+        try:
+            features.check_entry(entry, self.config.features)
+        except UpgradeRequiredError as exc:
+            # Raised, the log fails: nothing of this entry or after it applies.
+            logger.error("node %s: %s", self.config.node_id, exc)
+            raise
         results = self.machine.apply_entry(entry)
         if self.mirror is not None:
             self.mirror.notify()
@@ -129,7 +143,13 @@ class QueueNode:
         return snapshot_bytes(self.machine)
 
     def restore(self, data: bytes) -> None:
-        self.machine = restore(data)
+        try:
+            machine = restore(data)
+            features.check_restored(machine.applied_index, machine.features, self.config.features)
+        except UpgradeRequiredError as exc:
+            logger.error("node %s: %s", self.config.node_id, exc)
+            raise
+        self.machine = machine
         if self.mirror is not None:
             self.mirror.notify(restored=True)
 
@@ -144,7 +164,11 @@ class QueueNode:
     async def start(self) -> None:
         """Recover from storage and start the tick loop."""
         self.cluster.addresses.setdefault(self.cluster.node_id, "")
-        await self.log.start()
+        try:
+            await self.log.start()
+        except UpgradeRequiredError:
+            await self.log.stop()  # its stored snapshot needs a newer release: let go
+            raise
         if self.mirror is not None:
             self.mirror.start()
         self.transport.start()
@@ -193,8 +217,45 @@ class QueueNode:
     # ----------------------------------------------------------- commands
 
     async def propose(self, command: logpb.Command) -> Message:
-        """The command's result once it is durable and applied."""
+        """The command's result once it is durable and applied.
+
+        Fields this release does not know are dropped (a newer client's: this
+        leader could not apply them either, and a replica that meets unknown
+        fields in the log stops). A command needing a feature some member has
+        not announced is refused (``FeatureUnavailableError``).
+        """
+        command.DiscardUnknownFields()
+        self.check_features(command)
         return await self.log.submit(command)
+
+    def check_features(self, command: logpb.Command) -> None:
+        """Refuse ``command`` if a member may not be able to apply it."""
+        needed = features.required(command)
+        if not needed:
+            return
+        gap = features.lacking(needed, self.cluster.addresses, self.announced)
+        if gap is not None:
+            feature, nodes = gap
+            raise FeatureUnavailableError(
+                features.unavailable(feature, nodes, self.announced), feature, nodes
+            )
+
+    def note_features(self, node: int, supported: frozenset[str]) -> None:
+        """A peer announced what it supports (on each stream it opens)."""
+        if node == self.cluster.node_id or node not in self.cluster.addresses:
+            return
+        if self.announced.get(node) != supported:
+            self.announced[node] = supported
+            missing = sorted(self.config.features - supported)
+            logger.info(
+                "node %s: node %d supports %s%s",
+                self.config.node_id,
+                node,
+                features.announce(supported) or "no features",
+                f"; it lacks {', '.join(missing)}, which stay unused until it is upgraded"
+                if missing
+                else "",
+            )
 
     async def lease(
         self, req: pb.LeaseRequest, bound: logpb.TenantLimits | None = None

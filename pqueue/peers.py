@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import grpc
 
 from consensus.messages import Message
-from pqueue import limits
+from pqueue import features, limits
 from pqueue.access import AUTHORIZATION_KEY, bearer
 from pqueue.auth import PEER, Principal, TokenSource, Verifier, current_token, node_subject
 from pqueue.errors import UnauthenticatedError
@@ -49,9 +49,14 @@ class PeerService(ppbg.PeerServicer):
     """Receives peers' streams and hands each message on."""
 
     def __init__(
-        self, deliver: Callable[[Message], None], verifier: Verifier | None = None
+        self,
+        deliver: Callable[[Message], None],
+        verifier: Verifier | None = None,
+        announce: Callable[[int, frozenset[str]], None] | None = None,
     ) -> None:
         self.deliver = deliver
+        #: Told what each sender supports (its stream's ``pq-features`` header).
+        self.announce = announce
         #: With auth on, only a token with the ``peer`` role may send: consensus
         #: trusts its peers, so a stranger's messages could decide the log. The
         #: token names the one node it speaks for (``sub`` = ``node:<id>``).
@@ -68,6 +73,8 @@ class PeerService(ppbg.PeerServicer):
     ) -> ppb.PeerAck:
         caller = await self._authenticate(context)
         sender = caller.node_id if caller is not None else None
+        # One stream per peer: its header speaks for the sender of its first message.
+        announced: frozenset[str] | None = _announcement(context.invocation_metadata())
         async for batch in request_iterator:
             if caller is not None and self.verifier is not None:
                 try:  # a stream outlives its first check: expiry and revocation end it
@@ -95,6 +102,9 @@ class PeerService(ppbg.PeerServicer):
                             self.spoofed,
                         )
                     continue
+                if announced is not None and self.announce is not None:
+                    self.announce(msg.src, announced)
+                    announced = None
                 self.deliver(msg)
         return ppb.PeerAck()
 
@@ -126,6 +136,14 @@ class PeerService(ppbg.PeerServicer):
                 "a peer token must name its node (sub node:<id>; pq token issue --node-id N)",
             )
         return caller
+
+
+def _announcement(metadata: Any) -> frozenset[str]:
+    """The features a peer stream's header announces (none: ``LEGACY``)."""
+    for key, value in metadata or ():
+        if key == features.FEATURES_KEY and isinstance(value, str):
+            return features.parse_announcement(value)
+    return features.parse_announcement(None)
 
 
 class _Link:
@@ -185,20 +203,27 @@ class PeerTransport:
         addresses: dict[int, str],
         tls: Tls | None = None,
         token: TokenSource | None = None,
+        supported: Collection[str] = features.SUPPORTED,
     ) -> None:
         self.node_id = node_id
         #: This node's peer token (role ``peer``), when the cluster checks tokens:
         #: a string, or a ``TokenFile`` re-read when it changes (rotation).
         self.token = token
+        #: The log features this node supports (each stream announces them).
+        self.supported = supported
         #: With mutual TLS, this node's certificate is its identity to the peers.
         self.tls = tls
         self._addresses = addresses
         self._links: dict[int, _Link] = {}
 
     def metadata(self) -> Metadata:
-        """What a stream to a peer carries: this node's token as it is now."""
+        """What a stream to a peer carries: this node's token as it is now, and
+        the log features this node supports."""
         token = current_token(self.token)
-        return ((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()
+        return (
+            *(((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()),
+            (features.FEATURES_KEY, features.announce(self.supported)),
+        )
 
     def start(self) -> None:
         """Start one sender per peer (addresses are read now: ports may bind late)."""

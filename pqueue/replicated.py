@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from consensus import Config, DurableState, Replica, Role
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
+from pqueue import features
 from pqueue.commitlog import Applier, LogObserver, LogStatus, NoObserver, Proposals, Result
 from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
 from pqueue.identity import claim_identity
@@ -291,6 +292,8 @@ class ReplicatedLog:
                 index=replica.next_slot,
                 time_ms=self._last_time_ms,
                 commands=[cmd for cmd, _ in batch],
+                # What a replica must understand to apply it (checked on apply).
+                required_features=features.required_by(cmd for cmd, _ in batch),
             )
             data = entry.SerializeToString()
             slot = replica.propose(data)

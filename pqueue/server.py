@@ -182,7 +182,7 @@ class NodeServer:
         pbg.add_QueueServicer_to_server(queue, server)
         pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), server)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
-            self.peers = PeerService(self.node.log.on_message, verifier)
+            self.peers = PeerService(self.node.log.on_message, verifier, self.node.note_features)
             ppbg.add_PeerServicer_to_server(self.peers, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -390,6 +390,7 @@ class AdminService(_Base, pbg.AdminServicer):
             ballot_round=st.ballot[0],
             not_serving=not self.node.serving,
             load=self._load(st),
+            features=sorted(self.node.config.features),
         )
 
     def __init__(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from pqueue import limits
+from pqueue.features import check_snapshot
 from pqueue.jobs import READY, Counters, Job, QueueState
 from pqueue.machine import QueueMachine
 from pqueue.v1 import log_pb2 as logpb
@@ -24,6 +25,7 @@ def take_snapshot(machine: QueueMachine) -> logpb.Snapshot:
         time_ms=machine.time_ms,
         next_job_id=machine.next_job_id,
         next_lease_id=machine.next_lease_id,
+        required_features=sorted(machine.features),
     )
     for name in sorted(machine.queues):
         queue = machine.queues[name]
@@ -83,11 +85,13 @@ def state_hash(machine: QueueMachine) -> str:
 def restore(data: bytes) -> QueueMachine:
     """A machine in exactly the state the snapshot bytes describe."""
     snap = logpb.Snapshot.FromString(data)
+    check_snapshot(snap)  # a newer release's snapshot: stop, never drop its fields
     machine = QueueMachine()
     machine.applied_index = snap.index
     machine.time_ms = snap.time_ms
     machine.next_job_id = snap.next_job_id
     machine.next_lease_id = snap.next_lease_id
+    machine.features = set(snap.required_features)
     for qs in snap.queues:
         c = qs.counters
         queue = QueueState(

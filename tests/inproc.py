@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.auth import PEER, TokenSource, Verifier, issue, node_subject
+from pqueue.node import NodeConfig
 from pqueue.replicated import ClusterConfig
 from pqueue.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
@@ -46,8 +47,11 @@ class Cluster:
         tls: Callable[[int], Tls] | None = None,
         verifier: Verifier | None = None,
         peer_token: str | Callable[[int], TokenSource] | None = None,
+        features: dict[int, frozenset[str]] | None = None,
     ) -> None:
         self.root = root
+        #: Per node, the log features it supports (to play an older release).
+        self.features = features or {}
         self.metrics = metrics
         self.tls = tls
         self.verifier = verifier
@@ -68,6 +72,11 @@ class Cluster:
                 tls=self.tls(i) if self.tls is not None else None,
                 verifier=self.verifier,
                 peer_token=self.peer_token(i) if callable(self.peer_token) else self.peer_token,
+            ),
+            node_config=(
+                NodeConfig(node_id=f"n{i}", features=self.features[i])
+                if i in self.features
+                else None
             ),
             cluster=config,
         )

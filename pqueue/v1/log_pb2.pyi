@@ -188,20 +188,30 @@ class LogEntry(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     TIME_MS_FIELD_NUMBER: _builtins.int
     COMMANDS_FIELD_NUMBER: _builtins.int
+    REQUIRED_FEATURES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     time_ms: _builtins.int
     @_builtins.property
     def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___Command]: ...
+    @_builtins.property
+    def required_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What a replica must understand to apply this entry (pqueue/features.py),
+        stamped by the leader from the commands' fields. A replica that does not
+        support one of them stops instead of applying the entry. Absent from
+        entries of releases before announcements: those use only their features.
+        """
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         time_ms: _builtins.int = ...,
         commands: _abc.Iterable[Global___Command] | None = ...,
+        required_features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "index", b"index", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "index", b"index", "required_features", b"required_features", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -383,6 +393,7 @@ class Snapshot(_message.Message):
     NEXT_JOB_ID_FIELD_NUMBER: _builtins.int
     NEXT_LEASE_ID_FIELD_NUMBER: _builtins.int
     QUEUES_FIELD_NUMBER: _builtins.int
+    REQUIRED_FEATURES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     time_ms: _builtins.int
     next_job_id: _builtins.int
@@ -390,6 +401,12 @@ class Snapshot(_message.Message):
     @_builtins.property
     def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueSnapshot]:
         """Ordered by name."""
+
+    @_builtins.property
+    def required_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every feature the entries applied so far needed (sorted): a replica must
+        support them all to restore this state (pqueue/features.py).
+        """
 
     def __init__(
         self,
@@ -399,10 +416,11 @@ class Snapshot(_message.Message):
         next_job_id: _builtins.int = ...,
         next_lease_id: _builtins.int = ...,
         queues: _abc.Iterable[Global___QueueSnapshot] | None = ...,
+        required_features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "next_job_id", b"next_job_id", "next_lease_id", b"next_lease_id", "queues", b"queues", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "next_job_id", b"next_job_id", "next_lease_id", b"next_lease_id", "queues", b"queues", "required_features", b"required_features", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

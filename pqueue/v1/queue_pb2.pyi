@@ -1228,6 +1228,7 @@ class NodeStatusResponse(_message.Message):
     BALLOT_ROUND_FIELD_NUMBER: _builtins.int
     NOT_SERVING_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     """0 for a single node without replication."""
     address: _builtins.str
@@ -1258,6 +1259,12 @@ class NodeStatusResponse(_message.Message):
     def load(self) -> Global___NodeLoad:
         """What balancers weigh this node by."""
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The log features this node's release supports (sorted; see README,
+        "Upgrades"): a rolling upgrade is done when every node lists the same.
+        """
+
     def __init__(
         self,
         *,
@@ -1275,10 +1282,11 @@ class NodeStatusResponse(_message.Message):
         ballot_round: _builtins.int = ...,
         not_serving: _builtins.bool = ...,
         load: Global___NodeLoad | None = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "commit_index", b"commit_index", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "node_id", b"node_id", "not_serving", b"not_serving", "peers", b"peers", "pending", b"pending", "role", b"role", "snapshot_index", b"snapshot_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "commit_index", b"commit_index", "features", b"features", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "node_id", b"node_id", "not_serving", b"not_serving", "peers", b"peers", "pending", b"pending", "role", b"role", "snapshot_index", b"snapshot_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

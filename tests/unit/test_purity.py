@@ -16,6 +16,7 @@ PURE_MODULES = [
     "pqueue/limits.py",
     "pqueue/snapshot.py",
     "pqueue/errors.py",
+    "pqueue/features.py",
     "consensus/messages.py",
     "consensus/replica.py",
     "balancer/picker.py",
