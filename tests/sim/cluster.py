@@ -86,6 +86,7 @@ class SimNode:
         self.replica = sim.replica_cls(self.config, random.Random(sim.rng.random()))
         self.app = App()
         self.pending: dict[int, bytes] = {}  # slot -> value we proposed there
+        self.read_states: list[tuple[int, int]] = []  # confirmed read indexes
 
     def crash(self) -> None:
         self.up = False
@@ -111,6 +112,7 @@ class SimNode:
     def take_ready(self) -> None:
         was_leader = self.replica.role is Role.LEADER
         ready = self.replica.ready()
+        self.read_states += ready.read_states
         if not ready.empty():
             self.unsynced.append(ready)
         if not was_leader and self.replica.role is Role.LEADER:
