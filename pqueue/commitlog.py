@@ -117,6 +117,15 @@ class CommandLog(Protocol):
     def not_leader_error(self) -> PQueueError:
         """The error for a command this node cannot take (leader hint inside)."""
 
+    async def transfer_leadership(self, timeout_s: float) -> bool:
+        """Hand leadership to another node; True once another node leads."""
+
+    async def read_barrier(self, timeout_s: float = 5.0) -> int:
+        """On the leader: wait until a linearizable read may be served; the read index."""
+
+    async def wait_applied(self, index: int, timeout_s: float) -> None:
+        """Wait until the state has applied up to ``index`` (read your writes)."""
+
 
 Pending = tuple[logpb.Command, "asyncio.Future[Result]"]
 
