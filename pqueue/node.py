@@ -195,6 +195,10 @@ class QueueNode:
         """The command's result once it is durable and applied."""
         return await self.log.submit(command)
 
+    async def propose_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``propose``, with the log index of the entry that applied it."""
+        return await self.log.submit_indexed(command)
+
     async def lease(
         self, req: pb.LeaseRequest, bound: logpb.TenantLimits | None = None
     ) -> pb.LeaseResponse:

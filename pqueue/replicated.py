@@ -24,7 +24,15 @@ from google.protobuf.message import Message
 from consensus import Config, DurableState, Replica, Role
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
-from pqueue.commitlog import Applier, LogObserver, LogStatus, NoObserver, Proposals, Result
+from pqueue.commitlog import (
+    Applier,
+    Indexed,
+    LogObserver,
+    LogStatus,
+    NoObserver,
+    Proposals,
+    Result,
+)
 from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
@@ -77,7 +85,7 @@ class ReplicatedLog:
         self._send = send
         self.replica: Replica | None = None
         self._proposals = Proposals()
-        self._inflight: dict[int, tuple[bytes, list[asyncio.Future[Result]]]] = {}
+        self._inflight: dict[int, tuple[bytes, list[asyncio.Future[Indexed]]]] = {}
         self._wake = self._proposals.wake
         self._tasks: list[asyncio.Task[None]] = []
         self._accepting = False
@@ -207,13 +215,17 @@ class ReplicatedLog:
         return NotTakenError("no leader yet", retry_after_s=0.5)
 
     async def submit(self, command: logpb.Command) -> Message:
+        return (await self.submit_indexed(command))[0]
+
+    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``submit``, with the log index of the entry that applied the command."""
         if not self._accepting:
             raise NotTakenError("node is not accepting writes", retry_after_s=1.0)
         if not self.is_leader:
             raise self.not_leader_error()
         if not self._storage.available:
             raise NotTakenError("storage is unreachable; retrying", retry_after_s=1.0)
-        return await self._proposals.submit(command)
+        return await self._proposals.submit_indexed(command)
 
     async def transfer_leadership(self, timeout_s: float) -> bool:
         """Hand leadership to the most up-to-date peer before going away.
@@ -475,12 +487,12 @@ class ReplicatedLog:
         if data == value:
             for fut, result in zip(futures, results, strict=True):
                 if not fut.done():
-                    fut.set_result(result)
+                    fut.set_result((result, slot))
             return
         self._fail_slot(slot, "leadership changed before the command committed", futures)
 
     def _fail_slot(
-        self, slot: int, why: str, futures: list[asyncio.Future[Result]] | None = None
+        self, slot: int, why: str, futures: list[asyncio.Future[Indexed]] | None = None
     ) -> None:
         """Fail a slot's callers (retriable: with an idempotency key, retry)."""
         if futures is None:
