@@ -113,6 +113,8 @@ class SimNode:
         was_leader = self.replica.role is Role.LEADER
         ready = self.replica.ready()
         self.read_states += ready.read_states
+        for ctx, index in ready.read_states:
+            self.sim.checker.on_read(self.id, ctx, index)
         if not ready.empty():
             self.unsynced.append(ready)
         if not was_leader and self.replica.role is Role.LEADER:
@@ -175,6 +177,9 @@ class Simulation:
         self.flapping: tuple[int, int] | None = None
         self.ops: dict[bytes, int | None] = {}  # value -> acked slot
         self._next_op = 0
+        # Reads draw from their own stream, so they perturb the runs little.
+        self.read_rng = random.Random(seed ^ 0x5EAD)
+        self._next_read = 0
 
     # ----------------------------------------------------------- plumbing
 
@@ -230,10 +235,17 @@ class Simulation:
             self.checker.check_prefixes({i: n.app.values for i, n in self.nodes.items()})
 
     def _client(self, new_ops: bool) -> None:
-        """Propose a new operation, or retry one not yet acknowledged."""
+        """Propose a new operation, or retry one not yet acknowledged; maybe read."""
         leaders = self.leaders()
         if not leaders:
             return
+        if self.read_rng.random() < 0.2:
+            # A linearizable read at any node that believes it leads (a stale
+            # leader included): its read index must cover every ack so far.
+            self._next_read += 1
+            reader = self.read_rng.choice(leaders)
+            if reader.replica.read_index(self._next_read):
+                self.checker.on_read_start(self._next_read)
         leader = self.rng.choice(leaders)
         waiting = [v for v, slot in self.ops.items() if slot is None]
         if waiting and (not new_ops or self.rng.random() < 0.3):
