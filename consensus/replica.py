@@ -314,6 +314,8 @@ class Replica:
 
     def step(self, msg: Message) -> None:
         """Handle one message addressed to this node."""
+        if isinstance(msg, CatchupReply | InstallSnapshot):
+            self.catchup_progress_elapsed = 0  # catching up: see _campaign
         match msg:
             case Prepare():
                 self._on_prepare(msg)

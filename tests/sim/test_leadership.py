@@ -6,8 +6,10 @@ each test states what an operator would see.
 
 from __future__ import annotations
 
-from consensus.messages import Heartbeat, HeartbeatReply
-from consensus.replica import Role
+import random
+
+from consensus.messages import CatchupReply, Heartbeat, HeartbeatReply, PreVote
+from consensus.replica import Config, Replica, Role
 from tests.sim.cluster import Faults, SimNode, Simulation
 
 #: Client traffic and a reliable network; partitions only where a test makes them.
@@ -160,3 +162,33 @@ def test_a_cut_off_leader_never_confirms_a_read() -> None:
     mine_confirmed = [index for ctx, index in new[0].read_states if ctx == mine + 5]
     assert len(mine_confirmed) == 1
     assert mine_confirmed[0] >= leader.replica.commit_index
+
+
+def _pre_votes(replica: Replica) -> list[PreVote]:
+    return [m for m in replica.ready().messages if isinstance(m, PreVote)]
+
+
+def _far_behind_follower() -> Replica:
+    """Node 3, told by leader 1 that 1,000 slots are chosen; it holds none."""
+    replica = Replica(Config(node_id=3, nodes=(1, 2, 3)), random.Random(1))
+    replica.step(Heartbeat(1, 3, (1, 1), 1000))
+    replica.ready()
+    return replica
+
+
+def test_a_node_still_catching_up_does_not_campaign() -> None:
+    replica = _far_behind_follower()
+    sent: list[PreVote] = []
+    for slot in range(1, 200):  # the leader is gone, catch-up data still flows
+        replica.step(CatchupReply(2, 3, ((slot, b"x"),), 1000))
+        replica.tick()
+        sent += _pre_votes(replica)
+    assert replica.commit_index == 199
+    assert sent == []
+    # Once the data stops, it may ask (voters judge it by its commit index).
+    for _ in range(3 * replica.config.election_ticks):
+        replica.tick()
+        sent += _pre_votes(replica)
+    assert sent
+    assert {m.commit_index for m in sent} == {199}
+    assert replica.promised == (1, 1)  # asking raised nothing
