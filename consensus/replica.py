@@ -256,6 +256,10 @@ class Replica:
         self._maybe_timeout_now()
         return target
 
+    def abort_transfer(self) -> None:
+        """Give up a leadership transfer: take proposals again."""
+        self.transfer_target = self.transfer_elapsed = 0
+
     def read_index(self, ctx: int) -> bool:
         """Ask for a linearizable read point; False if we do not lead.
 

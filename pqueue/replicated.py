@@ -235,13 +235,22 @@ class ReplicatedLog:
         meanwhile wait, then go to the new leader as not-leader errors.
         """
         replica = self.replica
-        if replica is None or not self.is_leader:
+        if replica is None or not self.is_leader or len(replica.config.nodes) == 1:
             return False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         self._handing_over = True
         try:
-            return await self._hand_over(replica, deadline)
+            handed = await self._hand_over(replica, deadline)
+            if not handed and replica.role is Role.LEADER:
+                replica.abort_transfer()  # lead on: take commands again
+                self._wake.set()
+                logger.warning(
+                    "node %d could not hand leadership over in %.1f s",
+                    self.config.node_id,
+                    timeout_s,
+                )
+            return handed
         finally:
             self._handing_over = False
             if not self.is_leader and self._proposals:

@@ -210,15 +210,10 @@ class NodeServer:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.wait([self._watch])
-        if self.node.log.is_leader:
-            # Hand over first, while still serving: writes stall for one
-            # round trip instead of an election timeout after we are gone.
-            handed = await self.node.log.transfer_leadership(TRANSFER_TIMEOUT_S)
-            logger.info(
-                "node %s %s leadership",
-                self.node.config.node_id,
-                "handed over" if handed else "could not hand over",
-            )
+        # A leader hands over first, while still serving: writes stall for
+        # one round trip instead of an election timeout after we are gone.
+        if self.node.log.is_leader and await self.node.log.transfer_leadership(TRANSFER_TIMEOUT_S):
+            logger.info("node %s handed over leadership", self.node.config.node_id)
         await self.health.enter_graceful_shutdown()
         self.node.begin_drain()
         await self._server.stop(self.config.grace_s)
