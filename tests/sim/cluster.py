@@ -160,6 +160,7 @@ class Simulation:
         replica_cls: type[Replica] = Replica,
         snapshot_every: int = 25,
         ack_on_propose: bool = False,
+        transfer_rate: float = 0.01,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -167,6 +168,8 @@ class Simulation:
         self.replica_cls = replica_cls
         self.snapshot_every = snapshot_every
         self.ack_on_propose = ack_on_propose  # a planted bug: reply before commit
+        #: Per client step: the chance a leader is asked to hand leadership over.
+        self.transfer_rate = transfer_rate
         self.checker = Checker()
         ids = tuple(range(1, nodes + 1))
         self.nodes = {i: SimNode(i, ids, self) for i in ids}
@@ -246,6 +249,9 @@ class Simulation:
             reader = self.read_rng.choice(leaders)
             if reader.replica.read_index(self._next_read):
                 self.checker.on_read_start(self._next_read)
+        if self.read_rng.random() < self.transfer_rate:
+            # An operator stops the leader gracefully: it hands leadership over.
+            self.read_rng.choice(leaders).replica.transfer_leadership()
         leader = self.rng.choice(leaders)
         waiting = [v for v, slot in self.ops.items() if slot is None]
         if waiting and (not new_ops or self.rng.random() < 0.3):

@@ -34,7 +34,7 @@ def _isolate(sim: Simulation, node: int) -> None:
 
 def test_a_node_cut_off_for_long_does_not_depose_the_leader_when_it_returns() -> None:
     for seed in range(5):
-        sim = Simulation(seed, faults=QUIET)
+        sim = Simulation(seed, faults=QUIET, transfer_rate=0)
         leader = _leader(sim)
         ballot = leader.replica.ballot
         follower = next(n for n in sim.nodes.values() if n is not leader)
@@ -55,7 +55,7 @@ def test_a_node_cut_off_for_long_does_not_depose_the_leader_when_it_returns() ->
 
 
 def test_a_restarted_node_does_not_depose_the_leader() -> None:
-    sim = Simulation(11, faults=QUIET)
+    sim = Simulation(11, faults=QUIET, transfer_rate=0)
     leader = _leader(sim)
     ballot = leader.replica.ballot
     follower = next(n for n in sim.nodes.values() if n is not leader)
@@ -70,7 +70,7 @@ def test_a_restarted_node_does_not_depose_the_leader() -> None:
 
 
 def test_a_node_behind_the_majority_cannot_win_a_pre_vote() -> None:
-    sim = Simulation(3, faults=QUIET)
+    sim = Simulation(3, faults=QUIET, transfer_rate=0)
     leader = _leader(sim)
     behind = next(n for n in sim.nodes.values() if n is not leader)
     _isolate(sim, behind.id)
@@ -90,7 +90,7 @@ def test_a_node_behind_the_majority_cannot_win_a_pre_vote() -> None:
 
 def test_leadership_transfer_hands_over_without_losing_an_acknowledged_write() -> None:
     for seed in range(5):
-        sim = Simulation(seed, faults=QUIET)
+        sim = Simulation(seed, faults=QUIET, transfer_rate=0)
         old = _leader(sim)
         target = old.replica.transfer_leadership()
         assert target
@@ -108,7 +108,7 @@ def test_leadership_transfer_hands_over_without_losing_an_acknowledged_write() -
 
 
 def test_a_transfer_to_an_unreachable_target_is_abandoned() -> None:
-    sim = Simulation(5, faults=QUIET)
+    sim = Simulation(5, faults=QUIET, transfer_rate=0)
     leader = _leader(sim)
     target = next(i for i in sim.nodes if i != leader.id)
     _isolate(sim, target)
@@ -121,7 +121,7 @@ def test_a_transfer_to_an_unreachable_target_is_abandoned() -> None:
 
 
 def test_read_index_needs_a_majority_round_after_the_read() -> None:
-    sim = Simulation(8, faults=QUIET)
+    sim = Simulation(8, faults=QUIET, transfer_rate=0)
     leader = _leader(sim)
     for _ in range(50):
         sim.step(faulty=True)
@@ -141,7 +141,7 @@ def test_read_index_needs_a_majority_round_after_the_read() -> None:
 
 
 def test_a_cut_off_leader_never_confirms_a_read() -> None:
-    sim = Simulation(9, faults=QUIET)
+    sim = Simulation(9, faults=QUIET, transfer_rate=0)
     leader = _leader(sim)
     mine = 10**9  # apart from the simulated clients' own read ids
     _isolate(sim, leader.id)
