@@ -166,6 +166,9 @@ class _Base:
             raise TypeError(f"{command.WhichOneof('kind')} gave {type(result).__name__}")
         if "log_index" in result.DESCRIPTOR.fields_by_name:
             result.log_index = index  # type: ignore[attr-defined]  # read your writes
+        if isinstance(result, pb.EnqueueBatchResponse):
+            for each in result.results:  # each job's answer says it too
+                each.log_index = index
         return result
 
     async def _read_point(
@@ -207,9 +210,7 @@ class QueueService(_Base, pbg.QueueServicer):
             caller=access.caller(principal.get()),
         )
         result = await self._propose(command, pb.EnqueueBatchResponse)
-        response = result.results[0]
-        response.log_index = result.log_index
-        return response
+        return result.results[0]
 
     @rpc
     @on_leader
