@@ -59,7 +59,7 @@ def _yes(_: bytes) -> bool:
 
 
 def _consistent_leads(
-    message: type[pb.GetJobRequest] | type[pb.StatsRequest],
+    message: type[pb.GetJobRequest] | type[pb.StatsRequest] | type[pb.ListDeadRequest],
 ) -> Callable[[bytes], Kind]:
     def kind_of(data: bytes) -> Kind:
         try:
@@ -93,7 +93,11 @@ def _lease_wait_s(data: bytes) -> float:
 
 
 _READS = {"GetJob", "Stats", "ListQueues", "ListDead", "NodeStatus"}
-_CONSISTENT = {"GetJob": pb.GetJobRequest, "Stats": pb.StatsRequest}
+_CONSISTENT = {
+    "GetJob": pb.GetJobRequest,
+    "Stats": pb.StatsRequest,
+    "ListDead": pb.ListDeadRequest,
+}
 _IDEMPOTENT_WRITES = {"Enqueue": _enqueue_keyed, "EnqueueBatch": _batch_keyed}
 
 

@@ -34,6 +34,9 @@ class Prepare:
     dst: int
     ballot: Ballot
     from_slot: int
+    #: Sent on the leader's TimeoutNow (leadership transfer): voters must not
+    #: refuse it for having a live leader (that leader asked for it).
+    transfer: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,8 @@ class Heartbeat:
     dst: int
     ballot: Ballot
     commit_index: int
+    #: The leader's read round (read index): echoed in the reply.
+    ctx: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,8 @@ class HeartbeatReply:
     ok: bool
     promised: Ballot
     commit_index: int
+    #: The read round of the heartbeat this answers.
+    ctx: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +133,41 @@ class InstallSnapshot:
     commit_index: int
 
 
+@dataclass(frozen=True, slots=True)
+class PreVote:
+    """Would you grant me phase 1? Changes nothing on the voter (no promise).
+
+    ``ballot`` is the ballot the candidate would prepare with.
+    """
+
+    src: int
+    dst: int
+    ballot: Ballot
+    commit_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreVoteReply:
+    """A pre-vote answer; ``promised`` lets the candidate pick a ballot above it."""
+
+    src: int
+    dst: int
+    ballot: Ballot
+    ok: bool
+    promised: Ballot
+    commit_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutNow:
+    """Leadership transfer: the leader (at ``ballot``) asks the target to run
+    phase 1 at once, skipping pre-vote."""
+
+    src: int
+    dst: int
+    ballot: Ballot
+
+
 Message = (
     Prepare
     | Promise
@@ -136,6 +178,9 @@ Message = (
     | CatchupRequest
     | CatchupReply
     | InstallSnapshot
+    | PreVote
+    | PreVoteReply
+    | TimeoutNow
 )
 
 
@@ -157,6 +202,9 @@ class Ready:
     committed: list[tuple[int, bytes]] = field(default_factory=list)
     #: The commit index to persist (a hint that spares a restart some catch-up).
     commit_index: int | None = None
+    #: Confirmed read indexes: ``(ctx, index)`` per ``Replica.read_index`` call.
+    #: A read may be served once the state has applied up to ``index``.
+    read_states: list[tuple[int, int]] = field(default_factory=list)
 
     def empty(self) -> bool:
         """Nothing to do."""
@@ -167,4 +215,5 @@ class Ready:
             or self.messages
             or self.committed
             or self.commit_index is not None
+            or self.read_states
         )

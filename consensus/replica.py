@@ -41,9 +41,12 @@ from consensus.messages import (
     InstallSnapshot,
     Message,
     Prepare,
+    PreVote,
+    PreVoteReply,
     Promise,
     Ready,
     Record,
+    TimeoutNow,
 )
 
 if TYPE_CHECKING:
@@ -124,6 +127,7 @@ class Replica:
         # Candidate and leader state.
         self.promises: dict[int, Promise] = {}
         self.prepare_from = 0
+        self.prepare_transfer = False
         self.votes: dict[int, set[int]] = {}
         self.proposals: dict[int, bytes] = {}
         self.chosen: set[int] = set()
@@ -135,6 +139,24 @@ class Replica:
         self.quorum_ok = False
         #: Slots the last phase 1 re-proposed, with their values (for checkers).
         self.recovered: dict[int, bytes] = {}
+        # Pre-vote: the ballot we would prepare with, and who would grant it.
+        self.pre_ballot: Ballot = ZERO
+        self.pre_votes: set[int] = set()
+        #: Ticks since catch-up data last moved our commit index.
+        self.catchup_progress_elapsed = config.election_ticks
+        self._tick_commit = self.commit_index
+        # Leadership transfer (leader only): to whom, and for how long so far.
+        self.transfer_target = 0
+        self.transfer_elapsed = 0
+        # Read index (leader only). Reads wait for a heartbeat round sent after
+        # they were registered; ``read_seq`` numbers those rounds.
+        self.read_seq = 0
+        self.read_acks: dict[int, int] = {}
+        self.pending_reads: list[tuple[int, int, int]] = []  # (round, ctx, index)
+        self._read_round_due = False
+        #: Every slot a previous leader may have had chosen is <= this (set by
+        #: phase 1): a read index is never below it.
+        self.lead_floor = 0
         self._out = Ready()
         self._accept_buffer: list[tuple[int, bytes]] = []
         self._trust_upto = 0
@@ -149,27 +171,41 @@ class Replica:
     def tick(self) -> None:
         """One unit of time passed."""
         self.election_elapsed += 1
+        self.catchup_progress_elapsed += 1
+        if self.commit_index != self._tick_commit:
+            self._tick_commit, self.catchup_progress_elapsed = self.commit_index, 0
         if self.catchup_wait:
             self.catchup_wait -= 1
         if self.role is Role.FOLLOWER:
             if self.election_elapsed >= self.election_timeout:
-                self._start_election()
+                self._campaign()
             elif self.commit_index < self.known_commit and self.leader_id:
                 self._request_catchup(self.leader_id)
             return
         self.heartbeat_elapsed += 1
         if self.role is Role.CANDIDATE:
             if self.election_elapsed >= self.election_timeout:
-                self._start_election()  # split vote or lost messages: try a higher ballot
+                self._campaign()  # split vote or lost messages: ask again, then go higher
             elif self.heartbeat_elapsed >= self.config.heartbeat_ticks:
                 self.heartbeat_elapsed = 0
                 for node in self.config.nodes:
                     if node not in self.promises:
-                        self._send(Prepare(self.id, node, self.ballot, self.prepare_from))
+                        self._send(
+                            Prepare(
+                                self.id, node, self.ballot, self.prepare_from, self.prepare_transfer
+                            )
+                        )
             return
+        if self.transfer_target:
+            self.transfer_elapsed += 1
+            if self.transfer_elapsed >= self.config.election_ticks:
+                self.transfer_target = 0  # the target did not take over: lead on
+            else:
+                self.heartbeat_elapsed = self.config.heartbeat_ticks  # hurry its catch-up
         if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
             self.heartbeat_elapsed = 0
             self._heartbeat()
+            self._maybe_timeout_now()
         if self.election_elapsed >= self.election_timeout:
             # Check quorum: a leader cut off from a majority steps down, so a
             # stale leader stops serving instead of believing it still leads.
@@ -184,15 +220,66 @@ class Replica:
     def propose(self, value: bytes) -> int | None:
         """Propose ``value`` at the next slot; the slot, or None if we cannot now.
 
-        None means: not the leader (yet), or too many slots in flight. A slot
-        number is no promise: only applying ``value`` at that slot is.
+        None means: not the leader (yet), too many slots in flight, or handing
+        leadership over. A slot number is no promise: only applying ``value``
+        at that slot is.
         """
-        if self.role is not Role.LEADER or len(self.votes) >= self.config.max_inflight_slots:
+        if (
+            self.role is not Role.LEADER
+            or len(self.votes) >= self.config.max_inflight_slots
+            or self.transfer_target
+        ):
             return None
         slot = self.next_slot
         self.next_slot += 1
         self._propose_at(slot, value)
         return slot
+
+    def transfer_leadership(self, target: int = 0) -> int:
+        """Hand leadership to ``target`` (default: the most up-to-date peer).
+
+        The leader stops taking proposals, waits until the target has
+        committed everything it has, then sends it ``TimeoutNow``; the target
+        runs phase 1 at once. After an election timeout without success the
+        leader takes proposals again. Returns the target, or 0 if there is
+        nobody to hand over to (not the leader, a one-node cluster).
+        """
+        others = [n for n in self.config.nodes if n != self.id]
+        if self.role is not Role.LEADER or not others:
+            return 0
+        if not target:
+            target = max(others, key=lambda n: (self.peer_commit.get(n, 0), -n))
+        if target not in others:
+            raise ValueError(f"cannot transfer leadership to {target}: not a peer")
+        self.transfer_target, self.transfer_elapsed = target, 0
+        self._heartbeat()  # fresh commit indexes from everyone
+        self._maybe_timeout_now()
+        return target
+
+    def abort_transfer(self) -> None:
+        """Give up a leadership transfer: take proposals again."""
+        self.transfer_target = self.transfer_elapsed = 0
+
+    def read_index(self, ctx: int) -> bool:
+        """Ask for a linearizable read point; False if we do not lead.
+
+        Once a majority has answered a heartbeat round sent after this call,
+        ``Ready.read_states`` carries ``(ctx, index)``: serve the read once
+        the state has applied up to ``index``. No newer leader can have
+        committed anything before this call (a majority still followed us
+        after it), and everything committed before it is at or below
+        ``index`` (our commit index, and at least every slot phase 1 found).
+        """
+        if self.role is not Role.LEADER:
+            return False
+        index = max(self.commit_index, self.lead_floor)
+        if self.majority == 1:
+            self._out.read_states.append((ctx, index))
+            return True
+        # Every read registered before the next ready() shares one round.
+        self.pending_reads.append((self.read_seq + 1, ctx, index))
+        self._read_round_due = True
+        return True
 
     def compact(self, index: int, data: bytes) -> None:
         """The application holds a snapshot at ``index``: forget the log up to it."""
@@ -206,6 +293,14 @@ class Replica:
 
     def ready(self) -> Ready:
         """Everything to persist, send and apply since the last call."""
+        if self._read_round_due and self.role is Role.LEADER:
+            self._read_round_due = False
+            self.read_seq += 1
+            for node in self.config.nodes:
+                if node != self.id:
+                    self._send(
+                        Heartbeat(self.id, node, self.ballot, self.commit_index, self.read_seq)
+                    )
         out, self._out = self._out, Ready()
         if self._accept_buffer:
             fresh, self._accept_buffer = self._accept_buffer, []
@@ -223,6 +318,8 @@ class Replica:
 
     def step(self, msg: Message) -> None:
         """Handle one message addressed to this node."""
+        if isinstance(msg, CatchupReply | InstallSnapshot):
+            self.catchup_progress_elapsed = 0  # catching up: see _campaign
         match msg:
             case Prepare():
                 self._on_prepare(msg)
@@ -242,6 +339,12 @@ class Replica:
                 self._on_catchup_reply(msg)
             case InstallSnapshot():
                 self._on_install_snapshot(msg)
+            case PreVote():
+                self._on_pre_vote(msg)
+            case PreVoteReply():
+                self._on_pre_vote_reply(msg)
+            case TimeoutNow():
+                self._on_timeout_now(msg)
 
     # ------------------------------------------------------------ acceptor
 
@@ -255,9 +358,10 @@ class Replica:
 
     def _on_prepare(self, msg: Prepare) -> None:
         self.max_round = max(self.max_round, msg.ballot[0])
-        if msg.ballot < self.promised or self._has_live_leader(msg.src):
+        if msg.ballot < self.promised or (not msg.transfer and self._has_live_leader(msg.src)):
             # Refusing is always safe. Refusing while a live leader serves us
-            # keeps a node that lost touch (or just restarted) from deposing it.
+            # keeps a node that lost touch (or just restarted) from deposing it;
+            # unless that leader itself handed over (a transfer).
             self._send(Promise(self.id, msg.src, msg.ballot, False, self.promised))
             return
         self._promise(msg.ballot)
@@ -305,7 +409,7 @@ class Replica:
         if msg.ballot < self.promised:
             self._send(
                 HeartbeatReply(
-                    self.id, msg.src, msg.ballot, False, self.promised, self.commit_index
+                    self.id, msg.src, msg.ballot, False, self.promised, self.commit_index, msg.ctx
                 )
             )
             return
@@ -314,15 +418,74 @@ class Replica:
             self._follow(msg.src, msg.ballot)
         self._learn_commit(msg.commit_index, msg.ballot, msg.src)
         self._send(
-            HeartbeatReply(self.id, msg.src, msg.ballot, True, msg.ballot, self.commit_index)
+            HeartbeatReply(
+                self.id, msg.src, msg.ballot, True, msg.ballot, self.commit_index, msg.ctx
+            )
         )
+
+    def _on_pre_vote(self, msg: PreVote) -> None:
+        # A pre-vote changes nothing here: no promise, no max_round, no timer.
+        # Grant only if we too lost our leader, and only to a candidate that
+        # has committed at least what we have: a node cut off for a while, or
+        # still behind, cannot win and so never raises anybody's promise.
+        grant = not self._has_live_leader(msg.src) and msg.commit_index >= self.commit_index
+        self._send(
+            PreVoteReply(self.id, msg.src, msg.ballot, grant, self.promised, self.commit_index)
+        )
+
+    def _on_pre_vote_reply(self, msg: PreVoteReply) -> None:
+        # Our real ballot must beat every promise we hear of.
+        self.max_round = max(self.max_round, msg.promised[0])
+        if not msg.ok or self.role is not Role.FOLLOWER or msg.ballot != self.pre_ballot:
+            return
+        self.pre_votes.add(msg.src)
+        if len(self.pre_votes) >= self.majority:
+            self._start_election()
+
+    def _on_timeout_now(self, msg: TimeoutNow) -> None:
+        # Only our current leader may hand over to us, and only once.
+        if (
+            self.role is Role.FOLLOWER
+            and msg.src == self.leader_id
+            and msg.ballot == self.leader_ballot
+            and msg.ballot >= self.promised
+        ):
+            self._start_election(transfer=True)
 
     # ------------------------------------------------------------ proposer
 
-    def _start_election(self) -> None:
+    def _campaign(self) -> None:
+        """The election timer fired: run a pre-vote round, not phase 1.
+
+        Phase 1 raises promises, and a raised promise makes its holder refuse
+        the serving leader's heartbeats; so only a node a majority would elect
+        (no live leader there, and it is not behind them) may prepare. A node
+        still receiving catch-up data far behind the commit index does not
+        even ask: a node that cannot serve does not campaign.
+        """
+        self._become_follower(0, ZERO)
+        self.pre_ballot, self.pre_votes = ZERO, set()
+        if (
+            self.known_commit - self.commit_index > self.config.max_batch_entries
+            and self.catchup_progress_elapsed < self.config.election_ticks
+        ):
+            return
+        self.pre_ballot = (max(self.max_round, self.promised[0]) + 1, self.id)
+        self.pre_votes = {self.id}
+        if len(self.pre_votes) >= self.majority:
+            self._start_election()
+            return
+        for node in self.config.nodes:
+            if node != self.id:
+                self._send(PreVote(self.id, node, self.pre_ballot, self.commit_index))
+
+    def _start_election(self, transfer: bool = False) -> None:
         # The old ballot's phase-2 state must not outlive it: a leftover buffer
         # would go out stamped with a ballot that had no phase 1.
         self.votes, self.proposals, self.chosen, self._accept_buffer = {}, {}, set(), []
+        self._reset_leader_state()
+        self.pre_ballot, self.pre_votes = ZERO, set()
+        self.prepare_transfer = transfer
         self.role = Role.CANDIDATE
         self.leader_id, self.leader_ballot = 0, ZERO
         self.max_round = max(self.max_round, self.promised[0]) + 1
@@ -333,7 +496,7 @@ class Replica:
         self.heartbeat_elapsed = 0
         self.election_timeout = self._random_timeout()
         for node in self.config.nodes:  # ourselves included: counted after our persist
-            self._send(Prepare(self.id, node, self.ballot, self.prepare_from))
+            self._send(Prepare(self.id, node, self.ballot, self.prepare_from, transfer))
 
     def _on_promise(self, msg: Promise) -> None:
         if not msg.ok:
@@ -350,6 +513,7 @@ class Replica:
         self.leader_id, self.leader_ballot = self.id, self.ballot
         self.votes, self.proposals, self.chosen = {}, {}, set()
         self._accept_buffer = []
+        self._reset_leader_state()
         self.heard = set(self.promises)
         self.quorum_ok = True
         self.election_elapsed = 0
@@ -383,6 +547,8 @@ class Replica:
             value = best[slot].value if slot in best else NOOP
             self.recovered[slot] = value
             self._propose_at(slot, value)
+        # Every slot an earlier leader could have had chosen is <= here.
+        self.lead_floor = self.next_slot - 1
         self._heartbeat()
         if self.commit_index < self.known_commit:
             self._request_catchup(self._best_catchup_source())
@@ -417,6 +583,45 @@ class Replica:
         if self.role is Role.LEADER and msg.ballot == self.ballot:
             self.heard.add(msg.src)
             self.peer_commit[msg.src] = msg.commit_index
+            if msg.ctx > self.read_acks.get(msg.src, 0):
+                self.read_acks[msg.src] = msg.ctx
+                self._confirm_reads()
+            self._maybe_timeout_now()
+
+    def _confirm_reads(self) -> None:
+        """Release reads whose round a majority (us included) answered."""
+        if not self.pending_reads:
+            return
+        rounds = sorted(
+            [self.read_seq, *(self.read_acks.get(n, 0) for n in self.config.nodes if n != self.id)],
+            reverse=True,
+        )
+        confirmed = rounds[self.majority - 1]
+        waiting = []
+        for seq, ctx, index in self.pending_reads:
+            if seq <= confirmed:
+                self._out.read_states.append((ctx, index))
+            else:
+                waiting.append((seq, ctx, index))
+        self.pending_reads = waiting
+
+    def _maybe_timeout_now(self) -> None:
+        """Transfer: once the target holds all we committed, tell it to run."""
+        target = self.transfer_target
+        if (
+            target
+            and self.role is Role.LEADER
+            and not self.votes
+            and not self._accept_buffer
+            and self.commit_index >= self.lead_floor
+            and self.peer_commit.get(target, 0) >= self.commit_index
+        ):
+            self._send(TimeoutNow(self.id, target, self.ballot))
+
+    def _reset_leader_state(self) -> None:
+        """Forget a leadership's transfer and reads (their waiters are refused)."""
+        self.transfer_target = self.transfer_elapsed = 0
+        self.pending_reads, self.read_acks, self._read_round_due = [], {}, False
 
     def _on_refusal(self, promised: Ballot) -> None:
         """Someone promised a higher ballot than ours."""
@@ -445,7 +650,7 @@ class Replica:
     def _heartbeat(self) -> None:
         for node in self.config.nodes:
             if node != self.id:
-                self._send(Heartbeat(self.id, node, self.ballot, self.commit_index))
+                self._send(Heartbeat(self.id, node, self.ballot, self.commit_index, self.read_seq))
         # Messages get lost: offer every slot still short of a majority again.
         if self.votes:
             for node in self.config.nodes:
@@ -588,6 +793,7 @@ class Replica:
         if self.role is Role.FOLLOWER:
             self.leader_id, self.leader_ballot = leader, ballot
             self.election_elapsed = 0
+            self.pre_ballot, self.pre_votes = ZERO, set()  # a leader serves: stop asking
 
     def _become_follower(self, leader: int, ballot: Ballot) -> None:
         self.role = Role.FOLLOWER
@@ -596,6 +802,7 @@ class Replica:
         self.votes, self.promises, self.chosen = {}, {}, set()
         self.proposals = {}
         self._accept_buffer = []
+        self._reset_leader_state()
         self.election_elapsed = 0
         self.election_timeout = self._random_timeout()
 

@@ -97,6 +97,7 @@ class Client:
         max_retries: int = 3,
         token: str | None = None,
         tls: Tls | None = None,
+        read_your_writes: bool = True,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -112,6 +113,11 @@ class Client:
         self.retries = 0
         #: Channels to leaders named in not-leader answers, by address.
         self._leaders: dict[str, _Stubs] = {}
+        #: Reads carry ``min_index``: whichever node answers has applied this
+        #: client's own writes.
+        self.read_your_writes = read_your_writes
+        #: The highest ``log_index`` a write of this client returned.
+        self.last_log_index = 0
 
     async def close(self) -> None:
         """Close the channels."""
@@ -140,9 +146,13 @@ class Client:
         redirected = False
         while True:
             try:
-                return await pick(stubs)(
+                response = await pick(stubs)(
                     request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
                 )
+                self.last_log_index = max(
+                    self.last_log_index, getattr(response, "log_index", 0) or 0
+                )
+                return response
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
                 if isinstance(error, NotLeaderError) and error.leader_address and not redirected:
@@ -165,6 +175,9 @@ class Client:
                 stubs = self._stubs  # the endpoint again: another node may lead now
                 hint = getattr(error, "retry_after_s", 0.0)
                 await asyncio.sleep(hint or 0.1 * 2**attempt)
+
+    def _min_index(self) -> int:
+        return self.last_log_index if self.read_your_writes else 0
 
     def _leader_stubs(self, address: str) -> _Stubs:
         stubs = self._leaders.get(address)
@@ -272,12 +285,14 @@ class Client:
 
     async def get_job(self, queue: str, job_id: int, *, consistent: bool = False) -> pb.Job:
         """One job's state and error history."""
-        req = pb.GetJobRequest(queue=queue, job_id=job_id, consistent=consistent)
+        req = pb.GetJobRequest(
+            queue=queue, job_id=job_id, consistent=consistent, min_index=self._min_index()
+        )
         return (await self._call(lambda s: s.queue.GetJob, req, retry=True)).job
 
     async def stats(self, queue: str = "", *, consistent: bool = False) -> list[pb.QueueStats]:
         """Counts for one queue, or all (read a page at a time)."""
-        req = pb.StatsRequest(queue=queue, consistent=consistent)
+        req = pb.StatsRequest(queue=queue, consistent=consistent, min_index=self._min_index())
         out: list[pb.QueueStats] = []
         while True:
             resp = await self._call(lambda s: s.queue.Stats, req, retry=True)
@@ -318,10 +333,16 @@ class Client:
         ).purged
 
     async def list_dead(
-        self, queue: str, *, limit: int = 0, after_job_id: int = 0
+        self, queue: str, *, limit: int = 0, after_job_id: int = 0, consistent: bool = False
     ) -> pb.ListDeadResponse:
         """A page of dead jobs with their error history."""
-        req = pb.ListDeadRequest(queue=queue, limit=limit, after_job_id=after_job_id)
+        req = pb.ListDeadRequest(
+            queue=queue,
+            limit=limit,
+            after_job_id=after_job_id,
+            consistent=consistent,
+            min_index=self._min_index(),
+        )
         return await self._call(lambda s: s.admin.ListDead, req, retry=True)
 
     async def redrive(self, queue: str, job_ids: Iterable[int] = ()) -> int:

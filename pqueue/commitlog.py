@@ -26,6 +26,8 @@ from pqueue.v1 import log_pb2 as logpb
 logger = logging.getLogger(__name__)
 
 Result = Message | PQueueError
+#: A command's result and the log index of the entry that applied it.
+Indexed = tuple[Result, int]
 
 
 class Applier(Protocol):
@@ -100,6 +102,9 @@ class CommandLog(Protocol):
     async def submit(self, command: logpb.Command) -> Message:
         """The command's result once durable and applied; raises its error."""
 
+    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``submit``, with the log index of the entry that applied the command."""
+
     def status(self) -> LogStatus:
         """Current indexes and role."""
 
@@ -117,8 +122,17 @@ class CommandLog(Protocol):
     def not_leader_error(self) -> PQueueError:
         """The error for a command this node cannot take (leader hint inside)."""
 
+    async def transfer_leadership(self, timeout_s: float) -> bool:
+        """Hand leadership to another node; True once another node leads."""
 
-Pending = tuple[logpb.Command, "asyncio.Future[Result]"]
+    async def read_barrier(self, timeout_s: float = 5.0) -> int:
+        """On the leader: wait until a linearizable read may be served; the read index."""
+
+    async def wait_applied(self, index: int, timeout_s: float) -> None:
+        """Wait until the state has applied up to ``index`` (read your writes)."""
+
+
+Pending = tuple[logpb.Command, "asyncio.Future[Indexed]"]
 
 
 class Proposals:
@@ -134,13 +148,17 @@ class Proposals:
 
     async def submit(self, command: logpb.Command) -> Message:
         """Queue ``command``; its result once the log resolves it (errors raised)."""
-        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        return (await self.submit_indexed(command))[0]
+
+    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``submit``, with the log index of the entry that applied ``command``."""
+        fut: asyncio.Future[Indexed] = asyncio.get_running_loop().create_future()
         self.items.append((command, fut))
         self.wake.set()
-        result = await fut
+        result, index = await fut
         if isinstance(result, PQueueError):
             raise result
-        return result
+        return result, index
 
     def peek_batch(self, max_commands: int) -> list[Pending]:
         """The commands the next entry would hold (group commit, bounded in bytes)."""

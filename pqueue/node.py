@@ -224,9 +224,7 @@ class QueueNode:
         fields in the log stops). A command needing a feature some member has
         not announced is refused (``FeatureUnavailableError``).
         """
-        command.DiscardUnknownFields()
-        self.check_features(command)
-        return await self.log.submit(command)
+        return (await self.propose_indexed(command))[0]
 
     def check_features(self, command: logpb.Command) -> None:
         """Refuse ``command`` if a member may not be able to apply it."""
@@ -256,6 +254,12 @@ class QueueNode:
                 if missing
                 else "",
             )
+
+    async def propose_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``propose``, with the log index of the entry that applied it."""
+        command.DiscardUnknownFields()
+        self.check_features(command)
+        return await self.log.submit_indexed(command)
 
     async def lease(
         self, req: pb.LeaseRequest, bound: logpb.TenantLimits | None = None

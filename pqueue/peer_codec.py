@@ -15,8 +15,11 @@ from consensus.messages import (
     InstallSnapshot,
     Message,
     Prepare,
+    PreVote,
+    PreVoteReply,
     Promise,
     Record,
+    TimeoutNow,
 )
 from pqueue.v1 import peer_pb2 as ppb
 
@@ -31,6 +34,9 @@ _KINDS: dict[type[Any], int] = {
     CatchupRequest: K.CATCHUP_REQUEST,
     CatchupReply: K.CATCHUP_REPLY,
     InstallSnapshot: K.INSTALL_SNAPSHOT,
+    PreVote: K.PRE_VOTE,
+    PreVoteReply: K.PRE_VOTE_REPLY,
+    TimeoutNow: K.TIMEOUT_NOW,
 }
 _TYPES = {kind: cls for cls, kind in _KINDS.items()}
 
@@ -69,6 +75,17 @@ def encode(msg: Message) -> ppb.PeerMessage:
     if isinstance(msg, InstallSnapshot):
         out.index = msg.index
         out.data = msg.data
+    if isinstance(msg, PreVote | PreVoteReply | TimeoutNow):
+        out.ballot.CopyFrom(_ballot(msg.ballot))
+    if isinstance(msg, PreVote | PreVoteReply):
+        out.commit_index = msg.commit_index
+    if isinstance(msg, PreVoteReply):
+        out.ok = msg.ok
+        out.promised.CopyFrom(_ballot(msg.promised))
+    if isinstance(msg, Prepare):
+        out.transfer = msg.transfer
+    if isinstance(msg, Heartbeat | HeartbeatReply):
+        out.ctx = msg.ctx
     return out
 
 
@@ -81,7 +98,7 @@ def decode(m: ppb.PeerMessage) -> Message:
     entries = tuple((e.slot, e.value) for e in m.entries)
     msg: Message
     if cls is Prepare:
-        msg = Prepare(m.src, m.dst, ballot, m.from_slot)
+        msg = Prepare(m.src, m.dst, ballot, m.from_slot, m.transfer)
     elif cls is Promise:
         records = tuple(Record(r.slot, _unballot(r.ballot), r.value, r.chosen) for r in m.records)
         msg = Promise(m.src, m.dst, ballot, m.ok, promised, records, m.commit_index)
@@ -90,13 +107,19 @@ def decode(m: ppb.PeerMessage) -> Message:
     elif cls is Accepted:
         msg = Accepted(m.src, m.dst, ballot, m.ok, promised, tuple(m.slots))
     elif cls is Heartbeat:
-        msg = Heartbeat(m.src, m.dst, ballot, m.commit_index)
+        msg = Heartbeat(m.src, m.dst, ballot, m.commit_index, m.ctx)
     elif cls is HeartbeatReply:
-        msg = HeartbeatReply(m.src, m.dst, ballot, m.ok, promised, m.commit_index)
+        msg = HeartbeatReply(m.src, m.dst, ballot, m.ok, promised, m.commit_index, m.ctx)
     elif cls is CatchupRequest:
         msg = CatchupRequest(m.src, m.dst, m.from_slot)
     elif cls is CatchupReply:
         msg = CatchupReply(m.src, m.dst, entries, m.commit_index)
-    else:
+    elif cls is InstallSnapshot:
         msg = InstallSnapshot(m.src, m.dst, m.index, m.data, m.commit_index)
+    elif cls is PreVote:
+        msg = PreVote(m.src, m.dst, ballot, m.commit_index)
+    elif cls is PreVoteReply:
+        msg = PreVoteReply(m.src, m.dst, ballot, m.ok, promised, m.commit_index)
+    else:
+        msg = TimeoutNow(m.src, m.dst, ballot)
     return msg

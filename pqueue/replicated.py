@@ -25,7 +25,15 @@ from consensus import Config, DurableState, Replica, Role
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
 from pqueue import features
-from pqueue.commitlog import Applier, LogObserver, LogStatus, NoObserver, Proposals, Result
+from pqueue.commitlog import (
+    Applier,
+    Indexed,
+    LogObserver,
+    LogStatus,
+    NoObserver,
+    Proposals,
+    Result,
+)
 from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
 from pqueue.identity import claim_identity
 from pqueue.storage.base import Storage, StoredSnapshot
@@ -85,7 +93,7 @@ class ReplicatedLog:
         self._send = send
         self.replica: Replica | None = None
         self._proposals = Proposals()
-        self._inflight: dict[int, tuple[bytes, list[asyncio.Future[Result]]]] = {}
+        self._inflight: dict[int, tuple[bytes, list[asyncio.Future[Indexed]]]] = {}
         self._wake = self._proposals.wake
         self._tasks: list[asyncio.Task[None]] = []
         self._accepting = False
@@ -99,6 +107,13 @@ class ReplicatedLog:
         self._caught_up = False
         self._leading = asyncio.Event()
         self.failed = asyncio.Event()
+        #: Read-index requests waiting for the core's confirmation: ctx -> index.
+        self._reads: dict[int, asyncio.Future[int]] = {}
+        self._read_ctx = 0
+        #: Handing leadership over: commands wait for the new leader's name.
+        self._handing_over = False
+        #: Callers waiting for the state to apply up to an index.
+        self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # ----------------------------------------------------------- lifecycle
 
@@ -180,6 +195,11 @@ class ReplicatedLog:
 
     def _fail_all(self, error: PQueueError) -> None:
         self._proposals.fail(error)
+        self._fail_reads(error)
+        waiters, self._apply_waiters = self._apply_waiters, []
+        for _, waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
         inflight, self._inflight = self._inflight, {}
         for _, futures in inflight.values():
             for fut in futures:
@@ -208,13 +228,134 @@ class ReplicatedLog:
         return NotTakenError("no leader yet", retry_after_s=0.5)
 
     async def submit(self, command: logpb.Command) -> Message:
+        return (await self.submit_indexed(command))[0]
+
+    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``submit``, with the log index of the entry that applied the command."""
         if not self._accepting:
             raise NotTakenError("node is not accepting writes", retry_after_s=1.0)
         if not self.is_leader:
             raise self.not_leader_error()
         if not self._storage.available:
             raise NotTakenError("storage is unreachable; retrying", retry_after_s=1.0)
-        return await self._proposals.submit(command)
+        return await self._proposals.submit_indexed(command)
+
+    async def transfer_leadership(self, timeout_s: float) -> bool:
+        """Hand leadership to the most up-to-date peer before going away.
+
+        True once another node leads; False if this node does not lead, has
+        nobody to hand over to, or ``timeout_s`` passed. Commands that arrive
+        meanwhile wait, then go to the new leader as not-leader errors.
+        """
+        replica = self.replica
+        if replica is None or not self.is_leader or len(replica.config.nodes) == 1:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._handing_over = True
+        try:
+            handed = await self._hand_over(replica, deadline)
+            if not handed and replica.role is Role.LEADER:
+                replica.abort_transfer()  # lead on: take commands again
+                self._wake.set()
+                logger.warning(
+                    "node %d could not hand leadership over in %.1f s",
+                    self.config.node_id,
+                    timeout_s,
+                )
+            return handed
+        finally:
+            self._handing_over = False
+            if not self.is_leader and self._proposals:
+                self._proposals.fail(self.not_leader_error())
+
+    async def _hand_over(self, replica: Replica, deadline: float) -> bool:
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            if replica.role is Role.LEADER and not replica.transfer_target:
+                target = replica.transfer_leadership()  # again if the last one lapsed
+                if not target:
+                    return False
+                logger.info("node %d hands leadership to node %d", self.config.node_id, target)
+                self._wake.set()
+            if replica.role is not Role.LEADER and replica.leader_id not in (
+                0,
+                self.config.node_id,
+            ):
+                return True
+            await asyncio.sleep(self.config.tick_ms / 2000)
+        return False
+
+    async def read_barrier(self, timeout_s: float = 5.0) -> int:
+        """Linearizable read point: returns once this node's state is applied
+        up to an index that no committed write lies beyond (read index).
+
+        Raises the not-leader error if this node does not lead (or stops
+        leading meanwhile), and a retriable UNAVAILABLE after ``timeout_s``.
+        """
+        replica = self.replica
+        if replica is None or not self.is_leader:
+            raise self.not_leader_error()
+        self._read_ctx += 1
+        ctx = self._read_ctx
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not replica.read_index(ctx):
+            raise self.not_leader_error()
+        self._reads[ctx] = fut
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                index = await fut
+                await self._until_applied(index)
+        except TimeoutError:
+            raise UnavailableError(
+                "could not confirm leadership in time", retry_after_s=0.5
+            ) from None
+        finally:
+            self._reads.pop(ctx, None)
+        return index
+
+    async def wait_applied(self, index: int, timeout_s: float) -> None:
+        """Return once the state has applied up to ``index`` (read your
+        writes); a retriable UNAVAILABLE if it has not within ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._until_applied(index)
+        except TimeoutError:
+            raise UnavailableError(
+                f"this node has not applied index {index} yet", retry_after_s=0.5
+            ) from None
+
+    async def _until_applied(self, index: int) -> None:
+        if self._applier.last_index() >= index:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (index, waiter)
+        self._apply_waiters.append(entry)
+        try:
+            await waiter
+        finally:
+            if entry in self._apply_waiters:
+                self._apply_waiters.remove(entry)
+
+    def _wake_applied(self) -> None:
+        if not self._apply_waiters:
+            return
+        applied = self._applier.last_index()
+        waiting = []
+        for index, waiter in self._apply_waiters:
+            if index <= applied:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((index, waiter))
+        self._apply_waiters = waiting
+
+    def _fail_reads(self, error: PQueueError) -> None:
+        reads, self._reads = self._reads, {}
+        for fut in reads.values():
+            if not fut.done():
+                fut.set_exception(error)
 
     def on_message(self, msg: PeerMessage) -> None:
         """A message from a peer (the transport calls this)."""
@@ -278,8 +419,12 @@ class ReplicatedLog:
             self._leading.set()
         else:
             self._leading.clear()
-        if not leading and self._proposals:
+        if not leading and self._proposals and not (self._handing_over and not replica.leader_id):
+            # (While handing over, wait to name the new leader: callers go
+            # straight there instead of retrying blind.)
             self._proposals.fail(self.not_leader_error())
+        if not leading and self._reads:
+            self._fail_reads(self.not_leader_error())
 
     def _propose_pending(self) -> None:
         replica = self.replica
@@ -327,6 +472,11 @@ class ReplicatedLog:
             self._applied_time_ms = self._applier.last_time_ms()
             for slot in [s for s in self._inflight if s <= index]:
                 self._fail_slot(slot, "covered by a snapshot: outcome unknown")
+        # Confirmed read indexes (the core released them after a quorum round).
+        for ctx, index in ready.read_states:
+            read = self._reads.get(ctx)
+            if read is not None and not read.done():
+                read.set_result(index)
         # 2. Send: only now may our own promise and accept vote be counted.
         for msg in ready.messages:
             if msg.dst == self.config.node_id:
@@ -344,6 +494,7 @@ class ReplicatedLog:
             self._last_time_ms = max(self._last_time_ms, entry.time_ms)
             results = self._applier.apply(entry)
             self._resolve(slot, value, results)
+        self._wake_applied()
         # Snapshot what the applier holds, at its own index: a snapshot
         # installed during an await above may have moved the replica on.
         applied = self._applier.last_index()
@@ -360,12 +511,12 @@ class ReplicatedLog:
         if data == value:
             for fut, result in zip(futures, results, strict=True):
                 if not fut.done():
-                    fut.set_result(result)
+                    fut.set_result((result, slot))
             return
         self._fail_slot(slot, "leadership changed before the command committed", futures)
 
     def _fail_slot(
-        self, slot: int, why: str, futures: list[asyncio.Future[Result]] | None = None
+        self, slot: int, why: str, futures: list[asyncio.Future[Indexed]] | None = None
     ) -> None:
         """Fail a slot's callers (retriable: with an idempotency key, retry)."""
         if futures is None:

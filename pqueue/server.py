@@ -40,6 +40,8 @@ from pqueue.v1 import queue_pb2_grpc as pbg
 logger = logging.getLogger(__name__)
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+#: How long a stopping leader tries to hand leadership over before draining.
+TRANSFER_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,10 @@ class NodeServer:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.wait([self._watch])
+        # A leader hands over first, while still serving: writes stall for
+        # one round trip instead of an election timeout after we are gone.
+        if self.node.log.is_leader and await self.node.log.transfer_leadership(TRANSFER_TIMEOUT_S):
+            logger.info("node %s handed over leadership", self.node.config.node_id)
         await self.health.enter_graceful_shutdown()
         self.node.begin_drain()
         await self._server.stop(self.config.grace_s)

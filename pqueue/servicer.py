@@ -33,6 +33,9 @@ from pqueue.v1 import queue_pb2_grpc as pbg
 
 logger = logging.getLogger(__name__)
 
+#: How long a read waits for its read index or its ``min_index`` to be applied.
+READ_WAIT_S = 5.0
+
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -195,10 +198,35 @@ class _Base:
         if self.node.draining:
             raise NotTakenError("node is draining", retry_after_s=1.0)
         self._charge_log_bytes(command)
-        result = await self.node.propose(command)
+        result, index = await self.node.propose_indexed(command)
         if not isinstance(result, response_type):
             raise TypeError(f"{command.WhichOneof('kind')} gave {type(result).__name__}")
+        if "log_index" in result.DESCRIPTOR.fields_by_name:
+            result.log_index = index  # type: ignore[attr-defined]  # read your writes
+        if isinstance(result, pb.EnqueueBatchResponse):
+            for each in result.results:  # each job's answer says it too
+                each.log_index = index
         return result
+
+    async def _read_point(
+        self,
+        method: str,
+        request: pb.GetJobRequest | pb.StatsRequest | pb.ListDeadRequest,
+        context: Context,
+    ) -> Message | None:
+        """Make this node fit to answer a read, or forward it (the answer).
+
+        ``consistent``: on the leader, wait for the read index (a quorum
+        round confirms it still leads, then it applies up to there); a
+        follower forwards. ``min_index``: wait until applied that far.
+        """
+        if request.consistent:
+            if not self.node.log.is_leader:
+                return await self._forward(method, request, context)
+            await self.node.log.read_barrier(READ_WAIT_S)
+        if request.min_index:
+            await self.node.log.wait_applied(request.min_index, READ_WAIT_S)
+        return None
 
 
 class QueueService(_Base, pbg.QueueServicer):
@@ -282,8 +310,9 @@ class QueueService(_Base, pbg.QueueServicer):
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         stored = _queue(request.queue, PRODUCER, CONSUMER)
-        if request.consistent and not self.node.log.is_leader:
-            return await self._forward("GetJob", request, context)  # type: ignore[return-value]
+        forwarded = await self._read_point("GetJob", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
         job = self.node.machine.get_job(stored, request.job_id)
         job.queue = request.queue
         return pb.GetJobResponse(job=job)
@@ -292,8 +321,9 @@ class QueueService(_Base, pbg.QueueServicer):
     async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
         access.require(principal.get(), PRODUCER, CONSUMER)
         stored = access.scoped(principal.get(), request.queue) if request.queue else ""
-        if request.consistent and not self.node.log.is_leader:
-            return await self._forward("Stats", request, context)  # type: ignore[return-value]
+        forwarded = await self._read_point("Stats", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
         if stored:
             stats, token = self.node.machine.stats(stored, self.node.clock_ms()), ""
         else:  # a page of the caller's own queues: never a scan of every tenant's
@@ -350,6 +380,9 @@ class AdminService(_Base, pbg.AdminServicer):
         if request.limit > limits.MAX_LIST_LIMIT:
             raise InvalidArgumentError("limit", f"at most {limits.MAX_LIST_LIMIT}")
         limit = request.limit or limits.DEFAULT_LIST_LIMIT
+        forwarded = await self._read_point("ListDead", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
         dead = self.node.machine.list_dead(stored, limit, request.after_job_id)
         for job in dead.jobs:
             job.queue = request.queue

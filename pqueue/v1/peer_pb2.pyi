@@ -121,6 +121,10 @@ class PeerMessage(_message.Message):
         CATCHUP_REQUEST: PeerMessage._Kind.ValueType  # 7
         CATCHUP_REPLY: PeerMessage._Kind.ValueType  # 8
         INSTALL_SNAPSHOT: PeerMessage._Kind.ValueType  # 9
+        PRE_VOTE: PeerMessage._Kind.ValueType  # 20
+        """Numbered from 20: kinds 10-19 are left to snapshot streaming."""
+        PRE_VOTE_REPLY: PeerMessage._Kind.ValueType  # 21
+        TIMEOUT_NOW: PeerMessage._Kind.ValueType  # 22
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: PeerMessage.Kind.ValueType  # 0
@@ -133,6 +137,10 @@ class PeerMessage(_message.Message):
     CATCHUP_REQUEST: PeerMessage.Kind.ValueType  # 7
     CATCHUP_REPLY: PeerMessage.Kind.ValueType  # 8
     INSTALL_SNAPSHOT: PeerMessage.Kind.ValueType  # 9
+    PRE_VOTE: PeerMessage.Kind.ValueType  # 20
+    """Numbered from 20: kinds 10-19 are left to snapshot streaming."""
+    PRE_VOTE_REPLY: PeerMessage.Kind.ValueType  # 21
+    TIMEOUT_NOW: PeerMessage.Kind.ValueType  # 22
 
     KIND_FIELD_NUMBER: _builtins.int
     SRC_FIELD_NUMBER: _builtins.int
@@ -147,6 +155,8 @@ class PeerMessage(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    CTX_FIELD_NUMBER: _builtins.int
     kind: Global___PeerMessage.Kind.ValueType
     src: _builtins.int
     dst: _builtins.int
@@ -157,6 +167,12 @@ class PeerMessage(_message.Message):
     """InstallSnapshot: the snapshot's index."""
     data: _builtins.bytes
     """InstallSnapshot: the snapshot."""
+    transfer: _builtins.bool
+    """Numbered from 30: fields 14-29 are left to snapshot streaming.
+    Prepare: sent on the leader's TimeoutNow (leadership transfer).
+    """
+    ctx: _builtins.int
+    """Heartbeat, HeartbeatReply: the leader's read round (read index)."""
     @_builtins.property
     def ballot(self) -> Global___PeerBallot: ...
     @_builtins.property
@@ -183,10 +199,12 @@ class PeerMessage(_message.Message):
         entries: _abc.Iterable[Global___PeerEntry] | None = ...,
         slots: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        transfer: _builtins.bool = ...,
+        ctx: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "promised", b"promised"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "commit_index", b"commit_index", "data", b"data", "dst", b"dst", "entries", b"entries", "from_slot", b"from_slot", "index", b"index", "kind", b"kind", "ok", b"ok", "promised", b"promised", "records", b"records", "slots", b"slots", "src", b"src"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "commit_index", b"commit_index", "ctx", b"ctx", "data", b"data", "dst", b"dst", "entries", b"entries", "from_slot", b"from_slot", "index", b"index", "kind", b"kind", "ok", b"ok", "promised", b"promised", "records", b"records", "slots", b"slots", "src", b"src", "transfer", b"transfer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -123,18 +123,24 @@ class EnqueueResponse(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     duplicate: _builtins.bool
     """True when the idempotency key matched an earlier job; `job_id` is that job."""
+    log_index: _builtins.int
+    """The log index of the entry that applied this call: pass it as
+    `min_index` on a read to read your own write on any node.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
         duplicate: _builtins.bool = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "job_id", b"job_id", "log_index", b"log_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,6 +176,11 @@ class EnqueueBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    log_index: _builtins.int
+    """The log index of the entry that applied this call: pass it as
+    `min_index` on a read to read your own write on any node.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueueResponse]:
         """One result per job, in request order."""
@@ -178,10 +189,11 @@ class EnqueueBatchResponse(_message.Message):
         self,
         *,
         results: _abc.Iterable[Global___EnqueueResponse] | None = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_index", b"log_index", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,15 +360,21 @@ class AckResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACKED_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     acked: _builtins.int
+    log_index: _builtins.int
+    """The log index of the entry that applied this call: pass it as
+    `min_index` on a read to read your own write on any node.
+    """
     def __init__(
         self,
         *,
         acked: _builtins.int = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "log_index", b"log_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -413,20 +431,26 @@ class NackResponse(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     READY_AT_MS_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     state: Global___JobState.ValueType
     """READY or DELAYED when it will be retried, DEAD when attempts ran out."""
     ready_at_ms: _builtins.int
     attempts: _builtins.int
+    log_index: _builtins.int
+    """The log index of the entry that applied this call: pass it as
+    `min_index` on a read to read your own write on any node.
+    """
     def __init__(
         self,
         *,
         state: Global___JobState.ValueType = ...,
         ready_at_ms: _builtins.int = ...,
         attempts: _builtins.int = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "ready_at_ms", b"ready_at_ms", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "log_index", b"log_index", "ready_at_ms", b"ready_at_ms", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -469,18 +493,24 @@ class ExtendLeaseResponse(_message.Message):
 
     LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     CAPPED_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     lease_expires_at_ms: _builtins.int
     capped: _builtins.bool
     """True when the cap cut the requested extension short."""
+    log_index: _builtins.int
+    """The log index of the entry that applied this call: pass it as
+    `min_index` on a read to read your own write on any node.
+    """
     def __init__(
         self,
         *,
         lease_expires_at_ms: _builtins.int = ...,
         capped: _builtins.bool = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped", b"capped", "lease_expires_at_ms", b"lease_expires_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped", b"capped", "lease_expires_at_ms", b"lease_expires_at_ms", "log_index", b"log_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,20 +609,28 @@ class GetJobRequest(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     CONSISTENT_FIELD_NUMBER: _builtins.int
+    MIN_INDEX_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     job_id: _builtins.int
     consistent: _builtins.bool
-    """Read at the leader after everything committed so far is applied."""
+    """Linearizable: read at the leader once it has confirmed, with a majority,
+    that it still leads (read index) and applied everything committed so far.
+    """
+    min_index: _builtins.int
+    """Read your writes: answer only once this node has applied this log index
+    (a write's `log_index`); UNAVAILABLE (retriable) if it has not in 5 s.
+    """
     def __init__(
         self,
         *,
         queue: _builtins.str = ...,
         job_id: _builtins.int = ...,
         consistent: _builtins.bool = ...,
+        min_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistent", b"consistent", "job_id", b"job_id", "queue", b"queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistent", b"consistent", "job_id", b"job_id", "min_index", b"min_index", "queue", b"queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -678,11 +716,17 @@ class StatsRequest(_message.Message):
 
     QUEUE_FIELD_NUMBER: _builtins.int
     CONSISTENT_FIELD_NUMBER: _builtins.int
+    MIN_INDEX_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Empty for every queue the caller may see, a page at a time."""
     consistent: _builtins.bool
+    """Linearizable, as GetJobRequest.consistent."""
+    min_index: _builtins.int
+    """Read your writes: answer only once this node has applied this log index
+    (a write's `log_index`); UNAVAILABLE (retriable) if it has not in 5 s.
+    """
     limit: _builtins.int
     """With an empty `queue`: at most this many (0: 100; at most 1000)."""
     page_token: _builtins.str
@@ -692,12 +736,13 @@ class StatsRequest(_message.Message):
         *,
         queue: _builtins.str = ...,
         consistent: _builtins.bool = ...,
+        min_index: _builtins.int = ...,
         limit: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistent", b"consistent", "limit", b"limit", "page_token", b"page_token", "queue", b"queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistent", b"consistent", "limit", b"limit", "min_index", b"min_index", "page_token", b"page_token", "queue", b"queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1043,21 +1088,31 @@ class ListDeadRequest(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     AFTER_JOB_ID_FIELD_NUMBER: _builtins.int
+    CONSISTENT_FIELD_NUMBER: _builtins.int
+    MIN_INDEX_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     limit: _builtins.int
     """Default 100, at most 1000."""
     after_job_id: _builtins.int
     """Return dead jobs with ids greater than this (pagination cursor)."""
+    consistent: _builtins.bool
+    """Linearizable, as GetJobRequest.consistent."""
+    min_index: _builtins.int
+    """Read your writes: answer only once this node has applied this log index
+    (a write's `log_index`); UNAVAILABLE (retriable) if it has not in 5 s.
+    """
     def __init__(
         self,
         *,
         queue: _builtins.str = ...,
         limit: _builtins.int = ...,
         after_job_id: _builtins.int = ...,
+        consistent: _builtins.bool = ...,
+        min_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_job_id", b"after_job_id", "limit", b"limit", "queue", b"queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_job_id", b"after_job_id", "consistent", b"consistent", "limit", b"limit", "min_index", b"min_index", "queue", b"queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -250,3 +250,26 @@ async def test_a_batch_over_the_client_limit_is_refused_unparsed(client: Client)
         await roomy._stubs.channel.close()
         await roomy.close()
     assert await client.list_queues() == []
+
+
+async def test_writes_report_the_log_index_that_applied_them(client: Client) -> None:
+    first = await client.enqueue("rw", b"a")
+    assert first.log_index > 0
+    assert client.last_log_index == first.log_index
+    [batch] = await client.enqueue_batch("rw", [job_spec(b"b")])
+    assert batch.log_index > first.log_index
+    [job] = await client.lease("rw", lease_ms=5000)
+    extended = await client.extend("rw", job.job_id, job.lease_id, 6000)
+    nacked = await client.nack("rw", job.job_id, job.lease_id, delay_ms=0)
+    assert batch.log_index < extended.log_index < nacked.log_index
+    assert client.last_log_index == nacked.log_index
+    # Reads carry it (min_index) and are answered at once where it is applied;
+    # consistent and plain reads agree on a node alone.
+    got = await client.get_job("rw", job.job_id, consistent=True)
+    assert got.attempts == 1
+    [stats] = await client.stats("rw")
+    assert stats.enqueued_total == 2
+    [consistent] = await client.stats("rw", consistent=True)
+    assert (consistent.enqueued_total, consistent.nacked_total) == (2, 1)
+    dead = await client.list_dead("rw", consistent=True)
+    assert list(dead.jobs) == []

@@ -5,7 +5,9 @@
 - the applied sequences of any two replicas are prefix-related, and their
   state hashes agree at equal indexes;
 - every client-acknowledged value survives: no node applies another value at
-  its slot, and a new leader never re-proposes another value there.
+  its slot, and a new leader never re-proposes another value there;
+- a confirmed read index covers every value acknowledged before the read
+  began (linearizable reads).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Checker:
         #: Per node: the highest ballot it ever promised in a reply it sent.
         self.promised_out: dict[int, Ballot] = {}
         self.durable_promised: dict[int, Ballot] = {}
+        #: Per read (ctx): the highest slot acknowledged when it started.
+        self.read_floor: dict[int, int] = {}
 
     def fail(self, what: str) -> None:
         raise SafetyViolation(what)
@@ -85,6 +89,19 @@ class Checker:
                     f"new leader {node} re-proposes {recovered[slot]!r} at slot {slot}, "
                     f"where {value!r} was acknowledged"
                 )
+
+    def on_read_start(self, ctx: int) -> None:
+        self.read_floor[ctx] = max(self.acked.values(), default=0)
+
+    def on_read(self, node: int, ctx: int, index: int) -> None:
+        """A confirmed read index must cover every write acknowledged before
+        the read began (else the read is stale: not linearizable)."""
+        floor = self.read_floor.pop(ctx, 0)
+        if index < floor:
+            self.fail(
+                f"stale read at node {node}: read index {index}, "
+                f"but slot {floor} was acknowledged before the read began"
+            )
 
     def check_prefixes(self, applied: dict[int, list[bytes]]) -> None:
         logs = sorted(applied.items(), key=lambda kv: len(kv[1]))

@@ -86,6 +86,7 @@ class SimNode:
         self.replica = sim.replica_cls(self.config, random.Random(sim.rng.random()))
         self.app = App()
         self.pending: dict[int, bytes] = {}  # slot -> value we proposed there
+        self.read_states: list[tuple[int, int]] = []  # confirmed read indexes
 
     def crash(self) -> None:
         self.up = False
@@ -111,6 +112,9 @@ class SimNode:
     def take_ready(self) -> None:
         was_leader = self.replica.role is Role.LEADER
         ready = self.replica.ready()
+        self.read_states += ready.read_states
+        for ctx, index in ready.read_states:
+            self.sim.checker.on_read(self.id, ctx, index)
         if not ready.empty():
             self.unsynced.append(ready)
         if not was_leader and self.replica.role is Role.LEADER:
@@ -156,6 +160,7 @@ class Simulation:
         replica_cls: type[Replica] = Replica,
         snapshot_every: int = 25,
         ack_on_propose: bool = False,
+        transfer_rate: float = 0.01,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -163,6 +168,8 @@ class Simulation:
         self.replica_cls = replica_cls
         self.snapshot_every = snapshot_every
         self.ack_on_propose = ack_on_propose  # a planted bug: reply before commit
+        #: Per client step: the chance a leader is asked to hand leadership over.
+        self.transfer_rate = transfer_rate
         self.checker = Checker()
         ids = tuple(range(1, nodes + 1))
         self.nodes = {i: SimNode(i, ids, self) for i in ids}
@@ -173,6 +180,9 @@ class Simulation:
         self.flapping: tuple[int, int] | None = None
         self.ops: dict[bytes, int | None] = {}  # value -> acked slot
         self._next_op = 0
+        # Reads draw from their own stream, so they perturb the runs little.
+        self.read_rng = random.Random(seed ^ 0x5EAD)
+        self._next_read = 0
 
     # ----------------------------------------------------------- plumbing
 
@@ -228,10 +238,20 @@ class Simulation:
             self.checker.check_prefixes({i: n.app.values for i, n in self.nodes.items()})
 
     def _client(self, new_ops: bool) -> None:
-        """Propose a new operation, or retry one not yet acknowledged."""
+        """Propose a new operation, or retry one not yet acknowledged; maybe read."""
         leaders = self.leaders()
         if not leaders:
             return
+        if self.read_rng.random() < 0.2:
+            # A linearizable read at any node that believes it leads (a stale
+            # leader included): its read index must cover every ack so far.
+            self._next_read += 1
+            reader = self.read_rng.choice(leaders)
+            if reader.replica.read_index(self._next_read):
+                self.checker.on_read_start(self._next_read)
+        if self.read_rng.random() < self.transfer_rate:
+            # An operator stops the leader gracefully: it hands leadership over.
+            self.read_rng.choice(leaders).replica.transfer_leadership()
         leader = self.rng.choice(leaders)
         waiting = [v for v, slot in self.ops.items() if slot is None]
         if waiting and (not new_ops or self.rng.random() < 0.3):

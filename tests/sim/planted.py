@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from consensus.messages import Ballot, Record
-from consensus.replica import Replica
+from consensus.replica import Replica, Role
 
 
 class SkipsPromiseFsync(Replica):
@@ -29,3 +29,14 @@ class VotesBeforeFsync(Replica):
 
     def _store_chosen(self, slot: int, value: bytes) -> None:
         self.log.setdefault(slot, Record(slot, self.ballot, value))  # in memory only
+
+
+class ReadsWithoutQuorum(Replica):
+    """Answers a read index at once, without confirming it still leads: a
+    leader cut off from the majority serves stale reads."""
+
+    def read_index(self, ctx: int) -> bool:
+        if self.role is not Role.LEADER:
+            return False
+        self._out.read_states.append((ctx, self.commit_index))
+        return True

@@ -30,6 +30,10 @@ def test_a_consistent_read_goes_to_the_leader() -> None:
         get.kind_of(pb.GetJobRequest(job_id=1, consistent=True).SerializeToString()) is Kind.LEADER
     )
     assert get.kind_of(b"\xff\xff") is Kind.READ  # garbage: the node says INVALID_ARGUMENT
+    dead = ROUTES["/pqueue.v1.Admin/ListDead"]
+    assert dead.kind_of(pb.ListDeadRequest(queue="q").SerializeToString()) is Kind.READ
+    consistent_dead = pb.ListDeadRequest(queue="q", consistent=True).SerializeToString()
+    assert dead.kind_of(consistent_dead) is Kind.LEADER
 
 
 def test_only_reads_and_keyed_enqueues_are_sent_again_after_unavailable() -> None:
