@@ -9,15 +9,17 @@ follower take an Accept in a ballot no member proposed."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import grpc
+import pytest
 
 from consensus.messages import Accept
-from pqueue.auth import Verifier
+from pqueue.auth import PEER, Verifier, issue, node_subject
 from pqueue.peer_codec import encode
 from pqueue.v1 import peer_pb2, peer_pb2_grpc
-from tests.inproc import Cluster, node_tokens
+from tests.inproc import Cluster, node_tokens, one_node
 
 SECRET = b"m" * 32
 
@@ -56,3 +58,20 @@ async def test_a_token_of_a_non_member_cannot_move_a_node(tmp_path: Path) -> Non
         assert await cluster.leader() == leader
     finally:
         await cluster.stop()
+
+
+async def test_a_refused_peer_token_is_counted_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose token expired or was revoked must show why it cannot rejoin:
+    the peer service says so (peer calls themselves log at DEBUG). Admission's
+    check before parsing used to refuse such a stream first, in silence."""
+    caplog.set_level(logging.WARNING, logger="pqueue.peers")
+    async with one_node(tmp_path, verifier=Verifier(SECRET)) as srv:
+        assert srv.peers is not None
+        stale = issue(b"x" * 32, "cluster", [PEER], 600, subject=node_subject(2))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await send_as(srv.address, stale)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert srv.peers.refused == 1
+        assert any("refused a peer stream" in r.getMessage() for r in caplog.records)
