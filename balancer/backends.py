@@ -104,8 +104,14 @@ class Backends:
         self._leader: str | None = None
         #: Probe fast until then: the leader may be frozen.
         self._suspect_until_s = 0.0
-        token = config.probe_token or current_token(config.balancer_token)
-        self._probe_metadata: tuple[tuple[str, str], ...] = (
+
+    def probe_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What a probe carries: the probe token, else the balancer's, as its
+        file holds it *now*. Read once at start, a rotated token was never
+        used: once the first one expired every probe was refused, and every
+        node ejected."""
+        token = current_token(self.config.probe_token) or current_token(self.config.balancer_token)
+        return (
             (FORWARDED_KEY, BALANCER_ID),
             *(((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()),
         )
@@ -269,7 +275,7 @@ class Backends:
                 status = await stub.NodeStatus(
                     pb.NodeStatusRequest(),
                     timeout=self.config.probe_timeout_s,
-                    metadata=self._probe_metadata,
+                    metadata=self.probe_metadata(),
                 )
             except grpc.aio.AioRpcError as exc:
                 self._probe_failed(address, f"probe: {exc.code().name}")

@@ -41,8 +41,9 @@ class BalancerConfig:
     tls: Tls | None = None
     #: TLS towards the nodes: their CA, and this balancer's certificate for mutual TLS.
     backend_tls: Tls | None = None
-    #: The bearer token load probes carry, when the nodes require tokens.
-    probe_token: str | None = None
+    #: The bearer token load probes carry, when the nodes require tokens: a
+    #: string, or a ``TokenFile`` re-read when it changes (rotation).
+    probe_token: TokenSource | None = None
     #: This balancer's own token (role ``balancer``; a string, or a ``TokenFile``
     #: re-read when it changes), sent to the nodes as ``pq-forwarder-token`` so
     #: that they believe the client address it passes on; probes carry it too

@@ -19,10 +19,11 @@ other call). For each method it
   they need no credentials, so without a bound they hold memory and tasks
   without limit. Past the bound: ``RESOURCE_EXHAUSTED``.
 
-- with auth on, refuses a call of the public or peer services whose bearer
+- with auth on, refuses a call of the public services whose bearer
   token is missing or not valid (``UNAUTHENTICATED``) before its request is
   parsed: a stranger's 60 MiB request used to be parsed before anyone
-  looked at its token. Roles and tenants are still the servicer's to check
+  looked at its token (the peer service checks its own before it reads a
+  message, and says why it refused). Roles and tenants are still the servicer's to check
   (they need the queue name), from the same verifier's cache.
 """
 
@@ -185,7 +186,11 @@ class Admission(grpc.aio.ServerInterceptor):
         self.config.validate()
         #: Checks tokens before parsing; None: auth is off (or not this server's).
         self.verifier = verifier
-        self._authenticated = self.config.strict_methods | {PEER_SEND}
+        # Not ``Peer.Send``: the peer service checks its token itself before it
+        # reads a single message (a client stream is parsed as it is read), and
+        # says why it refused (throttled): a node whose token expired or was
+        # revoked is otherwise refused here in silence (peer calls log at DEBUG).
+        self._authenticated = self.config.strict_methods
         #: Open ``Health.Watch`` streams, in all and by client IP.
         self.watches = 0
         self.watches_by_ip: Counter[str] = Counter()

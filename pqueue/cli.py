@@ -564,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-token-file",
         type=Path,
         default=None,
-        help="bearer token for load probes, when the nodes require one (role: any)",
+        help="bearer token for load probes, when the nodes require one (role: any); "
+        "re-read when it changes",
     )
     run.add_argument(
         "--balancer-token-file",
@@ -770,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backend_tls=_tls(
                     args.backend_tls_cert, args.backend_tls_key, args.backend_tls_ca, server=False
                 ),
-                probe_token=args.probe_token_file.read_text().strip()
+                probe_token=TokenFile(args.probe_token_file)
                 if args.probe_token_file is not None
                 else None,
                 balancer_token=TokenFile(args.balancer_token_file)

@@ -245,13 +245,32 @@ def required_by(commands: Iterable[logpb.Command]) -> list[str]:
     return sorted(out)
 
 
-def check_entry(entry: logpb.LogEntry, supported: Collection[str]) -> None:
-    """Raise ``UpgradeRequiredError`` if this release cannot apply ``entry``.
+def _dropped(message: Message) -> bool:
+    """Drop ``message``'s unknown fields, at any depth; whether it had any."""
+    size = message.ByteSize()
+    message.DiscardUnknownFields()
+    return message.ByteSize() != size
+
+
+def check_entry(entry: logpb.LogEntry, supported: Collection[str]) -> int:
+    """Raise ``UpgradeRequiredError`` if this release cannot apply ``entry``;
+    else the number of its commands whose request carried a client's unknown
+    fields (dropped here).
 
     It cannot when the entry needs a feature outside ``supported``, or holds
-    fields (or a kind of command) this release does not know: a newer
-    writer's, whose meaning applying the rest would silently drop. Unknown
-    fields are discarded in the check (the entry is refused if there were any).
+    a kind of command or a field the *writer* put there that this release
+    does not know (a newer writer's, whose meaning applying the rest would
+    silently drop): on the entry, on a command, or on what a leader stamps
+    on it (``limits``, ``caller``).
+
+    Unknown fields *inside a command's request* are a client's: releases
+    before admission refused them stored them as sent (a newer client's
+    field, or the issue's padding attack), and every replica applied those
+    commands without them. They are dropped, as every replica did, and the
+    entry applies: refusing it would stop every upgraded node at a command
+    the old ones applied long ago, on every restart, for good. A newer
+    writer's own fields in a request are never left to this: each is in
+    ``FIELD_FEATURES``, so the entry names its feature (the check above).
     """
     missing = sorted(set(entry.required_features) - set(supported))
     if missing:
@@ -261,18 +280,26 @@ def check_entry(entry: logpb.LogEntry, supported: Collection[str]) -> None:
             f"log entry {entry.index} needs feature(s) {', '.join(map(repr, missing))}, "
             "which this node's release does not support",
         )
-    size = entry.ByteSize()
-    entry.DiscardUnknownFields()
-    if entry.ByteSize() != size:
-        kinds = [i for i, cmd in enumerate(entry.commands) if cmd.WhichOneof("kind") is None]
-        what = (
-            f"command(s) {kinds} of a kind this node's release does not know"
-            if kinds
-            else "fields this node's release does not know"
-        )
+    kinds = [i for i, cmd in enumerate(entry.commands) if cmd.WhichOneof("kind") is None]
+    if kinds:
         raise UpgradeRequiredError(
-            entry.index, ["unknown"], f"log entry {entry.index} holds {what}"
+            entry.index,
+            ["unknown"],
+            f"log entry {entry.index} holds command(s) {kinds} of a kind this node's "
+            "release does not know",
         )
+    clients = 0
+    for cmd in entry.commands:
+        kind = cmd.WhichOneof("kind")
+        assert kind is not None
+        clients += _dropped(getattr(cmd, kind))
+    if _dropped(entry):
+        raise UpgradeRequiredError(
+            entry.index,
+            ["unknown"],
+            f"log entry {entry.index} holds fields this node's release does not know",
+        )
+    return clients
 
 
 def check_restored(index: int, needed: Collection[str], supported: Collection[str]) -> None:
@@ -290,10 +317,14 @@ def check_restored(index: int, needed: Collection[str], supported: Collection[st
 
 def check_snapshot(snapshot: Message) -> None:
     """Raise ``UpgradeRequiredError`` if a snapshot holds fields this release
-    does not know (written by a newer release: restoring it would drop them)."""
-    size = snapshot.ByteSize()
-    snapshot.DiscardUnknownFields()
-    if snapshot.ByteSize() != size:
+    does not know (written by a newer release: restoring it would drop them).
+
+    A queue's ``config`` is the client's ``CreateQueue`` config as it was
+    sent, and releases before admission kept a client's unknown fields in it
+    (every replica ignored them): those are dropped, not refused."""
+    for queue in getattr(snapshot, "queues", ()):
+        _dropped(queue.config)
+    if _dropped(snapshot):
         index = getattr(snapshot, "index", 0)
         raise UpgradeRequiredError(
             index, ["unknown"], f"the snapshot at {index} holds fields this release does not know"

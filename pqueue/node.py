@@ -85,6 +85,9 @@ class QueueNode:
         self.transport = PeerTransport(
             cluster.node_id, cluster.addresses, tls, peer_token, self.config.features
         )
+        #: Commands applied whose request held a client's unknown fields (an
+        #: older release stored them; ``features.check_entry`` drops them).
+        self.client_junk = 0
         #: Each member's announced features (this node's own included).
         self.announced: dict[int, frozenset[str]] = {cluster.node_id: self.config.features}
         self.log: CommandLog = ReplicatedLog(
@@ -110,11 +113,23 @@ class QueueNode:
 
     def apply(self, entry: logpb.LogEntry) -> list[Result]:
         try:
-            features.check_entry(entry, self.config.features)
+            junk = features.check_entry(entry, self.config.features)
         except UpgradeRequiredError as exc:
             # Raised, the log fails: nothing of this entry or after it applies.
             logger.error("node %s: %s", self.config.node_id, exc)
             raise
+        if junk:
+            self.client_junk += junk
+            if self.client_junk & (self.client_junk - 1) == 0:  # 1, 2, 4...: bounded noise
+                logger.warning(
+                    "node %s: log entry %d: dropped unknown fields a client sent in %d "
+                    "command(s), stored by an older release (every replica ignores them; "
+                    "%d so far)",
+                    self.config.node_id,
+                    entry.index,
+                    junk,
+                    self.client_junk,
+                )
         results = self.machine.apply_entry(entry)
         if self.mirror is not None:
             self.mirror.notify()

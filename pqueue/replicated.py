@@ -114,6 +114,8 @@ class ReplicatedLog:
         self._handing_over = False
         #: Callers waiting for the state to apply up to an index.
         self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        #: Peer messages dropped because their sender is not a member.
+        self.foreign = 0
 
     # ----------------------------------------------------------- lifecycle
 
@@ -359,9 +361,27 @@ class ReplicatedLog:
 
     def on_message(self, msg: PeerMessage) -> None:
         """A message from a peer (the transport calls this)."""
-        if self.replica is not None and msg.dst == self.config.node_id:
-            self.replica.step(msg)
-            self._wake.set()
+        if self.replica is None or msg.dst != self.config.node_id:
+            return
+        if msg.src == self.config.node_id or msg.src not in self.config.addresses:
+            # Quorum intersection: the replica counts promises and votes by
+            # ``src``, so a message from outside the member set (a removed
+            # node's unrevoked token, a token issued for any other id) would
+            # count as a member's vote, and an Accept from it would make this
+            # node follow a ballot no member proposed. Our own messages never
+            # arrive from the network (``_handle`` steps them directly).
+            self.foreign += 1
+            if self.foreign & (self.foreign - 1) == 0:  # 1, 2, 4, 8...: bounded noise
+                logger.warning(
+                    "node %d: dropped a peer message from node %d, not a member %s (%d so far)",
+                    self.config.node_id,
+                    msg.src,
+                    sorted(self.config.addresses),
+                    self.foreign,
+                )
+            return
+        self.replica.step(msg)
+        self._wake.set()
 
     # --------------------------------------------------------------- loops
 

@@ -98,16 +98,72 @@ def test_an_entry_a_newer_release_wrote_is_refused_not_half_applied() -> None:
     assert entry.commands[0].WhichOneof("kind") is None
     with pytest.raises(UpgradeRequiredError, match=r"log entry 4 holds command\(s\) \[0\]"):
         features.check_entry(entry, features.SUPPORTED)
-    # An ack (Command field 3) whose AckRequest carries field 99.
-    ack = pb.AckRequest(queue="q").SerializeToString() + b"\x98\x06\x01"
-    cmd = b"\x1a" + bytes([len(ack)]) + ack
-    newer_ack = head + b"\x1a" + bytes([len(cmd)]) + cmd
+    # A known command (an ack) carrying a field 99 of its own: the writer put it there.
+    ack = pb.AckRequest(queue="q").SerializeToString()
+    cmd = b"\x1a" + bytes([len(ack)]) + ack + b"\x98\x06\x01"
+    newer_cmd = head + b"\x1a" + bytes([len(cmd)]) + cmd
     with pytest.raises(UpgradeRequiredError, match="fields this node's release does not know"):
-        features.check_entry(logpb.LogEntry.FromString(newer_ack), features.SUPPORTED)
+        features.check_entry(logpb.LogEntry.FromString(newer_cmd), features.SUPPORTED)
+    # A field 99 in what a leader stamps on a command (its tenant limits).
+    stamped = logpb.Command(ack=pb.AckRequest(queue="q"))
+    stamped.limits.MergeFromString(b"\x98\x06\x01")
+    entry = logpb.LogEntry(index=4, commands=[stamped])
+    with pytest.raises(UpgradeRequiredError, match="fields this node's release does not know"):
+        features.check_entry(entry, features.SUPPORTED)
     # An entry-level field added later.
     with pytest.raises(UpgradeRequiredError):
         features.check_entry(logpb.LogEntry.FromString(head + b"\xf8\x06\x01"), set())
     features.check_entry(logpb.LogEntry.FromString(head), set())  # a plain entry passes
+
+
+def test_a_clients_unknown_fields_an_older_leader_stored_are_dropped_not_fatal() -> None:
+    """Releases before admission stored a client's request as sent, unknown
+    fields and all (a newer client's field, or the issue's padded Ack), and
+    every replica applied it without them. An upgraded node replaying that
+    entry must apply it the same way, not stop at it on every restart."""
+    field_99 = b"\x98\x06\x01"
+    padded = pb.AckRequest.FromString(
+        pb.AckRequest(queue="q", leases=[pb.JobLease(job_id=1, lease_id=2)]).SerializeToString()
+        + field_99
+    )
+    config = pb.QueueConfig.FromString(
+        pb.QueueConfig(max_attempts=3).SerializeToString() + field_99
+    )
+    entry = logpb.LogEntry(
+        index=1,
+        commands=[
+            logpb.Command(create_queue=pb.CreateQueueRequest(queue="q", config=config)),
+            logpb.Command(ack=padded),
+        ],
+    )
+    stored = logpb.LogEntry.FromString(entry.SerializeToString())
+    assert features.check_entry(stored, features.SUPPORTED) == 2  # used to stop the node
+    assert stored.commands[1].ack == pb.AckRequest(
+        queue="q", leases=[pb.JobLease(job_id=1, lease_id=2)]
+    )
+    # Applied like any entry, by a node of this release.
+    machine = QueueMachine()
+    machine.apply_entry(stored)
+    assert machine.queues["q"].config.max_attempts == 3
+
+
+def test_a_snapshot_keeps_no_clients_unknown_config_fields_and_is_restored() -> None:
+    """An older release kept a client's unknown QueueConfig fields in the state
+    (``effective_config`` copies them), so its snapshots carry them."""
+    machine = QueueMachine()
+    config = pb.QueueConfig.FromString(
+        pb.QueueConfig(max_attempts=3).SerializeToString() + b"\x98\x06\x01"
+    )
+    machine.apply_entry(
+        logpb.LogEntry(
+            index=1,
+            commands=[logpb.Command(create_queue=pb.CreateQueueRequest(queue="q", config=config))],
+        )
+    )
+    data = snapshot_bytes(machine)  # as the older release wrote it
+    restored = restore(data)
+    assert restored.queues["q"].config.max_attempts == 3
+    assert snapshot_bytes(restored) != data  # the client's field is gone
 
 
 def test_a_snapshot_a_newer_release_wrote_is_refused() -> None:
