@@ -216,15 +216,28 @@ class Backends:
         After ``stall_s`` (a call to ``address`` still unanswered), suspects
         the leader, so the probes find a successor within about one election
         timeout. Never returns while ``address`` leads, or nobody is known to,
-        or ``address`` said it drains (NOT_SERVING): a node that can say so is
-        not frozen, and answers its calls as it hands over.
+        or ``address`` said it drains (NOT_SERVING), or answered a probe since
+        the call began: a node that can is not frozen, and answers (or, having
+        lost the lead, forwards) its calls.
         """
+        began_s = self.clock_s()
         await asyncio.sleep(stall_s)
         if self.pool.leader() == address:
             logger.info("leader %s has not answered a call for %.2f s: probing", address, stall_s)
         self.suspect_leader()
         old = self.pool.backends[address]
-        while (leader := self.pool.leader()) in (address, None) or old.health_serving is False:
+
+        def alive() -> bool:
+            # It answered a probe after the call began: not frozen. A node that
+            # lost the lead forwards its calls to the new leader, so abandoning
+            # them would turn writes about to succeed into "may or may not".
+            return old.reported_at_s is not None and old.reported_at_s >= began_s
+
+        while (
+            (leader := self.pool.leader()) in (address, None)
+            or old.health_serving is False
+            or alive()
+        ):
             await self._updated.wait()
         assert leader is not None
         return leader

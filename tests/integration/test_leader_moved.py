@@ -59,3 +59,20 @@ async def test_it_waits_its_stall_first() -> None:
     await asyncio.sleep(0.05)
     assert not moved.done()  # a call younger than its stall is left alone
     assert await asyncio.wait_for(moved, 5) == B
+
+
+async def test_it_never_gives_up_on_an_old_leader_that_still_answers_probes() -> None:
+    # A node that lost the lead forwards the calls it holds to the new leader:
+    # abandoning them would answer "may or may not have been applied" for
+    # writes about to succeed.
+    b = backends()
+    moved = asyncio.create_task(b.leader_moved(A, stall_s=0.01))
+    await asyncio.sleep(0.02)
+    b.pool.on_report(A, report(1, False, 1), b.clock_s())  # A answers: it follows now
+    b.pool.on_report(B, report(2, True, 2), b.clock_s())
+    b._changed()
+    await asyncio.sleep(0.05)
+    assert not moved.done()
+    moved.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await moved
