@@ -21,6 +21,7 @@ for tests. Nothing here knows about gRPC: ``pqueue.access`` applies it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -148,13 +149,21 @@ class TokenFile:
     """A token kept in a file, re-read when the file changes (rotation without
     a restart). Calling it gives the token now."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, check_interval_s: float = 1.0) -> None:
         self.path = path
+        #: The file is looked at (``stat``) at most this often: callers ask on
+        #: every proxied or forwarded call, and a stat is a blocking syscall.
+        self.check_interval_s = check_interval_s
+        self._checked_s = -math.inf
         self._token = ""
         self._stamp: tuple[int, int, int] | None = None
         self()  # a file that cannot be read fails now, at start
 
     def __call__(self) -> str:
+        now_s = time.monotonic()
+        if self._stamp is not None and now_s - self._checked_s < self.check_interval_s:
+            return self._token
+        self._checked_s = now_s
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -92,7 +92,7 @@ def test_revoked_token_ids_are_refused_once_listed_even_when_cached(tmp_path: Pa
 def test_a_token_file_is_re_read_when_it_changes(tmp_path: Path) -> None:
     path = tmp_path / "peer-token"
     path.write_text("first\n")
-    source = TokenFile(path)
+    source = TokenFile(path, check_interval_s=0)
     assert source() == "first"
     tmp = tmp_path / "peer-token.new"
     tmp.write_text("second\n")
@@ -102,6 +102,16 @@ def test_a_token_file_is_re_read_when_it_changes(tmp_path: Path) -> None:
     assert source() == "second"  # gone: the last one is kept, not nothing
     with pytest.raises(ValueError, match="cannot read"):
         TokenFile(tmp_path / "missing")
+
+
+def test_a_token_file_is_looked_at_at_most_once_an_interval(tmp_path: Path) -> None:
+    path = tmp_path / "peer-token"
+    path.write_text("first\n")
+    source = TokenFile(path, check_interval_s=3600)
+    path.write_text("second, longer\n")
+    assert source() == "first"  # asked on every call: no stat until the interval passes
+    source.check_interval_s = 0
+    assert source() == "second, longer"
 
 
 def test_node_subjects() -> None:
