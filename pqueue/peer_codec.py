@@ -1,10 +1,18 @@
-"""Consensus messages to and from the peer protocol's Protobuf (``peer.proto``)."""
+"""Consensus messages to and from the peer protocol's Protobuf (``peer.proto``).
+
+``decode`` range-checks every id and number before consensus sees it: a
+peer's ballot round, slot or index at or past 2^62 (SQLite stores < 2^63; a
+round near the top could never be outbid) or a node id outside 1..65535 is
+a ``ValueError``, which the receiving service logs and drops.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from consensus.messages import (
+    MAX_NODE_ID,
+    MAX_PROTOCOL_INT,
     Accept,
     Accepted,
     Ballot,
@@ -17,6 +25,7 @@ from consensus.messages import (
     Prepare,
     Promise,
     Record,
+    SnapshotRequest,
 )
 from pqueue.v1 import peer_pb2 as ppb
 
@@ -31,6 +40,7 @@ _KINDS: dict[type[Any], int] = {
     CatchupRequest: K.CATCHUP_REQUEST,
     CatchupReply: K.CATCHUP_REPLY,
     InstallSnapshot: K.INSTALL_SNAPSHOT,
+    SnapshotRequest: K.SNAPSHOT_REQUEST,
 }
 _TYPES = {kind: cls for cls, kind in _KINDS.items()}
 
@@ -40,7 +50,36 @@ def _ballot(b: Ballot) -> ppb.PeerBallot:
 
 
 def _unballot(b: ppb.PeerBallot) -> Ballot:
+    if b.round >= MAX_PROTOCOL_INT or b.node >= MAX_NODE_ID:
+        raise ValueError(f"ballot {b.round}.{b.node} out of range")
+    if b.node == 0 and b.round != 0:
+        raise ValueError(f"ballot {b.round}.0 names no node")
     return (b.round, b.node)
+
+
+def _number(name: str, value: int) -> int:
+    if value >= MAX_PROTOCOL_INT:
+        raise ValueError(f"{name} {value} out of range (must be < 2^62)")
+    return value
+
+
+#: Wire overhead allowed per message and per entry/record when estimating size.
+_OVERHEAD = 64
+
+
+def approx_size(msg: Message) -> int:
+    """An upper-bound estimate of ``msg``'s encoded size, without encoding it
+    (the transport budgets batches and queues in bytes with this)."""
+    size = _OVERHEAD
+    if isinstance(msg, Promise):
+        size += sum(len(r.value) + _OVERHEAD for r in msg.records)
+    elif isinstance(msg, Accept | CatchupReply):
+        size += sum(len(v) + _OVERHEAD for _, v in msg.entries)
+    elif isinstance(msg, Accepted):
+        size += 11 * len(msg.slots)
+    elif isinstance(msg, InstallSnapshot):
+        size += len(msg.data) + len(msg.sha256)
+    return size
 
 
 def encode(msg: Message) -> ppb.PeerMessage:
@@ -51,7 +90,7 @@ def encode(msg: Message) -> ppb.PeerMessage:
     if isinstance(msg, Promise | Accepted | HeartbeatReply):
         out.ok = msg.ok
         out.promised.CopyFrom(_ballot(msg.promised))
-    if isinstance(msg, Prepare | CatchupRequest):
+    if isinstance(msg, Prepare | CatchupRequest | Promise):
         out.from_slot = msg.from_slot
     if isinstance(
         msg, Promise | Accept | Heartbeat | HeartbeatReply | CatchupReply | InstallSnapshot
@@ -62,6 +101,7 @@ def encode(msg: Message) -> ppb.PeerMessage:
             ppb.PeerRecord(slot=r.slot, ballot=_ballot(r.ballot), value=r.value, chosen=r.chosen)
             for r in msg.records
         )
+        out.more_from = msg.more_from
     if isinstance(msg, Accept | CatchupReply):
         out.entries.extend(ppb.PeerEntry(slot=s, value=v) for s, v in msg.entries)
     if isinstance(msg, Accepted):
@@ -69,6 +109,12 @@ def encode(msg: Message) -> ppb.PeerMessage:
     if isinstance(msg, InstallSnapshot):
         out.index = msg.index
         out.data = msg.data
+        out.offset = msg.offset
+        out.total = msg.total
+        out.sha256 = msg.sha256
+    if isinstance(msg, SnapshotRequest):
+        out.index = msg.index
+        out.offset = msg.offset
     return out
 
 
@@ -77,14 +123,33 @@ def decode(m: ppb.PeerMessage) -> Message:
     cls = _TYPES.get(m.kind)
     if cls is None:
         raise ValueError(f"unknown peer message kind {m.kind}")
+    if not (0 < m.src < MAX_NODE_ID and 0 < m.dst < MAX_NODE_ID):
+        raise ValueError(f"node ids {m.src} -> {m.dst} out of range")
+    for name in ("from_slot", "commit_index", "index", "more_from", "offset", "total"):
+        _number(name, getattr(m, name))
     ballot, promised = _unballot(m.ballot), _unballot(m.promised)
-    entries = tuple((e.slot, e.value) for e in m.entries)
+    entries = tuple((_number("slot", e.slot), e.value) for e in m.entries)
+    for slot in m.slots:
+        _number("slot", slot)
     msg: Message
     if cls is Prepare:
         msg = Prepare(m.src, m.dst, ballot, m.from_slot)
     elif cls is Promise:
-        records = tuple(Record(r.slot, _unballot(r.ballot), r.value, r.chosen) for r in m.records)
-        msg = Promise(m.src, m.dst, ballot, m.ok, promised, records, m.commit_index)
+        records = tuple(
+            Record(_number("slot", r.slot), _unballot(r.ballot), r.value, r.chosen)
+            for r in m.records
+        )
+        msg = Promise(
+            m.src,
+            m.dst,
+            ballot,
+            m.ok,
+            promised,
+            records,
+            m.commit_index,
+            m.from_slot,
+            m.more_from,
+        )
     elif cls is Accept:
         msg = Accept(m.src, m.dst, ballot, entries, m.commit_index)
     elif cls is Accepted:
@@ -97,6 +162,10 @@ def decode(m: ppb.PeerMessage) -> Message:
         msg = CatchupRequest(m.src, m.dst, m.from_slot)
     elif cls is CatchupReply:
         msg = CatchupReply(m.src, m.dst, entries, m.commit_index)
+    elif cls is InstallSnapshot:
+        msg = InstallSnapshot(
+            m.src, m.dst, m.index, m.data, m.commit_index, m.offset, m.total, m.sha256
+        )
     else:
-        msg = InstallSnapshot(m.src, m.dst, m.index, m.data, m.commit_index)
+        msg = SnapshotRequest(m.src, m.dst, m.index, m.offset)
     return msg

@@ -5,6 +5,14 @@ keeps it simple: each peer gets a bounded queue (the oldest message goes when
 it overflows) and a sender task that holds a client stream open, writes
 whatever has queued up as one batch, and reconnects with backoff when the
 stream breaks. Inbound streams are decoded and handed to the log.
+
+Everything is bounded in bytes, so no entry size can wedge a link: a batch
+stops at MAX_BATCH_BYTES (a larger message goes alone), a queue drops its
+oldest messages past MAX_QUEUED_BYTES, and a message that could never fit
+MAX_PEER_MESSAGE_BYTES is dropped at once (consensus never makes one: its
+batches, promises and snapshot chunks are budgeted). Small messages
+(heartbeats, votes, requests) travel on their own stream, a second
+connection, so they never wait behind megabytes of entries.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from pqueue import limits
 from pqueue.access import AUTHORIZATION_KEY, bearer
 from pqueue.auth import PEER, Verifier
 from pqueue.errors import UnauthenticatedError
-from pqueue.peer_codec import decode, encode
+from pqueue.peer_codec import approx_size, decode, encode
 from pqueue.tls import Tls, channel
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
@@ -33,6 +41,14 @@ Metadata = tuple[tuple[str, str], ...]
 
 MAX_QUEUED = 10_000
 MAX_BATCH = 512
+#: A batch stops adding messages past this many bytes (one larger goes alone).
+MAX_BATCH_BYTES = 4 << 20
+#: A link's queue drops its oldest messages past this many bytes.
+MAX_QUEUED_BYTES = 64 << 20
+#: Messages up to this size use the small-message lane (their own stream).
+SMALL_MESSAGE_BYTES = 64 << 10
+#: Room left under the gRPC limit for the batch's own framing.
+_FRAMING_BYTES = 1 << 10
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
     ("grpc.max_send_message_length", limits.MAX_PEER_MESSAGE_BYTES),
@@ -88,13 +104,48 @@ class _Link:
         self.node_id, self.peer, self.address = node_id, peer, address
         self.tls = tls
         self.metadata = metadata
-        self.queue: deque[ppb.PeerMessage] = deque(maxlen=MAX_QUEUED)
+        #: (message, its estimated encoded size), oldest first.
+        self.queue: deque[tuple[ppb.PeerMessage, int]] = deque()
+        self.queued_bytes = 0
+        self.dropped = 0
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    def put(self, msg: ppb.PeerMessage) -> None:
-        self.queue.append(msg)
+    def put(self, msg: ppb.PeerMessage, size: int) -> None:
+        """Queue ``msg`` (``size``: its estimated bytes), dropping the oldest
+        messages past MAX_QUEUED / MAX_QUEUED_BYTES."""
+        if size > limits.MAX_PEER_MESSAGE_BYTES - _FRAMING_BYTES:
+            logger.warning(
+                "node %d -> %d: dropping a %d-byte peer message (over the %d-byte limit)",
+                self.node_id,
+                self.peer,
+                size,
+                limits.MAX_PEER_MESSAGE_BYTES,
+            )
+            return
+        self.queue.append((msg, size))
+        self.queued_bytes += size
+        while len(self.queue) > MAX_QUEUED or (
+            self.queued_bytes > MAX_QUEUED_BYTES and len(self.queue) > 1
+        ):
+            _, old = self.queue.popleft()
+            self.queued_bytes -= old
+            self.dropped += 1
         self.ready.set()
+
+    def take_batch(self) -> list[ppb.PeerMessage]:
+        """The next batch: up to MAX_BATCH messages and MAX_BATCH_BYTES (at least one)."""
+        batch: list[ppb.PeerMessage] = []
+        size = 0
+        while self.queue and len(batch) < MAX_BATCH:
+            msg, n = self.queue[0]
+            if batch and size + n > MAX_BATCH_BYTES:
+                break
+            self.queue.popleft()
+            self.queued_bytes -= n
+            batch.append(msg)
+            size += n
+        return batch
 
     async def send_loop(self) -> None:
         backoff_s = 0.05
@@ -106,9 +157,7 @@ class _Link:
                         if not self.queue:
                             self.ready.clear()
                             await self.ready.wait()
-                        batch = [
-                            self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))
-                        ]
+                        batch = self.take_batch()
                         await call.write(ppb.PeerBatch(messages=batch))
                         backoff_s = 0.05
             except Exception as exc:  # any failure: reconnect, never die
@@ -134,20 +183,28 @@ class PeerTransport:
         self.tls = tls
         self._addresses = addresses
         self._links: dict[int, _Link] = {}
+        #: The small-message lane: a second stream (and connection) per peer.
+        self._small: dict[int, _Link] = {}
 
     def start(self) -> None:
-        """Start one sender per peer (addresses are read now: ports may bind late)."""
-        self._links = {
-            peer: _Link(self.node_id, peer, address, self.tls, self.metadata)
-            for peer, address in self._addresses.items()
-            if peer != self.node_id
-        }
-        for link in self._links.values():
-            link.task = asyncio.create_task(link.send_loop(), name=f"pq-peer-{link.peer}")
+        """Start two senders per peer (addresses are read now: ports may bind late)."""
+        for lanes, lane in ((self._links, "bulk"), (self._small, "small")):
+            lanes.update(
+                {
+                    peer: _Link(self.node_id, peer, address, self.tls, self.metadata)
+                    for peer, address in self._addresses.items()
+                    if peer != self.node_id
+                }
+            )
+            for link in lanes.values():
+                link.task = asyncio.create_task(
+                    link.send_loop(), name=f"pq-peer-{link.peer}-{lane}"
+                )
 
     async def stop(self) -> None:
         """Stop the senders and close their streams."""
-        tasks = [link.task for link in self._links.values() if link.task is not None]
+        links = [*self._links.values(), *self._small.values()]
+        tasks = [link.task for link in links if link.task is not None]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -155,6 +212,8 @@ class PeerTransport:
 
     def send(self, msg: Message) -> None:
         """Queue a message for its destination (dropped if unknown)."""
-        link = self._links.get(msg.dst)
+        size = approx_size(msg)
+        lanes = self._small if size <= SMALL_MESSAGE_BYTES else self._links
+        link = lanes.get(msg.dst)
         if link is not None:
-            link.put(encode(msg))
+            link.put(encode(msg), size)

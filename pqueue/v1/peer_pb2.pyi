@@ -121,6 +121,10 @@ class PeerMessage(_message.Message):
         CATCHUP_REQUEST: PeerMessage._Kind.ValueType  # 7
         CATCHUP_REPLY: PeerMessage._Kind.ValueType  # 8
         INSTALL_SNAPSHOT: PeerMessage._Kind.ValueType  # 9
+        SNAPSHOT_REQUEST: PeerMessage._Kind.ValueType  # 20
+        """A follower pulls the snapshot chunk at (index, offset). Numbered apart
+        from 10.. so kinds added concurrently elsewhere do not collide.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: PeerMessage.Kind.ValueType  # 0
@@ -133,6 +137,10 @@ class PeerMessage(_message.Message):
     CATCHUP_REQUEST: PeerMessage.Kind.ValueType  # 7
     CATCHUP_REPLY: PeerMessage.Kind.ValueType  # 8
     INSTALL_SNAPSHOT: PeerMessage.Kind.ValueType  # 9
+    SNAPSHOT_REQUEST: PeerMessage.Kind.ValueType  # 20
+    """A follower pulls the snapshot chunk at (index, offset). Numbered apart
+    from 10.. so kinds added concurrently elsewhere do not collide.
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     SRC_FIELD_NUMBER: _builtins.int
@@ -147,6 +155,10 @@ class PeerMessage(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    MORE_FROM_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     kind: Global___PeerMessage.Kind.ValueType
     src: _builtins.int
     dst: _builtins.int
@@ -156,7 +168,18 @@ class PeerMessage(_message.Message):
     index: _builtins.int
     """InstallSnapshot: the snapshot's index."""
     data: _builtins.bytes
-    """InstallSnapshot: the snapshot."""
+    """InstallSnapshot: one chunk of the snapshot, from `offset` on."""
+    more_from: _builtins.int
+    """Promise: 0 when `records` is complete, else the slot the rest starts at
+    (the candidate asks again with a Prepare from there, same ballot).
+    """
+    offset: _builtins.int
+    """InstallSnapshot / SnapshotRequest: where the chunk starts in the snapshot."""
+    total: _builtins.int
+    """InstallSnapshot: the whole snapshot's length and SHA-256, checked before
+    it is installed.
+    """
+    sha256: _builtins.bytes
     @_builtins.property
     def ballot(self) -> Global___PeerBallot: ...
     @_builtins.property
@@ -183,10 +206,14 @@ class PeerMessage(_message.Message):
         entries: _abc.Iterable[Global___PeerEntry] | None = ...,
         slots: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        more_from: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        total: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "promised", b"promised"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "commit_index", b"commit_index", "data", b"data", "dst", b"dst", "entries", b"entries", "from_slot", b"from_slot", "index", b"index", "kind", b"kind", "ok", b"ok", "promised", b"promised", "records", b"records", "slots", b"slots", "src", b"src"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "commit_index", b"commit_index", "data", b"data", "dst", b"dst", "entries", b"entries", "from_slot", b"from_slot", "index", b"index", "kind", b"kind", "more_from", b"more_from", "offset", b"offset", "ok", b"ok", "promised", b"promised", "records", b"records", "sha256", b"sha256", "slots", b"slots", "src", b"src", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
