@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.auth import Verifier
+from pqueue.node import NodeConfig
 from pqueue.replicated import ClusterConfig
 from pqueue.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
@@ -39,8 +40,14 @@ class Cluster:
         tls: Callable[[int], Tls] | None = None,
         verifier: Verifier | None = None,
         peer_token: str | None = None,
+        cluster_options: dict[str, Any] | None = None,
+        node_options: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
+        #: More ``ClusterConfig`` fields for every node (tick_ms, snapshot_every_entries...).
+        self.cluster_options = {"tick_ms": 20, **(cluster_options or {})}
+        #: More ``NodeConfig`` fields for every node (snapshot_every_entries...).
+        self.node_options = node_options
         self.metrics = metrics
         self.tls = tls
         self.verifier = verifier
@@ -50,7 +57,7 @@ class Cluster:
         self.n = n
 
     def _server(self, i: int) -> NodeServer:
-        config = ClusterConfig(node_id=i, addresses=self.addresses, tick_ms=20)
+        config = ClusterConfig(node_id=i, addresses=self.addresses, **self.cluster_options)
         listen = self.addresses.get(i, "127.0.0.1:0")
         return NodeServer(
             SqliteStorage(self.root / f"n{i}"),
@@ -61,6 +68,9 @@ class Cluster:
                 tls=self.tls(i) if self.tls is not None else None,
                 verifier=self.verifier,
                 peer_token=self.peer_token,
+            ),
+            node_config=(
+                NodeConfig(node_id=f"n{i}", **self.node_options) if self.node_options else None
             ),
             cluster=config,
         )
