@@ -116,8 +116,11 @@ class _Incoming:
     digest: bytes
     data: bytearray
     #: Catch-up retries since the last chunk arrived (a stalled transfer is
-    #: dropped after a few, so the node can start over or campaign).
+    #: dropped after a few, so the node can start over).
     idle: int = 0
+    #: Ticks since the last chunk arrived (past a few election timeouts the
+    #: transfer is given up, so a node whose source died campaigns again).
+    idle_ticks: int = 0
 
 
 @dataclass
@@ -196,7 +199,7 @@ class Replica:
         if self.catchup_wait:
             self.catchup_wait -= 1
         if self.role is Role.FOLLOWER:
-            if self.election_elapsed >= self.election_timeout and not self.installing_snapshot:
+            if self.election_elapsed >= self.election_timeout and not self._installing_blocks():
                 self._start_election()
             elif self.commit_index < self.known_commit and self.leader_id:
                 self._request_catchup(self.leader_id)
@@ -272,6 +275,19 @@ class Replica:
     def installing_snapshot(self) -> bool:
         """Receiving a snapshot (it cannot serve, and it does not campaign)."""
         return self._incoming is not None
+
+    def _installing_blocks(self) -> bool:
+        """Whether a snapshot transfer in progress keeps us from campaigning
+        (a node that cannot serve must not lead); one stalled for several
+        election timeouts is given up instead."""
+        incoming = self._incoming
+        if incoming is None:
+            return False
+        incoming.idle_ticks += 1
+        if incoming.idle_ticks > 3 * self.config.election_ticks:
+            self._incoming = None
+            return False
+        return True
 
     def step(self, msg: Message) -> None:
         """Handle one message addressed to this node.
@@ -762,7 +778,7 @@ class Replica:
             self._incoming = None  # does not add up: start over on the next retry
             return
         incoming.data += msg.data
-        incoming.idle = 0
+        incoming.idle = incoming.idle_ticks = 0
         if len(incoming.data) < incoming.total:
             # Pull the next chunk: one in flight per follower (flow control).
             self.catchup_wait = self.config.catchup_retry_ticks
