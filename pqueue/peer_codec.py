@@ -8,6 +8,7 @@ a ``ValueError``, which the receiving service logs and drops.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from consensus.messages import (
@@ -116,6 +117,72 @@ def encode(msg: Message) -> ppb.PeerMessage:
         out.index = msg.index
         out.offset = msg.offset
     return out
+
+
+def varint(n: int) -> bytes:
+    """``n`` as a Protobuf base-128 varint."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """The wire bytes of a length-delimited field (a message or bytes)."""
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+_ENTRIES_FIELD = ppb.PeerMessage.DESCRIPTOR.fields_by_name["entries"].number
+
+
+class EntryCache:
+    """Each Accept entry's wire bytes, encoded once per (slot, ballot).
+
+    A leader has one value per slot in its ballot, so the key names the
+    bytes exactly; the same entry sent to every peer, and re-offered on
+    heartbeats, is serialized once. Least recently used entries go past
+    ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int = 96 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        #: Entries encoded (a test counts these to see retries do not re-copy).
+        self.encoded = 0
+        self._entries: OrderedDict[tuple[int, Ballot], bytes] = OrderedDict()
+
+    def entry(self, slot: int, ballot: Ballot, value: bytes) -> bytes:
+        """The ``entries`` field bytes of one entry."""
+        key = (slot, ballot)
+        wire = self._entries.get(key)
+        if wire is not None:
+            self._entries.move_to_end(key)
+            return wire
+        wire = length_delimited(
+            _ENTRIES_FIELD, ppb.PeerEntry(slot=slot, value=value).SerializeToString()
+        )
+        self.encoded += 1
+        self._entries[key] = wire
+        self.bytes += len(wire)
+        while self.bytes > self.max_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= len(old)
+        return wire
+
+
+def encode_wire(msg: Message, cache: EntryCache) -> list[bytes]:
+    """``msg``'s serialized ``PeerMessage``, as pieces to concatenate: an
+    Accept's entries come from ``cache`` (encoded once, never re-copied per
+    peer or per retry)."""
+    if isinstance(msg, Accept):
+        header = encode(Accept(msg.src, msg.dst, msg.ballot, (), msg.commit_index))
+        return [
+            header.SerializeToString(),
+            *(cache.entry(slot, msg.ballot, value) for slot, value in msg.entries),
+        ]
+    return [encode(msg).SerializeToString()]
 
 
 def decode(m: ppb.PeerMessage) -> Message:

@@ -30,7 +30,7 @@ from pqueue import limits
 from pqueue.access import AUTHORIZATION_KEY, bearer
 from pqueue.auth import PEER, Verifier
 from pqueue.errors import UnauthenticatedError
-from pqueue.peer_codec import approx_size, decode, encode
+from pqueue.peer_codec import EntryCache, approx_size, decode, encode_wire, varint
 from pqueue.tls import Tls, channel
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
@@ -95,6 +95,20 @@ class PeerService(ppbg.PeerServicer):
         return ppb.PeerAck()
 
 
+#: The tag of PeerBatch.messages (a length-delimited field).
+_MESSAGES_TAG = varint(ppb.PeerBatch.DESCRIPTOR.fields_by_name["messages"].number << 3 | 2)
+
+
+def _raw_send(ch: grpc.aio.Channel) -> Any:
+    """``Peer.Send`` that writes PeerBatch bytes we serialized ourselves
+    (the same wire format the generated stub would produce)."""
+    return ch.stream_unary(
+        "/pqueue.v1.Peer/Send",
+        request_serializer=bytes,
+        response_deserializer=ppb.PeerAck.FromString,
+    )
+
+
 class _Link:
     """The outbound half towards one peer."""
 
@@ -104,15 +118,15 @@ class _Link:
         self.node_id, self.peer, self.address = node_id, peer, address
         self.tls = tls
         self.metadata = metadata
-        #: (message, its estimated encoded size), oldest first.
-        self.queue: deque[tuple[ppb.PeerMessage, int]] = deque()
+        #: (a serialized PeerMessage in pieces, its size), oldest first.
+        self.queue: deque[tuple[list[bytes], int]] = deque()
         self.queued_bytes = 0
         self.dropped = 0
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    def put(self, msg: ppb.PeerMessage, size: int) -> None:
-        """Queue ``msg`` (``size``: its estimated bytes), dropping the oldest
+    def put(self, msg: list[bytes], size: int) -> None:
+        """Queue ``msg`` (``size``: its bytes), dropping the oldest
         messages past MAX_QUEUED / MAX_QUEUED_BYTES."""
         if size > limits.MAX_PEER_MESSAGE_BYTES - _FRAMING_BYTES:
             logger.warning(
@@ -133,32 +147,35 @@ class _Link:
             self.dropped += 1
         self.ready.set()
 
-    def take_batch(self) -> list[ppb.PeerMessage]:
-        """The next batch: up to MAX_BATCH messages and MAX_BATCH_BYTES (at least one)."""
-        batch: list[ppb.PeerMessage] = []
-        size = 0
-        while self.queue and len(batch) < MAX_BATCH:
+    def take_batch(self) -> bytes:
+        """The next serialized PeerBatch: up to MAX_BATCH messages and
+        MAX_BATCH_BYTES (at least one), joined with one copy."""
+        pieces: list[bytes] = []
+        count = size = 0
+        while self.queue and count < MAX_BATCH:
             msg, n = self.queue[0]
-            if batch and size + n > MAX_BATCH_BYTES:
+            if count and size + n > MAX_BATCH_BYTES:
                 break
             self.queue.popleft()
             self.queued_bytes -= n
-            batch.append(msg)
+            # PeerBatch.messages (field 1): tag, length, then the message.
+            pieces.append(_MESSAGES_TAG + varint(n))
+            pieces.extend(msg)
+            count += 1
             size += n
-        return batch
+        return b"".join(pieces)
 
     async def send_loop(self) -> None:
         backoff_s = 0.05
         while True:
             try:
                 async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
-                    call = ppbg.PeerStub(ch).Send(metadata=self.metadata)
+                    call = _raw_send(ch)(metadata=self.metadata)
                     while True:
                         if not self.queue:
                             self.ready.clear()
                             await self.ready.wait()
-                        batch = self.take_batch()
-                        await call.write(ppb.PeerBatch(messages=batch))
+                        await call.write(self.take_batch())
                         backoff_s = 0.05
             except Exception as exc:  # any failure: reconnect, never die
                 logger.debug("node %d -> %d: stream broke: %r", self.node_id, self.peer, exc)
@@ -185,6 +202,8 @@ class PeerTransport:
         self._links: dict[int, _Link] = {}
         #: The small-message lane: a second stream (and connection) per peer.
         self._small: dict[int, _Link] = {}
+        #: Accept entries serialized once, shared by every link and retry.
+        self.entries = EntryCache()
 
     def start(self) -> None:
         """Start two senders per peer (addresses are read now: ports may bind late)."""
@@ -212,8 +231,8 @@ class PeerTransport:
 
     def send(self, msg: Message) -> None:
         """Queue a message for its destination (dropped if unknown)."""
-        size = approx_size(msg)
-        lanes = self._small if size <= SMALL_MESSAGE_BYTES else self._links
+        lanes = self._small if approx_size(msg) <= SMALL_MESSAGE_BYTES else self._links
         link = lanes.get(msg.dst)
         if link is not None:
-            link.put(encode(msg), size)
+            wire = encode_wire(msg, self.entries)
+            link.put(wire, sum(map(len, wire)))

@@ -37,7 +37,9 @@ ROUNDS, CALLS, JOBS = 1, 8, 48
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
+    # Three nodes share this process's event loop: parsing a 16 MiB entry
+    # stalls all of them at once, so give elections 0.5-1 s, not 0.2-0.4 s.
+    c = Cluster(tmp_path, cluster_options={"tick_ms": 50})
     await c.start()
     try:
         yield c

@@ -249,3 +249,57 @@ def test_a_node_receiving_a_snapshot_does_not_campaign() -> None:
         follower.tick()
     assert not follower.installing_snapshot
     assert follower.role is Role.CANDIDATE
+
+
+# -------------------------------------------------------------- transport
+
+
+def test_batches_are_bounded_in_bytes_and_parse_as_peer_batches() -> None:
+    from pqueue import peers
+    from pqueue.peer_codec import EntryCache, encode_wire
+
+    cache = EntryCache()
+    link = peers._Link(1, 2, "127.0.0.1:1", None, ())
+    big = b"x" * peers.MAX_BATCH_BYTES  # over the budget with its framing
+    msgs: list[Message] = [
+        Accept(1, 2, (3, 1), ((1, big),), 0),
+        Accept(1, 2, (3, 1), ((2, b"small"), (3, b"s")), 0),
+        Prepare(1, 2, (4, 1), 7),
+    ]
+    for msg in msgs:
+        wire = encode_wire(msg, cache)
+        link.put(wire, sum(map(len, wire)))
+    first = ppb.PeerBatch.FromString(link.take_batch())
+    second = ppb.PeerBatch.FromString(link.take_batch())
+    # The big accept alone (the next would pass the budget), then the rest.
+    assert [decode(m) for m in first.messages] == msgs[:1]
+    assert [decode(m) for m in second.messages] == msgs[1:]
+    assert not link.queue
+    assert link.queued_bytes == 0
+
+
+def test_a_link_queue_drops_its_oldest_past_its_byte_bound() -> None:
+    from pqueue import peers
+
+    link = peers._Link(1, 2, "127.0.0.1:1", None, ())
+    chunk = 16 << 20
+    for k in range(peers.MAX_QUEUED_BYTES // chunk + 3):
+        link.put([bytes([k])], chunk)
+    assert link.queued_bytes <= peers.MAX_QUEUED_BYTES
+    assert link.dropped == 3
+    link.put([b"y"], 1 << 30)  # could never be delivered: dropped at once
+    assert link.queued_bytes <= peers.MAX_QUEUED_BYTES
+
+
+def test_an_accept_entry_is_encoded_once_for_every_peer_and_retry() -> None:
+    from pqueue.peer_codec import EntryCache, encode_wire
+
+    cache = EntryCache()
+    value = b"v" * 1000
+    for dst in (2, 3):
+        for _ in range(5):  # the first offer, then heartbeat re-offers
+            wire = encode_wire(Accept(1, dst, (3, 1), ((9, value),), 0), cache)
+            assert decode(ppb.PeerMessage.FromString(b"".join(wire))) == Accept(
+                1, dst, (3, 1), ((9, value),), 0
+            )
+    assert cache.encoded == 1
