@@ -276,6 +276,12 @@ class Replica:
         """Receiving a snapshot (it cannot serve, and it does not campaign)."""
         return self._incoming is not None
 
+    @property
+    def catching_up(self) -> bool:
+        """Cannot serve until a transfer completes (for pre-vote: such a node
+        should not ask for votes). Today: ``installing_snapshot``."""
+        return self.installing_snapshot
+
     def _installing_blocks(self) -> bool:
         """Whether a snapshot transfer in progress keeps us from campaigning
         (a node that cannot serve must not lead); one stalled for several
@@ -334,7 +340,17 @@ class Replica:
         # A Prepare in the ballot we already promised is a candidate fetching
         # the rest of our promise (or a resend): answering promises nothing new.
         again = msg.ballot == self.promised and msg.ballot != ZERO
-        if msg.ballot < self.promised or (not again and self._has_live_leader(msg.src)):
+        # A candidate whose commit index is behind our compacted log could not
+        # serve as leader (it needs a snapshot first): refuse it. Liveness
+        # holds: our snapshot index <= our commit index <= the highest commit
+        # index among live nodes, so the most advanced live node is never
+        # refused for this.
+        behind = msg.src != self.id and msg.from_slot <= self.snapshot_index
+        if (
+            msg.ballot < self.promised
+            or (not again and self._has_live_leader(msg.src))
+            or (not again and behind)
+        ):
             # Refusing is always safe. Refusing while a live leader serves us
             # keeps a node that lost touch (or just restarted) from deposing it.
             self._send(Promise(self.id, msg.src, msg.ballot, False, self.promised))

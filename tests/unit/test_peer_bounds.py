@@ -303,3 +303,16 @@ def test_an_accept_entry_is_encoded_once_for_every_peer_and_retry() -> None:
                 1, dst, (3, 1), ((9, value),), 0
             )
     assert cache.encoded == 1
+
+
+def test_a_candidate_behind_our_compacted_log_gets_no_vote() -> None:
+    acceptor = replica(2, DurableState(snapshot=(40, b"state"), commit_index=40))
+    acceptor.step(Prepare(1, 2, (9, 1), 5))  # it holds only up to slot 4
+    [refusal] = sent(acceptor)
+    assert isinstance(refusal, Promise)
+    assert not refusal.ok
+    assert acceptor.promised == (0, 0)
+    acceptor.step(Prepare(3, 2, (9, 3), 41))  # one that has what we compacted
+    [vote] = sent(acceptor)
+    assert isinstance(vote, Promise)
+    assert vote.ok
