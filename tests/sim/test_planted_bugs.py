@@ -6,8 +6,8 @@ from typing import Any
 
 from tests.sim.checker import SafetyViolation
 from tests.sim.cluster import Simulation
-from tests.sim.planted import SkipsPromiseFsync, VotesBeforeFsync
-from tests.sim.test_sweep import HARSH
+from tests.sim.planted import CountsPartialPromise, SkipsPromiseFsync, VotesBeforeFsync
+from tests.sim.test_sweep import HARSH, TINY
 
 
 def first_violation(seeds: range, **options: Any) -> str:
@@ -32,6 +32,11 @@ def test_counting_the_leaders_vote_before_its_fsync_is_caught() -> None:
 def test_replying_before_commit_is_caught() -> None:
     found = first_violation(range(20), ack_on_propose=True)
     assert "lost" in found or "acked" in found  # an acknowledged value did not survive
+
+
+def test_counting_half_a_multi_part_promise_is_caught() -> None:
+    found = first_violation(range(3000, 3100), replica_cls=CountsPartialPromise, budgets=TINY)
+    assert "applied" in found or "lost" in found  # a chosen value was replaced
 
 
 def test_the_correct_core_passes_the_same_seeds() -> None:
