@@ -41,6 +41,9 @@ class Prepare:
     dst: int
     ballot: Ballot
     from_slot: int
+    #: The sender takes a promise in parts (an older node does not: it gets
+    #: every record in one message, as before).
+    parts: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,8 @@ class CatchupRequest:
     src: int
     dst: int
     from_slot: int
+    #: The sender takes a snapshot in chunks (an older node gets it whole).
+    parts: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -370,7 +370,7 @@ class Replica:
         size, more_from = 0, 0
         for slot in sorted(s for s in self.log if s >= floor):
             record = self.log[slot]
-            if records and size + len(record.value) > self.config.max_promise_bytes:
+            if records and msg.parts and size + len(record.value) > self.config.max_promise_bytes:
                 more_from = slot
                 break
             records.append(record)
@@ -715,7 +715,9 @@ class Replica:
 
     def _on_catchup_request(self, msg: CatchupRequest) -> None:
         if msg.from_slot <= self.snapshot_index:
-            self._send_snapshot_chunk(msg.src, 0)
+            # An older node installs whatever one InstallSnapshot carries: it
+            # gets the whole snapshot (as before), never a chunk.
+            self._send_snapshot_chunk(msg.src, 0, whole=not msg.parts)
             return
         last = min(self.commit_index, msg.from_slot + self.config.max_batch_entries - 1)
         entries = [(s, self._value_at(s)) for s in range(msg.from_slot, last + 1)]
@@ -737,12 +739,12 @@ class Replica:
         if self.commit_index < self.known_commit:
             self._request_catchup(msg.src)
 
-    def _send_snapshot_chunk(self, dst: int, offset: int) -> None:
+    def _send_snapshot_chunk(self, dst: int, offset: int, whole: bool = False) -> None:
         """One chunk of our snapshot; the first and every other carry its
         length and digest, so a follower can start from any of them."""
         if self._snapshot_digest[0] != self.snapshot_index:
             self._snapshot_digest = (self.snapshot_index, sha256(self.snapshot_data).digest())
-        end = offset + self.config.snapshot_chunk_bytes
+        end = len(self.snapshot_data) if whole else offset + self.config.snapshot_chunk_bytes
         self._send(
             InstallSnapshot(
                 self.id,

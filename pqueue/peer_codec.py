@@ -93,6 +93,8 @@ def encode(msg: Message) -> ppb.PeerMessage:
         out.promised.CopyFrom(_ballot(msg.promised))
     if isinstance(msg, Prepare | CatchupRequest | Promise):
         out.from_slot = msg.from_slot
+    if isinstance(msg, Prepare | CatchupRequest):
+        out.parts = msg.parts
     if isinstance(
         msg, Promise | Accept | Heartbeat | HeartbeatReply | CatchupReply | InstallSnapshot
     ):
@@ -200,7 +202,7 @@ def decode(m: ppb.PeerMessage) -> Message:
         _number("slot", slot)
     msg: Message
     if cls is Prepare:
-        msg = Prepare(m.src, m.dst, ballot, m.from_slot)
+        msg = Prepare(m.src, m.dst, ballot, m.from_slot, m.parts)
     elif cls is Promise:
         records = tuple(
             Record(_number("slot", r.slot), _unballot(r.ballot), r.value, r.chosen)
@@ -226,7 +228,7 @@ def decode(m: ppb.PeerMessage) -> Message:
     elif cls is HeartbeatReply:
         msg = HeartbeatReply(m.src, m.dst, ballot, m.ok, promised, m.commit_index)
     elif cls is CatchupRequest:
-        msg = CatchupRequest(m.src, m.dst, m.from_slot)
+        msg = CatchupRequest(m.src, m.dst, m.from_slot, m.parts)
     elif cls is CatchupReply:
         msg = CatchupReply(m.src, m.dst, entries, m.commit_index)
     elif cls is InstallSnapshot:

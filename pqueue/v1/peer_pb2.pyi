@@ -159,6 +159,7 @@ class PeerMessage(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     kind: Global___PeerMessage.Kind.ValueType
     src: _builtins.int
     dst: _builtins.int
@@ -180,6 +181,11 @@ class PeerMessage(_message.Message):
     it is installed.
     """
     sha256: _builtins.bytes
+    parts: _builtins.bool
+    """Prepare / CatchupRequest: the sender takes the answer in parts (a
+    multi-part promise, a chunked snapshot). Older nodes leave it false and
+    get answers whole, as before.
+    """
     @_builtins.property
     def ballot(self) -> Global___PeerBallot: ...
     @_builtins.property
@@ -210,10 +216,11 @@ class PeerMessage(_message.Message):
         offset: _builtins.int = ...,
         total: _builtins.int = ...,
         sha256: _builtins.bytes = ...,
+        parts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "promised", b"promised"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "commit_index", b"commit_index", "data", b"data", "dst", b"dst", "entries", b"entries", "from_slot", b"from_slot", "index", b"index", "kind", b"kind", "more_from", b"more_from", "offset", b"offset", "ok", b"ok", "promised", b"promised", "records", b"records", "sha256", b"sha256", "slots", b"slots", "src", b"src", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "commit_index", b"commit_index", "data", b"data", "dst", b"dst", "entries", b"entries", "from_slot", b"from_slot", "index", b"index", "kind", b"kind", "more_from", b"more_from", "offset", b"offset", "ok", b"ok", "parts", b"parts", "promised", b"promised", "records", b"records", "sha256", b"sha256", "slots", b"slots", "src", b"src", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

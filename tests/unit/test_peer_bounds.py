@@ -316,3 +316,29 @@ def test_a_candidate_behind_our_compacted_log_gets_no_vote() -> None:
     [vote] = sent(acceptor)
     assert isinstance(vote, Promise)
     assert vote.ok
+
+
+def test_an_older_node_gets_answers_whole_never_in_parts() -> None:
+    # An older node's Prepare and CatchupRequest lack the ``parts`` field.
+    old = ppb.PeerMessage(kind=ppb.PeerMessage.PREPARE, src=1, dst=2, from_slot=1)
+    old.ballot.CopyFrom(ppb.PeerBallot(round=7, node=1))
+    prepare = decode(old)
+    assert isinstance(prepare, Prepare)
+    assert not prepare.parts
+    records = {s: Record(s, (1, 3), b"r" * 10) for s in range(1, 4)}
+    acceptor = replica(2, DurableState(records=records), max_promise_bytes=1)
+    acceptor.step(prepare)
+    [promise] = sent(acceptor)
+    assert isinstance(promise, Promise)
+    assert len(promise.records) == 3
+    assert promise.more_from == 0
+
+    data = b"d" * 5000
+    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=10)
+    request = decode(
+        ppb.PeerMessage(kind=ppb.PeerMessage.CATCHUP_REQUEST, src=2, dst=1, from_slot=1)
+    )
+    leader.step(request)
+    [whole] = sent(leader)
+    assert isinstance(whole, InstallSnapshot)
+    assert whole.data == data
