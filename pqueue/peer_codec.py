@@ -14,6 +14,7 @@ from typing import Any
 from consensus.messages import (
     MAX_NODE_ID,
     MAX_PROTOCOL_INT,
+    ZERO,
     Accept,
     Accepted,
     Ballot,
@@ -140,7 +141,8 @@ _ENTRIES_FIELD = ppb.PeerMessage.DESCRIPTOR.fields_by_name["entries"].number
 
 
 class EntryCache:
-    """Each Accept entry's wire bytes, encoded once per (slot, ballot).
+    """Each Accept (or CatchupReply) entry's wire bytes, encoded once per
+    (slot, ballot); chosen values sent by catch-up use ballot ZERO.
 
     A leader has one value per slot in its ballot, so the key names the
     bytes exactly; the same entry sent to every peer, and re-offered on
@@ -183,6 +185,14 @@ def encode_wire(msg: Message, cache: EntryCache) -> list[bytes]:
         return [
             header.SerializeToString(),
             *(cache.entry(slot, msg.ballot, value) for slot, value in msg.entries),
+        ]
+    if isinstance(msg, CatchupReply):
+        # Catch-up carries chosen values: one per slot, so ZERO (below every
+        # real ballot, never an Accept's) keys them apart from accepts.
+        header = encode(CatchupReply(msg.src, msg.dst, (), msg.commit_index))
+        return [
+            header.SerializeToString(),
+            *(cache.entry(slot, ZERO, value) for slot, value in msg.entries),
         ]
     return [encode(msg).SerializeToString()]
 

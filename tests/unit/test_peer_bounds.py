@@ -10,6 +10,7 @@ import pytest
 from consensus.messages import (
     MAX_PROTOCOL_INT,
     Accept,
+    CatchupReply,
     CatchupRequest,
     InstallSnapshot,
     Message,
@@ -303,6 +304,11 @@ def test_an_accept_entry_is_encoded_once_for_every_peer_and_retry() -> None:
                 1, dst, (3, 1), ((9, value),), 0
             )
     assert cache.encoded == 1
+    reply = CatchupReply(1, 2, ((9, value), (10, b"w")), 10)
+    for _ in range(3):
+        wire = encode_wire(reply, cache)
+        assert decode(ppb.PeerMessage.FromString(b"".join(wire))) == reply
+    assert cache.encoded == 3  # the chosen values once each, apart from the accept
 
 
 def test_a_candidate_behind_our_compacted_log_gets_no_vote() -> None:
