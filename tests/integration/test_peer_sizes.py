@@ -32,7 +32,7 @@ from tests.inproc import Cluster
 MiB = 1 << 20
 #: The big-entry attack, scaled to CI: ROUNDS x CALLS concurrent EnqueueBatch
 #: calls of JOBS x 256 KiB (12 MiB each).
-ROUNDS, CALLS, JOBS = 1, 8, 48
+ROUNDS, CALLS, JOBS = 3, 8, 48
 
 
 @pytest.fixture
@@ -108,11 +108,11 @@ async def test_entries_of_many_megabytes_keep_a_leader_and_every_node_converges(
     for server in cluster.servers.values():
         [stats] = server.node.machine.stats("big", 0)
         assert stats.enqueued_total == ROUNDS * CALLS * JOBS
-    # ~100 MiB of jobs on each of three nodes in this process, plus each
-    # node's log records (not yet compacted) and transient copies: about
-    # 1.3 GiB here. Bounded, not growing by GBs a minute.
+    # 288 MiB of jobs on each of three nodes in this process, held in the
+    # state and in (not yet compacted) log records: 1.7 GiB at the least,
+    # about 2.2 GiB in all here. Bounded, not growing by GBs a minute.
     grown = rss.memory_info().rss - before
-    assert grown < 2048 * MiB, f"RSS grew by {grown // MiB} MiB"
+    assert grown < 3072 * MiB, f"RSS grew by {grown // MiB} MiB"
     # ...and stays there: no retry keeps copying entries once they are chosen.
     settled = rss.memory_info().rss
     await asyncio.sleep(2)
