@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 Ballot = tuple[int, int]
 ZERO: Ballot = (0, 0)
 
+#: Protocol numbers (rounds, slots, indexes, offsets) stay below this: a
+#: peer's message with a larger one is dropped, never persisted (SQLite's
+#: INTEGER holds < 2^63, and a round near it could never be outbid).
+MAX_PROTOCOL_INT = 1 << 62
+#: Node ids are 1..MAX_NODE_ID-1.
+MAX_NODE_ID = 1 << 16
+
 #: The value a new leader proposes to fill a slot nobody reported (a gap).
 NOOP = b""
 
@@ -37,6 +44,9 @@ class Prepare:
     #: Sent on the leader's TimeoutNow (leadership transfer): voters must not
     #: refuse it for having a live leader (that leader asked for it).
     transfer: bool = False
+    #: The sender takes a promise in parts (an older node does not: it gets
+    #: every record in one message, as before).
+    parts: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +62,12 @@ class Promise:
     records: tuple[Record, ...] = ()
     #: Slots up to here are chosen (the sender may have compacted them).
     commit_index: int = 0
+    #: The ``from_slot`` of the Prepare this answers (matches parts to requests).
+    from_slot: int = 0
+    #: 0: ``records`` is everything. Otherwise the records stopped at a byte
+    #: budget and the rest starts at this slot: the candidate asks again
+    #: (a Prepare in the same ballot from here) before it counts this vote.
+    more_from: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +126,8 @@ class CatchupRequest:
     src: int
     dst: int
     from_slot: int
+    #: The sender takes a snapshot in chunks (an older node gets it whole).
+    parts: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +142,31 @@ class CatchupReply:
 
 @dataclass(frozen=True, slots=True)
 class InstallSnapshot:
-    """The log the follower asked for is compacted: here is the state instead."""
+    """The log the follower asked for is compacted: here is the state instead.
+
+    One chunk of it: ``data`` is the snapshot's bytes from ``offset`` on (at
+    most a chunk's worth); ``total`` and ``sha256`` describe the whole, so the
+    follower installs it only once every byte is there and verified.
+    """
 
     src: int
     dst: int
     index: int
     data: bytes
     commit_index: int
+    offset: int = 0
+    total: int = 0
+    sha256: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    """A follower pulls the next chunk of the snapshot at ``index`` (flow control)."""
+
+    src: int
+    dst: int
+    index: int
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +217,7 @@ Message = (
     | PreVote
     | PreVoteReply
     | TimeoutNow
+    | SnapshotRequest
 )
 
 

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from hashlib import sha256
 from typing import TYPE_CHECKING
 
 from consensus.messages import (
+    MAX_NODE_ID,
+    MAX_PROTOCOL_INT,
     NOOP,
     ZERO,
     Accept,
@@ -46,6 +49,7 @@ from consensus.messages import (
     Promise,
     Ready,
     Record,
+    SnapshotRequest,
     TimeoutNow,
 )
 
@@ -73,8 +77,22 @@ class Config:
     max_inflight_slots: int = 128
     max_batch_entries: int = 256
     #: An Accept or CatchupReply stops adding entries past this many value
-    #: bytes (it always carries at least one).
-    max_batch_bytes: int = 40 << 20
+    #: bytes (it always carries at least one, so an entry larger than this
+    #: goes alone). Well under the transport's message limit (64 MiB) even
+    #: with one maximal entry (16 MiB) in it.
+    max_batch_bytes: int = 4 << 20
+    #: A Promise stops adding records past this many value bytes (at least
+    #: one) and says where it stopped; the candidate asks for the rest.
+    max_promise_bytes: int = 8 << 20
+    #: Per heartbeat, a leader re-offers each node at most this many value
+    #: bytes of the slots it has not voted for (at least one slot).
+    max_reoffer_bytes: int = 8 << 20
+    #: A leader takes no new proposal while the values of its unchosen slots
+    #: pass this many bytes (it always takes one).
+    max_inflight_bytes: int = 64 << 20
+    #: A snapshot travels in chunks of this many bytes, each pulled by the
+    #: follower (flow control: one chunk in flight per follower).
+    snapshot_chunk_bytes: int = 1 << 20
     catchup_retry_ticks: int = 4
 
     def __post_init__(self) -> None:
@@ -86,6 +104,26 @@ class Config:
             raise ValueError("need 0 < heartbeat_ticks < election_ticks")
         if self.max_inflight_slots < 1 or self.max_batch_entries < 1:
             raise ValueError("max_inflight_slots and max_batch_entries must be positive")
+        if min(self.max_promise_bytes, self.max_reoffer_bytes, self.snapshot_chunk_bytes) < 1:
+            raise ValueError("byte budgets must be positive")
+        if not all(0 < n < MAX_NODE_ID for n in self.nodes):
+            raise ValueError(f"node ids must be in 1..{MAX_NODE_ID - 1}")
+
+
+@dataclass
+class _Incoming:
+    """A snapshot being received, chunk by chunk (follower side)."""
+
+    index: int
+    total: int
+    digest: bytes
+    data: bytearray
+    #: Catch-up retries since the last chunk arrived (a stalled transfer is
+    #: dropped after a few, so the node can start over).
+    idle: int = 0
+    #: Ticks since the last chunk arrived (past a few election timeouts the
+    #: transfer is given up, so a node whose source died campaigns again).
+    idle_ticks: int = 0
 
 
 @dataclass
@@ -160,6 +198,15 @@ class Replica:
         self._out = Ready()
         self._accept_buffer: list[tuple[int, bytes]] = []
         self._trust_upto = 0
+        #: Candidate: promises that came in parts, per node: the slot the next
+        #: part starts at, the records so far, the highest commit index seen.
+        #: Keyed to ``_partial_ballot``: parts of another ballot never mix.
+        self._partial: dict[int, tuple[int, list[Record], int]] = {}
+        self._partial_ballot: Ballot = ZERO
+        #: Follower: the snapshot being received, if any.
+        self._incoming: _Incoming | None = None
+        #: Leader side: (index, sha256) of our snapshot, computed once.
+        self._snapshot_digest: tuple[int, bytes] = (-1, b"")
         # Records up to the persisted commit index hold chosen values: a
         # committed slot's record is never overwritten, and the hint is
         # persisted with (or after) the records it covers.
@@ -177,7 +224,7 @@ class Replica:
         if self.catchup_wait:
             self.catchup_wait -= 1
         if self.role is Role.FOLLOWER:
-            if self.election_elapsed >= self.election_timeout:
+            if self.election_elapsed >= self.election_timeout and not self._installing_blocks():
                 self._campaign()
             elif self.commit_index < self.known_commit and self.leader_id:
                 self._request_catchup(self.leader_id)
@@ -192,7 +239,11 @@ class Replica:
                     if node not in self.promises:
                         self._send(
                             Prepare(
-                                self.id, node, self.ballot, self.prepare_from, self.prepare_transfer
+                                self.id,
+                                node,
+                                self.ballot,
+                                self._prepare_resume(node),
+                                self.prepare_transfer,
                             )
                         )
             return
@@ -229,6 +280,9 @@ class Replica:
             or len(self.votes) >= self.config.max_inflight_slots
             or self.transfer_target
         ):
+            return None
+        # Memory (and every link's queue) stays bounded however large entries are.
+        if self.votes and self._inflight_bytes() + len(value) > self.config.max_inflight_bytes:
             return None
         slot = self.next_slot
         self.next_slot += 1
@@ -316,8 +370,38 @@ class Replica:
             self.emitted = self.commit_index
         return out
 
+    @property
+    def installing_snapshot(self) -> bool:
+        """Receiving a snapshot (it cannot serve, and it does not campaign)."""
+        return self._incoming is not None
+
+    @property
+    def catching_up(self) -> bool:
+        """Cannot serve until a transfer completes (for pre-vote: such a node
+        should not ask for votes). Today: ``installing_snapshot``."""
+        return self.installing_snapshot
+
+    def _installing_blocks(self) -> bool:
+        """Whether a snapshot transfer in progress keeps us from campaigning
+        (a node that cannot serve must not lead); one stalled for several
+        election timeouts is given up instead."""
+        incoming = self._incoming
+        if incoming is None:
+            return False
+        incoming.idle_ticks += 1
+        if incoming.idle_ticks > 3 * self.config.election_ticks:
+            self._incoming = None
+            return False
+        return True
+
     def step(self, msg: Message) -> None:
-        """Handle one message addressed to this node."""
+        """Handle one message addressed to this node.
+
+        A message from a stranger, or with a number out of range, is dropped
+        before it can touch (let alone persist) any state.
+        """
+        if not self._plausible(msg):
+            return
         if isinstance(msg, CatchupReply | InstallSnapshot):
             self.catchup_progress_elapsed = 0  # catching up: see _campaign
         match msg:
@@ -345,6 +429,8 @@ class Replica:
                 self._on_pre_vote_reply(msg)
             case TimeoutNow():
                 self._on_timeout_now(msg)
+            case SnapshotRequest():
+                self._on_snapshot_request(msg)
 
     # ------------------------------------------------------------ acceptor
 
@@ -358,7 +444,20 @@ class Replica:
 
     def _on_prepare(self, msg: Prepare) -> None:
         self.max_round = max(self.max_round, msg.ballot[0])
-        if msg.ballot < self.promised or (not msg.transfer and self._has_live_leader(msg.src)):
+        # A Prepare in the ballot we already promised is a candidate fetching
+        # the rest of our promise (or a resend): answering promises nothing new.
+        again = msg.ballot == self.promised and msg.ballot != ZERO
+        # A candidate whose commit index is behind our compacted log could not
+        # serve as leader (it needs a snapshot first): refuse it. Liveness
+        # holds: our snapshot index <= our commit index <= the highest commit
+        # index among live nodes, so the most advanced live node is never
+        # refused for this.
+        behind = msg.src != self.id and msg.from_slot <= self.snapshot_index
+        if (
+            msg.ballot < self.promised
+            or (not again and not msg.transfer and self._has_live_leader(msg.src))
+            or (not again and behind)
+        ):
             # Refusing is always safe. Refusing while a live leader serves us
             # keeps a node that lost touch (or just restarted) from deposing it;
             # unless that leader itself handed over (a transfer).
@@ -372,10 +471,30 @@ class Replica:
         # Report every accepted, not-yet-chosen slot from from_slot on. Slots up
         # to our commit index are chosen; commit_index tells the candidate so,
         # and it must not re-propose them (we may have compacted them).
+        # Records up to a byte budget (at least one); ``more_from`` says where
+        # the rest starts, so no Promise outgrows a peer message.
         floor = max(msg.from_slot, self.commit_index + 1)
-        records = tuple(self.log[s] for s in sorted(self.log) if s >= floor)
+        records: list[Record] = []
+        size, more_from = 0, 0
+        for slot in sorted(s for s in self.log if s >= floor):
+            record = self.log[slot]
+            if records and msg.parts and size + len(record.value) > self.config.max_promise_bytes:
+                more_from = slot
+                break
+            records.append(record)
+            size += len(record.value)
         self._send(
-            Promise(self.id, msg.src, msg.ballot, True, msg.ballot, records, self.commit_index)
+            Promise(
+                self.id,
+                msg.src,
+                msg.ballot,
+                True,
+                msg.ballot,
+                tuple(records),
+                self.commit_index,
+                msg.from_slot,
+                more_from,
+            )
         )
 
     def _on_accept(self, msg: Accept) -> None:
@@ -504,9 +623,47 @@ class Replica:
             return
         if self.role is not Role.CANDIDATE or msg.ballot != self.ballot:
             return
-        self.promises[msg.src] = msg
+        if msg.src in self.promises:
+            return  # a duplicate
+        if self._partial_ballot != self.ballot:
+            self._partial_ballot, self._partial = self.ballot, {}
+        # A vote counts only once we hold *every* record it reports: phase 1's
+        # safety (a chosen value is seen by the quorum) needs each promise
+        # whole. Parts are taken strictly in order; a lost or stale part is
+        # asked again on the next candidate tick (see _prepare_resume).
+        expected, records, commit = self._partial.get(msg.src, (self.prepare_from, [], 0))
+        if (msg.from_slot or self.prepare_from) != expected:
+            return  # a duplicate or a stale part
+        records.extend(msg.records)
+        commit = max(commit, msg.commit_index)
+        if msg.more_from:
+            if msg.more_from <= expected:
+                return  # no progress: malformed, wait for a resend
+            self._partial[msg.src] = (msg.more_from, records, commit)
+            self._send(Prepare(self.id, msg.src, self.ballot, msg.more_from))
+            # Phase 1 is progressing: a long promise must not time the
+            # election out (liveness only; votes still need every part).
+            self.election_elapsed = 0
+            return
+        self._partial.pop(msg.src, None)
+        self.promises[msg.src] = Promise(
+            msg.src,
+            msg.dst,
+            msg.ballot,
+            True,
+            msg.promised,
+            tuple(records),
+            commit,
+            self.prepare_from,
+        )
         if len(self.promises) >= self.majority:
             self._become_leader()
+
+    def _prepare_resume(self, node: int) -> int:
+        """Where a (re)sent Prepare to ``node`` starts: the part we wait for."""
+        if self._partial_ballot == self.ballot and node in self._partial:
+            return self._partial[node][0]
+        return self.prepare_from
 
     def _become_leader(self) -> None:
         self.role = Role.LEADER
@@ -654,9 +811,7 @@ class Replica:
         # Messages get lost: offer every slot still short of a majority again.
         if self.votes:
             for node in self.config.nodes:
-                missing = [
-                    (s, self.proposals[s]) for s in sorted(self.votes) if node not in self.votes[s]
-                ]
+                missing = self._missing(node)
                 for batch in self._batches(missing):
                     self._send(Accept(self.id, node, self.ballot, batch, self.commit_index))
 
@@ -723,10 +878,36 @@ class Replica:
             return True
         return trusted is not None and record.ballot == trusted and slot <= self._trust_upto
 
+    def _missing(self, node: int) -> list[tuple[int, bytes]]:
+        """Slots ``node`` has not voted for, oldest first, up to the re-offer
+        byte budget (at least one): a heartbeat never re-sends megabytes."""
+        missing: list[tuple[int, bytes]] = []
+        size = 0
+        for slot in sorted(self.votes):
+            if node in self.votes[slot]:
+                continue
+            value = self.proposals[slot]
+            if missing and size + len(value) > self.config.max_reoffer_bytes:
+                break
+            missing.append((slot, value))
+            size += len(value)
+        return missing
+
+    def _inflight_bytes(self) -> int:
+        return sum(len(self.proposals.get(s, b"")) for s in self.votes)
+
     def _request_catchup(self, source: int) -> None:
         if self.catchup_wait or source in (0, self.id):
             return
         self.catchup_wait = self.config.catchup_retry_ticks
+        incoming = self._incoming
+        if incoming is not None:
+            incoming.idle += 1
+            if incoming.idle <= 3:
+                # Resume the transfer where it stopped (a chunk was lost).
+                self._send(SnapshotRequest(self.id, source, incoming.index, len(incoming.data)))
+                return
+            self._incoming = None  # stalled: start over (or let us campaign)
         self._send(CatchupRequest(self.id, source, self.commit_index + 1))
 
     def _best_catchup_source(self) -> int:
@@ -743,11 +924,9 @@ class Replica:
 
     def _on_catchup_request(self, msg: CatchupRequest) -> None:
         if msg.from_slot <= self.snapshot_index:
-            self._send(
-                InstallSnapshot(
-                    self.id, msg.src, self.snapshot_index, self.snapshot_data, self.commit_index
-                )
-            )
+            # An older node installs whatever one InstallSnapshot carries: it
+            # gets the whole snapshot (as before), never a chunk.
+            self._send_snapshot_chunk(msg.src, 0, whole=not msg.parts)
             return
         last = min(self.commit_index, msg.from_slot + self.config.max_batch_entries - 1)
         entries = [(s, self._value_at(s)) for s in range(msg.from_slot, last + 1)]
@@ -769,21 +948,88 @@ class Replica:
         if self.commit_index < self.known_commit:
             self._request_catchup(msg.src)
 
-    def _on_install_snapshot(self, msg: InstallSnapshot) -> None:
-        self.catchup_wait = 0
-        self.known_commit = max(self.known_commit, msg.commit_index)
-        if msg.index <= self.commit_index:
+    def _send_snapshot_chunk(self, dst: int, offset: int, whole: bool = False) -> None:
+        """One chunk of our snapshot; the first and every other carry its
+        length and digest, so a follower can start from any of them."""
+        if self._snapshot_digest[0] != self.snapshot_index:
+            self._snapshot_digest = (self.snapshot_index, sha256(self.snapshot_data).digest())
+        end = len(self.snapshot_data) if whole else offset + self.config.snapshot_chunk_bytes
+        self._send(
+            InstallSnapshot(
+                self.id,
+                dst,
+                self.snapshot_index,
+                self.snapshot_data[offset:end],
+                self.commit_index,
+                offset,
+                len(self.snapshot_data),
+                self._snapshot_digest[1],
+            )
+        )
+
+    def _on_snapshot_request(self, msg: SnapshotRequest) -> None:
+        if self.snapshot_index == 0:
             return
-        self.snapshot_index, self.snapshot_data = msg.index, msg.data
-        for slot in [s for s in self.log if s <= msg.index]:
+        if msg.index == self.snapshot_index and msg.offset < len(self.snapshot_data):
+            self._send_snapshot_chunk(msg.src, msg.offset)
+        else:
+            # We compacted further since (or never had that one): a newer
+            # snapshot restarts the transfer from its first chunk.
+            self._send_snapshot_chunk(msg.src, 0)
+
+    def _on_install_snapshot(self, msg: InstallSnapshot) -> None:
+        self.known_commit = max(self.known_commit, msg.commit_index)
+        incoming = self._incoming
+        if msg.index <= self.commit_index:
+            if incoming is not None and incoming.index <= self.commit_index:
+                self._incoming = None  # overtaken: the log caught us up
+            return
+        if (
+            incoming is None
+            or msg.index > incoming.index
+            or (
+                msg.index == incoming.index
+                and (msg.total, msg.sha256) != (incoming.total, incoming.digest)
+            )
+        ):
+            # A (newer) snapshot: start assembling it from its first chunk.
+            if msg.offset != 0:
+                self._send(SnapshotRequest(self.id, msg.src, msg.index, 0))
+                return
+            incoming = self._incoming = _Incoming(msg.index, msg.total, msg.sha256, bytearray())
+        elif msg.index < incoming.index or msg.offset != len(incoming.data):
+            # An older snapshot's chunk, or a duplicate/late one: ignore it
+            # (a lost chunk is asked for again by the catch-up retry).
+            return
+        if len(incoming.data) + len(msg.data) > incoming.total:
+            self._incoming = None  # does not add up: start over on the next retry
+            return
+        incoming.data += msg.data
+        incoming.idle = incoming.idle_ticks = 0
+        if len(incoming.data) < incoming.total:
+            # Pull the next chunk: one in flight per follower (flow control).
+            self.catchup_wait = self.config.catchup_retry_ticks
+            self._send(SnapshotRequest(self.id, msg.src, incoming.index, len(incoming.data)))
+            return
+        self._incoming = None
+        self.catchup_wait = 0
+        data = bytes(incoming.data)
+        if sha256(data).digest() != incoming.digest:
+            return  # corrupt: never installed; the catch-up retry starts over
+        self._install_snapshot(msg.src, msg.index, data)
+
+    def _install_snapshot(self, src: int, index: int, data: bytes) -> None:
+        """Replace our state with a complete, verified snapshot at ``index``."""
+        self.snapshot_index, self.snapshot_data = index, data
+        for slot in [s for s in self.log if s <= index]:
             del self.log[slot]
-        self.commit_index = self.emitted = msg.index
-        self._out.snapshot = (msg.index, msg.data)
+        self.commit_index = self.emitted = index
+        self._out.snapshot = (index, data)
         self._out.committed = []  # anything queued is older than the snapshot
-        self._out.commit_index = msg.index
+        self._out.commit_index = index
         self._advance_commit(trusted=None)
         if self.commit_index < self.known_commit:
-            self._request_catchup(msg.src)
+            self._request_catchup(src)
 
     # -------------------------------------------------------------- helpers
 
@@ -829,6 +1075,27 @@ class Replica:
         if current:
             batches.append(tuple(current))
         return batches
+
+    def _plausible(self, msg: Message) -> bool:
+        """Whether every id and number in ``msg`` is in range (see MAX_PROTOCOL_INT)."""
+        nodes = self.config.nodes
+        if msg.src not in nodes or msg.dst != self.id:
+            return False
+        ballots: list[Ballot] = [getattr(msg, "ballot", ZERO), getattr(msg, "promised", ZERO)]
+        numbers: list[int] = [
+            getattr(msg, name, 0)
+            for name in ("from_slot", "commit_index", "index", "offset", "total", "more_from")
+        ]
+        if isinstance(msg, Promise):
+            ballots += [r.ballot for r in msg.records]
+            numbers += [r.slot for r in msg.records]
+        if isinstance(msg, Accept | CatchupReply):
+            numbers += [slot for slot, _ in msg.entries]
+        if isinstance(msg, Accepted):
+            numbers += msg.slots
+        return all(0 <= n < MAX_PROTOCOL_INT for n in numbers) and all(
+            0 <= b[0] < MAX_PROTOCOL_INT and (b == ZERO or b[1] in nodes) for b in ballots
+        )
 
     def _random_timeout(self) -> int:
         if len(self.config.nodes) == 1:

@@ -10,6 +10,14 @@ With auth on, each node has its own peer token naming it (``sub`` =
 ``node:<id>``): a stream is taken only with one, a message on it that claims
 another sender is dropped, and the stream ends once its token expires or is
 revoked; a node reads its token again (``TokenFile``) at each connection.
+
+Everything is bounded in bytes, so no entry size can wedge a link: a batch
+stops at MAX_BATCH_BYTES (a larger message goes alone), a queue drops its
+oldest messages past MAX_QUEUED_BYTES, and a message that could never fit
+MAX_PEER_MESSAGE_BYTES is dropped at once (consensus never makes one: its
+batches, promises and snapshot chunks are budgeted). Small messages
+(heartbeats, votes, requests) travel on their own stream, a second
+connection, so they never wait behind megabytes of entries.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from pqueue import features, limits
 from pqueue.access import AUTHORIZATION_KEY, bearer
 from pqueue.auth import PEER, Principal, TokenSource, Verifier, current_token, node_subject
 from pqueue.errors import UnauthenticatedError
-from pqueue.peer_codec import decode, encode
+from pqueue.peer_codec import EntryCache, approx_size, decode, encode_wire, varint
 from pqueue.tls import Tls, channel
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
@@ -38,6 +46,14 @@ Metadata = tuple[tuple[str, str], ...]
 
 MAX_QUEUED = 10_000
 MAX_BATCH = 512
+#: A batch stops adding messages past this many bytes (one larger goes alone).
+MAX_BATCH_BYTES = 4 << 20
+#: A link's queue drops its oldest messages past this many bytes.
+MAX_QUEUED_BYTES = 64 << 20
+#: Messages up to this size use the small-message lane (their own stream).
+SMALL_MESSAGE_BYTES = 64 << 10
+#: Room left under the gRPC limit for the batch's own framing.
+_FRAMING_BYTES = 1 << 10
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
     ("grpc.max_send_message_length", limits.MAX_PEER_MESSAGE_BYTES),
@@ -146,6 +162,20 @@ def _announcement(metadata: Any) -> frozenset[str]:
     return features.parse_announcement(None)
 
 
+#: The tag of PeerBatch.messages (a length-delimited field).
+_MESSAGES_TAG = varint(ppb.PeerBatch.DESCRIPTOR.fields_by_name["messages"].number << 3 | 2)
+
+
+def _raw_send(ch: grpc.aio.Channel) -> Any:
+    """``Peer.Send`` that writes PeerBatch bytes we serialized ourselves
+    (the same wire format the generated stub would produce)."""
+    return ch.stream_unary(
+        "/pqueue.v1.Peer/Send",
+        request_serializer=bytes,
+        response_deserializer=ppb.PeerAck.FromString,
+    )
+
+
 class _Link:
     """The outbound half towards one peer."""
 
@@ -160,7 +190,10 @@ class _Link:
         self.node_id, self.peer, self.address = node_id, peer, address
         self.tls = tls
         self._metadata = metadata
-        self.queue: deque[ppb.PeerMessage] = deque(maxlen=MAX_QUEUED)
+        #: (a serialized PeerMessage in pieces, its size), oldest first.
+        self.queue: deque[tuple[list[bytes], int]] = deque()
+        self.queued_bytes = 0
+        self.dropped = 0
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -169,24 +202,57 @@ class _Link:
         """The stream's metadata, with the token as it is now (read at each connect)."""
         return self._metadata()
 
-    def put(self, msg: ppb.PeerMessage) -> None:
-        self.queue.append(msg)
+    def put(self, msg: list[bytes], size: int) -> None:
+        """Queue ``msg`` (``size``: its bytes), dropping the oldest
+        messages past MAX_QUEUED / MAX_QUEUED_BYTES."""
+        if size > limits.MAX_PEER_MESSAGE_BYTES - _FRAMING_BYTES:
+            logger.warning(
+                "node %d -> %d: dropping a %d-byte peer message (over the %d-byte limit)",
+                self.node_id,
+                self.peer,
+                size,
+                limits.MAX_PEER_MESSAGE_BYTES,
+            )
+            return
+        self.queue.append((msg, size))
+        self.queued_bytes += size
+        while len(self.queue) > MAX_QUEUED or (
+            self.queued_bytes > MAX_QUEUED_BYTES and len(self.queue) > 1
+        ):
+            _, old = self.queue.popleft()
+            self.queued_bytes -= old
+            self.dropped += 1
         self.ready.set()
+
+    def take_batch(self) -> bytes:
+        """The next serialized PeerBatch: up to MAX_BATCH messages and
+        MAX_BATCH_BYTES (at least one), joined with one copy."""
+        pieces: list[bytes] = []
+        count = size = 0
+        while self.queue and count < MAX_BATCH:
+            msg, n = self.queue[0]
+            if count and size + n > MAX_BATCH_BYTES:
+                break
+            self.queue.popleft()
+            self.queued_bytes -= n
+            # PeerBatch.messages (field 1): tag, length, then the message.
+            pieces.append(_MESSAGES_TAG + varint(n))
+            pieces.extend(msg)
+            count += 1
+            size += n
+        return b"".join(pieces)
 
     async def send_loop(self) -> None:
         backoff_s = 0.05
         while True:
             try:
                 async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
-                    call = ppbg.PeerStub(ch).Send(metadata=self.metadata)
+                    call = _raw_send(ch)(metadata=self.metadata)
                     while True:
                         if not self.queue:
                             self.ready.clear()
                             await self.ready.wait()
-                        batch = [
-                            self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))
-                        ]
-                        await call.write(ppb.PeerBatch(messages=batch))
+                        await call.write(self.take_batch())
                         backoff_s = 0.05
             except Exception as exc:  # any failure: reconnect, never die
                 logger.debug("node %d -> %d: stream broke: %r", self.node_id, self.peer, exc)
@@ -215,6 +281,10 @@ class PeerTransport:
         self.tls = tls
         self._addresses = addresses
         self._links: dict[int, _Link] = {}
+        #: The small-message lane: a second stream (and connection) per peer.
+        self._small: dict[int, _Link] = {}
+        #: Accept entries serialized once, shared by every link and retry.
+        self.entries = EntryCache()
 
     def metadata(self) -> Metadata:
         """What a stream to a peer carries: this node's token as it is now, and
@@ -226,18 +296,24 @@ class PeerTransport:
         )
 
     def start(self) -> None:
-        """Start one sender per peer (addresses are read now: ports may bind late)."""
-        self._links = {
-            peer: _Link(self.node_id, peer, address, self.tls, self.metadata)
-            for peer, address in self._addresses.items()
-            if peer != self.node_id
-        }
-        for link in self._links.values():
-            link.task = asyncio.create_task(link.send_loop(), name=f"pq-peer-{link.peer}")
+        """Start two senders per peer (addresses are read now: ports may bind late)."""
+        for lanes, lane in ((self._links, "bulk"), (self._small, "small")):
+            lanes.update(
+                {
+                    peer: _Link(self.node_id, peer, address, self.tls, self.metadata)
+                    for peer, address in self._addresses.items()
+                    if peer != self.node_id
+                }
+            )
+            for link in lanes.values():
+                link.task = asyncio.create_task(
+                    link.send_loop(), name=f"pq-peer-{link.peer}-{lane}"
+                )
 
     async def stop(self) -> None:
         """Stop the senders and close their streams."""
-        tasks = [link.task for link in self._links.values() if link.task is not None]
+        links = [*self._links.values(), *self._small.values()]
+        tasks = [link.task for link in links if link.task is not None]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -245,6 +321,8 @@ class PeerTransport:
 
     def send(self, msg: Message) -> None:
         """Queue a message for its destination (dropped if unknown)."""
-        link = self._links.get(msg.dst)
+        lanes = self._small if approx_size(msg) <= SMALL_MESSAGE_BYTES else self._links
+        link = lanes.get(msg.dst)
         if link is not None:
-            link.put(encode(msg))
+            wire = encode_wire(msg, self.entries)
+            link.put(wire, sum(map(len, wire)))

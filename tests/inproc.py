@@ -48,10 +48,16 @@ class Cluster:
         verifier: Verifier | None = None,
         peer_token: str | Callable[[int], TokenSource] | None = None,
         features: dict[int, frozenset[str]] | None = None,
+        cluster_options: dict[str, Any] | None = None,
+        node_options: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         #: Per node, the log features it supports (to play an older release).
         self.features = features or {}
+        #: More ``ClusterConfig`` fields for every node (tick_ms, snapshot_every_entries...).
+        self.cluster_options = {"tick_ms": 20, **(cluster_options or {})}
+        #: More ``NodeConfig`` fields for every node (snapshot_every_entries...).
+        self.node_options = node_options or {}
         self.metrics = metrics
         self.tls = tls
         self.verifier = verifier
@@ -61,7 +67,7 @@ class Cluster:
         self.n = n
 
     def _server(self, i: int) -> NodeServer:
-        config = ClusterConfig(node_id=i, addresses=self.addresses, tick_ms=20)
+        config = ClusterConfig(node_id=i, addresses=self.addresses, **self.cluster_options)
         listen = self.addresses.get(i, "127.0.0.1:0")
         return NodeServer(
             SqliteStorage(self.root / f"n{i}"),
@@ -74,8 +80,14 @@ class Cluster:
                 peer_token=self.peer_token(i) if callable(self.peer_token) else self.peer_token,
             ),
             node_config=(
-                NodeConfig(node_id=f"n{i}", features=self.features[i])
-                if i in self.features
+                NodeConfig(
+                    **{
+                        "node_id": f"n{i}",
+                        **self.node_options,
+                        **({"features": self.features[i]} if i in self.features else {}),
+                    }
+                )
+                if self.node_options or i in self.features
                 else None
             ),
             cluster=config,

@@ -122,9 +122,11 @@ class PeerMessage(_message.Message):
         CATCHUP_REPLY: PeerMessage._Kind.ValueType  # 8
         INSTALL_SNAPSHOT: PeerMessage._Kind.ValueType  # 9
         PRE_VOTE: PeerMessage._Kind.ValueType  # 20
-        """Numbered from 20: kinds 10-19 are left to snapshot streaming."""
+        """Pre-vote and leadership transfer."""
         PRE_VOTE_REPLY: PeerMessage._Kind.ValueType  # 21
         TIMEOUT_NOW: PeerMessage._Kind.ValueType  # 22
+        SNAPSHOT_REQUEST: PeerMessage._Kind.ValueType  # 23
+        """A follower pulls the snapshot chunk at (index, offset)."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: PeerMessage.Kind.ValueType  # 0
@@ -138,9 +140,11 @@ class PeerMessage(_message.Message):
     CATCHUP_REPLY: PeerMessage.Kind.ValueType  # 8
     INSTALL_SNAPSHOT: PeerMessage.Kind.ValueType  # 9
     PRE_VOTE: PeerMessage.Kind.ValueType  # 20
-    """Numbered from 20: kinds 10-19 are left to snapshot streaming."""
+    """Pre-vote and leadership transfer."""
     PRE_VOTE_REPLY: PeerMessage.Kind.ValueType  # 21
     TIMEOUT_NOW: PeerMessage.Kind.ValueType  # 22
+    SNAPSHOT_REQUEST: PeerMessage.Kind.ValueType  # 23
+    """A follower pulls the snapshot chunk at (index, offset)."""
 
     KIND_FIELD_NUMBER: _builtins.int
     SRC_FIELD_NUMBER: _builtins.int
@@ -157,6 +161,11 @@ class PeerMessage(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     TRANSFER_FIELD_NUMBER: _builtins.int
     CTX_FIELD_NUMBER: _builtins.int
+    MORE_FROM_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     kind: Global___PeerMessage.Kind.ValueType
     src: _builtins.int
     dst: _builtins.int
@@ -166,13 +175,27 @@ class PeerMessage(_message.Message):
     index: _builtins.int
     """InstallSnapshot: the snapshot's index."""
     data: _builtins.bytes
-    """InstallSnapshot: the snapshot."""
+    """InstallSnapshot: one chunk of the snapshot, from `offset` on."""
     transfer: _builtins.bool
-    """Numbered from 30: fields 14-29 are left to snapshot streaming.
-    Prepare: sent on the leader's TimeoutNow (leadership transfer).
-    """
+    """Prepare: sent on the leader's TimeoutNow (leadership transfer)."""
     ctx: _builtins.int
     """Heartbeat, HeartbeatReply: the leader's read round (read index)."""
+    more_from: _builtins.int
+    """Promise: 0 when `records` is complete, else the slot the rest starts at
+    (the candidate asks again with a Prepare from there, same ballot).
+    """
+    offset: _builtins.int
+    """InstallSnapshot / SnapshotRequest: where the chunk starts in the snapshot."""
+    total: _builtins.int
+    """InstallSnapshot: the whole snapshot's length and SHA-256, checked before
+    it is installed.
+    """
+    sha256: _builtins.bytes
+    parts: _builtins.bool
+    """Prepare / CatchupRequest: the sender takes the answer in parts (a
+    multi-part promise, a chunked snapshot). Older nodes leave it false and
+    get answers whole, as before.
+    """
     @_builtins.property
     def ballot(self) -> Global___PeerBallot: ...
     @_builtins.property
@@ -201,10 +224,15 @@ class PeerMessage(_message.Message):
         data: _builtins.bytes = ...,
         transfer: _builtins.bool = ...,
         ctx: _builtins.int = ...,
+        more_from: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        total: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+        parts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "promised", b"promised"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "commit_index", b"commit_index", "ctx", b"ctx", "data", b"data", "dst", b"dst", "entries", b"entries", "from_slot", b"from_slot", "index", b"index", "kind", b"kind", "ok", b"ok", "promised", b"promised", "records", b"records", "slots", b"slots", "src", b"src", "transfer", b"transfer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot", b"ballot", "commit_index", b"commit_index", "ctx", b"ctx", "data", b"data", "dst", b"dst", "entries", b"entries", "from_slot", b"from_slot", "index", b"index", "kind", b"kind", "more_from", b"more_from", "offset", b"offset", "ok", b"ok", "parts", b"parts", "promised", b"promised", "records", b"records", "sha256", b"sha256", "slots", b"slots", "src", b"src", "total", b"total", "transfer", b"transfer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

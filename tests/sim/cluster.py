@@ -78,7 +78,9 @@ class SimNode:
     def __init__(self, node_id: int, nodes: tuple[int, ...], sim: Simulation) -> None:
         self.id = node_id
         self.sim = sim
-        self.config = Config(node_id=node_id, nodes=nodes, election_ticks=10, heartbeat_ticks=2)
+        self.config = Config(
+            node_id=node_id, nodes=nodes, election_ticks=10, heartbeat_ticks=2, **sim.budgets
+        )
         self.disk = Disk()
         self.tick_rate = sim.rng.uniform(0.6, 1.0)  # clock drift
         self.up = True
@@ -161,8 +163,12 @@ class Simulation:
         snapshot_every: int = 25,
         ack_on_propose: bool = False,
         transfer_rate: float = 0.01,
+        budgets: dict[str, int] | None = None,
     ) -> None:
         self.seed = seed
+        #: Byte budgets for every node's Config (tiny ones force multi-part
+        #: promises, chunked snapshots and bounded re-offers).
+        self.budgets = budgets or {}
         self.rng = random.Random(seed)
         self.faults = faults or Faults()
         self.replica_cls = replica_cls

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from consensus.messages import Ballot, Record
+from dataclasses import replace
+
+from consensus.messages import Ballot, Promise, Record
 from consensus.replica import Replica, Role
 
 
@@ -40,3 +42,17 @@ class ReadsWithoutQuorum(Replica):
             return False
         self._out.read_states.append((ctx, self.commit_index))
         return True
+
+
+class CountsPartialPromise(Replica):
+    """Counts a promise's first part as the whole vote (never fetches the rest).
+
+    With byte budgets of a few bytes a promise reports one record per part,
+    so the new leader misses values a majority accepted and fills their
+    slots with something else.
+    """
+
+    def _on_promise(self, msg: Promise) -> None:
+        if msg.ok and msg.more_from:
+            msg = replace(msg, more_from=0)
+        super()._on_promise(msg)

@@ -6,8 +6,13 @@ from typing import Any
 
 from tests.sim.checker import SafetyViolation
 from tests.sim.cluster import Simulation
-from tests.sim.planted import ReadsWithoutQuorum, SkipsPromiseFsync, VotesBeforeFsync
-from tests.sim.test_sweep import HARSH
+from tests.sim.planted import (
+    CountsPartialPromise,
+    ReadsWithoutQuorum,
+    SkipsPromiseFsync,
+    VotesBeforeFsync,
+)
+from tests.sim.test_sweep import HARSH, TINY
 
 
 def first_violation(seeds: range, **options: Any) -> str:
@@ -39,6 +44,11 @@ def test_replying_before_commit_is_caught() -> None:
 def test_reading_without_a_quorum_round_is_caught() -> None:
     found = first_violation(range(40), replica_cls=ReadsWithoutQuorum)
     assert "stale read" in found  # a cut-off leader answered from its old state
+
+
+def test_counting_half_a_multi_part_promise_is_caught() -> None:
+    found = first_violation(range(3000, 3100), replica_cls=CountsPartialPromise, budgets=TINY)
+    assert "applied" in found or "lost" in found  # a chosen value was replaced
 
 
 def test_the_correct_core_passes_the_same_seeds() -> None:

@@ -1,0 +1,350 @@
+"""Byte budgets and range checks of the replication path (pure: core and codec)."""
+
+from __future__ import annotations
+
+import random
+from hashlib import sha256
+
+import pytest
+
+from consensus.messages import (
+    MAX_PROTOCOL_INT,
+    Accept,
+    CatchupReply,
+    CatchupRequest,
+    InstallSnapshot,
+    Message,
+    Prepare,
+    Promise,
+    Record,
+    SnapshotRequest,
+)
+from consensus.replica import Config, DurableState, Replica, Role
+from pqueue.peer_codec import approx_size, decode, encode
+from pqueue.v1 import peer_pb2 as ppb
+
+NODES = (1, 2, 3)
+
+
+def replica(node: int, durable: DurableState | None = None, **budgets: int) -> Replica:
+    return Replica(Config(node_id=node, nodes=NODES, **budgets), random.Random(node), durable)
+
+
+def sent(r: Replica) -> list[Message]:
+    return r.ready().messages
+
+
+# ------------------------------------------------------------------ codec
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"ballot": ppb.PeerBallot(round=(1 << 63) - 1, node=1)},
+        {"ballot": ppb.PeerBallot(round=MAX_PROTOCOL_INT, node=1)},
+        {"ballot": ppb.PeerBallot(round=5, node=0)},
+        {"ballot": ppb.PeerBallot(round=5, node=1 << 16)},
+        {"promised": ppb.PeerBallot(round=1 << 62, node=2)},
+        {"from_slot": 1 << 62},
+        {"commit_index": 1 << 63},
+        {"index": 1 << 62},
+        {"offset": 1 << 62},
+        {"src": 0},
+        {"dst": 0},
+        {"src": 1 << 16},
+    ],
+)
+def test_decode_refuses_numbers_out_of_range(field: dict[str, object]) -> None:
+    wire = ppb.PeerMessage(kind=ppb.PeerMessage.PREPARE, src=1, dst=2, from_slot=1)
+    for name, value in field.items():
+        if isinstance(value, ppb.PeerBallot):
+            getattr(wire, name).CopyFrom(value)
+        else:
+            setattr(wire, name, value)
+    with pytest.raises(ValueError, match=r"out of range|names no node"):
+        decode(wire)
+
+
+def test_decode_refuses_slots_out_of_range_inside_entries_and_records() -> None:
+    accept = ppb.PeerMessage(kind=ppb.PeerMessage.ACCEPT, src=1, dst=2)
+    accept.entries.add(slot=1 << 62, value=b"x")
+    with pytest.raises(ValueError, match="out of range"):
+        decode(accept)
+    promise = ppb.PeerMessage(kind=ppb.PeerMessage.PROMISE, src=1, dst=2)
+    promise.records.add(slot=3, ballot=ppb.PeerBallot(round=1 << 62, node=1))
+    with pytest.raises(ValueError, match="out of range"):
+        decode(promise)
+
+
+def test_new_fields_round_trip() -> None:
+    msgs: list[Message] = [
+        Promise(2, 1, (3, 1), True, (3, 1), (Record(5, (2, 2), b"v"),), 4, 5, 6),
+        InstallSnapshot(1, 2, 9, b"chunk", 9, 1 << 20, 3 << 20, b"d" * 32),
+        SnapshotRequest(2, 1, 9, 1 << 20),
+    ]
+    for msg in msgs:
+        assert decode(encode(msg)) == msg
+        assert approx_size(msg) >= encode(msg).ByteSize()
+
+
+# ------------------------------------------------------------------- core
+
+
+def test_the_core_drops_strangers_and_absurd_numbers() -> None:
+    r = replica(2)
+    r.step(Prepare(7, 2, (5, 7), 1))  # not a member
+    r.step(Prepare(1, 2, ((1 << 63) - 1, 1), 1))  # a round SQLite cannot hold
+    r.step(Accept(1, 2, (5, 1), ((1 << 62, b"x"),), 0))
+    out = r.ready()
+    assert out.empty()
+    assert r.promised == (0, 0)
+    assert not r.log
+
+
+def test_a_promise_over_its_budget_comes_in_parts_and_counts_only_whole() -> None:
+    records = {s: Record(s, (1, 3), bytes([s]) * 10) for s in range(1, 6)}
+    acceptor = replica(2, DurableState(records=dict(records)), max_promise_bytes=25)
+    candidate = replica(1)
+    ballot = (7, 1)
+    candidate.role, candidate.ballot, candidate.prepare_from = Role.CANDIDATE, ballot, 1
+    candidate.promises[1] = Promise(1, 1, ballot, True, ballot, (), 0, 1)
+
+    acceptor.step(Prepare(1, 2, ballot, 1))
+    [first] = sent(acceptor)
+    assert isinstance(first, Promise)
+    assert [r.slot for r in first.records] == [1, 2]
+    assert first.more_from == 3
+    candidate.step(first)
+    assert candidate.role is Role.CANDIDATE  # half a promise is no vote
+    [ask] = [m for m in sent(candidate) if isinstance(m, Prepare)]
+    assert ask.from_slot == 3
+    assert ask.ballot == ballot
+    candidate.step(first)  # a duplicate of an old part changes nothing
+    assert candidate.role is Role.CANDIDATE
+
+    acceptor.step(ask)  # same ballot: answered though the acceptor follows nobody new
+    [second] = sent(acceptor)
+    assert isinstance(second, Promise)
+    assert second.more_from == 5
+    candidate.step(second)
+    [ask] = [m for m in sent(candidate) if isinstance(m, Prepare)]
+    acceptor.step(ask)
+    [last] = sent(acceptor)
+    assert isinstance(last, Promise)
+    assert last.more_from == 0
+    candidate.step(last)
+    assert candidate.role.value == "leader"
+    # Every reported value is re-proposed: nothing was lost between parts.
+    assert candidate.recovered == {s: r.value for s, r in records.items()}
+
+
+def test_a_record_larger_than_the_budget_goes_alone() -> None:
+    big = Record(1, (1, 3), b"x" * 100)
+    acceptor = replica(
+        2, DurableState(records={1: big, 2: Record(2, (1, 3), b"y")}), max_promise_bytes=10
+    )
+    acceptor.step(Prepare(1, 2, (7, 1), 1))
+    [p] = sent(acceptor)
+    assert isinstance(p, Promise)
+    assert p.records == (big,)
+    assert p.more_from == 2
+
+
+def test_accepts_and_reoffers_are_bounded_in_bytes() -> None:
+    leader = replica(1, max_batch_bytes=10, max_reoffer_bytes=10, max_inflight_bytes=40)
+    leader.role, leader.ballot = Role.LEADER, (2, 1)
+    assert leader.propose(b"a" * 30) == 1
+    assert leader.propose(b"b" * 8) == 2
+    assert leader.propose(b"c" * 8) is None  # 46 bytes would be in flight
+    accepts = [m for m in sent(leader) if isinstance(m, Accept) and m.dst == 2]
+    assert [[s for s, _ in a.entries] for a in accepts] == [[1], [2]]  # the big one alone
+    leader._heartbeat()
+    reoffers = [m for m in sent(leader) if isinstance(m, Accept) and m.dst == 2]
+    assert [[s for s, _ in a.entries] for a in reoffers] == [[1]]  # at most the budget
+
+
+def _transfer(
+    leader: Replica, follower: Replica, drop: set[int] | None = None
+) -> list[InstallSnapshot]:
+    """Run the pull loop between the two; drop chunks at the offsets in ``drop`` once."""
+    chunks: list[InstallSnapshot] = []
+    leader.step(CatchupRequest(2, 1, follower.commit_index + 1))
+    pending = sent(leader)
+    for _ in range(1000):
+        if not pending:
+            break
+        for msg in pending:
+            if isinstance(msg, InstallSnapshot):
+                chunks.append(msg)
+                if drop and msg.offset in drop:
+                    drop.discard(msg.offset)
+                    continue
+                follower.step(msg)
+        for msg in sent(follower):
+            if msg.dst == 1 and isinstance(msg, SnapshotRequest | CatchupRequest):
+                leader.step(msg)
+        pending = sent(leader)
+    return chunks
+
+
+def test_a_snapshot_travels_in_pulled_chunks_and_installs_whole() -> None:
+    data = bytes(range(256)) * 40  # 10,240 bytes
+    leader = replica(
+        1, DurableState(snapshot=(50, data), commit_index=50), snapshot_chunk_bytes=1000
+    )
+    follower = replica(2)
+    follower.known_commit = 50
+    chunks = _transfer(leader, follower)
+    assert [c.offset for c in chunks] == list(range(0, 10_240, 1000))
+    assert all(c.total == len(data) and c.sha256 == sha256(data).digest() for c in chunks)
+    assert follower.commit_index == 50
+    assert follower.snapshot_data == data
+    assert not follower.installing_snapshot
+
+
+def test_a_lost_chunk_resumes_from_its_offset_not_from_zero() -> None:
+    data = b"s" * 5000
+    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=1000)
+    follower = replica(2)
+    follower.known_commit = 9
+    _transfer(leader, follower, drop={3000})
+    assert follower.installing_snapshot  # stalled at 3000
+    follower.leader_id = 1
+    for _ in range(follower.config.catchup_retry_ticks):
+        follower.tick()  # the catch-up retry asks again...
+    [ask] = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert ask.offset == 3000  # ...where it stopped
+    leader.step(ask)
+    for msg in sent(leader):
+        follower.step(msg)
+    for msg in sent(follower):
+        if isinstance(msg, SnapshotRequest):
+            leader.step(msg)
+    [last] = sent(leader)
+    follower.step(last)
+    assert follower.commit_index == 9
+    assert follower.snapshot_data == data
+
+
+def test_a_snapshot_that_fails_its_digest_is_never_installed() -> None:
+    follower = replica(2)
+    follower.step(InstallSnapshot(1, 2, 9, b"abc", 9, 0, 3, sha256(b"abd").digest()))
+    out = follower.ready()
+    assert out.snapshot is None
+    assert follower.commit_index == 0
+    assert not follower.installing_snapshot
+
+
+def test_a_node_receiving_a_snapshot_does_not_campaign() -> None:
+    follower = replica(2)
+    follower.step(InstallSnapshot(1, 2, 9, b"abc", 9, 0, 6, sha256(b"abcdef").digest()))
+    assert follower.installing_snapshot
+    sent(follower)
+    for _ in range(2 * follower.config.election_ticks):
+        follower.tick()
+    assert follower.role is Role.FOLLOWER
+    assert not [m for m in sent(follower) if isinstance(m, Prepare)]
+    # ...but a transfer that stalls for good (its source died) is given up,
+    # so the node can campaign again.
+    for _ in range(6 * follower.config.election_ticks):
+        follower.tick()
+    assert not follower.installing_snapshot
+    assert follower.role is Role.CANDIDATE
+
+
+# -------------------------------------------------------------- transport
+
+
+def test_batches_are_bounded_in_bytes_and_parse_as_peer_batches() -> None:
+    from pqueue import peers
+    from pqueue.peer_codec import EntryCache, encode_wire
+
+    cache = EntryCache()
+    link = peers._Link(1, 2, "127.0.0.1:1", None, lambda: ())
+    big = b"x" * peers.MAX_BATCH_BYTES  # over the budget with its framing
+    msgs: list[Message] = [
+        Accept(1, 2, (3, 1), ((1, big),), 0),
+        Accept(1, 2, (3, 1), ((2, b"small"), (3, b"s")), 0),
+        Prepare(1, 2, (4, 1), 7),
+    ]
+    for msg in msgs:
+        wire = encode_wire(msg, cache)
+        link.put(wire, sum(map(len, wire)))
+    first = ppb.PeerBatch.FromString(link.take_batch())
+    second = ppb.PeerBatch.FromString(link.take_batch())
+    # The big accept alone (the next would pass the budget), then the rest.
+    assert [decode(m) for m in first.messages] == msgs[:1]
+    assert [decode(m) for m in second.messages] == msgs[1:]
+    assert not link.queue
+    assert link.queued_bytes == 0
+
+
+def test_a_link_queue_drops_its_oldest_past_its_byte_bound() -> None:
+    from pqueue import peers
+
+    link = peers._Link(1, 2, "127.0.0.1:1", None, lambda: ())
+    chunk = 16 << 20
+    for k in range(peers.MAX_QUEUED_BYTES // chunk + 3):
+        link.put([bytes([k])], chunk)
+    assert link.queued_bytes <= peers.MAX_QUEUED_BYTES
+    assert link.dropped == 3
+    link.put([b"y"], 1 << 30)  # could never be delivered: dropped at once
+    assert link.queued_bytes <= peers.MAX_QUEUED_BYTES
+
+
+def test_an_accept_entry_is_encoded_once_for_every_peer_and_retry() -> None:
+    from pqueue.peer_codec import EntryCache, encode_wire
+
+    cache = EntryCache()
+    value = b"v" * 1000
+    for dst in (2, 3):
+        for _ in range(5):  # the first offer, then heartbeat re-offers
+            wire = encode_wire(Accept(1, dst, (3, 1), ((9, value),), 0), cache)
+            assert decode(ppb.PeerMessage.FromString(b"".join(wire))) == Accept(
+                1, dst, (3, 1), ((9, value),), 0
+            )
+    assert cache.encoded == 1
+    reply = CatchupReply(1, 2, ((9, value), (10, b"w")), 10)
+    for _ in range(3):
+        wire = encode_wire(reply, cache)
+        assert decode(ppb.PeerMessage.FromString(b"".join(wire))) == reply
+    assert cache.encoded == 3  # the chosen values once each, apart from the accept
+
+
+def test_a_candidate_behind_our_compacted_log_gets_no_vote() -> None:
+    acceptor = replica(2, DurableState(snapshot=(40, b"state"), commit_index=40))
+    acceptor.step(Prepare(1, 2, (9, 1), 5))  # it holds only up to slot 4
+    [refusal] = sent(acceptor)
+    assert isinstance(refusal, Promise)
+    assert not refusal.ok
+    assert acceptor.promised == (0, 0)
+    acceptor.step(Prepare(3, 2, (9, 3), 41))  # one that has what we compacted
+    [vote] = sent(acceptor)
+    assert isinstance(vote, Promise)
+    assert vote.ok
+
+
+def test_an_older_node_gets_answers_whole_never_in_parts() -> None:
+    # An older node's Prepare and CatchupRequest lack the ``parts`` field.
+    old = ppb.PeerMessage(kind=ppb.PeerMessage.PREPARE, src=1, dst=2, from_slot=1)
+    old.ballot.CopyFrom(ppb.PeerBallot(round=7, node=1))
+    prepare = decode(old)
+    assert isinstance(prepare, Prepare)
+    assert not prepare.parts
+    records = {s: Record(s, (1, 3), b"r" * 10) for s in range(1, 4)}
+    acceptor = replica(2, DurableState(records=records), max_promise_bytes=1)
+    acceptor.step(prepare)
+    [promise] = sent(acceptor)
+    assert isinstance(promise, Promise)
+    assert len(promise.records) == 3
+    assert promise.more_from == 0
+
+    data = b"d" * 5000
+    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=10)
+    request = decode(
+        ppb.PeerMessage(kind=ppb.PeerMessage.CATCHUP_REQUEST, src=2, dst=1, from_slot=1)
+    )
+    leader.step(request)
+    [whole] = sent(leader)
+    assert isinstance(whole, InstallSnapshot)
+    assert whole.data == data
