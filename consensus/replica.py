@@ -124,6 +124,9 @@ class _Incoming:
     #: Ticks since the last chunk arrived (past a few election timeouts the
     #: transfer is given up, so a node whose source died campaigns again).
     idle_ticks: int = 0
+    #: The node serving it: the rest is pulled from there, even after the
+    #: lead moves (another node's snapshot would restart the transfer).
+    source: int = 0
 
 
 @dataclass
@@ -207,6 +210,14 @@ class Replica:
         self._incoming: _Incoming | None = None
         #: Leader side: (index, sha256) of our snapshot, computed once.
         self._snapshot_digest: tuple[int, bytes] = (-1, b"")
+        #: The snapshot before the current one (index, data, digest), kept
+        #: while a follower still pulls its chunks: compacting again mid-way
+        #: must not restart a transfer (at a high write rate it would never
+        #: finish). Dropped once nobody asked for it for a few election timeouts.
+        self._retained: tuple[int, bytes, bytes] | None = None
+        self._retained_idle = 0
+        #: Ticks since a follower last pulled a chunk of the current snapshot.
+        self._served_idle = 1 << 30
         # Records up to the persisted commit index hold chosen values: a
         # committed slot's record is never overwritten, and the hint is
         # persisted with (or after) the records it covers.
@@ -218,6 +229,11 @@ class Replica:
     def tick(self) -> None:
         """One unit of time passed."""
         self.election_elapsed += 1
+        self._served_idle += 1
+        if self._retained is not None:
+            self._retained_idle += 1
+            if self._retained_idle > 3 * self.config.election_ticks:
+                self._retained = None
         self.catchup_progress_elapsed += 1
         if self.commit_index != self._tick_commit:
             self._tick_commit, self.catchup_progress_elapsed = self.commit_index, 0
@@ -341,6 +357,10 @@ class Replica:
             raise ValueError(f"cannot compact to {index}: applied only to {self.emitted}")
         if index <= self.snapshot_index:
             return
+        if self.snapshot_index and self._served_idle <= 3 * self.config.election_ticks:
+            # A follower is pulling the current one: keep it until it is done.
+            self._retained = (self.snapshot_index, self.snapshot_data, self._digest())
+            self._retained_idle = 0
         self.snapshot_index, self.snapshot_data = index, data
         for slot in [s for s in self.log if s <= index]:
             del self.log[slot]
@@ -904,8 +924,13 @@ class Replica:
         if incoming is not None:
             incoming.idle += 1
             if incoming.idle <= 3:
-                # Resume the transfer where it stopped (a chunk was lost).
-                self._send(SnapshotRequest(self.id, source, incoming.index, len(incoming.data)))
+                # Resume the transfer where it stopped (a chunk was lost), from
+                # the node serving it: it keeps that snapshot until we are done.
+                self._send(
+                    SnapshotRequest(
+                        self.id, incoming.source or source, incoming.index, len(incoming.data)
+                    )
+                )
                 return
             self._incoming = None  # stalled: start over (or let us campaign)
         self._send(CatchupRequest(self.id, source, self.commit_index + 1))
@@ -948,29 +973,49 @@ class Replica:
         if self.commit_index < self.known_commit:
             self._request_catchup(msg.src)
 
-    def _send_snapshot_chunk(self, dst: int, offset: int, whole: bool = False) -> None:
-        """One chunk of our snapshot; the first and every other carry its
-        length and digest, so a follower can start from any of them."""
+    def _digest(self) -> bytes:
+        """The current snapshot's SHA-256 (computed once per snapshot)."""
         if self._snapshot_digest[0] != self.snapshot_index:
             self._snapshot_digest = (self.snapshot_index, sha256(self.snapshot_data).digest())
-        end = len(self.snapshot_data) if whole else offset + self.config.snapshot_chunk_bytes
+        return self._snapshot_digest[1]
+
+    def _send_snapshot_chunk(
+        self,
+        dst: int,
+        offset: int,
+        whole: bool = False,
+        snapshot: tuple[int, bytes, bytes] | None = None,
+    ) -> None:
+        """One chunk of our snapshot (or of ``snapshot``, the retained one);
+        every chunk carries its length and digest, so a follower can start
+        from any of them."""
+        if snapshot is None:
+            snapshot = (self.snapshot_index, self.snapshot_data, self._digest())
+            self._served_idle = 0
+        else:
+            self._retained_idle = 0
+        index, data, digest = snapshot
+        end = len(data) if whole else offset + self.config.snapshot_chunk_bytes
         self._send(
             InstallSnapshot(
                 self.id,
                 dst,
-                self.snapshot_index,
-                self.snapshot_data[offset:end],
+                index,
+                data[offset:end],
                 self.commit_index,
                 offset,
-                len(self.snapshot_data),
-                self._snapshot_digest[1],
+                len(data),
+                digest,
             )
         )
 
     def _on_snapshot_request(self, msg: SnapshotRequest) -> None:
         if self.snapshot_index == 0:
             return
-        if msg.index == self.snapshot_index and msg.offset < len(self.snapshot_data):
+        retained = self._retained
+        if retained is not None and msg.index == retained[0] and msg.offset < len(retained[1]):
+            self._send_snapshot_chunk(msg.src, msg.offset, snapshot=retained)
+        elif msg.index == self.snapshot_index and msg.offset < len(self.snapshot_data):
             self._send_snapshot_chunk(msg.src, msg.offset)
         else:
             # We compacted further since (or never had that one): a newer
@@ -996,7 +1041,9 @@ class Replica:
             if msg.offset != 0:
                 self._send(SnapshotRequest(self.id, msg.src, msg.index, 0))
                 return
-            incoming = self._incoming = _Incoming(msg.index, msg.total, msg.sha256, bytearray())
+            incoming = self._incoming = _Incoming(
+                msg.index, msg.total, msg.sha256, bytearray(), source=msg.src
+            )
         elif msg.index < incoming.index or msg.offset != len(incoming.data):
             # An older snapshot's chunk, or a duplicate/late one: ignore it
             # (a lost chunk is asked for again by the catch-up retry).

@@ -90,6 +90,13 @@ def test_five_nodes_tiny_byte_budgets() -> None:
         Simulation(seed, nodes=5, faults=HARSH, budgets=TINY).run()
 
 
+def test_a_snapshot_transfer_finishes_while_the_lead_moves() -> None:
+    # Found by a post-merge sweep: a follower pulling a snapshot of many tiny
+    # chunks restarted from zero whenever the lead moved or its source
+    # compacted again, and never finished within the settle phase.
+    Simulation(70074, nodes=5, faults=HARSH, budgets=TINY).run()
+
+
 def test_tiny_budgets_exercise_the_multi_part_paths() -> None:
     """The paths the tiny budgets exist for are really taken."""
     from consensus.messages import InstallSnapshot, Promise

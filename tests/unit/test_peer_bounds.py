@@ -349,3 +349,33 @@ def test_an_older_node_gets_answers_whole_never_in_parts() -> None:
     [whole] = sent(leader)
     assert isinstance(whole, InstallSnapshot)
     assert whole.data == data
+
+
+def test_a_transfer_survives_its_source_compacting_again_and_the_lead_moving() -> None:
+    # At a high write rate the source compacts again long before a big
+    # snapshot has crossed; and the lead may move meanwhile. Neither may
+    # restart the transfer (it would never finish): the follower goes on
+    # pulling from its source, which keeps the snapshot being pulled.
+    data = b"s" * 5000
+    source = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=1000)
+    follower = replica(2)
+    follower.known_commit = 9
+    _transfer(source, follower, drop={3000})
+    assert follower.installing_snapshot  # stalled at 3000
+    source.emitted = source.commit_index = 30
+    source.compact(30, b"n" * 7000)  # a newer snapshot replaces the one being pulled
+    follower.leader_id = 3  # and another node leads now
+    for _ in range(follower.config.catchup_retry_ticks):
+        follower.tick()
+    [ask] = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert (ask.dst, ask.index, ask.offset) == (1, 9, 3000)  # its source, where it stopped
+    pending = [ask]
+    while pending:
+        for msg in pending:
+            source.step(msg)
+        for msg in sent(source):
+            assert isinstance(msg, InstallSnapshot) and msg.index == 9
+            follower.step(msg)
+        pending = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert follower.commit_index == 9
+    assert follower.snapshot_data == data
