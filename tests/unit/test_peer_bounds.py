@@ -371,11 +371,12 @@ def test_a_transfer_survives_its_source_compacting_again_and_the_lead_moving() -
     assert (ask.dst, ask.index, ask.offset) == (1, 9, 3000)  # its source, where it stopped
     pending = [ask]
     while pending:
-        for msg in pending:
-            source.step(msg)
-        for msg in sent(source):
-            assert isinstance(msg, InstallSnapshot) and msg.index == 9
-            follower.step(msg)
+        for request in pending:
+            source.step(request)
+        for chunk in sent(source):
+            assert isinstance(chunk, InstallSnapshot)
+            assert chunk.index == 9
+            follower.step(chunk)
         pending = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
     assert follower.commit_index == 9
     assert follower.snapshot_data == data
