@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from pqueue.client import Client
 from pqueue.devcluster import free_ports, peers_arg
@@ -165,3 +167,21 @@ class ProcCluster:
 def with_signal(proc: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, sig)
+
+
+@contextlib.asynccontextmanager
+async def started(
+    root: Path, balancer_probe_s: float | None = None, **options: Any
+) -> AsyncIterator[ProcCluster]:
+    """A started ``ProcCluster`` (``options``: its constructor's), with a
+    balancer probing every ``balancer_probe_s`` if given; stopped (healed
+    first) on the way out, whatever happened."""
+    c = ProcCluster(root, **options)
+    try:
+        await c.start()
+        if balancer_probe_s is not None:
+            await c.start_balancer(probe_interval_s=balancer_probe_s)
+        yield c
+    finally:
+        c.heal()
+        await c.stop()

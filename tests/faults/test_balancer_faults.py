@@ -18,19 +18,14 @@ import pytest
 
 from pqueue.client import Client
 from pqueue.errors import PQueueError
-from tests.faults.cluster import ProcCluster
+from tests.faults.cluster import ProcCluster, started
 from tests.faults.test_faults import scenario
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
-    c = ProcCluster(tmp_path)
-    await c.start()
-    try:
-        await c.start_balancer(probe_interval_s=0.5)
+    async with started(tmp_path, balancer_probe_s=0.5) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 async def balancer_status(address: str) -> dict[str, Any]:

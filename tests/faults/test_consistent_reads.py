@@ -18,18 +18,13 @@ import pytest
 
 from pqueue.client import Client
 from pqueue.errors import NotFoundError, NotLeaderError, PQueueError, UnavailableError
-from tests.faults.cluster import ProcCluster
+from tests.faults.cluster import ProcCluster, started
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
-    c = ProcCluster(tmp_path, partitionable=True)
-    await c.start()
-    try:
+    async with started(tmp_path, partitionable=True) as c:
         yield c
-    finally:
-        c.heal()
-        await c.stop()
 
 
 @dataclass

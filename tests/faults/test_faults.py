@@ -14,7 +14,7 @@ import pytest
 
 from tests import pg
 from tests.faults import workload
-from tests.faults.cluster import ProcCluster
+from tests.faults.cluster import ProcCluster, started
 from tests.faults.history import History
 
 Fault = Callable[[ProcCluster], Awaitable[None]]
@@ -47,12 +47,8 @@ async def scenario(
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
-    c = ProcCluster(tmp_path)
-    await c.start()
-    try:
+    async with started(tmp_path) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 @pytest.fixture
@@ -70,12 +66,8 @@ async def pg_cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
 
 @pytest.fixture
 async def partitionable(tmp_path: Path) -> AsyncIterator[ProcCluster]:
-    c = ProcCluster(tmp_path, partitionable=True)
-    await c.start()
-    try:
+    async with started(tmp_path, partitionable=True) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 async def kill_9_of_the_leader(c: ProcCluster) -> None:

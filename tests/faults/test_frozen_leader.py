@@ -13,22 +13,17 @@ import pytest
 
 from pqueue.client import Client
 from pqueue.errors import PQueueError, UnavailableError
-from tests.faults.cluster import ProcCluster
+from tests.faults.cluster import ProcCluster, started
 
 T = TypeVar("T")
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
-    c = ProcCluster(tmp_path)
-    await c.start()
-    try:
-        # The balancer's defaults (`pq balancer run`): probes every second,
-        # reports expire after three.
-        await c.start_balancer(probe_interval_s=1.0)
+    # The balancer's defaults (`pq balancer run`): probes every second,
+    # reports expire after three.
+    async with started(tmp_path, balancer_probe_s=1.0) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 async def elected(cluster: ProcCluster, frozen: int) -> float:

@@ -13,18 +13,14 @@ import pytest
 
 from pqueue.client import Client
 from pqueue.errors import PQueueError
-from tests.faults.cluster import ProcCluster
+from tests.faults.cluster import ProcCluster, started
 from tests.proc import NodeProcess
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
-    c = ProcCluster(tmp_path)
-    await c.start()
-    try:
+    async with started(tmp_path) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 def refused(data_dir: Path, node_id: str, *extra: str) -> str:

@@ -16,19 +16,15 @@ import pytest
 from pqueue.client import Client, job_spec
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
-from tests.faults.cluster import ProcCluster
+from tests.faults.cluster import ProcCluster, started
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
-    c = ProcCluster(tmp_path)
-    await c.start()
-    try:
+    async with started(tmp_path) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 async def _stable_leader(cluster: ProcCluster) -> int:
