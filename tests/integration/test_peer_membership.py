@@ -18,21 +18,10 @@ import pytest
 from consensus.messages import Accept
 from pqueue.auth import PEER, Verifier, issue, node_subject
 from pqueue.peer_codec import encode
-from pqueue.v1 import peer_pb2, peer_pb2_grpc
 from tests.inproc import Cluster, node_tokens, one_node
+from tests.peer_wire import send_peer
 
 SECRET = b"m" * 32
-
-
-async def send_as(address: str, tok: str, *messages: peer_pb2.PeerMessage) -> None:
-    """Open a peer stream with ``tok`` and send ``messages``."""
-    async with grpc.aio.insecure_channel(address) as ch:
-        send = peer_pb2_grpc.PeerStub(ch).Send(
-            timeout=3, metadata=(("authorization", f"Bearer {tok}"),)
-        )
-        await send.write(peer_pb2.PeerBatch(messages=list(messages)))
-        await send.done_writing()
-        await send
 
 
 async def test_a_token_of_a_non_member_cannot_move_a_node(tmp_path: Path) -> None:
@@ -49,7 +38,7 @@ async def test_a_token_of_a_non_member_cannot_move_a_node(tmp_path: Path) -> Non
         accept = Accept(
             src=stranger, dst=target, ballot=(10**6, stranger), entries=(), commit_index=0
         )
-        await send_as(cluster.addresses[target], node_tokens(SECRET)(stranger), encode(accept))
+        await send_peer(cluster.addresses[target], node_tokens(SECRET)(stranger), encode(accept))
         await asyncio.sleep(0.3)
         assert replica.promised[0] < 10**6, "a non-member's Accept moved the promise"
         assert replica.leader_id == leader, "the follower follows a non-member"
@@ -71,7 +60,7 @@ async def test_a_refused_peer_token_is_counted_and_said(
         assert srv.peers is not None
         stale = issue(b"x" * 32, "cluster", [PEER], 600, subject=node_subject(2))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await send_as(srv.address, stale)
+            await send_peer(srv.address, stale)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert srv.peers.refused == 1
         assert any("refused a peer stream" in r.getMessage() for r in caplog.records)

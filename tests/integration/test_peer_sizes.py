@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 
@@ -25,9 +24,8 @@ from pqueue.client import Client, job_spec
 from pqueue.replicated import ReplicatedLog
 from pqueue.server import NodeServer
 from pqueue.snapshot import state_hash
-from pqueue.v1 import peer_pb2 as ppb
-from pqueue.v1 import peer_pb2_grpc as ppbg
 from tests.inproc import Cluster
+from tests.peer_wire import absurd_prepare, send_peer
 
 MiB = 1 << 20
 #: The big-entry attack, scaled to CI: ROUNDS x CALLS concurrent EnqueueBatch
@@ -172,19 +170,7 @@ async def test_a_prepare_with_an_absurd_round_is_dropped_not_persisted(
 ) -> None:
     leader = await cluster.leader()
     target = next(i for i in cluster.servers if i != leader)
-    prepare = ppb.PeerMessage(
-        kind=ppb.PeerMessage.PREPARE,
-        src=leader,  # spoofed as the leader
-        dst=target,
-        ballot=ppb.PeerBallot(round=(1 << 63) - 1, node=leader),
-        from_slot=1,
-    )
-
-    async def batches() -> AsyncIterator[ppb.PeerBatch]:
-        yield ppb.PeerBatch(messages=[prepare])
-
-    async with grpc.aio.insecure_channel(cluster.addresses[target]) as ch:
-        await ppbg.PeerStub(ch).Send(batches())
+    await send_peer(cluster.addresses[target], None, absurd_prepare(leader, target))
     await asyncio.sleep(0.5)  # ticks and persists happen meanwhile
     for server in cluster.servers.values():
         assert not _log(server).failed.is_set()

@@ -29,11 +29,11 @@ from pqueue.errors import PQueueError
 from pqueue.logs import JsonFormatter, TextFormatter
 from pqueue.peer_codec import encode
 from pqueue.server import NodeServer
-from pqueue.v1 import peer_pb2, peer_pb2_grpc
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from tests.certs import Authority
 from tests.inproc import Cluster, node_tokens, one_node
+from tests.peer_wire import send_peer
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")
@@ -228,17 +228,6 @@ async def test_with_auth_off_forwarded_addresses_are_logged_as_claimed(
     assert "claimed_client=203.0.113.9" in rec.getMessage()
 
 
-async def send_as(address: str, tok: str, *messages: peer_pb2.PeerMessage) -> None:
-    """Open a peer stream with ``tok`` and send ``messages``."""
-    async with grpc.aio.insecure_channel(address) as ch:
-        send = peer_pb2_grpc.PeerStub(ch).Send(
-            timeout=3, metadata=(("authorization", f"Bearer {tok}"),)
-        )
-        await send.write(peer_pb2.PeerBatch(messages=list(messages)))
-        await send.done_writing()
-        await send
-
-
 async def test_a_node_cannot_speak_for_another(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, verifier=Verifier(SECRET), peer_token=node_tokens(SECRET))
     await cluster.start()
@@ -249,7 +238,7 @@ async def test_a_node_cannot_speak_for_another(tmp_path: Path) -> None:
         # Holding node `other`'s token, claim to be the leader: a Prepare from the
         # live leader is one a follower must take (part of the issue's attack).
         spoof = encode(Prepare(src=leader, dst=target, ballot=(10**6, leader), from_slot=1))
-        await send_as(cluster.addresses[target], node_tokens(SECRET)(other), spoof)
+        await send_peer(cluster.addresses[target], node_tokens(SECRET)(other), spoof)
         peers = cluster.servers[target].peers
         assert peers is not None
         assert peers.spoofed == 1
@@ -257,10 +246,10 @@ async def test_a_node_cannot_speak_for_another(tmp_path: Path) -> None:
         assert replica.promised[0] < 10**6, "a message under another node's name was taken"
         # A token naming no node (the old shared kind) may not speak at all.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await send_as(cluster.addresses[target], token("cluster", PEER), spoof)
+            await send_peer(cluster.addresses[target], token("cluster", PEER), spoof)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # Control: the same message under the leader's own token is taken.
-        await send_as(cluster.addresses[target], node_tokens(SECRET)(leader), spoof)
+        await send_peer(cluster.addresses[target], node_tokens(SECRET)(leader), spoof)
         # (The real leader, refused, may at once campaign above it: hence >=.)
         await wait_until("the promise", lambda: replica.promised[0] >= 10**6)
     finally:
