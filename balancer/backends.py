@@ -31,13 +31,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from balancer.config import BalancerConfig
 from balancer.metrics import BalancerMetrics
 from balancer.pool import Pool, Report
-from pqueue import limits
-from pqueue.access import AUTHORIZATION_KEY
-from pqueue.auth import current_token
-from pqueue.forward import FORWARDED_KEY
-from pqueue.tls import channel as tls_channel
+from pqueue.core import limits
+from pqueue.node.access import AUTHORIZATION_KEY
+from pqueue.node.auth import current_token
+from pqueue.node.forward import FORWARDED_KEY
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.tls import channel as tls_channel
 
 logger = logging.getLogger(__name__)
 

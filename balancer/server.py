@@ -16,20 +16,20 @@ from balancer.config import BalancerConfig
 from balancer.errors import ListenError
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
-from pqueue import limits
-from pqueue.admission import (
+from pqueue.core import limits
+from pqueue.v1 import balancer_pb2 as bpb
+from pqueue.v1 import balancer_pb2_grpc as bpbg
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.admission import (
     MAX_CONCURRENT_STREAMS,
     SERVER_CONNECTION_OPTIONS,
     Admission,
     streams_option,
 )
-from pqueue.metrics_http import MetricsServer
-from pqueue.observe import Observer, never_a_hop, served_methods
-from pqueue.signals import until_signal_or
-from pqueue.tls import add_port
-from pqueue.v1 import balancer_pb2 as bpb
-from pqueue.v1 import balancer_pb2_grpc as bpbg
-from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.metrics_http import MetricsServer
+from pqueue.wire.observe import Observer, never_a_hop, served_methods
+from pqueue.wire.serving import until_signal_or
+from pqueue.wire.tls import add_port
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Tables in the node's schema (created and migrated on open, versioned in
 ``schema_migrations``): ``acceptor`` (promised ballot, commit hint),
 ``records`` (one per slot: ballot, value, chosen flag, CRC), ``snapshot``
 (the latest one), ``owner`` (a fencing epoch), ``identity`` (which node of
-which cluster: ``pqueue.identity``), ``applied`` (the index the
+which cluster: ``pqueue.node.identity``), ``applied`` (the index the
 ``jobs`` table reflects) and ``jobs`` (one row per live job, for SQL).
 
 Durability: every transaction commits with ``synchronous_commit = on``, so
@@ -109,7 +109,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (
         4,
         """
-        -- Which node of which cluster this schema is (pqueue.identity).
+        -- Which node of which cluster this schema is (pqueue.node.identity).
         CREATE TABLE identity (id smallint PRIMARY KEY CHECK (id = 1), record text NOT NULL);
         """,
     ),

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from pqueue.cli.devcluster import free_ports, peers_arg
 from pqueue.client import Client
-from pqueue.devcluster import free_ports, peers_arg
 from pqueue.errors import PQueueError
 from tests.faults.proxy import Proxy
 

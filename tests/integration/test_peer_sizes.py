@@ -20,11 +20,11 @@ import psutil
 import pytest
 
 from consensus import Replica, Role
-from pqueue import limits
 from pqueue.client import Client, job_spec
-from pqueue.replicated import ReplicatedLog
-from pqueue.server import NodeServer
-from pqueue.snapshot import state_hash
+from pqueue.core import limits
+from pqueue.core.snapshot import state_hash
+from pqueue.node.replicated import ReplicatedLog
+from pqueue.node.server import NodeServer
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from tests.inproc import Cluster

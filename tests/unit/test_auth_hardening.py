@@ -15,7 +15,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from pqueue.auth import (
+from pqueue.cli import _node_options, build_parser
+from pqueue.errors import UnauthenticatedError
+from pqueue.node.auth import (
     PEER,
     RevokedTokens,
     TokenFile,
@@ -24,9 +26,7 @@ from pqueue.auth import (
     node_of_subject,
     node_subject,
 )
-from pqueue.cli import _node_options, build_parser
-from pqueue.errors import UnauthenticatedError
-from pqueue.logs import JsonFormatter, TextFormatter, escape
+from pqueue.wire.logs import JsonFormatter, TextFormatter, escape
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from pqueue import limits
+from pqueue.core import limits
+from pqueue.core.jobs import FAIR_SCALE, backoff_ms
+from pqueue.core.snapshot import restore, snapshot_bytes, state_hash
 from pqueue.errors import (
     InvalidArgumentError,
     LeaseLostError,
@@ -23,8 +25,6 @@ from pqueue.errors import (
     PermissionDeniedError,
     PQueueError,
 )
-from pqueue.jobs import FAIR_SCALE, backoff_ms
-from pqueue.snapshot import restore, snapshot_bytes, state_hash
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pqueue.observe import (
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.observe import (
     FORWARDED_FOR_KEY,
     REQUEST_ID_KEY,
     _ip_of,
@@ -11,7 +12,6 @@ from pqueue.observe import (
     request_id,
     served_methods,
 )
-from pqueue.v1 import queue_pb2 as pb
 
 
 def test_the_peer_string_becomes_an_ip() -> None:

@@ -9,14 +9,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PURE_MODULES = [
-    "pqueue/machine.py",
-    "pqueue/queue_table.py",
-    "pqueue/access.py",
-    "pqueue/jobs.py",
-    "pqueue/limits.py",
-    "pqueue/snapshot.py",
+    "pqueue/core/machine.py",
+    "pqueue/core/queue_table.py",
+    "pqueue/node/access.py",
+    "pqueue/core/jobs.py",
+    "pqueue/core/limits.py",
+    "pqueue/core/snapshot.py",
     "pqueue/errors.py",
-    "pqueue/features.py",
+    "pqueue/core/features.py",
     "consensus/messages.py",
     "consensus/replica.py",
     "balancer/picker.py",

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from pqueue import errors
-from pqueue.status import code_of, from_rpc_error, to_status
+from pqueue.wire.status import code_of, from_rpc_error, to_status
 
 CASES: list[tuple[errors.PQueueError, grpc.StatusCode]] = [
     (errors.InvalidArgumentError("jobs[3].priority", "above 9"), grpc.StatusCode.INVALID_ARGUMENT),

@@ -3,7 +3,7 @@
 Node and balancer both install ``Observer``. For each call it
 
 - logs one request line when the call arrives and, if the call fails, one
-  error line when it ends (``pqueue.logs`` gives the format);
+  error line when it ends (``pqueue.wire.logs`` gives the format);
 - counts it by service, method and final status code, and times it, on the
   server's own registry (``pq_grpc_server_handled_total``,
   ``pq_grpc_server_handling_seconds``);
@@ -155,8 +155,8 @@ def trusted_hops(verifier: Any) -> HopCheck | None:
     and has the ``balancer`` or ``peer`` role."""
     if verifier is None:
         return None
-    from pqueue.auth import BALANCER, PEER
     from pqueue.errors import UnauthenticatedError
+    from pqueue.node.auth import BALANCER, PEER
 
     def check(token: str) -> bool:
         if not token:

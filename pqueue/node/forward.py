@@ -6,16 +6,16 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
-from pqueue import limits
-from pqueue.auth import TokenSource, current_token
-from pqueue.observe import (
+from pqueue.core import limits
+from pqueue.node.auth import TokenSource, current_token
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.observe import (
     FORWARDED_KEY as FORWARDED_KEY,  # a forwarded call is never forwarded twice
 )
-from pqueue.observe import FORWARDER_TOKEN_KEY, hop_metadata
-from pqueue.status import from_rpc_error
-from pqueue.tls import Tls
-from pqueue.tls import channel as channel_to
-from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.observe import FORWARDER_TOKEN_KEY, hop_metadata
+from pqueue.wire.status import from_rpc_error
+from pqueue.wire.tls import Tls
+from pqueue.wire.tls import channel as channel_to
 
 #: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
 DEFAULT_FORWARD_TIMEOUT_S = 75.0

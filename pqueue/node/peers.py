@@ -31,14 +31,14 @@ from typing import Any
 import grpc
 
 from consensus.messages import Message
-from pqueue import features, limits
-from pqueue.access import AUTHORIZATION_KEY, bearer
-from pqueue.auth import PEER, Principal, TokenSource, Verifier, current_token, node_subject
+from pqueue.core import features, limits
 from pqueue.errors import UnauthenticatedError
-from pqueue.peer_codec import EntryCache, approx_size, decode, encode_wire, varint
-from pqueue.tls import Tls, channel
+from pqueue.node.access import AUTHORIZATION_KEY, bearer
+from pqueue.node.auth import PEER, Principal, TokenSource, Verifier, current_token, node_subject
+from pqueue.node.peer_codec import EntryCache, approx_size, decode, encode_wire, varint
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
+from pqueue.wire.tls import Tls, channel
 
 logger = logging.getLogger(__name__)
 

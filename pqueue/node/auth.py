@@ -15,7 +15,7 @@ whose ``jti`` its revocation file lists (re-read when it changes).
 
 ``Verifier`` checks tokens (a small cache keeps the cost of a signature
 check off the hot path); ``issue`` makes them, for ``pq token issue`` and
-for tests. Nothing here knows about gRPC: ``pqueue.access`` applies it.
+for tests. Nothing here knows about gRPC: ``pqueue.node.access`` applies it.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pqueue import limits
+from pqueue.core import limits
 from pqueue.errors import InvalidArgumentError, UnauthenticatedError
-from pqueue.logs import escape
+from pqueue.wire.logs import escape
 
 PRODUCER = "producer"
 CONSUMER = "consumer"

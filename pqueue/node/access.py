@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TypeVar
 
-from pqueue import limits
-from pqueue.auth import ADMIN, OPEN, Principal
+from pqueue.core import limits
 from pqueue.errors import PermissionDeniedError, UnauthenticatedError
+from pqueue.node.auth import ADMIN, OPEN, Principal
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 

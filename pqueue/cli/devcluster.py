@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from pqueue import render
+from pqueue.cli import render
 from pqueue.client import Client
 from pqueue.errors import PQueueError
 

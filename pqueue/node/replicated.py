@@ -24,8 +24,9 @@ from google.protobuf.message import Message
 from consensus import Config, DurableState, Replica, Role
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
-from pqueue import features
-from pqueue.commitlog import (
+from pqueue.core import features
+from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
+from pqueue.node.commitlog import (
     Applier,
     Indexed,
     LogObserver,
@@ -34,8 +35,7 @@ from pqueue.commitlog import (
     Proposals,
     Result,
 )
-from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
-from pqueue.identity import claim_identity
+from pqueue.node.identity import claim_identity
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
 
@@ -56,7 +56,7 @@ class ClusterConfig:
     max_inflight_slots: int = 64
     max_batch_commands: int = 2_000
     snapshot_every_entries: int = 10_000
-    #: Identity on disk (``pqueue.identity``): the cluster's name (None: keep the
+    #: Identity on disk (``pqueue.node.identity``): the cluster's name (None: keep the
     #: recorded one, or ``DEFAULT_CLUSTER_ID`` at first start), whether a new
     #: member set may replace the recorded one, and the data dir named in hints.
     cluster_id: str | None = None

@@ -2,7 +2,7 @@
 
 Each method checks the stateless rules of its request, turns it into a log
 command (or reads the applied state), and returns the response. Domain errors
-become gRPC statuses here and nowhere else (``pqueue.status.to_status``).
+become gRPC statuses here and nowhere else (``pqueue.wire.status.to_status``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from pqueue import access, limits
-from pqueue.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
-from pqueue.commitlog import LogStatus
+from pqueue.core import limits
 from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError, PQueueError
-from pqueue.forward import FORWARDED_KEY, Forwarder
-from pqueue.load import CpuSampler
-from pqueue.node import QueueNode
-from pqueue.quotas import Quotas
-from pqueue.status import to_status
+from pqueue.node import access
+from pqueue.node.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
+from pqueue.node.commitlog import LogStatus
+from pqueue.node.forward import FORWARDED_KEY, Forwarder
+from pqueue.node.queue_node import QueueNode
+from pqueue.node.quotas import Quotas
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.load import CpuSampler
+from pqueue.wire.status import to_status
 
 logger = logging.getLogger(__name__)
 

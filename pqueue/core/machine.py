@@ -21,17 +21,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from pqueue import limits
-from pqueue.errors import (
-    AlreadyExistsError,
-    InvalidArgumentError,
-    LeaseLostError,
-    NotFoundError,
-    PermissionDeniedError,
-    PQueueError,
-    ResourceExhaustedError,
-)
-from pqueue.jobs import (
+from pqueue.core import limits
+from pqueue.core.jobs import (
     DEAD,
     DELAYED,
     LEASED,
@@ -43,7 +34,16 @@ from pqueue.jobs import (
     QueueState,
     backoff_ms,
 )
-from pqueue.queue_table import QueueTable
+from pqueue.core.queue_table import QueueTable
+from pqueue.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    LeaseLostError,
+    NotFoundError,
+    PermissionDeniedError,
+    PQueueError,
+    ResourceExhaustedError,
+)
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
@@ -435,7 +435,7 @@ class QueueMachine:
         """Adopt a job restored from a snapshot, in whatever state it was.
 
         Group heads are offered for leasing afterwards, once every job of the
-        group is known (see ``pqueue.snapshot.restore``).
+        group is known (see ``pqueue.core.snapshot.restore``).
         """
         queue.jobs[job.job_id] = job
         self.jobs[job.job_id] = job

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pqueue import limits
+from pqueue.core import limits
 from pqueue.errors import InvalidArgumentError, ResourceExhaustedError
 from pqueue.v1 import log_pb2 as logpb
 

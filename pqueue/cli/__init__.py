@@ -18,8 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pqueue import render
-from pqueue.auth import (
+from pqueue.cli import render
+from pqueue.cli.devcluster import cluster_status, run_dev_cluster, start_node, stop_node
+from pqueue.client import DEFAULT_ENDPOINT, Client
+from pqueue.errors import PQueueError, RemoteError
+from pqueue.node.auth import (
     DEFAULT_LEEWAY_S,
     PEER,
     ROLES,
@@ -31,17 +34,14 @@ from pqueue.auth import (
     node_subject,
     read_key,
 )
-from pqueue.client import DEFAULT_ENDPOINT, Client
-from pqueue.devcluster import cluster_status, run_dev_cluster, start_node, stop_node
-from pqueue.errors import PQueueError, RemoteError
-from pqueue.logs import LOG_FORMATS
-from pqueue.quotas import Quotas
-from pqueue.status import code_of
-from pqueue.tls import Tls
+from pqueue.node.quotas import Quotas
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.logs import LOG_FORMATS
+from pqueue.wire.status import code_of
+from pqueue.wire.tls import Tls
 
 if TYPE_CHECKING:
-    from pqueue.runner import NodeOptions
+    from pqueue.node.runner import NodeOptions
 
 Outcome = tuple[Any, Sequence[str] | None]
 Command = Callable[[Client, argparse.Namespace], Awaitable[Outcome]]
@@ -235,7 +235,7 @@ def _peers(text: str) -> dict[int, str]:
 
 
 def _cluster_id(text: str) -> str:
-    from pqueue.identity import validate_cluster_id
+    from pqueue.node.identity import validate_cluster_id
 
     try:
         return validate_cluster_id(text)
@@ -326,8 +326,8 @@ def _listen_is_loopback(listen: str) -> bool:
 
 
 def _node_options(args: argparse.Namespace) -> NodeOptions:
-    from pqueue.runner import NodeOptions
-    from pqueue.server import ServerConfig
+    from pqueue.node.runner import NodeOptions
+    from pqueue.node.server import ServerConfig
 
     verifier = (
         Verifier.from_file(
@@ -742,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pq`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "node":
-        from pqueue.runner import run_node
+        from pqueue.node.runner import run_node
 
         try:
             options = _node_options(args)

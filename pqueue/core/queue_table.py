@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 
-from pqueue import limits
-from pqueue.jobs import QueueState
+from pqueue.core import limits
+from pqueue.core.jobs import QueueState
 
 
 class QueueTable(dict[str, QueueState]):

@@ -8,13 +8,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pqueue.admission import raise_fd_limit
 from pqueue.errors import PQueueError
-from pqueue.logs import LogFormat, setup_logging
-from pqueue.node import NodeConfig
-from pqueue.replicated import ClusterConfig
-from pqueue.server import NodeServer, ServerConfig
+from pqueue.node.queue_node import NodeConfig
+from pqueue.node.replicated import ClusterConfig
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
+from pqueue.wire.admission import raise_fd_limit
+from pqueue.wire.logs import LogFormat, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class NodeOptions:
     node_id: int
     server: ServerConfig
     peers: dict[int, str] | None = None
-    #: Identity on disk (``pqueue.identity``): the cluster's name, and whether a
+    #: Identity on disk (``pqueue.node.identity``): the cluster's name, and whether a
     #: new member set may replace the one the data dir recorded.
     cluster_id: str | None = None
     accept_member_change: bool = False

@@ -12,7 +12,7 @@ import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pqueue.load import CpuSampler
+from pqueue.wire.load import CpuSampler
 
 
 class ProcessCollector(Collector):

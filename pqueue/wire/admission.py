@@ -1,7 +1,7 @@
 """Admission: what a server checks before it parses a request.
 
 Node and balancer install ``Admission`` as a server interceptor, after
-``pqueue.observe.Observer`` (so a refusal is logged and counted like any
+``pqueue.wire.observe.Observer`` (so a refusal is logged and counted like any
 other call). For each method it
 
 - caps the request's encoded size *before* parsing: gRPC hands the
@@ -42,9 +42,10 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
-from pqueue import access, limits
-from pqueue.auth import Verifier
+from pqueue.core import limits
 from pqueue.errors import UnauthenticatedError
+from pqueue.node import access
+from pqueue.node.auth import Verifier
 from pqueue.v1 import queue_pb2 as pb
 
 logger = logging.getLogger(__name__)

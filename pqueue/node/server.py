@@ -11,31 +11,31 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from pqueue import limits
-from pqueue.admission import (
+from pqueue.core import limits
+from pqueue.node.auth import TokenSource, Verifier
+from pqueue.node.forward import Forwarder
+from pqueue.node.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
+from pqueue.node.peers import PeerService
+from pqueue.node.queue_node import NodeConfig, QueueNode
+from pqueue.node.quotas import Quotas
+from pqueue.node.replicated import ClusterConfig, ReplicatedLog
+from pqueue.node.servicer import AdminService, QueueService
+from pqueue.storage import Storage
+from pqueue.v1 import peer_pb2 as ppb
+from pqueue.v1 import peer_pb2_grpc as ppbg
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.admission import (
     MAX_CONCURRENT_STREAMS_NODE,
     SERVER_CONNECTION_OPTIONS,
     Admission,
     AdmissionConfig,
     streams_option,
 )
-from pqueue.auth import TokenSource, Verifier
-from pqueue.forward import Forwarder
-from pqueue.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
-from pqueue.metrics_http import MetricsServer, split_listen
-from pqueue.node import NodeConfig, QueueNode
-from pqueue.observe import Observer, served_methods, trusted_hops
-from pqueue.peers import PeerService
-from pqueue.quotas import Quotas
-from pqueue.replicated import ClusterConfig, ReplicatedLog
-from pqueue.servicer import AdminService, QueueService
-from pqueue.signals import until_signal_or
-from pqueue.storage import Storage
-from pqueue.tls import Tls, add_port
-from pqueue.v1 import peer_pb2 as ppb
-from pqueue.v1 import peer_pb2_grpc as ppbg
-from pqueue.v1 import queue_pb2 as pb
-from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.metrics_http import MetricsServer, split_listen
+from pqueue.wire.observe import Observer, served_methods, trusted_hops
+from pqueue.wire.serving import until_signal_or
+from pqueue.wire.tls import Tls, add_port
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ServerConfig:
     peer_token: TokenSource | None = None
     #: How long in-flight calls may finish after a stop begins.
     grace_s: float = 5.0
-    #: Per-method request caps and health-watch bounds (``pqueue.admission``).
+    #: Per-method request caps and health-watch bounds (``pqueue.wire.admission``).
     admission: AdmissionConfig | None = None
     #: Bearer token a ``/metrics`` scrape must carry; None: none needed.
     metrics_token: str | None = None

@@ -2,8 +2,8 @@
 
 Text lines read ``2026-11-22 12:45:00.123 [INFO] <route>: <message>``. The
 route says who speaks: a request's own route (``n1/pqueue.v1.Queue/Enqueue``,
-set by ``pqueue.observe``), else the process's name and the logger's
-(``n1/pqueue.replicated``). JSON lines carry the same fields under stable
+set by ``pqueue.wire.observe``), else the process's name and the logger's
+(``n1/pqueue.node.replicated``). JSON lines carry the same fields under stable
 keys, plus whatever a line adds through ``extra`` (``request_id``, ``code``,
 ``duration_ms``, ``client_ip``, ...).
 

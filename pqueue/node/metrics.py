@@ -2,7 +2,7 @@
 
 Three kinds of figures:
 
-- **Events as they happen**: calls (``pqueue.observe``), commands per log
+- **Events as they happen**: calls (``pqueue.wire.observe``), commands per log
   entry, durable-write seconds, elections. Histograms and counters fed by
   the log through ``LogObserver``.
 - **State at scrape time**: jobs by queue and state, the oldest ready job's
@@ -11,7 +11,7 @@ Three kinds of figures:
   kept twice and nothing goes stale. Queue state is replicated: every node
   reports the same figures for the same applied index (dashboards take
   ``max by (queue)``).
-- **The process**: CPU and memory (``pqueue.process_metrics``).
+- **The process**: CPU and memory (``pqueue.wire.process_metrics``).
 
 Queue names label the per-queue families: the first ``max_queues`` by name
 get series of their own, the rest are summed under ``queue="_other"``, so
@@ -28,11 +28,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pqueue.jobs import DEAD, DELAYED, LEASED, READY, QueueState
-from pqueue.node import QueueNode
-from pqueue.observe import GrpcMetrics
-from pqueue.process_metrics import ProcessCollector
-from pqueue.replicated import ReplicatedLog
+from pqueue.core.jobs import DEAD, DELAYED, LEASED, READY, QueueState
+from pqueue.node.queue_node import QueueNode
+from pqueue.node.replicated import ReplicatedLog
+from pqueue.wire.observe import GrpcMetrics
+from pqueue.wire.process_metrics import ProcessCollector
 
 try:
     VERSION = metadata.version("pqueue")

@@ -19,19 +19,19 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from pqueue import features
-from pqueue.auth import TokenSource
-from pqueue.commitlog import CommandLog, LogObserver, Result
+from pqueue.core import features
+from pqueue.core.machine import QueueMachine
+from pqueue.core.snapshot import restore, snapshot_bytes
 from pqueue.errors import FeatureUnavailableError, PQueueError, UpgradeRequiredError
-from pqueue.machine import QueueMachine
-from pqueue.mirror import JobsMirror, MirrorStore
-from pqueue.peers import PeerTransport
-from pqueue.replicated import ClusterConfig, ReplicatedLog
-from pqueue.snapshot import restore, snapshot_bytes
+from pqueue.node.auth import TokenSource
+from pqueue.node.commitlog import CommandLog, LogObserver, Result
+from pqueue.node.mirror import JobsMirror, MirrorStore
+from pqueue.node.peers import PeerTransport
+from pqueue.node.replicated import ClusterConfig, ReplicatedLog
 from pqueue.storage import Storage
-from pqueue.tls import Tls
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.tls import Tls
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class NodeConfig:
     #: Ticks are proposed at most this often, whatever falls due.
     min_tick_interval_ms: int = 20
     #: The log features this node applies and announces. Only tests set it,
-    #: to play an older release (``pqueue.features``).
+    #: to play an older release (``pqueue.core.features``).
     features: frozenset[str] = features.SUPPORTED
 
     def __post_init__(self) -> None:

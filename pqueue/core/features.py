@@ -7,7 +7,7 @@ diverging:
 
 1. **Announce.** Each node supports a set of features (``SUPPORTED`` in this
    release) and announces it to every peer, in the ``pq-features`` header of
-   the peer stream it opens (``pqueue.peers``). A node whose stream carries no
+   the peer stream it opens (``pqueue.node.peers``). A node whose stream carries no
    header predates announcements, and a member not heard from since this
    process started may too: both are taken to support ``LEGACY`` only (what
    every release that can be a member understands), so any feature added

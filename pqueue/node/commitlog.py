@@ -1,7 +1,7 @@
 """The log seam: how commands become durable, ordered and applied.
 
 ``CommandLog`` is what the node and servicer depend on; ``Applier`` is what it
-needs from the state machine. ``pqueue.replicated.ReplicatedLog`` implements
+needs from the state machine. ``pqueue.node.replicated.ReplicatedLog`` implements
 it with Multi-Paxos, one node being a quorum of one, so there is one code
 path; another log could take its place without touching the state machine
 or the servicer.
@@ -19,8 +19,8 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from pqueue.core.limits import take_batch
 from pqueue.errors import PQueueError
-from pqueue.limits import take_batch
 from pqueue.v1 import log_pb2 as logpb
 
 logger = logging.getLogger(__name__)

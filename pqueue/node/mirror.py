@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from pqueue.core.machine import QueueMachine
 from pqueue.errors import PQueueError
-from pqueue.machine import QueueMachine
 from pqueue.storage.jobrow import JobRow
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 
-from pqueue import limits
-from pqueue.features import check_snapshot
-from pqueue.jobs import READY, Counters, Job, QueueState
-from pqueue.machine import QueueMachine
+from pqueue.core import limits
+from pqueue.core.features import check_snapshot
+from pqueue.core.jobs import READY, Counters, Job, QueueState
+from pqueue.core.machine import QueueMachine
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
