@@ -28,10 +28,16 @@ import grpc
 from balancer.backends import BALANCER_ID, Backends
 from balancer.routes import Kind, Route, route_for
 from pqueue.errors import NotTakenError, UnavailableError
-from pqueue.node.auth import current_token
-from pqueue.node.forward import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY
-from pqueue.wire.observe import FORWARDED_FOR_KEY, FORWARDER_TOKEN_KEY, REQUEST_ID_KEY, hop_metadata
+from pqueue.wire.keys import (
+    DEFAULT_FORWARD_TIMEOUT_S,
+    FORWARDED_FOR_KEY,
+    FORWARDED_KEY,
+    FORWARDER_TOKEN_KEY,
+    REQUEST_ID_KEY,
+)
+from pqueue.wire.observe import hop_metadata
 from pqueue.wire.status import NOT_LEADER, NOT_TAKEN, error_info, to_status
+from pqueue.wire.tokens import current_token
 
 logger = logging.getLogger(__name__)
 

@@ -16,19 +16,15 @@ from balancer.config import BalancerConfig
 from balancer.errors import ListenError
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
-from pqueue.core import limits
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
-from pqueue.wire.admission import (
-    MAX_CONCURRENT_STREAMS,
-    SERVER_CONNECTION_OPTIONS,
-    Admission,
-    streams_option,
-)
+from pqueue.wire.admission import Admission
+from pqueue.wire.channels import MAX_CONCURRENT_STREAMS, server_options
 from pqueue.wire.metrics_http import MetricsServer
 from pqueue.wire.observe import Observer, never_a_hop, served_methods
 from pqueue.wire.serving import until_signal_or
+from pqueue.wire.sizes import MAX_MESSAGE_BYTES
 from pqueue.wire.tls import add_port
 
 logger = logging.getLogger(__name__)
@@ -121,14 +117,7 @@ class BalancerServer:
         server = grpc.aio.server(
             # Admission caps each method's request before the proxy reads it.
             interceptors=(observer, Admission()),
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
-                *limits.SERVER_KEEPALIVE_OPTIONS,
-                *SERVER_CONNECTION_OPTIONS,
-                streams_option(MAX_CONCURRENT_STREAMS),
-                ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-            ],
+            options=server_options(MAX_MESSAGE_BYTES, MAX_CONCURRENT_STREAMS),
         )
         try:
             await self._start(server)

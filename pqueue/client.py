@@ -15,18 +15,18 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 
-from pqueue.core import limits
 from pqueue.errors import (
     InvalidArgumentError,
     NotLeaderError,
     NotTakenError,
     ResourceExhaustedError,
 )
-from pqueue.node.access import AUTHORIZATION_KEY
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.channels import channel_options
+from pqueue.wire.keys import AUTHORIZATION_KEY
 from pqueue.wire.status import from_rpc_error
 from pqueue.wire.tls import Tls, channel
 
@@ -69,10 +69,7 @@ def _channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
     return channel(
         target,
         tls,
-        [
-            ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-        ],
+        channel_options(),
     )
 
 

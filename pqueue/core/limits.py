@@ -13,6 +13,14 @@ from typing import TypeVar
 from pqueue.errors import InvalidArgumentError
 from pqueue.v1 import queue_pb2 as pb
 
+# The contract's sizes live in the kernel (the balancer and the SDK need them
+# too); the core validates against the same numbers.
+from pqueue.wire.sizes import MAX_BATCH_JOBS as MAX_BATCH_JOBS
+from pqueue.wire.sizes import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from pqueue.wire.sizes import MAX_PAYLOAD_BYTES_LIMIT as MAX_PAYLOAD_BYTES_LIMIT
+from pqueue.wire.sizes import MAX_PEER_MESSAGE_BYTES as MAX_PEER_MESSAGE_BYTES
+from pqueue.wire.sizes import MAX_REASON_CHARS as MAX_REASON_CHARS
+
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_LEASE_MS = 30_000
 DEFAULT_MAX_LEASE_TOTAL_MS = 12 * 3600 * 1000
@@ -22,10 +30,8 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
 DEFAULT_DEDUP_WINDOW_MS = 300_000
 
 #: Hard ceilings no queue config can raise.
-MAX_PAYLOAD_BYTES_LIMIT = 16 << 20
 MAX_ATTEMPTS_LIMIT = 1000
 MAX_DURATION_MS = 7 * 24 * 3600 * 1000
-MAX_BATCH_JOBS = 1000
 MAX_LEASE_JOBS = 1000
 MAX_WAIT_MS = 60_000
 MAX_LIST_LIMIT = 1000
@@ -37,13 +43,8 @@ MAX_KEY_CHARS = 256
 #: Tenants a queue can list in ``shares``, and the largest weight of one.
 MAX_SHARES = 64
 MAX_WEIGHT = 1000
-MAX_REASON_CHARS = 4096
 #: A dead job keeps this many of its most recent errors.
 MAX_ERROR_HISTORY = 32
-#: Largest client request or response.
-MAX_MESSAGE_BYTES = 32 << 20
-#: Largest message a node accepts (peer messages carry whole log entries).
-MAX_PEER_MESSAGE_BYTES = 64 << 20
 #: Group commit stops adding commands to an entry past this size (an entry
 #: always holds at least one command, which fits in MAX_MESSAGE_BYTES).
 MAX_ENTRY_BYTES = 16 << 20
@@ -194,16 +195,3 @@ def check_job_spec(spec: pb.JobSpec, field: str) -> None:
         raise InvalidArgumentError(f"{field}.not_before_ms", "must not be negative")
     check_text(spec.idempotency_key, f"{field}.idempotency_key")
     check_text(spec.group, f"{field}.group")
-
-
-#: Keepalive pings on long-lived channels (balancer to node): every 10 s,
-#: answered within 5 s or the connection is dead. Servers allow pings this
-#: often (``KEEPALIVE_MIN_INTERVAL_MS``), else they would hang up on them.
-KEEPALIVE_TIME_MS = 10_000
-KEEPALIVE_TIMEOUT_MS = 5_000
-KEEPALIVE_MIN_INTERVAL_MS = 5_000
-#: What a server sets so clients' keepalive pings are welcome.
-SERVER_KEEPALIVE_OPTIONS = (
-    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MIN_INTERVAL_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-)

@@ -20,32 +20,15 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from pqueue.core import limits
-from pqueue.errors import PermissionDeniedError, UnauthenticatedError
+from pqueue.errors import PermissionDeniedError
 from pqueue.node.auth import ADMIN, OPEN, Principal
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
-
-AUTHORIZATION_KEY = "authorization"
+from pqueue.wire.keys import AUTHORIZATION_KEY as AUTHORIZATION_KEY
+from pqueue.wire.keys import bearer as bearer
+from pqueue.wire.keys import credentials as credentials
 
 Named = TypeVar("Named", pb.QueueStats, pb.QueueInfo)
-
-
-def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """The bearer token in call metadata; ``UnauthenticatedError`` without one."""
-    for key, value in metadata or ():
-        if key == AUTHORIZATION_KEY and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            raise UnauthenticatedError("authorization metadata must be 'Bearer <token>'")
-    raise UnauthenticatedError(
-        "this cluster requires a bearer token (metadata 'authorization: Bearer <JWT>')"
-    )
-
-
-def credentials(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:
-    """The caller's credentials, to pass on a hop (the next server checks them again)."""
-    return tuple((k, v) for k, v in metadata if k == AUTHORIZATION_KEY and isinstance(v, str))
 
 
 def require(principal: Principal, *roles: str) -> None:

@@ -21,7 +21,6 @@ for tests. Nothing here knows about gRPC: ``pqueue.node.access`` applies it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import uuid
@@ -38,6 +37,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pqueue.core import limits
 from pqueue.errors import InvalidArgumentError, UnauthenticatedError
 from pqueue.wire.logs import escape
+from pqueue.wire.observe import HopCheck
+from pqueue.wire.tokens import TokenFile as TokenFile
+from pqueue.wire.tokens import TokenSource as TokenSource
+from pqueue.wire.tokens import current_token as current_token
+from pqueue.wire.tokens import read_key as read_key
 
 PRODUCER = "producer"
 CONSUMER = "consumer"
@@ -143,50 +147,6 @@ class RevokedTokens:
 
     def __contains__(self, token_id: object) -> bool:
         return isinstance(token_id, str) and bool(token_id) and token_id in self.ids()
-
-
-class TokenFile:
-    """A token kept in a file, re-read when the file changes (rotation without
-    a restart). Calling it gives the token now."""
-
-    def __init__(self, path: Path, check_interval_s: float = 1.0) -> None:
-        self.path = path
-        #: The file is looked at (``stat``) at most this often: callers ask on
-        #: every proxied or forwarded call, and a stat is a blocking syscall.
-        self.check_interval_s = check_interval_s
-        self._checked_s = -math.inf
-        self._token = ""
-        self._stamp: tuple[int, int, int] | None = None
-        self()  # a file that cannot be read fails now, at start
-
-    def __call__(self) -> str:
-        now_s = time.monotonic()
-        if self._stamp is not None and now_s - self._checked_s < self.check_interval_s:
-            return self._token
-        self._checked_s = now_s
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if stamp != self._stamp:
-                token = read_key(self.path).decode().strip()
-                if token or self._stamp is None:  # a file caught mid-write keeps the old one
-                    self._token, self._stamp = token, stamp
-        except (OSError, ValueError) as exc:
-            if self._stamp is None:
-                raise ValueError(f"cannot read the token {self.path}: {exc}") from exc
-            logger.warning("cannot re-read the token %s: %s (keeping the last)", self.path, exc)
-        return self._token
-
-
-#: A token, or where to get the current one (``TokenFile``).
-TokenSource = str | Callable[[], str]
-
-
-def current_token(source: TokenSource | None) -> str:
-    """The token a source gives now ("" for none)."""
-    if source is None:
-        return ""
-    return source if isinstance(source, str) else source()
 
 
 #: The caller when auth is off: every role, no tenant (queue names unscoped).
@@ -327,14 +287,6 @@ def _quoted(exc: Exception) -> str:
     return text if len(text) <= _MAX_QUOTED_CHARS else text[:_MAX_QUOTED_CHARS] + "..."
 
 
-def read_key(path: Path) -> bytes:
-    """A key file's bytes, exactly: the node and ``pq token issue`` read it alike."""
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read the key {path}: {exc}") from exc
-
-
 def _verification_key(key: bytes) -> tuple[list[str], Any]:
     if b"-----BEGIN" not in key:
         if len(key) < 32:
@@ -392,3 +344,25 @@ def issue(
     if isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP256R1):
         return jwt.encode(claims, private, algorithm="ES256")
     raise ValueError("the private key must be RSA (RS256) or EC P-256 (ES256)")
+
+
+def trusted_hops(verifier: Verifier | None) -> HopCheck | None:
+    """A node's ``HopCheck``: with auth off (no verifier) None (forwarded addresses
+    are informational, logged as claimed); else a check that the token verifies
+    and has the ``balancer`` or ``peer`` role."""
+    if verifier is None:
+        return None
+
+    def check(token: str) -> bool:
+        if not token:
+            return False
+        scheme, _, rest = token.partition(" ")
+        if scheme.lower() == "bearer" and rest.strip():
+            token = rest.strip()
+        try:
+            principal = verifier.verify(token)
+        except (UnauthenticatedError, ValueError):  # never let a bad header fail the call
+            return False
+        return PEER in principal.roles or BALANCER in principal.roles
+
+    return check

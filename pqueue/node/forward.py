@@ -6,19 +6,14 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
-from pqueue.core import limits
-from pqueue.node.auth import TokenSource, current_token
 from pqueue.v1 import queue_pb2 as pb
-from pqueue.wire.observe import (
-    FORWARDED_KEY as FORWARDED_KEY,  # a forwarded call is never forwarded twice
-)
-from pqueue.wire.observe import FORWARDER_TOKEN_KEY, hop_metadata
+from pqueue.wire.channels import channel_options
+from pqueue.wire.keys import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY, FORWARDER_TOKEN_KEY
+from pqueue.wire.observe import hop_metadata
 from pqueue.wire.status import from_rpc_error
 from pqueue.wire.tls import Tls
 from pqueue.wire.tls import channel as channel_to
-
-#: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
-DEFAULT_FORWARD_TIMEOUT_S = 75.0
+from pqueue.wire.tokens import TokenSource, current_token
 
 
 class Forwarder:
@@ -37,10 +32,7 @@ class Forwarder:
             channel = channel_to(
                 address,
                 self.tls,
-                [
-                    ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-                ],
+                channel_options(),
             )
             self._channels[address] = channel
         return channel

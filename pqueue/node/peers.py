@@ -33,11 +33,12 @@ import grpc
 from consensus.messages import Message
 from pqueue.core import features, limits
 from pqueue.errors import UnauthenticatedError
-from pqueue.node.access import AUTHORIZATION_KEY, bearer
 from pqueue.node.auth import PEER, Principal, TokenSource, Verifier, current_token, node_subject
 from pqueue.node.peer_codec import EntryCache, approx_size, decode, encode_wire, varint
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
+from pqueue.wire.channels import channel_options
+from pqueue.wire.keys import AUTHORIZATION_KEY, bearer
 from pqueue.wire.tls import Tls, channel
 
 logger = logging.getLogger(__name__)
@@ -54,11 +55,7 @@ MAX_QUEUED_BYTES = 64 << 20
 SMALL_MESSAGE_BYTES = 64 << 10
 #: Room left under the gRPC limit for the batch's own framing.
 _FRAMING_BYTES = 1 << 10
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", limits.MAX_PEER_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-]
+_CHANNEL_OPTIONS = channel_options(limits.MAX_PEER_MESSAGE_BYTES, keepalive=True)
 
 
 class PeerService(ppbg.PeerServicer):

@@ -13,19 +13,11 @@ from pqueue.node.queue_node import NodeConfig
 from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
-from pqueue.wire.admission import raise_fd_limit
 from pqueue.wire.logs import LogFormat, setup_logging
+from pqueue.wire.loop import new_event_loop as new_event_loop
+from pqueue.wire.loop import raise_fd_limit
 
 logger = logging.getLogger(__name__)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed, asyncio's loop elsewhere."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 @dataclass(frozen=True)

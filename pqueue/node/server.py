@@ -11,8 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from pqueue.core import limits
-from pqueue.node.auth import TokenSource, Verifier
+from pqueue.node.auth import TokenSource, Verifier, trusted_hops
 from pqueue.node.forward import Forwarder
 from pqueue.node.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
 from pqueue.node.peers import PeerService
@@ -25,16 +24,12 @@ from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
-from pqueue.wire.admission import (
-    MAX_CONCURRENT_STREAMS_NODE,
-    SERVER_CONNECTION_OPTIONS,
-    Admission,
-    AdmissionConfig,
-    streams_option,
-)
+from pqueue.wire.admission import Admission, AdmissionConfig
+from pqueue.wire.channels import MAX_CONCURRENT_STREAMS_NODE, server_options
 from pqueue.wire.metrics_http import MetricsServer, split_listen
-from pqueue.wire.observe import Observer, served_methods, trusted_hops
+from pqueue.wire.observe import Observer, served_methods
 from pqueue.wire.serving import until_signal_or
+from pqueue.wire.sizes import MAX_PEER_MESSAGE_BYTES
 from pqueue.wire.tls import Tls, add_port
 
 logger = logging.getLogger(__name__)
@@ -146,16 +141,9 @@ class NodeServer:
             self._server = grpc.aio.server(
                 # Admission after the observer: its refusals are logged and counted.
                 interceptors=(observer, Admission(self.config.admission, self.config.verifier)),
-                options=[
-                    ("grpc.so_reuseport", 0),
-                    # The peer service's limit (the port is shared); each public
-                    # method has its own, smaller cap, checked before parsing.
-                    ("grpc.max_receive_message_length", limits.MAX_PEER_MESSAGE_BYTES),
-                    *limits.SERVER_KEEPALIVE_OPTIONS,
-                    *SERVER_CONNECTION_OPTIONS,
-                    streams_option(MAX_CONCURRENT_STREAMS_NODE),
-                    ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-                ],
+                # The peer service's limit (the port is shared); each public
+                # method has its own, smaller cap, checked before parsing.
+                options=server_options(MAX_PEER_MESSAGE_BYTES, MAX_CONCURRENT_STREAMS_NODE),
             )
             try:
                 self.port = add_port(self._server, self.config.listen, self.config.tls)

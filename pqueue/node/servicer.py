@@ -23,12 +23,13 @@ from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError, P
 from pqueue.node import access
 from pqueue.node.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
 from pqueue.node.commitlog import LogStatus
-from pqueue.node.forward import FORWARDED_KEY, Forwarder
+from pqueue.node.forward import Forwarder
 from pqueue.node.queue_node import QueueNode
 from pqueue.node.quotas import Quotas
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.keys import FORWARDED_KEY
 from pqueue.wire.load import CpuSampler
 from pqueue.wire.status import to_status
 

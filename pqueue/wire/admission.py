@@ -31,24 +31,31 @@ from __future__ import annotations
 
 import inspect
 import logging
-import resource
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
-from pqueue.core import limits
 from pqueue.errors import UnauthenticatedError
-from pqueue.node import access
-from pqueue.node.auth import Verifier
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire import sizes as limits
+from pqueue.wire.keys import bearer
 
 logger = logging.getLogger(__name__)
+
+
+class TokenVerifier(Protocol):
+    """What admission needs of the node's verifier (``pqueue.node.auth.Verifier``)."""
+
+    def verify(self, token: str) -> object:
+        """The token's principal; ``UnauthenticatedError`` if it is not valid now."""
+        ...
+
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -181,7 +188,7 @@ class Admission(grpc.aio.ServerInterceptor):
     """Caps request sizes before parsing, refuses unknown fields, bounds watches."""
 
     def __init__(
-        self, config: AdmissionConfig | None = None, verifier: Verifier | None = None
+        self, config: AdmissionConfig | None = None, verifier: TokenVerifier | None = None
     ) -> None:
         self.config = config or AdmissionConfig()
         self.config.validate()
@@ -208,7 +215,7 @@ class Admission(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if self.verifier is not None and method in self._authenticated:
             try:
-                self.verifier.verify(access.bearer(handler_call_details.invocation_metadata))
+                self.verifier.verify(bearer(handler_call_details.invocation_metadata))
             except UnauthenticatedError as exc:
                 return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         cached = self._cache.get(method)
@@ -358,41 +365,3 @@ def _streaming(inner: Behaviour, strict: bool) -> Behaviour:
         return await inner(request, context)
 
     return writer
-
-
-#: Server options for the node and the balancer: a connection that has not
-#: finished its handshake in 10 s is closed (half-open connections held fds
-#: forever), and an idle one after 30 min.
-SERVER_CONNECTION_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.server_handshake_timeout_ms", 10_000),
-    ("grpc.max_connection_idle_ms", 30 * 60 * 1000),
-)
-#: Calls one client connection may hold at once on a balancer (more wait in
-#: the client). A node allows more: a balancer or a forwarding follower
-#: multiplexes many clients' calls, long polls included, on one connection.
-MAX_CONCURRENT_STREAMS = 1024
-MAX_CONCURRENT_STREAMS_NODE = 16_384
-
-
-def streams_option(limit: int) -> tuple[str, int]:
-    """The server option bounding concurrent calls per connection."""
-    return ("grpc.max_concurrent_streams", limit)
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's soft open-file limit to its hard limit; the new soft limit.
-
-    Each client connection holds a descriptor: at the common default of 1,024
-    a thousand idle connections locked every other client out. Entry points
-    call this (it changes the whole process)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft == resource.RLIM_INFINITY or (target != resource.RLIM_INFINITY and soft >= target):
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError) as exc:
-        logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
-        return soft
-    logger.debug("open-file limit raised from %d to %d", soft, target)
-    return target

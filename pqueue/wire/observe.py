@@ -38,14 +38,13 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
-#: Metadata carrying the request id, end to end.
-REQUEST_ID_KEY = "x-request-id"
-#: Metadata naming the first caller's IP, set by a hop (balancer, forwarding follower).
-FORWARDED_FOR_KEY = "x-forwarded-for"
-#: Metadata a hop (the balancer, a forwarding follower) marks its calls with.
-FORWARDED_KEY = "pq-forwarded-by"
-#: Metadata a hop proves itself with: its own token (role ``balancer`` or ``peer``).
-FORWARDER_TOKEN_KEY = "pq-forwarder-token"
+from pqueue.wire.keys import (
+    FORWARDED_FOR_KEY,
+    FORWARDED_KEY,
+    FORWARDER_TOKEN_KEY,
+    REQUEST_ID_KEY,
+)
+
 #: Longest request id taken from a caller (longer ones are replaced).
 MAX_REQUEST_ID_CHARS = 64
 #: Longest claimed client address kept for a log line.
@@ -147,30 +146,6 @@ def _first_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str:
 def never_a_hop(token: str) -> bool:
     """For the first hop (the balancer): no caller's forwarded address is believed."""
     return False
-
-
-def trusted_hops(verifier: Any) -> HopCheck | None:
-    """A node's ``HopCheck``: with auth off (no verifier) None (forwarded addresses
-    are informational, logged as claimed); else a check that the token verifies
-    and has the ``balancer`` or ``peer`` role."""
-    if verifier is None:
-        return None
-    from pqueue.errors import UnauthenticatedError
-    from pqueue.node.auth import BALANCER, PEER
-
-    def check(token: str) -> bool:
-        if not token:
-            return False
-        scheme, _, rest = token.partition(" ")
-        if scheme.lower() == "bearer" and rest.strip():
-            token = rest.strip()
-        try:
-            principal = verifier.verify(token)
-        except (UnauthenticatedError, ValueError):  # never let a bad header fail the call
-            return False
-        return PEER in principal.roles or BALANCER in principal.roles
-
-    return check
 
 
 def hop_metadata() -> tuple[tuple[str, str], ...]:

@@ -193,7 +193,7 @@ async def test_unauthenticated_health_watches_are_bounded_per_ip(tmp_path: Path)
 def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
     script = (
         "import resource\n"
-        "from pqueue.wire.admission import raise_fd_limit\n"
+        "from pqueue.wire.loop import raise_fd_limit\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
         "raise_fd_limit()\n"

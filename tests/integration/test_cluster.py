@@ -90,7 +90,7 @@ async def test_a_node_that_cannot_forward_names_the_leader_and_the_sdk_follows(
     import grpc
 
     from pqueue.errors import NotLeaderError
-    from pqueue.node.forward import FORWARDED_KEY
+    from pqueue.wire.keys import FORWARDED_KEY
     from pqueue.wire.status import from_rpc_error
 
     leader = await cluster.leader()

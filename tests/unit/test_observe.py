@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.keys import FORWARDED_FOR_KEY, REQUEST_ID_KEY
 from pqueue.wire.observe import (
-    FORWARDED_FOR_KEY,
-    REQUEST_ID_KEY,
     _ip_of,
     client_ip,
     hop_metadata,
