@@ -18,6 +18,7 @@ once per cluster directory and kept in ``DIR/CLUSTER_ID``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -410,3 +411,35 @@ async def cluster_status(endpoint: str, timeout_s: float, **client: Any) -> list
             }
         )
     return rows
+
+
+def register(sub: Any) -> None:
+    """The ``dev-cluster`` subparser."""
+    dev = sub.add_parser("dev-cluster", help="run a local cluster under DIR (make cluster)")
+    dev.add_argument("--dir", type=Path, default=Path(".cluster"))
+    dev.add_argument("--nodes", type=int, default=3)
+    dev.add_argument(
+        "--base-port",
+        type=int,
+        default=7700,
+        help="the balancer listens on base, node N on base+N (0: any free ports)",
+    )
+    dev.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9700,
+        help="/metrics of the balancer on this port, of node N on this port+N (0: any)",
+    )
+    dev.add_argument(
+        "--store",
+        default=None,
+        help="postgresql://… to keep every node in PostgreSQL (schemas pq_n1, pq_n2, …); "
+        "default: SQLite under DIR",
+    )
+
+    dev.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the dev cluster until Ctrl-C."""
+    return run_dev_cluster(args.dir, args.base_port, args.nodes, args.metrics_port, args.store)

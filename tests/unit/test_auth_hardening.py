@@ -15,7 +15,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from pqueue.cli import _node_options, build_parser
+from pqueue.cli import build_parser
+from pqueue.cli.node import _node_options
 from pqueue.errors import UnauthenticatedError
 from pqueue.node.auth import (
     PEER,
