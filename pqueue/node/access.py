@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from pqueue.core import limits
 from pqueue.errors import PermissionDeniedError
-from pqueue.node.auth import ADMIN, OPEN, Principal
+from pqueue.node.principal import ADMIN, OPEN, Principal
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.keys import AUTHORIZATION_KEY as AUTHORIZATION_KEY

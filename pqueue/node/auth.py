@@ -34,29 +34,26 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pqueue.core import limits
 from pqueue.errors import InvalidArgumentError, UnauthenticatedError
+from pqueue.node.principal import ADMIN as ADMIN
+from pqueue.node.principal import BALANCER as BALANCER
+from pqueue.node.principal import CONSUMER as CONSUMER
+from pqueue.node.principal import NOBODY as NOBODY
+from pqueue.node.principal import NODE_SUBJECT_PREFIX as NODE_SUBJECT_PREFIX
+from pqueue.node.principal import OPEN as OPEN
+from pqueue.node.principal import PEER as PEER
+from pqueue.node.principal import PRODUCER as PRODUCER
+from pqueue.node.principal import ROLES as ROLES
+from pqueue.node.principal import Principal as Principal
+from pqueue.node.principal import check_claims as check_claims
+from pqueue.node.principal import node_of_subject as node_of_subject
+from pqueue.node.principal import node_subject as node_subject
 from pqueue.wire.logs import escape
 from pqueue.wire.observe import HopCheck
 from pqueue.wire.tokens import TokenFile as TokenFile
 from pqueue.wire.tokens import TokenSource as TokenSource
 from pqueue.wire.tokens import current_token as current_token
 from pqueue.wire.tokens import read_key as read_key
-
-PRODUCER = "producer"
-CONSUMER = "consumer"
-ADMIN = "admin"
-#: A node of the cluster: may speak the peer (consensus) protocol. No other
-#: role implies it, not even admin: a peer's messages decide what is committed.
-PEER = "peer"
-#: A balancer: may tell a node which client it forwards a call for
-#: (``x-forwarded-for``) and nothing else; no other role implies it.
-BALANCER = "balancer"
-ROLES = frozenset((PRODUCER, CONSUMER, ADMIN, PEER, BALANCER))
-#: Roles ``admin`` does not imply: they make the holder part of the cluster.
-_HOP_ROLES = frozenset((PEER, BALANCER))
-#: A peer token's subject names the node it speaks for: ``node:<id>``.
-NODE_SUBJECT_PREFIX = "node:"
 
 logger = logging.getLogger(__name__)
 
@@ -68,43 +65,6 @@ DEFAULT_LEEWAY_S = 5.0
 _MAX_QUOTED_CHARS = 200
 #: How often a revocation file's change time is looked at, at most.
 _REVOCATION_CHECK_S = 1.0
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated caller."""
-
-    tenant: str
-    roles: frozenset[str]
-    subject: str = ""
-    #: When the token stops being valid (Unix seconds; 0: never, for ``OPEN``).
-    expires_at: float = 0.0
-    #: The token's ``jti`` ("" if it has none): what a revocation names.
-    token_id: str = ""
-
-    def has(self, role: str) -> bool:
-        return role in self.roles or (ADMIN in self.roles and role not in _HOP_ROLES)
-
-    @property
-    def node_id(self) -> int | None:
-        """The node a peer token speaks for (``sub`` = ``node:<id>``), else None."""
-        return node_of_subject(self.subject) if PEER in self.roles else None
-
-
-def node_subject(node_id: int) -> str:
-    """The subject of node ``node_id``'s peer token."""
-    return f"{NODE_SUBJECT_PREFIX}{node_id}"
-
-
-def node_of_subject(subject: str) -> int | None:
-    """``node:3`` -> 3; anything else -> None."""
-    if not subject.startswith(NODE_SUBJECT_PREFIX):
-        return None
-    digits = subject[len(NODE_SUBJECT_PREFIX) :]
-    if not digits.isdigit() or not digits.isascii() or len(digits) > 9:
-        return None
-    node = int(digits)
-    return node if node > 0 else None
 
 
 class RevokedTokens:
@@ -147,24 +107,6 @@ class RevokedTokens:
 
     def __contains__(self, token_id: object) -> bool:
         return isinstance(token_id, str) and bool(token_id) and token_id in self.ids()
-
-
-#: The caller when auth is off: every role, no tenant (queue names unscoped).
-OPEN = Principal(tenant="", roles=ROLES, subject="anonymous")
-#: Nobody: what a call runs as until it is authenticated.
-NOBODY = Principal(tenant="", roles=frozenset(), subject="unauthenticated")
-
-
-def check_claims(tenant: str, roles: Iterable[str]) -> frozenset[str]:
-    """Validate a tenant name and roles (for issuing and for verifying)."""
-    limits.check_tenant(tenant)
-    wanted = frozenset(roles)
-    unknown = wanted - ROLES
-    if unknown or not wanted:
-        raise InvalidArgumentError(
-            "roles", f"each of {', '.join(sorted(ROLES))}, at least one; got {sorted(wanted)}"
-        )
-    return wanted
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Pure cores import no IO, clock, network or global randomness (CONVENTIONS §1)."""
+"""Pure cores import no IO, clock, network or global randomness (docs/architecture.md,
+"Never-arrows"). This reads each module's own imports; tests/unit/test_fences.py
+checks what a fresh interpreter really loads."""
 
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ PURE_MODULES = [
     "pqueue/core/machine.py",
     "pqueue/core/queue_table.py",
     "pqueue/node/access.py",
+    "pqueue/node/principal.py",
+    "pqueue/wire/keys.py",
+    "pqueue/wire/sizes.py",
+    "pqueue/wire/channels.py",
     "pqueue/core/jobs.py",
     "pqueue/core/limits.py",
     "pqueue/core/snapshot.py",
