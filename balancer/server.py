@@ -23,7 +23,7 @@ from pqueue.wire.admission import Admission
 from pqueue.wire.channels import MAX_CONCURRENT_STREAMS, server_options
 from pqueue.wire.metrics_http import MetricsServer
 from pqueue.wire.observe import Observer, never_a_hop, served_methods
-from pqueue.wire.serving import until_signal_or
+from pqueue.wire.serving import Serving, log_failure
 from pqueue.wire.sizes import MAX_MESSAGE_BYTES
 from pqueue.wire.tls import add_port
 
@@ -77,7 +77,7 @@ class StatusService(bpbg.BalancerServicer):
         )
 
 
-class BalancerServer:
+class BalancerServer(Serving):
     """A balancer in front of ``config.backends``. ``async with`` or ``start``/``stop``."""
 
     def __init__(self, config: BalancerConfig, metrics: BalancerMetrics | None = None) -> None:
@@ -126,6 +126,7 @@ class BalancerServer:
             raise
         self._server = server
         self._health_task = asyncio.create_task(self._health_loop(), name="pq-balancer-health")
+        self._health_task.add_done_callback(log_failure)
         logger.info(
             "balancer serving on %s in front of %s", self.address, ", ".join(self.config.backends)
         )
@@ -193,17 +194,3 @@ class BalancerServer:
         await self.health.enter_graceful_shutdown()
         await self._close(server)
         logger.info("balancer on %s stopped", self.address)
-
-    async def __aenter__(self) -> BalancerServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def serve_until_signal(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop."""
-        try:
-            await until_signal_or()
-        finally:
-            await self.stop()

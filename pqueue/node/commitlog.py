@@ -165,12 +165,6 @@ class Proposals:
         n = take_batch(self.items, lambda p: p[0].ByteSize(), max_commands)
         return self.items[:n]
 
-    def take_batch(self, max_commands: int) -> list[Pending]:
-        """Remove and return the commands for the next entry."""
-        batch = self.peek_batch(max_commands)
-        self.remove(batch)
-        return batch
-
     def remove(self, batch: list[Pending]) -> None:
         """Drop a batch taken with ``peek_batch`` (it went into an entry)."""
         del self.items[: len(batch)]

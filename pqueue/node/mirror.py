@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 from pqueue.core.machine import QueueMachine
 from pqueue.errors import PQueueError
 from pqueue.storage.jobrow import JobRow
+from pqueue.wire.serving import log_failure
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class JobsMirror:
         self._full = True
         self._wake.set()
         self._task = asyncio.create_task(self._mirror_loop(), name="pq-jobs-mirror")
+        self._task.add_done_callback(log_failure)
 
     def notify(self, restored: bool = False) -> None:
         """Entries were applied (or the whole state was restored)."""

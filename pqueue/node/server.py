@@ -28,7 +28,7 @@ from pqueue.wire.admission import Admission, AdmissionConfig
 from pqueue.wire.channels import MAX_CONCURRENT_STREAMS_NODE, server_options
 from pqueue.wire.metrics_http import MetricsServer, split_listen
 from pqueue.wire.observe import Observer, served_methods
-from pqueue.wire.serving import until_signal_or
+from pqueue.wire.serving import Serving, log_failure
 from pqueue.wire.sizes import MAX_PEER_MESSAGE_BYTES
 from pqueue.wire.tls import Tls, add_port
 
@@ -80,7 +80,7 @@ class ServerConfig:
             )
 
 
-class NodeServer:
+class NodeServer(Serving):
     """A ``QueueNode`` served over gRPC. ``async with`` or ``start``/``stop``."""
 
     def __init__(
@@ -183,6 +183,7 @@ class NodeServer:
         self._started = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_log_loop(), name="pq-watch-log")
+        self._watch.add_done_callback(log_failure)
         metrics = (
             f", metrics on http://{self.metrics_server.address}/metrics"
             if self.metrics_server is not None
@@ -246,17 +247,6 @@ class NodeServer:
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
 
-    async def __aenter__(self) -> NodeServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def serve_until_signal(self) -> bool:
-        """Run until SIGTERM or SIGINT (True), or until the log fails (False)."""
-        try:
-            await until_signal_or(self.node.log.failed)
-        finally:
-            await self.stop()
-        return not self.node.log.failed.is_set()
+    def stop_events(self) -> tuple[asyncio.Event, ...]:
+        """A failed log ends serving (``serve_until_signal`` returns False)."""
+        return (self.node.log.failed,)
