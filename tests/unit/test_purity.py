@@ -12,6 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE_MODULES = [
     "pqueue/core/machine.py",
+    "pqueue/core/transitions.py",
+    "pqueue/core/tenancy.py",
+    "pqueue/core/job_commands.py",
+    "pqueue/core/queue_commands.py",
     "pqueue/core/queue_table.py",
     "pqueue/node/access.py",
     "pqueue/node/principal.py",
