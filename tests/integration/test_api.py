@@ -1,4 +1,4 @@
-"""Every RPC over real gRPC, and every error row of DESIGN.md §6 a node can produce."""
+"""Every RPC over real gRPC, and every error row of README "Errors" a node can produce."""
 
 from __future__ import annotations
 

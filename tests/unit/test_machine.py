@@ -1,4 +1,4 @@
-"""The queue state machine, rule by rule (DESIGN.md §2)."""
+"""The queue state machine, rule by rule (README "Semantics")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The state machine against a naive reference model (hypothesis stateful test).
 
 The model keeps jobs in a dict and answers every question by scanning, in the
-plainest reading of DESIGN.md §2 (and of fair sharing between tenants:
+plainest reading of README "Semantics" (and of fair sharing between tenants:
 ``QueueConfig.shares``). The machine, with its heaps, lazy deletion
 and group bookkeeping, must agree with it after every step, including after
 being replaced by a restore of its own snapshot.
@@ -53,7 +53,7 @@ class MJob:
 
 
 class Model:
-    """DESIGN.md §2 by brute force."""
+    """README "Semantics" by brute force."""
 
     def __init__(self, config: pb.QueueConfig) -> None:
         self.cfg = config

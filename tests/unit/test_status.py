@@ -1,4 +1,4 @@
-"""Every domain error survives the trip to a gRPC status and back (DESIGN.md §6)."""
+"""Every domain error survives the trip to a gRPC status and back (README "Errors")."""
 
 from __future__ import annotations
 
