@@ -14,14 +14,13 @@ from pqueue.node.auth import (
     DEFAULT_LEEWAY_S,
     PEER,
     RevokedTokens,
-    TokenFile,
     Verifier,
-    current_token,
     node_subject,
 )
 from pqueue.node.quotas import Quotas
 from pqueue.wire.logs import LOG_FORMATS
 from pqueue.wire.tls import Tls
+from pqueue.wire.tokens import TokenFile, current_token
 
 if TYPE_CHECKING:
     from pqueue.node.runner import NodeOptions

@@ -10,7 +10,8 @@ from typing import Any
 
 from pqueue.cli.args import parse_duration_s, parse_node_id
 from pqueue.errors import PQueueError
-from pqueue.node.auth import PEER, ROLES, issue, node_subject, read_key
+from pqueue.node.auth import PEER, ROLES, issue, node_subject
+from pqueue.wire.tokens import read_key
 
 
 def issue_token(args: argparse.Namespace) -> int:

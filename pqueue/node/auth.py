@@ -50,10 +50,7 @@ from pqueue.node.principal import node_of_subject as node_of_subject
 from pqueue.node.principal import node_subject as node_subject
 from pqueue.wire.logs import escape
 from pqueue.wire.observe import HopCheck
-from pqueue.wire.tokens import TokenFile as TokenFile
-from pqueue.wire.tokens import TokenSource as TokenSource
-from pqueue.wire.tokens import current_token as current_token
-from pqueue.wire.tokens import read_key as read_key
+from pqueue.wire.tokens import read_key
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from pqueue.core import features
 from pqueue.core.machine import QueueMachine
 from pqueue.core.snapshot import restore, snapshot_bytes
 from pqueue.errors import FeatureUnavailableError, PQueueError, UpgradeRequiredError
-from pqueue.node.auth import TokenSource
 from pqueue.node.commitlog import CommandLog, LogObserver, Result
 from pqueue.node.mirror import JobsMirror, MirrorStore
 from pqueue.node.peers import PeerTransport
@@ -32,6 +31,7 @@ from pqueue.storage import Storage
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.tls import Tls
+from pqueue.wire.tokens import TokenSource
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,7 @@ from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
 from pqueue.wire.logs import LogFormat, setup_logging
-from pqueue.wire.loop import new_event_loop as new_event_loop
-from pqueue.wire.loop import raise_fd_limit
+from pqueue.wire.loop import new_event_loop, raise_fd_limit
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from pqueue.node.auth import TokenSource, Verifier, trusted_hops
+from pqueue.node.auth import Verifier, trusted_hops
 from pqueue.node.forward import Forwarder
 from pqueue.node.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
 from pqueue.node.peers import PeerService
@@ -31,6 +31,7 @@ from pqueue.wire.observe import Observer, served_methods
 from pqueue.wire.serving import Serving, log_failure
 from pqueue.wire.sizes import MAX_PEER_MESSAGE_BYTES
 from pqueue.wire.tls import Tls, add_port
+from pqueue.wire.tokens import TokenSource
 
 logger = logging.getLogger(__name__)
 

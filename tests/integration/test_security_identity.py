@@ -25,13 +25,14 @@ from balancer.server import BalancerServer
 from consensus.messages import Prepare
 from pqueue.client import Client
 from pqueue.errors import PQueueError
-from pqueue.node.auth import BALANCER, PEER, RevokedTokens, TokenFile, Verifier, issue, node_subject
+from pqueue.node.auth import BALANCER, PEER, RevokedTokens, Verifier, issue, node_subject
 from pqueue.node.peer_codec import encode
 from pqueue.node.server import NodeServer
 from pqueue.v1 import peer_pb2, peer_pb2_grpc
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.logs import JsonFormatter, TextFormatter
+from pqueue.wire.tokens import TokenFile
 from tests.certs import Authority
 from tests.inproc import Cluster, node_tokens, one_node
 

@@ -21,13 +21,13 @@ from pqueue.errors import UnauthenticatedError
 from pqueue.node.auth import (
     PEER,
     RevokedTokens,
-    TokenFile,
     Verifier,
     issue,
     node_of_subject,
     node_subject,
 )
 from pqueue.wire.logs import JsonFormatter, TextFormatter, escape
+from pqueue.wire.tokens import TokenFile
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")

@@ -94,3 +94,27 @@ def test_consensus_and_balancer_keep_their_boundaries() -> None:
         assert not _imports(path) & {"pqueue", "balancer"}, path
     for path in (ROOT / "balancer").rglob("*.py"):
         assert "consensus" not in _imports(path), path
+
+
+def _modules(path: Path) -> set[str]:
+    """The full names a module imports at run time (``from a.b import c``: ``a.b``)."""
+    names: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _inside(name: str, rooms: tuple[str, ...]) -> bool:
+    return any(name == room or name.startswith(room + ".") for room in rooms)
+
+
+def test_the_kernel_and_the_balancer_import_no_server_room() -> None:
+    server_rooms = ("consensus", "pqueue.node", "pqueue.core", "pqueue.storage", "pqueue.cli")
+    for path in (ROOT / "pqueue" / "wire").rglob("*.py"):
+        assert not {m for m in _modules(path) if _inside(m, (*server_rooms, "balancer"))}, path
+    for path in (ROOT / "balancer").rglob("*.py"):
+        ours = {m for m in _modules(path) if _inside(m, ("pqueue",))}
+        assert all(_inside(m, ("pqueue.wire", "pqueue.errors", "pqueue.v1")) for m in ours), path
