@@ -291,7 +291,8 @@ def test_json_lines_hold_the_same_fields() -> None:
     )
     assert json.loads(JsonFormatter("n2").format(plain))["route"] == "n2/pqueue.node.replicated"
     assert re.fullmatch(
-        rf"{TIME} \[INFO\] n2/pqueue\.replicated: became leader", TextFormatter("n2").format(plain)
+        rf"{TIME} \[INFO\] n2/pqueue\.node\.replicated: became leader",
+        TextFormatter("n2").format(plain),
     )
 
 
