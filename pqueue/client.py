@@ -4,6 +4,9 @@ Every failed call raises a ``pqueue.errors.PQueueError`` subclass (mapped from
 the gRPC status in ``pqueue.wire.status``). Calls that are safe to repeat (reads,
 and enqueues carrying an idempotency key) are retried on retriable errors,
 honouring the server's retry hint.
+
+Over 400 lines on purpose: the SDK's whole client (one method per RPC, and
+its synchronous twin) in the one module users import.
 """
 
 from __future__ import annotations

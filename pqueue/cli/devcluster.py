@@ -14,6 +14,9 @@ own). ``stop-node`` signals a PID only if that process is the node's own
 ``pq node`` on its data dir; ``start-node`` on a running node says so and
 changes nothing. The cluster's id (``--cluster-id`` of every node) is drawn
 once per cluster directory and kept in ``DIR/CLUSTER_ID``.
+
+Over 400 lines on purpose: one program (processes, ports, pid files), for
+development only.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ in flight. The shell runs the pure ``consensus.Replica`` and handles each
 (messages to itself are stepped only now, after the persist), then apply.
 A caller is answered once its slot is applied *with its own entry*; if
 another value won the slot, it gets a retriable UNAVAILABLE.
+
+Over 400 lines on purpose: one class whose order of persist, send and apply
+is the safety argument; split, that order would be read across files.
 """
 
 from __future__ import annotations

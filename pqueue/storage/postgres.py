@@ -24,6 +24,8 @@ session died unnoticed (a partition) cannot write after another took over.
 After an outage the lock is taken again before the next write; while an
 older session of ours still holds it (the server has not yet noticed the
 partition: TCP keepalives bound that), the writer keeps waiting.
+
+Over 400 lines on purpose: one store, its schema, its lock and its SQL together.
 """
 
 from __future__ import annotations
