@@ -31,13 +31,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from balancer.config import BalancerConfig
 from balancer.metrics import BalancerMetrics
 from balancer.pool import Pool, Report
-from pqueue import limits
-from pqueue.access import AUTHORIZATION_KEY
-from pqueue.auth import current_token
-from pqueue.forward import FORWARDED_KEY
-from pqueue.tls import channel as tls_channel
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire import channels
+from pqueue.wire.keys import AUTHORIZATION_KEY, FORWARDED_KEY
+from pqueue.wire.tls import channel as tls_channel
+from pqueue.wire.tokens import current_token
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def report_of(status: pb.NodeStatusResponse) -> Report:
     )
 
 
-def channel_options(probe_interval_s: float) -> list[tuple[str, int]]:
+def backend_channel_options(probe_interval_s: float) -> list[tuple[str, int]]:
     """Message limits as the nodes have them; reconnects as fast as probes.
 
     gRPC's default reconnect backoff grows to 120 s, and while it waits,
@@ -72,16 +71,9 @@ def channel_options(probe_interval_s: float) -> list[tuple[str, int]]:
     the new leader) would stay unreachable for minutes. Keepalive pings
     find a silently dead connection (the health stream would hang).
     """
-    return [
-        ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", max(100, int(probe_interval_s * 1000))),
-        ("grpc.keepalive_time_ms", limits.KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", limits.KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
+    return channels.channel_options(
+        watched=True, max_reconnect_backoff_ms=max(100, int(probe_interval_s * 1000))
+    )
 
 
 class Backends:
@@ -120,7 +112,9 @@ class Backends:
         """Open channels and start probing."""
         for address in self.config.backends:
             self.channels[address] = tls_channel(
-                address, self.config.backend_tls, channel_options(self.config.probe_interval_s)
+                address,
+                self.config.backend_tls,
+                backend_channel_options(self.config.probe_interval_s),
             )
             self._spawn(self._probe_loop(address), f"pq-probe-{address}")
             self._spawn(self._health_loop(address), f"pq-health-{address}")

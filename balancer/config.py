@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from balancer.pool import PoolConfig
-from pqueue.auth import TokenSource
-from pqueue.tls import Tls
+from pqueue.wire.tls import Tls
+from pqueue.wire.tokens import TokenSource
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The balancer's error root (DESIGN: one error root per package)."""
+"""The balancer's error root (one error root per package)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pqueue.observe import GrpcMetrics
-from pqueue.process_metrics import ProcessCollector
+from pqueue.wire.observe import GrpcMetrics
+from pqueue.wire.process_metrics import ProcessCollector
 
 
 class BalancerMetrics:

@@ -27,11 +27,17 @@ import grpc
 
 from balancer.backends import BALANCER_ID, Backends
 from balancer.routes import Kind, Route, route_for
-from pqueue.auth import current_token
 from pqueue.errors import NotTakenError, UnavailableError
-from pqueue.forward import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY
-from pqueue.observe import FORWARDED_FOR_KEY, FORWARDER_TOKEN_KEY, REQUEST_ID_KEY, hop_metadata
-from pqueue.status import NOT_LEADER, NOT_TAKEN, error_info, to_status
+from pqueue.wire.keys import (
+    DEFAULT_FORWARD_TIMEOUT_S,
+    FORWARDED_FOR_KEY,
+    FORWARDED_KEY,
+    FORWARDER_TOKEN_KEY,
+    REQUEST_ID_KEY,
+)
+from pqueue.wire.observe import hop_metadata
+from pqueue.wire.status import NOT_LEADER, NOT_TAKEN, error_info, to_status
+from pqueue.wire.tokens import current_token
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +111,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         return handler
 
     async def _call(self, route: Route, request: bytes, context: Context) -> bytes:
-        """Forward one call (``pqueue.observe`` counts, times and logs it)."""
+        """Forward one call (``pqueue.wire.observe`` counts, times and logs it)."""
         kind = route.kind_of(request)
         # The balancer's own token proves to the node that it is a hop, so the
         # node believes the caller's IP it passes on (a client's claim it strips).

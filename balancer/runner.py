@@ -9,9 +9,8 @@ import sys
 from balancer.config import BalancerConfig
 from balancer.errors import BalancerError
 from balancer.server import BalancerServer
-from pqueue.admission import raise_fd_limit
-from pqueue.logs import LogFormat, setup_logging
-from pqueue.runner import new_event_loop
+from pqueue.wire.logs import LogFormat, setup_logging
+from pqueue.wire.loop import new_event_loop, raise_fd_limit
 
 logger = logging.getLogger(__name__)
 

@@ -16,20 +16,16 @@ from balancer.config import BalancerConfig
 from balancer.errors import ListenError
 from balancer.metrics import BalancerMetrics
 from balancer.proxy import ProxyHandler
-from pqueue import limits
-from pqueue.admission import (
-    MAX_CONCURRENT_STREAMS,
-    SERVER_CONNECTION_OPTIONS,
-    Admission,
-    streams_option,
-)
-from pqueue.metrics_http import MetricsServer
-from pqueue.observe import Observer, never_a_hop, served_methods
-from pqueue.signals import until_signal_or
-from pqueue.tls import add_port
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.admission import Admission
+from pqueue.wire.channels import MAX_CONCURRENT_STREAMS, server_options
+from pqueue.wire.metrics_http import MetricsServer
+from pqueue.wire.observe import Observer, never_a_hop, served_methods
+from pqueue.wire.serving import Serving, log_failure
+from pqueue.wire.sizes import MAX_MESSAGE_BYTES
+from pqueue.wire.tls import add_port
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +77,7 @@ class StatusService(bpbg.BalancerServicer):
         )
 
 
-class BalancerServer:
+class BalancerServer(Serving):
     """A balancer in front of ``config.backends``. ``async with`` or ``start``/``stop``."""
 
     def __init__(self, config: BalancerConfig, metrics: BalancerMetrics | None = None) -> None:
@@ -121,14 +117,7 @@ class BalancerServer:
         server = grpc.aio.server(
             # Admission caps each method's request before the proxy reads it.
             interceptors=(observer, Admission()),
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
-                *limits.SERVER_KEEPALIVE_OPTIONS,
-                *SERVER_CONNECTION_OPTIONS,
-                streams_option(MAX_CONCURRENT_STREAMS),
-                ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-            ],
+            options=server_options(MAX_MESSAGE_BYTES, MAX_CONCURRENT_STREAMS),
         )
         try:
             await self._start(server)
@@ -137,6 +126,7 @@ class BalancerServer:
             raise
         self._server = server
         self._health_task = asyncio.create_task(self._health_loop(), name="pq-balancer-health")
+        self._health_task.add_done_callback(log_failure)
         logger.info(
             "balancer serving on %s in front of %s", self.address, ", ".join(self.config.backends)
         )
@@ -204,17 +194,3 @@ class BalancerServer:
         await self.health.enter_graceful_shutdown()
         await self._close(server)
         logger.info("balancer on %s stopped", self.address)
-
-    async def __aenter__(self) -> BalancerServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def serve_until_signal(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop."""
-        try:
-            await until_signal_or()
-        finally:
-            await self.stop()

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pqueue.auth import Verifier, issue
 from pqueue.client import Client
-from pqueue.server import NodeServer, ServerConfig
+from pqueue.node.auth import Verifier, issue
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import queue_pb2 as pb
 

@@ -38,8 +38,8 @@ import asyncpg
 
 from bench.run import DEFAULT_PG_DSN, PostgresBackend
 from bench.tenants import _p
-from pqueue.auth import issue
 from pqueue.client import Client
+from pqueue.node.auth import issue
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver

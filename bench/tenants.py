@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pqueue.auth import issue
 from pqueue.client import Client, job_spec
 from pqueue.errors import PQueueError, ResourceExhaustedError
+from pqueue.node.auth import issue
 from tests.proc import NodeProcess
 
 SECRET = b"bench-secret-bench-secret-bench-secret"

@@ -1,9 +1,12 @@
 """Python client SDK: an async ``Client`` and a synchronous ``SyncClient``.
 
 Every failed call raises a ``pqueue.errors.PQueueError`` subclass (mapped from
-the gRPC status in ``pqueue.status``). Calls that are safe to repeat (reads,
+the gRPC status in ``pqueue.wire.status``). Calls that are safe to repeat (reads,
 and enqueues carrying an idempotency key) are retried on retriable errors,
 honouring the server's retry hint.
+
+Over 400 lines on purpose: the SDK's whole client (one method per RPC, and
+its synchronous twin) in the one module users import.
 """
 
 from __future__ import annotations
@@ -15,20 +18,20 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 
-from pqueue import limits
-from pqueue.access import AUTHORIZATION_KEY
 from pqueue.errors import (
     InvalidArgumentError,
     NotLeaderError,
     NotTakenError,
     ResourceExhaustedError,
 )
-from pqueue.status import from_rpc_error
-from pqueue.tls import Tls, channel
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.channels import channel_options
+from pqueue.wire.keys import AUTHORIZATION_KEY
+from pqueue.wire.status import from_rpc_error
+from pqueue.wire.tls import Tls, channel
 
 #: The balancer that ``make cluster`` starts in front of its nodes.
 DEFAULT_ENDPOINT = "127.0.0.1:7700"
@@ -69,10 +72,7 @@ def _channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
     return channel(
         target,
         tls,
-        [
-            ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
-        ],
+        channel_options(),
     )
 
 

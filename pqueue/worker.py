@@ -152,7 +152,9 @@ class Worker:
             # Not created yet (or dropped when idle): producers create it on
             # their first enqueue. Poll again after the wait a long poll takes.
             logger.debug("queue %s does not exist yet", self.queue)
-            await self._race_stop(asyncio.create_task(asyncio.sleep(self.config.wait_ms / 1000)))
+            pause = asyncio.create_task(asyncio.sleep(self.config.wait_ms / 1000))
+            await self._race_stop(pause)
+            pause.cancel()  # a stop came first: no sleep left pending
             return []
         except PQueueError as exc:
             logger.warning("lease on %s failed: %s", self.queue, exc)

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from pqueue.auth import PEER, TokenSource, Verifier, issue, node_subject
-from pqueue.node import NodeConfig
-from pqueue.replicated import ClusterConfig
-from pqueue.server import NodeServer, ServerConfig
+from pqueue.node.auth import PEER, Verifier, issue, node_subject
+from pqueue.node.queue_node import NodeConfig
+from pqueue.node.replicated import ClusterConfig
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
-from pqueue.tls import Tls
+from pqueue.wire.tls import Tls
+from pqueue.wire.tokens import TokenSource
 
 
 def node_tokens(key: bytes, ttl_s: float = 600) -> Callable[[int], str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pqueue.machine import QueueMachine, Result
-from pqueue.snapshot import take_snapshot
+from pqueue.core.machine import QueueMachine, Result
+from pqueue.core.snapshot import take_snapshot
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 

@@ -77,7 +77,7 @@ class Storage(Protocol):
         """Durably store a snapshot this node took (see ``persist``)."""
 
     async def load_identity(self) -> str | None:
-        """The identity record (``pqueue.identity.Identity.to_json``), None before
+        """The identity record (``pqueue.node.identity.Identity.to_json``), None before
         the first start."""
 
     async def save_identity(self, record: str) -> None:

@@ -4,7 +4,7 @@ Tables in the node's schema (created and migrated on open, versioned in
 ``schema_migrations``): ``acceptor`` (promised ballot, commit hint),
 ``records`` (one per slot: ballot, value, chosen flag, CRC), ``snapshot``
 (the latest one), ``owner`` (a fencing epoch), ``identity`` (which node of
-which cluster: ``pqueue.identity``), ``applied`` (the index the
+which cluster: ``pqueue.node.identity``), ``applied`` (the index the
 ``jobs`` table reflects) and ``jobs`` (one row per live job, for SQL).
 
 Durability: every transaction commits with ``synchronous_commit = on``, so
@@ -24,6 +24,8 @@ session died unnoticed (a partition) cannot write after another took over.
 After an outage the lock is taken again before the next write; while an
 older session of ours still holds it (the server has not yet noticed the
 partition: TCP keepalives bound that), the writer keeps waiting.
+
+Over 400 lines on purpose: one store, its schema, its lock and its SQL together.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (
         4,
         """
-        -- Which node of which cluster this schema is (pqueue.identity).
+        -- Which node of which cluster this schema is (pqueue.node.identity).
         CREATE TABLE identity (id smallint PRIMARY KEY CHECK (id = 1), record text NOT NULL);
         """,
     ),

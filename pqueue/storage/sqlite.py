@@ -2,7 +2,7 @@
 
 Tables: ``acceptor`` (promised ballot, commit hint), ``records`` (one per
 slot: ballot, value, chosen flag, CRC), ``snapshot`` (the latest one) and
-``identity`` (which node of which cluster this dir is: ``pqueue.identity``;
+``identity`` (which node of which cluster this dir is: ``pqueue.node.identity``;
 added without a schema version bump, as ``CREATE TABLE IF NOT EXISTS``).
 
 All SQLite work runs on one dedicated thread, so the event loop never blocks

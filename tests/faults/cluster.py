@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from pqueue.cli.devcluster import free_ports, peers_arg
 from pqueue.client import Client
-from pqueue.devcluster import free_ports, peers_arg
 from pqueue.errors import PQueueError
 from tests.faults.proxy import Proxy
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pqueue.client import Client
-from pqueue.server import NodeServer, ServerConfig
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
 
 

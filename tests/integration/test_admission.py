@@ -19,13 +19,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from balancer.server import BalancerServer
-from pqueue.admission import MAX_HEALTH_WATCHES_PER_IP
-from pqueue.auth import Verifier, issue
 from pqueue.client import Client
 from pqueue.errors import PermissionDeniedError, ResourceExhaustedError
-from pqueue.quotas import Quotas
-from pqueue.server import NodeServer
+from pqueue.node.auth import Verifier, issue
+from pqueue.node.quotas import Quotas
+from pqueue.node.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.admission import MAX_HEALTH_WATCHES_PER_IP
 from tests.inproc import Cluster, one_node
 from tests.integration.test_balancer import balancer_config
 from tests.integration.test_metrics_http import request
@@ -193,7 +193,7 @@ async def test_unauthenticated_health_watches_are_bounded_per_ip(tmp_path: Path)
 def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
     script = (
         "import resource\n"
-        "from pqueue.admission import raise_fd_limit\n"
+        "from pqueue.wire.loop import raise_fd_limit\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
         "raise_fd_limit()\n"

@@ -1,4 +1,4 @@
-"""Every RPC over real gRPC, and every error row of DESIGN.md §6 a node can produce."""
+"""Every RPC over real gRPC, and every error row of README "Errors" a node can produce."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pqueue.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from pqueue.server import NodeServer
+from pqueue.node.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
 
 
@@ -217,7 +217,7 @@ async def test_health_and_reflection(server: NodeServer) -> None:
 async def test_oversized_message_is_refused_by_grpc_and_the_node_keeps_serving(
     server: NodeServer, client: Client
 ) -> None:
-    from pqueue import limits
+    from pqueue.core import limits
     from pqueue.v1 import queue_pb2_grpc as pbg
 
     huge = pb.EnqueueRequest(
@@ -233,8 +233,8 @@ async def test_oversized_message_is_refused_by_grpc_and_the_node_keeps_serving(
 
 
 async def test_a_batch_over_the_client_limit_is_refused_unparsed(client: Client) -> None:
-    from pqueue import limits
     from pqueue.client import _Stubs
+    from pqueue.core import limits
 
     big = [job_spec(b"x" * (1 << 20)) for _ in range(limits.MAX_MESSAGE_BYTES // (1 << 20) + 2)]
     roomy = Client(client.endpoint, max_retries=0)  # lets a too-big request leave the client

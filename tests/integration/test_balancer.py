@@ -288,7 +288,7 @@ def test_metadata_passthrough_keeps_the_call_and_drops_the_hop() -> None:
         )
     )
     # The request id and the caller's IP go on too, but as the balancer took
-    # them (``pqueue.observe.hop_metadata``), not as copied.
+    # them (``pqueue.wire.observe.hop_metadata``), not as copied.
     assert kept == (
         ("authorization", "Bearer t"),
         ("grpc-status-details-bin", b"\x08\x05"),

@@ -13,8 +13,9 @@ from pathlib import Path
 from balancer.config import BalancerConfig
 from balancer.pool import PoolConfig
 from balancer.server import BalancerServer
-from pqueue.auth import BALANCER, TokenFile, Verifier, issue
 from pqueue.client import Client
+from pqueue.node.auth import BALANCER, Verifier, issue
+from pqueue.wire.tokens import TokenFile
 from tests.inproc import one_node
 
 SECRET = b"r" * 32

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pqueue.server import NodeServer
+from pqueue.node.server import NodeServer
 
 PQ = (sys.executable, "-m", "pqueue.cli")
 

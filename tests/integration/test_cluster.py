@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pqueue.client import Client
+from pqueue.core.snapshot import state_hash
 from pqueue.errors import PQueueError
-from pqueue.snapshot import state_hash
 from pqueue.v1 import queue_pb2 as pb
 from tests.inproc import Cluster
 
@@ -90,8 +90,8 @@ async def test_a_node_that_cannot_forward_names_the_leader_and_the_sdk_follows(
     import grpc
 
     from pqueue.errors import NotLeaderError
-    from pqueue.forward import FORWARDED_KEY
-    from pqueue.status import from_rpc_error
+    from pqueue.wire.keys import FORWARDED_KEY
+    from pqueue.wire.status import from_rpc_error
 
     leader = await cluster.leader()
     follower = next(i for i in cluster.servers if i != leader)

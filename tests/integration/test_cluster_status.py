@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pqueue.auth import Verifier, issue
+from pqueue.node.auth import Verifier, issue
 from tests.certs import Authority
 from tests.inproc import Cluster, node_tokens
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pqueue.devcluster import node_pid
+from pqueue.cli.devcluster import node_pid
 
 PQ = (sys.executable, "-m", "pqueue.cli")
 

@@ -26,9 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pqueue import limits
 from pqueue.client import Client
-from pqueue.server import NodeServer
+from pqueue.core import limits
+from pqueue.node.server import NodeServer
 from pqueue.v1 import peer_pb2
 from pqueue.v1 import queue_pb2 as pb
 

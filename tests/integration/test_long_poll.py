@@ -13,7 +13,7 @@ import time
 from google.protobuf.message import Message
 
 from pqueue.client import Client
-from pqueue.server import NodeServer
+from pqueue.node.server import NodeServer
 from pqueue.v1 import log_pb2 as logpb
 
 LONG_WAIT_MS = 30_000

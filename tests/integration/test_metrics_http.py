@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from pqueue.metrics_http import MetricsServer
+from pqueue.wire.metrics_http import MetricsServer
 
 
 async def request(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:

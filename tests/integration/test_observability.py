@@ -25,12 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError
-from pqueue.logs import JsonFormatter, TextFormatter
-from pqueue.metrics import NodeCollector
-from pqueue.server import NodeServer, ServerConfig
+from pqueue.node.metrics import NodeCollector
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.logs import JsonFormatter, TextFormatter
 from tests import promtool
 from tests.deploy.dashboard import dashboard_metric_names
 from tests.integration.test_balancer import Setup, balanced
@@ -287,11 +287,12 @@ def test_json_lines_hold_the_same_fields() -> None:
     assert line["request_id"] == "abc"
     assert re.fullmatch(TIME, line["time"])
     plain = logging.LogRecord(
-        "pqueue.replicated", logging.INFO, __file__, 1, "became leader", (), None
+        "pqueue.node.replicated", logging.INFO, __file__, 1, "became leader", (), None
     )
-    assert json.loads(JsonFormatter("n2").format(plain))["route"] == "n2/pqueue.replicated"
+    assert json.loads(JsonFormatter("n2").format(plain))["route"] == "n2/pqueue.node.replicated"
     assert re.fullmatch(
-        rf"{TIME} \[INFO\] n2/pqueue\.replicated: became leader", TextFormatter("n2").format(plain)
+        rf"{TIME} \[INFO\] n2/pqueue\.node\.replicated: became leader",
+        TextFormatter("n2").format(plain),
     )
 
 

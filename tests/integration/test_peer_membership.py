@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from consensus.messages import Accept
-from pqueue.auth import PEER, Verifier, issue, node_subject
-from pqueue.peer_codec import encode
+from pqueue.node.auth import PEER, Verifier, issue, node_subject
+from pqueue.node.peer_codec import encode
 from tests.inproc import Cluster, node_tokens, one_node
 from tests.peer_wire import send_peer
 
@@ -55,7 +55,7 @@ async def test_a_refused_peer_token_is_counted_and_said(
     """A node whose token expired or was revoked must show why it cannot rejoin:
     the peer service says so (peer calls themselves log at DEBUG). Admission's
     check before parsing used to refuse such a stream first, in silence."""
-    caplog.set_level(logging.WARNING, logger="pqueue.peers")
+    caplog.set_level(logging.WARNING, logger="pqueue.node.peers")
     async with one_node(tmp_path, verifier=Verifier(SECRET)) as srv:
         assert srv.peers is not None
         stale = issue(b"x" * 32, "cluster", [PEER], 600, subject=node_subject(2))

@@ -19,11 +19,11 @@ import psutil
 import pytest
 
 from consensus import Replica, Role
-from pqueue import limits
 from pqueue.client import Client, job_spec
-from pqueue.replicated import ReplicatedLog
-from pqueue.server import NodeServer
-from pqueue.snapshot import state_hash
+from pqueue.core import limits
+from pqueue.core.snapshot import state_hash
+from pqueue.node.replicated import ReplicatedLog
+from pqueue.node.server import NodeServer
 from tests.inproc import Cluster
 from tests.peer_wire import absurd_prepare, send_peer
 

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pqueue.client import Client
 from pqueue.errors import NotTakenError, PQueueError
-from pqueue.server import NodeServer, ServerConfig
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.postgres import PostgresStorage
 from tests import pg
 from tests.faults.proxy import Proxy

@@ -30,9 +30,9 @@ from pqueue.errors import (
     PQueueError,
     UnavailableError,
 )
-from pqueue.status import to_status
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.status import to_status
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pqueue.node import NodeConfig, QueueNode
-from pqueue.snapshot import state_hash
+from pqueue.core.snapshot import state_hash
+from pqueue.node.queue_node import NodeConfig, QueueNode
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb

@@ -15,7 +15,6 @@ import pytest
 from balancer.config import BalancerConfig
 from balancer.pool import PoolConfig
 from balancer.server import BalancerServer
-from pqueue.auth import Verifier, issue
 from pqueue.client import Client
 from pqueue.errors import (
     NotFoundError,
@@ -24,11 +23,12 @@ from pqueue.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from pqueue.quotas import Quotas
-from pqueue.server import NodeServer
-from pqueue.tls import Tls, channel
+from pqueue.node.auth import Verifier, issue
+from pqueue.node.quotas import Quotas
+from pqueue.node.server import NodeServer
 from pqueue.v1 import peer_pb2, peer_pb2_grpc
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.tls import Tls, channel
 from tests.certs import Authority, ec_pair, rsa_pair
 from tests.inproc import Cluster, node_tokens, one_node
 

@@ -23,14 +23,15 @@ from balancer.config import BalancerConfig
 from balancer.pool import PoolConfig
 from balancer.server import BalancerServer
 from consensus.messages import Prepare
-from pqueue.auth import BALANCER, PEER, RevokedTokens, TokenFile, Verifier, issue, node_subject
 from pqueue.client import Client
 from pqueue.errors import PQueueError
-from pqueue.logs import JsonFormatter, TextFormatter
-from pqueue.peer_codec import encode
-from pqueue.server import NodeServer
+from pqueue.node.auth import BALANCER, PEER, RevokedTokens, Verifier, issue, node_subject
+from pqueue.node.peer_codec import encode
+from pqueue.node.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.logs import JsonFormatter, TextFormatter
+from pqueue.wire.tokens import TokenFile
 from tests.certs import Authority
 from tests.inproc import Cluster, node_tokens, one_node
 from tests.peer_wire import send_peer

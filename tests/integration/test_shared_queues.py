@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pqueue.auth import Verifier, issue
 from pqueue.client import Client
+from pqueue.core.snapshot import state_hash
 from pqueue.errors import PermissionDeniedError, ResourceExhaustedError
-from pqueue.quotas import Quotas
-from pqueue.snapshot import state_hash
+from pqueue.node.auth import Verifier, issue
+from pqueue.node.quotas import Quotas
 from pqueue.v1 import queue_pb2 as pb
 from tests.inproc import Cluster, node_tokens, one_node
 

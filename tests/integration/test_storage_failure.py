@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from consensus.messages import Ballot, Record
 from pqueue.client import Client
 from pqueue.errors import StorageError, UnavailableError
-from pqueue.node import NodeConfig
-from pqueue.server import NodeServer, ServerConfig
+from pqueue.node.queue_node import NodeConfig
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.base import StoredSnapshot
 from pqueue.storage.sqlite import SqliteStorage
 

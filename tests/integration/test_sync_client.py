@@ -11,7 +11,7 @@ import pytest
 
 from pqueue.client import SyncClient
 from pqueue.errors import LeaseLostError
-from pqueue.server import NodeServer, ServerConfig
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
 
 

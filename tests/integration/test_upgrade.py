@@ -20,14 +20,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pqueue import features
 from pqueue.client import Client
-from pqueue.commitlog import Result
+from pqueue.core import features
+from pqueue.core.snapshot import state_hash
 from pqueue.errors import FailedPreconditionError, NotLeaderError, UpgradeRequiredError
-from pqueue.node import NodeConfig
-from pqueue.replicated import ReplicatedLog
-from pqueue.server import NodeServer, ServerConfig
-from pqueue.snapshot import state_hash
+from pqueue.node.commitlog import Result
+from pqueue.node.queue_node import NodeConfig
+from pqueue.node.replicated import ReplicatedLog
+from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
@@ -115,7 +115,7 @@ async def _health(address: str) -> int:
 async def test_an_old_replica_that_meets_a_newer_entry_stops_loudly_and_the_rest_go_on(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="pqueue.node")
+    caplog.set_level(logging.ERROR, logger="pqueue.node.queue_node")
     leader = await _new_leader(cluster)
     async with Client(cluster.addresses[leader], max_retries=3) as c:
         await c.enqueue("plain", b"before")
@@ -188,7 +188,7 @@ async def test_an_old_replica_stops_at_a_snapshot_that_needs_a_feature_it_lacks(
 ) -> None:
     """Behind the leader's compacted log, the old node is sent a snapshot
     whose state came from an entry needing 'shares': it must not install it."""
-    caplog.set_level(logging.ERROR, logger="pqueue.node")
+    caplog.set_level(logging.ERROR, logger="pqueue.node.queue_node")
     leader = await _new_leader(cluster)
     async with Client(cluster.addresses[leader], max_retries=3) as c:
         await c.enqueue("plain", b"before")

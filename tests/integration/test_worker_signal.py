@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from pqueue.client import Client
-from pqueue.server import NodeServer
+from pqueue.node.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
 
 WORKER = textwrap.dedent(

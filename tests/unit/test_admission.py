@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pqueue import limits
-from pqueue.admission import AdmissionConfig, request_caps, unknown_field_path
+from pqueue.core import limits
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.admission import AdmissionConfig, request_caps, unknown_field_path
 
 #: A length-delimited field numbered 1007, three bytes long.
 UNKNOWN = b"\xfa\x3e\x03abc"

@@ -15,18 +15,19 @@ from pathlib import Path
 import jwt
 import pytest
 
-from pqueue.auth import (
+from pqueue.cli import build_parser
+from pqueue.cli.node import _node_options
+from pqueue.errors import UnauthenticatedError
+from pqueue.node.auth import (
     PEER,
     RevokedTokens,
-    TokenFile,
     Verifier,
     issue,
     node_of_subject,
     node_subject,
 )
-from pqueue.cli import _node_options, build_parser
-from pqueue.errors import UnauthenticatedError
-from pqueue.logs import JsonFormatter, TextFormatter, escape
+from pqueue.wire.logs import JsonFormatter, TextFormatter, escape
+from pqueue.wire.tokens import TokenFile
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")

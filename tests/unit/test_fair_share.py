@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from pqueue.core.snapshot import restore, snapshot_bytes, state_hash, take_snapshot
 from pqueue.errors import PermissionDeniedError, ResourceExhaustedError
-from pqueue.snapshot import restore, snapshot_bytes, state_hash, take_snapshot
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver

@@ -1,14 +1,14 @@
-"""The feature table (pqueue/features.py) and the rules built on it."""
+"""The feature table (pqueue/core/features.py) and the rules built on it."""
 
 from __future__ import annotations
 
 import pytest
 from google.protobuf.descriptor import Descriptor
 
-from pqueue import features
+from pqueue.core import features
+from pqueue.core.machine import QueueMachine
+from pqueue.core.snapshot import restore, snapshot_bytes
 from pqueue.errors import UpgradeRequiredError
-from pqueue.machine import QueueMachine
-from pqueue.snapshot import restore, snapshot_bytes
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 

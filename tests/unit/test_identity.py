@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pqueue.identity import DEFAULT_CLUSTER_ID, Identity, IdentityError, check
+from pqueue.node.identity import DEFAULT_CLUSTER_ID, Identity, IdentityError, check
 
 MEMBERS = {1: "h:1", 2: "h:2", 3: "h:3"}
 RECORD = Identity("prod", 1, MEMBERS)

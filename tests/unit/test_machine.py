@@ -1,4 +1,4 @@
-"""The queue state machine, rule by rule (DESIGN.md §2)."""
+"""The queue state machine, rule by rule (README "Semantics")."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from pqueue import limits
+from pqueue.core import limits
+from pqueue.core.jobs import backoff_ms
 from pqueue.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -14,7 +15,6 @@ from pqueue.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from pqueue.jobs import backoff_ms
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver
@@ -448,7 +448,7 @@ def test_delete_when_idle_keeps_the_queue_while_keys_are_live(d: Driver) -> None
 
 
 def test_oldest_ready_counts_jobs_behind_their_group_head(d: Driver) -> None:
-    from pqueue.snapshot import restore, snapshot_bytes
+    from pqueue.core.snapshot import restore, snapshot_bytes
 
     d.enqueue(group="g")
     d.now += 100

@@ -1,7 +1,7 @@
 """The state machine against a naive reference model (hypothesis stateful test).
 
 The model keeps jobs in a dict and answers every question by scanning, in the
-plainest reading of DESIGN.md §2 (and of fair sharing between tenants:
+plainest reading of README "Semantics" (and of fair sharing between tenants:
 ``QueueConfig.shares``). The machine, with its heaps, lazy deletion
 and group bookkeeping, must agree with it after every step, including after
 being replaced by a restore of its own snapshot.
@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from pqueue import limits
+from pqueue.core import limits
+from pqueue.core.jobs import FAIR_SCALE, backoff_ms
+from pqueue.core.snapshot import restore, snapshot_bytes, state_hash
 from pqueue.errors import (
     InvalidArgumentError,
     LeaseLostError,
@@ -23,8 +25,6 @@ from pqueue.errors import (
     PermissionDeniedError,
     PQueueError,
 )
-from pqueue.jobs import FAIR_SCALE, backoff_ms
-from pqueue.snapshot import restore, snapshot_bytes, state_hash
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver
@@ -53,7 +53,7 @@ class MJob:
 
 
 class Model:
-    """DESIGN.md §2 by brute force."""
+    """README "Semantics" by brute force."""
 
     def __init__(self, config: pb.QueueConfig) -> None:
         self.cfg = config

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pqueue.observe import (
-    FORWARDED_FOR_KEY,
-    REQUEST_ID_KEY,
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.keys import FORWARDED_FOR_KEY, REQUEST_ID_KEY
+from pqueue.wire.observe import (
     _ip_of,
     client_ip,
     hop_metadata,
     request_id,
     served_methods,
 )
-from pqueue.v1 import queue_pb2 as pb
 
 
 def test_the_peer_string_becomes_an_ip() -> None:

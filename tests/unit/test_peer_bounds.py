@@ -21,7 +21,7 @@ from consensus.messages import (
     SnapshotRequest,
 )
 from consensus.replica import Config, DurableState, Replica, Role
-from pqueue.peer_codec import approx_size, decode, encode
+from pqueue.node.peer_codec import approx_size, decode, encode
 from pqueue.v1 import peer_pb2 as ppb
 
 NODES = (1, 2, 3)
@@ -257,8 +257,8 @@ def test_a_node_receiving_a_snapshot_does_not_campaign() -> None:
 
 
 def test_batches_are_bounded_in_bytes_and_parse_as_peer_batches() -> None:
-    from pqueue import peers
-    from pqueue.peer_codec import EntryCache, encode_wire
+    from pqueue.node import peers
+    from pqueue.node.peer_codec import EntryCache, encode_wire
 
     cache = EntryCache()
     link = peers._Link(1, 2, "127.0.0.1:1", None, lambda: ())
@@ -281,7 +281,7 @@ def test_batches_are_bounded_in_bytes_and_parse_as_peer_batches() -> None:
 
 
 def test_a_link_queue_drops_its_oldest_past_its_byte_bound() -> None:
-    from pqueue import peers
+    from pqueue.node import peers
 
     link = peers._Link(1, 2, "127.0.0.1:1", None, lambda: ())
     chunk = 16 << 20
@@ -294,7 +294,7 @@ def test_a_link_queue_drops_its_oldest_past_its_byte_bound() -> None:
 
 
 def test_an_accept_entry_is_encoded_once_for_every_peer_and_retry() -> None:
-    from pqueue.peer_codec import EntryCache, encode_wire
+    from pqueue.node.peer_codec import EntryCache, encode_wire
 
     cache = EntryCache()
     value = b"v" * 1000
@@ -369,7 +369,7 @@ def test_a_transfer_survives_its_source_compacting_again_and_the_lead_moving() -
         follower.tick()
     [ask] = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
     assert (ask.dst, ask.index, ask.offset) == (1, 9, 3000)  # its source, where it stopped
-    pending = [ask]
+    pending: list[Message] = [ask]
     while pending:
         for request in pending:
             source.step(request)

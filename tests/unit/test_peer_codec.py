@@ -20,7 +20,7 @@ from consensus.messages import (
     Record,
     TimeoutNow,
 )
-from pqueue.peer_codec import decode, encode
+from pqueue.node.peer_codec import decode, encode
 from pqueue.v1 import peer_pb2 as ppb
 
 MESSAGES: list[Message] = [

@@ -1,4 +1,6 @@
-"""Pure cores import no IO, clock, network or global randomness (CONVENTIONS §1)."""
+"""Pure cores import no IO, clock, network or global randomness (docs/architecture.md,
+"Never-arrows"). This reads each module's own imports; tests/unit/test_fences.py
+checks what a fresh interpreter really loads."""
 
 from __future__ import annotations
 
@@ -9,14 +11,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PURE_MODULES = [
-    "pqueue/machine.py",
-    "pqueue/queue_table.py",
-    "pqueue/access.py",
-    "pqueue/jobs.py",
-    "pqueue/limits.py",
-    "pqueue/snapshot.py",
+    "pqueue/core/machine.py",
+    "pqueue/core/transitions.py",
+    "pqueue/core/tenancy.py",
+    "pqueue/core/job_commands.py",
+    "pqueue/core/queue_commands.py",
+    "pqueue/core/queue_table.py",
+    "pqueue/node/access.py",
+    "pqueue/node/principal.py",
+    "pqueue/wire/keys.py",
+    "pqueue/wire/sizes.py",
+    "pqueue/wire/channels.py",
+    "pqueue/core/jobs.py",
+    "pqueue/core/limits.py",
+    "pqueue/core/snapshot.py",
     "pqueue/errors.py",
-    "pqueue/features.py",
+    "pqueue/core/features.py",
     "consensus/messages.py",
     "consensus/replica.py",
     "balancer/picker.py",
@@ -84,3 +94,27 @@ def test_consensus_and_balancer_keep_their_boundaries() -> None:
         assert not _imports(path) & {"pqueue", "balancer"}, path
     for path in (ROOT / "balancer").rglob("*.py"):
         assert "consensus" not in _imports(path), path
+
+
+def _modules(path: Path) -> set[str]:
+    """The full names a module imports at run time (``from a.b import c``: ``a.b``)."""
+    names: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _inside(name: str, rooms: tuple[str, ...]) -> bool:
+    return any(name == room or name.startswith(room + ".") for room in rooms)
+
+
+def test_the_kernel_and_the_balancer_import_no_server_room() -> None:
+    server_rooms = ("consensus", "pqueue.node", "pqueue.core", "pqueue.storage", "pqueue.cli")
+    for path in (ROOT / "pqueue" / "wire").rglob("*.py"):
+        assert not {m for m in _modules(path) if _inside(m, (*server_rooms, "balancer"))}, path
+    for path in (ROOT / "balancer").rglob("*.py"):
+        ours = {m for m in _modules(path) if _inside(m, ("pqueue",))}
+        assert all(_inside(m, ("pqueue.wire", "pqueue.errors", "pqueue.v1")) for m in ours), path

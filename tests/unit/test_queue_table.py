@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pqueue import snapshot
+from pqueue.core import snapshot
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pqueue.errors import ResourceExhaustedError
-from pqueue.quotas import Quota, Quotas
+from pqueue.node.quotas import Quota, Quotas
 
 FILE = """
 [defaults]

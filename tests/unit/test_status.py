@@ -1,4 +1,4 @@
-"""Every domain error survives the trip to a gRPC status and back (DESIGN.md §6)."""
+"""Every domain error survives the trip to a gRPC status and back (README "Errors")."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from pqueue import errors
-from pqueue.status import code_of, from_rpc_error, to_status
+from pqueue.wire.status import code_of, from_rpc_error, to_status
 
 CASES: list[tuple[errors.PQueueError, grpc.StatusCode]] = [
     (errors.InvalidArgumentError("jobs[3].priority", "above 9"), grpc.StatusCode.INVALID_ARGUMENT),

@@ -1,0 +1,86 @@
+"""Argument types and helpers the ``pq`` programs share."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pqueue.wire.tls import Tls
+from pqueue.wire.tokens import read_key
+
+if TYPE_CHECKING:
+    from pqueue.client import Client
+
+Outcome = tuple[Any, Sequence[str] | None]
+Command = Callable[["Client", argparse.Namespace], Awaitable[Outcome]]
+Adder = Callable[..., argparse.ArgumentParser]
+
+
+def adder(sub: Any) -> Adder:
+    """``add(name, fn, help, parent=sub)``: a client command's subparser."""
+
+    def add(name: str, fn: Command, help_: str, parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        return sp
+
+    return add
+
+
+def parse_node_id(text: str) -> int:
+    value = int(text.removeprefix("n"))
+    if value < 1:
+        raise argparse.ArgumentTypeError("node ids start at 1")
+    return value
+
+
+def parse_addresses(text: str) -> tuple[str, ...]:
+    addresses = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not addresses or any(":" not in a for a in addresses):
+        raise argparse.ArgumentTypeError("expected HOST:PORT,HOST:PORT,...")
+    return addresses
+
+
+def parse_peers(text: str) -> dict[int, str]:
+    peers = {}
+    for part in text.split(","):
+        node, sep, address = part.partition("=")
+        if not sep or ":" not in address:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected ID=HOST:PORT")
+        peers[parse_node_id(node)] = address
+    return peers
+
+
+def metrics_token(path: Path | None) -> str | None:
+    """The /metrics scrape token in ``path`` (None: no file given)."""
+    if path is None:
+        return None
+    token = read_key(path).decode().strip()
+    if not token:
+        raise ValueError(f"{path} is empty: a metrics token file needs the token")
+    return token
+
+
+def tls_of(cert: Path | None, key: Path | None, ca: Path | None, server: bool) -> Tls | None:
+    """TLS from whichever flags were given (none: plaintext); refuses half a setup."""
+    if cert is None and key is None and ca is None:
+        return None
+    if server and cert is None:
+        raise ValueError("a TLS server needs --tls-cert and --tls-key")
+    if not server and ca is None:
+        raise ValueError("TLS to the nodes needs --backend-tls-ca (their CA)")
+    return Tls.from_files(cert, key, ca)
+
+
+def parse_duration_s(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError as exc:
+        raise ValueError(f"not a duration: {text!r} (3600, 90s, 30m, 24h, 7d)") from exc
+    if value <= 0:
+        raise ValueError("a duration must be positive")
+    return value

@@ -1,0 +1,331 @@
+"""Upgrade safety: what a replica must understand to apply the log.
+
+Pure (no IO, clock or network). One table, ``FIELD_FEATURES``, names every
+log field added since the first log format (``V1_FIELDS``) and the *feature*
+a replica needs to apply it. Three rules keep a rolling upgrade from
+diverging:
+
+1. **Announce.** Each node supports a set of features (``SUPPORTED`` in this
+   release) and announces it to every peer, in the ``pq-features`` header of
+   the peer stream it opens (``pqueue.node.peers``). A node whose stream carries no
+   header predates announcements, and a member not heard from since this
+   process started may too: both are taken to support ``LEGACY`` only (what
+   every release that can be a member understands), so any feature added
+   from now on waits for every member's announcement.
+2. **Gate.** The leader proposes a command only if every member supports
+   every feature it needs (``required``); otherwise the call is refused with
+   FAILED_PRECONDITION naming the feature and the nodes lacking it
+   (``QueueNode.propose``). A cluster of one supports what it has.
+3. **Stop.** The leader stamps each entry with the features it needs
+   (``LogEntry.required_features``). A replica that meets an entry needing a
+   feature it does not support, or holding fields or a command kind it cannot
+   decode (a newer writer), stops before applying it (``check_entry``): the
+   log fails, the node reports NOT_SERVING and says to upgrade it. It applies
+   neither that entry nor any after it, and stops the same way on every
+   restart until it is upgraded. Diverging silently is never an option.
+   Snapshots carry the union of their entries' features
+   (``Snapshot.required_features``) and are refused the same way
+   (``check_restored``, ``check_snapshot``).
+
+A new command kind or field goes into ``FIELD_FEATURES`` with a new feature
+name added to ``SUPPORTED``; ``tests/unit/test_features.py`` fails until it
+does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable
+from typing import cast
+
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
+
+from pqueue.errors import UpgradeRequiredError
+from pqueue.v1 import log_pb2 as logpb
+
+#: Metadata key of the peer stream header that announces a node's features.
+FEATURES_KEY = "pq-features"
+
+#: Per-tenant limits stamped on commands (``Command.limits``).
+TENANT_LIMITS = "tenant_limits"
+#: The caller stamped on enqueues (``Command.caller``) and the producing
+#: tenant kept on jobs and idempotency keys.
+CALLER = "caller"
+#: Queues shared between tenants with weights (``QueueConfig.shares``) and the
+#: fair-leasing state kept for them.
+SHARES = "shares"
+#: The deliveries counter kept in snapshots (``QueueStats.leased_total``).
+LEASED_TOTAL = "leased_total"
+
+#: Every feature this release can apply.
+SUPPORTED: frozenset[str] = frozenset({TENANT_LIMITS, CALLER, SHARES, LEASED_TOTAL})
+
+#: What a member is taken to support until it announces otherwise: a node
+#: whose stream carries no header (it predates announcements) or that has not
+#: been heard from since this process started. Every release that can be a
+#: member understands these (the log carried them before announcements
+#: existed), so a member that is down does not make them unusable. A feature
+#: added from now on is *not* listed here: until every member announces it,
+#: the leader does not use it. (Development builds older than per-tenant
+#: quotas and shares cannot join a mixed cluster safely: they announce
+#: nothing and understand less than this. Bring them to the last release
+#: before announcements first.)
+LEGACY: frozenset[str] = frozenset({TENANT_LIMITS, CALLER, SHARES, LEASED_TOTAL})
+
+#: What each feature lets the leader do, as a refusal names it.
+USES: dict[str, str] = {
+    TENANT_LIMITS: "per-tenant limits (quotas)",
+    CALLER: "calls stamped with the caller's tenant (auth on)",
+    SHARES: "queue shares",
+    LEASED_TOTAL: "the deliveries counter",
+}
+
+_V1 = {
+    "AckRequest": "leases queue",
+    "Command": "ack create_queue delete_dead delete_queue enqueue extend lease nack purge "
+    "redrive tick",
+    "CreateQueueRequest": "config queue",
+    "DedupRecord": "expires_at_ms job_id key",
+    "DeleteDeadRequest": "job_ids queue",
+    "DeleteQueueRequest": "queue",
+    "EnqueueBatchRequest": "jobs queue",
+    "ExtendLeaseRequest": "job_id lease_id lease_ms queue",
+    "JobError": "at_ms attempt reason",
+    "JobLease": "job_id lease_id",
+    "JobRecord": "attempts consumer_id enqueued_at_ms errors group idempotency_key job_id "
+    "lease_expires_at_ms lease_id leased_at_ms payload priority ready_at_ms state",
+    "JobSpec": "delay_ms group idempotency_key not_before_ms payload priority",
+    "LeaseRequest": "consumer_id lease_ms max_jobs queue wait_ms",
+    "LogEntry": "commands index time_ms",
+    "NackRequest": "delay_ms job_id lease_id queue reason release",
+    "PurgeQueueRequest": "queue",
+    "QueueConfig": "aging_interval_ms backoff_base_ms backoff_max_ms dedup_window_ms "
+    "default_lease_ms delete_when_idle max_attempts max_lease_total_ms max_payload_bytes "
+    "max_priority min_priority",
+    "QueueSnapshot": "config counters dedup jobs name",
+    "QueueStats": "acked_total dead dead_total delayed enqueued_total expired_total leased "
+    "nacked_total oldest_ready_age_ms queue ready",
+    "RedriveRequest": "job_ids queue",
+    "Snapshot": "index next_job_id next_lease_id queues time_ms",
+}
+
+#: The fields of the first log format (entries, commands, snapshots): every
+#: replica understands them.
+V1_FIELDS: frozenset[str] = frozenset(
+    f"pqueue.v1.{message}.{name}" for message, names in _V1.items() for name in names.split()
+)
+
+#: Each field added since v1 -> the feature a replica needs to apply it.
+FIELD_FEATURES: dict[str, str] = {
+    "pqueue.v1.Command.limits": TENANT_LIMITS,
+    "pqueue.v1.TenantLimits.max_queue_depth": TENANT_LIMITS,
+    "pqueue.v1.TenantLimits.max_inflight_leases": TENANT_LIMITS,
+    "pqueue.v1.TenantLimits.max_payload_bytes": TENANT_LIMITS,
+    "pqueue.v1.TenantLimits.max_queues": TENANT_LIMITS,
+    "pqueue.v1.Command.caller": CALLER,
+    "pqueue.v1.Caller.tenant": CALLER,
+    "pqueue.v1.Caller.admin": CALLER,
+    "pqueue.v1.JobRecord.tenant": CALLER,
+    "pqueue.v1.DedupRecord.tenant": CALLER,
+    "pqueue.v1.QueueConfig.shares": SHARES,
+    "pqueue.v1.TenantShare.tenant": SHARES,
+    "pqueue.v1.TenantShare.weight": SHARES,
+    "pqueue.v1.QueueSnapshot.vclock": SHARES,
+    "pqueue.v1.QueueSnapshot.lanes": SHARES,
+    "pqueue.v1.LaneRecord.tenant": SHARES,
+    "pqueue.v1.LaneRecord.vtime": SHARES,
+    "pqueue.v1.QueueStats.leased_total": LEASED_TOTAL,
+}
+
+#: Fields added since v1 that an older replica may ignore without diverging.
+IGNORABLE_FIELDS: frozenset[str] = frozenset(
+    {
+        # Read by replicas that check features; one that predates them applies
+        # only what it understands anyway (the leader gated on its announcement).
+        "pqueue.v1.LogEntry.required_features",
+        "pqueue.v1.Snapshot.required_features",
+    }
+)
+
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+#: An announcement is cut at this many names (a header is untrusted input).
+MAX_ANNOUNCED = 256
+
+
+def lacking(
+    needed: Collection[str], members: Iterable[int], announced: dict[int, frozenset[str]]
+) -> tuple[str, tuple[int, ...]] | None:
+    """The first needed feature some members lack, and those members; None
+    if every member supports everything needed. ``announced`` holds each
+    member's announcement (this node's own set included); a member missing
+    from it is taken to support ``LEGACY`` only."""
+    members = sorted(members)
+    for feature in sorted(needed):
+        nodes = tuple(n for n in members if feature not in announced.get(n, LEGACY))
+        if nodes:
+            return feature, nodes
+    return None
+
+
+def unavailable(feature: str, nodes: tuple[int, ...], announced: dict[int, frozenset[str]]) -> str:
+    """Why the leader refuses a call needing ``feature`` (an operator reads it)."""
+    who = "; ".join(
+        f"node {n} has "
+        + (f"not announced {feature!r}" if n in announced else "not been heard from")
+        for n in nodes
+    )
+    use = USES.get(feature, f"feature {feature!r}")
+    return (
+        f"{use} need(s) every node on a release that supports {feature!r}; {who}. "
+        "Finish the rolling upgrade (every node on the new release), then retry"
+    )
+
+
+def announce(supported: Collection[str]) -> str:
+    """The header value that announces ``supported``."""
+    return ",".join(sorted(supported))
+
+
+def parse_announcement(value: str | None) -> frozenset[str]:
+    """The features a peer's header announces; no header: ``LEGACY``.
+
+    Names that are not feature names are ignored (a newer peer may know
+    features this release has no name for; they matter to nobody here).
+    """
+    if value is None:
+        return LEGACY
+    names = value.split(",", MAX_ANNOUNCED)[:MAX_ANNOUNCED]
+    return frozenset(n for n in (s.strip() for s in names) if _NAME.fullmatch(n))
+
+
+# Per message type: its gated fields, and the message fields worth descending
+# into (those whose type can reach a gated field). Built once per type.
+_plans: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _plan(desc: Descriptor) -> tuple[frozenset[str], frozenset[str]]:
+    plan = _plans.get(desc.full_name)
+    if plan is None:
+        _plans[desc.full_name] = (frozenset(), frozenset())  # a cycle ends here
+        gated = frozenset(f.full_name for f in desc.fields if f.full_name in FIELD_FEATURES)
+        descend = frozenset(
+            f.full_name
+            for f in desc.fields
+            if f.message_type is not None and any(_plan(f.message_type))
+        )
+        plan = _plans[desc.full_name] = (gated, descend)
+    return plan
+
+
+def required(message: Message) -> set[str]:
+    """The features a replica needs to apply ``message`` (a command or entry)."""
+    out: set[str] = set()
+    _collect(message, out)
+    return out
+
+
+def _collect(message: Message, out: set[str]) -> None:
+    gated, descend = _plan(cast(Descriptor, message.DESCRIPTOR))
+    if not (gated or descend):
+        return
+    for field, value in message.ListFields():
+        if field.full_name in gated:
+            out.add(FIELD_FEATURES[field.full_name])
+        if field.full_name in descend:
+            for item in value if field.is_repeated else (value,):
+                _collect(item, out)
+
+
+def required_by(commands: Iterable[logpb.Command]) -> list[str]:
+    """What an entry holding ``commands`` needs, sorted (the leader stamps it)."""
+    out: set[str] = set()
+    for command in commands:
+        _collect(command, out)
+    return sorted(out)
+
+
+def _dropped(message: Message) -> bool:
+    """Drop ``message``'s unknown fields, at any depth; whether it had any."""
+    size = message.ByteSize()
+    message.DiscardUnknownFields()
+    return message.ByteSize() != size
+
+
+def check_entry(entry: logpb.LogEntry, supported: Collection[str]) -> int:
+    """Raise ``UpgradeRequiredError`` if this release cannot apply ``entry``;
+    else the number of its commands whose request carried a client's unknown
+    fields (dropped here).
+
+    It cannot when the entry needs a feature outside ``supported``, or holds
+    a kind of command or a field the *writer* put there that this release
+    does not know (a newer writer's, whose meaning applying the rest would
+    silently drop): on the entry, on a command, or on what a leader stamps
+    on it (``limits``, ``caller``).
+
+    Unknown fields *inside a command's request* are a client's: releases
+    before admission refused them stored them as sent (a newer client's
+    field, or the issue's padding attack), and every replica applied those
+    commands without them. They are dropped, as every replica did, and the
+    entry applies: refusing it would stop every upgraded node at a command
+    the old ones applied long ago, on every restart, for good. A newer
+    writer's own fields in a request are never left to this: each is in
+    ``FIELD_FEATURES``, so the entry names its feature (the check above).
+    """
+    missing = sorted(set(entry.required_features) - set(supported))
+    if missing:
+        raise UpgradeRequiredError(
+            entry.index,
+            missing,
+            f"log entry {entry.index} needs feature(s) {', '.join(map(repr, missing))}, "
+            "which this node's release does not support",
+        )
+    kinds = [i for i, cmd in enumerate(entry.commands) if cmd.WhichOneof("kind") is None]
+    if kinds:
+        raise UpgradeRequiredError(
+            entry.index,
+            ["unknown"],
+            f"log entry {entry.index} holds command(s) {kinds} of a kind this node's "
+            "release does not know",
+        )
+    clients = 0
+    for cmd in entry.commands:
+        kind = cmd.WhichOneof("kind")
+        assert kind is not None
+        clients += _dropped(getattr(cmd, kind))
+    if _dropped(entry):
+        raise UpgradeRequiredError(
+            entry.index,
+            ["unknown"],
+            f"log entry {entry.index} holds fields this node's release does not know",
+        )
+    return clients
+
+
+def check_restored(index: int, needed: Collection[str], supported: Collection[str]) -> None:
+    """Raise ``UpgradeRequiredError`` if a snapshot's state needs a feature
+    outside ``supported`` (its entries used one this release cannot apply)."""
+    missing = sorted(set(needed) - set(supported))
+    if missing:
+        raise UpgradeRequiredError(
+            index,
+            missing,
+            f"the snapshot at entry {index} needs feature(s) "
+            f"{', '.join(map(repr, missing))}, which this node's release does not support",
+        )
+
+
+def check_snapshot(snapshot: Message) -> None:
+    """Raise ``UpgradeRequiredError`` if a snapshot holds fields this release
+    does not know (written by a newer release: restoring it would drop them).
+
+    A queue's ``config`` is the client's ``CreateQueue`` config as it was
+    sent, and releases before admission kept a client's unknown fields in it
+    (every replica ignored them): those are dropped, not refused."""
+    for queue in getattr(snapshot, "queues", ()):
+        _dropped(queue.config)
+    if _dropped(snapshot):
+        index = getattr(snapshot, "index", 0)
+        raise UpgradeRequiredError(
+            index, ["unknown"], f"the snapshot at {index} holds fields this release does not know"
+        )

@@ -1,0 +1,167 @@
+"""Job commands of the queue machine: enqueue, lease, ack, nack, extend.
+Each checks everything before changing anything (an error means no change)."""
+
+from __future__ import annotations
+
+import heapq
+
+from pqueue.core import limits
+from pqueue.core.jobs import (
+    DEAD,
+    LEASED,
+    Job,
+    backoff_ms,
+)
+from pqueue.core.tenancy import TenancyRules
+from pqueue.errors import (
+    InvalidArgumentError,
+)
+from pqueue.v1 import queue_pb2 as pb
+
+
+class JobCommands(TenancyRules):
+    """The commands a producer or a consumer sends."""
+
+    def _enqueue(self, req: pb.EnqueueBatchRequest, now: int) -> pb.EnqueueBatchResponse:
+        limits.check_queue_name(req.queue)
+        queue = self.queues.get(req.queue)
+        tenant = self._check_producer(req.queue, queue)
+        config = queue.config if queue else limits.effective_config(pb.QueueConfig())
+        for i, spec in enumerate(req.jobs):
+            self._check_spec(config, spec, f"jobs[{i}]")
+        self._check_tenant_enqueue(req, queue, tenant)
+        if queue is None:
+            queue = self._new_queue(req.queue, config)
+        lane = queue.lane(tenant)
+        out = pb.EnqueueBatchResponse()
+        for spec in req.jobs:
+            key = spec.idempotency_key
+            if key and (tenant, key) in queue.dedup:
+                out.results.add(job_id=queue.dedup[tenant, key][0], duplicate=True)
+                continue
+            job = Job(
+                job_id=self.next_job_id,
+                queue=queue.name,
+                priority=spec.priority,
+                payload=spec.payload,
+                state=0,
+                group=spec.group,
+                idempotency_key=key,
+                enqueued_at_ms=now,
+                ready_at_ms=now,
+                tenant=tenant,
+            )
+            self.next_job_id += 1
+            queue.jobs[job.job_id] = job
+            lane.held += 1
+            self.jobs[job.job_id] = job
+            queue.counters.enqueued += 1
+            if key:
+                self.remember_key(queue, tenant, key, job.job_id, now + config.dedup_window_ms)
+            ready_at = max(now + spec.delay_ms, spec.not_before_ms)
+            if ready_at > now:
+                self._make_delayed(queue, job, ready_at)
+            else:
+                self._make_ready(queue, job, now)
+            out.results.add(job_id=job.job_id)
+        return out
+
+    def _lease(self, req: pb.LeaseRequest, now: int) -> pb.LeaseResponse:
+        queue = self._queue(req.queue)
+        limits.check_duration(req.lease_ms, "lease_ms")
+        max_jobs = min(max(req.max_jobs, 1), limits.MAX_LEASE_JOBS, self._lease_room(req.queue))
+        lease_ms = min(
+            req.lease_ms or queue.config.default_lease_ms, queue.config.max_lease_total_ms
+        )
+        out = pb.LeaseResponse()
+        size = 0
+        while len(out.jobs) < max_jobs and size < limits.MAX_LEASE_RESPONSE_BYTES:
+            job = queue.take_ready()
+            if job is None:
+                break
+            size += len(job.payload)
+            self._set_state(queue, job, LEASED)
+            job.attempts += 1
+            queue.counters.leased += 1
+            job.lease_id = self.next_lease_id
+            self.next_lease_id += 1
+            job.leased_at_ms = now
+            job.lease_expires_at_ms = now + lease_ms
+            job.consumer_id = req.consumer_id
+            heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+            if job.group:
+                queue.groups[job.group_key].in_flight = job.job_id
+            out.jobs.add(
+                job_id=job.job_id,
+                lease_id=job.lease_id,
+                priority=job.priority,
+                payload=job.payload,
+                attempt=job.attempts,
+                group=job.group,
+                enqueued_at_ms=job.enqueued_at_ms,
+                lease_expires_at_ms=job.lease_expires_at_ms,
+                queue=queue.name,
+                tenant=job.tenant,
+            )
+        return out
+
+    def _ack(self, req: pb.AckRequest, now: int) -> pb.AckResponse:
+        queue = self._queue(req.queue)
+        seen: set[int] = set()
+        jobs = []
+        for i, lease in enumerate(req.leases):
+            if lease.job_id in seen:
+                raise InvalidArgumentError(f"leases[{i}].job_id", "job listed twice")
+            seen.add(lease.job_id)
+            jobs.append(self._leased_job(queue, lease.job_id, lease.lease_id))
+        for job in jobs:
+            queue.counters.acked += 1
+            self._end_lease(queue, job)
+            self._remove(queue, job)
+        return pb.AckResponse(acked=len(jobs))
+
+    def _nack(self, req: pb.NackRequest, now: int) -> pb.NackResponse:
+        queue = self._queue(req.queue)
+        job = self._leased_job(queue, req.job_id, req.lease_id)
+        if req.release:
+            delay = req.delay_ms if req.HasField("delay_ms") else 0
+            limits.check_duration(delay, "delay_ms")
+            job.attempts -= 1  # this delivery does not count
+            self._end_lease(queue, job)
+            if delay:
+                self._make_delayed(queue, job, now + delay)
+            else:
+                self._make_ready(queue, job, now)
+            return pb.NackResponse(
+                state=job.state,  # type: ignore[arg-type]
+                ready_at_ms=job.ready_at_ms,
+                attempts=job.attempts,
+            )
+        delay = (
+            req.delay_ms
+            if req.HasField("delay_ms")
+            else backoff_ms(queue.config, job.job_id, job.attempts)
+        )
+        limits.check_duration(delay, "delay_ms")
+        queue.counters.nacked += 1
+        self._fail_delivery(queue, job, now, req.reason or "nacked", retry_at=now + delay)
+        return pb.NackResponse(
+            state=job.state,  # type: ignore[arg-type]
+            ready_at_ms=job.ready_at_ms if job.state != DEAD else 0,
+            attempts=job.attempts,
+        )
+
+    def _extend(self, req: pb.ExtendLeaseRequest, now: int) -> pb.ExtendLeaseResponse:
+        queue = self._queue(req.queue)
+        limits.check_duration(req.lease_ms, "lease_ms")
+        job = self._leased_job(queue, req.job_id, req.lease_id)
+        wanted = now + (req.lease_ms or queue.config.default_lease_ms)
+        cap = job.leased_at_ms + queue.config.max_lease_total_ms
+        job.lease_expires_at_ms = min(wanted, cap)
+        if self.changed is not None:
+            self.changed.add(job.job_id)
+        # The older heap entry no longer matches the expiry and is skipped.
+        heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+        return pb.ExtendLeaseResponse(
+            lease_expires_at_ms=job.lease_expires_at_ms, capped=wanted > cap
+        )

@@ -1,0 +1,209 @@
+"""The queue state machine: deterministic ``apply(entry)`` of logged commands.
+
+Pure: no clock, IO or global random. Time arrives only as ``LogEntry.time_ms``
+stamped by the proposer, so every replica applying the same entries reaches
+the same state (same snapshot bytes). Each command either succeeds or raises
+a ``PQueueError`` *before* changing anything; ``apply_entry`` returns one
+result per command (the response message, or that error).
+
+Every entry first advances time: delayed jobs that came due become ready,
+leases that expired return their jobs (or make them dead), and idempotency
+keys past their window are forgotten. Expiry is therefore decided in the log,
+never guessed per replica.
+
+The class is split by concern: ``transitions`` (state, job state changes,
+indexes, lookups), ``tenancy`` (the rules stamped limits and callers impose),
+``job_commands`` and ``queue_commands`` (one method per command); this module
+dispatches, advances time and answers reads.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import Message
+
+from pqueue.core.job_commands import JobCommands
+from pqueue.core.jobs import (
+    DELAYED,
+    LEASED,
+    READY,
+)
+from pqueue.core.queue_commands import QueueCommands
+from pqueue.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PQueueError,
+)
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+
+Result = Message | PQueueError
+
+
+class QueueMachine(JobCommands, QueueCommands):
+    """All queues of one node, advanced only by ``apply_entry``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handlers: dict[str, Callable[[Any, int], Message]] = {
+            "enqueue": self._enqueue,
+            "lease": self._lease,
+            "ack": self._ack,
+            "nack": self._nack,
+            "extend": self._extend,
+            "create_queue": self._create_queue,
+            "delete_queue": self._delete_queue,
+            "purge": self._purge,
+            "redrive": self._redrive,
+            "delete_dead": self._delete_dead,
+            "tick": self._tick,
+        }
+
+    # ------------------------------------------------------------------ apply
+
+    def apply_entry(self, entry: logpb.LogEntry) -> list[Result]:
+        """Apply one log entry; one result per command, in order."""
+        if entry.index != self.applied_index + 1:
+            raise ValueError(f"entry {entry.index} applied after {self.applied_index}")
+        now = max(entry.time_ms, self.time_ms)  # time never runs backwards
+        self.time_ms = now
+        self.applied_index = entry.index
+        self.features.update(entry.required_features)
+        self.advance(now)
+        return [self.apply_command(cmd, now) for cmd in entry.commands]
+
+    def apply_command(self, cmd: logpb.Command, now: int) -> Result:
+        """Apply one command at ``now``; an error result means nothing changed."""
+        kind = cmd.WhichOneof("kind")
+        if kind is None:
+            return InvalidArgumentError("command", "empty command")
+        self._limits = cmd.limits if cmd.HasField("limits") else None
+        self._caller = cmd.caller if cmd.HasField("caller") else None
+        try:
+            return self._handlers[kind](getattr(cmd, kind), now)
+        except PQueueError as exc:
+            return exc
+        finally:
+            self._limits = self._caller = None
+            for name in self._idle:
+                queue = self.queues.get(name)
+                if queue is not None:
+                    self._drop_if_idle(queue)
+            self._idle.clear()
+
+    def advance(self, now: int) -> None:
+        """Promote due delayed jobs, expire due leases, forget old dedup keys."""
+        self._compact_time_heaps()
+        while self._delayed and self._delayed[0][0] <= now:
+            job = self._delayed_job(heapq.heappop(self._delayed))
+            if job is not None:
+                self._make_ready(self.queues[job.queue], job, job.ready_at_ms)
+        while self._leases and self._leases[0][0] <= now:
+            job = self._leased_by(heapq.heappop(self._leases))
+            if job is not None:
+                queue = self.queues[job.queue]
+                queue.counters.expired += 1
+                self._fail_delivery(queue, job, now, "lease expired", retry_at=now)
+        while self._dedup and self._dedup[0][0] <= now:
+            expires, name, tenant, key = heapq.heappop(self._dedup)
+            owner = self.queues.get(name)
+            if owner is not None and owner.dedup.get((tenant, key), (0, -1))[1] == expires:
+                del owner.dedup[tenant, key]
+                self._drop_if_idle(owner)
+
+    def _compact_time_heaps(self) -> None:
+        """Acked jobs leave lease entries behind until their expiry time: drop
+        them once they outnumber the live ones (amortized O(1) per entry)."""
+        live = {DELAYED: 0, LEASED: 0}
+        if len(self._leases) + len(self._delayed) < 1024:
+            return
+        for queue in self.queues.values():
+            live[DELAYED] += queue.counts[DELAYED]
+            live[LEASED] += queue.counts[LEASED]
+        if len(self._leases) > 2 * live[LEASED] + 1024:
+            # Filter the heap itself: scanning every job instead cost time in
+            # proportion to the backlog, not to the entries dropped.
+            self._leases = [e for e in self._leases if self._leased_by(e) is not None]
+            heapq.heapify(self._leases)
+        if len(self._delayed) > 2 * live[DELAYED] + 1024:
+            self._delayed = [e for e in self._delayed if self._delayed_job(e) is not None]
+            heapq.heapify(self._delayed)
+
+    # ------------------------------------------------------------------ reads
+
+    def get_job(self, queue_name: str, job_id: int) -> pb.Job:
+        """One job's public view."""
+        job = self._queue(queue_name).jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id} not found in queue {queue_name!r}")
+        return job.to_proto()
+
+    def stats(self, queue_name: str, now_ms: int) -> list[pb.QueueStats]:
+        """Stats of one queue, or of all (by name) when ``queue_name`` is empty."""
+        if queue_name:
+            return [self._queue(queue_name).stats(now_ms)]
+        return [self.queues[name].stats(now_ms) for name in sorted(self.queues)]
+
+    def list_queues(self, now_ms: int) -> list[pb.QueueInfo]:
+        """Every queue with its config and stats, by name."""
+        return [
+            pb.QueueInfo(queue=name, config=q.config, stats=q.stats(now_ms))
+            for name, q in sorted(self.queues.items())
+        ]
+
+    def stats_page(
+        self, tenant: str | None, after: str, limit: int, now_ms: int
+    ) -> tuple[list[pb.QueueStats], str]:
+        """Stats of up to ``limit`` queues after ``after`` (one tenant's, or
+        all with None), by name, and the name to continue after ("": no more)."""
+        names, more = self.queues.page(tenant, after, limit)
+        stats = [self.queues[name].stats(now_ms) for name in names]
+        return stats, names[-1] if more else ""
+
+    def queues_page(
+        self, tenant: str | None, after: str, limit: int, now_ms: int
+    ) -> tuple[list[pb.QueueInfo], str]:
+        """``list_queues`` a page at a time, as ``stats_page``."""
+        names, more = self.queues.page(tenant, after, limit)
+        infos = [
+            pb.QueueInfo(queue=n, config=self.queues[n].config, stats=self.queues[n].stats(now_ms))
+            for n in names
+        ]
+        return infos, names[-1] if more else ""
+
+    def list_dead(self, queue_name: str, limit: int, after_job_id: int) -> pb.ListDeadResponse:
+        """A page of dead jobs by id, after ``after_job_id``."""
+        queue = self._queue(queue_name)
+        ids = sorted(i for i in queue.dead_ids if i > after_job_id)
+        page = ids[:limit]
+        return pb.ListDeadResponse(
+            jobs=[queue.jobs[i].to_proto() for i in page],
+            next_after_job_id=page[-1] if len(ids) > limit else 0,
+        )
+
+    def ready_jobs(self) -> int:
+        """Ready jobs over all queues."""
+        return sum(q.counts[READY] for q in self.queues.values())
+
+    def has_ready(self, queue_name: str) -> bool:
+        """Whether a lease on this queue would find a job now."""
+        queue = self.queues.get(queue_name)
+        return queue is not None and queue.peek_ready() is not None
+
+    def next_due_ms(self) -> int | None:
+        """When the next delayed job comes due or lease expires, if ever."""
+        while self._delayed and self._delayed_job(self._delayed[0]) is None:
+            heapq.heappop(self._delayed)
+        while self._leases and self._leased_by(self._leases[0]) is None:
+            heapq.heappop(self._leases)
+        due = [h[0][0] for h in (self._delayed, self._leases) if h]
+        return min(due) if due else None
+
+    def drain_woken(self) -> Counter[str]:
+        """Per queue, how many jobs became leasable since the last call."""
+        woken, self._woken = self._woken, Counter()
+        return woken

@@ -1,0 +1,292 @@
+"""The queue machine's state and its transitions: moving a job between
+states, the indexes that follow it (ready heaps, groups, timers), and lookups.
+Pure, like all of ``pqueue.core``; ``QueueMachine`` (machine.py) composes it
+with the commands."""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+
+from pqueue.core import limits
+from pqueue.core.jobs import (
+    DEAD,
+    DELAYED,
+    LEASED,
+    READY,
+    Group,
+    GroupKey,
+    Job,
+    QueueState,
+)
+from pqueue.core.queue_table import QueueTable
+from pqueue.errors import (
+    InvalidArgumentError,
+    LeaseLostError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+
+
+class MachineState:
+    """The fields of ``QueueMachine`` (see there)."""
+
+    def __init__(self) -> None:
+        self.queues = QueueTable()
+        self.jobs: dict[int, Job] = {}
+        self.next_job_id = 1
+        self.next_lease_id = 1
+        self.applied_index = 0
+        self.time_ms = 0
+        #: Every feature the entries applied so far needed (their
+        #: ``required_features``): a snapshot of this state needs them too.
+        self.features: set[str] = set()
+        #: (ready_at_ms, job_id, token) of DELAYED jobs, all queues.
+        self._delayed: list[tuple[int, int, int]] = []
+        #: (expires_at_ms, lease_id, job_id) of LEASED jobs, all queues.
+        self._leases: list[tuple[int, int, int]] = []
+        #: (expires_at_ms, queue, tenant, key) of idempotency records.
+        self._dedup: list[tuple[int, str, str, str]] = []
+        #: Per queue, how many jobs became leasable since the last ``drain_woken``.
+        self._woken: Counter[str] = Counter()
+        #: Queues with delete_when_idle that lost their last job this command.
+        self._idle: set[str] = set()
+        #: The tenant limits stamped on the command being applied (None: none).
+        self._limits: logpb.TenantLimits | None = None
+        #: Who sent the command being applied (None: not stamped, auth off).
+        self._caller: logpb.Caller | None = None
+        #: Ids of jobs changed or removed since ``take_changes`` (None: not
+        #: tracked). A store that mirrors jobs (PostgreSQL's ``jobs`` table)
+        #: turns it on; it never affects what the machine does.
+        self.changed: set[int] | None = None
+
+
+class Transitions(MachineState):
+    """Job state changes and the indexes kept with them."""
+
+    # -------------------------------------------------------------- restore
+
+    def index_job(self, queue: QueueState, job: Job) -> None:
+        """Adopt a job restored from a snapshot, in whatever state it was.
+
+        Group heads are offered for leasing afterwards, once every job of the
+        group is known (see ``pqueue.core.snapshot.restore``).
+        """
+        queue.jobs[job.job_id] = job
+        self.jobs[job.job_id] = job
+        queue.lane(job.tenant).held += 1
+        queue.counts[job.state] += 1
+        if job.state == DEAD:
+            queue.dead_ids.add(job.job_id)
+            return
+        group = queue.groups.setdefault(job.group_key, Group()) if job.group else None
+        if job.state == LEASED:
+            heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+            if group is not None:
+                group.in_flight = job.job_id
+            return
+        if group is not None:
+            heapq.heappush(group.waiting, job.job_id)
+        if job.state == READY:
+            queue.note_ready(job)
+        if job.state == DELAYED:
+            job.token += 1
+            heapq.heappush(self._delayed, (job.ready_at_ms, job.job_id, job.token))
+        elif group is None:
+            queue.push_ready(job)
+
+    def remember_key(
+        self, queue: QueueState, tenant: str, key: str, job_id: int, expires_at_ms: int
+    ) -> None:
+        """Record a producing tenant's idempotency key until ``expires_at_ms``
+        (per tenant: in a shared queue, one tenant's key never answers for another's)."""
+        queue.dedup[tenant, key] = (job_id, expires_at_ms)
+        heapq.heappush(self._dedup, (expires_at_ms, queue.name, tenant, key))
+
+    # ----------------------------------------------------------- transitions
+
+    def _new_queue(self, name: str, config: pb.QueueConfig) -> QueueState:
+        if len(self.queues) >= limits.MAX_QUEUES:
+            raise ResourceExhaustedError(
+                f"the cluster holds its limit of {limits.MAX_QUEUES} queues; delete one first"
+            )
+        bound = self._limits
+        if bound is not None and bound.max_queues:
+            tenant = limits.tenant_of(name)
+            held = self.queues.held_by(tenant)
+            if held >= bound.max_queues:
+                raise ResourceExhaustedError(
+                    f"the tenant holds {held} queues, its limit; delete one first"
+                )
+        queue = QueueState(name=name, config=config)
+        self.queues[name] = queue
+        return queue
+
+    def _drop_if_idle(self, queue: QueueState) -> None:
+        """delete_when_idle: drop a queue with no job and no live idempotency key
+        (the keys must outlive their jobs, or a retried enqueue makes a twin)."""
+        if queue.config.delete_when_idle and not queue.jobs and not queue.dedup:
+            self._drop_queue(queue)
+
+    def _drop_queue(self, queue: QueueState) -> None:
+        for job_id in queue.jobs:
+            del self.jobs[job_id]
+        if self.changed is not None:
+            self.changed.update(queue.jobs)
+        del self.queues[queue.name]
+
+    def take_changes(self) -> tuple[list[pb.Job], list[int]]:
+        """Jobs changed since the last call (as shown to clients), and ids removed."""
+        if not self.changed:
+            return [], []
+        changed, self.changed = self.changed, set()
+        live = [self.jobs[i].to_proto() for i in sorted(changed) if i in self.jobs]
+        return live, sorted(i for i in changed if i not in self.jobs)
+
+    def _set_state(self, queue: QueueState, job: Job, state: int) -> None:
+        if self.changed is not None:
+            self.changed.add(job.job_id)
+        if job.state:
+            queue.counts[job.state] -= 1
+        queue.counts[state] += 1
+        job.state = state
+
+    def _make_ready(self, queue: QueueState, job: Job, ready_at: int) -> None:
+        self._set_state(queue, job, READY)
+        job.ready_at_ms = ready_at
+        queue.note_ready(job)
+        if job.group:
+            self._join_group(queue, job)
+        else:
+            queue.push_ready(job)
+            self._woken[queue.name] += 1
+
+    def _make_delayed(self, queue: QueueState, job: Job, ready_at: int) -> None:
+        self._set_state(queue, job, DELAYED)
+        job.ready_at_ms = ready_at
+        job.token += 1
+        heapq.heappush(self._delayed, (ready_at, job.job_id, job.token))
+        if job.group:
+            self._join_group(queue, job)
+
+    def _join_group(self, queue: QueueState, job: Job) -> None:
+        group = queue.groups.setdefault(job.group_key, Group())
+        if group.in_flight != job.job_id:
+            heapq.heappush(group.waiting, job.job_id)
+        self._refresh_group(queue, job.group_key)
+
+    def _refresh_group(self, queue: QueueState, key: GroupKey) -> None:
+        """Offer the group's head for leasing when nothing of it is in flight."""
+        group = queue.groups[key]
+        if group.in_flight:
+            return
+        head = queue.group_head(key)
+        if head is None:
+            del queue.groups[key]
+        elif head.state == READY:
+            queue.push_ready(head)
+            self._woken[queue.name] += 1
+
+    def _end_lease(self, queue: QueueState, job: Job) -> None:
+        """The delivery is over (ack, nack, expiry): free the job's group."""
+        job.lease_expires_at_ms = 0
+        if job.group:
+            group = queue.groups[job.group_key]
+            if group.in_flight == job.job_id:
+                group.in_flight = 0
+
+    def _fail_delivery(
+        self, queue: QueueState, job: Job, now: int, reason: str, retry_at: int
+    ) -> None:
+        """Record the failed attempt; retry at ``retry_at`` or make the job dead."""
+        job.errors.append((job.attempts, now, reason[: limits.MAX_REASON_CHARS]))
+        del job.errors[: -limits.MAX_ERROR_HISTORY]
+        self._end_lease(queue, job)
+        if job.attempts >= queue.config.max_attempts:
+            self._set_state(queue, job, DEAD)
+            queue.dead_ids.add(job.job_id)
+            queue.counters.dead += 1
+            if job.group:
+                self._refresh_group(queue, job.group_key)
+        elif retry_at > now:
+            self._make_delayed(queue, job, retry_at)
+        else:
+            self._make_ready(queue, job, now)
+
+    def _remove(self, queue: QueueState, job: Job) -> None:
+        if self.changed is not None:
+            self.changed.add(job.job_id)
+        queue.counts[job.state] -= 1
+        del queue.jobs[job.job_id]
+        del self.jobs[job.job_id]
+        queue.lanes[job.tenant].held -= 1
+        queue.dead_ids.discard(job.job_id)
+        if job.group and job.group_key in queue.groups:
+            self._refresh_group(queue, job.group_key)
+        if queue.config.delete_when_idle and not queue.jobs:
+            self._idle.add(queue.name)
+
+    # ------------------------------------------------------------- lookups
+
+    def _delayed_job(self, entry: tuple[int, int, int]) -> Job | None:
+        """The job a delayed-heap entry names, if the entry is still current."""
+        _, job_id, token = entry
+        job = self.jobs.get(job_id)
+        return job if job is not None and job.token == token and job.state == DELAYED else None
+
+    def _leased_by(self, entry: tuple[int, int, int]) -> Job | None:
+        """The job a lease-heap entry names, if that lease and expiry still hold."""
+        expires, lease_id, job_id = entry
+        job = self.jobs.get(job_id)
+        if (
+            job is None
+            or job.state != LEASED
+            or job.lease_id != lease_id
+            or job.lease_expires_at_ms != expires
+        ):
+            return None
+        return job
+
+    def _queue(self, name: str) -> QueueState:
+        queue = self.queues.get(name)
+        if queue is None:
+            limits.check_queue_name(name)
+            raise NotFoundError(f"queue {name!r} not found")
+        return queue
+
+    def _leased_job(self, queue: QueueState, job_id: int, lease_id: int) -> Job:
+        """The job under this lease, or the error a stale or unknown lease earns."""
+        job = queue.jobs.get(job_id)
+        if job is None and (job_id == 0 or job_id >= self.next_job_id):
+            raise NotFoundError(f"job {job_id} not found in queue {queue.name!r}")
+        if job is None or job.state != LEASED or job.lease_id != lease_id:
+            raise LeaseLostError(f"job {job_id} is not leased under lease {lease_id}", job_id)
+        return job
+
+    def _check_spec(self, config: pb.QueueConfig, spec: pb.JobSpec, field: str) -> None:
+        limits.check_job_spec(spec, field)
+        if len(spec.payload) > config.max_payload_bytes:
+            raise InvalidArgumentError(
+                f"{field}.payload",
+                f"{len(spec.payload)} bytes exceeds the queue's max_payload_bytes "
+                f"{config.max_payload_bytes}",
+            )
+        if config.HasField("min_priority") and spec.priority < config.min_priority:
+            raise InvalidArgumentError(
+                f"{field}.priority",
+                f"{spec.priority} is below the queue's min_priority {config.min_priority}",
+            )
+        if config.HasField("max_priority") and spec.priority > config.max_priority:
+            raise InvalidArgumentError(
+                f"{field}.priority",
+                f"{spec.priority} is above the queue's max_priority {config.max_priority}",
+            )
+
+    def _dead_jobs(self, queue: QueueState, job_ids: Iterable[int]) -> list[Job]:
+        """The queue's dead jobs, all of them or those listed, by id."""
+        wanted = set(job_ids)
+        ids = sorted(wanted & queue.dead_ids if wanted else queue.dead_ids)
+        return [queue.jobs[i] for i in ids]

@@ -1,0 +1,178 @@
+"""The log seam: how commands become durable, ordered and applied.
+
+``CommandLog`` is what the node and servicer depend on; ``Applier`` is what it
+needs from the state machine. ``pqueue.node.replicated.ReplicatedLog`` implements
+it with Multi-Paxos, one node being a quorum of one, so there is one code
+path; another log could take its place without touching the state machine
+or the servicer.
+
+Order of effects per entry, which is what makes acknowledgements safe:
+stamp time -> persist (fsync, on a majority) -> apply -> answer callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf.message import Message
+
+from pqueue.core.limits import take_batch
+from pqueue.errors import PQueueError
+from pqueue.v1 import log_pb2 as logpb
+
+logger = logging.getLogger(__name__)
+
+Result = Message | PQueueError
+#: A command's result and the log index of the entry that applied it.
+Indexed = tuple[Result, int]
+
+
+class Applier(Protocol):
+    """The state-machine side of the seam."""
+
+    def apply(self, entry: logpb.LogEntry) -> list[Result]:
+        """Apply a committed entry; one result per command."""
+
+    def snapshot(self) -> bytes:
+        """The state at the last applied index."""
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state with a snapshot's."""
+
+    def last_time_ms(self) -> int:
+        """The time of the last applied entry (new entries never go below it)."""
+
+    def last_index(self) -> int:
+        """The index of the last applied entry (what ``snapshot`` covers)."""
+
+
+class LogObserver(Protocol):
+    """What a log reports as it works (metrics); every call is cheap and never fails."""
+
+    def batch(self, commands: int) -> None:
+        """A log entry was proposed carrying this many commands (group commit)."""
+
+    def persisted(self, seconds: float) -> None:
+        """A durable write (fsync, or a committed transaction) took this long."""
+
+    def election(self) -> None:
+        """This node started a phase 1 (an election) at a new ballot."""
+
+
+class NoObserver:
+    """A ``LogObserver`` that keeps nothing."""
+
+    def batch(self, commands: int) -> None:
+        pass
+
+    def persisted(self, seconds: float) -> None:
+        pass
+
+    def election(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LogStatus:
+    """What a log reports about itself (for status output and metrics)."""
+
+    role: str
+    commit_index: int
+    applied_index: int
+    snapshot_index: int
+    pending: int
+    node_id: int = 0
+    ballot: tuple[int, int] = (0, 0)
+    leader_id: int = 0
+    peers: dict[int, str] = field(default_factory=dict)
+
+
+class CommandLog(Protocol):
+    """Orders commands, makes them durable, applies them, answers callers."""
+
+    async def start(self) -> None:
+        """Recover (snapshot + replay) and begin accepting commands."""
+
+    async def stop(self) -> None:
+        """Refuse new commands, finish the pending ones, release storage."""
+
+    async def submit(self, command: logpb.Command) -> Message:
+        """The command's result once durable and applied; raises its error."""
+
+    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``submit``, with the log index of the entry that applied the command."""
+
+    def status(self) -> LogStatus:
+        """Current indexes and role."""
+
+    @property
+    def failed(self) -> asyncio.Event:
+        """Set once the log has failed for good; the node must stop."""
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node may take commands now."""
+
+    def leader_hint(self) -> tuple[int, str]:
+        """The leader's node id and address if known, else (0, "")."""
+
+    def not_leader_error(self) -> PQueueError:
+        """The error for a command this node cannot take (leader hint inside)."""
+
+    async def transfer_leadership(self, timeout_s: float) -> bool:
+        """Hand leadership to another node; True once another node leads."""
+
+    async def read_barrier(self, timeout_s: float = 5.0) -> int:
+        """On the leader: wait until a linearizable read may be served; the read index."""
+
+    async def wait_applied(self, index: int, timeout_s: float) -> None:
+        """Wait until the state has applied up to ``index`` (read your writes)."""
+
+
+Pending = tuple[logpb.Command, "asyncio.Future[Indexed]"]
+
+
+class Proposals:
+    """Commands waiting for a log: each caller awaits its own command's result."""
+
+    def __init__(self) -> None:
+        self.items: list[Pending] = []
+        #: Set when commands arrive (the log's loop waits on it).
+        self.wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    async def submit(self, command: logpb.Command) -> Message:
+        """Queue ``command``; its result once the log resolves it (errors raised)."""
+        return (await self.submit_indexed(command))[0]
+
+    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``submit``, with the log index of the entry that applied ``command``."""
+        fut: asyncio.Future[Indexed] = asyncio.get_running_loop().create_future()
+        self.items.append((command, fut))
+        self.wake.set()
+        result, index = await fut
+        if isinstance(result, PQueueError):
+            raise result
+        return result, index
+
+    def peek_batch(self, max_commands: int) -> list[Pending]:
+        """The commands the next entry would hold (group commit, bounded in bytes)."""
+        n = take_batch(self.items, lambda p: p[0].ByteSize(), max_commands)
+        return self.items[:n]
+
+    def remove(self, batch: list[Pending]) -> None:
+        """Drop a batch taken with ``peek_batch`` (it went into an entry)."""
+        del self.items[: len(batch)]
+
+    def fail(self, error: PQueueError, batch: list[Pending] | None = None) -> None:
+        """Fail ``batch`` (default: everything waiting) with ``error``."""
+        if batch is None:
+            batch, self.items = self.items, []
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(error)

@@ -1,0 +1,76 @@
+"""Forwarding a client's call from a follower to the leader, in one hop."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.channels import channel_options
+from pqueue.wire.keys import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY, FORWARDER_TOKEN_KEY
+from pqueue.wire.observe import hop_metadata
+from pqueue.wire.status import from_rpc_error
+from pqueue.wire.tls import Tls
+from pqueue.wire.tls import channel as channel_to
+from pqueue.wire.tokens import TokenSource, current_token
+
+
+class Forwarder:
+    """Cached channels to leaders; calls by method name with the caller's deadline."""
+
+    def __init__(self, tls: Tls | None = None, hop_token: TokenSource | None = None) -> None:
+        self.tls = tls
+        #: This node's peer token, shown to the leader (``pq-forwarder-token``) so
+        #: that it believes the client address the follower passes on.
+        self.hop_token = hop_token
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = channel_to(
+                address,
+                self.tls,
+                channel_options(),
+            )
+            self._channels[address] = channel
+        return channel
+
+    async def call(
+        self,
+        address: str,
+        service: str,
+        method: str,
+        request: Message,
+        timeout_s: float | None,
+        forwarded_by: str,
+        credentials: tuple[tuple[str, str], ...] = (),
+    ) -> Message:
+        """The leader's answer; its error re-raised as a ``PQueueError``."""
+        descriptor = pb.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
+        output = message_factory.GetMessageClass(descriptor.methods_by_name[method].output_type)
+        stub = self._channel(address).unary_unary(
+            f"/{service}/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=output.FromString,
+        )
+        hop_token = current_token(self.hop_token)
+        proof = ((FORWARDER_TOKEN_KEY, hop_token),) if hop_token else ()
+        try:
+            response: Message = await stub(
+                request,
+                # Never unbounded: a caller without a deadline still gets one.
+                timeout=timeout_s if timeout_s is not None else DEFAULT_FORWARD_TIMEOUT_S,
+                # The caller's own token goes along: the leader checks it again.
+                metadata=((FORWARDED_KEY, forwarded_by), *hop_metadata(), *proof, *credentials),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels = {}

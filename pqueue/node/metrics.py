@@ -1,0 +1,212 @@
+"""A node's Prometheus metrics, on a registry of its own (one per server).
+
+Three kinds of figures:
+
+- **Events as they happen**: calls (``pqueue.wire.observe``), commands per log
+  entry, durable-write seconds, elections. Histograms and counters fed by
+  the log through ``LogObserver``.
+- **State at scrape time**: jobs by queue and state, the oldest ready job's
+  age, per-queue totals, consensus indexes, replication lag, serving. Read
+  from the node by ``NodeCollector`` when Prometheus asks, so nothing is
+  kept twice and nothing goes stale. Queue state is replicated: every node
+  reports the same figures for the same applied index (dashboards take
+  ``max by (queue)``).
+- **The process**: CPU and memory (``pqueue.wire.process_metrics``).
+
+Queue names label the per-queue families: the first ``max_queues`` by name
+get series of their own, the rest are summed under ``queue="_other"``, so
+the series stay bounded however many queues the cluster holds (up to
+``limits.MAX_QUEUES``), and a scrape stays cheap for the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pqueue.core.jobs import DEAD, DELAYED, LEASED, READY, QueueState
+from pqueue.node.queue_node import QueueNode
+from pqueue.node.replicated import ReplicatedLog
+from pqueue.wire.observe import GrpcMetrics
+from pqueue.wire.process_metrics import ProcessCollector
+
+try:
+    VERSION = metadata.version("pqueue")
+except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+    VERSION = "unknown"
+
+_STATES = (("ready", READY), ("delayed", DELAYED), ("leased", LEASED), ("dead", DEAD))
+#: (family suffix, Counters attribute, help)
+_TOTALS = (
+    ("enqueued", "enqueued", "Jobs enqueued (duplicates of an idempotency key not counted)."),
+    ("leased", "leased", "Deliveries: jobs handed to a consumer under a lease."),
+    ("acked", "acked", "Jobs acknowledged as done."),
+    ("nacked", "nacked", "Jobs handed back by a consumer."),
+    ("expired", "expired", "Leases that ran out before an ack."),
+    ("dead_lettered", "dead", "Jobs moved to the dead letters."),
+)
+#: Queues given series of their own, by name; the rest are summed as one.
+DEFAULT_MAX_QUEUES = 500
+#: The label of the row that sums the queues beyond the budget.
+OTHER_QUEUES = "_other"
+#: What the ``queue`` label of the per-queue families holds
+#: (``pq node --metrics-queue-labels``): each queue's name; each tenant's
+#: name with ``/*`` (its queues summed, no queue names shown); or one row
+#: ``*`` summing every queue (nothing about tenants shown).
+QUEUE_LABEL_MODES = ("queue", "tenant", "off")
+ALL_QUEUES = "*"
+
+
+class NodeMetrics:
+    """The registry, plus the families fed as things happen. A ``LogObserver``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.grpc = GrpcMetrics(r)
+        self.batch_commands = Histogram(
+            "pq_consensus_batch_commands",
+            "Commands packed into one log entry by the leader (group commit).",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+        )
+        self.fsync_seconds = Histogram(
+            "pq_storage_fsync_seconds",
+            "Time of each durable write of the log (an fsync, or a committed transaction).",
+            registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1),
+        )
+        self.elections = Counter(
+            "pq_consensus_elections",
+            "Elections (phase-1 rounds) this node started.",
+            registry=r,
+        )
+        r.register(ProcessCollector())
+
+    # LogObserver
+    def batch(self, commands: int) -> None:
+        self.batch_commands.observe(commands)
+
+    def persisted(self, seconds: float) -> None:
+        self.fsync_seconds.observe(seconds)
+
+    def election(self) -> None:
+        self.elections.inc()
+
+
+class NodeCollector(Collector):
+    """Figures read from a running node at scrape time."""
+
+    def __init__(
+        self, node: QueueNode, max_queues: int = DEFAULT_MAX_QUEUES, queue_labels: str = "queue"
+    ) -> None:
+        if queue_labels not in QUEUE_LABEL_MODES:
+            raise ValueError(f"queue_labels must be one of {', '.join(QUEUE_LABEL_MODES)}")
+        self._node = node
+        #: Queues with series of their own (11 each, per node); the rest are summed.
+        self.max_queues = max_queues
+        #: One of QUEUE_LABEL_MODES.
+        self.queue_labels = queue_labels
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        node = self._node
+        info = GaugeMetricFamily(
+            "pq_node_info", "This node's name and version (always 1).", labels=["node", "version"]
+        )
+        info.add_metric([node.config.node_id, VERSION], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "pq_node_serving",
+            "1 while the node takes calls (not draining, log healthy, storage reachable).",
+            value=int(node.serving),
+        )
+        yield GaugeMetricFamily(
+            "pq_node_calls_in_flight", "Client calls being served now.", value=node.calls_in_flight
+        )
+        yield GaugeMetricFamily(
+            "pq_storage_available",
+            "1 while the store is reachable.",
+            value=int(node.storage.available),
+        )
+        yield from self._queues(node)
+        st = node.log.status()
+        yield GaugeMetricFamily(
+            "pq_consensus_leader", "1 while this node leads.", value=int(node.log.is_leader)
+        )
+        yield GaugeMetricFamily(
+            "pq_consensus_ballot_round",
+            "Round of the ballot this node leads or follows.",
+            value=st.ballot[0],
+        )
+        for name, value, text in (
+            ("commit", st.commit_index, "Highest log index known chosen."),
+            ("applied", st.applied_index, "Highest log index applied to the queues."),
+            ("snapshot", st.snapshot_index, "Log index of the last snapshot."),
+        ):
+            yield GaugeMetricFamily(f"pq_consensus_{name}_index", text, value=value)
+        yield GaugeMetricFamily(
+            "pq_consensus_pending_commands",
+            "Commands waiting for, or in, a log entry not yet applied.",
+            value=st.pending,
+        )
+        lag = GaugeMetricFamily(
+            "pq_consensus_replication_lag_entries",
+            "On the leader: entries each peer's reported commit index trails the leader's.",
+            labels=["peer"],
+        )
+        if isinstance(node.log, ReplicatedLog):
+            for peer, entries in sorted(node.log.replication_lag().items()):
+                lag.add_metric([str(peer)], entries)
+        yield lag
+
+    def _queues(self, node: QueueNode) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        jobs = GaugeMetricFamily(
+            "pq_queue_jobs", "Jobs in each queue, by state.", labels=["queue", "state"]
+        )
+        age = GaugeMetricFamily(
+            "pq_queue_oldest_ready_age_seconds",
+            "Age of each queue's oldest ready job (0: none).",
+            labels=["queue"],
+        )
+        totals = {
+            attr: CounterMetricFamily(f"pq_queue_jobs_{name}", text, labels=["queue"])
+            for name, attr, text in _TOTALS
+        }
+        # Replicated totals must never go backwards: wait until this node has
+        # applied what the leader has chosen (see ReplicatedLog.caught_up).
+        if isinstance(node.log, ReplicatedLog) and not node.log.caught_up:
+            return
+        now = node.clock_ms()
+        for label, group in self._rows(node.machine.queues):
+            for state, key in _STATES:
+                jobs.add_metric([label, state], sum(q.counts[key] for q in group))
+            oldest = [t for t in (q.oldest_ready_at() for q in group) if t is not None]
+            age.add_metric([label], max(0, now - min(oldest)) / 1000 if oldest else 0.0)
+            for attr, family in totals.items():
+                family.add_metric([label], sum(getattr(q.counters, attr) for q in group))
+        yield jobs
+        yield age
+        yield from totals.values()
+
+    def _rows(self, queues: dict[str, QueueState]) -> list[tuple[str, list[QueueState]]]:
+        """(label, queues summed under it), at most ``max_queues`` + 1 rows."""
+        if self.queue_labels == "off":
+            return [(ALL_QUEUES, list(queues.values()))] if queues else []
+        groups: dict[str, list[QueueState]] = {}
+        for name in sorted(queues):
+            if self.queue_labels == "tenant":
+                tenant, slash, _ = name.partition("/")
+                label = f"{tenant}/*" if slash else ALL_QUEUES
+            else:
+                label = name
+            groups.setdefault(label, []).append(queues[name])
+        labels = sorted(groups)
+        rows = [(label, groups[label]) for label in labels[: self.max_queues]]
+        rest = labels[self.max_queues :]
+        if rest:  # beyond the budget: one row for all of them
+            rows.append((OTHER_QUEUES, [q for label in rest for q in groups[label]]))
+        return rows

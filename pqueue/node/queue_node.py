@@ -1,0 +1,374 @@
+"""A queue node: the state machine behind a command log, plus long-poll wake-ups.
+
+The node owns the ``QueueMachine``, hands it entries through the log seam,
+wakes long-polling leases when their queue gains a leasable job, and proposes
+``Tick`` commands when a delayed job comes due or a lease expires, so that
+time-driven changes are decided in the log like every other change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from pqueue.core import features
+from pqueue.core.machine import QueueMachine
+from pqueue.core.snapshot import restore, snapshot_bytes
+from pqueue.errors import FeatureUnavailableError, PQueueError, UpgradeRequiredError
+from pqueue.node.commitlog import CommandLog, LogObserver, Result
+from pqueue.node.mirror import JobsMirror, MirrorStore
+from pqueue.node.peers import PeerTransport
+from pqueue.node.replicated import ClusterConfig, ReplicatedLog
+from pqueue.storage import Storage
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.tls import Tls
+from pqueue.wire.tokens import TokenSource
+
+logger = logging.getLogger(__name__)
+
+
+def wall_clock_ms() -> int:
+    """Unix time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """How a node runs; validated on construction."""
+
+    node_id: str = "n1"
+    snapshot_every_entries: int = 10_000
+    #: Ticks are proposed at most this often, whatever falls due.
+    min_tick_interval_ms: int = 20
+    #: The log features this node applies and announces. Only tests set it,
+    #: to play an older release (``pqueue.core.features``).
+    features: frozenset[str] = features.SUPPORTED
+
+    def __post_init__(self) -> None:
+        if self.snapshot_every_entries < 1:
+            raise ValueError("snapshot_every_entries must be at least 1")
+        if self.min_tick_interval_ms < 1:
+            raise ValueError("min_tick_interval_ms must be at least 1")
+
+
+class QueueNode:
+    """State machine + log + wake-ups. Use ``async with`` or ``start``/``stop``."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        config: NodeConfig | None = None,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        cluster: ClusterConfig | None = None,
+        observer: LogObserver | None = None,
+        tls: Tls | None = None,
+        peer_token: TokenSource | None = None,
+    ) -> None:
+        self.config = config or NodeConfig()
+        self.clock_ms = clock_ms
+        self.machine = QueueMachine()
+        # One node is a cluster of one: the same replicated log, a quorum of one.
+        cluster = cluster or ClusterConfig(node_id=1, addresses={})
+        cluster = dataclasses.replace(
+            cluster, snapshot_every_entries=self.config.snapshot_every_entries
+        )
+        self.cluster = cluster
+        self.transport = PeerTransport(
+            cluster.node_id, cluster.addresses, tls, peer_token, self.config.features
+        )
+        #: Commands applied whose request held a client's unknown fields (an
+        #: older release stored them; ``features.check_entry`` drops them).
+        self.client_junk = 0
+        #: Each member's announced features (this node's own included).
+        self.announced: dict[int, frozenset[str]] = {cluster.node_id: self.config.features}
+        self.log: CommandLog = ReplicatedLog(
+            storage, self, clock_ms, cluster, self.transport.send, observer
+        )
+        self._waiters: dict[str, deque[tuple[asyncio.Future[None], int]]] = {}
+        self._due_changed = asyncio.Event()
+        self._tick_task: asyncio.Task[None] | None = None
+        self.draining = False
+        #: Client calls being served (the servicer counts them).
+        self.calls_in_flight = 0
+        self.storage = storage
+        self.mirror = (
+            JobsMirror(storage, lambda: self.machine) if isinstance(storage, MirrorStore) else None
+        )
+
+    # ------------------------------------------------------------- Applier
+
+    @property
+    def serving(self) -> bool:
+        """Neither draining nor failed, and its storage reachable."""
+        return not (self.draining or self.log.failed.is_set()) and self.storage.available
+
+    def apply(self, entry: logpb.LogEntry) -> list[Result]:
+        try:
+            junk = features.check_entry(entry, self.config.features)
+        except UpgradeRequiredError as exc:
+            # Raised, the log fails: nothing of this entry or after it applies.
+            logger.error("node %s: %s", self.config.node_id, exc)
+            raise
+        if junk:
+            self.client_junk += junk
+            if self.client_junk & (self.client_junk - 1) == 0:  # 1, 2, 4...: bounded noise
+                logger.warning(
+                    "node %s: log entry %d: dropped unknown fields a client sent in %d "
+                    "command(s), stored by an older release (every replica ignores them; "
+                    "%d so far)",
+                    self.config.node_id,
+                    entry.index,
+                    junk,
+                    self.client_junk,
+                )
+        results = self.machine.apply_entry(entry)
+        if self.mirror is not None:
+            self.mirror.notify()
+        for name, count in self.machine.drain_woken().items():
+            self._wake(name, count)
+        self._due_changed.set()
+        return results
+
+    def _wake(self, queue: str, jobs: int) -> None:
+        """Wake waiting long polls in arrival order, enough to take ``jobs`` jobs.
+
+        Waking only as many as can be served keeps the rest parked instead of
+        each proposing a lease that would come back empty (a thundering herd
+        of log writes).
+        """
+        waiters = self._waiters.get(queue)
+        while waiters and jobs > 0:
+            fut, max_jobs = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                jobs -= max_jobs
+        if waiters is not None and not waiters:
+            del self._waiters[queue]
+
+    def snapshot(self) -> bytes:
+        return snapshot_bytes(self.machine)
+
+    def restore(self, data: bytes) -> None:
+        try:
+            machine = restore(data)
+            features.check_restored(machine.applied_index, machine.features, self.config.features)
+        except UpgradeRequiredError as exc:
+            logger.error("node %s: %s", self.config.node_id, exc)
+            raise
+        self.machine = machine
+        if self.mirror is not None:
+            self.mirror.notify(restored=True)
+
+    def last_time_ms(self) -> int:
+        return self.machine.time_ms
+
+    def last_index(self) -> int:
+        return self.machine.applied_index
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Recover from storage and start the tick loop."""
+        self.cluster.addresses.setdefault(self.cluster.node_id, "")
+        try:
+            await self.log.start()
+        except UpgradeRequiredError:
+            await self.log.stop()  # its stored snapshot needs a newer release: let go
+            raise
+        if self.mirror is not None:
+            self.mirror.start()
+        self.transport.start()
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="pq-tick-loop")
+        self._tick_task.add_done_callback(self._on_tick_done)
+        logger.info("node %s ready at index %d", self.config.node_id, self.machine.applied_index)
+
+    def _on_tick_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("tick loop failed", exc_info=task.exception())
+
+    def begin_drain(self) -> None:
+        """Stop waiting long polls (they return empty) and refuse new ones."""
+        self.draining = True
+        for waiters in self._waiters.values():
+            for fut, _ in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        self._waiters.clear()
+
+    async def stop(self) -> None:
+        """Drain, stop ticking, commit what is pending, release storage."""
+        self.begin_drain()
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            await asyncio.wait([self._tick_task])
+            self._tick_task = None
+        if self.mirror is not None:
+            await self.mirror.stop()
+        await self.log.stop()
+        await self.transport.stop()
+        logger.info("node %s stopped at index %d", self.config.node_id, self.machine.applied_index)
+
+    async def __aenter__(self) -> QueueNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def waiting_long_polls(self) -> int:
+        """Long polls parked until a job comes."""
+        return sum(len(w) for w in self._waiters.values())
+
+    # ----------------------------------------------------------- commands
+
+    async def propose(self, command: logpb.Command) -> Message:
+        """The command's result once it is durable and applied.
+
+        Fields this release does not know are dropped (a newer client's: this
+        leader could not apply them either, and a replica that meets unknown
+        fields in the log stops). A command needing a feature some member has
+        not announced is refused (``FeatureUnavailableError``).
+        """
+        return (await self.propose_indexed(command))[0]
+
+    def check_features(self, command: logpb.Command) -> None:
+        """Refuse ``command`` if a member may not be able to apply it."""
+        needed = features.required(command)
+        if not needed:
+            return
+        gap = features.lacking(needed, self.cluster.addresses, self.announced)
+        if gap is not None:
+            feature, nodes = gap
+            raise FeatureUnavailableError(
+                features.unavailable(feature, nodes, self.announced), feature, nodes
+            )
+
+    def note_features(self, node: int, supported: frozenset[str]) -> None:
+        """A peer announced what it supports (on each stream it opens)."""
+        if node == self.cluster.node_id or node not in self.cluster.addresses:
+            return
+        if self.announced.get(node) != supported:
+            self.announced[node] = supported
+            missing = sorted(self.config.features - supported)
+            logger.info(
+                "node %s: node %d supports %s%s",
+                self.config.node_id,
+                node,
+                features.announce(supported) or "no features",
+                f"; it lacks {', '.join(missing)}, which stay unused until it is upgraded"
+                if missing
+                else "",
+            )
+
+    async def propose_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``propose``, with the log index of the entry that applied it."""
+        command.DiscardUnknownFields()
+        self.check_features(command)
+        return await self.log.submit_indexed(command)
+
+    async def lease(
+        self, req: pb.LeaseRequest, bound: logpb.TenantLimits | None = None
+    ) -> pb.LeaseResponse:
+        """Lease, waiting up to ``req.wait_ms`` for a job (long poll).
+
+        Wakes on an enqueue, a delayed job coming due, or an expired lease (all
+        of which make a job ready through an applied entry). Returns an empty
+        response when the wait ends; never fails for lack of work.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait_ms / 1000
+        empty = pb.LeaseResponse()
+        first_in_line = False
+        while True:
+            if self.draining:
+                return empty
+            if self.machine.has_ready(req.queue) or req.queue not in self.machine.queues:
+                # An unknown queue goes to the log too, which answers NOT_FOUND.
+                try:
+                    result = await self.propose(logpb.Command(lease=req, limits=bound))
+                except BaseException:
+                    self._pass_on(req.queue)  # we may hold a wake-up: hand it on
+                    raise
+                assert isinstance(result, pb.LeaseResponse)
+                if result.jobs:
+                    self._pass_on(req.queue)
+                    return result
+                first_in_line = True  # beaten to it: keep our place in line
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return empty
+            fut: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.setdefault(req.queue, deque())
+            entry = (fut, max(req.max_jobs, 1))
+            if first_in_line:
+                waiters.appendleft(entry)
+            else:
+                waiters.append(entry)
+            try:
+                async with asyncio.timeout(remaining):
+                    await fut
+            except TimeoutError:
+                self._forget(req.queue, entry)
+                if fut.done() and not fut.cancelled():
+                    self._pass_on(req.queue)  # woken as the wait ran out
+                return empty
+            except asyncio.CancelledError:
+                self._forget(req.queue, entry)
+                if fut.done() and not fut.cancelled():
+                    self._pass_on(req.queue)  # woken, but leaving: hand the wake-up on
+                raise
+
+    def _pass_on(self, queue: str) -> None:
+        """Wake the next waiter if work is left that nobody was woken for."""
+        if self.machine.has_ready(queue):
+            self._wake(queue, 1)
+
+    def _forget(self, queue: str, entry: tuple[asyncio.Future[None], int]) -> None:
+        waiters = self._waiters.get(queue)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(entry)
+            if not waiters:
+                del self._waiters[queue]
+
+    async def _tick_loop(self) -> None:
+        """Propose a Tick whenever a delayed job or a lease falls due (leader only:
+        followers learn the outcome from the log like every other change)."""
+        while True:
+            if not self.log.is_leader:
+                await asyncio.sleep(self.config.min_tick_interval_ms / 1000)
+                continue
+            self._due_changed.clear()
+            due = self.machine.next_due_ms()
+            if due is None:
+                await self._due_changed.wait()
+                continue
+            wait_s = (due - self.clock_ms()) / 1000
+            if wait_s > 0:
+                # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
+                # cancel that lands as the event fires, and stop() would hang.
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await self._due_changed.wait()
+                    continue  # something changed: recompute the next due time
+                except TimeoutError:
+                    pass
+            try:
+                await self.propose(logpb.Command(tick=logpb.Tick()))
+            except PQueueError as exc:
+                # Not fatal here: a failed log stops the whole node; anything
+                # else (no leader, lost the lead mid-way) passes. Retry.
+                logger.debug("tick not committed: %s", exc)
+                await asyncio.sleep(max(getattr(exc, "retry_after_s", 0.0), 0.1))
+                continue
+            await asyncio.sleep(self.config.min_tick_interval_ms / 1000)

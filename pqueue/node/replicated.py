@@ -1,0 +1,611 @@
+"""``ReplicatedLog``: the command log as a Multi-Paxos log (the asyncio shell).
+
+The same ``CommandLog`` seam as ``LocalLog``, so the state machine and the
+servicer do not change. The leader packs every command waiting at that
+moment into one ``LogEntry`` (group commit) per slot and keeps several slots
+in flight. The shell runs the pure ``consensus.Replica`` and handles each
+``Ready`` in a fixed order: persist (one transaction, fsynced), then send
+(messages to itself are stepped only now, after the persist), then apply.
+A caller is answered once its slot is applied *with its own entry*; if
+another value won the slot, it gets a retriable UNAVAILABLE.
+
+Over 400 lines on purpose: one class whose order of persist, send and apply
+is the safety argument; split, that order would be read across files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from consensus import Config, DurableState, Replica, Role
+from consensus.messages import Message as PeerMessage
+from consensus.messages import Ready
+from pqueue.core import features
+from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
+from pqueue.node.commitlog import (
+    Applier,
+    Indexed,
+    LogObserver,
+    LogStatus,
+    NoObserver,
+    Proposals,
+    Result,
+)
+from pqueue.node.identity import claim_identity
+from pqueue.storage.base import Storage, StoredSnapshot
+from pqueue.v1 import log_pb2 as logpb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """This node's place in the cluster and the protocol's timing."""
+
+    node_id: int
+    #: Every node's peer address, this one's included: id -> "host:port".
+    addresses: dict[int, str] = field(default_factory=dict)
+    tick_ms: int = 50
+    #: Election timeout: between 1 and 2 times this many ticks.
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
+    max_inflight_slots: int = 64
+    max_batch_commands: int = 2_000
+    snapshot_every_entries: int = 10_000
+    #: Identity on disk (``pqueue.node.identity``): the cluster's name (None: keep the
+    #: recorded one, or ``DEFAULT_CLUSTER_ID`` at first start), whether a new
+    #: member set may replace the recorded one, and the data dir named in hints.
+    cluster_id: str | None = None
+    accept_member_change: bool = False
+    data_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tick_ms < 1:
+            raise ValueError("tick_ms must be at least 1")
+
+    def validate(self) -> None:
+        """Called at start, once every address is known (ports may be bound late)."""
+        if self.node_id not in self.addresses:
+            raise ValueError(f"node {self.node_id} is not among the peers {sorted(self.addresses)}")
+
+
+class ReplicatedLog:
+    """A ``CommandLog`` whose order and durability come from a majority."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        applier: Applier,
+        clock_ms: Callable[[], int],
+        config: ClusterConfig,
+        send: Callable[[PeerMessage], None],
+        observer: LogObserver | None = None,
+    ) -> None:
+        self._storage = storage
+        self.observer: LogObserver = observer or NoObserver()
+        self._applier = applier
+        self._clock_ms = clock_ms
+        self.config = config
+        self._send = send
+        self.replica: Replica | None = None
+        self._proposals = Proposals()
+        self._inflight: dict[int, tuple[bytes, list[asyncio.Future[Indexed]]]] = {}
+        self._wake = self._proposals.wake
+        self._tasks: list[asyncio.Task[None]] = []
+        self._accepting = False
+        self._last_time_ms = 0
+        self._applied_time_ms = 0
+        self._snapshot_index = 0
+        self._commit_hint: int | None = None
+        self._was_leader = False
+        self._last_ballot = (0, 0)
+        self._last_leader = 0
+        self._caught_up = False
+        self._leading = asyncio.Event()
+        self.failed = asyncio.Event()
+        #: Read-index requests waiting for the core's confirmation: ctx -> index.
+        self._reads: dict[int, asyncio.Future[int]] = {}
+        self._read_ctx = 0
+        #: Handing leadership over: commands wait for the new leader's name.
+        self._handing_over = False
+        #: Callers waiting for the state to apply up to an index.
+        self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        #: Peer messages dropped because their sender is not a member.
+        self.foreign = 0
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.config.validate()
+        await self._storage.open()
+        try:
+            state = await self._storage.load_acceptor()
+            await claim_identity(self._storage, self.config, state)
+        except BaseException:
+            await self._storage.close()
+            raise
+        snapshot = None
+        if state.snapshot is not None:
+            self._applier.restore(state.snapshot.data)
+            snapshot = (state.snapshot.index, state.snapshot.data)
+            self._snapshot_index = state.snapshot.index
+        c = self.config
+        self.replica = Replica(
+            Config(
+                node_id=c.node_id,
+                nodes=tuple(sorted(c.addresses)),
+                election_ticks=c.election_ticks,
+                heartbeat_ticks=c.heartbeat_ticks,
+                max_inflight_slots=c.max_inflight_slots,
+            ),
+            random.Random(),
+            DurableState(
+                promised=state.promised,
+                records={r.slot: r for r in state.records},
+                commit_index=state.commit_index,
+                snapshot=snapshot,
+            ),
+        )
+        self._last_time_ms = self._applied_time_ms = self._applier.last_time_ms()
+        logger.info(
+            "node %d recovered: promised %s, %d records, commit %d, snapshot %d",
+            c.node_id,
+            state.promised,
+            len(state.records),
+            state.commit_index,
+            self._snapshot_index,
+        )
+        self._accepting = True
+        for coro, name in ((self._tick_loop(), "pq-paxos-tick"), (self._ready_loop(), "pq-ready")):
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(self._on_task_done)
+            self._tasks.append(task)
+        if len(c.addresses) == 1:
+            # A quorum of one elects itself at once; be ready when start returns.
+            self.replica.tick()
+            self._wake.set()
+            await asyncio.wait_for(self._leading.wait(), timeout=10)
+            # ...and has applied what it recovered (re-proposed in phase 1).
+            deadline = asyncio.get_running_loop().time() + 10
+            while self.replica.emitted < self.replica.next_slot - 1:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise UnavailableError("recovery did not finish", retry_after_s=1.0)
+                await asyncio.sleep(0.005)
+        self._wake.set()  # replay what the commit hint already covers
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("replicated log failed: %s", task.exception(), exc_info=task.exception())
+        self._accepting = False
+        self._fail_all(UnavailableError(f"log stopped: {task.exception()}", retry_after_s=1.0))
+        self.failed.set()
+
+    async def stop(self) -> None:
+        self._accepting = False
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        self._tasks = []
+        self._fail_all(UnavailableError("node stopped", retry_after_s=1.0))
+        await self._storage.close()
+
+    def _fail_all(self, error: PQueueError) -> None:
+        self._proposals.fail(error)
+        self._fail_reads(error)
+        waiters, self._apply_waiters = self._apply_waiters, []
+        for _, waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        inflight, self._inflight = self._inflight, {}
+        for _, futures in inflight.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(error)
+
+    # ------------------------------------------------------------ commands
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node leads (and may take commands) now."""
+        return self.replica is not None and self.replica.role is Role.LEADER
+
+    def leader_hint(self) -> tuple[int, str]:
+        """The leader's id and address as far as we know; (0, "") if unknown."""
+        if self.replica is None or not self.replica.leader_id:
+            return 0, ""
+        leader = self.replica.leader_id
+        return leader, self.config.addresses.get(leader, "")
+
+    def not_leader_error(self) -> PQueueError:
+        """What a caller gets from a node that cannot take its command."""
+        leader, address = self.leader_hint()
+        if leader:
+            return NotLeaderError(f"node {leader} leads", str(leader), address)
+        return NotTakenError("no leader yet", retry_after_s=0.5)
+
+    async def submit(self, command: logpb.Command) -> Message:
+        return (await self.submit_indexed(command))[0]
+
+    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``submit``, with the log index of the entry that applied the command."""
+        if not self._accepting:
+            raise NotTakenError("node is not accepting writes", retry_after_s=1.0)
+        if not self.is_leader:
+            raise self.not_leader_error()
+        if not self._storage.available:
+            raise NotTakenError("storage is unreachable; retrying", retry_after_s=1.0)
+        return await self._proposals.submit_indexed(command)
+
+    async def transfer_leadership(self, timeout_s: float) -> bool:
+        """Hand leadership to the most up-to-date peer before going away.
+
+        True once another node leads; False if this node does not lead, has
+        nobody to hand over to, or ``timeout_s`` passed. Commands that arrive
+        meanwhile wait, then go to the new leader as not-leader errors.
+        """
+        replica = self.replica
+        if replica is None or not self.is_leader or len(replica.config.nodes) == 1:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._handing_over = True
+        try:
+            handed = await self._hand_over(replica, deadline)
+            if not handed and replica.role is Role.LEADER:
+                replica.abort_transfer()  # lead on: take commands again
+                self._wake.set()
+                logger.warning(
+                    "node %d could not hand leadership over in %.1f s",
+                    self.config.node_id,
+                    timeout_s,
+                )
+            return handed
+        finally:
+            self._handing_over = False
+            if not self.is_leader and self._proposals:
+                self._proposals.fail(self.not_leader_error())
+
+    async def _hand_over(self, replica: Replica, deadline: float) -> bool:
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            if replica.role is Role.LEADER and not replica.transfer_target:
+                target = replica.transfer_leadership()  # again if the last one lapsed
+                if not target:
+                    return False
+                logger.info("node %d hands leadership to node %d", self.config.node_id, target)
+                self._wake.set()
+            if replica.role is not Role.LEADER and replica.leader_id not in (
+                0,
+                self.config.node_id,
+            ):
+                return True
+            await asyncio.sleep(self.config.tick_ms / 2000)
+        return False
+
+    async def read_barrier(self, timeout_s: float = 5.0) -> int:
+        """Linearizable read point: returns once this node's state is applied
+        up to an index that no committed write lies beyond (read index).
+
+        Raises the not-leader error if this node does not lead (or stops
+        leading meanwhile), and a retriable UNAVAILABLE after ``timeout_s``.
+        """
+        replica = self.replica
+        if replica is None or not self.is_leader:
+            raise self.not_leader_error()
+        self._read_ctx += 1
+        ctx = self._read_ctx
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not replica.read_index(ctx):
+            raise self.not_leader_error()
+        self._reads[ctx] = fut
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                index = await fut
+                await self._until_applied(index)
+        except TimeoutError:
+            raise UnavailableError(
+                "could not confirm leadership in time", retry_after_s=0.5
+            ) from None
+        finally:
+            self._reads.pop(ctx, None)
+        return index
+
+    async def wait_applied(self, index: int, timeout_s: float) -> None:
+        """Return once the state has applied up to ``index`` (read your
+        writes); a retriable UNAVAILABLE if it has not within ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._until_applied(index)
+        except TimeoutError:
+            raise UnavailableError(
+                f"this node has not applied index {index} yet", retry_after_s=0.5
+            ) from None
+
+    async def _until_applied(self, index: int) -> None:
+        if self._applier.last_index() >= index:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (index, waiter)
+        self._apply_waiters.append(entry)
+        try:
+            await waiter
+        finally:
+            if entry in self._apply_waiters:
+                self._apply_waiters.remove(entry)
+
+    def _wake_applied(self) -> None:
+        if not self._apply_waiters:
+            return
+        applied = self._applier.last_index()
+        waiting = []
+        for index, waiter in self._apply_waiters:
+            if index <= applied:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((index, waiter))
+        self._apply_waiters = waiting
+
+    def _fail_reads(self, error: PQueueError) -> None:
+        reads, self._reads = self._reads, {}
+        for fut in reads.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    def on_message(self, msg: PeerMessage) -> None:
+        """A message from a peer (the transport calls this)."""
+        if self.replica is None or msg.dst != self.config.node_id:
+            return
+        if msg.src == self.config.node_id or msg.src not in self.config.addresses:
+            # Quorum intersection: the replica counts promises and votes by
+            # ``src``, so a message from outside the member set (a removed
+            # node's unrevoked token, a token issued for any other id) would
+            # count as a member's vote, and an Accept from it would make this
+            # node follow a ballot no member proposed. Our own messages never
+            # arrive from the network (``_handle`` steps them directly).
+            self.foreign += 1
+            if self.foreign & (self.foreign - 1) == 0:  # 1, 2, 4, 8...: bounded noise
+                logger.warning(
+                    "node %d: dropped a peer message from node %d, not a member %s (%d so far)",
+                    self.config.node_id,
+                    msg.src,
+                    sorted(self.config.addresses),
+                    self.foreign,
+                )
+            return
+        self.replica.step(msg)
+        self._wake.set()
+
+    # --------------------------------------------------------------- loops
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_ms / 1000)
+            assert self.replica is not None
+            self.replica.tick()
+            self._wake.set()
+
+    async def _ready_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                self._propose_pending()
+                assert self.replica is not None
+                ready = self.replica.ready()
+                self._note_role()
+                if ready.empty():
+                    break
+                await self._handle(ready)
+
+    def _note_role(self) -> None:
+        replica = self.replica
+        assert replica is not None
+        if replica.ballot != self._last_ballot:
+            self._last_ballot = replica.ballot
+            if replica.ballot[1] == self.config.node_id:  # only an election moves it
+                self.observer.election()
+                logger.info(
+                    "node %d started an election at ballot %s",
+                    self.config.node_id,
+                    _ballot(replica.ballot),
+                )
+        leading = self.is_leader
+        if leading != self._was_leader:
+            logger.info(
+                "node %d %s at ballot %s",
+                self.config.node_id,
+                "became leader" if leading else "stepped down",
+                _ballot(replica.ballot),
+            )
+            self._was_leader = leading
+        if replica.leader_id != self._last_leader:
+            self._last_leader = replica.leader_id
+            if replica.leader_id and replica.leader_id != self.config.node_id:
+                logger.info(
+                    "node %d follows leader %d at ballot %s",
+                    self.config.node_id,
+                    replica.leader_id,
+                    _ballot(replica.leader_ballot),
+                )
+        if leading:
+            self._leading.set()
+        else:
+            self._leading.clear()
+        if not leading and self._proposals and not (self._handing_over and not replica.leader_id):
+            # (While handing over, wait to name the new leader: callers go
+            # straight there instead of retrying blind.)
+            self._proposals.fail(self.not_leader_error())
+        if not leading and self._reads:
+            self._fail_reads(self.not_leader_error())
+
+    def _propose_pending(self) -> None:
+        replica = self.replica
+        assert replica is not None
+        while self._proposals and replica.role is Role.LEADER:
+            batch = self._proposals.peek_batch(self.config.max_batch_commands)
+            # Time enters only here, and never runs backwards.
+            self._last_time_ms = max(self._clock_ms(), self._last_time_ms)
+            entry = logpb.LogEntry(
+                index=replica.next_slot,
+                time_ms=self._last_time_ms,
+                commands=[cmd for cmd, _ in batch],
+                # What a replica must understand to apply it (checked on apply).
+                required_features=features.required_by(cmd for cmd, _ in batch),
+            )
+            data = entry.SerializeToString()
+            slot = replica.propose(data)
+            if slot is None:
+                return  # too much in flight: these wait for the next round
+            self.observer.batch(len(batch))
+            assert slot == entry.index
+            self._proposals.remove(batch)
+            # A slot we proposed at in an earlier term is being reused: that
+            # proposal lost it (its callers learn so now, not never).
+            self._fail_slot(slot, "a later term reused the slot")
+            self._inflight[slot] = (data, [fut for _, fut in batch])
+
+    async def _handle(self, ready: Ready) -> None:
+        replica = self.replica
+        assert replica is not None
+        # 1. Persist. A Ready carrying only a commit index needs no fsync: the
+        #    index is a hint, stored with the next real write.
+        if ready.commit_index is not None:
+            self._commit_hint = max(self._commit_hint or 0, ready.commit_index)
+        if ready.promised is not None or ready.records or ready.snapshot is not None:
+            snapshot = StoredSnapshot(*ready.snapshot) if ready.snapshot else None
+            started = time.perf_counter()
+            await self._storage.persist(ready.promised, ready.records, self._commit_hint, snapshot)
+            self.observer.persisted(time.perf_counter() - started)
+            self._commit_hint = None
+        if ready.snapshot is not None:
+            index, data = ready.snapshot
+            self._applier.restore(data)
+            self._snapshot_index = index
+            self._applied_time_ms = self._applier.last_time_ms()
+            for slot in [s for s in self._inflight if s <= index]:
+                self._fail_slot(slot, "covered by a snapshot: outcome unknown")
+        # Confirmed read indexes (the core released them after a quorum round).
+        for ctx, index in ready.read_states:
+            read = self._reads.get(ctx)
+            if read is not None and not read.done():
+                read.set_result(index)
+        # 2. Send: only now may our own promise and accept vote be counted.
+        for msg in ready.messages:
+            if msg.dst == self.config.node_id:
+                replica.step(msg)
+            else:
+                self._send(msg)
+        # 3. Apply.
+        for slot, value in ready.committed:
+            entry = (
+                logpb.LogEntry.FromString(value)
+                if value
+                else logpb.LogEntry(index=slot, time_ms=self._applied_time_ms)  # a no-op
+            )
+            self._applied_time_ms = max(self._applied_time_ms, entry.time_ms)
+            self._last_time_ms = max(self._last_time_ms, entry.time_ms)
+            results = self._applier.apply(entry)
+            self._resolve(slot, value, results)
+        self._wake_applied()
+        # Snapshot what the applier holds, at its own index: a snapshot
+        # installed during an await above may have moved the replica on.
+        applied = self._applier.last_index()
+        if applied - max(self._snapshot_index, replica.snapshot_index) >= (
+            self.config.snapshot_every_entries
+        ):
+            await self._snapshot(applied)
+
+    def _resolve(self, slot: int, value: bytes, results: list[Result]) -> None:
+        inflight = self._inflight.pop(slot, None)
+        if inflight is None:
+            return
+        data, futures = inflight
+        if data == value:
+            for fut, result in zip(futures, results, strict=True):
+                if not fut.done():
+                    fut.set_result((result, slot))
+            return
+        self._fail_slot(slot, "leadership changed before the command committed", futures)
+
+    def _fail_slot(
+        self, slot: int, why: str, futures: list[asyncio.Future[Indexed]] | None = None
+    ) -> None:
+        """Fail a slot's callers (retriable: with an idempotency key, retry)."""
+        if futures is None:
+            futures = self._inflight.pop(slot, (b"", []))[1]
+        error = UnavailableError(why, retry_after_s=0.2)
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(error)
+
+    async def _snapshot(self, index: int) -> None:
+        assert self.replica is not None
+        data = self._applier.snapshot()
+        if index != self._applier.last_index() or index <= self.replica.snapshot_index:
+            return  # the state moved while we were away: next time
+        try:
+            await self._storage.save_snapshot(index, data)
+        except PQueueError as exc:
+            logger.error("snapshot failed, will retry: %s", exc)
+            self._snapshot_index += self.config.snapshot_every_entries // 2
+            return
+        self.replica.compact(index, data)
+        self._snapshot_index = index
+        logger.info("node %d: snapshot at %d", self.config.node_id, index)
+
+    @property
+    def caught_up(self) -> bool:
+        """Applied all a leader has said is chosen, since this process started.
+
+        Until then the applied state may be behind what this node showed
+        before a restart (the stored commit index lags); metrics read from
+        it wait, so replicated totals never appear to go backwards. Once
+        true, it stays true.
+        """
+        replica = self.replica
+        if not self._caught_up and replica is not None:
+            self._caught_up = bool(replica.leader_id) and replica.emitted >= replica.known_commit
+        return self._caught_up
+
+    def replication_lag(self) -> dict[int, int]:
+        """On the leader: entries each peer's last reported commit index trails ours."""
+        replica = self.replica
+        if replica is None or replica.role is not Role.LEADER:
+            return {}
+        return {
+            peer: max(0, replica.commit_index - replica.peer_commit.get(peer, 0))
+            for peer in replica.config.nodes
+            if peer != self.config.node_id
+        }
+
+    def status(self) -> LogStatus:
+        replica = self.replica
+        if replica is None:
+            return LogStatus("starting", 0, 0, 0, len(self._proposals))
+        return LogStatus(
+            role=replica.role.value,
+            commit_index=replica.commit_index,
+            applied_index=replica.emitted,
+            snapshot_index=self._snapshot_index,
+            pending=len(self._proposals) + len(self._inflight),
+            node_id=self.config.node_id,
+            ballot=replica.ballot if replica.role is not Role.FOLLOWER else replica.leader_ballot,
+            leader_id=replica.leader_id,
+            peers=dict(self.config.addresses),
+        )
+
+
+def _ballot(ballot: tuple[int, int]) -> str:
+    """A ballot as operators read it: ``round.node``."""
+    return f"{ballot[0]}.{ballot[1]}"

@@ -1,0 +1,92 @@
+"""Entry point of ``pq node``: logging, event loop, serve until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pqueue.errors import PQueueError
+from pqueue.node.queue_node import NodeConfig
+from pqueue.node.replicated import ClusterConfig
+from pqueue.node.server import NodeServer, ServerConfig
+from pqueue.storage import open_storage
+from pqueue.wire.logs import LogFormat, setup_logging
+from pqueue.wire.loop import new_event_loop, raise_fd_limit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """Everything ``pq node`` was told."""
+
+    data_dir: Path
+    node_id: int
+    server: ServerConfig
+    peers: dict[int, str] | None = None
+    #: Identity on disk (``pqueue.node.identity``): the cluster's name, and whether a
+    #: new member set may replace the one the data dir recorded.
+    cluster_id: str | None = None
+    accept_member_change: bool = False
+    store: str | None = None
+    pg_schema: str | None = None
+    log_level: str = "INFO"
+    log_format: LogFormat = "text"
+
+
+OPEN_BANNER = (
+    "AUTH IS OFF: anyone who can reach %s may enqueue, lease, read and delete "
+    "any queue. Fine for a laptop; give --auth-key-file anywhere else."
+)
+
+
+async def _serve(o: NodeOptions) -> bool:
+    # Always this node's id, alone too: the data dir's identity is checked against it.
+    cluster = ClusterConfig(
+        node_id=o.node_id,
+        addresses=dict(o.peers or {}),
+        cluster_id=o.cluster_id,
+        accept_member_change=o.accept_member_change,
+        data_dir=str(o.data_dir),
+    )
+    storage = open_storage(o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}")
+    logger.info("node %s stores its log in %s", o.node_id, storage.describe())
+    server = NodeServer(storage, o.server, NodeConfig(node_id=f"n{o.node_id}"), cluster=cluster)
+    await server.start()
+    if o.server.verifier is None:
+        logger.warning(OPEN_BANNER, server.address)
+    else:
+        logger.info("node %s checks %s bearer tokens", o.node_id, o.server.verifier.algorithm)
+    if o.server.tls is not None:
+        mutual = "mutual TLS: peers, balancers and clients need a certificate from the CA"
+        logger.info(
+            "node %s serves TLS%s", o.node_id, f" ({mutual})" if o.server.tls.mutual else ""
+        )
+    # Tell scripts and `pq dev-cluster` where we listen (port 0 resolved).
+    tmp = o.data_dir / "ADDRESS.tmp"
+    tmp.write_text(server.address + "\n")
+    tmp.replace(o.data_dir / "ADDRESS")
+    return await server.serve_until_signal()
+
+
+def run_node(o: NodeOptions) -> int:
+    """Run one node until SIGTERM/SIGINT; exit status 0 on a clean stop."""
+    setup_logging(o.log_level, f"n{o.node_id}", o.log_format)
+    raise_fd_limit()  # one descriptor per client connection: the default 1,024 is few
+    try:
+        o.data_dir.mkdir(parents=True, exist_ok=True)  # ADDRESS goes there, whatever the store
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            clean = runner.run(_serve(o))
+    except (PQueueError, OSError, ValueError) as exc:
+        logger.error("node %s cannot run: %s", o.node_id, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not clean:
+        print(
+            f"error: node {o.node_id} stopped: its log failed (see the log above)", file=sys.stderr
+        )
+        return 1
+    return 0

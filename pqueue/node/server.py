@@ -1,0 +1,253 @@
+"""The node's gRPC server: public services, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from pqueue.node.auth import Verifier, trusted_hops
+from pqueue.node.forward import Forwarder
+from pqueue.node.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
+from pqueue.node.peers import PeerService
+from pqueue.node.queue_node import NodeConfig, QueueNode
+from pqueue.node.quotas import Quotas
+from pqueue.node.replicated import ClusterConfig, ReplicatedLog
+from pqueue.node.servicer import AdminService, QueueService
+from pqueue.storage import Storage
+from pqueue.v1 import peer_pb2 as ppb
+from pqueue.v1 import peer_pb2_grpc as ppbg
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.admission import Admission, AdmissionConfig
+from pqueue.wire.channels import MAX_CONCURRENT_STREAMS_NODE, server_options
+from pqueue.wire.metrics_http import MetricsServer, split_listen
+from pqueue.wire.observe import Observer, served_methods
+from pqueue.wire.serving import Serving, log_failure
+from pqueue.wire.sizes import MAX_PEER_MESSAGE_BYTES
+from pqueue.wire.tls import Tls, add_port
+from pqueue.wire.tokens import TokenSource
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+#: How long a stopping leader tries to hand leadership over before draining.
+TRANSFER_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the node listens."""
+
+    listen: str = "127.0.0.1:0"
+    #: HOST:PORT to serve Prometheus ``/metrics`` on (port 0: any); None: not served.
+    metrics_listen: str | None = None
+    #: TLS for the gRPC port and for calls to peers; with a CA, mutual TLS.
+    tls: Tls | None = None
+    #: Checks bearer tokens; None: auth is off (every caller may do anything).
+    verifier: Verifier | None = None
+    #: Per-tenant rates and limits; None: none.
+    quotas: Quotas | None = None
+    #: This node's token for its peers (role ``peer``, ``sub`` ``node:<id>``),
+    #: when auth is on: a string, or a ``TokenFile`` re-read when it changes.
+    #: A follower also shows it to the leader when it forwards a call, so that
+    #: the leader believes the client address it passes on.
+    peer_token: TokenSource | None = None
+    #: How long in-flight calls may finish after a stop begins.
+    grace_s: float = 5.0
+    #: Per-method request caps and health-watch bounds (``pqueue.wire.admission``).
+    admission: AdmissionConfig | None = None
+    #: Bearer token a ``/metrics`` scrape must carry; None: none needed.
+    metrics_token: str | None = None
+    #: The ``queue`` label of per-queue series: ``queue``, ``tenant`` or ``off``.
+    metrics_queue_labels: str = "queue"
+
+    def __post_init__(self) -> None:
+        if ":" not in self.listen:
+            raise ValueError(f"listen address {self.listen!r} needs a port (HOST:PORT)")
+        if self.grace_s < 0:
+            raise ValueError("grace_s must not be negative")
+        if self.metrics_listen is not None:
+            split_listen(self.metrics_listen)
+        if self.metrics_queue_labels not in QUEUE_LABEL_MODES:
+            raise ValueError(
+                f"metrics queue labels must be one of {', '.join(QUEUE_LABEL_MODES)}, "
+                f"not {self.metrics_queue_labels!r}"
+            )
+
+
+class NodeServer(Serving):
+    """A ``QueueNode`` served over gRPC. ``async with`` or ``start``/``stop``."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        server_config: ServerConfig | None = None,
+        node_config: NodeConfig | None = None,
+        cluster: ClusterConfig | None = None,
+    ) -> None:
+        self.config = server_config or ServerConfig()
+        #: This server's own registry: several nodes fit in one process.
+        self.metrics = NodeMetrics()
+        if node_config is None and cluster is not None:
+            node_config = NodeConfig(node_id=f"n{cluster.node_id}")  # names logs and metrics
+        self.node = QueueNode(
+            storage,
+            node_config,
+            cluster=cluster,
+            observer=self.metrics,
+            tls=self.config.tls,
+            peer_token=self.config.peer_token,
+        )
+        self.metrics.registry.register(
+            NodeCollector(self.node, queue_labels=self.config.metrics_queue_labels)
+        )
+        self.metrics_server = (
+            MetricsServer(
+                self.metrics.registry, self.config.metrics_listen, self.config.metrics_token
+            )
+            if self.config.metrics_listen is not None
+            else None
+        )
+        self.forwarder = Forwarder(self.config.tls, self.config.peer_token)
+        self.health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._started = False
+        self.port = 0
+        #: The peer protocol's service, once started (its refusal counters).
+        self.peers: PeerService | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` actually bound (port 0 resolved)."""
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def bind(self) -> str:
+        """Bind the listen address (port 0 resolved) before starting; idempotent."""
+        if self._server is None:
+            observer = Observer(
+                self.node.config.node_id,
+                lambda: self.address,
+                self.metrics.grpc,
+                served_methods(pb.DESCRIPTOR, ppb.DESCRIPTOR),
+                hops=trusted_hops(self.config.verifier),
+            )
+            self._server = grpc.aio.server(
+                # Admission after the observer: its refusals are logged and counted.
+                interceptors=(observer, Admission(self.config.admission, self.config.verifier)),
+                # The peer service's limit (the port is shared); each public
+                # method has its own, smaller cap, checked before parsing.
+                options=server_options(MAX_PEER_MESSAGE_BYTES, MAX_CONCURRENT_STREAMS_NODE),
+            )
+            try:
+                self.port = add_port(self._server, self.config.listen, self.config.tls)
+            except RuntimeError as exc:
+                self._server = None
+                raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
+        return self.address
+
+    async def start(self) -> None:
+        """Recover the node, then serve."""
+        await self.bind()
+        # A node alone learns its own address only now (port 0 resolved).
+        self.node.cluster.addresses.setdefault(self.node.cluster.node_id, self.address)
+        server = self._server
+        assert server is not None
+        if self.metrics_server is not None:
+            await self.metrics_server.start()  # first: a taken port fails before recovery
+        try:
+            await self.node.start()
+        except BaseException:
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
+            raise
+        verifier, quotas = self.config.verifier, self.config.quotas
+        queue = QueueService(self.node, self.forwarder, verifier, quotas)
+        pbg.add_QueueServicer_to_server(queue, server)
+        pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), server)
+        if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
+            self.peers = PeerService(self.node.log.on_message, verifier, self.node.note_features)
+            ppbg.add_PeerServicer_to_server(self.peers, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_name, reflection.SERVICE_NAME), server
+        )
+        await server.start()
+        self._started = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._watch_log_loop(), name="pq-watch-log")
+        self._watch.add_done_callback(log_failure)
+        metrics = (
+            f", metrics on http://{self.metrics_server.address}/metrics"
+            if self.metrics_server is not None
+            else ""
+        )
+        logger.info("node %s serving on %s%s", self.node.config.node_id, self.address, metrics)
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _watch_log_loop(self) -> None:
+        """Health follows the node: NOT_SERVING while its store is unreachable
+        (it comes back with the store), and for good once its log failed."""
+        serving = True
+        while not self.node.log.failed.is_set():
+            if self.node.serving != serving:
+                serving = not serving
+                logger.warning(
+                    "node %s: storage %s, reporting %s",
+                    self.node.config.node_id,
+                    "reachable again" if serving else "unreachable",
+                    "SERVING" if serving else "NOT_SERVING",
+                )
+                await self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING
+                    if serving
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+            try:
+                async with asyncio.timeout(0.25):
+                    await self.node.log.failed.wait()
+            except TimeoutError:
+                pass
+        logger.error("node %s: log failed, reporting NOT_SERVING", self.node.config.node_id)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self) -> None:
+        """Drain: report NOT_SERVING, end long polls, let calls finish, then close."""
+        if self._server is None or not self._started:
+            return
+        self._started = False
+        logger.info("node %s draining", self.node.config.node_id)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.wait([self._watch])
+        # A leader hands over first, while still serving: writes stall for
+        # one round trip instead of an election timeout after we are gone.
+        if self.node.log.is_leader and await self.node.log.transfer_leadership(TRANSFER_TIMEOUT_S):
+            logger.info("node %s handed over leadership", self.node.config.node_id)
+        await self.health.enter_graceful_shutdown()
+        self.node.begin_drain()
+        await self._server.stop(self.config.grace_s)
+        self._server = None
+        try:
+            await self.forwarder.close()
+            await self.node.stop()
+        finally:
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
+
+    def stop_events(self) -> tuple[asyncio.Event, ...]:
+        """A failed log ends serving (``serve_until_signal`` returns False)."""
+        return (self.node.log.failed,)

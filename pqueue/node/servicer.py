@@ -1,0 +1,452 @@
+"""gRPC servicers for the public ``Queue`` and ``Admin`` services.
+
+Each method checks the stateless rules of its request, turns it into a log
+command (or reads the applied state), and returns the response. Domain errors
+become gRPC statuses here and nowhere else (``pqueue.wire.status.to_status``).
+
+Over 400 lines on purpose: one short method per RPC of two services.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from pqueue.core import limits
+from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError, PQueueError
+from pqueue.node import access
+from pqueue.node.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
+from pqueue.node.commitlog import LogStatus
+from pqueue.node.forward import Forwarder
+from pqueue.node.queue_node import QueueNode
+from pqueue.node.quotas import Quotas
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.keys import FORWARDED_KEY
+from pqueue.wire.load import CpuSampler
+from pqueue.wire.status import to_status
+
+logger = logging.getLogger(__name__)
+
+#: How long a read waits for its read index or its ``min_index`` to be applied.
+READ_WAIT_S = 5.0
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
+
+
+#: The authenticated caller of the call this task serves.
+principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
+    "pq_principal", default=NOBODY
+)
+
+
+def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Authenticate the caller, run the method, and turn a raised
+    ``PQueueError`` into the matching gRPC status."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        self.node.calls_in_flight += 1  # load, as balancers see it
+        try:
+            principal.set(self.authenticate(context))
+            return await fn(self, request, context)
+        except PQueueError as exc:
+            logger.debug("%s refused: %s", fn.__name__, exc)
+            await context.abort_with_status(to_status(exc))
+            raise AssertionError("unreachable") from exc  # abort_with_status raises
+        finally:
+            self.node.calls_in_flight -= 1
+
+    return wrapper
+
+
+def on_leader(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Run on the leader: a follower forwards the call there, in one hop."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        if not self.node.log.is_leader:
+            return await self._forward(fn.__name__, request, context)  # type: ignore[no-any-return]
+        try:
+            return await fn(self, request, context)
+        except NotLeaderError:  # lost the lead before proposing: nothing ran here
+            return await self._forward(fn.__name__, request, context)  # type: ignore[no-any-return]
+
+    return wrapper
+
+
+def _check_size(request: Message) -> None:
+    """Client requests are held to the client limit (the server admits peer-sized ones)."""
+    size = request.ByteSize()
+    if size > limits.MAX_MESSAGE_BYTES:
+        raise InvalidArgumentError(
+            "request", f"{size} bytes exceeds the {limits.MAX_MESSAGE_BYTES}-byte message limit"
+        )
+
+
+def _queue(named: str, *roles: str, shared: bool = False) -> str:
+    """The stored name of the queue the caller names, if its token allows ``roles`` on it."""
+    caller = principal.get()
+    access.require(caller, *roles)
+    return access.scoped(caller, named, shared)
+
+
+def _page_of(limit: int, page_token: str) -> tuple[str | None, str, int]:
+    """Whose queues a list or stats call reads (None: all, for an admin or
+    with auth off), the stored name to start after, and the page size."""
+    if limit > limits.MAX_LIST_LIMIT:
+        raise InvalidArgumentError("limit", f"at most {limits.MAX_LIST_LIMIT}")
+    caller = principal.get()
+    scope = None if caller is OPEN or ADMIN in caller.roles else caller.tenant
+    after = ""
+    if page_token:
+        try:
+            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+        except (ValueError, UnicodeError) as exc:
+            raise InvalidArgumentError("page_token", "not a token this server gave") from exc
+    return scope, after, limit or limits.DEFAULT_LIST_LIMIT
+
+
+def _token(last: str) -> str:
+    """The page token that continues after the stored name ``last`` ("" : no more)."""
+    return base64.urlsafe_b64encode(last.encode()).decode() if last else ""
+
+
+def _check_count(n: int, field: str, upper: int) -> None:
+    if n == 0:
+        raise InvalidArgumentError(field, "must not be empty")
+    if n > upper:
+        raise InvalidArgumentError(field, f"at most {upper} per call, got {n}")
+
+
+class _Base:
+    SERVICE = ""
+
+    def __init__(
+        self,
+        node: QueueNode,
+        forwarder: Forwarder,
+        verifier: Verifier | None = None,
+        quotas: Quotas | None = None,
+    ) -> None:
+        self.node = node
+        self.forwarder = forwarder
+        #: None: auth is off, every caller is ``auth.OPEN``.
+        self.verifier = verifier
+        self.quotas = quotas
+
+    def _bound(self, queue: str, enqueuing: int = 0) -> logpb.TenantLimits | None:
+        """The limits to stamp on a command; spends enqueue tokens (on the
+        leader: only it runs this). The queue's owner's limits, except for an
+        enqueue by a tenant the queue is shared with, which spends its own
+        (the state machine counts its depth in its own lane, too)."""
+        if self.quotas is None:
+            return None
+        tenant = limits.tenant_of(queue)
+        if enqueuing:
+            caller = principal.get()
+            if caller.tenant and ADMIN not in caller.roles:
+                tenant = caller.tenant  # the owner, or a sharer
+            self.quotas.take(tenant, enqueuing, time.monotonic())
+        return self.quotas.of(tenant).stamp()
+
+    def authenticate(self, context: Context) -> Principal:
+        if self.verifier is None:
+            return OPEN
+        return self.verifier.verify(access.bearer(context.invocation_metadata()))
+
+    async def _forward(self, method: str, request: Message, context: Context) -> Message:
+        metadata = context.invocation_metadata() or ()
+        if any(key == FORWARDED_KEY for key, _ in metadata):
+            raise self.node.log.not_leader_error()  # already forwarded once: no second hop
+        _, address = self.node.log.leader_hint()
+        if not address:
+            raise self.node.log.not_leader_error()
+        return await self.forwarder.call(
+            address,
+            self.SERVICE,
+            method,
+            request,
+            context.time_remaining(),
+            self.node.config.node_id,
+            access.credentials(metadata),
+        )
+
+    def _charge_log_bytes(self, command: logpb.Command) -> None:
+        """Per-tenant bytes into the log (``Quota.max_command_bytes``,
+        ``log_bytes_per_s``), checked on the leader before it proposes: the
+        caller's tenant pays; an admin's call, the queue's owner."""
+        if self.quotas is None:
+            return
+        kind = command.WhichOneof("kind")
+        queue = getattr(getattr(command, kind), "queue", "") if kind else ""
+        caller = principal.get()
+        tenant = limits.tenant_of(queue)
+        if caller.tenant and ADMIN not in caller.roles:
+            tenant = caller.tenant
+        self.quotas.take_bytes(tenant, command.ByteSize(), time.monotonic())
+
+    async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
+        if self.node.draining:
+            raise NotTakenError("node is draining", retry_after_s=1.0)
+        self._charge_log_bytes(command)
+        result, index = await self.node.propose_indexed(command)
+        if not isinstance(result, response_type):
+            raise TypeError(f"{command.WhichOneof('kind')} gave {type(result).__name__}")
+        if "log_index" in result.DESCRIPTOR.fields_by_name:
+            result.log_index = index  # type: ignore[attr-defined]  # read your writes
+        if isinstance(result, pb.EnqueueBatchResponse):
+            for each in result.results:  # each job's answer says it too
+                each.log_index = index
+        return result
+
+    async def _read_point(
+        self,
+        method: str,
+        request: pb.GetJobRequest | pb.StatsRequest | pb.ListDeadRequest,
+        context: Context,
+    ) -> Message | None:
+        """Make this node fit to answer a read, or forward it (the answer).
+
+        ``consistent``: on the leader, wait for the read index (a quorum
+        round confirms it still leads, then it applies up to there); a
+        follower forwards. ``min_index``: wait until applied that far.
+        """
+        if request.consistent:
+            if not self.node.log.is_leader:
+                return await self._forward(method, request, context)
+            await self.node.log.read_barrier(READ_WAIT_S)
+        if request.min_index:
+            await self.node.log.wait_applied(request.min_index, READ_WAIT_S)
+        return None
+
+
+class QueueService(_Base, pbg.QueueServicer):
+    """Producers and consumers."""
+
+    SERVICE = "pqueue.v1.Queue"
+
+    @rpc
+    @on_leader
+    async def Enqueue(self, request: pb.EnqueueRequest, context: Context) -> pb.EnqueueResponse:
+        _check_size(request)
+        request.queue = _queue(request.queue, PRODUCER, shared=True)
+        limits.check_job_spec(request.job, "job")
+        batch = pb.EnqueueBatchRequest(queue=request.queue, jobs=[request.job])
+        command = logpb.Command(
+            enqueue=batch,
+            limits=self._bound(request.queue, 1),
+            caller=access.caller(principal.get()),
+        )
+        result = await self._propose(command, pb.EnqueueBatchResponse)
+        return result.results[0]
+
+    @rpc
+    @on_leader
+    async def EnqueueBatch(
+        self, request: pb.EnqueueBatchRequest, context: Context
+    ) -> pb.EnqueueBatchResponse:
+        _check_size(request)
+        request.queue = _queue(request.queue, PRODUCER, shared=True)
+        _check_count(len(request.jobs), "jobs", limits.MAX_BATCH_JOBS)
+        for i, spec in enumerate(request.jobs):
+            limits.check_job_spec(spec, f"jobs[{i}]")
+        bound = self._bound(request.queue, len(request.jobs))
+        command = logpb.Command(
+            enqueue=request, limits=bound, caller=access.caller(principal.get())
+        )
+        return await self._propose(command, pb.EnqueueBatchResponse)
+
+    @rpc
+    @on_leader
+    async def Lease(self, request: pb.LeaseRequest, context: Context) -> pb.LeaseResponse:
+        named = request.queue
+        request.queue = _queue(request.queue, CONSUMER)
+        if request.max_jobs > limits.MAX_LEASE_JOBS:
+            raise InvalidArgumentError("max_jobs", f"at most {limits.MAX_LEASE_JOBS}")
+        limits.check_duration(request.lease_ms, "lease_ms")
+        limits.check_duration(request.wait_ms, "wait_ms", limits.MAX_WAIT_MS)
+        limits.check_text(request.consumer_id, "consumer_id")
+        if self.node.draining:
+            raise NotTakenError("node is draining", retry_after_s=1.0)
+        response = await self.node.lease(request, self._bound(request.queue))
+        for job in response.jobs:
+            job.queue = named
+        return response
+
+    @rpc
+    @on_leader
+    async def Ack(self, request: pb.AckRequest, context: Context) -> pb.AckResponse:
+        request.queue = _queue(request.queue, CONSUMER)
+        _check_count(len(request.leases), "leases", limits.MAX_BATCH_JOBS)
+        return await self._propose(logpb.Command(ack=request), pb.AckResponse)
+
+    @rpc
+    @on_leader
+    async def Nack(self, request: pb.NackRequest, context: Context) -> pb.NackResponse:
+        request.queue = _queue(request.queue, CONSUMER)
+        if request.HasField("delay_ms"):
+            limits.check_duration(request.delay_ms, "delay_ms")
+        limits.check_text(request.reason, "reason", limits.MAX_REASON_CHARS)
+        return await self._propose(logpb.Command(nack=request), pb.NackResponse)
+
+    @rpc
+    @on_leader
+    async def ExtendLease(
+        self, request: pb.ExtendLeaseRequest, context: Context
+    ) -> pb.ExtendLeaseResponse:
+        request.queue = _queue(request.queue, CONSUMER)
+        limits.check_duration(request.lease_ms, "lease_ms")
+        return await self._propose(logpb.Command(extend=request), pb.ExtendLeaseResponse)
+
+    @rpc
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
+        stored = _queue(request.queue, PRODUCER, CONSUMER)
+        forwarded = await self._read_point("GetJob", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
+        job = self.node.machine.get_job(stored, request.job_id)
+        job.queue = request.queue
+        return pb.GetJobResponse(job=job)
+
+    @rpc
+    async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
+        access.require(principal.get(), PRODUCER, CONSUMER)
+        stored = access.scoped(principal.get(), request.queue) if request.queue else ""
+        forwarded = await self._read_point("Stats", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
+        if stored:
+            stats, token = self.node.machine.stats(stored, self.node.clock_ms()), ""
+        else:  # a page of the caller's own queues: never a scan of every tenant's
+            scope, after, limit = _page_of(request.limit, request.page_token)
+            stats, last = self.node.machine.stats_page(scope, after, limit, self.node.clock_ms())
+            token = _token(last)
+        return pb.StatsResponse(queues=access.show(principal.get(), stats), next_page_token=token)
+
+
+class AdminService(_Base, pbg.AdminServicer):
+    """Operators."""
+
+    SERVICE = "pqueue.v1.Admin"
+
+    @rpc
+    @on_leader
+    async def CreateQueue(
+        self, request: pb.CreateQueueRequest, context: Context
+    ) -> pb.CreateQueueResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        limits.effective_config(request.config)
+        return await self._propose(logpb.Command(create_queue=request), pb.CreateQueueResponse)
+
+    @rpc
+    @on_leader
+    async def DeleteQueue(
+        self, request: pb.DeleteQueueRequest, context: Context
+    ) -> pb.DeleteQueueResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        return await self._propose(logpb.Command(delete_queue=request), pb.DeleteQueueResponse)
+
+    @rpc
+    async def ListQueues(
+        self, request: pb.ListQueuesRequest, context: Context
+    ) -> pb.ListQueuesResponse:
+        access.require(principal.get(), PRODUCER, CONSUMER)
+        scope, after, limit = _page_of(request.limit, request.page_token)
+        queues, last = self.node.machine.queues_page(scope, after, limit, self.node.clock_ms())
+        return pb.ListQueuesResponse(
+            queues=access.show(principal.get(), queues), next_page_token=_token(last)
+        )
+
+    @rpc
+    @on_leader
+    async def PurgeQueue(
+        self, request: pb.PurgeQueueRequest, context: Context
+    ) -> pb.PurgeQueueResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        return await self._propose(logpb.Command(purge=request), pb.PurgeQueueResponse)
+
+    @rpc
+    async def ListDead(self, request: pb.ListDeadRequest, context: Context) -> pb.ListDeadResponse:
+        stored = _queue(request.queue, PRODUCER, CONSUMER)
+        if request.limit > limits.MAX_LIST_LIMIT:
+            raise InvalidArgumentError("limit", f"at most {limits.MAX_LIST_LIMIT}")
+        limit = request.limit or limits.DEFAULT_LIST_LIMIT
+        forwarded = await self._read_point("ListDead", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
+        dead = self.node.machine.list_dead(stored, limit, request.after_job_id)
+        for job in dead.jobs:
+            job.queue = request.queue
+        return dead
+
+    @rpc
+    @on_leader
+    async def Redrive(self, request: pb.RedriveRequest, context: Context) -> pb.RedriveResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        return await self._propose(logpb.Command(redrive=request), pb.RedriveResponse)
+
+    @rpc
+    @on_leader
+    async def DeleteDead(
+        self, request: pb.DeleteDeadRequest, context: Context
+    ) -> pb.DeleteDeadResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        return await self._propose(logpb.Command(delete_dead=request), pb.DeleteDeadResponse)
+
+    @rpc
+    async def NodeStatus(
+        self, request: pb.NodeStatusRequest, context: Context
+    ) -> pb.NodeStatusResponse:
+        st = self.node.log.status()
+        _, leader_address = self.node.log.leader_hint()
+        return pb.NodeStatusResponse(
+            node_id=st.node_id,
+            address=st.peers.get(st.node_id, ""),
+            role=st.role,
+            ballot=f"{st.ballot[0]}.{st.ballot[1]}",
+            leader_id=st.leader_id,
+            leader_address=leader_address,
+            commit_index=st.commit_index,
+            applied_index=st.applied_index,
+            snapshot_index=st.snapshot_index,
+            pending=st.pending,
+            peers=st.peers,
+            ballot_round=st.ballot[0],
+            not_serving=not self.node.serving,
+            load=self._load(st),
+            features=sorted(self.node.config.features),
+        )
+
+    def __init__(
+        self, node: QueueNode, forwarder: Forwarder, verifier: Verifier | None = None
+    ) -> None:
+        super().__init__(node, forwarder, verifier)
+        self.cpu = CpuSampler()
+
+    def _load(self, st: LogStatus) -> pb.NodeLoad:
+        cpu = self.cpu.read()
+        long_polls = self.node.waiting_long_polls
+        return pb.NodeLoad(
+            cpu_utilization=cpu.utilization,
+            process_cpu_cores=cpu.process_cores,
+            cpu_count=cpu.cpu_count,
+            # Neither this probe nor the long polls parked here are work.
+            in_flight_calls=max(0, self.node.calls_in_flight - 1 - long_polls),
+            waiting_long_polls=long_polls,
+            apply_lag_entries=max(0, st.commit_index - st.applied_index),
+            ready_jobs=self.node.machine.ready_jobs(),
+            rss_bytes=cpu.rss_bytes,
+        )

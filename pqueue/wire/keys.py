@@ -1,0 +1,51 @@
+"""Metadata keys every program speaks, and reading the bearer token.
+
+The SDK sets ``authorization``; a hop (the balancer, a forwarding follower)
+marks its calls with ``pq-forwarded-by``, proves itself with
+``pq-forwarder-token`` and passes the request id and the first caller's
+address on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pqueue.errors import UnauthenticatedError
+
+#: The caller's ``Bearer <JWT>``.
+AUTHORIZATION_KEY = "authorization"
+#: Metadata carrying the request id, end to end.
+REQUEST_ID_KEY = "x-request-id"
+#: Metadata naming the first caller's IP, set by a hop (balancer, forwarding follower).
+FORWARDED_FOR_KEY = "x-forwarded-for"
+#: Metadata a hop (the balancer, a forwarding follower) marks its calls with;
+#: a forwarded call is never forwarded twice.
+FORWARDED_KEY = "pq-forwarded-by"
+#: Metadata a hop proves itself with: its own token (role ``balancer`` or ``peer``).
+FORWARDER_TOKEN_KEY = "pq-forwarder-token"
+
+#: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
+DEFAULT_FORWARD_TIMEOUT_S = 75.0
+
+
+def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The bearer token in call metadata; ``UnauthenticatedError`` without one."""
+    for key, value in metadata or ():
+        if key == AUTHORIZATION_KEY and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            raise UnauthenticatedError("authorization metadata must be 'Bearer <token>'")
+    raise UnauthenticatedError(
+        "this cluster requires a bearer token (metadata 'authorization: Bearer <JWT>')"
+    )
+
+
+def credentials(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:
+    """The caller's credentials, to pass on a hop (the next server checks them again)."""
+    return tuple((k, v) for k, v in metadata if k == AUTHORIZATION_KEY and isinstance(v, str))
+
+
+def authorization(token: str) -> tuple[tuple[str, str], ...]:
+    """The metadata carrying ``token`` (none for an empty token)."""
+    return ((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()

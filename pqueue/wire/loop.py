@@ -1,0 +1,37 @@
+"""The event loop every program runs on, and the process's open-file limit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+
+logger = logging.getLogger(__name__)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed, asyncio's loop elsewhere."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit; the new soft limit.
+
+    Each client connection holds a descriptor: at the common default of 1,024
+    a thousand idle connections locked every other client out. Entry points
+    call this (it changes the whole process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or (target != resource.RLIM_INFINITY and soft >= target):
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft
+    logger.debug("open-file limit raised from %d to %d", soft, target)
+    return target

@@ -1,0 +1,31 @@
+"""The contract's sizes every program shares: message limits and keepalive.
+
+Pure constants (no IO, no grpc): the node, the balancer, the SDK and the pure
+core (``pqueue.core.limits`` re-exports the request sizes it validates) all
+read the same numbers from here.
+"""
+
+from __future__ import annotations
+
+#: Largest payload any queue config may allow.
+MAX_PAYLOAD_BYTES_LIMIT = 16 << 20
+#: Most jobs in one batch request (enqueue, ack).
+MAX_BATCH_JOBS = 1000
+#: Longest nack reason kept.
+MAX_REASON_CHARS = 4096
+#: Largest client request or response.
+MAX_MESSAGE_BYTES = 32 << 20
+#: Largest message a node accepts (peer messages carry whole log entries).
+MAX_PEER_MESSAGE_BYTES = 64 << 20
+
+#: Keepalive pings on long-lived channels (balancer to node): every 10 s,
+#: answered within 5 s or the connection is dead. Servers allow pings this
+#: often (``KEEPALIVE_MIN_INTERVAL_MS``), else they would hang up on them.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+KEEPALIVE_MIN_INTERVAL_MS = 5_000
+#: What a server sets so clients' keepalive pings are welcome.
+SERVER_KEEPALIVE_OPTIONS = (
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MIN_INTERVAL_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+)

@@ -1,0 +1,112 @@
+"""The walls between the programs, checked on what a fresh interpreter loads.
+
+``test_purity`` reads each module's own import lines; these tests import an
+entry point in a new process and look at ``sys.modules``, so an indirect
+import (A imports B imports the node) breaks them too. See
+docs/architecture.md, "Never-arrows".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_purity import _imports
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Modules of the node, the consensus core, the pure queue core and storage.
+SERVER_SIDE = ("consensus", "pqueue.node", "pqueue.core", "pqueue.storage", "balancer")
+#: Libraries only a server needs (token verification, PostgreSQL, process stats).
+SERVER_LIBRARIES = ("jwt", "cryptography", "asyncpg", "psutil")
+
+
+def files_loaded_by(*modules: str, forget: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Every module a fresh interpreter holds after importing ``modules``, with
+    its file. ``forget``: modules the interpreter loads at start-up (``time``),
+    dropped first so that importing them again shows."""
+    code = (
+        "import json, sys\n"
+        f"for name in {list(forget)!r}:\n"
+        "    sys.modules.pop(name, None)\n"
+        f"for name in {list(modules)!r}:\n"
+        "    __import__(name)\n"
+        "print(json.dumps({k: getattr(m, '__file__', None) for k, m in sys.modules.items()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded: dict[str, str | None] = json.loads(out.stdout)
+    return loaded
+
+
+def loaded_by(*modules: str) -> set[str]:
+    """Every module a fresh interpreter holds after importing ``modules``."""
+    return set(files_loaded_by(*modules))
+
+
+def under(loaded: set[str], prefixes: tuple[str, ...]) -> set[str]:
+    """The loaded modules that are one of ``prefixes`` or inside one."""
+    return {m for m in loaded if any(m == p or m.startswith(p + ".") for p in prefixes)}
+
+
+def test_the_balancer_loads_only_the_kernel() -> None:
+    loaded = loaded_by("balancer.runner")
+    assert "balancer.server" in loaded  # the check looks at the real thing
+    assert under(loaded, ("consensus", "pqueue.node", "pqueue.core", "pqueue.storage")) == set()
+    assert under(loaded, ("pqueue.cli", "pqueue.client", "pqueue.worker")) == set()
+
+
+@pytest.mark.parametrize("entry", ["pqueue.client", "pqueue.worker", "pqueue.cli.client"])
+def test_the_sdk_and_the_client_commands_load_no_server(entry: str) -> None:
+    loaded = loaded_by(entry)
+    assert entry in loaded
+    assert under(loaded, SERVER_SIDE) == set()
+    assert under(loaded, SERVER_LIBRARIES) == set()
+
+
+PURE_CORES = [
+    "consensus.replica",
+    "consensus.messages",
+    "pqueue.core.machine",
+    "pqueue.core.snapshot",
+    "pqueue.core.jobs",
+    "pqueue.core.limits",
+    "pqueue.core.features",
+    "pqueue.core.queue_table",
+    "pqueue.node.access",
+    "balancer.pool",
+    "balancer.picker",
+    "balancer.routes",
+]
+
+
+IMPURE = ("asyncio", "grpc", "time", "random")
+
+
+@pytest.mark.parametrize("core", PURE_CORES)
+def test_a_pure_core_loads_no_clock_network_or_randomness(core: str) -> None:
+    files = files_loaded_by(core, forget=IMPURE)
+    assert core in files
+    # asyncio, grpc and random are loaded by nothing a pure core may use.
+    assert under(set(files), ("asyncio", "grpc", "random")) == set()
+    # time comes in through the standard library (threading, via protobuf), so
+    # every module of ours the core pulls in is checked for its own imports.
+    ours = under(set(files), ("pqueue", "consensus", "balancer")) - under(
+        set(files), ("pqueue.v1",)
+    )
+    assert core in ours
+    for name in sorted(ours):
+        path = files[name]
+        assert path is not None, name
+        assert not _imports(Path(path)) & set(IMPURE), f"{core} loads {name}, which is not pure"
+
+
+def test_the_check_sees_an_indirect_import() -> None:
+    # json loads no asyncio; a module that pulls asyncio in through another does.
+    assert under(loaded_by("json"), ("asyncio",)) == set()
+    assert "asyncio" in loaded_by("pqueue.wire.loop")
