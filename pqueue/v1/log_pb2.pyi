@@ -195,7 +195,7 @@ class LogEntry(_message.Message):
     def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___Command]: ...
     @_builtins.property
     def required_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What a replica must understand to apply this entry (pqueue/features.py),
+        """What a replica must understand to apply this entry (pqueue/core/features.py),
         stamped by the leader from the commands' fields. A replica that does not
         support one of them stops instead of applying the entry. Absent from
         entries of releases before announcements: those use only their features.
@@ -405,7 +405,7 @@ class Snapshot(_message.Message):
     @_builtins.property
     def required_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Every feature the entries applied so far needed (sorted): a replica must
-        support them all to restore this state (pqueue/features.py).
+        support them all to restore this state (pqueue/core/features.py).
         """
 
     def __init__(
