@@ -22,7 +22,7 @@
     └── UpgradeRequiredError         no    (index, features)   (node-internal)
 
 Domain code raises these; the servicer turns them into gRPC statuses
-(``pqueue.node.server.status``) and the client turns statuses back into them
+(``pqueue.wire.status``) and the client turns statuses back into them
 (``pqueue.client``). Nothing here imports grpc.
 """
 
