@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_purity import _imports
+from tests.unit.test_purity import _imports, _inside, _modules
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,3 +110,14 @@ def test_the_check_sees_an_indirect_import() -> None:
     # json loads no asyncio; a module that pulls asyncio in through another does.
     assert under(loaded_by("json"), ("asyncio",)) == set()
     assert "asyncio" in loaded_by("pqueue.wire.loop")
+
+
+def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
+    # The fresh interpreter above sees only what importing runs; an import in a
+    # function body (a lazy import) loads the server only when that method is
+    # called. The SDK's import lines, wherever they are, name only the kernel.
+    allowed = ("pqueue.wire", "pqueue.errors", "pqueue.v1", "pqueue.client")
+    for path in (ROOT / "pqueue" / "client.py", ROOT / "pqueue" / "worker.py"):
+        ours = {m for m in _modules(path) if _inside(m, ("pqueue", "consensus", "balancer"))}
+        assert all(_inside(m, allowed) for m in ours), (path, ours)
+        assert not {m.split(".")[0] for m in _modules(path)} & set(SERVER_LIBRARIES), path
