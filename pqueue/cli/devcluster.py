@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from pqueue.cli import render
 from pqueue.client import Client
 from pqueue.errors import PQueueError
@@ -179,6 +177,8 @@ def _runs(pid: int, command: str, flag: str, path: Path, default: str = "") -> b
     """Whether process ``pid`` is a ``pq <command>`` given ``flag path`` (or
     none, when ``default`` is that path), judged by its command line and
     working directory."""
+    import psutil  # only when signalling: the client commands never load it
+
     try:
         proc = psutil.Process(pid)
         cmdline, cwd = proc.cmdline(), proc.cwd()

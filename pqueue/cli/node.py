@@ -10,19 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from pqueue.cli.args import metrics_token, parse_node_id, parse_peers
 from pqueue.errors import PQueueError
-from pqueue.node.auth import (
-    DEFAULT_LEEWAY_S,
-    PEER,
-    RevokedTokens,
-    Verifier,
-    node_subject,
-)
-from pqueue.node.quotas import Quotas
 from pqueue.wire.logs import LOG_FORMATS
+from pqueue.wire.roles import DEFAULT_LEEWAY_S, PEER, node_subject
 from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenFile, current_token
 
 if TYPE_CHECKING:
+    from pqueue.node.auth import Verifier
     from pqueue.node.runner import NodeOptions
 
 
@@ -118,6 +112,8 @@ def _listen_is_loopback(listen: str) -> bool:
 
 
 def _node_options(args: argparse.Namespace) -> NodeOptions:
+    from pqueue.node.auth import RevokedTokens, Verifier
+    from pqueue.node.quotas import Quotas
     from pqueue.node.runner import NodeOptions
     from pqueue.node.server import ServerConfig
 

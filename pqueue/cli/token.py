@@ -10,11 +10,13 @@ from typing import Any
 
 from pqueue.cli.args import parse_duration_s, parse_node_id
 from pqueue.errors import PQueueError
-from pqueue.node.auth import PEER, ROLES, issue, node_subject
+from pqueue.wire.roles import PEER, ROLES, node_subject
 from pqueue.wire.tokens import read_key
 
 
 def issue_token(args: argparse.Namespace) -> int:
+    from pqueue.node.auth import issue  # signs with the JWT library: only when run
+
     roles, subject = list(args.role or ()), args.subject
     if args.node_id is not None:  # a node's peer token: it speaks for that node only
         if subject and subject != node_subject(args.node_id):

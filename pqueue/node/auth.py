@@ -50,14 +50,13 @@ from pqueue.node.principal import node_of_subject as node_of_subject
 from pqueue.node.principal import node_subject as node_subject
 from pqueue.wire.logs import escape
 from pqueue.wire.observe import HopCheck
+from pqueue.wire.roles import DEFAULT_LEEWAY_S as DEFAULT_LEEWAY_S
 from pqueue.wire.tokens import read_key
 
 logger = logging.getLogger(__name__)
 
 #: Verified tokens kept (each until it expires).
 _CACHE_SIZE = 4096
-#: Clock skew tolerated on ``exp``, ``iat`` and ``nbf`` by default (``--auth-leeway-s``).
-DEFAULT_LEEWAY_S = 5.0
 #: Longest part of a refusal quoting what the caller sent.
 _MAX_QUOTED_CHARS = 200
 #: How often a revocation file's change time is looked at, at most.

@@ -12,20 +12,18 @@ from dataclasses import dataclass
 from pqueue.core import limits
 from pqueue.errors import InvalidArgumentError
 
-PRODUCER = "producer"
-CONSUMER = "consumer"
-ADMIN = "admin"
-#: A node of the cluster: may speak the peer (consensus) protocol. No other
-#: role implies it, not even admin: a peer's messages decide what is committed.
-PEER = "peer"
-#: A balancer: may tell a node which client it forwards a call for
-#: (``x-forwarded-for``) and nothing else; no other role implies it.
-BALANCER = "balancer"
-ROLES = frozenset((PRODUCER, CONSUMER, ADMIN, PEER, BALANCER))
+# Re-exported: the node's code reads the role names here.
+from pqueue.wire.roles import ADMIN as ADMIN
+from pqueue.wire.roles import BALANCER as BALANCER
+from pqueue.wire.roles import CONSUMER as CONSUMER
+from pqueue.wire.roles import NODE_SUBJECT_PREFIX as NODE_SUBJECT_PREFIX
+from pqueue.wire.roles import PEER as PEER
+from pqueue.wire.roles import PRODUCER as PRODUCER
+from pqueue.wire.roles import ROLES as ROLES
+from pqueue.wire.roles import node_subject as node_subject
+
 #: Roles ``admin`` does not imply: they make the holder part of the cluster.
 _HOP_ROLES = frozenset((PEER, BALANCER))
-#: A peer token's subject names the node it speaks for: ``node:<id>``.
-NODE_SUBJECT_PREFIX = "node:"
 
 
 @dataclass(frozen=True)
@@ -47,11 +45,6 @@ class Principal:
     def node_id(self) -> int | None:
         """The node a peer token speaks for (``sub`` = ``node:<id>``), else None."""
         return node_of_subject(self.subject) if PEER in self.roles else None
-
-
-def node_subject(node_id: int) -> str:
-    """The subject of node ``node_id``'s peer token."""
-    return f"{NODE_SUBJECT_PREFIX}{node_id}"
 
 
 def node_of_subject(subject: str) -> int | None:

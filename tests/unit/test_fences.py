@@ -121,3 +121,20 @@ def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
         ours = {m for m in _modules(path) if _inside(m, ("pqueue", "consensus", "balancer"))}
         assert all(_inside(m, allowed) for m in ours), (path, ours)
         assert not {m.split(".")[0] for m in _modules(path)} & set(SERVER_LIBRARIES), path
+
+
+def test_a_client_command_as_pq_parses_it_loads_no_server() -> None:
+    # `pq` builds one parser for every program (node, balancer, token, dev
+    # cluster, client commands): registering a program must not load it.
+    code = (
+        "import json, sys\n"
+        "from pqueue.cli import build_parser\n"
+        "build_parser().parse_args(['enqueue', 'q', 'x'])\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = set(json.loads(out.stdout))
+    assert "pqueue.cli.node" in loaded  # every program's parser was registered
+    assert under(loaded, SERVER_SIDE + SERVER_LIBRARIES) == set()
