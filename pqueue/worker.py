@@ -122,10 +122,14 @@ class Worker:
         waiter.cancel()
 
     async def _race_stop(self, task: asyncio.Task[Any]) -> None:
-        """Return when ``task`` is done or a stop is requested."""
+        """Return when ``task`` is done or a stop is requested. Cancelled
+        meanwhile, it cancels ``task`` too: nothing is left pending."""
         stop = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
         finally:
             stop.cancel()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from pqueue.client import Client
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.worker import Worker, WorkerConfig
@@ -153,3 +155,24 @@ async def test_a_worker_waits_for_a_queue_that_does_not_exist_yet(client: Client
     await asyncio.wait_for(done.wait(), 10)
     worker.stop()
     await asyncio.wait_for(task, 10)
+
+
+async def test_a_worker_cancelled_mid_poll_leaves_no_call_pending(client: Client) -> None:
+    # Cancelled from outside while its long poll waits on the node, the
+    # worker cancels that poll too: nothing of it is left pending.
+    await client.create_queue("idle")
+
+    async def handler(job: pb.LeasedJob) -> None:
+        return None
+
+    worker = Worker(client, "idle", handler, config=WorkerConfig(wait_ms=30_000))
+    before = asyncio.all_tasks()
+    poll = asyncio.create_task(worker._lease(1))
+    await asyncio.sleep(0.2)  # the long poll is parked on the node
+    poll.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await poll
+    await asyncio.sleep(0.05)
+    left = [t for t in asyncio.all_tasks() - before if not t.done()]
+    # (The in-process node's own handler of the call ends on its side.)
+    assert [t for t in left if "Client.lease" in t.get_coro().__qualname__] == []  # type: ignore[union-attr]
