@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any
 
 from pqueue.v1 import log_pb2 as logpb
@@ -62,7 +63,7 @@ class Job:
 
     def to_proto(self) -> pb.Job:
         """The public view (never the lease id: that is the consumer's secret)."""
-        view = {name: getattr(self, name) for name in PUBLIC_FIELDS}
+        view = dict(zip(PUBLIC_FIELDS, _public(self), strict=True))
         if self.state != LEASED:
             view["lease_expires_at_ms"] = 0
         return pb.Job(queue=self.queue, errors=self._errors(), **view)
@@ -73,7 +74,7 @@ class Job:
 
     def record_fields(self) -> dict[str, Any]:
         """``JobRecord`` keyword arguments: every field of the record."""
-        view = {name: getattr(self, name) for name in RECORD_FIELDS}
+        view = dict(zip(RECORD_FIELDS, _record(self), strict=True))
         view["errors"] = self._errors()
         return view
 
@@ -111,6 +112,8 @@ def _shared_fields(message: Any, special: set[str]) -> tuple[str, ...]:
 RECORD_FIELDS = _shared_fields(logpb.JobRecord, {"errors"})
 #: ``pb.Job`` fields copied by name (``queue`` and ``errors`` are built).
 PUBLIC_FIELDS = _shared_fields(pb.Job, {"queue", "errors"})
+_record = attrgetter(*RECORD_FIELDS)
+_public = attrgetter(*PUBLIC_FIELDS)
 
 
 @dataclass(slots=True)
