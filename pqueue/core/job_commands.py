@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 
 from pqueue.core import limits
+from pqueue.core.commands import handles
 from pqueue.core.jobs import (
     DEAD,
     LEASED,
@@ -22,6 +23,7 @@ from pqueue.v1 import queue_pb2 as pb
 class JobCommands(TenancyRules):
     """The commands a producer or a consumer sends."""
 
+    @handles("enqueue")
     def _enqueue(self, req: pb.EnqueueBatchRequest, now: int) -> pb.EnqueueBatchResponse:
         limits.check_queue_name(req.queue)
         queue = self.queues.get(req.queue)
@@ -66,6 +68,7 @@ class JobCommands(TenancyRules):
             out.results.add(job_id=job.job_id)
         return out
 
+    @handles("lease")
     def _lease(self, req: pb.LeaseRequest, now: int) -> pb.LeaseResponse:
         queue = self._queue(req.queue)
         limits.check_duration(req.lease_ms, "lease_ms")
@@ -105,6 +108,7 @@ class JobCommands(TenancyRules):
             )
         return out
 
+    @handles("ack")
     def _ack(self, req: pb.AckRequest, now: int) -> pb.AckResponse:
         queue = self._queue(req.queue)
         seen: set[int] = set()
@@ -120,6 +124,7 @@ class JobCommands(TenancyRules):
             self._remove(queue, job)
         return pb.AckResponse(acked=len(jobs))
 
+    @handles("nack")
     def _nack(self, req: pb.NackRequest, now: int) -> pb.NackResponse:
         queue = self._queue(req.queue)
         job = self._leased_job(queue, req.job_id, req.lease_id)
@@ -151,6 +156,7 @@ class JobCommands(TenancyRules):
             attempts=job.attempts,
         )
 
+    @handles("extend")
     def _extend(self, req: pb.ExtendLeaseRequest, now: int) -> pb.ExtendLeaseResponse:
         queue = self._queue(req.queue)
         limits.check_duration(req.lease_ms, "lease_ms")

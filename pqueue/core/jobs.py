@@ -8,8 +8,11 @@ and leasing the next one is O(log n) amortized.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
+from typing import Any
 
+from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
 READY = pb.JOB_STATE_READY
@@ -60,22 +63,57 @@ class Job:
 
     def to_proto(self) -> pb.Job:
         """The public view (never the lease id: that is the consumer's secret)."""
-        return pb.Job(
-            job_id=self.job_id,
-            queue=self.queue,
-            priority=self.priority,
-            payload=self.payload,
-            state=self.state,  # type: ignore[arg-type]
-            attempts=self.attempts,
-            group=self.group,
-            idempotency_key=self.idempotency_key,
-            enqueued_at_ms=self.enqueued_at_ms,
-            ready_at_ms=self.ready_at_ms,
-            lease_expires_at_ms=self.lease_expires_at_ms if self.state == LEASED else 0,
-            consumer_id=self.consumer_id,
-            errors=[pb.JobError(attempt=a, at_ms=t, reason=r) for a, t, r in self.errors],
-            tenant=self.tenant,
+        view = dict(zip(PUBLIC_FIELDS, _public(self), strict=True))
+        if self.state != LEASED:
+            view["lease_expires_at_ms"] = 0
+        return pb.Job(queue=self.queue, errors=self._errors(), **view)
+
+    def to_record(self) -> logpb.JobRecord:
+        """The snapshot's record of the job: every field of ``JobRecord``."""
+        return logpb.JobRecord(**self.record_fields())
+
+    def record_fields(self) -> dict[str, Any]:
+        """``JobRecord`` keyword arguments: every field of the record."""
+        view = dict(zip(RECORD_FIELDS, _record(self), strict=True))
+        view["errors"] = self._errors()
+        return view
+
+    @classmethod
+    def from_record(cls, queue: str, rec: logpb.JobRecord, owner: str) -> Job:
+        """The job a snapshot record describes, in ``queue`` (whose owner
+        ``owner`` produced records from before tenants were recorded)."""
+        job = cls(
+            queue=queue,
+            errors=[(e.attempt, e.at_ms, e.reason) for e in rec.errors],
+            **{name: getattr(rec, name) for name in RECORD_FIELDS},
         )
+        job.tenant = job.tenant or owner
+        return job
+
+    def _errors(self) -> list[pb.JobError]:
+        return [pb.JobError(attempt=a, at_ms=t, reason=r) for a, t, r in self.errors]
+
+
+def _shared_fields(message: Any, special: set[str]) -> tuple[str, ...]:
+    """The fields of ``message`` a ``Job`` holds under the same name, in
+    field order, except ``special`` ones; a field it lacks stops the import."""
+    attrs = {f.name for f in fields(Job)}
+    names = tuple(f.name for f in message.DESCRIPTOR.fields if f.name not in special)
+    missing = [n for n in names if n not in attrs]
+    if missing:
+        raise TypeError(f"{message.DESCRIPTOR.name} fields {missing} are not fields of Job")
+    return names
+
+
+#: ``JobRecord`` fields copied by name (``errors`` is a list of tuples in
+#: a Job). The record is the source of truth: a field added to it must be
+#: added to ``Job`` or importing this module fails, and it is then kept in
+#: snapshots without further edits.
+RECORD_FIELDS = _shared_fields(logpb.JobRecord, {"errors"})
+#: ``pb.Job`` fields copied by name (``queue`` and ``errors`` are built).
+PUBLIC_FIELDS = _shared_fields(pb.Job, {"queue", "errors"})
+_record = attrgetter(*RECORD_FIELDS)
+_public = attrgetter(*PUBLIC_FIELDS)
 
 
 @dataclass(slots=True)
@@ -118,7 +156,7 @@ GroupKey = tuple[str, str]
 
 @dataclass(slots=True)
 class Counters:
-    """Monotonic per-queue totals."""
+    """Monotonic per-queue totals: field ``x`` is ``QueueStats.x_total``."""
 
     enqueued: int = 0
     leased: int = 0
@@ -126,6 +164,28 @@ class Counters:
     nacked: int = 0
     expired: int = 0
     dead: int = 0
+
+    def to_stats(self) -> dict[str, Any]:
+        """The ``QueueStats`` fields these totals fill, by name."""
+        return {f"{name}_total": getattr(self, name) for name in COUNTER_FIELDS}
+
+    @classmethod
+    def from_stats(cls, stats: pb.QueueStats) -> Counters:
+        """The totals a ``QueueStats`` (a snapshot's counters) holds."""
+        return cls(**{name: getattr(stats, f"{name}_total") for name in COUNTER_FIELDS})
+
+
+def _counter_fields() -> tuple[str, ...]:
+    """``Counters`` fields, checked against every ``QueueStats.*_total``."""
+    names = tuple(f.name for f in fields(Counters))
+    totals = {f.name for f in pb.QueueStats.DESCRIPTOR.fields if f.name.endswith("_total")}
+    if totals != {f"{n}_total" for n in names}:
+        raise TypeError(f"QueueStats totals {sorted(totals)} do not match Counters {names}")
+    return names
+
+
+#: The counters kept in snapshots, one per ``QueueStats.*_total`` field.
+COUNTER_FIELDS = _counter_fields()
 
 
 @dataclass(slots=True)
@@ -298,7 +358,6 @@ class QueueState:
     def stats(self, now_ms: int) -> pb.QueueStats:
         """Counts and totals at ``now_ms``."""
         oldest = self.oldest_ready_at()
-        c = self.counters
         return pb.QueueStats(
             queue=self.name,
             ready=self.counts[READY],
@@ -306,12 +365,7 @@ class QueueState:
             leased=self.counts[LEASED],
             dead=self.counts[DEAD],
             oldest_ready_age_ms=max(0, now_ms - oldest) if oldest is not None else 0,
-            enqueued_total=c.enqueued,
-            leased_total=c.leased,
-            acked_total=c.acked,
-            nacked_total=c.nacked,
-            expired_total=c.expired,
-            dead_total=c.dead,
+            **self.counters.to_stats(),
         )
 
 

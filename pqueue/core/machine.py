@@ -26,6 +26,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from pqueue.core.commands import bind, checked_commands
 from pqueue.core.job_commands import JobCommands
 from pqueue.core.jobs import (
     DELAYED,
@@ -44,24 +45,13 @@ from pqueue.v1 import queue_pb2 as pb
 Result = Message | PQueueError
 
 
+@checked_commands  # every Command field has exactly one @handles method, or no start
 class QueueMachine(JobCommands, QueueCommands):
     """All queues of one node, advanced only by ``apply_entry``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._handlers: dict[str, Callable[[Any, int], Message]] = {
-            "enqueue": self._enqueue,
-            "lease": self._lease,
-            "ack": self._ack,
-            "nack": self._nack,
-            "extend": self._extend,
-            "create_queue": self._create_queue,
-            "delete_queue": self._delete_queue,
-            "purge": self._purge,
-            "redrive": self._redrive,
-            "delete_dead": self._delete_dead,
-            "tick": self._tick,
-        }
+        self._handlers: dict[str, Callable[[Any, int], Message]] = bind(self)
 
     # ------------------------------------------------------------------ apply
 

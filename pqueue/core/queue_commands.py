@@ -4,6 +4,7 @@ delete dead jobs, and the tick that only advances time."""
 from __future__ import annotations
 
 from pqueue.core import limits
+from pqueue.core.commands import handles
 from pqueue.core.jobs import (
     WAITING,
 )
@@ -18,6 +19,7 @@ from pqueue.v1 import queue_pb2 as pb
 class QueueCommands(Transitions):
     """The commands an admin sends, and ``tick``."""
 
+    @handles("create_queue")
     def _create_queue(self, req: pb.CreateQueueRequest, now: int) -> pb.CreateQueueResponse:
         limits.check_queue_name(req.queue)
         config = limits.effective_config(req.config)
@@ -29,12 +31,14 @@ class QueueCommands(Transitions):
         self._new_queue(req.queue, config)
         return pb.CreateQueueResponse(created=True, config=config)
 
+    @handles("delete_queue")
     def _delete_queue(self, req: pb.DeleteQueueRequest, now: int) -> pb.DeleteQueueResponse:
         queue = self._queue(req.queue)
         count = len(queue.jobs)
         self._drop_queue(queue)
         return pb.DeleteQueueResponse(deleted_jobs=count)
 
+    @handles("purge")
     def _purge(self, req: pb.PurgeQueueRequest, now: int) -> pb.PurgeQueueResponse:
         queue = self._queue(req.queue)
         doomed = [job for job in queue.jobs.values() if job.state in WAITING]
@@ -42,6 +46,7 @@ class QueueCommands(Transitions):
             self._remove(queue, job)
         return pb.PurgeQueueResponse(purged=len(doomed))
 
+    @handles("redrive")
     def _redrive(self, req: pb.RedriveRequest, now: int) -> pb.RedriveResponse:
         queue = self._queue(req.queue)
         jobs = self._dead_jobs(queue, req.job_ids)
@@ -51,6 +56,7 @@ class QueueCommands(Transitions):
             self._make_ready(queue, job, now)
         return pb.RedriveResponse(redriven=len(jobs))
 
+    @handles("delete_dead")
     def _delete_dead(self, req: pb.DeleteDeadRequest, now: int) -> pb.DeleteDeadResponse:
         queue = self._queue(req.queue)
         jobs = self._dead_jobs(queue, req.job_ids)
@@ -58,5 +64,6 @@ class QueueCommands(Transitions):
             self._remove(queue, job)
         return pb.DeleteDeadResponse(deleted=len(jobs))
 
+    @handles("tick")
     def _tick(self, req: logpb.Tick, now: int) -> logpb.Tick:
         return logpb.Tick()

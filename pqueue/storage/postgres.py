@@ -31,9 +31,11 @@ Over 400 lines on purpose: one store, its schema, its lock and its SQL together.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
@@ -144,6 +146,37 @@ def _text(value: str) -> str:
 
 def _seconds(ms: int) -> float:
     return min(max(ms, 0), _MAX_MS) / 1000
+
+
+#: The ``jobs`` table's columns are ``JobRow``'s fields, in order (``*_ms``
+#: as timestamptz without the suffix; tests/contract/test_postgres.py checks).
+JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobRow))
+#: The payload never changes: written on insert only.
+_UPSERT_JOBS = (
+    "INSERT INTO jobs VALUES ("
+    + ", ".join(
+        f"to_timestamp(${i})" if name.endswith("_ms") else f"${i}"
+        for i, name in enumerate(JOB_FIELDS, 1)
+    )
+    + ") ON CONFLICT (id) DO UPDATE SET "
+    "state = excluded.state, attempts = excluded.attempts, "
+    "priority = excluded.priority, ready_at = excluded.ready_at, "
+    "lease_expires_at = excluded.lease_expires_at, "
+    "last_error = excluded.last_error"
+)
+
+
+def _job_values(row: JobRow) -> tuple[Any, ...]:
+    """The ``jobs`` columns of one row, in table order."""
+    return tuple(_column(name, getattr(row, name)) for name in JOB_FIELDS)
+
+
+def _column(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name.endswith("_ms"):
+        return _seconds(value)
+    return _text(value) if isinstance(value, str) else value
 
 
 class PostgresStorage:
@@ -383,24 +416,7 @@ class PostgresStorage:
         """Bring the ``jobs`` table to ``applied_index``, in one transaction with it
         (``replace_all``: the rows are every job there is). Resolves at commit;
         nobody need wait (the table has a writer of its own)."""
-        rows = [
-            (
-                r.id,
-                _text(r.queue),
-                r.priority,
-                r.payload,
-                r.state,
-                r.attempts,
-                _text(r.group),
-                _text(r.idempotency_key),
-                _seconds(r.created_at_ms),
-                _seconds(r.ready_at_ms),
-                None if r.lease_expires_at_ms is None else _seconds(r.lease_expires_at_ms),
-                None if r.last_error is None else _text(r.last_error),
-                _text(r.tenant),
-            )
-            for r in upserts
-        ]
+        rows = [_job_values(r) for r in upserts]
 
         async def write(conn: Conn) -> None:
             if replace_all:
@@ -408,17 +424,7 @@ class PostgresStorage:
             if deleted:
                 await conn.execute("DELETE FROM jobs WHERE id = ANY($1::bigint[])", deleted)
             if rows:
-                # The payload never changes: written on insert only.
-                await conn.executemany(
-                    "INSERT INTO jobs VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9), "
-                    "to_timestamp($10), to_timestamp($11), $12, $13) "
-                    "ON CONFLICT (id) DO UPDATE SET "
-                    "state = excluded.state, attempts = excluded.attempts, "
-                    "priority = excluded.priority, ready_at = excluded.ready_at, "
-                    "lease_expires_at = excluded.lease_expires_at, "
-                    "last_error = excluded.last_error",
-                    rows,
-                )
+                await conn.executemany(_UPSERT_JOBS, rows)
             # This index, not the highest seen: after a restore it can go back.
             await conn.execute(
                 "INSERT INTO applied VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET "

@@ -160,6 +160,20 @@ async def test_any_job_fits_the_jobs_table(store: PostgresStorage) -> None:
         assert row["last_error"] == "bad\\x00byte"
 
 
+async def test_the_jobs_columns_are_the_row_fields_in_order(store: PostgresStorage) -> None:
+    """Rows are written positionally from ``JobRow``'s fields: a field added
+    without its column (or in another place) fails here."""
+    assert store._pool is not None
+    async with store._pool.acquire() as conn:
+        columns = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = $1 AND table_name = 'jobs' ORDER BY ordinal_position",
+            store.schema,
+        )
+    fields = [f.name for f in dataclasses.fields(JobRow)]
+    assert [c["column_name"] for c in columns] == [f.removesuffix("_ms") for f in fields]
+
+
 def test_schema_names_are_what_postgresql_keeps() -> None:
     for bad in ("PQ_N1", "pq-n1", "1pq", "pq_" + "x" * 61, "pqé", ""):
         with pytest.raises(ValueError, match="schema"):
