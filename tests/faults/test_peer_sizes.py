@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from pqueue.client import Client, job_spec
+from pqueue.errors import PQueueError
 from tests.faults.cluster import ProcCluster, started
 from tests.peer_wire import absurd_prepare, send_peer
 
@@ -31,9 +32,15 @@ async def _stable_leader(cluster: ProcCluster) -> int:
     for _ in range(100):
         views = set()
         for i in cluster.ports:
-            async with Client(cluster.address(i), timeout_s=2, max_retries=0) as c:
-                status = await c.node_status()
-                views.add((status.leader_id, status.ballot))
+            try:
+                async with Client(cluster.address(i), timeout_s=2, max_retries=0) as c:
+                    status = await c.node_status()
+            except PQueueError as exc:
+                # Not serving yet (the fixture waits for a leader only), or
+                # gRPC's shared subchannel still backing off from a refusal.
+                views.add((0, str(exc)))
+                continue
+            views.add((status.leader_id, status.ballot))
         if len(views) == 1 and next(iter(views))[0]:
             return next(iter(views))[0]
         await asyncio.sleep(0.2)
