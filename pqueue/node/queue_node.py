@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 
 from pqueue.core import features
+from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
 from pqueue.core.snapshot import restore, snapshot_bytes
 from pqueue.errors import FeatureUnavailableError, PQueueError, UpgradeRequiredError
-from pqueue.node.commitlog import CommandLog, LogObserver, Result
+from pqueue.node.commitlog import CommandLog, LogObserver
 from pqueue.node.mirror import JobsMirror, MirrorStore
 from pqueue.node.peers import PeerTransport
 from pqueue.node.replicated import ClusterConfig, ReplicatedLog
@@ -111,7 +112,7 @@ class QueueNode:
         """Neither draining nor failed, and its storage reachable."""
         return not (self.draining or self.log.failed.is_set()) and self.storage.available
 
-    def apply(self, entry: logpb.LogEntry) -> list[Result]:
+    def apply(self, entry: logpb.LogEntry) -> Effects:
         try:
             junk = features.check_entry(entry, self.config.features)
         except UpgradeRequiredError as exc:
@@ -130,13 +131,13 @@ class QueueNode:
                     junk,
                     self.client_junk,
                 )
-        results = self.machine.apply_entry(entry)
+        effects = self.machine.apply_entry(entry)
         if self.mirror is not None:
-            self.mirror.notify()
-        for name, count in self.machine.drain_woken().items():
+            self.mirror.observe(effects)
+        for name, count in effects.woken.items():
             self._wake(name, count)
         self._due_changed.set()
-        return results
+        return effects
 
     def _wake(self, queue: str, jobs: int) -> None:
         """Wake waiting long polls in arrival order, enough to take ``jobs`` jobs.
@@ -166,7 +167,7 @@ class QueueNode:
             raise
         self.machine = machine
         if self.mirror is not None:
-            self.mirror.notify(restored=True)
+            self.mirror.notify_restored()
 
     def last_time_ms(self) -> int:
         return self.machine.time_ms

@@ -515,8 +515,7 @@ class ReplicatedLog:
             )
             self._applied_time_ms = max(self._applied_time_ms, entry.time_ms)
             self._last_time_ms = max(self._last_time_ms, entry.time_ms)
-            results = self._applier.apply(entry)
-            self._resolve(slot, value, results)
+            self._resolve(slot, value, self._applier.apply(entry).results)
         self._wake_applied()
         # Snapshot what the applier holds, at its own index: a snapshot
         # installed during an await above may have moved the replica on.
