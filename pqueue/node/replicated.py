@@ -214,12 +214,14 @@ class ReplicatedLog:
 
     @property
     def is_leader(self) -> bool:
-        """Whether this node leads (and may take commands) now."""
-        return self.replica is not None and self.replica.status().role is Role.LEADER
+        """Whether this node leads (and may take commands) now: as of the
+        replica's last ``Ready`` (the ready loop takes one after every step
+        and tick; the proposal loop re-checks ``status()`` before proposing)."""
+        return self.replica is not None and self._soft.role is Role.LEADER
 
     def leader_hint(self) -> tuple[int, str]:
         """The leader's id and address as far as we know; (0, "") if unknown."""
-        leader = 0 if self.replica is None else self.replica.status().leader_id
+        leader = 0 if self.replica is None else self._soft.leader_id
         if not leader:
             return 0, ""
         return leader, self.config.addresses.get(leader, "")
