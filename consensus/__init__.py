@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from consensus.messages import NOOP, ZERO, Ballot, Message, Ready, Record
-from consensus.replica import Config, DurableState, Replica, Role
+from consensus.messages import NOOP, ZERO, Ballot, Message, Ready, Record, Role, SoftState
+from consensus.replica import Config, DurableState, Replica, ReplicaStatus
 
 __all__ = [
     "NOOP",
@@ -15,5 +15,7 @@ __all__ = [
     "Ready",
     "Record",
     "Replica",
+    "ReplicaStatus",
     "Role",
+    "SoftState",
 ]

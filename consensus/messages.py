@@ -7,6 +7,7 @@ proposers never share one. ``ZERO`` is below every real ballot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 Ballot = tuple[int, int]
 ZERO: Ballot = (0, 0)
@@ -221,6 +222,31 @@ Message = (
 )
 
 
+class Role(Enum):
+    """What a replica is doing now."""
+
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True)
+class SoftState:
+    """A replica's volatile view of the leadership (``Ready.soft_state``).
+
+    Reported whenever any field changed since the last ``Ready``, so the
+    shell logs and counts role changes without reading the replica.
+    """
+
+    role: Role
+    #: Who leads as far as we know (0: nobody known).
+    leader_id: int
+    #: The ballot ``leader_id`` leads at.
+    leader_ballot: Ballot
+    #: The ballot this replica last ran phase 1 with (its own).
+    ballot: Ballot
+
+
 @dataclass
 class Ready:
     """What the shell must do, in this order: persist, then send, then apply.
@@ -242,6 +268,10 @@ class Ready:
     #: Confirmed read indexes: ``(ctx, index)`` per ``Replica.read_index`` call.
     #: A read may be served once the state has applied up to ``index``.
     read_states: list[tuple[int, int]] = field(default_factory=list)
+    #: The leadership view, when it changed since the last ``Ready`` (else None).
+    soft_state: SoftState | None = None
+    #: Ballots at which this replica started phase 1 (an election) since then.
+    elections: list[Ballot] = field(default_factory=list)
 
     def empty(self) -> bool:
         """Nothing to do."""
@@ -253,4 +283,6 @@ class Ready:
             or self.committed
             or self.commit_index is not None
             or self.read_states
+            or self.soft_state is not None
+            or self.elections
         )

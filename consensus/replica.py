@@ -25,7 +25,6 @@ compacted them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from hashlib import sha256
 from typing import TYPE_CHECKING
 
@@ -50,19 +49,37 @@ from consensus.messages import (
     Ready,
     Record,
     SnapshotRequest,
+    SoftState,
     TimeoutNow,
 )
+from consensus.messages import Role as Role  # defined with SoftState; importable here as before
 
 if TYPE_CHECKING:
     from random import Random
 
 
-class Role(Enum):
-    """What a replica is doing now."""
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """A frozen copy of what a shell may ask a replica (``Replica.status``)."""
 
-    FOLLOWER = "follower"
-    CANDIDATE = "candidate"
-    LEADER = "leader"
+    id: int
+    role: Role
+    leader_id: int
+    leader_ballot: Ballot
+    ballot: Ballot
+    commit_index: int
+    #: Last slot handed out in ``Ready.committed`` (applied once handled).
+    emitted: int
+    #: Highest slot known chosen anywhere.
+    known_commit: int
+    snapshot_index: int
+    #: The slot the next proposal takes (leader).
+    next_slot: int
+    #: Commit indexes peers last reported (leader), copied.
+    peer_commit: dict[int, int]
+    nodes: tuple[int, ...]
+    #: Where a leadership transfer goes (0: none under way).
+    transfer_target: int
 
 
 @dataclass(frozen=True)
@@ -199,6 +216,9 @@ class Replica:
         #: phase 1): a read index is never below it.
         self.lead_floor = 0
         self._out = Ready()
+        #: The soft state last reported in a ``Ready`` (the shell starts from
+        #: this same one: a follower that knows no leader, at ``ZERO``).
+        self._soft = self._soft_state()
         self._accept_buffer: list[tuple[int, bytes]] = []
         self._trust_upto = 0
         #: Candidate: promises that came in parts, per node: the slot the next
@@ -376,6 +396,9 @@ class Replica:
                         Heartbeat(self.id, node, self.ballot, self.commit_index, self.read_seq)
                     )
         out, self._out = self._out, Ready()
+        soft = self._soft_state()
+        if soft != self._soft:
+            out.soft_state = self._soft = soft
         if self._accept_buffer:
             fresh, self._accept_buffer = self._accept_buffer, []
             for batch in self._batches(fresh):
@@ -389,6 +412,28 @@ class Replica:
             ]
             self.emitted = self.commit_index
         return out
+
+    def _soft_state(self) -> SoftState:
+        return SoftState(self.role, self.leader_id, self.leader_ballot, self.ballot)
+
+    def status(self) -> ReplicaStatus:
+        """A frozen copy of the replica's indexes and leadership view (the
+        shell's queries read this, never the replica's fields)."""
+        return ReplicaStatus(
+            id=self.id,
+            role=self.role,
+            leader_id=self.leader_id,
+            leader_ballot=self.leader_ballot,
+            ballot=self.ballot,
+            commit_index=self.commit_index,
+            emitted=self.emitted,
+            known_commit=self.known_commit,
+            snapshot_index=self.snapshot_index,
+            next_slot=self.next_slot,
+            peer_commit=dict(self.peer_commit),
+            nodes=tuple(self.config.nodes),
+            transfer_target=self.transfer_target,
+        )
 
     @property
     def installing_snapshot(self) -> bool:
@@ -629,6 +674,7 @@ class Replica:
         self.leader_id, self.leader_ballot = 0, ZERO
         self.max_round = max(self.max_round, self.promised[0]) + 1
         self.ballot = (self.max_round, self.id)
+        self._out.elections.append(self.ballot)
         self.promises = {}
         self.prepare_from = self.commit_index + 1
         self.election_elapsed = 0

@@ -23,7 +23,7 @@ class Driver:
             time_ms=self.now,
             commands=[logpb.Command(**command)],
         )
-        return self.m.apply_entry(entry)[0]
+        return self.m.apply_entry(entry).results[0]
 
     def ok(self, **command: Any) -> Any:
         result = self.run(**command)

@@ -164,8 +164,7 @@ class JobCommands(TenancyRules):
         wanted = now + (req.lease_ms or queue.config.default_lease_ms)
         cap = job.leased_at_ms + queue.config.max_lease_total_ms
         job.lease_expires_at_ms = min(wanted, cap)
-        if self.changed is not None:
-            self.changed.add(job.job_id)
+        self._changed.add(job.job_id)
         # The older heap entry no longer matches the expiry and is skipped.
         heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
         return pb.ExtendLeaseResponse(

@@ -3,8 +3,10 @@
 Pure: no clock, IO or global random. Time arrives only as ``LogEntry.time_ms``
 stamped by the proposer, so every replica applying the same entries reaches
 the same state (same snapshot bytes). Each command either succeeds or raises
-a ``PQueueError`` *before* changing anything; ``apply_entry`` returns one
-result per command (the response message, or that error).
+a ``PQueueError`` *before* changing anything; ``apply_entry`` returns the
+entry's ``Effects``: one result per command (the response message, or that
+error), the queues that gained leasable jobs and the jobs changed, which the
+node observes (long-poll wake-ups, the PostgreSQL jobs table).
 
 Every entry first advances time: delayed jobs that came due become ready,
 leases that expired return their jobs (or make them dead), and idempotency
@@ -27,6 +29,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from pqueue.core.commands import bind, checked_commands
+from pqueue.core.effects import Effects, Result
 from pqueue.core.job_commands import JobCommands
 from pqueue.core.jobs import (
     DELAYED,
@@ -42,7 +45,7 @@ from pqueue.errors import (
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
-Result = Message | PQueueError
+__all__ = ["Effects", "QueueMachine", "Result"]
 
 
 @checked_commands  # every Command field has exactly one @handles method, or no start
@@ -55,16 +58,22 @@ class QueueMachine(JobCommands, QueueCommands):
 
     # ------------------------------------------------------------------ apply
 
-    def apply_entry(self, entry: logpb.LogEntry) -> list[Result]:
-        """Apply one log entry; one result per command, in order."""
+    def apply_entry(self, entry: logpb.LogEntry) -> Effects:
+        """Apply one log entry: what it did (one result per command, in order;
+        the queues that gained leasable jobs; the jobs changed or removed)."""
         if entry.index != self.applied_index + 1:
             raise ValueError(f"entry {entry.index} applied after {self.applied_index}")
+        self._woken = Counter()
+        self._changed = set()
         now = max(entry.time_ms, self.time_ms)  # time never runs backwards
         self.time_ms = now
         self.applied_index = entry.index
         self.features.update(entry.required_features)
         self.advance(now)
-        return [self.apply_command(cmd, now) for cmd in entry.commands]
+        results = [self.apply_command(cmd, now) for cmd in entry.commands]
+        effects = Effects(entry.index, results, dict(self._woken), frozenset(self._changed))
+        self._woken, self._changed = Counter(), set()
+        return effects
 
     def apply_command(self, cmd: logpb.Command, now: int) -> Result:
         """Apply one command at ``now``; an error result means nothing changed."""
@@ -192,8 +201,3 @@ class QueueMachine(JobCommands, QueueCommands):
             heapq.heappop(self._leases)
         due = [h[0][0] for h in (self._delayed, self._leases) if h]
         return min(due) if due else None
-
-    def drain_woken(self) -> Counter[str]:
-        """Per queue, how many jobs became leasable since the last call."""
-        woken, self._woken = self._woken, Counter()
-        return woken

@@ -50,7 +50,8 @@ class MachineState:
         self._leases: list[tuple[int, int, int]] = []
         #: (expires_at_ms, queue, tenant, key) of idempotency records.
         self._dedup: list[tuple[int, str, str, str]] = []
-        #: Per queue, how many jobs became leasable since the last ``drain_woken``.
+        #: Per queue, how many jobs became leasable in the entry being applied
+        #: (reported in its ``Effects``; reset by ``apply_entry``).
         self._woken: Counter[str] = Counter()
         #: Queues with delete_when_idle that lost their last job this command.
         self._idle: set[str] = set()
@@ -58,10 +59,9 @@ class MachineState:
         self._limits: logpb.TenantLimits | None = None
         #: Who sent the command being applied (None: not stamped, auth off).
         self._caller: logpb.Caller | None = None
-        #: Ids of jobs changed or removed since ``take_changes`` (None: not
-        #: tracked). A store that mirrors jobs (PostgreSQL's ``jobs`` table)
-        #: turns it on; it never affects what the machine does.
-        self.changed: set[int] | None = None
+        #: Ids of jobs changed or removed in the entry being applied (reported
+        #: in its ``Effects``; never read by the machine itself).
+        self._changed: set[int] = set()
 
 
 class Transitions(MachineState):
@@ -134,21 +134,11 @@ class Transitions(MachineState):
     def _drop_queue(self, queue: QueueState) -> None:
         for job_id in queue.jobs:
             del self.jobs[job_id]
-        if self.changed is not None:
-            self.changed.update(queue.jobs)
+        self._changed.update(queue.jobs)
         del self.queues[queue.name]
 
-    def take_changes(self) -> tuple[list[pb.Job], list[int]]:
-        """Jobs changed since the last call (as shown to clients), and ids removed."""
-        if not self.changed:
-            return [], []
-        changed, self.changed = self.changed, set()
-        live = [self.jobs[i].to_proto() for i in sorted(changed) if i in self.jobs]
-        return live, sorted(i for i in changed if i not in self.jobs)
-
     def _set_state(self, queue: QueueState, job: Job, state: int) -> None:
-        if self.changed is not None:
-            self.changed.add(job.job_id)
+        self._changed.add(job.job_id)
         if job.state:
             queue.counts[job.state] -= 1
         queue.counts[state] += 1
@@ -217,8 +207,7 @@ class Transitions(MachineState):
             self._make_ready(queue, job, now)
 
     def _remove(self, queue: QueueState, job: Job) -> None:
-        if self.changed is not None:
-            self.changed.add(job.job_id)
+        self._changed.add(job.job_id)
         queue.counts[job.state] -= 1
         del queue.jobs[job.job_id]
         del self.jobs[job.job_id]

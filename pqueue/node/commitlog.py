@@ -19,6 +19,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from pqueue.core.effects import Effects
 from pqueue.core.limits import take_batch
 from pqueue.errors import PQueueError
 from pqueue.v1 import log_pb2 as logpb
@@ -33,8 +34,8 @@ Indexed = tuple[Result, int]
 class Applier(Protocol):
     """The state-machine side of the seam."""
 
-    def apply(self, entry: logpb.LogEntry) -> list[Result]:
-        """Apply a committed entry; one result per command."""
+    def apply(self, entry: logpb.LogEntry) -> Effects:
+        """Apply a committed entry; what it did (``results``: one per command)."""
 
     def snapshot(self) -> bytes:
         """The state at the last applied index."""

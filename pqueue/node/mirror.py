@@ -1,10 +1,11 @@
 """Keeping a store's ``jobs`` table in step with the applied state machine.
 
-PostgreSQL keeps a ``jobs`` table for operators' SQL. After each applied
-entry the node wakes the mirror, which hands the store the jobs changed or
-removed since its last write, with the applied index, to be written in one
-transaction (joining the store's next group commit). After a start or a
-restore from a snapshot it replaces the whole table once. Clients are never
+PostgreSQL keeps a ``jobs`` table for operators' SQL. The node hands the
+mirror each applied entry's ``Effects``; the mirror gathers the ids of jobs
+changed or removed and hands the store those rows since its last write,
+with the applied index, to be written in one transaction (joining the
+store's next group commit). After a start or a restore from a snapshot it
+replaces the whole table once. Clients are never
 made to wait for it: the table trails the log by a group commit or so, and
 says to which index (``applied.applied_index``).
 """
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
 from pqueue.errors import PQueueError
 from pqueue.storage.jobrow import JobRow
@@ -46,6 +48,8 @@ class JobsMirror:
         self.machine = machine
         self._wake = asyncio.Event()
         self._full = True
+        #: Ids of jobs changed or removed since the last write (from ``Effects``).
+        self._changed: set[int] = set()
         self._failed = False
         self._in_flight: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
@@ -57,9 +61,14 @@ class JobsMirror:
         self._task = asyncio.create_task(self._mirror_loop(), name="pq-jobs-mirror")
         self._task.add_done_callback(log_failure)
 
-    def notify(self, restored: bool = False) -> None:
-        """Entries were applied (or the whole state was restored)."""
-        self._full = self._full or restored
+    def observe(self, effects: Effects) -> None:
+        """An entry was applied: its changed jobs go into the next write."""
+        self._changed |= effects.changed
+        self._wake.set()
+
+    def notify_restored(self) -> None:
+        """The whole state was replaced (a snapshot): copy all of it next."""
+        self._full = True
         self._wake.set()
 
     async def stop(self, flush_timeout_s: float = 5.0) -> None:
@@ -79,12 +88,14 @@ class JobsMirror:
     def _flush(self) -> asyncio.Future[None]:
         machine = self.machine()
         full, self._full = self._full, False
+        changed, self._changed = self._changed, set()  # a full copy covers them
         if full:
-            machine.changed = set()  # track from this copy on
             upserts = [job.to_proto() for job in machine.jobs.values()]
             deleted: list[int] = []
         else:
-            upserts, deleted = machine.take_changes()
+            jobs = machine.jobs
+            upserts = [jobs[i].to_proto() for i in sorted(changed) if i in jobs]
+            deleted = sorted(i for i in changed if i not in jobs)
         rows = [JobRow.of(job) for job in upserts]
         fut = self.store.record_applied(machine.applied_index, rows, deleted, full)
         fut.add_done_callback(self._written)

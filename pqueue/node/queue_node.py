@@ -19,11 +19,17 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from pqueue.core import features
+from pqueue.core import features, limits
+from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
 from pqueue.core.snapshot import restore, snapshot_bytes
-from pqueue.errors import FeatureUnavailableError, PQueueError, UpgradeRequiredError
-from pqueue.node.commitlog import CommandLog, LogObserver, Result
+from pqueue.errors import (
+    FeatureUnavailableError,
+    NotFoundError,
+    PQueueError,
+    UpgradeRequiredError,
+)
+from pqueue.node.commitlog import CommandLog, LogObserver
 from pqueue.node.mirror import JobsMirror, MirrorStore
 from pqueue.node.peers import PeerTransport
 from pqueue.node.replicated import ClusterConfig, ReplicatedLog
@@ -34,6 +40,10 @@ from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenSource
 
 logger = logging.getLogger(__name__)
+
+#: How long a lease on an unknown queue waits for the leader's read index
+#: before it falls back to the log.
+_UNKNOWN_QUEUE_READ_S = 1.0
 
 
 def wall_clock_ms() -> int:
@@ -111,7 +121,7 @@ class QueueNode:
         """Neither draining nor failed, and its storage reachable."""
         return not (self.draining or self.log.failed.is_set()) and self.storage.available
 
-    def apply(self, entry: logpb.LogEntry) -> list[Result]:
+    def apply(self, entry: logpb.LogEntry) -> Effects:
         try:
             junk = features.check_entry(entry, self.config.features)
         except UpgradeRequiredError as exc:
@@ -130,13 +140,13 @@ class QueueNode:
                     junk,
                     self.client_junk,
                 )
-        results = self.machine.apply_entry(entry)
+        effects = self.machine.apply_entry(entry)
         if self.mirror is not None:
-            self.mirror.notify()
-        for name, count in self.machine.drain_woken().items():
+            self.mirror.observe(effects)
+        for name, count in effects.woken.items():
             self._wake(name, count)
         self._due_changed.set()
-        return results
+        return effects
 
     def _wake(self, queue: str, jobs: int) -> None:
         """Wake waiting long polls in arrival order, enough to take ``jobs`` jobs.
@@ -166,7 +176,7 @@ class QueueNode:
             raise
         self.machine = machine
         if self.mirror is not None:
-            self.mirror.notify(restored=True)
+            self.mirror.notify_restored()
 
     def last_time_ms(self) -> int:
         return self.machine.time_ms
@@ -292,8 +302,12 @@ class QueueNode:
         while True:
             if self.draining:
                 return empty
+            if req.queue not in self.machine.queues and await self._surely_unknown(req.queue):
+                limits.check_queue_name(req.queue)  # the log's answer, without a log entry
+                raise NotFoundError(f"queue {req.queue!r} not found")
             if self.machine.has_ready(req.queue) or req.queue not in self.machine.queues:
-                # An unknown queue goes to the log too, which answers NOT_FOUND.
+                # An unknown queue the leader could not rule out goes to the
+                # log too, which answers NOT_FOUND (or leases, if it came).
                 try:
                     result = await self.propose(logpb.Command(lease=req, limits=bound))
                 except BaseException:
@@ -327,6 +341,26 @@ class QueueNode:
                 if fut.done() and not fut.cancelled():
                     self._pass_on(req.queue)  # woken, but leaving: hand the wake-up on
                 raise
+
+    async def _surely_unknown(self, queue: str) -> bool:
+        """Whether no committed entry creates ``queue``, known without a log entry.
+
+        Only a leader that has applied its commit index may say so, and only
+        after a read index (a heartbeat round: no entry, no fsync) confirms
+        it still leads and has applied every slot phase 1 found: a deposed
+        leader, or a new one whose predecessor's entries are not yet applied
+        here, could otherwise miss a queue another node already created.
+        Anything short of that (not leading, lagging, no answer) says False,
+        and the lease goes to the log as before.
+        """
+        status = self.log.status()
+        if not self.log.is_leader or status.applied_index != status.commit_index:
+            return False
+        try:
+            await self.log.read_barrier(_UNKNOWN_QUEUE_READ_S)
+        except PQueueError:
+            return False
+        return queue not in self.machine.queues
 
     def _pass_on(self, queue: str) -> None:
         """Wake the next waiter if work is left that nobody was woken for."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from consensus import Config, DurableState, Replica, Role
+from consensus import ZERO, Config, DurableState, Replica, Role, SoftState
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
 from pqueue.core import features
@@ -104,9 +104,8 @@ class ReplicatedLog:
         self._applied_time_ms = 0
         self._snapshot_index = 0
         self._commit_hint: int | None = None
-        self._was_leader = False
-        self._last_ballot = (0, 0)
-        self._last_leader = 0
+        #: The leadership view the replica last reported (``Ready.soft_state``).
+        self._soft = SoftState(Role.FOLLOWER, 0, ZERO, ZERO)
         self._caught_up = False
         self._leading = asyncio.Event()
         self.failed = asyncio.Event()
@@ -174,7 +173,7 @@ class ReplicatedLog:
             await asyncio.wait_for(self._leading.wait(), timeout=10)
             # ...and has applied what it recovered (re-proposed in phase 1).
             deadline = asyncio.get_running_loop().time() + 10
-            while self.replica.emitted < self.replica.next_slot - 1:
+            while (status := self.replica.status()).emitted < status.next_slot - 1:
                 if asyncio.get_running_loop().time() > deadline:
                     raise UnavailableError("recovery did not finish", retry_after_s=1.0)
                 await asyncio.sleep(0.005)
@@ -215,14 +214,16 @@ class ReplicatedLog:
 
     @property
     def is_leader(self) -> bool:
-        """Whether this node leads (and may take commands) now."""
-        return self.replica is not None and self.replica.role is Role.LEADER
+        """Whether this node leads (and may take commands) now: as of the
+        replica's last ``Ready`` (the ready loop takes one after every step
+        and tick; the proposal loop re-checks ``status()`` before proposing)."""
+        return self.replica is not None and self._soft.role is Role.LEADER
 
     def leader_hint(self) -> tuple[int, str]:
         """The leader's id and address as far as we know; (0, "") if unknown."""
-        if self.replica is None or not self.replica.leader_id:
+        leader = 0 if self.replica is None else self._soft.leader_id
+        if not leader:
             return 0, ""
-        leader = self.replica.leader_id
         return leader, self.config.addresses.get(leader, "")
 
     def not_leader_error(self) -> PQueueError:
@@ -253,14 +254,14 @@ class ReplicatedLog:
         meanwhile wait, then go to the new leader as not-leader errors.
         """
         replica = self.replica
-        if replica is None or not self.is_leader or len(replica.config.nodes) == 1:
+        if replica is None or not self.is_leader or len(replica.status().nodes) == 1:
             return False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         self._handing_over = True
         try:
             handed = await self._hand_over(replica, deadline)
-            if not handed and replica.role is Role.LEADER:
+            if not handed and replica.status().role is Role.LEADER:
                 replica.abort_transfer()  # lead on: take commands again
                 self._wake.set()
                 logger.warning(
@@ -277,16 +278,15 @@ class ReplicatedLog:
     async def _hand_over(self, replica: Replica, deadline: float) -> bool:
         loop = asyncio.get_running_loop()
         while loop.time() < deadline:
-            if replica.role is Role.LEADER and not replica.transfer_target:
+            status = replica.status()
+            if status.role is Role.LEADER and not status.transfer_target:
                 target = replica.transfer_leadership()  # again if the last one lapsed
                 if not target:
                     return False
                 logger.info("node %d hands leadership to node %d", self.config.node_id, target)
                 self._wake.set()
-            if replica.role is not Role.LEADER and replica.leader_id not in (
-                0,
-                self.config.node_id,
-            ):
+            status = replica.status()
+            if status.role is not Role.LEADER and status.leader_id not in (0, self.config.node_id):
                 return True
             await asyncio.sleep(self.config.tick_ms / 2000)
         return False
@@ -403,46 +403,40 @@ class ReplicatedLog:
                 self._propose_pending()
                 assert self.replica is not None
                 ready = self.replica.ready()
-                self._note_role()
+                self._note_role(ready)
                 if ready.empty():
                     break
                 await self._handle(ready)
 
-    def _note_role(self) -> None:
-        replica = self.replica
-        assert replica is not None
-        if replica.ballot != self._last_ballot:
-            self._last_ballot = replica.ballot
-            if replica.ballot[1] == self.config.node_id:  # only an election moves it
-                self.observer.election()
-                logger.info(
-                    "node %d started an election at ballot %s",
-                    self.config.node_id,
-                    _ballot(replica.ballot),
-                )
-        leading = self.is_leader
-        if leading != self._was_leader:
+    def _note_role(self, ready: Ready) -> None:
+        """Log and count what the replica reported of elections and leadership."""
+        for ballot in ready.elections:
+            self.observer.election()
+            logger.info(
+                "node %d started an election at ballot %s", self.config.node_id, _ballot(ballot)
+            )
+        old, soft = self._soft, ready.soft_state or self._soft
+        self._soft = soft
+        leading = soft.role is Role.LEADER
+        if leading != (old.role is Role.LEADER):
             logger.info(
                 "node %d %s at ballot %s",
                 self.config.node_id,
                 "became leader" if leading else "stepped down",
-                _ballot(replica.ballot),
+                _ballot(soft.ballot),
             )
-            self._was_leader = leading
-        if replica.leader_id != self._last_leader:
-            self._last_leader = replica.leader_id
-            if replica.leader_id and replica.leader_id != self.config.node_id:
-                logger.info(
-                    "node %d follows leader %d at ballot %s",
-                    self.config.node_id,
-                    replica.leader_id,
-                    _ballot(replica.leader_ballot),
-                )
+        if soft.leader_id != old.leader_id and soft.leader_id not in (0, self.config.node_id):
+            logger.info(
+                "node %d follows leader %d at ballot %s",
+                self.config.node_id,
+                soft.leader_id,
+                _ballot(soft.leader_ballot),
+            )
         if leading:
             self._leading.set()
         else:
             self._leading.clear()
-        if not leading and self._proposals and not (self._handing_over and not replica.leader_id):
+        if not leading and self._proposals and not (self._handing_over and not soft.leader_id):
             # (While handing over, wait to name the new leader: callers go
             # straight there instead of retrying blind.)
             self._proposals.fail(self.not_leader_error())
@@ -452,12 +446,12 @@ class ReplicatedLog:
     def _propose_pending(self) -> None:
         replica = self.replica
         assert replica is not None
-        while self._proposals and replica.role is Role.LEADER:
+        while self._proposals and (status := replica.status()).role is Role.LEADER:
             batch = self._proposals.peek_batch(self.config.max_batch_commands)
             # Time enters only here, and never runs backwards.
             self._last_time_ms = max(self._clock_ms(), self._last_time_ms)
             entry = logpb.LogEntry(
-                index=replica.next_slot,
+                index=status.next_slot,
                 time_ms=self._last_time_ms,
                 commands=[cmd for cmd, _ in batch],
                 # What a replica must understand to apply it (checked on apply).
@@ -515,13 +509,12 @@ class ReplicatedLog:
             )
             self._applied_time_ms = max(self._applied_time_ms, entry.time_ms)
             self._last_time_ms = max(self._last_time_ms, entry.time_ms)
-            results = self._applier.apply(entry)
-            self._resolve(slot, value, results)
+            self._resolve(slot, value, self._applier.apply(entry).results)
         self._wake_applied()
         # Snapshot what the applier holds, at its own index: a snapshot
         # installed during an await above may have moved the replica on.
         applied = self._applier.last_index()
-        if applied - max(self._snapshot_index, replica.snapshot_index) >= (
+        if applied - max(self._snapshot_index, replica.status().snapshot_index) >= (
             self.config.snapshot_every_entries
         ):
             await self._snapshot(applied)
@@ -552,7 +545,7 @@ class ReplicatedLog:
     async def _snapshot(self, index: int) -> None:
         assert self.replica is not None
         data = self._applier.snapshot()
-        if index != self._applier.last_index() or index <= self.replica.snapshot_index:
+        if index != self._applier.last_index() or index <= self.replica.status().snapshot_index:
             return  # the state moved while we were away: next time
         try:
             await self._storage.save_snapshot(index, data)
@@ -573,35 +566,34 @@ class ReplicatedLog:
         it wait, so replicated totals never appear to go backwards. Once
         true, it stays true.
         """
-        replica = self.replica
-        if not self._caught_up and replica is not None:
-            self._caught_up = bool(replica.leader_id) and replica.emitted >= replica.known_commit
+        if not self._caught_up and self.replica is not None:
+            status = self.replica.status()
+            self._caught_up = bool(status.leader_id) and status.emitted >= status.known_commit
         return self._caught_up
 
     def replication_lag(self) -> dict[int, int]:
         """On the leader: entries each peer's last reported commit index trails ours."""
-        replica = self.replica
-        if replica is None or replica.role is not Role.LEADER:
+        if self.replica is None or (status := self.replica.status()).role is not Role.LEADER:
             return {}
         return {
-            peer: max(0, replica.commit_index - replica.peer_commit.get(peer, 0))
-            for peer in replica.config.nodes
+            peer: max(0, status.commit_index - status.peer_commit.get(peer, 0))
+            for peer in status.nodes
             if peer != self.config.node_id
         }
 
     def status(self) -> LogStatus:
-        replica = self.replica
-        if replica is None:
+        if self.replica is None:
             return LogStatus("starting", 0, 0, 0, len(self._proposals))
+        status = self.replica.status()
         return LogStatus(
-            role=replica.role.value,
-            commit_index=replica.commit_index,
-            applied_index=replica.emitted,
+            role=status.role.value,
+            commit_index=status.commit_index,
+            applied_index=status.emitted,
             snapshot_index=self._snapshot_index,
             pending=len(self._proposals) + len(self._inflight),
             node_id=self.config.node_id,
-            ballot=replica.ballot if replica.role is not Role.FOLLOWER else replica.leader_ballot,
-            leader_id=replica.leader_id,
+            ballot=status.ballot if status.role is not Role.FOLLOWER else status.leader_ballot,
+            leader_id=status.leader_id,
             peers=dict(self.config.addresses),
         )
 

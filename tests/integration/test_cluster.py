@@ -9,7 +9,7 @@ import pytest
 
 from pqueue.client import Client
 from pqueue.core.snapshot import state_hash
-from pqueue.errors import PQueueError
+from pqueue.errors import NotFoundError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from tests.inproc import Cluster
 
@@ -111,3 +111,24 @@ async def test_a_node_that_cannot_forward_names_the_leader_and_the_sdk_follows(
             lambda s: functools.partial(s.queue.Enqueue, metadata=already_forwarded), req
         )
         assert r.job_id > 0
+
+
+async def test_unknown_queue_lease_is_answered_by_the_leader_without_an_entry(
+    cluster: Cluster,
+) -> None:
+    leader = await cluster.leader()
+    follower = next(i for i in cluster.servers if i != leader)
+    await cluster.settled()
+    before = cluster.servers[leader].node.machine.applied_index
+    for node in (leader, follower):  # a follower's lease is forwarded to the leader
+        async with Client(cluster.addresses[node], max_retries=0) as c:
+            with pytest.raises(NotFoundError, match="queue 'nope' not found"):
+                await c.lease("nope", wait_ms=2_000)
+    assert cluster.servers[leader].node.machine.applied_index == before
+    # A queue created through one node is found at once through the other.
+    async with (
+        Client(cluster.addresses[follower], max_retries=0) as f,
+        Client(cluster.addresses[leader], max_retries=0) as lead,
+    ):
+        await f.enqueue("fresh", b"x")
+        assert len(await lead.lease("fresh", wait_ms=2_000)) == 1

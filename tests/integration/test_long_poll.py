@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from google.protobuf.message import Message
 
 from pqueue.client import Client
+from pqueue.errors import InvalidArgumentError, NotFoundError
 from pqueue.node.server import NodeServer
 from pqueue.v1 import log_pb2 as logpb
 
@@ -107,3 +109,17 @@ async def test_timed_out_and_cancelled_waiters_leave_no_trace(
     await client.enqueue("q", b"x")
     [job] = await client.lease("q", wait_ms=1000)  # nothing stranded it
     assert job.payload == b"x"
+
+
+async def test_lease_on_an_unknown_queue_is_not_found_without_a_log_entry(
+    server: NodeServer, client: Client
+) -> None:
+    await client.create_queue("q")
+    before = server.node.machine.applied_index
+    with pytest.raises(NotFoundError, match="queue 'nope' not found"):
+        await client.lease("nope", wait_ms=5_000)  # answered at once, not after the wait
+    with pytest.raises(InvalidArgumentError):
+        await client.lease("bad name!", wait_ms=5_000)  # the log's checks, in its order
+    assert server.node.machine.applied_index == before  # no consensus round, no entry
+    await client.enqueue("q", b"x")
+    assert len(await client.lease("q", wait_ms=1_000)) == 1  # known queues still lease

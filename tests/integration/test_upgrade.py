@@ -22,9 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pqueue.client import Client
 from pqueue.core import features
+from pqueue.core.effects import Effects
 from pqueue.core.snapshot import state_hash
 from pqueue.errors import FailedPreconditionError, NotLeaderError, UpgradeRequiredError
-from pqueue.node.commitlog import Result
 from pqueue.node.queue_node import NodeConfig
 from pqueue.node.replicated import ReplicatedLog
 from pqueue.node.server import NodeServer, ServerConfig
@@ -129,7 +129,7 @@ async def test_an_old_replica_that_meets_a_newer_entry_stops_loudly_and_the_rest
     creates: list[int] = []  # the index of the entry that creates the shared queue
     apply = lead.apply
 
-    def watch(entry: logpb.LogEntry) -> list[Result]:
+    def watch(entry: logpb.LogEntry) -> Effects:
         if any(cmd.create_queue.queue == "shared" for cmd in entry.commands):
             creates.append(entry.index)
         return apply(entry)

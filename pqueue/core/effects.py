@@ -1,0 +1,33 @@
+"""What applying one log entry did: the state machine's ``Ready``.
+
+``QueueMachine.apply_entry`` returns an ``Effects`` record instead of leaving
+side channels for the shell to drain. The shell observes it: callers get
+``results``, parked long polls are woken for ``woken``, and the operators'
+jobs table (PostgreSQL) rewrites the rows in ``changed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from pqueue.errors import PQueueError
+
+#: A command's outcome: its response message, or the error that left nothing changed.
+Result = Message | PQueueError
+
+
+@dataclass(frozen=True)
+class Effects:
+    """The outcome of one applied entry."""
+
+    #: The entry's log index.
+    index: int
+    #: One result per command of the entry, in order.
+    results: list[Result] = field(default_factory=list)
+    #: Per queue, how many jobs became leasable (pushed onto a ready heap).
+    woken: dict[str, int] = field(default_factory=dict)
+    #: Ids of jobs whose row changed or that were removed (changed: still in
+    #: ``machine.jobs``; removed: not).
+    changed: frozenset[int] = frozenset()
