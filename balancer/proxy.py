@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -111,102 +111,160 @@ class ProxyHandler(grpc.GenericRpcHandler):
         return handler
 
     async def _call(self, route: Route, request: bytes, context: Context) -> bytes:
-        """Forward one call (``pqueue.wire.observe`` counts, times and logs it)."""
+        """Forward one call (``pqueue.wire.observe`` counts, times and logs it).
+
+        At most two attempts: a second only when the first failed in a way
+        ``_may_retry`` (or, for a leader that stopped answering,
+        ``_may_resend``) allows and time is left.
+        """
         kind = route.kind_of(request)
+        metadata = self._hop_metadata(context)
+        deadline = self._deadline(context)
+        tried: list[str] = []
+        for attempt in range(2):
+            address = await self._target(kind, tried, deadline)
+            if address is None:
+                await self._abort_no_target(context, kind)
+            self._count(address, kind)
+            call = self._send(route, request, address, metadata, deadline)
+            try:
+                response = await self._answer(route, request, call, address, kind)
+            except grpc.aio.AioRpcError as exc:
+                why = self._failed(exc, address, kind)
+                if (
+                    attempt == 0
+                    and why is not None
+                    and self._may_retry(route, request, why, deadline)
+                ):
+                    self._retried(address, why)
+                    logger.debug("%s to %s: %s, retrying", route.name, address, why)
+                    tried.append(address)
+                    continue
+                await self._abort_failed(context, exc, why)
+            if response is None:  # another node leads now; the call was cancelled
+                if attempt == 0 and self._may_resend(route, request, deadline):
+                    self._retried(address, "leader_moved")
+                    tried.append(address)
+                    continue
+                await self._abort_leader_moved(context)
+            await self._pass_back(context, call)
+            return response
+        raise AssertionError("unreachable: the second attempt returns or aborts")
+
+    def _hop_metadata(self, context: Context) -> Metadata:
+        """The caller's metadata for the node, plus this hop's own keys."""
         # The balancer's own token proves to the node that it is a hop, so the
         # node believes the caller's IP it passes on (a client's claim it strips).
         hop_token = current_token(self.backends.config.balancer_token)
-        metadata = (
+        return (
             *passthrough(context.invocation_metadata()),
             (FORWARDED_KEY, BALANCER_ID),
             *hop_metadata(),  # the request id and the caller's IP, as the observer took them
             *(((FORWARDER_TOKEN_KEY, hop_token),) if hop_token else ()),
         )
+
+    def _deadline(self, context: Context) -> float:
+        """When the call must be answered, on the backends' clock."""
         remaining = context.time_remaining()
         # Never unbounded: a caller without a deadline still gets one.
-        deadline = self.backends.clock_s() + (
+        return self.backends.clock_s() + (
             remaining if remaining is not None else DEFAULT_FORWARD_TIMEOUT_S
         )
-        tried: list[str] = []
-        for attempt in range(2):
-            address = await self._target(kind, tried, deadline)
-            if address is None:
-                what = "no leader is known" if kind is Kind.LEADER else "no backend is serving"
-                await context.abort_with_status(to_status(NotTakenError(what, retry_after_s=0.5)))
-            assert address is not None
-            self._count(address, kind)
-            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.backends.channels[
-                address
-            ].unary_unary(route.method)
-            call = stub(
-                request,
-                timeout=max(0.0, deadline - self.backends.clock_s()),
-                metadata=metadata,
+
+    def _send(
+        self, route: Route, request: bytes, address: str, metadata: Metadata, deadline: float
+    ) -> grpc.aio.UnaryUnaryCall[bytes, bytes]:
+        """Start one attempt at ``address`` with the time left."""
+        stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.backends.channels[
+            address
+        ].unary_unary(route.method)
+        return stub(
+            request,
+            timeout=max(0.0, deadline - self.backends.clock_s()),
+            metadata=metadata,
+        )
+
+    async def _answer(
+        self,
+        route: Route,
+        request: bytes,
+        call: grpc.aio.UnaryUnaryCall[bytes, bytes],
+        address: str,
+        kind: Kind,
+    ) -> bytes | None:
+        """The attempt's answer (raises its error), or None: the leader stopped
+        answering and another took over (the call was cancelled)."""
+        if kind is Kind.LEADER:
+            stall_s = self.backends.config.leader_stall_s + route.waits_s(request)
+            return await self._unless_leader_moves(call, address, stall_s)
+        response: bytes = await call
+        return response
+
+    def _failed(self, exc: grpc.aio.AioRpcError, address: str, kind: Kind) -> str | None:
+        """Why the attempt failed (see ``_why``), told to the backends' picture."""
+        why = _why(exc)
+        if why == "not_leader":
+            info = error_info(exc, NOT_LEADER) or {}
+            self.backends.not_leader(address, int(info.get("leader_id") or 0))
+        elif why is not None and kind is Kind.LEADER:
+            self.backends.unreachable(address)
+        elif why is not None:
+            self.backends.kick()
+        return why
+
+    def _may_retry(self, route: Route, request: bytes, why: str, deadline: float) -> bool:
+        """Whether a first attempt that failed for ``why`` is sent again."""
+        again = why in ("not_leader", "not_taken") or (
+            why == "unreachable" and route.retry_unavailable(request)
+        )
+        return again and deadline > self.backends.clock_s()
+
+    def _may_resend(self, route: Route, request: bytes, deadline: float) -> bool:
+        """Whether a first attempt abandoned on a moved leader is sent again."""
+        return route.retry_unavailable(request) and deadline > self.backends.clock_s()
+
+    def _retried(self, address: str, why: str) -> None:
+        self.retries += 1
+        self.metrics.retries.labels(address, why).inc()
+
+    async def _abort_no_target(self, context: Context, kind: Kind) -> NoReturn:
+        what = "no leader is known" if kind is Kind.LEADER else "no backend is serving"
+        await context.abort_with_status(to_status(NotTakenError(what, retry_after_s=0.5)))
+
+    async def _abort_leader_moved(self, context: Context) -> NoReturn:
+        await context.abort_with_status(
+            to_status(
+                UnavailableError(
+                    "the leader stopped answering and another took over; "
+                    "the call may or may not have been applied",
+                    retry_after_s=0.1,
+                )
             )
-            try:
-                if kind is Kind.LEADER:
-                    stall_s = self.backends.config.leader_stall_s + route.waits_s(request)
-                    answer = await self._unless_leader_moves(call, address, stall_s)
-                    if answer is None:  # another node leads now; the call was cancelled
-                        if (
-                            attempt == 0
-                            and route.retry_unavailable(request)
-                            and deadline > self.backends.clock_s()
-                        ):
-                            self.retries += 1
-                            self.metrics.retries.labels(address, "leader_moved").inc()
-                            tried.append(address)
-                            continue
-                        await context.abort_with_status(
-                            to_status(
-                                UnavailableError(
-                                    "the leader stopped answering and another took over; "
-                                    "the call may or may not have been applied",
-                                    retry_after_s=0.1,
-                                )
-                            )
-                        )
-                    assert answer is not None
-                    response: bytes = answer
-                else:
-                    response = await call
-            except grpc.aio.AioRpcError as exc:
-                why = _why(exc)
-                if why == "not_leader":
-                    info = error_info(exc, NOT_LEADER) or {}
-                    self.backends.not_leader(address, int(info.get("leader_id") or 0))
-                elif why is not None and kind is Kind.LEADER:
-                    self.backends.unreachable(address)
-                elif why is not None:
-                    self.backends.kick()
-                again = why in ("not_leader", "not_taken") or (
-                    why == "unreachable" and route.retry_unavailable(request)
-                )
-                if attempt == 0 and again and deadline > self.backends.clock_s():
-                    assert why is not None
-                    self.retries += 1
-                    self.metrics.retries.labels(address, why).inc()
-                    logger.debug("%s to %s: %s, retrying", route.name, address, why)
-                    tried.append(address)
-                    continue
-                if why == "not_leader":
-                    # The leader moved twice within one call. Do not hand the
-                    # client a node address it may not reach: say try again.
-                    await context.abort_with_status(
-                        to_status(NotTakenError("the leader moved; try again", retry_after_s=0.2))
-                    )
-                initial = passthrough(exc.initial_metadata())
-                if initial:
-                    await context.send_initial_metadata(initial)
-                await context.abort(
-                    exc.code(), exc.details() or "", passthrough(exc.trailing_metadata())
-                )
-            initial = passthrough(await call.initial_metadata())
-            if initial:
-                await context.send_initial_metadata(initial)
-            context.set_trailing_metadata(passthrough(await call.trailing_metadata()))
-            return response
-        raise AssertionError("unreachable: the second attempt returns or aborts")
+        )
+
+    async def _abort_failed(
+        self, context: Context, exc: grpc.aio.AioRpcError, why: str | None
+    ) -> NoReturn:
+        """Answer the client with the node's failure (its metadata passed on)."""
+        if why == "not_leader":
+            # The leader moved twice within one call. Do not hand the
+            # client a node address it may not reach: say try again.
+            await context.abort_with_status(
+                to_status(NotTakenError("the leader moved; try again", retry_after_s=0.2))
+            )
+        initial = passthrough(exc.initial_metadata())
+        if initial:
+            await context.send_initial_metadata(initial)
+        await context.abort(exc.code(), exc.details() or "", passthrough(exc.trailing_metadata()))
+
+    async def _pass_back(
+        self, context: Context, call: grpc.aio.UnaryUnaryCall[bytes, bytes]
+    ) -> None:
+        """Hand the node's initial and trailing metadata on to the client."""
+        initial = passthrough(await call.initial_metadata())
+        if initial:
+            await context.send_initial_metadata(initial)
+        context.set_trailing_metadata(passthrough(await call.trailing_metadata()))
 
     async def _unless_leader_moves(
         self, call: grpc.aio.UnaryUnaryCall[bytes, bytes], address: str, stall_s: float

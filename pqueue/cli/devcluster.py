@@ -225,6 +225,40 @@ def run_dev_cluster(
     if running is not None and running != os.getpid():
         print(f"a dev cluster already runs under {root}/ (pid {running})", file=sys.stderr)
         return 1
+    nodes_, balancer = _plan(root, base_port, nodes, metrics_port, store)
+    cluster = [*nodes_, balancer]
+    if not _ports_free(cluster):
+        return 1
+    (root / "SUPERVISOR").write_text(f"{os.getpid()}\n")
+    stop = _Stop()
+    try:
+        for node in cluster:
+            node.start()
+        leader = _wait_ready(root, nodes_, balancer, stop)
+        if leader is None:
+            return 1
+        _print_ready(nodes_, balancer, leader)
+        return _supervise(root, nodes_, balancer, stop)
+    finally:
+        _shut_down(root, cluster)
+
+
+class _Stop:
+    """Set by SIGTERM or SIGINT (installed on creation): stop the cluster."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def _plan(
+    root: Path, base_port: int, nodes: int, metrics_port: int, store: str | None
+) -> tuple[list[_Node], _Balancer]:
+    """The nodes and the balancer to run, with their ports (not started)."""
     addresses = cluster_addresses(nodes, base_port)
     balancer_port = base_port or free_ports(1)[0]
     if base_port == 0 or metrics_port == 0:  # 0: any free ports
@@ -242,105 +276,116 @@ def run_dev_cluster(
         _Node(root, i, addresses, store, f"127.0.0.1:{metrics_ports[i]}", cluster_id)
         for i in sorted(addresses)
     ]
-    cluster = [*nodes_, balancer]
-    wanted = [a for n in cluster for a in (n.address, n.metrics)]
-    taken = taken_ports(wanted)
+    return nodes_, balancer
+
+
+def _ports_free(cluster: list[_Node]) -> bool:
+    """Whether every port the cluster wants is free (if not, says which)."""
+    taken = taken_ports([a for n in cluster for a in (n.address, n.metrics)])
     if taken:
         print(
             f"refusing to start: {', '.join(taken)} already taken (another cluster? "
             "stop it, or give --base-port and --metrics-port free ranges; 0: any)",
             file=sys.stderr,
         )
-        return 1
-    (root / "SUPERVISOR").write_text(f"{os.getpid()}\n")
-    stop = False
+        return False
+    return True
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        for node in cluster:
-            node.start()
-        deadline = time.monotonic() + 30
-        ours = {n.address for n in nodes_}
-        leader = ""
-        # Ready: every process of ours runs, and our balancer names one of our
-        # nodes as leader (they elected one, and it probed them).
-        while leader not in ours or not all(n.running() for n in cluster):
-            if stop or time.monotonic() > deadline or not all(n.running() for n in cluster):
-                print(f"the cluster did not come up; see the logs in {root}/", file=sys.stderr)
-                for node in cluster:
-                    if not node.running() and node.proc is not None:
-                        code = node.proc.returncode
-                        print(
-                            f"{node.name} exited (status {code}):\n{node.tail()}", file=sys.stderr
-                        )
-                return 1
-            time.sleep(0.2)
-            leader = asyncio.run(_balancer_leader(balancer.address))
-        print(f"balancer: {balancer.address}  (metrics: http://{balancer.metrics}/metrics)\n")
-        rows = [
-            {
-                "name": n.name,
-                "address": n.address,
-                "metrics": f"http://{n.metrics}/metrics",
-                "data_dir": str(n.data),
-                "log": str(n.log),
-            }
-            for n in cluster
-        ]
-        print(render.table(rows))
-        print(f"\nleader: n{next(n.id for n in nodes_ if n.address == leader)} ({leader})")
-        print(f"ready: export PQ_ENDPOINT={balancer.address}  (Ctrl-C stops the cluster)")
-        print(
-            "\n*** AUTH IS OFF: this local cluster takes any call from anyone who can reach "
-            "127.0.0.1. See README, Security, for tokens, quotas and TLS. ***"
-        )
-        sys.stdout.flush()
-        while not stop:
+def _wait_ready(root: Path, nodes: list[_Node], balancer: _Balancer, stop: _Stop) -> str | None:
+    """The leader's address once ready, or None (said why) if it did not come up."""
+    cluster = [*nodes, balancer]
+    deadline = time.monotonic() + 30
+    ours = {n.address for n in nodes}
+    leader = ""
+    # Ready: every process of ours runs, and our balancer names one of our
+    # nodes as leader (they elected one, and it probed them).
+    while leader not in ours or not all(n.running() for n in cluster):
+        if stop.requested or time.monotonic() > deadline or not all(n.running() for n in cluster):
+            print(f"the cluster did not come up; see the logs in {root}/", file=sys.stderr)
             for node in cluster:
-                if (node.data / "START").exists():
-                    if node.running():  # asked while it ran: nothing to do, nothing kept
-                        (node.data / "START").unlink(missing_ok=True)
-                    else:
-                        print(f"starting {node.name}", flush=True)
-                        node.start()
-                elif not node.running() and not node.reported_exit:
-                    node.reported_exit = True
-                    how = "stopped" if (node.data / "STOPPED").exists() else "exited"
-                    code = node.proc.returncode if node.proc else "?"
-                    again = f"; `pq cluster start-node {node.id}` brings it back" if node.id else ""
-                    why = f"\n{node.tail()}" if how == "exited" else ""
-                    print(f"{node.name} {how} (status {code}){again}{why}", flush=True)
-            if _cannot_run(nodes_, balancer):
-                print(
-                    f"the cluster cannot run: {_cannot_run(nodes_, balancer)}; see the logs "
-                    f"in {root}/",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
-            time.sleep(0.2)
-        return 0
-    finally:
-        # The balancer first, so it is not left probing nodes that are gone.
-        for node in reversed(cluster):
-            if node.running() and node.proc is not None:
-                node.proc.send_signal(signal.SIGTERM)
-        for node in reversed(cluster):
-            if node.proc is None:
-                continue
-            try:
-                node.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-            print(f"stopped {node.name}")
-        with contextlib.suppress(OSError):
-            if supervisor_pid(root) == os.getpid():
-                (root / "SUPERVISOR").unlink()
+                if not node.running() and node.proc is not None:
+                    code = node.proc.returncode
+                    print(f"{node.name} exited (status {code}):\n{node.tail()}", file=sys.stderr)
+            return None
+        time.sleep(0.2)
+        leader = asyncio.run(_balancer_leader(balancer.address))
+    return leader
+
+
+def _print_ready(nodes: list[_Node], balancer: _Balancer, leader: str) -> None:
+    """The table of processes, the leader, and the endpoint to export."""
+    print(f"balancer: {balancer.address}  (metrics: http://{balancer.metrics}/metrics)\n")
+    rows = [
+        {
+            "name": n.name,
+            "address": n.address,
+            "metrics": f"http://{n.metrics}/metrics",
+            "data_dir": str(n.data),
+            "log": str(n.log),
+        }
+        for n in [*nodes, balancer]
+    ]
+    print(render.table(rows))
+    print(f"\nleader: n{next(n.id for n in nodes if n.address == leader)} ({leader})")
+    print(f"ready: export PQ_ENDPOINT={balancer.address}  (Ctrl-C stops the cluster)")
+    print(
+        "\n*** AUTH IS OFF: this local cluster takes any call from anyone who can reach "
+        "127.0.0.1. See README, Security, for tokens, quotas and TLS. ***"
+    )
+    sys.stdout.flush()
+
+
+def _supervise(root: Path, nodes: list[_Node], balancer: _Balancer, stop: _Stop) -> int:
+    """Watch until asked to stop (0), or until the cluster cannot run (1)."""
+    while not stop.requested:
+        for node in [*nodes, balancer]:
+            _watch(node)
+        if _cannot_run(nodes, balancer):
+            print(
+                f"the cluster cannot run: {_cannot_run(nodes, balancer)}; see the logs in {root}/",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _watch(node: _Node) -> None:
+    """Start it if asked (``pq cluster start-node``); report it once it is down."""
+    if (node.data / "START").exists():
+        if node.running():  # asked while it ran: nothing to do, nothing kept
+            (node.data / "START").unlink(missing_ok=True)
+        else:
+            print(f"starting {node.name}", flush=True)
+            node.start()
+    elif not node.running() and not node.reported_exit:
+        node.reported_exit = True
+        how = "stopped" if (node.data / "STOPPED").exists() else "exited"
+        code = node.proc.returncode if node.proc else "?"
+        again = f"; `pq cluster start-node {node.id}` brings it back" if node.id else ""
+        why = f"\n{node.tail()}" if how == "exited" else ""
+        print(f"{node.name} {how} (status {code}){again}{why}", flush=True)
+
+
+def _shut_down(root: Path, cluster: list[_Node]) -> None:
+    """Stop every process (SIGTERM, then SIGKILL after 15 s); free the directory."""
+    # The balancer first, so it is not left probing nodes that are gone.
+    for node in reversed(cluster):
+        if node.running() and node.proc is not None:
+            node.proc.send_signal(signal.SIGTERM)
+    for node in reversed(cluster):
+        if node.proc is None:
+            continue
+        try:
+            node.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+        print(f"stopped {node.name}")
+    with contextlib.suppress(OSError):
+        if supervisor_pid(root) == os.getpid():
+            (root / "SUPERVISOR").unlink()
 
 
 def _cannot_run(nodes: list[_Node], balancer: _Balancer) -> str:
