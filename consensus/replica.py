@@ -19,7 +19,16 @@ was), then proposes new values at the following slots, several in flight at
 once (phase 2). A slot is chosen when a majority accepted it in the leader's
 ballot. Followers learn the commit index from accepts and heartbeats, and
 fetch values they lack from the leader (or a snapshot once the leader has
-compacted them).
+compacted them). Around that: pre-vote (a node asks before it raises any
+promise), leadership transfer (TimeoutNow), read index (a quorum round before
+a linearizable read), and byte budgets (multi-part promises, chunked
+snapshots, bounded accepts and re-offers).
+
+Over 400 lines on purpose: one state machine whose safety invariants span the
+three roles (the promise an acceptor persisted is what a candidate's ballot
+is checked against; the commit index a learner advances is what a leader
+serves reads at). Split by role, each invariant would be read across files,
+and the simulator (``tests/sim``) drives exactly this one class.
 """
 
 from __future__ import annotations
@@ -182,6 +191,22 @@ class Replica:
         self.election_timeout = self._random_timeout()
         self.heartbeat_elapsed = 0
         self.catchup_wait = 0
+        self._init_role_state()
+        self._out = Ready()
+        #: The soft state last reported in a ``Ready`` (the shell starts from
+        #: this same one: a follower that knows no leader, at ``ZERO``).
+        self._soft = self._soft_state()
+        self._accept_buffer: list[tuple[int, bytes]] = []
+        self._trust_upto = 0
+        self._init_transfer_state()
+        # Records up to the persisted commit index hold chosen values: a
+        # committed slot's record is never overwritten, and the hint is
+        # persisted with (or after) the records it covers.
+        while self.commit_index < durable.commit_index and self.commit_index + 1 in self.log:
+            self.commit_index += 1
+
+    def _init_role_state(self) -> None:
+        """Candidate, leader, pre-vote, transfer and read-index state (all empty)."""
         # Candidate and leader state.
         self.promises: dict[int, Promise] = {}
         self.prepare_from = 0
@@ -201,7 +226,7 @@ class Replica:
         self.pre_ballot: Ballot = ZERO
         self.pre_votes: set[int] = set()
         #: Ticks since catch-up data last moved our commit index.
-        self.catchup_progress_elapsed = config.election_ticks
+        self.catchup_progress_elapsed = self.config.election_ticks
         self._tick_commit = self.commit_index
         # Leadership transfer (leader only): to whom, and for how long so far.
         self.transfer_target = 0
@@ -215,12 +240,9 @@ class Replica:
         #: Every slot a previous leader may have had chosen is <= this (set by
         #: phase 1): a read index is never below it.
         self.lead_floor = 0
-        self._out = Ready()
-        #: The soft state last reported in a ``Ready`` (the shell starts from
-        #: this same one: a follower that knows no leader, at ``ZERO``).
-        self._soft = self._soft_state()
-        self._accept_buffer: list[tuple[int, bytes]] = []
-        self._trust_upto = 0
+
+    def _init_transfer_state(self) -> None:
+        """Multi-part promises and chunked snapshots, both ways (none under way)."""
         #: Candidate: promises that came in parts, per node: the slot the next
         #: part starts at, the records so far, the highest commit index seen.
         #: Keyed to ``_partial_ballot``: parts of another ballot never mix.
@@ -238,11 +260,6 @@ class Replica:
         self._retained_idle = 0
         #: Ticks since a follower last pulled a chunk of the current snapshot.
         self._served_idle = 1 << 30
-        # Records up to the persisted commit index hold chosen values: a
-        # committed slot's record is never overwritten, and the hint is
-        # persisted with (or after) the records it covers.
-        while self.commit_index < durable.commit_index and self.commit_index + 1 in self.log:
-            self.commit_index += 1
 
     # ------------------------------------------------------------- inputs
 
