@@ -265,6 +265,11 @@ class Backends:
         """Whether any backend is up (the balancer's own health)."""
         return any(not b.ejected for b in self.pool.backends.values())
 
+    def next_update(self) -> asyncio.Event:
+        """The event the next change of the pool sets (take it before reading
+        the pool, so a change in between is not missed)."""
+        return self._updated
+
     # ------------------------------------------------------------ loops
 
     async def _refresh_loop(self) -> None:

@@ -167,14 +167,16 @@ class BalancerServer(Serving):
             await self.health.set(name, status)
 
     async def _health_loop(self) -> None:
-        """SERVING while some backend is up: a balancer with none is not ready."""
+        """SERVING while some backend is up: a balancer with none is not ready.
+        Watched, not polled: it wakes on each change of the pool."""
         serving = False
         while True:
+            updated = self.backends.next_update()
             if self.backends.usable() != serving:
                 serving = not serving
                 logger.info("balancer %s", "serving" if serving else "has no backend up")
                 await self._set_health(serving)
-            await asyncio.sleep(0.1)
+            await updated.wait()
 
     async def _close(self, server: grpc.aio.Server) -> None:
         await server.stop(self.config.grace_s)
