@@ -4,6 +4,10 @@ The node owns the ``QueueMachine``, hands it entries through the log seam,
 wakes long-polling leases when their queue gains a leasable job, and proposes
 ``Tick`` commands when a delayed job comes due or a lease expires, so that
 time-driven changes are decided in the log like every other change.
+
+Just over 400 lines: the long-poll waiters and the apply path that wakes
+them share one lock-free order of events on the loop; the next split, when a
+streaming consumer joins them, is a ``longpoll`` module of their own.
 """
 
 from __future__ import annotations
