@@ -293,13 +293,7 @@ class Client:
     async def stats(self, queue: str = "", *, consistent: bool = False) -> list[pb.QueueStats]:
         """Counts for one queue, or all (read a page at a time)."""
         req = pb.StatsRequest(queue=queue, consistent=consistent, min_index=self._min_index())
-        out: list[pb.QueueStats] = []
-        while True:
-            resp = await self._call(lambda s: s.queue.Stats, req, retry=True)
-            out += resp.queues
-            if not resp.next_page_token:
-                return out
-            req.page_token = resp.next_page_token
+        return await self._pages(lambda s: s.queue.Stats, req)
 
     # --------------------------------------------------------------- Admin
 
@@ -317,14 +311,21 @@ class Client:
 
     async def list_queues(self) -> list[pb.QueueInfo]:
         """Every queue the caller may see, with its config and stats (read a page at a time)."""
-        req = pb.ListQueuesRequest()
-        out: list[pb.QueueInfo] = []
+        return await self._pages(lambda s: s.admin.ListQueues, pb.ListQueuesRequest())
+
+    async def _pages(
+        self,
+        pick: Callable[[_Stubs], Callable[..., Awaitable[Any]]],
+        request: pb.StatsRequest | pb.ListQueuesRequest,
+    ) -> list[Any]:
+        """Every page of a paged read, following ``next_page_token``."""
+        out: list[Any] = []
         while True:
-            resp = await self._call(lambda s: s.admin.ListQueues, req, retry=True)
+            resp = await self._call(pick, request, retry=True)
             out += resp.queues
             if not resp.next_page_token:
                 return out
-            req.page_token = resp.next_page_token
+            request.page_token = resp.next_page_token
 
     async def purge(self, queue: str) -> int:
         """Remove ready and delayed jobs; how many."""
