@@ -214,6 +214,15 @@ async def test_an_old_replica_stops_at_a_snapshot_that_needs_a_feature_it_lacks(
         assert server.node.log.replica is not None
         assert server.node.log.replica.snapshot_index > old_index + 1
 
+    # Accepts queued for the old node while it was down would hand it the
+    # entries themselves on reconnect (a stop at the entry: also correct, but
+    # not the path under test, and it made this test fail 1 run in ~15).
+    for server in cluster.servers.values():
+        for lanes in (server.node.transport._links, server.node.transport._small):
+            link = lanes.get(OLD)
+            if link is not None:
+                link.queue.clear()
+                link.queued_bytes = 0
     await cluster.start_node(OLD)
     old = cluster.servers[OLD].node
     await asyncio.wait_for(old.log.failed.wait(), timeout=10)
