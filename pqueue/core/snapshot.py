@@ -9,6 +9,8 @@ delayed, lease and dedup heaps; groups; counts) from the job records.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from pqueue.core import limits
 from pqueue.core.features import check_snapshot
@@ -47,14 +49,46 @@ def take_snapshot(machine: QueueMachine) -> logpb.Snapshot:
     return snap
 
 
+#: Bytes per piece ``SnapshotView.chunks`` yields (about; the last is shorter).
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotView:
+    """The machine's state frozen at ``index``: serialized piece by piece by
+    ``chunks`` while the machine goes on applying entries (the shell writes
+    the pieces to disk between other work). The pieces joined are the
+    deterministic snapshot bytes ``restore`` reads."""
+
+    index: int
+    _data: bytes
+
+    def chunks(self) -> Iterator[bytes]:
+        """The serialized snapshot, in pieces of about ``CHUNK_BYTES``."""
+        for start in range(0, len(self._data), CHUNK_BYTES):
+            yield self._data[start : start + CHUNK_BYTES]
+
+
+def freeze(machine: QueueMachine) -> SnapshotView:
+    """A view of the machine's state now, unaffected by entries applied later."""
+    return SnapshotView(machine.applied_index, snapshot_bytes_eager(machine))
+
+
+def snapshot_bytes_eager(machine: QueueMachine) -> bytes:
+    return take_snapshot(machine).SerializeToString(deterministic=True)
+
+
 def snapshot_bytes(machine: QueueMachine) -> bytes:
     """The snapshot, serialized deterministically."""
-    return take_snapshot(machine).SerializeToString(deterministic=True)
+    return b"".join(freeze(machine).chunks())
 
 
 def state_hash(machine: QueueMachine) -> str:
     """A digest of the whole state: equal states, equal hashes."""
-    return hashlib.sha256(snapshot_bytes(machine)).hexdigest()
+    digest = hashlib.sha256()
+    for chunk in freeze(machine).chunks():
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def restore(data: bytes) -> QueueMachine:

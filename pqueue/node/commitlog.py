@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from pqueue.core.effects import Effects
 from pqueue.core.limits import take_batch
+from pqueue.core.snapshot import SnapshotView
 from pqueue.errors import PQueueError
 from pqueue.v1 import log_pb2 as logpb
 
@@ -39,6 +40,10 @@ class Applier(Protocol):
 
     def snapshot(self) -> bytes:
         """The state at the last applied index."""
+
+    def freeze(self) -> SnapshotView:
+        """The state at the last applied index, serialized piece by piece
+        (``SnapshotView.chunks``) while entries go on being applied."""
 
     def restore(self, data: bytes) -> None:
         """Replace the state with a snapshot's."""

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from pqueue.core import features, limits
 from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
-from pqueue.core.snapshot import restore, snapshot_bytes
+from pqueue.core.snapshot import SnapshotView, freeze, restore, snapshot_bytes
 from pqueue.errors import (
     FeatureUnavailableError,
     NotFoundError,
@@ -170,6 +170,9 @@ class QueueNode:
 
     def snapshot(self) -> bytes:
         return snapshot_bytes(self.machine)
+
+    def freeze(self) -> SnapshotView:
+        return freeze(self.machine)
 
     def restore(self, data: bytes) -> None:
         try:
