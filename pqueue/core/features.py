@@ -58,8 +58,13 @@ SHARES = "shares"
 #: The deliveries counter kept in snapshots (``QueueStats.leased_total``).
 LEASED_TOTAL = "leased_total"
 
+#: Waiting jobs in the compact form in snapshots (``Snapshot.packed``). Only
+#: snapshots carry it, and no log entry needs it: a release before it refuses
+#: such a snapshot as holding unknown fields and asks to be upgraded.
+PACKED_JOBS = "packed_jobs"
+
 #: Every feature this release can apply.
-SUPPORTED: frozenset[str] = frozenset({TENANT_LIMITS, CALLER, SHARES, LEASED_TOTAL})
+SUPPORTED: frozenset[str] = frozenset({TENANT_LIMITS, CALLER, SHARES, LEASED_TOTAL, PACKED_JOBS})
 
 #: What a member is taken to support until it announces otherwise: a node
 #: whose stream carries no header (it predates announcements) or that has not
@@ -79,6 +84,7 @@ USES: dict[str, str] = {
     CALLER: "calls stamped with the caller's tenant (auth on)",
     SHARES: "queue shares",
     LEASED_TOTAL: "the deliveries counter",
+    PACKED_JOBS: "snapshots with jobs in the compact form",
 }
 
 _V1 = {
@@ -136,6 +142,9 @@ FIELD_FEATURES: dict[str, str] = {
     "pqueue.v1.LaneRecord.tenant": SHARES,
     "pqueue.v1.LaneRecord.vtime": SHARES,
     "pqueue.v1.QueueStats.leased_total": LEASED_TOTAL,
+    "pqueue.v1.Snapshot.packed": PACKED_JOBS,
+    "pqueue.v1.PackedJobs.queue": PACKED_JOBS,
+    "pqueue.v1.PackedJobs.records": PACKED_JOBS,
 }
 
 #: Fields added since v1 that an older replica may ignore without diverging.

@@ -10,8 +10,10 @@ from pqueue.core.commands import handles
 from pqueue.core.jobs import (
     DEAD,
     LEASED,
+    READY,
     Job,
     backoff_ms,
+    pack_row,
 )
 from pqueue.core.tenancy import TenancyRules
 from pqueue.errors import (
@@ -41,8 +43,28 @@ class JobCommands(TenancyRules):
             if key and (tenant, key) in queue.dedup:
                 out.results.add(job_id=queue.dedup[tenant, key][0], duplicate=True)
                 continue
+            job_id = self.next_job_id
+            self.next_job_id += 1
+            queue.counters.enqueued += 1
+            self._changed.add(job_id)
+            if key:
+                self.remember_key(queue, tenant, key, job_id, now + config.dedup_window_ms)
+            ready_at = max(now + spec.delay_ms, spec.not_before_ms)
+            if (
+                ready_at <= now
+                and not spec.group
+                and queue.add_compact(
+                    job_id, pack_row(spec.priority, now, now, tenant, key, spec.payload)
+                )
+            ):
+                # Waiting in the compact form (jobs.py): ready, no Job object.
+                lane.held += 1
+                queue.counts[READY] += 1
+                self._woken[queue.name] += 1
+                out.results.add(job_id=job_id)
+                continue
             job = Job(
-                job_id=self.next_job_id,
+                job_id=job_id,
                 queue=queue.name,
                 priority=spec.priority,
                 payload=spec.payload,
@@ -53,19 +75,13 @@ class JobCommands(TenancyRules):
                 ready_at_ms=now,
                 tenant=tenant,
             )
-            self.next_job_id += 1
-            queue.jobs[job.job_id] = job
+            queue.jobs[job_id] = job
             lane.held += 1
-            self.jobs[job.job_id] = job
-            queue.counters.enqueued += 1
-            if key:
-                self.remember_key(queue, tenant, key, job.job_id, now + config.dedup_window_ms)
-            ready_at = max(now + spec.delay_ms, spec.not_before_ms)
             if ready_at > now:
                 self._make_delayed(queue, job, ready_at)
             else:
                 self._make_ready(queue, job, now)
-            out.results.add(job_id=job.job_id)
+            out.results.add(job_id=job_id)
         return out
 
     @handles("lease")
@@ -91,7 +107,9 @@ class JobCommands(TenancyRules):
             job.leased_at_ms = now
             job.lease_expires_at_ms = now + lease_ms
             job.consumer_id = req.consumer_id
-            heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+            heapq.heappush(
+                self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id, queue.name)
+            )
             if job.group:
                 queue.groups[job.group_key].in_flight = job.job_id
             out.jobs.add(
@@ -166,7 +184,9 @@ class JobCommands(TenancyRules):
         job.lease_expires_at_ms = min(wanted, cap)
         self._changed.add(job.job_id)
         # The older heap entry no longer matches the expiry and is skipped.
-        heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+        heapq.heappush(
+            self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id, queue.name)
+        )
         return pb.ExtendLeaseResponse(
             lease_expires_at_ms=job.lease_expires_at_ms, capped=wanted > cap
         )

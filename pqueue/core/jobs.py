@@ -3,11 +3,29 @@
 Pure. Heaps use lazy deletion: an entry is valid only while the job it names
 still matches it (state, token, lease id or expiry), so removing a job is O(1)
 and leasing the next one is O(log n) amortized.
+
+**The compact form.** A backlog is mostly jobs that were enqueued and wait
+for their first delivery. Such a job (READY, never delivered, no group) is
+kept as one ``bytes`` row (``pack_row``: priority, times, tenant, key,
+payload) in its queue's ``JobTable``, and its place in line is its id in a
+FIFO per (lane, priority) rather than a heap entry: fresh jobs of one
+priority arrive in the order they are served (ready time, then id), so a
+deque is already sorted. A job leaves the compact form when it is leased
+(``JobTable.promote``: a ``Job`` object from then on). What a job costs
+therefore depends on its life, not on its state: about 110 bytes beyond its
+payload while it waits (a dict slot, its id, the row header, a deque slot),
+a few hundred once delivered. The form is invisible to the machine's
+behaviour: the next lease is the least (key, id) over heaps and FIFO heads
+alike, and snapshots write a job packed exactly when its fields allow it,
+whichever form a replica holds it in, so equal states give equal bytes.
 """
 
 from __future__ import annotations
 
 import heapq
+import struct
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Any
@@ -26,6 +44,17 @@ _SLACK = 64
 
 #: (aged key, ready_at_ms, job_id, token): smallest is served first.
 ReadyEntry = tuple[int, int, int, int]
+
+#: A lane keeps FIFOs for at most this many priorities; a fresh job of
+#: another priority waits in the heap as a ``Job`` (with unbounded distinct
+#: priorities, a deque each would cost more than it saves).
+MAX_FIFO_PRIORITIES = 32
+
+#: The row header: priority, enqueued_at_ms, ready_at_ms, then the lengths of
+#: the tenant and idempotency key (UTF-8) that follow it before the payload.
+_ROW = struct.Struct("<iqqHH")
+#: A record in a snapshot's ``PackedJobs``: job id, row length.
+RECORD_HEAD = struct.Struct("<QI")
 
 
 @dataclass(slots=True)
@@ -54,6 +83,33 @@ class Job:
     #: The tenant whose producer enqueued it (the owner's, for the owner's,
     #: an admin's and unstamped enqueues; "" for a queue name without one).
     tenant: str = ""
+
+    def packable(self) -> bool:
+        """Whether the compact form holds this job: waiting for its first
+        delivery, ungrouped. (What a snapshot writes packed.)"""
+        return (
+            self.state == READY
+            and not self.attempts
+            and not self.group
+            and not self.lease_id
+            and not self.errors
+            and not self.consumer_id
+            and not self.leased_at_ms
+            and not self.lease_expires_at_ms
+            and len(self.tenant) < 4096
+            and len(self.idempotency_key) < 4096
+        )
+
+    def row(self) -> bytes:
+        """The compact form (``packable`` jobs only)."""
+        return pack_row(
+            self.priority,
+            self.enqueued_at_ms,
+            self.ready_at_ms,
+            self.tenant,
+            self.idempotency_key,
+            self.payload,
+        )
 
     @property
     def group_key(self) -> tuple[str, str]:
@@ -92,6 +148,129 @@ class Job:
 
     def _errors(self) -> list[pb.JobError]:
         return [pb.JobError(attempt=a, at_ms=t, reason=r) for a, t, r in self.errors]
+
+
+def pack_row(
+    priority: int, enqueued_at: int, ready_at: int, tenant: str, key: str, payload: bytes
+) -> bytes:
+    """One waiting job in the compact form (its id is the table's key)."""
+    t, k = tenant.encode(), key.encode()
+    return _ROW.pack(priority, enqueued_at, ready_at, len(t), len(k)) + t + k + payload
+
+
+def unpack_row(job_id: int, queue: str, row: bytes) -> Job:
+    """The ``Job`` a compact row describes."""
+    priority, enqueued_at, ready_at, tlen, klen = _ROW.unpack_from(row)
+    start = _ROW.size
+    return Job(
+        job_id=job_id,
+        queue=queue,
+        priority=priority,
+        payload=row[start + tlen + klen :],
+        state=READY,
+        group="",
+        idempotency_key=row[start + tlen : start + tlen + klen].decode(),
+        enqueued_at_ms=enqueued_at,
+        ready_at_ms=ready_at,
+        tenant=row[start : start + tlen].decode(),
+    )
+
+
+def row_head(row: bytes) -> tuple[int, int, str]:
+    """(priority, ready_at_ms, tenant) of a compact row."""
+    priority, _, ready_at, tlen, _ = _ROW.unpack_from(row)
+    return priority, ready_at, row[_ROW.size : _ROW.size + tlen].decode()
+
+
+def row_ready_at(row: bytes) -> tuple[int, int]:
+    """(priority, ready_at_ms) of a compact row."""
+    priority, _, ready_at = _HEAD3.unpack_from(row)
+    return priority, ready_at
+
+
+_HEAD3 = struct.Struct("<iqq")
+
+
+class JobTable:
+    """One queue's jobs by id, each either a ``Job`` or a compact row.
+
+    Reads (``get``, ``[]``, ``values``) hand out a ``Job`` either way; one
+    made from a row is a *view*: changing it changes nothing. A transition
+    that changes a job in the compact form calls ``promote`` first (today
+    only the lease does: nothing else changes a waiting, never-delivered,
+    ungrouped job but its removal).
+    """
+
+    __slots__ = ("_full", "_rows", "queue")
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self._rows: dict[int, Job | bytes] = {}
+        #: The jobs held as ``Job`` objects (in no particular order).
+        self._full: dict[int, Job] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __bool__(self) -> bool:
+        return bool(self._rows)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._rows
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rows)
+
+    def __getitem__(self, job_id: int) -> Job:
+        value = self._rows[job_id]
+        return unpack_row(job_id, self.queue, value) if type(value) is bytes else value  # type: ignore[return-value]
+
+    def __setitem__(self, job_id: int, job: Job) -> None:
+        self._rows[job_id] = self._full[job_id] = job
+
+    def __delitem__(self, job_id: int) -> None:
+        del self._rows[job_id]
+        self._full.pop(job_id, None)
+
+    def get(self, job_id: int) -> Job | None:
+        value = self._rows.get(job_id)
+        if type(value) is bytes:
+            return unpack_row(job_id, self.queue, value)
+        return value  # type: ignore[return-value]
+
+    def values(self) -> Iterator[Job]:
+        """Every job, by id (views for compact rows)."""
+        for job_id, value in self._rows.items():
+            yield unpack_row(job_id, self.queue, value) if type(value) is bytes else value  # type: ignore[misc]
+
+    def full_values(self) -> Iterator[Job]:
+        """The jobs held as ``Job`` objects (the delivered, delayed, grouped
+        ones, and any waiting job the compact form did not take), in no
+        particular order."""
+        return iter(self._full.values())
+
+    def add_row(self, job_id: int, row: bytes) -> None:
+        self._rows[job_id] = row
+
+    def row(self, job_id: int) -> bytes | None:
+        """The job's compact row, if it is held in that form."""
+        value = self._rows.get(job_id)
+        return value if type(value) is bytes else None
+
+    def promote(self, job_id: int) -> Job:
+        """Hold the job as a ``Job`` from now on (it is about to change)."""
+        value = self._rows[job_id]
+        if type(value) is bytes:
+            value = self._rows[job_id] = self._full[job_id] = unpack_row(job_id, self.queue, value)
+        return value  # type: ignore[return-value]
+
+    def items(self) -> Iterator[tuple[int, Job | bytes]]:
+        """(id, Job or row) pairs, by id: what a snapshot freezes."""
+        return iter(self._rows.items())
+
+    def copy_rows(self) -> dict[int, Job | bytes]:
+        """A shallow copy of the table (rows are immutable; Jobs are not)."""
+        return self._rows.copy()
 
 
 def _shared_fields(message: Any, special: set[str]) -> tuple[str, ...]:
@@ -138,6 +317,9 @@ class Lane:
 
     #: Ready heap of the lane's leasable jobs (lazy: may hold stale entries).
     ready: list[ReadyEntry] = field(default_factory=list)
+    #: Priority -> ids of jobs in the compact form, in the order they are
+    #: served (lazy: an id whose job left the form or the queue is skipped).
+    fifo: dict[int, deque[int]] = field(default_factory=dict)
     #: Jobs of the lane in the queue, in any state.
     held: int = 0
     #: The lane's virtual time: the start tag of its next lease. Never below
@@ -194,7 +376,7 @@ class QueueState:
 
     name: str
     config: pb.QueueConfig
-    jobs: dict[int, Job] = field(default_factory=dict)
+    jobs: JobTable = field(init=False)
     #: Producing tenant -> lane. Lanes are kept while the queue lives (a
     #: queue holds at most the owner, its shares and admins).
     lanes: dict[str, Lane] = field(default_factory=dict)
@@ -202,7 +384,8 @@ class QueueState:
     vclock: int = 0
     #: Entries in all lanes' ready heaps, stale ones included.
     entries: int = 0
-    #: (ready_at_ms, job_id) of every READY job, for the oldest-ready age.
+    #: (ready_at_ms, job_id) of every READY ``Job`` (compact rows: their
+    #: FIFO heads), for the oldest-ready age.
     oldest: list[tuple[int, int]] = field(default_factory=list)
     groups: dict[GroupKey, Group] = field(default_factory=dict)
     dead_ids: set[int] = field(default_factory=set)
@@ -216,12 +399,18 @@ class QueueState:
     weights: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.jobs = JobTable(self.name)
         self.weights = {s.tenant: s.weight or 1 for s in self.config.shares}
+
+    def first_key(self, priority: int, ready_at: int) -> int:
+        """The leading part of the serving order: priority, or with aging
+        the static key priority*I + ready time."""
+        interval = self.config.aging_interval_ms
+        return priority * interval + ready_at if interval else priority
 
     def ready_key(self, job: Job) -> ReadyEntry:
         """Priority then FIFO; with aging, the static key priority*I + ready time."""
-        interval = self.config.aging_interval_ms
-        first = job.priority * interval + job.ready_at_ms if interval else job.priority
+        first = self.first_key(job.priority, job.ready_at_ms)
         return (first, job.ready_at_ms, job.job_id, job.token)
 
     def lane(self, tenant: str) -> Lane:
@@ -229,6 +418,27 @@ class QueueState:
         lane = self.lanes.get(tenant)
         if lane is None:
             lane = self.lanes[tenant] = Lane()
+        return lane
+
+    def add_compact(self, job_id: int, row: bytes) -> Lane | None:
+        """Keep a READY, never delivered, ungrouped job in the compact form,
+        behind its lane's FIFO for its priority; False (nothing done) when
+        that FIFO cannot take it: its place in line is not at the end, or
+        the lane has FIFOs for too many priorities already. The job's lane
+        when taken (the caller counts the job in it and in ``counts``)."""
+        priority, ready_at, tenant = row_head(row)
+        lane = self.lane(tenant)
+        line = lane.fifo.get(priority)
+        if line is None:
+            if len(lane.fifo) >= MAX_FIFO_PRIORITIES:
+                return None
+            line = lane.fifo[priority] = deque()
+        elif line:
+            tail = self.jobs.row(line[-1])
+            if tail is not None and (row_ready_at(tail)[1], line[-1]) > (ready_at, job_id):
+                return None
+        self.jobs.add_row(job_id, row)
+        line.append(job_id)
         return lane
 
     def push_ready(self, job: Job) -> None:
@@ -244,7 +454,7 @@ class QueueState:
         heapq.heappush(self.oldest, (job.ready_at_ms, job.job_id))
         if len(self.oldest) > 2 * self.counts[READY] + _SLACK:
             self.oldest = [
-                (j.ready_at_ms, j.job_id) for j in self.jobs.values() if j.state == READY
+                (j.ready_at_ms, j.job_id) for j in self.jobs.full_values() if j.state == READY
             ]
             heapq.heapify(self.oldest)
 
@@ -253,7 +463,7 @@ class QueueState:
         for lane in self.lanes.values():
             lane.ready = []
         self.entries = 0
-        for job in self.jobs.values():
+        for job in self.jobs.full_values():
             if job.state != READY:
                 continue
             if job.group:
@@ -289,19 +499,45 @@ class QueueState:
         head = self.group_head(job.group_key)
         return head is job
 
-    def _lane_head(self, lane: Lane) -> ReadyEntry | None:
-        """The lane's next leasable entry, dropping stale ones."""
+    def _fifo_head(self, line: deque[int]) -> tuple[int, int, int] | None:
+        """(key, ready_at, job id) of a FIFO's first job still in the compact
+        form, dropping the ids of jobs that left it."""
+        rows = self.jobs
+        while line:
+            job_id = line[0]
+            row = rows.row(job_id)
+            if row is not None:
+                priority, ready_at = row_ready_at(row)
+                return (self.first_key(priority, ready_at), ready_at, job_id)
+            line.popleft()
+        return None
+
+    def _lane_head(self, lane: Lane) -> LaneHead | None:
+        """The lane's next leasable job, over its heap and FIFOs, dropping
+        stale entries."""
+        best: LaneHead | None = None
         while lane.ready:
             entry = lane.ready[0]
             job = self.jobs.get(entry[2])
             if job is not None and self.is_eligible(job, entry[3]):
-                return entry
+                best = (entry[0], entry[1], entry[2], job.priority, None)
+                break
             heapq.heappop(lane.ready)
             self.entries -= 1
-        return None
+        if lane.fifo:
+            drained = []
+            for priority, line in lane.fifo.items():
+                head = self._fifo_head(line)
+                if head is None:
+                    drained.append(priority)
+                elif best is None or head < best[:3]:
+                    best = (head[0], head[1], head[2], priority, line)
+            for priority in drained:
+                del lane.fifo[priority]
+        return best
 
-    def _next_lane(self) -> tuple[str, Lane, ReadyEntry] | None:
-        """The lane the next lease serves, and its head entry.
+    def _next_lane(self) -> tuple[str, Lane, LaneHead] | None:
+        """The lane the next lease serves, and its head.
 
         The most urgent head (by the queue's order, aging included) sets the
         level: lanes whose head is at least as urgent by priority compete,
@@ -321,39 +557,56 @@ class QueueState:
                 heads.append((tenant, lane, head))
         if not heads:
             return None
-        level = self.jobs[min(head for _, _, head in heads)[2]].priority
+        level = min(heads, key=lambda h: h[2][:3])[2][3]
         return min(
-            (h for h in heads if self.jobs[h[2][2]].priority <= level),
+            (h for h in heads if h[2][3] <= level),
             key=lambda h: (max(h[1].vtime, self.vclock), h[0]),
         )
 
     def peek_ready(self) -> Job | None:
         """The job the next lease would take, dropping stale entries."""
         chosen = self._next_lane()
-        return None if chosen is None else self.jobs[chosen[2][2]]
+        return None if chosen is None else self.jobs.get(chosen[2][2])
 
     def take_ready(self) -> Job | None:
-        """Take the job the next lease gets off its heap, charging its lane."""
+        """Take the job the next lease gets off its heap or FIFO, charging
+        its lane; a job in the compact form becomes a ``Job``."""
         chosen = self._next_lane()
         if chosen is None:
             return None
         tenant, lane, head = chosen
-        heapq.heappop(lane.ready)
-        self.entries -= 1
+        line = head[4]
+        if line is None:
+            heapq.heappop(lane.ready)
+            self.entries -= 1
+        else:
+            line.popleft()
         start = max(lane.vtime, self.vclock)
         lane.vtime = start - (-FAIR_SCALE // self.weights.get(tenant, 1))
         self.vclock = start
-        return self.jobs[head[2]]
+        return self.jobs.promote(head[2])
 
     def oldest_ready_at(self) -> int | None:
         """The earliest ready time among READY jobs, dropping stale entries."""
+        oldest = None
         while self.oldest:
             ready_at, job_id = self.oldest[0]
             job = self.jobs.get(job_id)
-            if job is not None and job.state == READY and job.ready_at_ms == ready_at:
-                return ready_at
+            if (
+                job is not None
+                and job.state == READY
+                and job.ready_at_ms == ready_at
+                and self.jobs.row(job_id) is None
+            ):
+                oldest = ready_at
+                break
             heapq.heappop(self.oldest)
-        return None
+        for lane in self.lanes.values():
+            for line in lane.fifo.values():
+                head = self._fifo_head(line)
+                if head is not None and (oldest is None or head[1] < oldest):
+                    oldest = head[1]
+        return oldest
 
     def stats(self, now_ms: int) -> pb.QueueStats:
         """Counts and totals at ``now_ms``."""
@@ -367,6 +620,11 @@ class QueueState:
             oldest_ready_age_ms=max(0, now_ms - oldest) if oldest is not None else 0,
             **self.counters.to_stats(),
         )
+
+
+#: A lane's next leasable job: (key, ready_at_ms, job id, priority, the FIFO
+#: holding it, or None for the lane's heap).
+LaneHead = tuple[int, int, int, int, "deque[int] | None"]
 
 
 def mix64(a: int, b: int) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf.message import Message
@@ -35,6 +35,7 @@ from pqueue.core.jobs import (
     DELAYED,
     LEASED,
     READY,
+    Job,
 )
 from pqueue.core.queue_commands import QueueCommands
 from pqueue.errors import (
@@ -133,6 +134,23 @@ class QueueMachine(JobCommands, QueueCommands):
             heapq.heapify(self._delayed)
 
     # ------------------------------------------------------------------ reads
+
+    def find_job(self, job_id: int) -> Job | None:
+        """The job with this id, in whichever queue (a scan over queues)."""
+        for queue in self.queues.values():
+            job = queue.jobs.get(job_id)
+            if job is not None:
+                return job
+        return None
+
+    def all_jobs(self) -> Iterator[Job]:
+        """Every job of every queue (views for those in the compact form)."""
+        for queue in self.queues.values():
+            yield from queue.jobs.values()
+
+    def job_count(self) -> int:
+        """Jobs held, all queues."""
+        return sum(len(queue.jobs) for queue in self.queues.values())
 
     def get_job(self, queue_name: str, job_id: int) -> pb.Job:
         """One job's public view."""

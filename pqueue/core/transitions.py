@@ -36,7 +36,6 @@ class MachineState:
 
     def __init__(self) -> None:
         self.queues = QueueTable()
-        self.jobs: dict[int, Job] = {}
         self.next_job_id = 1
         self.next_lease_id = 1
         self.applied_index = 0
@@ -44,10 +43,10 @@ class MachineState:
         #: Every feature the entries applied so far needed (their
         #: ``required_features``): a snapshot of this state needs them too.
         self.features: set[str] = set()
-        #: (ready_at_ms, job_id, token) of DELAYED jobs, all queues.
-        self._delayed: list[tuple[int, int, int]] = []
-        #: (expires_at_ms, lease_id, job_id) of LEASED jobs, all queues.
-        self._leases: list[tuple[int, int, int]] = []
+        #: (ready_at_ms, job_id, token, queue) of DELAYED jobs, all queues.
+        self._delayed: list[tuple[int, int, int, str]] = []
+        #: (expires_at_ms, lease_id, job_id, queue) of LEASED jobs, all queues.
+        self._leases: list[tuple[int, int, int, str]] = []
         #: (expires_at_ms, queue, tenant, key) of idempotency records.
         self._dedup: list[tuple[int, str, str, str]] = []
         #: Per queue, how many jobs became leasable in the entry being applied
@@ -69,22 +68,26 @@ class Transitions(MachineState):
 
     # -------------------------------------------------------------- restore
 
-    def index_job(self, queue: QueueState, job: Job) -> None:
-        """Adopt a job restored from a snapshot, in whatever state it was.
+    def index_job(self, queue: QueueState, job: Job, compact: bool = True) -> None:
+        """Adopt a job restored from a snapshot, in whatever state it was
+        (in the compact form if it can be, unless not ``compact``).
 
         Group heads are offered for leasing afterwards, once every job of the
         group is known (see ``pqueue.core.snapshot.restore``).
         """
-        queue.jobs[job.job_id] = job
-        self.jobs[job.job_id] = job
         queue.lane(job.tenant).held += 1
         queue.counts[job.state] += 1
+        if compact and job.packable() and queue.add_compact(job.job_id, job.row()):
+            return
+        queue.jobs[job.job_id] = job
         if job.state == DEAD:
             queue.dead_ids.add(job.job_id)
             return
         group = queue.groups.setdefault(job.group_key, Group()) if job.group else None
         if job.state == LEASED:
-            heapq.heappush(self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id))
+            heapq.heappush(
+                self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id, queue.name)
+            )
             if group is not None:
                 group.in_flight = job.job_id
             return
@@ -94,7 +97,7 @@ class Transitions(MachineState):
             queue.note_ready(job)
         if job.state == DELAYED:
             job.token += 1
-            heapq.heappush(self._delayed, (job.ready_at_ms, job.job_id, job.token))
+            heapq.heappush(self._delayed, (job.ready_at_ms, job.job_id, job.token, queue.name))
         elif group is None:
             queue.push_ready(job)
 
@@ -132,8 +135,6 @@ class Transitions(MachineState):
             self._drop_queue(queue)
 
     def _drop_queue(self, queue: QueueState) -> None:
-        for job_id in queue.jobs:
-            del self.jobs[job_id]
         self._changed.update(queue.jobs)
         del self.queues[queue.name]
 
@@ -158,7 +159,7 @@ class Transitions(MachineState):
         self._set_state(queue, job, DELAYED)
         job.ready_at_ms = ready_at
         job.token += 1
-        heapq.heappush(self._delayed, (ready_at, job.job_id, job.token))
+        heapq.heappush(self._delayed, (ready_at, job.job_id, job.token, queue.name))
         if job.group:
             self._join_group(queue, job)
 
@@ -210,7 +211,6 @@ class Transitions(MachineState):
         self._changed.add(job.job_id)
         queue.counts[job.state] -= 1
         del queue.jobs[job.job_id]
-        del self.jobs[job.job_id]
         queue.lanes[job.tenant].held -= 1
         queue.dead_ids.discard(job.job_id)
         if job.group and job.group_key in queue.groups:
@@ -220,16 +220,18 @@ class Transitions(MachineState):
 
     # ------------------------------------------------------------- lookups
 
-    def _delayed_job(self, entry: tuple[int, int, int]) -> Job | None:
+    def _delayed_job(self, entry: tuple[int, int, int, str]) -> Job | None:
         """The job a delayed-heap entry names, if the entry is still current."""
-        _, job_id, token = entry
-        job = self.jobs.get(job_id)
+        _, job_id, token, name = entry
+        queue = self.queues.get(name)
+        job = None if queue is None else queue.jobs.get(job_id)
         return job if job is not None and job.token == token and job.state == DELAYED else None
 
-    def _leased_by(self, entry: tuple[int, int, int]) -> Job | None:
+    def _leased_by(self, entry: tuple[int, int, int, str]) -> Job | None:
         """The job a lease-heap entry names, if that lease and expiry still hold."""
-        expires, lease_id, job_id = entry
-        job = self.jobs.get(job_id)
+        expires, lease_id, job_id, name = entry
+        queue = self.queues.get(name)
+        job = None if queue is None else queue.jobs.get(job_id)
         if (
             job is None
             or job.state != LEASED

@@ -90,12 +90,12 @@ class JobsMirror:
         full, self._full = self._full, False
         changed, self._changed = self._changed, set()  # a full copy covers them
         if full:
-            upserts = [job.to_proto() for job in machine.jobs.values()]
+            upserts = [job.to_proto() for job in machine.all_jobs()]
             deleted: list[int] = []
         else:
-            jobs = machine.jobs
-            upserts = [jobs[i].to_proto() for i in sorted(changed) if i in jobs]
-            deleted = sorted(i for i in changed if i not in jobs)
+            found = {i: machine.find_job(i) for i in sorted(changed)}
+            upserts = [job.to_proto() for job in found.values() if job is not None]
+            deleted = [i for i, job in found.items() if job is None]
         rows = [JobRow.of(job) for job in upserts]
         fut = self.store.record_applied(machine.applied_index, rows, deleted, full)
         fut.add_done_callback(self._written)

@@ -359,6 +359,35 @@ class QueueSnapshot(_message.Message):
 Global___QueueSnapshot: _TypeAlias = QueueSnapshot  # noqa: Y015
 
 @_typing.final
+class PackedJobs(_message.Message):
+    """Waiting jobs in the compact form a node keeps them in memory (see
+    pqueue/core/jobs.py, ``pack_row``): one queue's run of records ordered by
+    job id, each a little-endian uint64 job id, a uint32 length, then the row.
+    A job is written here exactly when that form can hold it (never delivered,
+    ready, no group), so equal states still give equal bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    records: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        records: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackedJobs: _TypeAlias = PackedJobs  # noqa: Y015
+
+@_typing.final
 class LaneRecord(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -394,6 +423,7 @@ class Snapshot(_message.Message):
     NEXT_LEASE_ID_FIELD_NUMBER: _builtins.int
     QUEUES_FIELD_NUMBER: _builtins.int
     REQUIRED_FEATURES_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     time_ms: _builtins.int
     next_job_id: _builtins.int
@@ -408,6 +438,13 @@ class Snapshot(_message.Message):
         support them all to restore this state (pqueue/core/features.py).
         """
 
+    @_builtins.property
+    def packed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PackedJobs]:
+        """Jobs in the compact form, after every queue (ordered by queue, then job
+        id; at most PACKED_BLOCK_JOBS per block). Releases before it refuse such
+        a snapshot (unknown field) and ask to be upgraded.
+        """
+
     def __init__(
         self,
         *,
@@ -417,10 +454,11 @@ class Snapshot(_message.Message):
         next_lease_id: _builtins.int = ...,
         queues: _abc.Iterable[Global___QueueSnapshot] | None = ...,
         required_features: _abc.Iterable[_builtins.str] | None = ...,
+        packed: _abc.Iterable[Global___PackedJobs] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "next_job_id", b"next_job_id", "next_lease_id", b"next_lease_id", "queues", b"queues", "required_features", b"required_features", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "next_job_id", b"next_job_id", "next_lease_id", b"next_lease_id", "packed", b"packed", "queues", b"queues", "required_features", b"required_features", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from pqueue.core import limits
+from pqueue.core import jobs, limits
 from pqueue.core.jobs import FAIR_SCALE, backoff_ms
 from pqueue.core.snapshot import restore, snapshot_bytes, state_hash
 from pqueue.errors import (
@@ -165,8 +165,14 @@ class MachineVsModel(RuleBasedStateMachine):
         self.d = Driver()
         self.delivered: list[tuple[int, int]] = []
 
-    @initialize(aging=st.sampled_from([0, 100]), groups=st.booleans())
-    def setup(self, aging: int, groups: bool) -> None:
+    @initialize(
+        aging=st.sampled_from([0, 100]), groups=st.booleans(), fifos=st.sampled_from([0, 2, 32])
+    )
+    def setup(self, aging: int, groups: bool, fifos: int) -> None:
+        # How many priorities a lane keeps in the compact form: none (every
+        # job an object in a heap), a few (both kinds mixed in one lane), all.
+        self.fifos = jobs.MAX_FIFO_PRIORITIES
+        jobs.MAX_FIFO_PRIORITIES = fifos
         # Tenants "a" and "b" share the queue, by 1:3 (its owner, "", weighs 1).
         config = pb.QueueConfig(
             max_attempts=3,
@@ -322,6 +328,10 @@ class MachineVsModel(RuleBasedStateMachine):
         self.d.m = restore(snapshot_bytes(self.d.m))
         assert state_hash(self.d.m) == before
 
+    def teardown(self) -> None:
+        if hasattr(self, "fifos"):
+            jobs.MAX_FIFO_PRIORITIES = self.fifos
+
     @invariant()
     def same_jobs(self) -> None:
         if not hasattr(self, "model"):
@@ -364,6 +374,8 @@ class MachineVsModel(RuleBasedStateMachine):
             (DEAD, stats.dead),
         ):
             assert count == sum(1 for j in self.model.jobs.values() if j.state == state)
+        ready_at = [j.ready_at for j in self.model.jobs.values() if j.state == READY]
+        assert q.oldest_ready_at() == (min(ready_at) if ready_at else None)
 
 
 TestMachineVsModel = MachineVsModel.TestCase

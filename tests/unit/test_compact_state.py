@@ -1,0 +1,158 @@
+"""The compact form of waiting jobs (pqueue/core/jobs.py): what a job costs,
+and that the form never changes what the machine does."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+
+import pytest
+
+from pqueue.core import jobs
+from pqueue.core.machine import QueueMachine
+from pqueue.core.snapshot import freeze, restore, snapshot_bytes, state_hash, take_snapshot
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+from tests.machine_driver import Driver
+
+PAYLOAD = 100
+
+
+def _fill(machine: QueueMachine, count: int, priorities: int = 10) -> None:
+    for batch in range(count // 1000):
+        entry = logpb.LogEntry(index=machine.applied_index + 1, time_ms=1_000 + batch)
+        req = entry.commands.add().enqueue
+        req.queue = "q"
+        for i in range(1000):
+            req.jobs.add(payload=bytes([i % 256]) * PAYLOAD, priority=i % priorities)
+        machine.apply_entry(entry)
+
+
+def _bytes_per_job(count: int, build: object) -> float:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = build()  # type: ignore[operator]
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del kept
+    return (after - before) / count
+
+
+def test_a_waiting_job_costs_under_150_bytes_beyond_its_payload() -> None:
+    """Counted by tracemalloc (allocations, not time): the dict slot, the id,
+    the row's header and a deque slot; 127 bytes when written. The figure
+    the README's "Capacity" section builds on; an object per job (before
+    the compact form) cost 493."""
+    count = 20_000
+
+    def build() -> QueueMachine:
+        machine = QueueMachine()
+        _fill(machine, count)
+        return machine
+
+    overhead = _bytes_per_job(count, build) - PAYLOAD
+    assert overhead < 150, f"{overhead:.0f} bytes per waiting job beyond its payload"
+
+
+def test_a_restored_job_costs_the_same() -> None:
+    machine = QueueMachine()
+    _fill(machine, 20_000)
+    data = snapshot_bytes(machine)
+    del machine
+    overhead = _bytes_per_job(20_000, lambda: restore(data)) - PAYLOAD
+    assert overhead < 150, f"{overhead:.0f} bytes per restored job beyond its payload"
+
+
+def test_a_job_ready_after_a_delay_keeps_its_place_after_a_restore() -> None:
+    """A delayed job that came due is packable, and its id is older than a
+    fresh job with an earlier ready time: a restore must not put it ahead."""
+    d = Driver()
+    late = d.enqueue(delay_ms=200)  # ready at +200
+    d.now += 100
+    early = d.enqueue()  # ready at +100, a greater id
+    d.tick(200)
+    d.m = restore(snapshot_bytes(d.m))
+    assert [j.job_id for j in d.lease(n=2)] == [early, late]
+
+
+@pytest.mark.parametrize("fifos", [0, 1, 32])
+def test_the_form_changes_neither_the_order_nor_the_snapshot(
+    fifos: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same commands with every job an object (0), a mix (1) and the
+    compact form (32): same leases, same snapshot bytes."""
+
+    def run() -> tuple[list[int], str]:
+        d = Driver()
+        d.create(aging_interval_ms=50, max_attempts=2)
+        order = []
+        for step in range(300):
+            d.now += 7
+            d.enqueue(priority=step % 5, delay_ms=(step % 3) * 20)
+            if step % 4 == 0:
+                for job in d.lease(n=2):
+                    order.append(job.job_id)
+                    if job.job_id % 3:
+                        d.ack(job)
+                    else:
+                        d.nack(job, delay_ms=0)
+        return order, state_hash(d.m)
+
+    reference = run()
+    monkeypatch.setattr(jobs, "MAX_FIFO_PRIORITIES", fifos)
+    assert run() == reference
+
+
+def test_a_frozen_view_is_the_state_when_frozen() -> None:
+    """``freeze`` then more entries: the view's bytes are those of the state
+    at the freeze (the shell writes them while the machine goes on)."""
+    d = Driver()
+    for i in range(50):
+        d.enqueue(priority=i % 3)
+    for job in d.lease(n=5):
+        d.ack(job)
+    leased = d.lease(n=3)
+    expected = snapshot_bytes(d.m)
+    view = freeze(d.m)
+    d.ack(leased[0])
+    d.nack(leased[1], delay_ms=10)
+    d.enqueue(priority=1)
+    d.lease(n=10)
+    assert b"".join(view.chunks()) == expected
+    assert view.index + 4 == d.m.applied_index
+
+
+def test_snapshots_keep_the_compact_form_and_old_records_still_restore() -> None:
+    d = Driver()
+    ids = [d.enqueue(priority=i % 2) for i in range(10)]
+    snap = take_snapshot(d.m)
+    assert not snap.queues[0].jobs  # every job is packable: all in rows
+    assert [b.queue for b in snap.packed] == ["q"]
+    # The same state written the old way (a record per job) restores to it.
+    old = logpb.Snapshot()
+    old.CopyFrom(snap)
+    del old.packed[:]
+    for job in d.m.queues["q"].jobs.values():
+        old.queues[0].jobs.add(**job.record_fields())
+    again = restore(old.SerializeToString())
+    assert snapshot_bytes(again) == snapshot_bytes(d.m)
+    assert [j.job_id for j in Driver(again).lease(n=10)] == [
+        *[i for n, i in enumerate(ids) if n % 2 == 0],
+        *[i for n, i in enumerate(ids) if n % 2 == 1],
+    ]
+
+
+def test_a_lease_promotes_the_job_and_reads_never_do() -> None:
+    d = Driver()
+    first = d.enqueue()
+    second = d.enqueue()
+    table = d.m.queues["q"].jobs
+    assert d.m.get_job("q", first).state == pb.JOB_STATE_READY
+    assert table.row(first) is not None  # a read leaves it compact
+    d.lease()
+    assert table.row(first) is None  # leased: an object now
+    assert table.row(second) is not None
