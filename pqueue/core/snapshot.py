@@ -18,7 +18,7 @@ snapshot of a million jobs is written.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pqueue.core import limits
@@ -173,19 +173,55 @@ def state_hash(machine: QueueMachine) -> str:
 
 def restore(data: bytes) -> QueueMachine:
     """A machine in exactly the state the snapshot bytes describe."""
-    snap = logpb.Snapshot.FromString(data)
-    check_snapshot(snap)  # a newer release's snapshot: stop, never drop its fields
+    return restore_chunks([data])
+
+
+def restore_chunks(chunks: Iterable[bytes]) -> QueueMachine:
+    """``restore`` from the snapshot's bytes in pieces (as read from a file):
+    each top-level field is parsed on its own, so no more than one queue's
+    records or one block of rows is held twice at a time."""
     machine = QueueMachine()
-    machine.applied_index = snap.index
-    machine.time_ms = snap.time_ms
-    machine.next_job_id = snap.next_job_id
-    machine.next_lease_id = snap.next_lease_id
-    machine.features = set(snap.required_features)
-    blocks: dict[str, list[bytes]] = {}
-    for block in snap.packed:
-        blocks.setdefault(block.queue, []).append(block.records)
-    for qs in snap.queues:
-        queue = QueueState(
+    queues: dict[str, _Restoring] = {}
+    head = logpb.Snapshot()
+    for number, piece in _fields(chunks):
+        part = logpb.Snapshot.FromString(piece)
+        check_snapshot(part)  # a newer release's snapshot: stop, never drop its fields
+        if number == _QUEUES:
+            qs = part.queues[0]
+            queues[qs.name] = _Restoring(machine, qs)
+        elif number == _PACKED:
+            block = part.packed[0]
+            restoring = queues.get(block.queue)
+            if restoring is None:
+                raise ValueError(f"snapshot rows for unknown queue {block.queue!r}")
+            restoring.rows(block.records)
+        else:
+            head.MergeFrom(part)
+    machine.applied_index = head.index
+    machine.time_ms = head.time_ms
+    machine.next_job_id = head.next_job_id
+    machine.next_lease_id = head.next_lease_id
+    machine.features = set(head.required_features)
+    for restoring in queues.values():
+        restoring.finish()
+    return machine
+
+
+#: Field numbers of ``Snapshot.queues`` and ``Snapshot.packed``.
+_QUEUES = logpb.Snapshot.QUEUES_FIELD_NUMBER
+_PACKED = logpb.Snapshot.PACKED_FIELD_NUMBER
+
+
+class _Restoring:
+    """One queue being restored: its records (from its ``QueueSnapshot``)
+    merged by id with its rows (from the blocks that follow), so its table
+    is in id order, as ``_blocks`` relies on."""
+
+    def __init__(self, machine: QueueMachine, qs: logpb.QueueSnapshot) -> None:
+        self.machine = machine
+        self.qs = qs
+        self.owner = limits.tenant_of(qs.name)  # older records and keys: the owner's
+        self.queue = queue = QueueState(
             name=qs.name,
             config=qs.config,
             counters=Counters.from_stats(qs.counters),
@@ -194,44 +230,107 @@ def restore(data: bytes) -> QueueMachine:
         machine.queues[qs.name] = queue
         for lane_record in qs.lanes:
             queue.lane(lane_record.tenant).vtime = lane_record.vtime
-        owner = limits.tenant_of(qs.name)  # older records and keys: the owner's
-        # Records and rows merged by id: a table is always in id order (new
-        # ids are appended), which ``_blocks`` relies on.
-        records = iter(qs.jobs)
-        rec = next(records, None)
-        for job_id, row in _rows(blocks.pop(qs.name, [])):
-            while rec is not None and rec.job_id < job_id:
-                machine.index_job(queue, Job.from_record(queue.name, rec, owner))
-                rec = next(records, None)
+        self.records = iter(qs.jobs)
+        self.next = next(self.records, None)
+
+    def _records_before(self, job_id: int | None) -> None:
+        """Index the records whose ids come before ``job_id`` (None: all)."""
+        rec = self.next
+        while rec is not None and (job_id is None or rec.job_id < job_id):
+            self.machine.index_job(self.queue, Job.from_record(self.queue.name, rec, self.owner))
+            rec = next(self.records, None)
+        self.next = rec
+
+    def rows(self, records: bytes) -> None:
+        """Adopt a block of compact rows (ordered by id)."""
+        queue = self.queue
+        for job_id, row in _rows(records):
+            self._records_before(job_id)
             lane = queue.add_compact(job_id, row)
             if lane is None:  # its FIFO cannot take it: a Job in the heap, as any
-                machine.index_job(queue, unpack_row(job_id, queue.name, row), compact=False)
+                job = unpack_row(job_id, queue.name, row)
+                self.machine.index_job(queue, job, compact=False)
             else:
                 queue.counts[READY] += 1
                 lane.held += 1
-        while rec is not None:
-            machine.index_job(queue, Job.from_record(queue.name, rec, owner))
-            rec = next(records, None)
+
+    def finish(self) -> None:
+        """The rest of the records, then groups and idempotency keys."""
+        self._records_before(None)
+        queue = self.queue
         for key in sorted(queue.groups):
             group = queue.groups[key]
             head = queue.group_head(key)
             if not group.in_flight and head is not None and head.state == READY:
                 queue.push_ready(head)
-        for d in qs.dedup:
-            machine.remember_key(queue, d.tenant or owner, d.key, d.job_id, d.expires_at_ms)
-    if blocks:
-        raise ValueError(f"snapshot rows for unknown queues {sorted(blocks)}")
-    return machine
+        for d in self.qs.dedup:
+            self.machine.remember_key(
+                queue, d.tenant or self.owner, d.key, d.job_id, d.expires_at_ms
+            )
+        del self.qs  # its records are indexed: let them go
 
 
-def _rows(blocks: list[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(job id, compact row) of ``PackedJobs.records`` blocks, in order."""
+def _fields(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(field number, the field's bytes with its tag) of a serialized
+    message arriving in pieces; every field is length-delimited or a varint."""
+    buffer = bytearray()
+    pos = 0
+    source = iter(chunks)
+    exhausted = False
+
+    def need(size: int) -> bool:
+        nonlocal buffer, pos, exhausted
+        while len(buffer) - pos < size and not exhausted:
+            chunk = next(source, None)
+            if chunk is None:
+                exhausted = True
+            else:
+                buffer += chunk
+        return len(buffer) - pos >= size
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if not need(1):
+                raise ValueError("snapshot ends inside a varint")
+            byte = buffer[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise ValueError("snapshot holds a varint over 64 bits")
+
+    while True:
+        del buffer[:pos]  # the fields before are handed out: drop their bytes
+        pos = start = 0
+        if not need(1):
+            return
+        tag = varint()
+        number, wire = tag >> 3, tag & 7
+        if wire == 2:
+            length = varint()
+            if not need(length):
+                raise ValueError("snapshot ends inside a field")
+            pos += length
+        elif wire == 0:
+            varint()
+        else:
+            raise ValueError(f"snapshot field {number} has wire type {wire}")
+        yield number, bytes(buffer[start:pos])
+
+
+def _rows(records: bytes) -> Iterator[tuple[int, bytes]]:
+    """(job id, compact row) of a ``PackedJobs.records`` block, in order."""
     unpack = RECORD_HEAD.unpack_from
     head = RECORD_HEAD.size
-    for records in blocks:
-        offset, end = 0, len(records)
-        while offset < end:
-            job_id, length = unpack(records, offset)
-            start = offset + head
-            offset = start + length
-            yield job_id, records[start:offset]
+    offset, end = 0, len(records)
+    while offset < end:
+        job_id, length = unpack(records, offset)
+        start = offset + head
+        offset = start + length
+        if offset > end:
+            raise ValueError("a snapshot row runs past its block")
+        yield job_id, records[start:offset]
