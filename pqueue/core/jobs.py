@@ -176,12 +176,6 @@ def unpack_row(job_id: int, queue: str, row: bytes) -> Job:
     )
 
 
-def row_head(row: bytes) -> tuple[int, int, str]:
-    """(priority, ready_at_ms, tenant) of a compact row."""
-    priority, _, ready_at, tlen, _ = _ROW.unpack_from(row)
-    return priority, ready_at, row[_ROW.size : _ROW.size + tlen].decode()
-
-
 def row_ready_at(row: bytes) -> tuple[int, int]:
     """(priority, ready_at_ms) of a compact row."""
     priority, _, ready_at = _HEAD3.unpack_from(row)
@@ -320,6 +314,9 @@ class Lane:
     #: Priority -> ids of jobs in the compact form, in the order they are
     #: served (lazy: an id whose job left the form or the queue is skipped).
     fifo: dict[int, deque[int]] = field(default_factory=dict)
+    #: Priority -> (ready_at_ms, job id) of the last job put in its FIFO: a
+    #: job goes in only behind it.
+    last: dict[int, tuple[int, int]] = field(default_factory=dict)
     #: Jobs of the lane in the queue, in any state.
     held: int = 0
     #: The lane's virtual time: the start tag of its next lease. Never below
@@ -426,19 +423,20 @@ class QueueState:
         that FIFO cannot take it: its place in line is not at the end, or
         the lane has FIFOs for too many priorities already. The job's lane
         when taken (the caller counts the job in it and in ``counts``)."""
-        priority, ready_at, tenant = row_head(row)
-        lane = self.lane(tenant)
+        priority, _, ready_at, tlen, _ = _ROW.unpack_from(row)
+        tenant = row[_ROW.size : _ROW.size + tlen].decode() if tlen else ""
+        lane = self.lanes.get(tenant) or self.lane(tenant)
         line = lane.fifo.get(priority)
+        place = (ready_at, job_id)
         if line is None:
             if len(lane.fifo) >= MAX_FIFO_PRIORITIES:
                 return None
             line = lane.fifo[priority] = deque()
-        elif line:
-            tail = self.jobs.row(line[-1])
-            if tail is not None and (row_ready_at(tail)[1], line[-1]) > (ready_at, job_id):
-                return None
+        elif place < lane.last[priority]:
+            return None
         self.jobs.add_row(job_id, row)
         line.append(job_id)
+        lane.last[priority] = place
         return lane
 
     def push_ready(self, job: Job) -> None:
