@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import struct
+from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -195,13 +196,19 @@ class JobTable:
     ungrouped job but its removal).
     """
 
-    __slots__ = ("_full", "_rows", "queue")
+    __slots__ = ("_frozen", "_full", "_order", "_removed", "_rows", "queue")
 
     def __init__(self, queue: str) -> None:
         self.queue = queue
         self._rows: dict[int, Job | bytes] = {}
         #: The jobs held as ``Job`` objects (in no particular order).
         self._full: dict[int, Job] = {}
+        #: Every id put in the table, in order (ascending), removed ones too
+        #: until the next compaction: what a frozen view walks.
+        self._order = array("Q")
+        self._removed = 0
+        #: Open frozen views: each keeps the rows that changed since.
+        self._frozen: list[FrozenJobs] = []
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -220,11 +227,20 @@ class JobTable:
         return unpack_row(job_id, self.queue, value) if type(value) is bytes else value  # type: ignore[return-value]
 
     def __setitem__(self, job_id: int, job: Job) -> None:
+        """Add a new job (ids only grow) as a ``Job``."""
         self._rows[job_id] = self._full[job_id] = job
+        self._order.append(job_id)
 
     def __delitem__(self, job_id: int) -> None:
-        del self._rows[job_id]
-        self._full.pop(job_id, None)
+        value = self._rows.pop(job_id)
+        if type(value) is bytes:
+            self._keep(job_id, value)
+        else:
+            del self._full[job_id]
+        self._removed += 1
+        if self._removed > len(self._rows) + 1024 and not self._frozen:
+            self._order = array("Q", self._rows)
+            self._removed = 0
 
     def get(self, job_id: int) -> Job | None:
         value = self._rows.get(job_id)
@@ -244,7 +260,9 @@ class JobTable:
         return iter(self._full.values())
 
     def add_row(self, job_id: int, row: bytes) -> None:
+        """Add a new job (ids only grow) in the compact form."""
         self._rows[job_id] = row
+        self._order.append(job_id)
 
     def row(self, job_id: int) -> bytes | None:
         """The job's compact row, if it is held in that form."""
@@ -255,16 +273,71 @@ class JobTable:
         """Hold the job as a ``Job`` from now on (it is about to change)."""
         value = self._rows[job_id]
         if type(value) is bytes:
+            self._keep(job_id, value)
             value = self._rows[job_id] = self._full[job_id] = unpack_row(job_id, self.queue, value)
         return value  # type: ignore[return-value]
 
-    def items(self) -> Iterator[tuple[int, Job | bytes]]:
-        """(id, Job or row) pairs, by id: what a snapshot freezes."""
-        return iter(self._rows.items())
+    def _keep(self, job_id: int, row: bytes) -> None:
+        """A row is about to leave the table: open views keep it (once)."""
+        for frozen in self._frozen:
+            frozen.kept.setdefault(job_id, row)
 
-    def copy_rows(self) -> dict[int, Job | bytes]:
-        """A shallow copy of the table (rows are immutable; Jobs are not)."""
-        return self._rows.copy()
+    def freeze(self) -> FrozenJobs:
+        """The table as it is now, read by ``FrozenJobs.rows`` while it goes
+        on changing: O(jobs held as objects), not O(jobs). Close it when done."""
+        packed = {}
+        for job in self._full.values():
+            if job.packable():
+                packed[job.job_id] = job.row()
+        frozen = FrozenJobs(self, len(self._order), set(self._full), packed)
+        self._frozen.append(frozen)
+        return frozen
+
+
+class FrozenJobs:
+    """One queue's compact rows as they were at ``JobTable.freeze``: those
+    of the jobs in the compact form then (a row that left the table since
+    is kept for the view), and of the packable jobs held as objects then
+    (encoded at the freeze, as objects change in place)."""
+
+    __slots__ = ("_full", "_length", "_packed", "_table", "kept")
+
+    def __init__(
+        self, table: JobTable, length: int, full: set[int], packed: dict[int, bytes]
+    ) -> None:
+        self._table = table
+        self._length = length
+        self._full = full
+        self._packed = packed
+        #: Rows that left the table after the freeze, by id.
+        self.kept: dict[int, bytes] = {}
+
+    def rows(self) -> Iterator[tuple[int, bytes]]:
+        """(id, row) of every job the compact form held or could hold at
+        the freeze, by id. Safe to pause between items while the table
+        changes; closes the view when exhausted (or when closed early)."""
+        table, kept, full, packed = self._table, self.kept, self._full, self._packed
+        try:
+            for pos in range(self._length):
+                job_id = table._order[pos]
+                if job_id in full:
+                    row = packed.get(job_id)
+                else:
+                    row = kept.get(job_id)
+                    if row is None:
+                        value = table._rows.get(job_id)
+                        # Absent: removed before the freeze (or after it,
+                        # kept above); an object: made after the freeze.
+                        row = value if type(value) is bytes else None
+                if row is not None:
+                    yield job_id, row
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop keeping rows for this view."""
+        if self in self._table._frozen:
+            self._table._frozen.remove(self)
 
 
 def _shared_fields(message: Any, special: set[str]) -> tuple[str, ...]:

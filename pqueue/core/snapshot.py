@@ -8,11 +8,12 @@ queue, whichever form a replica holds them in; the rest as ``JobRecord``s in
 their queue. Restore rebuilds every index (ready heaps and FIFOs, delayed,
 lease and dedup heaps; groups; counts) from them.
 
-``freeze`` is cheap and happens on the node's loop: it copies each queue's
-table of jobs (rows are immutable bytes, shared) and encodes the few jobs
-held as mutable ``Job`` objects. ``SnapshotView.chunks`` then serializes the
-copy piece by piece, so the machine goes on applying entries while a
-snapshot of a million jobs is written.
+``freeze`` is cheap and happens on the node's loop: it encodes the few jobs
+held as mutable ``Job`` objects and opens a copy-on-write view of each
+queue's compact rows (``JobTable.freeze``: a row that leaves the table is
+kept for the view). ``SnapshotView.chunks`` then serializes piece by piece,
+so the machine goes on applying entries while a snapshot of a million jobs
+is written.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from dataclasses import dataclass
 
 from pqueue.core import limits
 from pqueue.core.features import check_snapshot
-from pqueue.core.jobs import READY, RECORD_HEAD, Counters, Job, QueueState, unpack_row
+from pqueue.core.jobs import (
+    READY,
+    RECORD_HEAD,
+    Counters,
+    FrozenJobs,
+    Job,
+    QueueState,
+    unpack_row,
+)
 from pqueue.core.machine import QueueMachine
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
@@ -39,10 +48,7 @@ _PACKED_TAG = bytes([7 << 3 | 2])
 @dataclass(frozen=True, slots=True)
 class _FrozenQueue:
     name: str
-    #: Job id -> compact row, or the encoded JobRecord of a job not packable.
-    rows: dict[int, Job | bytes]
-    #: Encoded rows of packable jobs held as ``Job`` objects, by id.
-    packed_jobs: dict[int, bytes]
+    jobs: FrozenJobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +82,7 @@ def _blocks(queue: _FrozenQueue) -> Iterator[bytes]:
     """``Snapshot.packed`` fields (tag, length, ``PackedJobs``) of one queue."""
     pack = RECORD_HEAD.pack
     records: list[bytes] = []
-    for job_id, value in queue.rows.items():
-        row = value if type(value) is bytes else queue.packed_jobs.get(job_id)
-        if row is None:
-            continue
+    for job_id, row in queue.jobs.rows():
         records += (pack(job_id, len(row)), row)
         if len(records) == 2 * PACKED_BLOCK_JOBS:
             yield _block(queue.name, records)
@@ -103,19 +106,15 @@ def _varint(value: int) -> bytes:
 
 
 def freeze(machine: QueueMachine) -> SnapshotView:
-    """A view of the machine's state now, unaffected by entries applied later:
-    O(jobs) dict copying (shared rows) plus encoding the ``Job`` objects."""
+    """A view of the machine's state now, unaffected by entries applied later.
+    Costs O(jobs held as objects + queues + idempotency keys) on the loop,
+    not O(jobs): the compact rows are read later, copy-on-write
+    (``JobTable.freeze``)."""
     head = _head(machine)
-    frozen = []
-    for name in sorted(machine.queues):
-        queue = machine.queues[name]
-        rows = queue.jobs.copy_rows()
-        packed: dict[int, bytes] = {}
-        for job in queue.jobs.full_values():
-            if job.packable():
-                packed[job.job_id] = job.row()
-        frozen.append(_FrozenQueue(name, rows, packed))
-    return SnapshotView(machine.applied_index, head, tuple(frozen))
+    frozen = tuple(
+        _FrozenQueue(name, machine.queues[name].jobs.freeze()) for name in sorted(machine.queues)
+    )
+    return SnapshotView(machine.applied_index, head, frozen)
 
 
 def _head(machine: QueueMachine) -> bytes:

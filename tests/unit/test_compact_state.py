@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-from pqueue.core import jobs
+from pqueue.core import jobs, snapshot
 from pqueue.core.machine import QueueMachine
 from pqueue.core.snapshot import (
     freeze,
@@ -186,3 +186,36 @@ def test_a_truncated_snapshot_is_refused() -> None:
     data = snapshot_bytes(d.m)
     with pytest.raises(ValueError, match="snapshot ends inside"):
         restore(data[:-3])
+
+
+def test_a_view_read_while_the_machine_changes_is_the_state_when_frozen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pieces taken one at a time between commands that lease (a row leaves
+    the form), ack (a row leaves the table), purge, enqueue, and compact the
+    table's id list: the joined pieces are the state at the freeze."""
+    monkeypatch.setattr(snapshot, "PACKED_BLOCK_JOBS", 3)
+    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 64)
+    d = Driver()
+    for i in range(60):
+        d.enqueue(priority=i % 3, delay_ms=100 if i % 7 == 0 else 0)
+    d.enqueue("other")
+    for job in d.lease(n=4):
+        d.ack(job)
+    expected = snapshot_bytes(d.m)
+    view = freeze(d.m)
+    other = freeze(d.m)  # a second view open at the same time
+    pieces = []
+    chunks = view.chunks()
+    for step, piece in enumerate(chunks):
+        pieces.append(piece)
+        if step % 2:
+            for job in d.lease(n=2):
+                d.ack(job)
+        else:
+            d.enqueue(priority=step % 3)
+        if step == 5:
+            d.ok(purge=pb.PurgeQueueRequest(queue="other"))
+    assert b"".join(pieces) == expected
+    assert b"".join(other.chunks()) == expected
+    assert not d.m.queues["q"].jobs._frozen  # both views let go when read
