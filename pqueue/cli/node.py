@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pqueue.cli.args import metrics_token, parse_node_id, parse_peers
 from pqueue.errors import PQueueError
-from pqueue.wire.logs import LOG_FORMATS
+from pqueue.wire.logs import LOG_FORMATS, describe
 from pqueue.wire.roles import DEFAULT_LEEWAY_S, PEER, node_subject
 from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenFile, current_token
@@ -177,7 +177,7 @@ def _check_peer_token(verifier: Verifier, token: str, node_id: int) -> None:
     try:
         principal = verifier.verify(token)
     except PQueueError as exc:
-        raise ValueError(f"the peer token is not valid: {exc}") from exc
+        raise ValueError(f"the peer token is not valid: {describe(exc)}") from exc
     if PEER not in principal.roles or principal.node_id != node_id:
         raise ValueError(
             f"the peer token must have the peer role and name this node ({node_subject(node_id)}); "
@@ -241,6 +241,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = _node_options(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe(exc)}", file=sys.stderr)
         return 1
     return run_node(options)

@@ -26,6 +26,7 @@ from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.admission import Admission, AdmissionConfig
 from pqueue.wire.channels import MAX_CONCURRENT_STREAMS_NODE, server_options
+from pqueue.wire.logs import describe
 from pqueue.wire.metrics_http import MetricsServer, split_listen
 from pqueue.wire.observe import Observer, served_methods
 from pqueue.wire.serving import Serving, log_failure
@@ -150,7 +151,7 @@ class NodeServer(Serving):
                 self.port = add_port(self._server, self.config.listen, self.config.tls)
             except RuntimeError as exc:
                 self._server = None
-                raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
+                raise OSError(f"cannot listen on {self.config.listen}: {describe(exc)}") from exc
         return self.address
 
     async def start(self) -> None:

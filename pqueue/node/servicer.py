@@ -33,6 +33,7 @@ from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.keys import FORWARDED_KEY
 from pqueue.wire.load import CpuSampler
+from pqueue.wire.logs import describe
 from pqueue.wire.status import to_status
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
             principal.set(self.authenticate(context))
             return await fn(self, request, context)
         except PQueueError as exc:
-            logger.debug("%s refused: %s", fn.__name__, exc)
+            logger.debug("%s refused: %s", fn.__name__, describe(exc))
             await context.abort_with_status(to_status(exc))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
         finally:
