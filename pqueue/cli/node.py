@@ -29,6 +29,16 @@ def _cluster_id(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _budget_mb(text: str) -> int:
+    try:
+        mb = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if mb < 0:
+        raise argparse.ArgumentTypeError("must be 0 (no budget) or more")
+    return mb
+
+
 def _identity_args(node: argparse.ArgumentParser) -> None:
     """Identity on disk: the data dir records node id, cluster and members at first start."""
     node.add_argument(
@@ -161,6 +171,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             peer_token=peer_token,
             metrics_token=metrics_token(args.metrics_token_file),
             metrics_queue_labels=args.metrics_queue_labels,
+            memory_budget_bytes=args.memory_budget_mb << 20,
         ),
         peers=args.peers,
         cluster_id=args.cluster_id,
@@ -209,6 +220,15 @@ def register(sub: Any) -> None:
     )
     _auth_and_tls_args(node)
     node.add_argument("--grace-s", type=float, default=5.0, help="drain time on SIGTERM")
+    node.add_argument(
+        "--memory-budget-mb",
+        type=_budget_mb,
+        default=0,
+        metavar="N",
+        help="refuse Enqueue and EnqueueBatch with RESOURCE_EXHAUSTED while the node's RSS "
+        "is at or above N MiB (read once a second; leases, acks and reads still work, and "
+        "free memory); 0, the default: no budget",
+    )
     node.add_argument(
         "--store",
         default=None,
