@@ -35,6 +35,7 @@ from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire import channels
 from pqueue.wire.keys import AUTHORIZATION_KEY, FORWARDED_KEY
+from pqueue.wire.logs import describe
 from pqueue.wire.tls import channel as tls_channel
 from pqueue.wire.tokens import current_token
 
@@ -127,8 +128,8 @@ class Backends:
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("%s died: %r", task.get_name(), task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("%s died: %s", task.get_name(), describe(exc), exc_info=exc)
 
     async def stop(self) -> None:
         """Stop probing and close channels."""
@@ -294,7 +295,7 @@ class Backends:
                 if self.pool.leader() == address:
                     self.suspect_leader()  # a late leader probe: is it frozen?
             except Exception as exc:  # a bad answer must not end the probing
-                logger.warning("probe of %s failed: %r", address, exc)
+                logger.warning("probe of %s failed: %s", address, describe(exc))
                 self._probe_failed(address, f"probe: {type(exc).__name__}")
             else:
                 self.pool.on_report(address, report_of(status), self.clock_s(), sent_at)
@@ -333,7 +334,7 @@ class Backends:
             except Exception as exc:
                 # The stream broke: the node died, restarts or cannot be
                 # reached. Treat it as not serving until a watch says again.
-                why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else describe(exc)
                 self.pool.backends[address].last_error = f"health: {why}"
                 self.pool.on_health(address, False, self.clock_s())
                 self._changed()

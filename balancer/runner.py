@@ -9,7 +9,7 @@ import sys
 from balancer.config import BalancerConfig
 from balancer.errors import BalancerError
 from balancer.server import BalancerServer
-from pqueue.wire.logs import LogFormat, setup_logging
+from pqueue.wire.logs import LogFormat, describe, setup_logging
 from pqueue.wire.loop import new_event_loop, raise_fd_limit
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def run_balancer(config: BalancerConfig, log_level: str, log_format: LogFormat =
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_serve(config))
     except (BalancerError, ValueError) as exc:
-        logger.error("balancer cannot run: %s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        logger.error("balancer cannot run: %s", describe(exc))
+        print(f"error: {describe(exc)}", file=sys.stderr)
         return 1
     return 0

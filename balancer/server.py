@@ -21,6 +21,7 @@ from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.admission import Admission
 from pqueue.wire.channels import MAX_CONCURRENT_STREAMS, server_options
+from pqueue.wire.logs import describe
 from pqueue.wire.metrics_http import MetricsServer
 from pqueue.wire.observe import Observer, never_a_hop, served_methods
 from pqueue.wire.serving import Serving, log_failure
@@ -135,7 +136,7 @@ class BalancerServer(Serving):
         try:
             self.port = add_port(server, self.config.listen, self.config.tls)
         except RuntimeError as exc:
-            raise ListenError(f"cannot listen on {self.config.listen}: {exc}") from exc
+            raise ListenError(f"cannot listen on {self.config.listen}: {describe(exc)}") from exc
         if self.config.metrics_listen is not None:
             self._http = MetricsServer(
                 self.metrics.registry, self.config.metrics_listen, self.config.metrics_token

@@ -24,6 +24,7 @@ from typing import Any
 from pqueue.client import Client
 from pqueue.errors import LeaseLostError, NotFoundError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.logs import describe
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class Worker:
             pause.cancel()  # a stop came first: no sleep left pending
             return []
         except PQueueError as exc:
-            logger.warning("lease on %s failed: %s", self.queue, exc)
+            logger.warning("lease on %s failed: %s", self.queue, describe(exc))
             if not exc.retriable:
                 raise
             await asyncio.sleep(getattr(exc, "retry_after_s", 0.0) or 0.5)
@@ -172,8 +173,8 @@ class Worker:
     def _on_done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
         self._slot_free.set()
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("job task failed", exc_info=task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("job task failed: %s", describe(exc), exc_info=exc)
 
     async def _process(self, job: pb.LeasedJob) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(job), name=f"pq-heartbeat-{job.job_id}")
@@ -186,7 +187,9 @@ class Worker:
                 raise
             except Exception as exc:
                 self.stats.failed += 1
-                await self._give_back(job, None, f"{type(exc).__name__}: {exc}")
+                # The reason names the type, as a traceback's last line does.
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else describe(exc)
+                await self._give_back(job, None, reason)
             else:
                 if await self._ack(job):
                     self.stats.acked += 1
@@ -211,7 +214,7 @@ class Worker:
         except LeaseLostError:
             self.stats.lost += 1
         except PQueueError as exc:
-            logger.warning("nack of job %d failed: %s", job.job_id, exc)
+            logger.warning("nack of job %d failed: %s", job.job_id, describe(exc))
 
     async def _heartbeat(self, job: pb.LeasedJob) -> None:
         interval_s = self.config.lease_ms / 3000
@@ -223,7 +226,7 @@ class Worker:
                 logger.warning("lease of job %d lost while its handler ran", job.job_id)
                 return
             except PQueueError as exc:
-                logger.warning("extending job %d failed: %s", job.job_id, exc)
+                logger.warning("extending job %d failed: %s", job.job_id, describe(exc))
 
     async def _ack(self, job: pb.LeasedJob) -> bool:
         """Queue an ack; acks queued in the same loop turn go out as one call."""
@@ -255,7 +258,7 @@ class Worker:
             self.stats.lost += 1
             logger.warning("ack of job %d refused: lease lost", job.job_id)
         except PQueueError as exc:
-            logger.warning("ack of job %d failed: %s", job.job_id, exc)
+            logger.warning("ack of job %d failed: %s", job.job_id, describe(exc))
         return False
 
     async def _shutdown(self) -> None:

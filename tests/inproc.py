@@ -51,8 +51,11 @@ class Cluster:
         features: dict[int, frozenset[str]] | None = None,
         cluster_options: dict[str, Any] | None = None,
         node_options: dict[str, Any] | None = None,
+        server_options: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
+        #: More ``ServerConfig`` fields for every node (memory_budget_bytes...).
+        self.server_options = server_options or {}
         #: Per node, the log features it supports (to play an older release).
         self.features = features or {}
         #: More ``ClusterConfig`` fields for every node (tick_ms, snapshot_every_entries...).
@@ -79,6 +82,7 @@ class Cluster:
                 tls=self.tls(i) if self.tls is not None else None,
                 verifier=self.verifier,
                 peer_token=self.peer_token(i) if callable(self.peer_token) else self.peer_token,
+                **self.server_options,
             ),
             node_config=(
                 NodeConfig(

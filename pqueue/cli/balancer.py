@@ -9,7 +9,7 @@ from typing import Any
 
 from pqueue.cli.args import Outcome, adder, metrics_token, parse_addresses, tls_of
 from pqueue.client import Client
-from pqueue.wire.logs import LOG_FORMATS
+from pqueue.wire.logs import LOG_FORMATS, describe
 from pqueue.wire.tokens import TokenFile
 
 
@@ -116,6 +116,6 @@ def run_balancer(args: argparse.Namespace) -> int:
             metrics_token=metrics_token(args.metrics_token_file),
         )
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe(exc)}", file=sys.stderr)
         return 1
     return serve(config, args.log_level, args.log_format)

@@ -14,6 +14,7 @@ from pqueue.cli.args import Outcome, adder, parse_node_id
 from pqueue.client import Client
 from pqueue.errors import PQueueError, RemoteError
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.logs import describe
 from pqueue.wire.status import code_of
 from pqueue.wire.tls import Tls
 
@@ -264,17 +265,17 @@ async def run_client(args: argparse.Namespace) -> int:
     try:
         options = client_options(args)
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe(exc)}", file=sys.stderr)
         return 1
     async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
         try:
             data, columns = await args.func(client, args)
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {describe(exc)}", file=sys.stderr)
             return 1
         except PQueueError as exc:
             code = exc.code if isinstance(exc, RemoteError) else code_of(exc).name
-            print(f"error: {code}: {exc.message}", file=sys.stderr)
+            print(f"error: {code}: {describe(exc)}", file=sys.stderr)
             return 1
     print(render.emit(data, args.output, columns))
     return 0

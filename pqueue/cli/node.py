@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pqueue.cli.args import metrics_token, parse_node_id, parse_peers
 from pqueue.errors import PQueueError
-from pqueue.wire.logs import LOG_FORMATS
+from pqueue.wire.logs import LOG_FORMATS, describe
 from pqueue.wire.roles import DEFAULT_LEEWAY_S, PEER, node_subject
 from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenFile, current_token
@@ -27,6 +27,16 @@ def _cluster_id(text: str) -> str:
         return validate_cluster_id(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _budget_mb(text: str) -> int:
+    try:
+        mb = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if mb < 0:
+        raise argparse.ArgumentTypeError("must be 0 (no budget) or more")
+    return mb
 
 
 def _identity_args(node: argparse.ArgumentParser) -> None:
@@ -161,6 +171,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             peer_token=peer_token,
             metrics_token=metrics_token(args.metrics_token_file),
             metrics_queue_labels=args.metrics_queue_labels,
+            memory_budget_bytes=args.memory_budget_mb << 20,
         ),
         peers=args.peers,
         cluster_id=args.cluster_id,
@@ -177,7 +188,7 @@ def _check_peer_token(verifier: Verifier, token: str, node_id: int) -> None:
     try:
         principal = verifier.verify(token)
     except PQueueError as exc:
-        raise ValueError(f"the peer token is not valid: {exc}") from exc
+        raise ValueError(f"the peer token is not valid: {describe(exc)}") from exc
     if PEER not in principal.roles or principal.node_id != node_id:
         raise ValueError(
             f"the peer token must have the peer role and name this node ({node_subject(node_id)}); "
@@ -210,6 +221,15 @@ def register(sub: Any) -> None:
     _auth_and_tls_args(node)
     node.add_argument("--grace-s", type=float, default=5.0, help="drain time on SIGTERM")
     node.add_argument(
+        "--memory-budget-mb",
+        type=_budget_mb,
+        default=0,
+        metavar="N",
+        help="refuse Enqueue and EnqueueBatch with RESOURCE_EXHAUSTED while the node's RSS "
+        "is at or above N MiB (read once a second; leases, acks and reads still work, and "
+        "free memory); 0, the default: no budget",
+    )
+    node.add_argument(
         "--store",
         default=None,
         help="sqlite:PATH or postgresql://USER@HOST:PORT/DB (default: sqlite:DATA_DIR)",
@@ -241,6 +261,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = _node_options(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe(exc)}", file=sys.stderr)
         return 1
     return run_node(options)

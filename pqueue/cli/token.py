@@ -10,6 +10,7 @@ from typing import Any
 
 from pqueue.cli.args import parse_duration_s, parse_node_id
 from pqueue.errors import PQueueError
+from pqueue.wire.logs import describe
 from pqueue.wire.roles import PEER, ROLES, node_subject
 from pqueue.wire.tokens import read_key
 
@@ -41,7 +42,7 @@ def issue_token(args: argparse.Namespace) -> int:
             token_id=args.token_id,
         )
     except (OSError, ValueError, PQueueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe(exc)}", file=sys.stderr)
         return 1
     print(json.dumps({"token": token}) if args.output == "json" else token)
     return 0

@@ -48,7 +48,7 @@ from pqueue.node.principal import Principal as Principal
 from pqueue.node.principal import check_claims as check_claims
 from pqueue.node.principal import node_of_subject as node_of_subject
 from pqueue.node.principal import node_subject as node_subject
-from pqueue.wire.logs import escape
+from pqueue.wire.logs import describe, escape
 from pqueue.wire.observe import HopCheck
 from pqueue.wire.roles import DEFAULT_LEEWAY_S as DEFAULT_LEEWAY_S
 from pqueue.wire.tokens import read_key
@@ -98,7 +98,7 @@ class RevokedTokens:
             try:
                 self._load()
             except OSError as exc:  # keep the last list rather than revoke nothing
-                logger.warning("cannot read the revoked tokens %s: %s", self.path, exc)
+                logger.warning("cannot read the revoked tokens %s: %s", self.path, describe(exc))
         return self._ids
 
     def __contains__(self, token_id: object) -> bool:
@@ -134,7 +134,7 @@ class Verifier:
             try:  # PyJWT refuses secrets that look like public keys (SSH, JWK): say so now
                 jwt.decode(jwt.encode({"x": 1}, self._key, "HS256"), self._key, ["HS256"])
             except jwt.PyJWTError as exc:
-                raise ValueError(f"the key cannot verify HS256 tokens: {exc}") from exc
+                raise ValueError(f"the key cannot verify HS256 tokens: {describe(exc)}") from exc
 
     @classmethod
     def from_file(
@@ -178,7 +178,9 @@ class Verifier:
         try:
             granted = check_claims(tenant, (str(r) for r in roles))
         except InvalidArgumentError as exc:
-            raise UnauthenticatedError(f"the token's claims are not valid: {exc}") from exc
+            raise UnauthenticatedError(
+                f"the token's claims are not valid: {describe(exc)}"
+            ) from exc
         self._check_lifetime(claims, now)
         jti = claims.get("jti", "")
         principal = Principal(
@@ -233,7 +235,7 @@ def _verification_key(key: bytes) -> tuple[list[str], Any]:
     try:
         public = serialization.load_pem_public_key(key)
     except ValueError as exc:
-        raise ValueError(f"not a PEM public key: {exc}") from exc
+        raise ValueError(f"not a PEM public key: {describe(exc)}") from exc
     if isinstance(public, rsa.RSAPublicKey):
         return ["RS256"], public
     if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):

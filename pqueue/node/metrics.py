@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pqueue.core.jobs import DEAD, DELAYED, LEASED, READY, QueueState
+from pqueue.node.memory import MemoryBudget
 from pqueue.node.queue_node import QueueNode
 from pqueue.node.replicated import ReplicatedLog
 from pqueue.wire.observe import GrpcMetrics
@@ -102,7 +103,11 @@ class NodeCollector(Collector):
     """Figures read from a running node at scrape time."""
 
     def __init__(
-        self, node: QueueNode, max_queues: int = DEFAULT_MAX_QUEUES, queue_labels: str = "queue"
+        self,
+        node: QueueNode,
+        max_queues: int = DEFAULT_MAX_QUEUES,
+        queue_labels: str = "queue",
+        memory: MemoryBudget | None = None,
     ) -> None:
         if queue_labels not in QUEUE_LABEL_MODES:
             raise ValueError(f"queue_labels must be one of {', '.join(QUEUE_LABEL_MODES)}")
@@ -111,6 +116,7 @@ class NodeCollector(Collector):
         self.max_queues = max_queues
         #: One of QUEUE_LABEL_MODES.
         self.queue_labels = queue_labels
+        self.memory = memory
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         node = self._node
@@ -132,6 +138,17 @@ class NodeCollector(Collector):
             "1 while the store is reachable.",
             value=int(node.storage.available),
         )
+        if self.memory is not None:
+            yield GaugeMetricFamily(
+                "pq_node_memory_budget_bytes",
+                "RSS at which the node refuses enqueues (pq node --memory-budget-mb; 0: none).",
+                value=self.memory.budget_bytes,
+            )
+            yield CounterMetricFamily(
+                "pq_node_memory_refusals",
+                "Enqueue calls refused because the node's RSS was at or above its budget.",
+                value=self.memory.refusals,
+            )
         yield from self._queues(node)
         st = node.log.status()
         yield GaugeMetricFamily(

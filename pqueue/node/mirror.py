@@ -21,6 +21,7 @@ from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
 from pqueue.errors import PQueueError
 from pqueue.storage.jobrow import JobRow
+from pqueue.wire.logs import describe
 from pqueue.wire.serving import log_failure
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,11 @@ class JobsMirror:
         self._task.add_done_callback(log_failure)
 
     def observe(self, effects: Effects) -> None:
-        """An entry was applied: its changed jobs go into the next write."""
-        self._changed |= effects.changed
+        """An entry was applied: its changed jobs go into the next write
+        (none while a full copy is due: it covers them, and a replay at
+        start would otherwise gather the id of every job it applies)."""
+        if not self._full:
+            self._changed |= effects.changed
         self._wake.set()
 
     def notify_restored(self) -> None:
@@ -83,7 +87,7 @@ class JobsMirror:
             async with asyncio.timeout(flush_timeout_s):
                 await self._flush()
         except (TimeoutError, PQueueError) as exc:
-            logger.warning("jobs table left behind on stop (rebuilt on start): %r", exc)
+            logger.warning("jobs table left behind on stop (rebuilt on start): %s", describe(exc))
 
     def _flush(self) -> asyncio.Future[None]:
         machine = self.machine()
@@ -104,7 +108,8 @@ class JobsMirror:
     def _written(self, fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             # What that write carried is lost: copy everything next time.
-            error = "cancelled" if fut.cancelled() else repr(fut.exception())
+            exc = None if fut.cancelled() else fut.exception()
+            error = "cancelled" if exc is None else describe(exc)
             logger.error("jobs table write failed (a full copy follows): %s", error)
             self._full = self._failed = True
             self._wake.set()

@@ -39,6 +39,7 @@ from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from pqueue.wire.channels import channel_options
 from pqueue.wire.keys import AUTHORIZATION_KEY, bearer
+from pqueue.wire.logs import describe
 from pqueue.wire.tls import Tls, channel
 from pqueue.wire.tokens import TokenSource, current_token
 
@@ -95,13 +96,13 @@ class PeerService(ppbg.PeerServicer):
                     self.verifier.still_valid(caller)
                 except UnauthenticatedError as exc:
                     self.refused += 1
-                    logger.warning("ended the peer stream of %s: %s", caller.subject, exc)
+                    logger.warning("ended the peer stream of %s: %s", caller.subject, describe(exc))
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             for wire in batch.messages:
                 try:
                     msg = decode(wire)
                 except ValueError as exc:
-                    logger.warning("dropping a malformed peer message: %s", exc)
+                    logger.warning("dropping a malformed peer message: %s", describe(exc))
                     continue
                 if sender is not None and msg.src != sender:
                     # A node speaks only for itself: a message claiming another
@@ -132,7 +133,9 @@ class PeerService(ppbg.PeerServicer):
             self.refused += 1
             if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8...: a node retries each second
                 peer, n = context.peer(), self.refused
-                logger.warning("refused a peer stream from %s: %s (%d so far)", peer, exc, n)
+                logger.warning(
+                    "refused a peer stream from %s: %s (%d so far)", peer, describe(exc), n
+                )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
         if PEER not in caller.roles:
@@ -253,7 +256,9 @@ class _Link:
                         await call.write(self.take_batch())
                         backoff_s = 0.05
             except Exception as exc:  # any failure: reconnect, never die
-                logger.debug("node %d -> %d: stream broke: %r", self.node_id, self.peer, exc)
+                logger.debug(
+                    "node %d -> %d: stream broke: %s", self.node_id, self.peer, describe(exc)
+                )
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 1.0)
 

@@ -40,6 +40,7 @@ from pqueue.node.replicated import ClusterConfig, ReplicatedLog
 from pqueue.storage import Storage
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.logs import describe
 from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenSource
 
@@ -130,7 +131,7 @@ class QueueNode:
             junk = features.check_entry(entry, self.config.features)
         except UpgradeRequiredError as exc:
             # Raised, the log fails: nothing of this entry or after it applies.
-            logger.error("node %s: %s", self.config.node_id, exc)
+            logger.error("node %s: %s", self.config.node_id, describe(exc))
             raise
         if junk:
             self.client_junk += junk
@@ -179,7 +180,7 @@ class QueueNode:
             machine = restore(data)
             features.check_restored(machine.applied_index, machine.features, self.config.features)
         except UpgradeRequiredError as exc:
-            logger.error("node %s: %s", self.config.node_id, exc)
+            logger.error("node %s: %s", self.config.node_id, describe(exc))
             raise
         self.machine = machine
         if self.mirror is not None:
@@ -209,8 +210,8 @@ class QueueNode:
         logger.info("node %s ready at index %d", self.config.node_id, self.machine.applied_index)
 
     def _on_tick_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("tick loop failed", exc_info=task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("tick loop failed: %s", describe(exc), exc_info=exc)
 
     def begin_drain(self) -> None:
         """Stop waiting long polls (they return empty) and refuse new ones."""
@@ -409,7 +410,7 @@ class QueueNode:
             except PQueueError as exc:
                 # Not fatal here: a failed log stops the whole node; anything
                 # else (no leader, lost the lead mid-way) passes. Retry.
-                logger.debug("tick not committed: %s", exc)
+                logger.debug("tick not committed: %s", describe(exc))
                 await asyncio.sleep(max(getattr(exc, "retry_after_s", 0.0), 0.1))
                 continue
             await asyncio.sleep(self.config.min_tick_interval_ms / 1000)

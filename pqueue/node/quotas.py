@@ -35,6 +35,7 @@ from typing import Any
 from pqueue.core import limits
 from pqueue.errors import InvalidArgumentError, ResourceExhaustedError
 from pqueue.v1 import log_pb2 as logpb
+from pqueue.wire.logs import describe
 
 #: The shortest wait a refusal asks for.
 MIN_PUSHBACK_S = 0.1
@@ -96,7 +97,7 @@ def _quota(table: Any, where: str) -> Quota:
         values: dict[str, Any] = {k: float(v) if k in _RATES else int(v) for k, v in table.items()}
         return Quota(**values)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from exc
+        raise ValueError(f"{where}: {describe(exc)}") from exc
 
 
 _RATES = frozenset(("enqueue_per_s", "enqueue_burst", "log_bytes_per_s", "log_bytes_burst"))
@@ -122,7 +123,7 @@ class Quotas:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"not TOML: {exc}") from exc
+            raise ValueError(f"not TOML: {describe(exc)}") from exc
         unknown = set(data) - {"defaults", "tenants"}
         if unknown:
             raise ValueError(f"unknown tables {sorted(unknown)} (known: defaults, tenants)")
@@ -133,7 +134,7 @@ class Quotas:
             try:
                 limits.check_tenant(name)
             except InvalidArgumentError as exc:
-                raise ValueError(f"tenant {name!r}: {exc}") from exc
+                raise ValueError(f"tenant {name!r}: {describe(exc)}") from exc
         return cls(
             defaults=_quota(data.get("defaults", {}), "defaults"),
             tenants={name: _quota(t, f"tenants.{name}") for name, t in tenants.items()},
@@ -144,9 +145,9 @@ class Quotas:
         try:
             return cls.parse(path.read_text())
         except OSError as exc:
-            raise ValueError(f"cannot read the tenants file {path}: {exc}") from exc
+            raise ValueError(f"cannot read the tenants file {path}: {describe(exc)}") from exc
         except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise ValueError(f"{path}: {describe(exc)}") from exc
 
     def of(self, tenant: str) -> Quota:
         return self.tenants.get(tenant, self.defaults)

@@ -41,8 +41,16 @@ from pqueue.node.commitlog import (
 from pqueue.node.identity import claim_identity
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
+from pqueue.wire.logs import describe
 
 logger = logging.getLogger(__name__)
+
+#: Applying a run of entries yields to the event loop after this much work.
+APPLY_SLICE_S = 0.02
+#: A long run of entries being applied logs its progress this often.
+PROGRESS_EVERY_S = 5.0
+#: A node alone fails its start when recovery made no progress this long.
+STALL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,7 @@ class ReplicatedLog:
             state.commit_index,
             self._snapshot_index,
         )
+        await self._replay()
         self._accepting = True
         for coro, name in ((self._tick_loop(), "pq-paxos-tick"), (self._ready_loop(), "pq-ready")):
             task = asyncio.create_task(coro, name=name)
@@ -170,21 +179,81 @@ class ReplicatedLog:
             # A quorum of one elects itself at once; be ready when start returns.
             self.replica.tick()
             self._wake.set()
-            await asyncio.wait_for(self._leading.wait(), timeout=10)
-            # ...and has applied what it recovered (re-proposed in phase 1).
-            deadline = asyncio.get_running_loop().time() + 10
-            while (status := self.replica.status()).emitted < status.next_slot - 1:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise UnavailableError("recovery did not finish", retry_after_s=1.0)
-                await asyncio.sleep(0.005)
+            await self._until_serving_alone()
         self._wake.set()  # replay what the commit hint already covers
 
-    def _on_task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
+    async def _replay(self) -> None:
+        """Apply what the store holds as committed, before any timer starts.
+
+        The records up to the stored commit index (beyond the snapshot) are
+        chosen: this node applies them now, on its own, with nothing else
+        running, so no election timer can fire and no caller can wait while
+        it works. (Applied in the ready loop after the first election, as
+        before, a large log held the loop for longer than the leader's wait:
+        the start failed with a bare ``TimeoutError`` and an election timer
+        re-ran phase 1 meanwhile.) It yields to the loop as ``_apply`` does,
+        so ``/metrics`` and signals are answered meanwhile; the timers start
+        once it is done, and a cluster's peers see this node as away until
+        then, as they do while any node restarts.
+        """
+        assert self.replica is not None
+        ready = self.replica.ready()  # nothing has ticked or stepped: committed entries only
+        if not ready.committed:
             return
-        logger.error("replicated log failed: %s", task.exception(), exc_info=task.exception())
+        started = time.perf_counter()
+        first, last = ready.committed[0][0], ready.committed[-1][0]
+        logger.info("node %d replays entries %d..%d from its log", self.config.node_id, first, last)
+        self._note_role(ready)
+        await self._handle(ready)
+        logger.info(
+            "node %d replayed %d entries in %.1f s",
+            self.config.node_id,
+            last - first + 1,
+            time.perf_counter() - started,
+        )
+
+    async def _until_serving_alone(self) -> None:
+        """A quorum of one: wait until it leads and has applied what phase 1
+        re-proposed (the records beyond the stored commit index).
+
+        No fixed deadline: applying a long tail can take a while on a busy
+        machine, and that is progress. It fails (with what it was doing) only
+        when nothing moved for ``STALL_S``, or when the log failed.
+        """
+        replica = self.replica
+        assert replica is not None
+        loop = asyncio.get_running_loop()
+        mark: tuple[object, ...] = ()
+        moved_at = loop.time()
+        while True:
+            if self.failed.is_set():
+                raise UnavailableError(
+                    f"node {self.config.node_id}: the log failed while recovering (see above)"
+                )
+            status = replica.status()
+            applied = self._applier.last_index()
+            if self.is_leader and applied >= status.next_slot - 1:
+                return
+            now = (status.role, status.ballot, status.emitted, applied)
+            if now != mark:
+                mark, moved_at = now, loop.time()
+            elif loop.time() - moved_at > STALL_S:
+                raise UnavailableError(
+                    f"node {self.config.node_id} recovered its log but made no progress for "
+                    f"{STALL_S:g} s: {status.role.value} at ballot {_ballot(status.ballot)}, "
+                    f"applied {applied} of {status.next_slot - 1}",
+                    retry_after_s=1.0,
+                )
+            await asyncio.sleep(0.005)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        logger.error(
+            "replicated log failed in %s: %s", task.get_name(), describe(exc), exc_info=exc
+        )
         self._accepting = False
-        self._fail_all(UnavailableError(f"log stopped: {task.exception()}", retry_after_s=1.0))
+        self._fail_all(UnavailableError(f"log stopped: {describe(exc)}", retry_after_s=1.0))
         self.failed.set()
 
     async def stop(self) -> None:
@@ -501,7 +570,24 @@ class ReplicatedLog:
             else:
                 self._send(msg)
         # 3. Apply.
-        for slot, value in ready.committed:
+        await self._apply(ready.committed)
+        # Snapshot what the applier holds, at its own index: a snapshot
+        # installed during an await above may have moved the replica on.
+        applied = self._applier.last_index()
+        if applied - max(self._snapshot_index, replica.status().snapshot_index) >= (
+            self.config.snapshot_every_entries
+        ):
+            await self._snapshot(applied)
+
+    async def _apply(self, committed: list[tuple[int, bytes]]) -> None:
+        """Apply chosen entries in order, yielding to the loop after each
+        ``APPLY_SLICE_S`` of work: a long run (a replay, a catch-up) must not
+        starve the timers, the peer streams and the callers. Each entry
+        applies whole; between two, the state is that of a log prefix, as
+        readers expect, and nothing else applies (only this loop does)."""
+        total = len(committed)
+        started = slice_at = noted_at = time.perf_counter()
+        for done, (slot, value) in enumerate(committed, 1):
             entry = (
                 logpb.LogEntry.FromString(value)
                 if value
@@ -510,14 +596,22 @@ class ReplicatedLog:
             self._applied_time_ms = max(self._applied_time_ms, entry.time_ms)
             self._last_time_ms = max(self._last_time_ms, entry.time_ms)
             self._resolve(slot, value, self._applier.apply(entry).results)
+            now = time.perf_counter()
+            if now - slice_at >= APPLY_SLICE_S and done < total:
+                self._wake_applied()
+                if now - noted_at >= PROGRESS_EVERY_S:
+                    noted_at = now
+                    logger.info(
+                        "node %d applying: entry %d, %d of %d, %.1f s so far",
+                        self.config.node_id,
+                        slot,
+                        done,
+                        total,
+                        now - started,
+                    )
+                await asyncio.sleep(0)
+                slice_at = time.perf_counter()
         self._wake_applied()
-        # Snapshot what the applier holds, at its own index: a snapshot
-        # installed during an await above may have moved the replica on.
-        applied = self._applier.last_index()
-        if applied - max(self._snapshot_index, replica.status().snapshot_index) >= (
-            self.config.snapshot_every_entries
-        ):
-            await self._snapshot(applied)
 
     def _resolve(self, slot: int, value: bytes, results: list[Result]) -> None:
         inflight = self._inflight.pop(slot, None)

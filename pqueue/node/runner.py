@@ -13,7 +13,7 @@ from pqueue.node.queue_node import NodeConfig
 from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
-from pqueue.wire.logs import LogFormat, setup_logging
+from pqueue.wire.logs import LogFormat, describe, setup_logging
 from pqueue.wire.loop import new_event_loop, raise_fd_limit
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,13 @@ OPEN_BANNER = (
 )
 
 
-async def _serve(o: NodeOptions) -> bool:
+class _Doing:
+    """What the node was doing, for the line that says why it stopped."""
+
+    what = "starting"
+
+
+async def _serve(o: NodeOptions, doing: _Doing) -> bool:
     # Always this node's id, alone too: the data dir's identity is checked against it.
     cluster = ClusterConfig(
         node_id=o.node_id,
@@ -55,7 +61,9 @@ async def _serve(o: NodeOptions) -> bool:
     storage = open_storage(o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}")
     logger.info("node %s stores its log in %s", o.node_id, storage.describe())
     server = NodeServer(storage, o.server, NodeConfig(node_id=f"n{o.node_id}"), cluster=cluster)
+    doing.what = "recovering its log and starting to serve"
     await server.start()
+    doing.what = "serving"
     if o.server.verifier is None:
         logger.warning(OPEN_BANNER, server.address)
     else:
@@ -76,13 +84,25 @@ def run_node(o: NodeOptions) -> int:
     """Run one node until SIGTERM/SIGINT; exit status 0 on a clean stop."""
     setup_logging(o.log_level, f"n{o.node_id}", o.log_format)
     raise_fd_limit()  # one descriptor per client connection: the default 1,024 is few
+    doing = _Doing()
     try:
         o.data_dir.mkdir(parents=True, exist_ok=True)  # ADDRESS goes there, whatever the store
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            clean = runner.run(_serve(o))
+            clean = runner.run(_serve(o, doing))
     except (PQueueError, OSError, ValueError) as exc:
-        logger.error("node %s cannot run: %s", o.node_id, exc)
-        print(f"error: {exc}", file=sys.stderr)
+        # Never an empty line: the type, what it was doing, and for an error
+        # that says nothing itself (a bare TimeoutError), where it came from.
+        logger.error(
+            "node %s cannot run (while %s): %s",
+            o.node_id,
+            doing.what,
+            describe(exc),
+            exc_info=exc if not str(exc).strip() else None,
+        )
+        print(
+            f"error: node {o.node_id} cannot run (while {doing.what}): {describe(exc)}",
+            file=sys.stderr,
+        )
         return 1
     if not clean:
         print(

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pqueue.node.auth import Verifier, trusted_hops
 from pqueue.node.forward import Forwarder
+from pqueue.node.memory import MemoryBudget
 from pqueue.node.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
 from pqueue.node.peers import PeerService
 from pqueue.node.queue_node import NodeConfig, QueueNode
@@ -26,6 +27,7 @@ from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.admission import Admission, AdmissionConfig
 from pqueue.wire.channels import MAX_CONCURRENT_STREAMS_NODE, server_options
+from pqueue.wire.logs import describe
 from pqueue.wire.metrics_http import MetricsServer, split_listen
 from pqueue.wire.observe import Observer, served_methods
 from pqueue.wire.serving import Serving, log_failure
@@ -66,12 +68,16 @@ class ServerConfig:
     metrics_token: str | None = None
     #: The ``queue`` label of per-queue series: ``queue``, ``tenant`` or ``off``.
     metrics_queue_labels: str = "queue"
+    #: Refuse enqueues while the process's RSS is at or above this (0: never).
+    memory_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
             raise ValueError(f"listen address {self.listen!r} needs a port (HOST:PORT)")
         if self.grace_s < 0:
             raise ValueError("grace_s must not be negative")
+        if self.memory_budget_bytes < 0:
+            raise ValueError("the memory budget must not be negative")
         if self.metrics_listen is not None:
             split_listen(self.metrics_listen)
         if self.metrics_queue_labels not in QUEUE_LABEL_MODES:
@@ -104,8 +110,11 @@ class NodeServer(Serving):
             tls=self.config.tls,
             peer_token=self.config.peer_token,
         )
+        self.memory = MemoryBudget(self.config.memory_budget_bytes, self.node.config.node_id)
         self.metrics.registry.register(
-            NodeCollector(self.node, queue_labels=self.config.metrics_queue_labels)
+            NodeCollector(
+                self.node, queue_labels=self.config.metrics_queue_labels, memory=self.memory
+            )
         )
         self.metrics_server = (
             MetricsServer(
@@ -150,7 +159,7 @@ class NodeServer(Serving):
                 self.port = add_port(self._server, self.config.listen, self.config.tls)
             except RuntimeError as exc:
                 self._server = None
-                raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
+                raise OSError(f"cannot listen on {self.config.listen}: {describe(exc)}") from exc
         return self.address
 
     async def start(self) -> None:
@@ -169,7 +178,7 @@ class NodeServer(Serving):
                 await self.metrics_server.stop()
             raise
         verifier, quotas = self.config.verifier, self.config.quotas
-        queue = QueueService(self.node, self.forwarder, verifier, quotas)
+        queue = QueueService(self.node, self.forwarder, verifier, quotas, self.memory)
         pbg.add_QueueServicer_to_server(queue, server)
         pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), server)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
@@ -182,6 +191,7 @@ class NodeServer(Serving):
         )
         await server.start()
         self._started = True
+        self.memory.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_log_loop(), name="pq-watch-log")
         self._watch.add_done_callback(log_failure)
@@ -242,6 +252,7 @@ class NodeServer(Serving):
         await self._server.stop(self.config.grace_s)
         self._server = None
         try:
+            await self.memory.stop()
             await self.forwarder.close()
             await self.node.stop()
         finally:

@@ -26,6 +26,7 @@ from pqueue.node import access
 from pqueue.node.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
 from pqueue.node.commitlog import LogStatus
 from pqueue.node.forward import Forwarder
+from pqueue.node.memory import MemoryBudget
 from pqueue.node.queue_node import QueueNode
 from pqueue.node.quotas import Quotas
 from pqueue.v1 import log_pb2 as logpb
@@ -33,6 +34,7 @@ from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.keys import FORWARDED_KEY
 from pqueue.wire.load import CpuSampler
+from pqueue.wire.logs import describe
 from pqueue.wire.status import to_status
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
             principal.set(self.authenticate(context))
             return await fn(self, request, context)
         except PQueueError as exc:
-            logger.debug("%s refused: %s", fn.__name__, exc)
+            logger.debug("%s refused: %s", fn.__name__, describe(exc))
             await context.abort_with_status(to_status(exc))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
         finally:
@@ -83,6 +85,20 @@ def on_leader(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
             return await fn(self, request, context)
         except NotLeaderError:  # lost the lead before proposing: nothing ran here
             return await self._forward(fn.__name__, request, context)  # type: ignore[no-any-return]
+
+    return wrapper
+
+
+def admits_jobs(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Refuse new jobs while this node is over its memory budget
+    (``pqueue.node.memory``): before it forwards or proposes, so nothing
+    changes; whichever node the call reaches checks its own."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        if self.memory is not None:
+            self.memory.check()
+        return await fn(self, request, context)
 
     return wrapper
 
@@ -140,12 +156,15 @@ class _Base:
         forwarder: Forwarder,
         verifier: Verifier | None = None,
         quotas: Quotas | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self.node = node
         self.forwarder = forwarder
         #: None: auth is off, every caller is ``auth.OPEN``.
         self.verifier = verifier
         self.quotas = quotas
+        #: None: no memory budget.
+        self.memory = memory
 
     def _bound(self, queue: str, enqueuing: int = 0) -> logpb.TenantLimits | None:
         """The limits to stamp on a command; spends enqueue tokens (on the
@@ -239,6 +258,7 @@ class QueueService(_Base, pbg.QueueServicer):
     SERVICE = "pqueue.v1.Queue"
 
     @rpc
+    @admits_jobs
     @on_leader
     async def Enqueue(self, request: pb.EnqueueRequest, context: Context) -> pb.EnqueueResponse:
         _check_size(request)
@@ -254,6 +274,7 @@ class QueueService(_Base, pbg.QueueServicer):
         return result.results[0]
 
     @rpc
+    @admits_jobs
     @on_leader
     async def EnqueueBatch(
         self, request: pb.EnqueueBatchRequest, context: Context

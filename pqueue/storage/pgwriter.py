@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from pqueue.errors import StorageError
+from pqueue.wire.logs import describe
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,9 @@ class GroupWriter:
         self._fail_all(StorageError(f"{self._describe}: storage closed"))
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("%s writer died: %r", self.name, task.exception())
-            self._fail_all(StorageError(f"{self._describe}: writer died: {task.exception()}"))
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("%s writer died: %s", self.name, describe(exc), exc_info=exc)
+            self._fail_all(StorageError(f"{self._describe}: writer died: {describe(exc)}"))
 
     def _fail_all(self, error: StorageError) -> None:
         pending, self._batch = self._batch, []
@@ -128,9 +129,11 @@ class GroupWriter:
                 return exc
             except Exception as exc:
                 if not transient(exc):
-                    return StorageError(f"{self._describe}: {exc!r}")
+                    return StorageError(f"{self._describe}: {describe(exc)}")
                 if self.available:
-                    logger.error("postgresql unavailable (%s), retrying: %r", self.name, exc)
+                    logger.error(
+                        "postgresql unavailable (%s), retrying: %s", self.name, describe(exc)
+                    )
                 self.available = False
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(self.retry_max_s, backoff_s * 2)

@@ -44,6 +44,7 @@ from pqueue.errors import StorageCorruptError, StorageError
 from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum, record_row
 from pqueue.storage.jobrow import JobRow
 from pqueue.storage.pgwriter import Conn, GroupWriter, Write, transient
+from pqueue.wire.logs import describe
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class PostgresStorage:
             await self.close()
             if isinstance(exc, StorageError) or not isinstance(exc, Exception):
                 raise
-            raise StorageError(f"cannot open {self.describe()}: {exc!r}") from exc
+            raise StorageError(f"cannot open {self.describe()}: {describe(exc)}") from exc
         self._log.start()
         self._jobs.start()
 
@@ -407,7 +408,7 @@ class PostgresStorage:
                 value = await conn.fetchval("SELECT record FROM identity WHERE id = 1")
         except Exception as exc:
             kind = "unreachable" if transient(exc) else "failed"
-            raise StorageError(f"{self.describe()} {kind}: {exc!r}") from exc
+            raise StorageError(f"{self.describe()} {kind}: {describe(exc)}") from exc
         return None if value is None else str(value)
 
     def record_applied(
@@ -446,7 +447,7 @@ class PostgresStorage:
             raise
         except Exception as exc:
             kind = "unreachable" if transient(exc) else "failed"
-            raise StorageError(f"{self.describe()} {kind}: {exc!r}") from exc
+            raise StorageError(f"{self.describe()} {kind}: {describe(exc)}") from exc
 
     async def _load(self, conn: Conn) -> AcceptorState:
         snapshot = None

@@ -27,6 +27,7 @@ from typing import TypeVar
 from consensus.messages import ZERO, Ballot, Record
 from pqueue.errors import StorageCorruptError, StorageError
 from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum, record_row
+from pqueue.wire.logs import describe
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +85,14 @@ class SqliteStorage:
         try:
             return fn(self._conn)
         except sqlite3.Error as exc:
-            raise StorageError(f"sqlite at {self.data_dir}: {exc}") from exc
+            raise StorageError(f"sqlite at {self.data_dir}: {describe(exc)}") from exc
 
     async def open(self) -> None:
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise StorageError(f"cannot use data dir {self.data_dir}: {exc}") from exc
+            raise StorageError(f"cannot use data dir {self.data_dir}: {describe(exc)}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -114,7 +115,7 @@ class SqliteStorage:
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open sqlite in {self.data_dir}: {exc}") from exc
+            raise StorageError(f"cannot open sqlite in {self.data_dir}: {describe(exc)}") from exc
         if row is None:
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:

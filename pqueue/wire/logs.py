@@ -14,6 +14,10 @@ escapes, Unicode line separators) in the rendered message and in every
 text field, as ``\n``, ``\x1b``, ``\u2028``. That is the one place: code that
 logs needs no care of its own. A traceback's lines are indented, so none
 of them can pass for a line of its own.
+
+An exception shown in a line goes through ``describe``: never an empty
+message (a ``TimeoutError`` or a cancellation has none), always its type
+when the message alone would not say what went wrong.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import re
 import sys
 import time
 from typing import Any, Literal
+
+from pqueue.errors import PQueueError
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -55,6 +61,28 @@ def _escaped(match: re.Match[str]) -> str:
 def escape(text: str) -> str:
     """``text`` with control characters escaped: one log line stays one line."""
     return _UNSAFE.sub(_escaped, text) if _UNSAFE.search(text) else text
+
+
+#: Exceptions whose message is written to be read alone: pqueue's error
+#: vocabulary, and the ``ValueError`` its programs raise for a bad option or file.
+_READS_ALONE = (PQueueError, ValueError)
+
+
+def describe(exc: BaseException) -> str:
+    """``exc`` as a log or ``error:`` line shows it: never empty.
+
+    ``TimeoutError (no message)`` when its message is empty (so a line never
+    ends in ``cannot run: ``); its message alone for an error of pqueue's
+    vocabulary or a ``ValueError`` (``queue 'a' not found``); else its type
+    and message (``OSError: [Errno 98] Address already in use``).
+    """
+    message = str(exc).strip()
+    name = type(exc).__name__
+    if not message:
+        return f"{name} (no message)"
+    if isinstance(exc, _READS_ALONE):
+        return message
+    return f"{name}: {message}"
 
 
 def _indented(text: str) -> str:

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import resource
 
+from pqueue.wire.logs import describe
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,7 +33,9 @@ def raise_fd_limit() -> int:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as exc:
-        logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        logger.warning(
+            "cannot raise the open-file limit from %d to %d: %s", soft, target, describe(exc)
+        )
         return soft
     logger.debug("open-file limit raised from %d to %d", soft, target)
     return target

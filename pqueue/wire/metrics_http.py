@@ -25,6 +25,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from pqueue.wire.logs import describe
+
 logger = logging.getLogger(__name__)
 
 #: Longest request head accepted (a scrape's is a few hundred bytes).
@@ -74,7 +76,9 @@ class MetricsServer:
         try:
             self._server = await asyncio.start_server(self._serve, self.host, self._port)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {self.host}:{self._port}: {exc}") from exc
+            raise OSError(
+                f"cannot serve metrics on {self.host}:{self._port}: {describe(exc)}"
+            ) from exc
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -8,6 +8,8 @@ import logging
 import signal
 from typing import Any, Self
 
+from pqueue.wire.logs import describe
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,5 +68,5 @@ class Serving:
 def log_failure(task: asyncio.Task[Any]) -> None:
     """A done-callback: a background task that died of an error says so in the log
     (else its exception is only "never retrieved" at garbage collection)."""
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("task %s failed", task.get_name(), exc_info=task.exception())
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("task %s failed: %s", task.get_name(), describe(exc), exc_info=exc)

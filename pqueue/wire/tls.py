@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from pqueue.wire.logs import describe
+
 
 @dataclass(frozen=True)
 class Tls:
@@ -44,7 +46,7 @@ class Tls:
             try:
                 return Path(path).read_bytes()
             except OSError as exc:
-                raise ValueError(f"cannot read the TLS {what} {path}: {exc}") from exc
+                raise ValueError(f"cannot read the TLS {what} {path}: {describe(exc)}") from exc
 
         return cls(read(cert, "certificate"), read(key, "key"), read(ca, "CA"))
 

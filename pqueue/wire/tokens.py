@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pqueue.wire.logs import describe
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,7 +22,7 @@ def read_key(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read the key {path}: {exc}") from exc
+        raise ValueError(f"cannot read the key {path}: {describe(exc)}") from exc
 
 
 class TokenFile:
@@ -51,8 +53,10 @@ class TokenFile:
                     self._token, self._stamp = token, stamp
         except (OSError, ValueError) as exc:
             if self._stamp is None:
-                raise ValueError(f"cannot read the token {self.path}: {exc}") from exc
-            logger.warning("cannot re-read the token %s: %s (keeping the last)", self.path, exc)
+                raise ValueError(f"cannot read the token {self.path}: {describe(exc)}") from exc
+            logger.warning(
+                "cannot re-read the token %s: %s (keeping the last)", self.path, describe(exc)
+            )
         return self._token
 
 

@@ -67,10 +67,11 @@ class ProcCluster:
             for j in self.ports
         }
 
-    def launch(self, i: int) -> None:
+    def launch(self, i: int, program: tuple[str, ...] = ("-m", "pqueue.cli")) -> None:
+        """Start node ``i``; ``program``: what the interpreter runs (``pq`` by default)."""
         data = self.root / f"n{i}"
         data.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(data)]
+        cmd = [sys.executable, *program, "node", "--data-dir", str(data)]
         cmd += ["--listen", self.address(i), "--node-id", str(i), "--grace-s", "1"]
         cmd += ["--peers", peers_arg(self._peers_of(i)), "--log-level", "INFO"]
         if self.store:
