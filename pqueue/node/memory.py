@@ -7,7 +7,16 @@ proposes, so a refused call changed nothing). Everything else still works:
 leases, acks and nacks are how the backlog, and the memory, shrink.
 
 The RSS is read by a task of its own once a second (``interval_s``), never
-on a request: a call reads the last figure. A node's state is replicated,
+on a request: a call reads the last figure.
+
+RSS hardly falls when jobs leave: CPython keeps the freed memory for reuse
+rather than return it to the OS. So the budget also counts jobs: when the
+RSS first reaches the budget, the number of jobs held then is what fits
+(``fits_jobs``), and enqueues are refused only while the node holds at
+least that many. Consuming the backlog therefore reopens the door at once
+(new jobs take the memory the old ones freed); if the RSS still grows past
+the budget with fewer jobs, the figure comes down to that count. Under the
+budget again (a restart), the figure is forgotten. A node's state is replicated,
 so every node holds about the same backlog; each checks its own RSS, and a
 follower refuses as the leader would, without a hop.
 """
@@ -47,6 +56,7 @@ class MemoryBudget:
         node: str = "",
         rss: Callable[[], int] = process_rss,
         interval_s: float = SAMPLE_INTERVAL_S,
+        jobs: Callable[[], int] | None = None,
     ) -> None:
         if budget_bytes < 0:
             raise ValueError("the memory budget must not be negative")
@@ -59,13 +69,19 @@ class MemoryBudget:
         self.rss_bytes = 0
         #: Enqueue calls refused for memory since the start.
         self.refusals = 0
+        #: How many jobs the node holds (None: refuse on the RSS alone).
+        self._jobs = jobs
+        #: Jobs held at the last reading.
+        self.jobs_held = 0
+        #: Jobs that fit in the budget (None: under it, no figure yet).
+        self.fits_jobs: int | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Read the RSS now, then once every ``interval_s``, off the request path."""
         if not self.budget_bytes or self._task is not None:
             return
-        self.rss_bytes = self._rss()
+        self._read()
         self._task = asyncio.create_task(self._sample_loop(), name="pq-memory-budget")
         self._task.add_done_callback(log_failure)
 
@@ -80,7 +96,7 @@ class MemoryBudget:
         over = False
         while True:
             await asyncio.sleep(self.interval_s)
-            self.rss_bytes = self._rss()
+            self._read()
             if self.over != over:
                 over = self.over
                 log = logger.warning if over else logger.info
@@ -93,10 +109,24 @@ class MemoryBudget:
                     "refused" if over else "accepted again",
                 )
 
+    def _read(self) -> None:
+        rss = self._rss()
+        grew = rss > self.rss_bytes
+        self.rss_bytes = rss
+        if self._jobs is None:
+            return
+        self.jobs_held = held = self._jobs()
+        if rss < self.budget_bytes:
+            self.fits_jobs = None
+        elif self.fits_jobs is None or (grew and held < self.fits_jobs):
+            self.fits_jobs = held
+
     @property
     def over(self) -> bool:
-        """At or above the budget, as of the last reading."""
-        return bool(self.budget_bytes) and self.rss_bytes >= self.budget_bytes
+        """At or above the budget with as many jobs as fit, as of the last reading."""
+        if not self.budget_bytes or self.rss_bytes < self.budget_bytes:
+            return False
+        return self.fits_jobs is None or self.jobs_held >= self.fits_jobs
 
     def check(self) -> None:
         """Refuse new jobs (``RESOURCE_EXHAUSTED``) while at or above the budget."""

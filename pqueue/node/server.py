@@ -110,7 +110,11 @@ class NodeServer(Serving):
             tls=self.config.tls,
             peer_token=self.config.peer_token,
         )
-        self.memory = MemoryBudget(self.config.memory_budget_bytes, self.node.config.node_id)
+        self.memory = MemoryBudget(
+            self.config.memory_budget_bytes,
+            self.node.config.node_id,
+            jobs=lambda: self.node.machine.job_count(),
+        )
         self.metrics.registry.register(
             NodeCollector(
                 self.node, queue_labels=self.config.metrics_queue_labels, memory=self.memory

@@ -61,3 +61,34 @@ async def test_at_or_above_the_budget_enqueues_are_refused_until_it_drops() -> N
 def test_a_negative_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="must not be negative"):
         MemoryBudget(-1)
+
+
+async def test_consuming_the_backlog_reopens_the_door_though_the_rss_stays() -> None:
+    """CPython keeps freed memory: the RSS stays at the budget after jobs
+    leave, and the jobs held when it was reached are what fits."""
+    rss = FakeRss(100 * MIB)
+    held = [5000]
+    budget = MemoryBudget(100 * MIB, "n3", rss, interval_s=3600, jobs=lambda: held[0])
+    budget.start()
+    try:
+        assert budget.fits_jobs == 5000
+        with pytest.raises(ResourceExhaustedError):
+            budget.check()
+        held[0] = 1000  # consumed; the RSS did not move
+        budget._read()
+        budget.check()
+        held[0] = 5000  # refilled into the freed memory: the limit again
+        budget._read()
+        with pytest.raises(ResourceExhaustedError):
+            budget.check()
+        held[0], rss.value = 3000, 120 * MIB  # grew with fewer jobs: fewer fit
+        budget._read()
+        assert budget.fits_jobs == 3000
+        with pytest.raises(ResourceExhaustedError):
+            budget.check()
+        rss.value = 50 * MIB  # restarted small: the figure is forgotten
+        budget._read()
+        assert budget.fits_jobs is None
+        budget.check()
+    finally:
+        await budget.stop()
