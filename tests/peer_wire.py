@@ -14,8 +14,18 @@ async def send_peer(address: str, token: str | None, *messages: ppb.PeerMessage)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     async with grpc.aio.insecure_channel(address) as ch:
         send = ppbg.PeerStub(ch).Send(timeout=3, metadata=metadata)
-        await send.write(ppb.PeerBatch(messages=list(messages)))
-        await send.done_writing()
+        try:
+            await send.write(ppb.PeerBatch(messages=list(messages)))
+            await send.done_writing()
+        except grpc.aio.AioRpcError:
+            # The node may end the stream (refusing it) before the write is
+            # out: the write then fails with a bare INTERNAL from gRPC's core,
+            # and the node's own status is what the call ended with.
+            code = await send.code()
+            details = await send.details()
+            raise grpc.aio.AioRpcError(
+                code, grpc.aio.Metadata(), await send.trailing_metadata(), details
+            ) from None
         await send
 
 
