@@ -169,6 +169,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         pg_schema=args.pg_schema,
         log_level=args.log_level,
         log_format=args.log_format,
+        snapshot_every_entries=args.snapshot_every_entries,
     )
 
 
@@ -209,6 +210,12 @@ def register(sub: Any) -> None:
     )
     _auth_and_tls_args(node)
     node.add_argument("--grace-s", type=float, default=5.0, help="drain time on SIGTERM")
+    node.add_argument(
+        "--snapshot-every-entries",
+        type=int,
+        default=10_000,
+        help="snapshot the state and compact the log every N entries (default 10,000)",
+    )
     node.add_argument(
         "--store",
         default=None,
