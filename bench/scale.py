@@ -305,7 +305,8 @@ class Snapshots:
 
     node: Node
     interval_s: float = 0.1
-    #: (window start, window end, seconds, bytes): the snapshot ran within the window.
+    #: (start, end, seconds, bytes): when the snapshot ran (perf_counter time), from
+    #: ``pq_snapshot_last_timestamp_seconds``; else a window between two scrapes.
     events: list[tuple[float, float, float, float]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
 
@@ -321,6 +322,8 @@ class Snapshots:
     async def _poll(self) -> None:
         last: tuple[float, float] | None = None  # (count, sum)
         sent_before = time.perf_counter()
+        # The node stamps a snapshot's end in wall time; writes are timed in perf time.
+        offset = time.time() - time.perf_counter()
         while True:
             sent = time.perf_counter()
             try:
@@ -332,11 +335,12 @@ class Snapshots:
             now = (m.get("pq_snapshot_seconds_count", 0.0), m.get("pq_snapshot_seconds_sum", 0.0))
             if last is not None and now[0] > last[0]:
                 seconds = now[1] - last[1]
-                # It ended after the previous scrape was sent and before this one
-                # came back, and lasted ``seconds``.
-                self.events.append(
-                    (sent_before - seconds, got, seconds, m.get("pq_snapshot_bytes", 0.0))
-                )
+                end = m.get("pq_snapshot_last_timestamp_seconds", 0.0) - offset
+                if now[0] - last[0] == 1 and sent_before - 1.0 < end <= got + 1.0:
+                    window = (end - seconds, end)
+                else:  # several at once, or no stamp: it ended between the two scrapes
+                    window = (sent_before - seconds, got)
+                self.events.append((*window, seconds, m.get("pq_snapshot_bytes", 0.0)))
             last, sent_before = now, sent
             await asyncio.sleep(self.interval_s)
 

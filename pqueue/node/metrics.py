@@ -94,6 +94,11 @@ class NodeMetrics:
         self.snapshot_bytes = Gauge(
             "pq_snapshot_bytes", "Size of the last snapshot this node took.", registry=r
         )
+        self.snapshot_time = Gauge(
+            "pq_snapshot_last_timestamp_seconds",
+            "Unix time the last snapshot this node took was stored (0: none since start).",
+            registry=r,
+        )
         r.register(ProcessCollector())
 
     # LogObserver
@@ -109,6 +114,7 @@ class NodeMetrics:
     def snapshot(self, seconds: float, size: int) -> None:
         self.snapshot_seconds.observe(seconds)
         self.snapshot_bytes.set(size)
+        self.snapshot_time.set_to_current_time()
 
 
 class NodeCollector(Collector):

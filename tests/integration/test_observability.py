@@ -59,6 +59,7 @@ NODE_FAMILIES = {
     "pq_storage_fsync_seconds",
     "pq_snapshot_seconds",
     "pq_snapshot_bytes",
+    "pq_snapshot_last_timestamp_seconds",
     "pq_process_cpu_seconds_total",
     "pq_process_resident_memory_bytes",
 }
@@ -183,6 +184,7 @@ async def test_a_snapshot_reports_its_time_and_size(tmp_path: Path) -> None:
     assert (taken or 0) >= 1
     assert (metrics.registry.get_sample_value("pq_snapshot_seconds_sum") or 0) > 0
     assert (metrics.registry.get_sample_value("pq_snapshot_bytes") or 0) > 0
+    assert (metrics.registry.get_sample_value("pq_snapshot_last_timestamp_seconds") or 0) > 0
 
 
 def value_label(s: Samples, name: str) -> str:
