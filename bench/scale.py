@@ -15,12 +15,14 @@ names any list), on fresh ``pq node`` processes (SQLite, fsync per commit):
 - **lease+ack**: 8 workers leasing one job per call and acking it, for
   ``--seconds``, at 1k pending and at N pending (acked jobs are enqueued
   again, 100 per call, so the depth holds); the ratio;
-- **restart**: ``kill -9`` of the single node, then from the new process's
-  start to its first successful Lease; every job must still be there;
-- **catch-up** (cluster): ``kill -9`` of a follower, its data dir wiped, a
-  new process on it: the time until its applied index reaches the leader's
-  while a writer keeps enqueueing at the leader; then every queue's stats
-  compared across the nodes (no API exposes a state hash yet).
+- **restart**: ``kill -9`` of the single node, right after the fill (the
+  log as the fill left it) and again after the writes made it snapshot; from
+  the new process's start to its first successful Lease; every job counted;
+- **catch-up** (cluster): serial writes at the leader until it has a
+  snapshot (if it has none), then ``kill -9`` of a follower, its data dir
+  wiped, a new process on it: the time until its applied index reaches the
+  leader's while a writer keeps enqueueing at the leader; then every
+  queue's stats compared across the nodes (no API exposes a state hash yet).
 
 Every wait has a timeout; a phase that fails says so and the run goes on.
 
