@@ -68,6 +68,8 @@ BASELINE_DEPTH = 1_000
 SETTLE_S = 2.0
 QUEUE = "bench"
 DEFAULT_JOBS = "100k,1m"
+#: Each start of a node writes this line, then the command, to its log.
+START_MARK = "---- bench-scale starts: "
 #: Issue 14's targets ("Done when"), checked at every depth (RSS at 1M only).
 TARGET_RSS_1M = 400 * 2**20
 TARGET_RESTART_S = 10.0
@@ -142,12 +144,21 @@ def quantile(values: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def latency_summary(values: Sequence[float]) -> dict[str, Any]:
+#: One write: (start, end, error); the error is "" when it succeeded.
+Write = tuple[float, float, str]
+
+
+def latency_summary(writes: Sequence[Write]) -> dict[str, Any]:
+    """Percentiles of the writes that succeeded; the failed ones counted."""
+    took = [end - start for start, end, error in writes if not error]
+    failed = [error for _, _, error in writes if error]
     return {
-        "n": len(values),
-        "p50_ms": _ms(quantile(values, 0.5)),
-        "p99_ms": _ms(quantile(values, 0.99)),
-        "max_ms": _ms(max(values) if values else None),
+        "n": len(took),
+        "p50_ms": _ms(quantile(took, 0.5)),
+        "p99_ms": _ms(quantile(took, 0.99)),
+        "max_ms": _ms(max(took) if took else None),
+        "failed": len(failed),
+        "first_error": failed[0] if failed else "",
     }
 
 
@@ -192,7 +203,7 @@ class Node:
         if self.peers:
             cmd += ["--peers", peers_arg(self.peers)]
         with self.log_path.open("ab") as log:
-            log.write(f"---- start: {' '.join(cmd)}\n".encode())
+            log.write(f"{START_MARK}{' '.join(cmd)}\n".encode())
             self.started_at = time.perf_counter()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
 
@@ -235,7 +246,9 @@ class Node:
             text = self.log_path.read_bytes()[-20_000:].decode(errors="replace")
         except OSError:
             return ""
-        # Request lines say nothing about why a node failed: leave them out.
+        # This process's lines (after our start marker) but its request lines,
+        # which say nothing about why a node failed.
+        text = text.rsplit(START_MARK, 1)[-1].split("\n", 1)[-1]
         kept = [line.strip() for line in text.splitlines() if " request for grpc://" not in line]
         return " | ".join(kept[-lines:])
 
@@ -289,6 +302,15 @@ async def find_leader(nodes: Sequence[Node], timeout_s: float = 30.0) -> Node:
             return leaders[0]
         await asyncio.sleep(0.1)
     raise PhaseError(f"no single leader after {timeout_s:.0f} s")
+
+
+async def elections(nodes: Sequence[Node]) -> int:
+    """Elections the nodes have started, all told (``pq_consensus_elections_total``)."""
+    total = 0
+    for n in nodes:
+        with contextlib.suppress(OSError, ValueError):
+            total += int((await n.metrics(5.0)).get("pq_consensus_elections_total", 0))
+    return total
 
 
 async def settled_rss(nodes: Sequence[Node], settle_s: float) -> list[int | None]:
@@ -448,17 +470,21 @@ async def lease_ack(c: Client, queue: str, seconds: float) -> float:
 
 async def serial_writes(
     c: Client, queue: str, until: Callable[[float], bool], timeout_s: float
-) -> list[tuple[float, float]]:
-    """One writer, one single-job Enqueue at a time: (start, end) of each call,
-    until ``until(now)`` or ``timeout_s``."""
-    out: list[tuple[float, float]] = []
+) -> list[Write]:
+    """One writer, one single-job Enqueue at a time, until ``until(now)`` or
+    ``timeout_s``. A failed call is kept (with its error) and the next follows."""
+    out: list[Write] = []
     deadline = time.perf_counter() + timeout_s
     while True:
         now = time.perf_counter()
         if now > deadline or until(now):
             return out
-        await c.enqueue(queue, PAYLOAD)
-        out.append((now, time.perf_counter()))
+        try:
+            await c.enqueue(queue, PAYLOAD)
+            out.append((now, time.perf_counter(), ""))
+        except PQueueError as exc:
+            out.append((now, time.perf_counter(), f"{type(exc).__name__}: {exc}"))
+            await asyncio.sleep(0.05)
 
 
 async def jobs_in(c: Client, queue: str) -> int:
@@ -553,6 +579,9 @@ class Bench:
                 f"{label} kill -9 and restart, from its snapshot",
                 lambda: self._restart(node, jobs, out["restart_snapshot"]),
             )
+        except (PhaseError, PQueueError) as exc:  # outside any phase: the start
+            out["error"] = f"{type(exc).__name__}: {exc}"
+            self.progress.phase(f"FAILED: {exc}")
         finally:
             await snaps.stop()
             node.stop()
@@ -592,8 +621,8 @@ class Bench:
 
         timeout = self.timeout(jobs, self.args.snapshot_timeout)
         samples = await serial_writes(c, "writes", until, timeout)
-        during = [b - a for a, b in samples if snaps.overlaps(a, b)]
-        without = [b - a for a, b in samples if not snaps.overlaps(a, b)]
+        during = [w for w in samples if snaps.overlaps(w[0], w[1])]
+        without = [w for w in samples if not snaps.overlaps(w[0], w[1])]
         w["without_snapshot"] = latency_summary(without)
         w["during_snapshot"] = latency_summary(during)
         p99_in, p99_out = w["during_snapshot"]["p99_ms"], w["without_snapshot"]["p99_ms"]
@@ -678,20 +707,25 @@ class Bench:
                 m = {"node": f"n{n.node_id}", "idle_rss_bytes": before}
                 memory(m, after, jobs, n.data_dir)
                 out["memory"].append(m)
+            before = await elections(nodes)
             await self.phase(
                 out,
                 "snapshot",
                 f"{label} serial writes at the leader until it has a snapshot",
                 lambda: self._leader_snapshot(leader, jobs, out["snapshot"]),
             )
+            # A snapshot that stalls the leader can cost it its leadership.
+            leader = await find_leader(nodes)
+            out["snapshot"]["leader_after"] = f"n{leader.node_id}"
+            out["snapshot"]["elections"] = await elections(nodes) - before
             await self.phase(
                 out,
                 "catch_up",
                 f"{label} wipe a follower, time its catch-up",
                 lambda: self._catch_up(nodes, leader, jobs, out),
             )
-        except PhaseError as exc:
-            out.setdefault("error", str(exc))
+        except (PhaseError, PQueueError) as exc:  # outside any phase: the start
+            out["error"] = f"{type(exc).__name__}: {exc}"
             self.progress.phase(f"FAILED: {exc}")
         finally:
             for n in nodes:
@@ -703,11 +737,13 @@ class Bench:
     async def _leader_snapshot(self, leader: Node, jobs: int, out: dict[str, Any]) -> None:
         """So that the wiped follower catches up from a snapshot, as a long-running
         cluster's would: none yet (the fill made few, large entries)? write until one."""
+        out["leader_before"] = f"n{leader.node_id}"
         if (await leader.status()).snapshot_index:
             m = await leader.metrics()
             count = m.get("pq_snapshot_seconds_count", 0.0)
             mean = m.get("pq_snapshot_seconds_sum", 0.0) / count if count else None
             out.update(forced=False, seconds=mean, bytes=m.get("pq_snapshot_bytes"))
+            out["writes"] = latency_summary([])
             return
         snaps = Snapshots(leader)
         snaps.start()
@@ -717,6 +753,7 @@ class Bench:
                 writes = await serial_writes(c, "writes", lambda _: bool(snaps.events), timeout)
         finally:
             await snaps.stop()
+        out["writes"] = latency_summary(writes)
         if not snaps.events:
             raise PhaseError(f"no snapshot in {timeout:.0f} s of serial writes ({len(writes):,})")
         _, _, seconds, size = snaps.events[0]
@@ -729,6 +766,7 @@ class Bench:
         cu["leader_snapshot_index"] = (await leader.status()).snapshot_index
         follower = max((n for n in nodes if n is not leader), key=lambda n: n.node_id)
         cu["follower"] = f"n{follower.node_id}"
+        others = [n for n in nodes if n is not follower]
         follower.kill9()
         shutil.rmtree(follower.data_dir)
         stop = False
@@ -749,7 +787,8 @@ class Bench:
                             f"not caught up after {timeout:.0f} s: {follower.log_tail()}"
                         )
                     with contextlib.suppress(PQueueError):
-                        target = (await leader.status()).applied_index
+                        # Whoever leads by now: the others' highest applied index.
+                        target = max([(await n.status()).applied_index for n in others])
                         if (await follower.status()).applied_index >= target:
                             break
                     await asyncio.sleep(0.1)
@@ -758,8 +797,8 @@ class Bench:
                 stop = True
                 samples = await asyncio.wait_for(writer, 60)
         started = follower.started_at
-        cu["writes_during"] = latency_summary([b - a for a, b in samples if b >= started])
-        if not any(b >= started for _, b in samples):
+        cu["writes_during"] = latency_summary([w for w in samples if w[1] >= started])
+        if not any(w[1] >= started and not w[2] for w in samples):
             raise PhaseError("the leader served no write while the follower caught up")
         cu["rss_bytes"] = (await settled_rss([follower], self.args.settle_s))[0]
         cu["state_hash"] = "not exposed by any API"
@@ -837,7 +876,15 @@ def cluster_template(jobs: int) -> dict[str, Any]:
         "jobs": jobs,
         "fill": {"jobs": None, "seconds": None, "jobs_per_s": None},
         "memory": [],
-        "snapshot": {"forced": None, "seconds": None, "bytes": None},
+        "snapshot": {
+            "leader_before": None,
+            "forced": None,
+            "seconds": None,
+            "bytes": None,
+            "writes": None,
+            "leader_after": None,
+            "elections": None,
+        },
         "catch_up": {
             "leader_snapshot_index": None,
             "follower": None,
@@ -862,9 +909,12 @@ def errors(d: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def _lat(d: dict[str, Any] | None) -> str:
-    if not d or not d["n"]:
+    if not d:
         return "no samples"
-    return f"p50 {d['p50_ms']:,.1f} / p99 {d['p99_ms']:,.1f} ms (n={d['n']:,})"
+    failed = f", {d['failed']:,} FAILED, first: {d['first_error']}" if d["failed"] else ""
+    if not d["n"]:
+        return f"no write succeeded{failed}"
+    return f"p50 {d['p50_ms']:,.1f} / p99 {d['p99_ms']:,.1f} ms (n={d['n']:,}{failed})"
 
 
 def _fill(f: dict[str, Any]) -> str:
@@ -898,6 +948,8 @@ class _Rows:
 def report_single(s: dict[str, Any]) -> list[str]:
     rows = _Rows("1 node", s)
     f, m, sn, w, la = (s[k] for k in ("fill", "memory", "snapshot", "writes", "lease_ack"))
+    if "setup" in rows.err:
+        rows.add("start", lambda: "", "setup")
     rows.add("fill", lambda: _fill(f), "fill", f["jobs"])
     rows.add("memory", lambda: _memory(m), needs=m["rss_bytes"])
     rows.add(
@@ -957,7 +1009,13 @@ def report_cluster(cl: dict[str, Any]) -> list[str]:
         "leader's snapshot",
         lambda: (
             f"{sn['seconds']:,.2f} s, {mb(sn['bytes'])} "
-            + ("(forced by serial writes)" if sn["forced"] else "(taken on its own; mean time)")
+            + (
+                f"(forced: serial writes {_lat(sn['writes'])})"
+                if sn["forced"]
+                else "(taken on its own; mean time)"
+            )
+            + f"; leader {sn['leader_before']}, {sn['elections']} elections, then "
+            + f"{sn['leader_after']}"
         ),
         "snapshot",
         sn["forced"],
@@ -1001,9 +1059,11 @@ def targets(depth: dict[str, Any]) -> list[str]:
 def expected_minutes(jobs: int, seconds: float, rates: dict[str, float]) -> float:
     """A rough guess: the fills at the rates seen so far (or this machine's),
     two lease+ack runs, ~20 s of serial writes to a snapshot, settles, restarts."""
-    t = jobs / rates["single"] + 2 * seconds + 20 + 4 * SETTLE_S + 5
+    t = 0.0
+    if "single" in rates:
+        t += jobs / rates["single"] + 2 * seconds + 20 + 4 * SETTLE_S + 5
     if "cluster" in rates:
-        t += jobs / rates["cluster"] + 3 * SETTLE_S + 10
+        t += jobs / rates["cluster"] + 3 * SETTLE_S + 30
     return t / 60
 
 
@@ -1018,6 +1078,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scale", choices=("default", "10m"), default="default", help="10m adds 10M")
     p.add_argument("--seconds", type=float, default=10.0, help="each lease+ack run (default 10)")
     p.add_argument("--no-cluster", dest="cluster", action="store_false", help="one node only")
+    p.add_argument("--no-single", dest="single", action="store_false", help="the cluster only")
     p.add_argument(
         "--restart-timeout", type=float, default=60.0, help="s, plus 60 per million jobs"
     )
@@ -1066,12 +1127,15 @@ async def main(argv: Sequence[str] | None = None) -> int:
         print(f"data dirs and logs under {tmp}", file=sys.stderr)
     try:
         bench = Bench(Path(tmp), args, progress)
+        if not args.single:
+            bench.rates.pop("single")
         if args.cluster:
             bench.rates["cluster"] = 10_000.0
         for jobs in depths:
             guess = expected_minutes(jobs, args.seconds, bench.rates)
             progress.phase(f"== {jobs:,} pending jobs: expected about {guess:.0f} min ==")
-            depth: dict[str, Any] = {"jobs": jobs, "single": await bench.single(jobs)}
+            depth: dict[str, Any] = {"jobs": jobs}
+            depth["single"] = await bench.single(jobs) if args.single else None
             depth["cluster"] = await bench.cluster(jobs) if args.cluster else None
             result["depths"].append(depth)
             for key in ("single", "cluster"):
@@ -1080,7 +1144,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                     bench.rates[key] = done["jobs_per_s"]
             if as_table:
                 print(f"== {jobs:,} pending jobs ==")
-                lines = report_single(depth["single"])
+                lines = report_single(depth["single"]) if depth["single"] is not None else []
                 if depth["cluster"] is not None:
                     lines += report_cluster(depth["cluster"])
                 print("\n".join(lines + targets(depth)), flush=True)

@@ -49,6 +49,17 @@ async def test_the_bench_runs_at_2k_jobs_and_fills_every_field(
     assert cluster["catch_up"]["stats_equal"] is True
 
 
+async def test_a_node_that_cannot_start_is_reported_not_waited_for(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--jobs", "2k", "-o", "json", "-q", "--node-arg=--snapshot-every-entries=0"]
+    assert await scale.main(argv) == 0
+    [depth] = json.loads(capsys.readouterr().out)["depths"]
+    for setup in ("single", "cluster"):
+        assert "cannot run: snapshot_every_entries must be at least 1" in depth[setup]["error"]
+        assert depth[setup]["fill"]["jobs"] is None
+
+
 def test_a_failed_phase_is_reported_as_such() -> None:
     single = scale.single_template(1_000_000)
     single["restart"]["error"] = "PhaseError: not serving after 120 s: node 1 cannot run: boom"
