@@ -56,7 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pqueue.cli.devcluster import free_ports, peers_arg
 from pqueue.client import Client, job_spec
-from pqueue.errors import PQueueError
+from pqueue.errors import NotTakenError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 
 PAYLOAD = b"p" * 100
@@ -401,7 +401,16 @@ async def fill(
         nonlocal done, stop
         while batches and stop is None:
             n = batches.pop()
-            await c.enqueue_batch(queue, specs(n, rng))
+            try:
+                await c.enqueue_batch(queue, specs(n, rng))
+            except NotTakenError:  # no leader for a moment: nothing was taken, resend
+                batches.append(n)
+                await asyncio.sleep(0.2)
+                continue
+            except PQueueError as exc:  # refused, or its outcome unknown: stop and say so
+                dead = [f"n{x.node_id} {x.exit_text()}{x.log_tail()}" for x in nodes if not x.alive]
+                stop = f"{type(exc).__name__}: {exc}" + "".join(f"; {d}" for d in dead)
+                return
             done += n
             progress.bar(label, done, total, started)
 
@@ -621,8 +630,8 @@ class Bench:
 
         timeout = self.timeout(jobs, self.args.snapshot_timeout)
         samples = await serial_writes(c, "writes", until, timeout)
-        during = [w for w in samples if snaps.overlaps(w[0], w[1])]
-        without = [w for w in samples if not snaps.overlaps(w[0], w[1])]
+        during = [x for x in samples if snaps.overlaps(x[0], x[1])]
+        without = [x for x in samples if not snaps.overlaps(x[0], x[1])]
         w["without_snapshot"] = latency_summary(without)
         w["during_snapshot"] = latency_summary(during)
         p99_in, p99_out = w["during_snapshot"]["p99_ms"], w["without_snapshot"]["p99_ms"]
