@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/pqueue/v1/*.proto)
 # Tests marked slow (soak, long fault runs) are left out of `make test`.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install proto proto-check lint typecheck test test-all cluster bench bench-tenants bench-shared clean
+.PHONY: install proto proto-check lint typecheck test test-all cluster bench bench-tenants bench-shared bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-tenants: $(STAMP)
 
 bench-shared: $(STAMP)
 	$(PY) -m bench.shared
+
+# State at scale (issue 14): one node, then 3, at 100k and 1M pending jobs:
+# RSS per job, snapshots, restart after kill -9, catch-up, lease+ack at depth.
+# ARGS="--scale 10m" adds 10M; ARGS="--jobs 100k -o json" and more: --help.
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cluster .mypy_cache .pytest_cache .ruff_cache

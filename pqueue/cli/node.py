@@ -180,6 +180,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         pg_schema=args.pg_schema,
         log_level=args.log_level,
         log_format=args.log_format,
+        snapshot_every_entries=args.snapshot_every_entries,
     )
 
 
@@ -228,6 +229,12 @@ def register(sub: Any) -> None:
         help="refuse Enqueue and EnqueueBatch with RESOURCE_EXHAUSTED while the node's RSS "
         "is at or above N MiB (read once a second; leases, acks and reads still work, and "
         "free memory); 0, the default: no budget",
+    )
+    node.add_argument(
+        "--snapshot-every-entries",
+        type=int,
+        default=10_000,
+        help="snapshot the state and compact the log every N entries (default 10,000)",
     )
     node.add_argument(
         "--store",

@@ -67,6 +67,9 @@ class LogObserver(Protocol):
     def election(self) -> None:
         """This node started a phase 1 (an election) at a new ballot."""
 
+    def snapshot(self, seconds: float, size: int) -> None:
+        """This node took a snapshot of ``size`` bytes in ``seconds`` (state to stored)."""
+
 
 class NoObserver:
     """A ``LogObserver`` that keeps nothing."""
@@ -78,6 +81,9 @@ class NoObserver:
         pass
 
     def election(self) -> None:
+        pass
+
+    def snapshot(self, seconds: float, size: int) -> None:
         pass
 
 

@@ -638,6 +638,7 @@ class ReplicatedLog:
 
     async def _snapshot(self, index: int) -> None:
         assert self.replica is not None
+        started = time.perf_counter()
         data = self._applier.snapshot()
         if index != self._applier.last_index() or index <= self.replica.status().snapshot_index:
             return  # the state moved while we were away: next time
@@ -649,7 +650,8 @@ class ReplicatedLog:
             return
         self.replica.compact(index, data)
         self._snapshot_index = index
-        logger.info("node %d: snapshot at %d", self.config.node_id, index)
+        self.observer.snapshot(time.perf_counter() - started, len(data))
+        logger.info("node %d: snapshot at %d (%d bytes)", self.config.node_id, index, len(data))
 
     @property
     def caught_up(self) -> bool:

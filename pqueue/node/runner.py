@@ -35,6 +35,8 @@ class NodeOptions:
     pg_schema: str | None = None
     log_level: str = "INFO"
     log_format: LogFormat = "text"
+    #: Snapshot (and compact the log) every this many applied entries.
+    snapshot_every_entries: int = 10_000
 
 
 OPEN_BANNER = (
@@ -60,7 +62,12 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
     )
     storage = open_storage(o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}")
     logger.info("node %s stores its log in %s", o.node_id, storage.describe())
-    server = NodeServer(storage, o.server, NodeConfig(node_id=f"n{o.node_id}"), cluster=cluster)
+    server = NodeServer(
+        storage,
+        o.server,
+        NodeConfig(node_id=f"n{o.node_id}", snapshot_every_entries=o.snapshot_every_entries),
+        cluster=cluster,
+    )
     doing.what = "recovering its log and starting to serve"
     await server.start()
     doing.what = "serving"

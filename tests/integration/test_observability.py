@@ -25,9 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError
-from pqueue.node.metrics import NodeCollector
+from pqueue.node.metrics import NodeCollector, NodeMetrics
+from pqueue.node.queue_node import NodeConfig, QueueNode
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
+from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.logs import JsonFormatter, TextFormatter
@@ -55,6 +57,9 @@ NODE_FAMILIES = {
     "pq_consensus_replication_lag_entries",
     "pq_consensus_batch_commands",
     "pq_storage_fsync_seconds",
+    "pq_snapshot_seconds",
+    "pq_snapshot_bytes",
+    "pq_snapshot_last_timestamp_seconds",
     "pq_process_cpu_seconds_total",
     "pq_process_resident_memory_bytes",
 }
@@ -166,6 +171,20 @@ async def test_every_node_and_the_balancer_export_every_family_and_pass_promtool
     b = samples(balancer_text)
     assert value(b, "pq_grpc_server_handled_total", **refused) == 1
     assert value(b, "pq_balancer_backend_leader", backend=setup.backend(leader)) == 1
+
+
+async def test_a_snapshot_reports_its_time_and_size(tmp_path: Path) -> None:
+    metrics = NodeMetrics()
+    config = NodeConfig(snapshot_every_entries=4)
+    async with QueueNode(SqliteStorage(tmp_path), config, observer=metrics) as node:
+        for n in range(6):
+            await node.propose(logpb.Command(create_queue=pb.CreateQueueRequest(queue=f"q{n}")))
+        assert node.log.status().snapshot_index > 0
+    taken = metrics.registry.get_sample_value("pq_snapshot_seconds_count")
+    assert (taken or 0) >= 1
+    assert (metrics.registry.get_sample_value("pq_snapshot_seconds_sum") or 0) > 0
+    assert (metrics.registry.get_sample_value("pq_snapshot_bytes") or 0) > 0
+    assert (metrics.registry.get_sample_value("pq_snapshot_last_timestamp_seconds") or 0) > 0
 
 
 def value_label(s: Samples, name: str) -> str:
