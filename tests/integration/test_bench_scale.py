@@ -56,7 +56,8 @@ async def test_a_node_that_cannot_start_is_reported_not_waited_for(
     assert await scale.main(argv) == 0
     [depth] = json.loads(capsys.readouterr().out)["depths"]
     for setup in ("single", "cluster"):
-        assert "cannot run: snapshot_every_entries must be at least 1" in depth[setup]["error"]
+        assert "snapshot_every_entries must be at least 1" in depth[setup]["error"]
+        assert "cannot run (while starting)" in depth[setup]["error"]
         assert depth[setup]["fill"]["jobs"] is None
 
 
