@@ -92,7 +92,7 @@ def _lease_wait_s(data: bytes) -> float:
         return 0.0
 
 
-_READS = {"GetJob", "Stats", "ListQueues", "ListDead", "NodeStatus"}
+_READS = {"GetJob", "Stats", "ListQueues", "ListDead", "NodeStatus", "StateDigest"}
 _CONSISTENT = {
     "GetJob": pb.GetJobRequest,
     "Stats": pb.StatsRequest,

@@ -22,7 +22,7 @@ names any list), on fresh ``pq node`` processes (SQLite, fsync per commit):
   snapshot (if it has none), then ``kill -9`` of a follower, its data dir
   wiped, a new process on it: the time until its applied index reaches the
   leader's while a writer keeps enqueueing at the leader; then every
-  queue's stats compared across the nodes (no API exposes a state hash yet).
+  queue's stats and state digests (``Admin.StateDigest``) compared across the nodes.
 
 Every wait has a timeout; a phase that fails says so and the run goes on.
 
@@ -810,10 +810,13 @@ class Bench:
         if not any(w[1] >= started and not w[2] for w in samples):
             raise PhaseError("the leader served no write while the follower caught up")
         cu["rss_bytes"] = (await settled_rss([follower], self.args.settle_s))[0]
-        cu["state_hash"] = "not exposed by any API"
         cu["stats_equal"] = await same_stats(nodes)
         if not cu["stats_equal"]:
             raise PhaseError("the nodes' queue stats differ after catch-up")
+        digests = await same_digest(nodes)
+        cu["state_hash"] = "equal" if len(set(digests)) == 1 else f"DIFFERENT: {digests}"
+        if len(set(digests)) != 1:
+            raise PhaseError(f"the nodes' state digests differ after catch-up: {digests}")
 
 
 async def same_stats(nodes: Sequence[Node], timeout_s: float = 30.0) -> bool:
@@ -832,6 +835,22 @@ async def same_stats(nodes: Sequence[Node], timeout_s: float = 30.0) -> bool:
             return all(v == views[0] for v in views)
         await asyncio.sleep(0.2)
     raise PhaseError(f"the nodes did not reach one applied index in {timeout_s:.0f} s")
+
+
+async def same_digest(nodes: Sequence[Node], timeout_s: float = 120.0) -> list[str]:
+    """Each node's "applied index:state digest", asked once no write is in
+    flight (``same_stats`` saw one index), again while the indexes differ (a
+    timer's tick may land between the asks): equal states, equal digests."""
+    out: list[str] = []
+    for _ in range(5):
+        answers = []
+        for n in nodes:
+            async with n.client(timeout_s) as c:
+                answers.append(await c.state_digest())
+        out = [f"{a.applied_index}:{a.sha256[:16]}" for a in answers]
+        if len({a.applied_index for a in answers}) == 1:
+            break
+    return out
 
 
 def _stats_key(s: pb.QueueStats) -> tuple[Any, ...]:

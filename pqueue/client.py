@@ -355,6 +355,11 @@ class Client:
         """The connected node's view of the cluster."""
         return await self._call(lambda s: s.admin.NodeStatus, pb.NodeStatusRequest(), retry=True)
 
+    async def state_digest(self) -> pb.StateDigestResponse:
+        """The connected node's state digest at its applied index (a cluster
+        admin's call; through a balancer, whichever node it picks)."""
+        return await self._call(lambda s: s.admin.StateDigest, pb.StateDigestRequest(), retry=True)
+
     async def balancer_status(self) -> bpb.BalancerStatusResponse:
         """The backends as the balancer at this endpoint sees them."""
         return await self._call(

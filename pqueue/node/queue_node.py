@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from collections import deque
@@ -110,6 +111,8 @@ class QueueNode:
         )
         self._waiters: dict[str, deque[tuple[asyncio.Future[None], int]]] = {}
         self._due_changed = asyncio.Event()
+        #: One state digest at a time (each reads the whole state).
+        self._digesting = asyncio.Lock()
         self._tick_task: asyncio.Task[None] | None = None
         self.draining = False
         #: Client calls being served (the servicer counts them).
@@ -174,6 +177,17 @@ class QueueNode:
 
     def freeze(self) -> SnapshotView:
         return freeze(self.machine)
+
+    async def state_digest(self) -> tuple[int, str]:
+        """(applied index, SHA-256 of the state there), read from a frozen
+        view a piece at a time so calls are served meanwhile; one at a time."""
+        async with self._digesting:
+            view = freeze(self.machine)
+            digest = hashlib.sha256()
+            for chunk in view.chunks():
+                digest.update(chunk)
+                await asyncio.sleep(0)
+            return view.index, digest.hexdigest()
 
     def restore(self, data: bytes) -> None:
         try:

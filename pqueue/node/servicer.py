@@ -21,7 +21,12 @@ import grpc
 from google.protobuf.message import Message
 
 from pqueue.core import limits
-from pqueue.errors import InvalidArgumentError, NotLeaderError, NotTakenError, PQueueError
+from pqueue.errors import (
+    InvalidArgumentError,
+    NotLeaderError,
+    NotTakenError,
+    PQueueError,
+)
 from pqueue.node import access
 from pqueue.node.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
 from pqueue.node.commitlog import LogStatus
@@ -426,6 +431,14 @@ class AdminService(_Base, pbg.AdminServicer):
     ) -> pb.DeleteDeadResponse:
         request.queue = _queue(request.queue, ADMIN)
         return await self._propose(logpb.Command(delete_dead=request), pb.DeleteDeadResponse)
+
+    @rpc
+    async def StateDigest(
+        self, request: pb.StateDigestRequest, context: Context
+    ) -> pb.StateDigestResponse:
+        access.require(principal.get(), ADMIN)  # every tenant's queues: admins only
+        index, digest = await self.node.state_digest()
+        return pb.StateDigestResponse(applied_index=index, sha256=digest)
 
     @rpc
     async def NodeStatus(

@@ -1231,6 +1231,45 @@ class DeleteDeadResponse(_message.Message):
 Global___DeleteDeadResponse: _TypeAlias = DeleteDeadResponse  # noqa: Y015
 
 @_typing.final
+class StateDigestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateDigestRequest: _TypeAlias = StateDigestRequest  # noqa: Y015
+
+@_typing.final
+class StateDigestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLIED_INDEX_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    applied_index: _builtins.int
+    """The index the digest covers."""
+    sha256: _builtins.str
+    """Lowercase hex."""
+    def __init__(
+        self,
+        *,
+        applied_index: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateDigestResponse: _TypeAlias = StateDigestResponse  # noqa: Y015
+
+@_typing.final
 class NodeStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

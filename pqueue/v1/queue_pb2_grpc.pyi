@@ -186,6 +186,13 @@ class AdminStub:
     """This node's view of the cluster (role, ballot, indexes, peers) and its
     load. Balancers poll it every second; it never forwards.
     """
+    StateDigest: _grpc.UnaryUnaryMultiCallable[_queue_pb2.StateDigestRequest, _queue_pb2.StateDigestResponse]
+    """A SHA-256 of this node's whole state at its applied index (the bytes a
+    snapshot taken there holds): nodes that applied the same entries give
+    the same digest, whatever their history (restarts, snapshots installed).
+    Reads the whole state (about half a second of CPU per million jobs,
+    yielding to other calls). A cluster admin's call; it never forwards.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -209,6 +216,13 @@ class AdminAsyncStub(AdminStub):
     NodeStatus: _aio.UnaryUnaryMultiCallable[_queue_pb2.NodeStatusRequest, _queue_pb2.NodeStatusResponse]  # type: ignore[assignment]
     """This node's view of the cluster (role, ballot, indexes, peers) and its
     load. Balancers poll it every second; it never forwards.
+    """
+    StateDigest: _aio.UnaryUnaryMultiCallable[_queue_pb2.StateDigestRequest, _queue_pb2.StateDigestResponse]  # type: ignore[assignment]
+    """A SHA-256 of this node's whole state at its applied index (the bytes a
+    snapshot taken there holds): nodes that applied the same entries give
+    the same digest, whatever their history (restarts, snapshots installed).
+    Reads the whole state (about half a second of CPU per million jobs,
+    yielding to other calls). A cluster admin's call; it never forwards.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -278,6 +292,19 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_pb2.NodeStatusResponse, _abc.Awaitable[_queue_pb2.NodeStatusResponse]]:
         """This node's view of the cluster (role, ballot, indexes, peers) and its
         load. Balancers poll it every second; it never forwards.
+        """
+
+    @_abc_1.abstractmethod
+    def StateDigest(
+        self,
+        request: _queue_pb2.StateDigestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.StateDigestResponse, _abc.Awaitable[_queue_pb2.StateDigestResponse]]:
+        """A SHA-256 of this node's whole state at its applied index (the bytes a
+        snapshot taken there holds): nodes that applied the same entries give
+        the same digest, whatever their history (restarts, snapshots installed).
+        Reads the whole state (about half a second of CPU per million jobs,
+        yielding to other calls). A cluster admin's call; it never forwards.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

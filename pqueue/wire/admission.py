@@ -102,6 +102,7 @@ def request_caps() -> dict[str, int]:
         _A + "Redrive": 10 * ids + SMALL_REQUEST_BYTES,
         _A + "DeleteDead": 10 * ids + SMALL_REQUEST_BYTES,
         _A + "NodeStatus": SMALL_REQUEST_BYTES,
+        _A + "StateDigest": SMALL_REQUEST_BYTES,
         PEER_SEND: limits.MAX_PEER_MESSAGE_BYTES,
     }
 
