@@ -9,6 +9,13 @@ in flight. The shell runs the pure ``consensus.Replica`` and handles each
 A caller is answered once its slot is applied *with its own entry*; if
 another value won the slot, it gets a retriable UNAVAILABLE.
 
+Snapshots are taken in the background once the log behind the last one
+passes ``snapshot_every_entries`` entries or ``snapshot_log_bytes`` bytes:
+the state is frozen on the loop (``Applier.freeze``), its chunks serialized
+on the loop between other work and written to a file by a worker thread
+(hashed, fsynced), then the store records it and the replica compacts. The
+replica reads snapshots through that file, never holding one whole.
+
 Over 400 lines on purpose: one class whose order of persist, send and apply
 is the safety argument; split, that order would be read across files.
 """
@@ -20,14 +27,16 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from consensus import ZERO, Config, DurableState, Replica, Role, SoftState
+from consensus import ZERO, BlobSink, Config, DurableState, Replica, Role, SoftState, read_all
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
 from pqueue.core import features
+from pqueue.core.snapshot import SnapshotView
 from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
 from pqueue.node.commitlog import (
     Applier,
@@ -58,7 +67,10 @@ class ClusterConfig:
     heartbeat_ticks: int = 2
     max_inflight_slots: int = 64
     max_batch_commands: int = 2_000
+    #: Snapshot (and compact the log) once this many entries, or this many
+    #: bytes of entries, were applied since the last snapshot: whichever first.
     snapshot_every_entries: int = 10_000
+    snapshot_log_bytes: int = 64 << 20
     #: Identity on disk (``pqueue.node.identity``): the cluster's name (None: keep the
     #: recorded one, or ``DEFAULT_CLUSTER_ID`` at first start), whether a new
     #: member set may replace the recorded one, and the data dir named in hints.
@@ -69,6 +81,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.tick_ms < 1:
             raise ValueError("tick_ms must be at least 1")
+        if self.snapshot_every_entries < 1 or self.snapshot_log_bytes < 1:
+            raise ValueError("snapshot_every_entries and snapshot_log_bytes must be positive")
 
     def validate(self) -> None:
         """Called at start, once every address is known (ports may be bound late)."""
@@ -103,6 +117,15 @@ class ReplicatedLog:
         self._last_time_ms = 0
         self._applied_time_ms = 0
         self._snapshot_index = 0
+        #: Bytes of entries applied since start, and that count at the last
+        #: snapshot (the byte budget's measure).
+        self._applied_bytes = 0
+        self._snapshot_mark = 0
+        #: After a failed snapshot, the next waits for this index or byte count.
+        self._snapshot_retry = (0, 0)
+        #: The snapshot being written in the background, and its file writer.
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._snapshot_pool: ThreadPoolExecutor | None = None
         self._commit_hint: int | None = None
         #: The leadership view the replica last reported (``Ready.soft_state``).
         self._soft = SoftState(Role.FOLLOWER, 0, ZERO, ZERO)
@@ -132,8 +155,8 @@ class ReplicatedLog:
             raise
         snapshot = None
         if state.snapshot is not None:
-            self._applier.restore(state.snapshot.data)
-            snapshot = (state.snapshot.index, state.snapshot.data)
+            self._applier.restore(read_all(state.snapshot.blob))
+            snapshot = (state.snapshot.index, state.snapshot.blob)
             self._snapshot_index = state.snapshot.index
         c = self.config
         self.replica = Replica(
@@ -151,6 +174,7 @@ class ReplicatedLog:
                 commit_index=state.commit_index,
                 snapshot=snapshot,
             ),
+            sinks=self._incoming_snapshot,
         )
         self._last_time_ms = self._applied_time_ms = self._applier.last_time_ms()
         logger.info(
@@ -194,6 +218,13 @@ class ReplicatedLog:
         if self._tasks:
             await asyncio.wait(self._tasks)
         self._tasks = []
+        snapshotting, self._snapshot_task = self._snapshot_task, None
+        if snapshotting is not None:
+            snapshotting.cancel()  # its temporary file is removed; the log replays
+            await asyncio.wait([snapshotting])
+        if self._snapshot_pool is not None:
+            await asyncio.to_thread(self._snapshot_pool.shutdown)
+            self._snapshot_pool = None
         self._fail_all(UnavailableError("node stopped", retry_after_s=1.0))
         await self._storage.close()
 
@@ -483,9 +514,11 @@ class ReplicatedLog:
             self.observer.persisted(time.perf_counter() - started)
             self._commit_hint = None
         if ready.snapshot is not None:
-            index, data = ready.snapshot
-            self._applier.restore(data)
+            index, blob = ready.snapshot
+            # Whole in memory for the restore only (transient).
+            self._applier.restore(read_all(blob))
             self._snapshot_index = index
+            self._snapshot_mark = self._applied_bytes
             self._applied_time_ms = self._applier.last_time_ms()
             for slot in [s for s in self._inflight if s <= index]:
                 self._fail_slot(slot, "covered by a snapshot: outcome unknown")
@@ -509,15 +542,10 @@ class ReplicatedLog:
             )
             self._applied_time_ms = max(self._applied_time_ms, entry.time_ms)
             self._last_time_ms = max(self._last_time_ms, entry.time_ms)
+            self._applied_bytes += len(value)
             self._resolve(slot, value, self._applier.apply(entry).results)
         self._wake_applied()
-        # Snapshot what the applier holds, at its own index: a snapshot
-        # installed during an await above may have moved the replica on.
-        applied = self._applier.last_index()
-        if applied - max(self._snapshot_index, replica.status().snapshot_index) >= (
-            self.config.snapshot_every_entries
-        ):
-            await self._snapshot(applied)
+        self._maybe_snapshot()
 
     def _resolve(self, slot: int, value: bytes, results: list[Result]) -> None:
         inflight = self._inflight.pop(slot, None)
@@ -542,20 +570,117 @@ class ReplicatedLog:
             if not fut.done():
                 fut.set_exception(error)
 
-    async def _snapshot(self, index: int) -> None:
-        assert self.replica is not None
-        data = self._applier.snapshot()
-        if index != self._applier.last_index() or index <= self.replica.status().snapshot_index:
-            return  # the state moved while we were away: next time
-        try:
-            await self._storage.save_snapshot(index, data)
-        except PQueueError as exc:
-            logger.error("snapshot failed, will retry: %s", exc)
-            self._snapshot_index += self.config.snapshot_every_entries // 2
+    # ----------------------------------------------------------- snapshots
+
+    def _incoming_snapshot(self, index: int, total: int) -> BlobSink:
+        """Where the replica writes a snapshot it receives: a temporary file
+        of the store's (which ``persist`` then records)."""
+        return self._storage.snapshot_sink()
+
+    def _maybe_snapshot(self) -> None:
+        """Start a background snapshot if the log behind the last one passed
+        its entry count or byte budget (one at a time)."""
+        replica = self.replica
+        if self._snapshot_task is not None or replica is None or not self._accepting:
             return
-        self.replica.compact(index, data)
-        self._snapshot_index = index
-        logger.info("node %d: snapshot at %d", self.config.node_id, index)
+        applied = self._applier.last_index()
+        behind = applied - max(self._snapshot_index, replica.status().snapshot_index)
+        log_bytes = self._applied_bytes - self._snapshot_mark
+        if behind <= 0 or (
+            behind < self.config.snapshot_every_entries
+            and log_bytes < self.config.snapshot_log_bytes
+        ):
+            return
+        retry_index, retry_bytes = self._snapshot_retry
+        if applied < retry_index and self._applied_bytes < retry_bytes:
+            return
+        # The state as of now, on the loop (between applies: a consistent cut).
+        view = self._applier.freeze()
+        if self._snapshot_pool is None:
+            self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="pq-snapshot")
+        task = asyncio.create_task(
+            self._write_snapshot(view, self._applied_bytes, self._snapshot_pool),
+            name="pq-snapshot",
+        )
+        task.add_done_callback(self._on_snapshot_done)
+        self._snapshot_task = task
+
+    async def _write_snapshot(
+        self, view: SnapshotView, mark: int, pool: ThreadPoolExecutor
+    ) -> None:
+        """Write ``view`` to a file, have the store record it, compact.
+
+        The chunks are serialized here, on the loop, because the view is
+        only safe to read between applies (``Applier.freeze``); each is
+        written and hashed by ``pool``'s one thread while the next is made,
+        and the loop serves others between chunks. Nothing holds more than
+        a chunk or two of the snapshot.
+        """
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        sink = self._storage.snapshot_sink()
+        try:
+            pending: asyncio.Future[None] | None = None
+            for chunk in view.chunks():  # made while the previous one is written
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(pool, sink.write, chunk)
+                await asyncio.sleep(0)  # the loop serves between chunks
+            if pending is not None:
+                await pending
+            blob = await loop.run_in_executor(pool, sink.finish_synced)
+        except BaseException:
+            pool.submit(sink.abort)  # after the write in flight, on its thread
+            raise
+        written = time.perf_counter() - started
+        replica = self.replica
+        assert replica is not None
+        if blob is None:
+            self._retry_snapshot_later(f"cannot write its file: {sink.error}")
+            return
+        if view.index <= replica.status().snapshot_index:
+            blob.unlink()  # a newer one was installed meanwhile
+            return
+        try:
+            await self._storage.save_snapshot(view.index, blob)
+        except PQueueError as exc:
+            blob.unlink()
+            self._retry_snapshot_later(str(exc))
+            return
+        replica.compact(view.index, blob)
+        self._snapshot_index = max(self._snapshot_index, view.index)
+        self._snapshot_mark = max(self._snapshot_mark, mark)
+        logger.info(
+            "node %d: snapshot at %d, %d bytes (written in %.2f s, recorded in %.2f s)",
+            self.config.node_id,
+            view.index,
+            blob.size,
+            written,
+            time.perf_counter() - started - written,
+        )
+
+    def _retry_snapshot_later(self, why: str) -> None:
+        """A snapshot failed: the next waits for half a budget more."""
+        logger.error("node %d: snapshot failed, will retry: %s", self.config.node_id, why)
+        self._snapshot_retry = (
+            self._applier.last_index() + max(1, self.config.snapshot_every_entries // 2),
+            self._applied_bytes + max(1, self.config.snapshot_log_bytes // 2),
+        )
+
+    def _on_snapshot_done(self, task: asyncio.Task[None]) -> None:
+        if self._snapshot_task is task:
+            self._snapshot_task = None
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        logger.error(
+            "node %d: snapshot failed (%s: %s); the log goes on",
+            self.config.node_id,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        self._retry_snapshot_later(type(exc).__name__)
 
     @property
     def caught_up(self) -> bool:

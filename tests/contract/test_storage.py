@@ -12,11 +12,13 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from hashlib import sha256
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from consensus.blob import MemoryBlob, read_all
 from consensus.messages import Record
 from pqueue.errors import StorageCorruptError, StorageError
 from pqueue.storage import Storage, StoredSnapshot, open_storage
@@ -125,13 +127,15 @@ async def test_a_snapshot_drops_what_it_covers_and_never_goes_back(
     store: Storage, make_store: StoreFactory
 ) -> None:
     await store.persist((1, 1), [rec(i) for i in range(1, 6)], 5, None)
-    await store.persist(None, [], None, StoredSnapshot(3, b"state@3"))
-    await store.save_snapshot(4, b"state@4")
-    await store.save_snapshot(2, b"state@2")  # older: must not replace the newer one
+    await store.persist(None, [], None, StoredSnapshot(3, MemoryBlob(b"state@3")))
+    await store.save_snapshot(4, MemoryBlob(b"state@4"))
+    await store.save_snapshot(2, MemoryBlob(b"state@2"))  # older: must not replace the newer one
     store = await reopened(store, make_store)
     try:
         state = await store.load_acceptor()
-        assert state.snapshot == StoredSnapshot(4, b"state@4")
+        assert state.snapshot is not None
+        assert (state.snapshot.index, read_all(state.snapshot.blob)) == (4, b"state@4")
+        assert state.snapshot.blob.digest == sha256(b"state@4").digest()
         assert [r.slot for r in state.records] == [5]
     finally:
         await store.close()

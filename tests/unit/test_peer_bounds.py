@@ -7,6 +7,7 @@ from hashlib import sha256
 
 import pytest
 
+from consensus.blob import read_all
 from consensus.messages import (
     MAX_PROTOCOL_INT,
     Accept,
@@ -199,32 +200,70 @@ def test_a_snapshot_travels_in_pulled_chunks_and_installs_whole() -> None:
     assert [c.offset for c in chunks] == list(range(0, 10_240, 1000))
     assert all(c.total == len(data) and c.sha256 == sha256(data).digest() for c in chunks)
     assert follower.commit_index == 50
-    assert follower.snapshot_data == data
+    assert read_all(follower.snapshot_blob) == data
     assert not follower.installing_snapshot
 
 
-def test_a_lost_chunk_resumes_from_its_offset_not_from_zero() -> None:
+@pytest.mark.parametrize("window", [1, 4])
+def test_a_lost_chunk_resumes_from_its_offset_not_from_zero(window: int) -> None:
     data = b"s" * 5000
-    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=1000)
-    follower = replica(2)
+    leader = replica(
+        1,
+        DurableState(snapshot=(9, data), commit_index=9),
+        snapshot_chunk_bytes=1000,
+        snapshot_window=window,
+    )
+    follower = replica(2, snapshot_window=window)
     follower.known_commit = 9
-    _transfer(leader, follower, drop={3000})
+    chunks = _transfer(leader, follower, drop={3000})
     assert follower.installing_snapshot  # stalled at 3000
+    # With a window, the chunk after the lost one came anyway (and waits).
+    assert [c.offset for c in chunks] == (
+        [0, 1000, 2000, 3000, 4000] if window > 1 else [0, 1000, 2000, 3000]
+    )
     follower.leader_id = 1
     for _ in range(follower.config.catchup_retry_ticks):
         follower.tick()  # the catch-up retry asks again...
     [ask] = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
-    assert ask.offset == 3000  # ...where it stopped
-    leader.step(ask)
-    for msg in sent(leader):
-        follower.step(msg)
-    for msg in sent(follower):
-        if isinstance(msg, SnapshotRequest):
-            leader.step(msg)
+    assert ask.offset == 3000  # ...where it stopped (4000, already here, is not asked again)
+    pending: list[Message] = [ask]
+    resent: list[int] = []
+    while pending:
+        for request in pending:
+            leader.step(request)
+        for chunk in sent(leader):
+            assert isinstance(chunk, InstallSnapshot)
+            resent.append(chunk.offset)
+            follower.step(chunk)
+        pending = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert resent == ([3000] if window > 1 else [3000, 4000])
+    assert follower.commit_index == 9
+    assert read_all(follower.snapshot_blob) == data
+
+
+def test_chunks_arriving_out_of_order_within_the_window_are_kept() -> None:
+    data = bytes(range(256)) * 20  # 5,120 bytes: chunks at 0, 1000, ..., 5000
+    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=1000)
+    follower = replica(2)
+    follower.known_commit = 9
+    leader.step(CatchupRequest(2, 1, 1))
+    [first] = sent(leader)
+    follower.step(first)
+    asks = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert [a.offset for a in asks] == [1000, 2000, 3000, 4000]  # a window of four
+    replies = []
+    for ask in asks:
+        leader.step(ask)
+        replies += sent(leader)
+    for chunk in reversed(replies):  # the network reordered them
+        follower.step(chunk)
+    more = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert [a.offset for a in more] == [5000]  # only the rest
+    leader.step(more[0])
     [last] = sent(leader)
     follower.step(last)
     assert follower.commit_index == 9
-    assert follower.snapshot_data == data
+    assert read_all(follower.snapshot_blob) == data
 
 
 def test_a_snapshot_that_fails_its_digest_is_never_installed() -> None:
@@ -379,4 +418,4 @@ def test_a_transfer_survives_its_source_compacting_again_and_the_lead_moving() -
             follower.step(chunk)
         pending = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
     assert follower.commit_index == 9
-    assert follower.snapshot_data == data
+    assert read_all(follower.snapshot_blob) == data
