@@ -7,7 +7,7 @@ from hashlib import sha256
 
 import pytest
 
-from consensus.blob import read_all
+from consensus.blob import Blob, BlobSink, MemorySink, read_all
 from consensus.messages import (
     MAX_PROTOCOL_INT,
     Accept,
@@ -419,3 +419,56 @@ def test_a_transfer_survives_its_source_compacting_again_and_the_lead_moving() -
         pending = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
     assert follower.commit_index == 9
     assert read_all(follower.snapshot_blob) == data
+
+
+class _Sink(MemorySink):
+    """A sink that says what happened to it (and can fail to keep the bytes)."""
+
+    def __init__(self, keeps: bool = True) -> None:
+        super().__init__()
+        self.keeps = keeps
+        self.aborted = False
+
+    def finish(self, digest: bytes) -> Blob | None:
+        return super().finish(digest) if self.keeps else None
+
+    def abort(self) -> None:
+        self.aborted = True
+        super().abort()
+
+
+def test_a_snapshot_the_sink_cannot_keep_is_not_installed() -> None:
+    data = b"k" * 3000
+    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=1000)
+    sinks: list[_Sink] = []
+
+    def failing(index: int, total: int) -> BlobSink:
+        sinks.append(_Sink(keeps=False))
+        return sinks[-1]
+
+    follower = Replica(Config(node_id=2, nodes=NODES), random.Random(2), None, sinks=failing)
+    follower.known_commit = 9
+    _transfer(leader, follower)
+    assert len(sinks) == 1
+    assert follower.commit_index == 0  # e.g. a full disk: nothing installed
+    assert follower.ready().snapshot is None
+    assert not follower.installing_snapshot  # the catch-up retry starts over
+
+
+def test_a_newer_snapshot_or_a_stall_discards_the_bytes_received() -> None:
+    sinks: list[_Sink] = []
+
+    def recording(index: int, total: int) -> BlobSink:
+        sinks.append(_Sink())
+        return sinks[-1]
+
+    follower = Replica(Config(node_id=2, nodes=NODES), random.Random(2), None, sinks=recording)
+    old, new = b"o" * 3000, b"n" * 3000
+    follower.step(InstallSnapshot(1, 2, 9, old[:1000], 9, 0, 3000, sha256(old).digest()))
+    follower.step(InstallSnapshot(1, 2, 20, new[:1000], 20, 0, 3000, sha256(new).digest()))
+    assert [s.aborted for s in sinks] == [True, False]  # the older transfer's file goes
+    follower.leader_id = 1
+    for _ in range(4 * (follower.config.catchup_retry_ticks + 1)):
+        follower.tick()  # no chunk comes: the transfer is given up
+    assert not follower.installing_snapshot
+    assert [s.aborted for s in sinks] == [True, True]
