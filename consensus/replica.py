@@ -124,6 +124,12 @@ class Config:
     #: How many chunk requests a follower keeps in flight (pipelining hides
     #: the round trip: a 130 MB snapshot is 130 chunks).
     snapshot_window: int = 4
+    #: After serving a snapshot, compacting keeps the log after it (up to
+    #: this many value bytes) for this many ticks: the follower restoring it
+    #: then goes on from the log, not from yet another snapshot (a big state
+    #: restores for longer than the log takes to reach the next snapshot).
+    catchup_hold_ticks: int = 1200
+    catchup_hold_bytes: int = 64 << 20
     catchup_retry_ticks: int = 4
 
     def __post_init__(self) -> None:
@@ -286,6 +292,12 @@ class Replica:
         self._retained_idle = 0
         #: Ticks since a follower last pulled a chunk of the current snapshot.
         self._served_idle = 1 << 30
+        #: The index of the snapshot we last served a chunk of, and ticks since.
+        self._served_index = 0
+        self._hold_idle = 1 << 30
+        #: The log is kept from this slot on (compacting may hold slots at or
+        #: below the snapshot index for a follower's catch-up: see ``compact``).
+        self._log_from = self.snapshot_index + 1
 
     # ------------------------------------------------------------- inputs
 
@@ -293,6 +305,12 @@ class Replica:
         """One unit of time passed."""
         self.election_elapsed += 1
         self._served_idle += 1
+        self._hold_idle += 1
+        if (
+            self._log_from <= self.snapshot_index
+            and self._hold_idle > self.config.catchup_hold_ticks
+        ):
+            self._drop_log_upto(self.snapshot_index)  # nobody came back for it
         if self._retained is not None:
             self._retained_idle += 1
             if self._retained_idle > 3 * self.config.election_ticks:
@@ -426,8 +444,22 @@ class Replica:
             self._retained = (self.snapshot_index, self.snapshot_blob)
             self._retained_idle = 0
         self.snapshot_index, self.snapshot_blob = index, as_blob(snapshot)
-        for slot in [s for s in self.log if s <= index]:
+        upto, served = index, self._served_index
+        if self._hold_idle <= self.config.catchup_hold_ticks and self._log_from <= served + 1:
+            # A follower got (or is getting) the snapshot at ``served``: keep
+            # the chosen values after it, so that once it has restored it goes
+            # on from the log, not from this newer snapshot (a big state may
+            # restore for longer than the log takes to reach the next one).
+            held = sum(len(r.value) for s, r in self.log.items() if served < s <= index)
+            if held <= self.config.catchup_hold_bytes:
+                upto = min(served, index)
+        self._drop_log_upto(upto)
+
+    def _drop_log_upto(self, upto: int) -> None:
+        """Forget the log up to ``upto`` (covered by the snapshot)."""
+        for slot in [s for s in self.log if s <= upto]:
             del self.log[slot]
+        self._log_from = max(self._log_from, upto + 1)
 
     def ready(self) -> Ready:
         """Everything to persist, send and apply since the last call."""
@@ -1035,7 +1067,7 @@ class Replica:
         return self.rng.choice(ahead) if ahead else 0
 
     def _on_catchup_request(self, msg: CatchupRequest) -> None:
-        if msg.from_slot <= self.snapshot_index:
+        if msg.from_slot <= self.snapshot_index and msg.from_slot < self._log_from:
             # An older node installs whatever one InstallSnapshot carries: it
             # gets the whole snapshot (as before), never a chunk.
             self._send_snapshot_chunk(msg.src, 0, whole=not msg.parts)
@@ -1076,6 +1108,7 @@ class Replica:
         else:
             self._retained_idle = 0
         index, blob = snapshot
+        self._served_index, self._hold_idle = index, 0
         n = blob.size - offset if whole else self.config.snapshot_chunk_bytes
         self._send(
             InstallSnapshot(
@@ -1195,8 +1228,7 @@ class Replica:
     def _install_snapshot(self, src: int, index: int, blob: Blob) -> None:
         """Replace our state with a complete, verified snapshot at ``index``."""
         self.snapshot_index, self.snapshot_blob = index, blob
-        for slot in [s for s in self.log if s <= index]:
-            del self.log[slot]
+        self._drop_log_upto(index)
         self.commit_index = self.emitted = index
         self._out.snapshot = (index, blob)
         self._out.committed = []  # anything queued is older than the snapshot

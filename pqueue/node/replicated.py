@@ -126,6 +126,8 @@ class ReplicatedLog:
         #: The snapshot being written in the background, and its file writer.
         self._snapshot_task: asyncio.Task[None] | None = None
         self._snapshot_pool: ThreadPoolExecutor | None = None
+        #: When the snapshot being received started coming (for the log line).
+        self._receiving_since = 0.0
         self._commit_hint: int | None = None
         #: The leadership view the replica last reported (``Ready.soft_state``).
         self._soft = SoftState(Role.FOLLOWER, 0, ZERO, ZERO)
@@ -515,8 +517,18 @@ class ReplicatedLog:
             self._commit_hint = None
         if ready.snapshot is not None:
             index, blob = ready.snapshot
+            received = time.perf_counter()
             # Whole in memory for the restore only (transient).
             self._applier.restore(read_all(blob))
+            logger.info(
+                "node %d installed a snapshot at %d, %d bytes (received in %.2f s, "
+                "restored in %.2f s)",
+                self.config.node_id,
+                index,
+                blob.size,
+                received - self._receiving_since,
+                time.perf_counter() - received,
+            )
             self._snapshot_index = index
             self._snapshot_mark = self._applied_bytes
             self._applied_time_ms = self._applier.last_time_ms()
@@ -575,6 +587,10 @@ class ReplicatedLog:
     def _incoming_snapshot(self, index: int, total: int) -> BlobSink:
         """Where the replica writes a snapshot it receives: a temporary file
         of the store's (which ``persist`` then records)."""
+        logger.info(
+            "node %d receives a snapshot at %d, %d bytes", self.config.node_id, index, total
+        )
+        self._receiving_since = time.perf_counter()
         return self._storage.snapshot_sink()
 
     def _maybe_snapshot(self) -> None:
@@ -595,18 +611,20 @@ class ReplicatedLog:
         if applied < retry_index and self._applied_bytes < retry_bytes:
             return
         # The state as of now, on the loop (between applies: a consistent cut).
+        started = time.perf_counter()
         view = self._applier.freeze()
+        frozen = time.perf_counter() - started
         if self._snapshot_pool is None:
             self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="pq-snapshot")
         task = asyncio.create_task(
-            self._write_snapshot(view, self._applied_bytes, self._snapshot_pool),
+            self._write_snapshot(view, self._applied_bytes, self._snapshot_pool, frozen),
             name="pq-snapshot",
         )
         task.add_done_callback(self._on_snapshot_done)
         self._snapshot_task = task
 
     async def _write_snapshot(
-        self, view: SnapshotView, mark: int, pool: ThreadPoolExecutor
+        self, view: SnapshotView, mark: int, pool: ThreadPoolExecutor, frozen: float
     ) -> None:
         """Write ``view`` to a file, have the store record it, compact.
 
@@ -651,10 +669,12 @@ class ReplicatedLog:
         self._snapshot_index = max(self._snapshot_index, view.index)
         self._snapshot_mark = max(self._snapshot_mark, mark)
         logger.info(
-            "node %d: snapshot at %d, %d bytes (written in %.2f s, recorded in %.2f s)",
+            "node %d: snapshot at %d, %d bytes (frozen in %.2f s, written in %.2f s, "
+            "recorded in %.2f s)",
             self.config.node_id,
             view.index,
             blob.size,
+            frozen,
             written,
             time.perf_counter() - started - written,
         )

@@ -472,3 +472,62 @@ def test_a_newer_snapshot_or_a_stall_discards_the_bytes_received() -> None:
         follower.tick()  # no chunk comes: the transfer is given up
     assert not follower.installing_snapshot
     assert [s.aborted for s in sinks] == [True, True]
+
+
+def _served_then_compacted(**config: int) -> Replica:
+    """A leader that served the snapshot at 9, then compacted to 30."""
+    data = b"s" * 3000
+    records = {s: Record(s, (1, 1), b"v%d" % s, chosen=True) for s in range(10, 31)}
+    leader = replica(
+        1,
+        DurableState(snapshot=(9, data), commit_index=30, records=records),
+        snapshot_chunk_bytes=1000,
+        **config,
+    )
+    leader.ready()  # applies up to 30
+    follower = replica(2)
+    follower.known_commit = 9
+    _transfer(leader, follower)
+    assert follower.commit_index >= 9  # it has the snapshot at 9 (and restores it, slowly)
+    leader.compact(30, b"n" * 3000)
+    return leader
+
+
+def test_after_a_snapshot_the_follower_goes_on_from_the_log_not_a_newer_snapshot() -> None:
+    # A big state restores for longer than the log takes to reach the next
+    # snapshot: pulled snapshot after snapshot, the follower would never end.
+    leader = _served_then_compacted()
+    leader.step(CatchupRequest(2, 1, 10))
+    [reply] = sent(leader)
+    assert isinstance(reply, CatchupReply)
+    assert [s for s, _ in reply.entries] == list(range(10, 31))
+    assert reply.entries[0][1] == b"v10"
+
+
+def test_the_log_held_for_a_catch_up_goes_after_a_while_or_past_its_budget() -> None:
+    leader = _served_then_compacted(catchup_hold_ticks=5)
+    for _ in range(6):
+        leader.tick()
+    sent(leader)
+    leader.step(CatchupRequest(2, 1, 10))
+    [reply] = sent(leader)
+    assert isinstance(reply, InstallSnapshot)  # nobody came back for it in time
+    assert reply.index == 30
+    assert not [s for s in leader.log if s <= 30]
+
+    leader = _served_then_compacted(catchup_hold_bytes=10)  # 21 values of 3-4 bytes
+    leader.step(CatchupRequest(2, 1, 10))
+    [reply] = sent(leader)
+    assert isinstance(reply, InstallSnapshot)
+    assert not [s for s in leader.log if s <= 30]
+
+
+def test_a_leader_that_served_no_snapshot_holds_no_log() -> None:
+    records = {s: Record(s, (1, 1), b"v", chosen=True) for s in range(1, 31)}
+    leader = replica(1, DurableState(records=records, commit_index=30))
+    leader.ready()
+    leader.compact(30, b"state")
+    assert not leader.log
+    leader.step(CatchupRequest(2, 1, 5))
+    [reply] = sent(leader)
+    assert isinstance(reply, InstallSnapshot)
