@@ -53,6 +53,10 @@ from pqueue.v1 import log_pb2 as logpb
 
 logger = logging.getLogger(__name__)
 
+#: How long a leader keeps the log after a snapshot it served (see
+#: ``consensus.Config.catchup_hold_ticks``): longer than a big state restores.
+CATCHUP_HOLD_MS = 60_000
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -168,6 +172,10 @@ class ReplicatedLog:
                 election_ticks=c.election_ticks,
                 heartbeat_ticks=c.heartbeat_ticks,
                 max_inflight_slots=c.max_inflight_slots,
+                # A follower that got a snapshot goes on from the log for a
+                # minute: the log between two snapshots is about the budget.
+                catchup_hold_ticks=max(1, CATCHUP_HOLD_MS // c.tick_ms),
+                catchup_hold_bytes=2 * c.snapshot_log_bytes,
             ),
             random.Random(),
             DurableState(

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from consensus.blob import read_all
@@ -17,9 +18,11 @@ from pqueue.core.snapshot import restore, state_hash
 from pqueue.node.queue_node import NodeConfig, QueueNode
 from pqueue.node.replicated import ReplicatedLog
 from pqueue.storage.blobs import FileBlob, FileSink
+from pqueue.storage.postgres import PostgresStorage
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
+from tests import pg
 from tests.inproc import Cluster
 from tests.seed import filled_machine, seed_dirs
 
@@ -239,3 +242,36 @@ async def test_a_follower_catches_up_with_200k_jobs_by_a_streamed_snapshot(
             )
     finally:
         await cluster.stop()
+
+
+async def test_a_node_on_postgres_snapshots_in_chunks_and_restarts_from_them(
+    tmp_path: Path,
+) -> None:
+    dsn = pg.dsn()  # skips without PostgreSQL
+    schema = pg.new_schema("pq_snap")
+    spool = tmp_path / "spool"
+    config = NodeConfig(snapshot_every_entries=10)
+    try:
+        async with QueueNode(PostgresStorage(dsn, schema, spool_dir=spool), config) as node:
+            for n in range(25):
+                await node.propose(enqueue(f"e{n}", jobs=50, size=1000))  # ~1.3 MB state
+            await until(lambda: node.log.status().snapshot_index >= 20, "a snapshot was taken")
+            expected, index = state_hash(node.machine), node.machine.applied_index
+            replica = replicated(node).replica
+            assert replica is not None
+            assert isinstance(replica.snapshot_blob, FileBlob)
+            size = replica.snapshot_blob.size
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(f"SELECT idx, length(data) AS n FROM {schema}.snapshot_chunks")
+        finally:
+            await conn.close()
+        assert len({r["idx"] for r in rows}) == 1  # only the recorded snapshot's chunks
+        assert sum(r["n"] for r in rows) == size
+        assert len(rows) == -(-size // (1 << 20))
+        assert not list(spool.iterdir())  # local copies are read through descriptors only
+        async with QueueNode(PostgresStorage(dsn, schema, spool_dir=spool), config) as node:
+            assert (state_hash(node.machine), node.machine.applied_index) == (expected, index)
+            assert not list(spool.iterdir())
+    finally:
+        await pg.drop_schemas(schema)
