@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from consensus.blob import Blob, BlobSink, MemoryBlob, read_all
 from consensus.messages import NOOP, ZERO, Ballot, Message, Ready, Record, Role, SoftState
 from consensus.replica import Config, DurableState, Replica, ReplicaStatus
 
@@ -9,8 +10,11 @@ __all__ = [
     "NOOP",
     "ZERO",
     "Ballot",
+    "Blob",
+    "BlobSink",
     "Config",
     "DurableState",
+    "MemoryBlob",
     "Message",
     "Ready",
     "Record",
@@ -18,4 +22,5 @@ __all__ = [
     "ReplicaStatus",
     "Role",
     "SoftState",
+    "read_all",
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from consensus.blob import Blob
+
 Ballot = tuple[int, int]
 ZERO: Ballot = (0, 0)
 
@@ -258,8 +260,9 @@ class Ready:
 
     promised: Ballot | None = None
     records: list[Record] = field(default_factory=list)
-    #: Replace the application state and drop the log up to this index.
-    snapshot: tuple[int, bytes] | None = None
+    #: Replace the application state with this snapshot (received whole and
+    #: verified) and drop the log up to its index.
+    snapshot: tuple[int, Blob] | None = None
     messages: list[Message] = field(default_factory=list)
     #: Chosen values to apply, contiguous and in slot order.
     committed: list[tuple[int, bytes]] = field(default_factory=list)

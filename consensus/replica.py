@@ -33,10 +33,12 @@ and the simulator (``tests/sim``) drives exactly this one class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from consensus.blob import Blob, BlobSink, as_blob, memory_sink
 from consensus.messages import (
     MAX_NODE_ID,
     MAX_PROTOCOL_INT,
@@ -117,8 +119,17 @@ class Config:
     #: pass this many bytes (it always takes one).
     max_inflight_bytes: int = 64 << 20
     #: A snapshot travels in chunks of this many bytes, each pulled by the
-    #: follower (flow control: one chunk in flight per follower).
+    #: follower (flow control: a window of chunks in flight per follower).
     snapshot_chunk_bytes: int = 1 << 20
+    #: How many chunk requests a follower keeps in flight (pipelining hides
+    #: the round trip: a 130 MB snapshot is 130 chunks).
+    snapshot_window: int = 4
+    #: After serving a snapshot, compacting keeps the log after it (up to
+    #: this many value bytes) for this many ticks: the follower restoring it
+    #: then goes on from the log, not from yet another snapshot (a big state
+    #: restores for longer than the log takes to reach the next snapshot).
+    catchup_hold_ticks: int = 1200
+    catchup_hold_bytes: int = 64 << 20
     catchup_retry_ticks: int = 4
 
     def __post_init__(self) -> None:
@@ -132,6 +143,8 @@ class Config:
             raise ValueError("max_inflight_slots and max_batch_entries must be positive")
         if min(self.max_promise_bytes, self.max_reoffer_bytes, self.snapshot_chunk_bytes) < 1:
             raise ValueError("byte budgets must be positive")
+        if self.snapshot_window < 1:
+            raise ValueError("snapshot_window must be positive")
         if not all(0 < n < MAX_NODE_ID for n in self.nodes):
             raise ValueError(f"node ids must be in 1..{MAX_NODE_ID - 1}")
 
@@ -143,7 +156,17 @@ class _Incoming:
     index: int
     total: int
     digest: bytes
-    data: bytearray
+    #: Where the bytes go (a file, in the node), and their SHA-256 so far.
+    sink: BlobSink
+    hasher: Any = field(default_factory=sha256)
+    #: Bytes received (and written to ``sink``) so far: the next offset.
+    received: int = 0
+    #: The source's chunk size (learnt from the first chunk; 0: not yet).
+    chunk: int = 0
+    #: Where the next request starts (requests run ahead of ``received``).
+    asked: int = 0
+    #: Chunks that arrived ahead of a missing one, by offset (at most a window).
+    early: dict[int, bytes] = field(default_factory=dict)
     #: Catch-up retries since the last chunk arrived (a stalled transfer is
     #: dropped after a few, so the node can start over).
     idle: int = 0
@@ -162,21 +185,32 @@ class DurableState:
     promised: Ballot = ZERO
     records: dict[int, Record] = field(default_factory=dict)
     commit_index: int = 0
-    snapshot: tuple[int, bytes] | None = None
+    #: (index, blob); bytes are taken too (wrapped in a ``MemoryBlob``).
+    snapshot: tuple[int, Blob | bytes] | None = None
 
 
 class Replica:
     """One node's Multi-Paxos roles. See the module docstring."""
 
-    def __init__(self, config: Config, rng: Random, durable: DurableState | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        rng: Random,
+        durable: DurableState | None = None,
+        sinks: Callable[[int, int], BlobSink] = memory_sink,
+    ) -> None:
         self.config = config
         self.id = config.node_id
         self.majority = len(config.nodes) // 2 + 1
         self.rng = rng
+        #: Makes the sink a received snapshot is written to: (index, total) -> sink.
+        self._sinks = sinks
         durable = durable or DurableState()
         self.promised: Ballot = durable.promised
         self.log: dict[int, Record] = dict(durable.records)
-        self.snapshot_index, self.snapshot_data = durable.snapshot or (0, b"")
+        index, blob = durable.snapshot or (0, b"")
+        #: The latest snapshot: its index and its bytes (read in chunks, never whole).
+        self.snapshot_index, self.snapshot_blob = index, as_blob(blob)
         self.commit_index = max(self.snapshot_index, 0)
         #: Highest slot known chosen anywhere (our target while catching up).
         self.known_commit = max(durable.commit_index, self.snapshot_index)
@@ -250,16 +284,20 @@ class Replica:
         self._partial_ballot: Ballot = ZERO
         #: Follower: the snapshot being received, if any.
         self._incoming: _Incoming | None = None
-        #: Leader side: (index, sha256) of our snapshot, computed once.
-        self._snapshot_digest: tuple[int, bytes] = (-1, b"")
-        #: The snapshot before the current one (index, data, digest), kept
-        #: while a follower still pulls its chunks: compacting again mid-way
-        #: must not restart a transfer (at a high write rate it would never
-        #: finish). Dropped once nobody asked for it for a few election timeouts.
-        self._retained: tuple[int, bytes, bytes] | None = None
+        #: The snapshot before the current one (index, blob), kept while a
+        #: follower still pulls its chunks: compacting again mid-way must not
+        #: restart a transfer (at a high write rate it would never finish).
+        #: Dropped once nobody asked for it for a few election timeouts.
+        self._retained: tuple[int, Blob] | None = None
         self._retained_idle = 0
         #: Ticks since a follower last pulled a chunk of the current snapshot.
         self._served_idle = 1 << 30
+        #: The index of the snapshot we last served a chunk of, and ticks since.
+        self._served_index = 0
+        self._hold_idle = 1 << 30
+        #: The log is kept from this slot on (compacting may hold slots at or
+        #: below the snapshot index for a follower's catch-up: see ``compact``).
+        self._log_from = self.snapshot_index + 1
 
     # ------------------------------------------------------------- inputs
 
@@ -267,6 +305,12 @@ class Replica:
         """One unit of time passed."""
         self.election_elapsed += 1
         self._served_idle += 1
+        self._hold_idle += 1
+        if (
+            self._log_from <= self.snapshot_index
+            and self._hold_idle > self.config.catchup_hold_ticks
+        ):
+            self._drop_log_upto(self.snapshot_index)  # nobody came back for it
         if self._retained is not None:
             self._retained_idle += 1
             if self._retained_idle > 3 * self.config.election_ticks:
@@ -388,19 +432,34 @@ class Replica:
         self._read_round_due = True
         return True
 
-    def compact(self, index: int, data: bytes) -> None:
-        """The application holds a snapshot at ``index``: forget the log up to it."""
+    def compact(self, index: int, snapshot: Blob | bytes) -> None:
+        """The application holds a snapshot at ``index`` (durably, in
+        ``snapshot``): forget the log up to it."""
         if index > self.emitted:
             raise ValueError(f"cannot compact to {index}: applied only to {self.emitted}")
         if index <= self.snapshot_index:
             return
         if self.snapshot_index and self._served_idle <= 3 * self.config.election_ticks:
             # A follower is pulling the current one: keep it until it is done.
-            self._retained = (self.snapshot_index, self.snapshot_data, self._digest())
+            self._retained = (self.snapshot_index, self.snapshot_blob)
             self._retained_idle = 0
-        self.snapshot_index, self.snapshot_data = index, data
-        for slot in [s for s in self.log if s <= index]:
+        self.snapshot_index, self.snapshot_blob = index, as_blob(snapshot)
+        upto, served = index, self._served_index
+        if self._hold_idle <= self.config.catchup_hold_ticks and self._log_from <= served + 1:
+            # A follower got (or is getting) the snapshot at ``served``: keep
+            # the chosen values after it, so that once it has restored it goes
+            # on from the log, not from this newer snapshot (a big state may
+            # restore for longer than the log takes to reach the next one).
+            held = sum(len(r.value) for s, r in self.log.items() if served < s <= index)
+            if held <= self.config.catchup_hold_bytes:
+                upto = min(served, index)
+        self._drop_log_upto(upto)
+
+    def _drop_log_upto(self, upto: int) -> None:
+        """Forget the log up to ``upto`` (covered by the snapshot)."""
+        for slot in [s for s in self.log if s <= upto]:
             del self.log[slot]
+        self._log_from = max(self._log_from, upto + 1)
 
     def ready(self) -> Ready:
         """Everything to persist, send and apply since the last call."""
@@ -472,7 +531,7 @@ class Replica:
             return False
         incoming.idle_ticks += 1
         if incoming.idle_ticks > 3 * self.config.election_ticks:
-            self._incoming = None
+            self._drop_incoming()
             return False
         return True
 
@@ -989,13 +1048,10 @@ class Replica:
             if incoming.idle <= 3:
                 # Resume the transfer where it stopped (a chunk was lost), from
                 # the node serving it: it keeps that snapshot until we are done.
-                self._send(
-                    SnapshotRequest(
-                        self.id, incoming.source or source, incoming.index, len(incoming.data)
-                    )
-                )
+                incoming.asked = incoming.received
+                self._ask_chunks(incoming, incoming.source or source)
                 return
-            self._incoming = None  # stalled: start over (or let us campaign)
+            self._drop_incoming()  # stalled: start over (or let us campaign)
         self._send(CatchupRequest(self.id, source, self.commit_index + 1))
 
     def _best_catchup_source(self) -> int:
@@ -1011,7 +1067,7 @@ class Replica:
         return self.rng.choice(ahead) if ahead else 0
 
     def _on_catchup_request(self, msg: CatchupRequest) -> None:
-        if msg.from_slot <= self.snapshot_index:
+        if msg.from_slot <= self.snapshot_index and msg.from_slot < self._log_from:
             # An older node installs whatever one InstallSnapshot carries: it
             # gets the whole snapshot (as before), never a chunk.
             self._send_snapshot_chunk(msg.src, 0, whole=not msg.parts)
@@ -1036,39 +1092,34 @@ class Replica:
         if self.commit_index < self.known_commit:
             self._request_catchup(msg.src)
 
-    def _digest(self) -> bytes:
-        """The current snapshot's SHA-256 (computed once per snapshot)."""
-        if self._snapshot_digest[0] != self.snapshot_index:
-            self._snapshot_digest = (self.snapshot_index, sha256(self.snapshot_data).digest())
-        return self._snapshot_digest[1]
-
     def _send_snapshot_chunk(
         self,
         dst: int,
         offset: int,
         whole: bool = False,
-        snapshot: tuple[int, bytes, bytes] | None = None,
+        snapshot: tuple[int, Blob] | None = None,
     ) -> None:
         """One chunk of our snapshot (or of ``snapshot``, the retained one);
         every chunk carries its length and digest, so a follower can start
         from any of them."""
         if snapshot is None:
-            snapshot = (self.snapshot_index, self.snapshot_data, self._digest())
+            snapshot = (self.snapshot_index, self.snapshot_blob)
             self._served_idle = 0
         else:
             self._retained_idle = 0
-        index, data, digest = snapshot
-        end = len(data) if whole else offset + self.config.snapshot_chunk_bytes
+        index, blob = snapshot
+        self._served_index, self._hold_idle = index, 0
+        n = blob.size - offset if whole else self.config.snapshot_chunk_bytes
         self._send(
             InstallSnapshot(
                 self.id,
                 dst,
                 index,
-                data[offset:end],
+                blob.read(offset, n),
                 self.commit_index,
                 offset,
-                len(data),
-                digest,
+                blob.size,
+                blob.digest,
             )
         )
 
@@ -1076,9 +1127,9 @@ class Replica:
         if self.snapshot_index == 0:
             return
         retained = self._retained
-        if retained is not None and msg.index == retained[0] and msg.offset < len(retained[1]):
+        if retained is not None and msg.index == retained[0] and msg.offset < retained[1].size:
             self._send_snapshot_chunk(msg.src, msg.offset, snapshot=retained)
-        elif msg.index == self.snapshot_index and msg.offset < len(self.snapshot_data):
+        elif msg.index == self.snapshot_index and msg.offset < self.snapshot_blob.size:
             self._send_snapshot_chunk(msg.src, msg.offset)
         else:
             # We compacted further since (or never had that one): a newer
@@ -1090,7 +1141,7 @@ class Replica:
         incoming = self._incoming
         if msg.index <= self.commit_index:
             if incoming is not None and incoming.index <= self.commit_index:
-                self._incoming = None  # overtaken: the log caught us up
+                self._drop_incoming()  # overtaken: the log caught us up
             return
         if (
             incoming is None
@@ -1100,41 +1151,86 @@ class Replica:
                 and (msg.total, msg.sha256) != (incoming.total, incoming.digest)
             )
         ):
-            # A (newer) snapshot: start assembling it from its first chunk.
+            # A (newer) snapshot: start receiving it from its first chunk.
             if msg.offset != 0:
                 self._send(SnapshotRequest(self.id, msg.src, msg.index, 0))
                 return
+            self._drop_incoming()
             incoming = self._incoming = _Incoming(
-                msg.index, msg.total, msg.sha256, bytearray(), source=msg.src
+                msg.index,
+                msg.total,
+                msg.sha256,
+                self._sinks(msg.index, msg.total),
+                source=msg.src,
             )
-        elif msg.index < incoming.index or msg.offset != len(incoming.data):
-            # An older snapshot's chunk, or a duplicate/late one: ignore it
-            # (a lost chunk is asked for again by the catch-up retry).
+        elif msg.index < incoming.index:
+            return  # an older snapshot's chunk
+        if msg.offset != incoming.received:
+            # A duplicate or late chunk is ignored; one ahead of a missing one
+            # (reordered, or its predecessor lost) waits, within the window.
+            # A lost chunk is asked for again by the catch-up retry.
+            if (
+                incoming.received < msg.offset < incoming.asked
+                and len(incoming.early) < self.config.snapshot_window
+            ):
+                incoming.early[msg.offset] = msg.data
             return
-        if len(incoming.data) + len(msg.data) > incoming.total:
-            self._incoming = None  # does not add up: start over on the next retry
-            return
-        incoming.data += msg.data
+        data: bytes | None = msg.data
+        while data is not None:
+            if incoming.received + len(data) > incoming.total or not (
+                data or incoming.received == incoming.total
+            ):
+                self._drop_incoming()  # does not add up: start over on the next retry
+                return
+            if not incoming.chunk:
+                incoming.chunk = len(data)  # the source's chunk size: what to ask for next
+            incoming.sink.write(data)
+            incoming.hasher.update(data)
+            incoming.received += len(data)
+            data = incoming.early.pop(incoming.received, None)
         incoming.idle = incoming.idle_ticks = 0
-        if len(incoming.data) < incoming.total:
-            # Pull the next chunk: one in flight per follower (flow control).
+        if incoming.received < incoming.total:
             self.catchup_wait = self.config.catchup_retry_ticks
-            self._send(SnapshotRequest(self.id, msg.src, incoming.index, len(incoming.data)))
+            self._ask_chunks(incoming, msg.src)
             return
         self._incoming = None
         self.catchup_wait = 0
-        data = bytes(incoming.data)
-        if sha256(data).digest() != incoming.digest:
+        if incoming.hasher.digest() != incoming.digest:
+            incoming.sink.abort()
             return  # corrupt: never installed; the catch-up retry starts over
-        self._install_snapshot(msg.src, msg.index, data)
+        blob = incoming.sink.finish(incoming.digest)
+        if blob is None:
+            return  # the sink could not keep it (a full disk): start over later
+        self._install_snapshot(msg.src, msg.index, blob)
 
-    def _install_snapshot(self, src: int, index: int, data: bytes) -> None:
+    def _ask_chunks(self, incoming: _Incoming, dst: int) -> None:
+        """Keep ``snapshot_window`` chunk requests in flight from the first
+        byte we lack (flow control: the follower pulls; the window hides the
+        round trip). Before the first chunk the chunk size is unknown: one."""
+        step = incoming.chunk
+        if not step:
+            self._send(SnapshotRequest(self.id, dst, incoming.index, incoming.received))
+            return
+        end = min(incoming.total, incoming.received + self.config.snapshot_window * step)
+        offset = max(incoming.asked, incoming.received)
+        while offset < end:
+            if offset not in incoming.early:
+                self._send(SnapshotRequest(self.id, dst, incoming.index, offset))
+            offset += step
+        incoming.asked = offset
+
+    def _drop_incoming(self) -> None:
+        """Give up the snapshot being received (its bytes are discarded)."""
+        if self._incoming is not None:
+            self._incoming.sink.abort()
+            self._incoming = None
+
+    def _install_snapshot(self, src: int, index: int, blob: Blob) -> None:
         """Replace our state with a complete, verified snapshot at ``index``."""
-        self.snapshot_index, self.snapshot_data = index, data
-        for slot in [s for s in self.log if s <= index]:
-            del self.log[slot]
+        self.snapshot_index, self.snapshot_blob = index, blob
+        self._drop_log_upto(index)
         self.commit_index = self.emitted = index
-        self._out.snapshot = (index, data)
+        self._out.snapshot = (index, blob)
         self._out.committed = []  # anything queued is older than the snapshot
         self._out.commit_index = index
         self._advance_commit(trusted=None)

@@ -84,3 +84,21 @@ def parse_duration_s(text: str) -> float:
     if value <= 0:
         raise ValueError("a duration must be positive")
     return value
+
+
+_BYTE_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_BYTE_UNITS |= {"g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count: 67108864, 64MiB, 64M, 512KiB, 1GiB (binary units)."""
+    stripped = text.strip().lower()
+    number = stripped.rstrip("kmgib")
+    unit = stripped[len(number) :].strip()
+    try:
+        value = int(float(number) * _BYTE_UNITS[unit])
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"not a byte count: {text!r} (67108864, 64MiB, 512KiB, 1GiB)") from exc
+    if value <= 0:
+        raise ValueError("a byte count must be positive")
+    return value

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pqueue.cli.args import metrics_token, parse_node_id, parse_peers
+from pqueue.cli.args import metrics_token, parse_bytes, parse_node_id, parse_peers
 from pqueue.errors import PQueueError
 from pqueue.wire.logs import LOG_FORMATS, describe
 from pqueue.wire.roles import DEFAULT_LEEWAY_S, PEER, node_subject
@@ -37,6 +37,13 @@ def _budget_mb(text: str) -> int:
     if mb < 0:
         raise argparse.ArgumentTypeError("must be 0 (no budget) or more")
     return mb
+
+
+def _byte_count(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _identity_args(node: argparse.ArgumentParser) -> None:
@@ -178,6 +185,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         accept_member_change=args.accept_member_change,
         store=args.store,
         pg_schema=args.pg_schema,
+        snapshot_log_bytes=args.snapshot_log_bytes,
         log_level=args.log_level,
         log_format=args.log_format,
         snapshot_every_entries=args.snapshot_every_entries,
@@ -243,6 +251,13 @@ def register(sub: Any) -> None:
     )
     node.add_argument(
         "--pg-schema", default=None, help="the node's PostgreSQL schema (default: pq_nNODE_ID)"
+    )
+    node.add_argument(
+        "--snapshot-log-bytes",
+        type=_byte_count,
+        default=64 << 20,
+        help="snapshot (and compact the log) once this many bytes of entries were applied "
+        "since the last snapshot, or 10,000 entries, whichever first (default 64MiB)",
     )
     # /metrics exposure (issue 12): a scrape token, and what queue labels show.
     node.add_argument(

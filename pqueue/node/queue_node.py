@@ -62,7 +62,10 @@ class NodeConfig:
     """How a node runs; validated on construction."""
 
     node_id: str = "n1"
+    #: Snapshot once this many entries, or bytes of entries, were applied
+    #: since the last one (``ClusterConfig``'s fields of the same names).
     snapshot_every_entries: int = 10_000
+    snapshot_log_bytes: int = 64 << 20
     #: Ticks are proposed at most this often, whatever falls due.
     min_tick_interval_ms: int = 20
     #: The log features this node applies and announces. Only tests set it,
@@ -72,6 +75,8 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.snapshot_every_entries < 1:
             raise ValueError("snapshot_every_entries must be at least 1")
+        if self.snapshot_log_bytes < 1:
+            raise ValueError("snapshot_log_bytes must be at least 1")
         if self.min_tick_interval_ms < 1:
             raise ValueError("min_tick_interval_ms must be at least 1")
 
@@ -95,7 +100,9 @@ class QueueNode:
         # One node is a cluster of one: the same replicated log, a quorum of one.
         cluster = cluster or ClusterConfig(node_id=1, addresses={})
         cluster = dataclasses.replace(
-            cluster, snapshot_every_entries=self.config.snapshot_every_entries
+            cluster,
+            snapshot_every_entries=self.config.snapshot_every_entries,
+            snapshot_log_bytes=self.config.snapshot_log_bytes,
         )
         self.cluster = cluster
         self.transport = PeerTransport(

@@ -9,6 +9,13 @@ in flight. The shell runs the pure ``consensus.Replica`` and handles each
 A caller is answered once its slot is applied *with its own entry*; if
 another value won the slot, it gets a retriable UNAVAILABLE.
 
+Snapshots are taken in the background once the log behind the last one
+passes ``snapshot_every_entries`` entries or ``snapshot_log_bytes`` bytes:
+the state is frozen on the loop (``Applier.freeze``), its chunks serialized
+on the loop between other work and written to a file by a worker thread
+(hashed, fsynced), then the store records it and the replica compacts. The
+replica reads snapshots through that file, never holding one whole.
+
 Over 400 lines on purpose: one class whose order of persist, send and apply
 is the safety argument; split, that order would be read across files.
 """
@@ -20,14 +27,16 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from consensus import ZERO, Config, DurableState, Replica, Role, SoftState
+from consensus import ZERO, BlobSink, Config, DurableState, Replica, Role, SoftState, read_all
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
 from pqueue.core import features
+from pqueue.core.snapshot import SnapshotView
 from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
 from pqueue.node.commitlog import (
     Applier,
@@ -51,6 +60,9 @@ APPLY_SLICE_S = 0.02
 PROGRESS_EVERY_S = 5.0
 #: A node alone fails its start when recovery made no progress this long.
 STALL_S = 10.0
+#: How long a leader keeps the log after a snapshot it served (see
+#: ``consensus.Config.catchup_hold_ticks``): longer than a big state restores.
+CATCHUP_HOLD_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,10 @@ class ClusterConfig:
     heartbeat_ticks: int = 2
     max_inflight_slots: int = 64
     max_batch_commands: int = 2_000
+    #: Snapshot (and compact the log) once this many entries, or this many
+    #: bytes of entries, were applied since the last snapshot: whichever first.
     snapshot_every_entries: int = 10_000
+    snapshot_log_bytes: int = 64 << 20
     #: Identity on disk (``pqueue.node.identity``): the cluster's name (None: keep the
     #: recorded one, or ``DEFAULT_CLUSTER_ID`` at first start), whether a new
     #: member set may replace the recorded one, and the data dir named in hints.
@@ -77,6 +92,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.tick_ms < 1:
             raise ValueError("tick_ms must be at least 1")
+        if self.snapshot_every_entries < 1 or self.snapshot_log_bytes < 1:
+            raise ValueError("snapshot_every_entries and snapshot_log_bytes must be positive")
 
     def validate(self) -> None:
         """Called at start, once every address is known (ports may be bound late)."""
@@ -111,6 +128,17 @@ class ReplicatedLog:
         self._last_time_ms = 0
         self._applied_time_ms = 0
         self._snapshot_index = 0
+        #: Bytes of entries applied since start, and that count at the last
+        #: snapshot (the byte budget's measure).
+        self._applied_bytes = 0
+        self._snapshot_mark = 0
+        #: After a failed snapshot, the next waits for this index or byte count.
+        self._snapshot_retry = (0, 0)
+        #: The snapshot being written in the background, and its file writer.
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._snapshot_pool: ThreadPoolExecutor | None = None
+        #: When the snapshot being received started coming (for the log line).
+        self._receiving_since = 0.0
         self._commit_hint: int | None = None
         #: The leadership view the replica last reported (``Ready.soft_state``).
         self._soft = SoftState(Role.FOLLOWER, 0, ZERO, ZERO)
@@ -140,8 +168,8 @@ class ReplicatedLog:
             raise
         snapshot = None
         if state.snapshot is not None:
-            self._applier.restore(state.snapshot.data)
-            snapshot = (state.snapshot.index, state.snapshot.data)
+            self._applier.restore(read_all(state.snapshot.blob))
+            snapshot = (state.snapshot.index, state.snapshot.blob)
             self._snapshot_index = state.snapshot.index
         c = self.config
         self.replica = Replica(
@@ -151,6 +179,10 @@ class ReplicatedLog:
                 election_ticks=c.election_ticks,
                 heartbeat_ticks=c.heartbeat_ticks,
                 max_inflight_slots=c.max_inflight_slots,
+                # A follower that got a snapshot goes on from the log for a
+                # minute: the log between two snapshots is about the budget.
+                catchup_hold_ticks=max(1, CATCHUP_HOLD_MS // c.tick_ms),
+                catchup_hold_bytes=2 * c.snapshot_log_bytes,
             ),
             random.Random(),
             DurableState(
@@ -159,6 +191,7 @@ class ReplicatedLog:
                 commit_index=state.commit_index,
                 snapshot=snapshot,
             ),
+            sinks=self._incoming_snapshot,
         )
         self._last_time_ms = self._applied_time_ms = self._applier.last_time_ms()
         logger.info(
@@ -263,6 +296,13 @@ class ReplicatedLog:
         if self._tasks:
             await asyncio.wait(self._tasks)
         self._tasks = []
+        snapshotting, self._snapshot_task = self._snapshot_task, None
+        if snapshotting is not None:
+            snapshotting.cancel()  # its temporary file is removed; the log replays
+            await asyncio.wait([snapshotting])
+        if self._snapshot_pool is not None:
+            await asyncio.to_thread(self._snapshot_pool.shutdown)
+            self._snapshot_pool = None
         self._fail_all(UnavailableError("node stopped", retry_after_s=1.0))
         await self._storage.close()
 
@@ -552,9 +592,21 @@ class ReplicatedLog:
             self.observer.persisted(time.perf_counter() - started)
             self._commit_hint = None
         if ready.snapshot is not None:
-            index, data = ready.snapshot
-            self._applier.restore(data)
+            index, blob = ready.snapshot
+            received = time.perf_counter()
+            # Whole in memory for the restore only (transient).
+            self._applier.restore(read_all(blob))
+            logger.info(
+                "node %d installed a snapshot at %d, %d bytes (received in %.2f s, "
+                "restored in %.2f s)",
+                self.config.node_id,
+                index,
+                blob.size,
+                received - self._receiving_since,
+                time.perf_counter() - received,
+            )
             self._snapshot_index = index
+            self._snapshot_mark = self._applied_bytes
             self._applied_time_ms = self._applier.last_time_ms()
             for slot in [s for s in self._inflight if s <= index]:
                 self._fail_slot(slot, "covered by a snapshot: outcome unknown")
@@ -571,13 +623,6 @@ class ReplicatedLog:
                 self._send(msg)
         # 3. Apply.
         await self._apply(ready.committed)
-        # Snapshot what the applier holds, at its own index: a snapshot
-        # installed during an await above may have moved the replica on.
-        applied = self._applier.last_index()
-        if applied - max(self._snapshot_index, replica.status().snapshot_index) >= (
-            self.config.snapshot_every_entries
-        ):
-            await self._snapshot(applied)
 
     async def _apply(self, committed: list[tuple[int, bytes]]) -> None:
         """Apply chosen entries in order, yielding to the loop after each
@@ -595,6 +640,7 @@ class ReplicatedLog:
             )
             self._applied_time_ms = max(self._applied_time_ms, entry.time_ms)
             self._last_time_ms = max(self._last_time_ms, entry.time_ms)
+            self._applied_bytes += len(value)
             self._resolve(slot, value, self._applier.apply(entry).results)
             now = time.perf_counter()
             if now - slice_at >= APPLY_SLICE_S and done < total:
@@ -612,6 +658,7 @@ class ReplicatedLog:
                 await asyncio.sleep(0)
                 slice_at = time.perf_counter()
         self._wake_applied()
+        self._maybe_snapshot()
 
     def _resolve(self, slot: int, value: bytes, results: list[Result]) -> None:
         inflight = self._inflight.pop(slot, None)
@@ -636,22 +683,126 @@ class ReplicatedLog:
             if not fut.done():
                 fut.set_exception(error)
 
-    async def _snapshot(self, index: int) -> None:
-        assert self.replica is not None
-        started = time.perf_counter()
-        data = self._applier.snapshot()
-        if index != self._applier.last_index() or index <= self.replica.status().snapshot_index:
-            return  # the state moved while we were away: next time
-        try:
-            await self._storage.save_snapshot(index, data)
-        except PQueueError as exc:
-            logger.error("snapshot failed, will retry: %s", exc)
-            self._snapshot_index += self.config.snapshot_every_entries // 2
+    # ----------------------------------------------------------- snapshots
+
+    def _incoming_snapshot(self, index: int, total: int) -> BlobSink:
+        """Where the replica writes a snapshot it receives: a temporary file
+        of the store's (which ``persist`` then records)."""
+        logger.info(
+            "node %d receives a snapshot at %d, %d bytes", self.config.node_id, index, total
+        )
+        self._receiving_since = time.perf_counter()
+        return self._storage.snapshot_sink()
+
+    def _maybe_snapshot(self) -> None:
+        """Start a background snapshot if the log behind the last one passed
+        its entry count or byte budget (one at a time)."""
+        replica = self.replica
+        if self._snapshot_task is not None or replica is None or not self._accepting:
             return
-        self.replica.compact(index, data)
-        self._snapshot_index = index
-        self.observer.snapshot(time.perf_counter() - started, len(data))
-        logger.info("node %d: snapshot at %d (%d bytes)", self.config.node_id, index, len(data))
+        applied = self._applier.last_index()
+        behind = applied - max(self._snapshot_index, replica.status().snapshot_index)
+        log_bytes = self._applied_bytes - self._snapshot_mark
+        if behind <= 0 or (
+            behind < self.config.snapshot_every_entries
+            and log_bytes < self.config.snapshot_log_bytes
+        ):
+            return
+        retry_index, retry_bytes = self._snapshot_retry
+        if applied < retry_index and self._applied_bytes < retry_bytes:
+            return
+        # The state as of now, on the loop (between applies: a consistent cut).
+        started = time.perf_counter()
+        view = self._applier.freeze()
+        frozen = time.perf_counter() - started
+        if self._snapshot_pool is None:
+            self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="pq-snapshot")
+        task = asyncio.create_task(
+            self._write_snapshot(view, self._applied_bytes, self._snapshot_pool, frozen),
+            name="pq-snapshot",
+        )
+        task.add_done_callback(self._on_snapshot_done)
+        self._snapshot_task = task
+
+    async def _write_snapshot(
+        self, view: SnapshotView, mark: int, pool: ThreadPoolExecutor, frozen: float
+    ) -> None:
+        """Write ``view`` to a file, have the store record it, compact.
+
+        The chunks are serialized here, on the loop, because the view is
+        only safe to read between applies (``Applier.freeze``); each is
+        written and hashed by ``pool``'s one thread while the next is made,
+        and the loop serves others between chunks. Nothing holds more than
+        a chunk or two of the snapshot.
+        """
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        sink = self._storage.snapshot_sink()
+        try:
+            pending: asyncio.Future[None] | None = None
+            for chunk in view.chunks():  # made while the previous one is written
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(pool, sink.write, chunk)
+                await asyncio.sleep(0)  # the loop serves between chunks
+            if pending is not None:
+                await pending
+            blob = await loop.run_in_executor(pool, sink.finish_synced)
+        except BaseException:
+            pool.submit(sink.abort)  # after the write in flight, on its thread
+            raise
+        written = time.perf_counter() - started
+        replica = self.replica
+        assert replica is not None
+        if blob is None:
+            self._retry_snapshot_later(f"cannot write its file: {sink.error}")
+            return
+        if view.index <= replica.status().snapshot_index:
+            blob.unlink()  # a newer one was installed meanwhile
+            return
+        try:
+            await self._storage.save_snapshot(view.index, blob)
+        except PQueueError as exc:
+            blob.unlink()
+            self._retry_snapshot_later(str(exc))
+            return
+        replica.compact(view.index, blob)
+        self._snapshot_index = max(self._snapshot_index, view.index)
+        self._snapshot_mark = max(self._snapshot_mark, mark)
+        self.observer.snapshot(frozen + time.perf_counter() - started, blob.size)
+        logger.info(
+            "node %d: snapshot at %d, %d bytes (frozen in %.2f s, written in %.2f s, "
+            "recorded in %.2f s)",
+            self.config.node_id,
+            view.index,
+            blob.size,
+            frozen,
+            written,
+            time.perf_counter() - started - written,
+        )
+
+    def _retry_snapshot_later(self, why: str) -> None:
+        """A snapshot failed: the next waits for half a budget more."""
+        logger.error("node %d: snapshot failed, will retry: %s", self.config.node_id, why)
+        self._snapshot_retry = (
+            self._applier.last_index() + max(1, self.config.snapshot_every_entries // 2),
+            self._applied_bytes + max(1, self.config.snapshot_log_bytes // 2),
+        )
+
+    def _on_snapshot_done(self, task: asyncio.Task[None]) -> None:
+        if self._snapshot_task is task:
+            self._snapshot_task = None
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        logger.error(
+            "node %d: snapshot failed (%s: %s); the log goes on",
+            self.config.node_id,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        self._retry_snapshot_later(type(exc).__name__)
 
     @property
     def caught_up(self) -> bool:

@@ -33,6 +33,8 @@ class NodeOptions:
     accept_member_change: bool = False
     store: str | None = None
     pg_schema: str | None = None
+    #: Snapshot once this many bytes of entries were applied since the last.
+    snapshot_log_bytes: int = 64 << 20
     log_level: str = "INFO"
     log_format: LogFormat = "text"
     #: Snapshot (and compact the log) every this many applied entries.
@@ -60,14 +62,16 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
         accept_member_change=o.accept_member_change,
         data_dir=str(o.data_dir),
     )
-    storage = open_storage(o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}")
-    logger.info("node %s stores its log in %s", o.node_id, storage.describe())
-    server = NodeServer(
-        storage,
-        o.server,
-        NodeConfig(node_id=f"n{o.node_id}", snapshot_every_entries=o.snapshot_every_entries),
-        cluster=cluster,
+    storage = open_storage(
+        o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}", spool_dir=o.data_dir
     )
+    logger.info("node %s stores its log in %s", o.node_id, storage.describe())
+    node_config = NodeConfig(
+        node_id=f"n{o.node_id}",
+        snapshot_every_entries=o.snapshot_every_entries,
+        snapshot_log_bytes=o.snapshot_log_bytes,
+    )
+    server = NodeServer(storage, o.server, node_config, cluster=cluster)
     doing.what = "recovering its log and starting to serve"
     await server.start()
     doing.what = "serving"

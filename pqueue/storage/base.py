@@ -8,6 +8,11 @@ committed with ``synchronous_commit`` on): nothing is acknowledged before.
 Records carry a CRC32. Both stores (SQLite, PostgreSQL) commit atomically,
 so there is no torn tail: any bad record is corruption, raised as
 ``StorageCorruptError``, and the node stops.
+
+Snapshots are blobs (``consensus.blob.Blob``), never whole ``bytes``: a
+store takes one as a file it can move into place or stream from
+(``snapshot_sink`` makes one), and hands back a ``FileBlob`` on load,
+verified against its SHA-256.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from consensus.blob import Blob
 from consensus.messages import ZERO, Ballot, Record
+from pqueue.storage.blobs import FileSink
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,7 @@ class StoredSnapshot:
     """A state-machine snapshot covering the log up to ``index``."""
 
     index: int
-    data: bytes
+    blob: Blob
 
 
 @dataclass(frozen=True)
@@ -70,11 +77,17 @@ class Storage(Protocol):
         """Durably store one Ready's worth of state, in one transaction.
 
         A snapshot replaces an older one (never a newer one) and drops the
-        records it covers; the commit hint only ever moves forward.
+        records it covers; the commit hint only ever moves forward. Its blob
+        is best a file from ``snapshot_sink`` (moved into place, not copied);
+        one that is not recorded (not newer) has its temporary file removed.
         """
 
-    async def save_snapshot(self, index: int, data: bytes) -> None:
+    async def save_snapshot(self, index: int, blob: Blob) -> None:
         """Durably store a snapshot this node took (see ``persist``)."""
+
+    def snapshot_sink(self) -> FileSink:
+        """A new temporary file for a snapshot this store may then record:
+        written chunk by chunk, hashed as it goes (``pqueue.storage.blobs``)."""
 
     async def load_identity(self) -> str | None:
         """The identity record (``pqueue.node.identity.Identity.to_json``), None before
@@ -94,15 +107,16 @@ def checksum(index: int, data: bytes) -> int:
     return zlib.crc32(data, zlib.crc32(index.to_bytes(8, "big")))
 
 
-def open_storage(url: str, schema: str = "pqueue") -> Storage:
+def open_storage(url: str, schema: str = "pqueue", spool_dir: Path | None = None) -> Storage:
     """A store from ``sqlite:PATH`` (a data directory), a bare directory path,
-    or ``postgresql://…`` (in ``schema``, one per node)."""
+    or ``postgresql://…`` (in ``schema``, one per node; ``spool_dir``: where
+    it keeps local copies of snapshots, default the system's temp dir)."""
     from pqueue.storage.sqlite import SqliteStorage
 
     if url.startswith(("postgresql://", "postgres://")):
         from pqueue.storage.postgres import PostgresStorage
 
-        return PostgresStorage(url, schema)
+        return PostgresStorage(url, schema, spool_dir=spool_dir)
     if url.startswith("sqlite:"):
         return SqliteStorage(Path(url.removeprefix("sqlite:")))
     if "://" in url:

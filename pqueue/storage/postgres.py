@@ -3,9 +3,19 @@
 Tables in the node's schema (created and migrated on open, versioned in
 ``schema_migrations``): ``acceptor`` (promised ballot, commit hint),
 ``records`` (one per slot: ballot, value, chosen flag, CRC), ``snapshot``
-(the latest one), ``owner`` (a fencing epoch), ``identity`` (which node of
-which cluster: ``pqueue.node.identity``), ``applied`` (the index the
+(the latest one's index, size and SHA-256) with ``snapshot_chunks`` (its
+bytes, in rows of 1 MiB), ``owner`` (a fencing epoch), ``identity`` (which
+node of which cluster: ``pqueue.node.identity``), ``applied`` (the index the
 ``jobs`` table reflects) and ``jobs`` (one row per live job, for SQL).
+
+Snapshots stay in the database (a node's disk may be a scratch disk; the
+schema is its state) but never pass whole through either side: a snapshot's
+chunks are written in a transaction of their own (on a writer of their own,
+so the log's writes do not wait behind 100 MB), then the log's writer
+records it and drops the records it covers in one transaction; loading
+streams the chunks to a local file (``spool_dir``), verified against the
+SHA-256, which the replica then reads. Chunks of any index but the recorded
+one are garbage (a write cut short): removed on open and at each record.
 
 Durability: every transaction commits with ``synchronous_commit = on``, so
 a write returns only once PostgreSQL has flushed it. The log's writes go
@@ -34,14 +44,19 @@ import asyncio
 import dataclasses
 import logging
 import re
+import tempfile
+import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from consensus.blob import Blob
 from consensus.messages import ZERO, Ballot, Record
 from pqueue.errors import StorageCorruptError, StorageError
 from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum, record_row
+from pqueue.storage.blobs import PIECE, FileBlob, FileSink, is_temporary, remove
 from pqueue.storage.jobrow import JobRow
 from pqueue.storage.pgwriter import Conn, GroupWriter, Write, transient
 from pqueue.wire.logs import describe
@@ -118,6 +133,27 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE TABLE identity (id smallint PRIMARY KEY CHECK (id = 1), record text NOT NULL);
         """,
     ),
+    (
+        5,
+        """
+        -- A snapshot's bytes in 1 MiB chunks (issue 14): neither the node nor
+        -- the server holds one whole. An older release's snapshot is cut up
+        -- here; its CRC stays (checked on load), new ones have none.
+        CREATE TABLE snapshot_chunks (
+            idx bigint NOT NULL,
+            seq integer NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (idx, seq)
+        );
+        ALTER TABLE snapshot ADD COLUMN size bigint, ADD COLUMN digest bytea;
+        INSERT INTO snapshot_chunks
+            SELECT idx, g, substring(data FROM g * 1048576 + 1 FOR 1048576)
+            FROM snapshot, generate_series(0, greatest(length(data) - 1, 0) / 1048576) AS g;
+        UPDATE snapshot SET size = length(data), digest = sha256(data);
+        ALTER TABLE snapshot DROP COLUMN data, ALTER COLUMN crc DROP NOT NULL,
+            ALTER COLUMN size SET NOT NULL, ALTER COLUMN digest SET NOT NULL;
+        """,
+    ),
 ]
 
 #: A schema name as PostgreSQL keeps it unquoted: lower case, at most 63 bytes.
@@ -184,7 +220,12 @@ class PostgresStorage:
     """A node's store in ``schema`` of the PostgreSQL at ``dsn``."""
 
     def __init__(
-        self, dsn: str, schema: str, retry_max_s: float = 2.0, attempt_timeout_s: float = 10.0
+        self,
+        dsn: str,
+        schema: str,
+        retry_max_s: float = 2.0,
+        attempt_timeout_s: float = 10.0,
+        spool_dir: Path | None = None,
     ) -> None:
         if not SCHEMA_NAME.match(schema):
             raise ValueError(
@@ -192,12 +233,20 @@ class PostgresStorage:
             )
         self.dsn = dsn
         self.schema = schema
+        #: Where local copies of snapshots go (the replica reads those); the
+        #: files are unlinked as soon as they are open, so none outlive us.
+        self.spool_dir = spool_dir or Path(tempfile.gettempdir())
+        self._spool_prefix = f"pq-{schema}-snapshot"
         self._pool: asyncpg.Pool | None = None
         self._lock_conn: asyncpg.Connection | None = None
         self._locking = asyncio.Lock()
         self._epoch = 0
         self._log = GroupWriter("log", self._run, self.describe(), retry_max_s, attempt_timeout_s)
         self._jobs = GroupWriter("jobs", self._run, self.describe(), retry_max_s, attempt_timeout_s)
+        #: Snapshot chunks: a writer of their own, so the log never waits behind them.
+        self._chunks = GroupWriter(
+            "snapshot", self._run, self.describe(), retry_max_s, 6 * attempt_timeout_s
+        )
 
     @property
     def available(self) -> bool:
@@ -221,6 +270,14 @@ class PostgresStorage:
             assert self._lock_conn is not None
             await self._migrate(self._lock_conn)
             await self._bump_epoch()
+            await self._lock_conn.execute(
+                f"DELETE FROM {self.schema}.snapshot_chunks WHERE idx IS DISTINCT FROM "
+                f"(SELECT idx FROM {self.schema}.snapshot WHERE id = 1)"
+            )
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            for path in self.spool_dir.glob(f"{self._spool_prefix}-*"):
+                if is_temporary(path):
+                    remove(path)  # a copy cut short by a crash
             settings = {"search_path": self.schema, "synchronous_commit": "on"}
             # Startup parameters, not SETs: the pool's RESET ALL on release
             # returns to these, never to the server's defaults.
@@ -238,6 +295,7 @@ class PostgresStorage:
             raise StorageError(f"cannot open {self.describe()}: {describe(exc)}") from exc
         self._log.start()
         self._jobs.start()
+        self._chunks.start()
 
     async def _lock(self, first: bool = False) -> None:
         """Own the schema: a session advisory lock on a connection of our own."""
@@ -315,6 +373,7 @@ class PostgresStorage:
     async def close(self) -> None:
         await self._log.stop()
         await self._jobs.stop()
+        await self._chunks.stop()
         if self._pool is not None:
             self._pool.terminate()
             self._pool = None
@@ -346,18 +405,27 @@ class PostgresStorage:
         snapshot: StoredSnapshot | None,
     ) -> None:
         rows = [record_row(r) for r in records]
+        if snapshot is not None:
+            # Its bytes first, in a transaction of their own; recorded below.
+            await self._chunks.submit(self._write_chunks(snapshot))
 
         async def write(conn: Conn) -> None:
             if snapshot is not None:
+                blob = snapshot.blob
                 await conn.execute(
-                    "INSERT INTO snapshot (id, idx, crc, data) VALUES (1, $1, $2, $3) "
-                    "ON CONFLICT (id) DO UPDATE SET idx = excluded.idx, crc = excluded.crc, "
-                    "data = excluded.data WHERE excluded.idx > snapshot.idx",
+                    "INSERT INTO snapshot (id, idx, crc, size, digest) "
+                    "VALUES (1, $1, NULL, $2, $3) ON CONFLICT (id) DO UPDATE SET "
+                    "idx = excluded.idx, crc = NULL, size = excluded.size, "
+                    "digest = excluded.digest WHERE excluded.idx > snapshot.idx",
                     snapshot.index,
-                    checksum(snapshot.index, snapshot.data),
-                    snapshot.data,
+                    blob.size,
+                    blob.digest,
                 )
                 await conn.execute("DELETE FROM records WHERE slot <= $1", snapshot.index)
+                await conn.execute(
+                    "DELETE FROM snapshot_chunks "
+                    "WHERE idx < (SELECT idx FROM snapshot WHERE id = 1)"
+                )
             if rows:
                 await conn.executemany(
                     "INSERT INTO records VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (slot) DO "
@@ -386,9 +454,45 @@ class PostgresStorage:
                 )
 
         await self._log.submit(write)
+        if snapshot is not None:
+            self._drop_spool_name(snapshot.blob)
 
-    async def save_snapshot(self, index: int, data: bytes) -> None:
-        await self.persist(None, (), None, StoredSnapshot(index, data))
+    def _write_chunks(self, snapshot: StoredSnapshot) -> Write:
+        """The write of a snapshot's chunks (none if a snapshot as new is recorded)."""
+
+        async def write(conn: Conn) -> None:
+            recorded = await conn.fetchval("SELECT idx FROM snapshot WHERE id = 1")
+            if recorded is not None and recorded >= snapshot.index:
+                return  # not newer: the record below keeps the recorded one
+            blob = snapshot.blob
+            for seq, offset in enumerate(range(0, max(blob.size, 1), PIECE)):
+                await conn.execute(
+                    "INSERT INTO snapshot_chunks VALUES ($1, $2, $3) "
+                    "ON CONFLICT (idx, seq) DO UPDATE SET data = excluded.data",
+                    snapshot.index,
+                    seq,
+                    blob.read(offset, PIECE),
+                )
+
+        return write
+
+    def _drop_spool_name(self, blob: Blob) -> None:
+        """A temporary file of ours is in the database now: unlink its name
+        (the replica reads it through its descriptor)."""
+        if (
+            isinstance(blob, FileBlob)
+            and blob.path is not None
+            and blob.path.parent == self.spool_dir
+            and is_temporary(blob.path)
+        ):
+            blob.unlink()
+
+    def snapshot_sink(self) -> FileSink:
+        """A local file for a snapshot (a copy: the database holds the bytes)."""
+        return FileSink(self.spool_dir, self._spool_prefix, durable=False)
+
+    async def save_snapshot(self, index: int, blob: Blob) -> None:
+        await self.persist(None, (), None, StoredSnapshot(index, blob))
 
     async def save_identity(self, record: str) -> None:
         async def write(conn: Conn) -> None:
@@ -449,13 +553,37 @@ class PostgresStorage:
             kind = "unreachable" if transient(exc) else "failed"
             raise StorageError(f"{self.describe()} {kind}: {describe(exc)}") from exc
 
+    async def _load_snapshot(self, conn: Conn) -> StoredSnapshot | None:
+        """The recorded snapshot, streamed to a local file and verified."""
+        row = await conn.fetchrow("SELECT idx, crc, size, digest FROM snapshot WHERE id = 1")
+        if row is None:
+            return None
+        idx, crc = row["idx"], row["crc"]
+        sink = self.snapshot_sink()
+        running = zlib.crc32(idx.to_bytes(8, "big"))
+        try:
+            async with conn.transaction():
+                async for chunk in conn.cursor(
+                    "SELECT data FROM snapshot_chunks WHERE idx = $1 ORDER BY seq", idx, prefetch=2
+                ):
+                    running = zlib.crc32(chunk["data"], running)
+                    sink.write(chunk["data"])
+        except BaseException:
+            sink.abort()
+            raise
+        if sink.error is not None:
+            raise StorageError(f"cannot copy the snapshot to {self.spool_dir}: {sink.error}")
+        blob = sink.finish(bytes(row["digest"]))
+        if blob is None or blob.size != row["size"] or (crc is not None and running != crc):
+            if blob is not None:
+                blob.unlink()
+                blob.close()
+            raise StorageCorruptError(f"snapshot at index {idx} fails its checksum")
+        blob.unlink()  # a local copy: read through its descriptor, gone with it
+        return StoredSnapshot(idx, blob)
+
     async def _load(self, conn: Conn) -> AcceptorState:
-        snapshot = None
-        row = await conn.fetchrow("SELECT idx, crc, data FROM snapshot WHERE id = 1")
-        if row is not None:
-            if checksum(row["idx"], row["data"]) != row["crc"]:
-                raise StorageCorruptError(f"snapshot at index {row['idx']} fails its checksum")
-            snapshot = StoredSnapshot(row["idx"], bytes(row["data"]))
+        snapshot = await self._load_snapshot(conn)
         acc = await conn.fetchrow(
             "SELECT promised_round, promised_node, commit_index FROM acceptor WHERE id = 1"
         )

@@ -1,9 +1,19 @@
 """SQLite storage: WAL mode, ``synchronous=FULL``, one writer thread.
 
 Tables: ``acceptor`` (promised ballot, commit hint), ``records`` (one per
-slot: ballot, value, chosen flag, CRC), ``snapshot`` (the latest one) and
-``identity`` (which node of which cluster this dir is: ``pqueue.node.identity``;
-added without a schema version bump, as ``CREATE TABLE IF NOT EXISTS``).
+slot: ballot, value, chosen flag, CRC), ``snapshot_file`` (the latest
+snapshot: its index, size, SHA-256 and file name) and ``identity`` (which
+node of which cluster this dir is: ``pqueue.node.identity``; added without a
+schema version bump, as ``CREATE TABLE IF NOT EXISTS``).
+
+The snapshot itself is a file next to the database,
+``snapshot-<index>-<digest>.snap``: written as ``*.tmp``, fsynced, renamed
+into place (the directory fsynced), then recorded in the same transaction
+that drops the records it covers. The database says which file is the
+snapshot: on open, a ``*.tmp`` (a write cut short) or a ``.snap`` it does not
+name (renamed, never recorded; or replaced) is removed. Schema version 1
+kept the snapshot's bytes in the database: opening such a store moves them
+to a file (version 2), and a release that only knows version 1 refuses it.
 
 All SQLite work runs on one dedicated thread, so the event loop never blocks
 on disk and the connection never crosses threads. A commit in WAL mode with
@@ -19,21 +29,26 @@ import fcntl
 import logging
 import os
 import sqlite3
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from consensus.blob import Blob
 from consensus.messages import ZERO, Ballot, Record
 from pqueue.errors import StorageCorruptError, StorageError
 from pqueue.storage.base import AcceptorState, StoredSnapshot, checksum, record_row
+from pqueue.storage.blobs import PIECE, FileBlob, FileSink, copy_to, is_temporary, remove, sync_dir
 from pqueue.wire.logs import describe
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Snapshot files (and their temporaries) in the data dir start with this.
+SNAPSHOT_PREFIX = "snapshot"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS acceptor (
@@ -51,11 +66,12 @@ CREATE TABLE IF NOT EXISTS records (
     value BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS identity (id INTEGER PRIMARY KEY CHECK (id = 1), record TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS snapshot (
+CREATE TABLE IF NOT EXISTS snapshot_file (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     idx INTEGER NOT NULL,
-    crc INTEGER NOT NULL,
-    data BLOB NOT NULL
+    size INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    name TEXT NOT NULL
 );
 """
 
@@ -86,6 +102,8 @@ class SqliteStorage:
             return fn(self._conn)
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite at {self.data_dir}: {describe(exc)}") from exc
+        except OSError as exc:
+            raise StorageError(f"snapshot file in {self.data_dir}: {describe(exc)}") from exc
 
     async def open(self) -> None:
         try:
@@ -114,14 +132,105 @@ class SqliteStorage:
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            elif row[0] == 1:
+                self._migrate_snapshot_to_a_file(conn)
+            elif row[0] != SCHEMA_VERSION:
+                conn.close()
+                raise StorageError(f"schema version {row[0]} is not {SCHEMA_VERSION}")
+            self._remove_stray_files(conn)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open sqlite in {self.data_dir}: {describe(exc)}") from exc
-        if row is None:
-            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            conn.close()
-            raise StorageError(f"schema version {row[0]} is not {SCHEMA_VERSION}")
+        except OSError as exc:
+            raise StorageError(
+                f"cannot open the snapshot in {self.data_dir}: {describe(exc)}"
+            ) from exc
         self._conn = conn
+
+    def _migrate_snapshot_to_a_file(self, conn: sqlite3.Connection) -> None:
+        """Version 1 -> 2: the snapshot's bytes move from the database to a
+        file (streamed: never held whole); one transaction records the file,
+        drops the old table and bumps the version."""
+        old = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'snapshot'"
+        ).fetchone()
+        row = conn.execute("SELECT idx, crc FROM snapshot WHERE id = 1").fetchone() if old else None
+        placed: FileBlob | None = None
+        idx = 0
+        if row is not None:
+            idx, crc = row
+            sink = FileSink(self.data_dir, SNAPSHOT_PREFIX)
+            running = zlib.crc32(idx.to_bytes(8, "big"))
+            with conn.blobopen("snapshot", "data", 1, readonly=True) as data:
+                while piece := data.read(PIECE):
+                    running = zlib.crc32(piece, running)
+                    sink.write(piece)
+            if running != crc:
+                sink.abort()
+                raise StorageCorruptError(f"snapshot at index {idx} fails its checksum")
+            blob = sink.finish()
+            if blob is None:
+                raise StorageError(f"cannot move the snapshot to a file: {sink.error}")
+            placed = self._place(blob, idx)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if placed is not None:
+                assert placed.path is not None
+                conn.execute(
+                    "INSERT INTO snapshot_file VALUES (1, ?, ?, ?, ?)",
+                    (idx, placed.size, placed.digest, placed.path.name),
+                )
+            conn.execute("DROP TABLE IF EXISTS snapshot")
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        finally:
+            if placed is not None:
+                placed.close()
+        logger.info("moved the snapshot in %s to a file (schema version 2)", self.data_dir)
+
+    def _remove_stray_files(self, conn: sqlite3.Connection) -> None:
+        """Remove snapshot files the database does not name (see the module doc)."""
+        row = conn.execute("SELECT name FROM snapshot_file WHERE id = 1").fetchone()
+        keep = row[0] if row else None
+        for path in self.data_dir.glob(f"{SNAPSHOT_PREFIX}-*"):
+            if path.name != keep and (is_temporary(path) or path.suffix == ".snap"):
+                logger.info("removing %s: not the recorded snapshot", path.name)
+                remove(path)
+
+    def _place(self, blob: Blob, index: int) -> FileBlob:
+        """``blob`` as a durable file at its final name (not yet recorded).
+
+        A temporary file of ours is moved; any other blob is copied first."""
+        if (
+            isinstance(blob, FileBlob)
+            and blob.path is not None
+            and blob.path.parent == self.data_dir
+            and is_temporary(blob.path)
+        ):
+            file = blob
+        else:
+            sink = self.snapshot_sink()
+            copied = copy_to(blob, sink)
+            if copied is None:
+                raise StorageError(f"cannot write the snapshot to a file: {sink.error}")
+            file = copied
+        file.sync()
+        assert file.path is not None
+        final = self.data_dir / f"{SNAPSHOT_PREFIX}-{index:016d}-{file.digest[:6].hex()}.snap"
+        os.replace(file.path, final)
+        file.path = final
+        sync_dir(self.data_dir)
+        return file
+
+    def snapshot_sink(self) -> FileSink:
+        """A temporary snapshot file in the data dir (see ``persist``)."""
+        return FileSink(self.data_dir, SNAPSHOT_PREFIX)
 
     async def close(self) -> None:
         if self._executor is not None:
@@ -139,16 +248,21 @@ class SqliteStorage:
             self._conn = None
 
     def _load_snapshot(self, conn: sqlite3.Connection) -> StoredSnapshot | None:
-        row = conn.execute("SELECT idx, crc, data FROM snapshot WHERE id = 1").fetchone()
+        row = conn.execute("SELECT idx, size, digest, name FROM snapshot_file").fetchone()
         if row is None:
             return None
-        idx, crc, data = row
-        if checksum(idx, data) != crc:
-            raise StorageCorruptError(f"snapshot at index {idx} fails its checksum")
-        return StoredSnapshot(idx, bytes(data))
+        idx, size, digest, name = row
+        try:
+            blob = FileBlob.open(self.data_dir / name, bytes(digest))
+        except FileNotFoundError:
+            raise StorageCorruptError(f"snapshot at index {idx}: its file {name} is gone") from None
+        if blob.size != size or not blob.verify():
+            blob.close()
+            raise StorageCorruptError(f"snapshot at index {idx} ({name}) fails its checksum")
+        return StoredSnapshot(idx, blob)
 
-    async def save_snapshot(self, index: int, data: bytes) -> None:
-        await self.persist(None, (), None, StoredSnapshot(index, data))
+    async def save_snapshot(self, index: int, blob: Blob) -> None:
+        await self.persist(None, (), None, StoredSnapshot(index, blob))
         await self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
 
     # ------------------------------------------------------------ identity
@@ -198,16 +312,32 @@ class SqliteStorage:
         rows = [record_row(r) for r in records]
 
         def write(conn: sqlite3.Connection) -> None:
+            # Only a newer snapshot replaces the recorded one: its file is
+            # made durable at its final name first (this thread is the only
+            # writer, so the recorded one cannot change meanwhile).
+            placed: FileBlob | None = None
+            replaced: str | None = None
+            if snapshot is not None:
+                row = conn.execute("SELECT idx, name FROM snapshot_file").fetchone()
+                if row is None or snapshot.index > row[0]:
+                    replaced = row[1] if row else None
+                    placed = self._place(snapshot.blob, snapshot.index)
+                elif (
+                    isinstance(snapshot.blob, FileBlob)
+                    and snapshot.blob.path is not None
+                    and is_temporary(snapshot.blob.path)
+                ):
+                    snapshot.blob.unlink()  # not newer: never recorded
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if snapshot is not None:
-                    crc = checksum(snapshot.index, snapshot.data)
+                if placed is not None:
+                    assert snapshot is not None
+                    assert placed.path is not None
                     conn.execute(
-                        "INSERT INTO snapshot (id, idx, crc, data) VALUES (1, ?, ?, ?) "
-                        "ON CONFLICT (id) DO UPDATE SET idx = excluded.idx, crc = excluded.crc, "
-                        "data = excluded.data WHERE excluded.idx > snapshot.idx",
-                        (snapshot.index, crc, snapshot.data),
+                        "INSERT OR REPLACE INTO snapshot_file VALUES (1, ?, ?, ?, ?)",
+                        (snapshot.index, placed.size, placed.digest, placed.path.name),
                     )
+                if snapshot is not None:
                     conn.execute("DELETE FROM records WHERE slot <= ?", (snapshot.index,))
                 conn.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
                 if promised is not None or commit_index is not None:
@@ -223,6 +353,13 @@ class SqliteStorage:
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
+                if placed is not None:
+                    placed.unlink()  # never recorded
                 raise
+            if placed is not None:
+                if snapshot is not None and placed is not snapshot.blob:
+                    placed.close()  # a copy: nobody reads it
+                if replaced is not None and replaced != getattr(placed.path, "name", None):
+                    remove(self.data_dir / replaced)  # its readers keep their descriptor
 
         await self._run(write)

@@ -52,7 +52,7 @@ async def test_it_commits_synchronously_in_its_own_schema(store: PostgresStorage
     conn2 = await asyncpg.connect(pg.dsn())
     try:
         versions = await conn2.fetch(f"SELECT version FROM {store.schema}.schema_migrations")
-        assert [r["version"] for r in versions] == [1, 2, 3, 4]
+        assert [r["version"] for r in versions] == [1, 2, 3, 4, 5]
         assert await conn2.fetchval(f"SELECT count(*) FROM {store.schema}.records") == 1
     finally:
         await conn2.close()

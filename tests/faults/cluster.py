@@ -27,9 +27,12 @@ class ProcCluster:
         partitionable: bool = False,
         store: str | None = None,
         schema_prefix: str = "",
+        extra: dict[int, tuple[str, ...]] | None = None,
     ) -> None:
-        """``store``: a postgresql:// DSN puts node N in schema ``{schema_prefix}_nN``."""
+        """``store``: a postgresql:// DSN puts node N in schema ``{schema_prefix}_nN``;
+        ``extra``: more ``pq node`` flags, by node id."""
         self.root = root
+        self.extra = extra or {}
         self.store = store
         self.schema_prefix = schema_prefix
         self.n = nodes
@@ -76,6 +79,7 @@ class ProcCluster:
         cmd += ["--peers", peers_arg(self._peers_of(i)), "--log-level", "INFO"]
         if self.store:
             cmd += ["--store", self.store, "--pg-schema", self.schema(i)]
+        cmd += self.extra.get(i, ())
         with (self.root / f"n{i}.log").open("ab") as log:
             self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=log)
 

@@ -134,7 +134,7 @@ async def test_a_lagging_node_catches_up_from_a_snapshot_over_64_mib(tmp_path: P
                 ids.append(r.job_id)
         leading = _replica(cluster.servers[leader])
         deadline = time.monotonic() + 20
-        while len(leading.snapshot_data) <= limits.MAX_PEER_MESSAGE_BYTES:
+        while leading.snapshot_blob.size <= limits.MAX_PEER_MESSAGE_BYTES:
             # The log is compacted into a snapshot no single message could carry.
             assert time.monotonic() < deadline, "the leader took no large snapshot"
             await asyncio.sleep(0.05)

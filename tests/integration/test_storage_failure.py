@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from consensus.blob import Blob
 from consensus.messages import Ballot, Record
 from pqueue.client import Client
 from pqueue.errors import StorageError, UnavailableError
@@ -35,11 +36,11 @@ class FlakyDisk(SqliteStorage):
             raise StorageError("injected: no space left on device")
         await super().persist(promised, records, commit_index, snapshot)
 
-    async def save_snapshot(self, index: int, data: bytes) -> None:
+    async def save_snapshot(self, index: int, blob: Blob) -> None:
         if self.fail_snapshot:
             self.fail_snapshot = False
             raise StorageError("injected: no space left on device")
-        await super().save_snapshot(index, data)
+        await super().save_snapshot(index, blob)
 
 
 async def _health(address: str) -> int:

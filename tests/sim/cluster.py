@@ -17,6 +17,7 @@ import json
 import random
 from dataclasses import dataclass, field
 
+from consensus.blob import Blob, MemoryBlob, read_all
 from consensus.messages import NOOP, Message, Ready, Record
 from consensus.replica import Config, DurableState, Replica, Role
 from tests.sim.checker import Checker, SafetyViolation, chain
@@ -45,7 +46,7 @@ class Disk:
     promised: tuple[int, int] = (0, 0)
     records: dict[int, Record] = field(default_factory=dict)
     commit_index: int = 0
-    snapshot: tuple[int, bytes] | None = None
+    snapshot: tuple[int, Blob] | None = None
 
 
 class App:
@@ -107,7 +108,8 @@ class SimNode:
         )
         self.app = App()
         if self.disk.snapshot is not None:
-            self.app.restore(*self.disk.snapshot)
+            index, blob = self.disk.snapshot
+            self.app.restore(index, read_all(blob))
         self.up = True
         self.sim.checker.on_restart(self.id, self.replica.promised)
 
@@ -134,10 +136,10 @@ class SimNode:
             if ready.commit_index is not None:
                 self.disk.commit_index = max(self.disk.commit_index, ready.commit_index)
             if ready.snapshot is not None:
-                index, data = ready.snapshot
+                index, blob = ready.snapshot
                 self.disk.snapshot = ready.snapshot
                 self.disk.records = {s: r for s, r in self.disk.records.items() if s > index}
-                self.app.restore(index, data)
+                self.app.restore(index, read_all(blob))
                 self.pending = {}
             for msg in ready.messages:
                 self.sim.send(msg)
@@ -146,10 +148,10 @@ class SimNode:
                 self.sim.checker.on_apply(self.id, slot, value, self.app.hash)
                 if self.pending.pop(slot, None) == value:
                     self.sim.ack(value, slot)
-        if self.app.index - (self.disk.snapshot or (0, b""))[0] >= self.sim.snapshot_every:
-            data = self.app.snapshot()
-            self.replica.compact(self.app.index, data)
-            self.disk.snapshot = (self.app.index, data)
+        if self.app.index - (self.disk.snapshot or (0,))[0] >= self.sim.snapshot_every:
+            blob = MemoryBlob(self.app.snapshot())
+            self.replica.compact(self.app.index, blob)
+            self.disk.snapshot = (self.app.index, blob)
             self.disk.records = {s: r for s, r in self.disk.records.items() if s > self.app.index}
 
 

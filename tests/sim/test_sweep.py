@@ -85,6 +85,13 @@ def test_three_nodes_tiny_byte_budgets(block: int) -> None:
         Simulation(seed, faults=HARSH, budgets=TINY).run()
 
 
+def test_tiny_byte_budgets_one_snapshot_chunk_in_flight() -> None:
+    # The default pulls a window of chunks; one at a time is the older
+    # protocol's flow (and what a window shrinks to after losses).
+    for seed in range(3600, 3615):
+        Simulation(seed, faults=HARSH, budgets={**TINY, "snapshot_window": 1}).run()
+
+
 def test_five_nodes_tiny_byte_budgets() -> None:
     for seed in range(3500, 3520):
         Simulation(seed, nodes=5, faults=HARSH, budgets=TINY).run()

@@ -7,6 +7,7 @@ from hashlib import sha256
 
 import pytest
 
+from consensus.blob import Blob, BlobSink, MemorySink, read_all
 from consensus.messages import (
     MAX_PROTOCOL_INT,
     Accept,
@@ -199,32 +200,70 @@ def test_a_snapshot_travels_in_pulled_chunks_and_installs_whole() -> None:
     assert [c.offset for c in chunks] == list(range(0, 10_240, 1000))
     assert all(c.total == len(data) and c.sha256 == sha256(data).digest() for c in chunks)
     assert follower.commit_index == 50
-    assert follower.snapshot_data == data
+    assert read_all(follower.snapshot_blob) == data
     assert not follower.installing_snapshot
 
 
-def test_a_lost_chunk_resumes_from_its_offset_not_from_zero() -> None:
+@pytest.mark.parametrize("window", [1, 4])
+def test_a_lost_chunk_resumes_from_its_offset_not_from_zero(window: int) -> None:
     data = b"s" * 5000
-    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=1000)
-    follower = replica(2)
+    leader = replica(
+        1,
+        DurableState(snapshot=(9, data), commit_index=9),
+        snapshot_chunk_bytes=1000,
+        snapshot_window=window,
+    )
+    follower = replica(2, snapshot_window=window)
     follower.known_commit = 9
-    _transfer(leader, follower, drop={3000})
+    chunks = _transfer(leader, follower, drop={3000})
     assert follower.installing_snapshot  # stalled at 3000
+    # With a window, the chunk after the lost one came anyway (and waits).
+    assert [c.offset for c in chunks] == (
+        [0, 1000, 2000, 3000, 4000] if window > 1 else [0, 1000, 2000, 3000]
+    )
     follower.leader_id = 1
     for _ in range(follower.config.catchup_retry_ticks):
         follower.tick()  # the catch-up retry asks again...
     [ask] = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
-    assert ask.offset == 3000  # ...where it stopped
-    leader.step(ask)
-    for msg in sent(leader):
-        follower.step(msg)
-    for msg in sent(follower):
-        if isinstance(msg, SnapshotRequest):
-            leader.step(msg)
+    assert ask.offset == 3000  # ...where it stopped (4000, already here, is not asked again)
+    pending: list[Message] = [ask]
+    resent: list[int] = []
+    while pending:
+        for request in pending:
+            leader.step(request)
+        for chunk in sent(leader):
+            assert isinstance(chunk, InstallSnapshot)
+            resent.append(chunk.offset)
+            follower.step(chunk)
+        pending = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert resent == ([3000] if window > 1 else [3000, 4000])
+    assert follower.commit_index == 9
+    assert read_all(follower.snapshot_blob) == data
+
+
+def test_chunks_arriving_out_of_order_within_the_window_are_kept() -> None:
+    data = bytes(range(256)) * 20  # 5,120 bytes: chunks at 0, 1000, ..., 5000
+    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=1000)
+    follower = replica(2)
+    follower.known_commit = 9
+    leader.step(CatchupRequest(2, 1, 1))
+    [first] = sent(leader)
+    follower.step(first)
+    asks = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert [a.offset for a in asks] == [1000, 2000, 3000, 4000]  # a window of four
+    replies = []
+    for ask in asks:
+        leader.step(ask)
+        replies += sent(leader)
+    for chunk in reversed(replies):  # the network reordered them
+        follower.step(chunk)
+    more = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
+    assert [a.offset for a in more] == [5000]  # only the rest
+    leader.step(more[0])
     [last] = sent(leader)
     follower.step(last)
     assert follower.commit_index == 9
-    assert follower.snapshot_data == data
+    assert read_all(follower.snapshot_blob) == data
 
 
 def test_a_snapshot_that_fails_its_digest_is_never_installed() -> None:
@@ -379,4 +418,116 @@ def test_a_transfer_survives_its_source_compacting_again_and_the_lead_moving() -
             follower.step(chunk)
         pending = [m for m in sent(follower) if isinstance(m, SnapshotRequest)]
     assert follower.commit_index == 9
-    assert follower.snapshot_data == data
+    assert read_all(follower.snapshot_blob) == data
+
+
+class _Sink(MemorySink):
+    """A sink that says what happened to it (and can fail to keep the bytes)."""
+
+    def __init__(self, keeps: bool = True) -> None:
+        super().__init__()
+        self.keeps = keeps
+        self.aborted = False
+
+    def finish(self, digest: bytes) -> Blob | None:
+        return super().finish(digest) if self.keeps else None
+
+    def abort(self) -> None:
+        self.aborted = True
+        super().abort()
+
+
+def test_a_snapshot_the_sink_cannot_keep_is_not_installed() -> None:
+    data = b"k" * 3000
+    leader = replica(1, DurableState(snapshot=(9, data), commit_index=9), snapshot_chunk_bytes=1000)
+    sinks: list[_Sink] = []
+
+    def failing(index: int, total: int) -> BlobSink:
+        sinks.append(_Sink(keeps=False))
+        return sinks[-1]
+
+    follower = Replica(Config(node_id=2, nodes=NODES), random.Random(2), None, sinks=failing)
+    follower.known_commit = 9
+    _transfer(leader, follower)
+    assert len(sinks) == 1
+    assert follower.commit_index == 0  # e.g. a full disk: nothing installed
+    assert follower.ready().snapshot is None
+    assert not follower.installing_snapshot  # the catch-up retry starts over
+
+
+def test_a_newer_snapshot_or_a_stall_discards_the_bytes_received() -> None:
+    sinks: list[_Sink] = []
+
+    def recording(index: int, total: int) -> BlobSink:
+        sinks.append(_Sink())
+        return sinks[-1]
+
+    follower = Replica(Config(node_id=2, nodes=NODES), random.Random(2), None, sinks=recording)
+    old, new = b"o" * 3000, b"n" * 3000
+    follower.step(InstallSnapshot(1, 2, 9, old[:1000], 9, 0, 3000, sha256(old).digest()))
+    follower.step(InstallSnapshot(1, 2, 20, new[:1000], 20, 0, 3000, sha256(new).digest()))
+    assert [s.aborted for s in sinks] == [True, False]  # the older transfer's file goes
+    follower.leader_id = 1
+    for _ in range(4 * (follower.config.catchup_retry_ticks + 1)):
+        follower.tick()  # no chunk comes: the transfer is given up
+    assert not follower.installing_snapshot
+    assert [s.aborted for s in sinks] == [True, True]
+
+
+def _served_then_compacted(**config: int) -> Replica:
+    """A leader that served the snapshot at 9, then compacted to 30."""
+    data = b"s" * 3000
+    records = {s: Record(s, (1, 1), b"v%d" % s, chosen=True) for s in range(10, 31)}
+    leader = replica(
+        1,
+        DurableState(snapshot=(9, data), commit_index=30, records=records),
+        snapshot_chunk_bytes=1000,
+        **config,
+    )
+    leader.ready()  # applies up to 30
+    follower = replica(2)
+    follower.known_commit = 9
+    _transfer(leader, follower)
+    assert follower.commit_index >= 9  # it has the snapshot at 9 (and restores it, slowly)
+    leader.compact(30, b"n" * 3000)
+    return leader
+
+
+def test_after_a_snapshot_the_follower_goes_on_from_the_log_not_a_newer_snapshot() -> None:
+    # A big state restores for longer than the log takes to reach the next
+    # snapshot: pulled snapshot after snapshot, the follower would never end.
+    leader = _served_then_compacted()
+    leader.step(CatchupRequest(2, 1, 10))
+    [reply] = sent(leader)
+    assert isinstance(reply, CatchupReply)
+    assert [s for s, _ in reply.entries] == list(range(10, 31))
+    assert reply.entries[0][1] == b"v10"
+
+
+def test_the_log_held_for_a_catch_up_goes_after_a_while_or_past_its_budget() -> None:
+    leader = _served_then_compacted(catchup_hold_ticks=5)
+    for _ in range(6):
+        leader.tick()
+    sent(leader)
+    leader.step(CatchupRequest(2, 1, 10))
+    [reply] = sent(leader)
+    assert isinstance(reply, InstallSnapshot)  # nobody came back for it in time
+    assert reply.index == 30
+    assert not [s for s in leader.log if s <= 30]
+
+    leader = _served_then_compacted(catchup_hold_bytes=10)  # 21 values of 3-4 bytes
+    leader.step(CatchupRequest(2, 1, 10))
+    [reply] = sent(leader)
+    assert isinstance(reply, InstallSnapshot)
+    assert not [s for s in leader.log if s <= 30]
+
+
+def test_a_leader_that_served_no_snapshot_holds_no_log() -> None:
+    records = {s: Record(s, (1, 1), b"v", chosen=True) for s in range(1, 31)}
+    leader = replica(1, DurableState(records=records, commit_index=30))
+    leader.ready()
+    leader.compact(30, b"state")
+    assert not leader.log
+    leader.step(CatchupRequest(2, 1, 5))
+    [reply] = sent(leader)
+    assert isinstance(reply, InstallSnapshot)
