@@ -39,8 +39,11 @@ from pqueue.v1 import queue_pb2 as pb
 
 #: Bytes per piece ``SnapshotView.chunks`` yields (about; the last is shorter).
 CHUNK_BYTES = 1 << 20
-#: Jobs per ``PackedJobs`` block (blocks never span queues).
+#: Jobs per ``PackedJobs`` block (blocks never span queues), and the rows'
+#: bytes after which a block ends sooner (big payloads): a block is what a
+#: restore holds twice at a time, and what a piece of ``chunks`` waits for.
 PACKED_BLOCK_JOBS = 4096
+PACKED_BLOCK_BYTES = 256 << 10
 #: The tag of ``Snapshot.packed`` (field 7, length-delimited).
 _PACKED_TAG = bytes([7 << 3 | 2])
 
@@ -82,11 +85,13 @@ def _blocks(queue: _FrozenQueue) -> Iterator[bytes]:
     """``Snapshot.packed`` fields (tag, length, ``PackedJobs``) of one queue."""
     pack = RECORD_HEAD.pack
     records: list[bytes] = []
+    size = 0
     for job_id, row in queue.jobs.rows():
         records += (pack(job_id, len(row)), row)
-        if len(records) == 2 * PACKED_BLOCK_JOBS:
+        size += len(row)
+        if len(records) == 2 * PACKED_BLOCK_JOBS or size >= PACKED_BLOCK_BYTES:
             yield _block(queue.name, records)
-            records = []
+            records, size = [], 0
     if records:
         yield _block(queue.name, records)
 

@@ -441,8 +441,9 @@ class Snapshot(_message.Message):
     @_builtins.property
     def packed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PackedJobs]:
         """Jobs in the compact form, after every queue (ordered by queue, then job
-        id; at most PACKED_BLOCK_JOBS per block). Releases before it refuse such
-        a snapshot (unknown field) and ask to be upgraded.
+        id; a block holds at most PACKED_BLOCK_JOBS rows, and ends once its rows
+        pass PACKED_BLOCK_BYTES: pqueue/core/snapshot.py). Releases before it
+        refuse such a snapshot (unknown field) and ask to be upgraded.
         """
 
     def __init__(

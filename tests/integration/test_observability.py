@@ -179,6 +179,10 @@ async def test_a_snapshot_reports_its_time_and_size(tmp_path: Path) -> None:
     async with QueueNode(SqliteStorage(tmp_path), config, observer=metrics) as node:
         for n in range(6):
             await node.propose(logpb.Command(create_queue=pb.CreateQueueRequest(queue=f"q{n}")))
+        for _ in range(1000):  # taken in the background: up to 10 s
+            if node.log.status().snapshot_index:
+                break
+            await asyncio.sleep(0.01)
         assert node.log.status().snapshot_index > 0
     taken = metrics.registry.get_sample_value("pq_snapshot_seconds_count")
     assert (taken or 0) >= 1
