@@ -9,6 +9,7 @@ in-memory ``MemoryBlob`` and ``MemorySink`` here. Pure: no IO in this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Protocol
@@ -90,6 +91,12 @@ def memory_sink(index: int, total: int) -> BlobSink:
 def as_blob(snapshot: Blob | bytes) -> Blob:
     """``snapshot`` as a blob (bytes are wrapped in a ``MemoryBlob``)."""
     return MemoryBlob(snapshot) if isinstance(snapshot, bytes) else snapshot
+
+
+def pieces(blob: Blob, size: int = 1 << 20) -> Iterator[bytes]:
+    """``blob``'s bytes in order, ``size`` at a time (never all at once)."""
+    for offset in range(0, blob.size, size):
+        yield blob.read(offset, size)
 
 
 def read_all(blob: Blob) -> bytes:

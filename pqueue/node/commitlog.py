@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,8 +46,8 @@ class Applier(Protocol):
         """The state at the last applied index, serialized piece by piece
         (``SnapshotView.chunks``) while entries go on being applied."""
 
-    def restore(self, data: bytes) -> None:
-        """Replace the state with a snapshot's."""
+    def restore(self, data: Iterable[bytes]) -> None:
+        """Replace the state with a snapshot's, read piece by piece."""
 
     def last_time_ms(self) -> int:
         """The time of the last applied entry (new entries never go below it)."""

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from pqueue.core import features, limits
 from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
-from pqueue.core.snapshot import SnapshotView, freeze, restore, snapshot_bytes
+from pqueue.core.snapshot import SnapshotView, freeze, restore_chunks, snapshot_bytes
 from pqueue.errors import (
     FeatureUnavailableError,
     NotFoundError,
@@ -196,9 +196,9 @@ class QueueNode:
                 await asyncio.sleep(0)
             return view.index, digest.hexdigest()
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: Iterable[bytes]) -> None:
         try:
-            machine = restore(data)
+            machine = restore_chunks(data)
             features.check_restored(machine.applied_index, machine.features, self.config.features)
         except UpgradeRequiredError as exc:
             logger.error("node %s: %s", self.config.node_id, describe(exc))

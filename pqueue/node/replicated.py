@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from consensus import ZERO, BlobSink, Config, DurableState, Replica, Role, SoftState, read_all
+from consensus import ZERO, BlobSink, Config, DurableState, Replica, Role, SoftState
+from consensus.blob import pieces
 from consensus.messages import Message as PeerMessage
 from consensus.messages import Ready
 from pqueue.core import features
@@ -168,7 +169,7 @@ class ReplicatedLog:
             raise
         snapshot = None
         if state.snapshot is not None:
-            self._applier.restore(read_all(state.snapshot.blob))
+            self._applier.restore(pieces(state.snapshot.blob))
             snapshot = (state.snapshot.index, state.snapshot.blob)
             self._snapshot_index = state.snapshot.index
         c = self.config
@@ -594,8 +595,7 @@ class ReplicatedLog:
         if ready.snapshot is not None:
             index, blob = ready.snapshot
             received = time.perf_counter()
-            # Whole in memory for the restore only (transient).
-            self._applier.restore(read_all(blob))
+            self._applier.restore(pieces(blob))  # read a piece at a time
             logger.info(
                 "node %d installed a snapshot at %d, %d bytes (received in %.2f s, "
                 "restored in %.2f s)",
