@@ -37,8 +37,10 @@ from pqueue.core.machine import QueueMachine
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
-#: Bytes per piece ``SnapshotView.chunks`` yields (about; the last is shorter).
-CHUNK_BYTES = 1 << 20
+#: Bytes per piece ``SnapshotView.chunks`` yields (about; the last is shorter):
+#: the shell makes each on its event loop, so a piece is also how long other
+#: work waits (about a millisecond here).
+CHUNK_BYTES = 256 << 10
 #: Jobs per ``PackedJobs`` block (blocks never span queues), and the rows'
 #: bytes after which a block ends sooner (big payloads): a block is what a
 #: restore holds twice at a time, and what a piece of ``chunks`` waits for.

@@ -61,6 +61,10 @@ APPLY_SLICE_S = 0.02
 PROGRESS_EVERY_S = 5.0
 #: A node alone fails its start when recovery made no progress this long.
 STALL_S = 10.0
+#: The entry count starts a snapshot only once the log behind the last one
+#: holds 1/SNAPSHOT_RATIO of its bytes (a million jobs' state is 130 MB:
+#: not rewritten for every 10,000 single-job entries, about 1 MB of log).
+SNAPSHOT_RATIO = 4
 #: How long a leader keeps the log after a snapshot it served (see
 #: ``consensus.Config.catchup_hold_ticks``): longer than a big state restores.
 CATCHUP_HOLD_MS = 60_000
@@ -133,6 +137,8 @@ class ReplicatedLog:
         #: snapshot (the byte budget's measure).
         self._applied_bytes = 0
         self._snapshot_mark = 0
+        #: Bytes of the last snapshot taken, installed or recovered.
+        self._snapshot_size = 0
         #: After a failed snapshot, the next waits for this index or byte count.
         self._snapshot_retry = (0, 0)
         #: The snapshot being written in the background, and its file writer.
@@ -172,6 +178,7 @@ class ReplicatedLog:
             self._applier.restore(pieces(state.snapshot.blob))
             snapshot = (state.snapshot.index, state.snapshot.blob)
             self._snapshot_index = state.snapshot.index
+            self._snapshot_size = state.snapshot.blob.size
         c = self.config
         self.replica = Replica(
             Config(
@@ -606,6 +613,7 @@ class ReplicatedLog:
                 time.perf_counter() - received,
             )
             self._snapshot_index = index
+            self._snapshot_size = blob.size
             self._snapshot_mark = self._applied_bytes
             self._applied_time_ms = self._applier.last_time_ms()
             for slot in [s for s in self._inflight if s <= index]:
@@ -703,10 +711,13 @@ class ReplicatedLog:
         applied = self._applier.last_index()
         behind = applied - max(self._snapshot_index, replica.status().snapshot_index)
         log_bytes = self._applied_bytes - self._snapshot_mark
-        if behind <= 0 or (
-            behind < self.config.snapshot_every_entries
-            and log_bytes < self.config.snapshot_log_bytes
-        ):
+        # A big state is not rewritten for a log a sliver of its size: the
+        # entry count waits for a quarter of the last snapshot's bytes.
+        by_entries = (
+            behind >= self.config.snapshot_every_entries
+            and log_bytes >= self._snapshot_size // SNAPSHOT_RATIO
+        )
+        if behind <= 0 or not (by_entries or log_bytes >= self.config.snapshot_log_bytes):
             return
         retry_index, retry_bytes = self._snapshot_retry
         if applied < retry_index and self._applied_bytes < retry_bytes:
@@ -769,6 +780,7 @@ class ReplicatedLog:
         replica.compact(view.index, blob)
         self._snapshot_index = max(self._snapshot_index, view.index)
         self._snapshot_mark = max(self._snapshot_mark, mark)
+        self._snapshot_size = blob.size
         self.observer.snapshot(frozen + time.perf_counter() - started, blob.size)
         logger.info(
             "node %d: snapshot at %d, %d bytes (frozen in %.2f s, written in %.2f s, "

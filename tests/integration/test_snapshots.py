@@ -76,6 +76,24 @@ async def test_the_byte_budget_compacts_a_log_of_a_few_big_entries(tmp_path: Pat
     assert len(list((tmp_path / "budget").glob("snapshot-*.snap"))) == 1
 
 
+async def test_a_big_state_is_not_rewritten_for_every_few_small_entries(tmp_path: Path) -> None:
+    """The entry count waits for a log of a quarter of the last snapshot's
+    bytes: a big state is not rewritten for every N small entries."""
+    config = NodeConfig(snapshot_every_entries=5)
+    async with QueueNode(SqliteStorage(tmp_path), config) as node:
+        for n in range(5):  # ~1 MiB of state: the first snapshot, by entry count
+            await node.propose(enqueue(f"big{n}", jobs=2, size=100 << 10))
+        await until(lambda: node.log.status().snapshot_index >= 5, "the first snapshot")
+        first = node.log.status().snapshot_index
+        for n in range(30):  # 30 small entries: 6 times the count, ~2 KiB of log
+            await node.propose(enqueue(f"small{n}"))
+        await asyncio.sleep(0.2)  # a background snapshot, were one due, would be done
+        assert node.log.status().snapshot_index == first
+        for n in range(4):  # ~400 KiB more: past a quarter of the snapshot
+            await node.propose(enqueue(f"more{n}", jobs=1, size=100 << 10))
+        await until(lambda: node.log.status().snapshot_index > first, "a second snapshot")
+
+
 async def test_a_snapshot_taken_while_writes_go_on_is_the_state_at_its_index(
     tmp_path: Path,
 ) -> None:
