@@ -255,9 +255,10 @@ def register(sub: Any) -> None:
     node.add_argument(
         "--snapshot-log-bytes",
         type=_byte_count,
-        default=64 << 20,
+        default=32 << 20,
         help="snapshot (and compact the log) once this many bytes of entries were applied "
-        "since the last snapshot, or 10,000 entries, whichever first (default 64MiB)",
+        "since the last snapshot, or a quarter of the last snapshot's size if more "
+        "(default 32MiB; see also --snapshot-every-entries)",
     )
     # /metrics exposure (issue 12): a scrape token, and what queue labels show.
     node.add_argument(

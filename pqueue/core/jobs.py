@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import struct
+import weakref
 from array import array
 from collections import deque
 from collections.abc import Iterator
@@ -196,7 +197,7 @@ class JobTable:
     ungrouped job but its removal).
     """
 
-    __slots__ = ("_frozen", "_full", "_order", "_removed", "_rows", "queue")
+    __slots__ = ("_frozen", "_full", "_order", "_removed", "_rows", "compact", "queue")
 
     def __init__(self, queue: str) -> None:
         self.queue = queue
@@ -207,8 +208,11 @@ class JobTable:
         #: until the next compaction: what a frozen view walks.
         self._order = array("Q")
         self._removed = 0
-        #: Open frozen views: each keeps the rows that changed since.
-        self._frozen: list[FrozenJobs] = []
+        #: Open frozen views: each keeps the rows that changed since (weak: a
+        #: view dropped unread lets go by itself).
+        self._frozen: weakref.WeakSet[FrozenJobs] = weakref.WeakSet()
+        #: Jobs held in the compact form.
+        self.compact = 0
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -235,6 +239,7 @@ class JobTable:
         value = self._rows.pop(job_id)
         if type(value) is bytes:
             self._keep(job_id, value)
+            self.compact -= 1
         else:
             del self._full[job_id]
         self._removed += 1
@@ -263,6 +268,7 @@ class JobTable:
         """Add a new job (ids only grow) in the compact form."""
         self._rows[job_id] = row
         self._order.append(job_id)
+        self.compact += 1
 
     def row(self, job_id: int) -> bytes | None:
         """The job's compact row, if it is held in that form."""
@@ -274,6 +280,7 @@ class JobTable:
         value = self._rows[job_id]
         if type(value) is bytes:
             self._keep(job_id, value)
+            self.compact -= 1
             value = self._rows[job_id] = self._full[job_id] = unpack_row(job_id, self.queue, value)
         return value  # type: ignore[return-value]
 
@@ -290,7 +297,7 @@ class JobTable:
             if job.packable():
                 packed[job.job_id] = job.row()
         frozen = FrozenJobs(self, len(self._order), set(self._full), packed)
-        self._frozen.append(frozen)
+        self._frozen.add(frozen)
         return frozen
 
 
@@ -300,7 +307,7 @@ class FrozenJobs:
     is kept for the view), and of the packable jobs held as objects then
     (encoded at the freeze, as objects change in place)."""
 
-    __slots__ = ("_full", "_length", "_packed", "_table", "kept")
+    __slots__ = ("__weakref__", "_full", "_length", "_packed", "_table", "kept")
 
     def __init__(
         self, table: JobTable, length: int, full: set[int], packed: dict[int, bytes]
@@ -336,8 +343,7 @@ class FrozenJobs:
 
     def close(self) -> None:
         """Stop keeping rows for this view."""
-        if self in self._table._frozen:
-            self._table._frozen.remove(self)
+        self._table._frozen.discard(self)
 
 
 def _shared_fields(message: Any, special: set[str]) -> tuple[str, ...]:
@@ -517,13 +523,13 @@ class QueueState:
         job.token += 1
         heapq.heappush(self.lane(job.tenant).ready, self.ready_key(job))
         self.entries += 1
-        if self.entries > 2 * self.counts[READY] + _SLACK:
+        if self.entries > 2 * (self.counts[READY] - self.jobs.compact) + _SLACK:
             self._rebuild_ready()
 
     def note_ready(self, job: Job) -> None:
         """Track a job that became READY (eligible or behind its group's head)."""
         heapq.heappush(self.oldest, (job.ready_at_ms, job.job_id))
-        if len(self.oldest) > 2 * self.counts[READY] + _SLACK:
+        if len(self.oldest) > 2 * (self.counts[READY] - self.jobs.compact) + _SLACK:
             self.oldest = [
                 (j.ready_at_ms, j.job_id) for j in self.jobs.full_values() if j.state == READY
             ]
@@ -605,6 +611,7 @@ class QueueState:
                     best = (head[0], head[1], head[2], priority, line)
             for priority in drained:
                 del lane.fifo[priority]
+                del lane.last[priority]  # an empty FIFO takes any job
         return best
 
     def _next_lane(self) -> tuple[str, Lane, LaneHead] | None:

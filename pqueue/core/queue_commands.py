@@ -41,9 +41,12 @@ class QueueCommands(Transitions):
     @handles("purge")
     def _purge(self, req: pb.PurgeQueueRequest, now: int) -> pb.PurgeQueueResponse:
         queue = self._queue(req.queue)
-        doomed = [job for job in queue.jobs.values() if job.state in WAITING]
-        for job in doomed:
-            self._remove(queue, job)
+        table = queue.jobs
+        # Ids first (a view of a compact job is made one at a time, not a
+        # million at once); a compact job is always waiting.
+        doomed = [i for i in table if table.row(i) is not None or table[i].state in WAITING]
+        for job_id in doomed:
+            self._remove(queue, table[job_id])
         return pb.PurgeQueueResponse(purged=len(doomed))
 
     @handles("redrive")

@@ -40,12 +40,12 @@ from pqueue.v1 import queue_pb2 as pb
 #: Bytes per piece ``SnapshotView.chunks`` yields (about; the last is shorter):
 #: the shell makes each on its event loop, so a piece is also how long other
 #: work waits (about a millisecond here).
-CHUNK_BYTES = 256 << 10
+CHUNK_BYTES = 64 << 10
 #: Jobs per ``PackedJobs`` block (blocks never span queues), and the rows'
 #: bytes after which a block ends sooner (big payloads): a block is what a
 #: restore holds twice at a time, and what a piece of ``chunks`` waits for.
 PACKED_BLOCK_JOBS = 4096
-PACKED_BLOCK_BYTES = 256 << 10
+PACKED_BLOCK_BYTES = 64 << 10
 #: The tag of ``Snapshot.packed`` (field 7, length-delimited).
 _PACKED_TAG = bytes([7 << 3 | 2])
 
@@ -69,18 +69,28 @@ class SnapshotView:
     _queues: tuple[_FrozenQueue, ...]
 
     def chunks(self) -> Iterator[bytes]:
-        """The serialized snapshot, in pieces of about ``CHUNK_BYTES``."""
+        """The serialized snapshot, in pieces of about ``CHUNK_BYTES``; the
+        view is closed when they end or the reader stops (``close``)."""
         out = [self._head]
         size = len(self._head)
+        try:
+            for queue in self._queues:
+                for block in _blocks(queue):
+                    out.append(block)
+                    size += len(block)
+                    if size >= CHUNK_BYTES:
+                        yield b"".join(out)
+                        out, size = [], 0
+            if out:
+                yield b"".join(out)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let go of every queue's rows: a reader that stops early (a
+        cancelled digest or snapshot) must not leave rows kept for nobody."""
         for queue in self._queues:
-            for block in _blocks(queue):
-                out.append(block)
-                size += len(block)
-                if size >= CHUNK_BYTES:
-                    yield b"".join(out)
-                    out, size = [], 0
-        if out:
-            yield b"".join(out)
+            queue.jobs.close()
 
 
 def _blocks(queue: _FrozenQueue) -> Iterator[bytes]:

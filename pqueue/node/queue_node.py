@@ -65,7 +65,7 @@ class NodeConfig:
     #: Snapshot once this many entries, or bytes of entries, were applied
     #: since the last one (``ClusterConfig``'s fields of the same names).
     snapshot_every_entries: int = 10_000
-    snapshot_log_bytes: int = 64 << 20
+    snapshot_log_bytes: int = 32 << 20
     #: Ticks are proposed at most this often, whatever falls due.
     min_tick_interval_ms: int = 20
     #: The log features this node applies and announces. Only tests set it,

@@ -61,9 +61,9 @@ APPLY_SLICE_S = 0.02
 PROGRESS_EVERY_S = 5.0
 #: A node alone fails its start when recovery made no progress this long.
 STALL_S = 10.0
-#: The entry count starts a snapshot only once the log behind the last one
-#: holds 1/SNAPSHOT_RATIO of its bytes (a million jobs' state is 130 MB:
-#: not rewritten for every 10,000 single-job entries, about 1 MB of log).
+#: A snapshot waits for a log behind the last one of 1/SNAPSHOT_RATIO of its
+#: bytes (a million jobs' state is 130 MB: not rewritten for every 10,000
+#: single-job entries, about 1 MB of log, nor for every 32 MiB budget).
 SNAPSHOT_RATIO = 4
 #: How long a leader keeps the log after a snapshot it served (see
 #: ``consensus.Config.catchup_hold_ticks``): longer than a big state restores.
@@ -86,7 +86,7 @@ class ClusterConfig:
     #: Snapshot (and compact the log) once this many entries, or this many
     #: bytes of entries, were applied since the last snapshot: whichever first.
     snapshot_every_entries: int = 10_000
-    snapshot_log_bytes: int = 64 << 20
+    snapshot_log_bytes: int = 32 << 20
     #: Identity on disk (``pqueue.node.identity``): the cluster's name (None: keep the
     #: recorded one, or ``DEFAULT_CLUSTER_ID`` at first start), whether a new
     #: member set may replace the recorded one, and the data dir named in hints.
@@ -711,13 +711,13 @@ class ReplicatedLog:
         applied = self._applier.last_index()
         behind = applied - max(self._snapshot_index, replica.status().snapshot_index)
         log_bytes = self._applied_bytes - self._snapshot_mark
-        # A big state is not rewritten for a log a sliver of its size: the
-        # entry count waits for a quarter of the last snapshot's bytes.
-        by_entries = (
-            behind >= self.config.snapshot_every_entries
-            and log_bytes >= self._snapshot_size // SNAPSHOT_RATIO
-        )
-        if behind <= 0 or not (by_entries or log_bytes >= self.config.snapshot_log_bytes):
+        # A big state is not rewritten for a log a sliver of its size: both
+        # rules wait for a log of a quarter of the last snapshot's bytes (the
+        # log held in memory is then at most a quarter of the state's size).
+        enough = self._snapshot_size // SNAPSHOT_RATIO
+        by_entries = behind >= self.config.snapshot_every_entries and log_bytes >= enough
+        by_bytes = log_bytes >= max(self.config.snapshot_log_bytes, enough)
+        if behind <= 0 or not (by_entries or by_bytes):
             return
         retry_index, retry_bytes = self._snapshot_retry
         if applied < retry_index and self._applied_bytes < retry_bytes:

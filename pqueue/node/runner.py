@@ -34,7 +34,7 @@ class NodeOptions:
     store: str | None = None
     pg_schema: str | None = None
     #: Snapshot once this many bytes of entries were applied since the last.
-    snapshot_log_bytes: int = 64 << 20
+    snapshot_log_bytes: int = 32 << 20
     log_level: str = "INFO"
     log_format: LogFormat = "text"
     #: Snapshot (and compact the log) every this many applied entries.

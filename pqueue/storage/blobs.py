@@ -113,7 +113,7 @@ class FileBlob:
 
 #: A durable sink flushes (fdatasync) after this many bytes: the disk's
 #: queue never holds more than this of a snapshot ahead of a log write.
-SYNC_EVERY_BYTES = 8 << 20
+SYNC_EVERY_BYTES = 2 << 20
 
 
 class FileSink:

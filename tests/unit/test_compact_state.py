@@ -219,3 +219,39 @@ def test_a_view_read_while_the_machine_changes_is_the_state_when_frozen(
     assert b"".join(pieces) == expected
     assert b"".join(other.chunks()) == expected
     assert not d.m.queues["q"].jobs._frozen  # both views let go when read
+
+
+def test_a_view_dropped_before_it_is_read_through_lets_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reader that stops early (a ``StateDigest`` call cancelled between
+    pieces, a snapshot task cancelled) must not leave the queues it had not
+    reached yet keeping every row that leaves them, for ever."""
+    monkeypatch.setattr(snapshot, "PACKED_BLOCK_JOBS", 1)
+    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 16)
+    d = Driver()
+    for name in ("a", "b"):
+        for _ in range(20):
+            d.enqueue(name, payload=b"x" * 1000)
+    chunks = freeze(d.m).chunks()
+    next(chunks)  # the first piece, then the reader goes away
+    del chunks
+    gc.collect()
+    for _ in range(20):
+        for job in d.lease("b"):
+            d.ack(job, "b")
+    table = d.m.queues["b"].jobs
+    assert not table._frozen, f"{sum(len(f.kept) for f in table._frozen)} rows kept for nobody"
+
+
+def test_a_lane_forgets_the_priorities_it_no_longer_holds() -> None:
+    """``Lane.last`` is soft state for the FIFOs a lane has: with priorities
+    that keep changing (a deadline as the priority), it must not grow with
+    every priority ever seen."""
+    d = Driver()
+    for priority in range(200):
+        d.enqueue(priority=priority)
+        for job in d.lease():
+            d.ack(job)
+    lane = d.m.queues["q"].lanes[""]
+    assert len(lane.last) <= jobs.MAX_FIFO_PRIORITIES, f"{len(lane.last)} priorities remembered"
