@@ -496,6 +496,16 @@ async def serial_writes(
             await asyncio.sleep(0.05)
 
 
+async def _pressure(c: Client, stop: asyncio.Event) -> None:
+    """Batches of 1,000 jobs to the queue "pressure" every 50 ms until ``stop``."""
+    batch = [pb.JobSpec(payload=PAYLOAD, priority=i % 10) for i in range(1000)]
+    while not stop.is_set():
+        with contextlib.suppress(PQueueError):
+            await c.enqueue_batch("pressure", batch)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.05)
+
+
 async def jobs_in(c: Client, queue: str) -> int:
     [s] = await c.stats(queue)
     return int(s.ready + s.leased + s.delayed)
@@ -629,7 +639,18 @@ class Bench:
             return len(snaps.events) > seen and now > snaps.events[seen][1] + 2.0
 
         timeout = self.timeout(jobs, self.args.snapshot_timeout)
-        samples = await serial_writes(c, "writes", until, timeout)
+        # A deep state is snapshotted once the log holds a quarter of its
+        # size (README "Durability"): single-job writes alone would take
+        # minutes to get there at 1M. A second producer sends a batch of
+        # 1,000 jobs every 50 ms to another queue meanwhile (with and
+        # without the snapshot alike), so the log grows ~2.5 MB/s.
+        stop = asyncio.Event()
+        pressure = asyncio.create_task(_pressure(c, stop))
+        try:
+            samples = await serial_writes(c, "writes", until, timeout)
+        finally:
+            stop.set()
+            await pressure
         during = [x for x in samples if snaps.overlaps(x[0], x[1])]
         without = [x for x in samples if not snaps.overlaps(x[0], x[1])]
         w["without_snapshot"] = latency_summary(without)
@@ -643,6 +664,7 @@ class Bench:
             "bytes": int(taken[-1][3]) if taken else None,
         }
         await c.delete_queue("writes")  # the restart finds the N jobs alone
+        await c.delete_queue("pressure")
         if not taken:
             raise PhaseError(
                 f"no snapshot in {timeout:.0f} s of serial writes ({len(samples):,} writes)"
