@@ -496,6 +496,18 @@ async def serial_writes(
             await asyncio.sleep(0.05)
 
 
+def still_running(node: Node, who: str, deadline: float, late: str) -> None:
+    """Raise ``PhaseError`` if ``node``'s process ended or ``deadline`` passed
+    (``late`` says what did not happen), with its last log lines."""
+    if not node.alive:
+        raise PhaseError(
+            f"{who} {node.exit_text()}after "
+            f"{time.perf_counter() - node.started_at:.1f} s: {node.log_tail()}"
+        )
+    if time.perf_counter() > deadline:
+        raise PhaseError(f"{late}: {node.log_tail()}")
+
+
 async def _pressure(c: Client, stop: asyncio.Event) -> None:
     """Batches of 1,000 jobs to the queue "pressure" every 50 ms until ``stop``."""
     batch = [pb.JobSpec(payload=PAYLOAD, priority=i % 10) for i in range(1000)]
@@ -687,13 +699,7 @@ class Bench:
         timeout = self.timeout(jobs, self.args.restart_timeout)
         deadline = node.started_at + timeout
         while True:
-            if not node.alive:
-                raise PhaseError(
-                    f"the node {node.exit_text()}after "
-                    f"{time.perf_counter() - node.started_at:.1f} s: {node.log_tail()}"
-                )
-            if time.perf_counter() > deadline:
-                raise PhaseError(f"not serving after {timeout:.0f} s: {node.log_tail()}")
+            still_running(node, "the node", deadline, f"not serving after {timeout:.0f} s")
             try:
                 async with node.client(timeout_s=2.0) as c:
                     leased = await c.lease(QUEUE, max_jobs=1)
@@ -809,14 +815,8 @@ class Bench:
                 timeout = self.timeout(jobs, self.args.restart_timeout)
                 deadline = follower.started_at + timeout
                 while True:
-                    if not follower.alive:
-                        raise PhaseError(
-                            f"the follower {follower.exit_text()}: {follower.log_tail()}"
-                        )
-                    if time.perf_counter() > deadline:
-                        raise PhaseError(
-                            f"not caught up after {timeout:.0f} s: {follower.log_tail()}"
-                        )
+                    late = f"not caught up after {timeout:.0f} s"
+                    still_running(follower, "the follower", deadline, late)
                     with contextlib.suppress(PQueueError):
                         # Whoever leads by now: the others' highest applied index.
                         target = max([(await n.status()).applied_index for n in others])

@@ -168,23 +168,28 @@ def test_a_sink_that_cannot_write_says_so_and_leaves_nothing(tmp_path: Path) -> 
     assert (made.size, made.read(1, 10)) == (3, b"bc")
 
 
+async def _schema_v4(conn: asyncpg.Connection, schema: str, crc: int, data: bytes) -> None:
+    """A schema as the release before snapshots in chunks left it (version 4),
+    holding ``data`` as its snapshot at index 40 with checksum ``crc``."""
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    await conn.execute(
+        f"CREATE TABLE {schema}.schema_migrations "
+        "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL search_path TO {schema}")
+        for version, sql in MIGRATIONS[:4]:
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+        await conn.execute("INSERT INTO snapshot VALUES (1, 40, $1, $2)", crc, data)
+
+
 async def test_an_older_postgresql_schema_has_its_snapshot_cut_into_chunks() -> None:
     schema = pg.new_schema()
     data = os.urandom((2 << 20) + 999)
     conn = await asyncpg.connect(pg.dsn())
     try:
-        # A schema as the release before snapshots in chunks left it (version 4).
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        await conn.execute(
-            f"CREATE TABLE {schema}.schema_migrations "
-            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        async with conn.transaction():
-            await conn.execute(f"SET LOCAL search_path TO {schema}")
-            for version, sql in MIGRATIONS[:4]:
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-            await conn.execute("INSERT INTO snapshot VALUES (1, 40, $1, $2)", _crc(40, data), data)
+        await _schema_v4(conn, schema, _crc(40, data), data)
         store = PostgresStorage(pg.dsn(), schema)
         await store.open()
         try:
@@ -210,17 +215,7 @@ async def test_an_older_postgresql_snapshot_that_fails_its_crc_is_corruption() -
     schema = pg.new_schema()
     conn = await asyncpg.connect(pg.dsn())
     try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        await conn.execute(
-            f"CREATE TABLE {schema}.schema_migrations "
-            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        async with conn.transaction():
-            await conn.execute(f"SET LOCAL search_path TO {schema}")
-            for version, sql in MIGRATIONS[:4]:
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-            await conn.execute("INSERT INTO snapshot VALUES (1, 40, 12345, $1)", b"state")
+        await _schema_v4(conn, schema, 12345, b"state")
         store = PostgresStorage(pg.dsn(), schema)
         await store.open()
         try:
