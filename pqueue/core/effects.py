@@ -31,3 +31,6 @@ class Effects:
     #: Ids of jobs whose row changed or that were removed (changed: still in
     #: ``machine.jobs``; removed: not).
     changed: frozenset[int] = frozenset()
+    #: The queues those jobs are (or were, for a dropped queue) in: where a
+    #: reader finds them without scanning every queue.
+    touched: frozenset[str] = frozenset()

@@ -47,6 +47,7 @@ class JobCommands(TenancyRules):
             self.next_job_id += 1
             queue.counters.enqueued += 1
             self._changed.add(job_id)
+            self._touched.add(queue.name)
             if key:
                 self.remember_key(queue, tenant, key, job_id, now + config.dedup_window_ms)
             ready_at = max(now + spec.delay_ms, spec.not_before_ms)
@@ -183,6 +184,7 @@ class JobCommands(TenancyRules):
         cap = job.leased_at_ms + queue.config.max_lease_total_ms
         job.lease_expires_at_ms = min(wanted, cap)
         self._changed.add(job.job_id)
+        self._touched.add(queue.name)
         # The older heap entry no longer matches the expiry and is skipped.
         heapq.heappush(
             self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id, queue.name)

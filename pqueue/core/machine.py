@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from google.protobuf.message import Message
@@ -65,15 +65,21 @@ class QueueMachine(JobCommands, QueueCommands):
         if entry.index != self.applied_index + 1:
             raise ValueError(f"entry {entry.index} applied after {self.applied_index}")
         self._woken = Counter()
-        self._changed = set()
+        self._changed, self._touched = set(), set()
         now = max(entry.time_ms, self.time_ms)  # time never runs backwards
         self.time_ms = now
         self.applied_index = entry.index
         self.features.update(entry.required_features)
         self.advance(now)
         results = [self.apply_command(cmd, now) for cmd in entry.commands]
-        effects = Effects(entry.index, results, dict(self._woken), frozenset(self._changed))
-        self._woken, self._changed = Counter(), set()
+        effects = Effects(
+            entry.index,
+            results,
+            dict(self._woken),
+            frozenset(self._changed),
+            frozenset(self._touched),
+        )
+        self._woken, self._changed, self._touched = Counter(), set(), set()
         return effects
 
     def apply_command(self, cmd: logpb.Command, now: int) -> Result:
@@ -135,10 +141,13 @@ class QueueMachine(JobCommands, QueueCommands):
 
     # ------------------------------------------------------------------ reads
 
-    def find_job(self, job_id: int) -> Job | None:
-        """The job with this id, in whichever queue (a scan over queues)."""
-        for queue in self.queues.values():
-            job = queue.jobs.get(job_id)
+    def find_job(self, job_id: int, among: Iterable[str] | None = None) -> Job | None:
+        """The job with this id, in whichever queue: of those named in
+        ``among`` (an ``Effects.touched``), or a scan over every queue."""
+        names = self.queues if among is None else among
+        for name in names:
+            queue = self.queues.get(name)
+            job = None if queue is None else queue.jobs.get(job_id)
             if job is not None:
                 return job
         return None

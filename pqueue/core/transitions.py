@@ -61,6 +61,8 @@ class MachineState:
         #: Ids of jobs changed or removed in the entry being applied (reported
         #: in its ``Effects``; never read by the machine itself).
         self._changed: set[int] = set()
+        #: Names of the queues those jobs are (or were) in.
+        self._touched: set[str] = set()
 
 
 class Transitions(MachineState):
@@ -136,10 +138,12 @@ class Transitions(MachineState):
 
     def _drop_queue(self, queue: QueueState) -> None:
         self._changed.update(queue.jobs)
+        self._touched.add(queue.name)
         del self.queues[queue.name]
 
     def _set_state(self, queue: QueueState, job: Job, state: int) -> None:
         self._changed.add(job.job_id)
+        self._touched.add(queue.name)
         if job.state:
             queue.counts[job.state] -= 1
         queue.counts[state] += 1
@@ -209,6 +213,7 @@ class Transitions(MachineState):
 
     def _remove(self, queue: QueueState, job: Job) -> None:
         self._changed.add(job.job_id)
+        self._touched.add(queue.name)
         queue.counts[job.state] -= 1
         del queue.jobs[job.job_id]
         queue.lanes[job.tenant].held -= 1

@@ -51,6 +51,8 @@ class JobsMirror:
         self._full = True
         #: Ids of jobs changed or removed since the last write (from ``Effects``).
         self._changed: set[int] = set()
+        #: The queues those jobs are (or were) in.
+        self._touched: set[str] = set()
         self._failed = False
         self._in_flight: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
@@ -68,6 +70,7 @@ class JobsMirror:
         start would otherwise gather the id of every job it applies)."""
         if not self._full:
             self._changed |= effects.changed
+            self._touched |= effects.touched
         self._wake.set()
 
     def notify_restored(self) -> None:
@@ -93,11 +96,12 @@ class JobsMirror:
         machine = self.machine()
         full, self._full = self._full, False
         changed, self._changed = self._changed, set()  # a full copy covers them
+        touched, self._touched = self._touched, set()
         if full:
             upserts = [job.to_proto() for job in machine.all_jobs()]
             deleted: list[int] = []
         else:
-            found = {i: machine.find_job(i) for i in sorted(changed)}
+            found = {i: machine.find_job(i, touched) for i in sorted(changed)}
             upserts = [job.to_proto() for job in found.values() if job is not None]
             deleted = [i for i, job in found.items() if job is None]
         rows = [JobRow.of(job) for job in upserts]

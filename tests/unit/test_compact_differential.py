@@ -171,7 +171,9 @@ def run(seed: int, steps: int) -> None:
         for rep in reps:
             eff = rep.apply(entry, rng)
             effects.append(eff)
-            outcomes.append(([res_key(r) for r in eff.results], eff.woken, eff.changed))
+            outcomes.append(
+                ([res_key(r) for r in eff.results], eff.woken, eff.changed, eff.touched)
+            )
         for i, outcome in enumerate(outcomes[1:], 1):
             if outcome != outcomes[0]:
                 raise AssertionError(f"seed {seed} step {step}: {reps[i].name} diverged: {entry}")

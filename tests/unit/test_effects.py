@@ -55,6 +55,7 @@ def test_ack_reports_changed_ids_and_wakes_nobody() -> None:
     leases = [pb.JobLease(job_id=job.job_id, lease_id=job.lease_id)]
     eff = _apply(d, logpb.Command(ack=pb.AckRequest(queue="q", leases=leases)))
     assert eff.changed == {first}
+    assert eff.touched == {"q"}  # where the mirror finds them
     assert eff.woken == {}
     assert d.m.find_job(first) is None  # removed: the mirror deletes its row
 
