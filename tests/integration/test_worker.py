@@ -87,11 +87,13 @@ async def test_slow_handler_keeps_its_lease_by_extending(client: Client) -> None
     done = asyncio.Event()
 
     async def handler(job: pb.LeasedJob) -> None:
-        await asyncio.sleep(1.5)  # five times the lease
+        await asyncio.sleep(2.0)  # over twice the lease: only extending keeps it
         done.set()
 
+    # Extended every 300 ms: a 900 ms lease leaves 600 ms of slack for a
+    # loaded machine (a 300 ms lease lost it once in CI to a 200 ms stall).
     worker = Worker(
-        client, "q", handler, config=WorkerConfig(concurrency=1, lease_ms=300, wait_ms=100)
+        client, "q", handler, config=WorkerConfig(concurrency=1, lease_ms=900, wait_ms=100)
     )
     await _run_until(worker, done)
     await asyncio.sleep(0.1)
