@@ -55,6 +55,8 @@ MAX_FIFO_PRIORITIES = 32
 #: The row header: priority, enqueued_at_ms, ready_at_ms, then the lengths of
 #: the tenant and idempotency key (UTF-8) that follow it before the payload.
 _ROW = struct.Struct("<iqqHH")
+#: The row header's first three fields (what the serving order needs).
+_HEAD3 = struct.Struct("<iqq")
 #: A record in a snapshot's ``PackedJobs``: job id, row length.
 RECORD_HEAD = struct.Struct("<QI")
 
@@ -182,9 +184,6 @@ def row_ready_at(row: bytes) -> tuple[int, int]:
     """(priority, ready_at_ms) of a compact row."""
     priority, _, ready_at = _HEAD3.unpack_from(row)
     return priority, ready_at
-
-
-_HEAD3 = struct.Struct("<iqq")
 
 
 class JobTable:

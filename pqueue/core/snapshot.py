@@ -46,8 +46,6 @@ CHUNK_BYTES = 64 << 10
 #: restore holds twice at a time, and what a piece of ``chunks`` waits for.
 PACKED_BLOCK_JOBS = 4096
 PACKED_BLOCK_BYTES = 64 << 10
-#: The tag of ``Snapshot.packed`` (field 7, length-delimited).
-_PACKED_TAG = bytes([7 << 3 | 2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,17 +107,10 @@ def _blocks(queue: _FrozenQueue) -> Iterator[bytes]:
 
 
 def _block(name: str, records: list[bytes]) -> bytes:
-    message = logpb.PackedJobs(queue=name, records=b"".join(records)).SerializeToString()
-    return _PACKED_TAG + _varint(len(message)) + message
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    """One ``Snapshot.packed`` field, tag and length included: a message with
+    only that element serializes to exactly those bytes."""
+    block = logpb.PackedJobs(queue=name, records=b"".join(records))
+    return logpb.Snapshot(packed=[block]).SerializeToString()
 
 
 def freeze(machine: QueueMachine) -> SnapshotView:

@@ -39,9 +39,6 @@ class Applier(Protocol):
     def apply(self, entry: logpb.LogEntry) -> Effects:
         """Apply a committed entry; what it did (``results``: one per command)."""
 
-    def snapshot(self) -> bytes:
-        """The state at the last applied index."""
-
     def freeze(self) -> SnapshotView:
         """The state at the last applied index, serialized piece by piece
         (``SnapshotView.chunks``) while entries go on being applied."""

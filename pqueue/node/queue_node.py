@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from pqueue.core import features, limits
 from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
-from pqueue.core.snapshot import SnapshotView, freeze, restore_chunks, snapshot_bytes
+from pqueue.core.snapshot import SnapshotView, freeze, restore_chunks
 from pqueue.errors import (
     FeatureUnavailableError,
     NotFoundError,
@@ -178,9 +178,6 @@ class QueueNode:
                 jobs -= max_jobs
         if waiters is not None and not waiters:
             del self._waiters[queue]
-
-    def snapshot(self) -> bytes:
-        return snapshot_bytes(self.machine)
 
     def freeze(self) -> SnapshotView:
         return freeze(self.machine)
