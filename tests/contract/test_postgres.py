@@ -191,9 +191,17 @@ async def test_a_node_that_lost_its_lock_cannot_write_after_another_took_over(
         admin = await asyncpg.connect(pg.dsn())
         try:  # its lock session dies unseen (a partition the server noticed first)
             assert first._lock_conn is not None
-            await admin.execute(
-                "SELECT pg_terminate_backend($1)", first._lock_conn.get_server_pid()
-            )
+            pid = first._lock_conn.get_server_pid()
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            # pg_terminate_backend only signals: wait until the backend (and
+            # its advisory lock) is gone, or the second open may find it held.
+            for _ in range(200):
+                gone = await admin.fetchval(
+                    "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1", pid
+                )
+                if gone:
+                    break
+                await asyncio.sleep(0.025)
         finally:
             await admin.close()
         second = PostgresStorage(pg.dsn(), schema)
