@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -115,6 +115,12 @@ class CommandLog(Protocol):
     async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
         """``submit``, with the log index of the entry that applied the command."""
 
+    def submit_many(self, commands: Sequence[logpb.Command]) -> list[asyncio.Future[Indexed]]:
+        """Queue ``commands`` in order, each on its own (they may share an
+        entry): the future of each one's (result or error, index). Raises, for
+        all of them, what ``submit_indexed`` raises when the log cannot take
+        commands now; a future may also fail with a ``PQueueError``."""
+
     def status(self) -> LogStatus:
         """Current indexes and role."""
 
@@ -160,12 +166,16 @@ class Proposals:
         """Queue ``command``; its result once the log resolves it (errors raised)."""
         return (await self.submit_indexed(command))[0]
 
-    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
-        """``submit``, with the log index of the entry that applied ``command``."""
+    def add(self, command: logpb.Command) -> asyncio.Future[Indexed]:
+        """Queue ``command``; the future of its (result or error, index)."""
         fut: asyncio.Future[Indexed] = asyncio.get_running_loop().create_future()
         self.items.append((command, fut))
         self.wake.set()
-        result, index = await fut
+        return fut
+
+    async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
+        """``submit``, with the log index of the entry that applied ``command``."""
+        result, index = await self.add(command)
         if isinstance(result, PQueueError):
             raise result
         return result, index

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -34,7 +34,7 @@ from pqueue.errors import (
     PQueueError,
     UpgradeRequiredError,
 )
-from pqueue.node.commitlog import CommandLog, LogObserver
+from pqueue.node.commitlog import CommandLog, Indexed, LogObserver
 from pqueue.node.mirror import JobsMirror, MirrorStore
 from pqueue.node.peers import PeerTransport
 from pqueue.node.replicated import ClusterConfig, ReplicatedLog
@@ -308,9 +308,18 @@ class QueueNode:
 
     async def propose_indexed(self, command: logpb.Command) -> tuple[Message, int]:
         """``propose``, with the log index of the entry that applied it."""
+        self.prepare(command)
+        return await self.log.submit_indexed(command)
+
+    def prepare(self, command: logpb.Command) -> None:
+        """Make ``command`` fit for the log, or refuse it (as ``propose`` does)."""
         command.DiscardUnknownFields()
         self.check_features(command)
-        return await self.log.submit_indexed(command)
+
+    def propose_many(self, commands: Sequence[logpb.Command]) -> list[asyncio.Future[Indexed]]:
+        """Propose ``commands`` (each passed through ``prepare``) in order, each
+        on its own: the future of each one's (result or error, log index)."""
+        return self.log.submit_many(commands)
 
     async def lease(
         self, req: pb.LeaseRequest, bound: logpb.TenantLimits | None = None

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -355,13 +355,21 @@ class ReplicatedLog:
 
     async def submit_indexed(self, command: logpb.Command) -> tuple[Message, int]:
         """``submit``, with the log index of the entry that applied the command."""
+        self._check_taking()
+        return await self._proposals.submit_indexed(command)
+
+    def submit_many(self, commands: Sequence[logpb.Command]) -> list[asyncio.Future[Indexed]]:
+        self._check_taking()
+        return [self._proposals.add(command) for command in commands]
+
+    def _check_taking(self) -> None:
+        """Raise the error for a command this node cannot take now."""
         if not self._accepting:
             raise NotTakenError("node is not accepting writes", retry_after_s=1.0)
         if not self.is_leader:
             raise self.not_leader_error()
         if not self._storage.available:
             raise NotTakenError("storage is unreachable; retrying", retry_after_s=1.0)
-        return await self._proposals.submit_indexed(command)
 
     async def transfer_leadership(self, timeout_s: float) -> bool:
         """Hand leadership to the most up-to-date peer before going away.

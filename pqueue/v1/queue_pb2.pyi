@@ -12,6 +12,7 @@ Conventions:
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -1437,3 +1438,258 @@ class NodeLoad(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeLoad: _TypeAlias = NodeLoad  # noqa: Y015
+
+@_typing.final
+class SubmitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]:
+        """1..1000 operations, applied in this order, each on its own."""
+
+    def __init__(
+        self,
+        *,
+        ops: _abc.Iterable[Global___Operation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitRequest: _TypeAlias = SubmitRequest  # noqa: Y015
+
+@_typing.final
+class Operation(_message.Message):
+    """One operation of a Submit (or of a Consume stream's `settle`): the request
+    its single call takes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENQUEUE_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
+    NACK_FIELD_NUMBER: _builtins.int
+    EXTEND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def enqueue(self) -> Global___EnqueueRequest: ...
+    @_builtins.property
+    def ack(self) -> Global___AckRequest: ...
+    @_builtins.property
+    def nack(self) -> Global___NackRequest: ...
+    @_builtins.property
+    def extend(self) -> Global___ExtendLeaseRequest: ...
+    def __init__(
+        self,
+        *,
+        enqueue: Global___EnqueueRequest | None = ...,
+        ack: Global___AckRequest | None = ...,
+        nack: Global___NackRequest | None = ...,
+        extend: Global___ExtendLeaseRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "enqueue", b"enqueue", "extend", b"extend", "nack", b"nack", "op", b"op"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "enqueue", b"enqueue", "extend", b"extend", "nack", b"nack", "op", b"op"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["enqueue", "ack", "nack", "extend"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class OpStatus(_message.Message):
+    """The outcome of one operation: code 0 (OK), or the code, message and
+    details its single call would have returned. Field for field a
+    google.rpc.Status (its bytes decode as one), so the details are read the
+    same way: BadRequest naming the field, ErrorInfo (NOT_TAKEN, LEASE_LOST,
+    NOT_LEADER), RetryInfo.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpStatus: _TypeAlias = OpStatus  # noqa: Y015
+
+@_typing.final
+class OpResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    ENQUEUE_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
+    NACK_FIELD_NUMBER: _builtins.int
+    EXTEND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___OpStatus: ...
+    @_builtins.property
+    def enqueue(self) -> Global___EnqueueResponse: ...
+    @_builtins.property
+    def ack(self) -> Global___AckResponse: ...
+    @_builtins.property
+    def nack(self) -> Global___NackResponse: ...
+    @_builtins.property
+    def extend(self) -> Global___ExtendLeaseResponse: ...
+    def __init__(
+        self,
+        *,
+        status: Global___OpStatus | None = ...,
+        enqueue: Global___EnqueueResponse | None = ...,
+        ack: Global___AckResponse | None = ...,
+        nack: Global___NackResponse | None = ...,
+        extend: Global___ExtendLeaseResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "enqueue", b"enqueue", "extend", b"extend", "nack", b"nack", "result", b"result", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "enqueue", b"enqueue", "extend", b"extend", "nack", b"nack", "result", b"result", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["enqueue", "ack", "nack", "extend"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___OpResult: _TypeAlias = OpResult  # noqa: Y015
+
+@_typing.final
+class SubmitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    log_index: _builtins.int
+    """The highest log index among the operations applied (read your writes)."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpResult]:
+        """One per operation, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___OpResult] | None = ...,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_index", b"log_index", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitResponse: _TypeAlias = SubmitResponse  # noqa: Y015
+
+@_typing.final
+class ConsumeStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    CONSUMER_ID_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    lease_ms: _builtins.int
+    """Lease duration of every job pushed; 0 means the queue's `default_lease_ms`."""
+    consumer_id: _builtins.str
+    """As LeaseRequest.consumer_id."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        lease_ms: _builtins.int = ...,
+        consumer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_id", b"consumer_id", "lease_ms", b"lease_ms", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeStart: _TypeAlias = ConsumeStart  # noqa: Y015
+
+@_typing.final
+class ConsumeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    SETTLE_FIELD_NUMBER: _builtins.int
+    SETTLE_ID_FIELD_NUMBER: _builtins.int
+    credits: _builtins.int
+    """More jobs this consumer can take, added to the credits it has left
+    (at most 1000 outstanding). Each job pushed uses one.
+    """
+    settle_id: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___ConsumeStart:
+        """The first request must carry it; later ones must not."""
+
+    @_builtins.property
+    def settle(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]:
+        """Acks, nacks and extensions (any operation Submit takes, at most 1000),
+        answered in one ConsumeResponse carrying the same `settle_id`.
+        """
+
+    def __init__(
+        self,
+        *,
+        start: Global___ConsumeStart | None = ...,
+        credits: _builtins.int = ...,
+        settle: _abc.Iterable[Global___Operation] | None = ...,
+        settle_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "settle", b"settle", "settle_id", b"settle_id", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeRequest: _TypeAlias = ConsumeRequest  # noqa: Y015
+
+@_typing.final
+class ConsumeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    SETTLE_ID_FIELD_NUMBER: _builtins.int
+    SETTLED_FIELD_NUMBER: _builtins.int
+    settle_id: _builtins.int
+    """With `settled`: which request's `settle` these results answer."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeasedJob]:
+        """Jobs leased to this consumer (each used one credit), in lease order."""
+
+    @_builtins.property
+    def settled(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpResult]:
+        """One result per operation of that `settle`, in its order."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___LeasedJob] | None = ...,
+        settle_id: _builtins.int = ...,
+        settled: _abc.Iterable[Global___OpResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "settle_id", b"settle_id", "settled", b"settled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeResponse: _TypeAlias = ConsumeResponse  # noqa: Y015

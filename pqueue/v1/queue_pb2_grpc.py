@@ -75,6 +75,16 @@ class QueueStub:
                 request_serializer=pqueue_dot_v1_dot_queue__pb2.StatsRequest.SerializeToString,
                 response_deserializer=pqueue_dot_v1_dot_queue__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Submit = channel.unary_unary(
+                '/pqueue.v1.Queue/Submit',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.SubmitResponse.FromString,
+                _registered_method=True)
+        self.Consume = channel.stream_stream(
+                '/pqueue.v1.Queue/Consume',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.ConsumeRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.ConsumeResponse.FromString,
+                _registered_method=True)
 
 
 class QueueServicer:
@@ -139,6 +149,37 @@ class QueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Submit(self, request, context):
+        """Many independent enqueues, acks, nacks and lease extensions in one call
+        (any queues, at most 1000), each with its own result: NOT atomic. One
+        that fails (bad input, a stale lease, a full queue) fails alone, with
+        the code, message and details its single call would have returned; the
+        others apply. Results come back in request order, and operations are
+        applied in request order. For all-or-nothing use EnqueueBatch, or one
+        Ack of many leases. The SDK packs concurrent calls into it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Consume(self, request_iterator, context):
+        """A streaming consumer: one stream for as long as a consumer runs. The
+        first request carries `start`; then the consumer grants credits (how
+        many more jobs it can take) and settles jobs (acks, nacks, extends) on
+        the same stream. The leader pushes jobs as they become ready, never
+        more than the credits granted, each leased exactly as Lease leases it:
+        the same fencing (lease id), expiry, attempts, priority order and
+        tenant fairness, with every lease decided in the log. A lease outlives
+        its stream: a broken stream loses nothing (its jobs' leases expire and
+        the jobs are delivered again), and a job pushed on one stream may be
+        settled by any call. The stream ends with UNAVAILABLE when its node
+        drains or stops leading (reconnect: a balancer or follower carries the
+        new stream to the leader), and with the status of a bad `start`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +222,16 @@ def add_QueueServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pqueue_dot_v1_dot_queue__pb2.StatsRequest.FromString,
                     response_serializer=pqueue_dot_v1_dot_queue__pb2.StatsResponse.SerializeToString,
+            ),
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.SubmitRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.SubmitResponse.SerializeToString,
+            ),
+            'Consume': grpc.stream_stream_rpc_method_handler(
+                    servicer.Consume,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.ConsumeRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.ConsumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +451,60 @@ class Queue:
             '/pqueue.v1.Queue/Stats',
             pqueue_dot_v1_dot_queue__pb2.StatsRequest.SerializeToString,
             pqueue_dot_v1_dot_queue__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Queue/Submit',
+            pqueue_dot_v1_dot_queue__pb2.SubmitRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Consume(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pqueue.v1.Queue/Consume',
+            pqueue_dot_v1_dot_queue__pb2.ConsumeRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.ConsumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,29 @@ class QueueStub:
     """One job's state, attempts and error history."""
     Stats: _grpc.UnaryUnaryMultiCallable[_queue_pb2.StatsRequest, _queue_pb2.StatsResponse]
     """Counts per queue (all queues when `queue` is empty)."""
+    Submit: _grpc.UnaryUnaryMultiCallable[_queue_pb2.SubmitRequest, _queue_pb2.SubmitResponse]
+    """Many independent enqueues, acks, nacks and lease extensions in one call
+    (any queues, at most 1000), each with its own result: NOT atomic. One
+    that fails (bad input, a stale lease, a full queue) fails alone, with
+    the code, message and details its single call would have returned; the
+    others apply. Results come back in request order, and operations are
+    applied in request order. For all-or-nothing use EnqueueBatch, or one
+    Ack of many leases. The SDK packs concurrent calls into it.
+    """
+    Consume: _grpc.StreamStreamMultiCallable[_queue_pb2.ConsumeRequest, _queue_pb2.ConsumeResponse]
+    """A streaming consumer: one stream for as long as a consumer runs. The
+    first request carries `start`; then the consumer grants credits (how
+    many more jobs it can take) and settles jobs (acks, nacks, extends) on
+    the same stream. The leader pushes jobs as they become ready, never
+    more than the credits granted, each leased exactly as Lease leases it:
+    the same fencing (lease id), expiry, attempts, priority order and
+    tenant fairness, with every lease decided in the log. A lease outlives
+    its stream: a broken stream loses nothing (its jobs' leases expire and
+    the jobs are delivered again), and a job pushed on one stream may be
+    settled by any call. The stream ends with UNAVAILABLE when its node
+    drains or stops leading (reconnect: a balancer or follower carries the
+    new stream to the leader), and with the status of a bad `start`.
+    """
 
 @_typing.type_check_only
 class QueueAsyncStub(QueueStub):
@@ -87,6 +110,29 @@ class QueueAsyncStub(QueueStub):
     """One job's state, attempts and error history."""
     Stats: _aio.UnaryUnaryMultiCallable[_queue_pb2.StatsRequest, _queue_pb2.StatsResponse]  # type: ignore[assignment]
     """Counts per queue (all queues when `queue` is empty)."""
+    Submit: _aio.UnaryUnaryMultiCallable[_queue_pb2.SubmitRequest, _queue_pb2.SubmitResponse]  # type: ignore[assignment]
+    """Many independent enqueues, acks, nacks and lease extensions in one call
+    (any queues, at most 1000), each with its own result: NOT atomic. One
+    that fails (bad input, a stale lease, a full queue) fails alone, with
+    the code, message and details its single call would have returned; the
+    others apply. Results come back in request order, and operations are
+    applied in request order. For all-or-nothing use EnqueueBatch, or one
+    Ack of many leases. The SDK packs concurrent calls into it.
+    """
+    Consume: _aio.StreamStreamMultiCallable[_queue_pb2.ConsumeRequest, _queue_pb2.ConsumeResponse]  # type: ignore[assignment]
+    """A streaming consumer: one stream for as long as a consumer runs. The
+    first request carries `start`; then the consumer grants credits (how
+    many more jobs it can take) and settles jobs (acks, nacks, extends) on
+    the same stream. The leader pushes jobs as they become ready, never
+    more than the credits granted, each leased exactly as Lease leases it:
+    the same fencing (lease id), expiry, attempts, priority order and
+    tenant fairness, with every lease decided in the log. A lease outlives
+    its stream: a broken stream loses nothing (its jobs' leases expire and
+    the jobs are delivered again), and a job pushed on one stream may be
+    settled by any call. The stream ends with UNAVAILABLE when its node
+    drains or stops leading (reconnect: a balancer or follower carries the
+    new stream to the leader), and with the status of a bad `start`.
+    """
 
 class QueueServicer(metaclass=_abc_1.ABCMeta):
     """Producers enqueue; consumers lease, ack, nack and extend."""
@@ -158,6 +204,41 @@ class QueueServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.StatsResponse, _abc.Awaitable[_queue_pb2.StatsResponse]]:
         """Counts per queue (all queues when `queue` is empty)."""
+
+    @_abc_1.abstractmethod
+    def Submit(
+        self,
+        request: _queue_pb2.SubmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.SubmitResponse, _abc.Awaitable[_queue_pb2.SubmitResponse]]:
+        """Many independent enqueues, acks, nacks and lease extensions in one call
+        (any queues, at most 1000), each with its own result: NOT atomic. One
+        that fails (bad input, a stale lease, a full queue) fails alone, with
+        the code, message and details its single call would have returned; the
+        others apply. Results come back in request order, and operations are
+        applied in request order. For all-or-nothing use EnqueueBatch, or one
+        Ack of many leases. The SDK packs concurrent calls into it.
+        """
+
+    @_abc_1.abstractmethod
+    def Consume(
+        self,
+        request_iterator: _MaybeAsyncIterator[_queue_pb2.ConsumeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queue_pb2.ConsumeResponse], _abc.AsyncIterator[_queue_pb2.ConsumeResponse]]:
+        """A streaming consumer: one stream for as long as a consumer runs. The
+        first request carries `start`; then the consumer grants credits (how
+        many more jobs it can take) and settles jobs (acks, nacks, extends) on
+        the same stream. The leader pushes jobs as they become ready, never
+        more than the credits granted, each leased exactly as Lease leases it:
+        the same fencing (lease id), expiry, attempts, priority order and
+        tenant fairness, with every lease decided in the log. A lease outlives
+        its stream: a broken stream loses nothing (its jobs' leases expire and
+        the jobs are delivered again), and a job pushed on one stream may be
+        settled by any call. The stream ends with UNAVAILABLE when its node
+        drains or stops leading (reconnect: a balancer or follower carries the
+        new stream to the leader), and with the status of a bad `start`.
+        """
 
 def add_QueueServicer_to_server(servicer: QueueServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -94,6 +94,9 @@ def request_caps() -> dict[str, int]:
         _Q + "ExtendLease": SMALL_REQUEST_BYTES,
         _Q + "GetJob": SMALL_REQUEST_BYTES,
         _Q + "Stats": SMALL_REQUEST_BYTES,
+        _Q + "Submit": limits.MAX_MESSAGE_BYTES,
+        # Each message of the stream: a start, credits, and settlements.
+        _Q + "Consume": limits.MAX_MESSAGE_BYTES,
         _A + "CreateQueue": DEFAULT_REQUEST_BYTES,
         _A + "DeleteQueue": SMALL_REQUEST_BYTES,
         _A + "ListQueues": SMALL_REQUEST_BYTES,

@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pqueue import errors
+from pqueue.v1 import queue_pb2 as pb
 
 _ERROR_DOMAIN = "pqueue.v1"
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -53,11 +54,9 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
-def to_status(error: errors.PQueueError) -> grpc.Status:
-    """A gRPC status (code, message, rich details, trailers) for ``error``."""
-    code = code_of(error)
-    proto = status_pb2.Status(code=code.value[0], message=error.message)
-    trailers: list[tuple[str, str]] = []
+def status_proto(error: errors.PQueueError) -> status_pb2.Status:
+    """The google.rpc.Status for ``error``: code, message and rich details."""
+    proto = status_pb2.Status(code=code_of(error).value[0], message=error.message)
     if isinstance(error, errors.InvalidArgumentError):
         proto.details.append(
             _pack(
@@ -102,9 +101,25 @@ def to_status(error: errors.PQueueError) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(retry_after_s * 1000))
         proto.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return proto
+
+
+def to_status(error: errors.PQueueError) -> grpc.Status:
+    """A gRPC status (code, message, rich details, trailers) for ``error``."""
+    proto = status_proto(error)
+    trailers: list[tuple[str, str]] = []
+    retry_after_s = getattr(error, "retry_after_s", 0.0)
+    if retry_after_s > 0:
         trailers.append(("grpc-retry-pushback-ms", str(int(retry_after_s * 1000))))
     status = rpc_status.to_status(proto)
     return _Status(status.code, status.details, (*status.trailing_metadata, *trailers))
+
+
+def to_op_status(error: errors.PQueueError) -> pb.OpStatus:
+    """The per-operation status of a ``Submit`` for ``error``: the same
+    code, message and details its single call would carry (an ``OpStatus``
+    is wire-identical to a google.rpc.Status)."""
+    return pb.OpStatus.FromString(status_proto(error).SerializeToString())
 
 
 class _Status(grpc.Status):
@@ -148,8 +163,23 @@ def error_info(exc: grpc.aio.AioRpcError, reason: str) -> dict[str, str] | None:
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> errors.PQueueError:
     """The domain error a failed call stands for, details decoded."""
     code = exc.code()
-    message = exc.details() or code.name
-    details = _rich_details(exc)
+    return error_of(code, exc.details() or code.name, _rich_details(exc))
+
+
+def from_op_status(status: pb.OpStatus) -> errors.PQueueError | None:
+    """The domain error one ``Submit`` operation failed with (None: it succeeded),
+    exactly as ``from_rpc_error`` gives it for the single call."""
+    if status.code == 0:
+        return None
+    code = _BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN)
+    return error_of(code, status.message or code.name, list(status.details))
+
+
+_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def error_of(code: grpc.StatusCode, message: str, details: list[any_pb2.Any]) -> errors.PQueueError:
+    """The domain error for a status: its code, message and rich details."""
     retry_after_s = 0.0
     for any_ in details:
         if any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
