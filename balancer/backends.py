@@ -237,6 +237,27 @@ class Backends:
         assert leader is not None
         return leader
 
+    async def answer_unless_moved(
+        self, call: grpc.aio.UnaryUnaryCall[bytes, bytes], address: str, stall_s: float
+    ) -> bytes | None:
+        """The leader call's answer (or its error), or None, the call cancelled,
+        once it waited ``stall_s`` and another node than ``address`` leads
+        (``leader_moved``: a frozen leader)."""
+        answer = asyncio.ensure_future(call)
+        moved = asyncio.ensure_future(self.leader_moved(address, stall_s))
+        try:
+            await asyncio.wait((answer, moved), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved.cancel()
+            if not answer.done():
+                call.cancel()
+                answer.cancel()
+            await asyncio.wait((answer, moved))
+        if answer.cancelled():
+            logger.info("leader %s did not answer; %s leads now", address, moved.result())
+            return None
+        return answer.result()
+
     async def wait_leader(self, timeout_s: float) -> str | None:
         """The leader's address, waiting up to ``timeout_s`` for one to be known."""
         return await self._wait(self.pool.leader, timeout_s)

@@ -52,6 +52,14 @@ class BalancerConfig:
     balancer_token: TokenSource | None = None
     #: Bearer token a ``/metrics`` scrape must carry; None: none needed.
     metrics_token: str | None = None
+    #: Send single-job writes (Enqueue, Ack, Nack, ExtendLease) of the same
+    #: caller to the leader together, in ``Submit`` calls (``balancer.coalesce``).
+    coalesce: bool = True
+    #: ``Submit`` calls one group (leader and caller) has in flight at once;
+    #: calls arriving meanwhile ride the next.
+    coalesce_in_flight: int = 1
+    #: ``Consume`` streams carried at once; more are refused (RESOURCE_EXHAUSTED).
+    max_streams: int = 4096
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting that cannot work."""
@@ -71,4 +79,6 @@ class BalancerConfig:
             raise ValueError("leader_stall_s and suspect_probe_s must be positive")
         if self.fast_probe_interval_s <= 0 or self.leader_wait_s < 0 or self.grace_s < 0:
             raise ValueError("intervals and waits must be positive")
+        if self.coalesce_in_flight < 1 or self.max_streams < 1:
+            raise ValueError("coalesce_in_flight and max_streams must be at least 1")
         self.pool.validate()

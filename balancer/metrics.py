@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pqueue.wire.observe import GrpcMetrics
 from pqueue.wire.process_metrics import ProcessCollector
 
+#: Operations per ``Submit``: one lone call up to the 1000 a ``Submit`` takes.
+SUBMIT_OPS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
+
 
 class BalancerMetrics:
-    """Per-backend weight, picks, ejections and retries; calls; the process."""
+    """Per-backend weight, picks, ejections and retries; coalescing; streams;
+    calls; the process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -49,6 +53,33 @@ class BalancerMetrics:
         )
         self.probe_failures = Counter(
             "pq_balancer_probe_failures_total", "Load probes that failed.", ["backend"], registry=r
+        )
+        self.coalesced = Counter(
+            "pq_balancer_coalesced_calls_total",
+            "Single calls (Enqueue, Ack, Nack, ExtendLease) sent to the leader inside a Submit.",
+            registry=r,
+        )
+        self.submit_ops = Histogram(
+            "pq_balancer_submit_operations",
+            "Calls per Submit the balancer sent for them.",
+            registry=r,
+            buckets=SUBMIT_OPS_BUCKETS,
+        )
+        self.fallbacks = Counter(
+            "pq_balancer_coalesce_fallbacks_total",
+            "Submits whose calls were sent alone instead, by why (unimplemented: the node is "
+            "older; refused: the Submit was refused whole, say a call did not parse).",
+            ["reason"],
+            registry=r,
+        )
+        self.streams_open = Gauge(
+            "pq_balancer_streams_open", "Consume streams carried to the leader now.", registry=r
+        )
+        self.streams = Counter(
+            "pq_balancer_streams_total",
+            "Consume streams ended, by how (ok, client_left, leader_moved, a status code).",
+            ["end"],
+            registry=r,
         )
         self.grpc = GrpcMetrics(r)  # calls by method and code, and their latency
         r.register(ProcessCollector())

@@ -8,6 +8,11 @@ status, details and trailers (rich error details, retry pushback) come back
 as they were. See ``balancer.routes`` for where each call goes and when a
 failed one is sent a second time; a call is sent at most twice.
 
+Single-job writes ride to the leader in ``Submit`` calls shared with other
+callers (``balancer.coalesce``) unless coalescing is off; each is answered,
+and resent, as if it had gone alone. ``Consume`` streams are carried by
+``balancer.streams``.
+
 A leader call still waiting when another node takes over (the old leader
 froze, and has not said it drains: ``Backends.leader_moved``) is abandoned:
 sent to the new leader when it may be sent again (as after a plain
@@ -21,70 +26,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 
-from balancer.backends import BALANCER_ID, Backends
+from balancer.backends import Backends
+from balancer.coalesce import MOVED, PLAIN, Coalescer, OpFailed, WholeFailed
+from balancer.hop import Metadata, own_metadata, passthrough, why_failed
 from balancer.routes import Kind, Route, route_for
+from balancer.streams import StreamProxy
 from pqueue.errors import NotTakenError, UnavailableError
-from pqueue.wire.keys import (
-    DEFAULT_FORWARD_TIMEOUT_S,
-    FORWARDED_FOR_KEY,
-    FORWARDED_KEY,
-    FORWARDER_TOKEN_KEY,
-    REQUEST_ID_KEY,
-)
-from pqueue.wire.observe import hop_metadata
-from pqueue.wire.status import NOT_LEADER, NOT_TAKEN, error_info, to_status
-from pqueue.wire.tokens import current_token
+from pqueue.wire.keys import DEFAULT_FORWARD_TIMEOUT_S
+from pqueue.wire.observe import client_ip, request_id
+from pqueue.wire.status import NOT_LEADER, error_info, to_status
 
 logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
-Metadata = tuple[tuple[str, str | bytes], ...]
 
-#: Metadata that belongs to one hop, not to the call.
-_HOP_KEYS = frozenset(
-    (
-        "user-agent",
-        "te",
-        "content-type",
-        "host",
-        FORWARDED_KEY,
-        REQUEST_ID_KEY,
-        FORWARDED_FOR_KEY,
-        FORWARDER_TOKEN_KEY,
-    )
-)
-#: Of gRPC's own keys, those that carry the call's meaning and must pass.
-_GRPC_KEYS_KEPT = frozenset(("grpc-status-details-bin", "grpc-retry-pushback-ms"))
-
-
-def passthrough(metadata: Any) -> Metadata:
-    """Metadata worth carrying to the next hop (reserved and hop keys left out)."""
-    kept: list[tuple[str, str | bytes]] = []
-    for key, value in metadata or ():
-        if key in _HOP_KEYS or key.startswith(":"):
-            continue
-        if key.startswith("grpc-") and key not in _GRPC_KEYS_KEPT:
-            continue
-        kept.append((key, value))
-    return tuple(kept)
-
+__all__ = ["Metadata", "ProxyHandler", "passthrough"]
 
 #: Method handlers kept (the public methods, and a few newer ones).
 _MAX_HANDLERS = 256
-
-
-def _why(exc: grpc.aio.AioRpcError) -> str | None:
-    """Why a call failed, if the proxy may act on it."""
-    code = exc.code()
-    if code == grpc.StatusCode.FAILED_PRECONDITION and error_info(exc, NOT_LEADER) is not None:
-        return "not_leader"
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return "not_taken" if error_info(exc, NOT_TAKEN) is not None else "unreachable"
-    return None
 
 
 class ProxyHandler(grpc.GenericRpcHandler):
@@ -93,8 +57,22 @@ class ProxyHandler(grpc.GenericRpcHandler):
     def __init__(self, backends: Backends) -> None:
         self.backends = backends
         self.metrics = backends.metrics
+        config = backends.config
         self.retries = 0
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
+        #: None: coalescing is off; every call goes alone.
+        self.coalescer = (
+            Coalescer(backends, self.metrics, config.coalesce_in_flight)
+            if config.coalesce
+            else None
+        )
+        self.streams = StreamProxy(backends, self.metrics, config.max_streams)
+
+    async def stop(self) -> None:
+        """End carried streams and ``Submit`` calls still in flight."""
+        self.streams.close()
+        if self.coalescer is not None:
+            await self.coalescer.stop()
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -105,7 +83,16 @@ class ProxyHandler(grpc.GenericRpcHandler):
             route = route_for(method)
             if route is None:
                 return None
-            handler = grpc.unary_unary_rpc_method_handler(functools.partial(self._call, route))
+            if route.streaming:
+                handler = grpc.stream_stream_rpc_method_handler(
+                    functools.partial(self._stream, route)
+                )
+            elif route.op_field and self.coalescer is not None:
+                handler = grpc.unary_unary_rpc_method_handler(
+                    functools.partial(self._coalesced, route)
+                )
+            else:
+                handler = grpc.unary_unary_rpc_method_handler(functools.partial(self._call, route))
             if len(self._handlers) < _MAX_HANDLERS:  # unknown names must not grow it forever
                 self._handlers[method] = handler
         return handler
@@ -151,16 +138,67 @@ class ProxyHandler(grpc.GenericRpcHandler):
             return response
         raise AssertionError("unreachable: the second attempt returns or aborts")
 
+    async def _coalesced(self, route: Route, request: bytes, context: Context) -> bytes:
+        """A single-job write, sent in a ``Submit`` with others of its group
+        (``balancer.coalesce``) and answered as if it had gone alone: the same
+        resend rules, per call, and its own deadline."""
+        assert self.coalescer is not None
+        metadata = passthrough(context.invocation_metadata())
+        deadline = self._deadline(context)
+        tried: list[str] = []
+        for attempt in range(2):
+            address = await self._target(Kind.LEADER, tried, deadline)
+            if address is None:
+                await self._abort_no_target(context, Kind.LEADER)
+            if not self.coalescer.serves(address):
+                return await self._call(route, request, context)
+            self._count(address, Kind.LEADER)
+            try:
+                async with asyncio.timeout(deadline - self.backends.clock_s()):
+                    outcome = await self.coalescer.ride(
+                        address, metadata, route.op_field, request, deadline
+                    )
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            if isinstance(outcome, bytes):
+                return outcome
+            if outcome is PLAIN:  # nothing of it ran: it goes alone
+                return await self._call(route, request, context)
+            if outcome is MOVED:
+                if attempt == 0 and self._may_resend(route, request, deadline):
+                    self._retried(address, "leader_moved")
+                    tried.append(address)
+                    continue
+                await self._abort_leader_moved(context)
+            assert isinstance(outcome, OpFailed | WholeFailed)
+            why = outcome.why
+            if attempt == 0 and why is not None and self._may_retry(route, request, why, deadline):
+                self._retried(address, why)
+                tried.append(address)
+                continue
+            if isinstance(outcome, WholeFailed):
+                await self._abort_failed(context, outcome.error, why)
+            if why == "not_leader":
+                await self._abort_leader_twice(context)
+            await context.abort(outcome.code, outcome.message, outcome.trailers)
+        raise AssertionError("unreachable: the second attempt returns or aborts")
+
+    async def _stream(
+        self, route: Route, requests: AsyncIterator[bytes], context: Context
+    ) -> AsyncIterator[bytes]:
+        """A ``Consume`` stream, carried to the leader (``balancer.streams``)."""
+        metadata = self._hop_metadata(context)
+        async for message in self.streams.carry(
+            route, requests, context, metadata, context.time_remaining()
+        ):
+            yield message
+
     def _hop_metadata(self, context: Context) -> Metadata:
-        """The caller's metadata for the node, plus this hop's own keys."""
-        # The balancer's own token proves to the node that it is a hop, so the
-        # node believes the caller's IP it passes on (a client's claim it strips).
-        hop_token = current_token(self.backends.config.balancer_token)
+        """The caller's metadata for the node, plus this hop's own keys (the
+        request id and the caller's IP, as the observer took them)."""
         return (
             *passthrough(context.invocation_metadata()),
-            (FORWARDED_KEY, BALANCER_ID),
-            *hop_metadata(),  # the request id and the caller's IP, as the observer took them
-            *(((FORWARDER_TOKEN_KEY, hop_token),) if hop_token else ()),
+            *own_metadata(self.backends.config.balancer_token, request_id.get(), client_ip.get()),
         )
 
     def _deadline(self, context: Context) -> float:
@@ -196,13 +234,13 @@ class ProxyHandler(grpc.GenericRpcHandler):
         answering and another took over (the call was cancelled)."""
         if kind is Kind.LEADER:
             stall_s = self.backends.config.leader_stall_s + route.waits_s(request)
-            return await self._unless_leader_moves(call, address, stall_s)
+            return await self.backends.answer_unless_moved(call, address, stall_s)
         response: bytes = await call
         return response
 
     def _failed(self, exc: grpc.aio.AioRpcError, address: str, kind: Kind) -> str | None:
-        """Why the attempt failed (see ``_why``), told to the backends' picture."""
-        why = _why(exc)
+        """Why the attempt failed (see ``hop.why_failed``), told to the backends' picture."""
+        why = why_failed(exc)
         if why == "not_leader":
             info = error_info(exc, NOT_LEADER) or {}
             self.backends.not_leader(address, int(info.get("leader_id") or 0))
@@ -247,15 +285,18 @@ class ProxyHandler(grpc.GenericRpcHandler):
     ) -> NoReturn:
         """Answer the client with the node's failure (its metadata passed on)."""
         if why == "not_leader":
-            # The leader moved twice within one call. Do not hand the
-            # client a node address it may not reach: say try again.
-            await context.abort_with_status(
-                to_status(NotTakenError("the leader moved; try again", retry_after_s=0.2))
-            )
+            await self._abort_leader_twice(context)
         initial = passthrough(exc.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
         await context.abort(exc.code(), exc.details() or "", passthrough(exc.trailing_metadata()))
+
+    async def _abort_leader_twice(self, context: Context) -> NoReturn:
+        # The leader moved twice within one call. Do not hand the
+        # client a node address it may not reach: say try again.
+        await context.abort_with_status(
+            to_status(NotTakenError("the leader moved; try again", retry_after_s=0.2))
+        )
 
     async def _pass_back(
         self, context: Context, call: grpc.aio.UnaryUnaryCall[bytes, bytes]
@@ -265,26 +306,6 @@ class ProxyHandler(grpc.GenericRpcHandler):
         if initial:
             await context.send_initial_metadata(initial)
         context.set_trailing_metadata(passthrough(await call.trailing_metadata()))
-
-    async def _unless_leader_moves(
-        self, call: grpc.aio.UnaryUnaryCall[bytes, bytes], address: str, stall_s: float
-    ) -> bytes | None:
-        """The call's answer (or its error), or None, the call cancelled, once it
-        waited ``stall_s`` and another node than ``address`` leads (a frozen leader)."""
-        answer = asyncio.ensure_future(call)
-        moved = asyncio.ensure_future(self.backends.leader_moved(address, stall_s))
-        try:
-            await asyncio.wait((answer, moved), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            moved.cancel()
-            if not answer.done():
-                call.cancel()
-                answer.cancel()
-            await asyncio.wait((answer, moved))
-        if answer.cancelled():
-            logger.info("leader %s did not answer; %s leads now", address, moved.result())
-            return None
-        return answer.result()
 
     async def _target(self, kind: Kind, tried: list[str], deadline: float) -> str | None:
         """Where to send: waits (within the deadline) while nothing fits."""

@@ -12,6 +12,13 @@ every job carries an idempotency key are sent again then.
 
 Methods the table does not know (a newer API than this balancer) go to the
 leader and are never retried on ``UNAVAILABLE``: the safe default.
+
+Single-job writes (``Enqueue``, ``Ack``, ``Nack``, ``ExtendLease``) may ride
+in a ``Submit`` (``op_field``: their ``Operation`` field; see
+``balancer.coalesce``); the same rules hold for each of them alone. A
+client's own ``Submit`` is sent again after a plain ``UNAVAILABLE`` only if
+every operation is an enqueue with an idempotency key. ``Consume`` is a
+stream, carried to the leader message for message (``balancer.streams``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from balancer.framing import OP_FIELDS
 from pqueue.v1 import queue_pb2 as pb
 
 
@@ -44,6 +52,11 @@ class Route:
     #: Given the request bytes: how long the node may rightly hold it before
     #: answering (a long poll's wait), beyond which a leader is suspected.
     waits_s: Callable[[bytes], float] = lambda _: 0.0
+    #: Non-zero: a single-job write that may ride in a ``Submit``, in this
+    #: ``Operation`` field.
+    op_field: int = 0
+    #: A bidirectional stream (``Consume``), not a unary call.
+    streaming: bool = False
 
 
 def _always(kind: Kind) -> Callable[[bytes], Kind]:
@@ -85,6 +98,16 @@ def _batch_keyed(data: bytes) -> bool:
     return bool(jobs) and all(j.idempotency_key for j in jobs)
 
 
+def _submit_keyed(data: bytes) -> bool:
+    try:
+        ops = pb.SubmitRequest.FromString(data).ops
+    except DecodeError:
+        return False
+    return bool(ops) and all(
+        op.WhichOneof("op") == "enqueue" and op.enqueue.job.idempotency_key for op in ops
+    )
+
+
 def _lease_wait_s(data: bytes) -> float:
     try:
         return max(0, min(pb.LeaseRequest.FromString(data).wait_ms, 3_600_000)) / 1000
@@ -98,10 +121,14 @@ _CONSISTENT = {
     "Stats": pb.StatsRequest,
     "ListDead": pb.ListDeadRequest,
 }
-_IDEMPOTENT_WRITES = {"Enqueue": _enqueue_keyed, "EnqueueBatch": _batch_keyed}
+_IDEMPOTENT_WRITES = {
+    "Enqueue": _enqueue_keyed,
+    "EnqueueBatch": _batch_keyed,
+    "Submit": _submit_keyed,
+}
 
 
-def _route(service: str, name: str) -> Route:
+def _route(service: str, name: str, streaming: bool = False) -> Route:
     method = f"/{service}/{name}"
     if name in _READS:
         consistent = _CONSISTENT.get(name)
@@ -109,14 +136,27 @@ def _route(service: str, name: str) -> Route:
         return Route(method, name, Kind.READ, kind_of, _yes)
     retry = _IDEMPOTENT_WRITES.get(name, _never)
     waits = _lease_wait_s if name == "Lease" else lambda _: 0.0
-    return Route(method, name, Kind.LEADER, _always(Kind.LEADER), retry, waits)
+    op_field = OP_FIELDS.get(name, 0) if service == "pqueue.v1.Queue" else 0
+    return Route(
+        method,
+        name,
+        Kind.LEADER,
+        _always(Kind.LEADER),
+        retry,
+        waits,
+        op_field=op_field,
+        streaming=streaming,
+    )
 
 
 #: Every method of the public services, by its full gRPC path.
 ROUTES: dict[str, Route] = {
     route.method: route
     for service in pb.DESCRIPTOR.services_by_name.values()
-    for route in (_route(service.full_name, m.name) for m in service.methods)
+    for route in (
+        _route(service.full_name, m.name, m.client_streaming and m.server_streaming)
+        for m in service.methods
+    )
 }
 
 _PUBLIC_PREFIXES = tuple(f"/{s.full_name}/" for s in pb.DESCRIPTOR.services_by_name.values())

@@ -180,7 +180,9 @@ class BalancerServer(Serving):
             await updated.wait()
 
     async def _close(self, server: grpc.aio.Server) -> None:
+        self.proxy.streams.close()  # consumers reconnect elsewhere now, not after the grace
         await server.stop(self.config.grace_s)
+        await self.proxy.stop()
         await self.backends.stop()
         if self._http is not None:
             await self._http.stop()

@@ -78,6 +78,13 @@ def register(sub: Any) -> None:
         help="this balancer's token (role balancer), so nodes believe the client IPs it passes "
         "on; re-read when it changes",
     )
+    run.add_argument(
+        "--coalesce",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send single enqueues, acks, nacks and extensions of the same caller to the "
+        "leader together, in Submit calls (default: on); --no-coalesce sends each alone",
+    )
     run.add_argument("--log-level", default="INFO")
     run.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
@@ -114,6 +121,7 @@ def run_balancer(args: argparse.Namespace) -> int:
             if args.balancer_token_file is not None
             else None,
             metrics_token=metrics_token(args.metrics_token_file),
+            coalesce=args.coalesce,
         )
     except (OSError, ValueError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)

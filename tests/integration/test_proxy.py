@@ -5,6 +5,10 @@ so these backends are small gRPC servers that speak the node's probe and
 health protocol truthfully and answer ``Queue`` calls from a script,
 recording what reached them. Everything between client and backend is the
 real balancer over real gRPC.
+
+The plain proxy's rules are checked with coalescing off; the same rules for
+single calls that ride in a ``Submit`` (``balancer.coalesce``) with it on:
+the fake answers each operation of a ``Submit`` from ``op_script``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from balancer.pool import PoolConfig
 from balancer.server import BalancerServer
 from pqueue.client import Client
 from pqueue.errors import (
+    InvalidArgumentError,
     NotLeaderError,
     NotTakenError,
     PQueueError,
@@ -32,7 +37,7 @@ from pqueue.errors import (
 )
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
-from pqueue.wire.status import to_status
+from pqueue.wire.status import from_rpc_error, to_op_status, to_status
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -51,7 +56,17 @@ class FakeNode:
     ballot_round: int = 1
     #: What the next Queue calls get: None answers OK, an error aborts.
     script: deque[PQueueError | None] = field(default_factory=deque)
+    #: What the next operations of a Submit get: None answers OK, an error is its status.
+    op_script: deque[PQueueError | None] = field(default_factory=deque)
+    #: Whether Submit is served (an older node answers UNIMPLEMENTED).
+    serves_submit: bool = True
+    #: How long each Submit takes.
+    submit_delay_s: float = 0.0
     seen: list[Seen] = field(default_factory=list)
+    #: The operations of each Submit received.
+    submits: list[list[pb.Operation]] = field(default_factory=list)
+    #: Set once a Submit arrived.
+    submitted: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: int = 0
     server: grpc.aio.Server | None = None
     address: str = ""
@@ -110,11 +125,19 @@ class _Queue(grpc.GenericRpcHandler):
             f.seen.append(
                 Seen(method, dict(context.invocation_metadata() or ()), context.time_remaining())
             )
+            delay_s = f.submit_delay_s  # as it was when the call came
+            if method == SUBMIT:
+                if not f.serves_submit:
+                    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+                f.submits.append(list(pb.SubmitRequest.FromString(request).ops))
+                f.submitted.set()
             outcome = f.script.popleft() if f.script else None
             if isinstance(outcome, PQueueError):
                 await context.abort_with_status(to_status(outcome))
             await context.send_initial_metadata((("x-served-by", str(f.node_id)),))
             context.set_trailing_metadata((("x-trailer", "yes"),))
+            if method == SUBMIT:
+                return await _submit(f, request, delay_s)
             if method.endswith("/Stall"):
                 try:
                     await asyncio.sleep(30)
@@ -126,6 +149,27 @@ class _Queue(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(handle)
 
 
+async def _submit(f: FakeNode, request: bytes, delay_s: float) -> bytes:
+    """Each operation answered from ``op_script``, after ``delay_s``."""
+    ops = list(pb.SubmitRequest.FromString(request).ops)
+    await asyncio.sleep(delay_s)
+    results = []
+    for op in ops:
+        outcome = f.op_script.popleft() if f.op_script else None
+        kind = op.WhichOneof("op")
+        assert kind is not None
+        if outcome is None:
+            response = {"enqueue": pb.EnqueueResponse(job_id=7, log_index=9)}.get(kind)
+            result = pb.OpResult()
+            getattr(result, kind).SetInParent()
+            if response is not None:
+                getattr(result, kind).CopyFrom(response)
+            results.append(result)
+        else:
+            results.append(pb.OpResult(status=to_op_status(outcome)))
+    return pb.SubmitResponse(results=results, log_index=9).SerializeToString()
+
+
 @dataclass
 class Rig:
     leader: FakeNode
@@ -134,7 +178,7 @@ class Rig:
 
 
 @pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
+async def rig(coalesce: bool) -> AsyncIterator[Rig]:
     leader, follower = FakeNode(1, leader=True), FakeNode(2, leader=False)
     await leader.start()
     await follower.start()
@@ -146,6 +190,7 @@ async def rig() -> AsyncIterator[Rig]:
             seed=3,
             grace_s=0.2,
             pool=PoolConfig(report_expiry_s=5.0, slow_start_s=0.0),
+            coalesce=coalesce,
         )
     )
     try:
@@ -162,9 +207,16 @@ async def rig() -> AsyncIterator[Rig]:
         await follower.stop()
 
 
+@pytest.fixture
+def coalesce() -> bool:
+    """The plain proxy's rules: each call alone (tests of coalescing override it)."""
+    return False
+
+
 ENQUEUE = "/pqueue.v1.Queue/Enqueue"
 LEASE = "/pqueue.v1.Queue/Lease"
 STATS = "/pqueue.v1.Queue/Stats"
+SUBMIT = "/pqueue.v1.Queue/Submit"
 
 
 async def test_an_unkeyed_enqueue_that_met_unavailable_is_sent_once(rig: Rig) -> None:
@@ -284,3 +336,134 @@ async def test_the_balancer_is_not_serving_with_no_backend_up(rig: Rig) -> None:
         async with Client(rig.balancer.address, max_retries=0, timeout_s=1.0) as c:
             with pytest.raises(NotTakenError):  # nothing to send it to: it ran nowhere
                 await c.stats("q")
+
+
+# ---------------------------------------------------------------- coalesced
+
+
+async def single(rig: Rig, name: str, request: Any, timeout_s: float = 5.0) -> Any:
+    """One single call through the balancer, as any client sends it (a raw stub:
+    the SDK may pack its own calls into a Submit)."""
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        try:
+            return await getattr(pbg.QueueStub(channel), name)(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+
+def _enqueue(payload: bytes = b"x", key: str = "") -> pb.EnqueueRequest:
+    return pb.EnqueueRequest(queue="q", job=pb.JobSpec(payload=payload, idempotency_key=key))
+
+
+def _ops(fake: FakeNode) -> list[str]:
+    """Each operation the fake received in a Submit, by kind."""
+    return [op.WhichOneof("op") or "" for ops in fake.submits for op in ops]
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_riding_call_goes_in_a_submit_and_gets_its_own_answer(rig: Rig) -> None:
+    assert (await single(rig, "Enqueue", _enqueue())).job_id == 7
+    assert (rig.leader.calls(SUBMIT), rig.leader.calls(ENQUEUE)) == (1, 0)
+    [[op]] = rig.leader.submits
+    assert op.enqueue.job.payload == b"x"  # its bytes, framed, unchanged
+    seen = rig.leader.seen[0]
+    assert seen.metadata["pq-forwarded-by"] == "balancer"
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_riding_unkeyed_enqueue_that_met_unavailable_is_sent_once(rig: Rig) -> None:
+    rig.leader.op_script.append(UnavailableError("connection reset", retry_after_s=0.3))
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raw:
+            await pbg.QueueStub(channel).Enqueue(pb.EnqueueRequest(queue="q"), timeout=5)
+    # The single call's status: code, message, details and pushback trailers.
+    trailers = dict(raw.value.trailing_metadata() or ())
+    assert raw.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert raw.value.details() == "connection reset"
+    assert trailers["grpc-retry-pushback-ms"] == "300"
+    single = to_status(UnavailableError("connection reset", retry_after_s=0.3))
+    assert (
+        trailers["grpc-status-details-bin"]
+        == dict(single.trailing_metadata)["grpc-status-details-bin"]
+    )
+    assert _ops(rig.leader) == ["enqueue"]
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_riding_keyed_enqueue_that_met_unavailable_is_sent_again(rig: Rig) -> None:
+    rig.leader.op_script.append(UnavailableError("connection reset"))
+    await single(rig, "Enqueue", _enqueue(b"keyed", key="k1"))
+    assert _ops(rig.leader) == ["enqueue", "enqueue"]
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_whole_submit_that_met_unavailable_resends_only_keyed_enqueues(rig: Rig) -> None:
+    rig.leader.submit_delay_s = 0.3  # the second and third calls ride together
+    first = asyncio.create_task(single(rig, "Enqueue", _enqueue(b"first")))
+    await rig.leader.submitted.wait()
+    rig.leader.script.append(UnavailableError("connection reset"))  # the second Submit
+    rig.leader.submit_delay_s = 0.0
+    keyed = asyncio.create_task(single(rig, "Enqueue", _enqueue(b"keyed", key="k")))
+    await asyncio.sleep(0.05)  # in this order
+    unkeyed = asyncio.create_task(single(rig, "Enqueue", _enqueue(b"unkeyed")))
+    await first
+    await keyed  # sent again, in a Submit of its own
+    with pytest.raises(UnavailableError):
+        await unkeyed
+    payloads = [[op.enqueue.job.payload for op in ops] for ops in rig.leader.submits]
+    assert payloads == [[b"first"], [b"keyed", b"unkeyed"], [b"keyed"]]
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_riding_ack_not_taken_is_sent_again(rig: Rig) -> None:
+    rig.leader.op_script.append(NotTakenError("draining", retry_after_s=0.1))
+    await single(rig, "Ack", pb.AckRequest(queue="q", leases=[pb.JobLease(job_id=1)]))
+    assert _ops(rig.leader) == ["ack", "ack"]
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_riding_call_told_not_leader_twice_never_leaks_an_address(rig: Rig) -> None:
+    rig.leader.op_script.append(NotLeaderError("node 2 leads", "2", rig.follower.address))
+    rig.follower.op_script.append(NotLeaderError("node 1 leads", "1", rig.leader.address))
+    with pytest.raises(NotTakenError):
+        await single(rig, "Nack", pb.NackRequest(queue="q", job_id=1, lease_id=2))
+    assert (_ops(rig.leader), _ops(rig.follower)) == (["nack"], ["nack"])  # the hint was taken
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_an_older_node_without_submit_gets_plain_calls(rig: Rig) -> None:
+    rig.leader.serves_submit = False
+    assert (await single(rig, "Enqueue", _enqueue())).job_id == 0  # the fake's plain answer
+    await single(rig, "ExtendLease", pb.ExtendLeaseRequest(queue="q", job_id=1, lease_id=2))
+    # One Submit refused; the call went alone, and so did the next, unasked.
+    assert rig.leader.calls(SUBMIT) == 1
+    assert (rig.leader.calls(ENQUEUE), rig.leader.calls("/pqueue.v1.Queue/ExtendLease")) == (1, 1)
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_submit_refused_whole_sends_each_call_alone(rig: Rig) -> None:
+    rig.leader.script.append(InvalidArgumentError("ops[0].enqueue", "unknown field"))
+    await single(rig, "Enqueue", _enqueue())  # its own single answer: OK
+    assert (rig.leader.calls(SUBMIT), rig.leader.calls(ENQUEUE)) == (1, 1)
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_each_riding_call_keeps_its_own_deadline(rig: Rig) -> None:
+    rig.leader.submit_delay_s = 0.6
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        stub = pbg.QueueStub(channel)
+        blocker = stub.Enqueue(pb.EnqueueRequest(queue="q"), timeout=10)
+        await rig.leader.submitted.wait()
+        hasty = stub.Enqueue(pb.EnqueueRequest(queue="hasty"), timeout=0.2)
+        patient = stub.Enqueue(pb.EnqueueRequest(queue="patient"), timeout=8)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await hasty
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await blocker
+        await patient
+    # The hasty call left before the second Submit went: only the patient one
+    # rode it, with the patient one's deadline.
+    assert [[op.enqueue.queue for op in ops] for ops in rig.leader.submits] == [["q"], ["patient"]]
+    second = [s for s in rig.leader.seen if s.method == SUBMIT][1]
+    assert second.time_remaining is not None
+    assert 6 < second.time_remaining <= 8.1

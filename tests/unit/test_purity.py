@@ -33,6 +33,7 @@ PURE_MODULES = [
     "balancer/picker.py",
     "balancer/pool.py",
     "balancer/routes.py",
+    "balancer/framing.py",
 ]
 FORBIDDEN = {
     "asyncio",

@@ -69,3 +69,29 @@ def test_a_long_poll_may_wait_its_wait_before_its_leader_is_suspected() -> None:
     assert lease.waits_s(b"\xff") == 0.0  # undecodable: the node will say why
     enqueue = ROUTES["/pqueue.v1.Queue/Enqueue"]
     assert enqueue.waits_s(pb.EnqueueRequest(queue="q").SerializeToString()) == 0.0
+
+
+def test_a_client_submit_is_sent_again_after_unavailable_only_if_all_keyed_enqueues() -> None:
+    submit = ROUTES["/pqueue.v1.Queue/Submit"]
+    keyed = pb.Operation(enqueue=pb.EnqueueRequest(job=pb.JobSpec(idempotency_key="k")))
+    unkeyed = pb.Operation(enqueue=pb.EnqueueRequest(job=pb.JobSpec(payload=b"x")))
+    ack = pb.Operation(ack=pb.AckRequest(queue="q"))
+    assert submit.kind is Kind.LEADER
+    assert not submit.op_field  # proxied as it is
+    assert submit.retry_unavailable(pb.SubmitRequest(ops=[keyed, keyed]).SerializeToString())
+    for ops in ([keyed, unkeyed], [keyed, ack], []):
+        assert not submit.retry_unavailable(pb.SubmitRequest(ops=ops).SerializeToString())
+    assert not submit.retry_unavailable(b"\xff")
+
+
+def test_single_job_writes_may_ride_in_a_submit_and_consume_is_a_stream() -> None:
+    riders = {r.name: r.op_field for r in ROUTES.values() if r.op_field}
+    fields = pb.Operation.DESCRIPTOR.fields_by_name
+    assert riders == {
+        "Enqueue": fields["enqueue"].number,
+        "Ack": fields["ack"].number,
+        "Nack": fields["nack"].number,
+        "ExtendLease": fields["extend"].number,
+    }
+    assert {r.name for r in ROUTES.values() if r.streaming} == {"Consume"}
+    assert ROUTES["/pqueue.v1.Queue/Consume"].kind is Kind.LEADER
