@@ -109,14 +109,14 @@ class StreamProxy:
                     end = ended_by[0]
                     await context.abort_with_status(to_status(_ended_error(end)))
                     raise AssertionError("unreachable") from None  # abort raises
-                if message is grpc.aio.EOF:
+                if not isinstance(message, bytes):  # grpc.aio.EOF: the leader's side ended
                     break
                 if first:
                     first = False
                     initial = passthrough(await call.initial_metadata())
                     if initial:
                         await context.send_initial_metadata(initial)
-                yield message  # type: ignore[misc]  # raw bytes: no serializer
+                yield message
             code = await call.code()
             end = "ok" if code == grpc.StatusCode.OK else code.name
             if code != grpc.StatusCode.OK:

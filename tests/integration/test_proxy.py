@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from pqueue.errors import (
     NotLeaderError,
     NotTakenError,
     PQueueError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from pqueue.v1 import queue_pb2 as pb
@@ -65,6 +66,8 @@ class FakeNode:
     seen: list[Seen] = field(default_factory=list)
     #: The operations of each Submit received.
     submits: list[list[pb.Operation]] = field(default_factory=list)
+    #: Consume streams open now.
+    streams_open: int = 0
     #: Set once a Submit arrived.
     submitted: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: int = 0
@@ -119,6 +122,8 @@ class _Queue(grpc.GenericRpcHandler):
         method = details.method
         if not method.startswith("/pqueue.v1.Queue/"):
             return None
+        if method == CONSUME:
+            return grpc.stream_stream_rpc_method_handler(self.consume)
 
         async def handle(request: bytes, context: Context) -> bytes:
             f = self.fake
@@ -147,6 +152,30 @@ class _Queue(grpc.GenericRpcHandler):
             return b""
 
         return grpc.unary_unary_rpc_method_handler(handle)
+
+    async def consume(
+        self, requests: AsyncIterator[bytes], context: Context
+    ) -> AsyncIterator[bytes]:
+        """An echo: ``b"echo:" + m`` for each message ``m``; ``bye`` ends the
+        stream OK, ``abort:<text>`` with INVALID_ARGUMENT and a trailer."""
+        f = self.fake
+        f.seen.append(
+            Seen(CONSUME, dict(context.invocation_metadata() or ()), context.time_remaining())
+        )
+        f.streams_open += 1
+        try:
+            async for message in requests:
+                if message == b"bye":
+                    return
+                if message.startswith(b"abort:"):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        message[6:].decode(),
+                        (("x-why", "asked"),),
+                    )
+                yield b"echo:" + message
+        finally:
+            f.streams_open -= 1
 
 
 async def _submit(f: FakeNode, request: bytes, delay_s: float) -> bytes:
@@ -178,7 +207,13 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(coalesce: bool) -> AsyncIterator[Rig]:
+def options() -> dict[str, Any]:
+    """More ``BalancerConfig`` fields for the rig's balancer."""
+    return {}
+
+
+@pytest.fixture
+async def rig(coalesce: bool, options: dict[str, Any]) -> AsyncIterator[Rig]:
     leader, follower = FakeNode(1, leader=True), FakeNode(2, leader=False)
     await leader.start()
     await follower.start()
@@ -191,6 +226,7 @@ async def rig(coalesce: bool) -> AsyncIterator[Rig]:
             grace_s=0.2,
             pool=PoolConfig(report_expiry_s=5.0, slow_start_s=0.0),
             coalesce=coalesce,
+            **options,
         )
     )
     try:
@@ -217,6 +253,7 @@ ENQUEUE = "/pqueue.v1.Queue/Enqueue"
 LEASE = "/pqueue.v1.Queue/Lease"
 STATS = "/pqueue.v1.Queue/Stats"
 SUBMIT = "/pqueue.v1.Queue/Submit"
+CONSUME = "/pqueue.v1.Queue/Consume"
 
 
 async def test_an_unkeyed_enqueue_that_met_unavailable_is_sent_once(rig: Rig) -> None:
@@ -467,3 +504,128 @@ async def test_each_riding_call_keeps_its_own_deadline(rig: Rig) -> None:
     second = [s for s in rig.leader.seen if s.method == SUBMIT][1]
     assert second.time_remaining is not None
     assert 6 < second.time_remaining <= 8.1
+
+
+# ---------------------------------------------------------------- streams
+
+
+def _consume(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
+    return channel.stream_stream(CONSUME)
+
+
+async def _wait(check: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_stream_is_carried_to_the_leader_message_for_message(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        call = _consume(channel)(metadata=(("authorization", "Bearer t"),))
+        for m in (b"one", b"", b"\x00three"):
+            await call.write(m)
+            assert await call.read() == b"echo:" + m  # raw bytes, in order
+        await call.write(b"bye")
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+    [seen] = [s for s in rig.leader.seen if s.method == CONSUME]
+    assert seen.metadata["authorization"] == "Bearer t"
+    assert seen.metadata["pq-forwarded-by"] == "balancer"
+    assert seen.time_remaining is None  # a consumer's stream gets no deadline it did not set
+    assert rig.follower.seen == []
+    text = rig.balancer.metrics.registry.get_sample_value
+    await _wait(lambda: text("pq_balancer_streams_total", {"end": "ok"}) == 1, "the count")
+    assert text("pq_balancer_streams_open") == 0
+
+
+async def test_a_stream_ends_with_the_leaders_status_and_trailers(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        call = _consume(channel)()
+        await call.write(b"x")
+        assert await call.read() == b"echo:x"
+        await call.write(b"abort:bad start")
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ended.value.details() == "bad start"
+    assert ("x-why", "asked") in tuple(ended.value.trailing_metadata() or ())
+
+
+async def test_a_stream_ends_unavailable_when_another_node_leads(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        call = _consume(channel)()
+        await call.write(b"x")
+        assert await call.read() == b"echo:x"
+        # The old leader says nothing (frozen); another claims a higher ballot.
+        rig.follower.leader, rig.follower.ballot_round = True, 2
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), 10)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "another took over" in (ended.value.details() or "")
+        await _wait(lambda: rig.leader.streams_open == 0, "the old leader's stream to end")
+        # The consumer reconnects: to the new leader.
+        again = _consume(channel)()
+        await again.write(b"y")
+        assert await again.read() == b"echo:y"
+        assert rig.follower.streams_open == 1
+        again.cancel()
+
+
+async def test_a_stream_ends_unavailable_when_the_leader_goes(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        call = _consume(channel)()
+        await call.write(b"x")
+        assert await call.read() == b"echo:x"
+        await rig.leader.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), 10)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_client_that_leaves_ends_the_leader_stream(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        call = _consume(channel)()
+        await call.write(b"x")
+        assert await call.read() == b"echo:x"
+        call.cancel()
+    await _wait(lambda: rig.leader.streams_open == 0, "the leader stream to end")
+    text = rig.balancer.metrics.registry.get_sample_value
+    await _wait(lambda: text("pq_balancer_streams_open") == 0, "the gauge")
+
+
+@pytest.mark.parametrize("options", [{"max_streams": 2}])
+async def test_streams_are_bounded(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        first, second = _consume(channel)(), _consume(channel)()
+        for call in (first, second):
+            await call.write(b"x")
+            assert await call.read() == b"echo:x"
+        third = _consume(channel)()
+        await third.write(b"x")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await third.read()
+        error = from_rpc_error(refused.value)
+        assert isinstance(error, ResourceExhaustedError)
+        assert error.retry_after_s > 0
+        first.cancel()
+        await _wait(lambda: rig.balancer.proxy.streams.open == 1, "a stream to end")
+        fourth = _consume(channel)()
+        await fourth.write(b"x")
+        assert await fourth.read() == b"echo:x"
+        second.cancel()
+        fourth.cancel()
+
+
+async def test_a_stopping_balancer_ends_its_streams_at_once(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        call = _consume(channel)()
+        await call.write(b"x")
+        assert await call.read() == b"echo:x"
+        stopping = asyncio.create_task(rig.balancer.stop())
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), 5)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        await stopping
