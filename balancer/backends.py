@@ -205,7 +205,7 @@ class Backends:
         self._suspect_until_s = self.clock_s() + self.config.suspect_probe_s
         self.kick()
 
-    async def leader_moved(self, address: str, stall_s: float) -> str:
+    async def leader_moved(self, address: str, stall_s: float, stalled_s: float = 0.0) -> str:
         """Return once a node other than ``address`` leads (its address).
 
         After ``stall_s`` (a call to ``address`` still unanswered), suspects
@@ -213,12 +213,17 @@ class Backends:
         timeout. Never returns while ``address`` leads, or nobody is known to,
         or ``address`` said it drains (NOT_SERVING), or answered a probe since
         the call began: a node that can is not frozen, and answers (or, having
-        lost the lead, forwards) its calls.
+        lost the lead, forwards) its calls. ``stalled_s``: how long the call
+        has waited already (it began that long ago).
         """
-        began_s = self.clock_s()
+        began_s = self.clock_s() - stalled_s
         await asyncio.sleep(stall_s)
         if self.pool.leader() == address:
-            logger.info("leader %s has not answered a call for %.2f s: probing", address, stall_s)
+            logger.info(
+                "leader %s has not answered a call for %.2f s: probing",
+                address,
+                stall_s + stalled_s,
+            )
         self.suspect_leader()
         old = self.pool.backends[address]
 
@@ -243,8 +248,35 @@ class Backends:
         """The leader call's answer (or its error), or None, the call cancelled,
         once it waited ``stall_s`` and another node than ``address`` leads
         (``leader_moved``: a frozen leader)."""
+        # The common case costs one future and one timer: the watch for a
+        # moved leader (a task) starts only for a call still unanswered after
+        # ``stall_s``.
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        call.add_done_callback(wake)
+        timer = loop.call_later(stall_s, wake)
+        try:
+            await woken
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            timer.cancel()
+        if call.done():
+            return await call
+        return await self._unless_moved(call, address, stall_s)
+
+    async def _unless_moved(
+        self, call: grpc.aio.UnaryUnaryCall[bytes, bytes], address: str, stalled_s: float
+    ) -> bytes | None:
+        """``answer_unless_moved`` for a call unanswered ``stalled_s`` already."""
         answer = asyncio.ensure_future(call)
-        moved = asyncio.ensure_future(self.leader_moved(address, stall_s))
+        moved = asyncio.ensure_future(self.leader_moved(address, 0.0, stalled_s))
         try:
             await asyncio.wait((answer, moved), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -260,6 +292,8 @@ class Backends:
 
     async def wait_leader(self, timeout_s: float) -> str | None:
         """The leader's address, waiting up to ``timeout_s`` for one to be known."""
+        if self._leader is not None:  # as of the pool's last change (every input is one)
+            return self._leader
         return await self._wait(self.pool.leader, timeout_s)
 
     async def wait_read(self, exclude: tuple[str, ...], timeout_s: float) -> str | None:

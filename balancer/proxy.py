@@ -23,11 +23,10 @@ answer.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
@@ -60,6 +59,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         config = backends.config
         self.retries = 0
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
+        self._picks: dict[tuple[str, Kind], Any] = {}
         #: None: coalescing is off; every call goes alone.
         self.coalescer = (
             Coalescer(backends, self.metrics, config.coalesce_in_flight)
@@ -153,13 +153,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if not self.coalescer.serves(address):
                 return await self._call(route, request, context)
             self._count(address, Kind.LEADER)
-            try:
-                async with asyncio.timeout(deadline - self.backends.clock_s()):
-                    outcome = await self.coalescer.ride(
-                        address, metadata, route.op_field, request, deadline
-                    )
-            except TimeoutError:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            # At the caller's deadline gRPC cancels this call, which leaves the
+            # Submit if it has not gone yet; its Submit ends by the latest one.
+            outcome = await self.coalescer.ride(
+                address, metadata, route.op_field, request, deadline
+            )
             if isinstance(outcome, bytes):
                 return outcome
             if outcome is PLAIN:  # nothing of it ran: it goes alone
@@ -319,4 +317,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
     def _count(self, address: str, kind: Kind) -> None:
         if kind is Kind.LEADER:
             self.backends.pool.backends[address].leader_calls += 1
-        self.metrics.picks.labels(address, kind.value).inc()
+        child = self._picks.get((address, kind))
+        if child is None:  # ``labels()`` is not free; backends and kinds are few
+            child = self._picks[(address, kind)] = self.metrics.picks.labels(address, kind.value)
+        child.inc()
