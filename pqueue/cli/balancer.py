@@ -85,6 +85,14 @@ def register(sub: Any) -> None:
         help="send single enqueues, acks, nacks and extensions of the same caller to the "
         "leader together, in Submit calls (default: on); --no-coalesce sends each alone",
     )
+    run.add_argument(
+        "--coalesce-in-flight",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Submit calls one caller's group may have in flight at the leader at once; "
+        "calls arriving meanwhile ride the next (default: 1)",
+    )
     run.add_argument("--log-level", default="INFO")
     run.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
@@ -122,6 +130,7 @@ def run_balancer(args: argparse.Namespace) -> int:
             else None,
             metrics_token=metrics_token(args.metrics_token_file),
             coalesce=args.coalesce,
+            coalesce_in_flight=args.coalesce_in_flight,
         )
     except (OSError, ValueError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -73,15 +74,32 @@ async def load(address: str, clients: int, seconds: float, payload: bytes) -> tu
     return done, failed
 
 
-def launch_balancer(
-    cluster: ProcCluster, root: Path, coalesce: bool
-) -> tuple[subprocess.Popen[bytes], str]:
-    address = f"127.0.0.1:{free_ports(1)[0]}"
-    cmd = [sys.executable, "-m", "pqueue.cli", "balancer", "run", "--listen", address]
-    cmd += ["--backends", ",".join(cluster.address(i) for i in sorted(cluster.ports))]
-    cmd += ["--coalesce" if coalesce else "--no-coalesce", "--log-level", "WARNING"]
-    with (root / f"balancer-{coalesce}.log").open("ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=log), address
+class Balancer:
+    """A ``pq balancer`` process in front of ``cluster``."""
+
+    def __init__(self, cluster: ProcCluster, root: Path, *flags: str) -> None:
+        port, metrics_port = free_ports(2)
+        self.address = f"127.0.0.1:{port}"
+        self.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        cmd = [sys.executable, "-m", "pqueue.cli", "balancer", "run", "--listen", self.address]
+        cmd += ["--backends", ",".join(cluster.address(i) for i in sorted(cluster.ports))]
+        cmd += ["--metrics-listen", f"127.0.0.1:{metrics_port}", "--log-level", "WARNING"]
+        with (root / f"balancer-{port}.log").open("ab") as log:
+            self.proc = subprocess.Popen([*cmd, *flags], stdout=log, stderr=log)
+
+    def submits(self) -> tuple[float, float]:
+        """(Submit calls sent, calls they carried) so far."""
+        text = urllib.request.urlopen(self.metrics, timeout=5).read().decode()
+        found = {"_count": 0.0, "_sum": 0.0}
+        for line in text.splitlines():
+            for suffix in found:
+                if line.startswith(f"pq_balancer_submit_operations{suffix} "):
+                    found[suffix] = float(line.split()[1])
+        return found["_count"], found["_sum"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
 
 
 async def knows_leader(address: str) -> None:
@@ -97,65 +115,82 @@ async def knows_leader(address: str) -> None:
     raise RuntimeError(f"the balancer on {address} never learned the leader")
 
 
+#: The balancers measured beside direct calls: name -> ``pq balancer run`` flags.
+VARIANTS = {
+    "coalesce on": ("--coalesce",),
+    "coalesce off": ("--no-coalesce",),
+    "on, 2 in flight": ("--coalesce", "--coalesce-in-flight", "2"),
+}
+
+
 async def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="pq-balancer-load-") as tmp:
         root = Path(tmp)
         cluster = ProcCluster(root, extra={i: ("--log-level", "WARNING") for i in (1, 2, 3)})
-        balancers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        balancers: dict[str, Balancer] = {}
         try:
             await cluster.start()
-            balancers["coalesce on"] = launch_balancer(cluster, root, True)
-            balancers["coalesce off"] = launch_balancer(cluster, root, False)
-            for _, address in balancers.values():
-                await knows_leader(address)
+            for name in args.variants:
+                balancers[name] = Balancer(cluster, root, *VARIANTS[name])
+            for each in balancers.values():
+                await knows_leader(each.address)
             leader = await cluster.leader()
             async with Client(cluster.address(leader), timeout_s=10) as c:
                 await c.create_queue(QUEUE)
-            targets = ["direct", "coalesce on", "coalesce off"]
+            targets = ["direct", *balancers]
             payload = b"x" * args.payload_bytes
-            rows: list[tuple[int, str, float, float, float]] = []
+
+            def address_of(target: str, leader: int) -> str:
+                return cluster.address(leader) if target == "direct" else balancers[target].address
+
             for target in targets:  # warm up each path
-                address = cluster.address(leader) if target == "direct" else balancers[target][1]
-                await load(address, args.clients, 1.0, payload)
+                await load(address_of(target, leader), args.clients, 1.0, payload)
+            rows: dict[tuple[int, str], tuple[float, float, float]] = {}
             for repeat in range(args.repeats):
-                order = targets[repeat % 3 :] + targets[: repeat % 3]
-                for target in order:
+                k = repeat % len(targets)
+                for target in targets[k:] + targets[:k]:  # each goes first in turn
                     leader = await cluster.leader()
                     lpid = cluster.procs[leader].pid
-                    bpid = balancers[target][0].pid if target != "direct" else None
-                    address = (
-                        cluster.address(leader) if target == "direct" else balancers[target][1]
-                    )
-                    l0, b0 = cpu_s(lpid), cpu_s(bpid) if bpid else 0.0
+                    b = balancers.get(target)
+                    l0, b0 = cpu_s(lpid), cpu_s(b.proc.pid) if b else 0.0
+                    s0 = b.submits() if b else (0.0, 0.0)
                     started = time.monotonic()
-                    jobs, failed = await load(address, args.clients, args.seconds, payload)
+                    jobs, failed = await load(
+                        address_of(target, leader), args.clients, args.seconds, payload
+                    )
                     elapsed = time.monotonic() - started
-                    l1, b1 = cpu_s(lpid), cpu_s(bpid) if bpid else 0.0
-                    rate = jobs / elapsed
-                    lead_us = (l1 - l0) / max(1, jobs) * 1e6
-                    bal_us = (b1 - b0) / max(1, jobs) * 1e6
-                    rows.append((repeat, target, rate, lead_us, bal_us))
+                    l1, b1 = cpu_s(lpid), cpu_s(b.proc.pid) if b else 0.0
+                    s1 = b.submits() if b else (0.0, 0.0)
+                    per_job = 1e6 / max(1, jobs)
+                    rows[(repeat, target)] = (
+                        jobs / elapsed,
+                        (l1 - l0) * per_job,
+                        (b1 - b0) * per_job,
+                    )
+                    submits = s1[0] - s0[0]
+                    batch = f"  {(s1[1] - s0[1]) / submits:5.1f} calls/Submit" if submits else ""
                     print(
-                        f"repeat {repeat + 1} {target:>12}: {rate:8.0f} jobs/s  leader "
-                        f"{lead_us:6.0f} us/job  balancer {bal_us:6.0f} us/job  failed {failed}",
+                        f"repeat {repeat + 1} {target:>16}: {jobs / elapsed:7.0f} jobs/s  "
+                        f"leader {(l1 - l0) * per_job:5.0f} us/job  "
+                        f"balancer {(b1 - b0) * per_job:5.0f} us/job  failed {failed}{batch}",
                         flush=True,
                     )
                     async with Client(cluster.address(leader), timeout_s=10) as c:
                         await c.purge(QUEUE)
             print()
             for repeat in range(args.repeats):
-                by = {t: (a, b, c) for k, t, a, b, c in rows if k == repeat}
-                d, on, off = by["direct"], by["coalesce on"], by["coalesce off"]
-                print(
-                    f"repeat {repeat + 1}: jobs/s on/direct {on[0] / d[0]:.2f}, "
-                    f"off/direct {off[0] / d[0]:.2f}, on/off {on[0] / off[0]:.2f}; "
-                    f"leader CPU/job on/off {on[1] / off[1]:.2f}, on/direct {on[1] / d[1]:.2f}; "
-                    f"balancer CPU/job on/off {on[2] / off[2]:.2f}"
-                )
+                d = rows[(repeat, "direct")]
+                parts = []
+                for name in balancers:
+                    r = rows[(repeat, name)]
+                    parts.append(
+                        f"{name}: jobs/s x{r[0] / d[0]:.2f}, leader CPU/job x{r[1] / d[1]:.2f}, "
+                        f"balancer+leader CPU/job x{(r[1] + r[2]) / d[1]:.2f}"
+                    )
+                print(f"repeat {repeat + 1} (vs direct) " + "; ".join(parts))
         finally:
-            for proc, _ in balancers.values():
-                proc.terminate()
-                proc.wait(15)
+            for each in balancers.values():
+                each.stop()
             await cluster.stop()
 
 
@@ -165,6 +200,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--payload-bytes", type=int, default=64)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=["coalesce on", "coalesce off"],
+        help="the balancers measured beside direct calls",
+    )
     asyncio.run(measure(parser.parse_args()))
 
 
