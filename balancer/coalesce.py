@@ -2,7 +2,11 @@
 together in ``Submit`` calls, each client answered as if it had called alone.
 
 **What rides.** ``Enqueue``, ``Ack``, ``Nack`` and ``ExtendLease``
-(``Route.op_field``). Calls ride together only when the node would take them
+(``Route.op_field``), and clients' own ``Submit`` calls (the SDK sends even
+a lone call as a ``Submit`` of one): a ``Submit`` joins others as it is, its
+operations kept together and in order, and gets back a ``SubmitResponse`` of
+its own results (their highest ``log_index`` with them), as the node answers
+it alone. Calls ride together only when the node would take them
 for the same caller: the same leader and the same metadata passed on (the
 ``authorization`` credentials, which are all a node reads to know who calls,
 and anything else the client sent), so no call is ever made under another
@@ -41,7 +45,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from balancer.backends import Backends
-from balancer.framing import FramingError, op_header, split_results, status_code
+from balancer.framing import FramingError, Result, op_header, split_results, submit_response
 from balancer.hop import Metadata, own_metadata, why_failed
 from balancer.metrics import BalancerMetrics
 from pqueue.wire.logs import describe
@@ -136,8 +140,11 @@ def op_failed(status: bytes) -> OpFailed:
 class _Rider:
     """One call waiting for, or riding in, a ``Submit``."""
 
+    #: What makes ``request`` operations of a ``SubmitRequest`` (empty for a client's Submit).
     header: bytes
     request: bytes
+    #: How many operations it is (1 for a single call).
+    ops: int
     deadline_s: float
     request_id: str
     client_ip: str
@@ -190,10 +197,18 @@ class Coalescer:
         return True
 
     async def ride(
-        self, address: str, metadata: Metadata, op_field: int, request: bytes, deadline_s: float
+        self,
+        address: str,
+        metadata: Metadata,
+        op_field: int,
+        request: bytes,
+        deadline_s: float,
+        ops: int = 1,
     ) -> Outcome:
         """Send one call in the next ``Submit`` of its group; its outcome.
 
+        ``op_field``: the ``Operation`` field of a single call; 0 for a
+        client's ``Submit`` of ``ops`` operations (at most ``max_ops``).
         Cancelled (the caller left, or its deadline passed), the call is left
         out of a ``Submit`` not yet sent; one already sent is not recalled."""
         key = (address, metadata)
@@ -201,8 +216,9 @@ class Coalescer:
         if group is None:
             group = self._groups[key] = _Group(address, metadata)
         rider = _Rider(
-            op_header(op_field, len(request)),
+            op_header(op_field, len(request)) if op_field else b"",
             request,
+            ops,
             deadline_s,
             request_id.get(),
             client_ip.get(),
@@ -242,19 +258,20 @@ class Coalescer:
     def _take(self, group: _Group) -> list[_Rider]:
         """The next ``Submit``'s calls: those waiting, in arrival order, within its bounds."""
         batch: list[_Rider] = []
-        size = 0
+        size = ops = 0
         waiting = group.waiting
-        while waiting and len(batch) < self.max_ops:
+        while waiting:
             rider = waiting[0]
             if rider.future.done():  # its caller left before it was sent
                 waiting.popleft()
                 continue
             n = len(rider.header) + len(rider.request)
-            if batch and size + n > self.max_bytes:
+            if batch and (size + n > self.max_bytes or ops + rider.ops > self.max_ops):
                 break
             waiting.popleft()
             batch.append(rider)
             size += n
+            ops += rider.ops
         return batch
 
     def _stub(self, address: str) -> Any:
@@ -301,7 +318,8 @@ class Coalescer:
         address = group.address
         deadline_s = max(r.deadline_s for r in batch)  # the latest: each caller keeps its own
         payload = b"".join([part for r in batch for part in (r.header, r.request)])
-        self.metrics.submit_ops.observe(len(batch))
+        ops = sum(r.ops for r in batch)
+        self.metrics.submit_ops.observe(ops)
         self.metrics.coalesced.inc(len(batch))
         call = self._stub(address)(
             payload,
@@ -318,27 +336,42 @@ class Coalescer:
             return [MOVED] * len(batch)
         try:
             results = split_results(answer)
-            if len(results) != len(batch):
-                raise FramingError(f"{len(results)} results for {len(batch)} operations")
+            if len(results) != ops:
+                raise FramingError(f"{len(results)} results for {ops} operations")
         except FramingError as exc:
             # A node bug, not a client's: nobody knows what ran.
             logger.error("the Submit answer of %s does not parse: %s", address, exc)
             return [_garbled(str(exc))] * len(batch)
         outcomes: list[Outcome] = []
         told = False
-        for status, _, response in results:
-            if not status or status_code(status) == 0:
-                outcomes.append(response)
-                continue
-            failed = op_failed(status)
-            outcomes.append(failed)
-            if failed.why is not None and not told:  # once per Submit, as for one call
-                told = True
-                if failed.why == "not_leader":
-                    self.backends.not_leader(address, failed.leader_id)
-                else:
-                    self.backends.unreachable(address)
+        at = 0
+        for rider in batch:
+            mine = results[at : at + rider.ops]
+            at += rider.ops
+            if not rider.header:  # a client's Submit: its results, as the node answers it
+                outcomes.append(submit_response(mine))
+            elif mine[0].ok:
+                outcomes.append(mine[0].response)
+            else:
+                outcomes.append(op_failed(mine[0].status))
+            if not told:  # once per Submit, as for one call
+                told = self._tell(address, mine)
         return outcomes
+
+    def _tell(self, address: str, results: list[Result]) -> bool:
+        """Tell the backends' picture a not-leader or unavailable operation
+        (the first one), as a single call's failure tells it; whether one was."""
+        for result in results:
+            if result.ok:
+                continue
+            failed = op_failed(result.status)
+            if failed.why == "not_leader":
+                self.backends.not_leader(address, failed.leader_id)
+                return True
+            if failed.why is not None:
+                self.backends.unreachable(address)
+                return True
+        return False
 
     def _whole_failed(self, exc: grpc.aio.AioRpcError, address: str) -> Outcome:
         code = exc.code()

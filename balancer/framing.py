@@ -4,16 +4,21 @@ The coalescer packs clients' single calls into a ``Submit`` without parsing
 them: an ``Operation`` is a message whose one set field (``enqueue`` 1,
 ``ack`` 2, ``nack`` 3, ``extend`` 4) holds the single call's request, and a
 ``SubmitRequest`` is its ``ops`` (field 1) repeated, so each call's bytes
-are framed by a tag and a length, twice, and the frames concatenated. The
-answer is split the same way: each ``OpResult`` of the ``SubmitResponse``
-gives back its ``status`` bytes (a google.rpc.Status) and the single call's
-response bytes, as the node serialized them.
+are framed by a tag and a length, twice, and the frames concatenated. A
+client's own ``SubmitRequest`` is already such frames: it joins as it is
+(``count_ops`` says how many). The answer is split the same way: each
+``OpResult`` of the ``SubmitResponse`` gives back its bytes, its ``status``
+bytes (a google.rpc.Status) and the single call's response bytes, as the
+node serialized them; a client's ``Submit`` gets its own results framed
+back into a ``SubmitResponse`` (``submit_response``).
 
 Pure: bytes in, bytes out (``tests/unit/test_framing.py`` checks it against
 the protobuf runtime).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 #: ``Operation``'s field for each method that can ride in a ``Submit``.
 OP_FIELDS = {"Enqueue": 1, "Ack": 2, "Nack": 3, "ExtendLease": 4}
@@ -23,6 +28,10 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _FIELD_1_LEN = b"\x0a"
 #: ``OpResult``'s fields holding a response: the ``Operation`` field plus one.
 _RESULT_FIELDS = frozenset(f + 1 for f in OP_FIELDS.values())
+#: Each response's ``log_index`` field, by the ``Operation`` field of its call.
+_LOG_INDEX_FIELDS = {1: 3, 2: 2, 3: 4, 4: 3}
+#: ``SubmitResponse.log_index``: field 2, a varint.
+_FIELD_2_VARINT = b"\x10"
 #: A varint carrying a negative int32 takes ten bytes.
 _SIGN = 1 << 63
 
@@ -93,10 +102,39 @@ def fields(data: bytes) -> list[tuple[int, int, int | bytes]]:
     return out
 
 
-def split_results(data: bytes) -> list[tuple[bytes, int, bytes]]:
-    """The results of a ``SubmitResponse``, in order: each as (its status's
-    bytes, the ``Operation`` field of its response or 0, the response's bytes)."""
-    results: list[tuple[bytes, int, bytes]] = []
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One ``OpResult`` of a ``SubmitResponse``, as bytes."""
+
+    #: The whole ``OpResult``.
+    raw: bytes
+    #: Its ``status`` (a google.rpc.Status; empty: OK).
+    status: bytes
+    #: The ``Operation`` field of the call it answers (0: none, it failed).
+    which: int
+    #: The single call's response.
+    response: bytes
+
+    @property
+    def ok(self) -> bool:
+        """Whether the operation succeeded (status code 0)."""
+        return not self.status or status_code(self.status) == 0
+
+    def log_index(self) -> int:
+        """The response's ``log_index`` (0 for a failure)."""
+        number = _LOG_INDEX_FIELDS.get(self.which)
+        if number is None:
+            return 0
+        for n, kind, value in fields(self.response):
+            if n == number and kind == _VARINT:
+                assert isinstance(value, int)
+                return value
+        return 0
+
+
+def split_results(data: bytes) -> list[Result]:
+    """The results of a ``SubmitResponse``, in order."""
+    results: list[Result] = []
     for number, kind, value in fields(data):
         if number != 1 or kind != _LEN:
             continue  # log_index, or a field newer than this balancer
@@ -110,8 +148,38 @@ def split_results(data: bytes) -> list[tuple[bytes, int, bytes]]:
                 status = v
             elif n in _RESULT_FIELDS:
                 which, response = n - 1, v
-        results.append((status, which, response))
+        results.append(Result(value, status, which, response))
     return results
+
+
+def count_ops(data: bytes) -> int:
+    """How many operations a ``SubmitRequest``'s bytes hold; ``FramingError``
+    if they hold anything else (then it does not join others)."""
+    n = pos = 0
+    end = len(data)
+    while pos < end:
+        if data[pos] != 0x0A:  # field 1, length-delimited
+            raise FramingError("not only operations")
+        size, pos = _read_varint(data, pos + 1)
+        pos += size
+        n += 1
+    if pos != end:
+        raise FramingError("an operation runs past the end")
+    return n
+
+
+def submit_response(results: list[Result]) -> bytes:
+    """A ``SubmitResponse`` of ``results``: their highest ``log_index`` with them,
+    as the node answers a ``Submit`` of just their operations."""
+    parts: list[bytes] = []
+    top = 0
+    for result in results:
+        parts += (_FIELD_1_LEN, varint(len(result.raw)), result.raw)
+        if result.ok:
+            top = max(top, result.log_index())
+    if top:
+        parts += (_FIELD_2_VARINT, varint(top))
+    return b"".join(parts)
 
 
 def status_code(status: bytes) -> int:

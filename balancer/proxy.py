@@ -8,10 +8,10 @@ status, details and trailers (rich error details, retry pushback) come back
 as they were. See ``balancer.routes`` for where each call goes and when a
 failed one is sent a second time; a call is sent at most twice.
 
-Single-job writes ride to the leader in ``Submit`` calls shared with other
-callers (``balancer.coalesce``) unless coalescing is off; each is answered,
-and resent, as if it had gone alone. ``Consume`` streams are carried by
-``balancer.streams``.
+Single-job writes, and clients' own ``Submit`` calls, ride to the leader in
+``Submit`` calls shared with other callers (``balancer.coalesce``) unless
+coalescing is off; each is answered, and resent, as if it had gone alone.
+``Consume`` streams are carried by ``balancer.streams``.
 
 A leader call still waiting when another node takes over (the old leader
 froze, and has not said it drains: ``Backends.leader_moved``) is abandoned:
@@ -32,6 +32,7 @@ import grpc
 
 from balancer.backends import Backends
 from balancer.coalesce import MOVED, PLAIN, Coalescer, OpFailed, WholeFailed
+from balancer.framing import FramingError, count_ops
 from balancer.hop import Metadata, own_metadata, passthrough, why_failed
 from balancer.routes import Kind, Route, route_for
 from balancer.streams import StreamProxy
@@ -87,7 +88,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 handler = grpc.stream_stream_rpc_method_handler(
                     functools.partial(self._stream, route)
                 )
-            elif route.op_field and self.coalescer is not None:
+            elif (route.op_field or route.merges) and self.coalescer is not None:
                 handler = grpc.unary_unary_rpc_method_handler(
                     functools.partial(self._coalesced, route)
                 )
@@ -139,10 +140,18 @@ class ProxyHandler(grpc.GenericRpcHandler):
         raise AssertionError("unreachable: the second attempt returns or aborts")
 
     async def _coalesced(self, route: Route, request: bytes, context: Context) -> bytes:
-        """A single-job write, sent in a ``Submit`` with others of its group
-        (``balancer.coalesce``) and answered as if it had gone alone: the same
-        resend rules, per call, and its own deadline."""
+        """A single-job write or a client's ``Submit``, sent in a ``Submit``
+        with others of its group (``balancer.coalesce``) and answered as if it
+        had gone alone: the same resend rules, per call, and its own deadline."""
         assert self.coalescer is not None
+        ops = 1
+        if route.merges:  # a client's Submit: as it is, if it holds only operations
+            try:
+                ops = count_ops(request)
+            except FramingError:
+                ops = 0
+            if not 0 < ops <= self.coalescer.max_ops:
+                return await self._call(route, request, context)  # the node says why
         metadata = passthrough(context.invocation_metadata())
         deadline = self._deadline(context)
         tried: list[str] = []
@@ -156,7 +165,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
             # At the caller's deadline gRPC cancels this call, which leaves the
             # Submit if it has not gone yet; its Submit ends by the latest one.
             outcome = await self.coalescer.ride(
-                address, metadata, route.op_field, request, deadline
+                address, metadata, route.op_field, request, deadline, ops
             )
             if isinstance(outcome, bytes):
                 return outcome

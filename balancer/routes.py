@@ -15,9 +15,10 @@ leader and are never retried on ``UNAVAILABLE``: the safe default.
 
 Single-job writes (``Enqueue``, ``Ack``, ``Nack``, ``ExtendLease``) may ride
 in a ``Submit`` (``op_field``: their ``Operation`` field; see
-``balancer.coalesce``); the same rules hold for each of them alone. A
-client's own ``Submit`` is sent again after a plain ``UNAVAILABLE`` only if
-every operation is an enqueue with an idempotency key. ``Consume`` is a
+``balancer.coalesce``), and so may a client's own ``Submit`` (``merges``);
+the same rules hold for each of them alone. A client's ``Submit`` is sent
+again after a plain ``UNAVAILABLE`` only if every operation is an enqueue
+with an idempotency key. ``Consume`` is a
 stream, carried to the leader message for message (``balancer.streams``).
 """
 
@@ -55,6 +56,8 @@ class Route:
     #: Non-zero: a single-job write that may ride in a ``Submit``, in this
     #: ``Operation`` field.
     op_field: int = 0
+    #: A client's ``Submit``: it may ride with other calls, its operations as they are.
+    merges: bool = False
     #: A bidirectional stream (``Consume``), not a unary call.
     streaming: bool = False
 
@@ -145,6 +148,7 @@ def _route(service: str, name: str, streaming: bool = False) -> Route:
         retry,
         waits,
         op_field=op_field,
+        merges=name == "Submit" and service == "pqueue.v1.Queue",
         streaming=streaming,
     )
 

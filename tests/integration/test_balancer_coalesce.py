@@ -216,3 +216,60 @@ async def test_callers_with_different_tokens_never_share_a_submit(tmp_path: Path
                     assert job.payload.startswith(f"{t}:".encode())
                 [stats] = await c.stats("q", consistent=True)
                 assert stats.ready == per_token  # none of another tenant's jobs
+
+
+async def test_sdk_clients_and_client_submits_ride_together(tmp_path: Path) -> None:
+    """Separate SDK clients (whatever the SDK sends for a lone call: an Enqueue,
+    or a Submit of one) and clients' own Submits share the leader's Submits;
+    each Submit gets exactly its own results, as the node answers it alone."""
+    async with balanced(tmp_path) as (cluster, balancer):
+        leader = cluster.servers[await cluster.leader()]
+        async with Client(balancer.address) as admin:
+            await admin.create_queue("q", pb.QueueConfig(min_priority=0, max_priority=9))
+
+        def submit(i: int) -> pb.SubmitRequest:
+            bad = pb.JobSpec(payload=b"bad", priority=99)
+            return pb.SubmitRequest(
+                ops=[
+                    pb.Operation(
+                        enqueue=pb.EnqueueRequest(
+                            queue="q", job=bad if i == 5 and k == 1 else pb.JobSpec(payload=b"s")
+                        )
+                    )
+                    for k in range(3)
+                ]
+            )
+
+        def calls() -> float:
+            return calls_at(leader, "Submit") + calls_at(leader, "Enqueue")
+
+        before = calls()
+        sdk = [Client(balancer.address, max_retries=0) for _ in range(CLIENTS // 2)]
+        try:
+            async with separate_clients(balancer.address, CLIENTS // 2) as stubs:
+                answers = await asyncio.gather(
+                    *(c.enqueue("q", f"sdk-{i}") for i, c in enumerate(sdk)),
+                    *(outcome(s.Submit(submit(i), timeout=20)) for i, s in enumerate(stubs)),
+                )
+        finally:
+            for c in sdk:
+                await c.close()
+        sent = calls() - before
+        assert sent <= CLIENTS // 4, sent  # 32 SDK calls and 32 Submits of 3
+        enqueued, submitted = answers[: CLIENTS // 2], answers[CLIENTS // 2 :]
+        async with grpc.aio.insecure_channel(cluster.addresses[await cluster.leader()]) as ch:
+            direct = await pbg.QueueStub(ch).Submit(submit(5), timeout=10)
+        for i, response in enumerate(submitted):
+            assert isinstance(response, pb.SubmitResponse)
+            codes = [r.status.code for r in response.results]
+            assert codes == ([0, 3, 0] if i == 5 else [0, 0, 0])
+            tops = [r.enqueue.log_index for r in response.results if not r.status.code]
+            assert response.log_index == max(tops)  # its own results' highest
+        # The bad operation's status, byte for byte as the node gives it alone.
+        assert submitted[5].results[1].status == direct.results[1].status
+        async with Client(balancer.address) as reader:
+            for i, answer in enumerate(enqueued):
+                job = await reader.get_job("q", answer.job_id, consistent=True)
+                assert job.payload == f"sdk-{i}".encode()
+            [stats] = await reader.stats("q", consistent=True)
+            assert stats.ready == CLIENTS // 2 + 3 * (CLIENTS // 2) - 1 + 2  # + direct's two

@@ -30,6 +30,7 @@ from balancer.server import BalancerServer
 from pqueue.client import Client
 from pqueue.errors import (
     InvalidArgumentError,
+    NotFoundError,
     NotLeaderError,
     NotTakenError,
     PQueueError,
@@ -629,3 +630,66 @@ async def test_a_stopping_balancer_ends_its_streams_at_once(rig: Rig) -> None:
             await asyncio.wait_for(call.read(), 5)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         await stopping
+
+
+def _submit_of(*payloads: bytes, keyed: bool = False) -> pb.SubmitRequest:
+    return pb.SubmitRequest(
+        ops=[pb.Operation(enqueue=_enqueue(p, key=p.decode() if keyed else "")) for p in payloads]
+    )
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_client_submits_ride_together_and_each_gets_its_own_results(rig: Rig) -> None:
+    rig.leader.submit_delay_s = 0.3  # the next calls ride together
+    first = asyncio.create_task(single(rig, "Enqueue", _enqueue(b"first")))
+    await rig.leader.submitted.wait()
+    rig.leader.submit_delay_s = 0.0
+    # The first Submit's operation, then the next's: a, b, the ack, c.
+    rig.leader.op_script.extend([None, None, None, NotFoundError("no such lease"), None])
+    two = asyncio.create_task(single(rig, "Submit", _submit_of(b"a", b"b")))
+    await asyncio.sleep(0.05)  # in this order
+    ack = asyncio.create_task(
+        single(rig, "Ack", pb.AckRequest(queue="q", leases=[pb.JobLease(job_id=1)]))
+    )
+    await asyncio.sleep(0.05)
+    one = asyncio.create_task(single(rig, "Submit", _submit_of(b"c")))
+    await first
+    both, alone = await two, await one
+    with pytest.raises(NotFoundError):  # the third operation: the ack's own error
+        await ack
+    assert [[op.WhichOneof("op") for op in ops] for ops in rig.leader.submits] == [
+        ["enqueue"],
+        ["enqueue", "enqueue", "ack", "enqueue"],
+    ]
+    assert [r.enqueue.job_id for r in both.results] == [7, 7]
+    assert both.log_index == 9  # its own results' highest
+    assert [r.enqueue.job_id for r in alone.results] == [7]
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_client_submit_is_resent_after_unavailable_only_if_all_keyed(rig: Rig) -> None:
+    rig.leader.submit_delay_s = 0.3
+    first = asyncio.create_task(single(rig, "Enqueue", _enqueue(b"first")))
+    await rig.leader.submitted.wait()
+    rig.leader.script.append(UnavailableError("connection reset"))  # the merged Submit
+    rig.leader.submit_delay_s = 0.0
+    keyed = asyncio.create_task(single(rig, "Submit", _submit_of(b"k1", b"k2", keyed=True)))
+    await asyncio.sleep(0.05)
+    mixed = asyncio.create_task(single(rig, "Submit", _submit_of(b"u1")))
+    await first
+    assert len((await keyed).results) == 2  # sent again, alone
+    with pytest.raises(UnavailableError):
+        await mixed
+    payloads = [[op.enqueue.job.payload for op in ops] for ops in rig.leader.submits]
+    assert payloads == [[b"first"], [b"k1", b"k2", b"u1"], [b"k1", b"k2"]]
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_client_submit_that_holds_more_than_operations_goes_as_it_is(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        submit: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(SUBMIT)
+        odd = _submit_of(b"a").SerializeToString() + b"\x10\x01"  # a field #2 as well
+        await submit(odd, timeout=5)
+        await submit(b"", timeout=5)  # no operation: the node will say why
+    assert rig.leader.calls(SUBMIT) == 2
+    assert rig.balancer.metrics.registry.get_sample_value("pq_balancer_coalesced_calls_total") == 0

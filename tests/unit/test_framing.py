@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from balancer.framing import (
     OP_FIELDS,
     FramingError,
+    count_ops,
     fields,
     op_header,
     split_results,
     status_code,
+    submit_response,
     varint,
 )
 from pqueue.v1 import queue_pb2 as pb
@@ -93,7 +95,10 @@ def test_results_split_into_the_bytes_each_single_call_gets(
     data = pb.SubmitResponse(results=answers, log_index=log_index).SerializeToString()
     split = split_results(data)
     assert len(split) == len(answers)
-    for (status, which, response), answer in zip(split, answers, strict=True):
+    for result, answer in zip(split, answers, strict=True):
+        status, which, response = result.status, result.which, result.response
+        assert result.raw == answer.SerializeToString()
+        assert result.ok == (answer.status.code == 0)
         assert status_code(status) == answer.status.code
         if answer.status.code:
             assert status == answer.status.SerializeToString()
@@ -104,6 +109,38 @@ def test_results_split_into_the_bytes_each_single_call_gets(
         assert kind is not None
         assert which == pb.Operation.DESCRIPTOR.fields_by_name[kind].number
         assert response == getattr(answer, kind).SerializeToString()
+        assert result.log_index() == getattr(answer, kind).log_index
+
+
+@given(st.lists(results, max_size=30), st.integers(0, 30), st.integers(0, 30))
+def test_a_slice_of_results_is_the_submit_response_of_its_operations(
+    answers: list[pb.OpResult], start: int, stop: int
+) -> None:
+    data = pb.SubmitResponse(results=answers, log_index=2**63).SerializeToString()
+    mine = split_results(data)[start:stop]
+    expected = pb.SubmitResponse(
+        results=answers[start:stop],
+        log_index=max(
+            (
+                getattr(a, a.WhichOneof("result") or "enqueue").log_index
+                for a in answers[start:stop]
+                if not a.status.code
+            ),
+            default=0,
+        ),
+    )
+    assert submit_response(mine) == expected.SerializeToString()
+
+
+@given(st.lists(ops, max_size=20))
+def test_a_client_submit_counts_its_operations(operations: list[pb.Operation]) -> None:
+    data = pb.SubmitRequest(ops=operations).SerializeToString()
+    assert count_ops(data) == len(operations)
+    with pytest.raises(FramingError):
+        count_ops(data + b"\x10\x01")  # another field: it goes alone
+    if data:
+        with pytest.raises(FramingError):
+            count_ops(data[:-1])
 
 
 def test_a_negative_code_and_truncated_bytes() -> None:
