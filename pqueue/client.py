@@ -85,14 +85,16 @@ def _channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
 
 
 class _Stubs:
-    """The public services on one channel, and its Submit batcher (once used)."""
+    """The public services on one channel, and its Submit batchers (once used)."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
         self.queue = pbg.QueueStub(channel)
         self.admin = pbg.AdminStub(channel)
         self.balancer = bpbg.BalancerStub(channel)
-        self.batcher: SubmitBatcher | None = None
+        #: By resendability: True for operations any hop may send again
+        #: after a plain UNAVAILABLE (enqueues with an idempotency key).
+        self.batchers: dict[bool, SubmitBatcher] = {}
 
 
 class Client:
@@ -101,14 +103,16 @@ class Client:
     ``batching`` (on by default): concurrent ``enqueue``, ``ack``, ``nack``
     and ``extend`` calls are packed into ``Submit`` calls, at most
     ``max_submits_in_flight`` out at once per channel; no timer, so a lone
-    call goes at once. Answers and errors are each call's own, as without
-    batching. Ordering: calls awaited one after another keep their order;
-    concurrent calls have none among themselves (as without batching); the
-    operations of one Submit are applied in the order they were called.
-    ``batching=False`` sends one call per operation. ``enqueue_batch`` and
-    ``ack_many`` are always their own atomic call. An older server without
-    ``Submit`` is detected once (nothing ran) and answered single calls from
-    then on.
+    call goes at once. Enqueues with an idempotency key go in Submits of
+    their own (with their own bound), which a balancer may send again after
+    a plain UNAVAILABLE, as it does their single calls. Answers and errors
+    are each call's own, as without batching. Ordering: calls awaited one
+    after another keep their order; concurrent calls have none among
+    themselves (as without batching); the operations of one Submit are
+    applied in the order they were called. ``batching=False`` sends one call
+    per operation. ``enqueue_batch`` and ``ack_many`` are always their own
+    atomic call. An older server without ``Submit`` is detected once
+    (nothing ran) and answered single calls from then on.
     """
 
     def __init__(
@@ -213,7 +217,7 @@ class Client:
             if fits(size):
                 try:
                     result = await self._resending(
-                        lambda stubs: self._batcher(stubs).submit(op, size), retry
+                        lambda stubs: self._batcher(stubs, retry).submit(op, size), retry
                     )
                 except NoSubmitError:
                     pass  # an older server took nothing: its single call, from now on
@@ -255,16 +259,21 @@ class Client:
                 hint = getattr(error, "retry_after_s", 0.0)
                 await asyncio.sleep(hint or 0.1 * 2**attempt)
 
-    def _batcher(self, stubs: _Stubs) -> SubmitBatcher:
-        """The Submit batcher of ``stubs``' channel (made on first use)."""
-        if stubs.batcher is None:
+    def _batcher(self, stubs: _Stubs, resendable: bool) -> SubmitBatcher:
+        """The Submit batcher of ``stubs``' channel for ``resendable``
+        operations, or for the others (made on first use). Kept apart so a
+        Submit of keyed enqueues only may be sent again by a balancer after a
+        plain UNAVAILABLE, as their single calls are."""
+        batcher = stubs.batchers.get(resendable)
+        if batcher is None:
             submit = stubs.queue.Submit
 
             async def send(request: pb.SubmitRequest) -> pb.SubmitResponse:
                 return await submit(request, timeout=self.timeout_s, metadata=self._metadata)
 
-            stubs.batcher = SubmitBatcher(send, self._submit_counts, self.max_submits_in_flight)
-        return stubs.batcher
+            batcher = SubmitBatcher(send, self._submit_counts, self.max_submits_in_flight)
+            stubs.batchers[resendable] = batcher
+        return batcher
 
     def _min_index(self) -> int:
         return self.last_log_index if self.read_your_writes else 0

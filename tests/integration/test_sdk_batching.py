@@ -84,6 +84,8 @@ class Front(grpc.GenericRpcHandler):
         self.script: deque[Step] = deque()
         #: Submit calls that reached this front (refused ones included).
         self.submits = 0
+        #: The requests of those with ``has_submit``.
+        self.requests: list[pb.SubmitRequest] = []
         #: Operations of the Submit calls passed on.
         self.ops_passed = 0
         #: Slow Submit calls still to be passed on.
@@ -122,6 +124,7 @@ class Front(grpc.GenericRpcHandler):
             raise  # abort raises
 
     async def _submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
+        self.requests.append(request)
         step = self.script.popleft() if self.script else None
         if isinstance(step, PQueueError):
             await context.abort_with_status(to_status(step))
@@ -345,9 +348,10 @@ async def test_a_whole_call_unavailable_resends_only_keyed_enqueues(
     front: tuple[Front, str], node: NodeServer
 ) -> None:
     handler, address = front
-    handler.script.append(UnavailableError("connection reset", retry_after_s=0.05))
+    handler.script.extend([UnavailableError("connection reset", retry_after_s=0.05)] * 2)
     async with Client(address, max_retries=2) as c:
-        # All ten in one Submit (called in one turn), refused as a whole.
+        # Called in one turn: the keyed five in one Submit, the others in
+        # another, both refused as a whole.
         outcomes = await asyncio.gather(
             *(c.enqueue("q", f"keyed {i}", idempotency_key=f"k{i}") for i in range(5)),
             *(c.enqueue("q", f"unkeyed {i}") for i in range(5)),
@@ -362,6 +366,11 @@ async def test_a_whole_call_unavailable_resends_only_keyed_enqueues(
         [stats] = await c.stats("q")
     assert stats.ready == 5
     assert handler.ops_passed == 5
+    first, second = (
+        {bool(op.enqueue.job.idempotency_key) for op in r.ops} for r in handler.requests[:2]
+    )
+    # Never mixed: a balancer may send a Submit of keyed enqueues again.
+    assert [first, second] in ([{True}, {False}], [{False}, {True}])
 
 
 async def test_a_whole_call_not_taken_or_throttled_resends_everything(
@@ -417,7 +426,7 @@ async def test_a_deadline_on_the_whole_call_resends_only_keyed_enqueues(
     front: tuple[Front, str],
 ) -> None:
     handler, address = front
-    handler.script.append(Slow(1.0))  # applied after the client stopped waiting
+    handler.script.extend([Slow(1.0)] * 2)  # applied after the client stopped waiting
     async with Client(address, max_retries=3, timeout_s=0.3) as c:
         await c.create_queue("q")
         outcomes = await asyncio.gather(
@@ -434,6 +443,7 @@ async def test_a_deadline_on_the_whole_call_resends_only_keyed_enqueues(
         await asyncio.gather(*handler.late)  # the slow one lands late...
         [stats] = await c.stats("q")
     assert stats.ready == 2  # ...and the keyed job is there once
+    assert handler.ops_passed == 4  # keyed twice, unkeyed and the extension once
 
 
 # ---------------------------------------------------------- an older server
