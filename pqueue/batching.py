@@ -144,6 +144,12 @@ class SubmitBatcher:
             task.add_done_callback(self._tasks.discard)
         return future
 
+    def cancel_waiting(self) -> None:
+        """Cancel the operations not sent yet (the client is closing: its
+        calls out are cancelled with the channel, and so are these)."""
+        while self._pending:
+            self._pending.popleft().future.cancel()
+
     async def _send_loop(self) -> None:
         """Send batches while operations wait; end when none does."""
         try:

@@ -166,7 +166,10 @@ class Client:
         return self._submit_counts.ops
 
     async def close(self) -> None:
-        """Close the channels."""
+        """Close the channels (calls still out or waiting are cancelled)."""
+        for stubs in (self._stubs, *self._leaders.values()):
+            for batcher in stubs.batchers.values():
+                batcher.cancel_waiting()
         await self._channel.close()
         for stubs in self._leaders.values():
             await stubs.channel.close()

@@ -270,6 +270,22 @@ async def test_an_operation_too_big_to_pack_goes_by_its_single_call(node: NodeSe
     assert (served(node, "Enqueue"), served(node, "Submit")) == (1, 1)
 
 
+async def test_closing_cancels_calls_out_and_waiting_as_single_calls_are(
+    node: NodeServer,
+) -> None:
+    c = Client(node.address, max_retries=0)
+    await c.enqueue("q", b"first")
+    out = [asyncio.ensure_future(c.enqueue("q", b"out")) for _ in range(3)]
+    await asyncio.sleep(0)  # their Submit is sent
+    waiting = [asyncio.ensure_future(c.enqueue("q", b"waiting")) for _ in range(3)]
+    await asyncio.sleep(0)
+    await c.close()
+    outcomes = await asyncio.gather(*out, *waiting, return_exceptions=True)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    await asyncio.sleep(0.05)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "pq-submit"]
+
+
 # ------------------------------------------------------------ per-item errors
 
 
