@@ -33,6 +33,7 @@ import grpc
 
 from pqueue.errors import RemoteError
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.serving import log_failure
 from pqueue.wire.sizes import MAX_BATCH_JOBS, MAX_MESSAGE_BYTES
 from pqueue.wire.status import from_op_status, from_rpc_error
 
@@ -142,6 +143,7 @@ class SubmitBatcher:
             task = asyncio.create_task(self._send_loop(), name="pq-submit")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(log_failure)
         return future
 
     def cancel_waiting(self) -> None:
@@ -155,6 +157,10 @@ class SubmitBatcher:
         try:
             while batch := self._take():
                 await self._send(batch)
+        except Exception as exc:  # a bug: fail the waiting callers, and say so (log_failure)
+            while self._pending:
+                _fail(self._pending.popleft(), exc)
+            raise
         finally:
             self._senders -= 1
 
