@@ -43,9 +43,14 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-async def load(address: str, clients: int, seconds: float, payload: bytes) -> tuple[int, int]:
+async def load(
+    address: str, clients: int, seconds: float, payload: bytes, sdk: bool = False
+) -> tuple[int, int]:
     """``clients`` connections each sending single enqueues for ``seconds``:
-    (jobs acknowledged, calls failed)."""
+    (jobs acknowledged, calls failed). ``sdk``: each client a ``Client`` calling
+    ``enqueue()`` (it sends a lone call as a ``Submit`` of one)."""
+    if sdk:
+        return await _sdk_load(address, clients, seconds, payload)
     channels = [grpc.aio.insecure_channel(address) for _ in range(clients)]
     done = failed = 0
     try:
@@ -71,6 +76,28 @@ async def load(address: str, clients: int, seconds: float, payload: bytes) -> tu
     finally:
         for channel in channels:
             await channel.close()
+    return done, failed
+
+
+async def _sdk_load(address: str, clients: int, seconds: float, payload: bytes) -> tuple[int, int]:
+    done = failed = 0
+    sdks = [Client(address, timeout_s=10, max_retries=0) for _ in range(clients)]
+    end = time.monotonic() + seconds
+
+    async def client(c: Client) -> None:
+        nonlocal done, failed
+        while time.monotonic() < end:
+            try:
+                await c.enqueue(QUEUE, payload)
+                done += 1
+            except PQueueError:
+                failed += 1
+
+    try:
+        await asyncio.gather(*(client(c) for c in sdks))
+    finally:
+        for c in sdks:
+            await c.close()
     return done, failed
 
 
@@ -144,7 +171,7 @@ async def measure(args: argparse.Namespace) -> None:
                 return cluster.address(leader) if target == "direct" else balancers[target].address
 
             for target in targets:  # warm up each path
-                await load(address_of(target, leader), args.clients, 1.0, payload)
+                await load(address_of(target, leader), args.clients, 1.0, payload, args.sdk)
             rows: dict[tuple[int, str], tuple[float, float, float]] = {}
             for repeat in range(args.repeats):
                 k = repeat % len(targets)
@@ -156,7 +183,7 @@ async def measure(args: argparse.Namespace) -> None:
                     s0 = b.submits() if b else (0.0, 0.0)
                     started = time.monotonic()
                     jobs, failed = await load(
-                        address_of(target, leader), args.clients, args.seconds, payload
+                        address_of(target, leader), args.clients, args.seconds, payload, args.sdk
                     )
                     elapsed = time.monotonic() - started
                     l1, b1 = cpu_s(lpid), cpu_s(b.proc.pid) if b else 0.0
@@ -200,6 +227,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--payload-bytes", type=int, default=64)
+    parser.add_argument(
+        "--sdk", action="store_true", help="clients are SDK Clients calling enqueue()"
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
