@@ -82,8 +82,9 @@ def register(sub: Any) -> None:
         "--coalesce",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="send single enqueues, acks, nacks and extensions of the same caller to the "
-        "leader together, in Submit calls (default: on); --no-coalesce sends each alone",
+        help="send the single enqueues, acks, nacks and extensions (and Submits) of clients "
+        "with the same credentials to the leader together, in Submit calls (default: on); "
+        "--no-coalesce sends each call alone",
     )
     run.add_argument(
         "--coalesce-in-flight",
@@ -92,6 +93,14 @@ def register(sub: Any) -> None:
         metavar="N",
         help="Submit calls one caller's group may have in flight at the leader at once; "
         "calls arriving meanwhile ride the next (default: 1)",
+    )
+    run.add_argument(
+        "--max-streams",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="Consume streams carried at once; more are refused, RESOURCE_EXHAUSTED "
+        "(default: 4096)",
     )
     run.add_argument("--log-level", default="INFO")
     run.add_argument(
@@ -131,6 +140,7 @@ def run_balancer(args: argparse.Namespace) -> int:
             metrics_token=metrics_token(args.metrics_token_file),
             coalesce=args.coalesce,
             coalesce_in_flight=args.coalesce_in_flight,
+            max_streams=args.max_streams,
         )
     except (OSError, ValueError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
