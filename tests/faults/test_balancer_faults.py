@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from pqueue.client import Client
 from pqueue.errors import PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.worker import Worker, WorkerConfig
 from tests.faults.cluster import ProcCluster, started
 from tests.faults.test_faults import scenario
 
@@ -279,3 +281,105 @@ async def test_a_leader_kill_resends_riding_keyed_enqueues_and_never_unkeyed_one
     for keyed in (True, False):
         assert acked[keyed] <= delivered.keys(), "an acknowledged enqueue was lost"
         assert len(acked[keyed]) > 100  # the load really ran
+
+
+class AckRecordingClient(Client):
+    """A client that notes each lease whose ack the cluster accepted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.accepted: list[tuple[int, int]] = []
+
+    async def ack(self, queue: str, job_id: int, lease_id: int) -> None:
+        await super().ack(queue, job_id, lease_id)
+        self.accepted.append((job_id, lease_id))
+
+    async def ack_many(self, queue: str, leases: Iterable[tuple[int, int]]) -> int:
+        leases = list(leases)
+        acked = await super().ack_many(queue, leases)
+        self.accepted.extend(leases)
+        return acked
+
+
+def _launch_balancer_again(cluster: ProcCluster, probe_interval_s: float) -> None:
+    cmd = [sys.executable, "-m", "pqueue.cli", "balancer", "run"]
+    cmd += ["--listen", cluster.balancer_address, "--probe-interval-s", str(probe_interval_s)]
+    cmd += ["--backends", ",".join(cluster.address(i) for i in sorted(cluster.ports))]
+    with (cluster.root / "balancer.log").open("ab") as log:
+        cluster.balancer = subprocess.Popen(cmd, stdout=log, stderr=log)
+
+
+async def relaunch_balancer(cluster: ProcCluster, probe_interval_s: float = 0.5) -> None:
+    """``pq balancer run`` again on the address it had (clients reconnect
+    there); returns once it knows the leader."""
+    _launch_balancer_again(cluster, probe_interval_s)
+    assert cluster.balancer is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        code = cluster.balancer.poll()
+        assert code is None, f"the balancer exited ({code}): see {cluster.root}/balancer.log"
+        with contextlib.suppress(PQueueError):
+            async with Client(cluster.balancer_address, timeout_s=0.5, max_retries=0) as c:
+                if (await c.balancer_status()).leader_address:
+                    return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the balancer did not learn the leader again")
+
+
+async def test_a_balancer_killed_under_a_worker_loses_nothing_and_takes_no_stale_ack(
+    cluster: ProcCluster,
+) -> None:
+    """A Worker consumes through a ``pq balancer`` process that is killed
+    (kill -9) mid-run and started again on its address: the Worker carries
+    on through it, every job is done, and no ack of a lease that was no
+    longer current was accepted (a job acked under one lease is never
+    delivered under a later one)."""
+    jobs = 400
+    async with Client(cluster.endpoint, timeout_s=10) as producer:
+        await producer.create_queue("work")
+        for start in range(0, jobs, 100):
+            batch = [pb.JobSpec(payload=f"job-{i}".encode()) for i in range(start, start + 100)]
+            await producer.enqueue_batch("work", batch)
+    deliveries: dict[int, list[int]] = {}  # job id -> lease ids it was delivered under
+    handled: set[bytes] = set()
+    lease_ms = 1500  # short: leases lapse while the balancer is down, jobs come back
+
+    async def handler(job: pb.LeasedJob) -> None:
+        deliveries.setdefault(job.job_id, []).append(job.lease_id)
+        handled.add(job.payload)
+        await asyncio.sleep(random.uniform(0.0, 0.05))
+
+    client = AckRecordingClient(cluster.balancer_address, timeout_s=3, max_retries=3)
+    config = WorkerConfig(concurrency=16, lease_ms=lease_ms, wait_ms=500)
+    worker = Worker(client, "work", handler, config=config)
+    running = asyncio.create_task(worker.run())
+    try:
+        while len(handled) < jobs // 4:
+            assert not running.done(), running
+            await asyncio.sleep(0.01)
+        assert cluster.balancer is not None
+        cluster.balancer.kill()  # kill -9, mid-stream
+        cluster.balancer.wait()
+        await asyncio.sleep(1.0)
+        await relaunch_balancer(cluster)
+        deadline = time.monotonic() + 90
+        async with Client(cluster.endpoint, timeout_s=5, max_retries=6) as reader:
+            while True:
+                assert time.monotonic() < deadline, f"{len(handled)} of {jobs} handled"
+                assert not running.done(), running
+                [stats] = await reader.stats("work", consistent=True)
+                if stats.ready + stats.delayed + stats.leased == 0:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        worker.stop()
+        await running
+        await client.close()
+    print(f"\nworker {worker.stats}, redelivered {sum(len(v) - 1 for v in deliveries.values())}")
+    assert handled == {f"job-{i}".encode() for i in range(jobs)}  # nothing lost
+    assert stats.acked_total == jobs  # each job completed once
+    assert stats.dead == 0
+    for job_id, lease_id in client.accepted:  # no stale ack accepted
+        later = [other for other in deliveries[job_id] if other > lease_id]
+        assert not later, f"job {job_id} acked under lease {lease_id}, delivered after as {later}"
+    assert worker.stats.acked > jobs // 4  # acks went through the restarted balancer too
