@@ -151,6 +151,7 @@ class LongPolls:
                 await asyncio.wait(
                     (waiter.future,) if stop is None else (waiter.future, stop),
                     timeout=remaining,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
             except asyncio.CancelledError:
                 self._leave(queue, waiter)
