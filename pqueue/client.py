@@ -119,6 +119,10 @@ class Client:
         #: The highest ``log_index`` a write of this client returned.
         self.last_log_index = 0
 
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call carries (the bearer token); streams send it too (``pqueue.consumer``)."""
+        return self._metadata
+
     async def close(self) -> None:
         """Close the channels."""
         await self._channel.close()
