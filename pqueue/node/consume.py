@@ -207,7 +207,7 @@ class Consumers:
         finally:
             self.relays.discard(stop)
         if stop.done():  # the leader answered what it read; the rest was not read
-            raise NotTakenError("node is draining", retry_after_s=1.0)
+            raise NotTakenError("node is draining", retry_after_s=0.2)
 
     def _watching(self) -> None:
         if self._watch is None or self._watch.done():
@@ -224,7 +224,7 @@ class Consumers:
             tick += 1
             why: PQueueError | None = None
             if node.draining:
-                why = NotTakenError("node is draining", retry_after_s=1.0)
+                why = NotTakenError("node is draining", retry_after_s=0.2)
                 for stop in self.relays:
                     if not stop.done():
                         stop.set_result(None)
@@ -417,7 +417,7 @@ class _Stream:
                     job.queue = self.named
                 self.out.put_nowait((pb.ConsumeResponse(jobs=response.jobs), False))
             elif node.draining:
-                self.end(NotTakenError("node is draining", retry_after_s=1.0))
+                self.end(NotTakenError("node is draining", retry_after_s=0.2))
                 return
 
     async def _finish(self, reader: asyncio.Task[None], pusher: asyncio.Task[None]) -> None:
