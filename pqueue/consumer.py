@@ -9,7 +9,11 @@
   ``settle`` sends an ack, nack or extension on the stream and returns its
   own result. Whatever accumulates while the previous write is pending
   (settles, credits given back by ``refill``) goes out in the next message,
-  so a busy consumer sends one message per write, not one per job.
+  so a busy consumer sends one message per write, not one per job; and the
+  acks of one message for one queue go as one ``Ack`` of all their leases
+  (one command for the node, not one per job). Ack is atomic: if the packed
+  one is refused (a stale lease), each is sent again alone and answered
+  alone, so every caller gets its own ack's result either way.
   A stream that ends fails the settles it did not answer with
   ``StreamEndedError`` (``taken`` says whether they may have applied), and
   its promised credits are forgotten: the node's leases of jobs it pushed
@@ -103,6 +107,44 @@ class StreamEndedError(UnavailableError):
         self.taken = taken
 
 
+class _Settle:
+    """One ``settle`` call: its operation, its caller's future, and whether
+    it may be packed with other acks (not after a packed ack failed)."""
+
+    __slots__ = ("future", "op", "packable")
+
+    def __init__(self, op: pb.Operation, future: asyncio.Future[pb.OpResult]) -> None:
+        self.op = op
+        self.future = future
+        self.packable = op.WhichOneof("op") == "ack"
+
+
+def pack(settles: Sequence[_Settle]) -> tuple[list[pb.Operation], list[list[_Settle]]]:
+    """The operations of one message, and which settles each answers: the
+    packable acks of each queue become one ``Ack`` (up to 1000 leases)."""
+    ops: list[pb.Operation] = []
+    groups: list[list[_Settle]] = []
+    packed: dict[str, int] = {}
+    for settle in settles:
+        if settle.packable:
+            queue = settle.op.ack.queue
+            at = packed.get(queue)
+            if at is not None:
+                leases = ops[at].ack.leases
+                if len(leases) + len(settle.op.ack.leases) <= MAX_BATCH_JOBS:
+                    leases.extend(settle.op.ack.leases)
+                    groups[at].append(settle)
+                    continue
+            packed[queue] = len(ops)
+            op = pb.Operation()
+            op.CopyFrom(settle.op)
+            ops.append(op)
+        else:
+            ops.append(settle.op)
+        groups.append([settle])
+    return ops, groups
+
+
 class ConsumeStream:
     """One ``Consume`` stream on ``channel``, for jobs of ``queue``."""
 
@@ -124,9 +166,9 @@ class ConsumeStream:
         self._call: grpc.aio.StreamStreamCall[pb.ConsumeRequest, pb.ConsumeResponse] | None = None
         self._batches: deque[list[pb.LeasedJob]] = deque()
         self._arrived = asyncio.Event()
-        self._unsent: list[tuple[pb.Operation, asyncio.Future[pb.OpResult]]] = []
+        self._unsent: list[_Settle] = []
         self._unsent_credits = 0
-        self._answers: dict[int, list[asyncio.Future[pb.OpResult]]] = {}
+        self._answers: dict[int, list[list[_Settle]]] = {}
         self._next_settle_id = 1
         self._dirty = asyncio.Event()
         self._closing = False
@@ -136,9 +178,11 @@ class ConsumeStream:
         self.ended = asyncio.Event()
         #: Why it ended (None: it ended OK, or has not ended).
         self.error: PQueueError | None = None
-        #: Requests written, and settle operations in them (for tests and metrics).
+        #: Requests written, the operations in them (acks packed), and the
+        #: settles answered (for tests and metrics).
         self.requests_sent = 0
         self.ops_sent = 0
+        self.settled = 0
         #: Responses read; jobs pushed beyond the credits (a node's fault).
         self.responses = 0
         self.beyond_credits = 0
@@ -182,7 +226,7 @@ class ConsumeStream:
         if not self.open_for_settles:
             raise StreamEndedError("the stream is closed", taken=False)
         fut: asyncio.Future[pb.OpResult] = asyncio.get_running_loop().create_future()
-        self._unsent.append((op, fut))
+        self._unsent.append(_Settle(op, fut))
         self._dirty.set()
         return await fut
 
@@ -240,15 +284,16 @@ class ConsumeStream:
                 await self._dirty.wait()
                 self._dirty.clear()
                 while self._unsent or self._unsent_credits:
-                    ops = self._unsent[:MAX_BATCH_JOBS]
+                    settles = self._unsent[:MAX_BATCH_JOBS]
                     del self._unsent[:MAX_BATCH_JOBS]
                     request = pb.ConsumeRequest(credits=self._unsent_credits)
                     self._unsent_credits = 0
-                    if ops:
+                    if settles:
+                        ops, groups = pack(settles)
                         request.settle_id = self._next_settle_id
                         self._next_settle_id += 1
-                        request.settle.extend(op for op, _ in ops)
-                        self._answers[request.settle_id] = [fut for _, fut in ops]
+                        request.settle.extend(ops)
+                        self._answers[request.settle_id] = groups
                     await self._write(call, request)
                 if self._closing:
                     await call.done_writing()
@@ -295,13 +340,35 @@ class ConsumeStream:
         self._end(error)
 
     def _answer(self, settle_id: int, results: Sequence[pb.OpResult]) -> None:
-        futures = self._answers.pop(settle_id, [])
-        for fut, result in zip(futures, results, strict=False):
-            if not fut.done():
-                fut.set_result(result)
-        for fut in futures[len(results) :]:  # a node answering short: not ours to guess
-            if not fut.done():
-                fut.set_exception(StreamEndedError("no result for this operation", None))
+        groups = self._answers.pop(settle_id, [])
+        again: list[_Settle] = []
+        for group, result in zip(groups, results, strict=False):
+            if len(group) == 1:
+                self._resolve(group[0], result)
+            elif result.status.code == 0:  # a packed ack: all of its leases acked
+                for settle in group:
+                    acked = pb.AckResponse(
+                        acked=len(settle.op.ack.leases), log_index=result.ack.log_index
+                    )
+                    self._resolve(settle, pb.OpResult(ack=acked))
+            else:  # refused as a whole: each alone, for its own answer
+                for settle in group:
+                    settle.packable = False
+                again += group
+        for group in groups[len(results) :]:  # a node answering short: not ours to guess
+            for settle in group:
+                if not settle.future.done():
+                    settle.future.set_exception(
+                        StreamEndedError("no result for this operation", None)
+                    )
+        if again:
+            self._unsent[:0] = again
+            self._dirty.set()
+
+    def _resolve(self, settle: _Settle, result: pb.OpResult) -> None:
+        self.settled += 1
+        if not settle.future.done():
+            settle.future.set_result(result)
 
     def _end(self, error: PQueueError | None) -> None:
         if self.ended.is_set():
@@ -310,14 +377,15 @@ class ConsumeStream:
         self.credits.lost()
         taken = False if isinstance(error, NotTakenError) else None
         why = f"the stream ended: {error.message}" if error else "the stream ended"
-        for futures in self._answers.values():
-            for fut in futures:
-                if not fut.done():
-                    fut.set_exception(StreamEndedError(why, taken))
+        for groups in self._answers.values():
+            for group in groups:
+                for settle in group:
+                    if not settle.future.done():
+                        settle.future.set_exception(StreamEndedError(why, taken))
         self._answers.clear()
-        for _, fut in self._unsent:
-            if not fut.done():
-                fut.set_exception(StreamEndedError(why, taken=False))
+        for settle in self._unsent:
+            if not settle.future.done():
+                settle.future.set_exception(StreamEndedError(why, taken=False))
         self._unsent.clear()
         self.ended.set()
         self._arrived.set()

@@ -13,7 +13,8 @@
 - Long polls: leases up to ``prefetch`` jobs per call, never more than free
   slots, so the worker holds no job it is not working on.
 - Extends each lease while its handler runs (every third of the lease).
-- Acks on success (long polls: acks that finish together share one call);
+- Acks on success (on a stream, the acks of one message are packed into
+  one ``Ack``; by calls, acks finishing in the same loop turn share one);
   nacks with the exception text on failure (the queue's backoff applies).
 - ``stop()`` (or SIGTERM/SIGINT under ``run_until_signal``) stops taking jobs,
   lets running handlers finish within ``shutdown_grace_s``, and releases the
@@ -24,7 +25,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -118,7 +118,9 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._acks: list[tuple[pb.LeasedJob, asyncio.Future[bool]]] = []
-        self._ack_flush: asyncio.Task[None] | None = None
+        #: Ack batches on their way; the newest still gathers acks until it runs.
+        self._ack_flushes: set[asyncio.Task[None]] = set()
+        self._ack_gathering = False
         #: The stream jobs come on, while one is up.
         self._stream: ConsumeStream | None = None
         self._credits = Credits(min(self.config.concurrency, MAX_CREDITS))
@@ -400,8 +402,8 @@ class Worker:
                 logger.warning("extending job %d failed: %s", job.job_id, describe(exc))
 
     async def _ack(self, job: pb.LeasedJob) -> bool:
-        """Ack on the stream; without one, queue an ack: acks queued in the
-        same loop turn go out as one call."""
+        """Ack on the stream (its acks are packed per message); without one,
+        queue an ack: acks queued in the same loop turn go out as one call."""
         lease = pb.JobLease(job_id=job.job_id, lease_id=job.lease_id)
         result = await self._on_stream(
             pb.Operation(ack=pb.AckRequest(queue=self.queue, leases=[lease]))
@@ -411,20 +413,24 @@ class Worker:
             return True if error is None else self._ack_refused(job, error)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._acks.append((job, fut))
-        if self._ack_flush is None or self._ack_flush.done():
-            self._ack_flush = asyncio.create_task(self._flush_acks(), name="pq-ack-flush")
+        if not self._ack_gathering:
+            self._ack_gathering = True
+            flush = asyncio.create_task(self._flush_acks(), name="pq-ack-flush")
+            self._ack_flushes.add(flush)
+            flush.add_done_callback(self._ack_flushes.discard)
         return await asyncio.shield(fut)
 
     async def _flush_acks(self) -> None:
         await asyncio.sleep(0)  # let handlers finishing in this turn join the batch
         batch, self._acks = self._acks, []
+        self._ack_gathering = False
         leases = [(job.job_id, job.lease_id) for job, _ in batch]
         try:
             await self.client.ack_many(self.queue, leases)
             outcomes = [True] * len(batch)
         except PQueueError:
             # Ack is atomic: one stale lease refuses the batch, so ack one by one.
-            outcomes = [await self._ack_one(job) for job, _ in batch]
+            outcomes = list(await asyncio.gather(*(self._ack_one(job) for job, _ in batch)))
         for (_, fut), ok in zip(batch, outcomes, strict=True):
             if not fut.done():
                 fut.set_result(ok)
@@ -461,6 +467,5 @@ class Worker:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-        if self._ack_flush is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ack_flush
+        if self._ack_flushes:
+            await asyncio.wait(set(self._ack_flushes))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -74,6 +75,8 @@ WATCH_INTERVAL_S = 0.2
 AUTH_RECHECK_S = 1.0
 #: How long an ending stream waits for its running settles and lease.
 END_GRACE_S = 2.0
+#: Responses queued while the writer waits ride along in one, up to this size.
+MERGE_BYTES = 4 << 20
 #: How long a new stream may take to send its first request.
 START_TIMEOUT_S = 30.0
 
@@ -259,7 +262,9 @@ class _Stream:
         self.ending: asyncio.Future[PQueueError | None] = loop.create_future()
         #: Done once pushing must stop: a parked lease leaves its line.
         self.stop_pushing: asyncio.Future[None] = loop.create_future()
-        self.out: asyncio.Queue[_Out] = asyncio.Queue()
+        #: What the writer sends next, in order; None: the end.
+        self.out: deque[_Out] = deque()
+        self._out_ready = asyncio.Event()
         self.slots = asyncio.Semaphore(MAX_SETTLES)
         self.settling: set[asyncio.Task[None]] = set()
         #: The status the stream ends with (None: OK).
@@ -271,6 +276,39 @@ class _Stream:
         """Begin ending the stream (the first reason given wins)."""
         if not self.ending.done():
             self.ending.set_result(why)
+
+    def emit(self, item: _Out) -> None:
+        """Hand the writer a response (and whether it answers a settle), or the end."""
+        self.out.append(item)
+        self._out_ready.set()
+
+    async def _next_response(self) -> pb.ConsumeResponse | None:
+        """The next response to write (None: the stream ends). What queued up
+        meanwhile rides along: every push, in lease order, and one settle's
+        answer (a response carries one ``settle_id``)."""
+        while not self.out:
+            self._out_ready.clear()
+            await self._out_ready.wait()
+        item = self.out.popleft()
+        if item is None:
+            return None
+        response, answers = item
+        size = response.ByteSize()
+        while self.out and self.out[0] is not None:
+            more, answer = self.out[0]
+            extra = more.ByteSize()
+            if (answer and answers) or size + extra > MERGE_BYTES:
+                break
+            size += extra
+            self.out.popleft()
+            response.jobs.extend(more.jobs)
+            if answer:
+                response.settle_id = more.settle_id
+                response.settled.extend(more.settled)
+                answers = True
+        if answers:
+            self.slots.release()  # its answer is on its way: another settle may run
+        return response
 
     def check_token(self) -> None:
         try:
@@ -294,11 +332,8 @@ class _Stream:
         for task in (reader, pusher, ender):
             task.add_done_callback(log_failure)
         try:
-            while (item := await self.out.get()) is not None:
-                response, answers = item
+            while (response := await self._next_response()) is not None:
                 await self.context.write(response)
-                if answers:
-                    self.slots.release()
         finally:
             tasks = {reader, pusher, ender, *self.settling}
             for task in tasks:
@@ -372,7 +407,7 @@ class _Stream:
             node.calls_in_flight -= 1
         self.settled += 1
         answer = pb.ConsumeResponse(settle_id=request.settle_id, settled=results)
-        self.out.put_nowait((answer, True))
+        self.emit((answer, True))
 
     async def _push(self) -> None:
         """Lease as credits allow, through the node's long-poll path, and push."""
@@ -415,7 +450,7 @@ class _Stream:
                 self.pushed += len(response.jobs)
                 for job in response.jobs:
                     job.queue = self.named
-                self.out.put_nowait((pb.ConsumeResponse(jobs=response.jobs), False))
+                self.emit((pb.ConsumeResponse(jobs=response.jobs), False))
             elif node.draining:
                 self.end(NotTakenError("node is draining", retry_after_s=0.2))
                 return
@@ -445,4 +480,4 @@ class _Stream:
                 retry_after_s=0.2,
             )
         self.final = why
-        self.out.put_nowait(None)
+        self.emit(None)
