@@ -58,6 +58,8 @@ RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 5.0
 #: A stream that lived this long (or delivered anything) worked: backoff resets.
 STREAM_HEALTHY_S = 1.0
+#: Streams in a row ended by an odd status before anything came: then long polls.
+ODD_ENDS_BEFORE_FALLBACK = 3
 #: How long a closing stream waits for its settles' answers.
 CLOSE_TIMEOUT_S = 5.0
 #: Refusals a worker cannot fix by trying again: they end ``run``.
@@ -175,6 +177,7 @@ class Worker:
         node says it serves none (False: long polls instead)."""
         loop = asyncio.get_running_loop()
         backoff_s = RECONNECT_MIN_S
+        odd_in_a_row = 0
         while not self._stopping.is_set():
             if self._channel is None:
                 self._channel = stream_channel(self.client.endpoint, self.client.tls)
@@ -194,15 +197,27 @@ class Worker:
                 error = await self._take_jobs(stream)
             finally:
                 self._stream = None
-                for job in await stream.close(CLOSE_TIMEOUT_S):
+                for job in await stream.close(CLOSE_TIMEOUT_S):  # pushed as it closed
+                    self.stats.leased += 1
                     await self._release_unstarted(job)
             if error is None:
                 break  # stopping
-            if stream.ended_unasked or (
-                isinstance(error, RemoteError) and error.code == "UNIMPLEMENTED"
+            # A status no node ends a stream with (INTERNAL, UNKNOWN...), before
+            # anything came: something on the way does not carry streams.
+            odd = isinstance(error, RemoteError) and not stream.responses
+            odd_in_a_row = odd_in_a_row + 1 if odd else 0
+            if (
+                stream.ended_unasked
+                or (isinstance(error, RemoteError) and error.code == "UNIMPLEMENTED")
+                or odd_in_a_row >= ODD_ENDS_BEFORE_FALLBACK
             ):
                 endpoint = self.client.endpoint
-                logger.info("%s serves no streams: long polls on %s", endpoint, self.queue)
+                logger.info(
+                    "%s serves no streams (%s): long polls on %s",
+                    endpoint,
+                    describe(error),
+                    self.queue,
+                )
                 return False
             if isinstance(error, _FATAL):
                 logger.warning("stream on %s refused: %s", self.queue, describe(error))

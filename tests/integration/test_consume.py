@@ -246,6 +246,23 @@ async def test_with_auth_a_stream_needs_the_consumer_role_on_its_own_queues(
 Order = list[tuple[int, int, str, bytes]]
 
 
+async def test_a_stream_ends_when_its_token_lapses(tmp_path: Path) -> None:
+    async with one_node(tmp_path, verifier=Verifier(SECRET, leeway_s=0)) as server:
+        async with Client(server.address, token=token("ops", "admin")) as ops:
+            await ops.create_queue("acme/jobs")
+        brief = issue(SECRET, "acme", ["consumer"], 2)  # expires while the stream waits
+        stream = RawStream(server.address, authorization(brief))
+        try:
+            await stream.start("jobs", credits=5)
+            await until("the stream to park", lambda: server.node.waiting_long_polls == 1)
+            error = await stream.ended()
+            assert isinstance(error, UnauthenticatedError), error
+            assert "expired" in error.message
+            await until("its waiter to leave", lambda: server.node.long_polls.lines() == {})
+        finally:
+            await stream.close()
+
+
 async def _drain_in_order(
     take: Callable[[int], Awaitable[list[pb.LeasedJob]]],
     settle: Callable[[list[pb.LeasedJob]], Awaitable[None]],

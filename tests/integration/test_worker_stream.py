@@ -246,3 +246,23 @@ async def test_a_worker_follows_a_leader_change(cluster: Cluster) -> None:
     follower = next(i for i in sorted(cluster.addresses) if i != leader)
     endpoint = f"ipv4:{cluster.addresses[leader]},{cluster.addresses[follower]}"
     await _drain_through(cluster, endpoint, lambda leader, follower: leader)
+
+
+async def test_a_worker_through_the_balancer_consumes_every_job(tmp_path: Path) -> None:
+    """Whether the balancer carries the stream or takes it for a unary call
+    (then the worker falls back to long polls), every job is done once."""
+    from tests.integration.test_balancer import balanced
+
+    async with balanced(tmp_path) as setup, Client(setup.balancer.address) as client:
+        await client.enqueue_batch("q", [pb.JobSpec(payload=b"%d" % i) for i in range(30)])
+        handled: list[bytes] = []
+
+        async def handler(job: pb.LeasedJob) -> None:
+            handled.append(job.payload)
+
+        worker = Worker(client, "q", handler, config=WorkerConfig(concurrency=4, wait_ms=200))
+        async with running(worker):
+            await _until("thirty acks", lambda: worker.stats.acked == 30)
+        [stats] = await client.stats("q", consistent=True)
+        assert (stats.ready, stats.leased, stats.acked_total) == (0, 0, 30)
+        assert sorted(handled) == sorted(b"%d" % i for i in range(30))
