@@ -5,6 +5,12 @@ the gRPC status in ``pqueue.wire.status``). Calls that are safe to repeat (reads
 and enqueues carrying an idempotency key) are retried on retriable errors,
 honouring the server's retry hint.
 
+Batching (``Client(batching=True)``, the default): concurrent ``enqueue``,
+``ack``, ``nack`` and ``extend`` calls on one client go together in one
+``Submit`` call while the previous one is out (``pqueue.batching``); each
+caller still gets its own answer or error, exactly as its single call gives
+it, and is retried or redirected on its own by the same rules.
+
 Over 400 lines on purpose: the SDK's whole client (one method per RPC, and
 its synchronous twin) in the one module users import.
 """
@@ -14,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import grpc
 
+from pqueue.batching import NoSubmitError, SubmitBatcher, SubmitCounts, fits, op_bytes
 from pqueue.errors import (
     InvalidArgumentError,
     NotLeaderError,
     NotTakenError,
+    PQueueError,
     ResourceExhaustedError,
 )
 from pqueue.v1 import balancer_pb2 as bpb
@@ -77,17 +85,35 @@ def _channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
 
 
 class _Stubs:
-    """The public services on one channel."""
+    """The public services on one channel, and its Submit batchers (once used)."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
         self.queue = pbg.QueueStub(channel)
         self.admin = pbg.AdminStub(channel)
         self.balancer = bpbg.BalancerStub(channel)
+        #: By resendability: True for operations any hop may send again
+        #: after a plain UNAVAILABLE (enqueues with an idempotency key).
+        self.batchers: dict[bool, SubmitBatcher] = {}
 
 
 class Client:
-    """An async connection to a pqueue balancer or node."""
+    """An async connection to a pqueue balancer or node.
+
+    ``batching`` (on by default): concurrent ``enqueue``, ``ack``, ``nack``
+    and ``extend`` calls are packed into ``Submit`` calls, at most
+    ``max_submits_in_flight`` out at once per channel; no timer, so a lone
+    call goes at once. Enqueues with an idempotency key go in Submits of
+    their own (with their own bound), which a balancer may send again after
+    a plain UNAVAILABLE, as it does their single calls. Answers and errors
+    are each call's own, as without batching. Ordering: calls awaited one
+    after another keep their order; concurrent calls have none among
+    themselves (as without batching); the operations of one Submit are
+    applied in the order they were called. ``batching=False`` sends one call
+    per operation. ``enqueue_batch`` and ``ack_many`` are always their own
+    atomic call. An older server without ``Submit`` is detected once
+    (nothing ran) and answered single calls from then on.
+    """
 
     def __init__(
         self,
@@ -98,7 +124,13 @@ class Client:
         token: str | None = None,
         tls: Tls | None = None,
         read_your_writes: bool = True,
+        batching: bool = True,
+        max_submits_in_flight: int = 1,
     ) -> None:
+        if max_submits_in_flight < 1:
+            raise ValueError(
+                f"max_submits_in_flight must be at least 1, got {max_submits_in_flight}"
+            )
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -118,13 +150,30 @@ class Client:
         self.read_your_writes = read_your_writes
         #: The highest ``log_index`` a write of this client returned.
         self.last_log_index = 0
+        #: Pack concurrent enqueues, acks, nacks and extends into Submit calls.
+        self.batching = batching
+        self.max_submits_in_flight = max_submits_in_flight
+        self._submit_counts = SubmitCounts()
+
+    @property
+    def submits(self) -> int:
+        """Submit calls this client sent (batching), an UNIMPLEMENTED one included."""
+        return self._submit_counts.submits
+
+    @property
+    def ops_submitted(self) -> int:
+        """Operations those Submit calls carried (resends counted again)."""
+        return self._submit_counts.ops
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """What every call carries (the bearer token); streams send it too (``pqueue.consumer``)."""
         return self._metadata
 
     async def close(self) -> None:
-        """Close the channels."""
+        """Close the channels (calls still out or waiting are cancelled)."""
+        for stubs in (self._stubs, *self._leaders.values()):
+            for batcher in stubs.batchers.values():
+                batcher.cancel_waiting()
         await self._channel.close()
         for stubs in self._leaders.values():
             await stubs.channel.close()
@@ -145,20 +194,57 @@ class Client:
         timeout_s: float | None = None,
     ) -> T:
         """Call; follow one leader hint; retry retriable errors if ``retry``."""
+
+        async def send(stubs: _Stubs) -> T:
+            try:
+                response = await pick(stubs)(
+                    request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from exc
+            self.last_log_index = max(self.last_log_index, getattr(response, "log_index", 0) or 0)
+            return response
+
+        return await self._resending(send, retry)
+
+    async def _op(
+        self,
+        op: pb.Operation,
+        pick: Callable[[_Stubs], Callable[..., Awaitable[T]]],
+        *,
+        retry: bool = False,
+    ) -> T:
+        """One enqueue, ack, nack or extend: in a Submit with the calls made
+        meanwhile (batching), else its single call; the same answer and
+        errors, the same resend rules, either way."""
+        kind = op.WhichOneof("op")
+        assert kind is not None
+        if self.batching and self._submit_counts.supported:
+            size = op_bytes(op)
+            if fits(size):
+                try:
+                    result = await self._resending(
+                        lambda stubs: self._batcher(stubs, retry).submit(op, size), retry
+                    )
+                except NoSubmitError:
+                    pass  # an older server took nothing: its single call, from now on
+                else:
+                    answer = getattr(result, kind)
+                    self.last_log_index = max(self.last_log_index, answer.log_index)
+                    return cast(T, answer)
+        return await self._call(pick, getattr(op, kind), retry=retry)
+
+    async def _resending(self, send: Callable[[_Stubs], Awaitable[T]], retry: bool) -> T:
+        """``send`` to the endpoint; follow one leader hint; send again when
+        the error allows it: any retriable one if ``retry``, and whatever the
+        server did not take (NOT_TAKEN, a quota's refusal with a retry hint)."""
         stubs = self._stubs
         attempt = 0
         redirected = False
         while True:
             try:
-                response = await pick(stubs)(
-                    request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
-                )
-                self.last_log_index = max(
-                    self.last_log_index, getattr(response, "log_index", 0) or 0
-                )
-                return response
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
+                return await send(stubs)
+            except PQueueError as error:
                 if isinstance(error, NotLeaderError) and error.leader_address and not redirected:
                     # Nothing ran on that node, so any call may go to the leader.
                     stubs = self._leader_stubs(error.leader_address)
@@ -173,12 +259,28 @@ class Client:
                     or (isinstance(error, ResourceExhaustedError) and error.retriable)
                 )
                 if not (again and attempt < self.max_retries):
-                    raise error from exc
+                    raise
                 attempt += 1
                 self.retries += 1
                 stubs = self._stubs  # the endpoint again: another node may lead now
                 hint = getattr(error, "retry_after_s", 0.0)
                 await asyncio.sleep(hint or 0.1 * 2**attempt)
+
+    def _batcher(self, stubs: _Stubs, resendable: bool) -> SubmitBatcher:
+        """The Submit batcher of ``stubs``' channel for ``resendable``
+        operations, or for the others (made on first use). Kept apart so a
+        Submit of keyed enqueues only may be sent again by a balancer after a
+        plain UNAVAILABLE, as their single calls are."""
+        batcher = stubs.batchers.get(resendable)
+        if batcher is None:
+            submit = stubs.queue.Submit
+
+            async def send(request: pb.SubmitRequest) -> pb.SubmitResponse:
+                return await submit(request, timeout=self.timeout_s, metadata=self._metadata)
+
+            batcher = SubmitBatcher(send, self._submit_counts, self.max_submits_in_flight)
+            stubs.batchers[resendable] = batcher
+        return batcher
 
     def _min_index(self) -> int:
         return self.last_log_index if self.read_your_writes else 0
@@ -211,8 +313,8 @@ class Client:
             idempotency_key=idempotency_key,
             group=group,
         )
-        req = pb.EnqueueRequest(queue=queue, job=spec)
-        return await self._call(lambda s: s.queue.Enqueue, req, retry=bool(idempotency_key))
+        op = pb.Operation(enqueue=pb.EnqueueRequest(queue=queue, job=spec))
+        return await self._op(op, lambda s: s.queue.Enqueue, retry=bool(idempotency_key))
 
     async def enqueue_batch(
         self, queue: str, jobs: Sequence[pb.JobSpec]
@@ -247,10 +349,13 @@ class Client:
 
     async def ack(self, queue: str, job_id: int, lease_id: int) -> None:
         """Complete one job; ``LeaseLostError`` if the lease is stale."""
-        await self.ack_many(queue, [(job_id, lease_id)])
+        lease = pb.JobLease(job_id=job_id, lease_id=lease_id)
+        op = pb.Operation(ack=pb.AckRequest(queue=queue, leases=[lease]))
+        await self._op(op, lambda s: s.queue.Ack)
 
     async def ack_many(self, queue: str, leases: Iterable[tuple[int, int]]) -> int:
-        """Complete several jobs atomically: all, or none if any lease is stale."""
+        """Complete several jobs atomically: all, or none if any lease is stale
+        (always its own call, never packed with others)."""
         req = pb.AckRequest(
             queue=queue, leases=[pb.JobLease(job_id=j, lease_id=lid) for j, lid in leases]
         )
@@ -271,21 +376,25 @@ class Client:
         ``release=True`` gives it back without counting the delivery as an
         attempt (for a consumer that stops before working on it).
         """
-        req = pb.NackRequest(
-            queue=queue, job_id=job_id, lease_id=lease_id, reason=reason, release=release
+        op = pb.Operation(
+            nack=pb.NackRequest(
+                queue=queue, job_id=job_id, lease_id=lease_id, reason=reason, release=release
+            )
         )
         if delay_ms is not None:
-            req.delay_ms = delay_ms
-        return await self._call(lambda s: s.queue.Nack, req)
+            op.nack.delay_ms = delay_ms
+        return await self._op(op, lambda s: s.queue.Nack)
 
     async def extend(
         self, queue: str, job_id: int, lease_id: int, lease_ms: int = 0
     ) -> pb.ExtendLeaseResponse:
         """Move the lease's expiry to now + ``lease_ms`` (capped by the queue)."""
-        req = pb.ExtendLeaseRequest(
-            queue=queue, job_id=job_id, lease_id=lease_id, lease_ms=lease_ms
+        op = pb.Operation(
+            extend=pb.ExtendLeaseRequest(
+                queue=queue, job_id=job_id, lease_id=lease_id, lease_ms=lease_ms
+            )
         )
-        return await self._call(lambda s: s.queue.ExtendLease, req)
+        return await self._op(op, lambda s: s.queue.ExtendLease)
 
     async def get_job(self, queue: str, job_id: int, *, consistent: bool = False) -> pb.Job:
         """One job's state and error history."""

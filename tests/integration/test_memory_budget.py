@@ -59,7 +59,8 @@ async def test_a_follower_over_its_budget_refuses_without_forwarding(tmp_path: P
     try:
         leader = await cluster.leader()
         follower = next(i for i in cluster.servers if i != leader)
-        async with Client(cluster.addresses[follower], max_retries=0) as c:
+        # The single Enqueue call (a Submit is forwarded whole: the leader checks its own).
+        async with Client(cluster.addresses[follower], max_retries=0, batching=False) as c:
             with pytest.raises(ResourceExhaustedError, match=f"node n{follower} is out of memory"):
                 await c.enqueue("q", b"x")
         assert refusals(cluster.servers[follower]) == 1

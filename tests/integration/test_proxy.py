@@ -169,7 +169,7 @@ STATS = "/pqueue.v1.Queue/Stats"
 
 async def test_an_unkeyed_enqueue_that_met_unavailable_is_sent_once(rig: Rig) -> None:
     rig.leader.script.append(UnavailableError("connection reset", retry_after_s=0.3))
-    async with Client(rig.balancer.address, max_retries=0) as c:
+    async with Client(rig.balancer.address, max_retries=0, batching=False) as c:
         with pytest.raises(UnavailableError) as err:
             await c.enqueue("q", b"no key")
     assert not isinstance(err.value, NotTakenError)  # its outcome is unknown: said so
@@ -179,7 +179,7 @@ async def test_an_unkeyed_enqueue_that_met_unavailable_is_sent_once(rig: Rig) ->
 
 async def test_a_keyed_enqueue_that_met_unavailable_is_sent_again(rig: Rig) -> None:
     rig.leader.script.append(UnavailableError("connection reset"))
-    async with Client(rig.balancer.address, max_retries=0) as c:
+    async with Client(rig.balancer.address, max_retries=0, batching=False) as c:
         await c.enqueue("q", b"keyed", idempotency_key="k1")
     assert rig.leader.calls(ENQUEUE) == 2  # the probe after the failure said it still leads
 

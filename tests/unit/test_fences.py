@@ -118,8 +118,16 @@ def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
     # The fresh interpreter above sees only what importing runs; an import in a
     # function body (a lazy import) loads the server only when that method is
     # called. The SDK's import lines, wherever they are, name only the kernel.
-    allowed = ("pqueue.wire", "pqueue.errors", "pqueue.v1", "pqueue.client", "pqueue.consumer")
-    for path in (ROOT / "pqueue" / name for name in ("client.py", "worker.py", "consumer.py")):
+    allowed = (
+        "pqueue.wire",
+        "pqueue.errors",
+        "pqueue.v1",
+        "pqueue.client",
+        "pqueue.batching",
+        "pqueue.consumer",
+    )
+    for name in ("client.py", "batching.py", "consumer.py", "worker.py"):
+        path = ROOT / "pqueue" / name
         ours = {m for m in _modules(path) if _inside(m, ("pqueue", "consensus", "balancer"))}
         assert all(_inside(m, allowed) for m in ours), (path, ours)
         assert not {m.split(".")[0] for m in _modules(path)} & set(SERVER_LIBRARIES), path
