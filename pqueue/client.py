@@ -165,6 +165,10 @@ class Client:
         """Operations those Submit calls carried (resends counted again)."""
         return self._submit_counts.ops
 
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call carries (the bearer token); streams send it too (``pqueue.consumer``)."""
+        return self._metadata
+
     async def close(self) -> None:
         """Close the channels (calls still out or waiting are cancelled)."""
         for stubs in (self._stubs, *self._leaders.values()):

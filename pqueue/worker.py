@@ -1,11 +1,22 @@
-"""``Worker``: long-poll a queue and run a handler on each job.
+"""``Worker``: consume a queue and run a handler on each job.
 
-- Leases up to ``prefetch`` jobs per call, never more than free slots, so the
-  worker holds no job it is not working on.
+- Streams (``Consume``, through ``pqueue.consumer``): grants the node a
+  credit for each free slot, so the node pushes jobs as they become ready and
+  never more than the worker can run. Acks, nacks and lease extensions ride
+  on the same stream: whatever finished while the previous write was
+  pending goes out in one message, with the slots it freed granted again.
+  A stream that breaks (the node drains, the leader changes, the connection
+  drops) is opened again with backoff; jobs in hand keep their leases, and
+  their acks go by the client's single calls while no stream is up. Against
+  a node that serves no streams (UNIMPLEMENTED) it falls back to long polls;
+  ``WorkerConfig(streaming=False)`` asks for them.
+- Long polls: leases up to ``prefetch`` jobs per call, never more than free
+  slots, so the worker holds no job it is not working on.
 - Extends each lease while its handler runs (every third of the lease).
-- Acks on success, batching acks that finish together into one call;
+- Acks on success (on a stream, the acks of one message are packed into
+  one ``Ack``; by calls, acks finishing in the same loop turn share one);
   nacks with the exception text on failure (the queue's backoff applies).
-- ``stop()`` (or SIGTERM/SIGINT under ``run_until_signal``) stops leasing,
+- ``stop()`` (or SIGTERM/SIGINT under ``run_until_signal``) stops taking jobs,
   lets running handlers finish within ``shutdown_grace_s``, and releases the
   rest (a release: no attempt counted, no error recorded) so another worker
   can take them at once.
@@ -14,21 +25,45 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from pqueue.client import Client
-from pqueue.errors import LeaseLostError, NotFoundError, PQueueError
+from pqueue.consumer import MAX_CREDITS, ConsumeStream, Credits, StreamEndedError, stream_channel
+from pqueue.errors import (
+    InvalidArgumentError,
+    LeaseLostError,
+    NotFoundError,
+    PermissionDeniedError,
+    PQueueError,
+    RemoteError,
+    UnauthenticatedError,
+)
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.logs import describe
+from pqueue.wire.status import from_op_status
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[pb.LeasedJob], Awaitable[None]]
+
+#: A broken stream is opened again after this long, doubling up to the max
+#: (a node's retry hint, when longer, wins).
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 5.0
+#: A stream that lived this long (or delivered anything) worked: backoff resets.
+STREAM_HEALTHY_S = 1.0
+#: Streams in a row ended by an odd status before anything came: then long polls.
+ODD_ENDS_BEFORE_FALLBACK = 3
+#: How long a closing stream waits for its settles' answers.
+CLOSE_TIMEOUT_S = 5.0
+#: Refusals a worker cannot fix by trying again: they end ``run``.
+_FATAL = (InvalidArgumentError, PermissionDeniedError, UnauthenticatedError)
 
 
 @dataclass(frozen=True)
@@ -42,6 +77,9 @@ class WorkerConfig:
     wait_ms: int = 20_000
     shutdown_grace_s: float = 30.0
     consumer_id: str = ""
+    #: Consume on a stream (falling back to long polls against a node that
+    #: serves none); False: long polls.
+    streaming: bool = True
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -82,11 +120,21 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._acks: list[tuple[pb.LeasedJob, asyncio.Future[bool]]] = []
-        self._ack_flush: asyncio.Task[None] | None = None
+        #: Ack batches on their way; the newest still gathers acks until it runs.
+        self._ack_flushes: set[asyncio.Task[None]] = set()
+        self._ack_gathering = False
+        #: The stream jobs come on, while one is up.
+        self._stream: ConsumeStream | None = None
+        self._credits = Credits(min(self.config.concurrency, MAX_CREDITS))
+        self._channel: grpc.aio.Channel | None = None
+        #: Streams opened so far (the first, and each reconnect).
+        self.streams_opened = 0
 
     def stop(self) -> None:
         """Ask the worker to stop; ``run`` returns once it has."""
         self._stopping.set()
+        if self._stream is not None:
+            self._stream.wake()
 
     async def run_until_signal(self) -> None:
         """``run`` until SIGTERM or SIGINT."""
@@ -100,21 +148,121 @@ class Worker:
                 loop.remove_signal_handler(sig)
 
     async def run(self) -> None:
-        """Lease and process until ``stop``; then finish or release what is held."""
+        """Consume and process until ``stop``; then finish or release what is held."""
         try:
-            while not self._stopping.is_set():
-                free = self.config.concurrency - len(self._active)
-                if free <= 0:
-                    await self._wait_for(self._slot_free)
-                    self._slot_free.clear()
-                    continue
-                jobs = await self._lease(min(self.config.prefetch or free, free))
-                for job in jobs:
-                    task = asyncio.create_task(self._process(job), name=f"pq-job-{job.job_id}")
-                    self._active.add(task)
-                    task.add_done_callback(self._on_done)
+            if not (self.config.streaming and await self._consume()):
+                await self._poll()
         finally:
             await self._shutdown()
+
+    async def _poll(self) -> None:
+        """Long polls: lease up to the free slots, again and again."""
+        while not self._stopping.is_set():
+            free = self.config.concurrency - len(self._active)
+            if free <= 0:
+                await self._wait_for(self._slot_free)
+                self._slot_free.clear()
+                continue
+            jobs = await self._lease(min(self.config.prefetch or free, free))
+            for job in jobs:
+                self._start(job, streamed=False)
+
+    def _start(self, job: pb.LeasedJob, *, streamed: bool) -> None:
+        task = asyncio.create_task(self._process(job, streamed), name=f"pq-job-{job.job_id}")
+        self._active.add(task)
+        task.add_done_callback(self._on_done)
+
+    async def _consume(self) -> bool:
+        """Streams, one after another, until stopped (True), or until the
+        node says it serves none (False: long polls instead)."""
+        loop = asyncio.get_running_loop()
+        backoff_s = RECONNECT_MIN_S
+        odd_in_a_row = 0
+        while not self._stopping.is_set():
+            if self._channel is None:
+                self._channel = stream_channel(self.client.endpoint, self.client.tls)
+            stream = ConsumeStream(
+                self._channel,
+                self.client.call_metadata(),
+                self.queue,
+                self._credits,
+                lease_ms=self.config.lease_ms,
+                consumer_id=self.config.consumer_id,
+            )
+            stream.open()
+            self._stream = stream
+            self.streams_opened += 1
+            opened = loop.time()
+            try:
+                error = await self._take_jobs(stream)
+            finally:
+                self._stream = None
+                for job in await stream.close(CLOSE_TIMEOUT_S):  # pushed as it closed
+                    self.stats.leased += 1
+                    await self._release_unstarted(job)
+            if error is None:
+                break  # stopping
+            # A status no node ends a stream with (INTERNAL, UNKNOWN...), before
+            # anything came: something on the way does not carry streams.
+            odd = isinstance(error, RemoteError) and not stream.responses
+            odd_in_a_row = odd_in_a_row + 1 if odd else 0
+            if (
+                stream.ended_unasked
+                or (isinstance(error, RemoteError) and error.code == "UNIMPLEMENTED")
+                or odd_in_a_row >= ODD_ENDS_BEFORE_FALLBACK
+            ):
+                endpoint = self.client.endpoint
+                logger.info(
+                    "%s serves no streams (%s): long polls on %s",
+                    endpoint,
+                    describe(error),
+                    self.queue,
+                )
+                return False
+            if isinstance(error, _FATAL):
+                logger.warning("stream on %s refused: %s", self.queue, describe(error))
+                raise error
+            if stream.responses or loop.time() - opened >= STREAM_HEALTHY_S:
+                backoff_s = RECONNECT_MIN_S  # it worked: this is news, not a pattern
+            if isinstance(error, NotFoundError):
+                # Not created yet (or dropped when idle): producers create it on
+                # their first enqueue. Look again after the wait a long poll takes.
+                logger.debug("queue %s does not exist yet", self.queue)
+                await self._pause(self.config.wait_ms / 1000)
+                continue
+            delay_s = max(backoff_s, getattr(error, "retry_after_s", 0.0))
+            log = logger.info if error.retriable else logger.warning
+            log("stream on %s ended: %s; again in %.1f s", self.queue, describe(error), delay_s)
+            await self._pause(delay_s)
+            backoff_s = min(backoff_s * 2, RECONNECT_MAX_S)
+        return True
+
+    async def _take_jobs(self, stream: ConsumeStream) -> PQueueError | None:
+        """Start each job the stream pushes; the error that ended it (None: stopping)."""
+        while not self._stopping.is_set():
+            try:
+                jobs = await stream.next_jobs()
+            except PQueueError as exc:
+                return exc
+            self.stats.leased += len(jobs)
+            for job in jobs:
+                if self._stopping.is_set():
+                    await self._release_unstarted(job)
+                else:
+                    self._start(job, streamed=True)
+        return None
+
+    async def _release_unstarted(self, job: pb.LeasedJob) -> None:
+        """A pushed job the worker will not run (stopping): give it back at once."""
+        self._credits.finished()
+        await self._give_back(job, None, "", release=True)
+        self.stats.released += 1
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if a stop is requested."""
+        pause = asyncio.create_task(asyncio.sleep(seconds))
+        await self._race_stop(pause)
+        pause.cancel()  # a stop came first: no sleep left pending
 
     async def _wait_for(self, event: asyncio.Event) -> None:
         """Wait for ``event`` or a stop request, whichever comes first."""
@@ -157,9 +305,7 @@ class Worker:
             # Not created yet (or dropped when idle): producers create it on
             # their first enqueue. Poll again after the wait a long poll takes.
             logger.debug("queue %s does not exist yet", self.queue)
-            pause = asyncio.create_task(asyncio.sleep(self.config.wait_ms / 1000))
-            await self._race_stop(pause)
-            pause.cancel()  # a stop came first: no sleep left pending
+            await self._pause(self.config.wait_ms / 1000)
             return []
         except PQueueError as exc:
             logger.warning("lease on %s failed: %s", self.queue, describe(exc))
@@ -176,41 +322,75 @@ class Worker:
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("job task failed: %s", describe(exc), exc_info=exc)
 
-    async def _process(self, job: pb.LeasedJob) -> None:
+    async def _process(self, job: pb.LeasedJob, streamed: bool) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(job), name=f"pq-heartbeat-{job.job_id}")
         try:
             try:
                 await self.handler(job)
             except asyncio.CancelledError:
+                heartbeat.cancel()
+                self._handler_done(streamed)
                 await self._give_back(job, None, "", release=True)
                 self.stats.released += 1
                 raise
             except Exception as exc:
+                heartbeat.cancel()
+                self._handler_done(streamed)
                 self.stats.failed += 1
                 # The reason names the type, as a traceback's last line does.
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else describe(exc)
                 await self._give_back(job, None, reason)
             else:
+                heartbeat.cancel()
+                self._handler_done(streamed)
                 if await self._ack(job):
                     self.stats.acked += 1
         finally:
             heartbeat.cancel()
 
+    def _handler_done(self, streamed: bool) -> None:
+        """A streamed job's handler ended: its slot is free, and granted again
+        in the message that carries its ack or nack."""
+        if streamed:
+            self._credits.finished()
+            if self._stream is not None and not self._stopping.is_set():
+                self._stream.refill()
+
+    async def _on_stream(self, op: pb.Operation) -> pb.OpResult | None:
+        """``op``'s result, sent on the stream; None when no stream is up or it
+        ended before answering (the single call is then made instead)."""
+        stream = self._stream
+        if stream is None or not stream.open_for_settles:
+            return None
+        try:
+            return await stream.settle(op)
+        except StreamEndedError as exc:
+            logger.debug("settle of %s went unanswered (%s): the single call", op, exc)
+            return None
+
     async def _give_back(
         self, job: pb.LeasedJob, delay_ms: int | None, reason: str, *, release: bool = False
     ) -> None:
         """Nack (a failed attempt), or release (not an attempt: we are stopping)."""
+        nack = pb.NackRequest(queue=self.queue, job_id=job.job_id, lease_id=job.lease_id)
+        nack.reason, nack.release = reason, release
+        if delay_ms is not None:
+            nack.delay_ms = delay_ms
         try:
-            await asyncio.shield(
-                self.client.nack(
-                    self.queue,
-                    job.job_id,
-                    job.lease_id,
-                    delay_ms=delay_ms,
-                    reason=reason,
-                    release=release,
+            result = await self._on_stream(pb.Operation(nack=nack))
+            if result is None:
+                await asyncio.shield(
+                    self.client.nack(
+                        self.queue,
+                        job.job_id,
+                        job.lease_id,
+                        delay_ms=delay_ms,
+                        reason=reason,
+                        release=release,
+                    )
                 )
-            )
+            elif (error := from_op_status(result.status)) is not None:
+                raise error
         except LeaseLostError:
             self.stats.lost += 1
         except PQueueError as exc:
@@ -218,10 +398,18 @@ class Worker:
 
     async def _heartbeat(self, job: pb.LeasedJob) -> None:
         interval_s = self.config.lease_ms / 3000
+        extend = pb.ExtendLeaseRequest(queue=self.queue, job_id=job.job_id, lease_id=job.lease_id)
+        extend.lease_ms = self.config.lease_ms
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.client.extend(self.queue, job.job_id, job.lease_id, self.config.lease_ms)
+                result = await self._on_stream(pb.Operation(extend=extend))
+                if result is None:
+                    await self.client.extend(
+                        self.queue, job.job_id, job.lease_id, self.config.lease_ms
+                    )
+                elif (error := from_op_status(result.status)) is not None:
+                    raise error
             except LeaseLostError:
                 logger.warning("lease of job %d lost while its handler ran", job.job_id)
                 return
@@ -229,23 +417,35 @@ class Worker:
                 logger.warning("extending job %d failed: %s", job.job_id, describe(exc))
 
     async def _ack(self, job: pb.LeasedJob) -> bool:
-        """Queue an ack; acks queued in the same loop turn go out as one call."""
+        """Ack on the stream (its acks are packed per message); without one,
+        queue an ack: acks queued in the same loop turn go out as one call."""
+        lease = pb.JobLease(job_id=job.job_id, lease_id=job.lease_id)
+        result = await self._on_stream(
+            pb.Operation(ack=pb.AckRequest(queue=self.queue, leases=[lease]))
+        )
+        if result is not None:
+            error = from_op_status(result.status)
+            return True if error is None else self._ack_refused(job, error)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._acks.append((job, fut))
-        if self._ack_flush is None or self._ack_flush.done():
-            self._ack_flush = asyncio.create_task(self._flush_acks(), name="pq-ack-flush")
+        if not self._ack_gathering:
+            self._ack_gathering = True
+            flush = asyncio.create_task(self._flush_acks(), name="pq-ack-flush")
+            self._ack_flushes.add(flush)
+            flush.add_done_callback(self._ack_flushes.discard)
         return await asyncio.shield(fut)
 
     async def _flush_acks(self) -> None:
         await asyncio.sleep(0)  # let handlers finishing in this turn join the batch
         batch, self._acks = self._acks, []
+        self._ack_gathering = False
         leases = [(job.job_id, job.lease_id) for job, _ in batch]
         try:
             await self.client.ack_many(self.queue, leases)
             outcomes = [True] * len(batch)
         except PQueueError:
             # Ack is atomic: one stale lease refuses the batch, so ack one by one.
-            outcomes = [await self._ack_one(job) for job, _ in batch]
+            outcomes = list(await asyncio.gather(*(self._ack_one(job) for job, _ in batch)))
         for (_, fut), ok in zip(batch, outcomes, strict=True):
             if not fut.done():
                 fut.set_result(ok)
@@ -254,14 +454,26 @@ class Worker:
         try:
             await self.client.ack(self.queue, job.job_id, job.lease_id)
             return True
-        except LeaseLostError:
+        except PQueueError as exc:
+            return self._ack_refused(job, exc)
+
+    def _ack_refused(self, job: pb.LeasedJob, error: PQueueError) -> bool:
+        if isinstance(error, LeaseLostError):
             self.stats.lost += 1
             logger.warning("ack of job %d refused: lease lost", job.job_id)
-        except PQueueError as exc:
-            logger.warning("ack of job %d failed: %s", job.job_id, describe(exc))
+        else:
+            logger.warning("ack of job %d failed: %s", job.job_id, describe(error))
         return False
 
     async def _shutdown(self) -> None:
+        try:
+            await self._finish_jobs()
+        finally:
+            if self._channel is not None:
+                await self._channel.close()
+                self._channel = None
+
+    async def _finish_jobs(self) -> None:
         if not self._active:
             return
         logger.info("worker on %s finishing %d jobs", self.queue, len(self._active))
@@ -270,6 +482,5 @@ class Worker:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-        if self._ack_flush is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ack_flush
+        if self._ack_flushes:
+            await asyncio.wait(set(self._ack_flushes))

@@ -1,6 +1,11 @@
-"""Forwarding a client's call from a follower to the leader, in one hop."""
+"""Forwarding a client's call from a follower to the leader, in one hop:
+a unary call (``call``) or a whole bidirectional stream (``relay``)."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import message_factory
@@ -69,8 +74,87 @@ class Forwarder:
             raise from_rpc_error(exc) from exc
         return response
 
+    async def relay(
+        self,
+        address: str,
+        service: str,
+        method: str,
+        requests: AsyncIterator[Message],
+        forwarded_by: str,
+        credentials: tuple[tuple[str, str], ...] = (),
+        stop: asyncio.Future[None] | None = None,
+    ) -> AsyncIterator[Message]:
+        """The leader's responses to a bidirectional stream, relayed both ways
+        as they come; its error status re-raised as a ``PQueueError``.
+
+        The caller's requests are written to the leader as they are read, by
+        a task of their own, so neither direction waits for the other. When
+        the caller stops writing, or ``stop`` is done (this node drains), the
+        leader is told no more will come and its remaining answers are still
+        relayed. No deadline: a stream lives as long as its caller's.
+        Leaving early (the caller went away) cancels the leader's stream.
+        """
+        descriptor = pb.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
+        output = message_factory.GetMessageClass(descriptor.methods_by_name[method].output_type)
+        hop_token = current_token(self.hop_token)
+        proof = ((FORWARDER_TOKEN_KEY, hop_token),) if hop_token else ()
+        call = self._channel(address).stream_stream(
+            f"/{service}/{method}",
+            request_serializer=_serialize,
+            response_deserializer=output.FromString,
+        )(metadata=((FORWARDED_KEY, forwarded_by), *hop_metadata(), *proof, *credentials))
+        pump = asyncio.create_task(_pump(requests, call, stop), name="pq-relay-pump")
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return
+                assert isinstance(response, Message)
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            pump.cancel()
+            await asyncio.wait([pump])
+            call.cancel()  # a no-op once the leader ended it
+
     async def close(self) -> None:
         """Close every channel."""
         for channel in self._channels.values():
             await channel.close()
         self._channels = {}
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+async def _pump(
+    requests: AsyncIterator[Message],
+    call: grpc.aio.StreamStreamCall[Message, Message],
+    stop: asyncio.Future[None] | None,
+) -> None:
+    """Write the caller's requests to the leader until the caller or ``stop``
+    ends them, then half-close. A write that fails means the leader's stream
+    ended: its status reaches the reader. Cancelled, it leaves no read of
+    the caller's stream pending (gRPC would end that stream INTERNAL)."""
+    iterator = aiter(requests)
+    nxt: asyncio.Future[Message] | None = None
+    try:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            while True:
+                nxt = asyncio.ensure_future(anext(iterator))
+                if stop is not None:
+                    await asyncio.wait((nxt, stop), return_when=asyncio.FIRST_COMPLETED)
+                    if not nxt.done():
+                        break  # draining: what is not read is not relayed
+                try:
+                    request = await nxt
+                except StopAsyncIteration:
+                    break
+                await call.write(request)
+            await call.done_writing()
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            await asyncio.wait([nxt])

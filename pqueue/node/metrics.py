@@ -153,6 +153,11 @@ class NodeCollector(Collector):
             "pq_node_calls_in_flight", "Client calls being served now.", value=node.calls_in_flight
         )
         yield GaugeMetricFamily(
+            "pq_node_consume_streams",
+            "Open Consume streams (served here, or relayed to the leader).",
+            value=node.consume_streams,
+        )
+        yield GaugeMetricFamily(
             "pq_storage_available",
             "1 while the store is reachable.",
             value=int(node.storage.available),

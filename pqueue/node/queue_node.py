@@ -1,40 +1,35 @@
 """A queue node: the state machine behind a command log, plus long-poll wake-ups.
 
 The node owns the ``QueueMachine``, hands it entries through the log seam,
-wakes long-polling leases when their queue gains a leasable job, and proposes
+wakes long-polling leases (``pqueue.node.longpoll``: ``Lease`` calls and
+``Consume`` streams) when their queue gains a leasable job, and proposes
 ``Tick`` commands when a delayed job comes due or a lease expires, so that
 time-driven changes are decided in the log like every other change.
-
-Just over 400 lines: the long-poll waiters and the apply path that wakes
-them share one lock-free order of events on the loop; the next split, when a
-streaming consumer joins them, is a ``longpoll`` module of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from pqueue.core import features, limits
+from pqueue.core import features
 from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
 from pqueue.core.snapshot import SnapshotView, freeze, restore_chunks
 from pqueue.errors import (
     FeatureUnavailableError,
-    NotFoundError,
     PQueueError,
     UpgradeRequiredError,
 )
 from pqueue.node.commitlog import CommandLog, Indexed, LogObserver
+from pqueue.node.longpoll import LongPolls
 from pqueue.node.mirror import JobsMirror, MirrorStore
 from pqueue.node.peers import PeerTransport
 from pqueue.node.replicated import ClusterConfig, ReplicatedLog
@@ -46,10 +41,6 @@ from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenSource
 
 logger = logging.getLogger(__name__)
-
-#: How long a lease on an unknown queue waits for the leader's read index
-#: before it falls back to the log.
-_UNKNOWN_QUEUE_READ_S = 1.0
 
 
 def wall_clock_ms() -> int:
@@ -116,14 +107,18 @@ class QueueNode:
         self.log: CommandLog = ReplicatedLog(
             storage, self, clock_ms, cluster, self.transport.send, observer
         )
-        self._waiters: dict[str, deque[tuple[asyncio.Future[None], int]]] = {}
+        #: Leases waiting for work: ``Lease`` calls and ``Consume`` streams.
+        self.long_polls = LongPolls(self)
         self._due_changed = asyncio.Event()
         #: One state digest at a time (each reads the whole state).
         self._digesting = asyncio.Lock()
         self._tick_task: asyncio.Task[None] | None = None
         self.draining = False
-        #: Client calls being served (the servicer counts them).
+        #: Client calls being served (the servicer counts them; a stream
+        #: counts while it leases or settles).
         self.calls_in_flight = 0
+        #: Open ``Consume`` streams, served here or forwarded to the leader.
+        self.consume_streams = 0
         self.storage = storage
         self.mirror = (
             JobsMirror(storage, lambda: self.machine) if isinstance(storage, MirrorStore) else None
@@ -159,25 +154,9 @@ class QueueNode:
         if self.mirror is not None:
             self.mirror.observe(effects)
         for name, count in effects.woken.items():
-            self._wake(name, count)
+            self.long_polls.wake(name, count)
         self._due_changed.set()
         return effects
-
-    def _wake(self, queue: str, jobs: int) -> None:
-        """Wake waiting long polls in arrival order, enough to take ``jobs`` jobs.
-
-        Waking only as many as can be served keeps the rest parked instead of
-        each proposing a lease that would come back empty (a thundering herd
-        of log writes).
-        """
-        waiters = self._waiters.get(queue)
-        while waiters and jobs > 0:
-            fut, max_jobs = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                jobs -= max_jobs
-        if waiters is not None and not waiters:
-            del self._waiters[queue]
 
     def freeze(self) -> SnapshotView:
         return freeze(self.machine)
@@ -232,13 +211,9 @@ class QueueNode:
             logger.error("tick loop failed: %s", describe(exc), exc_info=exc)
 
     def begin_drain(self) -> None:
-        """Stop waiting long polls (they return empty) and refuse new ones."""
+        """Stop waiting long polls (they return empty; streams end) and refuse new ones."""
         self.draining = True
-        for waiters in self._waiters.values():
-            for fut, _ in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-        self._waiters.clear()
+        self.long_polls.wake_all()
 
     async def stop(self) -> None:
         """Drain, stop ticking, commit what is pending, release storage."""
@@ -262,8 +237,8 @@ class QueueNode:
 
     @property
     def waiting_long_polls(self) -> int:
-        """Long polls parked until a job comes."""
-        return sum(len(w) for w in self._waiters.values())
+        """Long polls parked until a job comes (``Lease`` calls and streams)."""
+        return self.long_polls.waiting
 
     # ----------------------------------------------------------- commands
 
@@ -324,91 +299,9 @@ class QueueNode:
     async def lease(
         self, req: pb.LeaseRequest, bound: logpb.TenantLimits | None = None
     ) -> pb.LeaseResponse:
-        """Lease, waiting up to ``req.wait_ms`` for a job (long poll).
-
-        Wakes on an enqueue, a delayed job coming due, or an expired lease (all
-        of which make a job ready through an applied entry). Returns an empty
-        response when the wait ends; never fails for lack of work.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + req.wait_ms / 1000
-        empty = pb.LeaseResponse()
-        first_in_line = False
-        while True:
-            if self.draining:
-                return empty
-            if req.queue not in self.machine.queues and await self._surely_unknown(req.queue):
-                limits.check_queue_name(req.queue)  # the log's answer, without a log entry
-                raise NotFoundError(f"queue {req.queue!r} not found")
-            if self.machine.has_ready(req.queue) or req.queue not in self.machine.queues:
-                # An unknown queue the leader could not rule out goes to the
-                # log too, which answers NOT_FOUND (or leases, if it came).
-                try:
-                    result = await self.propose(logpb.Command(lease=req, limits=bound))
-                except BaseException:
-                    self._pass_on(req.queue)  # we may hold a wake-up: hand it on
-                    raise
-                assert isinstance(result, pb.LeaseResponse)
-                if result.jobs:
-                    self._pass_on(req.queue)
-                    return result
-                first_in_line = True  # beaten to it: keep our place in line
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return empty
-            fut: asyncio.Future[None] = loop.create_future()
-            waiters = self._waiters.setdefault(req.queue, deque())
-            entry = (fut, max(req.max_jobs, 1))
-            if first_in_line:
-                waiters.appendleft(entry)
-            else:
-                waiters.append(entry)
-            try:
-                async with asyncio.timeout(remaining):
-                    await fut
-            except TimeoutError:
-                self._forget(req.queue, entry)
-                if fut.done() and not fut.cancelled():
-                    self._pass_on(req.queue)  # woken as the wait ran out
-                return empty
-            except asyncio.CancelledError:
-                self._forget(req.queue, entry)
-                if fut.done() and not fut.cancelled():
-                    self._pass_on(req.queue)  # woken, but leaving: hand the wake-up on
-                raise
-
-    async def _surely_unknown(self, queue: str) -> bool:
-        """Whether no committed entry creates ``queue``, known without a log entry.
-
-        Only a leader that has applied its commit index may say so, and only
-        after a read index (a heartbeat round: no entry, no fsync) confirms
-        it still leads and has applied every slot phase 1 found: a deposed
-        leader, or a new one whose predecessor's entries are not yet applied
-        here, could otherwise miss a queue another node already created.
-        Anything short of that (not leading, lagging, no answer) says False,
-        and the lease goes to the log as before.
-        """
-        status = self.log.status()
-        if not self.log.is_leader or status.applied_index != status.commit_index:
-            return False
-        try:
-            await self.log.read_barrier(_UNKNOWN_QUEUE_READ_S)
-        except PQueueError:
-            return False
-        return queue not in self.machine.queues
-
-    def _pass_on(self, queue: str) -> None:
-        """Wake the next waiter if work is left that nobody was woken for."""
-        if self.machine.has_ready(queue):
-            self._wake(queue, 1)
-
-    def _forget(self, queue: str, entry: tuple[asyncio.Future[None], int]) -> None:
-        waiters = self._waiters.get(queue)
-        if waiters is not None:
-            with contextlib.suppress(ValueError):
-                waiters.remove(entry)
-            if not waiters:
-                del self._waiters[queue]
+        """Lease, waiting up to ``req.wait_ms`` for a job (long poll): see
+        ``LongPolls.lease``. Never fails for lack of work."""
+        return await self.long_polls.lease(req, bound)
 
     async def _tick_loop(self) -> None:
         """Propose a Tick whenever a delayed job or a lease falls due (leader only:

@@ -30,6 +30,7 @@ from pqueue.errors import (
 from pqueue.node import access
 from pqueue.node.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
 from pqueue.node.commitlog import LogStatus
+from pqueue.node.consume import Consumers
 from pqueue.node.forward import Forwarder
 from pqueue.node.memory import MemoryBudget
 from pqueue.node.queue_node import QueueNode
@@ -51,6 +52,7 @@ Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
+StreamHandler = Callable[[Any, AsyncIterator[Req], Context], Awaitable[None]]
 
 
 #: The authenticated caller of the call this task serves.
@@ -75,6 +77,23 @@ def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
             raise AssertionError("unreachable") from exc  # abort_with_status raises
         finally:
             self.node.calls_in_flight -= 1
+
+    return wrapper
+
+
+def stream_rpc(fn: StreamHandler[Req]) -> StreamHandler[Req]:
+    """``rpc`` for a bidirectional stream: authenticate the caller once, when
+    the stream opens, and end it with the status of a raised ``PQueueError``
+    (the method has stopped reading by then: see ``pqueue.node.consume``)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, requests: AsyncIterator[Req], context: Context) -> None:
+        try:
+            principal.set(self.authenticate(context))
+            await fn(self, requests, context)
+        except PQueueError as exc:
+            logger.debug("%s ended: %s", fn.__name__, describe(exc))
+            await context.abort_with_status(to_status(exc))
 
     return wrapper
 
@@ -411,12 +430,24 @@ class QueueService(_Base, pbg.QueueServicer):
         "extend": _extend_command,
     }
 
-    async def Consume(
+    @stream_rpc
+    async def Consume(  # type: ignore[override]  # writes with context.write, returns None
         self, request_iterator: AsyncIterator[pb.ConsumeRequest], context: Context
-    ) -> AsyncIterator[pb.ConsumeResponse]:
-        # Being built (issue 15): until then, what an older node answers.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Consume is not served yet")
-        yield pb.ConsumeResponse()  # pragma: no cover  (makes this a generator)
+    ) -> None:
+        await self._consumers.serve(request_iterator, context)
+
+    @functools.cached_property
+    def _consumers(self) -> Consumers:
+        """This node's ``Consume`` streams (``pqueue.node.consume``)."""
+        return Consumers(
+            self.node,
+            self.forwarder,
+            self.SERVICE,
+            scope=lambda named: _queue(named, CONSUMER),
+            bound=self._bound,
+            run_ops=self.run_ops,
+            authenticate=self.authenticate,
+        )
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:

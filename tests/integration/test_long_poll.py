@@ -105,7 +105,7 @@ async def test_timed_out_and_cancelled_waiters_leave_no_trace(
     await asyncio.sleep(0.2)
     poll.cancel()
     await asyncio.sleep(0.2)
-    assert server.node._waiters == {}
+    assert server.node.long_polls.lines() == {}
     await client.enqueue("q", b"x")
     [job] = await client.lease("q", wait_ms=1000)  # nothing stranded it
     assert job.payload == b"x"

@@ -61,7 +61,9 @@ def test_the_balancer_loads_only_the_kernel() -> None:
     assert under(loaded, ("pqueue.cli", "pqueue.client", "pqueue.worker")) == set()
 
 
-@pytest.mark.parametrize("entry", ["pqueue.client", "pqueue.worker", "pqueue.cli.client"])
+@pytest.mark.parametrize(
+    "entry", ["pqueue.client", "pqueue.worker", "pqueue.consumer", "pqueue.cli.client"]
+)
 def test_the_sdk_and_the_client_commands_load_no_server(entry: str) -> None:
     loaded = loaded_by(entry)
     assert entry in loaded
@@ -116,8 +118,15 @@ def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
     # The fresh interpreter above sees only what importing runs; an import in a
     # function body (a lazy import) loads the server only when that method is
     # called. The SDK's import lines, wherever they are, name only the kernel.
-    allowed = ("pqueue.wire", "pqueue.errors", "pqueue.v1", "pqueue.client", "pqueue.batching")
-    for name in ("client.py", "batching.py", "worker.py"):
+    allowed = (
+        "pqueue.wire",
+        "pqueue.errors",
+        "pqueue.v1",
+        "pqueue.client",
+        "pqueue.batching",
+        "pqueue.consumer",
+    )
+    for name in ("client.py", "batching.py", "consumer.py", "worker.py"):
         path = ROOT / "pqueue" / name
         ours = {m for m in _modules(path) if _inside(m, ("pqueue", "consensus", "balancer"))}
         assert all(_inside(m, allowed) for m in ours), (path, ours)

@@ -1,0 +1,200 @@
+"""Long polls: leases that wait for work, parked per queue and woken by applied entries.
+
+A ``Lease`` call with ``wait_ms`` and a ``Consume`` stream with credits left
+both lease through ``LongPolls.lease``: the same ``lease`` log command, the
+same line of waiters. An applied entry that makes jobs ready (an enqueue, a
+delayed job coming due, an expired lease: ``Effects.woken``) wakes as many
+waiters as the new jobs can serve, in arrival order; a woken waiter proposes
+its lease. One beaten to the jobs keeps its place at the front; one that
+leaves holding a wake-up hands it on, so no job is left with nobody woken
+for it. A drain wakes them all (they return empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from google.protobuf.message import Message
+
+from pqueue.core import limits
+from pqueue.core.machine import QueueMachine
+from pqueue.errors import NotFoundError, PQueueError
+from pqueue.node.commitlog import CommandLog
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+
+#: How long a lease on an unknown queue waits for the leader's read index
+#: before it falls back to the log.
+UNKNOWN_QUEUE_READ_S = 1.0
+
+
+class LeaseHost(Protocol):
+    """What long polls need of their node (``QueueNode``)."""
+
+    machine: QueueMachine
+    log: CommandLog
+    draining: bool
+
+    def propose(self, command: logpb.Command) -> Awaitable[Message]: ...
+
+
+class Waiter:
+    """One parked long poll: woken by resolving ``future``; ``want()`` says how
+    many jobs it would take (a stream's credits may grow while it waits)."""
+
+    __slots__ = ("future", "want")
+
+    def __init__(self, future: asyncio.Future[None], want: Callable[[], int]) -> None:
+        self.future = future
+        self.want = want
+
+
+class LongPolls:
+    """The waiter lines of one node, by stored queue name."""
+
+    def __init__(self, host: LeaseHost) -> None:
+        self._host = host
+        self._lines: dict[str, deque[Waiter]] = {}
+
+    @property
+    def waiting(self) -> int:
+        """Long polls parked until a job comes (``Lease`` calls and streams)."""
+        return sum(len(line) for line in self._lines.values())
+
+    def lines(self) -> dict[str, int]:
+        """Waiters per queue (for tests: nothing is left behind)."""
+        return {queue: len(line) for queue, line in self._lines.items()}
+
+    def wake(self, queue: str, jobs: int) -> None:
+        """Wake waiting long polls in arrival order, enough to take ``jobs`` jobs.
+
+        Waking only as many as can be served keeps the rest parked instead of
+        each proposing a lease that would come back empty (a thundering herd
+        of log writes).
+        """
+        line = self._lines.get(queue)
+        while line and jobs > 0:
+            waiter = line.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+                jobs -= max(waiter.want(), 1)
+        if line is not None and not line:
+            del self._lines[queue]
+
+    def wake_all(self) -> None:
+        """Wake every waiter (a drain: they find the node draining and return)."""
+        for line in self._lines.values():
+            for waiter in line:
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
+        self._lines.clear()
+
+    async def lease(
+        self,
+        req: pb.LeaseRequest,
+        bound: logpb.TenantLimits | None = None,
+        *,
+        want: Callable[[], int] | None = None,
+        stop: asyncio.Future[None] | None = None,
+    ) -> pb.LeaseResponse:
+        """Lease, waiting up to ``req.wait_ms`` for a job (long poll); with
+        ``stop``, until ``stop`` is done instead (a stream's).
+
+        Wakes on an enqueue, a delayed job coming due, or an expired lease (all
+        of which make a job ready through an applied entry). Returns an empty
+        response when the wait ends (a proposal already made is seen
+        through) or the node drains; never fails for lack of work. ``want``:
+        how many jobs to lease, read again before each proposal (default
+        ``req.max_jobs``).
+        """
+        host = self._host
+        loop = asyncio.get_running_loop()
+        deadline = None if stop is not None else loop.time() + req.wait_ms / 1000
+        wanted = want or (lambda: max(req.max_jobs, 1))
+        empty = pb.LeaseResponse()
+        first_in_line = False
+        while True:
+            if host.draining or (stop is not None and stop.done()):
+                return empty
+            queue = req.queue
+            if queue not in host.machine.queues and await self.surely_unknown(queue):
+                limits.check_queue_name(queue)  # the log's answer, without a log entry
+                raise NotFoundError(f"queue {queue!r} not found")
+            if host.machine.has_ready(queue) or queue not in host.machine.queues:
+                # An unknown queue the leader could not rule out goes to the
+                # log too, which answers NOT_FOUND (or leases, if it came).
+                req.max_jobs = min(wanted(), limits.MAX_LEASE_JOBS)
+                try:
+                    result = await host.propose(logpb.Command(lease=req, limits=bound))
+                except BaseException:
+                    self._pass_on(queue)  # we may hold a wake-up: hand it on
+                    raise
+                assert isinstance(result, pb.LeaseResponse)
+                if result.jobs:
+                    self._pass_on(queue)
+                    return result
+                first_in_line = True  # beaten to it: keep our place in line
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return empty
+            waiter = Waiter(loop.create_future(), wanted)
+            line = self._lines.setdefault(queue, deque())
+            if first_in_line:
+                line.appendleft(waiter)
+            else:
+                line.append(waiter)
+            try:
+                await asyncio.wait(
+                    (waiter.future,) if stop is None else (waiter.future, stop),
+                    timeout=remaining,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            except asyncio.CancelledError:
+                self._leave(queue, waiter)
+                raise
+            if not waiter.future.done():  # the wait ran out, or ``stop``
+                self._leave(queue, waiter)
+                return empty
+
+    async def surely_unknown(self, queue: str) -> bool:
+        """Whether no committed entry creates ``queue``, known without a log entry.
+
+        Only a leader that has applied its commit index may say so, and only
+        after a read index (a heartbeat round: no entry, no fsync) confirms
+        it still leads and has applied every slot phase 1 found: a deposed
+        leader, or a new one whose predecessor's entries are not yet applied
+        here, could otherwise miss a queue another node already created.
+        Anything short of that (not leading, lagging, no answer) says False,
+        and the lease goes to the log as before.
+        """
+        log = self._host.log
+        status = log.status()
+        if not log.is_leader or status.applied_index != status.commit_index:
+            return False
+        try:
+            await log.read_barrier(UNKNOWN_QUEUE_READ_S)
+        except PQueueError:
+            return False
+        return queue not in self._host.machine.queues
+
+    def _pass_on(self, queue: str) -> None:
+        """Wake the next waiter if work is left that nobody was woken for."""
+        if self._host.machine.has_ready(queue):
+            self.wake(queue, 1)
+
+    def _leave(self, queue: str, waiter: Waiter) -> None:
+        """Take ``waiter`` out of its line; a wake-up it got goes to the next."""
+        line = self._lines.get(queue)
+        if line is not None:
+            with contextlib.suppress(ValueError):
+                line.remove(waiter)
+            if not line:
+                del self._lines[queue]
+        if waiter.future.done():
+            self._pass_on(queue)  # woken as it left: hand the wake-up on
+        else:
+            waiter.future.cancel()
