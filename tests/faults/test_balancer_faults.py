@@ -311,10 +311,10 @@ async def relaunch_balancer(cluster: ProcCluster, probe_interval_s: float = 0.5)
 async def test_a_balancer_killed_under_a_worker_loses_nothing_and_takes_no_stale_ack(
     cluster: ProcCluster,
 ) -> None:
-    """A Worker consumes through a ``pq balancer`` process that is killed
-    (kill -9) mid-run and started again on its address after longer than a
-    lease: the Worker carries on through it, every job is done once, and a
-    stale ack is refused. Slow jobs make stale acks happen: their leases
+    """A Worker streams (``Consume``) through a ``pq balancer`` process that
+    is killed (kill -9) mid-stream and started again on its address after
+    longer than a lease: the Worker reconnects its stream through it, every
+    job is done once, and a stale ack is refused. Slow jobs make stale acks happen: their leases
     lapse while the balancer is down, they are delivered again, and their
     first handlers ack, with the old lease, while the new holder works: the
     job must stay leased to the new holder (a stale ack accepted would have
@@ -393,3 +393,8 @@ async def test_a_balancer_killed_under_a_worker_loses_nothing_and_takes_no_stale
     assert stale_taken == []  # and none was accepted
     assert worker.stats.lost >= 1  # stale acks were tried (and refused)
     assert worker.stats.acked > jobs // 2  # acks went through the restarted balancer
+    # It streamed: one Consume before the kill, and one again after (the
+    # balancer's request log, as an operator reads it).
+    log = (cluster.root / "balancer.log").read_text()
+    assert log.count("Received Consume request") >= 2
+    assert "Received Lease request" not in log
