@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 #: What the balancer calls itself in ``pq-forwarded-by`` (nodes then never
 #: forward its calls: one hop, and a not-leader answer comes back to it).
 BALANCER_ID = "balancer"
+#: Method callables kept, over all backends.
+_MAX_STUBS = 1024
 
 
 def report_of(status: pb.NodeStatusResponse) -> Report:
@@ -91,6 +93,7 @@ class Backends:
         self.clock_s = clock_s
         self.pool = Pool(list(config.backends), random.Random(config.seed), config.pool)
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, str], tuple[grpc.aio.Channel, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
         self._updated = asyncio.Event()
@@ -108,6 +111,18 @@ class Backends:
             (FORWARDED_KEY, BALANCER_ID),
             *(((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()),
         )
+
+    def stub(self, address: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        """The raw-bytes callable of ``method`` on ``address``'s channel (kept:
+        building one for every call costs)."""
+        channel = self.channels[address]
+        found = self._stubs.get((address, method))
+        if found is None or found[0] is not channel:
+            found = (channel, channel.unary_unary(method))
+            if len(self._stubs) < _MAX_STUBS:  # names a client made up must not grow it forever
+                self._stubs[(address, method)] = found
+        stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = found[1]
+        return stub
 
     async def start(self) -> None:
         """Open channels and start probing."""

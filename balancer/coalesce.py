@@ -182,7 +182,6 @@ class Coalescer:
         self._groups: dict[tuple[str, Metadata], _Group] = {}
         #: Nodes that answered ``Submit`` with UNIMPLEMENTED: until when they get plain calls.
         self._plain_until_s: dict[str, float] = {}
-        self._stubs: dict[str, tuple[grpc.aio.Channel, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock_s: Callable[[], float] = backends.clock_s
 
@@ -274,14 +273,6 @@ class Coalescer:
             ops += rider.ops
         return batch
 
-    def _stub(self, address: str) -> Any:
-        channel = self.backends.channels[address]
-        cached = self._stubs.get(address)
-        if cached is None or cached[0] is not channel:
-            cached = (channel, channel.unary_unary(SUBMIT))
-            self._stubs[address] = cached
-        return cached[1]
-
     async def _send(self, group: _Group, batch: list[_Rider]) -> None:
         """One ``Submit``; every rider's future resolved, whatever happens."""
         try:
@@ -321,7 +312,7 @@ class Coalescer:
         ops = sum(r.ops for r in batch)
         self.metrics.submit_ops.observe(ops)
         self.metrics.coalesced.inc(len(batch))
-        call = self._stub(address)(
+        call = self.backends.stub(address, SUBMIT)(
             payload,
             timeout=max(0.0, deadline_s - self._clock_s()),
             metadata=(*group.metadata, *self._hop_metadata(batch)),

@@ -220,10 +220,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self, route: Route, request: bytes, address: str, metadata: Metadata, deadline: float
     ) -> grpc.aio.UnaryUnaryCall[bytes, bytes]:
         """Start one attempt at ``address`` with the time left."""
-        stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.backends.channels[
-            address
-        ].unary_unary(route.method)
-        return stub(
+        return self.backends.stub(address, route.method)(
             request,
             timeout=max(0.0, deadline - self.backends.clock_s()),
             metadata=metadata,
