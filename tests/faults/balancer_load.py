@@ -2,15 +2,16 @@
 and straight to the leader: jobs/s, and CPU per job of the balancer and of
 the leader. A measurement, not a test (no figure is asserted)::
 
-    PYTHONPATH=. .venv/bin/python -m tests.faults.balancer_load --seconds 5 --repeats 3
+    PYTHONPATH=. .venv/bin/python -m tests.faults.balancer_load --repeats 3
 
 A real 3-node cluster of ``pq node`` processes on SQLite (``synchronous=FULL``)
 and two ``pq balancer`` processes in front of it (``--coalesce`` and
 ``--no-coalesce``), in one run. Each client has its own connection and sends
-one ``Enqueue`` at a time (a raw stub, as a client in any language does). CPU
-is user + system time of each process from ``/proc``, over the window.
-Targets take turns within a repeat (the order rotates), so a noisy neighbour
-on a shared machine weighs on each alike; quote the ratios.
+one ``Enqueue`` at a time (a raw stub, as a client in any language does;
+``--sdk``: an SDK ``Client`` calling ``enqueue()``). CPU is user + system
+time of each process from ``/proc``. A repeat is ``--rounds`` short turns of
+each target (the order rotates), so a noisy neighbour on a shared machine
+weighs on each alike; quote the ratios.
 """
 
 from __future__ import annotations
@@ -173,37 +174,48 @@ async def measure(args: argparse.Namespace) -> None:
             for target in targets:  # warm up each path
                 await load(address_of(target, leader), args.clients, 1.0, payload, args.sdk)
             rows: dict[tuple[int, str], tuple[float, float, float]] = {}
+            # Per repeat and target: [jobs, seconds, leader CPU s, balancer CPU s, Submits, calls].
+            totals: dict[tuple[int, str], list[float]] = {}
             for repeat in range(args.repeats):
-                k = repeat % len(targets)
-                for target in targets[k:] + targets[:k]:  # each goes first in turn
-                    leader = await cluster.leader()
-                    lpid = cluster.procs[leader].pid
-                    b = balancers.get(target)
-                    l0, b0 = cpu_s(lpid), cpu_s(b.proc.pid) if b else 0.0
-                    s0 = b.submits() if b else (0.0, 0.0)
-                    started = time.monotonic()
-                    jobs, failed = await load(
-                        address_of(target, leader), args.clients, args.seconds, payload, args.sdk
-                    )
-                    elapsed = time.monotonic() - started
-                    l1, b1 = cpu_s(lpid), cpu_s(b.proc.pid) if b else 0.0
-                    s1 = b.submits() if b else (0.0, 0.0)
-                    per_job = 1e6 / max(1, jobs)
-                    rows[(repeat, target)] = (
-                        jobs / elapsed,
-                        (l1 - l0) * per_job,
-                        (b1 - b0) * per_job,
-                    )
-                    submits = s1[0] - s0[0]
-                    batch = f"  {(s1[1] - s0[1]) / submits:5.1f} calls/Submit" if submits else ""
+                for round_ in range(args.rounds):  # short turns, so load swings hit each alike
+                    k = (repeat * args.rounds + round_) % len(targets)
+                    for target in targets[k:] + targets[:k]:
+                        leader = await cluster.leader()
+                        lpid = cluster.procs[leader].pid
+                        b = balancers.get(target)
+                        l0, b0 = cpu_s(lpid), cpu_s(b.proc.pid) if b else 0.0
+                        s0 = b.submits() if b else (0.0, 0.0)
+                        started = time.monotonic()
+                        jobs, failed = await load(
+                            address_of(target, leader),
+                            args.clients,
+                            args.seconds,
+                            payload,
+                            args.sdk,
+                        )
+                        elapsed = time.monotonic() - started
+                        l1, b1 = cpu_s(lpid), cpu_s(b.proc.pid) if b else 0.0
+                        s1 = b.submits() if b else (0.0, 0.0)
+                        t = totals.setdefault((repeat, target), [0.0] * 6)
+                        for i, v in enumerate(
+                            (jobs, elapsed, l1 - l0, b1 - b0, s1[0] - s0[0], s1[1] - s0[1])
+                        ):
+                            t[i] += v
+                        if failed:
+                            print(f"repeat {repeat + 1} {target}: {failed} calls failed")
+                        async with Client(cluster.address(leader), timeout_s=10) as c:
+                            await c.purge(QUEUE)
+                for target in targets:
+                    done, elapsed, lead_s, bal_s, submits, carried = totals[(repeat, target)]
+                    per_job = 1e6 / max(1.0, done)
+                    rows[(repeat, target)] = (done / elapsed, lead_s * per_job, bal_s * per_job)
+                    batch = f"  {carried / submits:5.1f} calls/Submit" if submits else ""
                     print(
-                        f"repeat {repeat + 1} {target:>16}: {jobs / elapsed:7.0f} jobs/s  "
-                        f"leader {(l1 - l0) * per_job:5.0f} us/job  "
-                        f"balancer {(b1 - b0) * per_job:5.0f} us/job  failed {failed}{batch}",
+                        f"repeat {repeat + 1} {target:>16}: {done / elapsed:7.0f} jobs/s  "
+                        f"leader {lead_s * per_job:5.0f} us/job  "
+                        f"balancer {bal_s * per_job:5.0f} us/job{batch}",
                         flush=True,
                     )
-                    async with Client(cluster.address(leader), timeout_s=10) as c:
-                        await c.purge(QUEUE)
             print()
             for repeat in range(args.repeats):
                 d = rows[(repeat, "direct")]
@@ -224,7 +236,8 @@ async def measure(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="one turn of one target")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of each target per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--payload-bytes", type=int, default=64)
     parser.add_argument(
