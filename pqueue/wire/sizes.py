@@ -24,8 +24,18 @@ MAX_PEER_MESSAGE_BYTES = 64 << 20
 KEEPALIVE_TIME_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 KEEPALIVE_MIN_INTERVAL_MS = 5_000
-#: What a server sets so clients' keepalive pings are welcome.
+#: A server's own pings: a connection silent this long is pinged, and closed
+#: (its streams ended, a streaming consumer's waiter freed) when no answer
+#: comes within ``KEEPALIVE_TIMEOUT_MS``: a consumer host that died without a
+#: word does not hold a stream open until the next restart.
+SERVER_KEEPALIVE_TIME_MS = 30_000
+#: What a server sets so clients' keepalive pings are welcome, and so it
+#: pings quiet connections itself (with no data between pings as often as
+#: it likes: an idle consumer stream carries none).
 SERVER_KEEPALIVE_OPTIONS = (
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MIN_INTERVAL_MS),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),
 )
