@@ -9,8 +9,12 @@ system. The bench drives them over stdin/stdout, one JSON object a line:
     producer:                             <- {"ev": "produced", "ids": [...], ...}
     consumer: -> {"op": "drain", "ids": [...], "timeout_s": S}
                                           <- {"ev": "consumed", "jobs": [...], ...}
-                                          <- {"ev": "closed", ...}
+                                          <- {"ev": "stopped", "settled": {...}}
+    -> {"op": "close"}                    <- {"ev": "closed"}
     -> {"op": "exit"}
+
+Connections stay open until ``close``: the bench reads the CPU of every
+process first, the server processes serving them too.
 
 Times are ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every
 process on the machine). A failure answers ``{"ev": "error", "error": ...}``
@@ -142,6 +146,7 @@ async def produce(spec: CellSpec) -> None:
                 "t_end": time.monotonic(),
             }
         )
+        await expect("close")
     finally:
         await drv.close()
     emit({"ev": "closed"})
@@ -218,10 +223,12 @@ async def consume(spec: CellSpec) -> None:
         )
         drv.stop()
         await running
-        emit({"ev": "closed", "settled": asdict(drv.settled)})
+        emit({"ev": "stopped", "settled": asdict(drv.settled)})
+        await expect("close")
     finally:
         drv.stop()
         await drv.close()
+    emit({"ev": "closed"})
 
 
 async def main(role: str) -> None:

@@ -303,9 +303,12 @@ class CellRunner:
                 {"op": "drain", "ids": produced["ids"], "timeout_s": drain_timeout_s}
             )
             consumed = await consumer.expect("consumed", drain_timeout_s + 60)
+            # The Worker's shutdown waits for acks in flight (its grace: 30 s).
+            settled = (await consumer.expect("stopped", 90))["settled"]
             cpu1 = cpu_seconds(pids)
-            settled = (await consumer.expect("closed", 60))["settled"]
-            await producer.expect("closed", 60)
+            for a in (consumer, producer):
+                await a.send({"op": "close"})
+                await a.expect("closed", 60)
         finally:
             watch.cancel()
         left = await self.system.left(spec.queue)
