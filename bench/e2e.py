@@ -11,9 +11,10 @@ has completed (or a timeout). Measured:
 - latency per job: from its enqueue call (open loop: from when the call was
   due) to its handler running; p50, p99, max;
 - CPU per job: user+system CPU seconds of every process in the path (the
-  system's servers, both agents) over the cell, from /proc, per job;
-- open loop: the backlog (jobs offered and not yet completed) every 0.1 s,
-  its maximum and its value when the load stopped;
+  system's servers, both agents) from the start until every handler has
+  run, from /proc, per job;
+- open loop: the backlog (jobs offered, not refused, not yet completed)
+  every 0.1 s, its maximum and its value when the load stopped;
 - a history check (``check_history``).
 """
 
@@ -303,9 +304,10 @@ class CellRunner:
                 {"op": "drain", "ids": produced["ids"], "timeout_s": drain_timeout_s}
             )
             consumed = await consumer.expect("consumed", drain_timeout_s + 60)
-            # The Worker's shutdown waits for acks in flight (its grace: 30 s).
-            settled = (await consumer.expect("stopped", 90))["settled"]
+            # Every handler has run: the acks still in flight are a few calls,
+            # while a Worker that holds one back idles up to its 30 s grace.
             cpu1 = cpu_seconds(pids)
+            settled = (await consumer.expect("stopped", 90))["settled"]
             for a in (consumer, producer):
                 await a.send({"op": "close"})
                 await a.expect("closed", 60)
@@ -329,7 +331,10 @@ class CellRunner:
             now = time.monotonic() - t0
             p, c = self.producer.count, self.consumer.count
             if p and c:
-                samples.append((now, int(p["issued"]) - int(c["n"])))
+                # Offered, not failed, not yet completed (0 at least: the two
+                # counts are read a moment apart).
+                waiting = int(p["issued"]) - int(p["errors"]) - int(c["n"])
+                samples.append((now, max(0, waiting)))
             if now - said >= 2.0:
                 said = now
                 phase = f"{now:4.0f}/{spec.seconds:g} s" if now < spec.seconds else "draining"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,9 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("ok" if ok else "MISSED")
 
 
-def targets(result: dict[str, Any], before: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Issue 15's "done when", each with its figure and ok / MISSED / not measured."""
+def targets(result: dict[str, Any], before: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Issue 15's "done when", each with its figure and ok / MISSED / not measured;
+    ``before``: earlier runs, whose lowest CPU per job is today's figure."""
     r = result["ratios"]
     out: list[dict[str, Any]] = []
 
@@ -108,7 +109,10 @@ def targets(result: dict[str, Any], before: dict[str, Any] | None) -> list[dict[
     add("single-job e2e: balancer >= 0.8x direct", _x(r.get(key)), at_least(key, 0.8))
     for system in (BALANCER, DIRECT):
         now = _get(result, "single", system, "cpu_us_per_job")
-        was = _get(before, "single", system, "cpu_us_per_job") if before else None
+        was = min(
+            (v for b in before if (v := _get(b, "single", system, "cpu_us_per_job"))),
+            default=None,
+        )
         what = f"CPU per single-job e2e job ({system}) <= 1/5 of before"
         if now is None or was is None:
             add(what, f"{now:,.0f} us/job, no --before" if now else "n/a", None)

@@ -1,6 +1,6 @@
 """pqueue end to end, as users run it, beside the queues they would pick instead.
 
-    python -m bench.run [--quick] [-o json] [--before FILE] ...   (make bench; make bench-quick)
+    python -m bench.run [--quick] [-o json] [--before FILE ...] ...   (make bench; make bench-quick)
 
 Four systems, one run, every scenario on each in turn:
 
@@ -152,7 +152,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="idle PostgreSQL consumers: LISTEN/NOTIFY or poll",
     )
     p.add_argument("--pg-poll-ms", type=float, default=10.0, help="with --pg-wakeup poll")
-    p.add_argument("--before", type=Path, help="an earlier run's JSON: CPU per job against it")
+    p.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="an earlier run's JSON (repeatable; the lowest CPU per job counts): "
+        "e.g. bench/baselines/before-issue-15-*.json",
+    )
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--keep", action="store_true", help="keep the data dirs and process logs")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -293,8 +300,8 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     result["ratios"] = ratios(result)
-    before = load_before(args.before) if args.before else None
-    result["targets"] = targets(result, before)
+    result["before"] = [str(p) for p in args.before]
+    result["targets"] = targets(result, [load_before(p) for p in args.before])
     return result
 
 
