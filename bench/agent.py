@@ -203,7 +203,9 @@ async def consume(spec: CellSpec) -> None:
             return True
 
         waiting = asyncio.create_task(until_drained())
-        await ticking(got.count, asyncio.wait([running, waiting], return_when="FIRST_COMPLETED"))
+        await ticking(
+            got.count, asyncio.wait([running, waiting], return_when=asyncio.FIRST_COMPLETED)
+        )
         if running.done():  # the consumers died before the jobs were done
             waiting.cancel()
             running.result()
@@ -214,7 +216,7 @@ async def consume(spec: CellSpec) -> None:
             {
                 "ev": "consumed",
                 "drained": drained,
-                "left": len(got.remaining or ()),
+                "not_completed": len(got.remaining or ()),
                 "jobs": got.jobs,
                 "leases": got.leases,
                 "latency_us": got.latency_us,

@@ -181,8 +181,8 @@ class PqConsumer:
                 for job in jobs:
                     on_job(job.job_id, job.lease_id, job.payload)
                 if jobs:
-                    leases = [(j.job_id, j.lease_id) for j in jobs]
-                    self.settled.acks_ok += await c.ack_many(queue, leases)
+                    acked = await c.ack_many(queue, [(j.job_id, j.lease_id) for j in jobs])
+                    self.settled.acks_ok += acked  # not `+= await`: other tasks add meanwhile
             except LeaseLostError:
                 self.settled.acks_refused += len(jobs)
             except Exception as exc:

@@ -203,6 +203,17 @@ def table(result: dict[str, Any]) -> list[str]:
         f"make bench, {result['when']}: {result['cpus']} CPUs, {result['seconds']:g} s of load "
         f"a cell, {result['payload_bytes']}-byte payloads"
         + (" (--quick)" if result["quick"] else ""),
+        "; ".join(
+            [
+                *result["versions"].values(),
+                "idle PostgreSQL consumers "
+                + (
+                    f"poll every {result['pg_poll_ms']:g} ms"
+                    if result["pg_wakeup"] == "poll"
+                    else "LISTEN for each enqueue's NOTIFY"
+                ),
+            ]
+        ),
         "",
         "".ljust(LABEL_W)
         + "".join(s["label"].ljust(w) for s, w in zip(systems, widths, strict=True)),

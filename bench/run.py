@@ -180,7 +180,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def start_systems(
-    args: argparse.Namespace, tmp: Path, say: Say, started: list[Any]
+    args: argparse.Namespace,
+    tmp: Path,
+    say: Say,
+    started: list[Any],
+    versions: dict[str, str],
 ) -> tuple[list[System], dict[str, str]]:
     """The systems that started (in the table's order) and why the others did
     not; what must be stopped is added to ``started`` as it starts."""
@@ -202,6 +206,7 @@ async def start_systems(
             await pg.start()
             started.append(pg)
             systems.append(pg)
+            versions["postgres"] = await pg.version()
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             unavailable["postgres"] = f"unavailable ({dsn}): {exc}"
     if "nats" in args.systems:
@@ -215,6 +220,7 @@ async def start_systems(
             try:
                 await nc.start()
                 systems.append(NatsSystem(nc))
+                versions["nats"] = nc.version()
             except (OSError, RuntimeError) as exc:
                 unavailable["nats"] = f"did not start: {exc}"
     order = {k: i for i, k in enumerate(SYSTEM_KEYS)}
@@ -247,7 +253,9 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         "clients": args.clients,
         "concurrency": args.concurrency,
         "pg_wakeup": args.pg_wakeup,
+        "pg_poll_ms": args.pg_poll_ms,
         "pg_max_conns": args.pg_max_conns,
+        "versions": {},
         "systems": [],
         "scenarios": [
             {
@@ -271,7 +279,7 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
     started: list[Any] = []
     runners: dict[str, CellRunner] = {}
     try:
-        systems, unavailable = await start_systems(args, tmp, say, started)
+        systems, unavailable = await start_systems(args, tmp, say, started, result["versions"])
         result["systems"] = [
             {"key": k, "label": LABELS[k], "unavailable": unavailable.get(k, "")}
             for k in SYSTEM_KEYS

@@ -156,6 +156,10 @@ class PgSystem:
     async def start(self) -> None:
         self.conn = await asyncpg.connect(self.dsn, timeout=10)
 
+    async def version(self) -> str:
+        assert self.conn is not None
+        return "PostgreSQL " + str(await self.conn.fetchval("SHOW server_version"))
+
     async def stop(self) -> None:
         if self.conn is None:
             return
@@ -222,6 +226,12 @@ class NatsCluster:
         self.binary = binary
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [self.binary, "--version"], capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip()
 
     @property
     def urls(self) -> str:
