@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/pqueue/v1/*.proto)
 # Tests marked slow (soak, long fault runs) are left out of `make test`.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install proto proto-check lint typecheck test test-all cluster bench bench-tenants bench-shared bench-scale clean
+.PHONY: install proto proto-check lint typecheck test test-all cluster bench bench-quick bench-tenants bench-shared bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,15 @@ cluster: $(STAMP)
 	$(VENV)/bin/pq dev-cluster --dir .cluster --nodes $(NODES) \
 	  $(if $(filter postgres postgresql,$(STORE)),--store $(PG_DSN))
 
+# End to end as users run it (Client.enqueue, Worker), through the balancer and
+# direct, beside PostgreSQL SKIP LOCKED and NATS JetStream R3 (bench/run.py):
+# a table, a JSON and a PNG under bench/out/. ARGS="--quick" (or make
+# bench-quick) for a smoke run; ARGS="-o json", ARGS="--before FILE.json": --help.
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run --quick $(ARGS)
 
 # A flooding tenant beside a calm one (quotas): the calm tenant's lease latency.
 bench-tenants: $(STAMP)

@@ -1,399 +1,357 @@
-"""pqueue beside the PostgreSQL ``SKIP LOCKED`` queue users pick instead.
+"""pqueue end to end, as users run it, beside the queues they would pick instead.
 
-Same scenarios, payloads and concurrency against both, in one run:
+    python -m bench.run [--quick] [-o json] [--before FILE ...] ...   (make bench; make bench-quick)
 
-- enqueue: producers enqueue jobs (1 per call, or 100 per call)
-- lease+ack: consumers lease and ack a pre-filled queue (1 or 100 per call)
-- end-to-end: producers and consumers at once; latency from enqueue call
-  to ack, per job
+Four systems, one run, every scenario on each in turn:
 
-pqueue runs as real ``pq node`` processes on SQLite (fsync per group commit):
-one node alone, then a 3-node cluster called directly at its leader and
-through a ``pq balancer`` process (the "hop" column is the balancer's
-throughput over direct-to-leader: the cost of the extra hop), then a 3-node
-cluster keeping its logs in PostgreSQL (one schema per node), at its leader. The baseline
-is a table with ``FOR UPDATE SKIP LOCKED`` through an asyncpg pool, one
-transaction per call with ``synchronous_commit`` on.
+- pqueue: 3 ``pq node`` processes on SQLite (fsync per group commit), through
+  a ``pq balancer`` process, and directly at the leader;
+- the PostgreSQL ``SKIP LOCKED`` queue (``bench.pg.Pgmq``: pgmq's table, one
+  transaction per enqueue, per fetch-and-lock and per fenced completion;
+  ``PQ_BENCH_PG_DSN``, default the local ``test`` database);
+- NATS JetStream R3, where ``nats-server`` is installed: three servers of
+  our own, a work-queue stream with 3 replicas, publish acks, a durable pull
+  consumer with explicit acks.
 
-    python -m bench.run [--jobs N] [--concurrency C]     (make bench)
+Scenarios (``--seconds`` of load each; producers and consumers run in two
+processes of their own per system, ``bench.agent``):
 
-PQ_BENCH_PG_DSN picks the PostgreSQL (default: the local test database);
-without a reachable PostgreSQL the baseline column says so.
+- single-job e2e: 16 producer tasks sharing one client, each enqueueing one
+  job per call in a loop; consumers with 16 slots (pqueue: a ``Worker``);
+- 100-job batches e2e: the same with 100 jobs per enqueue and per fetch;
+- fixed loads (open loop, ``--loads``): enqueues issued at a fixed rate
+  whatever the system does; latency from when each call was due;
+- 200 clients: 100 producers and 100 consumers, each its own client
+  (PostgreSQL: pools of at most ``--pg-max-conns`` connections a side).
+
+Each cell reports jobs/s, latency from the enqueue call to the handler
+(p50/p99/max), CPU of every process in the path per job (/proc), errors,
+the backlog (open loop) and a history check (``bench.e2e.check_history``).
+The table, a JSON document and a PNG are saved under ``--out-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
-import statistics
+import shutil
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import asyncpg
-import psutil
 
-from pqueue.client import Client, job_spec
-from pqueue.errors import PQueueError
-from tests.faults.cluster import ProcCluster
-from tests.proc import NodeProcess
+from bench.e2e import ROOT, CellRunner, Scenario
+from bench.pg import DEFAULT_PG_DSN
+from bench.plot import plot
+from bench.report import history_text, load_before, ratios, table, targets
+from bench.spec import PAYLOAD_BYTES, CellSpec
+from bench.systems import (
+    NatsCluster,
+    NatsSystem,
+    PgSystem,
+    PqCluster,
+    PqSystem,
+    System,
+    nats_binary,
+)
 
-DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-PAYLOAD = b"x" * 256
-
-
-class Backend(Protocol):
-    name: str
-
-    async def reset(self) -> None: ...
-
-    async def enqueue(self, payloads: Sequence[bytes]) -> None: ...
-
-    async def lease(self, n: int) -> list[tuple[int, int, bytes]]:
-        """(job id, lease token, payload)"""
-        ...
-
-    async def ack(self, leases: Sequence[tuple[int, int]]) -> None: ...
-
-
-class PQueueBackend:
-    def __init__(self, client: Client, name: str) -> None:
-        self.client = client
-        self.name = name
-        self.queue = "bench"
-        self.round = 0
-
-    async def reset(self) -> None:
-        self.round += 1
-        self.queue = f"bench-{self.round}"
-        await self.client.create_queue(self.queue)
-
-    async def enqueue(self, payloads: Sequence[bytes]) -> None:
-        if len(payloads) == 1:
-            await self.client.enqueue(self.queue, payloads[0])
-        else:
-            await self.client.enqueue_batch(self.queue, [job_spec(p) for p in payloads])
-
-    async def lease(self, n: int) -> list[tuple[int, int, bytes]]:
-        jobs = await self.client.lease(self.queue, max_jobs=n, wait_ms=200)
-        return [(j.job_id, j.lease_id, j.payload) for j in jobs]
-
-    async def ack(self, leases: Sequence[tuple[int, int]]) -> None:
-        await self.client.ack_many(self.queue, leases)
+SYSTEM_KEYS = ("pq-balancer", "pq-direct", "postgres", "nats")
+LABELS = {
+    "pq-balancer": "pqueue via balancer",
+    "pq-direct": "pqueue direct",
+    "postgres": "PostgreSQL SKIP LOCKED",
+    "nats": "NATS JetStream R3",
+}
+SCENARIO_KEYS = ("single", "batch", "load", "clients")
 
 
-class PostgresBackend:
-    name = "postgres SKIP LOCKED"
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-
-    async def reset(self) -> None:
-        await self.pool.execute(
-            """
-            DROP TABLE IF EXISTS pq_bench_jobs;
-            CREATE TABLE pq_bench_jobs (
-                id bigserial PRIMARY KEY,
-                priority int NOT NULL DEFAULT 0,
-                payload bytea NOT NULL,
-                ready_at timestamptz NOT NULL DEFAULT now(),
-                leased_until timestamptz
-            );
-            CREATE INDEX ON pq_bench_jobs (priority, id) WHERE leased_until IS NULL;
-            """
+def scenarios(args: argparse.Namespace) -> list[Scenario]:
+    c = args.concurrency
+    half = args.clients // 2
+    out = [
+        Scenario(
+            "single",
+            f"single-job e2e ({c} producers, {c} consumer slots)",
+            *(1, c, 1, c, 1),
+            short="single jobs",
+        ),
+        Scenario(
+            "batch",
+            f"100-job batches e2e ({c} + {c} tasks)",
+            *(100, c, 1, c, 1),
+            short="100-job batches",
+        ),
+    ]
+    for rate in args.loads:
+        title = f"fixed load {rate:,.0f} jobs/s (open loop)"
+        out.append(
+            Scenario(f"load@{rate:g}", title, 1, c, 1, c, 1, rate, short=f"{rate:,.0f} jobs/s")
         )
-
-    async def enqueue(self, payloads: Sequence[bytes]) -> None:
-        await self.pool.execute(
-            "INSERT INTO pq_bench_jobs (payload) SELECT unnest($1::bytea[])", list(payloads)
-        )
-
-    async def lease(self, n: int) -> list[tuple[int, int, bytes]]:
-        rows = await self.pool.fetch(
-            """
-            UPDATE pq_bench_jobs SET leased_until = now() + interval '30 seconds'
-            WHERE id IN (
-                SELECT id FROM pq_bench_jobs
-                WHERE leased_until IS NULL AND ready_at <= now()
-                ORDER BY priority, id
-                FOR UPDATE SKIP LOCKED LIMIT $1
-            )
-            RETURNING id, payload
-            """,
-            n,
-        )
-        if not rows:
-            await asyncio.sleep(0.005)  # what a poller does between empty polls
-        return [(r["id"], 0, r["payload"]) for r in rows]
-
-    async def ack(self, leases: Sequence[tuple[int, int]]) -> None:
-        await self.pool.execute(
-            "DELETE FROM pq_bench_jobs WHERE id = ANY($1::bigint[])", [i for i, _ in leases]
-        )
+    title = f"{args.clients} clients ({half} producers, {half} consumers)"
+    short = f"{args.clients} clients"
+    out.append(Scenario("clients", title, 1, half, half, half, half, short=short))
+    return [s for s in out if s.key.split("@")[0] in args.scenarios]
 
 
-@dataclass
-class Result:
-    jobs_per_s: float
-    p50_ms: float
-    p99_ms: float
+class Say:
+    """Progress on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.prefix = ""
+
+    def __call__(self, text: str) -> None:
+        if not self.quiet:
+            print(f"{self.prefix}{text}", file=sys.stderr, flush=True)
 
 
-def _summary(jobs: int, elapsed_s: float, latencies_s: list[float]) -> Result:
-    latencies_s.sort()
-    p99 = latencies_s[min(len(latencies_s) - 1, int(len(latencies_s) * 0.99))]
-    return Result(jobs / elapsed_s, statistics.median(latencies_s) * 1000, p99 * 1000)
+def _csv(kind: type[float] | type[str]) -> Any:
+    def parse(text: str) -> list[Any]:
+        return [kind(x) for x in text.split(",") if x]
+
+    return parse
 
 
-async def _spread(concurrency: int, calls: int, one: Callable[[], Awaitable[None]]) -> list[float]:
-    """Run ``calls`` calls over ``concurrency`` tasks; per-call latencies."""
-    latencies: list[float] = []
-    remaining = calls
-
-    async def loop() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            t0 = time.perf_counter()
-            await one()
-            latencies.append(time.perf_counter() - t0)
-
-    await asyncio.gather(*(loop() for _ in range(concurrency)))
-    return latencies
-
-
-async def bench_enqueue(b: Backend, jobs: int, per_call: int, conc: int) -> Result:
-    await b.reset()
-    batch = [PAYLOAD] * per_call
-    t0 = time.perf_counter()
-    lat = await _spread(conc, jobs // per_call, lambda: b.enqueue(batch))
-    return _summary(jobs, time.perf_counter() - t0, lat)
-
-
-async def bench_lease_ack(b: Backend, jobs: int, per_call: int, conc: int) -> Result:
-    await b.reset()
-    for _ in range(jobs // 1000):
-        await b.enqueue([PAYLOAD] * 1000)
-    done = 0
-    latencies: list[float] = []
-
-    async def consumer() -> None:
-        nonlocal done
-        while done < jobs:
-            t0 = time.perf_counter()
-            got = await b.lease(per_call)
-            if got:
-                await b.ack([(i, lease) for i, lease, _ in got])
-                done += len(got)
-                latencies.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(consumer() for _ in range(conc)))
-    return _summary(done, time.perf_counter() - t0, latencies)
-
-
-async def bench_end_to_end(b: Backend, jobs: int, per_call: int, conc: int) -> Result:
-    await b.reset()
-    latencies: list[float] = []
-    done = 0
-
-    async def producer(n_calls: int) -> None:
-        for _ in range(n_calls):
-            stamp = str(time.perf_counter()).encode().ljust(len(PAYLOAD))
-            await b.enqueue([stamp] * per_call)
-
-    async def consumer() -> None:
-        nonlocal done
-        while done < jobs:
-            got = await b.lease(per_call)
-            if got:
-                await b.ack([(i, lease) for i, lease, _ in got])
-                now = time.perf_counter()
-                latencies.extend(now - float(p.strip()) for _, _, p in got)
-                done += len(got)
-
-    half = max(1, conc // 2)
-    calls = jobs // per_call
-    t0 = time.perf_counter()
-    await asyncio.gather(
-        *(producer(calls // half + (i < calls % half)) for i in range(half)),
-        *(consumer() for _ in range(half)),
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 s cells, small counts")
+    p.add_argument("--seconds", type=float, help="load per cell (default 10; --quick 1)")
+    p.add_argument("--loads", type=_csv(float), help="open-loop jobs/s (default 500,2000)")
+    p.add_argument("--clients", type=int, help="the many-clients scenario (default 200)")
+    p.add_argument("--concurrency", type=int, default=16, help="producers and consumer slots")
+    p.add_argument(
+        "--systems",
+        type=_csv(str),
+        default=list(SYSTEM_KEYS),
+        help="a subset of: " + ",".join(SYSTEM_KEYS),
     )
-    return _summary(done, time.perf_counter() - t0, latencies)
+    p.add_argument(
+        "--scenarios",
+        type=_csv(str),
+        default=list(SCENARIO_KEYS),
+        help="a subset of: " + ",".join(SCENARIO_KEYS),
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="s for the consumers to finish (default 120; --quick 30)",
+    )
+    p.add_argument(
+        "--pg-max-conns", type=int, default=20, help="PostgreSQL connections a side at most"
+    )
+    p.add_argument(
+        "--pg-wakeup",
+        choices=("notify", "poll"),
+        default="poll",
+        help="idle PostgreSQL consumers: LISTEN/NOTIFY or poll",
+    )
+    p.add_argument("--pg-poll-ms", type=float, default=10.0, help="with --pg-wakeup poll")
+    p.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="an earlier run's JSON (repeatable; the lowest CPU per job counts): "
+        "e.g. bench/baselines/before-issue-15-*.json",
+    )
+    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
+    p.add_argument("--keep", action="store_true", help="keep the data dirs and process logs")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.seconds = args.seconds or (1.0 if quick else 10.0)
+    args.loads = args.loads or ([200.0, 500.0] if quick else [500.0, 2000.0])
+    args.clients = args.clients or (20 if quick else 200)
+    args.drain_timeout = args.drain_timeout or (30.0 if quick else 120.0)
+    for name, chosen, allowed in (
+        ("--systems", args.systems, SYSTEM_KEYS),
+        ("--scenarios", args.scenarios, SCENARIO_KEYS),
+    ):
+        if unknown := set(chosen) - set(allowed):
+            p.error(f"{name}: unknown {', '.join(sorted(unknown))}")
+    return args
 
 
-SCENARIOS = [
-    ("enqueue", 1, bench_enqueue),
-    ("enqueue", 100, bench_enqueue),
-    ("lease+ack", 1, bench_lease_ack),
-    ("lease+ack", 100, bench_lease_ack),
-    ("end-to-end", 1, bench_end_to_end),
-    ("end-to-end", 100, bench_end_to_end),
-]
+async def start_systems(
+    args: argparse.Namespace,
+    tmp: Path,
+    say: Say,
+    started: list[Any],
+    versions: dict[str, str],
+) -> tuple[list[System], dict[str, str]]:
+    """The systems that started (in the table's order) and why the others did
+    not; what must be stopped is added to ``started`` as it starts."""
+    systems: list[System] = []
+    unavailable: dict[str, str] = {}
+    if {"pq-balancer", "pq-direct"} & set(args.systems):
+        say("starting 3 pq nodes (SQLite, fsync) and a pq balancer")
+        pq = PqCluster(tmp / "pq")
+        started.append(pq)
+        await pq.start()
+        for via_balancer in (True, False):
+            s = PqSystem(pq, via_balancer)
+            if s.key in args.systems:
+                systems.append(s)
+    if "postgres" in args.systems:
+        dsn = os.environ.get("PQ_BENCH_PG_DSN", DEFAULT_PG_DSN)
+        pg = PgSystem(dsn)
+        try:
+            await pg.start()
+            started.append(pg)
+            systems.append(pg)
+            versions["postgres"] = await pg.version()
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            unavailable["postgres"] = f"unavailable ({dsn}): {exc}"
+    if "nats" in args.systems:
+        binary = nats_binary()
+        if binary is None:
+            unavailable["nats"] = "nats-server is not installed (Debian package nats-server)"
+        else:
+            say("starting 3 nats-server processes (JetStream, clustered)")
+            nc = NatsCluster(tmp / "nats", binary)
+            started.append(nc)
+            try:
+                await nc.start()
+                systems.append(NatsSystem(nc))
+                versions["nats"] = nc.version()
+            except (OSError, RuntimeError) as exc:
+                unavailable["nats"] = f"did not start: {exc}"
+    order = {k: i for i, k in enumerate(SYSTEM_KEYS)}
+    systems.sort(key=lambda s: order[s.key])
+    return systems, unavailable
 
 
-def _row(cells: Sequence[str]) -> str:
-    widths = (12, 8, 21, 21, 21, 21, 21, 6, 24)
-    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
-
-
-def _fmt(r: Result | None) -> str:
-    return f"{r.jobs_per_s:7.0f}/s {r.p50_ms:5.1f}/{r.p99_ms:.0f}ms" if r else "n/a"
-
-
-async def failover_trials(cluster: ProcCluster, trials: int, endpoint: str) -> list[float]:
-    """Seconds from kill -9 of the leader to the first successful write via ``endpoint``."""
-    times = []
-    async with Client(endpoint, timeout_s=2, max_retries=0) as c:
-        await c.create_queue("failover")
-        for trial in range(trials):
-            leader = await cluster.leader()
-            await c.enqueue("failover", b"before")
-            started = time.perf_counter()
-            cluster.kill9(leader)
-            while True:
-                try:
-                    await c.enqueue("failover", f"after-{trial}")
-                    break
-                except PQueueError:
-                    await asyncio.sleep(0.01)
-            times.append(time.perf_counter() - started)
-            cluster.launch(leader)
-            await asyncio.sleep(2.0)  # let it rejoin and catch up before the next trial
-    return times
-
-
-async def hop_cpu(cluster: ProcCluster, balancer: str, calls: int, conc: int) -> str:
-    """CPU per single-job enqueue of the leader and the balancer, direct and through it."""
-    leader = await cluster.leader()
-    assert cluster.balancer is not None
-    procs = [psutil.Process(cluster.procs[leader].pid), psutil.Process(cluster.balancer.pid)]
-    parts = []
-    for label, endpoint in (("direct", cluster.address(leader)), ("via balancer", balancer)):
-        async with Client(endpoint, timeout_s=30) as c:
-            await c.create_queue("hop")
-
-            async def one(c: Client = c) -> None:
-                await c.enqueue("hop", PAYLOAD)
-
-            before = [p.cpu_times() for p in procs]
-            started = time.perf_counter()
-            await _spread(conc, calls, one)
-            elapsed = time.perf_counter() - started
-            after = [p.cpu_times() for p in procs]
-        us = [
-            ((b.user + b.system) - (a.user + a.system)) / calls * 1e6
-            for a, b in zip(before, after, strict=True)
+async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
+    plan = scenarios(args)
+    base = CellSpec(
+        system="",
+        target="",
+        queue="",
+        batch=1,
+        producers=1,
+        producer_clients=1,
+        consumers=1,
+        consumer_clients=1,
+        seconds=args.seconds,
+        pg_max_conns=args.pg_max_conns,
+        pg_wakeup=args.pg_wakeup,
+        pg_poll_ms=args.pg_poll_ms,
+    )
+    result: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "seconds": args.seconds,
+        "payload_bytes": PAYLOAD_BYTES,
+        "clients": args.clients,
+        "concurrency": args.concurrency,
+        "pg_wakeup": args.pg_wakeup,
+        "pg_poll_ms": args.pg_poll_ms,
+        "pg_max_conns": args.pg_max_conns,
+        "versions": {},
+        "systems": [],
+        "scenarios": [
+            {
+                "key": s.key,
+                "title": s.title,
+                "short": s.short,
+                "batch": s.batch,
+                "producers": s.producers,
+                "producer_clients": s.producer_clients,
+                "consumers": s.consumers,
+                "consumer_clients": s.consumer_clients,
+                "rate": s.rate,
+                "cells": {},
+            }
+            for s in plan
+        ],
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="pq-bench-"))
+    if args.keep:
+        say(f"data dirs and logs under {tmp}")
+    started: list[Any] = []
+    runners: dict[str, CellRunner] = {}
+    try:
+        systems, unavailable = await start_systems(args, tmp, say, started, result["versions"])
+        result["systems"] = [
+            {"key": k, "label": LABELS[k], "unavailable": unavailable.get(k, "")}
+            for k in SYSTEM_KEYS
+            if k in args.systems
         ]
-        parts.append(
-            f"{label}: {calls / elapsed:.0f} calls/s, leader {us[0]:.0f} us, "
-            f"balancer {us[1]:.0f} us of CPU per call"
-        )
-    return "hop cost (enqueue x1): " + "; ".join(parts)
+        for key, why in unavailable.items():
+            say(f"{LABELS[key]}: {why}")
+        runners = {s.key: CellRunner(s, tmp, say) for s in systems}
+        total = len(plan) * len(systems)
+        n = 0
+        for scenario, out in zip(plan, result["scenarios"], strict=True):
+            for system in systems:
+                n += 1
+                say(f"[{n}/{total}] {scenario.title} · {system.label}")
+                say.prefix = "    "
+                cell = await runners[system.key].run(scenario, base, args.drain_timeout)
+                out["cells"][system.key] = cell
+                if not cell.get("error"):
+                    say(_summary(cell))
+                say.prefix = ""
+    finally:
+        for r in runners.values():
+            await r.stop()
+        for s in reversed(started):
+            await s.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["ratios"] = ratios(result)
+    result["before"] = [str(p) for p in args.before]
+    result["targets"] = targets(result, [load_before(p) for p in args.before])
+    return result
+
+
+def _summary(c: dict[str, Any]) -> str:
+    lat = c["latency_ms"]
+    text = (
+        f"{c['jobs_per_s'] or 0:,.0f} jobs/s, p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
+        f"{c['cpu_us_per_job'] or 0:,.0f} us CPU/job, history {history_text(c)}"
+    )
+    if c["backlog"]:
+        text += f", backlog max {c['backlog']['max']} end {c['backlog']['end']}"
+    return text
+
+
+def save(result: dict[str, Any], out_dir: Path) -> list[str]:
+    """The JSON, then the table (its lines returned), then the plot."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    files = {
+        "table": str(stem.with_suffix(".txt")),
+        "json": str(stem.with_suffix(".json")),
+        "plot": str(stem.with_suffix(".png")),
+    }
+    result["files"] = files
+    Path(files["json"]).write_text(json.dumps(result, indent=1) + "\n")
+    lines = table(result)
+    Path(files["table"]).write_text("\n".join(lines) + "\n")
+    plot(result, Path(files["plot"]))
+    return lines
 
 
 async def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--jobs", type=int, default=5_000, help="jobs per single-job scenario")
-    p.add_argument("--batched-jobs", type=int, default=50_000, help="jobs per batched scenario")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--failover-trials", type=int, default=5)
-    args = p.parse_args(argv)
-    dsn = os.environ.get("PQ_BENCH_PG_DSN", DEFAULT_PG_DSN)
-
-    pool = None
-    try:
-        pool = await asyncpg.create_pool(dsn, min_size=args.concurrency, max_size=args.concurrency)
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"baseline unavailable ({dsn}): {exc}", file=sys.stderr)
-
-    with tempfile.TemporaryDirectory(prefix="pq-bench-") as tmp:
-        node = NodeProcess(Path(tmp) / "single" / "n1")
-        cluster = ProcCluster(Path(tmp) / "cluster")
-        # The same cluster keeping its logs in PostgreSQL (schemas dropped after).
-        on_pg = ProcCluster(
-            Path(tmp) / "pg-cluster", store=dsn, schema_prefix=f"pq_bench_{uuid.uuid4().hex[:8]}"
-        )
-        try:
-            address = node.start()
-            await cluster.start()
-            balancer = await cluster.start_balancer(probe_interval_s=1.0)
-            leader = cluster.address(await cluster.leader())
-            pg_leader = ""
-            if pool is not None:
-                await on_pg.start()
-                pg_leader = on_pg.address(await on_pg.leader())
-            async with (
-                Client(address, timeout_s=30) as single,
-                Client(leader, timeout_s=30) as direct,
-                Client(balancer, timeout_s=30) as via_balancer,
-                Client(pg_leader or leader, timeout_s=30) as on_pg_leader,
-            ):
-                backends: list[Backend] = [
-                    PQueueBackend(single, "pqueue 1 node"),
-                    PQueueBackend(direct, "3 nodes: leader"),
-                    PQueueBackend(via_balancer, "3 nodes: balancer"),
-                ]
-                if pool is not None:
-                    backends.append(PQueueBackend(on_pg_leader, "3 nodes on PG: leader"))
-                    backends.append(PostgresBackend(pool))
-                print(
-                    f"{args.concurrency} concurrent clients, {len(PAYLOAD)}-byte payloads; "
-                    "cells are jobs/s and p50/p99 latency per call (end-to-end: per job); "
-                    "hop is balancer over leader throughput; ratios are each pqueue "
-                    "column over the PostgreSQL one"
-                )
-                names = [b.name for b in backends]
-                print(_row(["scenario", "per call", *names, "hop", "ratios"]))
-                for name, per_call, fn in SCENARIOS:
-                    jobs = args.jobs if per_call == 1 else args.batched_jobs
-                    results: list[Result | None] = []
-                    for b in backends:
-                        print(
-                            f"  running {name} x{per_call} on {b.name}...",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        results.append(await fn(b, jobs, per_call, args.concurrency))
-                    ratios = "-"
-                    base = results[-1] if pool is not None else None
-                    if base is not None:
-                        ratios = " ".join(
-                            f"{r.jobs_per_s / base.jobs_per_s:.2f}x" for r in results[:-1] if r
-                        )
-                    leader_r, balancer_r = results[1], results[2]
-                    hop = "-"
-                    if leader_r and balancer_r:
-                        hop = f"{balancer_r.jobs_per_s / leader_r.jobs_per_s:.2f}x"
-                    cells = [name, str(per_call), *(_fmt(r) for r in results), hop, ratios]
-                    print(_row(cells), flush=True)
-            print(await hop_cpu(cluster, balancer, args.jobs, args.concurrency), flush=True)
-            for label, endpoint in (("any node", cluster.endpoint), ("balancer", balancer)):
-                if not args.failover_trials:
-                    break
-                times = await failover_trials(cluster, args.failover_trials, endpoint)
-                ms = sorted(t * 1000 for t in times)
-                print(
-                    f"failover via {label} (kill -9 of the leader to the first successful "
-                    f"write), {len(ms)} trials: min {ms[0]:.0f} ms, "
-                    f"median {statistics.median(ms):.0f} ms, max {ms[-1]:.0f} ms"
-                )
-        finally:
-            node.terminate()
-            await cluster.stop()
-            await on_pg.stop()
-            if pool is not None:
-                for i in range(1, on_pg.n + 1):
-                    await pool.execute(f"DROP SCHEMA IF EXISTS {on_pg.schema(i)} CASCADE")
-            if pool is not None:
-                await pool.execute("DROP TABLE IF EXISTS pq_bench_jobs")
-                await pool.close()
+    args = parse_args(argv)
+    say = Say(args.quiet)
+    result = await run(args, say)
+    lines = save(result, args.out_dir)
+    files = result["files"]
+    say(f"saved {files['table']}, {files['json']}, {files['plot']}")
+    if args.output == "json":
+        print(json.dumps(result, indent=1))
+    else:
+        print("\n".join(lines), flush=True)
     return 0
 
 

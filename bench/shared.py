@@ -36,7 +36,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.run import DEFAULT_PG_DSN, PostgresBackend
+from bench.pg import DEFAULT_PG_DSN, PostgresBackend
 from bench.tenants import _p
 from pqueue.client import Client
 from pqueue.node.auth import issue
