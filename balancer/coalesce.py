@@ -6,7 +6,9 @@ together in ``Submit`` calls, each client answered as if it had called alone.
 a lone call as a ``Submit`` of one): a ``Submit`` joins others as it is, its
 operations kept together and in order, and gets back a ``SubmitResponse`` of
 its own results (their highest ``log_index`` with them), as the node answers
-it alone. Calls ride together only when the node would take them
+it alone, except that an operation answered NOT_LEADER (it never ran) comes
+back NOT_TAKEN (``hide_leaders``): a balancer never hands a client a node
+address, which it may not be able to reach. Calls ride together only when the node would take them
 for the same caller: the same leader and the same metadata passed on (the
 ``authorization`` credentials, which are all a node reads to know who calls,
 and anything else the client sent), so no call is ever made under another
