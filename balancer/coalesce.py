@@ -6,7 +6,9 @@ together in ``Submit`` calls, each client answered as if it had called alone.
 a lone call as a ``Submit`` of one): a ``Submit`` joins others as it is, its
 operations kept together and in order, and gets back a ``SubmitResponse`` of
 its own results (their highest ``log_index`` with them), as the node answers
-it alone. Calls ride together only when the node would take them
+it alone, except that an operation answered NOT_LEADER (it never ran) comes
+back NOT_TAKEN (``hide_leaders``): a balancer never hands a client a node
+address, which it may not be able to reach. Calls ride together only when the node would take them
 for the same caller: the same leader and the same metadata passed on (the
 ``authorization`` credentials, which are all a node reads to know who calls,
 and anything else the client sent), so no call is ever made under another
@@ -45,13 +47,21 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from balancer.backends import Backends
-from balancer.framing import FramingError, Result, op_header, split_results, submit_response
+from balancer.framing import (
+    FramingError,
+    Result,
+    op_header,
+    split_results,
+    submit_response,
+    varint,
+)
 from balancer.hop import Metadata, own_metadata, why_failed
 from balancer.metrics import BalancerMetrics
+from pqueue.errors import NotTakenError
 from pqueue.wire.logs import describe
 from pqueue.wire.observe import client_ip, new_request_id, request_id
 from pqueue.wire.sizes import MAX_BATCH_JOBS, MAX_MESSAGE_BYTES
-from pqueue.wire.status import NOT_LEADER, NOT_TAKEN, error_info
+from pqueue.wire.status import NOT_LEADER, NOT_TAKEN, error_info, to_op_status
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +75,15 @@ _PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 #: Whole-``Submit`` refusals that ran nothing: send each call alone instead.
 _REFUSED_WHOLE = frozenset((grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED))
+#: What a client's ``Submit`` gets for an operation answered NOT_LEADER (it
+#: never ran), in its place: NOT_TAKEN, as a single call told "not leader"
+#: twice gets (``proxy._abort_leader_twice``), never a node's address.
+_NOT_TAKEN_STATUS = to_op_status(
+    NotTakenError("the leader moved; try again", retry_after_s=0.2)
+).SerializeToString()
+_NOT_TAKEN_RESULT = Result(
+    b"\x0a" + varint(len(_NOT_TAKEN_STATUS)) + _NOT_TAKEN_STATUS, _NOT_TAKEN_STATUS, 0, b""
+)
 
 
 class _Plain:
@@ -340,7 +359,7 @@ class Coalescer:
             mine = results[at : at + rider.ops]
             at += rider.ops
             if not rider.header:  # a client's Submit: its results, as the node answers it
-                outcomes.append(submit_response(mine))
+                outcomes.append(submit_response(hide_leaders(mine)[0]))
             elif mine[0].ok:
                 outcomes.append(mine[0].response)
             else:
@@ -383,6 +402,36 @@ class Coalescer:
         elif why is not None:
             self.backends.unreachable(address)
         return WholeFailed(exc, why)
+
+
+def hide_leaders(results: list[Result]) -> tuple[list[Result], OpFailed | None]:
+    """``results`` with each NOT_LEADER one (it never ran; its status names a
+    node the client may not reach) made NOT_TAKEN, so the client sends it
+    again through the balancer; and the first NOT_LEADER failure, if any."""
+    first: OpFailed | None = None
+    out = results
+    for i, result in enumerate(results):
+        if result.ok:
+            continue
+        failed = op_failed(result.status)
+        if failed.why != "not_leader":
+            continue
+        if first is None:
+            first, out = failed, list(results)
+        out[i] = _NOT_TAKEN_RESULT
+    return out, first
+
+
+def hide_leaders_in(answer: bytes) -> tuple[bytes, OpFailed | None]:
+    """``hide_leaders`` for a whole ``SubmitResponse``'s bytes (the same bytes
+    when no operation was answered NOT_LEADER)."""
+    if NOT_LEADER.encode() not in answer:  # the common case: nothing to parse
+        return answer, None
+    try:
+        results, first = hide_leaders(split_results(answer))
+    except FramingError:
+        return answer, None
+    return (answer, None) if first is None else (submit_response(results), first)
 
 
 def _garbled(why: str) -> OpFailed:

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 import grpc
 
 from balancer.backends import Backends
-from balancer.coalesce import MOVED, PLAIN, Coalescer, OpFailed, WholeFailed
+from balancer.coalesce import MOVED, PLAIN, Coalescer, OpFailed, WholeFailed, hide_leaders_in
 from balancer.framing import FramingError, count_ops
 from balancer.hop import Metadata, own_metadata, passthrough, why_failed
 from balancer.routes import Kind, Route, route_for
@@ -136,6 +136,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     continue
                 await self._abort_leader_moved(context)
             await self._pass_back(context, call)
+            if route.merges:  # per-operation NOT_LEADER: no node address goes back
+                response, moved = hide_leaders_in(response)
+                if moved is not None:
+                    self.backends.not_leader(address, moved.leader_id)
             return response
         raise AssertionError("unreachable: the second attempt returns or aborts")
 

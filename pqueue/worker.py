@@ -39,9 +39,12 @@ from pqueue.errors import (
     InvalidArgumentError,
     LeaseLostError,
     NotFoundError,
+    NotLeaderError,
+    NotTakenError,
     PermissionDeniedError,
     PQueueError,
     RemoteError,
+    ResourceExhaustedError,
     UnauthenticatedError,
 )
 from pqueue.v1 import queue_pb2 as pb
@@ -357,16 +360,27 @@ class Worker:
                 self._stream.refill()
 
     async def _on_stream(self, op: pb.Operation) -> pb.OpResult | None:
-        """``op``'s result, sent on the stream; None when no stream is up or it
-        ended before answering (the single call is then made instead)."""
+        """``op``'s result, sent on the stream; None when no stream is up, it
+        ended before answering, or the node did not take ``op`` (the single
+        call is then made instead: it follows the leader and resends what was
+        not taken, as it does for a call alone)."""
         stream = self._stream
         if stream is None or not stream.open_for_settles:
             return None
         try:
-            return await stream.settle(op)
+            result = await stream.settle(op)
         except StreamEndedError as exc:
             logger.debug("settle of %s went unanswered (%s): the single call", op, exc)
             return None
+        error = from_op_status(result.status)
+        if isinstance(error, NotLeaderError | NotTakenError) or (
+            isinstance(error, ResourceExhaustedError) and error.retriable
+        ):
+            # It never ran (a leader that lost the lead while holding it, a
+            # throttle): not this operation's answer, only the stream's.
+            logger.debug("settle of %s not taken (%s): the single call", op, describe(error))
+            return None
+        return result
 
     async def _give_back(
         self, job: pb.LeasedJob, delay_ms: int | None, reason: str, *, release: bool = False

@@ -693,3 +693,17 @@ async def test_a_client_submit_that_holds_more_than_operations_goes_as_it_is(rig
         await submit(b"", timeout=5)  # no operation: the node will say why
     assert rig.leader.calls(SUBMIT) == 2
     assert rig.balancer.metrics.registry.get_sample_value("pq_balancer_coalesced_calls_total") == 0
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+async def test_a_client_submit_never_hands_back_a_node_address(rig: Rig) -> None:
+    # A leader that lost the lead while it held an operation answers that one
+    # NOT_LEADER naming the new leader (it never ran). A client of the
+    # balancer may not reach that node: as for a single call, it must hear
+    # "not taken" and send it again through the balancer, never to the node.
+    rig.leader.op_script.append(NotLeaderError("node 2 leads", "2", rig.follower.address))
+    async with Client(rig.balancer.address, max_retries=2) as c:
+        await c.nack("q", 1, 2)  # the SDK sends it as a Submit of one
+    assert rig.leader.calls(SUBMIT) + rig.follower.calls(SUBMIT) == 2  # sent again once
+    for seen in (*rig.leader.seen, *rig.follower.seen):
+        assert seen.metadata.get("pq-forwarded-by") == "balancer"  # never the node directly

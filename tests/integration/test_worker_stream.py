@@ -14,8 +14,11 @@ import grpc
 import pytest
 
 from pqueue.client import Client
+from pqueue.errors import NotLeaderError
 from pqueue.node.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.status import to_op_status
 from pqueue.worker import Worker, WorkerConfig
 from tests.inproc import Cluster
 
@@ -266,3 +269,106 @@ async def test_a_worker_through_the_balancer_consumes_every_job(tmp_path: Path) 
         [stats] = await client.stats("q", consistent=True)
         assert (stats.ready, stats.leased, stats.acked_total) == (0, 0, 30)
         assert sorted(handled) == sorted(b"%d" % i for i in range(30))
+
+
+@contextlib.asynccontextmanager
+async def settles_refused_once(backend: str) -> AsyncIterator[tuple[str, list[int]]]:
+    """A front of ``backend`` that passes every call on, and carries ``Consume``
+    streams, but answers the first settle itself, each of its operations
+    NOT_LEADER: what a leader answers for operations it held when it lost the
+    lead (they never ran). Yields its address and the settle ids it refused."""
+    channel = grpc.aio.insecure_channel(backend)
+    refused: list[int] = []
+    not_leader = to_op_status(NotLeaderError("node 9 leads", "9", backend))
+
+    def forward(path: str) -> grpc.RpcMethodHandler[bytes, bytes]:
+        stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+
+        async def call(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            try:
+                response: bytes = await stub(request, timeout=context.time_remaining())
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(call)
+
+    async def consume(
+        requests: AsyncIterator[pb.ConsumeRequest],
+        context: grpc.aio.ServicerContext[pb.ConsumeRequest, pb.ConsumeResponse],
+    ) -> AsyncIterator[pb.ConsumeResponse]:
+        call = pbg.QueueStub(channel).Consume(metadata=context.invocation_metadata())
+        out: asyncio.Queue[pb.ConsumeResponse | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for request in requests:
+                if request.settle and not refused:
+                    refused.append(request.settle_id)
+                    answer = pb.ConsumeResponse(settle_id=request.settle_id)
+                    answer.settled.extend(pb.OpResult(status=not_leader) for _ in request.settle)
+                    await out.put(answer)
+                    if not request.credits:
+                        continue
+                    request = pb.ConsumeRequest(credits=request.credits)
+                await call.write(request)
+            await call.done_writing()
+
+        async def read() -> None:
+            async for response in call:
+                await out.put(response)
+            await out.put(None)
+
+        tasks = [asyncio.create_task(pump()), asyncio.create_task(read())]
+        try:
+            while (response := await out.get()) is not None:
+                yield response
+        finally:
+            call.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    server = grpc.aio.server()
+    unary: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        m.name: forward(f"/pqueue.v1.Queue/{m.name}")
+        for m in pb.DESCRIPTOR.services_by_name["Queue"].methods
+        if not (m.client_streaming or m.server_streaming)
+    }
+    unary["Consume"] = grpc.stream_stream_rpc_method_handler(
+        consume,
+        request_deserializer=pb.ConsumeRequest.FromString,
+        response_serializer=pb.ConsumeResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("pqueue.v1.Queue", unary),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", refused
+    finally:
+        await server.stop(0.5)
+        await channel.close()
+
+
+async def test_an_ack_a_former_leader_did_not_take_is_sent_again_by_its_single_call(
+    server: NodeServer, client: Client
+) -> None:
+    # An ack answered NOT_LEADER on the stream never ran: the job is still
+    # leased to us. Its single call follows the leader and acks it, as it
+    # would have had the ack gone by call; dropping it would leave the job
+    # to run again once its (long) lease expires.
+    await client.enqueue("q", b"once")
+
+    async def handler(job: pb.LeasedJob) -> None:
+        return None
+
+    front = settles_refused_once(server.address)
+    async with front as (address, refused), Client(address, timeout_s=5) as via:
+        config = WorkerConfig(concurrency=1, lease_ms=120_000, wait_ms=200)
+        worker = Worker(via, "q", handler, config=config)
+        async with running(worker):
+            await _until("the ack refused on the stream", lambda: bool(refused))
+            await _until("the job acked", lambda: worker.stats.acked == 1, timeout_s=10)
+    [stats] = await client.stats("q")
+    assert (stats.leased, stats.acked_total) == (0, 1)
