@@ -80,11 +80,19 @@ class StreamProxy:
         budget = self.backends.config.leader_wait_s
         if timeout_s is not None:
             budget = min(budget, 0.9 * timeout_s)
-        address = await self.backends.wait_leader(max(0.0, budget))
-        if address is None:
-            await context.abort_with_status(
-                to_status(NotTakenError("no leader is known", retry_after_s=0.5))
-            )
+        # Counted from here: streams waiting for a leader take their place too.
+        self.open += 1
+        self.metrics.streams_open.set(self.open)
+        try:
+            address = await self.backends.wait_leader(max(0.0, budget))
+            if address is None:
+                await context.abort_with_status(
+                    to_status(NotTakenError("no leader is known", retry_after_s=0.5))
+                )
+        except BaseException:
+            self.open -= 1
+            self.metrics.streams_open.set(self.open)
+            raise
         assert address is not None
         self.backends.pool.backends[address].leader_calls += 1
         self.metrics.picks.labels(address, "leader").inc()
@@ -92,8 +100,6 @@ class StreamProxy:
             address
         ].stream_stream(route.method)
         call: grpc.aio.StreamStreamCall[bytes, bytes] = stub(metadata=metadata, timeout=timeout_s)
-        self.open += 1
-        self.metrics.streams_open.set(self.open)
         end = "client_left"
         ended_by: list[str] = []
         pump = asyncio.create_task(_pump(requests, call), name="pq-stream-pump")

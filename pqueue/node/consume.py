@@ -59,6 +59,7 @@ from pqueue.wire.admission import unknown_field_path
 from pqueue.wire.keys import FORWARDED_KEY
 from pqueue.wire.logs import describe
 from pqueue.wire.serving import log_failure
+from pqueue.wire.status import to_op_status
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,12 @@ class _Stream:
         #: What the writer sends next, in order; None: the end.
         self.out: deque[_Out] = deque()
         self._out_ready = asyncio.Event()
+        #: Jobs pushed and not yet taken by the writer: a consumer that grants
+        #: credits but does not read holds up the writer, and the pusher
+        #: leases no more once ``MAX_CREDITS`` wait here (memory stays bounded).
+        self.unsent = 0
+        #: Set when the writer takes pushes (or the stream ends).
+        self.taken = asyncio.Event()
         self.slots = asyncio.Semaphore(MAX_SETTLES)
         self.settling: set[asyncio.Task[None]] = set()
         #: The status the stream ends with (None: OK).
@@ -280,6 +287,8 @@ class _Stream:
     def emit(self, item: _Out) -> None:
         """Hand the writer a response (and whether it answers a settle), or the end."""
         self.out.append(item)
+        if item is not None:
+            self.unsent += len(item[0].jobs)
         self._out_ready.set()
 
     async def _next_response(self) -> pb.ConsumeResponse | None:
@@ -308,6 +317,9 @@ class _Stream:
                 answers = True
         if answers:
             self.slots.release()  # its answer is on its way: another settle may run
+        if response.jobs:
+            self.unsent -= len(response.jobs)
+            self.taken.set()
         return response
 
     def check_token(self) -> None:
@@ -399,9 +411,14 @@ class _Stream:
             results, _ = await self.hub.run_ops(request.settle)
         except PQueueError as exc:
             # Raised only for the whole request, before anything was proposed
-            # (draining, not leading): nothing of it was taken.
-            self.slots.release()
-            self.end(exc if isinstance(exc, NotTakenError) else NotTakenError(exc.message, 0.2))
+            # (draining, not leading): nothing of it was taken. Every
+            # operation is answered so (the stream then ends), as the
+            # contract promises each settle an answer.
+            error = exc if isinstance(exc, NotTakenError) else NotTakenError(exc.message, 0.2)
+            status = to_op_status(error)
+            results = [pb.OpResult(status=status) for _ in request.settle]
+            self.emit((pb.ConsumeResponse(settle_id=request.settle_id, settled=results), True))
+            self.end(error)
             return
         finally:
             node.calls_in_flight -= 1
@@ -416,6 +433,10 @@ class _Stream:
             if self.credits.left == 0:
                 self.more.clear()
                 await self.more.wait()
+                continue
+            if self.unsent >= MAX_CREDITS:  # the consumer is not reading: wait for it
+                self.taken.clear()
+                await self.taken.wait()  # set by the writer, or by the end
                 continue
             req = pb.LeaseRequest(
                 queue=self.stored,
@@ -465,6 +486,7 @@ class _Stream:
         await asyncio.wait([reader])
         self.stop_pushing.set_result(None)
         self.more.set()
+        self.taken.set()
         running = {pusher, *self.settling}
         _, late = await asyncio.wait(running, timeout=END_GRACE_S)
         for task in late:

@@ -497,3 +497,22 @@ async def test_a_stream_that_never_starts_holds_nothing(server: NodeServer, clie
         await call.done_writing()  # closed before a first request
         assert await call.code() == grpc.StatusCode.OK
     assert server.node.consume_streams == 0
+
+
+async def test_a_consumer_that_grants_credits_but_never_reads_cannot_lease_the_backlog(
+    server: NodeServer, client: Client, raw: Callable[..., RawStream]
+) -> None:
+    # 20 MB of ready jobs; the consumer keeps granting credits as they are
+    # used, and reads nothing: pushes pile up behind its stream, and the
+    # node stops leasing once a credits' worth waits to be written.
+    payload = b"x" * 2048
+    for _ in range(10):
+        await client.enqueue_batch("q", [pb.JobSpec(payload=payload)] * 1000)
+    stream = raw()
+    await stream.start("q", credits=100, lease_ms=60_000)
+    for _ in range(150):
+        await stream.write(credits=100)
+        await asyncio.sleep(0.02)
+    ready, leased, _ = await stats(client, "q")
+    assert leased < 10_000, "every job leased to a consumer that reads nothing"
+    assert ready + leased == 10_000
