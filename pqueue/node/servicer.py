@@ -407,7 +407,7 @@ class QueueService(_Base, pbg.QueueServicer):
                 continue
             commands.append(command)
             slots.append((i, kind))
-        futures = self.node.propose_many(commands)
+        futures = self.node.propose_many(commands) if commands else []
         top = 0
         for (i, done), future in zip(slots, futures, strict=True):
             try:
