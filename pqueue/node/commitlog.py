@@ -156,8 +156,9 @@ class Proposals:
 
     def __init__(self) -> None:
         self.items: list[Pending] = []
-        #: Each item's encoded size, measured once when it arrives, and their sum.
-        self.sizes: list[int] = []
+        #: Each item's command encoded (once, when it arrives: the entry is
+        #: made of these bytes), and the sum of their sizes.
+        self.encoded: list[bytes] = []
         self.bytes = 0
         #: Set when commands arrive (the log's loop waits on it).
         self.wake = asyncio.Event()
@@ -170,12 +171,13 @@ class Proposals:
         return (await self.submit_indexed(command))[0]
 
     def add(self, command: logpb.Command) -> asyncio.Future[Indexed]:
-        """Queue ``command``; the future of its (result or error, index)."""
+        """Queue ``command`` as it is now (it is encoded here); the future of
+        its (result or error, index)."""
         fut: asyncio.Future[Indexed] = asyncio.get_running_loop().create_future()
-        size = command.ByteSize()
+        encoded = command.SerializeToString()
         self.items.append((command, fut))
-        self.sizes.append(size)
-        self.bytes += size
+        self.encoded.append(encoded)
+        self.bytes += len(encoded)
         self.wake.set()
         return fut
 
@@ -188,8 +190,12 @@ class Proposals:
 
     def peek_batch(self, max_commands: int) -> list[Pending]:
         """The commands the next entry would hold (group commit, bounded in bytes)."""
-        n = take_batch(self.sizes, int, max_commands)
+        n = take_batch(self.encoded, len, max_commands)
         return self.items[:n]
+
+    def encoded_batch(self, batch: list[Pending]) -> list[bytes]:
+        """The encoded commands of ``batch`` (taken with ``peek_batch``)."""
+        return self.encoded[: len(batch)]
 
     def fills_an_entry(self, max_commands: int) -> bool:
         """Whether what waits fills an entry (by count or bytes): it goes at once."""
@@ -198,14 +204,14 @@ class Proposals:
     def remove(self, batch: list[Pending]) -> None:
         """Drop a batch taken with ``peek_batch`` (it went into an entry)."""
         n = len(batch)
-        self.bytes -= sum(self.sizes[:n])
+        self.bytes -= sum(map(len, self.encoded[:n]))
         del self.items[:n]
-        del self.sizes[:n]
+        del self.encoded[:n]
 
     def fail(self, error: PQueueError, batch: list[Pending] | None = None) -> None:
         """Fail ``batch`` (default: everything waiting) with ``error``."""
         if batch is None:
-            batch, self.items, self.sizes, self.bytes = self.items, [], [], 0
+            batch, self.items, self.encoded, self.bytes = self.items, [], [], 0
         for _, fut in batch:
             if not fut.done():
                 fut.set_exception(error)

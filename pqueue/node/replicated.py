@@ -49,6 +49,7 @@ from pqueue.node.commitlog import (
     Result,
 )
 from pqueue.node.identity import claim_identity
+from pqueue.node.peer_codec import length_delimited
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.wire.logs import describe
@@ -591,19 +592,18 @@ class ReplicatedLog:
             batch = self._proposals.peek_batch(limit)
             # Time enters only here, and never runs backwards.
             self._last_time_ms = max(self._clock_ms(), self._last_time_ms)
-            entry = logpb.LogEntry(
-                index=status.next_slot,
-                time_ms=self._last_time_ms,
-                commands=[cmd for cmd, _ in batch],
+            data = encode_entry(
+                status.next_slot,
+                self._last_time_ms,
+                self._proposals.encoded_batch(batch),
                 # What a replica must understand to apply it (checked on apply).
-                required_features=features.required_by(cmd for cmd, _ in batch),
+                features.required_by(cmd for cmd, _ in batch),
             )
-            data = entry.SerializeToString()
             slot = replica.propose(data)
             if slot is None:
                 return  # too much in flight: these wait for the next round
             self.observer.batch(len(batch))
-            assert slot == entry.index
+            assert slot == status.next_slot
             self._proposals.remove(batch)
             # A slot we proposed at in an earlier term is being reused: that
             # proposal lost it (its callers learn so now, not never).
@@ -881,6 +881,18 @@ class ReplicatedLog:
             leader_id=status.leader_id,
             peers=dict(self.config.addresses),
         )
+
+
+_COMMANDS_FIELD = logpb.LogEntry.DESCRIPTOR.fields_by_name["commands"].number
+
+
+def encode_entry(index: int, time_ms: int, commands: list[bytes], required: list[str]) -> bytes:
+    """A ``LogEntry``'s bytes, made of its commands' (encoded once, as they
+    were queued): the bytes ``LogEntry(...).SerializeToString()`` gives, in
+    field order, without copying each command into a new message first."""
+    head = logpb.LogEntry(index=index, time_ms=time_ms).SerializeToString()
+    tail = logpb.LogEntry(required_features=required).SerializeToString()
+    return b"".join((head, *(length_delimited(_COMMANDS_FIELD, c) for c in commands), tail))
 
 
 def _ballot(ballot: tuple[int, int]) -> str:
