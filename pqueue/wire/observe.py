@@ -364,7 +364,10 @@ class Observer(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # gRPC answers UNIMPLEMENTED; nothing ran
-        method = handler_call_details.method
+        return self.wrap(handler_call_details.method, handler)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """``handler`` observed: wrapped once per method (known methods only)."""
         cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
