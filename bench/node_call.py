@@ -205,7 +205,10 @@ class Pass:
         self.profile = profile
 
     async def run(self, tree: Path) -> dict[str, Figures]:
-        os.environ["PYTHONPATH"] = str(tree)  # the nodes' code (ProcCluster passes the env on)
+        # The nodes' code (ProcCluster passes the environment on): first on
+        # their path, and not behind the working directory (``-m`` puts it first).
+        os.environ["PYTHONPATH"] = str(tree)
+        os.environ["PYTHONSAFEPATH"] = "1"
         out: dict[str, Figures] = {}
         with tempfile.TemporaryDirectory(prefix="pq-node-call-") as tmp:
             cluster = ProcCluster(Path(tmp))
