@@ -297,12 +297,21 @@ def check_entry(entry: logpb.LogEntry, supported: Collection[str]) -> int:
             f"log entry {entry.index} holds command(s) {kinds} of a kind this node's "
             "release does not know",
         )
+    # The common case at C speed: nothing unknown anywhere in the entry (one
+    # encoding before, one after dropping). Else, from the bytes as they
+    # came: which commands' requests held a client's fields, and whether
+    # anything else did (the entry keeps everything dropped, either way).
+    data = entry.SerializeToString()
+    entry.DiscardUnknownFields()
+    if entry.ByteSize() == len(data):
+        return 0
+    original = logpb.LogEntry.FromString(data)
     clients = 0
-    for cmd in entry.commands:
+    for cmd in original.commands:
         kind = cmd.WhichOneof("kind")
         assert kind is not None
         clients += _dropped(getattr(cmd, kind))
-    if _dropped(entry):
+    if _dropped(original):
         raise UpgradeRequiredError(
             entry.index,
             ["unknown"],

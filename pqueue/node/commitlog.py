@@ -21,7 +21,7 @@ from typing import Protocol
 from google.protobuf.message import Message
 
 from pqueue.core.effects import Effects
-from pqueue.core.limits import take_batch
+from pqueue.core.limits import MAX_ENTRY_BYTES, take_batch
 from pqueue.core.snapshot import SnapshotView
 from pqueue.errors import PQueueError
 from pqueue.v1 import log_pb2 as logpb
@@ -156,6 +156,10 @@ class Proposals:
 
     def __init__(self) -> None:
         self.items: list[Pending] = []
+        #: Each item's command encoded (once, when it arrives: the entry is
+        #: made of these bytes), and the sum of their sizes.
+        self.encoded: list[bytes] = []
+        self.bytes = 0
         #: Set when commands arrive (the log's loop waits on it).
         self.wake = asyncio.Event()
 
@@ -167,9 +171,13 @@ class Proposals:
         return (await self.submit_indexed(command))[0]
 
     def add(self, command: logpb.Command) -> asyncio.Future[Indexed]:
-        """Queue ``command``; the future of its (result or error, index)."""
+        """Queue ``command`` as it is now (it is encoded here); the future of
+        its (result or error, index)."""
         fut: asyncio.Future[Indexed] = asyncio.get_running_loop().create_future()
+        encoded = command.SerializeToString()
         self.items.append((command, fut))
+        self.encoded.append(encoded)
+        self.bytes += len(encoded)
         self.wake.set()
         return fut
 
@@ -182,17 +190,28 @@ class Proposals:
 
     def peek_batch(self, max_commands: int) -> list[Pending]:
         """The commands the next entry would hold (group commit, bounded in bytes)."""
-        n = take_batch(self.items, lambda p: p[0].ByteSize(), max_commands)
+        n = take_batch(self.encoded, len, max_commands)
         return self.items[:n]
+
+    def encoded_batch(self, batch: list[Pending]) -> list[bytes]:
+        """The encoded commands of ``batch`` (taken with ``peek_batch``)."""
+        return self.encoded[: len(batch)]
+
+    def fills_an_entry(self, max_commands: int) -> bool:
+        """Whether what waits fills an entry (by count or bytes): it goes at once."""
+        return len(self.items) >= max_commands or self.bytes >= MAX_ENTRY_BYTES
 
     def remove(self, batch: list[Pending]) -> None:
         """Drop a batch taken with ``peek_batch`` (it went into an entry)."""
-        del self.items[: len(batch)]
+        n = len(batch)
+        self.bytes -= sum(map(len, self.encoded[:n]))
+        del self.items[:n]
+        del self.encoded[:n]
 
     def fail(self, error: PQueueError, batch: list[Pending] | None = None) -> None:
         """Fail ``batch`` (default: everything waiting) with ``error``."""
         if batch is None:
-            batch, self.items = self.items, []
+            batch, self.items, self.encoded, self.bytes = self.items, [], [], 0
         for _, fut in batch:
             if not fut.done():
                 fut.set_exception(error)

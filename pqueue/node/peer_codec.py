@@ -221,12 +221,17 @@ def decode(m: ppb.PeerMessage) -> Message:
         raise ValueError(f"unknown peer message kind {m.kind}")
     if not (0 < m.src < MAX_NODE_ID and 0 < m.dst < MAX_NODE_ID):
         raise ValueError(f"node ids {m.src} -> {m.dst} out of range")
-    for name in ("from_slot", "commit_index", "index", "more_from", "offset", "total"):
-        _number(name, getattr(m, name))
+    if max(m.from_slot, m.commit_index, m.index, m.more_from, m.offset, m.total) >= (
+        MAX_PROTOCOL_INT
+    ):  # rare: name the field
+        for name in ("from_slot", "commit_index", "index", "more_from", "offset", "total"):
+            _number(name, getattr(m, name))
     ballot, promised = _unballot(m.ballot), _unballot(m.promised)
-    entries = tuple((_number("slot", e.slot), e.value) for e in m.entries)
-    for slot in m.slots:
-        _number("slot", slot)
+    entries = tuple((e.slot, e.value) for e in m.entries)
+    if entries and max(slot for slot, _ in entries) >= MAX_PROTOCOL_INT:
+        _number("slot", max(slot for slot, _ in entries))
+    if m.slots and max(m.slots) >= MAX_PROTOCOL_INT:
+        _number("slot", max(m.slots))
     msg: Message
     if cls is Prepare:
         msg = Prepare(m.src, m.dst, ballot, m.from_slot, m.transfer, m.parts)

@@ -15,7 +15,7 @@ from pqueue.node.queue_node import NodeConfig
 from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
-from pqueue.wire.logs import LogFormat, describe, setup_logging
+from pqueue.wire.logs import LogFormat, describe, flush_logs, setup_logging
 from pqueue.wire.loop import new_event_loop, raise_fd_limit
 
 logger = logging.getLogger(__name__)
@@ -135,12 +135,14 @@ def run_node(o: NodeOptions) -> int:
             describe(exc),
             exc_info=exc if not str(exc).strip() else None,
         )
+        flush_logs()  # the log's last lines before the error line
         print(
             f"error: node {o.node_id} cannot run (while {doing.what}): {describe(exc)}",
             file=sys.stderr,
         )
         return 1
     if not clean:
+        flush_logs()
         print(
             f"error: node {o.node_id} stopped: its log failed (see the log above)", file=sys.stderr
         )

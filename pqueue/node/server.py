@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from pqueue.node.auth import Verifier, trusted_hops
 from pqueue.node.forward import Forwarder
@@ -27,6 +28,7 @@ from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.admission import Admission, AdmissionConfig
 from pqueue.wire.channels import MAX_CONCURRENT_STREAMS_NODE, server_options
+from pqueue.wire.guard import Guard
 from pqueue.wire.logs import describe
 from pqueue.wire.metrics_http import MetricsServer, split_listen
 from pqueue.wire.observe import Observer, served_methods
@@ -130,6 +132,8 @@ class NodeServer(Serving):
         self.forwarder = Forwarder(self.config.tls, self.config.peer_token)
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
+        #: Where the services are added: they are served observed and admitted.
+        self._guard: Guard | None = None
         self._watch: asyncio.Task[None] | None = None
         self._started = False
         self.port = 0
@@ -153,12 +157,14 @@ class NodeServer(Serving):
                 hops=trusted_hops(self.config.verifier),
             )
             self._server = grpc.aio.server(
-                # Admission after the observer: its refusals are logged and counted.
-                interceptors=(observer, Admission(self.config.admission, self.config.verifier)),
                 # The peer service's limit (the port is shared); each public
                 # method has its own, smaller cap, checked before parsing.
                 options=server_options(MAX_PEER_MESSAGE_BYTES, MAX_CONCURRENT_STREAMS_NODE),
             )
+            # Every service behind admission and the observer (outermost: its
+            # refusals are logged and counted), wrapped once per method.
+            self._guard = Guard(observer, Admission(self.config.admission, self.config.verifier))
+            self._server.add_generic_rpc_handlers((self._guard,))
             try:
                 self.port = add_port(self._server, self.config.listen, self.config.tls)
             except RuntimeError as exc:
@@ -171,8 +177,9 @@ class NodeServer(Serving):
         await self.bind()
         # A node alone learns its own address only now (port 0 resolved).
         self.node.cluster.addresses.setdefault(self.node.cluster.node_id, self.address)
-        server = self._server
+        server, guard = self._server, self._guard
         assert server is not None
+        assert guard is not None
         if self.metrics_server is not None:
             await self.metrics_server.start()  # first: a taken port fails before recovery
         try:
@@ -182,16 +189,21 @@ class NodeServer(Serving):
                 await self.metrics_server.stop()
             raise
         verifier, quotas = self.config.verifier, self.config.quotas
+        # The generated ``add_*`` functions take the guard as they take a server.
+        services = cast(grpc.aio.Server, guard)
         queue = QueueService(self.node, self.forwarder, verifier, quotas, self.memory)
-        pbg.add_QueueServicer_to_server(queue, server)
-        pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), server)
+        pbg.add_QueueServicer_to_server(queue, services)
+        pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), services)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
             self.peers = PeerService(self.node.log.on_message, verifier, self.node.note_features)
-            ppbg.add_PeerServicer_to_server(self.peers, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            ppbg.add_PeerServicer_to_server(self.peers, services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_name, reflection.SERVICE_NAME), server
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (*SERVICE_NAMES, health_name, reflection.SERVICE_NAME)
+            ),
+            services,
         )
         await server.start()
         self._started = True

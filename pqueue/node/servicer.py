@@ -288,12 +288,12 @@ class QueueService(_Base, pbg.QueueServicer):
             self.memory.check()
         request.queue = _queue(request.queue, PRODUCER, shared=True)
         limits.check_job_spec(request.job, "job")
-        batch = pb.EnqueueBatchRequest(queue=request.queue, jobs=[request.job])
-        return logpb.Command(
-            enqueue=batch,
-            limits=self._bound(request.queue, 1),
-            caller=access.caller(principal.get()),
+        command = logpb.Command(
+            limits=self._bound(request.queue, 1), caller=access.caller(principal.get())
         )
+        command.enqueue.queue = request.queue
+        command.enqueue.jobs.append(request.job)  # the job's one copy
+        return command
 
     def _ack_command(self, request: pb.AckRequest) -> logpb.Command:
         request.queue = _queue(request.queue, CONSUMER)

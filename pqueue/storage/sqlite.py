@@ -15,8 +15,10 @@ name (renamed, never recorded; or replaced) is removed. Schema version 1
 kept the snapshot's bytes in the database: opening such a store moves them
 to a file (version 2), and a release that only knows version 1 refuses it.
 
-All SQLite work runs on one dedicated thread, so the event loop never blocks
-on disk and the connection never crosses threads. A commit in WAL mode with
+All SQLite work runs on one dedicated thread (``_Worker``: a queue in, each
+result handed back to the loop; no executor's futures and locks per write),
+so the event loop never blocks on disk and the connection never crosses
+threads. A commit in WAL mode with
 ``synchronous=FULL`` fsyncs the WAL before it returns: that is the durability
 point the log waits for. An exclusive ``flock`` on the data directory keeps a
 second node from opening the same data.
@@ -25,15 +27,17 @@ second node from opening the same data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
+import queue
 import sqlite3
+import threading
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from consensus.blob import Blob
 from consensus.messages import ZERO, Ballot, Record
@@ -76,24 +80,75 @@ CREATE TABLE IF NOT EXISTS snapshot_file (
 """
 
 
+_Work = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # its caller was cancelled: nobody waits
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+class _Worker:
+    """One thread that runs the store's work in order, each result handed
+    back to the event loop that asked for it."""
+
+    def __init__(self, name: str) -> None:
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        # A daemon: a process that exits without closing the store does not
+        # wait here (an unfinished transaction is rolled back at the next open).
+        self._thread = threading.Thread(target=self._work_loop, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn()`` on the thread, after everything asked before it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._work.put((fn, fut, loop))
+        return fut
+
+    def _work_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            fn, fut, loop = item
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the caller, whatever it is
+                error = exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            del item, fn, fut, result, error  # hold nothing while waiting
+
+    async def close(self) -> None:
+        """Let the thread finish what was asked, then end it."""
+        self._work.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+
 class SqliteStorage:
     """The embedded default store: ``<data_dir>/pqueue.db``."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self._executor: ThreadPoolExecutor | None = None
+        self._worker: _Worker | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        #: The acceptor row as last committed (promised round, node, commit
+        #: index), read once: the worker thread is its only writer.
+        self._acceptor: tuple[int, int, int] | None = None
         self.available = True  # a local disk: its failures are fatal, not outages
 
     def describe(self) -> str:
         return f"sqlite:{self.data_dir}"
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._executor is None:
+        if self._worker is None:
             raise StorageError("storage is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._guarded, fn)
+        return await self._worker.run(lambda: self._guarded(fn))
 
     def _guarded(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
@@ -117,15 +172,15 @@ class SqliteStorage:
             os.close(fd)
             raise StorageError(f"data dir {self.data_dir} is in use by another process") from exc
         self._lock_fd = fd
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pq-sqlite")
-        loop = asyncio.get_running_loop()
+        self._worker = _Worker("pq-sqlite")
         try:
-            await loop.run_in_executor(self._executor, self._connect)
+            await self._worker.run(self._connect)
         except BaseException:
             await self.close()
             raise
 
     def _connect(self) -> None:
+        self._acceptor = None
         try:
             conn = sqlite3.connect(self.data_dir / "pqueue.db", isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -233,14 +288,22 @@ class SqliteStorage:
         return FileSink(self.data_dir, SNAPSHOT_PREFIX)
 
     async def close(self) -> None:
-        if self._executor is not None:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._disconnect)
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            await worker.run(self._disconnect)
+            await worker.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _acceptor_row(self, conn: sqlite3.Connection) -> tuple[int, int, int]:
+        """The committed acceptor row (on the worker thread), read once."""
+        if self._acceptor is None:
+            row = conn.execute(
+                "SELECT promised_round, promised_node, commit_index FROM acceptor"
+            ).fetchone()
+            self._acceptor = (row[0], row[1], row[2]) if row else (0, 0, 0)
+        return self._acceptor
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -340,19 +403,21 @@ class SqliteStorage:
                 if snapshot is not None:
                     conn.execute("DELETE FROM records WHERE slot <= ?", (snapshot.index,))
                 conn.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
+                acceptor = None
                 if promised is not None or commit_index is not None:
-                    old = conn.execute(
-                        "SELECT promised_round, promised_node, commit_index FROM acceptor"
-                    ).fetchone() or (0, 0, 0)
+                    old = self._acceptor_row(conn)
                     new_promised = promised if promised is not None else (old[0], old[1])
-                    new_commit = max(old[2], commit_index or 0)
-                    conn.execute(
-                        "INSERT OR REPLACE INTO acceptor VALUES (1, ?, ?, ?)",
-                        (new_promised[0], new_promised[1], new_commit),
-                    )
+                    acceptor = (new_promised[0], new_promised[1], max(old[2], commit_index or 0))
+                    if acceptor != old:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO acceptor VALUES (1, ?, ?, ?)", acceptor
+                        )
                 conn.execute("COMMIT")
+                if acceptor is not None:
+                    self._acceptor = acceptor
             except BaseException:
                 conn.execute("ROLLBACK")
+                self._acceptor = None  # read it again
                 if placed is not None:
                     placed.unlink()  # never recorded
                 raise

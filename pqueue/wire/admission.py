@@ -229,10 +229,15 @@ class Admission(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
+        return self.admit(handler_call_details, handler)
+
+    def admit(self, details: grpc.HandlerCallDetails, handler: Handler) -> Handler:
+        """The handler one call gets: ``handler`` behind admission (wrapped
+        once per method), or one that refuses the call's missing or bad token."""
+        method = details.method
         if self.verifier is not None and method in self._authenticated:
             try:
-                self.verifier.verify(bearer(handler_call_details.invocation_metadata))
+                self.verifier.verify(bearer(details.invocation_metadata))
             except UnauthenticatedError as exc:
                 return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         cached = self._cache.get(method)

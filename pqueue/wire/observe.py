@@ -29,9 +29,9 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeAlias
 
@@ -124,8 +124,9 @@ _REQUEST_ID_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}")
 
 
 def new_request_id() -> str:
-    """A fresh request id: 16 hex digits."""
-    return uuid.uuid4().hex[:16]
+    """A fresh request id: 16 hex digits (64 random bits: ids tell calls
+    apart in the logs, they guard nothing, so no system entropy per call)."""
+    return f"{random.getrandbits(64):016x}"
 
 
 def _ip_of(peer: str) -> str:
@@ -138,11 +139,16 @@ def _ip_of(peer: str) -> str:
     return peer
 
 
-def _first_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str:
+_HEADERS = frozenset((REQUEST_ID_KEY, FORWARDED_FOR_KEY, FORWARDED_KEY, FORWARDER_TOKEN_KEY))
+
+
+def _headers(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
+    """The first value of each header the observer reads, in one pass."""
+    found: dict[str, str] = {}
     for k, v in metadata or ():
-        if k == key and isinstance(v, str):
-            return v
-    return ""
+        if k in _HEADERS and k not in found and isinstance(v, str):
+            found[k] = v
+    return found
 
 
 def never_a_hop(token: str) -> bool:
@@ -176,30 +182,28 @@ class _Call:
         "started",
     )
 
-    def __init__(self, observer: Observer, method: str, metadata: Any, context: Context) -> None:
+    def __init__(
+        self, observer: Observer, method: _Method, metadata: Any, context: Context
+    ) -> None:
         self.observer = observer
         self.method = method
-        self.service, _, self.name = method.lstrip("/").partition("/")
-        self.quiet = self.service in _QUIET_SERVICES or method in _QUIET_METHODS
-        if method not in observer.known_methods:
-            self.service, self.name = "unknown", "unknown"
+        self.service, self.name, self.quiet = method.service, method.name, method.quiet
         self.started = time.perf_counter()
-        rid = _first_value(metadata, REQUEST_ID_KEY)
+        headers = _headers(metadata)
+        rid = headers.get(REQUEST_ID_KEY, "")
         self.rid = rid if _REQUEST_ID_RE.fullmatch(rid) else new_request_id()
         # The first caller, as a balancer or a forwarding follower saw it: any
         # client can send these headers, so they are believed only from a hop
         # that proves it is one; else the line says the address is claimed.
         ip = _ip_of(context.peer() or "")
-        claimed = _first_value(metadata, FORWARDED_FOR_KEY).split(",")[0].strip()
+        claimed = headers.get(FORWARDED_FOR_KEY, "").split(",")[0].strip()
         claimed = claimed[:MAX_CLAIM_CHARS]
         onward = ip
         if claimed:
             hops = observer.hops
             if hops is None:  # auth off: informational, passed on as a claim
                 onward = claimed
-            elif _first_value(metadata, FORWARDED_KEY) and hops(
-                _first_value(metadata, FORWARDER_TOKEN_KEY)
-            ):
+            elif headers.get(FORWARDED_KEY) and hops(headers.get(FORWARDER_TOKEN_KEY, "")):
                 ip, onward, claimed = claimed, claimed, ""
         self.ip = ip
         self.claimed = claimed if claimed != ip else ""  # nothing to doubt
@@ -208,18 +212,18 @@ class _Call:
 
     @property
     def route(self) -> str:
-        return f"{self.observer.name}{self.method}"
+        return self.method.route
 
     def received(self) -> None:
         level = logging.DEBUG if self.quiet else logging.INFO
         if not logger.isEnabledFor(level):
             return
-        uri = f"grpc://{self.observer.authority()}{self.method}?request_id={self.rid}"
+        uri = f"{self.method.uri(self.observer.authority)}{self.rid}"
         extra = {
             "route": self.route,
             "request_id": self.rid,
             "client_ip": self.ip,
-            "grpc_method": self.method,
+            "grpc_method": self.method.path,
         }
         if self.claimed:
             extra["claimed_client"] = self.claimed
@@ -289,6 +293,29 @@ class _Call:
         self.finished(code, details if isinstance(details, str) else repr(details), unexpected)
 
 
+class _Method:
+    """What the observer knows of one method path, worked out once."""
+
+    __slots__ = ("_uri", "name", "path", "quiet", "route", "service")
+
+    def __init__(self, observer_name: str, path: str, known: bool) -> None:
+        self.path = path
+        self.service, _, self.name = path.lstrip("/").partition("/")
+        self.quiet = self.service in _QUIET_SERVICES or path in _QUIET_METHODS
+        if not known:
+            self.service, self.name = "unknown", "unknown"
+        #: Who serves and what: ``n1/pqueue.v1.Queue/Enqueue``.
+        self.route = f"{observer_name}{path}"
+        self._uri = ""
+
+    def uri(self, authority: Callable[[], str]) -> str:
+        """``grpc://<authority><path>?request_id=`` (the authority read at the
+        first request line: a server's address is fixed once it serves)."""
+        if not self._uri:
+            self._uri = f"grpc://{authority()}{self.path}?request_id="
+        return self._uri
+
+
 class Observer(grpc.aio.ServerInterceptor):
     """Logs, counts and times every call; see the module docstring."""
 
@@ -312,6 +339,11 @@ class Observer(grpc.aio.ServerInterceptor):
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
         self._cache: dict[str, tuple[Handler, Handler]] = {}
 
+    def method(self, path: str) -> _Method:
+        """What a method's calls share (an unknown one's is made per call:
+        a caller must not grow what the server keeps)."""
+        return _Method(self.name, path, path in self.known_methods)
+
     def children(self, service: str, method: str, code: grpc.StatusCode) -> tuple[Any, Any]:
         """The counter and histogram children for one outcome (bounded: known methods)."""
         key = (service, method, code)
@@ -332,7 +364,10 @@ class Observer(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # gRPC answers UNIMPLEMENTED; nothing ran
-        method = handler_call_details.method
+        return self.wrap(handler_call_details.method, handler)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """``handler`` observed: wrapped once per method (known methods only)."""
         cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -357,8 +392,9 @@ class Observer(grpc.aio.ServerInterceptor):
         behaviour = self._behaviour(method, handler.stream_stream, streaming=True)
         return grpc.stream_stream_rpc_method_handler(behaviour, parse, serialize)
 
-    def _behaviour(self, method: str, inner: Behaviour, streaming: bool) -> Behaviour:
+    def _behaviour(self, path: str, inner: Behaviour, streaming: bool) -> Behaviour:
         """Wrap a behaviour, whether it returns, or yields its responses."""
+        method = self.method(path)
 
         def checked(request: Any, context: Context) -> Any:
             return _checked_stream(request, context) if streaming else request

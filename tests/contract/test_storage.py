@@ -123,6 +123,21 @@ async def test_acceptor_state_survives_a_restart(store: Storage, make_store: Sto
         await store.close()
 
 
+async def test_a_commit_hint_keeps_the_promise_and_a_promise_keeps_the_hint(
+    store: Storage, make_store: StoreFactory
+) -> None:
+    await store.persist((2, 1), [], None, None)
+    await store.persist(None, [rec(1)], 3, None)  # a hint alone: the promise stays
+    await store.persist((3, 2), [], None, None)  # a promise alone: the hint stays
+    await store.persist(None, [], 2, None)  # an older hint changes nothing
+    assert ((s := await store.load_acceptor()).promised, s.commit_index) == ((3, 2), 3)
+    store = await reopened(store, make_store)
+    try:
+        assert ((s := await store.load_acceptor()).promised, s.commit_index) == ((3, 2), 3)
+    finally:
+        await store.close()
+
+
 async def test_a_record_is_replaced_by_a_later_accept(store: Storage) -> None:
     await store.persist((1, 1), [rec(1, b"old", (1, 1))], None, None)
     await store.persist((2, 2), [Record(1, (2, 2), b"new", chosen=True)], None, None)
