@@ -34,8 +34,8 @@ from google.protobuf.message import Message
 
 from consensus import ZERO, BlobSink, Config, DurableState, Replica, Role, SoftState
 from consensus.blob import pieces
+from consensus.messages import Accept, Ready
 from consensus.messages import Message as PeerMessage
-from consensus.messages import Ready
 from pqueue.core import features
 from pqueue.core.snapshot import SnapshotView
 from pqueue.errors import NotLeaderError, NotTakenError, PQueueError, UnavailableError
@@ -613,6 +613,16 @@ class ReplicatedLog:
     async def _handle(self, ready: Ready) -> None:
         replica = self.replica
         assert replica is not None
+        # 0. A leader's proposals (Accept, phase 2a) to the other nodes go
+        #    before its own write, so their fsyncs overlap it (Raft's leader
+        #    writes its log in parallel with replication, thesis 10.2.1):
+        #    an Accept states no vote of this node's; its own accept vote
+        #    (a message to itself) still counts only once durable, below.
+        #    Only in a Ready without a new promise, and the rest keep order.
+        early = [] if ready.promised is not None else _early(ready.messages, self.config.node_id)
+        for msg in early:
+            self._send(msg)
+        sent = {id(msg) for msg in early}
         # 1. Persist. A Ready carrying only a commit index needs no fsync: the
         #    index is a hint, stored with the next real write.
         if ready.commit_index is not None:
@@ -651,7 +661,7 @@ class ReplicatedLog:
         for msg in ready.messages:
             if msg.dst == self.config.node_id:
                 replica.step(msg)
-            else:
+            elif id(msg) not in sent:
                 self._send(msg)
         # 3. Apply.
         await self._apply(ready.committed)
@@ -898,3 +908,9 @@ def encode_entry(index: int, time_ms: int, commands: list[bytes], required: list
 def _ballot(ballot: tuple[int, int]) -> str:
     """A ballot as operators read it: ``round.node``."""
     return f"{ballot[0]}.{ballot[1]}"
+
+
+def _early(messages: list[PeerMessage], me: int) -> list[PeerMessage]:
+    """The messages that may leave before this Ready's write: Accepts (phase
+    2a) to other nodes. They carry the leader's proposals, never a vote."""
+    return [m for m in messages if isinstance(m, Accept) and m.dst != me]
