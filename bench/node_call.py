@@ -316,7 +316,14 @@ async def main_async(args: argparse.Namespace) -> int:
             if profile is not None and run == 0:
                 into = profile / slug if args.compare else profile
                 into.mkdir(parents=True, exist_ok=True)
-            figs = await Pass(args.jobs, into).run(tree)
+            for attempt in range(1, 4):
+                try:
+                    figs = await Pass(args.jobs, into).run(tree)
+                    break
+                except grpc.aio.AioRpcError as exc:  # a leader lost at start: a fresh cluster
+                    print(f"pass {run + 1} {label}: {exc.code().name} {exc.details()}; again")
+                    if attempt == 3:
+                        raise
             results[label].append(figs)
             for name, fig in figs.items():
                 print(f"pass {run + 1} {label:>12.12s} {name:10s} {fig.line()}", flush=True)

@@ -38,7 +38,7 @@ import re
 from collections.abc import Collection, Iterable
 from typing import cast
 
-from google.protobuf.descriptor import Descriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from pqueue.errors import UpgradeRequiredError
@@ -208,22 +208,25 @@ def parse_announcement(value: str | None) -> frozenset[str]:
     return frozenset(n for n in (s.strip() for s in names) if _NAME.fullmatch(n))
 
 
-# Per message type: its gated fields, and the message fields worth descending
-# into (those whose type can reach a gated field). Built once per type.
-_plans: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+# Per message type: its gated fields (-> their feature), and the message
+# fields worth descending into (those whose type can reach a gated field).
+# Built once per type, keyed by the descriptors themselves (one object per
+# type and field: no name is made per call).
+_Plan = tuple[dict[FieldDescriptor, str], frozenset[FieldDescriptor]]
+_plans: dict[Descriptor, _Plan] = {}
 
 
-def _plan(desc: Descriptor) -> tuple[frozenset[str], frozenset[str]]:
-    plan = _plans.get(desc.full_name)
+def _plan(desc: Descriptor) -> _Plan:
+    plan = _plans.get(desc)
     if plan is None:
-        _plans[desc.full_name] = (frozenset(), frozenset())  # a cycle ends here
-        gated = frozenset(f.full_name for f in desc.fields if f.full_name in FIELD_FEATURES)
+        _plans[desc] = ({}, frozenset())  # a cycle ends here
+        gated = {
+            f: FIELD_FEATURES[f.full_name] for f in desc.fields if f.full_name in FIELD_FEATURES
+        }
         descend = frozenset(
-            f.full_name
-            for f in desc.fields
-            if f.message_type is not None and any(_plan(f.message_type))
+            f for f in desc.fields if f.message_type is not None and any(_plan(f.message_type))
         )
-        plan = _plans[desc.full_name] = (gated, descend)
+        plan = _plans[desc] = (gated, descend)
     return plan
 
 
@@ -239,9 +242,10 @@ def _collect(message: Message, out: set[str]) -> None:
     if not (gated or descend):
         return
     for field, value in message.ListFields():
-        if field.full_name in gated:
-            out.add(FIELD_FEATURES[field.full_name])
-        if field.full_name in descend:
+        feature = gated.get(field)
+        if feature is not None:
+            out.add(feature)
+        if field in descend:
             for item in value if field.is_repeated else (value,):
                 _collect(item, out)
 
