@@ -51,7 +51,8 @@ async def test_commands_arriving_while_an_entry_is_open_share_the_next_entry(
     cluster: Cluster,
 ) -> None:
     leader = await cluster.leader()
-    async with Client(cluster.addresses[leader], max_retries=0) as c:
+    # One call per enqueue (no SDK batching): the node must do the grouping.
+    async with Client(cluster.addresses[leader], max_retries=0, batching=False) as c:
         await c.create_queue("q")
         log = cluster.servers[leader].node.log
         assert isinstance(log, ReplicatedLog)
