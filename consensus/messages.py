@@ -255,7 +255,10 @@ class Ready:
 
     Messages (including those a node addresses to itself, which is how its
     own promise and its own accept vote are counted) may only leave once
-    ``promised``, ``records`` and ``snapshot`` are durable.
+    ``promised``, ``records`` and ``snapshot`` are durable. The one
+    exception: in a Ready with no new ``promised``, ``Accept`` messages to
+    other nodes carry proposals, never this node's vote, and may leave
+    before the write (the shell sends them first, so fsyncs overlap).
     """
 
     promised: Ballot | None = None

@@ -115,7 +115,11 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             leaders = [i for i, s in self.servers.items() if s.node.log.is_leader]
-            if len(leaders) == 1:
+            # ...and every node knows it: a follower that has not heard from
+            # it yet answers "no leader yet" instead of forwarding.
+            if len(leaders) == 1 and all(
+                s.node.log.leader_hint()[0] == leaders[0] for s in self.servers.values()
+            ):
                 return leaders[0]
             await asyncio.sleep(0.05)
         raise AssertionError("no single leader")

@@ -6,6 +6,9 @@ moment into one ``LogEntry`` (group commit) per slot and keeps several slots
 in flight. The shell runs the pure ``consensus.Replica`` and handles each
 ``Ready`` in a fixed order: persist (one transaction, fsynced), then send
 (messages to itself are stepped only now, after the persist), then apply.
+One exception, as Raft's leader writes its log while it replicates: a
+leader's Accepts to the other nodes (proposals, never a vote of its own)
+leave before its write, so the followers' fsyncs overlap it.
 A caller is answered once its slot is applied *with its own entry*; if
 another value won the slot, it gets a retriable UNAVAILABLE.
 

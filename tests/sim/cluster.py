@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, field
 
 from consensus.blob import Blob, MemoryBlob, read_all
-from consensus.messages import NOOP, Message, Ready, Record
+from consensus.messages import NOOP, Accept, Message, Ready, Record
 from consensus.replica import Config, DurableState, Replica, Role
 from tests.sim.checker import Checker, SafetyViolation, chain
 
@@ -116,6 +116,14 @@ class SimNode:
     def take_ready(self) -> None:
         was_leader = self.replica.role is Role.LEADER
         ready = self.replica.ready()
+        if ready.promised is None:
+            # The shell's one exception to persist-then-send: a leader's
+            # Accepts to other nodes leave at once, before this Ready is
+            # durable (a crash may lose its records after they left).
+            early = [m for m in ready.messages if isinstance(m, Accept) and m.dst != self.id]
+            for msg in early:
+                self.sim.send(msg)
+            ready.messages = [m for m in ready.messages if not any(m is e for e in early)]
         self.read_states += ready.read_states
         for ctx, index in ready.read_states:
             self.sim.checker.on_read(self.id, ctx, index)
@@ -125,7 +133,8 @@ class SimNode:
             self.sim.checker.on_leader(self.id, self.replica.recovered)
 
     def fsync(self) -> None:
-        """Persist what was taken, then send, then apply: the shell's order."""
+        """Persist what was taken, then send, then apply: the shell's order
+        (a leader's Accepts to others already left, in ``take_ready``)."""
         readies, self.unsynced = self.unsynced, []
         for ready in readies:
             if ready.promised is not None:

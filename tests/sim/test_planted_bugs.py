@@ -48,7 +48,9 @@ def test_reading_without_a_quorum_round_is_caught() -> None:
 
 def test_counting_half_a_multi_part_promise_is_caught() -> None:
     found = first_violation(range(3000, 3100), replica_cls=CountsPartialPromise, budgets=TINY)
-    assert "applied" in found or "lost" in found  # a chosen value was replaced
+    # A chosen value was replaced: seen as a different value applied, an
+    # acknowledged one lost, or a read that misses an acknowledged write.
+    assert "applied" in found or "lost" in found or "stale read" in found
 
 
 def test_the_correct_core_passes_the_same_seeds() -> None:
