@@ -41,7 +41,8 @@ from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.keys import FORWARDED_KEY
 from pqueue.wire.load import CpuSampler
 from pqueue.wire.logs import describe
-from pqueue.wire.status import to_op_status, to_status
+from pqueue.wire.observe import log_op_failure
+from pqueue.wire.status import code_of, to_op_status, to_status
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,13 @@ def _page_of(limit: int, page_token: str) -> tuple[str | None, str, int]:
 def _token(last: str) -> str:
     """The page token that continues after the stored name ``last`` ("" : no more)."""
     return base64.urlsafe_b64encode(last.encode()).decode() if last else ""
+
+
+def _failed(index: int, kind: str, error: PQueueError) -> pb.OpStatus:
+    """One operation's status, its error line logged (the call answers OK)."""
+    status = to_op_status(error)
+    log_op_failure(index, kind, code_of(error).name, error.message)
+    return status
 
 
 def _check_count(n: int, field: str, upper: int) -> None:
@@ -403,7 +411,7 @@ class QueueService(_Base, pbg.QueueServicer):
                 self._charge_log_bytes(command)
                 self.node.prepare(command)
             except PQueueError as exc:
-                results[i].status.CopyFrom(to_op_status(exc))
+                results[i].status.CopyFrom(_failed(i, kind or "none", exc))
                 continue
             commands.append(command)
             slots.append((i, kind))
@@ -415,7 +423,7 @@ class QueueService(_Base, pbg.QueueServicer):
             except PQueueError as exc:
                 result, index = exc, 0
             if isinstance(result, PQueueError):
-                results[i].status.CopyFrom(to_op_status(result))
+                results[i].status.CopyFrom(_failed(i, done, result))
                 continue
             answer: Any = result.results[0] if done == "enqueue" else result  # type: ignore[attr-defined]
             answer.log_index = index

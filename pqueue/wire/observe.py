@@ -59,6 +59,27 @@ HopCheck = Callable[[str], bool]
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("pq_request_id", default="")
 #: The original caller's IP of the call being served ("" outside a call).
 client_ip: contextvars.ContextVar[str] = contextvars.ContextVar("pq_client_ip", default="")
+#: The route of the call being served ("" outside a call).
+call_route: contextvars.ContextVar[str] = contextvars.ContextVar("pq_call_route", default="")
+
+
+def log_op_failure(index: int, kind: str, code: str, message: str) -> None:
+    """The error line of one operation of a ``Submit`` (or a stream's settle)
+    that failed alone: the call itself answers OK, so without this line a
+    refused enqueue would leave no error line. Same level and shape as a
+    call's error line, the operation named where the duration would be."""
+    if logger.isEnabledFor(logging.ERROR):
+        rid = request_id.get()
+        logger.error(
+            "%s: %s (request_id=%s, op %d, %s)",
+            code,
+            message or "-",
+            rid,
+            index,
+            kind,
+            extra={"route": call_route.get() or "-", "request_id": rid, "code": code},
+        )
+
 
 _QUIET_SERVICES = frozenset(
     (
@@ -209,6 +230,7 @@ class _Call:
         self.claimed = claimed if claimed != ip else ""  # nothing to doubt
         request_id.set(self.rid)
         client_ip.set(onward)
+        call_route.set(method.route)
 
     @property
     def route(self) -> str:

@@ -211,7 +211,7 @@ async def test_a_client_cannot_launder_an_address_through_the_balancer(
         if getattr(r, "request_id", "") == "via-lb" and r.getMessage().startswith("Received")
     }
     at_balancer = lines["balancer/pqueue.v1.Queue/Enqueue"]
-    at_node = lines["n1/pqueue.v1.Queue/Enqueue"]
+    at_node = lines["n1/pqueue.v1.Queue/Submit"]  # the balancer carried it in a Submit
     assert at_balancer.claimed_client == "203.0.113.9"  # type: ignore[attr-defined]
     # The balancer vouches (with its own token) for the address it saw, not the claim.
     assert at_node.client_ip == "127.0.0.1"  # type: ignore[attr-defined]
