@@ -53,13 +53,13 @@ from balancer.framing import (
     op_header,
     split_results,
     submit_response,
-    varint,
 )
 from balancer.hop import Metadata, own_metadata, why_failed
 from balancer.metrics import BalancerMetrics
 from pqueue.errors import NotTakenError
 from pqueue.wire.logs import describe
 from pqueue.wire.observe import client_ip, new_request_id, request_id
+from pqueue.wire.protowire import varint
 from pqueue.wire.sizes import MAX_BATCH_JOBS, MAX_MESSAGE_BYTES
 from pqueue.wire.status import NOT_LEADER, NOT_TAKEN, error_info, to_op_status
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pqueue.wire.protowire import varint
+
 #: ``Operation``'s field for each method that can ride in a ``Submit``.
 OP_FIELDS = {"Enqueue": 1, "Ack": 2, "Nack": 3, "ExtendLease": 4}
 #: Wire types.
@@ -38,18 +40,6 @@ _SIGN = 1 << 63
 
 class FramingError(ValueError):
     """Bytes that are not the protobuf message they should be."""
-
-
-def varint(n: int) -> bytes:
-    """``n`` (>= 0) as a base-128 varint."""
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def op_header(field: int, request_bytes: int) -> bytes:

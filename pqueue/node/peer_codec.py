@@ -33,6 +33,7 @@ from consensus.messages import (
     TimeoutNow,
 )
 from pqueue.v1 import peer_pb2 as ppb
+from pqueue.wire.protowire import length_delimited
 
 K = ppb.PeerMessage.Kind
 _KINDS: dict[type[Any], int] = {
@@ -137,21 +138,6 @@ def encode(msg: Message) -> ppb.PeerMessage:
     if isinstance(msg, Heartbeat | HeartbeatReply):
         out.ctx = msg.ctx
     return out
-
-
-def varint(n: int) -> bytes:
-    """``n`` as a Protobuf base-128 varint."""
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def length_delimited(field: int, payload: bytes) -> bytes:
-    """The wire bytes of a length-delimited field (a message or bytes)."""
-    return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
 _ENTRIES_FIELD = ppb.PeerMessage.DESCRIPTOR.fields_by_name["entries"].number

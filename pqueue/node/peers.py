@@ -34,12 +34,13 @@ from consensus.messages import Message
 from pqueue.core import features, limits
 from pqueue.errors import UnauthenticatedError
 from pqueue.node.auth import PEER, Principal, Verifier, node_subject
-from pqueue.node.peer_codec import EntryCache, approx_size, decode, encode_wire, varint
+from pqueue.node.peer_codec import EntryCache, approx_size, decode, encode_wire
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from pqueue.wire.channels import channel_options
 from pqueue.wire.keys import AUTHORIZATION_KEY, bearer
 from pqueue.wire.logs import describe
+from pqueue.wire.protowire import varint
 from pqueue.wire.tls import Tls, channel
 from pqueue.wire.tokens import TokenSource, current_token
 

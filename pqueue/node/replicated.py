@@ -52,10 +52,10 @@ from pqueue.node.commitlog import (
     Result,
 )
 from pqueue.node.identity import claim_identity
-from pqueue.node.peer_codec import length_delimited
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.wire.logs import describe
+from pqueue.wire.protowire import length_delimited
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from balancer.framing import (
     split_results,
     status_code,
     submit_response,
-    varint,
 )
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.protowire import varint
 
 _KINDS = {"Enqueue": "enqueue", "Ack": "ack", "Nack": "nack", "ExtendLease": "extend"}
 

@@ -34,6 +34,7 @@ PURE_MODULES = [
     "balancer/pool.py",
     "balancer/routes.py",
     "balancer/framing.py",
+    "pqueue/wire/protowire.py",
 ]
 FORBIDDEN = {
     "asyncio",
