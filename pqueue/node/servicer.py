@@ -165,6 +165,11 @@ def _token(last: str) -> str:
     return base64.urlsafe_b64encode(last.encode()).decode() if last else ""
 
 
+def _op_queue(op: pb.Operation) -> str:
+    kind = op.WhichOneof("op")
+    return getattr(op, kind).queue if kind else ""
+
+
 def _failed(index: int, kind: str, error: PQueueError) -> pb.OpStatus:
     """One operation's status, its error line logged (the call answers OK)."""
     status = to_op_status(error)
@@ -385,17 +390,67 @@ class QueueService(_Base, pbg.QueueServicer):
     async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
         _check_size(request)
         _check_count(len(request.ops), "ops", limits.MAX_BATCH_JOBS)
-        results, index = await self.run_ops(request.ops)
+        names = [_op_queue(op) for op in request.ops]  # as the caller named them
+        moved: list[int] = []
+        results, index = await self.run_ops(request.ops, moved)
+        if moved:  # lost the lead with them queued: as ``on_leader`` does, forward
+            index = max(index, await self._forward_moved(request, names, moved, results, context))
         return pb.SubmitResponse(results=results, log_index=index)
 
-    async def run_ops(self, ops: Sequence[pb.Operation]) -> tuple[list[pb.OpResult], int]:
+    async def _forward_moved(
+        self,
+        request: pb.SubmitRequest,
+        names: list[str],
+        moved: list[int],
+        results: list[pb.OpResult],
+        context: Context,
+    ) -> int:
+        """Send the operations that never ran here (this node stopped leading
+        while they waited for an entry) to the new leader in one Submit, and
+        put its answers in their places; the highest log index it applied.
+        A call a balancer or follower sent here goes this one hop further
+        (the new leader never forwards it again): a balancer cannot split a
+        client's Submit to resend the part that did not run. Where it cannot
+        (no leader known, the hop failed), they keep their NOT_LEADER
+        answers: never ran, safe to send again."""
+        ops = []
+        for i in moved:
+            op = request.ops[i]
+            getattr(op, op.WhichOneof("op") or "enqueue").queue = names[i]
+            ops.append(op)
+        _, address = self.node.log.leader_hint()
+        if not address or self.node.log.is_leader:
+            return 0
+        try:
+            answer = await self.forwarder.call(
+                address,
+                self.SERVICE,
+                "Submit",
+                pb.SubmitRequest(ops=ops),
+                context.time_remaining(),
+                self.node.config.node_id,
+                access.credentials(context.invocation_metadata() or ()),
+            )
+        except PQueueError as exc:
+            logger.debug("%d operation(s) not forwarded: %s", len(moved), describe(exc))
+            return 0
+        assert isinstance(answer, pb.SubmitResponse)
+        for i, result in zip(moved, answer.results, strict=True):
+            results[i] = result
+        return answer.log_index
+
+    async def run_ops(
+        self, ops: Sequence[pb.Operation], moved: list[int] | None = None
+    ) -> tuple[list[pb.OpResult], int]:
         """Each operation's result, in order, and the highest log index applied.
 
         Every operation is checked and built exactly as its single call is;
         one refused fails alone (its status says why). The rest are proposed
         together, in order, each its own command (group commit puts them in
         as few entries as fit). Raises only for the whole call: draining, or
-        not leading before anything was proposed.
+        not leading before anything was proposed. ``moved`` collects the
+        positions of operations that never ran because this node stopped
+        leading while they waited (answered NOT_LEADER).
         """
         if self.node.draining:
             raise NotTakenError("node is draining", retry_after_s=1.0)
@@ -424,6 +479,8 @@ class QueueService(_Base, pbg.QueueServicer):
                 result, index = exc, 0
             if isinstance(result, PQueueError):
                 results[i].status.CopyFrom(_failed(i, done, result))
+                if moved is not None and isinstance(result, NotLeaderError):
+                    moved.append(i)
                 continue
             answer: Any = result.results[0] if done == "enqueue" else result  # type: ignore[attr-defined]
             answer.log_index = index
