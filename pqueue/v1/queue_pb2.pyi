@@ -910,7 +910,12 @@ class CreateQueueResponse(_message.Message):
 
     CREATED_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
+    log_index: _builtins.int
+    """The log index of the entry that applied this call: pass it as
+    `min_index` on a read to read your own write on any node.
+    """
     @_builtins.property
     def config(self) -> Global___QueueConfig:
         """The effective config, defaults filled in."""
@@ -920,10 +925,11 @@ class CreateQueueResponse(_message.Message):
         *,
         created: _builtins.bool = ...,
         config: Global___QueueConfig | None = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created", b"created"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created", b"created", "log_index", b"log_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -953,15 +959,19 @@ class DeleteQueueResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELETED_JOBS_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     deleted_jobs: _builtins.int
+    log_index: _builtins.int
+    """As CreateQueueResponse.log_index."""
     def __init__(
         self,
         *,
         deleted_jobs: _builtins.int = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_jobs", b"deleted_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_jobs", b"deleted_jobs", "log_index", b"log_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1068,15 +1078,19 @@ class PurgeQueueResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PURGED_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     purged: _builtins.int
+    log_index: _builtins.int
+    """As CreateQueueResponse.log_index."""
     def __init__(
         self,
         *,
         purged: _builtins.int = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["purged", b"purged"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_index", b"log_index", "purged", b"purged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1173,15 +1187,19 @@ class RedriveResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REDRIVEN_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     redriven: _builtins.int
+    log_index: _builtins.int
+    """As CreateQueueResponse.log_index."""
     def __init__(
         self,
         *,
         redriven: _builtins.int = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["redriven", b"redriven"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_index", b"log_index", "redriven", b"redriven"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1217,15 +1235,19 @@ class DeleteDeadResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELETED_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     deleted: _builtins.int
+    log_index: _builtins.int
+    """As CreateQueueResponse.log_index."""
     def __init__(
         self,
         *,
         deleted: _builtins.int = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "log_index", b"log_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -93,3 +93,15 @@ async def test_bounds_the_call(server: NodeServer) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as many:
             await stub.Submit(pb.SubmitRequest(ops=[_enqueue("q", b"x")] * 1001))
         assert many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_admin_writes_carry_their_log_index_so_reads_see_them(client: Client) -> None:
+    # A queue created through a balancer must be visible to the next read,
+    # whichever node serves it: the SDK sends the create's index as min_index.
+    created = await client.create_queue("fresh")
+    assert created.log_index > 0
+    assert client.last_log_index == created.log_index
+    purged = await client._call(lambda s: s.admin.PurgeQueue, pb.PurgeQueueRequest(queue="fresh"))
+    assert purged.log_index > created.log_index
+    (stats,) = await client.stats("fresh")
+    assert stats.queue == "fresh"
