@@ -223,9 +223,14 @@ class _Base:
             return OPEN
         return self.verifier.verify(access.bearer(context.invocation_metadata()))
 
-    async def _forward(self, method: str, request: Message, context: Context) -> Message:
+    async def _forward(
+        self, method: str, request: Message, context: Context, onward: bool = False
+    ) -> Message:
+        """The leader's answer to ``request``. A call a hop sent here is not
+        forwarded again unless ``onward`` (one hop more, never a loop: the
+        leader marks nothing onward)."""
         metadata = context.invocation_metadata() or ()
-        if any(key == FORWARDED_KEY for key, _ in metadata):
+        if not onward and any(key == FORWARDED_KEY for key, _ in metadata):
             raise self.node.log.not_leader_error()  # already forwarded once: no second hop
         _, address = self.node.log.leader_hint()
         if not address:
@@ -418,19 +423,10 @@ class QueueService(_Base, pbg.QueueServicer):
             op = request.ops[i]
             getattr(op, op.WhichOneof("op") or "enqueue").queue = names[i]
             ops.append(op)
-        _, address = self.node.log.leader_hint()
-        if not address or self.node.log.is_leader:
+        if self.node.log.is_leader:
             return 0
         try:
-            answer = await self.forwarder.call(
-                address,
-                self.SERVICE,
-                "Submit",
-                pb.SubmitRequest(ops=ops),
-                context.time_remaining(),
-                self.node.config.node_id,
-                access.credentials(context.invocation_metadata() or ()),
-            )
+            answer = await self._forward("Submit", pb.SubmitRequest(ops=ops), context, onward=True)
         except PQueueError as exc:
             logger.debug("%d operation(s) not forwarded: %s", len(moved), describe(exc))
             return 0
