@@ -75,7 +75,11 @@ def _yes(_: bytes) -> bool:
 
 
 def _consistent_leads(
-    message: type[pb.GetJobRequest] | type[pb.StatsRequest] | type[pb.ListDeadRequest],
+    message: type[pb.GetJobRequest]
+    | type[pb.StatsRequest]
+    | type[pb.ListDeadRequest]
+    | type[pb.ListJobsRequest]
+    | type[pb.ListSchedulesRequest],
 ) -> Callable[[bytes], Kind]:
     def kind_of(data: bytes) -> Kind:
         try:
@@ -118,11 +122,22 @@ def _lease_wait_s(data: bytes) -> float:
         return 0.0
 
 
-_READS = {"GetJob", "Stats", "ListQueues", "ListDead", "NodeStatus", "StateDigest"}
+_READS = {
+    "GetJob",
+    "Stats",
+    "ListQueues",
+    "ListDead",
+    "ListJobs",
+    "ListSchedules",
+    "NodeStatus",
+    "StateDigest",
+}
 _CONSISTENT = {
     "GetJob": pb.GetJobRequest,
     "Stats": pb.StatsRequest,
     "ListDead": pb.ListDeadRequest,
+    "ListJobs": pb.ListJobsRequest,
+    "ListSchedules": pb.ListSchedulesRequest,
 }
 _IDEMPOTENT_WRITES = {
     "Enqueue": _enqueue_keyed,

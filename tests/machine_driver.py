@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pqueue.core import features
 from pqueue.core.machine import QueueMachine, Result
 from pqueue.core.snapshot import take_snapshot
 from pqueue.v1 import log_pb2 as logpb
@@ -13,15 +14,23 @@ from pqueue.v1 import queue_pb2 as pb
 class Driver:
     """One command per entry, at an explicit time."""
 
-    def __init__(self, machine: QueueMachine | None = None, now: int = 1_000_000) -> None:
+    def __init__(
+        self, machine: QueueMachine | None = None, now: int = 1_000_000, lifecycle: bool = False
+    ) -> None:
         self.m = machine or QueueMachine()
         self.now = now
+        if lifecycle:  # as a leader does once every member supports it
+            self.ok(tick=logpb.Tick(lifecycle=True))
+            assert self.m.lifecycle
 
     def run(self, **command: Any) -> Result:
+        commands = [logpb.Command(**command)]
         entry = logpb.LogEntry(
             index=self.m.applied_index + 1,
             time_ms=self.now,
-            commands=[logpb.Command(**command)],
+            commands=commands,
+            # Stamped as the leader stamps it.
+            required_features=features.required_by(commands),
         )
         return self.m.apply_entry(entry).results[0]
 
@@ -55,9 +64,11 @@ class Driver:
         )
 
     def state(self) -> bytes:
-        """The queues' state, without the index and time every entry moves."""
+        """The queues' state, without the index, time and features every
+        entry may move (a refused command's entry is stamped too)."""
         snap = take_snapshot(self.m)
         snap.index = snap.time_ms = 0
+        del snap.required_features[:]
         return snap.SerializeToString(deterministic=True)
 
     def tick(self, advance_ms: int = 0) -> None:

@@ -43,6 +43,7 @@ from google.protobuf.message import Message
 
 from pqueue.errors import UpgradeRequiredError
 from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
 
 #: Metadata key of the peer stream header that announces a node's features.
 FEATURES_KEY = "pq-features"
@@ -63,8 +64,19 @@ LEASED_TOTAL = "leased_total"
 #: such a snapshot as holding unknown fields and asks to be upgraded.
 PACKED_JOBS = "packed_jobs"
 
+#: The life of a job after its delivery and the controls around it: acked
+#: jobs kept as COMPLETED records (with results), operator actions on one
+#: job, queue updates, pause, dispatch limits, expiry, retention and cron
+#: schedules. Besides its own fields, it changes what a plain ack does (the
+#: job is kept as a record), so the machine applies that only once an entry
+#: has needed it: the leader proposes ``Tick(lifecycle=True)`` once every
+#: member announces it (``QueueMachine.lifecycle``).
+LIFECYCLE = "lifecycle"
+
 #: Every feature this release can apply.
-SUPPORTED: frozenset[str] = frozenset({TENANT_LIMITS, CALLER, SHARES, LEASED_TOTAL, PACKED_JOBS})
+SUPPORTED: frozenset[str] = frozenset(
+    {TENANT_LIMITS, CALLER, SHARES, LEASED_TOTAL, PACKED_JOBS, LIFECYCLE}
+)
 
 #: What a member is taken to support until it announces otherwise: a node
 #: whose stream carries no header (it predates announcements) or that has not
@@ -85,6 +97,7 @@ USES: dict[str, str] = {
     SHARES: "queue shares",
     LEASED_TOTAL: "the deliveries counter",
     PACKED_JOBS: "snapshots with jobs in the compact form",
+    LIFECYCLE: "job records, job actions, queue controls, expiry and schedules",
 }
 
 _V1 = {
@@ -122,6 +135,49 @@ V1_FIELDS: frozenset[str] = frozenset(
     f"pqueue.v1.{message}.{name}" for message, names in _V1.items() for name in names.split()
 )
 
+
+def _lifecycle_fields() -> tuple[str, ...]:
+    """Every field the lifecycle feature added to the log: the new command
+    kinds and every field of their messages, and the fields it added to
+    messages the log already carried."""
+    added = {
+        "Command": "update_queue pause_queue resume_queue complete_job cancel_job requeue_job "
+        "reprioritize_job put_schedule delete_schedule pause_schedule schedule_tick",
+        "Tick": "lifecycle",
+        "JobSpec": "expires_at_ms",
+        "JobLease": "result",
+        "JobRecord": "finished_at_ms result reason expires_at_ms",
+        "QueueSnapshot": "paused dispatch_tokens dispatch_at_ms schedules",
+        "QueueStats": "completed cancelled paused completed_total cancelled_total "
+        "ttl_expired_total",
+        "QueueConfig": "max_result_bytes completed_retention_ms completed_max "
+        "max_dispatch_per_s max_inflight job_ttl_ms dead_retention_ms",
+    }
+    names = [f"pqueue.v1.{m}.{f}" for m, fs in added.items() for f in fs.split()]
+    for message in (
+        "UpdateQueueRequest",
+        "PauseQueueRequest",
+        "ResumeQueueRequest",
+        "CompleteJobRequest",
+        "CancelJobRequest",
+        "RequeueJobRequest",
+        "ReprioritizeJobRequest",
+        "PutScheduleRequest",
+        "DeleteScheduleRequest",
+        "PauseScheduleRequest",
+        "ScheduleTick",
+        "Schedule",
+    ):
+        desc = (
+            logpb.DESCRIPTOR.message_types_by_name.get(message)
+            or pb.DESCRIPTOR.message_types_by_name[message]
+        )
+        names += [f.full_name for f in desc.fields]
+    return tuple(names)
+
+
+_LIFECYCLE_FIELDS = _lifecycle_fields()
+
 #: Each field added since v1 -> the feature a replica needs to apply it.
 FIELD_FEATURES: dict[str, str] = {
     "pqueue.v1.Command.limits": TENANT_LIMITS,
@@ -145,6 +201,7 @@ FIELD_FEATURES: dict[str, str] = {
     "pqueue.v1.Snapshot.packed": PACKED_JOBS,
     "pqueue.v1.PackedJobs.queue": PACKED_JOBS,
     "pqueue.v1.PackedJobs.records": PACKED_JOBS,
+    **{name: LIFECYCLE for name in _LIFECYCLE_FIELDS},
 }
 
 #: Fields added since v1 that an older replica may ignore without diverging.

@@ -30,7 +30,9 @@ class JobCommands(TenancyRules):
         limits.check_queue_name(req.queue)
         queue = self.queues.get(req.queue)
         tenant = self._check_producer(req.queue, queue)
-        config = queue.config if queue else limits.effective_config(pb.QueueConfig())
+        config = (
+            queue.config if queue else limits.effective_config(pb.QueueConfig(), self.lifecycle)
+        )
         for i, spec in enumerate(req.jobs):
             self._check_spec(config, spec, f"jobs[{i}]")
         self._check_tenant_enqueue(req, queue, tenant)

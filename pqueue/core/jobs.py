@@ -39,7 +39,13 @@ READY = pb.JOB_STATE_READY
 DELAYED = pb.JOB_STATE_DELAYED
 LEASED = pb.JOB_STATE_LEASED
 DEAD = pb.JOB_STATE_DEAD
+COMPLETED = pb.JOB_STATE_COMPLETED
+CANCELLED = pb.JOB_STATE_CANCELLED
 WAITING = (READY, DELAYED)
+#: Records of jobs that ended: kept for the queue's completed retention.
+FINISHED = (COMPLETED, CANCELLED)
+#: Every state a job can be in, as ``QueueState.counts`` counts them.
+STATES = (READY, DELAYED, LEASED, DEAD, COMPLETED, CANCELLED)
 
 #: Heaps are rebuilt once stale entries outnumber live ones by this much.
 _SLACK = 64
@@ -87,6 +93,15 @@ class Job:
     #: The tenant whose producer enqueued it (the owner's, for the owner's,
     #: an admin's and unstamped enqueues; "" for a queue name without one).
     tenant: str = ""
+    #: COMPLETED/CANCELLED: when it ended; DEAD: when it died (0 for jobs
+    #: that died before this was recorded).
+    finished_at_ms: int = 0
+    #: COMPLETED: what the ack (or a force-complete) carried.
+    result: bytes = b""
+    #: An operator's note, or why the job is dead.
+    reason: str = ""
+    #: A waiting job becomes DEAD ("expired") if not leased by then; 0: never.
+    expires_at_ms: int = 0
 
     def packable(self) -> bool:
         """Whether the compact form holds this job: waiting for its first
@@ -100,6 +115,10 @@ class Job:
             and not self.consumer_id
             and not self.leased_at_ms
             and not self.lease_expires_at_ms
+            and not self.finished_at_ms
+            and not self.result
+            and not self.reason
+            and not self.expires_at_ms
             and len(self.tenant) < 4096
             and len(self.idempotency_key) < 4096
         )
@@ -421,6 +440,9 @@ class Counters:
     nacked: int = 0
     expired: int = 0
     dead: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    ttl_expired: int = 0
 
     def to_stats(self) -> dict[str, Any]:
         """The ``QueueStats`` fields these totals fill, by name."""
@@ -464,9 +486,21 @@ class QueueState:
     oldest: list[tuple[int, int]] = field(default_factory=list)
     groups: dict[GroupKey, Group] = field(default_factory=dict)
     dead_ids: set[int] = field(default_factory=set)
-    counts: dict[int, int] = field(
-        default_factory=lambda: {READY: 0, DELAYED: 0, LEASED: 0, DEAD: 0}
-    )
+    counts: dict[int, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    #: (finished_at_ms, job_id) of COMPLETED and CANCELLED records, oldest
+    #: first (lazy: an entry whose job left that state is skipped).
+    finished: list[tuple[int, int]] = field(default_factory=list)
+    #: (finished_at_ms, job_id) of DEAD jobs, oldest first (lazy, as
+    #: ``finished``): dead_retention_ms prunes from its front.
+    dead_order: list[tuple[int, int]] = field(default_factory=list)
+    #: Leases are paused (PauseQueue).
+    paused: bool = False
+    #: max_dispatch_per_s: the token bucket (thousandths of a lease) as of
+    #: ``dispatch_at_ms``.
+    dispatch_tokens: int = 0
+    dispatch_at_ms: int = 0
+    #: Cron schedules by name (``next_tick_ms`` unset: computed by the node).
+    schedules: dict[str, pb.Schedule] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
     #: (producing tenant, idempotency key) -> (job_id, expires_at_ms)
     dedup: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
@@ -694,6 +728,9 @@ class QueueState:
             delayed=self.counts[DELAYED],
             leased=self.counts[LEASED],
             dead=self.counts[DEAD],
+            completed=self.counts[COMPLETED],
+            cancelled=self.counts[CANCELLED],
+            paused=self.paused,
             oldest_ready_age_ms=max(0, now_ms - oldest) if oldest is not None else 0,
             **self.counters.to_stats(),
         )

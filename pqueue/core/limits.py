@@ -20,6 +20,7 @@ from pqueue.wire.sizes import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 from pqueue.wire.sizes import MAX_PAYLOAD_BYTES_LIMIT as MAX_PAYLOAD_BYTES_LIMIT
 from pqueue.wire.sizes import MAX_PEER_MESSAGE_BYTES as MAX_PEER_MESSAGE_BYTES
 from pqueue.wire.sizes import MAX_REASON_CHARS as MAX_REASON_CHARS
+from pqueue.wire.sizes import MAX_RESULT_BYTES_LIMIT as MAX_RESULT_BYTES_LIMIT
 
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_LEASE_MS = 30_000
@@ -28,10 +29,18 @@ DEFAULT_BACKOFF_BASE_MS = 1_000
 DEFAULT_BACKOFF_MAX_MS = 600_000
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
 DEFAULT_DEDUP_WINDOW_MS = 300_000
+DEFAULT_MAX_RESULT_BYTES = 64 << 10
+DEFAULT_COMPLETED_RETENTION_MS = 3600 * 1000
+DEFAULT_COMPLETED_MAX = 10_000
 
 #: Hard ceilings no queue config can raise.
 MAX_ATTEMPTS_LIMIT = 1000
 MAX_DURATION_MS = 7 * 24 * 3600 * 1000
+#: Retention periods (completed records, dead jobs) and job TTLs.
+MAX_RETENTION_MS = 90 * 24 * 3600 * 1000
+MAX_COMPLETED_LIMIT = 1_000_000
+#: max_dispatch_per_s is kept in thousandths (deterministic integer math).
+MAX_DISPATCH_PER_S = 1_000_000.0
 MAX_LEASE_JOBS = 1000
 MAX_WAIT_MS = 60_000
 MAX_LIST_LIMIT = 1000
@@ -117,8 +126,11 @@ def check_duration(value: int, field: str, upper_ms: int = MAX_DURATION_MS) -> N
         raise InvalidArgumentError(field, f"must be at most {upper_ms} ms")
 
 
-def effective_config(config: pb.QueueConfig) -> pb.QueueConfig:
-    """The config with every zero field replaced by its default; validated."""
+def effective_config(config: pb.QueueConfig, lifecycle: bool = True) -> pb.QueueConfig:
+    """The config with every zero field replaced by its default; validated.
+    Without ``lifecycle`` (a machine before the switch, ``features.LIFECYCLE``)
+    the fields that feature added are left as sent, as a release before it
+    left them."""
     out = pb.QueueConfig()
     out.CopyFrom(config)
     out.max_attempts = out.max_attempts or DEFAULT_MAX_ATTEMPTS
@@ -131,8 +143,39 @@ def effective_config(config: pb.QueueConfig) -> pb.QueueConfig:
     shares = sorted(out.shares, key=lambda share: share.tenant)
     del out.shares[:]
     out.shares.extend(pb.TenantShare(tenant=s.tenant, weight=s.weight or 1) for s in shares)
+    if lifecycle:
+        out.max_result_bytes = out.max_result_bytes or DEFAULT_MAX_RESULT_BYTES
+        out.completed_retention_ms = out.completed_retention_ms or DEFAULT_COMPLETED_RETENTION_MS
+        if not out.HasField("completed_max"):
+            out.completed_max = DEFAULT_COMPLETED_MAX
+        validate_lifecycle_config(out)
     validate_config(out)
     return out
+
+
+def validate_lifecycle_config(c: pb.QueueConfig) -> None:
+    """The fields the lifecycle feature added (see ``validate_config``)."""
+    if c.max_result_bytes > MAX_RESULT_BYTES_LIMIT:
+        raise InvalidArgumentError(
+            "config.max_result_bytes", f"must be at most {MAX_RESULT_BYTES_LIMIT}"
+        )
+    for name in ("completed_retention_ms", "job_ttl_ms", "dead_retention_ms"):
+        check_duration(getattr(c, name), f"config.{name}", MAX_RETENTION_MS)
+    if c.completed_max > MAX_COMPLETED_LIMIT:
+        raise InvalidArgumentError("config.completed_max", f"must be at most {MAX_COMPLETED_LIMIT}")
+    rate = c.max_dispatch_per_s
+    if not 0 <= rate <= MAX_DISPATCH_PER_S:  # NaN fails too
+        raise InvalidArgumentError(
+            "config.max_dispatch_per_s", f"must lie within 0 and {MAX_DISPATCH_PER_S:g}"
+        )
+    if 0 < rate < 0.001:
+        raise InvalidArgumentError("config.max_dispatch_per_s", "must be 0 or at least 0.001")
+
+
+def dispatch_milli(config: pb.QueueConfig) -> int:
+    """max_dispatch_per_s in thousandths of a lease per second (0: no limit):
+    the integer every replica computes alike from the same double."""
+    return round(config.max_dispatch_per_s * 1000)
 
 
 def validate_config(c: pb.QueueConfig) -> None:

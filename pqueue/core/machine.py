@@ -28,8 +28,11 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from pqueue.core import limits
 from pqueue.core.commands import bind, checked_commands
 from pqueue.core.effects import Effects, Result
+from pqueue.core.features import LIFECYCLE
+from pqueue.core.job_actions import JobActions
 from pqueue.core.job_commands import JobCommands
 from pqueue.core.jobs import (
     DELAYED,
@@ -38,6 +41,8 @@ from pqueue.core.jobs import (
     Job,
 )
 from pqueue.core.queue_commands import QueueCommands
+from pqueue.core.queue_controls import QueueControls
+from pqueue.core.schedules import ScheduleCommands
 from pqueue.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -50,7 +55,7 @@ __all__ = ["Effects", "QueueMachine", "Result"]
 
 
 @checked_commands  # every Command field has exactly one @handles method, or no start
-class QueueMachine(JobCommands, QueueCommands):
+class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, ScheduleCommands):
     """All queues of one node, advanced only by ``apply_entry``."""
 
     def __init__(self) -> None:
@@ -70,6 +75,8 @@ class QueueMachine(JobCommands, QueueCommands):
         self.time_ms = now
         self.applied_index = entry.index
         self.features.update(entry.required_features)
+        if not self.lifecycle and LIFECYCLE in self.features:
+            self._start_lifecycle()
         self.advance(now)
         results = [self.apply_command(cmd, now) for cmd in entry.commands]
         effects = Effects(
@@ -81,6 +88,14 @@ class QueueMachine(JobCommands, QueueCommands):
         )
         self._woken, self._changed, self._touched = Counter(), set(), set()
         return effects
+
+    def _start_lifecycle(self) -> None:
+        """The first entry needing ``LIFECYCLE``: its semantics hold from
+        here on, and every queue's config shows the new fields' defaults
+        (as a queue created from now on does)."""
+        self.lifecycle = True
+        for queue in self.queues.values():
+            queue.config = limits.effective_config(queue.config, lifecycle=True)
 
     def apply_command(self, cmd: logpb.Command, now: int) -> Result:
         """Apply one command at ``now``; an error result means nothing changed."""

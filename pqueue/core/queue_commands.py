@@ -22,7 +22,7 @@ class QueueCommands(Transitions):
     @handles("create_queue")
     def _create_queue(self, req: pb.CreateQueueRequest, now: int) -> pb.CreateQueueResponse:
         limits.check_queue_name(req.queue)
-        config = limits.effective_config(req.config)
+        config = limits.effective_config(req.config, self.lifecycle)
         existing = self.queues.get(req.queue)
         if existing is not None:
             if existing.config != config:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pqueue.core import limits
-from pqueue.core.features import check_snapshot
+from pqueue.core.features import LIFECYCLE, check_snapshot
 from pqueue.core.jobs import (
     READY,
     RECORD_HEAD,
@@ -142,6 +142,10 @@ def _head(machine: QueueMachine) -> bytes:
             config=queue.config,
             counters=pb.QueueStats(**queue.counters.to_stats()),
             vclock=queue.vclock,
+            paused=queue.paused,
+            dispatch_tokens=queue.dispatch_tokens,
+            dispatch_at_ms=queue.dispatch_at_ms,
+            schedules=[queue.schedules[n] for n in sorted(queue.schedules)],
         )
         for tenant in sorted(queue.lanes):
             # A lane at or behind the clock acts as if at it: only those ahead count.
@@ -209,6 +213,7 @@ def restore_chunks(chunks: Iterable[bytes]) -> QueueMachine:
     machine.next_job_id = head.next_job_id
     machine.next_lease_id = head.next_lease_id
     machine.features = set(head.required_features)
+    machine.lifecycle = LIFECYCLE in machine.features
     for restoring in queues.values():
         restoring.finish()
     return machine
@@ -233,6 +238,10 @@ class _Restoring:
             config=qs.config,
             counters=Counters.from_stats(qs.counters),
             vclock=qs.vclock,
+            paused=qs.paused,
+            dispatch_tokens=qs.dispatch_tokens,
+            dispatch_at_ms=qs.dispatch_at_ms,
+            schedules={s.name: s for s in qs.schedules},
         )
         machine.queues[qs.name] = queue
         for lane_record in qs.lanes:

@@ -13,6 +13,7 @@ from pqueue.core import limits
 from pqueue.core.jobs import (
     DEAD,
     DELAYED,
+    FINISHED,
     LEASED,
     READY,
     Group,
@@ -56,6 +57,9 @@ class MachineState:
         self._idle: set[str] = set()
         #: The tenant limits stamped on the command being applied (None: none).
         self._limits: logpb.TenantLimits | None = None
+        #: The job-lifecycle semantics are on (``features.LIFECYCLE``: an
+        #: entry needed it; see ``QueueMachine.apply_entry``).
+        self.lifecycle = False
         #: Who sent the command being applied (None: not stamped, auth off).
         self._caller: logpb.Caller | None = None
         #: Ids of jobs changed or removed in the entry being applied (reported
@@ -82,8 +86,8 @@ class Transitions(MachineState):
         if compact and job.packable() and queue.add_compact(job.job_id, job.row()):
             return
         queue.jobs[job.job_id] = job
-        if job.state == DEAD:
-            queue.dead_ids.add(job.job_id)
+        if job.state == DEAD or job.state in FINISHED:
+            self.note_end(queue, job)
             return
         group = queue.groups.setdefault(job.group_key, Group()) if job.group else None
         if job.state == LEASED:
@@ -102,6 +106,16 @@ class Transitions(MachineState):
             heapq.heappush(self._delayed, (job.ready_at_ms, job.job_id, job.token, queue.name))
         elif group is None:
             queue.push_ready(job)
+
+    def note_end(self, queue: QueueState, job: Job) -> None:
+        """Index a job that is DEAD, COMPLETED or CANCELLED (its
+        ``finished_at_ms`` set) for retention, and dead ones for ListDead."""
+        entry = (job.finished_at_ms, job.job_id)
+        if job.state == DEAD:
+            queue.dead_ids.add(job.job_id)
+            heapq.heappush(queue.dead_order, entry)
+        else:
+            heapq.heappush(queue.finished, entry)
 
     def remember_key(
         self, queue: QueueState, tenant: str, key: str, job_id: int, expires_at_ms: int
@@ -201,15 +215,22 @@ class Transitions(MachineState):
         del job.errors[: -limits.MAX_ERROR_HISTORY]
         self._end_lease(queue, job)
         if job.attempts >= queue.config.max_attempts:
-            self._set_state(queue, job, DEAD)
-            queue.dead_ids.add(job.job_id)
-            queue.counters.dead += 1
-            if job.group:
-                self._refresh_group(queue, job.group_key)
+            self._make_dead(queue, job, now, "attempts exhausted")
         elif retry_at > now:
             self._make_delayed(queue, job, retry_at)
         else:
             self._make_ready(queue, job, now)
+
+    def _make_dead(self, queue: QueueState, job: Job, now: int, reason: str) -> None:
+        """The job goes to the dead letters (its group's next job may go on)."""
+        self._set_state(queue, job, DEAD)
+        if self.lifecycle:
+            job.finished_at_ms = now
+            job.reason = reason
+        self.note_end(queue, job)
+        queue.counters.dead += 1
+        if job.group:
+            self._refresh_group(queue, job.group_key)
 
     def _remove(self, queue: QueueState, job: Job) -> None:
         self._changed.add(job.job_id)

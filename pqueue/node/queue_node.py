@@ -270,6 +270,7 @@ class QueueNode:
             return
         if self.announced.get(node) != supported:
             self.announced[node] = supported
+            self._due_changed.set()  # the tick loop may switch features on
             missing = sorted(self.config.features - supported)
             logger.info(
                 "node %s: node %d supports %s%s",
@@ -311,6 +312,9 @@ class QueueNode:
                 await asyncio.sleep(self.config.min_tick_interval_ms / 1000)
                 continue
             self._due_changed.clear()
+            if not self.machine.lifecycle and self._members_support(features.LIFECYCLE):
+                await self._propose_tick(logpb.Tick(lifecycle=True))
+                continue
             due = self.machine.next_due_ms()
             if due is None:
                 await self._due_changed.wait()
@@ -325,12 +329,26 @@ class QueueNode:
                     continue  # something changed: recompute the next due time
                 except TimeoutError:
                     pass
-            try:
-                await self.propose(logpb.Command(tick=logpb.Tick()))
-            except PQueueError as exc:
-                # Not fatal here: a failed log stops the whole node; anything
-                # else (no leader, lost the lead mid-way) passes. Retry.
-                logger.debug("tick not committed: %s", describe(exc))
-                await asyncio.sleep(max(getattr(exc, "retry_after_s", 0.0), 0.1))
-                continue
-            await asyncio.sleep(self.config.min_tick_interval_ms / 1000)
+            await self._propose_tick(logpb.Tick())
+
+    async def _propose_tick(self, tick: logpb.Tick) -> None:
+        try:
+            await self.propose(logpb.Command(tick=tick))
+        except PQueueError as exc:
+            # Not fatal here: a failed log stops the whole node; anything
+            # else (no leader, lost the lead mid-way) passes. Retry.
+            logger.debug("tick not committed: %s", describe(exc))
+            await asyncio.sleep(max(getattr(exc, "retry_after_s", 0.0), 0.1))
+            return
+        if tick.lifecycle:
+            logger.info(
+                "node %s: every member supports %r: job records, job actions, queue "
+                "controls, expiry and schedules are on",
+                self.config.node_id,
+                features.LIFECYCLE,
+            )
+        await asyncio.sleep(self.config.min_tick_interval_ms / 1000)
+
+    def _members_support(self, feature: str) -> bool:
+        """Whether every member has announced ``feature`` (this node included)."""
+        return features.lacking({feature}, self.cluster.addresses, self.announced) is None

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from pqueue.core import limits
 from pqueue.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     NotLeaderError,
     NotTakenError,
@@ -604,6 +605,110 @@ class AdminService(_Base, pbg.AdminServicer):
     ) -> pb.DeleteDeadResponse:
         request.queue = _queue(request.queue, ADMIN)
         return await self._propose(logpb.Command(delete_dead=request), pb.DeleteDeadResponse)
+
+    @rpc
+    @on_leader
+    async def UpdateQueue(
+        self, request: pb.UpdateQueueRequest, context: Context
+    ) -> pb.UpdateQueueResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        return await self._propose(logpb.Command(update_queue=request), pb.UpdateQueueResponse)
+
+    @rpc
+    @on_leader
+    async def PauseQueue(
+        self, request: pb.PauseQueueRequest, context: Context
+    ) -> pb.PauseQueueResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        return await self._propose(logpb.Command(pause_queue=request), pb.PauseQueueResponse)
+
+    @rpc
+    @on_leader
+    async def ResumeQueue(
+        self, request: pb.ResumeQueueRequest, context: Context
+    ) -> pb.ResumeQueueResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        return await self._propose(logpb.Command(resume_queue=request), pb.ResumeQueueResponse)
+
+    @rpc
+    @on_leader
+    async def CompleteJob(
+        self, request: pb.CompleteJobRequest, context: Context
+    ) -> pb.JobActionResponse:
+        return await self._job_action("complete_job", request)
+
+    @rpc
+    @on_leader
+    async def CancelJob(
+        self, request: pb.CancelJobRequest, context: Context
+    ) -> pb.JobActionResponse:
+        return await self._job_action("cancel_job", request)
+
+    @rpc
+    @on_leader
+    async def RequeueJob(
+        self, request: pb.RequeueJobRequest, context: Context
+    ) -> pb.JobActionResponse:
+        return await self._job_action("requeue_job", request)
+
+    @rpc
+    @on_leader
+    async def ReprioritizeJob(
+        self, request: pb.ReprioritizeJobRequest, context: Context
+    ) -> pb.JobActionResponse:
+        return await self._job_action("reprioritize_job", request)
+
+    async def _job_action(self, kind: str, request: Any) -> pb.JobActionResponse:
+        """An operator's action on one job: the job as it is after it."""
+        named = request.queue
+        request.queue = _queue(named, ADMIN)
+        out = await self._propose(logpb.Command(**{kind: request}), pb.JobActionResponse)
+        out.job.queue = named
+        return out
+
+    @rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        # PENDING(issue 16): the browse helper builds it.
+        raise FailedPreconditionError("ListJobs is not built yet")
+
+    @rpc
+    @on_leader
+    async def PutSchedule(
+        self, request: pb.PutScheduleRequest, context: Context
+    ) -> pb.PutScheduleResponse:
+        named = request.schedule.queue
+        request.schedule.queue = _queue(named, ADMIN)
+        out = await self._propose(logpb.Command(put_schedule=request), pb.PutScheduleResponse)
+        out.schedule.queue = named
+        return out
+
+    @rpc
+    async def ListSchedules(
+        self, request: pb.ListSchedulesRequest, context: Context
+    ) -> pb.ListSchedulesResponse:
+        # PENDING(issue 16): the schedules helper builds it.
+        raise FailedPreconditionError("ListSchedules is not built yet")
+
+    @rpc
+    @on_leader
+    async def DeleteSchedule(
+        self, request: pb.DeleteScheduleRequest, context: Context
+    ) -> pb.DeleteScheduleResponse:
+        request.queue = _queue(request.queue, ADMIN)
+        return await self._propose(
+            logpb.Command(delete_schedule=request), pb.DeleteScheduleResponse
+        )
+
+    @rpc
+    @on_leader
+    async def PauseSchedule(
+        self, request: pb.PauseScheduleRequest, context: Context
+    ) -> pb.PauseScheduleResponse:
+        named = request.queue
+        request.queue = _queue(named, ADMIN)
+        out = await self._propose(logpb.Command(pause_schedule=request), pb.PauseScheduleResponse)
+        out.schedule.queue = named
+        return out
 
     @rpc
     async def StateDigest(

@@ -26,20 +26,64 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Tick(_message.Message):
-    """Carries only time: makes due delayed jobs ready and expires due leases."""
+    """Carries time: makes due delayed jobs ready and expires due leases."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    LIFECYCLE_FIELD_NUMBER: _builtins.int
+    lifecycle: _builtins.bool
+    """Turns on the job-lifecycle semantics (acked jobs kept as COMPLETED
+    records, and the rest of pqueue/core/features.py LIFECYCLE) from this
+    entry on. The leader proposes it once, when every member supports them,
+    so replicas on an older release never meet an ack they would apply
+    differently.
+    """
     def __init__(
         self,
+        *,
+        lifecycle: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lifecycle", b"lifecycle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Tick: _TypeAlias = Tick  # noqa: Y015
+
+@_typing.final
+class ScheduleTick(_message.Message):
+    """A schedule's tick, proposed by the leader when it comes due: enqueues the
+    schedule's job (or only records the tick, `skip`). Idempotent: a tick at
+    or before the schedule's last one changes nothing, so a failover neither
+    skips nor doubles it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TICK_MS_FIELD_NUMBER: _builtins.int
+    SKIP_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    name: _builtins.str
+    tick_ms: _builtins.int
+    skip: _builtins.bool
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        name: _builtins.str = ...,
+        tick_ms: _builtins.int = ...,
+        skip: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "queue", b"queue", "skip", b"skip", "tick_ms", b"tick_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleTick: _TypeAlias = ScheduleTick  # noqa: Y015
 
 @_typing.final
 class Command(_message.Message):
@@ -56,6 +100,17 @@ class Command(_message.Message):
     REDRIVE_FIELD_NUMBER: _builtins.int
     DELETE_DEAD_FIELD_NUMBER: _builtins.int
     TICK_FIELD_NUMBER: _builtins.int
+    UPDATE_QUEUE_FIELD_NUMBER: _builtins.int
+    PAUSE_QUEUE_FIELD_NUMBER: _builtins.int
+    RESUME_QUEUE_FIELD_NUMBER: _builtins.int
+    COMPLETE_JOB_FIELD_NUMBER: _builtins.int
+    CANCEL_JOB_FIELD_NUMBER: _builtins.int
+    REQUEUE_JOB_FIELD_NUMBER: _builtins.int
+    REPRIORITIZE_JOB_FIELD_NUMBER: _builtins.int
+    PUT_SCHEDULE_FIELD_NUMBER: _builtins.int
+    DELETE_SCHEDULE_FIELD_NUMBER: _builtins.int
+    PAUSE_SCHEDULE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TICK_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     CALLER_FIELD_NUMBER: _builtins.int
     @_builtins.property
@@ -80,6 +135,28 @@ class Command(_message.Message):
     def delete_dead(self) -> _queue_pb2.DeleteDeadRequest: ...
     @_builtins.property
     def tick(self) -> Global___Tick: ...
+    @_builtins.property
+    def update_queue(self) -> _queue_pb2.UpdateQueueRequest: ...
+    @_builtins.property
+    def pause_queue(self) -> _queue_pb2.PauseQueueRequest: ...
+    @_builtins.property
+    def resume_queue(self) -> _queue_pb2.ResumeQueueRequest: ...
+    @_builtins.property
+    def complete_job(self) -> _queue_pb2.CompleteJobRequest: ...
+    @_builtins.property
+    def cancel_job(self) -> _queue_pb2.CancelJobRequest: ...
+    @_builtins.property
+    def requeue_job(self) -> _queue_pb2.RequeueJobRequest: ...
+    @_builtins.property
+    def reprioritize_job(self) -> _queue_pb2.ReprioritizeJobRequest: ...
+    @_builtins.property
+    def put_schedule(self) -> _queue_pb2.PutScheduleRequest: ...
+    @_builtins.property
+    def delete_schedule(self) -> _queue_pb2.DeleteScheduleRequest: ...
+    @_builtins.property
+    def pause_schedule(self) -> _queue_pb2.PauseScheduleRequest: ...
+    @_builtins.property
+    def schedule_tick(self) -> Global___ScheduleTick: ...
     @_builtins.property
     def limits(self) -> Global___TenantLimits:
         """The caller's tenant limits, stamped by the leader on the commands they
@@ -107,14 +184,25 @@ class Command(_message.Message):
         redrive: _queue_pb2.RedriveRequest | None = ...,
         delete_dead: _queue_pb2.DeleteDeadRequest | None = ...,
         tick: Global___Tick | None = ...,
+        update_queue: _queue_pb2.UpdateQueueRequest | None = ...,
+        pause_queue: _queue_pb2.PauseQueueRequest | None = ...,
+        resume_queue: _queue_pb2.ResumeQueueRequest | None = ...,
+        complete_job: _queue_pb2.CompleteJobRequest | None = ...,
+        cancel_job: _queue_pb2.CancelJobRequest | None = ...,
+        requeue_job: _queue_pb2.RequeueJobRequest | None = ...,
+        reprioritize_job: _queue_pb2.ReprioritizeJobRequest | None = ...,
+        put_schedule: _queue_pb2.PutScheduleRequest | None = ...,
+        delete_schedule: _queue_pb2.DeleteScheduleRequest | None = ...,
+        pause_schedule: _queue_pb2.PauseScheduleRequest | None = ...,
+        schedule_tick: Global___ScheduleTick | None = ...,
         limits: Global___TenantLimits | None = ...,
         caller: Global___Caller | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "caller", b"caller", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "caller", b"caller", "cancel_job", b"cancel_job", "complete_job", b"complete_job", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "delete_schedule", b"delete_schedule", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "pause_queue", b"pause_queue", "pause_schedule", b"pause_schedule", "purge", b"purge", "put_schedule", b"put_schedule", "redrive", b"redrive", "reprioritize_job", b"reprioritize_job", "requeue_job", b"requeue_job", "resume_queue", b"resume_queue", "schedule_tick", b"schedule_tick", "tick", b"tick", "update_queue", b"update_queue"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "caller", b"caller", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "purge", b"purge", "redrive", b"redrive", "tick", b"tick"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "caller", b"caller", "cancel_job", b"cancel_job", "complete_job", b"complete_job", "create_queue", b"create_queue", "delete_dead", b"delete_dead", "delete_queue", b"delete_queue", "delete_schedule", b"delete_schedule", "enqueue", b"enqueue", "extend", b"extend", "kind", b"kind", "lease", b"lease", "limits", b"limits", "nack", b"nack", "pause_queue", b"pause_queue", "pause_schedule", b"pause_schedule", "purge", b"purge", "put_schedule", b"put_schedule", "redrive", b"redrive", "reprioritize_job", b"reprioritize_job", "requeue_job", b"requeue_job", "resume_queue", b"resume_queue", "schedule_tick", b"schedule_tick", "tick", b"tick", "update_queue", b"update_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["enqueue", "lease", "ack", "nack", "extend", "create_queue", "delete_queue", "purge", "redrive", "delete_dead", "tick"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["enqueue", "lease", "ack", "nack", "extend", "create_queue", "delete_queue", "purge", "redrive", "delete_dead", "tick", "update_queue", "pause_queue", "resume_queue", "complete_job", "cancel_job", "requeue_job", "reprioritize_job", "put_schedule", "delete_schedule", "pause_schedule", "schedule_tick"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -236,6 +324,10 @@ class JobRecord(_message.Message):
     CONSUMER_ID_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_MS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     priority: _builtins.int
     payload: _builtins.bytes
@@ -251,6 +343,11 @@ class JobRecord(_message.Message):
     consumer_id: _builtins.str
     tenant: _builtins.str
     """The producing tenant ("" in records from before: the queue's owner)."""
+    finished_at_ms: _builtins.int
+    """As Job.finished_at_ms, result, reason and expires_at_ms."""
+    result: _builtins.bytes
+    reason: _builtins.str
+    expires_at_ms: _builtins.int
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.JobError]: ...
     def __init__(
@@ -271,10 +368,14 @@ class JobRecord(_message.Message):
         consumer_id: _builtins.str = ...,
         errors: _abc.Iterable[_queue_pb2.JobError] | None = ...,
         tenant: _builtins.str = ...,
+        finished_at_ms: _builtins.int = ...,
+        result: _builtins.bytes = ...,
+        reason: _builtins.str = ...,
+        expires_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer_id", b"consumer_id", "enqueued_at_ms", b"enqueued_at_ms", "errors", b"errors", "group", b"group", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "lease_id", b"lease_id", "leased_at_ms", b"leased_at_ms", "payload", b"payload", "priority", b"priority", "ready_at_ms", b"ready_at_ms", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer_id", b"consumer_id", "enqueued_at_ms", b"enqueued_at_ms", "errors", b"errors", "expires_at_ms", b"expires_at_ms", "finished_at_ms", b"finished_at_ms", "group", b"group", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "lease_id", b"lease_id", "leased_at_ms", b"leased_at_ms", "payload", b"payload", "priority", b"priority", "ready_at_ms", b"ready_at_ms", "reason", b"reason", "result", b"result", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -320,11 +421,21 @@ class QueueSnapshot(_message.Message):
     COUNTERS_FIELD_NUMBER: _builtins.int
     VCLOCK_FIELD_NUMBER: _builtins.int
     LANES_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    DISPATCH_TOKENS_FIELD_NUMBER: _builtins.int
+    DISPATCH_AT_MS_FIELD_NUMBER: _builtins.int
+    SCHEDULES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     vclock: _builtins.int
     """Fair sharing between tenants: the queue's virtual clock, and the
     virtual time of each tenant lane that is ahead of it (ordered by tenant).
     """
+    paused: _builtins.bool
+    dispatch_tokens: _builtins.int
+    """max_dispatch_per_s: the token bucket, in thousandths of a lease, as of
+    `dispatch_at_ms`.
+    """
+    dispatch_at_ms: _builtins.int
     @_builtins.property
     def config(self) -> _queue_pb2.QueueConfig: ...
     @_builtins.property
@@ -339,6 +450,10 @@ class QueueSnapshot(_message.Message):
     def counters(self) -> _queue_pb2.QueueStats: ...
     @_builtins.property
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneRecord]: ...
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.Schedule]:
+        """Ordered by name (`next_tick_ms` unset: it is computed, not kept)."""
+
     def __init__(
         self,
         *,
@@ -349,10 +464,14 @@ class QueueSnapshot(_message.Message):
         counters: _queue_pb2.QueueStats | None = ...,
         vclock: _builtins.int = ...,
         lanes: _abc.Iterable[Global___LaneRecord] | None = ...,
+        paused: _builtins.bool = ...,
+        dispatch_tokens: _builtins.int = ...,
+        dispatch_at_ms: _builtins.int = ...,
+        schedules: _abc.Iterable[_queue_pb2.Schedule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "counters", b"counters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "counters", b"counters", "dedup", b"dedup", "jobs", b"jobs", "lanes", b"lanes", "name", b"name", "vclock", b"vclock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "counters", b"counters", "dedup", b"dedup", "dispatch_at_ms", b"dispatch_at_ms", "dispatch_tokens", b"dispatch_tokens", "jobs", b"jobs", "lanes", b"lanes", "name", b"name", "paused", b"paused", "schedules", b"schedules", "vclock", b"vclock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,6 +39,12 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_DELAYED: _JobState.ValueType  # 2
     JOB_STATE_LEASED: _JobState.ValueType  # 3
     JOB_STATE_DEAD: _JobState.ValueType  # 4
+    JOB_STATE_COMPLETED: _JobState.ValueType  # 5
+    """Acked or force-completed: kept as a record for the queue's
+    `completed_retention_ms`, at most `completed_max` of them.
+    """
+    JOB_STATE_CANCELLED: _JobState.ValueType  # 6
+    """Cancelled by an operator: kept like a completed record."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
 
@@ -47,7 +53,39 @@ JOB_STATE_READY: JobState.ValueType  # 1
 JOB_STATE_DELAYED: JobState.ValueType  # 2
 JOB_STATE_LEASED: JobState.ValueType  # 3
 JOB_STATE_DEAD: JobState.ValueType  # 4
+JOB_STATE_COMPLETED: JobState.ValueType  # 5
+"""Acked or force-completed: kept as a record for the queue's
+`completed_retention_ms`, at most `completed_max` of them.
+"""
+JOB_STATE_CANCELLED: JobState.ValueType  # 6
+"""Cancelled by an operator: kept like a completed record."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
+
+class _MissedTicks:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MissedTicksEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MissedTicks.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MISSED_TICKS_ONCE: _MissedTicks.ValueType  # 0
+    """One job for all the ticks missed (the latest), as Kubernetes CronJobs do."""
+    MISSED_TICKS_ALL: _MissedTicks.ValueType  # 1
+    """Every missed tick gets its job (at most 100 per recovery)."""
+    MISSED_TICKS_SKIP: _MissedTicks.ValueType  # 2
+    """Missed ticks are skipped."""
+
+class MissedTicks(_MissedTicks, metaclass=_MissedTicksEnumTypeWrapper):
+    """What happens to ticks that came due while no leader could enqueue them
+    (more than a few seconds late: README "Cron schedules").
+    """
+
+MISSED_TICKS_ONCE: MissedTicks.ValueType  # 0
+"""One job for all the ticks missed (the latest), as Kubernetes CronJobs do."""
+MISSED_TICKS_ALL: MissedTicks.ValueType  # 1
+"""Every missed tick gets its job (at most 100 per recovery)."""
+MISSED_TICKS_SKIP: MissedTicks.ValueType  # 2
+"""Missed ticks are skipped."""
+Global___MissedTicks: _TypeAlias = MissedTicks  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
@@ -61,6 +99,7 @@ class JobSpec(_message.Message):
     NOT_BEFORE_MS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     payload: _builtins.bytes
     """Opaque bytes, at most the queue's `max_payload_bytes` (1 MiB default)."""
     priority: _builtins.int
@@ -77,6 +116,11 @@ class JobSpec(_message.Message):
     """Ordering key: jobs sharing a group are delivered in enqueue order, one
     in flight at a time.
     """
+    expires_at_ms: _builtins.int
+    """A job not leased by this time becomes DEAD with reason "expired" (0:
+    never; the queue's `job_ttl_ms`, counted from the enqueue, applies when
+    it comes sooner).
+    """
     def __init__(
         self,
         *,
@@ -86,10 +130,11 @@ class JobSpec(_message.Message):
         not_before_ms: _builtins.int = ...,
         idempotency_key: _builtins.str = ...,
         group: _builtins.str = ...,
+        expires_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_ms", b"delay_ms", "group", b"group", "idempotency_key", b"idempotency_key", "not_before_ms", b"not_before_ms", "payload", b"payload", "priority", b"priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_ms", b"delay_ms", "expires_at_ms", b"expires_at_ms", "group", b"group", "idempotency_key", b"idempotency_key", "not_before_ms", b"not_before_ms", "payload", b"payload", "priority", b"priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -317,17 +362,23 @@ class JobLease(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     lease_id: _builtins.int
+    result: _builtins.bytes
+    """On an ack: the job's result, kept on its COMPLETED record (at most the
+    queue's `max_result_bytes`, 64 KiB by default).
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
         lease_id: _builtins.int = ...,
+        result: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease_id", b"lease_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease_id", b"lease_id", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -560,6 +611,10 @@ class Job(_message.Message):
     CONSUMER_ID_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_MS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     queue: _builtins.str
     priority: _builtins.int
@@ -575,6 +630,16 @@ class Job(_message.Message):
     consumer_id: _builtins.str
     tenant: _builtins.str
     """As LeasedJob.tenant."""
+    finished_at_ms: _builtins.int
+    """COMPLETED and CANCELLED: when it ended. DEAD: when it died."""
+    result: _builtins.bytes
+    """COMPLETED: what the ack carried (or a force-complete set)."""
+    reason: _builtins.str
+    """An operator's note (force-complete, cancel), or why the job is dead
+    ("attempts exhausted", "expired").
+    """
+    expires_at_ms: _builtins.int
+    """When a waiting job expires unleased; 0: never."""
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobError]: ...
     def __init__(
@@ -594,10 +659,14 @@ class Job(_message.Message):
         consumer_id: _builtins.str = ...,
         errors: _abc.Iterable[Global___JobError] | None = ...,
         tenant: _builtins.str = ...,
+        finished_at_ms: _builtins.int = ...,
+        result: _builtins.bytes = ...,
+        reason: _builtins.str = ...,
+        expires_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer_id", b"consumer_id", "enqueued_at_ms", b"enqueued_at_ms", "errors", b"errors", "group", b"group", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "payload", b"payload", "priority", b"priority", "queue", b"queue", "ready_at_ms", b"ready_at_ms", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer_id", b"consumer_id", "enqueued_at_ms", b"enqueued_at_ms", "errors", b"errors", "expires_at_ms", b"expires_at_ms", "finished_at_ms", b"finished_at_ms", "group", b"group", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "lease_expires_at_ms", b"lease_expires_at_ms", "payload", b"payload", "priority", b"priority", "queue", b"queue", "ready_at_ms", b"ready_at_ms", "reason", b"reason", "result", b"result", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -673,6 +742,12 @@ class QueueStats(_message.Message):
     EXPIRED_TOTAL_FIELD_NUMBER: _builtins.int
     DEAD_TOTAL_FIELD_NUMBER: _builtins.int
     LEASED_TOTAL_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    COMPLETED_TOTAL_FIELD_NUMBER: _builtins.int
+    CANCELLED_TOTAL_FIELD_NUMBER: _builtins.int
+    TTL_EXPIRED_TOTAL_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     ready: _builtins.int
     delayed: _builtins.int
@@ -687,6 +762,17 @@ class QueueStats(_message.Message):
     dead_total: _builtins.int
     leased_total: _builtins.int
     """Deliveries: every lease of a job counts once."""
+    completed: _builtins.int
+    """Records held: acked or force-completed jobs, cancelled jobs."""
+    cancelled: _builtins.int
+    paused: _builtins.bool
+    """Leases are paused (PauseQueue)."""
+    completed_total: _builtins.int
+    """Jobs acked or force-completed; cancelled; dead because they expired
+    unleased (also counted in dead_total).
+    """
+    cancelled_total: _builtins.int
+    ttl_expired_total: _builtins.int
     def __init__(
         self,
         *,
@@ -702,10 +788,16 @@ class QueueStats(_message.Message):
         expired_total: _builtins.int = ...,
         dead_total: _builtins.int = ...,
         leased_total: _builtins.int = ...,
+        completed: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        paused: _builtins.bool = ...,
+        completed_total: _builtins.int = ...,
+        cancelled_total: _builtins.int = ...,
+        ttl_expired_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_total", b"acked_total", "dead", b"dead", "dead_total", b"dead_total", "delayed", b"delayed", "enqueued_total", b"enqueued_total", "expired_total", b"expired_total", "leased", b"leased", "leased_total", b"leased_total", "nacked_total", b"nacked_total", "oldest_ready_age_ms", b"oldest_ready_age_ms", "queue", b"queue", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_total", b"acked_total", "cancelled", b"cancelled", "cancelled_total", b"cancelled_total", "completed", b"completed", "completed_total", b"completed_total", "dead", b"dead", "dead_total", b"dead_total", "delayed", b"delayed", "enqueued_total", b"enqueued_total", "expired_total", b"expired_total", "leased", b"leased", "leased_total", b"leased_total", "nacked_total", b"nacked_total", "oldest_ready_age_ms", b"oldest_ready_age_ms", "paused", b"paused", "queue", b"queue", "ready", b"ready", "ttl_expired_total", b"ttl_expired_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -791,6 +883,13 @@ class QueueConfig(_message.Message):
     MAX_PRIORITY_FIELD_NUMBER: _builtins.int
     DELETE_WHEN_IDLE_FIELD_NUMBER: _builtins.int
     SHARES_FIELD_NUMBER: _builtins.int
+    MAX_RESULT_BYTES_FIELD_NUMBER: _builtins.int
+    COMPLETED_RETENTION_MS_FIELD_NUMBER: _builtins.int
+    COMPLETED_MAX_FIELD_NUMBER: _builtins.int
+    MAX_DISPATCH_PER_S_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_FIELD_NUMBER: _builtins.int
+    JOB_TTL_MS_FIELD_NUMBER: _builtins.int
+    DEAD_RETENTION_MS_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """Deliveries before a job is dead. Default 5."""
     default_lease_ms: _builtins.int
@@ -815,6 +914,28 @@ class QueueConfig(_message.Message):
     max_priority: _builtins.int
     delete_when_idle: _builtins.bool
     """Delete the queue once it holds no job at all."""
+    max_result_bytes: _builtins.int
+    """Bytes an ack's result may carry. Default 65536 (64 KiB)."""
+    completed_retention_ms: _builtins.int
+    """How long a COMPLETED or CANCELLED record is kept. Default 3600000 (1 h)."""
+    completed_max: _builtins.int
+    """Records kept at most (oldest dropped first). Default 10000; 0 keeps none
+    (an acked job is forgotten at once).
+    """
+    max_dispatch_per_s: _builtins.float
+    """Leases per second at most, over all consumers (0: no limit), decided by
+    the leader's stamped time so every replica agrees. Resolution 0.001.
+    """
+    max_inflight: _builtins.int
+    """Jobs leased at once at most (0: no limit)."""
+    job_ttl_ms: _builtins.int
+    """A job not leased within this long of its enqueue becomes DEAD with
+    reason "expired" (0: never).
+    """
+    dead_retention_ms: _builtins.int
+    """DEAD jobs are deleted this long after they died (0: kept until
+    redriven or deleted).
+    """
     @_builtins.property
     def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantShare]:
         """Sharing, with auth on: the tenants besides the owner that may enqueue
@@ -842,15 +963,26 @@ class QueueConfig(_message.Message):
         max_priority: _builtins.int | None = ...,
         delete_when_idle: _builtins.bool = ...,
         shares: _abc.Iterable[Global___TenantShare] | None = ...,
+        max_result_bytes: _builtins.int = ...,
+        completed_retention_ms: _builtins.int = ...,
+        completed_max: _builtins.int | None = ...,
+        max_dispatch_per_s: _builtins.float = ...,
+        max_inflight: _builtins.int = ...,
+        job_ttl_ms: _builtins.int = ...,
+        dead_retention_ms: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "max_priority", b"max_priority", "min_priority", b"min_priority"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_completed_max", b"_completed_max", "_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "completed_max", b"completed_max", "max_priority", b"max_priority", "min_priority", b"min_priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "aging_interval_ms", b"aging_interval_ms", "backoff_base_ms", b"backoff_base_ms", "backoff_max_ms", b"backoff_max_ms", "dedup_window_ms", b"dedup_window_ms", "default_lease_ms", b"default_lease_ms", "delete_when_idle", b"delete_when_idle", "max_attempts", b"max_attempts", "max_lease_total_ms", b"max_lease_total_ms", "max_payload_bytes", b"max_payload_bytes", "max_priority", b"max_priority", "min_priority", b"min_priority", "shares", b"shares"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_completed_max", b"_completed_max", "_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "aging_interval_ms", b"aging_interval_ms", "backoff_base_ms", b"backoff_base_ms", "backoff_max_ms", b"backoff_max_ms", "completed_max", b"completed_max", "completed_retention_ms", b"completed_retention_ms", "dead_retention_ms", b"dead_retention_ms", "dedup_window_ms", b"dedup_window_ms", "default_lease_ms", b"default_lease_ms", "delete_when_idle", b"delete_when_idle", "job_ttl_ms", b"job_ttl_ms", "max_attempts", b"max_attempts", "max_dispatch_per_s", b"max_dispatch_per_s", "max_inflight", b"max_inflight", "max_lease_total_ms", b"max_lease_total_ms", "max_payload_bytes", b"max_payload_bytes", "max_priority", b"max_priority", "max_result_bytes", b"max_result_bytes", "min_priority", b"min_priority", "shares", b"shares"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__completed_max: _TypeAlias = _typing.Literal["completed_max"]  # noqa: Y015
+    _WhichOneofArgType__completed_max: _TypeAlias = _typing.Literal["_completed_max", b"_completed_max"]  # noqa: Y015
     _WhichOneofReturnType__max_priority: _TypeAlias = _typing.Literal["max_priority"]  # noqa: Y015
     _WhichOneofArgType__max_priority: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority"]  # noqa: Y015
     _WhichOneofReturnType__min_priority: _TypeAlias = _typing.Literal["min_priority"]  # noqa: Y015
     _WhichOneofArgType__min_priority: _TypeAlias = _typing.Literal["_min_priority", b"_min_priority"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__completed_max) -> _WhichOneofReturnType__completed_max | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_priority) -> _WhichOneofReturnType__max_priority | None: ...
     @_typing.overload
@@ -1252,6 +1384,615 @@ class DeleteDeadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteDeadResponse: _TypeAlias = DeleteDeadResponse  # noqa: Y015
+
+@_typing.final
+class UpdateQueueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    @_builtins.property
+    def config(self) -> Global___QueueConfig: ...
+    @_builtins.property
+    def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """QueueConfig field names to change ("max_attempts", "shares", ...);
+        empty: replace the whole config (zero fields take their defaults).
+        """
+
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        config: Global___QueueConfig | None = ...,
+        update_mask: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "queue", b"queue", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateQueueRequest: _TypeAlias = UpdateQueueRequest  # noqa: Y015
+
+@_typing.final
+class UpdateQueueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    log_index: _builtins.int
+    """As CreateQueueResponse.log_index."""
+    @_builtins.property
+    def config(self) -> Global___QueueConfig:
+        """The effective config, defaults filled in."""
+
+    def __init__(
+        self,
+        *,
+        config: Global___QueueConfig | None = ...,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "log_index", b"log_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateQueueResponse: _TypeAlias = UpdateQueueResponse  # noqa: Y015
+
+@_typing.final
+class PauseQueueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseQueueRequest: _TypeAlias = PauseQueueRequest  # noqa: Y015
+
+@_typing.final
+class PauseQueueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when it was paused already."""
+    log_index: _builtins.int
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "log_index", b"log_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseQueueResponse: _TypeAlias = PauseQueueResponse  # noqa: Y015
+
+@_typing.final
+class ResumeQueueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeQueueRequest: _TypeAlias = ResumeQueueRequest  # noqa: Y015
+
+@_typing.final
+class ResumeQueueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when it was not paused."""
+    log_index: _builtins.int
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "log_index", b"log_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeQueueResponse: _TypeAlias = ResumeQueueResponse  # noqa: Y015
+
+@_typing.final
+class CompleteJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    job_id: _builtins.int
+    note: _builtins.str
+    """Recorded as the job's `reason`."""
+    result: _builtins.bytes
+    """Kept as the job's result (at most the queue's `max_result_bytes`)."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        job_id: _builtins.int = ...,
+        note: _builtins.str = ...,
+        result: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "note", b"note", "queue", b"queue", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteJobRequest: _TypeAlias = CompleteJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    job_id: _builtins.int
+    note: _builtins.str
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        job_id: _builtins.int = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "note", b"note", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class RequeueJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DELAY_MS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    job_id: _builtins.int
+    delay_ms: _builtins.int
+    """Ready after this long (0: at once)."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        job_id: _builtins.int = ...,
+        delay_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_ms", b"delay_ms", "job_id", b"job_id", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequeueJobRequest: _TypeAlias = RequeueJobRequest  # noqa: Y015
+
+@_typing.final
+class ReprioritizeJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    READY_AT_MS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    job_id: _builtins.int
+    priority: _builtins.int
+    """Set the ones to change (at least one)."""
+    ready_at_ms: _builtins.int
+    """Absolute; at or before now makes a delayed job ready."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        job_id: _builtins.int = ...,
+        priority: _builtins.int | None = ...,
+        ready_at_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "_ready_at_ms", b"_ready_at_ms", "priority", b"priority", "ready_at_ms", b"ready_at_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "_ready_at_ms", b"_ready_at_ms", "job_id", b"job_id", "priority", b"priority", "queue", b"queue", "ready_at_ms", b"ready_at_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    _WhichOneofReturnType__ready_at_ms: _TypeAlias = _typing.Literal["ready_at_ms"]  # noqa: Y015
+    _WhichOneofArgType__ready_at_ms: _TypeAlias = _typing.Literal["_ready_at_ms", b"_ready_at_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ready_at_ms) -> _WhichOneofReturnType__ready_at_ms | None: ...
+
+Global___ReprioritizeJobRequest: _TypeAlias = ReprioritizeJobRequest  # noqa: Y015
+
+@_typing.final
+class JobActionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    log_index: _builtins.int
+    """As CreateQueueResponse.log_index."""
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job after the action."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "log_index", b"log_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobActionResponse: _TypeAlias = JobActionResponse  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MIN_PRIORITY_FIELD_NUMBER: _builtins.int
+    MAX_PRIORITY_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENT_FIELD_NUMBER: _builtins.int
+    MIN_INDEX_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    state: Global___JobState.ValueType
+    """Required: one of READY, DELAYED, LEASED, DEAD, COMPLETED, CANCELLED."""
+    min_priority: _builtins.int
+    """Only jobs whose priority lies within these bounds."""
+    max_priority: _builtins.int
+    group: _builtins.str
+    """Only jobs of this group (ordering key)."""
+    tenant: _builtins.str
+    """Only jobs this tenant produced."""
+    limit: _builtins.int
+    """At most this many (0: 100; at most 1000)."""
+    page_token: _builtins.str
+    """The `next_page_token` of the previous page (with the same filters)."""
+    consistent: _builtins.bool
+    """Linearizable, as GetJobRequest.consistent."""
+    min_index: _builtins.int
+    """Read your writes, as GetJobRequest.min_index."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
+        min_priority: _builtins.int | None = ...,
+        max_priority: _builtins.int | None = ...,
+        group: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        consistent: _builtins.bool = ...,
+        min_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "max_priority", b"max_priority", "min_priority", b"min_priority"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "_min_priority", b"_min_priority", "consistent", b"consistent", "group", b"group", "limit", b"limit", "max_priority", b"max_priority", "min_index", b"min_index", "min_priority", b"min_priority", "page_token", b"page_token", "queue", b"queue", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_priority: _TypeAlias = _typing.Literal["max_priority"]  # noqa: Y015
+    _WhichOneofArgType__max_priority: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority"]  # noqa: Y015
+    _WhichOneofReturnType__min_priority: _TypeAlias = _typing.Literal["min_priority"]  # noqa: Y015
+    _WhichOneofArgType__min_priority: _TypeAlias = _typing.Literal["_min_priority", b"_min_priority"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_priority) -> _WhichOneofReturnType__max_priority | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_priority) -> _WhichOneofReturnType__min_priority | None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Non-empty when more jobs follow: pass it as `page_token`."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___Job] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    MISSED_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    LAST_TICK_MS_FIELD_NUMBER: _builtins.int
+    NEXT_TICK_MS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    name: _builtins.str
+    """Unique within the queue: letters, digits and . _ : -"""
+    cron: _builtins.str
+    """Five fields (minute hour day-of-month month day-of-week), or six with
+    seconds first; @hourly and friends too.
+    """
+    timezone: _builtins.str
+    """IANA zone the cron fields are read in. Default "UTC"."""
+    missed: Global___MissedTicks.ValueType
+    paused: _builtins.bool
+    last_tick_ms: _builtins.int
+    """Read-only: the last tick enqueued or skipped, and the next one due."""
+    next_tick_ms: _builtins.int
+    created_at_ms: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___JobSpec:
+        """The job each tick enqueues (`delay_ms`, `not_before_ms` and
+        `idempotency_key` are not allowed: each tick's job is keyed by its tick).
+        """
+
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        name: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        job: Global___JobSpec | None = ...,
+        missed: Global___MissedTicks.ValueType = ...,
+        paused: _builtins.bool = ...,
+        last_tick_ms: _builtins.int = ...,
+        next_tick_ms: _builtins.int = ...,
+        created_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "cron", b"cron", "job", b"job", "last_tick_ms", b"last_tick_ms", "missed", b"missed", "name", b"name", "next_tick_ms", b"next_tick_ms", "paused", b"paused", "queue", b"queue", "timezone", b"timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class PutScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutScheduleRequest: _TypeAlias = PutScheduleRequest  # noqa: Y015
+
+@_typing.final
+class PutScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    log_index: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule: ...
+    def __init__(
+        self,
+        *,
+        created: _builtins.bool = ...,
+        schedule: Global___Schedule | None = ...,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "log_index", b"log_index", "schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutScheduleResponse: _TypeAlias = PutScheduleResponse  # noqa: Y015
+
+@_typing.final
+class ListSchedulesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    CONSISTENT_FIELD_NUMBER: _builtins.int
+    MIN_INDEX_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Empty for every queue the caller may see."""
+    consistent: _builtins.bool
+    min_index: _builtins.int
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        consistent: _builtins.bool = ...,
+        min_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistent", b"consistent", "min_index", b"min_index", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ListSchedulesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]: ...
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleRequest: _TypeAlias = DeleteScheduleRequest  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    log_index: _builtins.int
+    def __init__(
+        self,
+        *,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_index", b"log_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleResponse: _TypeAlias = DeleteScheduleResponse  # noqa: Y015
+
+@_typing.final
+class PauseScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    name: _builtins.str
+    paused: _builtins.bool
+    """False resumes it."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        name: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "paused", b"paused", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseScheduleRequest: _TypeAlias = PauseScheduleRequest  # noqa: Y015
+
+@_typing.final
+class PauseScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    log_index: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_index", b"log_index", "schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseScheduleResponse: _TypeAlias = PauseScheduleResponse  # noqa: Y015
 
 @_typing.final
 class StateDigestRequest(_message.Message):

@@ -561,6 +561,66 @@ class AdminStub:
                 request_serializer=pqueue_dot_v1_dot_queue__pb2.DeleteDeadRequest.SerializeToString,
                 response_deserializer=pqueue_dot_v1_dot_queue__pb2.DeleteDeadResponse.FromString,
                 _registered_method=True)
+        self.UpdateQueue = channel.unary_unary(
+                '/pqueue.v1.Admin/UpdateQueue',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.UpdateQueueRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.UpdateQueueResponse.FromString,
+                _registered_method=True)
+        self.PauseQueue = channel.unary_unary(
+                '/pqueue.v1.Admin/PauseQueue',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.PauseQueueResponse.FromString,
+                _registered_method=True)
+        self.ResumeQueue = channel.unary_unary(
+                '/pqueue.v1.Admin/ResumeQueue',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.ResumeQueueRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.ResumeQueueResponse.FromString,
+                _registered_method=True)
+        self.CompleteJob = channel.unary_unary(
+                '/pqueue.v1.Admin/CompleteJob',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.CompleteJobRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.JobActionResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/pqueue.v1.Admin/CancelJob',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.JobActionResponse.FromString,
+                _registered_method=True)
+        self.RequeueJob = channel.unary_unary(
+                '/pqueue.v1.Admin/RequeueJob',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.RequeueJobRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.JobActionResponse.FromString,
+                _registered_method=True)
+        self.ReprioritizeJob = channel.unary_unary(
+                '/pqueue.v1.Admin/ReprioritizeJob',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.ReprioritizeJobRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.JobActionResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/pqueue.v1.Admin/ListJobs',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.PutSchedule = channel.unary_unary(
+                '/pqueue.v1.Admin/PutSchedule',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.PutScheduleRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.PutScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/pqueue.v1.Admin/ListSchedules',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/pqueue.v1.Admin/DeleteSchedule',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/pqueue.v1.Admin/PauseSchedule',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.PauseScheduleResponse.FromString,
+                _registered_method=True)
         self.NodeStatus = channel.unary_unary(
                 '/pqueue.v1.Admin/NodeStatus',
                 request_serializer=pqueue_dot_v1_dot_queue__pb2.NodeStatusRequest.SerializeToString,
@@ -625,6 +685,99 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateQueue(self, request, context):
+        """Change a queue's config: the fields named in `update_mask` (all of
+        them when it is empty), validated as CreateQueue validates them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseQueue(self, request, context):
+        """A paused queue accepts enqueues and leases nothing (long polls and
+        streams wait) until it is resumed. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteJob(self, request, context):
+        """Operator actions on one job. Each answers FAILED_PRECONDITION, naming
+        the job's state, when that state does not allow it.
+        Force-complete a ready, delayed, leased or dead job: it becomes
+        COMPLETED (a leased one's lease goes stale: its worker's ack is ABORTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancel a ready, delayed or leased job: it becomes CANCELLED, kept like
+        a completed record (a leased one's lease goes stale).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueJob(self, request, context):
+        """Make a dead, completed or cancelled job ready again with fresh
+        attempts (its error history is kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReprioritizeJob(self, request, context):
+        """Change a waiting (ready or delayed) job's priority or ready time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Browse a queue's jobs in one state, in the order they would be served
+        (ready: lease order; delayed: by ready time; leased: by lease expiry;
+        dead, completed, cancelled: newest first), a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutSchedule(self, request, context):
+        """Cron schedules: the leader enqueues a job into the schedule's queue at
+        each tick, exactly once (each tick is a command in the log).
+        Create or replace the schedule `schedule.name` of `schedule.queue`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Pause (no ticks are enqueued) or resume a schedule. Ticks that fall
+        while it is paused are skipped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NodeStatus(self, request, context):
         """This node's view of the cluster (role, ballot, indexes, peers) and its
         load. Balancers poll it every second; it never forwards.
@@ -681,6 +834,66 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteDead,
                     request_deserializer=pqueue_dot_v1_dot_queue__pb2.DeleteDeadRequest.FromString,
                     response_serializer=pqueue_dot_v1_dot_queue__pb2.DeleteDeadResponse.SerializeToString,
+            ),
+            'UpdateQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateQueue,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.UpdateQueueRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.UpdateQueueResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.PauseQueueRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.PauseQueueResponse.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.ResumeQueueRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.ResumeQueueResponse.SerializeToString,
+            ),
+            'CompleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteJob,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.CompleteJobRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.JobActionResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.CancelJobRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.JobActionResponse.SerializeToString,
+            ),
+            'RequeueJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueJob,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.RequeueJobRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.JobActionResponse.SerializeToString,
+            ),
+            'ReprioritizeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReprioritizeJob,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.ReprioritizeJobRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.JobActionResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.ListJobsRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'PutSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutSchedule,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.PutScheduleRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.PutScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.PauseScheduleResponse.SerializeToString,
             ),
             'NodeStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeStatus,
@@ -883,6 +1096,330 @@ class Admin:
             '/pqueue.v1.Admin/DeleteDead',
             pqueue_dot_v1_dot_queue__pb2.DeleteDeadRequest.SerializeToString,
             pqueue_dot_v1_dot_queue__pb2.DeleteDeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/UpdateQueue',
+            pqueue_dot_v1_dot_queue__pb2.UpdateQueueRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.UpdateQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/PauseQueue',
+            pqueue_dot_v1_dot_queue__pb2.PauseQueueRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.PauseQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/ResumeQueue',
+            pqueue_dot_v1_dot_queue__pb2.ResumeQueueRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.ResumeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/CompleteJob',
+            pqueue_dot_v1_dot_queue__pb2.CompleteJobRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.JobActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/CancelJob',
+            pqueue_dot_v1_dot_queue__pb2.CancelJobRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.JobActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/RequeueJob',
+            pqueue_dot_v1_dot_queue__pb2.RequeueJobRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.JobActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReprioritizeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/ReprioritizeJob',
+            pqueue_dot_v1_dot_queue__pb2.ReprioritizeJobRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.JobActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/ListJobs',
+            pqueue_dot_v1_dot_queue__pb2.ListJobsRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/PutSchedule',
+            pqueue_dot_v1_dot_queue__pb2.PutScheduleRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.PutScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/ListSchedules',
+            pqueue_dot_v1_dot_queue__pb2.ListSchedulesRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/DeleteSchedule',
+            pqueue_dot_v1_dot_queue__pb2.DeleteScheduleRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqueue.v1.Admin/PauseSchedule',
+            pqueue_dot_v1_dot_queue__pb2.PauseScheduleRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.PauseScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -263,6 +263,47 @@ class AdminStub:
     Redrive: _grpc.UnaryUnaryMultiCallable[_queue_pb2.RedriveRequest, _queue_pb2.RedriveResponse]
     """Make dead jobs ready again with fresh attempts (history is kept)."""
     DeleteDead: _grpc.UnaryUnaryMultiCallable[_queue_pb2.DeleteDeadRequest, _queue_pb2.DeleteDeadResponse]
+    UpdateQueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.UpdateQueueRequest, _queue_pb2.UpdateQueueResponse]
+    """Change a queue's config: the fields named in `update_mask` (all of
+    them when it is empty), validated as CreateQueue validates them.
+    """
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.PauseQueueRequest, _queue_pb2.PauseQueueResponse]
+    """A paused queue accepts enqueues and leases nothing (long polls and
+    streams wait) until it is resumed. Idempotent.
+    """
+    ResumeQueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ResumeQueueRequest, _queue_pb2.ResumeQueueResponse]
+    CompleteJob: _grpc.UnaryUnaryMultiCallable[_queue_pb2.CompleteJobRequest, _queue_pb2.JobActionResponse]
+    """Operator actions on one job. Each answers FAILED_PRECONDITION, naming
+    the job's state, when that state does not allow it.
+    Force-complete a ready, delayed, leased or dead job: it becomes
+    COMPLETED (a leased one's lease goes stale: its worker's ack is ABORTED).
+    """
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_queue_pb2.CancelJobRequest, _queue_pb2.JobActionResponse]
+    """Cancel a ready, delayed or leased job: it becomes CANCELLED, kept like
+    a completed record (a leased one's lease goes stale).
+    """
+    RequeueJob: _grpc.UnaryUnaryMultiCallable[_queue_pb2.RequeueJobRequest, _queue_pb2.JobActionResponse]
+    """Make a dead, completed or cancelled job ready again with fresh
+    attempts (its error history is kept).
+    """
+    ReprioritizeJob: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ReprioritizeJobRequest, _queue_pb2.JobActionResponse]
+    """Change a waiting (ready or delayed) job's priority or ready time."""
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListJobsRequest, _queue_pb2.ListJobsResponse]
+    """Browse a queue's jobs in one state, in the order they would be served
+    (ready: lease order; delayed: by ready time; leased: by lease expiry;
+    dead, completed, cancelled: newest first), a page at a time.
+    """
+    PutSchedule: _grpc.UnaryUnaryMultiCallable[_queue_pb2.PutScheduleRequest, _queue_pb2.PutScheduleResponse]
+    """Cron schedules: the leader enqueues a job into the schedule's queue at
+    each tick, exactly once (each tick is a command in the log).
+    Create or replace the schedule `schedule.name` of `schedule.queue`.
+    """
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListSchedulesRequest, _queue_pb2.ListSchedulesResponse]
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_queue_pb2.DeleteScheduleRequest, _queue_pb2.DeleteScheduleResponse]
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_queue_pb2.PauseScheduleRequest, _queue_pb2.PauseScheduleResponse]
+    """Pause (no ticks are enqueued) or resume a schedule. Ticks that fall
+    while it is paused are skipped.
+    """
     NodeStatus: _grpc.UnaryUnaryMultiCallable[_queue_pb2.NodeStatusRequest, _queue_pb2.NodeStatusResponse]
     """This node's view of the cluster (role, ballot, indexes, peers) and its
     load. Balancers poll it every second; it never forwards.
@@ -294,6 +335,47 @@ class AdminAsyncStub(AdminStub):
     Redrive: _aio.UnaryUnaryMultiCallable[_queue_pb2.RedriveRequest, _queue_pb2.RedriveResponse]  # type: ignore[assignment]
     """Make dead jobs ready again with fresh attempts (history is kept)."""
     DeleteDead: _aio.UnaryUnaryMultiCallable[_queue_pb2.DeleteDeadRequest, _queue_pb2.DeleteDeadResponse]  # type: ignore[assignment]
+    UpdateQueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.UpdateQueueRequest, _queue_pb2.UpdateQueueResponse]  # type: ignore[assignment]
+    """Change a queue's config: the fields named in `update_mask` (all of
+    them when it is empty), validated as CreateQueue validates them.
+    """
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.PauseQueueRequest, _queue_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """A paused queue accepts enqueues and leases nothing (long polls and
+    streams wait) until it is resumed. Idempotent.
+    """
+    ResumeQueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.ResumeQueueRequest, _queue_pb2.ResumeQueueResponse]  # type: ignore[assignment]
+    CompleteJob: _aio.UnaryUnaryMultiCallable[_queue_pb2.CompleteJobRequest, _queue_pb2.JobActionResponse]  # type: ignore[assignment]
+    """Operator actions on one job. Each answers FAILED_PRECONDITION, naming
+    the job's state, when that state does not allow it.
+    Force-complete a ready, delayed, leased or dead job: it becomes
+    COMPLETED (a leased one's lease goes stale: its worker's ack is ABORTED).
+    """
+    CancelJob: _aio.UnaryUnaryMultiCallable[_queue_pb2.CancelJobRequest, _queue_pb2.JobActionResponse]  # type: ignore[assignment]
+    """Cancel a ready, delayed or leased job: it becomes CANCELLED, kept like
+    a completed record (a leased one's lease goes stale).
+    """
+    RequeueJob: _aio.UnaryUnaryMultiCallable[_queue_pb2.RequeueJobRequest, _queue_pb2.JobActionResponse]  # type: ignore[assignment]
+    """Make a dead, completed or cancelled job ready again with fresh
+    attempts (its error history is kept).
+    """
+    ReprioritizeJob: _aio.UnaryUnaryMultiCallable[_queue_pb2.ReprioritizeJobRequest, _queue_pb2.JobActionResponse]  # type: ignore[assignment]
+    """Change a waiting (ready or delayed) job's priority or ready time."""
+    ListJobs: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListJobsRequest, _queue_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """Browse a queue's jobs in one state, in the order they would be served
+    (ready: lease order; delayed: by ready time; leased: by lease expiry;
+    dead, completed, cancelled: newest first), a page at a time.
+    """
+    PutSchedule: _aio.UnaryUnaryMultiCallable[_queue_pb2.PutScheduleRequest, _queue_pb2.PutScheduleResponse]  # type: ignore[assignment]
+    """Cron schedules: the leader enqueues a job into the schedule's queue at
+    each tick, exactly once (each tick is a command in the log).
+    Create or replace the schedule `schedule.name` of `schedule.queue`.
+    """
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListSchedulesRequest, _queue_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_queue_pb2.DeleteScheduleRequest, _queue_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_queue_pb2.PauseScheduleRequest, _queue_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """Pause (no ticks are enqueued) or resume a schedule. Ticks that fall
+    while it is paused are skipped.
+    """
     NodeStatus: _aio.UnaryUnaryMultiCallable[_queue_pb2.NodeStatusRequest, _queue_pb2.NodeStatusResponse]  # type: ignore[assignment]
     """This node's view of the cluster (role, ballot, indexes, peers) and its
     load. Balancers poll it every second; it never forwards.
@@ -364,6 +446,119 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_pb2.DeleteDeadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.DeleteDeadResponse, _abc.Awaitable[_queue_pb2.DeleteDeadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateQueue(
+        self,
+        request: _queue_pb2.UpdateQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.UpdateQueueResponse, _abc.Awaitable[_queue_pb2.UpdateQueueResponse]]:
+        """Change a queue's config: the fields named in `update_mask` (all of
+        them when it is empty), validated as CreateQueue validates them.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseQueue(
+        self,
+        request: _queue_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.PauseQueueResponse, _abc.Awaitable[_queue_pb2.PauseQueueResponse]]:
+        """A paused queue accepts enqueues and leases nothing (long polls and
+        streams wait) until it is resumed. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeQueue(
+        self,
+        request: _queue_pb2.ResumeQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.ResumeQueueResponse, _abc.Awaitable[_queue_pb2.ResumeQueueResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CompleteJob(
+        self,
+        request: _queue_pb2.CompleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.JobActionResponse, _abc.Awaitable[_queue_pb2.JobActionResponse]]:
+        """Operator actions on one job. Each answers FAILED_PRECONDITION, naming
+        the job's state, when that state does not allow it.
+        Force-complete a ready, delayed, leased or dead job: it becomes
+        COMPLETED (a leased one's lease goes stale: its worker's ack is ABORTED).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _queue_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.JobActionResponse, _abc.Awaitable[_queue_pb2.JobActionResponse]]:
+        """Cancel a ready, delayed or leased job: it becomes CANCELLED, kept like
+        a completed record (a leased one's lease goes stale).
+        """
+
+    @_abc_1.abstractmethod
+    def RequeueJob(
+        self,
+        request: _queue_pb2.RequeueJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.JobActionResponse, _abc.Awaitable[_queue_pb2.JobActionResponse]]:
+        """Make a dead, completed or cancelled job ready again with fresh
+        attempts (its error history is kept).
+        """
+
+    @_abc_1.abstractmethod
+    def ReprioritizeJob(
+        self,
+        request: _queue_pb2.ReprioritizeJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.JobActionResponse, _abc.Awaitable[_queue_pb2.JobActionResponse]]:
+        """Change a waiting (ready or delayed) job's priority or ready time."""
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _queue_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.ListJobsResponse, _abc.Awaitable[_queue_pb2.ListJobsResponse]]:
+        """Browse a queue's jobs in one state, in the order they would be served
+        (ready: lease order; delayed: by ready time; leased: by lease expiry;
+        dead, completed, cancelled: newest first), a page at a time.
+        """
+
+    @_abc_1.abstractmethod
+    def PutSchedule(
+        self,
+        request: _queue_pb2.PutScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.PutScheduleResponse, _abc.Awaitable[_queue_pb2.PutScheduleResponse]]:
+        """Cron schedules: the leader enqueues a job into the schedule's queue at
+        each tick, exactly once (each tick is a command in the log).
+        Create or replace the schedule `schedule.name` of `schedule.queue`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _queue_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.ListSchedulesResponse, _abc.Awaitable[_queue_pb2.ListSchedulesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _queue_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.DeleteScheduleResponse, _abc.Awaitable[_queue_pb2.DeleteScheduleResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _queue_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.PauseScheduleResponse, _abc.Awaitable[_queue_pb2.PauseScheduleResponse]]:
+        """Pause (no ticks are enqueued) or resume a schedule. Ticks that fall
+        while it is paused are skipped.
+        """
 
     @_abc_1.abstractmethod
     def NodeStatus(

@@ -65,8 +65,6 @@ KIB = 1 << 10
 #: Room for a request's names, ids and flags (queue names are <= 128
 #: characters after a tenant's, texts are checked in characters: 4 bytes each).
 SMALL_REQUEST_BYTES = 16 * KIB
-#: One ``JobLease`` (two varints and their tags) with room to spare.
-LEASE_REF_BYTES = 64
 #: Everything of an ``Enqueue`` but the payload (keys, group, delays).
 ENQUEUE_OVERHEAD_BYTES = 64 * KIB
 #: Any method not listed (health, reflection, the balancer's status).
@@ -89,7 +87,8 @@ def request_caps() -> dict[str, int]:
         _Q + "Enqueue": limits.MAX_PAYLOAD_BYTES_LIMIT + ENQUEUE_OVERHEAD_BYTES,
         _Q + "EnqueueBatch": limits.MAX_MESSAGE_BYTES,
         _Q + "Lease": SMALL_REQUEST_BYTES,
-        _Q + "Ack": limits.MAX_BATCH_JOBS * LEASE_REF_BYTES + SMALL_REQUEST_BYTES,
+        # Each lease may carry a result.
+        _Q + "Ack": limits.MAX_MESSAGE_BYTES,
         _Q + "Nack": limits.MAX_REASON_CHARS * 4 + SMALL_REQUEST_BYTES,
         _Q + "ExtendLease": SMALL_REQUEST_BYTES,
         _Q + "GetJob": SMALL_REQUEST_BYTES,
@@ -104,6 +103,18 @@ def request_caps() -> dict[str, int]:
         _A + "ListDead": SMALL_REQUEST_BYTES,
         _A + "Redrive": 10 * ids + SMALL_REQUEST_BYTES,
         _A + "DeleteDead": 10 * ids + SMALL_REQUEST_BYTES,
+        _A + "UpdateQueue": DEFAULT_REQUEST_BYTES,
+        _A + "PauseQueue": SMALL_REQUEST_BYTES,
+        _A + "ResumeQueue": SMALL_REQUEST_BYTES,
+        _A + "CompleteJob": limits.MAX_RESULT_BYTES_LIMIT + SMALL_REQUEST_BYTES,
+        _A + "CancelJob": SMALL_REQUEST_BYTES,
+        _A + "RequeueJob": SMALL_REQUEST_BYTES,
+        _A + "ReprioritizeJob": SMALL_REQUEST_BYTES,
+        _A + "ListJobs": SMALL_REQUEST_BYTES,
+        _A + "PutSchedule": limits.MAX_PAYLOAD_BYTES_LIMIT + ENQUEUE_OVERHEAD_BYTES,
+        _A + "ListSchedules": SMALL_REQUEST_BYTES,
+        _A + "DeleteSchedule": SMALL_REQUEST_BYTES,
+        _A + "PauseSchedule": SMALL_REQUEST_BYTES,
         _A + "NodeStatus": SMALL_REQUEST_BYTES,
         _A + "StateDigest": SMALL_REQUEST_BYTES,
         PEER_SEND: limits.MAX_PEER_MESSAGE_BYTES,

@@ -11,6 +11,9 @@ from __future__ import annotations
 MAX_PAYLOAD_BYTES_LIMIT = 16 << 20
 #: Most jobs in one batch request (enqueue, ack).
 MAX_BATCH_JOBS = 1000
+#: Bytes a job's result (an ack's, a force-complete's) may carry, whatever
+#: the queue's ``max_result_bytes``.
+MAX_RESULT_BYTES_LIMIT = 1 << 20
 #: Longest nack reason kept.
 MAX_REASON_CHARS = 4096
 #: Largest client request or response.

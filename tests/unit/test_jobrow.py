@@ -22,6 +22,10 @@ def _job() -> pb.Job:
         consumer_id="c",
         errors=[pb.JobError(attempt=1, at_ms=5, reason="first"), pb.JobError(reason="last")],
         tenant="beta",
+        finished_at_ms=14,
+        result=b"r",
+        reason="why",
+        expires_at_ms=15,
     )
 
 

@@ -341,7 +341,7 @@ def test_default_payload_limit_is_one_mebibyte(d: Driver) -> None:
 
 def test_enqueue_creates_the_queue_with_defaults(d: Driver) -> None:
     d.enqueue(queue="fresh")
-    assert d.m.queues["fresh"].config == limits.effective_config(pb.QueueConfig())
+    assert d.m.queues["fresh"].config == limits.effective_config(pb.QueueConfig(), d.m.lifecycle)
 
 
 def test_create_queue_is_idempotent_but_refuses_a_different_config(d: Driver) -> None:

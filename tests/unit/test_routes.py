@@ -17,7 +17,16 @@ def test_writes_and_leases_lead_and_reads_spread() -> None:
     reads = {r.name for r in ROUTES.values() if r.kind is Kind.READ}
     assert {"Enqueue", "EnqueueBatch", "Lease", "Ack", "Nack", "ExtendLease"} <= leader
     assert {"CreateQueue", "DeleteQueue", "PurgeQueue", "Redrive", "DeleteDead"} <= leader
-    assert reads == {"GetJob", "Stats", "ListQueues", "ListDead", "NodeStatus", "StateDigest"}
+    assert reads == {
+        "GetJob",
+        "Stats",
+        "ListQueues",
+        "ListDead",
+        "ListJobs",
+        "ListSchedules",
+        "NodeStatus",
+        "StateDigest",
+    }
 
 
 def test_a_consistent_read_goes_to_the_leader() -> None:

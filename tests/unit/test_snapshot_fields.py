@@ -19,7 +19,17 @@ from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
 #: QueueStats fields a snapshot does not keep: restore derives them from jobs.
-DERIVED_STATS = {"queue", "ready", "delayed", "leased", "dead", "oldest_ready_age_ms"}
+DERIVED_STATS = {
+    "queue",
+    "ready",
+    "delayed",
+    "leased",
+    "dead",
+    "completed",
+    "cancelled",
+    "paused",
+    "oldest_ready_age_ms",
+}
 
 
 def _value(field: Any, seed: int) -> Any:
