@@ -8,6 +8,7 @@ import heapq
 from pqueue.core import limits
 from pqueue.core.commands import handles
 from pqueue.core.jobs import (
+    COMPLETED,
     DEAD,
     LEASED,
     READY,
@@ -138,11 +139,15 @@ class JobCommands(TenancyRules):
             if lease.job_id in seen:
                 raise InvalidArgumentError(f"leases[{i}].job_id", "job listed twice")
             seen.add(lease.job_id)
+            self._check_result(queue, lease.result, f"leases[{i}].result")
             jobs.append(self._leased_job(queue, lease.job_id, lease.lease_id))
-        for job in jobs:
+        for job, lease in zip(jobs, req.leases, strict=True):
             queue.counters.acked += 1
-            self._end_lease(queue, job)
-            self._remove(queue, job)
+            if self.lifecycle:
+                self._finish(queue, job, COMPLETED, now, lease.result, "")
+            else:  # as releases before job records did
+                self._end_lease(queue, job)
+                self._remove(queue, job)
         return pb.AckResponse(acked=len(jobs))
 
     @handles("nack")

@@ -35,6 +35,8 @@ from pqueue.core.features import LIFECYCLE
 from pqueue.core.job_actions import JobActions
 from pqueue.core.job_commands import JobCommands
 from pqueue.core.jobs import (
+    CANCELLED,
+    COMPLETED,
     DELAYED,
     LEASED,
     READY,
@@ -129,6 +131,7 @@ class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, Schedu
                 queue = self.queues[job.queue]
                 queue.counters.expired += 1
                 self._fail_delivery(queue, job, now, "lease expired", retry_at=now)
+        self.prune_records(now)
         while self._dedup and self._dedup[0][0] <= now:
             expires, name, tenant, key = heapq.heappop(self._dedup)
             owner = self.queues.get(name)
@@ -140,7 +143,7 @@ class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, Schedu
         """Acked jobs leave lease entries behind until their expiry time: drop
         them once they outnumber the live ones (amortized O(1) per entry)."""
         live = {DELAYED: 0, LEASED: 0}
-        if len(self._leases) + len(self._delayed) < 1024:
+        if len(self._leases) + len(self._delayed) + len(self._retention) < 1024:
             return
         for queue in self.queues.values():
             live[DELAYED] += queue.counts[DELAYED]
@@ -150,6 +153,11 @@ class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, Schedu
             # proportion to the backlog, not to the entries dropped.
             self._leases = [e for e in self._leases if self._leased_by(e) is not None]
             heapq.heapify(self._leases)
+        records = sum(q.counts[COMPLETED] + q.counts[CANCELLED] for q in self.queues.values())
+        if len(self._retention) > 2 * records + 1024:
+            # Records the cap dropped leave entries behind until their due time.
+            self._retention = [e for e in self._retention if self._record_of(e) is not None]
+            heapq.heapify(self._retention)
         if len(self._delayed) > 2 * live[DELAYED] + 1024:
             self._delayed = [e for e in self._delayed if self._delayed_job(e) is not None]
             heapq.heapify(self._delayed)
@@ -242,4 +250,7 @@ class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, Schedu
         while self._leases and self._leased_by(self._leases[0]) is None:
             heapq.heappop(self._leases)
         due = [h[0][0] for h in (self._delayed, self._leases) if h]
+        prune = self.next_prune_ms()
+        if prune is not None:
+            due.append(prune)
         return min(due) if due else None

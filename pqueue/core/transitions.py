@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 from pqueue.core import limits
 from pqueue.core.jobs import (
+    CANCELLED,
+    COMPLETED,
     DEAD,
     DELAYED,
     FINISHED,
@@ -48,6 +50,10 @@ class MachineState:
         self._delayed: list[tuple[int, int, int, str]] = []
         #: (expires_at_ms, lease_id, job_id, queue) of LEASED jobs, all queues.
         self._leases: list[tuple[int, int, int, str]] = []
+        #: (due_ms, job_id, queue) of COMPLETED and CANCELLED records: when
+        #: the queue's completed_retention_ms drops them (rounded up to a
+        #: second, so pruning asks for at most one tick a second).
+        self._retention: list[tuple[int, int, str]] = []
         #: (expires_at_ms, queue, tenant, key) of idempotency records.
         self._dedup: list[tuple[int, str, str, str]] = []
         #: Per queue, how many jobs became leasable in the entry being applied
@@ -116,6 +122,8 @@ class Transitions(MachineState):
             heapq.heappush(queue.dead_order, entry)
         else:
             heapq.heappush(queue.finished, entry)
+            due = _whole_second(job.finished_at_ms + queue.config.completed_retention_ms)
+            heapq.heappush(self._retention, (due, job.job_id, queue.name))
 
     def remember_key(
         self, queue: QueueState, tenant: str, key: str, job_id: int, expires_at_ms: int
@@ -232,6 +240,99 @@ class Transitions(MachineState):
         if job.group:
             self._refresh_group(queue, job.group_key)
 
+    def _keeps_records(self, queue: QueueState) -> bool:
+        """Whether the queue keeps COMPLETED/CANCELLED records: with the
+        lifecycle semantics, unless ``completed_max`` is 0 or the queue goes
+        once idle (``delete_when_idle``: its records would keep it)."""
+        config = queue.config
+        return self.lifecycle and config.completed_max > 0 and not config.delete_when_idle
+
+    def _finish(
+        self, queue: QueueState, job: Job, state: int, now: int, result: bytes, reason: str
+    ) -> None:
+        """The job ends (acked, force-completed or cancelled): it leaves every
+        index and, where the queue keeps records, stays as a record (the
+        oldest records go past ``completed_max``); else it is forgotten."""
+        if state == COMPLETED:
+            queue.counters.completed += 1
+        else:
+            queue.counters.cancelled += 1
+        if job.state == LEASED:
+            self._end_lease(queue, job)
+        if not self._keeps_records(queue):
+            self._remove(queue, job)
+            return
+        if job.state == DEAD:
+            queue.dead_ids.discard(job.job_id)
+        self._set_state(queue, job, state)
+        queue.lanes[job.tenant].held -= 1  # a record holds no room in the queue
+        job.finished_at_ms = now
+        job.result = result
+        job.reason = reason
+        self.note_end(queue, job)
+        if job.group and job.group_key in queue.groups:
+            self._refresh_group(queue, job.group_key)
+        excess = queue.counts[COMPLETED] + queue.counts[CANCELLED] - queue.config.completed_max
+        while excess > 0 and queue.finished:
+            finished_at, job_id = heapq.heappop(queue.finished)
+            old = queue.jobs.get(job_id)
+            if old is not None and old.state in FINISHED and old.finished_at_ms == finished_at:
+                self._drop_record(queue, old)
+                excess -= 1
+
+    def _drop_record(self, queue: QueueState, job: Job) -> None:
+        """Forget a COMPLETED or CANCELLED record."""
+        self._changed.add(job.job_id)
+        self._touched.add(queue.name)
+        queue.counts[job.state] -= 1
+        del queue.jobs[job.job_id]
+
+    def prune_records(self, now: int) -> None:
+        """Drop the records whose retention ran out by ``now`` (a record
+        whose queue's retention grew since is looked at again then)."""
+        heap = self._retention
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            job = self._record_of(entry)
+            if job is None:
+                continue
+            _, job_id, name = entry
+            queue = self.queues[name]
+            due = _whole_second(job.finished_at_ms + queue.config.completed_retention_ms)
+            if due > now:
+                heapq.heappush(heap, (due, job_id, name))
+                continue
+            self._drop_record(queue, job)
+            # Records end in time order, so the queue's oldest go first:
+            # drop their entries too (else they would wait for the cap).
+            line = queue.finished
+            while line:
+                finished_at, first = line[0]
+                kept = queue.jobs.get(first)
+                if (
+                    kept is not None
+                    and kept.state in FINISHED
+                    and kept.finished_at_ms == finished_at
+                ):
+                    break
+                heapq.heappop(line)
+
+    def _record_of(self, entry: tuple[int, int, str]) -> Job | None:
+        """The record a retention entry names, if it is still a record."""
+        _, job_id, name = entry
+        queue = self.queues.get(name)
+        job = None if queue is None else queue.jobs.get(job_id)
+        return job if job is not None and job.state in FINISHED else None
+
+    def next_prune_ms(self) -> int | None:
+        """When the next record's retention runs out, if any record is kept."""
+        heap = self._retention
+        while heap:
+            if self._record_of(heap[0]) is not None:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
     def _remove(self, queue: QueueState, job: Job) -> None:
         self._changed.add(job.job_id)
         self._touched.add(queue.name)
@@ -291,15 +392,25 @@ class Transitions(MachineState):
                 f"{len(spec.payload)} bytes exceeds the queue's max_payload_bytes "
                 f"{config.max_payload_bytes}",
             )
-        if config.HasField("min_priority") and spec.priority < config.min_priority:
+        self._check_priority(config, spec.priority, f"{field}.priority")
+
+    def _check_priority(self, config: pb.QueueConfig, priority: int, field: str) -> None:
+        """A priority within the queue's bounds."""
+        if config.HasField("min_priority") and priority < config.min_priority:
             raise InvalidArgumentError(
-                f"{field}.priority",
-                f"{spec.priority} is below the queue's min_priority {config.min_priority}",
+                field, f"{priority} is below the queue's min_priority {config.min_priority}"
             )
-        if config.HasField("max_priority") and spec.priority > config.max_priority:
+        if config.HasField("max_priority") and priority > config.max_priority:
             raise InvalidArgumentError(
-                f"{field}.priority",
-                f"{spec.priority} is above the queue's max_priority {config.max_priority}",
+                field, f"{priority} is above the queue's max_priority {config.max_priority}"
+            )
+
+    def _check_result(self, queue: QueueState, result: bytes, field: str) -> None:
+        """A job's result fits the queue's ``max_result_bytes``."""
+        bound = queue.config.max_result_bytes or limits.DEFAULT_MAX_RESULT_BYTES
+        if len(result) > bound:
+            raise InvalidArgumentError(
+                field, f"{len(result)} bytes exceeds the queue's max_result_bytes {bound}"
             )
 
     def _dead_jobs(self, queue: QueueState, job_ids: Iterable[int]) -> list[Job]:
@@ -307,3 +418,8 @@ class Transitions(MachineState):
         wanted = set(job_ids)
         ids = sorted(wanted & queue.dead_ids if wanted else queue.dead_ids)
         return [queue.jobs[i] for i in ids]
+
+
+def _whole_second(ms: int) -> int:
+    """``ms`` rounded up to a whole second."""
+    return -(-ms // 1000) * 1000

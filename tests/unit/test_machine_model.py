@@ -19,6 +19,7 @@ from pqueue.core import jobs, limits
 from pqueue.core.jobs import FAIR_SCALE, backoff_ms
 from pqueue.core.snapshot import restore, snapshot_bytes, state_hash
 from pqueue.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     LeaseLostError,
     NotFoundError,
@@ -29,12 +30,15 @@ from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver
 
-READY, DELAYED, LEASED, DEAD = (
+READY, DELAYED, LEASED, DEAD, COMPLETED, CANCELLED = (
     pb.JOB_STATE_READY,
     pb.JOB_STATE_DELAYED,
     pb.JOB_STATE_LEASED,
     pb.JOB_STATE_DEAD,
+    pb.JOB_STATE_COMPLETED,
+    pb.JOB_STATE_CANCELLED,
 )
+RECORDS = (COMPLETED, CANCELLED)
 
 
 @dataclass
@@ -50,13 +54,18 @@ class MJob:
     expires: int = 0
     errors: list[str] = field(default_factory=list)
     tenant: str = ""
+    finished: int = 0
+    result: bytes = b""
+    reason: str = ""
 
 
 class Model:
     """README "Semantics" by brute force."""
 
-    def __init__(self, config: pb.QueueConfig) -> None:
+    def __init__(self, config: pb.QueueConfig, lifecycle: bool) -> None:
         self.cfg = config
+        #: Acks keep COMPLETED records, dead jobs say when and why.
+        self.lifecycle = lifecycle
         self.jobs: dict[int, MJob] = {}
         self.next_id = 1
         self.next_lease = 1
@@ -74,12 +83,35 @@ class Model:
             if j.state == LEASED and j.expires <= now:
                 self._fail(j, now, "lease expired", now)
         self.dedup = {k: v for k, v in self.dedup.items() if v[1] > now}
+        retention = self.cfg.completed_retention_ms
+        for j in list(self.jobs.values()):
+            if j.state in RECORDS and -(-(j.finished + retention) // 1000) * 1000 <= now:
+                del self.jobs[j.id]
+
+    def start_lifecycle(self, config: pb.QueueConfig) -> None:
+        if not self.lifecycle:
+            self.lifecycle = True
+            self.cfg = limits.effective_config(config, lifecycle=True)
+
+    def finish(self, j: MJob, state: int, now: int, result: bytes, reason: str) -> None:
+        """Acked, force-completed or cancelled: a record, the oldest going
+        past the cap (or forgotten when the queue keeps none)."""
+        j.expires = 0
+        if not self.lifecycle or not self.cfg.completed_max:
+            del self.jobs[j.id]
+            return
+        j.state, j.finished, j.result, j.reason = state, now, result, reason
+        records = sorted((o.finished, o.id) for o in self.jobs.values() if o.state in RECORDS)
+        for _, job_id in records[: max(0, len(records) - self.cfg.completed_max)]:
+            del self.jobs[job_id]
 
     def _fail(self, j: MJob, now: int, reason: str, retry_at: int) -> None:
         j.errors.append(reason)
         j.expires = 0
         if j.attempts >= self.cfg.max_attempts:
             j.state = DEAD
+            if self.lifecycle:
+                j.finished, j.reason = now, "attempts exhausted"
         elif retry_at > now:
             j.state, j.ready_at = DELAYED, retry_at
         else:
@@ -166,9 +198,12 @@ class MachineVsModel(RuleBasedStateMachine):
         self.delivered: list[tuple[int, int]] = []
 
     @initialize(
-        aging=st.sampled_from([0, 100]), groups=st.booleans(), fifos=st.sampled_from([0, 2, 32])
+        aging=st.sampled_from([0, 100]),
+        groups=st.booleans(),
+        fifos=st.sampled_from([0, 2, 32]),
+        records=st.sampled_from(["before", "kept", "none"]),
     )
-    def setup(self, aging: int, groups: bool, fifos: int) -> None:
+    def setup(self, aging: int, groups: bool, fifos: int, records: str) -> None:
         # How many priorities a lane keeps in the compact form: none (every
         # job an object in a heap), a few (both kinds mixed in one lane), all.
         self.fifos = jobs.MAX_FIFO_PRIORITIES
@@ -184,8 +219,17 @@ class MachineVsModel(RuleBasedStateMachine):
             dedup_window_ms=500,
             shares=[pb.TenantShare(tenant="a", weight=1), pb.TenantShare(tenant="b", weight=3)],
         )
+        # Records: a log from before the lifecycle switch (an action turns it
+        # on later), records kept (a small cap and retention), or none kept.
+        if records == "kept":
+            config.completed_max, config.completed_retention_ms = 4, 1500
+        elif records == "none":
+            config.completed_max = 0
         self.d.ok(create_queue=pb.CreateQueueRequest(queue="q", config=config))
-        self.model = Model(limits.effective_config(config))
+        self.config = config
+        lifecycle = records != "before"
+        self.model = Model(limits.effective_config(config, lifecycle), lifecycle)
+        assert self.d.m.lifecycle == lifecycle
         self.groups = ["", "a", "b"] if groups else [""]
 
     def _step(self, **command: object) -> object:
@@ -240,6 +284,9 @@ class MachineVsModel(RuleBasedStateMachine):
         leases = [pb.JobLease(job_id=j, lease_id=lid) for j, lid in picks]
         if len({j for j, _ in picks}) < len(picks):
             return  # same job under two leases: covered by the unit tests
+        for lease in leases:
+            lease.result = b"r%d" % lease.job_id
+        self.model.start_lifecycle(self.config)  # results are lifecycle fields
         r = self._step(ack=pb.AckRequest(queue="q", leases=leases))
         self.model.advance(self.d.now)
         checked = [self.model.check(j, lid) for j, lid in picks]
@@ -250,7 +297,7 @@ class MachineVsModel(RuleBasedStateMachine):
         assert r == pb.AckResponse(acked=len(picks))
         for c in checked:
             assert isinstance(c, MJob)
-            del self.model.jobs[c.id]
+            self.model.finish(c, COMPLETED, self.d.now, b"r%d" % c.id, "")
 
     @rule(i=st.integers(0, 50), delay=st.sampled_from([None, 0, 100]))
     def nack(self, i: int, delay: int | None) -> None:
@@ -313,6 +360,77 @@ class MachineVsModel(RuleBasedStateMachine):
         assert isinstance(r, pb.DeleteDeadResponse)
         assert r.deleted == len(dead)
 
+    def _target(self, i: int) -> int:
+        """A job the model holds (any state), or now and then one it does not."""
+        ids = sorted(self.model.jobs)
+        return ids[i % len(ids)] if ids and i % 7 else self.model.next_id + i % 2
+
+    def _act(self, kind: str, allowed: tuple[int, ...], i: int, **fields: object) -> MJob | None:
+        """Apply an operator action in both: the model's job if it was allowed."""
+        job_id = self._target(i)
+        request = getattr(
+            pb,
+            {
+                "complete_job": "CompleteJobRequest",
+                "cancel_job": "CancelJobRequest",
+                "requeue_job": "RequeueJobRequest",
+                "reprioritize_job": "ReprioritizeJobRequest",
+            }[kind],
+        )
+        self.model.start_lifecycle(self.config)
+        r = self._step(**{kind: request(queue="q", job_id=job_id, **fields)})
+        self.model.advance(self.d.now)
+        j = self.model.jobs.get(job_id)
+        if j is None:
+            assert isinstance(r, NotFoundError), r
+            return None
+        if j.state not in allowed:
+            assert isinstance(r, FailedPreconditionError), r
+            return None
+        assert isinstance(r, pb.JobActionResponse), r
+        return j
+
+    @rule(i=st.integers(0, 60))
+    def complete(self, i: int) -> None:
+        j = self._act("complete_job", (READY, DELAYED, LEASED, DEAD), i, note="n", result=b"c")
+        if j is not None:
+            self.model.finish(j, COMPLETED, self.d.now, b"c", "n")
+
+    @rule(i=st.integers(0, 60))
+    def cancel(self, i: int) -> None:
+        j = self._act("cancel_job", (READY, DELAYED, LEASED), i)
+        if j is not None:
+            self.model.finish(j, CANCELLED, self.d.now, b"", "cancelled")
+
+    @rule(i=st.integers(0, 60), delay=st.sampled_from([0, 0, 100]))
+    def requeue(self, i: int, delay: int) -> None:
+        j = self._act("requeue_job", (DEAD, COMPLETED, CANCELLED), i, delay_ms=delay)
+        if j is not None:
+            j.attempts, j.finished, j.result, j.reason = 0, 0, b"", ""
+            j.state = DELAYED if delay else READY
+            j.ready_at = self.d.now + delay
+
+    @rule(
+        i=st.integers(0, 60),
+        priority=st.sampled_from([None, 0, 3]),
+        shift=st.sampled_from([None, -50, 0, 200]),
+    )
+    def reprioritize(self, i: int, priority: int | None, shift: int | None) -> None:
+        if priority is None and shift is None:
+            return  # refused before the state: covered by the unit tests
+        fields: dict[str, int] = {}
+        if priority is not None:
+            fields["priority"] = priority
+        if shift is not None:
+            fields["ready_at_ms"] = self.d.now + shift
+        j = self._act("reprioritize_job", (READY, DELAYED), i, **fields)
+        if j is None:
+            return
+        if priority is not None:
+            j.priority = priority
+        ready_at = self.d.now + shift if shift is not None else j.ready_at
+        j.state, j.ready_at = (DELAYED if ready_at > self.d.now else READY), ready_at
+
     @rule()
     def invalid_enqueue_changes_nothing(self) -> None:
         before = self.d.state()
@@ -348,6 +466,9 @@ class MachineVsModel(RuleBasedStateMachine):
                 j.group,
                 [e[2] for e in j.errors],
                 j.tenant,
+                j.finished_at_ms,
+                j.result,
+                j.reason,
             )
             for j in q.jobs.values()
         }
@@ -362,6 +483,9 @@ class MachineVsModel(RuleBasedStateMachine):
                 j.group,
                 j.errors,
                 j.tenant,
+                j.finished,
+                j.result,
+                j.reason,
             )
             for j in self.model.jobs.values()
         }
@@ -372,6 +496,8 @@ class MachineVsModel(RuleBasedStateMachine):
             (DELAYED, stats.delayed),
             (LEASED, stats.leased),
             (DEAD, stats.dead),
+            (COMPLETED, stats.completed),
+            (CANCELLED, stats.cancelled),
         ):
             assert count == sum(1 for j in self.model.jobs.values() if j.state == state)
         ready_at = [j.ready_at for j in self.model.jobs.values() if j.state == READY]
