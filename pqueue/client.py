@@ -347,18 +347,24 @@ class Client:
         )
         return list(resp.jobs)
 
-    async def ack(self, queue: str, job_id: int, lease_id: int) -> None:
-        """Complete one job; ``LeaseLostError`` if the lease is stale."""
-        lease = pb.JobLease(job_id=job_id, lease_id=lease_id)
+    async def ack(
+        self, queue: str, job_id: int, lease_id: int, *, result: bytes | str = b""
+    ) -> None:
+        """Complete one job, keeping ``result`` on its COMPLETED record (at
+        most the queue's ``max_result_bytes``; a str is sent as UTF-8);
+        ``LeaseLostError`` if the lease is stale."""
+        data = result.encode() if isinstance(result, str) else result
+        lease = pb.JobLease(job_id=job_id, lease_id=lease_id, result=data)
         op = pb.Operation(ack=pb.AckRequest(queue=queue, leases=[lease]))
         await self._op(op, lambda s: s.queue.Ack)
 
-    async def ack_many(self, queue: str, leases: Iterable[tuple[int, int]]) -> int:
+    async def ack_many(
+        self, queue: str, leases: Iterable[tuple[int, int] | tuple[int, int, bytes]]
+    ) -> int:
         """Complete several jobs atomically: all, or none if any lease is stale
-        (always its own call, never packed with others)."""
-        req = pb.AckRequest(
-            queue=queue, leases=[pb.JobLease(job_id=j, lease_id=lid) for j, lid in leases]
-        )
+        (always its own call, never packed with others). Each is (job id,
+        lease id) or (job id, lease id, result)."""
+        req = pb.AckRequest(queue=queue, leases=[pb.JobLease(*lease) for lease in leases])
         return (await self._call(lambda s: s.queue.Ack, req)).acked
 
     async def nack(
@@ -464,6 +470,42 @@ class Client:
         req = pb.RedriveRequest(queue=queue, job_ids=list(job_ids))
         return (await self._call(lambda s: s.admin.Redrive, req)).redriven
 
+    async def complete_job(
+        self, queue: str, job_id: int, *, note: str = "", result: bytes | str = b""
+    ) -> pb.Job:
+        """Force-complete a ready, delayed, leased or dead job (a leased
+        one's worker then finds its lease lost); the job as it is after."""
+        data = result.encode() if isinstance(result, str) else result
+        req = pb.CompleteJobRequest(queue=queue, job_id=job_id, note=note, result=data)
+        return (await self._call(lambda s: s.admin.CompleteJob, req)).job
+
+    async def cancel_job(self, queue: str, job_id: int, *, note: str = "") -> pb.Job:
+        """Cancel a ready, delayed or leased job; the job as it is after."""
+        req = pb.CancelJobRequest(queue=queue, job_id=job_id, note=note)
+        return (await self._call(lambda s: s.admin.CancelJob, req)).job
+
+    async def requeue_job(self, queue: str, job_id: int, *, delay_ms: int = 0) -> pb.Job:
+        """Make a dead, completed or cancelled job ready again (after
+        ``delay_ms``) with fresh attempts; its error history is kept."""
+        req = pb.RequeueJobRequest(queue=queue, job_id=job_id, delay_ms=delay_ms)
+        return (await self._call(lambda s: s.admin.RequeueJob, req)).job
+
+    async def reprioritize_job(
+        self,
+        queue: str,
+        job_id: int,
+        *,
+        priority: int | None = None,
+        ready_at_ms: int | None = None,
+    ) -> pb.Job:
+        """Change a waiting job's priority, its ready time, or both."""
+        req = pb.ReprioritizeJobRequest(queue=queue, job_id=job_id)
+        if priority is not None:
+            req.priority = priority
+        if ready_at_ms is not None:
+            req.ready_at_ms = ready_at_ms
+        return (await self._call(lambda s: s.admin.ReprioritizeJob, req)).job
+
     async def node_status(self) -> pb.NodeStatusResponse:
         """The connected node's view of the cluster."""
         return await self._call(lambda s: s.admin.NodeStatus, pb.NodeStatusRequest(), retry=True)
@@ -545,4 +587,8 @@ class SyncClient:
     list_dead = _blocking(Client.list_dead)
     redrive = _blocking(Client.redrive)
     delete_dead = _blocking(Client.delete_dead)
+    complete_job = _blocking(Client.complete_job)
+    cancel_job = _blocking(Client.cancel_job)
+    requeue_job = _blocking(Client.requeue_job)
+    reprioritize_job = _blocking(Client.reprioritize_job)
     node_status = _blocking(Client.node_status)

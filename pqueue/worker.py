@@ -53,7 +53,9 @@ from pqueue.wire.status import from_op_status
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[pb.LeasedJob], Awaitable[None]]
+#: Runs one job. What it returns is the job's result, kept on its COMPLETED
+#: record: bytes as they are, a str as UTF-8, None for no result.
+Handler = Callable[[pb.LeasedJob], Awaitable[bytes | str | None]]
 
 #: A broken stream is opened again after this long, doubling up to the max
 #: (a node's retry hint, when longer, wins).
@@ -122,7 +124,7 @@ class Worker:
         self._active: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._acks: list[tuple[pb.LeasedJob, asyncio.Future[bool]]] = []
+        self._acks: list[tuple[pb.LeasedJob, bytes, asyncio.Future[bool]]] = []
         #: Ack batches on their way; the newest still gathers acks until it runs.
         self._ack_flushes: set[asyncio.Task[None]] = set()
         self._ack_gathering = False
@@ -329,7 +331,7 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat(job), name=f"pq-heartbeat-{job.job_id}")
         try:
             try:
-                await self.handler(job)
+                returned = await self.handler(job)
             except asyncio.CancelledError:
                 heartbeat.cancel()
                 self._handler_done(streamed)
@@ -346,7 +348,8 @@ class Worker:
             else:
                 heartbeat.cancel()
                 self._handler_done(streamed)
-                if await self._ack(job):
+                result = returned.encode() if isinstance(returned, str) else returned or b""
+                if await self._ack(job, result):
                     self.stats.acked += 1
         finally:
             heartbeat.cancel()
@@ -430,18 +433,18 @@ class Worker:
             except PQueueError as exc:
                 logger.warning("extending job %d failed: %s", job.job_id, describe(exc))
 
-    async def _ack(self, job: pb.LeasedJob) -> bool:
+    async def _ack(self, job: pb.LeasedJob, result: bytes) -> bool:
         """Ack on the stream (its acks are packed per message); without one,
         queue an ack: acks queued in the same loop turn go out as one call."""
-        lease = pb.JobLease(job_id=job.job_id, lease_id=job.lease_id)
-        result = await self._on_stream(
+        lease = pb.JobLease(job_id=job.job_id, lease_id=job.lease_id, result=result)
+        answer = await self._on_stream(
             pb.Operation(ack=pb.AckRequest(queue=self.queue, leases=[lease]))
         )
-        if result is not None:
-            error = from_op_status(result.status)
+        if answer is not None:
+            error = from_op_status(answer.status)
             return True if error is None else self._ack_refused(job, error)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._acks.append((job, fut))
+        self._acks.append((job, result, fut))
         if not self._ack_gathering:
             self._ack_gathering = True
             flush = asyncio.create_task(self._flush_acks(), name="pq-ack-flush")
@@ -453,20 +456,22 @@ class Worker:
         await asyncio.sleep(0)  # let handlers finishing in this turn join the batch
         batch, self._acks = self._acks, []
         self._ack_gathering = False
-        leases = [(job.job_id, job.lease_id) for job, _ in batch]
+        leases = [(job.job_id, job.lease_id, result) for job, result, _ in batch]
         try:
             await self.client.ack_many(self.queue, leases)
             outcomes = [True] * len(batch)
         except PQueueError:
             # Ack is atomic: one stale lease refuses the batch, so ack one by one.
-            outcomes = list(await asyncio.gather(*(self._ack_one(job) for job, _ in batch)))
-        for (_, fut), ok in zip(batch, outcomes, strict=True):
+            outcomes = list(
+                await asyncio.gather(*(self._ack_one(job, result) for job, result, _ in batch))
+            )
+        for (_, _, fut), ok in zip(batch, outcomes, strict=True):
             if not fut.done():
                 fut.set_result(ok)
 
-    async def _ack_one(self, job: pb.LeasedJob) -> bool:
+    async def _ack_one(self, job: pb.LeasedJob, result: bytes) -> bool:
         try:
-            await self.client.ack(self.queue, job.job_id, job.lease_id)
+            await self.client.ack(self.queue, job.job_id, job.lease_id, result=result)
             return True
         except PQueueError as exc:
             return self._ack_refused(job, exc)

@@ -43,8 +43,13 @@ async def cmd_lease(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str
 
 
 async def cmd_ack(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
-    await c.ack(a.queue, a.job_id, a.lease_id)
+    await c.ack(a.queue, a.job_id, a.lease_id, result=_text_or_stdin(a.result))
     return {"job_id": a.job_id, "acked": True}, None
+
+
+def _text_or_stdin(value: str) -> bytes:
+    """A result given on the command line ('-': read stdin)."""
+    return sys.stdin.buffer.read() if value == "-" else value.encode()
 
 
 async def cmd_nack(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
@@ -67,8 +72,58 @@ async def cmd_extend(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[st
     }, None
 
 
+#: ``pq job ACTION QUEUE JOB_ID``: the actions, and the options each takes.
+JOB_ACTIONS = {
+    "show": (),
+    "complete": ("note", "result"),
+    "cancel": ("note",),
+    "requeue": ("delay_ms",),
+    "reprioritize": ("priority", "ready_at_ms"),
+}
+
+
 async def cmd_job(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
-    return render.job_row(await c.get_job(a.queue, a.job_id)), None
+    action, queue, job_id = _job_words(a.words)
+    given = [
+        o
+        for o in ("note", "result", "delay_ms", "priority", "ready_at_ms")
+        if getattr(a, o) is not None
+    ]
+    stray = [o for o in given if o not in JOB_ACTIONS[action]]
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        raise ValueError(f"{flag} does not go with `pq job {action}`")
+    if action == "show":
+        job = await c.get_job(queue, job_id)
+    elif action == "complete":
+        job = await c.complete_job(
+            queue, job_id, note=a.note or "", result=_text_or_stdin(a.result or "")
+        )
+    elif action == "cancel":
+        job = await c.cancel_job(queue, job_id, note=a.note or "")
+    elif action == "requeue":
+        job = await c.requeue_job(queue, job_id, delay_ms=a.delay_ms or 0)
+    else:
+        if a.priority is None and a.ready_at_ms is None:
+            raise ValueError("give --priority, --ready-at-ms or both")
+        job = await c.reprioritize_job(
+            queue, job_id, priority=a.priority, ready_at_ms=a.ready_at_ms
+        )
+    return render.job_row(job), None
+
+
+def _job_words(words: Sequence[str]) -> tuple[str, str, int]:
+    """(action, queue, job id) from ``[ACTION] QUEUE JOB_ID``."""
+    if len(words) == 3 and words[0] in JOB_ACTIONS:
+        action, queue, job_id = words
+    elif len(words) == 2:
+        action, (queue, job_id) = "show", words
+    else:
+        raise ValueError("usage: pq job [show|complete|cancel|requeue|reprioritize] QUEUE JOB_ID")
+    try:
+        return action, queue, int(job_id)
+    except ValueError:
+        raise ValueError(f"JOB_ID must be a number, not {job_id!r}") from None
 
 
 async def cmd_stats(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
@@ -214,10 +269,25 @@ def register(sub: Any) -> None:
             sp.add_argument("--reason", default="")
         if name == "extend":
             sp.add_argument("--lease-ms", type=int, default=0)
+        if name == "ack":
+            sp.add_argument(
+                "--result", default="", help="kept on the COMPLETED record ('-' reads stdin)"
+            )
 
-    sp = add("job", cmd_job, "show one job")
-    sp.add_argument("queue")
-    sp.add_argument("job_id", type=int)
+    sp = add(
+        "job",
+        cmd_job,
+        "show one job, or act on it: pq job [show|complete|cancel|requeue|reprioritize] "
+        "QUEUE JOB_ID",
+    )
+    sp.add_argument("words", nargs="+", metavar="[ACTION] QUEUE JOB_ID")
+    sp.add_argument("--note", default=None, help="complete, cancel: kept as the job's reason")
+    sp.add_argument("--result", default=None, help="complete: the job's result ('-': stdin)")
+    sp.add_argument("--delay-ms", type=int, default=None, help="requeue: ready after this long")
+    sp.add_argument("--priority", type=int, default=None, help="reprioritize: the new priority")
+    sp.add_argument(
+        "--ready-at-ms", type=int, default=None, help="reprioritize: the new ready time (epoch ms)"
+    )
 
     sp = add("stats", cmd_stats, "queue counts")
     sp.add_argument("queue", nargs="?")
