@@ -364,7 +364,7 @@ class Client:
         """Complete several jobs atomically: all, or none if any lease is stale
         (always its own call, never packed with others). Each is (job id,
         lease id) or (job id, lease id, result)."""
-        req = pb.AckRequest(queue=queue, leases=[pb.JobLease(*lease) for lease in leases])
+        req = pb.AckRequest(queue=queue, leases=[_job_lease(*lease) for lease in leases])
         return (await self._call(lambda s: s.queue.Ack, req)).acked
 
     async def nack(
@@ -525,6 +525,10 @@ class Client:
         """Delete dead jobs (all when ``job_ids`` is empty)."""
         req = pb.DeleteDeadRequest(queue=queue, job_ids=list(job_ids))
         return (await self._call(lambda s: s.admin.DeleteDead, req)).deleted
+
+
+def _job_lease(job_id: int, lease_id: int, result: bytes = b"") -> pb.JobLease:
+    return pb.JobLease(job_id=job_id, lease_id=lease_id, result=result)
 
 
 def _blocking(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from pqueue.core import features
 from pqueue.node.auth import PEER, Verifier, issue, node_subject
 from pqueue.node.queue_node import NodeConfig
 from pqueue.node.replicated import ClusterConfig
@@ -32,9 +33,22 @@ async def one_node(root: Path, **config: Any) -> AsyncIterator[NodeServer]:
     )
     await srv.start()
     try:
+        await lifecycle_on(srv)
         yield srv
     finally:
         await srv.stop()
+
+
+async def lifecycle_on(srv: NodeServer, timeout_s: float = 10.0) -> None:
+    """Wait until a node alone has switched the lifecycle feature on (its
+    first entry), so a test's own entries are the ones it counts."""
+    if features.LIFECYCLE not in srv.node.config.features:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not srv.node.machine.lifecycle:
+        if time.monotonic() > deadline:
+            raise AssertionError("the node never switched the lifecycle feature on")
+        await asyncio.sleep(0.02)
 
 
 class Cluster:
@@ -117,12 +131,25 @@ class Cluster:
             leaders = [i for i, s in self.servers.items() if s.node.log.is_leader]
             # ...and every node knows it: a follower that has not heard from
             # it yet answers "no leader yet" instead of forwarding.
-            if len(leaders) == 1 and all(
-                s.node.log.leader_hint()[0] == leaders[0] for s in self.servers.values()
+            if (
+                len(leaders) == 1
+                and all(s.node.log.leader_hint()[0] == leaders[0] for s in self.servers.values())
+                and self._lifecycle_settled(leaders[0])
             ):
                 return leaders[0]
             await asyncio.sleep(0.05)
         raise AssertionError("no single leader")
+
+    def _lifecycle_settled(self, leader: int) -> bool:
+        """A cluster whose every member runs and supports the lifecycle
+        feature has it on (the leader turns it on once it has heard them
+        all): tests then see the semantics users see."""
+        running = self.servers.values()
+        if len(self.servers) < self.n or any(
+            features.LIFECYCLE not in s.node.config.features for s in running
+        ):
+            return True
+        return self.servers[leader].node.machine.lifecycle
 
     async def settled(self, timeout_s: float = 10.0) -> None:
         """Every running node has applied the same index."""

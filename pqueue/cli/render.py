@@ -55,6 +55,18 @@ def job_row(job: pb.Job) -> dict[str, Any]:
             {"attempt": e.attempt, "at_ms": e.at_ms, "reason": e.reason} for e in job.errors
         ],
         "tenant": job.tenant,
+        "finished_at_ms": job.finished_at_ms,
+        **result_fields(job.result),
+        "reason": job.reason,
+        "expires_at_ms": job.expires_at_ms,
+    }
+
+
+def result_fields(result: bytes) -> dict[str, str]:
+    """A job's result as ``payload_fields`` shows a payload."""
+    return {
+        ("result_encoding" if key == "payload_encoding" else "result"): value
+        for key, value in payload_fields(result).items()
     }
 
 

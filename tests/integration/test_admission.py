@@ -33,6 +33,7 @@ from tests.integration.test_metrics_http import request
 MIB = 1 << 20
 ACK = "/pqueue.v1.Queue/Ack"
 BATCH = "/pqueue.v1.Queue/EnqueueBatch"
+EXTEND = "/pqueue.v1.Queue/ExtendLease"
 SECRET = b"s" * 32
 
 
@@ -101,10 +102,14 @@ async def test_padded_ack_and_enqueue_never_reach_the_log(tmp_path: Path) -> Non
                     ack = pb.AckRequest(
                         queue="q", leases=[pb.JobLease(job_id=job.job_id, lease_id=job.lease_id)]
                     ).SerializeToString()
-                    # An Ack padded to 8 MiB: refused unparsed, by size.
-                    code, details = await raw_call(channel, ACK, ack + padding(8 * MIB))
+                    # A lease extension padded to 8 MiB: refused unparsed, by
+                    # size (an Ack may carry results: its cap is a message's).
+                    extend = pb.ExtendLeaseRequest(
+                        queue="q", job_id=job.job_id, lease_id=job.lease_id
+                    ).SerializeToString()
+                    code, details = await raw_call(channel, EXTEND, extend + padding(8 * MIB))
                     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
-                    assert "Ack request may be at most" in details
+                    assert "ExtendLease request may be at most" in details
                     # Under the cap, but carrying an unknown field: refused, by name.
                     code, details = await raw_call(channel, ACK, ack + padding(100))
                     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
@@ -130,11 +135,9 @@ async def test_padded_ack_and_enqueue_never_reach_the_log(tmp_path: Path) -> Non
 
 async def test_compressed_requests_are_capped_by_their_decompressed_size(tmp_path: Path) -> None:
     async with one_node(tmp_path) as srv, roomy(srv.address) as channel:
-        ack = pb.AckRequest(queue="q", leases=[pb.JobLease(job_id=1, lease_id=1)])
-        body = ack.SerializeToString() + padding(8 * MIB)  # ~8 KiB on the wire, gzipped
-        code, details = await raw_call(
-            channel, "/pqueue.v1.Queue/Ack", body, compression=grpc.Compression.Gzip
-        )
+        extend = pb.ExtendLeaseRequest(queue="q", job_id=1, lease_id=1)
+        body = extend.SerializeToString() + padding(8 * MIB)  # ~8 KiB on the wire, gzipped
+        code, details = await raw_call(channel, EXTEND, body, compression=grpc.Compression.Gzip)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
         async with Client(srv.address, max_retries=0) as c:
             await c.enqueue("q", b"still serving")
@@ -150,15 +153,14 @@ async def test_the_balancer_caps_requests_before_forwarding(tmp_path: Path) -> N
         async with Client(balancer.address, max_retries=3) as c:
             await c.enqueue("q", b"a")
             [job] = await c.lease("q")
-            lease = pb.JobLease(job_id=job.job_id, lease_id=job.lease_id)
-            ack = pb.AckRequest(queue="q", leases=[lease])
+            extend = pb.ExtendLeaseRequest(queue="q", job_id=job.job_id, lease_id=job.lease_id)
             applied = node.node.machine.applied_index
             async with roomy(balancer.address) as channel:
                 code, details = await raw_call(
-                    channel, "/pqueue.v1.Queue/Ack", ack.SerializeToString() + padding(4 * MIB)
+                    channel, EXTEND, extend.SerializeToString() + padding(4 * MIB)
                 )
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
-            assert "Ack request may be at most" in details
+            assert "ExtendLease request may be at most" in details
             assert node.node.machine.applied_index == applied
             await c.ack("q", job.job_id, job.lease_id)  # the real ack still works
     finally:
