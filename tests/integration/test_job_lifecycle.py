@@ -164,7 +164,8 @@ async def test_cli_ack_with_a_result_then_job_shows_it(server: NodeServer) -> No
 
     code, _, err = await pq(a, "job", "cancel", "q", str(ready))
     assert code == 1
-    assert err.startswith("error: FAILED_PRECONDITION: ") and "is CANCELLED" in err
+    assert err.startswith("error: FAILED_PRECONDITION: ")
+    assert "is CANCELLED" in err
     code, _, err = await pq(a, "job", "requeue", "q", str(ready), "--note", "x")
     assert code == 1
     assert "--note does not go with `pq job requeue`" in err
