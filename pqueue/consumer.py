@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from pqueue.batching import MAX_SUBMIT_BYTES, op_bytes
 from pqueue.errors import NotTakenError, PQueueError, UnavailableError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
@@ -117,6 +118,17 @@ class _Settle:
         self.op = op
         self.future = future
         self.packable = op.WhichOneof("op") == "ack"
+
+
+def _fitting(unsent: Sequence[_Settle]) -> int:
+    """How many of ``unsent`` go in one message: at most 1000 operations and
+    ``MAX_SUBMIT_BYTES`` of them (acks may carry results), one at least."""
+    size = 0
+    for n, settle in enumerate(unsent[:MAX_BATCH_JOBS]):
+        size += op_bytes(settle.op)
+        if n and size > MAX_SUBMIT_BYTES:
+            return n
+    return min(len(unsent), MAX_BATCH_JOBS)
 
 
 def pack(settles: Sequence[_Settle]) -> tuple[list[pb.Operation], list[list[_Settle]]]:
@@ -284,8 +296,8 @@ class ConsumeStream:
                 await self._dirty.wait()
                 self._dirty.clear()
                 while self._unsent or self._unsent_credits:
-                    settles = self._unsent[:MAX_BATCH_JOBS]
-                    del self._unsent[:MAX_BATCH_JOBS]
+                    settles = self._unsent[: _fitting(self._unsent)]
+                    del self._unsent[: len(settles)]
                     request = pb.ConsumeRequest(credits=self._unsent_credits)
                     self._unsent_credits = 0
                     if settles:

@@ -46,3 +46,20 @@ def test_a_packed_ack_holds_at_most_a_thousand_leases() -> None:
     settles = _settles(_ack("a", *range(600)), _ack("a", *range(600, 1200)))
     ops, _ = pack(settles)
     assert [len(op.ack.leases) for op in ops] == [600, 600]
+
+
+def test_a_message_holds_at_most_its_share_of_bytes_results_included() -> None:
+    from pqueue.batching import MAX_SUBMIT_BYTES
+    from pqueue.consumer import _fitting
+
+    big = pb.Operation(
+        ack=pb.AckRequest(
+            queue="a", leases=[pb.JobLease(job_id=1, lease_id=2, result=b"r" * (1 << 20))]
+        )
+    )
+    settles = _settles(*[big] * 10)
+    n = _fitting(settles)
+    assert 1 <= n < 10
+    assert n * big.ByteSize() <= MAX_SUBMIT_BYTES
+    assert _fitting(_settles(_ack("a", 1))) == 1
+    assert _fitting(_settles(*[_ack("a", i) for i in range(1500)])) == 1000
