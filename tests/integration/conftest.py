@@ -10,6 +10,7 @@ import pytest
 from pqueue.client import Client
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
+from tests.inproc import lifecycle_on
 
 
 @pytest.fixture
@@ -19,6 +20,7 @@ async def server(tmp_path: Path) -> AsyncIterator[NodeServer]:
     )
     await srv.start()
     try:
+        await lifecycle_on(srv)
         yield srv
     finally:
         await srv.stop()

@@ -62,7 +62,13 @@ async def test_a_node_on_postgres_serves_restarts_and_shows_its_jobs(schema: str
     finally:
         await server.stop()
     rows = await jobs_table(schema, applied)
-    assert [(r[0], r[2]) for r in rows] == [(2, "leased"), (3, "ready"), (4, "ready"), (5, "ready")]
+    assert [(r[0], r[2]) for r in rows] == [
+        (1, "completed"),
+        (2, "leased"),
+        (3, "ready"),
+        (4, "ready"),
+        (5, "ready"),
+    ]
 
     server = node(pg.dsn(), schema)  # a restart on the same schema
     await server.start()

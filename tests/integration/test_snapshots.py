@@ -81,6 +81,7 @@ async def test_a_big_state_is_not_rewritten_for_every_few_small_entries(tmp_path
     bytes: a big state is not rewritten for every N small entries."""
     config = NodeConfig(snapshot_every_entries=5)
     async with QueueNode(SqliteStorage(tmp_path), config) as node:
+        await until(lambda: node.machine.lifecycle, "the lifecycle switch (entry 1)")
         for n in range(5):  # ~1 MiB of state: the first snapshot, by entry count
             await node.propose(enqueue(f"big{n}", jobs=2, size=100 << 10))
         await until(lambda: node.log.status().snapshot_index >= 5, "the first snapshot")
