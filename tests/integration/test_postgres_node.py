@@ -78,7 +78,13 @@ async def test_a_node_on_postgres_serves_restarts_and_shows_its_jobs(schema: str
             assert (stats.ready, stats.leased, stats.acked_total) == (3, 1, 1)
             await c.ack("mail", second.job_id, second.lease_id)  # its lease survived
         rows = await jobs_table(schema, server.node.machine.applied_index)
-        assert [r[0] for r in rows] == [3, 4, 5]
+        assert [(r[0], r[2]) for r in rows] == [
+            (1, "completed"),
+            (2, "completed"),
+            (3, "ready"),
+            (4, "ready"),
+            (5, "ready"),
+        ]
     finally:
         await server.stop()
 

@@ -79,12 +79,13 @@ async def test_the_byte_budget_compacts_a_log_of_a_few_big_entries(tmp_path: Pat
 async def test_a_big_state_is_not_rewritten_for_every_few_small_entries(tmp_path: Path) -> None:
     """The entry count waits for a log of a quarter of the last snapshot's
     bytes: a big state is not rewritten for every N small entries."""
-    config = NodeConfig(snapshot_every_entries=5)
+    # Entry 1 is the lifecycle switch; then 5 big ones: the first snapshot.
+    config = NodeConfig(snapshot_every_entries=6)
     async with QueueNode(SqliteStorage(tmp_path), config) as node:
         await until(lambda: node.machine.lifecycle, "the lifecycle switch (entry 1)")
         for n in range(5):  # ~1 MiB of state: the first snapshot, by entry count
             await node.propose(enqueue(f"big{n}", jobs=2, size=100 << 10))
-        await until(lambda: node.log.status().snapshot_index >= 5, "the first snapshot")
+        await until(lambda: node.log.status().snapshot_index >= 6, "the first snapshot")
         first = node.log.status().snapshot_index
         for n in range(30):  # 30 small entries: 6 times the count, ~2 KiB of log
             await node.propose(enqueue(f"small{n}"))
