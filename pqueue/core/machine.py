@@ -141,9 +141,11 @@ class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, Schedu
 
     def _compact_time_heaps(self) -> None:
         """Acked jobs leave lease entries behind until their expiry time: drop
-        them once they outnumber the live ones (amortized O(1) per entry)."""
+        them once they outnumber the live ones (amortized O(1) per entry:
+        looked at only once the heaps have doubled since last time, so a
+        cluster of many queues is not walked for every entry)."""
         live = {DELAYED: 0, LEASED: 0}
-        if len(self._leases) + len(self._delayed) + len(self._retention) < 1024:
+        if len(self._leases) + len(self._delayed) + len(self._retention) < self._compact_at:
             return
         for queue in self.queues.values():
             live[DELAYED] += queue.counts[DELAYED]
@@ -161,6 +163,9 @@ class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, Schedu
         if len(self._delayed) > 2 * live[DELAYED] + 1024:
             self._delayed = [e for e in self._delayed if self._delayed_job(e) is not None]
             heapq.heapify(self._delayed)
+        self._compact_at = (
+            2 * (len(self._leases) + len(self._delayed) + len(self._retention)) + 1024
+        )
 
     # ------------------------------------------------------------------ reads
 

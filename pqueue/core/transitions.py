@@ -54,6 +54,8 @@ class MachineState:
         #: the queue's completed_retention_ms drops them (rounded up to a
         #: second, so pruning asks for at most one tick a second).
         self._retention: list[tuple[int, int, str]] = []
+        #: The time heaps' size at which stale entries are next looked for.
+        self._compact_at = 1024
         #: (expires_at_ms, queue, tenant, key) of idempotency records.
         self._dedup: list[tuple[int, str, str, str]] = []
         #: Per queue, how many jobs became leasable in the entry being applied
