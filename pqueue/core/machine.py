@@ -163,9 +163,8 @@ class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, Schedu
         if len(self._delayed) > 2 * live[DELAYED] + 1024:
             self._delayed = [e for e in self._delayed if self._delayed_job(e) is not None]
             heapq.heapify(self._delayed)
-        self._compact_at = (
-            2 * (len(self._leases) + len(self._delayed) + len(self._retention)) + 1024
-        )
+        total = len(self._leases) + len(self._delayed) + len(self._retention)
+        self._compact_at = total + max(1024, total // 2)
 
     # ------------------------------------------------------------------ reads
 
