@@ -11,7 +11,7 @@ from pqueue.core import features, limits
 from pqueue.core.effects import Effects
 from pqueue.core.queue_controls import check_update
 from pqueue.core.snapshot import restore, snapshot_bytes, state_hash
-from pqueue.errors import InvalidArgumentError, NotFoundError
+from pqueue.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from tests.machine_driver import Driver
@@ -204,7 +204,7 @@ def test_shares_and_weights_follow_an_update(d: Driver) -> None:
         enqueue=pb.EnqueueBatchRequest(queue="q", jobs=[pb.JobSpec()]),
         caller=logpb.Caller(tenant="a"),
     )
-    assert type(r).__name__ == "PermissionDeniedError"
+    assert isinstance(r, PermissionDeniedError)
     assert "a" in {j.tenant for j in d.lease(n=40)}
 
 
