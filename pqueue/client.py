@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import grpc
@@ -27,6 +27,7 @@ import grpc
 from pqueue.batching import NoSubmitError, SubmitBatcher, SubmitCounts, fits, op_bytes
 from pqueue.errors import (
     InvalidArgumentError,
+    NotFoundError,
     NotLeaderError,
     NotTakenError,
     PQueueError,
@@ -452,6 +453,69 @@ class Client:
             await self._call(lambda s: s.admin.PurgeQueue, pb.PurgeQueueRequest(queue=queue))
         ).purged
 
+    async def get_queue(self, queue: str) -> pb.QueueInfo:
+        """One queue's config and stats (``NotFoundError`` if the caller sees
+        no such queue). Read from ``ListQueues``, a page at a time until found."""
+        req = pb.ListQueuesRequest(limit=1000)
+        while True:
+            resp = await self._call(lambda s: s.admin.ListQueues, req, retry=True)
+            for info in resp.queues:
+                if info.queue == queue:
+                    return info
+            if not resp.next_page_token:
+                raise NotFoundError(f"queue {queue!r} not found")
+            req.page_token = resp.next_page_token
+
+    async def update_queue(
+        self,
+        /,
+        queue: str,
+        config: pb.QueueConfig | None = None,
+        *,
+        mask: Iterable[str] | None = None,
+        **fields: Any,
+    ) -> pb.UpdateQueueResponse:
+        """Change a queue's config; the response holds the effective config.
+
+        Either name the fields to change (``update_queue("q", max_inflight=4,
+        max_dispatch_per_s=2.5)``: only those change; ``shares`` takes
+        ``TenantShare`` messages or a ``{tenant: weight}`` mapping, and an
+        optional field given as None is cleared), or pass a ``config`` with
+        the ``mask`` of field names to take from it, or a ``config`` alone to
+        replace the whole config (zero fields take their defaults).
+        Validated as ``create_queue`` validates (``InvalidArgumentError``
+        naming ``config.<field>``).
+        """
+        if fields and config is not None:
+            raise TypeError("pass a config (and mask), or fields to change, not both")
+        names = list(mask) if mask is not None else []
+        if fields:
+            config = pb.QueueConfig()
+            for name, value in fields.items():
+                if name == "shares" and isinstance(value, Mapping):
+                    value = [pb.TenantShare(tenant=t, weight=w) for t, w in value.items()]
+                if name == "shares":
+                    config.shares.extend(value)
+                elif value is not None:
+                    setattr(config, name, value)
+                if name not in names:
+                    names.append(name)
+        req = pb.UpdateQueueRequest(
+            queue=queue, config=config or pb.QueueConfig(), update_mask=names
+        )
+        return await self._call(lambda s: s.admin.UpdateQueue, req, retry=True)
+
+    async def pause_queue(self, queue: str) -> bool:
+        """Stop leasing from the queue (enqueues go on; long polls and streams
+        wait); False if it was paused already."""
+        req = pb.PauseQueueRequest(queue=queue)
+        return (await self._call(lambda s: s.admin.PauseQueue, req, retry=True)).changed
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Lease from a paused queue again; False if it was not paused."""
+        req = pb.ResumeQueueRequest(queue=queue)
+        return (await self._call(lambda s: s.admin.ResumeQueue, req, retry=True)).changed
+
     async def list_dead(
         self, queue: str, *, limit: int = 0, after_job_id: int = 0, consistent: bool = False
     ) -> pb.ListDeadResponse:
@@ -588,6 +652,10 @@ class SyncClient:
     delete_queue = _blocking(Client.delete_queue)
     list_queues = _blocking(Client.list_queues)
     purge = _blocking(Client.purge)
+    get_queue = _blocking(Client.get_queue)
+    update_queue = _blocking(Client.update_queue)
+    pause_queue = _blocking(Client.pause_queue)
+    resume_queue = _blocking(Client.resume_queue)
     list_dead = _blocking(Client.list_dead)
     redrive = _blocking(Client.redrive)
     delete_dead = _blocking(Client.delete_dead)

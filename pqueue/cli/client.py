@@ -1,5 +1,6 @@
 """``pq`` client commands: enqueue, lease, ack, nack, extend, job, stats,
-queues, queue, dead, cluster status. They import the SDK only."""
+queues, queue (create, show, update, pause, resume, delete, purge), dead,
+cluster status. They import the SDK only."""
 
 from __future__ import annotations
 
@@ -185,6 +186,83 @@ async def cmd_queue_purge(c: Client, a: argparse.Namespace) -> tuple[Any, Sequen
     return {"queue": a.queue, "purged": await c.purge(a.queue)}, None
 
 
+#: What ``--min-priority`` and friends take to leave the optional field unset.
+CLEAR = "none"
+
+
+def int_or_clear(text: str) -> int | str:
+    """An integer, or ``none`` (leave the optional field unset: its default)."""
+    if text.lower() == CLEAR:
+        return CLEAR
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'none'") from None
+
+
+#: ``pq queue update`` flags: (flag names, QueueConfig field, type, help).
+#: Only the flags given go in the update mask.
+UPDATE_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
+    (("--max-attempts",), "max_attempts", int, "deliveries before a job is dead"),
+    (("--lease-ms", "--default-lease-ms"), "default_lease_ms", int, "default lease"),
+    (("--max-lease-total-ms",), "max_lease_total_ms", int, "cap on a lease through extensions"),
+    (("--backoff-base-ms",), "backoff_base_ms", int, "nack backoff base"),
+    (("--backoff-max-ms",), "backoff_max_ms", int, "nack backoff cap"),
+    (("--aging-interval-ms",), "aging_interval_ms", int, "0: strict priority"),
+    (("--max-payload-bytes",), "max_payload_bytes", int, "largest payload"),
+    (("--dedup-window-ms",), "dedup_window_ms", int, "how long idempotency keys last"),
+    (("--min-priority",), "min_priority", int_or_clear, "lowest priority allowed (none: any)"),
+    (("--max-priority",), "max_priority", int_or_clear, "highest priority allowed (none: any)"),
+    (("--max-result-bytes",), "max_result_bytes", int, "largest ack result"),
+    (("--completed-retention-ms",), "completed_retention_ms", int, "how long records stay"),
+    (("--completed-max",), "completed_max", int_or_clear, "records kept (0: none)"),
+    (("--max-dispatch-per-s",), "max_dispatch_per_s", float, "leases per second (0: no limit)"),
+    (("--max-inflight",), "max_inflight", int, "jobs leased at once (0: no limit)"),
+    (("--job-ttl-ms",), "job_ttl_ms", int, "unleased jobs expire after this (0: never)"),
+    (("--dead-retention-ms",), "dead_retention_ms", int, "dead jobs deleted after (0: kept)"),
+)
+
+
+async def cmd_queue_show(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
+    info = await c.get_queue(a.queue)
+    config = render.fields_of(info.config)
+    stats = render.fields_of(info.stats)
+    del stats["queue"]
+    if a.output == "json":
+        return {"queue": info.queue, "config": config, "stats": stats}, None
+    rows = {"queue": info.queue, "paused": stats.pop("paused"), **stats, **config}
+    return render.field_rows(rows), ("field", "value")
+
+
+async def cmd_queue_update(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
+    fields: dict[str, Any] = {}
+    for _, name, _, _ in UPDATE_FLAGS:
+        value = getattr(a, name)
+        if value is not None:
+            fields[name] = None if value == CLEAR else value
+    if a.delete_when_idle is not None:
+        fields["delete_when_idle"] = a.delete_when_idle
+    if a.share and a.no_shares:
+        raise ValueError("--share and --no-shares contradict each other")
+    if a.share or a.no_shares:
+        fields["shares"] = a.share
+    if not fields:
+        raise ValueError("nothing to update: give at least one flag (see pq queue update -h)")
+    r = await c.update_queue(a.queue, **fields)
+    config = render.fields_of(r.config)
+    if a.output == "json":
+        return {"queue": a.queue, "updated": sorted(fields), "config": config}, None
+    return render.field_rows({"queue": a.queue, **config}), ("field", "value")
+
+
+async def cmd_queue_pause(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
+    return {"queue": a.queue, "paused": True, "changed": await c.pause_queue(a.queue)}, None
+
+
+async def cmd_queue_resume(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
+    return {"queue": a.queue, "paused": False, "changed": await c.resume_queue(a.queue)}, None
+
+
 async def cmd_dead_list(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
     r = await c.list_dead(a.queue, limit=a.limit, after_job_id=a.after)
     return [render.job_row(j) for j in r.jobs], JOB_COLUMNS
@@ -293,7 +371,9 @@ def register(sub: Any) -> None:
     sp.add_argument("queue", nargs="?")
     add("queues", cmd_queues, "list queues")
 
-    queue = sub.add_parser("queue", help="create, delete or purge a queue")
+    queue = sub.add_parser(
+        "queue", help="create, show, update, pause, resume, delete or purge a queue"
+    )
     qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     sp = add("create", cmd_queue_create, "create a queue", qsub)
     sp.add_argument("queue")
@@ -315,6 +395,28 @@ def register(sub: Any) -> None:
     )
     add("delete", cmd_queue_delete, "delete a queue and its jobs", qsub).add_argument("queue")
     add("purge", cmd_queue_purge, "remove ready and delayed jobs", qsub).add_argument("queue")
+    add("show", cmd_queue_show, "a queue's config and stats", qsub).add_argument("queue")
+    sp = add("update", cmd_queue_update, "change the config fields given (only those)", qsub)
+    sp.add_argument("queue")
+    for flags, name, kind, text in UPDATE_FLAGS:
+        sp.add_argument(*flags, dest=name, type=kind, default=None, help=text)
+    sp.add_argument(
+        "--delete-when-idle",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="delete the queue once it holds no job",
+    )
+    sp.add_argument(
+        "--share",
+        type=share_arg,
+        action="append",
+        default=[],
+        metavar="TENANT[=WEIGHT]",
+        help="the queue's shares: the list given replaces them; repeat per tenant",
+    )
+    sp.add_argument("--no-shares", action="store_true", help="share the queue with nobody")
+    add("pause", cmd_queue_pause, "lease nothing (enqueues go on)", qsub).add_argument("queue")
+    add("resume", cmd_queue_resume, "lease from a paused queue again", qsub).add_argument("queue")
 
     dead = sub.add_parser("dead", help="list, redrive or delete dead jobs")
     dsub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")

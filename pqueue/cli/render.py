@@ -7,6 +7,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from google.protobuf.message import Message
+
 from pqueue.v1 import queue_pb2 as pb
 
 Row = Mapping[str, Any]
@@ -84,6 +86,35 @@ def stats_row(s: pb.QueueStats) -> dict[str, Any]:
         "expired_total": s.expired_total,
         "dead_total": s.dead_total,
     }
+
+
+def fields_of(message: Message) -> dict[str, Any]:
+    """Every field of a flat message by name, in field order: an optional
+    one left unset is None, a repeated one a list (of dicts, for messages)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            out[field.name] = [fields_of(v) if isinstance(v, Message) else v for v in value]
+        elif field.has_presence and not message.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = value
+    return out
+
+
+def field_rows(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A mapping as FIELD/VALUE rows (one per key, for one object shown in a table)."""
+    rows = []
+    for name, value in values.items():
+        if value is None:
+            value = "-"
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            value = ",".join("=".join(str(x) for x in v.values()) for v in value) or "-"
+        rows.append({"field": name, "value": value})
+    return rows
 
 
 def _cell(value: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 
-from pqueue.core import limits
+from pqueue.core import dispatch, limits
 from pqueue.core.commands import handles
 from pqueue.core.jobs import (
     COMPLETED,
@@ -92,7 +92,13 @@ class JobCommands(TenancyRules):
     def _lease(self, req: pb.LeaseRequest, now: int) -> pb.LeaseResponse:
         queue = self._queue(req.queue)
         limits.check_duration(req.lease_ms, "lease_ms")
+        # Pause, max_inflight, max_dispatch_per_s: an empty answer, as for no work.
+        room = dispatch.lease_room(queue, now, self.lifecycle)
+        if room == 0:
+            return pb.LeaseResponse()
         max_jobs = min(max(req.max_jobs, 1), limits.MAX_LEASE_JOBS, self._lease_room(req.queue))
+        if room is not None:
+            max_jobs = min(max_jobs, room)
         lease_ms = min(
             req.lease_ms or queue.config.default_lease_ms, queue.config.max_lease_total_ms
         )
@@ -128,6 +134,7 @@ class JobCommands(TenancyRules):
                 queue=queue.name,
                 tenant=job.tenant,
             )
+        dispatch.charge(queue, now, len(out.jobs), self.lifecycle)
         return out
 
     @handles("ack")

@@ -28,7 +28,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from pqueue.core import limits
+from pqueue.core import dispatch, limits
 from pqueue.core.commands import bind, checked_commands
 from pqueue.core.effects import Effects, Result
 from pqueue.core.features import LIFECYCLE
@@ -243,9 +243,22 @@ class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, Schedu
         return sum(q.counts[READY] for q in self.queues.values())
 
     def has_ready(self, queue_name: str) -> bool:
-        """Whether a lease on this queue would find a job now."""
+        """Whether a lease on this queue would find a job now: one is ready,
+        and the queue is neither paused nor at its ``max_inflight`` (its
+        dispatch rate aside: see ``next_dispatch_ms``)."""
         queue = self.queues.get(queue_name)
-        return queue is not None and queue.peek_ready() is not None
+        return (
+            queue is not None
+            and dispatch.leasable(queue, self.lifecycle)
+            and queue.peek_ready() is not None
+        )
+
+    def next_dispatch_ms(self, queue_name: str) -> int | None:
+        """When (stamped time) the queue's ``max_dispatch_per_s`` next lets a
+        lease take a job: at or before ``time_ms`` if it would now; None when
+        the queue has no rate (or is unknown)."""
+        queue = self.queues.get(queue_name)
+        return None if queue is None else dispatch.next_dispatch_ms(queue, self.lifecycle)
 
     def next_due_ms(self) -> int | None:
         """When the next delayed job comes due or lease expires, if ever."""

@@ -168,10 +168,20 @@ class Transitions(MachineState):
     def _set_state(self, queue: QueueState, job: Job, state: int) -> None:
         self._changed.add(job.job_id)
         self._touched.add(queue.name)
+        if job.state == LEASED and state != LEASED:
+            self._lease_slot_freed(queue)
         if job.state:
             queue.counts[job.state] -= 1
         queue.counts[state] += 1
         job.state = state
+
+    def _lease_slot_freed(self, queue: QueueState) -> None:
+        """A job is leaving LEASED (still counted there): at the queue's
+        ``max_inflight``, its ready jobs become leasable again, so waiting
+        leases are woken for one."""
+        cap = queue.config.max_inflight if self.lifecycle else 0
+        if cap and queue.counts[LEASED] == cap and queue.counts[READY]:
+            self._woken[queue.name] += 1
 
     def _make_ready(self, queue: QueueState, job: Job, ready_at: int) -> None:
         self._set_state(queue, job, READY)
@@ -338,6 +348,8 @@ class Transitions(MachineState):
     def _remove(self, queue: QueueState, job: Job) -> None:
         self._changed.add(job.job_id)
         self._touched.add(queue.name)
+        if job.state == LEASED:
+            self._lease_slot_freed(queue)
         queue.counts[job.state] -= 1
         del queue.jobs[job.job_id]
         queue.lanes[job.tenant].held -= 1

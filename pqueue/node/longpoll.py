@@ -2,12 +2,17 @@
 
 A ``Lease`` call with ``wait_ms`` and a ``Consume`` stream with credits left
 both lease through ``LongPolls.lease``: the same ``lease`` log command, the
-same line of waiters. An applied entry that makes jobs ready (an enqueue, a
-delayed job coming due, an expired lease: ``Effects.woken``) wakes as many
-waiters as the new jobs can serve, in arrival order; a woken waiter proposes
-its lease. One beaten to the jobs keeps its place at the front; one that
-leaves holding a wake-up hands it on, so no job is left with nobody woken
-for it. A drain wakes them all (they return empty).
+same line of waiters. An applied entry that makes jobs leasable (an enqueue, a
+delayed job coming due, an expired lease, a resumed queue, a slot freed
+under ``max_inflight``: ``Effects.woken``) wakes as many waiters as the new
+jobs can serve, in arrival order; a woken waiter proposes its lease. One
+beaten to the jobs keeps its place at the front; one that leaves holding a
+wake-up hands it on, so no job is left with nobody woken for it. A paused
+queue's waiters wait. A queue with ``max_dispatch_per_s`` whose bucket is
+empty keeps one timer, set for when the next lease's worth is due
+(``QueueMachine.next_dispatch_ms``), that wakes its first waiter: waiters
+neither spin nor sleep through a token. A drain wakes them all (they
+return empty).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class LeaseHost(Protocol):
     machine: QueueMachine
     log: CommandLog
     draining: bool
+    #: The clock the leader stamps entries with (Unix ms).
+    clock_ms: Callable[[], int]
 
     def propose(self, command: logpb.Command) -> Awaitable[Message]: ...
 
@@ -59,6 +66,10 @@ class LongPolls:
     def __init__(self, host: LeaseHost) -> None:
         self._host = host
         self._lines: dict[str, deque[Waiter]] = {}
+        #: Per queue whose dispatch rate holds its waiters back: the timer
+        #: that wakes one when the next lease's worth of tokens is due, and
+        #: that loop time.
+        self._timers: dict[str, tuple[asyncio.TimerHandle, float]] = {}
 
     @property
     def waiting(self) -> int:
@@ -87,6 +98,9 @@ class LongPolls:
 
     def wake_all(self) -> None:
         """Wake every waiter (a drain: they find the node draining and return)."""
+        for timer, _ in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for line in self._lines.values():
             for waiter in line:
                 if not waiter.future.done():
@@ -117,6 +131,7 @@ class LongPolls:
         wanted = want or (lambda: max(req.max_jobs, 1))
         empty = pb.LeaseResponse()
         first_in_line = False
+        parked = False
         while True:
             if host.draining or (stop is not None and stop.done()):
                 return empty
@@ -124,9 +139,16 @@ class LongPolls:
             if queue not in host.machine.queues and await self.surely_unknown(queue):
                 limits.check_queue_name(queue)  # the log's answer, without a log entry
                 raise NotFoundError(f"queue {queue!r} not found")
-            if host.machine.has_ready(queue) or queue not in host.machine.queues:
-                # An unknown queue the leader could not rule out goes to the
-                # log too, which answers NOT_FOUND (or leases, if it came).
+            if queue not in host.machine.queues:
+                due_s = 0.0  # the log answers NOT_FOUND (or leases, if it came)
+            elif host.machine.has_ready(queue):
+                due_s = self._dispatch_due_s(queue)
+                if due_s > 0:  # its dispatch rate: wait for the tokens, in line
+                    self._arm(queue, due_s)
+                    first_in_line = first_in_line or parked
+            else:
+                due_s = -1.0
+            if due_s == 0:
                 req.max_jobs = min(wanted(), limits.MAX_LEASE_JOBS)
                 try:
                     result = await host.propose(logpb.Command(lease=req, limits=bound))
@@ -138,6 +160,8 @@ class LongPolls:
                     self._pass_on(queue)
                     return result
                 first_in_line = True  # beaten to it: keep our place in line
+                if host.machine.has_ready(queue) and (due_s := self._dispatch_due_s(queue)) > 0:
+                    self._arm(queue, due_s)  # the rate took the rest: wake us when due
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return empty
@@ -156,6 +180,7 @@ class LongPolls:
             except asyncio.CancelledError:
                 self._leave(queue, waiter)
                 raise
+            parked = True
             if not waiter.future.done():  # the wait ran out, or ``stop``
                 self._leave(queue, waiter)
                 return empty
@@ -182,9 +207,42 @@ class LongPolls:
         return queue not in self._host.machine.queues
 
     def _pass_on(self, queue: str) -> None:
-        """Wake the next waiter if work is left that nobody was woken for."""
+        """Wake the next waiter if work is left that nobody was woken for
+        (once the queue's dispatch rate lets a lease take it)."""
         if self._host.machine.has_ready(queue):
-            self.wake(queue, 1)
+            due_s = self._dispatch_due_s(queue)
+            if due_s > 0:
+                self._arm(queue, due_s)
+            else:
+                self.wake(queue, 1)
+
+    def _dispatch_due_s(self, queue: str) -> float:
+        """Seconds until the queue's ``max_dispatch_per_s`` lets a lease
+        take a job (0: it does now, or the queue has no rate)."""
+        due = self._host.machine.next_dispatch_ms(queue)
+        if due is None:
+            return 0.0
+        return max(0.0, (due - self._host.clock_ms()) / 1000)
+
+    def _arm(self, queue: str, delay_s: float) -> None:
+        """Wake the queue's first waiter in ``delay_s`` (or sooner, if its
+        timer is due sooner already): one timer per queue, however many
+        wait, so waiters held back by the rate never spin and never all
+        propose at once."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay_s
+        armed = self._timers.get(queue)
+        if armed is not None:
+            if armed[1] <= at:
+                return
+            armed[0].cancel()
+        self._timers[queue] = (loop.call_at(at, self._tokens_due, queue), at)
+
+    def _tokens_due(self, queue: str) -> None:
+        """A queue's timer fired: the rate allows a lease now."""
+        del self._timers[queue]
+        if queue in self._lines:
+            self._pass_on(queue)
 
     def _leave(self, queue: str, waiter: Waiter) -> None:
         """Take ``waiter`` out of its line; a wake-up it got goes to the next."""

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from pqueue.core import limits
+from pqueue.core import limits, queue_controls
 from pqueue.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -612,6 +612,7 @@ class AdminService(_Base, pbg.AdminServicer):
         self, request: pb.UpdateQueueRequest, context: Context
     ) -> pb.UpdateQueueResponse:
         request.queue = _queue(request.queue, ADMIN)
+        queue_controls.check_update(request)
         return await self._propose(logpb.Command(update_queue=request), pb.UpdateQueueResponse)
 
     @rpc

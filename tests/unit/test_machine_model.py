@@ -2,10 +2,10 @@
 
 The model keeps jobs in a dict and answers every question by scanning, in the
 plainest reading of README "Semantics" (and of fair sharing between tenants:
-``QueueConfig.shares``). The machine, with its heaps, lazy deletion
-and group bookkeeping, must agree with it after every step, including after
-being replaced by a restore of its own snapshot.
-"""
+``QueueConfig.shares``; and of README "Queue controls": updates, pause,
+``max_inflight`` and the ``max_dispatch_per_s`` token bucket). The machine,
+with its heaps, lazy deletion and group bookkeeping, must agree with it after
+every step, including after being replaced by a restore of its own snapshot."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from pqueue.core import jobs, limits
 from pqueue.core.jobs import FAIR_SCALE, backoff_ms
@@ -74,6 +80,29 @@ class Model:
         #: Fair sharing: each tenant's virtual time, and the queue's clock.
         self.vtime: dict[str, int] = {}
         self.vclock = 0
+        #: Queue controls: paused; the dispatch bucket (thousandths of a
+        #: lease) as of ``bucket_at``, filled up to one second of leases.
+        self.paused = False
+        self.bucket = 0
+        self.bucket_at = 0
+
+    def rate(self) -> int:
+        """max_dispatch_per_s in thousandths of a lease per second."""
+        return round(self.cfg.max_dispatch_per_s * 1000)
+
+    def bucket_now(self, now: int) -> int:
+        rate = self.rate()
+        return min(max(1000, rate), self.bucket + (now - self.bucket_at) * rate // 1000)
+
+    def update(self, cfg: pb.QueueConfig, now: int) -> None:
+        """A new config: the bucket keeps what it held, up to the new size
+        (full if there was no rate; none if there is none now)."""
+        old, new = self.rate(), round(cfg.max_dispatch_per_s * 1000)
+        if old != new:
+            held = self.bucket_now(now) if old else max(1000, new)
+            self.bucket, self.bucket_at = (min(max(1000, new), held), now) if new else (0, 0)
+        self.cfg = cfg
+        self.weights = {s.tenant: s.weight for s in cfg.shares}
 
     def advance(self, now: int) -> None:
         for j in self.jobs.values():
@@ -154,6 +183,13 @@ class Model:
 
     def lease(self, n: int, lease_ms: int, now: int) -> list[tuple[int, int]]:
         lease_ms = min(lease_ms or self.cfg.default_lease_ms, self.cfg.max_lease_total_ms)
+        if self.paused:
+            return []
+        if self.cfg.max_inflight:
+            leased = sum(1 for j in self.jobs.values() if j.state == LEASED)
+            n = min(n, self.cfg.max_inflight - leased)
+        if self.rate():
+            n = min(n, self.bucket_now(now) // 1000)
         out = []
         for _ in range(n):
             ready = [j for j in self.jobs.values() if self._eligible(j)]
@@ -164,6 +200,8 @@ class Model:
             j.lease_id, self.next_lease = self.next_lease, self.next_lease + 1
             j.leased_at, j.expires = now, now + lease_ms
             out.append((j.id, j.lease_id))
+        if out and self.rate():
+            self.bucket, self.bucket_at = self.bucket_now(now) - 1000 * len(out), now
         return out
 
     def _fair_pick(self, ready: list[MJob]) -> MJob:
@@ -202,8 +240,12 @@ class MachineVsModel(RuleBasedStateMachine):
         groups=st.booleans(),
         fifos=st.sampled_from([0, 2, 32]),
         records=st.sampled_from(["before", "kept", "none"]),
+        rate=st.sampled_from([0.0, 0.0, 2.5, 10.0]),
+        inflight=st.sampled_from([0, 0, 2, 4]),
     )
-    def setup(self, aging: int, groups: bool, fifos: int, records: str) -> None:
+    def setup(
+        self, aging: int, groups: bool, fifos: int, records: str, rate: float, inflight: int
+    ) -> None:
         # How many priorities a lane keeps in the compact form: none (every
         # job an object in a heap), a few (both kinds mixed in one lane), all.
         self.fifos = jobs.MAX_FIFO_PRIORITIES
@@ -221,15 +263,19 @@ class MachineVsModel(RuleBasedStateMachine):
         )
         # Records: a log from before the lifecycle switch (an action turns it
         # on later), records kept (a small cap and retention), or none kept.
+        # With the lifecycle feature on: queue controls and dispatch limits.
+        self.lifecycle = records != "before"
+        if self.lifecycle:
+            self.d = Driver(lifecycle=True)
+            config.max_dispatch_per_s, config.max_inflight = rate, inflight
         if records == "kept":
             config.completed_max, config.completed_retention_ms = 4, 1500
         elif records == "none":
             config.completed_max = 0
         self.d.ok(create_queue=pb.CreateQueueRequest(queue="q", config=config))
         self.config = config
-        lifecycle = records != "before"
-        self.model = Model(limits.effective_config(config, lifecycle), lifecycle)
-        assert self.d.m.lifecycle == lifecycle
+        self.model = Model(limits.effective_config(config, self.lifecycle), self.lifecycle)
+        assert self.d.m.lifecycle == self.lifecycle
         self.groups = ["", "a", "b"] if groups else [""]
 
     def _step(self, **command: object) -> object:
@@ -284,9 +330,9 @@ class MachineVsModel(RuleBasedStateMachine):
         leases = [pb.JobLease(job_id=j, lease_id=lid) for j, lid in picks]
         if len({j for j, _ in picks}) < len(picks):
             return  # same job under two leases: covered by the unit tests
-        for lease in leases:
-            lease.result = b"r%d" % lease.job_id
-        self.model.start_lifecycle(self.config)  # results are lifecycle fields
+        if self.model.lifecycle:  # results are lifecycle fields: before it, a plain ack
+            for lease in leases:
+                lease.result = b"r%d" % lease.job_id
         r = self._step(ack=pb.AckRequest(queue="q", leases=leases))
         self.model.advance(self.d.now)
         checked = [self.model.check(j, lid) for j, lid in picks]
@@ -297,7 +343,8 @@ class MachineVsModel(RuleBasedStateMachine):
         assert r == pb.AckResponse(acked=len(picks))
         for c in checked:
             assert isinstance(c, MJob)
-            self.model.finish(c, COMPLETED, self.d.now, b"r%d" % c.id, "")
+            result = b"r%d" % c.id if self.model.lifecycle else b""
+            self.model.finish(c, COMPLETED, self.d.now, result, "")
 
     @rule(i=st.integers(0, 50), delay=st.sampled_from([None, 0, 100]))
     def nack(self, i: int, delay: int | None) -> None:
@@ -431,6 +478,64 @@ class MachineVsModel(RuleBasedStateMachine):
         ready_at = self.d.now + shift if shift is not None else j.ready_at
         j.state, j.ready_at = (DELAYED if ready_at > self.d.now else READY), ready_at
 
+    @precondition(lambda self: getattr(self, "lifecycle", False))
+    @rule()
+    def pause(self) -> None:
+        r = self._step(pause_queue=pb.PauseQueueRequest(queue="q"))
+        assert r == pb.PauseQueueResponse(changed=not self.model.paused)
+        self.model.paused = True
+
+    @precondition(lambda self: getattr(self, "lifecycle", False))
+    @rule()
+    def resume(self) -> None:
+        r = self._step(resume_queue=pb.ResumeQueueRequest(queue="q"))
+        assert r == pb.ResumeQueueResponse(changed=self.model.paused)
+        self.model.paused = False
+
+    @precondition(lambda self: getattr(self, "lifecycle", False))
+    @rule(
+        changes=st.dictionaries(
+            st.sampled_from(
+                [
+                    "aging_interval_ms",
+                    "max_attempts",
+                    "max_inflight",
+                    "max_dispatch_per_s",
+                    "shares",
+                ]
+            ),
+            st.integers(0, 3),
+            min_size=1,
+        )
+    )
+    def update(self, changes: dict[str, int]) -> None:
+        values: dict[str, object] = {
+            "aging_interval_ms": [0, 1, 100, 1000][changes.get("aging_interval_ms", 0)],
+            "max_attempts": [2, 3, 4, 6][changes.get("max_attempts", 0)],
+            "max_inflight": [0, 1, 2, 5][changes.get("max_inflight", 0)],
+            "max_dispatch_per_s": [0.0, 1.0, 2.5, 20.0][changes.get("max_dispatch_per_s", 0)],
+            "shares": [
+                [pb.TenantShare(tenant="a", weight=w), pb.TenantShare(tenant="b", weight=3)]
+                for w in (1, 2, 5, 9)
+            ][changes.get("shares", 0)],
+        }
+        mask = sorted(changes)
+        config = pb.QueueConfig(**{name: values[name] for name in mask})  # type: ignore[arg-type]
+        r = self._step(
+            update_queue=pb.UpdateQueueRequest(queue="q", config=config, update_mask=mask)
+        )
+        cfg = pb.QueueConfig()
+        cfg.CopyFrom(self.model.cfg)
+        for name in mask:
+            if name == "shares":
+                del cfg.shares[:]
+                cfg.shares.extend(values["shares"])  # type: ignore[arg-type]
+            else:
+                setattr(cfg, name, values[name])
+        assert isinstance(r, pb.UpdateQueueResponse)
+        assert r.config == cfg
+        self.model.update(cfg, self.d.now)
+
     @rule()
     def invalid_enqueue_changes_nothing(self) -> None:
         before = self.d.state()
@@ -502,6 +607,8 @@ class MachineVsModel(RuleBasedStateMachine):
             assert count == sum(1 for j in self.model.jobs.values() if j.state == state)
         ready_at = [j.ready_at for j in self.model.jobs.values() if j.state == READY]
         assert q.oldest_ready_at() == (min(ready_at) if ready_at else None)
+        assert stats.paused == self.model.paused
+        assert (q.dispatch_tokens, q.dispatch_at_ms) == (self.model.bucket, self.model.bucket_at)
 
 
 TestMachineVsModel = MachineVsModel.TestCase
