@@ -18,8 +18,10 @@ from pqueue.node.auth import Verifier, issue
 from pqueue.node.cron import MISSED_GRACE_MS
 from pqueue.node.metrics import NodeCollector
 from pqueue.node.scheduler import ENQUEUED
+from pqueue.node.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
 from tests.inproc import Cluster, node_tokens
+from tests.integration.test_cli import pq, pq_json
 from tests.schedule_ticks import assert_one_per_tick, tick_jobs, wait_jobs
 
 EVERY_SECOND = "* * * * * *"
@@ -241,3 +243,46 @@ async def test_ticks_missed_without_a_leader_follow_each_policy(cluster: Cluster
     assert once >= 1  # the ticks before the latest missed one
     assert skip >= 3  # every missed tick (the outage outlasted the grace by 3 s or more)
     await same_state(cluster)
+
+
+async def test_pq_schedule_commands(server: NodeServer) -> None:
+    a = server.address
+    code, _, err = await pq(
+        a, "schedule", "add", "reports", "s", "--cron", "* * * * *", "--payload", "x"
+    )
+    assert (code, err.strip()) == (1, "error: NOT_FOUND: queue 'reports' not found")
+    await pq_json(a, "queue", "create", "reports")
+    added = await pq_json(
+        a, "schedule", "add", "reports", "beat", "--cron", "*/2 * * * * *", "--payload", "hi",
+        "--priority", "3", "--timezone", "Asia/Tokyo", "--missed", "all",
+    )  # fmt: skip
+    assert added["created"] is True
+    assert (added["cron"], added["timezone"], added["missed"], added["priority"]) == (
+        "*/2 * * * * *",
+        "Asia/Tokyo",
+        "all",
+        3,
+    )
+    assert added["next_tick_ms"] > added["created_at_ms"] > 0
+    code, out, _ = await pq(a, "schedule", "list")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:4] == ["QUEUE", "NAME", "CRON", "TIMEZONE"]
+    assert "Z" in row  # the next tick, as ISO-8601 UTC in a table
+    code, _, err = await pq(
+        a, "schedule", "add", "reports", "x", "--cron", "* * *", "--payload", "x"
+    )
+    assert code == 1
+    assert err.startswith("error: INVALID_ARGUMENT: schedule.cron: ")
+    paused = await pq_json(a, "schedule", "pause", "reports", "beat")
+    assert (paused["paused"], paused["next_tick_ms"]) == (True, 0)
+    resumed = await pq_json(a, "schedule", "resume", "reports", "beat")
+    assert resumed["paused"] is False
+    [listed] = await pq_json(a, "schedule", "list", "reports")
+    assert listed["name"] == "beat"
+    assert await pq_json(a, "schedule", "remove", "reports", "beat") == {
+        "queue": "reports",
+        "name": "beat",
+        "deleted": True,
+    }
+    assert await pq_json(a, "schedule", "list") == []
