@@ -47,6 +47,13 @@ DEFAULT_ENDPOINT = "127.0.0.1:7700"
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
+#: ``put_schedule(missed=...)``: what ticks missed during an outage get.
+MISSED_POLICIES = {
+    "once": pb.MISSED_TICKS_ONCE,
+    "all": pb.MISSED_TICKS_ALL,
+    "skip": pb.MISSED_TICKS_SKIP,
+}
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -590,6 +597,67 @@ class Client:
         req = pb.DeleteDeadRequest(queue=queue, job_ids=list(job_ids))
         return (await self._call(lambda s: s.admin.DeleteDead, req)).deleted
 
+    # ----------------------------------------------------------- schedules
+
+    async def put_schedule(
+        self,
+        queue: str,
+        name: str,
+        cron: str,
+        payload: bytes | str,
+        *,
+        priority: int = 0,
+        group: str = "",
+        timezone: str = "",
+        missed: str = "once",
+        paused: bool = False,
+    ) -> pb.PutScheduleResponse:
+        """Create or replace the cron schedule ``name`` of ``queue``: at each
+        tick of ``cron`` (five fields, or six with seconds first) read in
+        ``timezone`` (default UTC), the leader enqueues ``payload``. ``missed``
+        says what ticks missed during an outage get: "once" (one job),
+        "all" (one each, at most 100), "skip" (none). Same definition twice
+        changes nothing, so it is retried."""
+        policy = MISSED_POLICIES.get(missed)
+        if policy is None:
+            raise InvalidArgumentError("missed", f"one of {', '.join(MISSED_POLICIES)}")
+        schedule = pb.Schedule(
+            queue=queue,
+            name=name,
+            cron=cron,
+            timezone=timezone,
+            job=job_spec(payload, priority=priority, group=group),
+            missed=policy,
+            paused=paused,
+        )
+        req = pb.PutScheduleRequest(schedule=schedule)
+        return await self._call(lambda s: s.admin.PutSchedule, req, retry=True)
+
+    async def list_schedules(
+        self, queue: str = "", *, consistent: bool = False
+    ) -> list[pb.Schedule]:
+        """The schedules of ``queue``, or of every queue the caller may see,
+        with their last and next ticks."""
+        req = pb.ListSchedulesRequest(
+            queue=queue, consistent=consistent, min_index=self._min_index()
+        )
+        return list((await self._call(lambda s: s.admin.ListSchedules, req, retry=True)).schedules)
+
+    async def delete_schedule(self, queue: str, name: str) -> None:
+        """Delete a schedule (its jobs already enqueued stay)."""
+        req = pb.DeleteScheduleRequest(queue=queue, name=name)
+        await self._call(lambda s: s.admin.DeleteSchedule, req)
+
+    async def pause_schedule(self, queue: str, name: str) -> pb.Schedule:
+        """Stop a schedule's ticks; those that fall while it is paused are skipped."""
+        req = pb.PauseScheduleRequest(queue=queue, name=name, paused=True)
+        return (await self._call(lambda s: s.admin.PauseSchedule, req, retry=True)).schedule
+
+    async def resume_schedule(self, queue: str, name: str) -> pb.Schedule:
+        """Tick again from now on."""
+        req = pb.PauseScheduleRequest(queue=queue, name=name, paused=False)
+        return (await self._call(lambda s: s.admin.PauseSchedule, req, retry=True)).schedule
+
 
 def _job_lease(job_id: int, lease_id: int, result: bytes = b"") -> pb.JobLease:
     return pb.JobLease(job_id=job_id, lease_id=lease_id, result=result)
@@ -664,3 +732,8 @@ class SyncClient:
     requeue_job = _blocking(Client.requeue_job)
     reprioritize_job = _blocking(Client.reprioritize_job)
     node_status = _blocking(Client.node_status)
+    put_schedule = _blocking(Client.put_schedule)
+    list_schedules = _blocking(Client.list_schedules)
+    delete_schedule = _blocking(Client.delete_schedule)
+    pause_schedule = _blocking(Client.pause_schedule)
+    resume_schedule = _blocking(Client.resume_schedule)

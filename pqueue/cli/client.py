@@ -1,6 +1,6 @@
 """``pq`` client commands: enqueue, lease, ack, nack, extend, job, stats,
 queues, queue (create, show, update, pause, resume, delete, purge), dead,
-cluster status. They import the SDK only."""
+schedule, cluster status. They import the SDK only."""
 
 from __future__ import annotations
 
@@ -276,6 +276,54 @@ async def cmd_dead_delete(c: Client, a: argparse.Namespace) -> tuple[Any, Sequen
     return {"queue": a.queue, "deleted": await c.delete_dead(a.queue, a.job_ids)}, None
 
 
+SCHEDULE_COLUMNS = ("queue", "name", "cron", "timezone", "missed", "paused", "next_tick")
+
+
+def _schedule_out(s: pb.Schedule, a: argparse.Namespace) -> dict[str, Any]:
+    """Times as ISO-8601 in a table, epoch ms (and ``_ms`` names) in JSON."""
+    row = render.schedule_row(s, iso=a.output != "json")
+    if a.output == "json":
+        for key in ("last_tick", "next_tick", "created_at"):
+            row[f"{key}_ms"] = row.pop(key)
+    return row
+
+
+async def cmd_schedule_add(c: Client, a: argparse.Namespace) -> Outcome:
+    payload = sys.stdin.buffer.read() if a.payload == "-" else a.payload.encode()
+    r = await c.put_schedule(
+        a.queue,
+        a.name,
+        a.cron,
+        payload,
+        priority=a.priority,
+        group=a.group,
+        timezone=a.timezone,
+        missed=a.missed,
+        paused=a.paused,
+    )
+    return {"created": r.created, **_schedule_out(r.schedule, a)}, ("created", *SCHEDULE_COLUMNS)
+
+
+async def cmd_schedule_list(c: Client, a: argparse.Namespace) -> Outcome:
+    rows = [_schedule_out(s, a) for s in await c.list_schedules(a.queue or "")]
+    return rows, (*SCHEDULE_COLUMNS, "last_tick", "priority", "payload")
+
+
+async def cmd_schedule_remove(c: Client, a: argparse.Namespace) -> Outcome:
+    await c.delete_schedule(a.queue, a.name)
+    return {"queue": a.queue, "name": a.name, "deleted": True}, None
+
+
+async def cmd_schedule_pause(c: Client, a: argparse.Namespace) -> Outcome:
+    s = await c.pause_schedule(a.queue, a.name)
+    return _schedule_out(s, a), SCHEDULE_COLUMNS
+
+
+async def cmd_schedule_resume(c: Client, a: argparse.Namespace) -> Outcome:
+    s = await c.resume_schedule(a.queue, a.name)
+    return _schedule_out(s, a), SCHEDULE_COLUMNS
+
+
 async def cmd_cluster_status(c: Client, a: argparse.Namespace) -> Outcome:
     from pqueue.cli.devcluster import cluster_status  # psutil: only when asked
 
@@ -431,6 +479,39 @@ def register(sub: Any) -> None:
         sp = add(name, fn, text, dsub)
         sp.add_argument("queue")
         sp.add_argument("job_ids", type=int, nargs="*")
+
+    schedule = sub.add_parser("schedule", help="cron schedules: add, list, remove, pause, resume")
+    ssub = schedule.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = add("add", cmd_schedule_add, "create or replace a cron schedule", ssub)
+    sp.add_argument("queue")
+    sp.add_argument("name")
+    sp.add_argument(
+        "--cron",
+        required=True,
+        help='"*/5 * * * *" (minute hour day month weekday), six fields with seconds first, '
+        "or @hourly, @daily...",
+    )
+    sp.add_argument("--payload", required=True, help="each tick's job ('-' reads stdin)")
+    sp.add_argument("--priority", type=int, default=0, help="lower is served first")
+    sp.add_argument("--group", default="", help="ordering key: FIFO, one in flight")
+    sp.add_argument("--timezone", default="", help="IANA zone the fields are read in (UTC)")
+    sp.add_argument(
+        "--missed",
+        choices=("once", "all", "skip"),
+        default="once",
+        help="ticks missed during an outage: one job, one each (at most 100), or none",
+    )
+    sp.add_argument("--paused", action="store_true", help="create it paused")
+    sp = add("list", cmd_schedule_list, "list schedules (of one queue, or all)", ssub)
+    sp.add_argument("queue", nargs="?")
+    for name, fn, text in (
+        ("remove", cmd_schedule_remove, "delete a schedule (its jobs stay)"),
+        ("pause", cmd_schedule_pause, "stop a schedule's ticks"),
+        ("resume", cmd_schedule_resume, "tick again from now on"),
+    ):
+        sp = add(name, fn, text, ssub)
+        sp.add_argument("queue")
+        sp.add_argument("name")
 
 
 async def run_client(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import Message
@@ -115,6 +116,33 @@ def field_rows(values: Mapping[str, Any]) -> list[dict[str, Any]]:
             value = ",".join("=".join(str(x) for x in v.values()) for v in value) or "-"
         rows.append({"field": name, "value": value})
     return rows
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC, to the second ("" for 0: never)."""
+    if not ms:
+        return ""
+    when = datetime.fromtimestamp(ms / 1000, UTC)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def schedule_row(s: pb.Schedule, iso: bool = False) -> dict[str, Any]:
+    """A schedule; its times as epoch ms, or ISO-8601 with ``iso`` (tables)."""
+    time: Any = iso_ms if iso else int
+    return {
+        "queue": s.queue,
+        "name": s.name,
+        "cron": s.cron,
+        "timezone": s.timezone,
+        "missed": pb.MissedTicks.Name(s.missed).removeprefix("MISSED_TICKS_").lower(),
+        "paused": s.paused,
+        "priority": s.job.priority,
+        "group": s.job.group,
+        **payload_fields(s.job.payload),
+        "last_tick": time(s.last_tick_ms),
+        "next_tick": time(s.next_tick_ms),
+        "created_at": time(s.created_at_ms),
+    }
 
 
 def _cell(value: Any) -> str:

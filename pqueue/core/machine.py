@@ -57,7 +57,7 @@ __all__ = ["Effects", "QueueMachine", "Result"]
 
 
 @checked_commands  # every Command field has exactly one @handles method, or no start
-class QueueMachine(JobCommands, QueueCommands, JobActions, QueueControls, ScheduleCommands):
+class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, QueueControls):
     """All queues of one node, advanced only by ``apply_entry``."""
 
     def __init__(self) -> None:

@@ -219,6 +219,14 @@ def restore_chunks(chunks: Iterable[bytes]) -> QueueMachine:
     return machine
 
 
+def _copy_schedule(schedule: pb.Schedule) -> pb.Schedule:
+    """A schedule of its own: one held from the parsed queue record would
+    keep that whole record (every job in it) alive as long as it lives."""
+    copy = pb.Schedule()
+    copy.CopyFrom(schedule)
+    return copy
+
+
 #: Field numbers of ``Snapshot.queues`` and ``Snapshot.packed``.
 _QUEUES = logpb.Snapshot.QUEUES_FIELD_NUMBER
 _PACKED = logpb.Snapshot.PACKED_FIELD_NUMBER
@@ -241,7 +249,7 @@ class _Restoring:
             paused=qs.paused,
             dispatch_tokens=qs.dispatch_tokens,
             dispatch_at_ms=qs.dispatch_at_ms,
-            schedules={s.name: s for s in qs.schedules},
+            schedules={s.name: _copy_schedule(s) for s in qs.schedules},
         )
         machine.queues[qs.name] = queue
         for lane_record in qs.lanes:

@@ -155,9 +155,15 @@ class Transitions(MachineState):
         return queue
 
     def _drop_if_idle(self, queue: QueueState) -> None:
-        """delete_when_idle: drop a queue with no job and no live idempotency key
-        (the keys must outlive their jobs, or a retried enqueue makes a twin)."""
-        if queue.config.delete_when_idle and not queue.jobs and not queue.dedup:
+        """delete_when_idle: drop a queue with no job, no live idempotency key
+        (the keys must outlive their jobs, or a retried enqueue makes a twin)
+        and no schedule."""
+        if (
+            queue.config.delete_when_idle
+            and not queue.jobs
+            and not queue.dedup
+            and not queue.schedules
+        ):
             self._drop_queue(queue)
 
     def _drop_queue(self, queue: QueueState) -> None:

@@ -32,6 +32,7 @@ from pqueue.core.jobs import DEAD, DELAYED, LEASED, READY, QueueState
 from pqueue.node.memory import MemoryBudget
 from pqueue.node.queue_node import QueueNode
 from pqueue.node.replicated import ReplicatedLog
+from pqueue.node.scheduler import ENQUEUED, SKIPPED
 from pqueue.wire.observe import GrpcMetrics
 from pqueue.wire.process_metrics import ProcessCollector
 
@@ -174,6 +175,7 @@ class NodeCollector(Collector):
                 value=self.memory.refusals,
             )
         yield from self._queues(node)
+        yield self._schedule_ticks(node)
         st = node.log.status()
         yield GaugeMetricFamily(
             "pq_consensus_leader", "1 while this node leads.", value=int(node.log.is_leader)
@@ -232,6 +234,24 @@ class NodeCollector(Collector):
         yield jobs
         yield age
         yield from totals.values()
+
+    def _schedule_ticks(self, node: QueueNode) -> CounterMetricFamily:
+        """Cron ticks this node applied while it led, by queue and outcome
+        (counted by the leader: followers show none; ``pqueue.node.scheduler``)."""
+        family = CounterMetricFamily(
+            "pq_schedule_ticks",
+            "Cron schedule ticks applied while this node led: enqueued (a job) or skipped "
+            "(recorded without one: the missed-tick policy, or the queue refused the job).",
+            labels=["queue", "outcome"],
+        )
+        counts = node.scheduler.ticks
+        if counts:
+            for label, group in self._rows(node.machine.queues):
+                for outcome in (ENQUEUED, SKIPPED):
+                    value = sum(counts[q.name, outcome] for q in group)
+                    if value:
+                        family.add_metric([label, outcome], value)
+        return family
 
     def _rows(self, queues: dict[str, QueueState]) -> list[tuple[str, list[QueueState]]]:
         """(label, queues summed under it), at most ``max_queues`` + 1 rows."""

@@ -4,7 +4,8 @@ The node owns the ``QueueMachine``, hands it entries through the log seam,
 wakes long-polling leases (``pqueue.node.longpoll``: ``Lease`` calls and
 ``Consume`` streams) when their queue gains a leasable job, and proposes
 ``Tick`` commands when a delayed job comes due or a lease expires, so that
-time-driven changes are decided in the log like every other change.
+time-driven changes are decided in the log like every other change (and,
+through ``pqueue.node.scheduler``, cron schedules' ticks).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pqueue.node.longpoll import LongPolls
 from pqueue.node.mirror import JobsMirror, MirrorStore
 from pqueue.node.peers import PeerTransport
 from pqueue.node.replicated import ClusterConfig, ReplicatedLog
+from pqueue.node.scheduler import Scheduler
 from pqueue.storage import Storage
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
@@ -113,6 +115,8 @@ class QueueNode:
         #: One state digest at a time (each reads the whole state).
         self._digesting = asyncio.Lock()
         self._tick_task: asyncio.Task[None] | None = None
+        #: Proposes cron schedules' ticks while this node leads.
+        self.scheduler = Scheduler(self)
         self.draining = False
         #: Client calls being served (the servicer counts them; a stream
         #: counts while it leases or settles).
@@ -204,6 +208,7 @@ class QueueNode:
         self.transport.start()
         self._tick_task = asyncio.create_task(self._tick_loop(), name="pq-tick-loop")
         self._tick_task.add_done_callback(self._on_tick_done)
+        self.scheduler.start()
         logger.info("node %s ready at index %d", self.config.node_id, self.machine.applied_index)
 
     def _on_tick_done(self, task: asyncio.Task[None]) -> None:
@@ -222,6 +227,7 @@ class QueueNode:
             self._tick_task.cancel()
             await asyncio.wait([self._tick_task])
             self._tick_task = None
+        await self.scheduler.stop()
         if self.mirror is not None:
             await self.mirror.stop()
         await self.log.stop()

@@ -32,6 +32,7 @@ from pqueue.node import access
 from pqueue.node.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
 from pqueue.node.commitlog import LogStatus
 from pqueue.node.consume import Consumers
+from pqueue.node.cron import DEFAULT_TIMEZONE, check_schedule, next_tick_ms
 from pqueue.node.forward import Forwarder
 from pqueue.node.memory import MemoryBudget
 from pqueue.node.queue_node import QueueNode
@@ -277,7 +278,7 @@ class _Base:
     async def _read_point(
         self,
         method: str,
-        request: pb.GetJobRequest | pb.StatsRequest | pb.ListDeadRequest,
+        request: pb.GetJobRequest | pb.StatsRequest | pb.ListDeadRequest | pb.ListSchedulesRequest,
         context: Context,
     ) -> Message | None:
         """Make this node fit to answer a read, or forward it (the answer).
@@ -677,18 +678,44 @@ class AdminService(_Base, pbg.AdminServicer):
     async def PutSchedule(
         self, request: pb.PutScheduleRequest, context: Context
     ) -> pb.PutScheduleResponse:
-        named = request.schedule.queue
-        request.schedule.queue = _queue(named, ADMIN)
+        schedule = request.schedule
+        named = schedule.queue
+        schedule.queue = _queue(named, ADMIN)
+        # The machine never parses cron: the node checks it before it goes in.
+        schedule.cron = " ".join(schedule.cron.split())
+        schedule.timezone = schedule.timezone or DEFAULT_TIMEZONE
+        check_schedule(schedule, self.node.clock_ms())
         out = await self._propose(logpb.Command(put_schedule=request), pb.PutScheduleResponse)
         out.schedule.queue = named
+        out.schedule.next_tick_ms = next_tick_ms(out.schedule)
         return out
 
     @rpc
     async def ListSchedules(
         self, request: pb.ListSchedulesRequest, context: Context
     ) -> pb.ListSchedulesResponse:
-        # PENDING(issue 16): the schedules helper builds it.
-        raise FailedPreconditionError("ListSchedules is not built yet")
+        caller = principal.get()
+        access.require(caller, PRODUCER, CONSUMER)
+        stored = access.scoped(caller, request.queue) if request.queue else ""
+        forwarded = await self._read_point("ListSchedules", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
+        machine = self.node.machine
+        if stored:
+            names: list[str] | None = [stored]
+        elif caller is OPEN or ADMIN in caller.roles:
+            names = None  # every queue
+        else:  # the caller's own queues: never a scan of every tenant's
+            names = machine.queues.names_of(caller.tenant)
+        out = pb.ListSchedulesResponse()
+        for schedule in machine.list_schedules(names):
+            shown = request.queue or access.shown(caller, schedule.queue)
+            if shown is None:
+                continue
+            schedule.queue = shown
+            schedule.next_tick_ms = next_tick_ms(schedule)
+            out.schedules.append(schedule)
+        return out
 
     @rpc
     @on_leader
@@ -709,6 +736,7 @@ class AdminService(_Base, pbg.AdminServicer):
         request.queue = _queue(named, ADMIN)
         out = await self._propose(logpb.Command(pause_schedule=request), pb.PauseScheduleResponse)
         out.schedule.queue = named
+        out.schedule.next_tick_ms = next_tick_ms(out.schedule)
         return out
 
     @rpc

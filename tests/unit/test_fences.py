@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Modules of the node, the consensus core, the pure queue core and storage.
 SERVER_SIDE = ("consensus", "pqueue.node", "pqueue.core", "pqueue.storage", "balancer")
 #: Libraries only a server needs (token verification, PostgreSQL, process stats).
-SERVER_LIBRARIES = ("jwt", "cryptography", "asyncpg", "psutil")
+SERVER_LIBRARIES = ("jwt", "cryptography", "asyncpg", "psutil", "croniter")
 
 
 def files_loaded_by(*modules: str, forget: tuple[str, ...] = ()) -> dict[str, str | None]:

@@ -18,6 +18,7 @@ PURE_MODULES = [
     "pqueue/core/queue_commands.py",
     "pqueue/core/queue_table.py",
     "pqueue/core/commands.py",
+    "pqueue/core/schedules.py",
     "pqueue/node/access.py",
     "pqueue/node/principal.py",
     "pqueue/wire/keys.py",
