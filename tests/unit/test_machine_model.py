@@ -50,6 +50,10 @@ class MJob:
     expires: int = 0
     errors: list[str] = field(default_factory=list)
     tenant: str = ""
+    #: When it dies unleased ("expired"), 0: never; when it died, and why.
+    expires_at: int = 0
+    finished_at: int = 0
+    reason: str = ""
 
 
 class Model:
@@ -65,6 +69,8 @@ class Model:
         #: Fair sharing: each tenant's virtual time, and the queue's clock.
         self.vtime: dict[str, int] = {}
         self.vclock = 0
+        self.dead_total = 0
+        self.ttl_expired = 0
 
     def advance(self, now: int) -> None:
         for j in self.jobs.values():
@@ -73,13 +79,30 @@ class Model:
         for j in sorted(self.jobs.values(), key=lambda j: j.id):
             if j.state == LEASED and j.expires <= now:
                 self._fail(j, now, "lease expired", now)
+        for j in self.jobs.values():  # waiting past its expiry: dead
+            if j.state in (READY, DELAYED) and 0 < j.expires_at <= now:
+                self._die(j, now, "expired")
+        retention = self.cfg.dead_retention_ms
+        if retention:
+            self.jobs = {
+                i: j
+                for i, j in self.jobs.items()
+                if j.state != DEAD or j.finished_at + retention > now
+            }
         self.dedup = {k: v for k, v in self.dedup.items() if v[1] > now}
+
+    def _die(self, j: MJob, now: int, reason: str) -> None:
+        j.state, j.finished_at, j.reason = DEAD, now, reason
+        self.dead_total += 1
+        self.ttl_expired += reason == "expired"
 
     def _fail(self, j: MJob, now: int, reason: str, retry_at: int) -> None:
         j.errors.append(reason)
         j.expires = 0
         if j.attempts >= self.cfg.max_attempts:
-            j.state = DEAD
+            self._die(j, now, "attempts exhausted")
+        elif 0 < j.expires_at <= now:
+            self._die(j, now, "expired")
         elif retry_at > now:
             j.state, j.ready_at = DELAYED, retry_at
         else:
@@ -99,6 +122,10 @@ class Model:
             state = DELAYED if ready_at > now else READY
             j = MJob(self.next_id, s.priority, s.group, state, ready_at if ready_at > now else now)
             j.tenant = tenant
+            ttl = self.cfg.job_ttl_ms
+            j.expires_at = min((t for t in (s.expires_at_ms, ttl and now + ttl) if t), default=0)
+            if 0 < j.expires_at <= now:
+                self._die(j, now, "expired")
             self.jobs[j.id] = j
             self.next_id += 1
             if s.idempotency_key:
@@ -162,13 +189,17 @@ class Model:
 class MachineVsModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.d = Driver()
+        self.d = Driver(lifecycle=True)
         self.delivered: list[tuple[int, int]] = []
 
     @initialize(
-        aging=st.sampled_from([0, 100]), groups=st.booleans(), fifos=st.sampled_from([0, 2, 32])
+        aging=st.sampled_from([0, 100]),
+        groups=st.booleans(),
+        fifos=st.sampled_from([0, 2, 32]),
+        ttl=st.sampled_from([0, 0, 700]),
+        retention=st.sampled_from([0, 900]),
     )
-    def setup(self, aging: int, groups: bool, fifos: int) -> None:
+    def setup(self, aging: int, groups: bool, fifos: int, ttl: int, retention: int) -> None:
         # How many priorities a lane keeps in the compact form: none (every
         # job an object in a heap), a few (both kinds mixed in one lane), all.
         self.fifos = jobs.MAX_FIFO_PRIORITIES
@@ -182,6 +213,8 @@ class MachineVsModel(RuleBasedStateMachine):
             backoff_max_ms=1000,
             aging_interval_ms=aging,
             dedup_window_ms=500,
+            job_ttl_ms=ttl,
+            dead_retention_ms=retention,
             shares=[pb.TenantShare(tenant="a", weight=1), pb.TenantShare(tenant="b", weight=3)],
         )
         self.d.ok(create_queue=pb.CreateQueueRequest(queue="q", config=config))
@@ -191,7 +224,9 @@ class MachineVsModel(RuleBasedStateMachine):
     def _step(self, **command: object) -> object:
         """Apply at the driver's time in both; return the machine's result."""
         self.model.advance(self.d.now)
-        return self.d.run(**command)
+        result = self.d.run(**command)
+        self.d.m.next_due_ms()  # as a leader's tick loop does after each entry
+        return result
 
     @rule(
         jobs=st.lists(
@@ -200,18 +235,24 @@ class MachineVsModel(RuleBasedStateMachine):
                 st.sampled_from([0, 0, 50, 200]),
                 st.integers(0, 2),
                 st.sampled_from(["", "", "k1", "k2"]),
+                # expires_at_ms, after now (0: already past; None: unset)
+                st.sampled_from([None, None, None, 0, 150, 400, 1200]),
             ),
             min_size=1,
             max_size=3,
         ),
         tenant=st.sampled_from(["", "a", "b", "b", "c"]),
     )
-    def enqueue(self, jobs: list[tuple[int, int, int, str]], tenant: str) -> None:
+    def enqueue(self, jobs: list[tuple[int, int, int, str, int | None]], tenant: str) -> None:
         specs = [
             pb.JobSpec(
-                priority=p, delay_ms=dl, group=self.groups[g % len(self.groups)], idempotency_key=k
+                priority=p,
+                delay_ms=dl,
+                group=self.groups[g % len(self.groups)],
+                idempotency_key=k,
+                expires_at_ms=0 if ex is None else self.d.now + ex,
             )
-            for p, dl, g, k in jobs
+            for p, dl, g, k, ex in jobs
         ]
         caller = logpb.Caller(tenant=tenant) if tenant else None
         r = self._step(enqueue=pb.EnqueueBatchRequest(queue="q", jobs=specs), caller=caller)
@@ -268,6 +309,28 @@ class MachineVsModel(RuleBasedStateMachine):
         assert isinstance(r, pb.NackResponse)
         assert r.state == c.state
 
+    @rule(i=st.integers(0, 50), delay=st.sampled_from([None, 100]))
+    def release(self, i: int, delay: int | None) -> None:
+        job_id, lease_id = self._pick(i)
+        req = pb.NackRequest(queue="q", job_id=job_id, lease_id=lease_id, release=True)
+        if delay is not None:
+            req.delay_ms = delay
+        r = self._step(nack=req)
+        c = self.model.check(job_id, lease_id)
+        if isinstance(c, PQueueError):
+            assert type(r) is type(c)
+            return
+        now = self.d.now
+        c.attempts, c.expires = c.attempts - 1, 0
+        if 0 < c.expires_at <= now:
+            self.model._die(c, now, "expired")
+        elif delay:
+            c.state, c.ready_at = DELAYED, now + delay
+        else:
+            c.state, c.ready_at = READY, now
+        assert isinstance(r, pb.NackResponse)
+        assert r.state == c.state
+
     @rule(i=st.integers(0, 50), lease_ms=st.sampled_from([0, 150]))
     def extend(self, i: int, lease_ms: int) -> None:
         job_id, lease_id = self._pick(i)
@@ -301,6 +364,9 @@ class MachineVsModel(RuleBasedStateMachine):
         for job_id in chosen:
             j = self.model.jobs[job_id]
             j.state, j.attempts, j.ready_at = READY, 0, self.d.now
+            j.finished_at, j.reason = 0, ""
+            if j.expires_at <= self.d.now:
+                j.expires_at = 0  # run it after all
         assert isinstance(r, pb.RedriveResponse)
         assert r.redriven == len(chosen)
 
@@ -348,6 +414,9 @@ class MachineVsModel(RuleBasedStateMachine):
                 j.group,
                 [e[2] for e in j.errors],
                 j.tenant,
+                j.expires_at_ms,
+                j.finished_at_ms,
+                j.reason,
             )
             for j in q.jobs.values()
         }
@@ -362,6 +431,9 @@ class MachineVsModel(RuleBasedStateMachine):
                 j.group,
                 j.errors,
                 j.tenant,
+                j.expires_at,
+                j.finished_at,
+                j.reason,
             )
             for j in self.model.jobs.values()
         }
@@ -374,6 +446,10 @@ class MachineVsModel(RuleBasedStateMachine):
             (DEAD, stats.dead),
         ):
             assert count == sum(1 for j in self.model.jobs.values() if j.state == state)
+        assert (stats.dead_total, stats.ttl_expired_total) == (
+            self.model.dead_total,
+            self.model.ttl_expired,
+        )
         ready_at = [j.ready_at for j in self.model.jobs.values() if j.state == READY]
         assert q.oldest_ready_at() == (min(ready_at) if ready_at else None)
 
