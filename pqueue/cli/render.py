@@ -55,6 +55,9 @@ def job_row(job: pb.Job) -> dict[str, Any]:
             {"attempt": e.attempt, "at_ms": e.at_ms, "reason": e.reason} for e in job.errors
         ],
         "tenant": job.tenant,
+        "finished_at_ms": job.finished_at_ms,
+        "reason": job.reason,
+        "expires_at_ms": job.expires_at_ms,
     }
 
 
@@ -71,6 +74,7 @@ def stats_row(s: pb.QueueStats) -> dict[str, Any]:
         "nacked_total": s.nacked_total,
         "expired_total": s.expired_total,
         "dead_total": s.dead_total,
+        "ttl_expired_total": s.ttl_expired_total,
     }
 
 
