@@ -89,8 +89,6 @@ class JobCommands(TenancyRules):
                 self._make_ready(queue, job, now)
             if self._expired(job, now):  # expired already: never leasable
                 self._expire(queue, job, now)
-            else:
-                self._watch_expiry(queue, job)
             out.results.add(job_id=job_id)
         return out
 
@@ -171,12 +169,10 @@ class JobCommands(TenancyRules):
             self._end_lease(queue, job)
             if self._expired(job, now):  # given back past its expiry
                 self._expire(queue, job, now)
+            elif delay:
+                self._make_delayed(queue, job, now + delay)
             else:
-                if delay:
-                    self._make_delayed(queue, job, now + delay)
-                else:
-                    self._make_ready(queue, job, now)
-                self._watch_expiry(queue, job)
+                self._make_ready(queue, job, now)
             return pb.NackResponse(
                 state=job.state,  # type: ignore[arg-type]
                 ready_at_ms=job.ready_at_ms,

@@ -60,7 +60,6 @@ class QueueCommands(Transitions):
             if job.expires_at_ms <= now:
                 job.expires_at_ms = 0  # run it after all (a later expiry still holds)
             self._make_ready(queue, job, now)
-            self._watch_expiry(queue, job)
         return pb.RedriveResponse(redriven=len(jobs))
 
     @handles("delete_dead")

@@ -204,6 +204,12 @@ class Transitions(MachineState):
         if job.state:
             queue.counts[job.state] -= 1
         queue.counts[state] += 1
+        if state in WAITING and job.state not in WAITING:
+            # Whatever brought it back (enqueue, retry, release, redrive,
+            # requeue): its expiry is watched again. An entry is dropped
+            # while the job is not waiting (next_due_ms, on the leader
+            # only), so every replica must push one here alike.
+            self._watch_expiry(queue, job)
         job.state = state
 
     def _make_ready(self, queue: QueueState, job: Job, ready_at: int) -> None:
@@ -261,15 +267,13 @@ class Transitions(MachineState):
             self._make_dead(queue, job, now, "attempts exhausted")
         elif self._expired(job, now):  # not retried past its expiry
             self._expire(queue, job, now)
+        elif retry_at > now:
+            self._make_delayed(queue, job, retry_at)
         else:
-            if retry_at > now:
-                self._make_delayed(queue, job, retry_at)
-            else:
-                self._make_ready(queue, job, now)
-            self._watch_expiry(queue, job)
+            self._make_ready(queue, job, now)
 
     def _watch_expiry(self, queue: QueueState, job: Job) -> None:
-        """A job now waiting (READY or DELAYED) dies at its ``expires_at_ms``
+        """A job waiting (READY or DELAYED) dies at its ``expires_at_ms``
         unless it is leased first (see ``QueueMachine.advance``)."""
         if job.expires_at_ms:
             heapq.heappush(self._expiry, (job.expires_at_ms, job.job_id, queue.name))

@@ -378,3 +378,29 @@ def test_restore_then_advance_gives_the_same_state_as_without(d: Driver) -> None
     assert q.counters.ttl_expired > 0
     assert q.counters.dead > q.counts[DEAD]  # some were pruned
     assert d.m.queues["other"].counts[DEAD] == 0
+
+
+class Leader(Driver):
+    """A driver that asks ``next_due_ms`` after each entry, as a leader's
+    tick loop does (it drops heap entries no longer due: replicas that never
+    ask must still decide alike)."""
+
+    def run(self, **command: object) -> object:  # type: ignore[override]
+        result = super().run(**command)
+        self.m.next_due_ms()
+        return result
+
+
+def test_the_leaders_next_due_reads_change_no_outcome() -> None:
+    leader, follower = Leader(lifecycle=True), Driver(lifecycle=True)
+    for d in (leader, follower):
+        d.create(max_attempts=1)
+        held = d.enqueue(expires_at_ms=d.now + 1000)
+        leased = d.lease()[0]  # while leased, the leader drops its expiry entry
+        d.tick(100)
+        d.nack(leased)  # dead: attempts exhausted, before its expiry
+        d.ok(redrive=pb.RedriveRequest(queue="q", job_ids=[held]))  # waiting again
+        d.tick(900)
+    assert leader.state() == follower.state()
+    got = job(leader, held)
+    assert (got.state, got.reason) == (DEAD, "expired")
