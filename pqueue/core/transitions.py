@@ -39,8 +39,9 @@ _SLACK = 64
 def _live_ends(
     queue: QueueState, heap: list[tuple[int, int]], states: tuple[int, ...]
 ) -> list[tuple[int, int]]:
-    """An end-order heap without its stale entries (its oldest live entry
-    stays its front, so the retention already scheduled still holds)."""
+    """An end-order heap (``dead_order``, ``finished``) without its stale
+    entries (its oldest live entry stays its front, so the retention already
+    scheduled still holds)."""
     live = []
     for entry in heap:
         job = queue.jobs.get(entry[1])
@@ -148,8 +149,6 @@ class Transitions(MachineState):
                 queue.dead_order = _live_ends(queue, queue.dead_order, (DEAD,))
         else:
             heapq.heappush(queue.finished, entry)
-            if len(queue.finished) > 2 * sum(queue.counts[s] for s in FINISHED) + _SLACK:
-                queue.finished = _live_ends(queue, queue.finished, FINISHED)
 
     def watch_retention(self, queue: QueueState) -> None:
         """Schedule a look at the queue's oldest dead job when its
