@@ -70,8 +70,11 @@ def job_spec(
     not_before_ms: int = 0,
     idempotency_key: str = "",
     group: str = "",
+    expires_at_ms: int = 0,
 ) -> pb.JobSpec:
-    """One job for ``enqueue_batch`` (a ``str`` payload is sent as UTF-8)."""
+    """One job for ``enqueue_batch`` (a ``str`` payload is sent as UTF-8).
+    ``expires_at_ms``: if not leased by then (Unix ms), the job is dead with
+    reason "expired" (0: never, unless the queue's ``job_ttl_ms`` says so)."""
     if not INT32_MIN <= priority <= INT32_MAX:
         raise InvalidArgumentError("priority", f"{priority} does not fit in int32")
     return pb.JobSpec(
@@ -81,6 +84,7 @@ def job_spec(
         not_before_ms=not_before_ms,
         idempotency_key=idempotency_key,
         group=group,
+        expires_at_ms=expires_at_ms,
     )
 
 
@@ -311,8 +315,10 @@ class Client:
         not_before_ms: int = 0,
         idempotency_key: str = "",
         group: str = "",
+        expires_at_ms: int = 0,
     ) -> pb.EnqueueResponse:
-        """Enqueue one job; retried on failover only when it carries a key."""
+        """Enqueue one job; retried on failover only when it carries a key.
+        ``expires_at_ms``: see ``job_spec``."""
         spec = job_spec(
             payload,
             priority=priority,
@@ -320,6 +326,7 @@ class Client:
             not_before_ms=not_before_ms,
             idempotency_key=idempotency_key,
             group=group,
+            expires_at_ms=expires_at_ms,
         )
         op = pb.Operation(enqueue=pb.EnqueueRequest(queue=queue, job=spec))
         return await self._op(op, lambda s: s.queue.Enqueue, retry=bool(idempotency_key))

@@ -1,4 +1,5 @@
-"""A cluster of nodes in one process: real gRPC between them, SQLite on each."""
+"""A cluster of nodes in one process: real gRPC between them, SQLite on each
+(or the store ``Cluster(storage=...)`` makes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pqueue.node.auth import PEER, Verifier, issue, node_subject
 from pqueue.node.queue_node import NodeConfig
 from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
+from pqueue.storage import Storage
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenSource
@@ -66,8 +68,11 @@ class Cluster:
         cluster_options: dict[str, Any] | None = None,
         node_options: dict[str, Any] | None = None,
         server_options: dict[str, Any] | None = None,
+        storage: Callable[[int], Storage] | None = None,
     ) -> None:
         self.root = root
+        #: Node id -> its store (default: SQLite under ``root``).
+        self.storage = storage or (lambda i: SqliteStorage(root / f"n{i}"))
         #: More ``ServerConfig`` fields for every node (memory_budget_bytes...).
         self.server_options = server_options or {}
         #: Per node, the log features it supports (to play an older release).
@@ -88,7 +93,7 @@ class Cluster:
         config = ClusterConfig(node_id=i, addresses=self.addresses, **self.cluster_options)
         listen = self.addresses.get(i, "127.0.0.1:0")
         return NodeServer(
-            SqliteStorage(self.root / f"n{i}"),
+            self.storage(i),
             ServerConfig(
                 listen=listen,
                 grace_s=0.5,

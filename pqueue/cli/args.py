@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,3 +103,18 @@ def parse_bytes(text: str) -> int:
     if value <= 0:
         raise ValueError("a byte count must be positive")
     return value
+
+
+def parse_time_ms(text: str) -> int:
+    """A point in time as Unix milliseconds: an integer is taken as such,
+    anything else as ISO-8601 (``2026-01-31T12:00:00Z``; without an offset,
+    the local time)."""
+    if text.strip().lstrip("-").isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither Unix milliseconds nor an ISO-8601 time"
+        ) from None
+    return round(moment.astimezone(UTC).timestamp() * 1000)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pqueue.cli import render
-from pqueue.cli.args import Outcome, adder, parse_node_id
+from pqueue.cli.args import Outcome, adder, parse_node_id, parse_time_ms
 from pqueue.client import Client
 from pqueue.errors import PQueueError, RemoteError
 from pqueue.v1 import queue_pb2 as pb
@@ -25,6 +26,9 @@ JOB_COLUMNS = ("job_id", "state", "priority", "attempts", "group", "payload", "e
 
 async def cmd_enqueue(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
     payload = sys.stdin.buffer.read() if a.payload == "-" else a.payload.encode()
+    if a.ttl_ms is not None and a.ttl_ms <= 0:
+        raise ValueError("--ttl-ms must be positive")
+    expiries = [a.expires_at or 0, a.ttl_ms and int(time.time() * 1000) + a.ttl_ms]
     r = await c.enqueue(
         a.queue,
         payload,
@@ -32,6 +36,7 @@ async def cmd_enqueue(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[s
         delay_ms=a.delay_ms,
         idempotency_key=a.idempotency_key,
         group=a.group,
+        expires_at_ms=min((t for t in expiries if t), default=0),
     )
     return {"job_id": r.job_id, "duplicate": r.duplicate}, None
 
@@ -169,6 +174,8 @@ async def cmd_queue_create(c: Client, a: argparse.Namespace) -> tuple[Any, Seque
         dedup_window_ms=a.dedup_window_ms,
         max_payload_bytes=a.max_payload_bytes,
         shares=a.share,
+        job_ttl_ms=a.job_ttl_ms,
+        dead_retention_ms=a.dead_retention_ms,
     )
     if a.min_priority is not None:
         config.min_priority = a.min_priority
@@ -373,6 +380,19 @@ def register(sub: Any) -> None:
     sp.add_argument("--delay-ms", type=int, default=0)
     sp.add_argument("--idempotency-key", default="")
     sp.add_argument("--group", default="", help="ordering key: FIFO, one in flight")
+    sp.add_argument(
+        "--expires-at",
+        type=parse_time_ms,
+        default=None,
+        metavar="TIME",
+        help="dead (reason 'expired') if not leased by TIME: ISO-8601 or Unix ms",
+    )
+    sp.add_argument(
+        "--ttl-ms",
+        type=int,
+        default=None,
+        help="dead (reason 'expired') if not leased within this long (from now, this clock)",
+    )
 
     sp = add("lease", cmd_lease, "lease ready jobs")
     sp.add_argument("queue")
@@ -432,6 +452,18 @@ def register(sub: Any) -> None:
     sp.add_argument("--max-payload-bytes", type=int, default=0)
     sp.add_argument("--min-priority", type=int, default=None)
     sp.add_argument("--max-priority", type=int, default=None)
+    sp.add_argument(
+        "--job-ttl-ms",
+        type=int,
+        default=0,
+        help="a job not leased within this long of its enqueue is dead, reason 'expired'",
+    )
+    sp.add_argument(
+        "--dead-retention-ms",
+        type=int,
+        default=0,
+        help="delete dead jobs this long after they died (default: keep them)",
+    )
     sp.add_argument(
         "--share",
         type=share_arg,

@@ -86,6 +86,7 @@ def stats_row(s: pb.QueueStats) -> dict[str, Any]:
         "nacked_total": s.nacked_total,
         "expired_total": s.expired_total,
         "dead_total": s.dead_total,
+        "ttl_expired_total": s.ttl_expired_total,
     }
 
 

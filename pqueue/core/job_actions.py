@@ -61,6 +61,8 @@ class JobActions(Transitions):
         job.result = b""
         job.reason = ""
         job.lease_id = 0  # never matched again: ``_leased_job`` checks the state first
+        if job.expires_at_ms <= now:
+            job.expires_at_ms = 0  # an expired job requeued is run after all, as redrive does
         if req.delay_ms:
             self._make_delayed(queue, job, now + req.delay_ms)
         else:

@@ -54,9 +54,11 @@ class JobCommands(TenancyRules):
             if key:
                 self.remember_key(queue, tenant, key, job_id, now + config.dedup_window_ms)
             ready_at = max(now + spec.delay_ms, spec.not_before_ms)
+            expires_at = self._expiry_of(config, spec, now)
             if (
                 ready_at <= now
                 and not spec.group
+                and not expires_at
                 and queue.add_compact(
                     job_id, pack_row(spec.priority, now, now, tenant, key, spec.payload)
                 )
@@ -78,6 +80,7 @@ class JobCommands(TenancyRules):
                 enqueued_at_ms=now,
                 ready_at_ms=now,
                 tenant=tenant,
+                expires_at_ms=expires_at,
             )
             queue.jobs[job_id] = job
             lane.held += 1
@@ -85,8 +88,18 @@ class JobCommands(TenancyRules):
                 self._make_delayed(queue, job, ready_at)
             else:
                 self._make_ready(queue, job, now)
+            if self._expired(job, now):  # expired already: never leasable
+                self._expire(queue, job, now)
             out.results.add(job_id=job_id)
         return out
+
+    def _expiry_of(self, config: pb.QueueConfig, spec: pb.JobSpec, now: int) -> int:
+        """When a new job expires unleased: the earlier of its own
+        ``expires_at_ms`` and the queue's ``job_ttl_ms`` from now (0: never)."""
+        if not self.lifecycle:
+            return 0
+        ttl = config.job_ttl_ms
+        return min((t for t in (spec.expires_at_ms, ttl and now + ttl) if t), default=0)
 
     @handles("lease")
     def _lease(self, req: pb.LeaseRequest, now: int) -> pb.LeaseResponse:
@@ -166,7 +179,9 @@ class JobCommands(TenancyRules):
             limits.check_duration(delay, "delay_ms")
             job.attempts -= 1  # this delivery does not count
             self._end_lease(queue, job)
-            if delay:
+            if self._expired(job, now):  # given back past its expiry
+                self._expire(queue, job, now)
+            elif delay:
                 self._make_delayed(queue, job, now + delay)
             else:
                 self._make_ready(queue, job, now)

@@ -236,5 +236,7 @@ def check_job_spec(spec: pb.JobSpec, field: str) -> None:
     check_duration(spec.delay_ms, f"{field}.delay_ms")
     if spec.not_before_ms < 0:
         raise InvalidArgumentError(f"{field}.not_before_ms", "must not be negative")
+    if spec.expires_at_ms < 0:
+        raise InvalidArgumentError(f"{field}.expires_at_ms", "must not be negative")
     check_text(spec.idempotency_key, f"{field}.idempotency_key")
     check_text(spec.group, f"{field}.group")

@@ -37,10 +37,12 @@ from pqueue.core.job_commands import JobCommands
 from pqueue.core.jobs import (
     CANCELLED,
     COMPLETED,
+    DEAD,
     DELAYED,
     LEASED,
     READY,
     Job,
+    QueueState,
 )
 from pqueue.core.queue_commands import QueueCommands
 from pqueue.core.queue_controls import QueueControls
@@ -119,7 +121,9 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
             self._idle.clear()
 
     def advance(self, now: int) -> None:
-        """Promote due delayed jobs, expire due leases, forget old dedup keys."""
+        """Promote due delayed jobs, expire due leases, make waiting jobs past
+        their expiry dead, prune dead jobs past their retention, forget old
+        dedup keys."""
         self._compact_time_heaps()
         while self._delayed and self._delayed[0][0] <= now:
             job = self._delayed_job(heapq.heappop(self._delayed))
@@ -131,6 +135,15 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
                 queue = self.queues[job.queue]
                 queue.counters.expired += 1
                 self._fail_delivery(queue, job, now, "lease expired", retry_at=now)
+        while self._expiry and self._expiry[0][0] <= now:
+            job = self._expiring(heapq.heappop(self._expiry))
+            if job is not None:
+                self._expire(self.queues[job.queue], job, now)
+        while self._dead_due and self._dead_due[0][0] <= now:
+            _, name = heapq.heappop(self._dead_due)
+            pruned = self.queues.get(name)
+            if pruned is not None:
+                self._prune_dead(pruned, now)
         self.prune_records(now)
         while self._dedup and self._dedup[0][0] <= now:
             expires, name, tenant, key = heapq.heappop(self._dedup)
@@ -139,17 +152,32 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
                 del owner.dedup[tenant, key]
                 self._drop_if_idle(owner)
 
+    def _prune_dead(self, queue: QueueState, now: int) -> None:
+        """dead_retention_ms: delete the queue's dead jobs that died that long
+        ago, and look again when the next one is due."""
+        retention = queue.config.dead_retention_ms
+        if not retention:
+            return  # kept (a retention set later schedules a look itself)
+        if self._prune_ended(queue, queue.dead_order, (DEAD,), now - retention) is not None:
+            self.watch_retention(queue)
+        self._idle.discard(queue.name)
+        self._drop_if_idle(queue)
+
     def _compact_time_heaps(self) -> None:
         """Acked jobs leave lease entries behind until their expiry time: drop
         them once they outnumber the live ones (amortized O(1) per entry:
-        looked at only once the heaps have doubled since last time, so a
+        looked at only once the heaps grew by half since last time, so a
         cluster of many queues is not walked for every entry)."""
-        live = {DELAYED: 0, LEASED: 0}
-        if len(self._leases) + len(self._delayed) + len(self._retention) < self._compact_at:
+        live = {DELAYED: 0, LEASED: 0, READY: 0}
+        if self._time_heaps_size() < self._compact_at:
             return
         for queue in self.queues.values():
             live[DELAYED] += queue.counts[DELAYED]
             live[LEASED] += queue.counts[LEASED]
+            live[READY] += queue.counts[READY]
+        if len(self._expiry) > 2 * (live[READY] + live[DELAYED]) + 1024:
+            self._expiry = [e for e in self._expiry if self._expiring(e) is not None]
+            heapq.heapify(self._expiry)
         if len(self._leases) > 2 * live[LEASED] + 1024:
             # Filter the heap itself: scanning every job instead cost time in
             # proportion to the backlog, not to the entries dropped.
@@ -163,8 +191,11 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
         if len(self._delayed) > 2 * live[DELAYED] + 1024:
             self._delayed = [e for e in self._delayed if self._delayed_job(e) is not None]
             heapq.heapify(self._delayed)
-        total = len(self._leases) + len(self._delayed) + len(self._retention)
+        total = self._time_heaps_size()
         self._compact_at = total + max(1024, total // 2)
+
+    def _time_heaps_size(self) -> int:
+        return len(self._leases) + len(self._delayed) + len(self._expiry) + len(self._retention)
 
     # ------------------------------------------------------------------ reads
 
@@ -261,12 +292,15 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
         return None if queue is None else dispatch.next_dispatch_ms(queue, self.lifecycle)
 
     def next_due_ms(self) -> int | None:
-        """When the next delayed job comes due or lease expires, if ever."""
+        """When the next delayed job comes due, lease expires, waiting job
+        expires or dead job is due for pruning, if ever."""
         while self._delayed and self._delayed_job(self._delayed[0]) is None:
             heapq.heappop(self._delayed)
         while self._leases and self._leased_by(self._leases[0]) is None:
             heapq.heappop(self._leases)
-        due = [h[0][0] for h in (self._delayed, self._leases) if h]
+        while self._expiry and self._expiring(self._expiry[0]) is None:
+            heapq.heappop(self._expiry)
+        due = [h[0][0] for h in (self._delayed, self._leases, self._expiry, self._dead_due) if h]
         prune = self.next_prune_ms()
         if prune is not None:
             due.append(prune)

@@ -56,6 +56,9 @@ class QueueCommands(Transitions):
         for job in jobs:
             queue.dead_ids.discard(job.job_id)
             job.attempts = 0
+            job.finished_at_ms, job.reason = 0, ""  # alive again
+            if job.expires_at_ms <= now:
+                job.expires_at_ms = 0  # run it after all (a later expiry still holds)
             self._make_ready(queue, job, now)
         return pb.RedriveResponse(redriven=len(jobs))
 

@@ -102,6 +102,14 @@ class QueueControls(Transitions):
             or config.max_dispatch_per_s != old.max_dispatch_per_s
         ):
             self._wake_ready(queue)
+        # Retention is read again when due; a restored replica computes it
+        # from the config of the moment, so every replica looks again now.
+        if config.dead_retention_ms != old.dead_retention_ms:
+            self.watch_retention(queue)
+        if config.completed_retention_ms != old.completed_retention_ms:
+            self.watch_records(queue)
+        if config.completed_max < old.completed_max:
+            self._trim_records(queue)
         return pb.UpdateQueueResponse(config=config)
 
     @handles("pause_queue")

@@ -18,6 +18,7 @@ from pqueue.core.jobs import (
     FINISHED,
     LEASED,
     READY,
+    WAITING,
     Group,
     GroupKey,
     Job,
@@ -32,6 +33,24 @@ from pqueue.errors import (
 )
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
+
+#: End-order heaps are rebuilt once stale entries outnumber live ones by this much.
+_SLACK = 64
+
+
+def _live_ends(
+    queue: QueueState, heap: list[tuple[int, int]], states: tuple[int, ...]
+) -> list[tuple[int, int]]:
+    """An end-order heap (``dead_order``, ``finished``) without its stale
+    entries (its oldest live entry stays its front, so the retention already
+    scheduled still holds)."""
+    live = []
+    for entry in heap:
+        job = queue.jobs.get(entry[1])
+        if job is not None and job.state in states and job.finished_at_ms == entry[0]:
+            live.append(entry)
+    heapq.heapify(live)
+    return live
 
 
 class MachineState:
@@ -58,6 +77,15 @@ class MachineState:
         self._compact_at = 1024
         #: (expires_at_ms, queue, tenant, key) of idempotency records.
         self._dedup: list[tuple[int, str, str, str]] = []
+        #: (expires_at_ms, job_id, queue) of waiting jobs that expire (lazy:
+        #: an entry whose job is no longer waiting, or expires at another
+        #: time, is skipped; a job pushes one again when it waits again).
+        self._expiry: list[tuple[int, int, str]] = []
+        #: (due_ms, queue) of queues whose dead jobs may be due for pruning
+        #: (dead_retention_ms) then: at least one entry at or before the due
+        #: time of each queue's oldest ``dead_order`` entry (lazy: an early
+        #: or stale one only reschedules).
+        self._dead_due: list[tuple[int, str]] = []
         #: Per queue, how many jobs became leasable in the entry being applied
         #: (reported in its ``Effects``; reset by ``apply_entry``).
         self._woken: Counter[str] = Counter()
@@ -107,6 +135,7 @@ class Transitions(MachineState):
             return
         if group is not None:
             heapq.heappush(group.waiting, job.job_id)
+        self._watch_expiry(queue, job)
         if job.state == READY:
             queue.note_ready(job)
         if job.state == DELAYED:
@@ -122,10 +151,23 @@ class Transitions(MachineState):
         if job.state == DEAD:
             queue.dead_ids.add(job.job_id)
             heapq.heappush(queue.dead_order, entry)
+            if queue.dead_order[0] == entry:  # a new front: when it is due
+                self.watch_retention(queue)
+            if len(queue.dead_order) > 2 * queue.counts[DEAD] + _SLACK:
+                queue.dead_order = _live_ends(queue, queue.dead_order, (DEAD,))
         else:
             heapq.heappush(queue.finished, entry)
             due = _whole_second(job.finished_at_ms + queue.config.completed_retention_ms)
             heapq.heappush(self._retention, (due, job.job_id, queue.name))
+
+    def watch_retention(self, queue: QueueState) -> None:
+        """Schedule a look at the queue's oldest dead job when its
+        ``dead_retention_ms`` runs out (none without a retention). Called
+        when that job may have changed, and after the retention changed
+        (UpdateQueue: a longer one only makes the look early)."""
+        retention = queue.config.dead_retention_ms
+        if retention and queue.dead_order:
+            heapq.heappush(self._dead_due, (queue.dead_order[0][0] + retention, queue.name))
 
     def remember_key(
         self, queue: QueueState, tenant: str, key: str, job_id: int, expires_at_ms: int
@@ -179,6 +221,12 @@ class Transitions(MachineState):
         if job.state:
             queue.counts[job.state] -= 1
         queue.counts[state] += 1
+        if state in WAITING and job.state not in WAITING:
+            # Whatever brought it back (enqueue, retry, release, redrive,
+            # requeue): its expiry is watched again. An entry is dropped
+            # while the job is not waiting (next_due_ms, on the leader
+            # only), so every replica must push one here alike.
+            self._watch_expiry(queue, job)
         job.state = state
 
     def _lease_slot_freed(self, queue: QueueState) -> None:
@@ -242,10 +290,27 @@ class Transitions(MachineState):
         self._end_lease(queue, job)
         if job.attempts >= queue.config.max_attempts:
             self._make_dead(queue, job, now, "attempts exhausted")
+        elif self._expired(job, now):  # not retried past its expiry
+            self._expire(queue, job, now)
         elif retry_at > now:
             self._make_delayed(queue, job, retry_at)
         else:
             self._make_ready(queue, job, now)
+
+    def _watch_expiry(self, queue: QueueState, job: Job) -> None:
+        """A job waiting (READY or DELAYED) dies at its ``expires_at_ms``
+        unless it is leased first (see ``QueueMachine.advance``)."""
+        if job.expires_at_ms:
+            heapq.heappush(self._expiry, (job.expires_at_ms, job.job_id, queue.name))
+
+    def _expired(self, job: Job, now: int) -> bool:
+        """Whether a job that is (or is about to be) waiting is past its expiry."""
+        return self.lifecycle and 0 < job.expires_at_ms <= now
+
+    def _expire(self, queue: QueueState, job: Job, now: int) -> None:
+        """A job not leased by its ``expires_at_ms`` is dead ("expired")."""
+        queue.counters.ttl_expired += 1
+        self._make_dead(queue, job, now, "expired")
 
     def _make_dead(self, queue: QueueState, job: Job, now: int, reason: str) -> None:
         """The job goes to the dead letters (its group's next job may go on)."""
@@ -290,6 +355,10 @@ class Transitions(MachineState):
         self.note_end(queue, job)
         if job.group and job.group_key in queue.groups:
             self._refresh_group(queue, job.group_key)
+        self._trim_records(queue)
+
+    def _trim_records(self, queue: QueueState) -> None:
+        """Drop the oldest records past the queue's ``completed_max``."""
         excess = queue.counts[COMPLETED] + queue.counts[CANCELLED] - queue.config.completed_max
         while excess > 0 and queue.finished:
             finished_at, job_id = heapq.heappop(queue.finished)
@@ -304,6 +373,17 @@ class Transitions(MachineState):
         self._touched.add(queue.name)
         queue.counts[job.state] -= 1
         del queue.jobs[job.job_id]
+
+    def watch_records(self, queue: QueueState) -> None:
+        """The queue's completed_retention_ms changed: every record's entry
+        at its new due time (older entries are looked at and pushed again
+        when their time comes), as a replica restored now would have them."""
+        retention = queue.config.completed_retention_ms
+        for finished_at, job_id in queue.finished:
+            job = queue.jobs.get(job_id)
+            if job is not None and job.state in FINISHED and job.finished_at_ms == finished_at:
+                due = _whole_second(finished_at + retention)
+                heapq.heappush(self._retention, (due, job_id, queue.name))
 
     def prune_records(self, now: int) -> None:
         """Drop the records whose retention ran out by ``now`` (a record
@@ -365,6 +445,23 @@ class Transitions(MachineState):
         if queue.config.delete_when_idle and not queue.jobs:
             self._idle.add(queue.name)
 
+    def _prune_ended(
+        self, queue: QueueState, heap: list[tuple[int, int]], states: tuple[int, ...], upto: int
+    ) -> int | None:
+        """Remove the jobs of an end-order heap (``dead_order``, ``finished``)
+        that ended at or before ``upto`` and are still in one of ``states``,
+        from its front, skipping stale entries; when the oldest entry left
+        ended (None: none left)."""
+        while heap:
+            finished_at, job_id = heap[0]
+            job = queue.jobs.get(job_id)
+            if job is not None and job.state in states and job.finished_at_ms == finished_at:
+                if finished_at > upto:
+                    return finished_at
+                self._remove(queue, job)
+            heapq.heappop(heap)
+        return None
+
     # ------------------------------------------------------------- lookups
 
     def _delayed_job(self, entry: tuple[int, int, int, str]) -> Job | None:
@@ -385,6 +482,15 @@ class Transitions(MachineState):
             or job.lease_id != lease_id
             or job.lease_expires_at_ms != expires
         ):
+            return None
+        return job
+
+    def _expiring(self, entry: tuple[int, int, str]) -> Job | None:
+        """The job an expiry-heap entry names, if it still waits to expire then."""
+        expires, job_id, name = entry
+        queue = self.queues.get(name)
+        job = None if queue is None else queue.jobs.get(job_id)
+        if job is None or job.state not in WAITING or job.expires_at_ms != expires:
             return None
         return job
 

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pqueue.core.jobs import DEAD, DELAYED, LEASED, READY, QueueState
+from pqueue.core.jobs import CANCELLED, COMPLETED, DEAD, DELAYED, LEASED, READY, QueueState
 from pqueue.node.memory import MemoryBudget
 from pqueue.node.queue_node import QueueNode
 from pqueue.node.replicated import ReplicatedLog
@@ -41,7 +41,14 @@ try:
 except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
     VERSION = "unknown"
 
-_STATES = (("ready", READY), ("delayed", DELAYED), ("leased", LEASED), ("dead", DEAD))
+_STATES = (
+    ("ready", READY),
+    ("delayed", DELAYED),
+    ("leased", LEASED),
+    ("dead", DEAD),
+    ("completed", COMPLETED),
+    ("cancelled", CANCELLED),
+)
 #: (family suffix, Counters attribute, help)
 _TOTALS = (
     ("enqueued", "enqueued", "Jobs enqueued (duplicates of an idempotency key not counted)."),
@@ -50,6 +57,13 @@ _TOTALS = (
     ("nacked", "nacked", "Jobs handed back by a consumer."),
     ("expired", "expired", "Leases that ran out before an ack."),
     ("dead_lettered", "dead", "Jobs moved to the dead letters."),
+    ("completed", "completed", "Jobs acked or force-completed."),
+    ("cancelled", "cancelled", "Jobs cancelled by an operator."),
+    (
+        "ttl_expired",
+        "ttl_expired",
+        "Jobs dead because they expired before a lease (counted in dead_lettered too).",
+    ),
 )
 #: Queues given series of their own, by name; the rest are summed as one.
 DEFAULT_MAX_QUEUES = 500
@@ -132,7 +146,7 @@ class NodeCollector(Collector):
         if queue_labels not in QUEUE_LABEL_MODES:
             raise ValueError(f"queue_labels must be one of {', '.join(QUEUE_LABEL_MODES)}")
         self._node = node
-        #: Queues with series of their own (11 each, per node); the rest are summed.
+        #: Queues with series of their own (17 each, per node); the rest are summed.
         self.max_queues = max_queues
         #: One of QUEUE_LABEL_MODES.
         self.queue_labels = queue_labels
@@ -215,6 +229,11 @@ class NodeCollector(Collector):
             "Age of each queue's oldest ready job (0: none).",
             labels=["queue"],
         )
+        paused = GaugeMetricFamily(
+            "pq_queue_paused",
+            "1 while a queue's leases are paused (a row summing queues: how many are).",
+            labels=["queue"],
+        )
         totals = {
             attr: CounterMetricFamily(f"pq_queue_jobs_{name}", text, labels=["queue"])
             for name, attr, text in _TOTALS
@@ -229,10 +248,12 @@ class NodeCollector(Collector):
                 jobs.add_metric([label, state], sum(q.counts[key] for q in group))
             oldest = [t for t in (q.oldest_ready_at() for q in group) if t is not None]
             age.add_metric([label], max(0, now - min(oldest)) / 1000 if oldest else 0.0)
+            paused.add_metric([label], sum(q.paused for q in group))
             for attr, family in totals.items():
                 family.add_metric([label], sum(getattr(q.counters, attr) for q in group))
         yield jobs
         yield age
+        yield paused
         yield from totals.values()
 
     def _schedule_ticks(self, node: QueueNode) -> CounterMetricFamily:

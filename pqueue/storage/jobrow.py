@@ -25,6 +25,15 @@ class JobRow:
     last_error: str | None
     #: The tenant whose producer enqueued the job ("" with auth off).
     tenant: str = ""
+    #: COMPLETED, CANCELLED: when it ended; DEAD: when it died (None: not
+    #: ended, or died before this was recorded).
+    finished_at_ms: int | None = None
+    #: COMPLETED: the ack's result.
+    result: bytes = b""
+    #: An operator's note, or why the job is dead ("expired", ...).
+    reason: str = ""
+    #: When a waiting job expires unleased (None: never).
+    expires_at_ms: int | None = None
 
     @staticmethod
     def of(job: pb.Job) -> JobRow:
@@ -36,6 +45,8 @@ class JobRow:
             created_at_ms=job.enqueued_at_ms,
             lease_expires_at_ms=job.lease_expires_at_ms or None,
             last_error=job.errors[-1].reason if job.errors else None,
+            finished_at_ms=job.finished_at_ms or None,
+            expires_at_ms=job.expires_at_ms or None,
             **row,
         )
 
@@ -47,10 +58,11 @@ RENAMED = {
     "enqueued_at_ms": "created_at_ms",
     "lease_expires_at_ms": "lease_expires_at_ms",
     "errors": "last_error",
+    "finished_at_ms": "finished_at_ms",
+    "expires_at_ms": "expires_at_ms",
 }
 #: ``pb.Job`` fields the operators' table does not show.
-# PENDING(issue 16): the mirror helper adds columns for the lifecycle fields.
-NOT_SHOWN = frozenset({"consumer_id", "finished_at_ms", "result", "reason", "expires_at_ms"})
+NOT_SHOWN = frozenset({"consumer_id"})
 #: ``pb.Job`` fields copied to the row as they are. A ``pb.Job`` field in
 #: none of these three stops the import: decide where it goes (and add a
 #: column migration in ``postgres.py`` if it is shown).

@@ -154,6 +154,17 @@ MIGRATIONS: list[tuple[int, str]] = [
             ALTER COLUMN size SET NOT NULL, ALTER COLUMN digest SET NOT NULL;
         """,
     ),
+    (
+        6,
+        """
+        -- Issue 16: jobs kept once they ended (state 'completed', 'cancelled',
+        -- and 'dead' since when and why) and when a waiting job expires.
+        ALTER TABLE jobs ADD COLUMN finished_at timestamptz,
+            ADD COLUMN result bytea NOT NULL DEFAULT ''::bytea,
+            ADD COLUMN reason text NOT NULL DEFAULT '',
+            ADD COLUMN expires_at timestamptz;
+        """,
+    ),
 ]
 
 #: A schema name as PostgreSQL keeps it unquoted: lower case, at most 63 bytes.
@@ -199,7 +210,8 @@ _UPSERT_JOBS = (
     "state = excluded.state, attempts = excluded.attempts, "
     "priority = excluded.priority, ready_at = excluded.ready_at, "
     "lease_expires_at = excluded.lease_expires_at, "
-    "last_error = excluded.last_error"
+    "last_error = excluded.last_error, finished_at = excluded.finished_at, "
+    "result = excluded.result, reason = excluded.reason, expires_at = excluded.expires_at"
 )
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from consensus.messages import Record
 from pqueue.errors import StorageError
+from pqueue.storage import postgres
 from pqueue.storage.jobrow import JobRow
 from pqueue.storage.postgres import PostgresStorage
 from tests import pg
@@ -52,7 +53,7 @@ async def test_it_commits_synchronously_in_its_own_schema(store: PostgresStorage
     conn2 = await asyncpg.connect(pg.dsn())
     try:
         versions = await conn2.fetch(f"SELECT version FROM {store.schema}.schema_migrations")
-        assert [r["version"] for r in versions] == [1, 2, 3, 4, 5]
+        assert [r["version"] for r in versions] == [1, 2, 3, 4, 5, 6]
         assert await conn2.fetchval(f"SELECT count(*) FROM {store.schema}.records") == 1
     finally:
         await conn2.close()
@@ -219,3 +220,62 @@ async def test_a_node_that_lost_its_lock_cannot_write_after_another_took_over(
             await second.close()
     finally:
         await first.close()
+
+
+async def test_ended_jobs_show_when_why_their_result_and_expiry(store: PostgresStorage) -> None:
+    waiting = dataclasses.replace(job(1), expires_at_ms=1_700_000_100_000)
+    await store.record_applied(1, [waiting], [], replace_all=True)
+    expired = dataclasses.replace(
+        job(1, "dead"), finished_at_ms=1_700_000_100_000, reason="expired"
+    )
+    done = dataclasses.replace(
+        job(2, "completed"), finished_at_ms=1_700_000_000_500, result=b"\x00ok", reason="n\x00te"
+    )
+    await store.record_applied(2, [expired, done], [], replace_all=False)  # an update, an insert
+    assert store._pool is not None
+    async with store._pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT id, state, extract(epoch FROM finished_at) * 1000 AS finished, result, "
+            "reason, extract(epoch FROM expires_at) * 1000 AS expires FROM jobs ORDER BY id"
+        )
+    got = [
+        (r["id"], r["state"], int(r["finished"]), r["result"], r["reason"], r["expires"])
+        for r in rows
+    ]
+    assert got == [
+        (1, "dead", 1_700_000_100_000, b"", "expired", None),
+        (2, "completed", 1_700_000_000_500, b"\x00ok", "n\\x00te", None),
+    ]
+
+
+async def test_migration_6_keeps_the_rows_of_an_older_jobs_table(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    older = [m for m in postgres.MIGRATIONS if m[0] < 6]
+    with monkeypatch.context() as patch:
+        patch.setattr(postgres, "MIGRATIONS", older)
+        s = PostgresStorage(pg.dsn(), schema)
+        await s.open()
+        assert s._pool is not None
+        async with s._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO jobs VALUES (9, 'q', 0, '\\x00'::bytea, 'dead', 5, '', '', now(), "
+                "now(), NULL, 'boom', 'acme')"
+            )
+        await s.close()
+    s = PostgresStorage(pg.dsn(), schema)  # this release: migrates to 6
+    await s.open()
+    try:
+        assert s._pool is not None
+        async with s._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM jobs WHERE id = 9")
+        assert row is not None
+        assert (row["last_error"], row["tenant"]) == ("boom", "acme")
+        assert (row["finished_at"], row["result"], row["reason"], row["expires_at"]) == (
+            None,
+            b"",
+            "",
+            None,
+        )
+    finally:
+        await s.close()

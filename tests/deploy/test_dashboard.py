@@ -22,13 +22,17 @@ from tests.promtool import promtool
 #: What the issue asks the dashboard to show, by the metric each panel reads.
 REQUIRED_METRICS = frozenset(
     {
-        "pq_queue_jobs",  # ready / delayed / leased / dead
+        "pq_queue_jobs",  # ready / delayed / leased / dead / completed / cancelled
         "pq_queue_jobs_enqueued_total",  # rates
         "pq_queue_jobs_leased_total",
         "pq_queue_jobs_acked_total",
         "pq_queue_jobs_nacked_total",
         "pq_queue_jobs_expired_total",
         "pq_queue_jobs_dead_lettered_total",
+        "pq_queue_jobs_completed_total",  # issue 16: the life of a job after delivery
+        "pq_queue_jobs_cancelled_total",
+        "pq_queue_jobs_ttl_expired_total",
+        "pq_queue_paused",
         "pq_grpc_server_handling_seconds",  # p50 / p99 latency
         "pq_grpc_server_handled_total",  # errors by code
         "pq_queue_oldest_ready_age_seconds",

@@ -49,6 +49,10 @@ NODE_FAMILIES = {
     "pq_queue_jobs_nacked_total",
     "pq_queue_jobs_expired_total",
     "pq_queue_jobs_dead_lettered_total",
+    "pq_queue_jobs_completed_total",
+    "pq_queue_jobs_cancelled_total",
+    "pq_queue_jobs_ttl_expired_total",
+    "pq_queue_paused",
     "pq_consensus_leader",
     "pq_consensus_ballot_round",
     "pq_consensus_commit_index",
@@ -111,7 +115,8 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
 
 
 async def some_traffic(address: str) -> None:
-    """Three jobs in: one acked, one nacked to the dead letters, one ready; one bad call."""
+    """Four jobs in: one acked, one nacked to the dead letters, one expired (dead
+    at once), one ready; one bad call."""
     async with Client(address, max_retries=0) as c:
         await c.create_queue("q", pb.QueueConfig(max_attempts=1, max_priority=5))
         for priority in (1, 2, 3):
@@ -120,6 +125,7 @@ async def some_traffic(address: str) -> None:
         await c.ack("q", first.job_id, first.lease_id)
         [second] = await c.lease("q")
         await c.nack("q", second.job_id, second.lease_id, reason="boom")
+        await c.enqueue("q", b"too late", priority=4, expires_at_ms=1)
         with pytest.raises(InvalidArgumentError):
             await c.enqueue("q", b"x", priority=9)
 
@@ -148,13 +154,17 @@ async def test_every_node_and_the_balancer_export_every_family_and_pass_promtool
     for i, text in texts.items():
         s = samples(text)
         assert value(s, "pq_queue_jobs", queue="q", state="ready") == 1
-        assert value(s, "pq_queue_jobs", queue="q", state="dead") == 1
+        assert value(s, "pq_queue_jobs", queue="q", state="dead") == 2
         assert value(s, "pq_queue_jobs", queue="q", state="leased") == 0
-        assert value(s, "pq_queue_jobs_enqueued_total", queue="q") == 3
+        assert value(s, "pq_queue_jobs", queue="q", state="cancelled") == 0
+        assert value(s, "pq_queue_jobs_enqueued_total", queue="q") == 4
         assert value(s, "pq_queue_jobs_leased_total", queue="q") == 2
         assert value(s, "pq_queue_jobs_acked_total", queue="q") == 1
         assert value(s, "pq_queue_jobs_nacked_total", queue="q") == 1
-        assert value(s, "pq_queue_jobs_dead_lettered_total", queue="q") == 1
+        assert value(s, "pq_queue_jobs_dead_lettered_total", queue="q") == 2
+        assert value(s, "pq_queue_jobs_ttl_expired_total", queue="q") == 1
+        assert value(s, "pq_queue_jobs_cancelled_total", queue="q") == 0
+        assert value(s, "pq_queue_paused", queue="q") == 0
         assert value(s, "pq_consensus_leader") == (1 if i == leader else 0)
         assert value(s, "pq_consensus_applied_index") == value(s, "pq_consensus_commit_index")
         assert value(s, "pq_storage_fsync_seconds_count") > 0

@@ -380,3 +380,49 @@ def test_records_survive_a_snapshot_and_are_pruned_alike_after_it(d: Driver) -> 
     assert d.state() == copy.state()
     assert d.m.stats("q", d.now)[0].completed == 0
     assert d.m.next_due_ms() == copy.m.next_due_ms() is None
+
+
+def _update(d: Driver, **fields: Any) -> Any:
+    config = pb.QueueConfig(**fields)
+    return d.ok(
+        update_queue=pb.UpdateQueueRequest(queue="q", config=config, update_mask=list(fields))
+    )
+
+
+def test_a_shorter_retention_prunes_alike_on_a_restored_replica(d: Driver) -> None:
+    d.create(completed_retention_ms=60_000)
+    for _ in range(3):
+        d.enqueue()
+    for leased in d.lease(n=3):
+        d.now += 100
+        _ack(d, leased)
+    _update(d, completed_retention_ms=2_000)
+    copy = Driver(restore(snapshot_bytes(d.m)), now=d.now)
+    for _ in range(4):
+        for driver in (d, copy):
+            driver.now += 1000
+            driver.tick()
+        assert d.state() == copy.state()
+    assert d.m.stats("q", d.now)[0].completed == 0
+
+
+def test_a_lower_completed_max_drops_the_oldest_records_at_once(d: Driver) -> None:
+    ids = [d.enqueue() for _ in range(4)]
+    for leased in d.lease(n=4):
+        d.now += 1
+        _ack(d, leased)
+    _update(d, completed_max=1)
+    assert d.m.stats("q", d.now)[0].completed == 1
+    assert _job(d, ids[-1]).state == COMPLETED
+
+
+def test_requeueing_an_expired_job_runs_it_after_all(d: Driver) -> None:
+    job_id = d.enqueue(expires_at_ms=d.now + 10)
+    d.now += 10
+    d.tick()
+    assert _job(d, job_id).reason == "expired"
+    out = _action(d, "requeue_job", job_id)
+    assert (out.job.state, out.job.expires_at_ms) == (pb.JOB_STATE_READY, 0)
+    d.now += 1000
+    d.tick()
+    assert [j.job_id for j in d.lease()] == [job_id]

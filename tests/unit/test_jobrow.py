@@ -39,12 +39,26 @@ def test_every_public_job_field_is_placed_in_the_row() -> None:
         assert getattr(row, name) == getattr(job, name), name
     assert (row.id, row.state, row.created_at_ms) == (7, "leased", 11)
     assert (row.lease_expires_at_ms, row.last_error) == (13, "last")
+    assert (row.finished_at_ms, row.expires_at_ms) == (14, 15)
 
 
-def test_absent_lease_and_errors_are_null() -> None:
+def test_absent_lease_errors_and_times_are_null() -> None:
     job = _job()
     job.lease_expires_at_ms = 0
     del job.errors[:]
+    job.finished_at_ms = job.expires_at_ms = 0
     row = JobRow.of(job)
     assert row.lease_expires_at_ms is None
     assert row.last_error is None
+    assert (row.finished_at_ms, row.expires_at_ms) == (None, None)
+
+
+def test_ended_states_are_named_as_operators_query_them() -> None:
+    job = _job()
+    for state, name in (
+        (pb.JOB_STATE_COMPLETED, "completed"),
+        (pb.JOB_STATE_CANCELLED, "cancelled"),
+        (pb.JOB_STATE_DEAD, "dead"),
+    ):
+        job.state = state
+        assert JobRow.of(job).state == name

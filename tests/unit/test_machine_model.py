@@ -60,7 +60,10 @@ class MJob:
     expires: int = 0
     errors: list[str] = field(default_factory=list)
     tenant: str = ""
-    finished: int = 0
+    #: When it dies unleased ("expired"), 0: never; when it died or ended,
+    #: what its ack or completion carried, and why.
+    expires_at: int = 0
+    finished_at: int = 0
     result: bytes = b""
     reason: str = ""
 
@@ -85,6 +88,9 @@ class Model:
         self.paused = False
         self.bucket = 0
         self.bucket_at = 0
+
+        self.dead_total = 0
+        self.ttl_expired = 0
 
     def rate(self) -> int:
         """max_dispatch_per_s in thousandths of a lease per second."""
@@ -111,10 +117,20 @@ class Model:
         for j in sorted(self.jobs.values(), key=lambda j: j.id):
             if j.state == LEASED and j.expires <= now:
                 self._fail(j, now, "lease expired", now)
+        for j in self.jobs.values():  # waiting past its expiry: dead
+            if j.state in (READY, DELAYED) and 0 < j.expires_at <= now:
+                self._die(j, now, "expired")
+        retention = self.cfg.dead_retention_ms
+        if retention:
+            self.jobs = {
+                i: j
+                for i, j in self.jobs.items()
+                if j.state != DEAD or j.finished_at + retention > now
+            }
         self.dedup = {k: v for k, v in self.dedup.items() if v[1] > now}
         retention = self.cfg.completed_retention_ms
         for j in list(self.jobs.values()):
-            if j.state in RECORDS and -(-(j.finished + retention) // 1000) * 1000 <= now:
+            if j.state in RECORDS and -(-(j.finished_at + retention) // 1000) * 1000 <= now:
                 del self.jobs[j.id]
 
     def start_lifecycle(self, config: pb.QueueConfig) -> None:
@@ -129,18 +145,25 @@ class Model:
         if not self.lifecycle or not self.cfg.completed_max:
             del self.jobs[j.id]
             return
-        j.state, j.finished, j.result, j.reason = state, now, result, reason
-        records = sorted((o.finished, o.id) for o in self.jobs.values() if o.state in RECORDS)
+        j.state, j.finished_at, j.result, j.reason = state, now, result, reason
+        records = sorted((o.finished_at, o.id) for o in self.jobs.values() if o.state in RECORDS)
         for _, job_id in records[: max(0, len(records) - self.cfg.completed_max)]:
             del self.jobs[job_id]
+
+    def _die(self, j: MJob, now: int, reason: str) -> None:
+        j.state = DEAD
+        if self.lifecycle:  # before it, a dead job says neither when nor why
+            j.finished_at, j.reason = now, reason
+        self.dead_total += 1
+        self.ttl_expired += reason == "expired"
 
     def _fail(self, j: MJob, now: int, reason: str, retry_at: int) -> None:
         j.errors.append(reason)
         j.expires = 0
         if j.attempts >= self.cfg.max_attempts:
-            j.state = DEAD
-            if self.lifecycle:
-                j.finished, j.reason = now, "attempts exhausted"
+            self._die(j, now, "attempts exhausted")
+        elif 0 < j.expires_at <= now:
+            self._die(j, now, "expired")
         elif retry_at > now:
             j.state, j.ready_at = DELAYED, retry_at
         else:
@@ -160,6 +183,10 @@ class Model:
             state = DELAYED if ready_at > now else READY
             j = MJob(self.next_id, s.priority, s.group, state, ready_at if ready_at > now else now)
             j.tenant = tenant
+            ttl = self.cfg.job_ttl_ms
+            j.expires_at = min((t for t in (s.expires_at_ms, ttl and now + ttl) if t), default=0)
+            if 0 < j.expires_at <= now:
+                self._die(j, now, "expired")
             self.jobs[j.id] = j
             self.next_id += 1
             if s.idempotency_key:
@@ -242,9 +269,19 @@ class MachineVsModel(RuleBasedStateMachine):
         records=st.sampled_from(["before", "kept", "none"]),
         rate=st.sampled_from([0.0, 0.0, 2.5, 10.0]),
         inflight=st.sampled_from([0, 0, 2, 4]),
+        ttl=st.sampled_from([0, 0, 700]),
+        retention=st.sampled_from([0, 900]),
     )
     def setup(
-        self, aging: int, groups: bool, fifos: int, records: str, rate: float, inflight: int
+        self,
+        aging: int,
+        groups: bool,
+        fifos: int,
+        records: str,
+        rate: float,
+        inflight: int,
+        ttl: int,
+        retention: int,
     ) -> None:
         # How many priorities a lane keeps in the compact form: none (every
         # job an object in a heap), a few (both kinds mixed in one lane), all.
@@ -268,6 +305,7 @@ class MachineVsModel(RuleBasedStateMachine):
         if self.lifecycle:
             self.d = Driver(lifecycle=True)
             config.max_dispatch_per_s, config.max_inflight = rate, inflight
+            config.job_ttl_ms, config.dead_retention_ms = ttl, retention
         if records == "kept":
             config.completed_max, config.completed_retention_ms = 4, 1500
         elif records == "none":
@@ -281,7 +319,9 @@ class MachineVsModel(RuleBasedStateMachine):
     def _step(self, **command: object) -> object:
         """Apply at the driver's time in both; return the machine's result."""
         self.model.advance(self.d.now)
-        return self.d.run(**command)
+        result = self.d.run(**command)
+        self.d.m.next_due_ms()  # as a leader's tick loop does after each entry
+        return result
 
     @rule(
         jobs=st.lists(
@@ -290,18 +330,25 @@ class MachineVsModel(RuleBasedStateMachine):
                 st.sampled_from([0, 0, 50, 200]),
                 st.integers(0, 2),
                 st.sampled_from(["", "", "k1", "k2"]),
+                # expires_at_ms, after now (0: already past; None: unset)
+                st.sampled_from([None, None, None, 0, 150, 400, 1200]),
             ),
             min_size=1,
             max_size=3,
         ),
         tenant=st.sampled_from(["", "a", "b", "b", "c"]),
     )
-    def enqueue(self, jobs: list[tuple[int, int, int, str]], tenant: str) -> None:
+    def enqueue(self, jobs: list[tuple[int, int, int, str, int | None]], tenant: str) -> None:
         specs = [
             pb.JobSpec(
-                priority=p, delay_ms=dl, group=self.groups[g % len(self.groups)], idempotency_key=k
+                priority=p,
+                delay_ms=dl,
+                group=self.groups[g % len(self.groups)],
+                idempotency_key=k,
+                # An expiry is a lifecycle field: not in a log from before it.
+                expires_at_ms=0 if ex is None or not self.model.lifecycle else self.d.now + ex,
             )
-            for p, dl, g, k in jobs
+            for p, dl, g, k, ex in jobs
         ]
         caller = logpb.Caller(tenant=tenant) if tenant else None
         r = self._step(enqueue=pb.EnqueueBatchRequest(queue="q", jobs=specs), caller=caller)
@@ -362,6 +409,28 @@ class MachineVsModel(RuleBasedStateMachine):
         assert isinstance(r, pb.NackResponse)
         assert r.state == c.state
 
+    @rule(i=st.integers(0, 50), delay=st.sampled_from([None, 100]))
+    def release(self, i: int, delay: int | None) -> None:
+        job_id, lease_id = self._pick(i)
+        req = pb.NackRequest(queue="q", job_id=job_id, lease_id=lease_id, release=True)
+        if delay is not None:
+            req.delay_ms = delay
+        r = self._step(nack=req)
+        c = self.model.check(job_id, lease_id)
+        if isinstance(c, PQueueError):
+            assert type(r) is type(c)
+            return
+        now = self.d.now
+        c.attempts, c.expires = c.attempts - 1, 0
+        if 0 < c.expires_at <= now:
+            self.model._die(c, now, "expired")
+        elif delay:
+            c.state, c.ready_at = DELAYED, now + delay
+        else:
+            c.state, c.ready_at = READY, now
+        assert isinstance(r, pb.NackResponse)
+        assert r.state == c.state
+
     @rule(i=st.integers(0, 50), lease_ms=st.sampled_from([0, 150]))
     def extend(self, i: int, lease_ms: int) -> None:
         job_id, lease_id = self._pick(i)
@@ -395,6 +464,9 @@ class MachineVsModel(RuleBasedStateMachine):
         for job_id in chosen:
             j = self.model.jobs[job_id]
             j.state, j.attempts, j.ready_at = READY, 0, self.d.now
+            j.finished_at, j.reason = 0, ""
+            if j.expires_at <= self.d.now:
+                j.expires_at = 0  # run it after all
         assert isinstance(r, pb.RedriveResponse)
         assert r.redriven == len(chosen)
 
@@ -453,7 +525,9 @@ class MachineVsModel(RuleBasedStateMachine):
     def requeue(self, i: int, delay: int) -> None:
         j = self._act("requeue_job", (DEAD, COMPLETED, CANCELLED), i, delay_ms=delay)
         if j is not None:
-            j.attempts, j.finished, j.result, j.reason = 0, 0, b"", ""
+            j.attempts, j.finished_at, j.result, j.reason = 0, 0, b"", ""
+            if j.expires_at <= self.d.now:
+                j.expires_at = 0  # run it after all, as a redrive does
             j.state = DELAYED if delay else READY
             j.ready_at = self.d.now + delay
 
@@ -571,6 +645,7 @@ class MachineVsModel(RuleBasedStateMachine):
                 j.group,
                 [e[2] for e in j.errors],
                 j.tenant,
+                j.expires_at_ms,
                 j.finished_at_ms,
                 j.result,
                 j.reason,
@@ -588,7 +663,8 @@ class MachineVsModel(RuleBasedStateMachine):
                 j.group,
                 j.errors,
                 j.tenant,
-                j.finished,
+                j.expires_at,
+                j.finished_at,
                 j.result,
                 j.reason,
             )
@@ -605,6 +681,10 @@ class MachineVsModel(RuleBasedStateMachine):
             (CANCELLED, stats.cancelled),
         ):
             assert count == sum(1 for j in self.model.jobs.values() if j.state == state)
+        assert (stats.dead_total, stats.ttl_expired_total) == (
+            self.model.dead_total,
+            self.model.ttl_expired,
+        )
         ready_at = [j.ready_at for j in self.model.jobs.values() if j.state == READY]
         assert q.oldest_ready_at() == (min(ready_at) if ready_at else None)
         assert stats.paused == self.model.paused
