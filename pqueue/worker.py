@@ -36,6 +36,7 @@ import grpc
 from pqueue.client import Client
 from pqueue.consumer import MAX_CREDITS, ConsumeStream, Credits, StreamEndedError, stream_channel
 from pqueue.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     LeaseLostError,
     NotFoundError,
@@ -348,8 +349,7 @@ class Worker:
             else:
                 heartbeat.cancel()
                 self._handler_done(streamed)
-                result = returned.encode() if isinstance(returned, str) else returned or b""
-                if await self._ack(job, result):
+                if await self._ack(job, _result_of(returned, job)):
                     self.stats.acked += 1
         finally:
             heartbeat.cancel()
@@ -442,6 +442,9 @@ class Worker:
         )
         if answer is not None:
             error = from_op_status(answer.status)
+            if error is not None and result and _refuses_result(error):
+                _warn_result_refused(job, error)
+                return await self._ack(job, b"")
             return True if error is None else self._ack_refused(job, error)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._acks.append((job, result, fut))
@@ -474,6 +477,9 @@ class Worker:
             await self.client.ack(self.queue, job.job_id, job.lease_id, result=result)
             return True
         except PQueueError as exc:
+            if result and _refuses_result(exc):
+                _warn_result_refused(job, exc)
+                return await self._ack_one(job, b"")
             return self._ack_refused(job, exc)
 
     def _ack_refused(self, job: pb.LeasedJob, error: PQueueError) -> bool:
@@ -503,3 +509,36 @@ class Worker:
             await asyncio.wait(pending)
         if self._ack_flushes:
             await asyncio.wait(set(self._ack_flushes))
+
+
+def _result_of(returned: object, job: pb.LeasedJob) -> bytes:
+    """What a handler returned, as the job's result: bytes as they are, a str
+    as UTF-8, None as none; anything else is not a result (the job is acked
+    without one, and the handler's author told why)."""
+    if returned is None:
+        return b""
+    if isinstance(returned, str):
+        return returned.encode()
+    if isinstance(returned, bytes | bytearray | memoryview):
+        return bytes(returned)
+    logger.warning(
+        "the handler of job %d returned a %s: a job's result is bytes or str; acked without one",
+        job.job_id,
+        type(returned).__name__,
+    )
+    return b""
+
+
+def _refuses_result(error: PQueueError) -> bool:
+    """Whether an ack was refused for its result alone: too big for the queue,
+    or a cluster that keeps no results yet (an upgrade under way)."""
+    if isinstance(error, InvalidArgumentError):
+        return error.field.endswith("result")
+    # A node's feature refusal reaches a client as a plain FAILED_PRECONDITION.
+    return isinstance(error, FailedPreconditionError) and not isinstance(error, NotLeaderError)
+
+
+def _warn_result_refused(job: pb.LeasedJob, error: PQueueError) -> None:
+    logger.warning(
+        "the result of job %d was refused (%s): acked without it", job.job_id, describe(error)
+    )

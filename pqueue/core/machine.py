@@ -160,8 +160,11 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
             return  # kept (a retention set later schedules a look itself)
         if self._prune_ended(queue, queue.dead_order, (DEAD,), now - retention) is not None:
             self.watch_retention(queue)
-        self._idle.discard(queue.name)
-        self._drop_if_idle(queue)
+        # Only a look that removed a job may drop the queue: an early or
+        # stale look (an entry a restored replica does not hold) changes nothing.
+        if queue.name in self._idle:
+            self._idle.discard(queue.name)
+            self._drop_if_idle(queue)
 
     def _compact_time_heaps(self) -> None:
         """Acked jobs leave lease entries behind until their expiry time: drop

@@ -117,7 +117,9 @@ class Transitions(MachineState):
         Group heads are offered for leasing afterwards, once every job of the
         group is known (see ``pqueue.core.snapshot.restore``).
         """
-        queue.lane(job.tenant).held += 1
+        lane = queue.lane(job.tenant)
+        if job.state not in FINISHED:  # a record holds no room (``_finish``)
+            lane.held += 1
         queue.counts[job.state] += 1
         if compact and job.packable() and queue.add_compact(job.job_id, job.row()):
             return
@@ -368,11 +370,14 @@ class Transitions(MachineState):
                 excess -= 1
 
     def _drop_record(self, queue: QueueState, job: Job) -> None:
-        """Forget a COMPLETED or CANCELLED record."""
+        """Forget a COMPLETED or CANCELLED record (the last thing a queue
+        made ``delete_when_idle`` by an update held: it may go now)."""
         self._changed.add(job.job_id)
         self._touched.add(queue.name)
         queue.counts[job.state] -= 1
         del queue.jobs[job.job_id]
+        if queue.config.delete_when_idle and not queue.jobs:
+            self._idle.add(queue.name)
 
     def watch_records(self, queue: QueueState) -> None:
         """The queue's completed_retention_ms changed: every record's entry
@@ -401,6 +406,10 @@ class Transitions(MachineState):
                 heapq.heappush(heap, (due, job_id, name))
                 continue
             self._drop_record(queue, job)
+            if queue.name in self._idle:
+                self._idle.discard(queue.name)
+                self._drop_if_idle(queue)
+                continue
             # Records end in time order, so the queue's oldest go first:
             # drop their entries too (else they would wait for the cap).
             line = queue.finished

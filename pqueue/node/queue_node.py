@@ -260,7 +260,9 @@ class QueueNode:
 
     def check_features(self, command: logpb.Command) -> None:
         """Refuse ``command`` if a member may not be able to apply it."""
-        needed = features.required(command)
+        # A feature the log already needs is supported by every member
+        # that applies it (one that does not stops there): no gate.
+        needed = features.required(command) - self.machine.features
         if not needed:
             return
         gap = features.lacking(needed, self.cluster.addresses, self.announced)

@@ -58,6 +58,8 @@ class Scheduler:
         self._next: dict[_Key, tuple[tuple[str, str, int], int | None]] = {}
         #: Schedules whose cron no longer parses here, logged once each.
         self._bad: set[_Key] = set()
+        #: Schedules catching up after missed ticks (logged once).
+        self._late: set[_Key] = set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -87,7 +89,8 @@ class Scheduler:
         now = self.node.clock_ms()
         ticks, next_due = self.plan(now)
         if ticks:
-            await self._propose(ticks)
+            if not await self._propose(ticks):
+                return self.poll_ms  # refused whole (an upgrade under way): not a spin
             return 0  # the marks moved: look again at once
         return self.poll_ms if next_due is None else next_due - now
 
@@ -113,7 +116,10 @@ class Scheduler:
                 continue
             due = due_ticks(cron, mark(schedule), now, schedule.missed, self.grace_ms)
             late = now - self.grace_ms
-            if due and due[0].tick_ms < late:
+            if not (due and due[0].tick_ms < late):
+                self._late.discard(key)
+            elif key not in self._late:  # once per catch-up (a tick a round)
+                self._late.add(key)
                 logger.info(
                     "schedule %s/%s: ticks missed (no leader to propose them) from %d ms ago; "
                     "policy %s",
@@ -122,15 +128,19 @@ class Scheduler:
                     now - first,
                     pb.MissedTicks.Name(schedule.missed),
                 )
+            # One tick of a schedule per round, the next once it applied: two
+            # in flight could land in two slots, and a failover that fills
+            # the first with a no-op would let the second skip it for good.
             ticks += [
                 logpb.ScheduleTick(
                     queue=schedule.queue, name=schedule.name, tick_ms=d.tick_ms, skip=d.skip
                 )
-                for d in due
+                for d in due[:1]
             ]
         for key in self._next.keys() - live:
             del self._next[key]
         self._bad &= live
+        self._late &= live
         return ticks, next_due
 
     def _cron(self, key: _Key, schedule: pb.Schedule) -> Cron | None:
@@ -155,15 +165,16 @@ class Scheduler:
         self._next[key] = (state, first)
         return first
 
-    async def _propose(self, ticks: list[logpb.ScheduleTick]) -> None:
-        """Propose ``ticks`` in order and wait for every one."""
+    async def _propose(self, ticks: list[logpb.ScheduleTick]) -> bool:
+        """Propose ``ticks`` in order and wait for every one; False when
+        they could not be proposed at all."""
         commands = [logpb.Command(schedule_tick=t) for t in ticks]
         try:
             for command in commands:
                 self.node.prepare(command)
         except PQueueError as exc:  # a member lacks the feature (an upgrade under way)
             logger.debug("schedule ticks not proposed: %s", describe(exc))
-            return
+            return False
         for tick, future in zip(ticks, self.node.propose_many(commands), strict=True):
             try:
                 result, _ = await future
@@ -190,3 +201,4 @@ class Scheduler:
                     tick.name,
                     tick.tick_ms,
                 )
+        return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,13 +134,14 @@ async def test_a_worker_handlers_return_value_is_the_jobs_result(cluster: Cluste
         worker = Worker(c, "resize", handler, config=WorkerConfig(concurrency=2, wait_ms=200))
         run = asyncio.create_task(worker.run())
         try:
-            for _ in range(200):
+            for _ in range(400):
                 if worker.stats.acked == 5:
                     break
                 await asyncio.sleep(0.05)
         finally:
             worker.stop()
             await run
+        assert worker.stats.acked == 5
         results = {(await c.get_job("resize", i)).result for i in ids}
         assert results == {f"thumb-img-{k}".encode() for k in range(5)}
     await _same_everywhere(cluster)
@@ -169,3 +171,28 @@ async def test_cli_ack_with_a_result_then_job_shows_it(server: NodeServer) -> No
     code, _, err = await pq(a, "job", "requeue", "q", str(ready), "--note", "x")
     assert code == 1
     assert "--note does not go with `pq job requeue`" in err
+
+
+async def test_a_result_the_queue_refuses_still_acks_the_job(server: NodeServer) -> None:
+    async with Client(server.address, max_retries=0) as c:
+        await c.create_queue("q", pb.QueueConfig(max_result_bytes=4))
+
+        async def handler(job: pb.LeasedJob) -> Any:
+            return "far too long" if job.payload == b"big" else 42
+
+        for streaming in (True, False):  # acks on the stream, and as calls
+            ids = [(await c.enqueue("q", payload)).job_id for payload in (b"big", b"odd")]
+            worker = Worker(c, "q", handler, config=WorkerConfig(wait_ms=200, streaming=streaming))
+            run = asyncio.create_task(worker.run())
+            try:
+                for _ in range(400):
+                    if worker.stats.acked == 2:
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                worker.stop()
+                await run
+            assert worker.stats.acked == 2
+            for job_id in ids:
+                done = await c.get_job("q", job_id)
+                assert (done.state, done.result) == (pb.JOB_STATE_COMPLETED, b"")

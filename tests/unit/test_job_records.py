@@ -426,3 +426,33 @@ def test_requeueing_an_expired_job_runs_it_after_all(d: Driver) -> None:
     d.now += 1000
     d.tick()
     assert [j.job_id for j in d.lease()] == [job_id]
+
+
+def test_a_restored_replica_counts_no_record_against_a_tenant_depth(d: Driver) -> None:
+    bound = logpb.TenantLimits(max_queue_depth=1)
+    spec = pb.EnqueueBatchRequest(queue="acme/q", jobs=[pb.JobSpec()])
+    for _ in range(2):
+        d.ok(enqueue=spec, limits=bound)
+        (leased,) = d.lease("acme/q")
+        _ack(d, leased, queue="acme/q")
+    copy = Driver(restore(snapshot_bytes(d.m)), now=d.now)
+    for driver in (d, copy):
+        assert driver.ok(enqueue=spec, limits=bound).results[0].job_id == 3
+
+
+def test_a_stale_dead_retention_look_drops_no_queue(d: Driver) -> None:
+    config = {"delete_when_idle": True, "dead_retention_ms": 10_000, "max_attempts": 1}
+    d.create(**config)
+    d.enqueue()
+    (leased,) = d.lease()
+    d.nack(leased)  # dead: a look is due in 10 s
+    d.ok(delete_dead=pb.DeleteDeadRequest(queue="q"))  # the queue goes with it
+    assert "q" not in d.m.queues
+    copy = Driver(restore(snapshot_bytes(d.m)), now=d.now)  # holds no such look
+    for driver in (d, copy):
+        driver.now += 1000
+        driver.create(**config)
+        driver.now += 10_000
+        driver.tick()
+        assert "q" in driver.m.queues
+    assert d.state() == copy.state()
