@@ -441,7 +441,11 @@ def test_a_restored_replica_counts_no_record_against_a_tenant_depth(d: Driver) -
 
 
 def test_a_stale_dead_retention_look_drops_no_queue(d: Driver) -> None:
-    config = {"delete_when_idle": True, "dead_retention_ms": 10_000, "max_attempts": 1}
+    config: dict[str, Any] = {
+        "delete_when_idle": True,
+        "dead_retention_ms": 10_000,
+        "max_attempts": 1,
+    }
     d.create(**config)
     d.enqueue()
     (leased,) = d.lease()
