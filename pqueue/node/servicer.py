@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from pqueue.core import limits
+from pqueue.core import browse, limits
 from pqueue.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -277,7 +277,7 @@ class _Base:
     async def _read_point(
         self,
         method: str,
-        request: pb.GetJobRequest | pb.StatsRequest | pb.ListDeadRequest,
+        request: pb.GetJobRequest | pb.StatsRequest | pb.ListDeadRequest | pb.ListJobsRequest,
         context: Context,
     ) -> Message | None:
         """Make this node fit to answer a read, or forward it (the answer).
@@ -668,8 +668,15 @@ class AdminService(_Base, pbg.AdminServicer):
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
-        # PENDING(issue 16): the browse helper builds it.
-        raise FailedPreconditionError("ListJobs is not built yet")
+        stored = _queue(request.queue, PRODUCER, CONSUMER)
+        query = browse.parse(request)  # a bad request is refused before any wait
+        forwarded = await self._read_point("ListJobs", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
+        out = self.node.machine.list_jobs(stored, query)
+        for job in out.jobs:
+            job.queue = request.queue
+        return out
 
     @rpc
     @on_leader
