@@ -149,15 +149,15 @@ def decode_token(token: str, state: int) -> tuple[int, ...]:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError) as exc:
         raise InvalidArgumentError("page_token", "not a token this server gave") from exc
-    count = _fields_of(state)
-    if len(raw) != _TOKEN_HEAD.size + count * _FIELD.size:
+    if len(raw) < _TOKEN_HEAD.size or raw[0] != _TOKEN_VERSION:
         raise InvalidArgumentError("page_token", "not a token this server gave")
-    version, token_state = _TOKEN_HEAD.unpack_from(raw)
-    if version != _TOKEN_VERSION:
-        raise InvalidArgumentError("page_token", "not a token this server gave")
-    if token_state != state:
-        name = pb.JobState.Name(token_state) if token_state in STATES else str(token_state)
+    token_state = raw[1]
+    if token_state != state and token_state in STATES:
+        name = pb.JobState.Name(token_state)  # type: ignore[arg-type]
         raise InvalidArgumentError("page_token", f"a token for another state ({name})")
+    count = _fields_of(state)
+    if token_state != state or len(raw) != _TOKEN_HEAD.size + count * _FIELD.size:
+        raise InvalidArgumentError("page_token", "not a token this server gave")
     return tuple(
         _FIELD.unpack_from(raw, _TOKEN_HEAD.size + i * _FIELD.size)[0] for i in range(count)
     )
