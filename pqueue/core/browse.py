@@ -66,6 +66,12 @@ SortKey = tuple[int, ...]
 #: Newest first: these sort by (finished_at_ms, job_id) descending.
 ENDED = (DEAD, COMPLETED, CANCELLED)
 
+#: A page carries at most this many bytes of payloads and results (and at
+#: least one job), as a lease response does: a page of 1 MiB payloads stops
+#: short of ``limit`` (its token goes on from there) rather than exceed
+#: gRPC's message limit.
+MAX_PAGE_BYTES = limits.MAX_LEASE_RESPONSE_BYTES
+
 #: Page tokens: a version, the state, then the last job's sort fields (READY:
 #: priority, ready_at_ms, job_id; the others: their time and job_id).
 _TOKEN_HEAD = struct.Struct("<BB")
@@ -226,9 +232,21 @@ def page(queue: QueueState, query: Query) -> tuple[list[Job], str]:
         found = heapq.nsmallest(wanted, jobs, key=key)
     if state == READY and not query.group:  # compact jobs have no group
         found = _merge_fifos(queue, query, found, key, after, wanted)
-    more = len(found) > query.limit
-    del found[query.limit :]
+    kept = _fitting(found, query.limit)
+    more = len(found) > kept
+    del found[kept:]
     return found, encode_token(state, _token_fields(found[-1])) if more else ""
+
+
+def _fitting(jobs: list[Job], limit: int) -> int:
+    """How many of ``jobs`` (at most ``limit``, at least one) a page holds
+    within ``MAX_PAGE_BYTES`` of payloads and results."""
+    size = 0
+    for count, job in enumerate(jobs[:limit]):
+        size += len(job.payload) + len(job.result)
+        if count and size > MAX_PAGE_BYTES:
+            return count
+    return min(len(jobs), limit)
 
 
 def _merge_fifos(

@@ -366,6 +366,21 @@ def test_limits_default_and_bound() -> None:
     assert not page.next_page_token
 
 
+def test_a_page_stops_short_of_its_byte_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(browse, "MAX_PAGE_BYTES", 250)
+    d = Driver(lifecycle=True)
+    made = [d.enqueue("q", payload=b"x" * 100) for _ in range(5)]
+    big = d.enqueue("q", payload=b"y" * 400)  # over the bound: alone on its page
+    pages, token = [], ""
+    while True:
+        page = listing(d, READY, "q", page_token=token)
+        pages.append([j.job_id for j in page.jobs])
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [made[:2], made[2:4], made[4:], [big]]
+
+
 def test_an_unknown_queue_is_not_found() -> None:
     d = Driver(lifecycle=True)
     with pytest.raises(NotFoundError):
