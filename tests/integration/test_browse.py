@@ -141,7 +141,8 @@ async def test_a_tenant_lists_only_its_own_queues(tmp_path: Path) -> None:
                 await beta.list_jobs("work", "ready")  # beta's own "work": none
             with pytest.raises(PermissionDeniedError):
                 await beta.list_jobs("acme/work", "ready")
-            [seen] = (await ops.list_jobs("acme/work", "ready")).jobs
+            # Another client on another node: consistent, to see acme's write.
+            [seen] = (await ops.list_jobs("acme/work", "ready", consistent=True)).jobs
             assert (seen.job_id, seen.queue) == (job_id, "acme/work")
     finally:
         await cluster.stop()
