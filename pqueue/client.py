@@ -19,8 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import Any, Concatenate, ParamSpec, TypeAlias, TypeVar, cast
 
 import grpc
 
@@ -86,6 +95,27 @@ def job_spec(
         group=group,
         expires_at_ms=expires_at_ms,
     )
+
+
+#: What ``list_jobs`` takes for a state: the enum, or its name in any case,
+#: with or without the ``JOB_STATE_`` prefix ("ready", "DEAD").
+StateLike: TypeAlias = "pb.JobState.ValueType | str"
+
+
+def job_state(state: StateLike) -> pb.JobState.ValueType:
+    """The ``JobState`` that ``state`` names ("ready", "JOB_STATE_READY" or
+    the enum itself); InvalidArgumentError naming ``state`` otherwise."""
+    if isinstance(state, str):
+        name = state.strip().upper()
+        name = name if name.startswith("JOB_STATE_") else f"JOB_STATE_{name}"
+        if name == "JOB_STATE_UNSPECIFIED" or name not in pb.JobState.DESCRIPTOR.values_by_name:
+            raise InvalidArgumentError(
+                "state",
+                f"{state!r} is not a job state: ready, delayed, leased, dead, "
+                "completed or cancelled",
+            )
+        return pb.JobState.Value(name)
+    return state
 
 
 def _channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
@@ -543,6 +573,70 @@ class Client:
         )
         return await self._call(lambda s: s.admin.ListDead, req, retry=True)
 
+    async def list_jobs(
+        self,
+        queue: str,
+        state: StateLike,
+        *,
+        min_priority: int | None = None,
+        max_priority: int | None = None,
+        group: str = "",
+        tenant: str = "",
+        page_token: str = "",
+        limit: int = 0,
+        consistent: bool = False,
+    ) -> pb.ListJobsResponse:
+        """A page of the queue's jobs in ``state`` ("ready", "dead"... or a
+        ``JobState``), in the order they would be served (dead, completed
+        and cancelled: newest first); ``limit`` 0 means 100, at most 1000.
+        Pass the answer's ``next_page_token`` (empty: no more) as
+        ``page_token`` for the next page, with the same filters."""
+        req = pb.ListJobsRequest(
+            queue=queue,
+            state=job_state(state),
+            min_priority=min_priority,
+            max_priority=max_priority,
+            group=group,
+            tenant=tenant,
+            limit=limit,
+            page_token=page_token,
+            consistent=consistent,
+            min_index=self._min_index(),
+        )
+        return await self._call(lambda s: s.admin.ListJobs, req, retry=True)
+
+    async def iter_jobs(
+        self,
+        queue: str,
+        state: StateLike,
+        *,
+        min_priority: int | None = None,
+        max_priority: int | None = None,
+        group: str = "",
+        tenant: str = "",
+        page_size: int = 0,
+        consistent: bool = False,
+    ) -> AsyncIterator[pb.Job]:
+        """Every job of ``list_jobs``, reading one page at a time as it goes."""
+        token = ""
+        while True:
+            page = await self.list_jobs(
+                queue,
+                state,
+                min_priority=min_priority,
+                max_priority=max_priority,
+                group=group,
+                tenant=tenant,
+                page_token=token,
+                limit=page_size,
+                consistent=consistent,
+            )
+            for job in page.jobs:
+                yield job
+            token = page.next_page_token
+            if not token:
+                return
+
     async def redrive(self, queue: str, job_ids: Iterable[int] = ()) -> int:
         """Make dead jobs ready again (all when ``job_ids`` is empty)."""
         req = pb.RedriveRequest(queue=queue, job_ids=list(job_ids))
@@ -732,6 +826,39 @@ class SyncClient:
     pause_queue = _blocking(Client.pause_queue)
     resume_queue = _blocking(Client.resume_queue)
     list_dead = _blocking(Client.list_dead)
+    list_jobs = _blocking(Client.list_jobs)
+
+    def iter_jobs(
+        self,
+        queue: str,
+        state: StateLike,
+        *,
+        min_priority: int | None = None,
+        max_priority: int | None = None,
+        group: str = "",
+        tenant: str = "",
+        page_size: int = 0,
+        consistent: bool = False,
+    ) -> Iterator[pb.Job]:
+        """Every job of ``list_jobs``, reading one page at a time as it goes."""
+        token = ""
+        while True:
+            page = self.list_jobs(
+                queue,
+                state,
+                min_priority=min_priority,
+                max_priority=max_priority,
+                group=group,
+                tenant=tenant,
+                page_token=token,
+                limit=page_size,
+                consistent=consistent,
+            )
+            yield from page.jobs
+            token = page.next_page_token
+            if not token:
+                return
+
     redrive = _blocking(Client.redrive)
     delete_dead = _blocking(Client.delete_dead)
     complete_job = _blocking(Client.complete_job)

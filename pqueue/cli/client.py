@@ -1,6 +1,6 @@
-"""``pq`` client commands: enqueue, lease, ack, nack, extend, job, stats,
-queues, queue (create, show, update, pause, resume, delete, purge), dead,
-schedule, cluster status. They import the SDK only."""
+"""``pq`` client commands: enqueue, lease, ack, nack, extend, job, jobs,
+stats, queues, queue (create, show, update, pause, resume, delete, purge),
+dead, schedule, cluster status. They import the SDK only."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ async def cmd_job(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] 
         job = await c.reprioritize_job(
             queue, job_id, priority=a.priority, ready_at_ms=a.ready_at_ms
         )
-    return render.job_row(job), None
+    row = render.job_row(job)
+    return row, render.job_columns(row)
 
 
 def _job_words(words: Sequence[str]) -> tuple[str, str, int]:
@@ -130,6 +131,57 @@ def _job_words(words: Sequence[str]) -> tuple[str, str, int]:
         return action, queue, int(job_id)
     except ValueError:
         raise ValueError(f"JOB_ID must be a number, not {job_id!r}") from None
+
+
+#: ``pq jobs list`` columns by state: what tells one job from the next there.
+_WAITING = ("job_id", "priority", "ready_at_ms", "attempts", "group", "tenant", "payload")
+LIST_COLUMNS = {
+    "ready": _WAITING,
+    "delayed": _WAITING,
+    "leased": (
+        "job_id",
+        "priority",
+        "lease_expires_at_ms",
+        "attempts",
+        "consumer_id",
+        "group",
+        "payload",
+    ),
+    "dead": ("job_id", "priority", "finished_at_ms", "attempts", "reason", "errors", "payload"),
+    "completed": ("job_id", "priority", "finished_at_ms", "attempts", "result", "payload"),
+    "cancelled": ("job_id", "priority", "finished_at_ms", "attempts", "reason", "payload"),
+}
+
+
+async def cmd_jobs_list(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
+    filters: dict[str, Any] = {
+        "min_priority": a.min_priority,
+        "max_priority": a.max_priority,
+        "group": a.group,
+        "tenant": a.tenant,
+    }
+    token = ""
+    if a.all:
+        jobs = [j async for j in c.iter_jobs(a.queue, a.state, page_size=a.limit, **filters)]
+    else:
+        page = await c.list_jobs(
+            a.queue, a.state, page_token=a.page_token, limit=a.limit, **filters
+        )
+        jobs, token = list(page.jobs), page.next_page_token
+    rows = [render.job_row(j) for j in jobs]
+    if a.output == "json":
+        return {"jobs": rows, "next_page_token": token}, None
+    if token:
+        print(f"more: --page-token {token}", file=sys.stderr)
+    return rows, LIST_COLUMNS[a.state]
+
+
+def state_arg(text: str) -> str:
+    """A job state's name, for ``pq jobs list --state``."""
+    name = text.strip().lower().removeprefix("job_state_")
+    if name not in LIST_COLUMNS:
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(LIST_COLUMNS)}")
+    return name
 
 
 async def cmd_stats(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
@@ -434,6 +486,27 @@ def register(sub: Any) -> None:
     sp.add_argument(
         "--ready-at-ms", type=int, default=None, help="reprioritize: the new ready time (epoch ms)"
     )
+
+    jobs = sub.add_parser("jobs", help="browse a queue's jobs")
+    jsub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = add(
+        "list",
+        cmd_jobs_list,
+        "a queue's jobs in one state, in the order they would be served "
+        "(dead, completed, cancelled: newest first), a page at a time",
+        jsub,
+    )
+    sp.add_argument("queue")
+    sp.add_argument("--state", type=state_arg, required=True, help=", ".join(LIST_COLUMNS))
+    sp.add_argument("--min-priority", type=int, default=None)
+    sp.add_argument("--max-priority", type=int, default=None)
+    sp.add_argument("--group", default="", help="only this group's jobs")
+    sp.add_argument("--tenant", default="", help="only jobs this tenant produced")
+    sp.add_argument(
+        "--limit", type=int, default=0, help="jobs per page (default 100, at most 1000)"
+    )
+    sp.add_argument("--page-token", default="", help="the page after the one that printed it")
+    sp.add_argument("--all", action="store_true", help="every page")
 
     sp = add("stats", cmd_stats, "queue counts")
     sp.add_argument("queue", nargs="?")

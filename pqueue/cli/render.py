@@ -1,11 +1,18 @@
-"""CLI output: tables for people, JSON for scripts (``-o json``)."""
+"""CLI output: tables for people, JSON for scripts (``-o json``).
+
+Times: a column named ``*_at_ms`` holding epoch milliseconds shows in a
+table as ISO-8601 UTC (``2026-11-30T12:00:00.123Z``, blank for 0) under its
+name without ``_ms``; JSON keeps the number. Bytes (a job's result) show in
+a table as text when they are printable UTF-8, else as their size and first
+bytes in hex; JSON has text, or base64 with ``<name>_encoding``.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf.message import Message
@@ -21,6 +28,59 @@ def payload_fields(payload: bytes) -> dict[str, str]:
         return {"payload": payload.decode("utf-8")}
     except UnicodeDecodeError:
         return {"payload": base64.b64encode(payload).decode(), "payload_encoding": "base64"}
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC with milliseconds
+    (``2026-11-30T12:00:00.123Z``); "" for 0 (unset)."""
+    if not ms:
+        return ""
+    try:
+        when = _EPOCH + timedelta(milliseconds=ms)
+    except OverflowError:
+        return str(ms)
+    return when.strftime("%Y-%m-%dT%H:%M:%S") + f".{when.microsecond // 1000:03d}Z"
+
+
+def is_time_column(name: str) -> bool:
+    """A column of epoch milliseconds (``enqueued_at_ms``...)."""
+    return name.endswith("_at_ms")
+
+
+def bytes_preview(data: bytes, width: int = 16) -> str:
+    """Bytes for a person: the text if it is printable UTF-8, else the size
+    and the first ``width`` bytes in hex."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.isprintable():
+        return text
+    more = "..." if len(data) > width else ""
+    return f"<{len(data)} bytes: {data[:width].hex()}{more}>"
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with every bytes field as text, or as base64 beside
+    ``<name>_encoding: base64`` (as payloads are)."""
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if not isinstance(value, Mapping):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, bytes):
+            try:
+                out[key] = item.decode("utf-8")
+            except UnicodeDecodeError:
+                out[key] = base64.b64encode(item).decode()
+                out[f"{key}_encoding"] = "base64"
+        else:
+            out[key] = _jsonable(item)
+    return out
 
 
 def state_name(state: int) -> str:
@@ -58,19 +118,29 @@ def job_row(job: pb.Job) -> dict[str, Any]:
             {"attempt": e.attempt, "at_ms": e.at_ms, "reason": e.reason} for e in job.errors
         ],
         "tenant": job.tenant,
+        "consumer_id": job.consumer_id,
         "finished_at_ms": job.finished_at_ms,
-        **result_fields(job.result),
+        "result": job.result,
         "reason": job.reason,
         "expires_at_ms": job.expires_at_ms,
     }
 
 
-def result_fields(result: bytes) -> dict[str, str]:
-    """A job's result as ``payload_fields`` shows a payload."""
-    return {
-        ("result_encoding" if key == "payload_encoding" else "result"): value
-        for key, value in payload_fields(result).items()
-    }
+#: Fields of ``job_row`` a table shows only when they are set.
+JOB_IF_SET = (
+    "lease_expires_at_ms",
+    "consumer_id",
+    "finished_at_ms",
+    "result",
+    "reason",
+    "expires_at_ms",
+)
+
+
+def job_columns(row: Row) -> list[str]:
+    """The columns ``pq job`` shows for this job: every field, except the
+    ones of ``JOB_IF_SET`` that it does not have."""
+    return [name for name in row if name not in JOB_IF_SET or row[name]]
 
 
 def stats_row(s: pb.QueueStats) -> dict[str, Any]:
@@ -119,14 +189,6 @@ def field_rows(values: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def iso_ms(ms: int) -> str:
-    """Epoch milliseconds as ISO-8601 UTC, to the second ("" for 0: never)."""
-    if not ms:
-        return ""
-    when = datetime.fromtimestamp(ms / 1000, UTC)
-    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def schedule_row(s: pb.Schedule, iso: bool = False) -> dict[str, Any]:
     """A schedule; its times as epoch ms, or ISO-8601 with ``iso`` (tables)."""
     time: Any = iso_ms if iso else int
@@ -146,23 +208,33 @@ def schedule_row(s: pb.Schedule, iso: bool = False) -> dict[str, Any]:
     }
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str = "") -> str:
     if isinstance(value, list):
         return "; ".join(
             f"#{v['attempt']} {v['reason']}" if isinstance(v, dict) else str(v) for v in value
         )
-    text = str(value)
+    if isinstance(value, bytes):
+        text = bytes_preview(value)
+    elif is_time_column(column) and isinstance(value, int) and not isinstance(value, bool):
+        return iso_ms(value)
+    else:
+        text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _header(column: str) -> str:
+    return (column.removesuffix("_ms") if is_time_column(column) else column).upper()
+
+
 def table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
-    """Rows as an aligned text table (header in capitals)."""
+    """Rows as an aligned text table (header in capitals; times as ISO-8601)."""
     if not rows:
         return "(none)"
     cols = list(columns or rows[0].keys())
-    cells = [[_cell(row.get(c, "")) for c in cols] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
+    cells = [[_cell(row.get(c, ""), c) for c in cols] for row in rows]
+    heads = [_header(c) for c in cols]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)
 
@@ -170,6 +242,6 @@ def table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
 def emit(data: Any, output: str, columns: Sequence[str] | None = None) -> str:
     """Render ``data`` (a row or list of rows) as a table or JSON."""
     if output == "json":
-        return json.dumps(data, indent=2, sort_keys=False)
+        return json.dumps(_jsonable(data), indent=2, sort_keys=False)
     rows = data if isinstance(data, list) else [data]
     return table(rows, columns)

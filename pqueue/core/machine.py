@@ -28,7 +28,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from pqueue.core import dispatch, limits
+from pqueue.core import browse, dispatch, limits
 from pqueue.core.commands import bind, checked_commands
 from pqueue.core.effects import Effects, Result
 from pqueue.core.features import LIFECYCLE
@@ -271,6 +271,11 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
             jobs=[queue.jobs[i].to_proto() for i in page],
             next_after_job_id=page[-1] if len(ids) > limit else 0,
         )
+
+    def list_jobs(self, queue_name: str, query: browse.Query) -> pb.ListJobsResponse:
+        """A page of one state's jobs in serving order (``browse.page``)."""
+        jobs, token = browse.page(self._queue(queue_name), query)
+        return pb.ListJobsResponse(jobs=[job.to_proto() for job in jobs], next_page_token=token)
 
     def ready_jobs(self) -> int:
         """Ready jobs over all queues."""

@@ -20,9 +20,8 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from pqueue.core import limits, queue_controls
+from pqueue.core import browse, limits, queue_controls
 from pqueue.errors import (
-    FailedPreconditionError,
     InvalidArgumentError,
     NotLeaderError,
     NotTakenError,
@@ -278,7 +277,11 @@ class _Base:
     async def _read_point(
         self,
         method: str,
-        request: pb.GetJobRequest | pb.StatsRequest | pb.ListDeadRequest | pb.ListSchedulesRequest,
+        request: pb.GetJobRequest
+        | pb.StatsRequest
+        | pb.ListDeadRequest
+        | pb.ListJobsRequest
+        | pb.ListSchedulesRequest,
         context: Context,
     ) -> Message | None:
         """Make this node fit to answer a read, or forward it (the answer).
@@ -670,8 +673,15 @@ class AdminService(_Base, pbg.AdminServicer):
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
-        # PENDING(issue 16): the browse helper builds it.
-        raise FailedPreconditionError("ListJobs is not built yet")
+        stored = _queue(request.queue, PRODUCER, CONSUMER)
+        query = browse.parse(request)  # a bad request is refused before any wait
+        forwarded = await self._read_point("ListJobs", request, context)
+        if forwarded is not None:
+            return forwarded  # type: ignore[return-value]
+        out = self.node.machine.list_jobs(stored, query)
+        for job in out.jobs:
+            job.queue = request.queue
+        return out
 
     @rpc
     @on_leader

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import urllib.request
@@ -95,6 +96,64 @@ async def test_dead_letter_commands(server: NodeServer) -> None:
     assert (await pq_json(a, "dead", "delete", "q", str(job["job_id"])))["deleted"] == 1
     assert (await pq_json(a, "queue", "purge", "q"))["purged"] == 0
     assert (await pq_json(a, "queue", "delete", "q"))["deleted_jobs"] == 0
+
+
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+async def test_jobs_list_pages_and_times(server: NodeServer) -> None:
+    a = server.address
+    await pq_json(a, "queue", "create", "q", "--max-attempts", "1")
+    made = [(await pq_json(a, "enqueue", "q", f"p{k}", "--priority", str(k % 2)))["job_id"]
+            for k in range(5)]  # fmt: skip
+    order = made[0::2] + made[1::2]  # priority 0 first
+    page = await pq_json(a, "jobs", "list", "q", "--state", "ready", "--limit", "2")
+    assert [j["job_id"] for j in page["jobs"]] == order[:2]
+    assert isinstance(page["jobs"][0]["ready_at_ms"], int)  # JSON keeps epoch ms
+    rest = await pq_json(
+        a, "jobs", "list", "q", "--state", "READY", "--page-token", page["next_page_token"]
+    )
+    assert [j["job_id"] for j in rest["jobs"]] == order[2:]
+    assert rest["next_page_token"] == ""
+    every = await pq_json(a, "jobs", "list", "q", "--state", "ready", "--limit", "1", "--all")
+    assert [j["job_id"] for j in every["jobs"]] == order
+    urgent = await pq_json(a, "jobs", "list", "q", "--state", "ready", "--max-priority", "0")
+    assert [j["job_id"] for j in urgent["jobs"]] == made[0::2]
+
+    # A table: times as ISO-8601 UTC, the next page's token on stderr.
+    code, out, err = await pq(a, "jobs", "list", "q", "--state", "ready", "--limit", "2")
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["JOB_ID", "PRIORITY", "READY_AT"]
+    assert [int(r.split()[0]) for r in rows] == order[:2]
+    assert ISO_MS.match(rows[0].split()[2])
+    assert err.strip() == f"more: --page-token {page['next_page_token']}"
+
+    # A dead job: `pq job` shows when it died and why, as ISO in the table.
+    [job] = await pq_json(a, "lease", "q")
+    await pq_json(a, "nack", "q", str(job["job_id"]), str(job["lease_id"]), "--reason", "no")
+    shown = await pq_json(a, "job", "q", str(job["job_id"]))
+    assert (shown["state"], shown["reason"]) == ("dead", "attempts exhausted")
+    assert shown["finished_at_ms"] >= shown["enqueued_at_ms"] > 0
+    code, out, err = await pq(a, "job", "q", str(job["job_id"]))
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert "FINISHED_AT" in header.split()
+    assert "RESULT" not in header.split()  # unset fields stay out of the table
+    assert "attempts exhausted" in row
+    times = [cell for cell in row.split() if ISO_MS.match(cell)]
+    assert len(times) == 3  # enqueued, ready, finished
+    dead = await pq_json(a, "jobs", "list", "q", "--state", "dead")
+    assert [j["job_id"] for j in dead["jobs"]] == [job["job_id"]]
+
+    code, _, err = await pq(a, "jobs", "list", "q", "--state", "sleeping")
+    assert code == 2
+    assert "--state: 'sleeping': one of ready, delayed, leased, dead" in err
+    code, _, err = await pq(a, "jobs", "list", "q", "--state", "ready", "--page-token", "zz")
+    assert (code, err.strip()) == (
+        1,
+        "error: INVALID_ARGUMENT: page_token: not a token this server gave",
+    )
 
 
 async def test_errors_are_one_line_and_non_zero(server: NodeServer) -> None:

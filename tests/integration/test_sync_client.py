@@ -40,3 +40,15 @@ def test_sync_client_round_trip(threaded_server: str) -> None:
             c.ack("q", job.job_id, job.lease_id + 7)
         c.ack("q", job.job_id, job.lease_id)
         assert c.stats("q")[0].acked_total == 1
+
+
+def test_sync_client_lists_jobs_a_page_at_a_time(threaded_server: str) -> None:
+    with SyncClient(threaded_server, max_retries=0) as c:
+        made = [c.enqueue("q", f"job {k}", priority=k % 2).job_id for k in range(5)]
+        page = c.list_jobs("q", "ready", limit=2)
+        assert [j.job_id for j in page.jobs] == [made[0], made[2]]
+        assert page.next_page_token
+        assert [j.job_id for j in c.iter_jobs("q", "READY", page_size=2)] == (
+            made[0::2] + made[1::2]
+        )
+        assert list(c.iter_jobs("q", "dead")) == []

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE_MODULES = [
     "pqueue/core/machine.py",
+    "pqueue/core/browse.py",
     "pqueue/core/transitions.py",
     "pqueue/core/tenancy.py",
     "pqueue/core/job_commands.py",
