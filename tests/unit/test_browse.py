@@ -86,15 +86,13 @@ def shared(d: Driver, aging: int = 0, max_attempts: int = 0) -> None:
 
 
 def finish(d: Driver, job_id: int, state: pb.JobState.ValueType, queue: str = Q) -> None:
-    """Turn a dead job into a COMPLETED or CANCELLED record now, as the
-    job actions do (this read only needs the record's fields and indexes)."""
-    q = d.m.queues[queue]
-    job = q.jobs[job_id]
-    assert job.state == DEAD
-    q.dead_ids.discard(job_id)
-    d.m._set_state(q, job, state)
-    job.finished_at_ms = d.now
-    d.m.note_end(q, job)
+    """Turn a dead job into a COMPLETED or CANCELLED record now: force-complete
+    it, or requeue and cancel it (the operator's actions)."""
+    if state == COMPLETED:
+        d.ok(complete_job=pb.CompleteJobRequest(queue=queue, job_id=job_id))
+        return
+    d.ok(requeue_job=pb.RequeueJobRequest(queue=queue, job_id=job_id, delay_ms=60_000))
+    d.ok(cancel_job=pb.CancelJobRequest(queue=queue, job_id=job_id))
 
 
 def cancel_compact(d: Driver, job_id: int, queue: str = Q) -> None:
