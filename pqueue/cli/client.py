@@ -184,9 +184,23 @@ def state_arg(text: str) -> str:
     return name
 
 
+#: ``pq stats``: what a glance needs (``-o json`` has every field).
+STATS_COLUMNS = (
+    "queue",
+    "ready",
+    "delayed",
+    "leased",
+    "dead",
+    "completed",
+    "cancelled",
+    "paused",
+    "oldest_ready_age_ms",
+)
+
+
 async def cmd_stats(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
     rows = [render.stats_row(s) for s in await c.stats(a.queue or "")]
-    return rows, ("queue", "ready", "delayed", "leased", "dead", "oldest_ready_age_ms")
+    return rows, STATS_COLUMNS
 
 
 async def cmd_queues(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
@@ -203,6 +217,8 @@ async def cmd_queues(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[st
         "delayed",
         "leased",
         "dead",
+        "completed",
+        "paused",
         "max_attempts",
         "aging_interval_ms",
         "shares",

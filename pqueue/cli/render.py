@@ -144,20 +144,8 @@ def job_columns(row: Row) -> list[str]:
 
 
 def stats_row(s: pb.QueueStats) -> dict[str, Any]:
-    return {
-        "queue": s.queue,
-        "ready": s.ready,
-        "delayed": s.delayed,
-        "leased": s.leased,
-        "dead": s.dead,
-        "oldest_ready_age_ms": s.oldest_ready_age_ms,
-        "enqueued_total": s.enqueued_total,
-        "acked_total": s.acked_total,
-        "nacked_total": s.nacked_total,
-        "expired_total": s.expired_total,
-        "dead_total": s.dead_total,
-        "ttl_expired_total": s.ttl_expired_total,
-    }
+    """Every field of a queue's stats, counts, flags and totals alike."""
+    return fields_of(s)
 
 
 def fields_of(message: Message) -> dict[str, Any]:
