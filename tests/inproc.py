@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.core import features
+from pqueue.core.snapshot import state_hash
 from pqueue.node.auth import PEER, Verifier, issue, node_subject
 from pqueue.node.queue_node import NodeConfig
 from pqueue.node.replicated import ClusterConfig
@@ -165,6 +166,13 @@ class Cluster:
                 return
             await asyncio.sleep(0.05)
         raise AssertionError(f"nodes did not converge: {indexes}")
+
+    async def same_state(self) -> None:
+        """Every running node has applied the same entries and holds the
+        same state (the same ``state_hash``)."""
+        await self.settled()
+        hashes = {state_hash(s.node.machine) for s in self.servers.values()}
+        assert len(hashes) == 1, hashes
 
     async def stop(self) -> None:
         await asyncio.gather(*(s.stop() for s in self.servers.values()))

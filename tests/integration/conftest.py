@@ -10,7 +10,7 @@ import pytest
 from pqueue.client import Client
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage.sqlite import SqliteStorage
-from tests.inproc import lifecycle_on
+from tests.inproc import Cluster, lifecycle_on
 
 
 @pytest.fixture
@@ -33,3 +33,14 @@ async def client(server: NodeServer) -> AsyncIterator[Client]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Three nodes in this process (``tests.inproc.Cluster``), on SQLite."""
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from pqueue.client import Client
@@ -12,16 +9,6 @@ from pqueue.core.snapshot import state_hash
 from pqueue.errors import NotFoundError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from tests.inproc import Cluster
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
 
 
 async def test_any_node_takes_writes_and_every_node_applies_them(cluster: Cluster) -> None:

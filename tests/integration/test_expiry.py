@@ -13,7 +13,6 @@ import asyncpg
 import pytest
 
 from pqueue.client import Client
-from pqueue.core.snapshot import state_hash
 from pqueue.errors import InvalidArgumentError, NotFoundError
 from pqueue.node.server import NodeServer
 from pqueue.storage.postgres import PostgresStorage
@@ -60,22 +59,6 @@ async def gone(c: Client, queue: str, job_id: int) -> bool:
     return await eventually(probe)
 
 
-async def same_state_everywhere(cluster: Cluster) -> None:
-    await cluster.settled()
-    hashes = {state_hash(s.node.machine) for s in cluster.servers.values()}
-    assert len(hashes) == 1, hashes
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
-
-
 async def test_expiry_and_retention_are_decided_in_the_log(cluster: Cluster) -> None:
     leader = await cluster.leader()
     follower = next(i for i in cluster.servers if i != leader)
@@ -106,7 +89,7 @@ async def test_expiry_and_retention_are_decided_in_the_log(cluster: Cluster) -> 
         with pytest.raises(InvalidArgumentError) as bad:
             await c.create_queue("bad", pb.QueueConfig(dead_retention_ms=-1))
         assert bad.value.field == "config.dead_retention_ms"
-    await same_state_everywhere(cluster)
+    await cluster.same_state()
     for server in cluster.servers.values():
         [keep, ttl] = server.node.machine.stats("", 0)  # by name
         assert (ttl.ttl_expired_total, ttl.dead, ttl.dead_total) == (1, 1, 1)
@@ -162,7 +145,7 @@ async def test_every_nodes_jobs_table_shows_the_expired_job_until_it_is_pruned(
         await c.create_queue("q", pb.QueueConfig(job_ttl_ms=200, dead_retention_ms=1500))
         job_id = (await c.enqueue("q", "too late")).job_id
         job = await dead_job(c, "q", job_id)
-    await same_state_everywhere(cluster)
+    await cluster.same_state()
     applied = cluster.servers[1].node.machine.applied_index
     for schema in schemas.values():
         row = await table_row(schema, job_id, applied)
@@ -175,7 +158,7 @@ async def test_every_nodes_jobs_table_shows_the_expired_job_until_it_is_pruned(
         }, schema
     async with Client(cluster.addresses[1], max_retries=0) as c:
         assert await gone(c, "q", job_id)
-    await same_state_everywhere(cluster)
+    await cluster.same_state()
     applied = cluster.servers[1].node.machine.applied_index
     for schema in schemas.values():
         assert await table_row(schema, job_id, applied) is None, schema

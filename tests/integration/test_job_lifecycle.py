@@ -5,14 +5,11 @@ and every replica in the same state after each (README "The life of a job")."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pqueue.client import Client
-from pqueue.core.snapshot import state_hash
 from pqueue.errors import FailedPreconditionError, InvalidArgumentError, LeaseLostError
 from pqueue.node.server import NodeServer
 from pqueue.v1 import queue_pb2 as pb
@@ -21,27 +18,10 @@ from tests.inproc import Cluster
 from tests.integration.test_cli import pq, pq_json
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    await c.start()
-    try:
-        await c.leader()
-        yield c
-    finally:
-        await c.stop()
-
-
 async def _follower_client(cluster: Cluster) -> Client:
     leader = await cluster.leader()
     follower = next(i for i in cluster.servers if i != leader)
     return Client(cluster.addresses[follower], max_retries=3)
-
-
-async def _same_everywhere(cluster: Cluster) -> None:
-    await cluster.settled()
-    hashes = {state_hash(s.node.machine) for s in cluster.servers.values()}
-    assert len(hashes) == 1, hashes
 
 
 async def test_an_acked_job_is_kept_completed_with_its_result_on_every_node(
@@ -63,7 +43,7 @@ async def test_an_acked_job_is_kept_completed_with_its_result_on_every_node(
         with pytest.raises(InvalidArgumentError) as err:
             await c.ack("emails", job.job_id, job.lease_id, result=b"x" * (64 << 10 | 1))
         assert err.value.field == "leases[0].result"
-    await _same_everywhere(cluster)
+    await cluster.same_state()
     for server in cluster.servers.values():
         assert server.node.machine.get_job("emails", job_id).result == b"sent"
 
@@ -84,7 +64,7 @@ async def test_operator_actions_and_their_refusals(cluster: Cluster) -> None:
             "fixed by hand",
             b"ok",
         )
-        await _same_everywhere(cluster)
+        await cluster.same_state()
         again = await c.requeue_job("q", dying)
         assert (again.state, again.attempts, [e.reason for e in again.errors]) == (
             pb.JOB_STATE_READY,
@@ -93,7 +73,7 @@ async def test_operator_actions_and_their_refusals(cluster: Cluster) -> None:
         )
         cancelled = await c.cancel_job("q", ready, note="not needed")
         assert (cancelled.state, cancelled.reason) == (pb.JOB_STATE_CANCELLED, "not needed")
-        await _same_everywhere(cluster)
+        await cluster.same_state()
 
         # A cancelled job cannot be cancelled again: the refusal names its state.
         with pytest.raises(FailedPreconditionError, match="is CANCELLED"):
@@ -108,7 +88,7 @@ async def test_operator_actions_and_their_refusals(cluster: Cluster) -> None:
         assert [j.job_id for j in await c.lease("q", max_jobs=5)] == [dying]
         back = await c.reprioritize_job("q", later, ready_at_ms=0)
         assert back.state == pb.JOB_STATE_READY
-    await _same_everywhere(cluster)
+    await cluster.same_state()
 
 
 async def test_cancelling_a_leased_job_fences_its_worker(cluster: Cluster) -> None:
@@ -121,7 +101,7 @@ async def test_cancelling_a_leased_job_fences_its_worker(cluster: Cluster) -> No
         with pytest.raises(LeaseLostError):
             await c.extend("q", job.job_id, job.lease_id)
         assert (await c.get_job("q", job_id)).state == pb.JOB_STATE_CANCELLED
-    await _same_everywhere(cluster)
+    await cluster.same_state()
 
 
 async def test_a_worker_handlers_return_value_is_the_jobs_result(cluster: Cluster) -> None:
@@ -144,7 +124,7 @@ async def test_a_worker_handlers_return_value_is_the_jobs_result(cluster: Cluste
         assert worker.stats.acked == 5
         results = {(await c.get_job("resize", i)).result for i in ids}
         assert results == {f"thumb-img-{k}".encode() for k in range(5)}
-    await _same_everywhere(cluster)
+    await cluster.same_state()
 
 
 async def test_cli_ack_with_a_result_then_job_shows_it(server: NodeServer) -> None:

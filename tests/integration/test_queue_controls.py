@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from pqueue.client import Client
-from pqueue.core.snapshot import state_hash
 from pqueue.errors import InvalidArgumentError, NotFoundError
 from pqueue.v1 import queue_pb2 as pb
 from tests.consume_raw import RawStream
@@ -40,11 +39,6 @@ async def started(tmp_path: Path) -> tuple[Cluster, str, str]:
         await asyncio.sleep(0.05)
     follower = next(i for i in cluster.addresses if i != leader)
     return cluster, cluster.addresses[leader], cluster.addresses[follower]
-
-
-async def same_state(cluster: Cluster) -> None:
-    await cluster.settled()
-    assert len({state_hash(s.node.machine) for s in cluster.servers.values()}) == 1
 
 
 async def pq(endpoint: str, *args: str) -> object:
@@ -92,7 +86,7 @@ async def test_pause_holds_long_polls_and_streams_and_resume_releases_them(
             assert sorted([first.job_id, *(j.job_id for j in polled)]) == ids
             [stats] = await client.stats("jobs", consistent=True)
             assert (stats.paused, stats.ready, stats.leased) == (False, 0, 3)
-        await same_state(cluster)
+        await cluster.same_state()
     finally:
         await stream.close()
         await cluster.stop()
@@ -143,7 +137,7 @@ async def test_a_rate_limited_queue_leases_at_about_its_rate(tmp_path: Path) -> 
             # Nobody spun: about one log entry per lease, not per wake-up.
             entries = leader.machine.applied_index - index_before
             assert entries <= 2 * len(times) + 20, (entries, len(times))
-        await same_state(cluster)
+        await cluster.same_state()
     finally:
         await stream.close()
         await cluster.stop()
@@ -182,7 +176,7 @@ async def test_max_inflight_caps_leases_and_a_freed_slot_releases_a_waiter(
             assert len(await asyncio.wait_for(waiter, 10)) == 2
             [stats] = await client.stats("capped", consistent=True)
             assert stats.leased == 5
-        await same_state(cluster)
+        await cluster.same_state()
     finally:
         await cluster.stop()
 
@@ -241,7 +235,7 @@ async def test_update_queue_through_the_sdk_and_the_cli(tmp_path: Path) -> None:
         assert out["config"]["min_priority"] is None
         resumed = await pq(at_follower, "queue", "resume", "q")
         assert resumed == {"queue": "q", "paused": False, "changed": True}
-        await same_state(cluster)
+        await cluster.same_state()
         configs = {
             s.node.machine.queues["q"].config.SerializeToString() for s in cluster.servers.values()
         }

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from pqueue.client import Client
-from pqueue.core.snapshot import state_hash
 from pqueue.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from pqueue.node.auth import Verifier, issue
 from pqueue.node.cron import MISSED_GRACE_MS
@@ -25,21 +23,6 @@ from tests.integration.test_cli import pq, pq_json
 from tests.schedule_ticks import assert_one_per_tick, tick_jobs, wait_jobs
 
 EVERY_SECOND = "* * * * * *"
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
-
-
-async def same_state(cluster: Cluster) -> None:
-    await cluster.settled()
-    assert len({state_hash(s.node.machine) for s in cluster.servers.values()}) == 1
 
 
 async def test_put_list_pause_resume_delete_through_a_follower(cluster: Cluster) -> None:
@@ -101,7 +84,7 @@ async def test_put_list_pause_resume_delete_through_a_follower(cluster: Cluster)
     ]
     counted = {tuple(x.labels.values()): x.value for x in family.samples}
     assert counted[("reports", ENQUEUED)] >= 4
-    await same_state(cluster)
+    await cluster.same_state()
 
 
 async def test_refusals_name_the_field_and_change_nothing(cluster: Cluster) -> None:
@@ -148,7 +131,7 @@ async def test_refusals_name_the_field_and_change_nothing(cluster: Cluster) -> N
         await c.put_schedule("q", "s", "* * * * *", "x")
         await c.delete_queue("q")  # its schedules go with it
         assert await c.list_schedules(consistent=True) == []
-    await same_state(cluster)
+    await cluster.same_state()
 
 
 async def test_one_job_per_tick_across_a_leader_change(cluster: Cluster) -> None:
@@ -172,7 +155,7 @@ async def test_one_job_per_tick_across_a_leader_change(cluster: Cluster) -> None
         stats = (await c.stats("cron", consistent=True))[0]
     ticks = assert_one_per_tick(by_tick, 1000, at_least=12)
     assert stats.enqueued_total == len(ticks)
-    await same_state(cluster)
+    await cluster.same_state()
 
 
 async def test_tenants_see_only_their_own_schedules(tmp_path: Path) -> None:
@@ -242,7 +225,7 @@ async def test_ticks_missed_without_a_leader_follow_each_policy(cluster: Cluster
     [skip] = gaps(ticks["skip"])
     assert once >= 1  # the ticks before the latest missed one
     assert skip >= 3  # every missed tick (the outage outlasted the grace by 3 s or more)
-    await same_state(cluster)
+    await cluster.same_state()
 
 
 async def test_pq_schedule_commands(server: NodeServer) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 
 from pqueue.client import Client
 from pqueue.errors import NotLeaderError
@@ -181,16 +180,6 @@ async def test_long_polls_when_asked(server: NodeServer, client: Client) -> None
         await _until("five acks", lambda: worker.stats.acked == 5)
         assert server.node.consume_streams == 0
     assert worker.streams_opened == 0
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
 
 
 async def _drain_through(
