@@ -65,8 +65,9 @@ async def test_big_entries_keep_each_nodes_memory_bounded(cluster: ProcCluster) 
     payload = os.urandom(256 << 10)
     # Retries on: each job carries an idempotency key, and on a loaded machine
     # a leader busy with ~96 MiB at once may miss enough heartbeats to be
-    # replaced (a new leader is fine; a wedged cluster is what this catches).
-    async with Client(cluster.address(leader), timeout_s=30) as c:
+    # replaced (a new leader is fine; a wedged cluster is what this catches),
+    # and on a busy one that election can outlast the default three retries.
+    async with Client(cluster.address(leader), timeout_s=30, max_retries=6) as c:
         for round_ in range(3):
             calls = [
                 c.enqueue_batch(
