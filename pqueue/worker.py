@@ -383,6 +383,10 @@ class Worker:
             # throttle): not this operation's answer, only the stream's.
             logger.debug("settle of %s not taken (%s): the single call", op, describe(error))
             return None
+        done = result.WhichOneof("result")
+        if done is not None:  # read your writes: as the single call's answer would
+            index = getattr(result, done).log_index
+            self.client.last_log_index = max(self.client.last_log_index, index)
         return result
 
     async def _give_back(
