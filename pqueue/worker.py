@@ -15,7 +15,8 @@
 - Extends each lease while its handler runs (every third of the lease).
 - Acks on success (on a stream, the acks of one message are packed into
   one ``Ack``; by calls, acks finishing in the same loop turn share one);
-  nacks with the exception text on failure (the queue's backoff applies).
+  nacks with the exception text on failure (the queue's backoff applies;
+  a ``JobFailed``'s message is the reason as it is).
 - ``stop()`` (or SIGTERM/SIGINT under ``run_until_signal``) stops taking jobs,
   lets running handlers finish within ``shutdown_grace_s``, and releases the
   rest (a release: no attempt counted, no error recorded) so another worker
@@ -70,6 +71,11 @@ ODD_ENDS_BEFORE_FALLBACK = 3
 CLOSE_TIMEOUT_S = 5.0
 #: Refusals a worker cannot fix by trying again: they end ``run``.
 _FATAL = (InvalidArgumentError, PermissionDeniedError, UnauthenticatedError)
+
+
+class JobFailed(Exception):
+    """Raised by a handler: nack the job with this message as its reason, as
+    it is (other exceptions' reasons are prefixed with their type's name)."""
 
 
 @dataclass(frozen=True)
@@ -344,7 +350,10 @@ class Worker:
                 self._handler_done(streamed)
                 self.stats.failed += 1
                 # The reason names the type, as a traceback's last line does.
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else describe(exc)
+                if isinstance(exc, JobFailed):
+                    reason = str(exc)
+                else:
+                    reason = f"{type(exc).__name__}: {exc}" if str(exc) else describe(exc)
                 await self._give_back(job, None, reason)
             else:
                 heartbeat.cancel()

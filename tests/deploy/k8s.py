@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,27 @@ def pq_argv(workload: dict[str, Any], pod_name: str, fake_bin: Path) -> list[str
 def pq_args(workload: dict[str, Any], pod_name: str, fake_bin: Path) -> argparse.Namespace:
     """What ``pq`` in pod ``pod_name`` parses from its command line."""
     return parse_pq(pq_argv(workload, pod_name, fake_bin))
+
+
+AUTOSCALING = K8S / "autoscaling"
+
+
+def autoscaler(file: str) -> dict[str, Any]:
+    """The one object of ``deploy/k8s/autoscaling/FILE``."""
+    (found,) = load_yaml_documents(AUTOSCALING / file)
+    assert isinstance(found, dict)
+    return found
+
+
+def autoscaling_queries() -> list[str]:
+    """The PromQL of the KEDA ScaledObject's Prometheus triggers."""
+    triggers = autoscaler("keda-scaledobject.yaml")["spec"]["triggers"]
+    return [t["metadata"]["query"] for t in triggers if t["type"] == "prometheus"]
+
+
+def autoscaling_metric_names() -> set[str]:
+    """The metrics both autoscalers read (KEDA's queries, the HPA's external metrics)."""
+    names = {m.group(0) for q in autoscaling_queries() for m in re.finditer(r"\bpq_\w+", q)}
+    for metric in autoscaler("hpa.yaml")["spec"]["metrics"]:
+        names.add(metric["external"]["metric"]["name"])
+    return names

@@ -30,6 +30,8 @@ from tests.deploy.files import (
 )
 
 PQ_SERVICES = sorted(pq_services())
+#: The services that serve gRPC and metrics (a worker is a client: it serves nothing).
+SERVERS = sorted(n for n, s in pq_services().items() if pq_args(s).command != "worker")
 
 
 def nodes() -> dict[str, Any]:
@@ -61,10 +63,16 @@ def depends_on(service: dict[str, Any]) -> dict[str, str]:
     return {name: spec.get("condition", "service_started") for name, spec in deps.items()}
 
 
-def test_the_cluster_is_three_nodes_and_a_balancer() -> None:
+def workers() -> dict[str, Any]:
+    """Worker service -> its parsed ``pq worker`` arguments."""
+    return {name: a for name, s in pq_services().items() if (a := pq_args(s)).command == "worker"}
+
+
+def test_the_cluster_is_three_nodes_a_balancer_and_a_worker() -> None:
     assert sorted(nodes()) == ["n1", "n2", "n3"]
     assert sorted(balancers()) == ["balancer"]
-    assert len(PQ_SERVICES) == 4, "every service of our image is a node or a balancer"
+    assert sorted(workers()) == ["worker"]
+    assert len(PQ_SERVICES) == 5, "every service of our image is a node, a balancer or a worker"
 
 
 def test_builds_name_existing_dockerfiles() -> None:
@@ -88,7 +96,7 @@ def test_bind_mounts_exist_and_named_volumes_are_declared() -> None:
                 assert mount.source in declared, f"{name}: volume {mount.source} is not declared"
 
 
-@pytest.mark.parametrize("name", PQ_SERVICES)
+@pytest.mark.parametrize("name", SERVERS)
 def test_pq_command_parses(name: str) -> None:
     args = pq_args(services()[name])  # fails on an unknown flag or a bad value
     assert args.command in ("node", "balancer")
@@ -96,7 +104,7 @@ def test_pq_command_parses(name: str) -> None:
     assert args.metrics_listen, f"{name}: no --metrics-listen, Prometheus scrapes it"
 
 
-@pytest.mark.parametrize("name", PQ_SERVICES)
+@pytest.mark.parametrize("name", SERVERS)
 def test_listen_addresses_are_reachable(name: str) -> None:
     service = services()[name]
     args = pq_args(service)
@@ -149,7 +157,7 @@ def test_nodes_share_postgres_each_in_its_own_schema() -> None:
     assert len(schemas) == len(nodes()), "two nodes share a schema"
 
 
-@pytest.mark.parametrize("name", PQ_SERVICES)
+@pytest.mark.parametrize("name", SERVERS)
 def test_healthcheck_asks_the_grpc_port(name: str) -> None:
     service = services()[name]
     test = service["healthcheck"]["test"]
@@ -223,3 +231,29 @@ def test_grafana_data_source_is_the_prometheus_service() -> None:
         "0.0.0.0:9090",
     )
     assert (url.hostname, url.port) == (prom_name, host_port(listen)[1])
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (``40s``, ``1m30s``) in seconds."""
+    total, number = 0.0, ""
+    for ch in duration:
+        if ch.isdigit() or ch == ".":
+            number += ch
+        else:
+            total += float(number) * {"s": 1, "m": 60, "h": 3600}[ch]
+            number = ""
+    assert not number, f"{duration!r}: a number without a unit"
+    return total
+
+
+def test_the_worker_consumes_through_the_balancer_and_stops_in_time() -> None:
+    ((name, args),) = workers().items()
+    service = services()[name]
+    (bal_name, bal_args), *_ = balancers().items()
+    assert host_port(args.endpoint) == (bal_name, host_port(bal_args.listen)[1])
+    assert depends_on(service) == {bal_name: "service_healthy"}
+    assert args.exec or args.http
+    assert not published_ports(service), "a worker serves nothing"
+    # compose kills at stop_grace_period: after the worker's own graces, not before.
+    grace = _seconds(service["stop_grace_period"])
+    assert grace > args.shutdown_grace_s + args.kill_grace_s

@@ -31,7 +31,20 @@ def sts() -> dict[str, Any]:
 
 
 def balancer() -> dict[str, Any]:
-    return the("Deployment")
+    return of_kind("Deployment")["pq-balancer"]
+
+
+def worker() -> dict[str, Any]:
+    return of_kind("Deployment")["pq-worker"]
+
+
+#: The workloads that serve gRPC and metrics (a worker is a client: it serves nothing).
+SERVERS = ("StatefulSet/pq", "Deployment/pq-balancer")
+
+
+def server(name: str) -> dict[str, Any]:
+    kind, _, obj = name.partition("/")
+    return of_kind(kind)[obj]
 
 
 def peer_addresses() -> dict[int, str]:
@@ -59,6 +72,7 @@ def test_manifests_are_namespace_agnostic_objects() -> None:
     found = objects()
     kinds = sorted(o["kind"] for o in found)
     assert kinds == [
+        "Deployment",
         "Deployment",
         "PodDisruptionBudget",
         "Service",
@@ -113,9 +127,9 @@ def test_disruption_budget_keeps_a_quorum() -> None:
     assert pdb["spec"]["minAvailable"] == sts()["spec"]["replicas"] // 2 + 1
 
 
-@pytest.mark.parametrize("kind", WORKLOADS)
+@pytest.mark.parametrize("kind", SERVERS)
 def test_probes_use_container_ports(kind: str) -> None:
-    c = container(the(kind))
+    c = container(server(kind))
     assert {"readinessProbe", "livenessProbe"} <= set(c), f"{kind}: no readiness or liveness"
     for probe in (c[p] for p in PROBES if p in c):
         ((action, spec),) = ((k, v) for k, v in probe.items() if isinstance(v, dict))
@@ -126,9 +140,9 @@ def test_probes_use_container_ports(kind: str) -> None:
     assert "grpc" in c["readinessProbe"], f"{kind}: ready is gRPC health SERVING"
 
 
-@pytest.mark.parametrize("kind", WORKLOADS)
+@pytest.mark.parametrize("kind", [*SERVERS, "Deployment/pq-worker"])
 def test_pods_run_our_image_as_its_non_root_user(kind: str) -> None:
-    w = the(kind)
+    w = server(kind)
     spec, c = pod_spec(w), container(w)
     (user,) = stages()[-1].all("USER")
     uid = int(user.args.split(":")[0])
@@ -139,9 +153,9 @@ def test_pods_run_our_image_as_its_non_root_user(kind: str) -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
 
 
-@pytest.mark.parametrize("kind", WORKLOADS)
+@pytest.mark.parametrize("kind", SERVERS)
 def test_scrape_annotations_name_the_metrics_port(kind: str, tmp_path: Path) -> None:
-    w = the(kind)
+    w = server(kind)
     annotations = w["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     port = int(annotations["prometheus.io/port"])

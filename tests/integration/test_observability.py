@@ -35,6 +35,7 @@ from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.logs import JsonFormatter, TextFormatter
 from tests import promtool
 from tests.deploy.dashboard import dashboard_metric_names
+from tests.deploy.k8s import autoscaling_metric_names
 from tests.integration.test_balancer import Setup, balanced
 
 #: Families the issue asks every node to export.
@@ -217,6 +218,9 @@ async def test_every_metric_the_dashboard_queries_is_exported(setup: Setup) -> N
     used = dashboard_metric_names()
     assert len(used) >= 15  # the dashboard is not empty
     assert used <= exported, f"the dashboard queries what nobody exports: {used - exported}"
+    scaling = autoscaling_metric_names()
+    assert scaling == {"pq_queue_jobs", "pq_queue_oldest_ready_age_seconds"}
+    assert scaling <= exported, f"the autoscalers read what nobody exports: {scaling - exported}"
 
 
 TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"

@@ -62,7 +62,8 @@ def test_the_balancer_loads_only_the_kernel() -> None:
 
 
 @pytest.mark.parametrize(
-    "entry", ["pqueue.client", "pqueue.worker", "pqueue.consumer", "pqueue.cli.client"]
+    "entry",
+    ["pqueue.client", "pqueue.worker", "pqueue.consumer", "pqueue.cli.client", "pqueue.cli.worker"],
 )
 def test_the_sdk_and_the_client_commands_load_no_server(entry: str) -> None:
     loaded = loaded_by(entry)
