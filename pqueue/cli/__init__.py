@@ -4,7 +4,7 @@ The endpoint comes from ``--endpoint`` or ``PQ_ENDPOINT`` (default: the
 balancer ``make cluster`` starts). Output is a table, or JSON with ``-o json``. Errors
 print one line (``error: CODE: message``) to stderr and exit 1.
 Each program registers its own subparser: ``node``, ``balancer``, ``token``,
-``devcluster`` and the client commands (``client``).
+``devcluster``, ``web`` and the client commands (``client``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     """The ``pq`` parser; each program adds its own subparser (imported here, so
     importing one program, e.g. the client commands, loads no other)."""
-    from pqueue.cli import balancer, client, devcluster, node, token
+    from pqueue.cli import balancer, client, devcluster, node, token, web
     from pqueue.client import DEFAULT_ENDPOINT
 
     p = argparse.ArgumentParser(prog="pq", description="pqueue: a replicated priority queue")
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.register(sub)
     devcluster.register(sub)
     client.register(sub)
+    web.register(sub)
     return p
 
 
