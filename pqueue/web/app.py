@@ -31,7 +31,7 @@ from pqueue.cli.render import fields_of, job_row, leased_job_row, payload_fields
 from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
-from pqueue.web.errors import error_body, error_response
+from pqueue.web.errors import JSONLine, error_body, error_response
 from pqueue.wire.tls import Tls
 
 #: SDK clients kept at once, one per distinct bearer token.
@@ -207,7 +207,7 @@ def jsonable(value: Any) -> Any:
 
 
 def _json(data: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(jsonable(data), status_code=status)
+    return JSONLine(jsonable(data), status_code=status)
 
 
 Handler = Callable[[Request, Client], Awaitable[Response]]
@@ -413,13 +413,13 @@ ROUTES: list[tuple[str, str, Handler]] = [
 async def openapi(request: Request) -> Response:
     from pqueue.web.openapi import spec
 
-    return JSONResponse(spec())
+    return JSONLine(spec())
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
-    return JSONResponse(
+    return JSONLine(
         error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
     )
 

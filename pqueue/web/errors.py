@@ -33,6 +33,13 @@ HTTP_STATUS: dict[str, int] = {
 }
 
 
+class JSONLine(JSONResponse):
+    """JSON ending in a newline (every answer), so ``curl`` output reads line by line."""
+
+    def render(self, content: Any) -> bytes:
+        return super().render(content) + b"\n"
+
+
 def error_body(code: str, message: str, field: str = "") -> dict[str, Any]:
     """The JSON body of every refusal."""
     inner: dict[str, Any] = {"code": code, "message": message}
@@ -59,4 +66,4 @@ def error_response(error: errors.PQueueError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     field = error.field if isinstance(error, errors.InvalidArgumentError) else ""
     message = error.reason if isinstance(error, errors.InvalidArgumentError) else error.message
-    return JSONResponse(error_body(code, message, field), status_code=status, headers=headers)
+    return JSONLine(error_body(code, message, field), status_code=status, headers=headers)
