@@ -91,6 +91,12 @@ async def serve(args: argparse.Namespace) -> int:
 
 def run_web(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or Ctrl-C (uvicorn's own handlers stop it)."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"error: pq web needs pip install 'pqueue[web]' ({e})", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
