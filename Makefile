@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -m "not slow"
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,web]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,7 +4,7 @@ The endpoint comes from ``--endpoint`` or ``PQ_ENDPOINT`` (default: the
 balancer ``make cluster`` starts). Output is a table, or JSON with ``-o json``. Errors
 print one line (``error: CODE: message``) to stderr and exit 1.
 Each program registers its own subparser: ``node``, ``balancer``, ``token``,
-``devcluster``, ``worker`` and the client commands (``client``).
+``devcluster``, ``worker``, ``web`` and the client commands (``client``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     """The ``pq`` parser; each program adds its own subparser (imported here, so
     importing one program, e.g. the client commands, loads no other)."""
-    from pqueue.cli import balancer, client, devcluster, node, token, worker
+    from pqueue.cli import balancer, client, devcluster, node, token, web, worker
     from pqueue.client import DEFAULT_ENDPOINT
 
     p = argparse.ArgumentParser(prog="pq", description="pqueue: a replicated priority queue")
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     devcluster.register(sub)
     client.register(sub)
     worker.register(sub)
+    web.register(sub)
     return p
 
 

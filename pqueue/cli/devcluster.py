@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,27 @@ class _Balancer(_Node):
         self.log = root / f"{self.name}.log"
         self.cmd = [sys.executable, "-m", "pqueue.cli", "balancer", "run", "--listen", address]
         self.cmd += ["--backends", ",".join(backends), "--metrics-listen", metrics]
+
+
+class _Web(_Node):
+    """``pq web`` (the HTTP/JSON API) in front of the balancer: supervised like
+    the balancer, never restarted; the cluster runs on without it."""
+
+    def __init__(self, root: Path, address: str, balancer: str) -> None:
+        super().__init__(root, 0, {0: address})
+        self.name = "web"
+        self.data = root / self.name
+        self.log = root / f"{self.name}.log"
+        self.cmd = [sys.executable, "-m", "pqueue.cli", "--endpoint", balancer]
+        self.cmd += ["web", "--listen", address]
+
+    def answers(self) -> bool:
+        """Whether it serves HTTP yet (its OpenAPI description)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/openapi.json", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
 
 
 async def _statuses(
@@ -216,7 +238,12 @@ def supervisor_pid(root: Path) -> int | None:
 
 
 def run_dev_cluster(
-    root: Path, base_port: int, nodes: int, metrics_port: int, store: str | None = None
+    root: Path,
+    base_port: int,
+    nodes: int,
+    metrics_port: int,
+    store: str | None = None,
+    web_port: int = 7780,
 ) -> int:
     """Run until interrupted; non-zero if the cluster fails to come up, or
     can no longer run (every node, or the balancer, gone on its own)."""
@@ -226,7 +253,9 @@ def run_dev_cluster(
         print(f"a dev cluster already runs under {root}/ (pid {running})", file=sys.stderr)
         return 1
     nodes_, balancer = _plan(root, base_port, nodes, metrics_port, store)
-    cluster = [*nodes_, balancer]
+    web_port = web_port if base_port and web_port else free_ports(1)[0]
+    web = _Web(root, f"127.0.0.1:{web_port}", balancer.address)
+    cluster = [*nodes_, balancer, web]
     if not _ports_free(cluster):
         return 1
     (root / "SUPERVISOR").write_text(f"{os.getpid()}\n")
@@ -234,11 +263,11 @@ def run_dev_cluster(
     try:
         for node in cluster:
             node.start()
-        leader = _wait_ready(root, nodes_, balancer, stop)
+        leader = _wait_ready(root, nodes_, balancer, web, stop)
         if leader is None:
             return 1
-        _print_ready(nodes_, balancer, leader)
-        return _supervise(root, nodes_, balancer, stop)
+        _print_ready(nodes_, balancer, web, leader)
+        return _supervise(root, nodes_, balancer, web, stop)
     finally:
         _shut_down(root, cluster)
 
@@ -281,7 +310,7 @@ def _plan(
 
 def _ports_free(cluster: list[_Node]) -> bool:
     """Whether every port the cluster wants is free (if not, says which)."""
-    taken = taken_ports([a for n in cluster for a in (n.address, n.metrics)])
+    taken = taken_ports([a for n in cluster for a in (n.address, n.metrics) if a])
     if taken:
         print(
             f"refusing to start: {', '.join(taken)} already taken (another cluster? "
@@ -292,15 +321,18 @@ def _ports_free(cluster: list[_Node]) -> bool:
     return True
 
 
-def _wait_ready(root: Path, nodes: list[_Node], balancer: _Balancer, stop: _Stop) -> str | None:
+def _wait_ready(
+    root: Path, nodes: list[_Node], balancer: _Balancer, web: _Web, stop: _Stop
+) -> str | None:
     """The leader's address once ready, or None (said why) if it did not come up."""
-    cluster = [*nodes, balancer]
+    cluster = [*nodes, balancer, web]
     deadline = time.monotonic() + 30
     ours = {n.address for n in nodes}
     leader = ""
-    # Ready: every process of ours runs, and our balancer names one of our
-    # nodes as leader (they elected one, and it probed them).
-    while leader not in ours or not all(n.running() for n in cluster):
+    # Ready: every process of ours runs, our balancer names one of our nodes
+    # as leader (they elected one, and it probed them), and the web API answers.
+    answers = False
+    while leader not in ours or not all(n.running() for n in cluster) or not answers:
         if stop.requested or time.monotonic() > deadline or not all(n.running() for n in cluster):
             print(f"the cluster did not come up; see the logs in {root}/", file=sys.stderr)
             for node in cluster:
@@ -310,21 +342,23 @@ def _wait_ready(root: Path, nodes: list[_Node], balancer: _Balancer, stop: _Stop
             return None
         time.sleep(0.2)
         leader = asyncio.run(_balancer_leader(balancer.address))
+        answers = answers or web.answers()
     return leader
 
 
-def _print_ready(nodes: list[_Node], balancer: _Balancer, leader: str) -> None:
-    """The table of processes, the leader, and the endpoint to export."""
+def _print_ready(nodes: list[_Node], balancer: _Balancer, web: _Web, leader: str) -> None:
+    """The web API's URL, the table of processes, the leader, and the endpoint to export."""
+    print(f"web: http://{web.address}  (HTTP/JSON API under /v1/, /openapi.json)")
     print(f"balancer: {balancer.address}  (metrics: http://{balancer.metrics}/metrics)\n")
     rows = [
         {
             "name": n.name,
             "address": n.address,
-            "metrics": f"http://{n.metrics}/metrics",
+            "metrics": f"http://{n.metrics}/metrics" if n.metrics else "",
             "data_dir": str(n.data),
             "log": str(n.log),
         }
-        for n in [*nodes, balancer]
+        for n in [*nodes, balancer, web]
     ]
     print(render.table(rows))
     print(f"\nleader: n{next(n.id for n in nodes if n.address == leader)} ({leader})")
@@ -336,10 +370,10 @@ def _print_ready(nodes: list[_Node], balancer: _Balancer, leader: str) -> None:
     sys.stdout.flush()
 
 
-def _supervise(root: Path, nodes: list[_Node], balancer: _Balancer, stop: _Stop) -> int:
+def _supervise(root: Path, nodes: list[_Node], balancer: _Balancer, web: _Web, stop: _Stop) -> int:
     """Watch until asked to stop (0), or until the cluster cannot run (1)."""
     while not stop.requested:
-        for node in [*nodes, balancer]:
+        for node in [*nodes, balancer, web]:
             _watch(node)
         if _cannot_run(nodes, balancer):
             print(
@@ -371,7 +405,7 @@ def _watch(node: _Node) -> None:
 
 def _shut_down(root: Path, cluster: list[_Node]) -> None:
     """Stop every process (SIGTERM, then SIGKILL after 15 s); free the directory."""
-    # The balancer first, so it is not left probing nodes that are gone.
+    # The web API and the balancer first, so they are not left calling nodes that are gone.
     for node in reversed(cluster):
         if node.running() and node.proc is not None:
             node.proc.send_signal(signal.SIGTERM)
@@ -485,9 +519,18 @@ def register(sub: Any) -> None:
         "default: SQLite under DIR",
     )
 
+    dev.add_argument(
+        "--web-port",
+        type=int,
+        default=7780,
+        help="`pq web` (the HTTP/JSON API) on this port (0, or --base-port 0: any)",
+    )
+
     dev.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the dev cluster until Ctrl-C."""
-    return run_dev_cluster(args.dir, args.base_port, args.nodes, args.metrics_port, args.store)
+    return run_dev_cluster(
+        args.dir, args.base_port, args.nodes, args.metrics_port, args.store, args.web_port
+    )

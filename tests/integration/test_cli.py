@@ -204,17 +204,20 @@ async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
                 logs = await asyncio.to_thread(_log_tails, tmp_path)
                 raise AssertionError(f"dev-cluster exited: {lines}; node logs: {logs}")
             lines.append(line.decode().strip())
-        assert lines[0].startswith("balancer: 127.0.0.1:")  # the balancer's address first
-        assert lines[2].split()[:4] == ["NAME", "ADDRESS", "METRICS", "DATA_DIR"]
+        assert lines[0].startswith("web: http://127.0.0.1:")  # the web API's URL first
+        assert lines[1].startswith("balancer: 127.0.0.1:")  # then the balancer's address
+        assert lines[3].split()[:4] == ["NAME", "ADDRESS", "METRICS", "DATA_DIR"]
         # Every node's and the balancer's /metrics, as printed, answers.
-        urls = {row.split()[0]: row.split()[2] for row in lines[3:7]}
+        urls = {row.split()[0]: row.split()[2] for row in lines[4:8]}
         assert set(urls) == {"n1", "n2", "n3", "balancer"}
         for name, url in urls.items():
             text = await asyncio.to_thread(_get, url)
             assert "pq_process_cpu_seconds_total" in text
             if name != "balancer":
                 assert f'pq_node_info{{node="{name}"' in text
-        balancer = lines[0].split()[1]
+        assert lines[8].split()[:2] == ["web", lines[0].split()[1].removeprefix("http://")]
+        assert '"openapi"' in await asyncio.to_thread(_get, lines[0].split()[1] + "/openapi.json")
+        balancer = lines[1].split()[1]
         [ready] = [line for line in lines if line.startswith("ready:")]
         address = ready.split("PQ_ENDPOINT=")[1].split()[0]
         assert address == balancer  # clients go through the balancer

@@ -67,7 +67,8 @@ async def test_the_dev_cluster_never_lies(tmp_path: Path) -> None:
     )
     try:
         lines = await until_ready(a)
-        balancer = lines[0].split()[1]
+        assert lines[0].startswith("web: http://127.0.0.1:")  # the web API's URL first
+        balancer = next(x for x in lines if x.startswith("balancer: ")).split()[1]
         port = int(balancer.rsplit(":", 1)[1])
 
         # Another cluster on ports that are taken (this one's balancer): refused,

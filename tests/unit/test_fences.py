@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVER_SIDE = ("consensus", "pqueue.node", "pqueue.core", "pqueue.storage", "balancer")
 #: Libraries only a server needs (token verification, PostgreSQL, process stats).
 SERVER_LIBRARIES = ("jwt", "cryptography", "asyncpg", "psutil", "croniter")
+#: The HTTP API (``pq web``) and its stack: loaded only by ``pq web`` itself.
+WEB = ("pqueue.web", "starlette", "uvicorn", "httpx")
 
 
 def files_loaded_by(*modules: str, forget: tuple[str, ...] = ()) -> dict[str, str | None]:
@@ -70,6 +72,7 @@ def test_the_sdk_and_the_client_commands_load_no_server(entry: str) -> None:
     assert entry in loaded
     assert under(loaded, SERVER_SIDE) == set()
     assert under(loaded, SERVER_LIBRARIES) == set()
+    assert under(loaded, WEB) == set()
 
 
 PURE_CORES = [
@@ -148,4 +151,24 @@ def test_a_client_command_as_pq_parses_it_loads_no_server() -> None:
     )
     loaded = set(json.loads(out.stdout))
     assert "pqueue.cli.node" in loaded  # every program's parser was registered
+    assert "pqueue.cli.web" in loaded
+    assert under(loaded, SERVER_SIDE + SERVER_LIBRARIES + WEB) == set()
+
+
+def test_the_web_api_loads_no_server() -> None:
+    loaded = loaded_by("pqueue.web.app")
+    assert "starlette" in loaded  # the check looks at the real thing
     assert under(loaded, SERVER_SIDE + SERVER_LIBRARIES) == set()
+
+
+def test_only_pq_web_imports_the_web_room() -> None:
+    # pqueue.web and its stack (an optional extra) are imported by
+    # `pq web` alone, and only inside the function that runs it.
+    allowed = {ROOT / "pqueue" / "cli" / "web.py"}
+    for room in ("pqueue", "consensus", "balancer"):
+        for path in sorted((ROOT / room).rglob("*.py")):
+            if path in allowed or (ROOT / "pqueue" / "web") in path.parents:
+                continue
+            if (ROOT / "pqueue" / "v1") in path.parents:
+                continue
+            assert not {m for m in _modules(path) if _inside(m, WEB)}, path

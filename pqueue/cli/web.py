@@ -1,0 +1,109 @@
+"""``pq web``: serve the HTTP/JSON API (``pqueue.web``) in front of the cluster
+at ``--endpoint`` (the balancer), until SIGTERM or Ctrl-C.
+
+Registering the command loads no web stack; running it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("pqueue.web")
+
+
+def register(sub: Any) -> None:
+    """The ``web`` subparser."""
+    p = sub.add_parser(
+        "web",
+        help="serve the HTTP/JSON API (/v1/, /openapi.json) in front of the cluster",
+        description="Serve the HTTP/JSON API in front of the cluster at --endpoint. "
+        "A request's 'Authorization: Bearer' token is passed on to the cluster; "
+        "--token/--token-file (global options) is used for requests without one.",
+    )
+    p.set_defaults(run=run_web)
+    p.add_argument("--listen", default="127.0.0.1:7780", help="HOST:PORT (port 0: any)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen wants HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def auth_state(endpoint: str, **options: Any) -> str:
+    """One startup line on the cluster's auth, from a call without a token."""
+    from pqueue.client import Client
+    from pqueue.errors import PermissionDeniedError, PQueueError, UnauthenticatedError
+
+    options = {**options, "token": None}
+    async with Client(endpoint, timeout_s=3.0, max_retries=1, **options) as c:
+        try:
+            await c.list_queues()
+        except (UnauthenticatedError, PermissionDeniedError):
+            return (
+                "auth is ON at the cluster: requests need 'Authorization: Bearer TOKEN'"
+                " (or pq web --token)"
+            )
+        except PQueueError as e:
+            return f"cluster at {endpoint} not reachable yet ({e.message}); serving anyway"
+    return (
+        f"auth is OFF at the cluster {endpoint}: anyone who reaches this port "
+        "can read and change every queue"
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pqueue.cli.client import client_options
+    from pqueue.web.app import ClientPool, build_app
+
+    options = client_options(args)
+    host, port = _host_port(args.listen)
+    pool = ClientPool(
+        args.endpoint, token=options["token"], tls=options["tls"], timeout_s=args.timeout_s
+    )
+    app = build_app(pool)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            return 1
+        await asyncio.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://{host}:{bound}"
+    log.info("web: %s (API under /v1/, OpenAPI at /openapi.json) -> %s", url, args.endpoint)
+    state = await auth_state(args.endpoint, tls=options["tls"])
+    (log.warning if "OFF" in state else log.info)(state)
+    await task
+    return 0
+
+
+def run_web(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or Ctrl-C (uvicorn's own handlers stop it)."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"error: pq web needs pip install 'pqueue[web]' ({e})", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(serve(args))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,446 @@
+"""The ``/v1/`` routes: JSON in, JSON out, each a call of the SDK ``Client``.
+
+Queue names with a tenant (``acme/emails``) go in the path URL-encoded
+(``/v1/queues/acme%2Femails/jobs``): ``EncodedSlashes`` keeps ``%2F`` inside
+its path segment so that routing sees one segment, and the handlers decode it.
+
+Auth: the request's ``Authorization: Bearer`` token is sent on to the cluster;
+a request without one uses the process's own token (``--token``), if any.
+Each token gets its own SDK client (a small LRU of them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pqueue.cli.render import fields_of, job_row, leased_job_row, payload_fields, state_name
+from pqueue.client import Client
+from pqueue.errors import InvalidArgumentError, PQueueError
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.web.errors import JSONLine, error_body, error_response
+from pqueue.wire.tls import Tls
+
+#: SDK clients kept at once, one per distinct bearer token.
+MAX_CLIENTS = 64
+
+
+class ClientPool:
+    """One SDK ``Client`` per bearer token ("" for none), least recently used
+    closed first. Clients are made on first use, on the serving event loop."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        token: str | None = None,
+        tls: Tls | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.token = token or ""
+        self.tls = tls
+        self.timeout_s = timeout_s
+        self._clients: OrderedDict[str, Client] = OrderedDict()
+
+    async def get(self, token: str) -> Client:
+        token = token or self.token
+        client = self._clients.get(token)
+        if client is not None:
+            self._clients.move_to_end(token)
+            return client
+        client = Client(self.endpoint, timeout_s=self.timeout_s, token=token or None, tls=self.tls)
+        self._clients[token] = client
+        while len(self._clients) > MAX_CLIENTS:
+            _, old = self._clients.popitem(last=False)
+            await old.close()
+        return client
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), OrderedDict()
+        for client in clients:
+            await client.close()
+
+
+class EncodedSlashes:
+    """ASGI middleware: route on the raw path with ``%2F`` left encoded, so a
+    queue name ``acme%2Femails`` stays one path segment."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path")
+        if scope["type"] == "http" and raw:
+            segments = raw.decode("latin-1").split("/")
+            scope = dict(scope)
+            scope["path"] = "/".join(unquote(s).replace("/", "%2F") for s in segments)
+        await self.app(scope, receive, send)
+
+
+# ------------------------------------------------------------------ requests
+
+
+def _queue(request: Request) -> str:
+    return str(request.path_params["queue"]).replace("%2F", "/")
+
+
+def _job_id(request: Request) -> int:
+    text = str(request.path_params["job_id"])
+    if not text.isdigit():
+        raise InvalidArgumentError("job_id", f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if header and scheme.lower() != "bearer":
+        raise InvalidArgumentError("Authorization", "only Bearer tokens are taken")
+    return value.strip()
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidArgumentError("body", f"not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgumentError("body", "must be a JSON object")
+    return body
+
+
+def _int(body: dict[str, Any], name: str, default: int = 0) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(name, f"must be an integer, got {value!r}")
+    return value
+
+
+def _opt_int(body: dict[str, Any], name: str) -> int | None:
+    return None if body.get(name) is None else _int(body, name)
+
+
+def _str(body: dict[str, Any], name: str) -> str:
+    value = body.get(name, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(name, f"must be a string, got {value!r}")
+    return value
+
+
+def _bytes(body: dict[str, Any], name: str, required: bool = False) -> bytes:
+    """A payload or result: text (sent as UTF-8), base64 with
+    ``<name>_encoding: "base64"``, or any other JSON value (sent as compact JSON)."""
+    if name not in body:
+        if required:
+            raise InvalidArgumentError(name, "is required")
+        return b""
+    value = body[name]
+    encoding = _str(body, f"{name}_encoding")
+    if encoding not in ("", "utf-8", "base64"):
+        raise InvalidArgumentError(f"{name}_encoding", "must be utf-8 or base64")
+    if encoding == "base64":
+        if not isinstance(value, str):
+            raise InvalidArgumentError(name, "base64 must be a string")
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as e:
+            raise InvalidArgumentError(name, f"not base64: {e}") from None
+    if isinstance(value, str):
+        return value.encode()
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _query_int(request: Request, name: str) -> int | None:
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidArgumentError(name, f"must be an integer, got {text!r}") from None
+
+
+# ------------------------------------------------------------------ answers
+
+
+def queue_info(info: pb.QueueInfo) -> dict[str, Any]:
+    return {"queue": info.queue, "config": fields_of(info.config), "stats": fields_of(info.stats)}
+
+
+def jsonable(value: Any) -> Any:
+    """Bytes as text, or base64 beside ``<name>_encoding`` (as ``pq -o json``)."""
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, bytes):
+            fields = payload_fields(item)
+            out[key] = fields["payload"]
+            if "payload_encoding" in fields:
+                out[f"{key}_encoding"] = "base64"
+        else:
+            out[key] = jsonable(item)
+    return out
+
+
+def _json(data: Any, status: int = 200) -> JSONResponse:
+    return JSONLine(jsonable(data), status_code=status)
+
+
+Handler = Callable[[Request, Client], Awaitable[Response]]
+
+
+def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Run ``handler`` with the request's client; SDK errors become HTTP answers."""
+
+    async def run(request: Request) -> Response:
+        pool: ClientPool = request.app.state.pool
+        try:
+            client = await pool.get(_bearer(request))
+            return await handler(request, client)
+        except PQueueError as e:
+            return error_response(e)
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+# ------------------------------------------------------------------ routes
+
+
+async def list_queues(request: Request, client: Client) -> Response:
+    return _json({"queues": [queue_info(q) for q in await client.list_queues()]})
+
+
+async def get_queue(request: Request, client: Client) -> Response:
+    return _json(queue_info(await client.get_queue(_queue(request))))
+
+
+async def pause_queue(request: Request, client: Client) -> Response:
+    return _json({"changed": await client.pause_queue(_queue(request))})
+
+
+async def resume_queue(request: Request, client: Client) -> Response:
+    return _json({"changed": await client.resume_queue(_queue(request))})
+
+
+async def enqueue(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    resp = await client.enqueue(
+        _queue(request),
+        _bytes(body, "payload", required=True),
+        priority=_int(body, "priority"),
+        delay_ms=_int(body, "delay_ms"),
+        not_before_ms=_int(body, "not_before_ms"),
+        idempotency_key=_str(body, "idempotency_key"),
+        group=_str(body, "group"),
+        expires_at_ms=_int(body, "expires_at_ms"),
+    )
+    return _json({"job_id": resp.job_id, "duplicate": resp.duplicate}, 201)
+
+
+async def list_jobs(request: Request, client: Client) -> Response:
+    q = request.query_params
+    try:
+        state = pb.JobState.Value("JOB_STATE_" + q.get("state", "ready").upper())
+    except ValueError:
+        raise InvalidArgumentError("state", f"unknown state {q.get('state')!r}") from None
+    page = await client.list_jobs(
+        _queue(request),
+        state,
+        min_priority=_query_int(request, "min_priority"),
+        max_priority=_query_int(request, "max_priority"),
+        group=q.get("group", ""),
+        tenant=q.get("tenant", ""),
+        page_token=q.get("page_token", ""),
+        limit=_query_int(request, "limit") or 0,
+    )
+    return _json({"jobs": [job_row(j) for j in page.jobs], "next_page_token": page.next_page_token})
+
+
+async def get_job(request: Request, client: Client) -> Response:
+    return _json(job_row(await client.get_job(_queue(request), _job_id(request))))
+
+
+async def lease(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    jobs = await client.lease(
+        _queue(request),
+        max_jobs=_int(body, "max_jobs", 1),
+        lease_ms=_int(body, "lease_ms"),
+        wait_ms=_int(body, "wait_ms"),
+        consumer_id=_str(body, "consumer_id"),
+    )
+    return _json({"jobs": [leased_job_row(j) for j in jobs]})
+
+
+async def ack(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    job_id = _job_id(request)
+    await client.ack(_queue(request), job_id, _int(body, "lease_id"), result=_bytes(body, "result"))
+    return _json({"job_id": job_id, "acked": True})
+
+
+async def nack(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    resp = await client.nack(
+        _queue(request),
+        _job_id(request),
+        _int(body, "lease_id"),
+        delay_ms=_opt_int(body, "delay_ms"),
+        reason=_str(body, "reason"),
+    )
+    return _json(
+        {
+            "state": state_name(resp.state),
+            "ready_at_ms": resp.ready_at_ms,
+            "attempts": resp.attempts,
+        }
+    )
+
+
+async def extend(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    resp = await client.extend(
+        _queue(request), _job_id(request), _int(body, "lease_id"), _int(body, "lease_ms")
+    )
+    return _json({"lease_expires_at_ms": resp.lease_expires_at_ms, "capped": resp.capped})
+
+
+async def complete_job(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    job = await client.complete_job(
+        _queue(request), _job_id(request), note=_str(body, "note"), result=_bytes(body, "result")
+    )
+    return _json(job_row(job))
+
+
+async def cancel_job(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    job = await client.cancel_job(_queue(request), _job_id(request), note=_str(body, "note"))
+    return _json(job_row(job))
+
+
+async def requeue_job(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    job = await client.requeue_job(
+        _queue(request), _job_id(request), delay_ms=_int(body, "delay_ms")
+    )
+    return _json(job_row(job))
+
+
+async def reprioritize_job(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    job = await client.reprioritize_job(
+        _queue(request),
+        _job_id(request),
+        priority=_opt_int(body, "priority"),
+        ready_at_ms=_opt_int(body, "ready_at_ms"),
+    )
+    return _json(job_row(job))
+
+
+async def list_dead(request: Request, client: Client) -> Response:
+    page = await client.list_dead(
+        _queue(request),
+        limit=_query_int(request, "limit") or 0,
+        after_job_id=_query_int(request, "after_job_id") or 0,
+    )
+    return _json(
+        {"jobs": [job_row(j) for j in page.jobs], "next_after_job_id": page.next_after_job_id}
+    )
+
+
+async def redrive(request: Request, client: Client) -> Response:
+    body = await _body(request)
+    ids = body.get("job_ids") or []
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise InvalidArgumentError("job_ids", "must be a list of job ids")
+    return _json({"redriven": await client.redrive(_queue(request), ids)})
+
+
+Q = "/v1/queues/{queue}"
+J = Q + "/jobs/{job_id}"
+
+#: (method, path, handler): every route of the API, in routing order.
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/v1/queues", list_queues),
+    ("GET", Q, get_queue),
+    ("POST", Q + "/pause", pause_queue),
+    ("POST", Q + "/resume", resume_queue),
+    ("POST", Q + "/jobs", enqueue),
+    ("GET", Q + "/jobs", list_jobs),
+    ("GET", J, get_job),
+    ("POST", Q + "/leases", lease),
+    ("POST", J + "/ack", ack),
+    ("POST", J + "/nack", nack),
+    ("POST", J + "/extend", extend),
+    ("POST", J + "/complete", complete_job),
+    ("POST", J + "/cancel", cancel_job),
+    ("POST", J + "/requeue", requeue_job),
+    ("POST", J + "/reprioritize", reprioritize_job),
+    ("GET", Q + "/dead", list_dead),
+    ("POST", Q + "/dead/redrive", redrive),
+]
+
+
+async def openapi(request: Request) -> Response:
+    from pqueue.web.openapi import spec
+
+    return JSONLine(spec())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+    return JSONLine(
+        error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def build_app(pool: ClientPool) -> Starlette:
+    """The API app; the pool's clients are closed when the app shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    routes = [Route(path, _endpoint(h), methods=[m]) for m, path, h in ROUTES]
+    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.pool = pool
+    app.add_middleware(EncodedSlashes)
+    return app
