@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from pqueue.errors import PQueueError
+from pqueue.v1 import queue_pb2 as pb
 
 #: A command's outcome: its response message, or the error that left nothing changed.
 Result = Message | PQueueError
@@ -34,3 +35,6 @@ class Effects:
     #: The queues those jobs are (or were, for a dropped queue) in: where a
     #: reader finds them without scanning every queue.
     touched: frozenset[str] = frozenset()
+    #: What advancing time did at the start of the entry, as watch events
+    #: (``pqueue.core.events``), taken before the entry's commands ran.
+    advanced: tuple[pb.WatchEvent, ...] = ()
