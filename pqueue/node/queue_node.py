@@ -26,6 +26,7 @@ from pqueue.core.machine import QueueMachine
 from pqueue.core.snapshot import SnapshotView, freeze, restore_chunks
 from pqueue.errors import (
     FeatureUnavailableError,
+    NotTakenError,
     PQueueError,
     UpgradeRequiredError,
 )
@@ -224,6 +225,7 @@ class QueueNode:
         """Stop waiting long polls (they return empty; streams end) and refuse new ones."""
         self.draining = True
         self.long_polls.wake_all()
+        self.watchers.end_all(NotTakenError("node is draining: resume the watch", 0.2))
 
     async def stop(self) -> None:
         """Drain, stop ticking, commit what is pending, release storage."""

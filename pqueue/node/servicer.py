@@ -554,6 +554,8 @@ class QueueService(_Base, pbg.QueueServicer):
             if interval_s and interval_s < 1:
                 raise InvalidArgumentError("stats_interval_ms", "0 (no stats) or at least 1000")
             from_index = request.from_index if request.HasField("from_index") else None
+            if self.node.draining:
+                raise NotTakenError("node is draining", retry_after_s=0.2)
             sub = self.node.watchers.subscribe(match, from_index)
         except PQueueError as exc:
             await context.abort_with_status(to_status(exc))
@@ -580,6 +582,13 @@ class QueueService(_Base, pbg.QueueServicer):
         every ``interval_s`` (when caught up); raise the error that ends it."""
         caller = principal.get()
         seen: set[str] = set(stored)
+        await context.write(
+            pb.WatchEvent(
+                log_index=sub.after,
+                time_ms=self.node.machine.time_ms,
+                kind=pb.WatchEvent.WATCHING,
+            )
+        )
         loop = asyncio.get_running_loop()
         stats_due = loop.time() + interval_s
         while True:

@@ -109,8 +109,13 @@ class Watchers:
         self._ring.clear()
         self._held = 0
         self.covered_after = self.applied = index
+        self.end_all(UnavailableError("this node installed a snapshot: resume the watch"))
+
+    def end_all(self, error: PQueueError) -> None:
+        """End every open watcher with ``error`` (the node drains: UNAVAILABLE,
+        so that watchers resume elsewhere)."""
         for sub in list(self.subscriptions):
-            sub.end(UnavailableError("this node installed a snapshot: resume the watch"))
+            sub.end(error)
 
     def publish(self, index: int, events: list[Event]) -> None:
         self.applied = index

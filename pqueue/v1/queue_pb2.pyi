@@ -2529,6 +2529,10 @@ class WatchEvent(_message.Message):
         QUEUE_DELETED: WatchEvent._Kind.ValueType  # 13
         QUEUE_STATS: WatchEvent._Kind.ValueType  # 14
         """`stats`: the queue's counts, at most once per `stats_interval_ms`."""
+        WATCHING: WatchEvent._Kind.ValueType  # 15
+        """The first message of every stream: the events of entries after its
+        `log_index` follow (the index to resume from if nothing else comes).
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: WatchEvent.Kind.ValueType  # 0
@@ -2552,6 +2556,10 @@ class WatchEvent(_message.Message):
     QUEUE_DELETED: WatchEvent.Kind.ValueType  # 13
     QUEUE_STATS: WatchEvent.Kind.ValueType  # 14
     """`stats`: the queue's counts, at most once per `stats_interval_ms`."""
+    WATCHING: WatchEvent.Kind.ValueType  # 15
+    """The first message of every stream: the events of entries after its
+    `log_index` follow (the index to resume from if nothing else comes).
+    """
 
     LOG_INDEX_FIELD_NUMBER: _builtins.int
     TIME_MS_FIELD_NUMBER: _builtins.int
@@ -2565,8 +2573,8 @@ class WatchEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
     log_index: _builtins.int
-    """The entry that made the change (QUEUE_STATS: the last entry whose
-    events this stream sent). Events of one entry share it, in a fixed order.
+    """The entry that made the change (QUEUE_STATS, WATCHING: the last entry
+    whose events this stream sent). Events of one entry share it, in a fixed order.
     """
     time_ms: _builtins.int
     """The entry's stamped time."""
