@@ -5,8 +5,12 @@ stops, missing nothing and repeating nothing; a slow watcher is cut off."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -155,3 +159,31 @@ async def test_a_slow_watcher_is_cut_off_with_its_resume_index(cluster: Cluster)
         assert {e.kind for e in got} == {E.ENQUEUED}
         assert len({e.job_id for e in got}) == 100
     await cluster.same_state()
+
+
+async def test_pq_watch_prints_json_lines_and_stops_on_ctrl_c(cluster: Cluster) -> None:
+    leader = await cluster.leader()
+    follower = next(i for i in cluster.addresses if i != leader)
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pqueue.cli", "--endpoint", cluster.addresses[follower],
+        "-o", "json", "watch", "cli", "--stats-s", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert run.stdout is not None
+    try:
+        await until(lambda: cluster.servers[follower].node.watchers.subscriptions != set())
+        async with Client(cluster.addresses[leader]) as producer:
+            job_id = (await producer.enqueue("cli", "x")).job_id
+        rows: list[dict[str, Any]] = []
+        while not any(r["kind"] == "queue_stats" for r in rows):
+            line = await asyncio.wait_for(run.stdout.readline(), 10)
+            rows.append(json.loads(line))
+        assert rows[0]["kind"] == "enqueued"
+        assert rows[0]["job_id"] == job_id
+        assert rows[0]["state"] == "ready"
+        assert rows[-1]["stats"]["ready"] == 1
+    finally:
+        run.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(run.communicate(), 10)
+    assert run.returncode == 130
+    assert b"Traceback" not in err

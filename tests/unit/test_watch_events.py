@@ -194,3 +194,25 @@ def test_slow_watcher_is_cut_off_with_its_resume_index() -> None:
     assert [e.log_index for e in later.take()] == [2, 2, 3, 3]
     w.reset(50)
     assert isinstance(later.error, UnavailableError)
+
+
+def test_pq_watch_lines() -> None:
+    from pqueue.cli.client import watch_line, watch_row
+
+    event = E(
+        log_index=7,
+        time_ms=1_700_000_000_000,
+        queue="q",
+        job_id=3,
+        kind=E.COMPLETED,
+        state=pb.JOB_STATE_COMPLETED,
+        attempt=1,
+        result_bytes=5,
+    )
+    line = watch_line(watch_row(event))
+    assert line == (
+        "2023-11-14T22:13:20.000Z  #7  q  COMPLETED  job_id=3 state=completed attempt=1 "
+        "priority=0 result_bytes=5"
+    )
+    stats = E(log_index=8, queue="q", kind=E.QUEUE_STATS, stats=pb.QueueStats(queue="q", ready=2))
+    assert "QUEUE_STATS  ready=2 delayed=0" in watch_line(watch_row(stats))
