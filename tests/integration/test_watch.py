@@ -10,16 +10,18 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from pqueue.client import Client
-from pqueue.errors import FailedPreconditionError
+from pqueue.errors import FailedPreconditionError, InvalidArgumentError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from tests.inproc import Cluster
+from tests.integration.test_balancer import balanced
 
 E = pb.WatchEvent
 
@@ -187,3 +189,27 @@ async def test_pq_watch_prints_json_lines_and_stops_on_ctrl_c(cluster: Cluster) 
         _, err = await asyncio.wait_for(run.communicate(), 10)
     assert run.returncode == 130
     assert b"Traceback" not in err
+
+
+async def test_the_balancer_carries_a_watch_and_its_refusals(tmp_path: Path) -> None:
+    async with balanced(tmp_path) as s, Client(s.balancer.address) as c:
+        got: list[pb.WatchEvent] = []
+
+        async def watch() -> None:
+            async for event in c.watch(["b"]):
+                got.append(event)
+
+        task = asyncio.create_task(watch())
+        try:
+            await until(
+                lambda: any(srv.node.watchers.subscriptions for srv in s.cluster.servers.values())
+            )
+            job_id = (await c.enqueue("b", "x")).job_id
+            await until(lambda: bool(got))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert [(e.kind, e.job_id) for e in got] == [(E.ENQUEUED, job_id)]
+        with pytest.raises(InvalidArgumentError, match="queues"):
+            async for _ in c.watch([]):
+                pass
