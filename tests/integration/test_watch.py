@@ -17,10 +17,11 @@ import grpc
 import pytest
 
 from pqueue.client import Client
-from pqueue.errors import FailedPreconditionError, InvalidArgumentError
+from pqueue.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
+from pqueue.node.auth import Verifier, issue
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
-from tests.inproc import Cluster
+from tests.inproc import Cluster, one_node
 from tests.integration.test_balancer import balanced
 
 E = pb.WatchEvent
@@ -213,3 +214,31 @@ async def test_the_balancer_carries_a_watch_and_its_refusals(tmp_path: Path) -> 
         with pytest.raises(InvalidArgumentError, match="queues"):
             async for _ in c.watch([]):
                 pass
+
+
+async def test_a_tenant_watches_its_own_queues_only(tmp_path: Path) -> None:
+    secret = b"w" * 32
+    async with one_node(tmp_path, verifier=Verifier(secret)) as srv:
+        acme = Client(srv.address, max_retries=0, token=issue(secret, "acme", ["producer"], 600))
+        other = Client(srv.address, max_retries=0, token=issue(secret, "other", ["producer"], 600))
+        got: list[pb.WatchEvent] = []
+
+        async def watch() -> None:
+            async for event in acme.watch(all_queues=True):
+                got.append(event)
+
+        task = asyncio.create_task(watch())
+        try:
+            await until(lambda: srv.node.watchers.subscriptions != set())
+            await other.enqueue("jobs", "theirs")
+            job_id = (await acme.enqueue("jobs", "mine")).job_id
+            await until(lambda: bool(got))
+            with pytest.raises(PermissionDeniedError):
+                async for _ in acme.watch(["other/jobs"]):
+                    pass
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await acme.close()
+            await other.close()
+        assert [(e.queue, e.job_id) for e in got] == [("jobs", job_id)]
