@@ -9,11 +9,14 @@ jobs table (PostgreSQL) rewrites the rows in ``changed``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from pqueue.errors import PQueueError
-from pqueue.v1 import queue_pb2 as pb
+
+if TYPE_CHECKING:
+    from pqueue.core.events import Event as WatchEvent
 
 #: A command's outcome: its response message, or the error that left nothing changed.
 Result = Message | PQueueError
@@ -37,4 +40,4 @@ class Effects:
     touched: frozenset[str] = frozenset()
     #: What advancing time did at the start of the entry, as watch events
     #: (``pqueue.core.events``), taken before the entry's commands ran.
-    advanced: tuple[pb.WatchEvent, ...] = ()
+    advanced: tuple[WatchEvent, ...] = ()

@@ -17,17 +17,38 @@ have no event of their own.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pqueue.core.effects import Effects
 from pqueue.core.jobs import CANCELLED, COMPLETED, DEAD, DELAYED, READY, Job
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
-Event = pb.WatchEvent
 WAITING = (READY, DELAYED)
 #: The reason ``_expire`` records on a job not leased by its expiry.
 EXPIRED_REASON = "expired"
+
+
+class Event(NamedTuple):
+    """A ``WatchEvent``'s fields: a tuple is made for every change of every
+    entry on every node (cheap), a message only for a watcher that gets it."""
+
+    log_index: int
+    time_ms: int
+    queue: str
+    job_id: int
+    kind: int
+    state: int = 0
+    attempt: int = 0
+    priority: int = 0
+    result_bytes: int = 0
+    reason: str = ""
+
+    def to_proto(self) -> pb.WatchEvent:
+        return pb.WatchEvent(**self._asdict())
+
+
+K = pb.WatchEvent  # the kinds
 
 
 class Jobs(Protocol):
@@ -38,17 +59,20 @@ class Jobs(Protocol):
     def find_job(self, job_id: int, among: Iterable[str] | None = None) -> Job | None: ...
 
 
-def _job_event(kind: int, job: Job, index: int, now: int, **extra: object) -> Event:
+def _job_event(
+    kind: int, job: Job, index: int, now: int, result_bytes: int = 0, reason: str = ""
+) -> Event:
     return Event(
-        log_index=index,
-        time_ms=now,
-        queue=job.queue,
-        job_id=job.job_id,
-        kind=kind,  # type: ignore[arg-type]
-        state=job.state,  # type: ignore[arg-type]
-        attempt=job.attempts,
-        priority=job.priority,
-        **extra,  # type: ignore[arg-type]
+        index,
+        now,
+        job.queue,
+        job.job_id,
+        kind,
+        job.state,
+        job.attempts,
+        job.priority,
+        result_bytes,
+        reason,
     )
 
 
@@ -65,32 +89,27 @@ def advanced(jobs: Jobs, changed: Iterable[int], touched: Iterable[str], now: in
         failed_now = last_error is not None and last_error[1] == now
         if job.state == DEAD:
             expired = job.reason == EXPIRED_REASON or (not failed_now and not job.reason)
-            kind = Event.EXPIRED if expired else Event.DEAD
+            kind = K.EXPIRED if expired else K.DEAD
             out.append(_job_event(kind, job, 0, now, reason=job.reason))
         elif job.state in WAITING and failed_now and last_error is not None:
-            out.append(_job_event(Event.NACKED, job, 0, now, reason=last_error[2]))
+            out.append(_job_event(K.NACKED, job, 0, now, reason=last_error[2]))
     return out
 
 
 def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
     """Every event of one applied entry, in order (see the module's doc)."""
     index, now = effects.index, jobs.time_ms
-    events: list[Event] = []
-    for event in effects.advanced:
-        copy = Event()
-        copy.CopyFrom(event)
-        copy.log_index = index
-        events.append(copy)
+    events: list[Event] = [e._replace(log_index=index) for e in effects.advanced]
     explained: set[int] = set(e.job_id for e in events)
     touched = effects.touched
 
     def job(job_id: int) -> Job | None:
         return jobs.find_job(job_id, touched) if job_id in effects.changed else None
 
-    def add(kind: int, job_id: int, **extra: object) -> None:
+    def add(kind: int, job_id: int, result_bytes: int = 0, reason: str = "") -> None:
         found = job(job_id)
         if found is not None:
-            events.append(_job_event(kind, found, index, now, **extra))
+            events.append(_job_event(kind, found, index, now, result_bytes, reason))
             explained.add(job_id)
 
     for cmd, result in zip(entry.commands, effects.results, strict=False):
@@ -100,57 +119,52 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
         if what == "enqueue" and isinstance(result, pb.EnqueueBatchResponse):
             for one in result.results:
                 if not one.duplicate:
-                    add(Event.ENQUEUED, one.job_id)
+                    add(K.ENQUEUED, one.job_id)
         elif what == "lease" and isinstance(result, pb.LeaseResponse):
             for leased in result.jobs:
-                add(Event.LEASED, leased.job_id)
+                add(K.LEASED, leased.job_id)
         elif what == "ack":
             for lease in cmd.ack.leases:
                 size = len(lease.result)
                 if job(lease.job_id) is not None:
-                    add(Event.COMPLETED, lease.job_id, result_bytes=size)
+                    add(K.COMPLETED, lease.job_id, result_bytes=size)
                 else:  # acked and not kept (no records: before LIFECYCLE, completed_max 0)
                     events.append(
                         Event(
-                            log_index=index,
-                            time_ms=now,
-                            queue=cmd.ack.queue,
-                            job_id=lease.job_id,
-                            kind=Event.COMPLETED,
-                            state=COMPLETED,
+                            index, now, cmd.ack.queue, lease.job_id, K.COMPLETED, COMPLETED,
                             result_bytes=size,
                         )
-                    )
+                    )  # fmt: skip
                     explained.add(lease.job_id)
         elif what == "nack" and isinstance(result, pb.NackResponse):
             dead = result.state == DEAD
-            add(Event.DEAD if dead else Event.NACKED, cmd.nack.job_id, reason=cmd.nack.reason)
+            add(K.DEAD if dead else K.NACKED, cmd.nack.job_id, reason=cmd.nack.reason)
         elif what == "complete_job":
-            add(Event.COMPLETED, cmd.complete_job.job_id, result_bytes=len(cmd.complete_job.result))
+            add(K.COMPLETED, cmd.complete_job.job_id, result_bytes=len(cmd.complete_job.result))
         elif what == "cancel_job":
-            add(Event.CANCELLED, cmd.cancel_job.job_id)
+            add(K.CANCELLED, cmd.cancel_job.job_id)
         elif what == "requeue_job":
-            add(Event.REQUEUED, cmd.requeue_job.job_id)
+            add(K.REQUEUED, cmd.requeue_job.job_id)
         elif what == "reprioritize_job":
-            add(Event.REPRIORITIZED, cmd.reprioritize_job.job_id)
+            add(K.REPRIORITIZED, cmd.reprioritize_job.job_id)
         elif what in _QUEUE_KINDS:
             queue = getattr(cmd, what).queue
-            events.append(Event(log_index=index, time_ms=now, queue=queue, kind=_QUEUE_KINDS[what]))
+            events.append(Event(index, now, queue, 0, _QUEUE_KINDS[what]))
     advanced_ids = {e.job_id for e in effects.advanced}
     for job_id in sorted(effects.changed - explained - advanced_ids):
         found = job(job_id)
         if found is None or found.state not in WAITING:
             continue
         fresh = found.attempts == 0 and found.enqueued_at_ms == now and not found.errors
-        events.append(_job_event(Event.ENQUEUED if fresh else Event.REQUEUED, found, index, now))
+        events.append(_job_event(K.ENQUEUED if fresh else K.REQUEUED, found, index, now))
     return events
 
 
-_QUEUE_KINDS: dict[str, pb.WatchEvent.Kind.ValueType] = {
-    "pause_queue": Event.QUEUE_PAUSED,
-    "resume_queue": Event.QUEUE_RESUMED,
-    "update_queue": Event.QUEUE_UPDATED,
-    "delete_queue": Event.QUEUE_DELETED,
+_QUEUE_KINDS: dict[str, int] = {
+    "pause_queue": K.QUEUE_PAUSED,
+    "resume_queue": K.QUEUE_RESUMED,
+    "update_queue": K.QUEUE_UPDATED,
+    "delete_queue": K.QUEUE_DELETED,
 }
 
 __all__ = ["CANCELLED", "COMPLETED", "Event", "advanced", "derive"]

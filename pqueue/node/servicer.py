@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from pqueue.core import browse, limits, queue_controls
+from pqueue.core import browse, events, limits, queue_controls
 from pqueue.errors import (
     InvalidArgumentError,
     NotLeaderError,
@@ -599,9 +599,10 @@ class QueueService(_Base, pbg.QueueServicer):
                 await asyncio.wait_for(sub.changed.wait(), wait)
             if sub.error is not None:
                 raise sub.error
-            for event in sub.take():
-                seen.add(event.queue)
-                event.queue = access.shown(caller, event.queue) or event.queue
+            for taken in sub.take():
+                seen.add(taken.queue)
+                event = taken.to_proto()
+                event.queue = access.shown(caller, taken.queue) or taken.queue
                 await context.write(event)
             if interval_s and loop.time() >= stats_due and not sub.pending:
                 stats_due = loop.time() + interval_s
@@ -625,7 +626,7 @@ class QueueService(_Base, pbg.QueueServicer):
                     seen.clear()
 
 
-def _watch_scope(request: pb.WatchRequest) -> tuple[Callable[[pb.WatchEvent], bool], list[str]]:
+def _watch_scope(request: pb.WatchRequest) -> tuple[Callable[[events.Event], bool], list[str]]:
     """Which events a watch wants (and may see), and the stored names of the
     queues it names."""
     caller = principal.get()

@@ -22,15 +22,14 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from pqueue.core.events import Event
 from pqueue.errors import (
     FailedPreconditionError,
     PQueueError,
     ResourceExhaustedError,
     UnavailableError,
 )
-from pqueue.v1 import queue_pb2 as pb
 
-Event = pb.WatchEvent
 Match = Callable[[Event], bool]
 
 #: Events kept for resuming, all queues together.
