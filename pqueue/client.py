@@ -24,6 +24,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
+    Generator,
     Iterable,
     Iterator,
     Mapping,
@@ -937,8 +938,11 @@ class SyncClient:
             if not token:
                 return
 
-    def watch(self, queues: Iterable[str] = (), **options: Any) -> Iterator[pb.WatchEvent]:
-        """``Client.watch``, blocking: each event as it comes."""
+    def watch(
+        self, queues: Iterable[str] = (), **options: Any
+    ) -> Generator[pb.WatchEvent, None, None]:
+        """``Client.watch``, blocking: each event as it comes (``close()`` it
+        to end the stream early)."""
         events = self._client.watch(queues, **options)
 
         async def next_event() -> pb.WatchEvent:

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from pqueue.client import Client
+from pqueue.client import Client, SyncClient
 from pqueue.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 from pqueue.node.auth import Verifier, issue
 from pqueue.v1 import queue_pb2 as pb
@@ -126,6 +126,16 @@ async def test_one_job_stats_and_refusals(cluster: Cluster) -> None:
         with pytest.raises(Exception, match="job_id"):
             async for _ in c.watch(["j", "k"], job_id=1):
                 pass
+
+        def sync_read(address: str) -> list[pb.WatchEvent.Kind.ValueType]:
+            with SyncClient(address) as sc:
+                events = sc.watch(["j"], job_id=job_id, from_index=0)
+                kinds = [next(events).kind for _ in range(3)]
+                events.close()
+                return kinds
+
+        sync_kinds = await asyncio.to_thread(sync_read, cluster.addresses[follower])
+        assert sync_kinds == [E.ENQUEUED, E.LEASED, E.COMPLETED]
         cluster.servers[follower].node.watchers.covered_after = 3  # as if the ring had moved on
         with pytest.raises(FailedPreconditionError, match="oldest it can resume from is 3"):
             async for _ in c.watch(["j"], from_index=1):
