@@ -41,3 +41,5 @@ class Effects:
     #: What advancing time did at the start of the entry, as watch events
     #: (``pqueue.core.events``), taken before the entry's commands ran.
     advanced: tuple[WatchEvent, ...] = ()
+    #: The jobs advancing time changed (a delayed job come due has no event).
+    advanced_ids: frozenset[int] = frozenset()

@@ -150,8 +150,7 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
         elif what in _QUEUE_KINDS:
             queue = getattr(cmd, what).queue
             events.append(Event(index, now, queue, 0, _QUEUE_KINDS[what]))
-    advanced_ids = {e.job_id for e in effects.advanced}
-    for job_id in sorted(effects.changed - explained - advanced_ids):
+    for job_id in sorted(effects.changed - explained - effects.advanced_ids):
         found = job(job_id)
         if found is None or found.state not in WAITING:
             continue

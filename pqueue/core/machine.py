@@ -82,7 +82,8 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
         if not self.lifecycle and LIFECYCLE in self.features:
             self._start_lifecycle()
         self.advance(now)
-        advanced = events.advanced(self, self._changed, self._touched, now) if self._changed else []
+        moved = frozenset(self._changed)
+        advanced = events.advanced(self, moved, self._touched, now) if moved else []
         results = [self.apply_command(cmd, now) for cmd in entry.commands]
         effects = Effects(
             entry.index,
@@ -91,6 +92,7 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
             frozenset(self._changed),
             frozenset(self._touched),
             tuple(advanced),
+            moved,
         )
         self._woken, self._changed, self._touched = Counter(), set(), set()
         return effects

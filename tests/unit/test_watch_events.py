@@ -110,6 +110,16 @@ def test_expired_lease_nacks_then_kills() -> None:
     assert kinds(m) == [("DEAD", job_id, m.applied_index)]
 
 
+def test_a_delayed_job_coming_due_has_no_event() -> None:
+    d, m = driver()
+    d.enqueue(delay_ms=100)
+    d.create("other")
+    m.events.clear()
+    d.tick(advance_ms=100)
+    assert kinds(m) == []
+    assert m.ready_jobs() == 1
+
+
 def test_ttl_expiry_and_job_actions() -> None:
     d, m = driver()
     doomed = d.enqueue(expires_at_ms=d.now + 500)
