@@ -573,6 +573,8 @@ class QueueService(_Base, pbg.QueueServicer):
         finally:
             writer.cancel()
             ended.cancel()
+            if writer.done() and not writer.cancelled():
+                writer.exception()  # seen (it raised the error the stream ended with)
             self.node.watchers.unsubscribe(sub)
 
     async def _watch_writes(
