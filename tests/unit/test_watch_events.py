@@ -120,6 +120,20 @@ def test_a_delayed_job_coming_due_has_no_event() -> None:
     assert m.ready_jobs() == 1
 
 
+def test_a_schedule_tick_enqueues() -> None:
+    d, m = driver()
+    d.create()
+    schedule = pb.Schedule(queue="q", name="s", cron="* * * * *", job=pb.JobSpec(payload=b"t"))
+    d.ok(put_schedule=pb.PutScheduleRequest(schedule=schedule))
+    d.now += 60_000
+    m.events.clear()
+    d.ok(schedule_tick=logpb.ScheduleTick(queue="q", name="s", tick_ms=d.now))
+    [(kind, job_id, index)] = kinds(m)
+    assert kind == "ENQUEUED"
+    assert job_id
+    assert index == m.applied_index
+
+
 def test_ttl_expiry_and_job_actions() -> None:
     d, m = driver()
     doomed = d.enqueue(expires_at_ms=d.now + 500)
