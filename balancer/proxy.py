@@ -88,6 +88,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 handler = grpc.stream_stream_rpc_method_handler(
                     functools.partial(self._stream, route)
                 )
+            elif route.server_stream:
+                handler = grpc.unary_stream_rpc_method_handler(
+                    functools.partial(self._server_stream, route)
+                )
             elif (route.op_field or route.merges) and self.coalescer is not None:
                 handler = grpc.unary_unary_rpc_method_handler(
                     functools.partial(self._coalesced, route)
@@ -203,6 +207,33 @@ class ProxyHandler(grpc.GenericRpcHandler):
             route, requests, context, metadata, context.time_remaining()
         ):
             yield message
+
+    async def _server_stream(
+        self, route: Route, request: bytes, context: Context
+    ) -> AsyncIterator[bytes]:
+        """A ``Watch`` stream, carried to one node picked as for a read, its
+        messages and status passed on unparsed. Not retried: a broken stream
+        ends UNAVAILABLE and the watcher resumes from its last index."""
+        metadata = self._hop_metadata(context)
+        budget = self.backends.config.leader_wait_s
+        address = await self.backends.wait_read((), budget)
+        if address is None:
+            await self._abort_no_target(context, Kind.READ)
+        assert address is not None
+        self._count(address, Kind.READ)
+        stub: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = self.backends.channels[
+            address
+        ].unary_stream(route.method)
+        call = stub(request, metadata=metadata, timeout=context.time_remaining())
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(
+                exc.code(), exc.details() or "", passthrough(exc.trailing_metadata())
+            )
+        finally:
+            call.cancel()
 
     def _hop_metadata(self, context: Context) -> Metadata:
         """The caller's metadata for the node, plus this hop's own keys (the

@@ -20,6 +20,8 @@ the same rules hold for each of them alone. A client's ``Submit`` is sent
 again after a plain ``UNAVAILABLE`` only if every operation is an enqueue
 with an idempotency key. ``Consume`` is a
 stream, carried to the leader message for message (``balancer.streams``).
+``Watch`` is a server stream, carried like a read to any node by weight
+(``Proxy._server_stream``); it is never retried: a watcher resumes itself.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Route:
     merges: bool = False
     #: A bidirectional stream (``Consume``), not a unary call.
     streaming: bool = False
+    #: A server stream (``Watch``): one request, carried to a node as a read.
+    server_stream: bool = False
 
 
 def _always(kind: Kind) -> Callable[[bytes], Kind]:
@@ -131,6 +135,7 @@ _READS = {
     "ListSchedules",
     "NodeStatus",
     "StateDigest",
+    "Watch",
 }
 _CONSISTENT = {
     "GetJob": pb.GetJobRequest,
@@ -146,8 +151,10 @@ _IDEMPOTENT_WRITES = {
 }
 
 
-def _route(service: str, name: str, streaming: bool = False) -> Route:
+def _route(service: str, name: str, streaming: bool = False, server_stream: bool = False) -> Route:
     method = f"/{service}/{name}"
+    if server_stream:
+        return Route(method, name, Kind.READ, _always(Kind.READ), _never, server_stream=True)
     if name in _READS:
         consistent = _CONSISTENT.get(name)
         kind_of = _consistent_leads(consistent) if consistent else _always(Kind.READ)
@@ -173,7 +180,12 @@ ROUTES: dict[str, Route] = {
     route.method: route
     for service in pb.DESCRIPTOR.services_by_name.values()
     for route in (
-        _route(service.full_name, m.name, m.client_streaming and m.server_streaming)
+        _route(
+            service.full_name,
+            m.name,
+            m.client_streaming and m.server_streaming,
+            m.server_streaming and not m.client_streaming,
+        )
         for m in service.methods
     )
 }

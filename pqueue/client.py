@@ -24,6 +24,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
+    Generator,
     Iterable,
     Iterator,
     Mapping,
@@ -41,6 +42,7 @@ from pqueue.errors import (
     NotTakenError,
     PQueueError,
     ResourceExhaustedError,
+    UnavailableError,
 )
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
@@ -637,6 +639,83 @@ class Client:
             if not token:
                 return
 
+    async def watch(
+        self,
+        queues: Iterable[str] = (),
+        *,
+        all_queues: bool = False,
+        job_id: int = 0,
+        from_index: int | None = None,
+        stats_interval_ms: int = 0,
+        also: Sequence[str] = (),
+    ) -> AsyncIterator[pb.WatchEvent]:
+        """Events as the cluster applies them (``Watch``): of ``queues``, of
+        every queue this caller sees (``all_queues``), or of one job
+        (``job_id``, one queue); after ``from_index`` (None: from now).
+
+        Goes on across broken streams: on UNAVAILABLE it reconnects (to the
+        endpoint, then each of ``also`` in turn: other nodes, when the
+        endpoint is a node) and resumes after the last event it gave, by log
+        index, so nothing is missed or given twice. Yields no WATCHING
+        events (they only say where a stream starts). Other errors end it:
+        RESOURCE_EXHAUSTED when it fell behind, FAILED_PRECONDITION when the
+        node no longer keeps the index to resume from.
+        """
+        names = list(queues)
+        endpoints = [self.endpoint, *also]
+        #: Every event of the entries up to here was given (None: unknown yet).
+        after = from_index
+        #: The entry whose events are being given, and how many were.
+        current, given = 0, 0
+        which, failures = 0, 0
+        while True:
+            stubs = self._stubs if which == 0 else self._leader_stubs(endpoints[which])
+            request = pb.WatchRequest(
+                queues=names, all=all_queues, job_id=job_id, stats_interval_ms=stats_interval_ms
+            )
+            if current:
+                request.from_index = current - 1
+            elif after is not None:
+                request.from_index = after
+            skip = given if current else 0
+            call = stubs.queue.Watch(request, metadata=self._metadata)
+            try:
+                async for event in call:
+                    failures = 0
+                    index = event.log_index
+                    if event.kind == pb.WatchEvent.WATCHING:
+                        if after is None:
+                            after = index
+                        continue
+                    if event.kind == pb.WatchEvent.QUEUE_STATS:
+                        if index >= current:
+                            after, current, given = index, 0, 0
+                        yield event
+                        continue
+                    if skip and index == current:
+                        skip -= 1  # given before the stream broke
+                        continue
+                    if index != current:
+                        if current:
+                            after = current  # its events were all given
+                        current, given = index, 0
+                    given += 1
+                    yield event
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if not isinstance(error, UnavailableError) or failures > self.max_retries + len(
+                    endpoints
+                ):
+                    raise error from exc
+                failures += 1
+                self.retries += 1
+                which = (which + 1) % len(endpoints)  # the next node, if named
+                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                continue
+            finally:
+                call.cancel()
+            return  # the server ended the stream (it does not, but if it did: done)
+
     async def redrive(self, queue: str, job_ids: Iterable[int] = ()) -> int:
         """Make dead jobs ready again (all when ``job_ids`` is empty)."""
         req = pb.RedriveRequest(queue=queue, job_ids=list(job_ids))
@@ -858,6 +937,28 @@ class SyncClient:
             token = page.next_page_token
             if not token:
                 return
+
+    def watch(
+        self, queues: Iterable[str] = (), **options: Any
+    ) -> Generator[pb.WatchEvent, None, None]:
+        """``Client.watch``, blocking: each event as it comes (``close()`` it
+        to end the stream early)."""
+        events = self._client.watch(queues, **options)
+
+        async def next_event() -> pb.WatchEvent:
+            return await anext(events)
+
+        async def close() -> None:
+            await events.aclose()  # type: ignore[attr-defined]
+
+        try:
+            while True:
+                try:
+                    yield self._run(next_event())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(close())
 
     redrive = _blocking(Client.redrive)
     delete_dead = _blocking(Client.delete_dead)

@@ -60,4 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from pqueue.cli.client import run_client
 
-    return asyncio.run(run_client(args))
+    try:
+        return asyncio.run(run_client(args))
+    except KeyboardInterrupt:  # Ctrl-C (pq watch, a long poll): no traceback
+        return 130

@@ -1,10 +1,11 @@
 """``pq`` client commands: enqueue, lease, ack, nack, extend, job, jobs,
 stats, queues, queue (create, show, update, pause, resume, delete, purge),
-dead, schedule, cluster status. They import the SDK only."""
+dead, schedule, watch, cluster status. They import the SDK only."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -399,6 +400,67 @@ async def cmd_schedule_resume(c: Client, a: argparse.Namespace) -> Outcome:
     return _schedule_out(s, a), SCHEDULE_COLUMNS
 
 
+def watch_row(event: pb.WatchEvent) -> dict[str, Any]:
+    """One watch event as a flat row (``pq watch``)."""
+    row: dict[str, Any] = {
+        "log_index": event.log_index,
+        "time": render.iso_ms(event.time_ms),
+        "queue": event.queue,
+        "kind": pb.WatchEvent.Kind.Name(event.kind).lower(),
+    }
+    if event.job_id:
+        row.update(
+            job_id=event.job_id,
+            state=render.state_name(event.state),
+            attempt=event.attempt,
+            priority=event.priority,
+        )
+    if event.kind == pb.WatchEvent.COMPLETED:
+        row["result_bytes"] = event.result_bytes
+    if event.reason:
+        row["reason"] = event.reason
+    if event.HasField("stats"):
+        row["stats"] = render.stats_row(event.stats)
+    return row
+
+
+def watch_line(row: dict[str, Any]) -> str:
+    """A row as one line for people: time, index, queue, kind, then the rest."""
+    head = f"{row['time']}  #{row['log_index']}  {row['queue']}  {row['kind'].upper()}"
+    stats = row.get("stats")
+    if stats is not None:
+        keys = ("ready", "delayed", "leased", "dead", "completed")
+        return head + "  " + " ".join(f"{k}={stats.get(k, 0)}" for k in keys)
+    rest = " ".join(
+        f"{k}={v}" for k, v in row.items() if k not in ("time", "log_index", "queue", "kind")
+    )
+    return f"{head}  {rest}".rstrip()
+
+
+async def cmd_watch(c: Client, a: argparse.Namespace) -> Outcome:
+    queues, job_id = list(a.queues), 0
+    if a.job is not None:
+        queues.append(a.job[0])
+        try:
+            job_id = int(a.job[1])
+        except ValueError:
+            raise ValueError(f"--job QUEUE ID: {a.job[1]!r} is not a job id") from None
+    if bool(queues) == a.all:
+        raise ValueError("name queues, or --all, or --job QUEUE ID")
+    events = c.watch(
+        queues,
+        all_queues=a.all,
+        job_id=job_id,
+        from_index=a.from_index,
+        stats_interval_ms=int(a.stats_s * 1000),
+    )
+    async for event in events:
+        row = watch_row(event)
+        line = json.dumps(row) if a.output == "json" else watch_line(row)
+        print(line, flush=True)
+    return None, None
+
+
 async def cmd_cluster_status(c: Client, a: argparse.Namespace) -> Outcome:
     from pqueue.cli.devcluster import cluster_status  # psutil: only when asked
 
@@ -501,6 +563,17 @@ def register(sub: Any) -> None:
     sp.add_argument("--priority", type=int, default=None, help="reprioritize: the new priority")
     sp.add_argument(
         "--ready-at-ms", type=int, default=None, help="reprioritize: the new ready time (epoch ms)"
+    )
+
+    sp = add("watch", cmd_watch, "follow queues' events live (Ctrl-C stops)")
+    sp.add_argument("queues", nargs="*", metavar="QUEUE")
+    sp.add_argument("--all", action="store_true", help="every queue you may see")
+    sp.add_argument("--job", nargs=2, metavar=("QUEUE", "ID"), help="one job's events")
+    sp.add_argument(
+        "--from-index", type=int, default=None, help="replay events of entries after this index"
+    )
+    sp.add_argument(
+        "--stats-s", type=float, default=0, help="each queue's counts this often (at least 1)"
     )
 
     jobs = sub.add_parser("jobs", help="browse a queue's jobs")
@@ -651,5 +724,6 @@ async def run_client(args: argparse.Namespace) -> int:
             code = exc.code if isinstance(exc, RemoteError) else code_of(exc).name
             print(f"error: {code}: {describe(exc)}", file=sys.stderr)
             return 1
-    print(render.emit(data, args.output, columns))
+    if data is not None:  # None: the command printed as it went (pq watch)
+        print(render.emit(data, args.output, columns))
     return 0

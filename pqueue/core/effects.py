@@ -9,10 +9,14 @@ jobs table (PostgreSQL) rewrites the rows in ``changed``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from pqueue.errors import PQueueError
+
+if TYPE_CHECKING:
+    from pqueue.core.events import Event as WatchEvent
 
 #: A command's outcome: its response message, or the error that left nothing changed.
 Result = Message | PQueueError
@@ -34,3 +38,8 @@ class Effects:
     #: The queues those jobs are (or were, for a dropped queue) in: where a
     #: reader finds them without scanning every queue.
     touched: frozenset[str] = frozenset()
+    #: What advancing time did at the start of the entry, as watch events
+    #: (``pqueue.core.events``), taken before the entry's commands ran.
+    advanced: tuple[WatchEvent, ...] = ()
+    #: The jobs advancing time changed (a delayed job come due has no event).
+    advanced_ids: frozenset[int] = frozenset()

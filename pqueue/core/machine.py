@@ -28,7 +28,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from pqueue.core import browse, dispatch, limits
+from pqueue.core import browse, dispatch, events, limits
 from pqueue.core.commands import bind, checked_commands
 from pqueue.core.effects import Effects, Result
 from pqueue.core.features import LIFECYCLE
@@ -82,6 +82,8 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
         if not self.lifecycle and LIFECYCLE in self.features:
             self._start_lifecycle()
         self.advance(now)
+        moved = frozenset(self._changed)
+        advanced = events.advanced(self, moved, self._touched, now) if moved else []
         results = [self.apply_command(cmd, now) for cmd in entry.commands]
         effects = Effects(
             entry.index,
@@ -89,6 +91,8 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
             dict(self._woken),
             frozenset(self._changed),
             frozenset(self._touched),
+            tuple(advanced),
+            moved,
         )
         self._woken, self._changed, self._touched = Counter(), set(), set()
         return effects

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from pqueue.core import features
+from pqueue.core import events, features
 from pqueue.core.effects import Effects
 from pqueue.core.machine import QueueMachine
 from pqueue.core.snapshot import SnapshotView, freeze, restore_chunks
 from pqueue.errors import (
     FeatureUnavailableError,
+    NotTakenError,
     PQueueError,
     UpgradeRequiredError,
 )
@@ -35,6 +36,7 @@ from pqueue.node.mirror import JobsMirror, MirrorStore
 from pqueue.node.peers import PeerTransport
 from pqueue.node.replicated import ClusterConfig, ReplicatedLog
 from pqueue.node.scheduler import Scheduler
+from pqueue.node.watch import Watchers
 from pqueue.storage import Storage
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
@@ -111,6 +113,8 @@ class QueueNode:
         )
         #: Leases waiting for work: ``Lease`` calls and ``Consume`` streams.
         self.long_polls = LongPolls(self)
+        #: ``Watch`` streams and the recent events they resume from.
+        self.watchers = Watchers()
         self._due_changed = asyncio.Event()
         #: One state digest at a time (each reads the whole state).
         self._digesting = asyncio.Lock()
@@ -157,6 +161,7 @@ class QueueNode:
         effects = self.machine.apply_entry(entry)
         if self.mirror is not None:
             self.mirror.observe(effects)
+        self.watchers.publish(entry.index, events.derive(entry, effects, self.machine))
         for name, count in effects.woken.items():
             self.long_polls.wake(name, count)
         self._due_changed.set()
@@ -184,6 +189,7 @@ class QueueNode:
             logger.error("node %s: %s", self.config.node_id, describe(exc))
             raise
         self.machine = machine
+        self.watchers.reset(machine.applied_index)
         if self.mirror is not None:
             self.mirror.notify_restored()
 
@@ -219,6 +225,7 @@ class QueueNode:
         """Stop waiting long polls (they return empty; streams end) and refuse new ones."""
         self.draining = True
         self.long_polls.wake_all()
+        self.watchers.end_all(NotTakenError("node is draining: resume the watch", 0.2))
 
     async def stop(self) -> None:
         """Drain, stop ticking, commit what is pending, release storage."""

@@ -9,7 +9,9 @@ Over 400 lines on purpose: one short method per RPC of two services.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import contextvars
 import functools
 import logging
@@ -20,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from pqueue.core import browse, limits, queue_controls
+from pqueue.core import browse, events, limits, queue_controls
 from pqueue.errors import (
     InvalidArgumentError,
     NotLeaderError,
@@ -36,6 +38,7 @@ from pqueue.node.forward import Forwarder
 from pqueue.node.memory import MemoryBudget
 from pqueue.node.queue_node import QueueNode
 from pqueue.node.quotas import Quotas
+from pqueue.node.watch import Subscription
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
@@ -539,6 +542,116 @@ class QueueService(_Base, pbg.QueueServicer):
             stats, last = self.node.machine.stats_page(scope, after, limit, self.node.clock_ms())
             token = _token(last)
         return pb.StatsResponse(queues=access.show(principal.get(), stats), next_page_token=token)
+
+    async def Watch(  # type: ignore[override]  # writes with context.write, returns None
+        self, request: pb.WatchRequest, context: Context
+    ) -> None:
+        """Events as this node applies them (``pqueue.node.watch``)."""
+        try:
+            principal.set(self.authenticate(context))
+            match, stored = _watch_scope(request)
+            interval_s = request.stats_interval_ms / 1000
+            if interval_s and interval_s < 1:
+                raise InvalidArgumentError("stats_interval_ms", "0 (no stats) or at least 1000")
+            from_index = request.from_index if request.HasField("from_index") else None
+            if self.node.draining:
+                raise NotTakenError("node is draining", retry_after_s=0.2)
+            sub = self.node.watchers.subscribe(match, from_index)
+        except PQueueError as exc:
+            await context.abort_with_status(to_status(exc))
+            return
+        writer = asyncio.create_task(self._watch_writes(sub, stored, interval_s, context))
+        ended = asyncio.create_task(sub.ended.wait())
+        try:
+            # A cut-off ends the stream even while a write waits on the client.
+            await asyncio.wait({writer, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if sub.error is not None:
+                raise sub.error
+            writer.result()
+        except PQueueError as exc:
+            await context.abort_with_status(to_status(exc))
+        finally:
+            writer.cancel()
+            ended.cancel()
+            if writer.done() and not writer.cancelled():
+                writer.exception()  # seen (it raised the error the stream ended with)
+            self.node.watchers.unsubscribe(sub)
+
+    async def _watch_writes(
+        self, sub: Subscription, stored: list[str], interval_s: float, context: Context
+    ) -> None:
+        """Write the watcher's events as they come, and its queues' stats
+        every ``interval_s`` (when caught up); raise the error that ends it."""
+        caller = principal.get()
+        seen: set[str] = set(stored)
+        await context.write(
+            pb.WatchEvent(
+                log_index=sub.after,
+                time_ms=self.node.machine.time_ms,
+                kind=pb.WatchEvent.WATCHING,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        stats_due = loop.time() + interval_s
+        while True:
+            if sub.error is not None:
+                raise sub.error
+            wait = max(0.0, stats_due - loop.time()) if interval_s else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sub.changed.wait(), wait)
+            if sub.error is not None:
+                raise sub.error
+            for taken in sub.take():
+                seen.add(taken.queue)
+                event = taken.to_proto()
+                event.queue = access.shown(caller, taken.queue) or taken.queue
+                await context.write(event)
+            if interval_s and loop.time() >= stats_due and not sub.pending:
+                stats_due = loop.time() + interval_s
+                for name in sorted(seen)[: limits.MAX_LIST_LIMIT]:
+                    queue = self.node.machine.queues.get(name)
+                    shown = access.shown(caller, name)
+                    if queue is None or shown is None:
+                        continue
+                    stats = queue.stats(self.node.clock_ms())
+                    stats.queue = shown
+                    await context.write(
+                        pb.WatchEvent(
+                            log_index=sub.resume_index,
+                            time_ms=self.node.machine.time_ms,
+                            queue=shown,
+                            kind=pb.WatchEvent.QUEUE_STATS,
+                            stats=stats,
+                        )
+                    )
+                if not stored:
+                    seen.clear()
+
+
+def _watch_scope(request: pb.WatchRequest) -> tuple[Callable[[events.Event], bool], list[str]]:
+    """Which events a watch wants (and may see), and the stored names of the
+    queues it names."""
+    caller = principal.get()
+    access.require(caller, PRODUCER, CONSUMER)
+    if request.all and request.queues:
+        raise InvalidArgumentError("queues", "name queues or ask for all, not both")
+    if not request.all and not request.queues:
+        raise InvalidArgumentError("queues", "name at least one queue (or ask for all)")
+    if len(request.queues) > limits.MAX_LIST_LIMIT:
+        raise InvalidArgumentError("queues", f"at most {limits.MAX_LIST_LIMIT}")
+    if request.job_id and len(request.queues) != 1:
+        raise InvalidArgumentError("job_id", "watch one job in exactly one queue")
+    if request.all:
+        if caller is OPEN or ADMIN in caller.roles:
+            return (lambda _: True), []
+        prefix = f"{caller.tenant}/"
+        return (lambda e: e.queue.startswith(prefix)), []
+    stored = [access.scoped(caller, name) for name in request.queues]
+    names = frozenset(stored)
+    if request.job_id:
+        job_id = request.job_id
+        return (lambda e: e.queue in names and e.job_id in (job_id, 0)), stored
+    return (lambda e: e.queue in names), stored
 
 
 class AdminService(_Base, pbg.AdminServicer):

@@ -2456,3 +2456,159 @@ class ConsumeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsumeResponse: _TypeAlias = ConsumeResponse  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUES_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    FROM_INDEX_FIELD_NUMBER: _builtins.int
+    STATS_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    job_id: _builtins.int
+    """Non-zero: only this job's events (with exactly one queue)."""
+    from_index: _builtins.int
+    """Resume: the events of entries after this log index. Unset: from now."""
+    stats_interval_ms: _builtins.int
+    """How often to send each followed queue's QUEUE_STATS (0: none; else at
+    least 1000).
+    """
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The queues to follow; empty with `all` for every queue the caller may see."""
+
+    def __init__(
+        self,
+        *,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        all: _builtins.bool = ...,
+        job_id: _builtins.int = ...,
+        from_index: _builtins.int | None = ...,
+        stats_interval_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_from_index", b"_from_index", "from_index", b"from_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_from_index", b"_from_index", "all", b"all", "from_index", b"from_index", "job_id", b"job_id", "queues", b"queues", "stats_interval_ms", b"stats_interval_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__from_index: _TypeAlias = _typing.Literal["from_index"]  # noqa: Y015
+    _WhichOneofArgType__from_index: _TypeAlias = _typing.Literal["_from_index", b"_from_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__from_index) -> _WhichOneofReturnType__from_index | None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class WatchEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: WatchEvent._Kind.ValueType  # 0
+        ENQUEUED: WatchEvent._Kind.ValueType  # 1
+        LEASED: WatchEvent._Kind.ValueType  # 2
+        COMPLETED: WatchEvent._Kind.ValueType  # 3
+        """Acked or force-completed (`result_bytes`: the result's size)."""
+        NACKED: WatchEvent._Kind.ValueType  # 4
+        """Given back (by a nack or an expired lease) to be retried."""
+        DEAD: WatchEvent._Kind.ValueType  # 5
+        """Went to the dead letters (attempts exhausted, or a nack said so)."""
+        CANCELLED: WatchEvent._Kind.ValueType  # 6
+        EXPIRED: WatchEvent._Kind.ValueType  # 7
+        """Not leased by its expiry (job TTL): now dead."""
+        REQUEUED: WatchEvent._Kind.ValueType  # 8
+        """A dead or finished job made ready again (requeue, redrive)."""
+        REPRIORITIZED: WatchEvent._Kind.ValueType  # 9
+        QUEUE_PAUSED: WatchEvent._Kind.ValueType  # 10
+        QUEUE_RESUMED: WatchEvent._Kind.ValueType  # 11
+        QUEUE_UPDATED: WatchEvent._Kind.ValueType  # 12
+        QUEUE_DELETED: WatchEvent._Kind.ValueType  # 13
+        QUEUE_STATS: WatchEvent._Kind.ValueType  # 14
+        """`stats`: the queue's counts, at most once per `stats_interval_ms`."""
+        WATCHING: WatchEvent._Kind.ValueType  # 15
+        """The first message of every stream: the events of entries after its
+        `log_index` follow (the index to resume from if nothing else comes).
+        """
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: WatchEvent.Kind.ValueType  # 0
+    ENQUEUED: WatchEvent.Kind.ValueType  # 1
+    LEASED: WatchEvent.Kind.ValueType  # 2
+    COMPLETED: WatchEvent.Kind.ValueType  # 3
+    """Acked or force-completed (`result_bytes`: the result's size)."""
+    NACKED: WatchEvent.Kind.ValueType  # 4
+    """Given back (by a nack or an expired lease) to be retried."""
+    DEAD: WatchEvent.Kind.ValueType  # 5
+    """Went to the dead letters (attempts exhausted, or a nack said so)."""
+    CANCELLED: WatchEvent.Kind.ValueType  # 6
+    EXPIRED: WatchEvent.Kind.ValueType  # 7
+    """Not leased by its expiry (job TTL): now dead."""
+    REQUEUED: WatchEvent.Kind.ValueType  # 8
+    """A dead or finished job made ready again (requeue, redrive)."""
+    REPRIORITIZED: WatchEvent.Kind.ValueType  # 9
+    QUEUE_PAUSED: WatchEvent.Kind.ValueType  # 10
+    QUEUE_RESUMED: WatchEvent.Kind.ValueType  # 11
+    QUEUE_UPDATED: WatchEvent.Kind.ValueType  # 12
+    QUEUE_DELETED: WatchEvent.Kind.ValueType  # 13
+    QUEUE_STATS: WatchEvent.Kind.ValueType  # 14
+    """`stats`: the queue's counts, at most once per `stats_interval_ms`."""
+    WATCHING: WatchEvent.Kind.ValueType  # 15
+    """The first message of every stream: the events of entries after its
+    `log_index` follow (the index to resume from if nothing else comes).
+    """
+
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    RESULT_BYTES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    log_index: _builtins.int
+    """The entry that made the change (QUEUE_STATS, WATCHING: the last entry
+    whose events this stream sent). Events of one entry share it, in a fixed order.
+    """
+    time_ms: _builtins.int
+    """The entry's stamped time."""
+    queue: _builtins.str
+    job_id: _builtins.int
+    kind: Global___WatchEvent.Kind.ValueType
+    state: Global___JobState.ValueType
+    """The job's state, attempts and priority after the change."""
+    attempt: _builtins.int
+    priority: _builtins.int
+    result_bytes: _builtins.int
+    reason: _builtins.str
+    """Why a job died or was nacked, when known."""
+    @_builtins.property
+    def stats(self) -> Global___QueueStats: ...
+    def __init__(
+        self,
+        *,
+        log_index: _builtins.int = ...,
+        time_ms: _builtins.int = ...,
+        queue: _builtins.str = ...,
+        job_id: _builtins.int = ...,
+        kind: Global___WatchEvent.Kind.ValueType = ...,
+        state: Global___JobState.ValueType = ...,
+        attempt: _builtins.int = ...,
+        priority: _builtins.int = ...,
+        result_bytes: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        stats: Global___QueueStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "log_index", b"log_index", "priority", b"priority", "queue", b"queue", "reason", b"reason", "result_bytes", b"result_bytes", "state", b"state", "stats", b"stats", "time_ms", b"time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEvent: _TypeAlias = WatchEvent  # noqa: Y015

@@ -85,6 +85,11 @@ class QueueStub:
                 request_serializer=pqueue_dot_v1_dot_queue__pb2.ConsumeRequest.SerializeToString,
                 response_deserializer=pqueue_dot_v1_dot_queue__pb2.ConsumeResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/pqueue.v1.Queue/Watch',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.WatchRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.WatchEvent.FromString,
+                _registered_method=True)
 
 
 class QueueServicer:
@@ -180,6 +185,19 @@ class QueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Follow queues (or one job) live: one event per change, in log order,
+        served by any node from the entries it applied (followers too).
+        Resumable: `from_index` replays the events of later entries the node
+        still keeps (OUT_OF_RANGE names the oldest index it can resume from).
+        A watcher that does not keep up is ended with RESOURCE_EXHAUSTED, the
+        index to resume from in its message ("resume with from_index=N").
+        Needs the producer or consumer role; a tenant sees its own queues.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +250,11 @@ def add_QueueServicer_to_server(servicer, server):
                     servicer.Consume,
                     request_deserializer=pqueue_dot_v1_dot_queue__pb2.ConsumeRequest.FromString,
                     response_serializer=pqueue_dot_v1_dot_queue__pb2.ConsumeResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.WatchRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.WatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -505,6 +528,33 @@ class Queue:
             '/pqueue.v1.Queue/Consume',
             pqueue_dot_v1_dot_queue__pb2.ConsumeRequest.SerializeToString,
             pqueue_dot_v1_dot_queue__pb2.ConsumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pqueue.v1.Queue/Watch',
+            pqueue_dot_v1_dot_queue__pb2.WatchRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,15 @@ class QueueStub:
     drains or stops leading (reconnect: a balancer or follower carries the
     new stream to the leader), and with the status of a bad `start`.
     """
+    Watch: _grpc.UnaryStreamMultiCallable[_queue_pb2.WatchRequest, _queue_pb2.WatchEvent]
+    """Follow queues (or one job) live: one event per change, in log order,
+    served by any node from the entries it applied (followers too).
+    Resumable: `from_index` replays the events of later entries the node
+    still keeps (OUT_OF_RANGE names the oldest index it can resume from).
+    A watcher that does not keep up is ended with RESOURCE_EXHAUSTED, the
+    index to resume from in its message ("resume with from_index=N").
+    Needs the producer or consumer role; a tenant sees its own queues.
+    """
 
 @_typing.type_check_only
 class QueueAsyncStub(QueueStub):
@@ -132,6 +141,15 @@ class QueueAsyncStub(QueueStub):
     settled by any call. The stream ends with UNAVAILABLE when its node
     drains or stops leading (reconnect: a balancer or follower carries the
     new stream to the leader), and with the status of a bad `start`.
+    """
+    Watch: _aio.UnaryStreamMultiCallable[_queue_pb2.WatchRequest, _queue_pb2.WatchEvent]  # type: ignore[assignment]
+    """Follow queues (or one job) live: one event per change, in log order,
+    served by any node from the entries it applied (followers too).
+    Resumable: `from_index` replays the events of later entries the node
+    still keeps (OUT_OF_RANGE names the oldest index it can resume from).
+    A watcher that does not keep up is ended with RESOURCE_EXHAUSTED, the
+    index to resume from in its message ("resume with from_index=N").
+    Needs the producer or consumer role; a tenant sees its own queues.
     """
 
 class QueueServicer(metaclass=_abc_1.ABCMeta):
@@ -238,6 +256,21 @@ class QueueServicer(metaclass=_abc_1.ABCMeta):
         settled by any call. The stream ends with UNAVAILABLE when its node
         drains or stops leading (reconnect: a balancer or follower carries the
         new stream to the leader), and with the status of a bad `start`.
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _queue_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queue_pb2.WatchEvent], _abc.AsyncIterator[_queue_pb2.WatchEvent]]:
+        """Follow queues (or one job) live: one event per change, in log order,
+        served by any node from the entries it applied (followers too).
+        Resumable: `from_index` replays the events of later entries the node
+        still keeps (OUT_OF_RANGE names the oldest index it can resume from).
+        A watcher that does not keep up is ended with RESOURCE_EXHAUSTED, the
+        index to resume from in its message ("resume with from_index=N").
+        Needs the producer or consumer role; a tenant sees its own queues.
         """
 
 def add_QueueServicer_to_server(servicer: QueueServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -96,6 +96,8 @@ def request_caps() -> dict[str, int]:
         _Q + "Submit": limits.MAX_MESSAGE_BYTES,
         # Each message of the stream: a start, credits, and settlements.
         _Q + "Consume": limits.MAX_MESSAGE_BYTES,
+        # Up to 1000 queue names of at most 128 characters after a tenant's.
+        _Q + "Watch": 1000 * 260 + SMALL_REQUEST_BYTES,
         _A + "CreateQueue": DEFAULT_REQUEST_BYTES,
         _A + "DeleteQueue": SMALL_REQUEST_BYTES,
         _A + "ListQueues": SMALL_REQUEST_BYTES,

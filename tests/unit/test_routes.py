@@ -26,7 +26,9 @@ def test_writes_and_leases_lead_and_reads_spread() -> None:
         "ListSchedules",
         "NodeStatus",
         "StateDigest",
+        "Watch",
     }
+    assert ROUTES["/pqueue.v1.Queue/Watch"].server_stream
 
 
 def test_a_consistent_read_goes_to_the_leader() -> None:

@@ -1,0 +1,169 @@
+"""What a log entry did, as ``WatchEvent``s (the ``Watch`` stream's events).
+
+Pure and deterministic: the events of an entry follow from the entry, the
+``Effects`` applying it returned and the state after it, so every replica
+derives the same events in the same order. That is what lets a watcher
+resume on another node from a log index and, by counting the events of that
+index it already has, miss nothing and see nothing twice.
+
+Order within an entry: first what advancing time did (``advanced``, taken
+by the machine right after ``advance``, before the entry's commands), by
+job id; then each command's events in command order; then the jobs a
+command changed without naming them (a redrive, a schedule's tick), by id.
+A delayed job becoming ready, and jobs removed (purged, deleted, pruned)
+have no event of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple, Protocol
+
+from pqueue.core.effects import Effects
+from pqueue.core.jobs import CANCELLED, COMPLETED, DEAD, DELAYED, READY, Job
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+
+WAITING = (READY, DELAYED)
+#: The reason ``_expire`` records on a job not leased by its expiry.
+EXPIRED_REASON = "expired"
+
+
+class Event(NamedTuple):
+    """A ``WatchEvent``'s fields: a tuple is made for every change of every
+    entry on every node (cheap), a message only for a watcher that gets it."""
+
+    log_index: int
+    time_ms: int
+    queue: str
+    job_id: int
+    kind: int
+    state: int = 0
+    attempt: int = 0
+    priority: int = 0
+    result_bytes: int = 0
+    reason: str = ""
+
+    def to_proto(self) -> pb.WatchEvent:
+        return pb.WatchEvent(**self._asdict())
+
+
+K = pb.WatchEvent  # the kinds
+
+
+class Jobs(Protocol):
+    """What derivation reads of the machine."""
+
+    time_ms: int
+
+    def find_job(self, job_id: int, among: Iterable[str] | None = None) -> Job | None: ...
+
+
+def _job_event(
+    kind: int, job: Job, index: int, now: int, result_bytes: int = 0, reason: str = ""
+) -> Event:
+    return Event(
+        index,
+        now,
+        job.queue,
+        job.job_id,
+        kind,
+        job.state,
+        job.attempts,
+        job.priority,
+        result_bytes,
+        reason,
+    )
+
+
+def advanced(jobs: Jobs, changed: Iterable[int], touched: Iterable[str], now: int) -> list[Event]:
+    """The events of what ``advance`` did to the ``changed`` jobs (their
+    state right after it; ``log_index`` is filled in by ``derive``)."""
+    among = list(touched)
+    out = []
+    for job_id in sorted(changed):
+        job = jobs.find_job(job_id, among)
+        if job is None:
+            continue  # pruned
+        last_error = job.errors[-1] if job.errors else None
+        failed_now = last_error is not None and last_error[1] == now
+        if job.state == DEAD:
+            expired = job.reason == EXPIRED_REASON or (not failed_now and not job.reason)
+            kind = K.EXPIRED if expired else K.DEAD
+            out.append(_job_event(kind, job, 0, now, reason=job.reason))
+        elif job.state in WAITING and failed_now and last_error is not None:
+            out.append(_job_event(K.NACKED, job, 0, now, reason=last_error[2]))
+    return out
+
+
+def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
+    """Every event of one applied entry, in order (see the module's doc)."""
+    index, now = effects.index, jobs.time_ms
+    events: list[Event] = [e._replace(log_index=index) for e in effects.advanced]
+    explained: set[int] = set(e.job_id for e in events)
+    touched = effects.touched
+
+    def job(job_id: int) -> Job | None:
+        return jobs.find_job(job_id, touched) if job_id in effects.changed else None
+
+    def add(kind: int, job_id: int, result_bytes: int = 0, reason: str = "") -> None:
+        found = job(job_id)
+        if found is not None:
+            events.append(_job_event(kind, found, index, now, result_bytes, reason))
+            explained.add(job_id)
+
+    for cmd, result in zip(entry.commands, effects.results, strict=False):
+        if isinstance(result, Exception):
+            continue  # refused: nothing changed
+        what = cmd.WhichOneof("kind")
+        if what == "enqueue" and isinstance(result, pb.EnqueueBatchResponse):
+            for one in result.results:
+                if not one.duplicate:
+                    add(K.ENQUEUED, one.job_id)
+        elif what == "lease" and isinstance(result, pb.LeaseResponse):
+            for leased in result.jobs:
+                add(K.LEASED, leased.job_id)
+        elif what == "ack":
+            for lease in cmd.ack.leases:
+                size = len(lease.result)
+                if job(lease.job_id) is not None:
+                    add(K.COMPLETED, lease.job_id, result_bytes=size)
+                else:  # acked and not kept (no records: before LIFECYCLE, completed_max 0)
+                    events.append(
+                        Event(
+                            index, now, cmd.ack.queue, lease.job_id, K.COMPLETED, COMPLETED,
+                            result_bytes=size,
+                        )
+                    )  # fmt: skip
+                    explained.add(lease.job_id)
+        elif what == "nack" and isinstance(result, pb.NackResponse):
+            dead = result.state == DEAD
+            add(K.DEAD if dead else K.NACKED, cmd.nack.job_id, reason=cmd.nack.reason)
+        elif what == "complete_job":
+            add(K.COMPLETED, cmd.complete_job.job_id, result_bytes=len(cmd.complete_job.result))
+        elif what == "cancel_job":
+            add(K.CANCELLED, cmd.cancel_job.job_id)
+        elif what == "requeue_job":
+            add(K.REQUEUED, cmd.requeue_job.job_id)
+        elif what == "reprioritize_job":
+            add(K.REPRIORITIZED, cmd.reprioritize_job.job_id)
+        elif what in _QUEUE_KINDS:
+            queue = getattr(cmd, what).queue
+            events.append(Event(index, now, queue, 0, _QUEUE_KINDS[what]))
+    for job_id in sorted(effects.changed - explained - effects.advanced_ids):
+        found = job(job_id)
+        if found is None or found.state not in WAITING:
+            continue
+        fresh = found.attempts == 0 and found.enqueued_at_ms == now and not found.errors
+        events.append(_job_event(K.ENQUEUED if fresh else K.REQUEUED, found, index, now))
+    return events
+
+
+_QUEUE_KINDS: dict[str, int] = {
+    "pause_queue": K.QUEUE_PAUSED,
+    "resume_queue": K.QUEUE_RESUMED,
+    "update_queue": K.QUEUE_UPDATED,
+    "delete_queue": K.QUEUE_DELETED,
+}
+
+__all__ = ["CANCELLED", "COMPLETED", "Event", "advanced", "derive"]
