@@ -36,8 +36,9 @@ def _host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def auth_state(endpoint: str, **options: Any) -> str:
-    """One startup line on the cluster's auth, from a call without a token."""
+async def auth_state(endpoint: str, **options: Any) -> str | None:
+    """One startup line on the cluster's auth, from a call without a token;
+    None while the cluster does not answer."""
     from pqueue.client import Client
     from pqueue.errors import PermissionDeniedError, PQueueError, UnauthenticatedError
 
@@ -51,11 +52,24 @@ async def auth_state(endpoint: str, **options: Any) -> str:
                 " (or pq web --token)"
             )
         except PQueueError as e:
-            return f"cluster at {endpoint} not reachable yet ({e.message}); serving anyway"
+            log.debug("cluster at %s not reachable: %s", endpoint, e.message)
+            return None
     return (
         f"auth is OFF at the cluster {endpoint}: anyone who reaches this port "
         "can read and change every queue"
     )
+
+
+async def announce_auth(endpoint: str, **options: Any) -> None:
+    """Say whether the cluster's auth is on, once it answers (a cluster
+    starting beside this process may take a few seconds)."""
+    said = False
+    while (state := await auth_state(endpoint, **options)) is None:
+        if not said:
+            log.info("cluster at %s not reachable yet; serving anyway", endpoint)
+            said = True
+        await asyncio.sleep(1.0)
+    (log.warning if "OFF" in state else log.info)(state)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -83,9 +97,11 @@ async def serve(args: argparse.Namespace) -> int:
     bound = server.servers[0].sockets[0].getsockname()[1]
     url = f"http://{host}:{bound}"
     log.info("web: %s (API under /v1/, OpenAPI at /openapi.json) -> %s", url, args.endpoint)
-    state = await auth_state(args.endpoint, tls=options["tls"])
-    (log.warning if "OFF" in state else log.info)(state)
-    await task
+    announcing = asyncio.create_task(announce_auth(args.endpoint, tls=options["tls"]))
+    try:
+        await task
+    finally:
+        announcing.cancel()
     return 0
 
 
