@@ -507,6 +507,9 @@ class Client:
             resp = await self._call(lambda s: s.admin.ListQueues, req, retry=True)
             for info in resp.queues:
                 if info.queue == queue:
+                    # ListQueues takes no min_index: the stats read does, so
+                    # they show this client's own writes (read your writes).
+                    info.stats.CopyFrom((await self.stats(queue))[0])
                     return info
             if not resp.next_page_token:
                 raise NotFoundError(f"queue {queue!r} not found")
