@@ -30,8 +30,9 @@ from tests.deploy.files import (
 )
 
 PQ_SERVICES = sorted(pq_services())
-#: The services that serve gRPC and metrics (a worker is a client: it serves nothing).
-SERVERS = sorted(n for n, s in pq_services().items() if pq_args(s).command != "worker")
+#: The services that serve gRPC and metrics (a worker is a client: it serves
+#: nothing; pq web serves HTTP only, checked by its own tests below).
+SERVERS = sorted(n for n, s in pq_services().items() if pq_args(s).command in ("node", "balancer"))
 
 
 def nodes() -> dict[str, Any]:
@@ -68,11 +69,29 @@ def workers() -> dict[str, Any]:
     return {name: a for name, s in pq_services().items() if (a := pq_args(s)).command == "worker"}
 
 
-def test_the_cluster_is_three_nodes_a_balancer_and_a_worker() -> None:
+def webs() -> dict[str, Any]:
+    """``pq web`` service -> its parsed arguments."""
+    return {name: a for name, s in pq_services().items() if (a := pq_args(s)).command == "web"}
+
+
+def test_the_cluster_is_three_nodes_a_balancer_a_worker_and_the_web() -> None:
     assert sorted(nodes()) == ["n1", "n2", "n3"]
     assert sorted(balancers()) == ["balancer"]
     assert sorted(workers()) == ["worker"]
-    assert len(PQ_SERVICES) == 5, "every service of our image is a node, a balancer or a worker"
+    assert sorted(webs()) == ["web"]
+    assert len(PQ_SERVICES) == 6, "every service of our image is a node, balancer, worker or web"
+
+
+def test_web_talks_to_the_balancer_and_is_published() -> None:
+    """The dashboard and /v1/ API: behind the balancer, on 0.0.0.0, port published."""
+    (name, args), *_ = webs().items()
+    service = services()[name]
+    (bal_name, bal_args), *_ = balancers().items()
+    assert args.endpoint == f"{bal_name}:{host_port(bal_args.listen)[1]}"
+    assert depends_on(service) == {bal_name: "service_healthy"}
+    host, port = host_port(args.listen)
+    assert host == "0.0.0.0", f"{name}: --listen {args.listen} is unreachable from the host"
+    assert published_ports(service) == {port: port}
 
 
 def test_builds_name_existing_dockerfiles() -> None:

@@ -16,7 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tests.deploy.dockerfile import stages
 from tests.deploy.files import DEPLOY, DOCKERFILE, ENTRYPOINT, ROOT
 
-PORTS = {7700, 7701, 9700, 9701}
+#: gRPC (balancer, node), pq web's HTTP, metrics (balancer, node).
+PORTS = {7700, 7701, 7780, 9700, 9701}
 DATA_DIR = "/var/lib/pqueue"
 DOCKERIGNORE = DOCKERFILE.with_name(DOCKERFILE.name + ".dockerignore")
 
@@ -72,6 +73,14 @@ def test_copies_every_package_pyproject_ships() -> None:
     }
     assert packages <= copied, f"not copied into the build: {sorted(packages - copied)}"
     assert {"pyproject.toml", "README.md"} <= copied, "the wheel's metadata needs both"
+
+
+def test_installs_the_web_extra_so_pq_web_runs_in_the_image() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert "web" in extras, "pyproject has no [web] extra"
+    installs = [r.args for s in stages() for r in s.all("RUN") if "pip install" in r.args]
+    assert any(".whl)[web]" in args for args in installs), installs
 
 
 def test_build_context_allows_what_the_dockerfile_copies() -> None:
