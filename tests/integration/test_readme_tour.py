@@ -1,4 +1,5 @@
-"""The README's tour, run verbatim against a real dev cluster.
+"""The README's tour, and its sequel in docs/semantics.md, run verbatim
+against a real dev cluster.
 
 The cluster is the one ``make cluster`` starts (``pq dev-cluster --dir
 .cluster``: three ``pq node`` processes, a balancer and ``pq web``) on free
@@ -6,7 +7,8 @@ ports, in a scratch directory. Each line of every block marked ``<!-- tour
 -->`` runs as written in bash, one at a time, with ``pq`` on the PATH (this
 checkout's CLI) and ``PQ_ENDPOINT`` naming this cluster's balancer, as the
 ``ready:`` line tells users to set it; the only edit is the web address
-``127.0.0.1:7780`` becoming this cluster's. Every line must exit 0; an output
+``127.0.0.1:7780`` becoming this cluster's. Every line must exit 0 (one
+whose comment says ``error: CODE`` must fail with that code); an output
 block right after a tour block must be what the block's last lines print
 (JSON compared field by field, a lease's expiry time aside); and a few lines
 must print what their comments promise.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +40,20 @@ KEY_OUTPUTS = {
 }
 
 
+#: The pages whose tour blocks run, in this order, on one cluster.
+TOUR_PAGES = (markdown.README, markdown.DOCS / "semantics.md")
+
+
 def tour() -> list[tuple[markdown.Block, markdown.Block | None]]:
-    """Each tour block of the README with the output block right after it, if any."""
-    blocks = markdown.blocks(markdown.README)
+    """Each tour block with the output block right after it, if any."""
+    out: list[tuple[markdown.Block, markdown.Block | None]] = []
+    for page in TOUR_PAGES:
+        out += page_tour(page)
+    return out
+
+
+def page_tour(page: Path) -> list[tuple[markdown.Block, markdown.Block | None]]:
+    blocks = markdown.blocks(page)
     out: list[tuple[markdown.Block, markdown.Block | None]] = []
     for i, block in enumerate(blocks):
         if block.marker != TOUR_MARKER:
@@ -81,9 +95,10 @@ def same_lines(expected: list[str], got: list[str]) -> bool:
 
 def test_the_tour_is_marked_and_starts_as_users_start() -> None:
     """The README has tour blocks, with pq and curl lines, after `make cluster`."""
-    blocks = tour()
-    lines = [c.text for b, _ in blocks for c in markdown.shell_lines(b)]
+    blocks = page_tour(markdown.README)
+    lines = [c.text for b, _ in tour() for c in markdown.shell_lines(b)]
     assert len(blocks) >= 2
+    assert len(page_tour(TOUR_PAGES[1])) >= 2
     assert any(x.startswith("pq lease ") for x in lines)
     assert any(x.startswith("curl ") for x in lines)
     assert set(KEY_OUTPUTS) <= {command(x) for x in lines}, "KEY_OUTPUTS names lines not in it"
@@ -129,6 +144,10 @@ async def test_the_readme_tour_runs_verbatim_against_a_dev_cluster(tmp_path: Pat
                 line = cmd.text.replace(DEFAULT_WEB, web)
                 assert DEFAULT_BALANCER not in line, f"{cmd.where()}: rely on PQ_ENDPOINT"
                 ran = await asyncio.to_thread(run, line, work, env)
+                if failing := re.search(r"#.*\berror: ([A-Z_]+)", cmd.text):
+                    assert ran.returncode == 1, f"{cmd.where()}: {cmd.text}: exit 0"
+                    assert f"error: {failing.group(1)}" in ran.stderr, f"{cmd.where()}: {ran}"
+                    continue
                 assert ran.returncode == 0, f"{cmd.where()}: {cmd.text}\n{ran.stderr}"
                 key = command(cmd.text)
                 if key in KEY_OUTPUTS:
