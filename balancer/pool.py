@@ -3,7 +3,7 @@
 Pure: time comes in as ``now_s`` and randomness as a ``Random``, so
 every rule here is unit-tested without a clock, a socket or a sleep.
 
-The weight formula (the README states the same)::
+The weight formula (docs/balancer.md states the same)::
 
     backlog  = in_flight_calls + pending_proposals + apply_lag_entries
     load     = max(cpu_utilization, backlog / (backlog + BACKLOG_HALF))

@@ -652,7 +652,7 @@ class Bench:
 
         timeout = self.timeout(jobs, self.args.snapshot_timeout)
         # A deep state is snapshotted once the log holds a quarter of its
-        # size (README "Durability"): single-job writes alone would take
+        # size (docs/durability.md): single-job writes alone would take
         # minutes to get there at 1M. A second producer sends a batch of
         # 1,000 jobs every 50 ms to another queue meanwhile (with and
         # without the snapshot alike), so the log grows ~2.5 MB/s.

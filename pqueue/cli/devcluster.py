@@ -365,7 +365,7 @@ def _print_ready(nodes: list[_Node], balancer: _Balancer, web: _Web, leader: str
     print(f"ready: export PQ_ENDPOINT={balancer.address}  (Ctrl-C stops the cluster)")
     print(
         "\n*** AUTH IS OFF: this local cluster takes any call from anyone who can reach "
-        "127.0.0.1. See README, Security, for tokens, quotas and TLS. ***"
+        "127.0.0.1. See docs/security.md for tokens, quotas and TLS. ***"
     )
     sys.stdout.flush()
 

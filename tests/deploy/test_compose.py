@@ -189,7 +189,8 @@ def test_healthcheck_asks_the_grpc_port(name: str) -> None:
 
 
 def test_published_ports() -> None:
-    """What the README points at: localhost 7700 (gRPC), 9700 (metrics), 9090, 3000."""
+    """What docs/operations.md ("Deploying") points at: localhost 7700 (gRPC),
+    9700 (metrics), 9090, 3000."""
     (bal_name, bal_args), *_ = balancers().items()
     bal = published_ports(services()[bal_name])
     assert bal == {7700: host_port(bal_args.listen)[1], 9700: host_port(bal_args.metrics_listen)[1]}

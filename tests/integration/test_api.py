@@ -1,4 +1,5 @@
-"""Every RPC over real gRPC, and every error row of README "Errors" a node can produce."""
+"""Every RPC over real gRPC, and every error row of docs/semantics.md "Errors"
+a node can produce."""
 
 from __future__ import annotations
 

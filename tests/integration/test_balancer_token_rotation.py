@@ -1,5 +1,5 @@
 """The balancer's probes carry its token as its file holds it now: rotating
-the file (as the README says to) keeps the nodes probed after the first token
+the file (as docs/security.md says to) keeps the nodes probed after the first token
 expires. Read once at start, the token expired under the balancer and every
 probe was refused (UNAUTHENTICATED), so every node was ejected."""
 

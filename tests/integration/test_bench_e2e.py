@@ -52,7 +52,7 @@ async def test_the_quick_bench_runs_every_cell_and_every_history_check_passes(
             assert cell["error"] == "", where
             history = cell["history"]
             # At 4a25ab1 this fails when the Worker strands its last acks
-            # (left > 0, acks_ok < completed): see README, Benchmarks.
+            # (left > 0, acks_ok < completed): see docs/benchmarks.md.
             assert history["ok"] is True, (where, history)
             assert history["enqueued"] == history["completed"] == cell["jobs"] > 0, where
             assert history["lost"] == history["left"] == history["double_completions"] == 0

@@ -1,6 +1,6 @@
 """The life of a job through a real 3-node cluster: completed records with
 results, force-complete, cancel, requeue and reprioritize, their refusals,
-and every replica in the same state after each (README "The life of a job")."""
+and every replica in the same state after each (docs/semantics.md "The life of a job")."""
 
 from __future__ import annotations
 

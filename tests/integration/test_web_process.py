@@ -1,6 +1,7 @@
-"""The real ``pq web`` process as ``make cluster`` starts it: the README's curl
-examples run as written (against this cluster's web port) and answer what the
-README shows; plain urllib calls reach every kind of answer."""
+"""The real ``pq web`` process as ``make cluster`` starts it: the curl examples
+of docs/http-api.md run as written (against this cluster's web port) and answer
+what the page shows; plain urllib calls reach every kind of answer. (The
+README tour's own curl lines run in tests/integration/test_readme_tour.py.)"""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.docs import markdown
 from tests.integration.test_dev_cluster import dev_cluster, stop, until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = {"lease_expires_at_ms"}
 
 
-def readme_example() -> tuple[str, list[str]]:
-    """The HTTP/JSON API section's curl block and the output block after it."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## HTTP/JSON API\n", 1)[1].split("\n## ", 1)[0]
+def docs_example() -> tuple[str, list[str]]:
+    """docs/http-api.md's first curl block and the output block after it."""
+    section = markdown.section(ROOT / "docs" / "http-api.md", "HTTP/JSON API")
     blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
     (i, (_, script)) = next((i, b) for i, b in enumerate(blocks) if b[0] == "sh")
     _, output = blocks[i + 1]
@@ -57,8 +58,8 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
             return e.code, json.loads(e.read())
 
 
-async def test_the_readme_curl_examples_run_against_the_dev_cluster(tmp_path: Path) -> None:
-    script, expected = readme_example()
+async def test_the_documented_curl_examples_run_against_the_dev_cluster(tmp_path: Path) -> None:
+    script, expected = docs_example()
     assert "127.0.0.1:7780" in script
     proc = await dev_cluster(tmp_path / "c", "--base-port", "0", "--metrics-port", "0")
     try:

@@ -52,7 +52,7 @@ def _bytes_per_job(count: int, build: object) -> float:
 def test_a_waiting_job_costs_under_150_bytes_beyond_its_payload() -> None:
     """Counted by tracemalloc (allocations, not time): the dict slot, the id,
     the row's header and a deque slot; 127 bytes when written. The figure
-    the README's "Capacity" section builds on; an object per job (before
+    the "Capacity" section of docs/operations.md builds on; an object per job (before
     the compact form) cost 493."""
     count = 20_000
 

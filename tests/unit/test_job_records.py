@@ -1,4 +1,4 @@
-"""Completed records and the operator actions on one job (README "The life
+"""Completed records and the operator actions on one job (docs/semantics.md "The life
 of a job"): acked jobs kept with their results, force-complete, cancel,
 requeue, reprioritize, and what each refuses."""
 

@@ -1,4 +1,4 @@
-"""The queue state machine, rule by rule (README "Semantics")."""
+"""The queue state machine, rule by rule (docs/semantics.md)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The state machine against a naive reference model (hypothesis stateful test).
 
 The model keeps jobs in a dict and answers every question by scanning, in the
-plainest reading of README "Semantics" (and of fair sharing between tenants:
-``QueueConfig.shares``; and of README "Queue controls": updates, pause,
+plainest reading of docs/semantics.md "Semantics" (and of fair sharing between tenants:
+``QueueConfig.shares``; and of its "Queue controls": updates, pause,
 ``max_inflight`` and the ``max_dispatch_per_s`` token bucket). The machine,
 with its heaps, lazy deletion and group bookkeeping, must agree with it after
 every step, including after being replaced by a restore of its own snapshot."""
@@ -69,7 +69,7 @@ class MJob:
 
 
 class Model:
-    """README "Semantics" by brute force."""
+    """docs/semantics.md "Semantics" by brute force."""
 
     def __init__(self, config: pb.QueueConfig, lifecycle: bool) -> None:
         self.cfg = config

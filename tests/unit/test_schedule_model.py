@@ -1,7 +1,7 @@
 """Cron schedules in the state machine against a naive reference model
 (hypothesis stateful test, beside tests/unit/test_machine_model.py).
 
-The model reads README "Cron schedules" plainly: a schedule's ticks are
+The model reads docs/semantics.md "Cron schedules" plainly: a schedule's ticks are
 counted from its mark (the later of its last tick and its creation); a tick
 after the mark and not after the entry's time, on an unpaused schedule,
 moves the mark and (unless it skips) enqueues the job keyed by its tick,

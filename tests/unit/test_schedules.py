@@ -1,5 +1,5 @@
 """Cron schedules in the state machine: put, replace, delete, pause, and the
-idempotent ``ScheduleTick`` (README "Cron schedules")."""
+idempotent ``ScheduleTick`` (docs/semantics.md "Cron schedules")."""
 
 from __future__ import annotations
 

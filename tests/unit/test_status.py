@@ -1,4 +1,4 @@
-"""Every domain error survives the trip to a gRPC status and back (README "Errors")."""
+"""Every domain error survives the trip to a gRPC status and back (docs/semantics.md "Errors")."""
 
 from __future__ import annotations
 
