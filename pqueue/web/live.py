@@ -32,7 +32,7 @@ from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.web.auth import bearer
-from pqueue.web.errors import JSONLine, error_body
+from pqueue.web.errors import error_response
 from pqueue.web.html import error_code, error_status
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,6 @@ async def events(request: Request) -> Response:
             raise InvalidArgumentError("job", "a job id, with exactly one queue")
         client = await request.app.state.pool.get(bearer(request))
     except PQueueError as e:
-        code = error_code(e)
-        return JSONLine(error_body(code, e.message), status_code=error_status(e))
+        return error_response(e)
     source = watch_events(client, queues, all_queues, int(job or 0))
     return EventStream(source, request.app.state.streams)
