@@ -134,6 +134,21 @@ def _dead_tools(queue: str) -> str:
     )
 
 
+async def _queue_info(client: Client, queue: str) -> pb.QueueInfo | None:
+    """The queue, or None while it holds nothing yet. ListQueues leaves out
+    queues the caller may not see, so a queue missing there is asked for
+    by name: another tenant's answers PERMISSION_DENIED, which the page shows."""
+    try:
+        return await client.get_queue(queue)
+    except NotFoundError:
+        pass
+    try:
+        await client.stats(queue)
+    except NotFoundError:
+        return None
+    return await client.get_queue(queue)  # made meanwhile
+
+
 async def queue_page(request: Request, client: Client) -> Page:
     queue = _queue(request)
     q = request.query_params
@@ -142,10 +157,7 @@ async def queue_page(request: Request, client: Client) -> Page:
         raise InvalidArgumentError("state", f"one of {', '.join(COUNTS)}")
     min_p, max_p = _int_param(request, "min_priority"), _int_param(request, "max_priority")
     group, page_token = q.get("group", ""), q.get("page_token", "")
-    try:
-        info: pb.QueueInfo | None = await client.get_queue(queue)
-    except NotFoundError:
-        info = None
+    info = await _queue_info(client, queue)
     if info is None:
         inner = (
             f'<p class="note" id="no-queue">No queue <code>{esc(queue)}</code> yet: '
