@@ -21,8 +21,10 @@ import pytest
 if TYPE_CHECKING:
     from selenium.webdriver.chrome.webdriver import WebDriver
 
-CHROMIUM = os.environ.get("PQ_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("PQ_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
+#: Where the browser and its driver are (``PQ_TEST_CHROMIUM``,
+#: ``PQ_TEST_CHROMEDRIVER`` override them).
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
 #: Window size of the screenshots docs/web.md shows.
 WINDOW = (1280, 1000)
 
@@ -40,8 +42,16 @@ FLAGS = (
 )
 
 
+def _paths() -> tuple[str, str]:
+    return (
+        os.environ.get("PQ_TEST_CHROMIUM", CHROMIUM),
+        os.environ.get("PQ_TEST_CHROMEDRIVER", CHROMEDRIVER),
+    )
+
+
 def _missing() -> str:
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+    browser, driver = _paths()
+    for path, package in ((browser, "chromium"), (driver, "chromium-driver")):
         if not (os.path.exists(path) or shutil.which(path)):
             return f"{path} not installed (Debian package {package}; .ci/run installs it)"
     try:
@@ -63,11 +73,12 @@ def chromium(profile: Path) -> Iterator[WebDriver]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    browser, driver_path = _paths()
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = browser
     for flag in (*FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
     try:
         driver.set_page_load_timeout(30)
         yield driver

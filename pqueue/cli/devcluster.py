@@ -348,7 +348,7 @@ def _wait_ready(
 
 def _print_ready(nodes: list[_Node], balancer: _Balancer, web: _Web, leader: str) -> None:
     """The web API's URL, the table of processes, the leader, and the endpoint to export."""
-    print(f"web: http://{web.address}  (dashboard; HTTP/JSON API under /v1/, /openapi.json)")
+    print(f"web: http://{web.address}  (HTTP/JSON API under /v1/, /openapi.json)")
     print(f"balancer: {balancer.address}  (metrics: http://{balancer.metrics}/metrics)\n")
     rows = [
         {
