@@ -66,8 +66,14 @@
     part.innerHTML = await resp.text();
   }
 
-  // At most one fetch of the live part a second, however many events come.
+  // At most one fetch of the live part a second, however many events come;
+  // and one more a while after the last event, as the read behind a fetch
+  // may reach a node a few entries behind the one the events come from.
+  let trailing = null;
+
   function refresh() {
+    clearTimeout(trailing);
+    trailing = setTimeout(() => { refreshNow().catch(refused); }, 1500);
     if (pending) return;
     const wait = Math.max(0, 1000 - (Date.now() - lastFetch));
     pending = setTimeout(() => { refreshNow().catch(refused); }, Math.min(wait, 1000) || 50);
