@@ -117,6 +117,9 @@ async def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 until("ready 2", lambda: text(driver, ".counts [data-stat=ready]") == "2")
                 until("the event", lambda: "ENQUEUED mail" in text(driver, "#event-log"))
                 until("the new row", lambda: "bo@example.com" in text(driver, "table.jobs"))
+                # Rates come from two stats events a second apart, and stay.
+                rate = ".counts [data-rate=enqueued_total]"
+                until("a rate", lambda: text(driver, rate).replace(".", "").isdigit())
                 assert driver.execute_script("return window.notReloaded === true;")
                 shoot(driver, "queue", shots)
 

@@ -64,6 +64,7 @@
     if (part.querySelector("input:checked") || part.contains(document.activeElement)) return;
     const resp = await fetch(part.dataset.fragment, { credentials: "same-origin" });
     part.innerHTML = await resp.text();
+    showRates();
   }
 
   // At most one fetch of the live part a second, however many events come;
@@ -137,6 +138,7 @@
   // ----------------------------------------------------------- events
 
   const rates = {};
+  const perSecond = {};
 
   function age(ms) {
     if (ms <= 0) return "–";
@@ -168,10 +170,22 @@
     if (prev && now - prev.t < 900) return;
     rates[ev.queue] = { t: now, stats: ev.stats };
     if (!prev) return;
-    for (const cell of scope.querySelectorAll("[data-rate]")) {
-      const name = cell.dataset.rate;
-      const per_s = (ev.stats[name] - prev.stats[name]) * 1000 / (now - prev.t);
-      cell.textContent = per_s.toFixed(1);
+    const shown = {};
+    for (const name of ["enqueued_total", "completed_total"]) {
+      shown[name] = ((ev.stats[name] - prev.stats[name]) * 1000 / (now - prev.t)).toFixed(1);
+    }
+    perSecond[ev.queue] = shown;
+    showRates();
+  }
+
+  // The rates the page worked out, again after the live part was fetched anew.
+  function showRates() {
+    for (const [queue, shown] of Object.entries(perSecond)) {
+      const scope = scopeOf(queue);
+      if (!scope) continue;
+      for (const cell of scope.querySelectorAll("[data-rate]")) {
+        if (shown[cell.dataset.rate] !== undefined) cell.textContent = shown[cell.dataset.rate];
+      }
     }
   }
 
