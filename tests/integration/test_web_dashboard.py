@@ -123,6 +123,15 @@ async def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 assert driver.execute_script("return window.notReloaded === true;")
                 shoot(driver, "queue", shots)
 
+                # Pause and resume: the buttons, then the badge from the page's refetch.
+                pause, resume = driver.find_elements(By.CSS_SELECTOR, ".toolbar button")
+                pause.click()
+                until("paused", lambda: text(driver, "#paused") == "paused")
+                assert (await c.stats("mail", consistent=True))[0].paused
+                resume.click()
+                until("not paused", lambda: text(driver, "#paused") == "")
+                assert not (await c.stats("mail", consistent=True))[0].paused
+
                 # The dead letters, then the dead job's page: force-complete it.
                 driver.find_element(By.CSS_SELECTOR, "nav.tabs a[href*='state=dead']").click()
                 until("the dead job", lambda: str(dead_id) in text(driver, "table.jobs"))
@@ -138,7 +147,7 @@ async def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 until("COMPLETED", lambda: text(driver, "#job-state") == "COMPLETED")
                 assert "ok: resent" in text(driver, "#result")
                 shoot(driver, "job", shots)
-                job = await c.get_job("mail", dead_id)
+                job = await c.get_job("mail", dead_id, consistent=True)
                 assert (job.state, job.reason) == (pb.JOB_STATE_COMPLETED, "resent by hand")
 
                 # A refused action says why, on the page: a completed job cannot be cancelled.
