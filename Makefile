@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/pqueue/v1/*.proto)
 # Tests marked slow (soak, long fault runs) are left out of `make test`.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install proto proto-check lint typecheck test test-all cluster bench bench-quick bench-tenants bench-shared bench-scale clean
+.PHONY: install proto proto-check lint typecheck test test-all screenshots cluster bench bench-quick bench-tenants bench-shared bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(VENV)/bin/pytest
+
+# The dashboard's screenshots in docs/img/ (docs/web.md shows them), taken by
+# its browser test in headless Chromium (Debian packages chromium, chromium-driver).
+screenshots: $(STAMP)
+	PQ_SCREENSHOTS=docs/img PQ_TEST_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -q tests/integration/test_web_dashboard.py
 
 # A local cluster (3 nodes; NODES=5 for five) on SQLite under .cluster/, or
 # with STORE=postgres on the PostgreSQL at PG_DSN (schemas pq_n1, pq_n2, ...).

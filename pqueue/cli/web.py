@@ -14,13 +14,17 @@ from typing import Any
 
 log = logging.getLogger("pqueue.web")
 
+#: Seconds open requests (event streams) get to end when the process stops.
+SHUTDOWN_GRACE_S = 1
+
 
 def register(sub: Any) -> None:
     """The ``web`` subparser."""
     p = sub.add_parser(
         "web",
-        help="serve the HTTP/JSON API (/v1/, /openapi.json) in front of the cluster",
-        description="Serve the HTTP/JSON API in front of the cluster at --endpoint. "
+        help="serve the web dashboard and the HTTP/JSON API (/v1/) in front of the cluster",
+        description="Serve the web dashboard (/) and the HTTP/JSON API (/v1/, "
+        "/openapi.json) in front of the cluster at --endpoint. "
         "A request's 'Authorization: Bearer' token is passed on to the cluster; "
         "--token/--token-file (global options) is used for requests without one.",
     )
@@ -85,7 +89,15 @@ async def serve(args: argparse.Namespace) -> int:
     )
     app = build_app(pool)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        # The dashboard's event streams never end on their own: on shutdown,
+        # wait this long for them, then cancel them (which ends their watches).
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -96,7 +108,11 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.02)
     bound = server.servers[0].sockets[0].getsockname()[1]
     url = f"http://{host}:{bound}"
-    log.info("web: %s (API under /v1/, OpenAPI at /openapi.json) -> %s", url, args.endpoint)
+    log.info(
+        "web: %s (dashboard at /, API under /v1/, OpenAPI at /openapi.json) -> %s",
+        url,
+        args.endpoint,
+    )
     announcing = asyncio.create_task(announce_auth(args.endpoint, tls=options["tls"]))
     try:
         await task

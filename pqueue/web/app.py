@@ -4,9 +4,12 @@ Queue names with a tenant (``acme/emails``) go in the path URL-encoded
 (``/v1/queues/acme%2Femails/jobs``): ``EncodedSlashes`` keeps ``%2F`` inside
 its path segment so that routing sees one segment, and the handlers decode it.
 
-Auth: the request's ``Authorization: Bearer`` token is sent on to the cluster;
-a request without one uses the process's own token (``--token``), if any.
-Each token gets its own SDK client (a small LRU of them).
+Auth: the request's ``Authorization: Bearer`` token (or the dashboard's
+sign-in cookie, see ``pqueue.web.auth``) is sent on to the cluster; a request
+without one uses the process's own token (``--token``), if any. Each token
+gets its own SDK client (a small LRU of them, ``pool.ClientPool``).
+
+The dashboard (``pages``, ``queue_pages``, ``live``) is routed here too.
 """
 
 from __future__ import annotations
@@ -14,82 +17,24 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pqueue.cli.render import fields_of, job_row, leased_job_row, payload_fields, state_name
 from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.web.auth import AuthProbe, bearer
 from pqueue.web.errors import JSONLine, error_body, error_response
-from pqueue.wire.tls import Tls
-
-#: SDK clients kept at once, one per distinct bearer token.
-MAX_CLIENTS = 64
-
-
-class ClientPool:
-    """One SDK ``Client`` per bearer token ("" for none), least recently used
-    closed first. Clients are made on first use, on the serving event loop."""
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        token: str | None = None,
-        tls: Tls | None = None,
-        timeout_s: float = 10.0,
-    ) -> None:
-        self.endpoint = endpoint
-        self.token = token or ""
-        self.tls = tls
-        self.timeout_s = timeout_s
-        self._clients: OrderedDict[str, Client] = OrderedDict()
-
-    async def get(self, token: str) -> Client:
-        token = token or self.token
-        client = self._clients.get(token)
-        if client is not None:
-            self._clients.move_to_end(token)
-            return client
-        client = Client(self.endpoint, timeout_s=self.timeout_s, token=token or None, tls=self.tls)
-        self._clients[token] = client
-        while len(self._clients) > MAX_CLIENTS:
-            _, old = self._clients.popitem(last=False)
-            await old.close()
-        return client
-
-    async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), OrderedDict()
-        for client in clients:
-            await client.close()
-
-
-class EncodedSlashes:
-    """ASGI middleware: route on the raw path with ``%2F`` left encoded, so a
-    queue name ``acme%2Femails`` stays one path segment."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = scope.get("raw_path")
-        if scope["type"] == "http" and raw:
-            segments = raw.decode("latin-1").split("/")
-            scope = dict(scope)
-            scope["path"] = "/".join(unquote(s).replace("/", "%2F") for s in segments)
-        await self.app(scope, receive, send)
-
+from pqueue.web.pool import ClientPool as ClientPool
+from pqueue.web.pool import EncodedSlashes
 
 # ------------------------------------------------------------------ requests
 
@@ -103,14 +48,6 @@ def _job_id(request: Request) -> int:
     if not text.isdigit():
         raise InvalidArgumentError("job_id", f"must be a positive integer, got {text!r}")
     return int(text)
-
-
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if header and scheme.lower() != "bearer":
-        raise InvalidArgumentError("Authorization", "only Bearer tokens are taken")
-    return value.strip()
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -219,7 +156,7 @@ def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         pool: ClientPool = request.app.state.pool
         try:
-            client = await pool.get(_bearer(request))
+            client = await pool.get(bearer(request))
             return await handler(request, client)
         except PQueueError as e:
             return error_response(e)
@@ -375,14 +312,23 @@ async def list_dead(request: Request, client: Client) -> Response:
     )
 
 
-async def redrive(request: Request, client: Client) -> Response:
-    body = await _body(request)
+def _job_ids(body: dict[str, Any]) -> list[int]:
     ids = body.get("job_ids") or []
     if not isinstance(ids, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in ids
     ):
         raise InvalidArgumentError("job_ids", "must be a list of job ids")
+    return ids
+
+
+async def redrive(request: Request, client: Client) -> Response:
+    ids = _job_ids(await _body(request))
     return _json({"redriven": await client.redrive(_queue(request), ids)})
+
+
+async def delete_dead(request: Request, client: Client) -> Response:
+    ids = _job_ids(await _body(request))
+    return _json({"deleted": await client.delete_dead(_queue(request), ids)})
 
 
 Q = "/v1/queues/{queue}"
@@ -407,6 +353,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", J + "/reprioritize", reprioritize_job),
     ("GET", Q + "/dead", list_dead),
     ("POST", Q + "/dead/redrive", redrive),
+    ("POST", Q + "/dead/delete", delete_dead),
 ]
 
 
@@ -424,8 +371,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+def dashboard_routes() -> list[Route]:
+    """The dashboard's pages, its event stream and its two static files."""
+    from pqueue.web import live, pages, queue_pages
+
+    page = pages.page
+    return [
+        Route("/", page(pages.queues_page), methods=["GET"]),
+        Route("/cluster", page(pages.cluster_page), methods=["GET"]),
+        Route("/queues/{queue}", page(queue_pages.queue_page), methods=["GET"]),
+        Route("/queues/{queue}/jobs/{job_id}", page(queue_pages.job_page), methods=["GET"]),
+        Route("/events", live.events, methods=["GET"]),
+        Route("/login", pages.login_page, methods=["GET"]),
+        Route("/login", pages.login, methods=["POST"]),
+        Route("/logout", pages.logout, methods=["POST"]),
+        Route("/static/{name}", pages.static, methods=["GET"]),
+    ]
+
+
 def build_app(pool: ClientPool) -> Starlette:
-    """The API app; the pool's clients are closed when the app shuts down."""
+    """The API and the dashboard; the pool's clients are closed when the app
+    shuts down."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -436,11 +402,15 @@ def build_app(pool: ClientPool) -> Starlette:
 
     routes = [Route(path, _endpoint(h), methods=[m]) for m, path, h in ROUTES]
     routes.append(Route("/openapi.json", openapi, methods=["GET"]))
+    routes += dashboard_routes()
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )
     app.state.pool = pool
+    app.state.probe = AuthProbe()
+    #: The open event streams (each holds one watch of the cluster).
+    app.state.streams = set()
     app.add_middleware(EncodedSlashes)
     return app

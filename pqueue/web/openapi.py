@@ -261,6 +261,13 @@ OPS: dict[tuple[str, str], tuple[str, Any, Any, str, list[dict[str, Any]]]] = {
         "200",
         [],
     ),
+    ("POST", "/v1/queues/{queue}/dead/delete"): (
+        "Delete dead jobs for good (every one when job_ids is empty)",
+        _obj({"job_ids": {"type": "array", "items": INT}}),
+        _obj({"deleted": INT}),
+        "200",
+        [],
+    ),
 }
 
 

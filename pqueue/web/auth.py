@@ -1,0 +1,86 @@
+"""Whose token a request acts with, and what the dashboard says about auth.
+
+A request's token: its ``Authorization: Bearer`` header; else the dashboard's
+sign-in cookie (``pq_token``, set by ``POST /login``), taken for reads
+(GET) and for writes that carry the dashboard's own header
+(``X-PQ-Dashboard``, which a cross-site form cannot send); else none, and
+the ``ClientPool`` fills in the process's ``--token``. The cluster checks
+every token: the dashboard only passes it on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from typing import Any
+
+from starlette.requests import Request
+
+from pqueue.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    PQueueError,
+    UnauthenticatedError,
+)
+
+#: The sign-in cookie holding the bearer token.
+COOKIE = "pq_token"
+#: The header the dashboard's own scripts send with their writes.
+DASHBOARD_HEADER = "x-pq-dashboard"
+#: How long an auth probe's answer is kept.
+PROBE_TTL_S = 15.0
+
+
+def bearer(request: Request) -> str:
+    """The request's own token ("" for none)."""
+    header = request.headers.get("authorization", "")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer":
+            raise InvalidArgumentError("Authorization", "only Bearer tokens are taken")
+        return value.strip()
+    if request.method in ("GET", "HEAD") or request.headers.get(DASHBOARD_HEADER):
+        return request.cookies.get(COOKIE, "").strip()
+    return ""
+
+
+def token_claims(token: str) -> dict[str, Any]:
+    """What a JWT says of itself (tenant, roles), read without checking its
+    signature: for display only, the cluster is what checks it. {} if not a JWT."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+class AuthProbe:
+    """Whether the cluster takes calls without a token (auth off), asked with
+    a tokenless call and remembered for ``PROBE_TTL_S``."""
+
+    def __init__(self) -> None:
+        self._answer: bool | None = None
+        self._at = 0.0
+
+    async def auth_on(self, request: Request) -> bool | None:
+        """True: auth on; False: off; None: the cluster did not say."""
+        now = time.monotonic()
+        if self._answer is not None and now - self._at < PROBE_TTL_S:
+            return self._answer
+        client = await request.app.state.pool.anonymous()
+        try:
+            await client.node_status()
+            answer: bool | None = False
+        except (UnauthenticatedError, PermissionDeniedError):
+            answer = True
+        except PQueueError:
+            answer = None
+        if answer is not None:
+            self._answer, self._at = answer, now
+        return answer

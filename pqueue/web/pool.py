@@ -1,0 +1,80 @@
+"""``pq web``'s SDK clients, one per bearer token, and the routing fix for
+queue names with a tenant (``acme%2Fmail``)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from urllib.parse import unquote
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pqueue.client import Client
+from pqueue.wire.tls import Tls
+
+#: SDK clients kept at once, one per distinct bearer token.
+MAX_CLIENTS = 64
+
+
+class ClientPool:
+    """One SDK ``Client`` per bearer token ("" for none), least recently used
+    closed first. Clients are made on first use, on the serving event loop."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        token: str | None = None,
+        tls: Tls | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.token = token or ""
+        self.tls = tls
+        self.timeout_s = timeout_s
+        self._clients: OrderedDict[str, Client] = OrderedDict()
+        self._anonymous: Client | None = None
+
+    async def get(self, token: str) -> Client:
+        token = token or self.token
+        client = self._clients.get(token)
+        if client is not None:
+            self._clients.move_to_end(token)
+            return client
+        client = Client(self.endpoint, timeout_s=self.timeout_s, token=token or None, tls=self.tls)
+        self._clients[token] = client
+        while len(self._clients) > MAX_CLIENTS:
+            _, old = self._clients.popitem(last=False)
+            await old.close()
+        return client
+
+    async def anonymous(self) -> Client:
+        """A client that sends no token at all (to ask whether auth is on)."""
+        if self._anonymous is None:
+            self._anonymous = Client(
+                self.endpoint, timeout_s=min(self.timeout_s, 3.0), max_retries=1, tls=self.tls
+            )
+        return self._anonymous
+
+    async def close(self) -> None:
+        if self._anonymous is not None:
+            await self._anonymous.close()
+            self._anonymous = None
+        clients, self._clients = list(self._clients.values()), OrderedDict()
+        for client in clients:
+            await client.close()
+
+
+class EncodedSlashes:
+    """ASGI middleware: route on the raw path with ``%2F`` left encoded, so a
+    queue name ``acme%2Femails`` stays one path segment."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path")
+        if scope["type"] == "http" and raw:
+            segments = raw.decode("latin-1").split("/")
+            scope = dict(scope)
+            scope["path"] = "/".join(unquote(s).replace("/", "%2F") for s in segments)
+        await self.app(scope, receive, send)

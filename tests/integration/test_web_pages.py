@@ -1,0 +1,160 @@
+"""The dashboard's pages at the ASGI level with a real node behind them:
+every page answers, what the cluster holds is escaped, refusals are shown
+as such, a tenant's token shows its own queues only, and the sign-in cookie
+is taken for reads and for the dashboard's own writes only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+
+from pqueue.client import Client
+from pqueue.node.auth import Verifier, issue
+from pqueue.node.server import NodeServer
+from pqueue.v1 import queue_pb2 as pb
+from pqueue.web.app import ClientPool, build_app
+from pqueue.web.auth import COOKIE, DASHBOARD_HEADER
+from tests.inproc import one_node
+
+SECRET = b"p" * 32
+EVIL = '<script>alert("x")</script>'
+
+
+def signed(token: str) -> dict[str, str]:
+    """The sign-in cookie, as a browser sends it."""
+    return {"Cookie": f"{COOKIE}={token}"}
+
+
+@asynccontextmanager
+async def web(endpoint: str, token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    pool = ClientPool(endpoint, token=token, timeout_s=5.0)
+    transport = httpx.ASGITransport(app=build_app(pool))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://web") as http:
+            yield http
+    finally:
+        await pool.close()
+
+
+async def test_every_page_answers_and_escapes_what_the_cluster_holds(
+    server: NodeServer, client: Client
+) -> None:
+    job_id = (await client.enqueue("acme/mail", EVIL, group='"><b>g</b>')).job_id
+    async with web(server.address) as http:
+        home = await http.get("/")
+        assert home.status_code == 200
+        assert 'href="/queues/acme%2Fmail"' in home.text
+        assert "Auth is OFF" in home.text
+        assert 'data-live="/events?all=1"' in home.text
+
+        queue = await http.get("/queues/acme%2Fmail")
+        assert queue.status_code == 200
+        assert EVIL not in queue.text
+        assert "&lt;script&gt;" in queue.text
+        assert "<b>g</b>" not in queue.text
+        assert f'href="/queues/acme%2Fmail/jobs/{job_id}"' in queue.text
+        assert 'data-live="/events?queue=acme%2Fmail"' in queue.text
+
+        job = await http.get(f"/queues/acme%2Fmail/jobs/{job_id}")
+        assert job.status_code == 200
+        assert EVIL not in job.text
+        assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in job.text
+        assert '<span class="state ready" id="job-state">READY</span>' in job.text
+
+        # The live part alone, as the page's script fetches it again.
+        part = await http.get(f"/queues/acme%2Fmail/jobs/{job_id}", params={"fragment": "1"})
+        assert part.text.startswith('<table class="fields">')
+        assert "<html" not in part.text
+
+        for path in ("/cluster", "/login", "/static/dash.js", "/static/dash.css"):
+            assert (await http.get(path)).status_code == 200, path
+        assert (await http.get("/static/app.py")).status_code == 404
+
+        # A queue not made yet: a page that says so and offers the form.
+        empty = await http.get("/queues/nothing-yet")
+        assert empty.status_code == 200
+        assert 'id="no-queue"' in empty.text
+        assert 'id="submit"' in empty.text
+
+        # Missing things and bad filters are refusals on the page.
+        gone = await http.get("/queues/acme%2Fmail/jobs/999")
+        assert gone.status_code == 404
+        assert "refused: NOT_FOUND" in gone.text
+        bad = await http.get("/queues/acme%2Fmail", params={"state": "lost"})
+        assert bad.status_code == 400
+        assert "refused: INVALID_ARGUMENT" in bad.text
+
+
+async def test_the_dead_letters_list_and_delete(server: NodeServer, client: Client) -> None:
+    await client.create_queue("once", pb.QueueConfig(max_attempts=1))
+    ids = [(await client.enqueue("once", f"j{i}")).job_id for i in range(3)]
+    for job in await client.lease("once", max_jobs=3):
+        await client.nack("once", job.job_id, job.lease_id, reason="boom <b>")
+    async with web(server.address) as http:
+        page = await http.get("/queues/once", params={"state": "dead"})
+        assert page.status_code == 200
+        for job_id in ids:
+            assert f'name="job_id" value="{job_id}"' in page.text
+        assert "boom &lt;b&gt;" in page.text
+        assert "Redrive selected" in page.text
+        r = await http.post("/v1/queues/once/dead/delete", json={"job_ids": ids[:1]})
+        assert r.json() == {"deleted": 1}
+        r = await http.post("/v1/queues/once/dead/redrive", json={"job_ids": ids[1:]})
+        assert r.json() == {"redriven": 2}
+    assert (await client.get_queue("once")).stats.ready == 2
+
+
+async def test_auth_on_a_tenant_sees_its_own_queues_and_refusals_say_so(tmp_path: Path) -> None:
+    acme = issue(SECRET, "acme", ["producer", "consumer"], 600)
+    bolt = issue(SECRET, "bolt", ["producer", "consumer"], 600)
+    async with one_node(tmp_path, verifier=Verifier(SECRET)) as srv:
+        async with Client(srv.address, token=acme) as a, Client(srv.address, token=bolt) as b:
+            await a.enqueue("mail", "for acme")
+            await b.enqueue("invoices", "for bolt")
+        async with web(srv.address) as http:
+            # No token: the page says auth is on and that the cluster wants one.
+            r = await http.get("/")
+            assert r.status_code == 401
+            assert "Auth is on" in r.text
+            assert "no token" in r.text
+            assert "refused: UNAUTHENTICATED" in r.text
+            assert 'href="/login"' in r.text
+
+            # Signed in (the cookie) as acme: acme's queue, not bolt's.
+            r = await http.get("/", headers=signed(acme))
+            assert r.status_code == 200
+            assert "tenant <b>acme</b>" in r.text
+            assert 'href="/queues/mail"' in r.text
+            assert "invoices" not in r.text
+            r = await http.get("/queues/bolt%2Finvoices", headers=signed(acme))
+            assert r.status_code == 403
+            assert "refused: PERMISSION_DENIED" in r.text
+            assert "sees its own queues only" in r.text
+
+            # The cookie is taken for the dashboard's own writes, not for any POST.
+            r = await http.post("/v1/queues/mail/jobs", json={"payload": "x"}, headers=signed(acme))
+            assert r.status_code == 401
+            r = await http.post(
+                "/v1/queues/mail/jobs",
+                json={"payload": "x"},
+                headers={**signed(acme), DASHBOARD_HEADER: "1"},
+            )
+            assert r.status_code == 201
+
+            # Signing in sets the cookie; another site cannot sign you in.
+            r = await http.post("/login", data={"token": bolt})
+            assert r.status_code == 303
+            assert r.cookies[COOKIE] == bolt
+            assert "httponly" in r.headers["set-cookie"].lower()
+            r = await http.post("/login", data={"token": bolt}, headers={"Origin": "http://evil"})
+            assert r.status_code == 403
+        # pq web's own --token: the page says whose it is.
+        async with web(srv.address, token=bolt) as http:
+            r = await http.get("/")
+            assert r.status_code == 200
+            assert "pq web's own --token: tenant <b>bolt</b>" in r.text
+            assert 'href="/queues/invoices"' in r.text
+            assert "/queues/mail" not in r.text
