@@ -37,6 +37,7 @@ from typing import Any
 
 from pqueue.cli import render
 from pqueue.client import Client
+from pqueue.core import features
 from pqueue.errors import PQueueError
 
 
@@ -163,9 +164,18 @@ async def _statuses(
 
 
 async def _balancer_leader(address: str) -> str:
+    """The leader our balancer names, once that leader's log has turned the
+    job lifecycle on ("" before): a new cluster's leader turns it on when it
+    has heard every member announce it, and until then refuses the calls
+    that need it (an ack with a result) with FAILED_PRECONDITION."""
     try:
         async with Client(address, timeout_s=0.5, max_retries=0) as c:
-            return (await c.balancer_status()).leader_address
+            leader = (await c.balancer_status()).leader_address
+        if not leader:
+            return ""
+        async with Client(leader, timeout_s=0.5, max_retries=0) as c:
+            status = await c.node_status()
+        return leader if features.LIFECYCLE in status.log_features else ""
     except PQueueError:
         return ""
 
@@ -348,7 +358,7 @@ def _wait_ready(
 
 def _print_ready(nodes: list[_Node], balancer: _Balancer, web: _Web, leader: str) -> None:
     """The web API's URL, the table of processes, the leader, and the endpoint to export."""
-    print(f"web: http://{web.address}  (HTTP/JSON API under /v1/, /openapi.json)")
+    print(f"web: http://{web.address}  (dashboard; HTTP/JSON API under /v1/, /openapi.json)")
     print(f"balancer: {balancer.address}  (metrics: http://{balancer.metrics}/metrics)\n")
     rows = [
         {

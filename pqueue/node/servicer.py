@@ -892,6 +892,7 @@ class AdminService(_Base, pbg.AdminServicer):
             not_serving=not self.node.serving,
             load=self._load(st),
             features=sorted(self.node.config.features),
+            log_features=sorted(self.node.machine.features),
         )
 
     def __init__(

@@ -2087,6 +2087,7 @@ class NodeStatusResponse(_message.Message):
     NOT_SERVING_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    LOG_FEATURES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     """0 for a single node without replication."""
     address: _builtins.str
@@ -2123,6 +2124,13 @@ class NodeStatusResponse(_message.Message):
         "Upgrades"): a rolling upgrade is done when every node lists the same.
         """
 
+    @_builtins.property
+    def log_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The features the log this node applied has turned on (sorted): those its
+        entries needed so far, and "lifecycle" once the leader heard every member
+        announce it (a new cluster's first seconds, or the end of an upgrade).
+        """
+
     def __init__(
         self,
         *,
@@ -2141,10 +2149,11 @@ class NodeStatusResponse(_message.Message):
         not_serving: _builtins.bool = ...,
         load: Global___NodeLoad | None = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
+        log_features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "commit_index", b"commit_index", "features", b"features", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "node_id", b"node_id", "not_serving", b"not_serving", "peers", b"peers", "pending", b"pending", "role", b"role", "snapshot_index", b"snapshot_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "commit_index", b"commit_index", "features", b"features", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "log_features", b"log_features", "node_id", b"node_id", "not_serving", b"not_serving", "peers", b"peers", "pending", b"pending", "role", b"role", "snapshot_index", b"snapshot_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
