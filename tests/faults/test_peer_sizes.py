@@ -60,6 +60,9 @@ async def test_a_forged_prepare_with_round_2_63_crashes_no_node(cluster: ProcClu
             assert (await c.node_status()).ballot_round < 1000
 
 
+# ~2 min on a loaded 2-core machine; tests/integration/test_peer_sizes.py keeps
+# multi-MiB entries converging in make test.
+@pytest.mark.slow
 async def test_big_entries_keep_each_nodes_memory_bounded(cluster: ProcCluster) -> None:
     leader = await _stable_leader(cluster)
     payload = os.urandom(256 << 10)

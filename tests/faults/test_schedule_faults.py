@@ -10,6 +10,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from pqueue.client import Client
 from pqueue.errors import FailedPreconditionError, PQueueError
 from tests.faults.cluster import ProcCluster, started
@@ -57,6 +59,9 @@ async def same_digest(cluster: ProcCluster, timeout_s: float = 20) -> None:
     raise AssertionError(f"replicas differ: {answers}")
 
 
+# ~40 s; make test keeps tests/integration/test_schedules.py's
+# test_one_job_per_tick_across_a_leader_change (one leader change).
+@pytest.mark.slow
 async def test_one_job_per_tick_with_the_leader_killed_twice(tmp_path: Path) -> None:
     async with started(tmp_path) as cluster:
         async with Client(cluster.endpoint, max_retries=20, timeout_s=5) as c:
