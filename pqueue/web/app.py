@@ -7,7 +7,8 @@ its path segment so that routing sees one segment, and the handlers decode it.
 Auth: the request's ``Authorization: Bearer`` token (or the dashboard's
 sign-in cookie, see ``pqueue.web.auth``) is sent on to the cluster; a request
 without one uses the process's own token (``--token``), if any. Each token
-gets its own SDK client (a small LRU of them, ``pool.ClientPool``).
+gets its own SDK client (a small LRU of them, ``pool.ClientPool``). A write
+that a page of another site sent is refused (``auth.check_same_origin``).
 
 The dashboard (``pages``, ``queue_pages``, ``live``) is routed here too.
 """
@@ -31,7 +32,7 @@ from pqueue.cli.render import fields_of, job_row, leased_job_row, payload_fields
 from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
-from pqueue.web.auth import AuthProbe, bearer
+from pqueue.web.auth import AuthProbe, bearer, check_same_origin
 from pqueue.web.errors import JSONLine, error_body, error_response
 from pqueue.web.pool import ClientPool as ClientPool
 from pqueue.web.pool import EncodedSlashes
@@ -156,6 +157,7 @@ def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         pool: ClientPool = request.app.state.pool
         try:
+            check_same_origin(request)
             client = await pool.get(bearer(request))
             return await handler(request, client)
         except PQueueError as e:

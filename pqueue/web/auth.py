@@ -6,6 +6,11 @@ sign-in cookie (``pq_token``, set by ``POST /login``), taken for reads
 (``X-PQ-Dashboard``, which a cross-site form cannot send); else none, and
 the ``ClientPool`` fills in the process's ``--token``. The cluster checks
 every token: the dashboard only passes it on.
+
+Writes (any method but GET and HEAD) from a page of another site are
+refused (``same_origin``): without a token of their own they would act with
+``--token``, or with no token at all while auth is off, and a form on any
+site the browser visits can post to ``pq web``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import binascii
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
@@ -44,6 +50,26 @@ def bearer(request: Request) -> str:
     if request.method in ("GET", "HEAD") or request.headers.get(DASHBOARD_HEADER):
         return request.cookies.get(COOKIE, "").strip()
     return ""
+
+
+def same_origin(request: Request) -> bool:
+    """False when a browser says the request comes from a page of another
+    origin (its ``Origin`` header, "null" included); True without one (curl,
+    the SDKs, a browser's own navigation)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    if origin == "null":
+        return False
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+def check_same_origin(request: Request) -> None:
+    """Refuse a write that another site's page sent (see ``same_origin``)."""
+    if request.method not in ("GET", "HEAD") and not same_origin(request):
+        raise PermissionDeniedError(
+            f"a write from a page of another site ({request.headers.get('origin')}) is refused"
+        )
 
 
 def token_claims(token: str) -> dict[str, Any]:

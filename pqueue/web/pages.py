@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -21,7 +21,7 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from pqueue.client import Client
 from pqueue.errors import PQueueError
 from pqueue.v1 import queue_pb2 as pb
-from pqueue.web.auth import COOKIE, bearer, token_claims
+from pqueue.web.auth import COOKIE, bearer, same_origin, token_claims
 from pqueue.web.html import age, error_box, error_status, esc, frame, queue_url, table
 
 STATIC = Path(__file__).with_name("static")
@@ -232,13 +232,6 @@ async def cluster_page(request: Request, client: Client) -> Page:
 # ------------------------------------------------------------------ sign in
 
 
-def _same_origin(request: Request) -> bool:
-    origin = request.headers.get("origin")
-    if not origin or origin == "null":
-        return origin is None
-    return urlsplit(origin).netloc == request.headers.get("host", "")
-
-
 async def login_page(request: Request) -> Response:
     signed_in = bool(request.cookies.get(COOKIE))
     body = (
@@ -257,7 +250,7 @@ async def login_page(request: Request) -> Response:
 
 
 async def login(request: Request) -> Response:
-    if not _same_origin(request):
+    if not same_origin(request):
         return HTMLResponse("cross-site sign-in refused", status_code=403)
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
@@ -273,7 +266,7 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    if not _same_origin(request):
+    if not same_origin(request):
         return HTMLResponse("cross-site sign-out refused", status_code=403)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, httponly=True, samesite="strict")

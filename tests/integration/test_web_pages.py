@@ -158,3 +158,36 @@ async def test_auth_on_a_tenant_sees_its_own_queues_and_refusals_say_so(tmp_path
             assert "pq web's own --token: tenant <b>bolt</b>" in r.text
             assert 'href="/queues/invoices"' in r.text
             assert "/queues/mail" not in r.text
+
+
+async def test_another_site_cannot_write_with_pq_webs_own_token(tmp_path: Path) -> None:
+    """A request without a token of its own acts with ``--token`` (or with
+    none, auth off): a form on another site, posted by the browser, must not
+    act with it. Browsers say where such a post comes from (``Origin``)."""
+    bolt = issue(SECRET, "bolt", ["producer", "consumer", "admin"], 600)
+    async with (
+        one_node(tmp_path, verifier=Verifier(SECRET)) as srv,
+        Client(srv.address, token=bolt) as b,
+    ):
+        await b.create_queue("once", pb.QueueConfig(max_attempts=1))
+        await b.enqueue("once", "j")
+        for job in await b.lease("once", max_jobs=1):
+            await b.nack("once", job.job_id, job.lease_id, reason="boom")
+        async with web(srv.address, token=bolt) as http:
+            # A cross-site form (enctype text/plain, no body needed): refused,
+            # nothing deleted or paused.
+            evil = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+            r = await http.post("/v1/queues/once/dead/delete", headers=evil)
+            assert r.status_code == 403
+            assert r.json()["error"]["code"] == "PERMISSION_DENIED"
+            r = await http.post("/v1/queues/once/pause", headers=evil)
+            assert r.status_code == 403
+            r = await http.post("/v1/queues/once/pause", headers={"Origin": "null"})
+            assert r.status_code == 403
+            stats = (await b.stats("once", consistent=True))[0]
+            assert (stats.dead, stats.paused) == (1, False)
+            # The dashboard's own page (same origin) and curl (no Origin) still act.
+            r = await http.post("/v1/queues/once/pause", headers={"Origin": "http://web"})
+            assert (r.status_code, r.json()) == (200, {"changed": True})
+            r = await http.post("/v1/queues/once/dead/delete", json={})
+            assert (r.status_code, r.json()) == (200, {"deleted": 1})
