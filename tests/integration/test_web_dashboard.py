@@ -41,13 +41,20 @@ def until(what: str, check: Callable[[], bool]) -> None:
 
 
 def text(driver: WebDriver, css: str) -> str:
+    """The text of the element ``css`` finds; "" when there is none. One
+    replaced while it is read (the live part fetched anew) is found again:
+    taken for "", it would pass a wait for an element gone (``#paused``)."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    try:
-        return str(driver.find_element(By.CSS_SELECTOR, css).text)
-    except (NoSuchElementException, StaleElementReferenceException):
-        return ""
+    for _ in range(100):
+        try:
+            return str(driver.find_element(By.CSS_SELECTOR, css).text)
+        except NoSuchElementException:
+            return ""
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{css} kept being replaced while read")
 
 
 def shoot(driver: WebDriver, name: str, out: Path) -> None:
