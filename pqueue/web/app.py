@@ -46,7 +46,7 @@ def _queue(request: Request) -> str:
 
 def _job_id(request: Request) -> int:
     text = str(request.path_params["job_id"])
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²" is a digit int() refuses
         raise InvalidArgumentError("job_id", f"must be a positive integer, got {text!r}")
     return int(text)
 

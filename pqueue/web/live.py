@@ -166,7 +166,7 @@ async def events(request: Request) -> Response:
     try:
         if not queues and not all_queues:
             raise InvalidArgumentError("queue", "name a queue (repeatable), or all=1")
-        if job and (not job.isdigit() or len(queues) != 1):
+        if job and (not (job.isascii() and job.isdigit()) or len(queues) != 1):
             raise InvalidArgumentError("job", "a job id, with exactly one queue")
         client = await request.app.state.pool.get(bearer(request))
     except PQueueError as e:

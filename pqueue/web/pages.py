@@ -47,7 +47,8 @@ def _who(token: str, source: str) -> str:
     claims = token_claims(token)
     if not claims:
         return f"{source}: a token"
-    roles = ", ".join(str(r) for r in claims.get("roles", []))
+    roles = claims.get("roles", [])
+    roles = ", ".join(str(r) for r in roles) if isinstance(roles, list) else str(roles)
     return f"{source}: tenant <b>{esc(claims.get('tenant', '?'))}</b> ({esc(roles)})"
 
 

@@ -289,7 +289,7 @@ def _actions(queue: str, job_id: int) -> str:
 async def job_page(request: Request, client: Client) -> Page:
     queue = _queue(request)
     text = str(request.path_params["job_id"])
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²" is a digit int() refuses
         raise InvalidArgumentError("job_id", f"must be a positive integer, got {text!r}")
     job_id = int(text)
     job = await client.get_job(queue, job_id)
