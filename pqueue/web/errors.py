@@ -48,16 +48,25 @@ def error_body(code: str, message: str, field: str = "") -> dict[str, Any]:
     return {"error": inner}
 
 
-def error_response(error: errors.PQueueError) -> JSONResponse:
-    """The HTTP answer for an error the SDK raised (or the request's own check)."""
+def error_code(error: errors.PQueueError) -> str:
+    """The gRPC status name of an SDK error (or of the request's own check)."""
     if isinstance(error, errors.NotLeaderError):
         # The SDK follows leader hints; one that still surfaces is a passing state.
-        code = "UNAVAILABLE"
-    elif isinstance(error, errors.RemoteError):
-        code = error.code
-    else:
-        code = code_of(error).name
-    status = HTTP_STATUS.get(code, 502)
+        return "UNAVAILABLE"
+    if isinstance(error, errors.RemoteError):
+        return error.code
+    return code_of(error).name
+
+
+def error_status(error: errors.PQueueError) -> int:
+    """The HTTP status of a refusal (502 for a status without one)."""
+    return HTTP_STATUS.get(error_code(error), 502)
+
+
+def error_response(error: errors.PQueueError) -> JSONResponse:
+    """The HTTP answer for an error the SDK raised (or the request's own check)."""
+    code = error_code(error)
+    status = error_status(error)
     headers: dict[str, str] = {}
     retry_after = getattr(error, "retry_after_s", 0.0)
     if code == "UNAVAILABLE" or (code == "RESOURCE_EXHAUSTED" and retry_after > 0):

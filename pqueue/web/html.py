@@ -13,9 +13,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from pqueue.cli.render import bytes_preview, iso_ms
-from pqueue.errors import InvalidArgumentError, NotLeaderError, PQueueError, RemoteError
-from pqueue.web.errors import HTTP_STATUS
-from pqueue.wire.status import code_of
+from pqueue.errors import InvalidArgumentError, PQueueError
+from pqueue.web.errors import error_code
 
 #: Bytes of a payload or result a page shows (the rest is cut, and said so).
 PREVIEW_BYTES = 4096
@@ -89,20 +88,6 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, cls: str = "
     if not body:
         body = f'<tr><td colspan="{len(headers)}" class="empty">none</td></tr>'
     return f'<table class="{esc(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def error_code(error: PQueueError) -> str:
-    """The gRPC status name of an SDK error."""
-    if isinstance(error, NotLeaderError):
-        return "UNAVAILABLE"
-    if isinstance(error, RemoteError):
-        return error.code
-    return code_of(error).name
-
-
-def error_status(error: PQueueError) -> int:
-    """The HTTP status a page answers with when the cluster refused its call."""
-    return HTTP_STATUS.get(error_code(error), 502)
 
 
 def error_box(error: PQueueError, what: str = "") -> str:

@@ -32,8 +32,7 @@ from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.web.auth import bearer
-from pqueue.web.errors import error_response
-from pqueue.web.html import error_code, error_status
+from pqueue.web.errors import error_code, error_response, error_status
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from pqueue.client import Client
 from pqueue.errors import PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.web.auth import COOKIE, bearer, same_origin, token_claims
-from pqueue.web.html import age, error_box, error_status, esc, frame, queue_url, table
+from pqueue.web.errors import error_status
+from pqueue.web.html import age, error_box, esc, frame, queue_url, table
 
 STATIC = Path(__file__).with_name("static")
 #: Count columns of a queue's stats, in the order pages show them.
