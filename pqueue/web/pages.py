@@ -43,6 +43,22 @@ class Page(NamedTuple):
 
 PageHandler = Callable[[Request, Client], Awaitable[Page]]
 
+#: Every page's: no framing by another site (which could have the page's
+#: buttons clicked, acting with pq web's --token) and nothing loaded or
+#: posted elsewhere (the pages use only /static/ and same-origin calls).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def html_response(html: str, status: int = 200) -> HTMLResponse:
+    """A page (or a page's fragment) with ``PAGE_HEADERS``."""
+    return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
+
 
 def _who(token: str, source: str) -> str:
     claims = token_claims(token)
@@ -91,7 +107,7 @@ def page(handler: PageHandler) -> Callable[[Request], Awaitable[Response]]:
         except PQueueError as e:
             result = Page("Refused", error_box(e), error_box(e), status=error_status(e))
         if request.query_params.get("fragment"):
-            return HTMLResponse(result.fragment, status_code=result.status)
+            return html_response(result.fragment, result.status)
         html = frame(
             result.title,
             result.body,
@@ -99,7 +115,7 @@ def page(handler: PageHandler) -> Callable[[Request], Awaitable[Response]]:
             live=result.live,
             nav=result.nav,
         )
-        return HTMLResponse(html, status_code=result.status)
+        return html_response(html, result.status)
 
     run.__name__ = handler.__name__
     return run
@@ -248,12 +264,12 @@ async def login_page(request: Request) -> Response:
     if signed_in:
         body += '<form method="post" action="/logout"><button>Sign out</button></form>'
     html = frame("Token", body, auth=await auth_line(request), nav="/login")
-    return HTMLResponse(html)
+    return html_response(html)
 
 
 async def login(request: Request) -> Response:
     if not same_origin(request):
-        return HTMLResponse("cross-site sign-in refused", status_code=403)
+        return html_response("cross-site sign-in refused", 403)
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
     response = RedirectResponse("/", status_code=303)
@@ -269,7 +285,7 @@ async def login(request: Request) -> Response:
 
 async def logout(request: Request) -> Response:
     if not same_origin(request):
-        return HTMLResponse("cross-site sign-out refused", status_code=403)
+        return html_response("cross-site sign-out refused", 403)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, httponly=True, samesite="strict")
     return response

@@ -73,6 +73,15 @@ async def test_every_page_answers_and_escapes_what_the_cluster_holds(
 
         for path in ("/cluster", "/login", "/static/dash.js", "/static/dash.css"):
             assert (await http.get(path)).status_code == 200, path
+        # No page may be framed by another site (whose page could have its
+        # buttons clicked, acting with pq web's --token), nor load scripts
+        # from elsewhere.
+        for path in ("/", "/cluster", "/login", "/queues/acme%2Fmail", "/queues/x/jobs/999"):
+            r = await http.get(path)
+            assert r.headers["x-frame-options"] == "DENY", path
+            csp = r.headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in csp, path
+            assert "default-src 'self'" in csp, path
         assert (await http.get("/static/app.py")).status_code == 404
 
         # A queue not made yet: a page that says so and offers the form.
