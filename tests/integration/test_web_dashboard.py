@@ -130,12 +130,17 @@ async def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 assert driver.execute_script("return window.notReloaded === true;")
                 shoot(driver, "queue", shots)
 
-                # Pause and resume: the buttons, then the badge from the page's refetch.
+                # Pause and resume: the buttons, their answers, then the badge
+                # from the page's refetch. The answer first: a refetch that
+                # reads a node a few entries behind can drop the badge before
+                # the resume was even sent.
                 pause, resume = driver.find_elements(By.CSS_SELECTOR, ".toolbar button")
                 pause.click()
+                until("the pause", lambda: text(driver, "#flash") == "Pause leasing: done")
                 until("paused", lambda: text(driver, "#paused") == "paused")
                 assert (await c.stats("mail", consistent=True))[0].paused
                 resume.click()
+                until("the resume", lambda: text(driver, "#flash") == "Resume: done")
                 until("not paused", lambda: text(driver, "#paused") == "")
                 assert not (await c.stats("mail", consistent=True))[0].paused
 
