@@ -7,6 +7,7 @@ this package. No template engine: the pages are few and small.
 
 from __future__ import annotations
 
+import codecs
 import html
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -69,9 +70,9 @@ def preview(data: bytes) -> str:
     """A payload or result for a ``<pre>``: text when it is printable UTF-8,
     else its size and first bytes in hex; cut at ``PREVIEW_BYTES``."""
     cut = len(data) > PREVIEW_BYTES
-    head = data[:PREVIEW_BYTES]
     try:
-        text = head.decode("utf-8")
+        # Incremental: a character the cut splits is left out, not an error.
+        text = codecs.getincrementaldecoder("utf-8")().decode(data[:PREVIEW_BYTES])
     except UnicodeDecodeError:
         text = None
     shown = text if text is not None and (text.isprintable() or "\n" in text) else None

@@ -221,3 +221,20 @@ async def test_odd_requests_are_refusals_not_crashes(server: NodeServer) -> None
         r = await http.get("/login", headers={"Authorization": f"Bearer {odd}"})
         assert r.status_code == 200
         assert "Auth is OFF" in r.text
+
+
+async def test_a_long_text_payload_is_shown_as_text_cut(server: NodeServer, client: Client) -> None:
+    """The job page shows the first 4 KiB of a payload: a cut in the middle
+    of a character still shows text (and says it was cut), not hex, nor
+    the whole payload."""
+    one_line = "€" * 2000  # 3 bytes each: 4096 falls inside one
+    lines = ("€" * 40 + "\n") * 100
+    async with web(server.address) as http:
+        for payload in (one_line, lines):
+            job_id = (await client.enqueue("long", payload)).job_id
+            page = (await http.get(f"/queues/long/jobs/{job_id}")).text
+            shown = page.split('id="payload">')[1].split("</pre>")[0]
+            size = len(payload.encode())
+            assert shown.startswith("€" * 40), shown[:80]
+            assert shown.endswith(f"({size} bytes in all; first 4096 shown)")
+            assert len(shown.encode()) < 4096 + 100
