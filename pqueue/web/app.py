@@ -34,21 +34,13 @@ from pqueue.errors import InvalidArgumentError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.web.auth import AuthProbe, bearer, check_same_origin
 from pqueue.web.errors import JSONLine, error_body, error_response
+from pqueue.web.params import job_id as _job_id
+from pqueue.web.params import query_int as _query_int
+from pqueue.web.params import queue_name as _queue
 from pqueue.web.pool import ClientPool as ClientPool
 from pqueue.web.pool import EncodedSlashes
 
 # ------------------------------------------------------------------ requests
-
-
-def _queue(request: Request) -> str:
-    return str(request.path_params["queue"]).replace("%2F", "/")
-
-
-def _job_id(request: Request) -> int:
-    text = str(request.path_params["job_id"])
-    if not (text.isascii() and text.isdigit()):  # "²" is a digit int() refuses
-        raise InvalidArgumentError("job_id", f"must be a positive integer, got {text!r}")
-    return int(text)
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -107,16 +99,6 @@ def _bytes(body: dict[str, Any], name: str, required: bool = False) -> bytes:
     if isinstance(value, str):
         return value.encode()
     return json.dumps(value, separators=(",", ":")).encode()
-
-
-def _query_int(request: Request, name: str) -> int | None:
-    text = request.query_params.get(name)
-    if text is None or text == "":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidArgumentError(name, f"must be an integer, got {text!r}") from None
 
 
 # ------------------------------------------------------------------ answers

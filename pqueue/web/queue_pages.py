@@ -26,25 +26,13 @@ from pqueue.web.html import (
     when,
 )
 from pqueue.web.pages import COUNTS, Page, count_cells, live_part, oldest_cell
+from pqueue.web.params import job_id as job_id_of
+from pqueue.web.params import query_int, queue_name
 
 #: Jobs a page of the queue's list shows.
 PAGE_JOBS = 50
 #: Characters of a payload the jobs list shows.
 LIST_PREVIEW = 80
-
-
-def _queue(request: Request) -> str:
-    return str(request.path_params["queue"]).replace("%2F", "/")
-
-
-def _int_param(request: Request, name: str) -> int | None:
-    text = request.query_params.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidArgumentError(name, f"must be an integer, got {text!r}") from None
 
 
 def _short(payload: bytes) -> str:
@@ -150,12 +138,12 @@ async def _queue_info(client: Client, queue: str) -> pb.QueueInfo | None:
 
 
 async def queue_page(request: Request, client: Client) -> Page:
-    queue = _queue(request)
+    queue = queue_name(request)
     q = request.query_params
     state = q.get("state", "ready")
     if state not in COUNTS:
         raise InvalidArgumentError("state", f"one of {', '.join(COUNTS)}")
-    min_p, max_p = _int_param(request, "min_priority"), _int_param(request, "max_priority")
+    min_p, max_p = query_int(request, "min_priority"), query_int(request, "max_priority")
     group, page_token = q.get("group", ""), q.get("page_token", "")
     info = await _queue_info(client, queue)
     if info is None:
@@ -287,11 +275,7 @@ def _actions(queue: str, job_id: int) -> str:
 
 
 async def job_page(request: Request, client: Client) -> Page:
-    queue = _queue(request)
-    text = str(request.path_params["job_id"])
-    if not (text.isascii() and text.isdigit()):  # "²" is a digit int() refuses
-        raise InvalidArgumentError("job_id", f"must be a positive integer, got {text!r}")
-    job_id = int(text)
+    queue, job_id = queue_name(request), job_id_of(request)
     job = await client.get_job(queue, job_id)
     inner = _job_details(job)
     body = (
