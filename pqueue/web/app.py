@@ -140,8 +140,8 @@ def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         pool: ClientPool = request.app.state.pool
         try:
             check_same_origin(request)
-            client = await pool.get(bearer(request))
-            return await handler(request, client)
+            async with pool.use(bearer(request)) as client:
+                return await handler(request, client)
         except PQueueError as e:
             return error_response(e)
 

@@ -20,19 +20,19 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from pqueue.cli.render import fields_of, state_name
-from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.web.auth import bearer
 from pqueue.web.errors import error_code, error_response, error_status
+from pqueue.web.pool import ClientPool
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,27 @@ def sse(data: dict[str, Any], *, event: str = "", id_: int = 0) -> bytes:
 
 
 async def watch_events(
-    client: Client, queues: list[str], all_queues: bool, job_id: int
+    pool: ClientPool, token: str, queues: list[str], all_queues: bool, job_id: int
 ) -> AsyncIterator[bytes]:
-    """The watch's events as server-sent events; a refusal as the last one."""
+    """The watch's events as server-sent events; a refusal as the last one.
+    The token's client is held (``ClientPool.use``) and the watch closed
+    when this ends or is closed."""
     try:
-        async for event in client.watch(
-            queues, all_queues=all_queues, job_id=job_id, stats_interval_ms=STATS_INTERVAL_MS
-        ):
-            yield sse(event_json(event), id_=event.log_index)
+        async with pool.use(token) as client:
+            # Closed here, not left to the garbage collector, when this is
+            # closed while it waits at its yield (a browser gone mid-send).
+            watch = cast(
+                AsyncGenerator[pb.WatchEvent, None],
+                client.watch(
+                    queues,
+                    all_queues=all_queues,
+                    job_id=job_id,
+                    stats_interval_ms=STATS_INTERVAL_MS,
+                ),
+            )
+            async with contextlib.aclosing(watch):
+                async for event in watch:
+                    yield sse(event_json(event), id_=event.log_index)
     except PQueueError as e:
         yield sse(
             {"code": error_code(e), "status": error_status(e), "message": e.message},
@@ -167,8 +180,8 @@ async def events(request: Request) -> Response:
             raise InvalidArgumentError("queue", "name a queue (repeatable), or all=1")
         if job and (not (job.isascii() and job.isdigit()) or len(queues) != 1):
             raise InvalidArgumentError("job", "a job id, with exactly one queue")
-        client = await request.app.state.pool.get(bearer(request))
+        token = bearer(request)
     except PQueueError as e:
         return error_response(e)
-    source = watch_events(client, queues, all_queues, int(job or 0))
+    source = watch_events(request.app.state.pool, token, queues, all_queues, int(job or 0))
     return EventStream(source, request.app.state.streams)

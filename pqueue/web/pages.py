@@ -102,8 +102,8 @@ def page(handler: PageHandler) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         pool = request.app.state.pool
         try:
-            client = await pool.get(bearer(request))
-            result = await handler(request, client)
+            async with pool.use(bearer(request)) as client:
+                result = await handler(request, client)
         except PQueueError as e:
             result = Page("Refused", error_box(e), error_box(e), status=error_status(e))
         if request.query_params.get("fragment"):

@@ -4,6 +4,8 @@ queue names with a tenant (``acme%2Fmail``)."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -16,8 +18,11 @@ MAX_CLIENTS = 64
 
 
 class ClientPool:
-    """One SDK ``Client`` per bearer token ("" for none), least recently used
-    closed first. Clients are made on first use, on the serving event loop."""
+    """One SDK ``Client`` per bearer token ("" for none), at most
+    ``MAX_CLIENTS`` of them, least recently used let go first. Clients are
+    made on first use, on the serving event loop, and taken with ``use``:
+    one let go while a call or an event stream still uses it is closed when
+    the last of them is done, not under them."""
 
     def __init__(
         self,
@@ -32,20 +37,50 @@ class ClientPool:
         self.tls = tls
         self.timeout_s = timeout_s
         self._clients: OrderedDict[str, Client] = OrderedDict()
+        #: Clients in use, and by how many callers.
+        self._users: dict[Client, int] = {}
+        #: Clients let go of while in use: closed when their last user is done.
+        self._retired: set[Client] = set()
         self._anonymous: Client | None = None
 
-    async def get(self, token: str) -> Client:
+    def _take(self, token: str) -> tuple[Client, list[Client]]:
+        """The token's client, counted as used; and the clients to close now
+        (let go of, and used by nobody). No await: nothing runs between."""
         token = token or self.token
         client = self._clients.get(token)
-        if client is not None:
+        if client is None:
+            client = Client(
+                self.endpoint, timeout_s=self.timeout_s, token=token or None, tls=self.tls
+            )
+            self._clients[token] = client
+        else:
             self._clients.move_to_end(token)
-            return client
-        client = Client(self.endpoint, timeout_s=self.timeout_s, token=token or None, tls=self.tls)
-        self._clients[token] = client
+        self._users[client] = self._users.get(client, 0) + 1
+        unused = []
         while len(self._clients) > MAX_CLIENTS:
             _, old = self._clients.popitem(last=False)
-            await old.close()
-        return client
+            if old in self._users:
+                self._retired.add(old)
+            else:
+                unused.append(old)
+        return client, unused
+
+    @asynccontextmanager
+    async def use(self, token: str) -> AsyncIterator[Client]:
+        """The client for ``token`` (the process's ``--token`` for ""),
+        kept open until the block ends."""
+        client, unused = self._take(token)
+        try:
+            for old in unused:
+                await old.close()
+            yield client
+        finally:
+            self._users[client] -= 1
+            if not self._users[client]:
+                del self._users[client]
+                if client in self._retired:
+                    self._retired.discard(client)
+                    await client.close()
 
     async def anonymous(self) -> Client:
         """A client that sends no token at all (to ask whether auth is on)."""
@@ -59,7 +94,8 @@ class ClientPool:
         if self._anonymous is not None:
             await self._anonymous.close()
             self._anonymous = None
-        clients, self._clients = list(self._clients.values()), OrderedDict()
+        clients = [*self._clients.values(), *self._retired]
+        self._clients, self._retired = OrderedDict(), set()
         for client in clients:
             await client.close()
 

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 
 from pqueue.client import Client
 from pqueue.node.auth import Verifier, issue
 from pqueue.node.server import NodeServer
+from pqueue.web import pool
 from pqueue.web.app import ClientPool, build_app
 from tests.inproc import one_node
 
@@ -130,3 +132,33 @@ async def test_a_stream_must_name_what_it_follows(server: NodeServer) -> None:
         assert (r.status_code, r.json()["error"]["field"]) == (400, "queue")
         r = await http.get(f"{url}/events", params={"queue": ["a", "b"], "job": "3"})
         assert (r.status_code, r.json()["error"]["field"]) == (400, "job")
+
+
+async def test_a_stream_outlives_its_client_leaving_the_pool(
+    server: NodeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool keeps one client per token, the least recently used closed
+    first: one an open stream still uses is closed only when it ends, so
+    other tokens' calls do not end someone's live updates."""
+    monkeypatch.setattr(pool, "MAX_CLIENTS", 1)
+    watchers = server.node.watchers.subscriptions
+    async with served(server.address) as (url, app), Client(server.address) as c:
+        async with (
+            httpx.AsyncClient(timeout=10) as http,
+            http.stream(
+                "GET",
+                f"{url}/events",
+                params={"queue": "emails"},
+                headers={"Authorization": "Bearer a"},
+            ) as resp,
+        ):
+            await until(lambda: len(watchers) == 1)
+            # Another token's call: the stream's client leaves the pool.
+            r = await http.get(f"{url}/v1/queues", headers={"Authorization": "Bearer b"})
+            assert r.status_code == 200
+            job_id = (await c.enqueue("emails", "hello")).job_id
+            event = await next_event(resp.aiter_lines())
+            assert event.get("event") != "refused", event
+            assert (event["data"]["kind"], event["data"]["job_id"]) == ("ENQUEUED", job_id)
+        await until(lambda: not app.state.streams and not watchers)
+        assert not app.state.pool._retired  # its client was closed once the stream ended
