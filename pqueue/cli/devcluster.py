@@ -37,7 +37,6 @@ from typing import Any
 
 from pqueue.cli import render
 from pqueue.client import Client
-from pqueue.core import features
 from pqueue.errors import PQueueError
 
 
@@ -168,6 +167,8 @@ async def _balancer_leader(address: str) -> str:
     job lifecycle on ("" before): a new cluster's leader turns it on when it
     has heard every member announce it, and until then refuses the calls
     that need it (an ack with a result) with FAILED_PRECONDITION."""
+    from pqueue.core import features  # a server's module: only dev-cluster loads it
+
     try:
         async with Client(address, timeout_s=0.5, max_retries=0) as c:
             leader = (await c.balancer_status()).leader_address
