@@ -381,7 +381,11 @@ class Client:
         wait_ms: int = 0,
         consumer_id: str = "",
     ) -> list[pb.LeasedJob]:
-        """Lease up to ``max_jobs``, long-polling up to ``wait_ms``."""
+        """Lease up to ``max_jobs``, long-polling up to ``wait_ms``.
+
+        With a wait, a queue that does not exist yet is waited on like an
+        empty one (its first enqueue creates it); without one it is
+        ``NotFoundError``. An empty list when the wait runs out."""
         req = pb.LeaseRequest(
             queue=queue,
             max_jobs=max_jobs,

@@ -69,6 +69,12 @@ STREAM_HEALTHY_S = 1.0
 ODD_ENDS_BEFORE_FALLBACK = 3
 #: How long a closing stream waits for its settles' answers.
 CLOSE_TIMEOUT_S = 5.0
+#: A queue that does not exist yet (a node that answers NOT_FOUND instead of
+#: waiting for it, as nodes before waiting did; a lease with ``wait_ms`` 0):
+#: looked for again after this long, doubling up to the max, so a worker
+#: started before its producers notices the queue within about a second.
+MISSING_QUEUE_MIN_S = 0.1
+MISSING_QUEUE_MAX_S = 1.0
 #: Refusals a worker cannot fix by trying again: they end ``run``.
 _FATAL = (InvalidArgumentError, PermissionDeniedError, UnauthenticatedError)
 
@@ -141,6 +147,8 @@ class Worker:
         self._channel: grpc.aio.Channel | None = None
         #: Streams opened so far (the first, and each reconnect).
         self.streams_opened = 0
+        #: The next look for a queue not created yet (``MISSING_QUEUE_MIN_S``).
+        self._missing_s = MISSING_QUEUE_MIN_S
 
     def stop(self) -> None:
         """Ask the worker to stop; ``run`` returns once it has."""
@@ -237,11 +245,9 @@ class Worker:
             if stream.responses or loop.time() - opened >= STREAM_HEALTHY_S:
                 backoff_s = RECONNECT_MIN_S  # it worked: this is news, not a pattern
             if isinstance(error, NotFoundError):
-                # Not created yet (or dropped when idle): producers create it on
-                # their first enqueue. Look again after the wait a long poll takes.
-                logger.debug("queue %s does not exist yet", self.queue)
-                await self._pause(self.config.wait_ms / 1000)
+                await self._queue_missing()
                 continue
+            self._missing_s = MISSING_QUEUE_MIN_S
             delay_s = max(backoff_s, getattr(error, "retry_after_s", 0.0))
             log = logger.info if error.retriable else logger.warning
             log("stream on %s ended: %s; again in %.1f s", self.queue, describe(error), delay_s)
@@ -314,10 +320,7 @@ class Worker:
         try:
             jobs = call.result()
         except NotFoundError:
-            # Not created yet (or dropped when idle): producers create it on
-            # their first enqueue. Poll again after the wait a long poll takes.
-            logger.debug("queue %s does not exist yet", self.queue)
-            await self._pause(self.config.wait_ms / 1000)
+            await self._queue_missing()
             return []
         except PQueueError as exc:
             logger.warning("lease on %s failed: %s", self.queue, describe(exc))
@@ -325,8 +328,19 @@ class Worker:
                 raise
             await asyncio.sleep(getattr(exc, "retry_after_s", 0.0) or 0.5)
             return []
+        self._missing_s = MISSING_QUEUE_MIN_S
         self.stats.leased += len(jobs)
         return jobs
+
+    async def _queue_missing(self) -> None:
+        """NOT_FOUND: the queue is not created yet (or was dropped when idle);
+        producers create it on their first enqueue. Nodes wait for it on a
+        long poll or a stream; an older one refuses at once, so look again
+        soon (backing off to ``MISSING_QUEUE_MAX_S``), not after a whole
+        ``wait_ms``."""
+        logger.debug("queue %s does not exist yet", self.queue)
+        await self._pause(self._missing_s)
+        self._missing_s = min(self._missing_s * 2, MISSING_QUEUE_MAX_S)
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -143,20 +144,37 @@ async def test_stop_lets_running_handlers_finish(client: Client) -> None:
     assert stats.acked_total == 1
 
 
-async def test_a_worker_waits_for_a_queue_that_does_not_exist_yet(client: Client) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # a stream: the node waits for the queue
+        {"streaming": False},  # long polls: the node waits for the queue
+        {"streaming": False, "wait_ms": 0},  # NOT_FOUND at once: looked for again soon
+    ],
+)
+async def test_a_worker_started_before_its_queue_exists_handles_its_first_job(
+    client: Client, options: dict[str, Any]
+) -> None:
+    handled: list[bytes] = []
     done = asyncio.Event()
 
     async def handler(job: pb.LeasedJob) -> None:
+        handled.append(job.payload)
         done.set()
 
-    worker = Worker(client, "later", handler, config=WorkerConfig(concurrency=1, wait_ms=100))
+    # The default wait (20 s): the worker must not sit out a whole one.
+    config = WorkerConfig(concurrency=1, **options)
+    worker = Worker(client, "later", handler, config=config)
     task = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.3)
-    assert not task.done()  # NOT_FOUND did not end it
+    await asyncio.sleep(0.5)
+    assert not task.done()  # a missing queue did not end it
     await client.enqueue("later", b"x")
-    await asyncio.wait_for(done.wait(), 10)
-    worker.stop()
-    await asyncio.wait_for(task, 10)
+    try:
+        await asyncio.wait_for(done.wait(), 10)  # the old 20 s NOT_FOUND sleep fails this
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert handled == [b"x"]
 
 
 async def test_a_worker_cancelled_mid_poll_leaves_no_call_pending(client: Client) -> None:
