@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -81,6 +82,48 @@ async def test_failing_jobs_become_dead_with_the_exception_text(client: Client) 
         "ValueError: boom 3",
     ]
     assert worker.stats.failed == 3
+
+
+async def test_a_failing_handler_is_logged_once_with_its_traceback_and_hooks_see_each_job(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    await client.create_queue("q", pb.QueueConfig(max_attempts=1))
+    await client.enqueue_batch("q", [pb.JobSpec(payload=b"%d" % i) for i in range(6)])
+    failed: list[tuple[bytes, str]] = []
+    succeeded: list[tuple[bytes, object]] = []
+    done = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> str:
+        if int(job.payload) % 2:
+            raise KeyError(f"no template {job.payload.decode()}")
+        return f"sent {job.payload.decode()}"
+
+    async def on_error(job: pb.LeasedJob, exc: BaseException) -> None:
+        failed.append((job.payload, repr(exc)))
+        if len(failed) + len(succeeded) == 6:
+            done.set()
+
+    def on_success(job: pb.LeasedJob, result: object) -> None:
+        succeeded.append((job.payload, result))
+        if len(failed) + len(succeeded) == 6:
+            done.set()
+
+    caplog.set_level(logging.WARNING, logger="pqueue.worker")
+    config = WorkerConfig(concurrency=1, wait_ms=100)
+    worker = Worker(client, "q", handler, config=config, on_error=on_error, on_success=on_success)
+    await _run_until(worker, done)
+    assert sorted(failed) == [(b"%d" % i, f"KeyError('no template {i}')") for i in (1, 3, 5)]
+    assert sorted(succeeded) == [(b"%d" % i, f"sent {i}") for i in (0, 2, 4)]
+    # Three failures within a minute: one traceback, the others counted.
+    [logged] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logged.levelno == logging.ERROR
+    assert logged.getMessage().startswith("handler failed on job ")
+    assert "KeyError: 'no template " in logged.getMessage()
+    assert logged.exc_info is not None
+    assert "in handler" in caplog.text  # the handler's own frame, in the traceback
+    assert worker.failures.suppressed == 2
+    [stats] = await client.stats("q")
+    assert (stats.acked_total, stats.dead) == (3, 3)
 
 
 async def test_slow_handler_keeps_its_lease_by_extending(client: Client) -> None:
