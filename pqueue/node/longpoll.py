@@ -49,7 +49,7 @@ class LeaseHost(Protocol):
     #: The clock the leader stamps entries with (Unix ms).
     clock_ms: Callable[[], int]
 
-    def propose(self, command: logpb.Command) -> Awaitable[Message]: ...
+    def propose_indexed(self, command: logpb.Command) -> Awaitable[tuple[Message, int]]: ...
 
 
 class Waiter:
@@ -168,7 +168,9 @@ class LongPolls:
             if due_s == 0:
                 req.max_jobs = min(wanted(), limits.MAX_LEASE_JOBS)
                 try:
-                    result = await host.propose(logpb.Command(lease=req, limits=bound))
+                    result, index = await host.propose_indexed(
+                        logpb.Command(lease=req, limits=bound)
+                    )
                 except NotFoundError:
                     if not waits:
                         raise
@@ -181,6 +183,7 @@ class LongPolls:
                 assert isinstance(result, pb.LeaseResponse)
                 if result.jobs:
                     self._pass_on(queue)
+                    result.log_index = index  # read your writes: your own lease
                     return result
                 first_in_line = True  # beaten to it: keep our place in line
                 if host.machine.has_ready(queue) and (due_s := self._dispatch_due_s(queue)) > 0:

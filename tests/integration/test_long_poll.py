@@ -86,13 +86,13 @@ async def test_one_job_wakes_one_waiter_not_all(server: NodeServer, client: Clie
     polls = [asyncio.create_task(client.lease("q", wait_ms=2000)) for _ in range(8)]
     await asyncio.sleep(0.3)
     proposed: list[str | None] = []
-    propose = server.node.propose
+    propose = server.node.propose_indexed
 
-    async def counting_propose(command: logpb.Command) -> Message:
+    async def counting_propose(command: logpb.Command) -> tuple[Message, int]:
         proposed.append(command.WhichOneof("kind"))
         return await propose(command)
 
-    server.node.propose = counting_propose  # type: ignore[method-assign]
+    server.node.propose_indexed = counting_propose  # type: ignore[method-assign]
     await client.enqueue("q", b"one")
     results = await asyncio.gather(*polls)
     # One lease for one job: no herd of waiters each proposing an empty lease.
