@@ -296,6 +296,8 @@ class Worker:
             except PQueueError as exc:
                 return exc
             self.stats.leased += len(jobs)
+            # Read your writes: the client's reads wait for these leases too.
+            self.client.last_log_index = max(self.client.last_log_index, stream.last_log_index)
             for job in jobs:
                 if self._stopping.is_set():
                     await self._release_unstarted(job)

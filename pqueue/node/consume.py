@@ -470,7 +470,9 @@ class _Stream:
                 self.pushed += len(response.jobs)
                 for job in response.jobs:
                     job.queue = self.named
-                self.emit((pb.ConsumeResponse(jobs=response.jobs), False))
+                self.emit(
+                    (pb.ConsumeResponse(jobs=response.jobs, log_index=response.log_index), False)
+                )
             elif node.draining:
                 self.end(NotTakenError("node is draining", retry_after_s=0.2))
                 return

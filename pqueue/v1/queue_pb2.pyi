@@ -2442,8 +2442,13 @@ class ConsumeResponse(_message.Message):
     JOBS_FIELD_NUMBER: _builtins.int
     SETTLE_ID_FIELD_NUMBER: _builtins.int
     SETTLED_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     settle_id: _builtins.int
     """With `settled`: which request's `settle` these results answer."""
+    log_index: _builtins.int
+    """With `jobs`: the log index of the entry that leased them (read your
+    writes, as LeaseResponse.log_index).
+    """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeasedJob]:
         """Jobs leased to this consumer (each used one credit), in lease order."""
@@ -2458,10 +2463,11 @@ class ConsumeResponse(_message.Message):
         jobs: _abc.Iterable[Global___LeasedJob] | None = ...,
         settle_id: _builtins.int = ...,
         settled: _abc.Iterable[Global___OpResult] | None = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "settle_id", b"settle_id", "settled", b"settled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "log_index", b"log_index", "settle_id", b"settle_id", "settled", b"settled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -199,10 +199,12 @@ async def test_a_worker_started_before_its_queue_exists_handles_its_first_job(
     client: Client, options: dict[str, Any]
 ) -> None:
     handled: list[bytes] = []
+    indexes: list[int] = []
     done = asyncio.Event()
 
     async def handler(job: pb.LeasedJob) -> None:
         handled.append(job.payload)
+        indexes.append(client.last_log_index)
         done.set()
 
     # The default wait (20 s): the worker must not sit out a whole one.
@@ -211,13 +213,14 @@ async def test_a_worker_started_before_its_queue_exists_handles_its_first_job(
     task = asyncio.create_task(worker.run())
     await asyncio.sleep(0.5)
     assert not task.done()  # a missing queue did not end it
-    await client.enqueue("later", b"x")
+    sent = await client.enqueue("later", b"x")
     try:
         await asyncio.wait_for(done.wait(), 10)  # the old 20 s NOT_FOUND sleep fails this
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
     assert handled == [b"x"]
+    assert indexes[0] > sent.log_index  # the lease is a write the client's reads wait for
 
 
 async def test_a_worker_cancelled_mid_poll_leaves_no_call_pending(client: Client) -> None:
