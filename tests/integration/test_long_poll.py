@@ -8,6 +8,8 @@ Time bounds here are deliberately loose: they tell "woke on the event" from
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -177,3 +179,28 @@ async def test_waiting_for_a_queue_not_created_yet_still_checks_whose_it_is(
             await p.enqueue("later", b"x")
             [job] = await asyncio.wait_for(poll, timeout=10)
             assert job.payload == b"x"
+
+
+async def test_pq_lease_with_a_wait_on_a_queue_not_created_yet_waits_for_its_job(
+    server: NodeServer, client: Client
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "pqueue.cli", "--endpoint", server.address, "-o", "json"),
+        *("lease", "newq", "--wait-ms", str(LONG_WAIT_MS)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(20):
+            while server.node.long_polls.lines() != {"newq": 1}:  # it waits, no NOT_FOUND
+                assert proc.returncode is None
+                await asyncio.sleep(0.05)
+        sent = await client.enqueue("newq", b"hello")
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    [job] = json.loads(out)
+    assert job["job_id"] == sent.job_id
