@@ -157,6 +157,17 @@ class Client:
     per operation. ``enqueue_batch`` and ``ack_many`` are always their own
     atomic call. An older server without ``Submit`` is detected once
     (nothing ran) and answered single calls from then on.
+
+    ``read_your_writes`` (on by default): every read this client makes
+    (``stats``, ``get_job``, ``get_queue``, ``list_queues``, ``list_jobs``,
+    ``iter_jobs``, ``list_dead``, ``list_schedules``) carries the log index
+    of its own latest write (an enqueue, ack, lease, queue change...) as
+    ``min_index``, so whichever node answers (a balancer spreads reads over
+    followers) has applied it: a client never reads state older than its
+    own writes. Another client's writes may still be missing from the
+    answer; for that, ``consistent=True`` reads at the leader. A node that
+    has not caught up within 5 s answers UNAVAILABLE (retriable; reads are
+    retried). ``last_log_index`` is the index reads wait for.
     """
 
     def __init__(
@@ -381,7 +392,11 @@ class Client:
         wait_ms: int = 0,
         consumer_id: str = "",
     ) -> list[pb.LeasedJob]:
-        """Lease up to ``max_jobs``, long-polling up to ``wait_ms``."""
+        """Lease up to ``max_jobs``, long-polling up to ``wait_ms``.
+
+        With a wait, a queue that does not exist yet is waited on like an
+        empty one (its first enqueue creates it); without one it is
+        ``NotFoundError``. An empty list when the wait runs out."""
         req = pb.LeaseRequest(
             queue=queue,
             max_jobs=max_jobs,
@@ -477,7 +492,8 @@ class Client:
 
     async def list_queues(self) -> list[pb.QueueInfo]:
         """Every queue the caller may see, with its config and stats (read a page at a time)."""
-        return await self._pages(lambda s: s.admin.ListQueues, pb.ListQueuesRequest())
+        req = pb.ListQueuesRequest(min_index=self._min_index())
+        return await self._pages(lambda s: s.admin.ListQueues, req)
 
     async def _pages(
         self,
@@ -502,13 +518,13 @@ class Client:
     async def get_queue(self, queue: str) -> pb.QueueInfo:
         """One queue's config and stats (``NotFoundError`` if the caller sees
         no such queue). Read from ``ListQueues``, a page at a time until found."""
-        req = pb.ListQueuesRequest(limit=1000)
+        req = pb.ListQueuesRequest(limit=1000, min_index=self._min_index())
         while True:
             resp = await self._call(lambda s: s.admin.ListQueues, req, retry=True)
             for info in resp.queues:
                 if info.queue == queue:
-                    # ListQueues takes no min_index: the stats read does, so
-                    # they show this client's own writes (read your writes).
+                    # A node older than ListQueues' min_index ignores it: the
+                    # stats read takes it everywhere (read your writes).
                     info.stats.CopyFrom((await self.stats(queue))[0])
                     return info
             if not resp.next_page_token:

@@ -198,6 +198,8 @@ class ConsumeStream:
         #: Responses read; jobs pushed beyond the credits (a node's fault).
         self.responses = 0
         self.beyond_credits = 0
+        #: The highest log index of a lease pushed (read your writes).
+        self.last_log_index = 0
 
     @property
     def ended_unasked(self) -> bool:
@@ -344,6 +346,7 @@ class ConsumeStream:
                             beyond,
                         )
                     self._batches.append(list(response.jobs))
+                    self.last_log_index = max(self.last_log_index, response.log_index)
                     self._arrived.set()
                 if response.settled or response.settle_id:
                     self._answer(response.settle_id, response.settled)

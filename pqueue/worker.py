@@ -17,6 +17,13 @@
   one ``Ack``; by calls, acks finishing in the same loop turn share one);
   nacks with the exception text on failure (the queue's backoff applies;
   a ``JobFailed``'s message is the reason as it is).
+- Logs a failing handler at ERROR with its traceback, at most one per
+  ``failure_log_interval_s`` (the rest counted, and the count told with
+  the next one); calls the hooks ``on_success(job, result)`` and
+  ``on_error(job, exc)`` after each ack or nack (``pqueue.hooks``).
+- A queue that does not exist yet is waited for: the node parks a stream
+  or long poll on it until its first enqueue (an older node's NOT_FOUND is
+  retried within ``MISSING_QUEUE_MAX_S``).
 - ``stop()`` (or SIGTERM/SIGINT under ``run_until_signal``) stops taking jobs,
   lets running handlers finish within ``shutdown_grace_s``, and releases the
   rest (a release: no attempt counted, no error recorded) so another worker
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +57,8 @@ from pqueue.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
+from pqueue.hooks import FailureLog, OnError, OnSuccess, call_hook
+from pqueue.hooks import JobFailed as JobFailed
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.logs import describe
 from pqueue.wire.status import from_op_status
@@ -69,13 +79,14 @@ STREAM_HEALTHY_S = 1.0
 ODD_ENDS_BEFORE_FALLBACK = 3
 #: How long a closing stream waits for its settles' answers.
 CLOSE_TIMEOUT_S = 5.0
+#: A queue that does not exist yet (a node that answers NOT_FOUND instead of
+#: waiting for it, as nodes before waiting did; a lease with ``wait_ms`` 0):
+#: looked for again after this long, doubling up to the max, so a worker
+#: started before its producers notices the queue within about a second.
+MISSING_QUEUE_MIN_S = 0.1
+MISSING_QUEUE_MAX_S = 1.0
 #: Refusals a worker cannot fix by trying again: they end ``run``.
 _FATAL = (InvalidArgumentError, PermissionDeniedError, UnauthenticatedError)
-
-
-class JobFailed(Exception):
-    """Raised by a handler: nack the job with this message as its reason, as
-    it is (other exceptions' reasons are prefixed with their type's name)."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +103,17 @@ class WorkerConfig:
     #: Consume on a stream (falling back to long polls against a node that
     #: serves none); False: long polls.
     streaming: bool = True
+    #: A failing handler's traceback is logged at most once per this long;
+    #: the failures in between are counted (0: every one).
+    failure_log_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if self.prefetch < 0 or self.lease_ms < 3 or self.wait_ms < 0:
             raise ValueError("prefetch, lease_ms and wait_ms must be positive")
+        if self.failure_log_interval_s < 0:
+            raise ValueError("failure_log_interval_s must not be negative")
 
 
 @dataclass
@@ -112,7 +128,24 @@ class WorkerStats:
 
 
 class Worker:
-    """Runs ``handler`` on jobs of ``queue`` with bounded concurrency."""
+    """Runs ``handler`` on jobs of ``queue`` with bounded concurrency.
+
+    ``on_success(job, result)`` and ``on_error(job, exc)``, sync or async,
+    are called after each job's ack or nack was sent (``pqueue.hooks``): to
+    report errors to a tracker, count jobs, or test a handler. A hook that
+    raises is logged and changes nothing. Failing handlers are also logged
+    at ERROR with their traceback, rate-limited
+    (``WorkerConfig.failure_log_interval_s``)::
+
+        async def handle(job: pb.LeasedJob) -> None:
+            await send_email(json.loads(job.payload))
+
+        def report(job: pb.LeasedJob, exc: BaseException) -> None:
+            sentry_sdk.capture_exception(exc)
+
+        worker = Worker(client, "emails", handle, on_error=report)
+        await worker.run_until_signal()
+    """
 
     def __init__(
         self,
@@ -122,11 +155,17 @@ class Worker:
         concurrency: int = 4,
         *,
         config: WorkerConfig | None = None,
+        on_success: OnSuccess | None = None,
+        on_error: OnError | None = None,
     ) -> None:
         self.client = client
         self.queue = queue
         self.handler = handler
         self.config = config or WorkerConfig(concurrency=concurrency)
+        self.on_success = on_success
+        self.on_error = on_error
+        #: Failing handlers, logged with a traceback at most once per interval.
+        self.failures = FailureLog(queue, self.config.failure_log_interval_s, time.monotonic)
         self.stats = WorkerStats()
         self._active: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
@@ -141,6 +180,8 @@ class Worker:
         self._channel: grpc.aio.Channel | None = None
         #: Streams opened so far (the first, and each reconnect).
         self.streams_opened = 0
+        #: The next look for a queue not created yet (``MISSING_QUEUE_MIN_S``).
+        self._missing_s = MISSING_QUEUE_MIN_S
 
     def stop(self) -> None:
         """Ask the worker to stop; ``run`` returns once it has."""
@@ -237,11 +278,9 @@ class Worker:
             if stream.responses or loop.time() - opened >= STREAM_HEALTHY_S:
                 backoff_s = RECONNECT_MIN_S  # it worked: this is news, not a pattern
             if isinstance(error, NotFoundError):
-                # Not created yet (or dropped when idle): producers create it on
-                # their first enqueue. Look again after the wait a long poll takes.
-                logger.debug("queue %s does not exist yet", self.queue)
-                await self._pause(self.config.wait_ms / 1000)
+                await self._queue_missing()
                 continue
+            self._missing_s = MISSING_QUEUE_MIN_S
             delay_s = max(backoff_s, getattr(error, "retry_after_s", 0.0))
             log = logger.info if error.retriable else logger.warning
             log("stream on %s ended: %s; again in %.1f s", self.queue, describe(error), delay_s)
@@ -257,6 +296,8 @@ class Worker:
             except PQueueError as exc:
                 return exc
             self.stats.leased += len(jobs)
+            # Read your writes: the client's reads wait for these leases too.
+            self.client.last_log_index = max(self.client.last_log_index, stream.last_log_index)
             for job in jobs:
                 if self._stopping.is_set():
                     await self._release_unstarted(job)
@@ -314,10 +355,7 @@ class Worker:
         try:
             jobs = call.result()
         except NotFoundError:
-            # Not created yet (or dropped when idle): producers create it on
-            # their first enqueue. Poll again after the wait a long poll takes.
-            logger.debug("queue %s does not exist yet", self.queue)
-            await self._pause(self.config.wait_ms / 1000)
+            await self._queue_missing()
             return []
         except PQueueError as exc:
             logger.warning("lease on %s failed: %s", self.queue, describe(exc))
@@ -325,8 +363,19 @@ class Worker:
                 raise
             await asyncio.sleep(getattr(exc, "retry_after_s", 0.0) or 0.5)
             return []
+        self._missing_s = MISSING_QUEUE_MIN_S
         self.stats.leased += len(jobs)
         return jobs
+
+    async def _queue_missing(self) -> None:
+        """NOT_FOUND: the queue is not created yet (or was dropped when idle);
+        producers create it on their first enqueue. Nodes wait for it on a
+        long poll or a stream; an older one refuses at once, so look again
+        soon (backing off to ``MISSING_QUEUE_MAX_S``), not after a whole
+        ``wait_ms``."""
+        logger.debug("queue %s does not exist yet", self.queue)
+        await self._pause(self._missing_s)
+        self._missing_s = min(self._missing_s * 2, MISSING_QUEUE_MAX_S)
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
@@ -349,17 +398,20 @@ class Worker:
                 heartbeat.cancel()
                 self._handler_done(streamed)
                 self.stats.failed += 1
+                self.failures.failed(job, exc)
                 # The reason names the type, as a traceback's last line does.
                 if isinstance(exc, JobFailed):
                     reason = str(exc)
                 else:
                     reason = f"{type(exc).__name__}: {exc}" if str(exc) else describe(exc)
                 await self._give_back(job, None, reason)
+                await call_hook("on_error", self.on_error, job, exc)
             else:
                 heartbeat.cancel()
                 self._handler_done(streamed)
                 if await self._ack(job, _result_of(returned, job)):
                     self.stats.acked += 1
+                await call_hook("on_success", self.on_success, job, returned)
         finally:
             heartbeat.cancel()
 

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +17,18 @@ from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import Storage
 from pqueue.storage.sqlite import SqliteStorage
+from pqueue.testing import lifecycle_on as lifecycle_on
+from pqueue.testing import started_node
 from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenSource
+
+#: One node alone: ``pqueue.testing.started_node``, the one users test against.
+one_node = started_node
 
 
 def node_tokens(key: bytes, ttl_s: float = 600) -> Callable[[int], str]:
     """Each node's own peer token (``sub`` ``node:<id>``), for ``Cluster(peer_token=...)``."""
     return lambda i: issue(key, "cluster", [PEER], ttl_s, subject=node_subject(i))
-
-
-@contextlib.asynccontextmanager
-async def one_node(root: Path, **config: Any) -> AsyncIterator[NodeServer]:
-    """One node on 127.0.0.1:0 with SQLite under ``root``; ``config``: more
-    ``ServerConfig`` fields (verifier, quotas, ...). Stopped on the way out."""
-    srv = NodeServer(
-        SqliteStorage(root / "n1"), ServerConfig(listen="127.0.0.1:0", grace_s=0.5, **config)
-    )
-    await srv.start()
-    try:
-        await lifecycle_on(srv)
-        yield srv
-    finally:
-        await srv.stop()
-
-
-async def lifecycle_on(srv: NodeServer, timeout_s: float = 10.0) -> None:
-    """Wait until a node alone has switched the lifecycle feature on (its
-    first entry), so a test's own entries are the ones it counts."""
-    if features.LIFECYCLE not in srv.node.config.features:
-        return
-    deadline = time.monotonic() + timeout_s
-    while not srv.node.machine.lifecycle:
-        if time.monotonic() > deadline:
-            raise AssertionError("the node never switched the lifecycle feature on")
-        await asyncio.sleep(0.02)
 
 
 class Cluster:

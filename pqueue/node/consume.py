@@ -5,9 +5,10 @@ credits and settles jobs on the same stream while the node pushes jobs.
 
 - **Opened** once authenticated (by the servicer, once per stream): the
   ``start`` is checked as ``Lease`` checks its fields (role ``consumer``, the
-  name scoped to the tenant, ``lease_ms``, ``consumer_id``; a queue the leader
-  knows does not exist is NOT_FOUND). A bad one ends the stream with its
-  status. The token is checked again every second while the stream lives.
+  name scoped to the tenant, ``lease_ms``, ``consumer_id``). A queue that
+  does not exist yet is waited for like an empty one: its producer's first
+  enqueue wakes the stream. A bad start ends the stream with its status.
+  The token is checked again every second while the stream lives.
 - **Pushes.** A task leases through the node's long-poll path
   (``LongPolls.lease``): the ``lease`` log command, with its fencing, expiry,
   attempts, priority order, tenant fairness and quotas, exactly as ``Lease``.
@@ -19,7 +20,7 @@ credits and settles jobs on the same stream while the node pushes jobs.
   waits behind a parked lease; at most ``MAX_SETTLES`` run at once (then
   reading waits, and HTTP/2 flow control holds the consumer back).
 - **Ends.** The consumer half-closes (OK); a bad request (INVALID_ARGUMENT);
-  the queue is gone (NOT_FOUND); the token lapses (UNAUTHENTICATED); the
+  the token lapses (UNAUTHENTICATED); the
   node drains or stops leading (UNAVAILABLE, within ``WATCH_INTERVAL_S``).
   Reading stops first, running settles are answered (for up to
   ``END_GRACE_S``), then the status goes out: an UNAVAILABLE carries
@@ -43,7 +44,6 @@ import grpc
 from pqueue.core import limits
 from pqueue.errors import (
     InvalidArgumentError,
-    NotFoundError,
     NotLeaderError,
     NotTakenError,
     PQueueError,
@@ -180,9 +180,8 @@ class Consumers:
             raise InvalidArgumentError(f"start.{exc.field}", exc.reason) from exc
         limits.check_duration(start.lease_ms, "start.lease_ms")
         limits.check_text(start.consumer_id, "start.consumer_id")
-        machine = self.node.machine
-        if stored not in machine.queues and await self.node.long_polls.surely_unknown(stored):
-            raise NotFoundError(f"queue {stored!r} not found")
+        # A queue not created yet is waited for like an empty one (its
+        # producer's first enqueue wakes the stream): ``LongPolls.lease``.
         return _Stream(self, context, start, stored)
 
     async def _relay(self, requests: AsyncIterator[pb.ConsumeRequest], context: Context) -> None:
@@ -471,7 +470,9 @@ class _Stream:
                 self.pushed += len(response.jobs)
                 for job in response.jobs:
                     job.queue = self.named
-                self.emit((pb.ConsumeResponse(jobs=response.jobs), False))
+                self.emit(
+                    (pb.ConsumeResponse(jobs=response.jobs, log_index=response.log_index), False)
+                )
             elif node.draining:
                 self.end(NotTakenError("node is draining", retry_after_s=0.2))
                 return

@@ -12,7 +12,10 @@ queue's waiters wait. A queue with ``max_dispatch_per_s`` whose bucket is
 empty keeps one timer, set for when the next lease's worth is due
 (``QueueMachine.next_dispatch_ms``), that wakes its first waiter: waiters
 neither spin nor sleep through a token. A drain wakes them all (they
-return empty).
+return empty). A queue that does not exist yet is waited on like an empty
+one: lines are keyed by stored name, and the entry that creates the queue
+with a job (the first enqueue auto-creates it) reports it woken like any
+enqueue.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class LeaseHost(Protocol):
     #: The clock the leader stamps entries with (Unix ms).
     clock_ms: Callable[[], int]
 
-    def propose(self, command: logpb.Command) -> Awaitable[Message]: ...
+    def propose_indexed(self, command: logpb.Command) -> Awaitable[tuple[Message, int]]: ...
 
 
 class Waiter:
@@ -121,7 +124,13 @@ class LongPolls:
         Wakes on an enqueue, a delayed job coming due, or an expired lease (all
         of which make a job ready through an applied entry). Returns an empty
         response when the wait ends (a proposal already made is seen
-        through) or the node drains; never fails for lack of work. ``want``:
+        through) or the node drains; never fails for lack of work. A queue
+        that does not exist (yet) is waited for like an empty one when the
+        call waits at all (``wait_ms`` > 0, or a stream): workers may start
+        before producers create their queue. Only a lease that does not
+        wait is refused NOT_FOUND (at once, without a log entry, when the
+        leader can tell). The caller has checked the name is the caller's
+        to use (its tenant's, its role) before it comes here. ``want``:
         how many jobs to lease, read again before each proposal (default
         ``req.max_jobs``).
         """
@@ -130,16 +139,24 @@ class LongPolls:
         deadline = None if stop is not None else loop.time() + req.wait_ms / 1000
         wanted = want or (lambda: max(req.max_jobs, 1))
         empty = pb.LeaseResponse()
+        #: A long poll or a stream: a missing queue is waited for, not refused.
+        waits = stop is not None or req.wait_ms > 0
         first_in_line = False
         parked = False
         while True:
             if host.draining or (stop is not None and stop.done()):
                 return empty
             queue = req.queue
-            if queue not in host.machine.queues and await self.surely_unknown(queue):
+            if queue not in host.machine.queues and waits:
+                # A queue not created yet waits like an empty one: the entry
+                # that creates it with a job (a producer's first enqueue)
+                # wakes this line, by the stored name the lease was scoped to.
+                limits.check_queue_name(queue)
+                due_s = -1.0
+            elif queue not in host.machine.queues and await self.surely_unknown(queue):
                 limits.check_queue_name(queue)  # the log's answer, without a log entry
                 raise NotFoundError(f"queue {queue!r} not found")
-            if queue not in host.machine.queues:
+            elif queue not in host.machine.queues:
                 due_s = 0.0  # the log answers NOT_FOUND (or leases, if it came)
             elif host.machine.has_ready(queue):
                 due_s = self._dispatch_due_s(queue)
@@ -151,13 +168,22 @@ class LongPolls:
             if due_s == 0:
                 req.max_jobs = min(wanted(), limits.MAX_LEASE_JOBS)
                 try:
-                    result = await host.propose(logpb.Command(lease=req, limits=bound))
+                    result, index = await host.propose_indexed(
+                        logpb.Command(lease=req, limits=bound)
+                    )
+                except NotFoundError:
+                    if not waits:
+                        raise
+                    # Deleted (or dropped when idle) while we proposed: wait
+                    # for it to come back, as for a queue not created yet.
+                    result = empty
                 except BaseException:
                     self._pass_on(queue)  # we may hold a wake-up: hand it on
                     raise
                 assert isinstance(result, pb.LeaseResponse)
                 if result.jobs:
                     self._pass_on(queue)
+                    result.log_index = index  # read your writes: your own lease
                     return result
                 first_in_line = True  # beaten to it: keep our place in line
                 if host.machine.has_ready(queue) and (due_s := self._dispatch_due_s(queue)) > 0:

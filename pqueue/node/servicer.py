@@ -682,6 +682,8 @@ class AdminService(_Base, pbg.AdminServicer):
     ) -> pb.ListQueuesResponse:
         access.require(principal.get(), PRODUCER, CONSUMER)
         scope, after, limit = _page_of(request.limit, request.page_token)
+        if request.min_index:  # read your writes, as ``_read_point``
+            await self.node.log.wait_applied(request.min_index, READ_WAIT_S)
         queues, last = self.node.machine.queues_page(scope, after, limit, self.node.clock_ms())
         return pb.ListQueuesResponse(
             queues=access.show(principal.get(), queues), next_page_token=_token(last)

@@ -341,16 +341,22 @@ class LeaseResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    log_index: _builtins.int
+    """The log index of the entry that leased them (0: none leased); pass it
+    as a read's `min_index` to read your own lease.
+    """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeasedJob]: ...
     def __init__(
         self,
         *,
         jobs: _abc.Iterable[Global___LeasedJob] | None = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "log_index", b"log_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1117,19 +1123,23 @@ class ListQueuesRequest(_message.Message):
 
     LIMIT_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MIN_INDEX_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
     """At most this many (0: 100; at most 1000)."""
     page_token: _builtins.str
     """The `next_page_token` of the previous page; empty for the first."""
+    min_index: _builtins.int
+    """Read your writes, as GetJobRequest.min_index."""
     def __init__(
         self,
         *,
         limit: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        min_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "min_index", b"min_index", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2441,8 +2451,13 @@ class ConsumeResponse(_message.Message):
     JOBS_FIELD_NUMBER: _builtins.int
     SETTLE_ID_FIELD_NUMBER: _builtins.int
     SETTLED_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
     settle_id: _builtins.int
     """With `settled`: which request's `settle` these results answer."""
+    log_index: _builtins.int
+    """With `jobs`: the log index of the entry that leased them (read your
+    writes, as LeaseResponse.log_index).
+    """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeasedJob]:
         """Jobs leased to this consumer (each used one credit), in lease order."""
@@ -2457,10 +2472,11 @@ class ConsumeResponse(_message.Message):
         jobs: _abc.Iterable[Global___LeasedJob] | None = ...,
         settle_id: _builtins.int = ...,
         settled: _abc.Iterable[Global___OpResult] | None = ...,
+        log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "settle_id", b"settle_id", "settled", b"settled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "log_index", b"log_index", "settle_id", b"settle_id", "settled", b"settled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -112,7 +112,10 @@ class QueueServicer:
 
     def Lease(self, request, context):
         """Lease up to `max_jobs` ready jobs, waiting up to `wait_ms` for work.
-        An empty response after the wait is OK, never DEADLINE_EXCEEDED.
+        An empty response after the wait is OK, never DEADLINE_EXCEEDED. A
+        queue that does not exist yet is waited on like an empty one (its first
+        enqueue creates it and wakes the lease); without a wait (`wait_ms` 0)
+        it is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,7 +182,8 @@ class QueueServicer:
         the jobs are delivered again), and a job pushed on one stream may be
         settled by any call. The stream ends with UNAVAILABLE when its node
         drains or stops leading (reconnect: a balancer or follower carries the
-        new stream to the leader), and with the status of a bad `start`.
+        new stream to the leader), and with the status of a bad `start`. A
+        queue that does not exist yet is waited on, as by a long-poll Lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,10 @@ class QueueStub:
     """Enqueue many jobs atomically: all are accepted or none."""
     Lease: _grpc.UnaryUnaryMultiCallable[_queue_pb2.LeaseRequest, _queue_pb2.LeaseResponse]
     """Lease up to `max_jobs` ready jobs, waiting up to `wait_ms` for work.
-    An empty response after the wait is OK, never DEADLINE_EXCEEDED.
+    An empty response after the wait is OK, never DEADLINE_EXCEEDED. A
+    queue that does not exist yet is waited on like an empty one (its first
+    enqueue creates it and wakes the lease); without a wait (`wait_ms` 0)
+    it is NOT_FOUND.
     """
     Ack: _grpc.UnaryUnaryMultiCallable[_queue_pb2.AckRequest, _queue_pb2.AckResponse]
     """Complete jobs. Atomic: if any lease is stale, nothing is acked (ABORTED)."""
@@ -82,7 +85,8 @@ class QueueStub:
     the jobs are delivered again), and a job pushed on one stream may be
     settled by any call. The stream ends with UNAVAILABLE when its node
     drains or stops leading (reconnect: a balancer or follower carries the
-    new stream to the leader), and with the status of a bad `start`.
+    new stream to the leader), and with the status of a bad `start`. A
+    queue that does not exist yet is waited on, as by a long-poll Lease.
     """
     Watch: _grpc.UnaryStreamMultiCallable[_queue_pb2.WatchRequest, _queue_pb2.WatchEvent]
     """Follow queues (or one job) live: one event per change, in log order,
@@ -105,7 +109,10 @@ class QueueAsyncStub(QueueStub):
     """Enqueue many jobs atomically: all are accepted or none."""
     Lease: _aio.UnaryUnaryMultiCallable[_queue_pb2.LeaseRequest, _queue_pb2.LeaseResponse]  # type: ignore[assignment]
     """Lease up to `max_jobs` ready jobs, waiting up to `wait_ms` for work.
-    An empty response after the wait is OK, never DEADLINE_EXCEEDED.
+    An empty response after the wait is OK, never DEADLINE_EXCEEDED. A
+    queue that does not exist yet is waited on like an empty one (its first
+    enqueue creates it and wakes the lease); without a wait (`wait_ms` 0)
+    it is NOT_FOUND.
     """
     Ack: _aio.UnaryUnaryMultiCallable[_queue_pb2.AckRequest, _queue_pb2.AckResponse]  # type: ignore[assignment]
     """Complete jobs. Atomic: if any lease is stale, nothing is acked (ABORTED)."""
@@ -140,7 +147,8 @@ class QueueAsyncStub(QueueStub):
     the jobs are delivered again), and a job pushed on one stream may be
     settled by any call. The stream ends with UNAVAILABLE when its node
     drains or stops leading (reconnect: a balancer or follower carries the
-    new stream to the leader), and with the status of a bad `start`.
+    new stream to the leader), and with the status of a bad `start`. A
+    queue that does not exist yet is waited on, as by a long-poll Lease.
     """
     Watch: _aio.UnaryStreamMultiCallable[_queue_pb2.WatchRequest, _queue_pb2.WatchEvent]  # type: ignore[assignment]
     """Follow queues (or one job) live: one event per change, in log order,
@@ -178,7 +186,10 @@ class QueueServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.LeaseResponse, _abc.Awaitable[_queue_pb2.LeaseResponse]]:
         """Lease up to `max_jobs` ready jobs, waiting up to `wait_ms` for work.
-        An empty response after the wait is OK, never DEADLINE_EXCEEDED.
+        An empty response after the wait is OK, never DEADLINE_EXCEEDED. A
+        queue that does not exist yet is waited on like an empty one (its first
+        enqueue creates it and wakes the lease); without a wait (`wait_ms` 0)
+        it is NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -255,7 +266,8 @@ class QueueServicer(metaclass=_abc_1.ABCMeta):
         the jobs are delivered again), and a job pushed on one stream may be
         settled by any call. The stream ends with UNAVAILABLE when its node
         drains or stops leading (reconnect: a balancer or follower carries the
-        new stream to the leader), and with the status of a bad `start`.
+        new stream to the leader), and with the status of a bad `start`. A
+        queue that does not exist yet is waited on, as by a long-poll Lease.
         """
 
     @_abc_1.abstractmethod

@@ -294,3 +294,32 @@ def test_metadata_passthrough_keeps_the_call_and_drops_the_hop() -> None:
         ("grpc-status-details-bin", b"\x08\x05"),
         ("grpc-retry-pushback-ms", "200"),
     )
+
+
+async def test_a_client_reads_its_own_writes_through_the_balancer_by_default(
+    setup: Setup,
+) -> None:
+    # The balancer spreads reads over all three nodes; a follower that has not
+    # applied the write yet must wait for it (min_index), never answer without it.
+    async with Client(setup.balancer.address) as c:
+        for i in range(20):
+            queue = f"ryw{i}"
+            sent = await c.enqueue(queue, b"x")  # creates the queue
+            assert (await c.get_job(queue, sent.job_id)).state == pb.JOB_STATE_READY
+            [stats] = await c.stats(queue)
+            assert stats.enqueued_total == 1
+            assert queue in {q.queue for q in await c.list_queues()}
+            assert (await c.get_queue(queue)).stats.ready == 1
+            [leased] = await c.lease(queue)
+            assert c.last_log_index > sent.log_index  # a lease is a write too
+            assert (await c.get_job(queue, sent.job_id)).state == pb.JOB_STATE_LEASED
+            await c.ack(queue, leased.job_id, leased.lease_id)
+            assert (await c.get_job(queue, sent.job_id)).state == pb.JOB_STATE_COMPLETED
+            [done] = (await c.list_jobs(queue, state="completed")).jobs
+            assert done.job_id == sent.job_id
+            await c.update_queue(queue, max_attempts=7)
+            [info] = [q for q in await c.list_queues() if q.queue == queue]
+            assert info.config.max_attempts == 7
+    status = await setup.status()
+    followers = [b for a, b in status.items() if a != setup.backend(await setup.cluster.leader())]
+    assert sum(b.reads for b in followers) > 0  # followers did answer reads

@@ -8,7 +8,6 @@ never the figures."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 from bench import run
 from bench.e2e import check_history
 from bench.systems import nats_binary
+from tests import pg
 
 LOADS = ["load@200", "load@500"]
 BASELINES = Path(__file__).resolve().parents[2] / "bench" / "baselines"
@@ -28,7 +28,7 @@ async def test_the_quick_bench_runs_every_cell_and_every_history_check_passes(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     systems = ["pq-balancer", "pq-direct", "nats"]
-    if dsn := os.environ.get("PQ_TEST_PG_DSN"):
+    if dsn := pg.configured():
         monkeypatch.setenv("PQ_BENCH_PG_DSN", dsn)
         systems.insert(2, "postgres")
     argv = ["--quick", "-o", "json", "-q", "--out-dir", str(tmp_path)]

@@ -8,15 +8,21 @@ Time bounds here are deliberately loose: they tell "woke on the event" from
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
 
 from pqueue.client import Client
-from pqueue.errors import InvalidArgumentError, NotFoundError
+from pqueue.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from pqueue.node.auth import Verifier, issue
 from pqueue.node.server import NodeServer
 from pqueue.v1 import log_pb2 as logpb
+from pqueue.wire.roles import CONSUMER, PRODUCER
+from tests.inproc import one_node
 
 LONG_WAIT_MS = 30_000
 
@@ -82,13 +88,13 @@ async def test_one_job_wakes_one_waiter_not_all(server: NodeServer, client: Clie
     polls = [asyncio.create_task(client.lease("q", wait_ms=2000)) for _ in range(8)]
     await asyncio.sleep(0.3)
     proposed: list[str | None] = []
-    propose = server.node.propose
+    propose = server.node.propose_indexed
 
-    async def counting_propose(command: logpb.Command) -> Message:
+    async def counting_propose(command: logpb.Command) -> tuple[Message, int]:
         proposed.append(command.WhichOneof("kind"))
         return await propose(command)
 
-    server.node.propose = counting_propose  # type: ignore[method-assign]
+    server.node.propose_indexed = counting_propose  # type: ignore[method-assign]
     await client.enqueue("q", b"one")
     results = await asyncio.gather(*polls)
     # One lease for one job: no herd of waiters each proposing an empty lease.
@@ -111,15 +117,90 @@ async def test_timed_out_and_cancelled_waiters_leave_no_trace(
     assert job.payload == b"x"
 
 
-async def test_lease_on_an_unknown_queue_is_not_found_without_a_log_entry(
+async def test_lease_without_a_wait_on_an_unknown_queue_is_not_found_without_a_log_entry(
     server: NodeServer, client: Client
 ) -> None:
     await client.create_queue("q")
     before = server.node.machine.applied_index
     with pytest.raises(NotFoundError, match="queue 'nope' not found"):
-        await client.lease("nope", wait_ms=5_000)  # answered at once, not after the wait
+        await client.lease("nope")  # no wait: answered at once
     with pytest.raises(InvalidArgumentError):
         await client.lease("bad name!", wait_ms=5_000)  # the log's checks, in its order
     assert server.node.machine.applied_index == before  # no consensus round, no entry
     await client.enqueue("q", b"x")
     assert len(await client.lease("q", wait_ms=1_000)) == 1  # known queues still lease
+
+
+async def test_a_long_poll_waits_for_a_queue_not_created_yet(
+    server: NodeServer, client: Client
+) -> None:
+    before = server.node.machine.applied_index
+    assert await client.lease("later", wait_ms=300) == []  # waited: empty, not NOT_FOUND
+    assert server.node.machine.applied_index == before  # waiting wrote nothing
+    poll = await _lease_in_background(client, "later")
+    assert server.node.long_polls.lines() == {"later": 1}
+    r = await client.enqueue("later", b"first")  # creates the queue: wakes the poll
+    [job] = await asyncio.wait_for(poll, timeout=10)
+    assert (job.job_id, job.payload) == (r.job_id, b"first")
+    assert server.node.long_polls.lines() == {}
+
+
+async def test_a_long_poll_on_a_deleted_queue_waits_for_it_to_come_back(
+    server: NodeServer, client: Client
+) -> None:
+    await client.create_queue("q")
+    poll = await _lease_in_background(client, "q")
+    await client.delete_queue("q")
+    await asyncio.sleep(0.1)
+    assert not poll.done()
+    r = await client.enqueue("q", b"again")
+    [job] = await asyncio.wait_for(poll, timeout=10)
+    assert job.job_id == r.job_id
+
+
+async def test_waiting_for_a_queue_not_created_yet_still_checks_whose_it_is(
+    tmp_path: Path,
+) -> None:
+    secret = b"w" * 32
+    async with one_node(tmp_path, verifier=Verifier(secret)) as server:
+        consumer = issue(secret, "acme", [CONSUMER], 600)
+        producer = issue(secret, "acme", [PRODUCER], 600)
+        async with (
+            Client(server.address, token=consumer) as c,
+            Client(server.address, token=producer) as p,
+        ):
+            with pytest.raises(PermissionDeniedError):
+                await c.lease("bolt/later", wait_ms=5_000)  # another tenant's: at once
+            with pytest.raises(PermissionDeniedError):
+                await p.lease("later", wait_ms=5_000)  # no consumer role: at once
+            poll = asyncio.create_task(c.lease("later", wait_ms=LONG_WAIT_MS))
+            await asyncio.sleep(0.2)
+            assert server.node.long_polls.lines() == {"acme/later": 1}  # its own, scoped
+            await p.enqueue("later", b"x")
+            [job] = await asyncio.wait_for(poll, timeout=10)
+            assert job.payload == b"x"
+
+
+async def test_pq_lease_with_a_wait_on_a_queue_not_created_yet_waits_for_its_job(
+    server: NodeServer, client: Client
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "pqueue.cli", "--endpoint", server.address, "-o", "json"),
+        *("lease", "newq", "--wait-ms", str(LONG_WAIT_MS)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(20):
+            while server.node.long_polls.lines() != {"newq": 1}:  # it waits, no NOT_FOUND
+                assert proc.returncode is None
+                await asyncio.sleep(0.05)
+        sent = await client.enqueue("newq", b"hello")
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    [job] = json.loads(out)
+    assert job["job_id"] == sent.job_id

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
 import pytest
 
@@ -82,6 +84,48 @@ async def test_failing_jobs_become_dead_with_the_exception_text(client: Client) 
     assert worker.stats.failed == 3
 
 
+async def test_a_failing_handler_is_logged_once_with_its_traceback_and_hooks_see_each_job(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    await client.create_queue("q", pb.QueueConfig(max_attempts=1))
+    await client.enqueue_batch("q", [pb.JobSpec(payload=b"%d" % i) for i in range(6)])
+    failed: list[tuple[bytes, str]] = []
+    succeeded: list[tuple[bytes, object]] = []
+    done = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> str:
+        if int(job.payload) % 2:
+            raise KeyError(f"no template {job.payload.decode()}")
+        return f"sent {job.payload.decode()}"
+
+    async def on_error(job: pb.LeasedJob, exc: BaseException) -> None:
+        failed.append((job.payload, repr(exc)))
+        if len(failed) + len(succeeded) == 6:
+            done.set()
+
+    def on_success(job: pb.LeasedJob, result: object) -> None:
+        succeeded.append((job.payload, result))
+        if len(failed) + len(succeeded) == 6:
+            done.set()
+
+    caplog.set_level(logging.WARNING, logger="pqueue.worker")
+    config = WorkerConfig(concurrency=1, wait_ms=100)
+    worker = Worker(client, "q", handler, config=config, on_error=on_error, on_success=on_success)
+    await _run_until(worker, done)
+    assert sorted(failed) == [(b"%d" % i, f"KeyError('no template {i}')") for i in (1, 3, 5)]
+    assert sorted(succeeded) == [(b"%d" % i, f"sent {i}") for i in (0, 2, 4)]
+    # Three failures within a minute: one traceback, the others counted.
+    [logged] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logged.levelno == logging.ERROR
+    assert logged.getMessage().startswith("handler failed on job ")
+    assert "KeyError: 'no template " in logged.getMessage()
+    assert logged.exc_info is not None
+    assert "in handler" in caplog.text  # the handler's own frame, in the traceback
+    assert worker.failures.suppressed == 2
+    [stats] = await client.stats("q")
+    assert (stats.acked_total, stats.dead) == (3, 3)
+
+
 async def test_slow_handler_keeps_its_lease_by_extending(client: Client) -> None:
     r = await client.enqueue("q", b"slow")
     done = asyncio.Event()
@@ -143,20 +187,40 @@ async def test_stop_lets_running_handlers_finish(client: Client) -> None:
     assert stats.acked_total == 1
 
 
-async def test_a_worker_waits_for_a_queue_that_does_not_exist_yet(client: Client) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # a stream: the node waits for the queue
+        {"streaming": False},  # long polls: the node waits for the queue
+        {"streaming": False, "wait_ms": 0},  # NOT_FOUND at once: looked for again soon
+    ],
+)
+async def test_a_worker_started_before_its_queue_exists_handles_its_first_job(
+    client: Client, options: dict[str, Any]
+) -> None:
+    handled: list[bytes] = []
+    indexes: list[int] = []
     done = asyncio.Event()
 
     async def handler(job: pb.LeasedJob) -> None:
+        handled.append(job.payload)
+        indexes.append(client.last_log_index)
         done.set()
 
-    worker = Worker(client, "later", handler, config=WorkerConfig(concurrency=1, wait_ms=100))
+    # The default wait (20 s): the worker must not sit out a whole one.
+    config = WorkerConfig(concurrency=1, **options)
+    worker = Worker(client, "later", handler, config=config)
     task = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.3)
-    assert not task.done()  # NOT_FOUND did not end it
-    await client.enqueue("later", b"x")
-    await asyncio.wait_for(done.wait(), 10)
-    worker.stop()
-    await asyncio.wait_for(task, 10)
+    await asyncio.sleep(0.5)
+    assert not task.done()  # a missing queue did not end it
+    sent = await client.enqueue("later", b"x")
+    try:
+        await asyncio.wait_for(done.wait(), 10)  # the old 20 s NOT_FOUND sleep fails this
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert handled == [b"x"]
+    assert indexes[0] > sent.log_index  # the lease is a write the client's reads wait for
 
 
 async def test_a_worker_cancelled_mid_poll_leaves_no_call_pending(client: Client) -> None:
