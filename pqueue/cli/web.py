@@ -30,7 +30,29 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(run=run_web)
     p.add_argument("--listen", default="127.0.0.1:7780", help="HOST:PORT (port 0: any)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        metavar="HOST",
+        help="a Host header to answer (repeat for more; '*.example.com' for subdomains); "
+        "default: 127.0.0.1, localhost and ::1 when --listen is on loopback, else any",
+    )
     p.add_argument("--log-level", default="INFO")
+
+
+#: The Host names a browser on this machine uses for a loopback listener.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def allowed_hosts(listen_host: str, given: list[str] | None) -> list[str]:
+    """The Host headers pq web answers: those given, else this machine's
+    names for a loopback listener (a DNS-rebinding page cannot reach it), else
+    any (behind a proxy or in a container, say; name them with
+    ``--allowed-host`` in production)."""
+    if given:
+        return given
+    return list(LOOPBACK_HOSTS) if listen_host in LOOPBACK_HOSTS else ["*"]
 
 
 def _host_port(listen: str) -> tuple[str, int]:
@@ -87,7 +109,7 @@ async def serve(args: argparse.Namespace) -> int:
     pool = ClientPool(
         args.endpoint, token=options["token"], tls=options["tls"], timeout_s=args.timeout_s
     )
-    app = build_app(pool)
+    app = build_app(pool, allowed_hosts(host, args.allowed_hosts))
     config = uvicorn.Config(
         app,
         host=host,

@@ -18,12 +18,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -373,9 +374,12 @@ def dashboard_routes() -> list[Route]:
     ]
 
 
-def build_app(pool: ClientPool) -> Starlette:
+def build_app(pool: ClientPool, allowed_hosts: Sequence[str] = ("*",)) -> Starlette:
     """The API and the dashboard; the pool's clients are closed when the app
-    shuts down."""
+    shuts down. A request whose ``Host`` is not one of ``allowed_hosts``
+    (``"*"``: any; ``"*.example.com"``: its subdomains) is refused with 400:
+    a page of another site that a rebound DNS name points here would
+    otherwise be same-origin with pq web, and act with its ``--token``."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -397,4 +401,5 @@ def build_app(pool: ClientPool) -> Starlette:
     #: The open event streams (each holds one watch of the cluster).
     app.state.streams = set()
     app.add_middleware(EncodedSlashes)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     return app

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from pqueue.cli.web import allowed_hosts
 from pqueue.client import Client
 from pqueue.node.auth import Verifier, issue
 from pqueue.node.server import NodeServer
@@ -238,3 +239,28 @@ async def test_a_long_text_payload_is_shown_as_text_cut(server: NodeServer, clie
             assert shown.startswith("€" * 40), shown[:80]
             assert shown.endswith(f"({size} bytes in all; first 4096 shown)")
             assert len(shown.encode()) < 4096 + 100
+
+
+async def test_a_host_not_allowed_is_refused_so_dns_rebinding_cannot_reach_pq_web(
+    server: NodeServer,
+) -> None:
+    """A page of another site whose DNS name is rebound to 127.0.0.1 is
+    same-origin with pq web (the Origin check cannot see it) but sends its own
+    name as Host: a loopback pq web answers only this machine's names."""
+    hosts = allowed_hosts("127.0.0.1", None)
+    assert "evil.example" not in hosts
+    assert allowed_hosts("0.0.0.0", None) == ["*"]
+    assert allowed_hosts("0.0.0.0", ["dash.example.com"]) == ["dash.example.com"]
+    pool = ClientPool(server.address, timeout_s=5.0)
+    transport = httpx.ASGITransport(app=build_app(pool, hosts))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://evil.example") as http:
+            r = await http.post("/v1/queues/q/pause", json={})
+            assert r.status_code == 400
+            assert (await http.get("/")).status_code == 400
+        for name in ("127.0.0.1:7780", "localhost:7780", "[::1]:7780"):
+            base = f"http://{name}"
+            async with httpx.AsyncClient(transport=transport, base_url=base) as http:
+                assert (await http.get("/")).status_code == 200, name
+    finally:
+        await pool.close()
