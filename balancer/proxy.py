@@ -305,8 +305,14 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self.metrics.retries.labels(address, why).inc()
 
     async def _abort_no_target(self, context: Context, kind: Kind) -> NoReturn:
-        what = "no leader is known" if kind is Kind.LEADER else "no backend is serving"
-        await context.abort_with_status(to_status(NotTakenError(what, retry_after_s=0.5)))
+        what, cause = (
+            ("no leader is known", "NO_LEADER")
+            if kind is Kind.LEADER
+            else ("no backend is serving", "NO_BACKEND")
+        )
+        await context.abort_with_status(
+            to_status(NotTakenError(what, retry_after_s=0.5, cause=cause))
+        )
 
     async def _abort_leader_moved(self, context: Context) -> NoReturn:
         await context.abort_with_status(
@@ -315,6 +321,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     "the leader stopped answering and another took over; "
                     "the call may or may not have been applied",
                     retry_after_s=0.1,
+                    reason="LEADER_MOVED",
                 )
             )
         )
@@ -334,7 +341,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
         # The leader moved twice within one call. Do not hand the
         # client a node address it may not reach: say try again.
         await context.abort_with_status(
-            to_status(NotTakenError("the leader moved; try again", retry_after_s=0.2))
+            to_status(
+                NotTakenError(
+                    "the leader moved; try again", retry_after_s=0.2, cause="LEADER_MOVED"
+                )
+            )
         )
 
     async def _pass_back(

@@ -66,7 +66,11 @@ class StreamProxy:
         """The leader's messages for one client stream (see the module docstring)."""
         if self._closing.is_set():
             await context.abort_with_status(
-                to_status(NotTakenError("the balancer is stopping", retry_after_s=0.5))
+                to_status(
+                    NotTakenError(
+                        "the balancer is stopping", retry_after_s=0.5, cause="BALANCER_STOPPING"
+                    )
+                )
             )
         if self.open >= self.max_streams:
             await context.abort_with_status(
@@ -87,7 +91,9 @@ class StreamProxy:
             address = await self.backends.wait_leader(max(0.0, budget))
             if address is None:
                 await context.abort_with_status(
-                    to_status(NotTakenError("no leader is known", retry_after_s=0.5))
+                    to_status(
+                        NotTakenError("no leader is known", retry_after_s=0.5, cause="NO_LEADER")
+                    )
                 )
         except BaseException:
             self.open -= 1
@@ -174,8 +180,11 @@ def _ended_error(end: str) -> UnavailableError:
             "the leader stopped answering and another took over; reconnect "
             "(unsettled jobs are delivered again when their leases expire)",
             retry_after_s=0.1,
+            reason="LEADER_MOVED",
         )
-    return UnavailableError("the balancer is stopping; reconnect", retry_after_s=0.1)
+    return UnavailableError(
+        "the balancer is stopping; reconnect", retry_after_s=0.1, reason="BALANCER_STOPPING"
+    )
 
 
 async def _pass_status(

@@ -109,7 +109,11 @@ async def test_not_taken_from_a_node_without_quorum(node_bin: str, tmp_path: Pat
         status, lines = await run_client(node_bin, cluster.address(1))
         assert status == 1
         assert len(lines) == 1, lines
-        assert lines[0].startswith("NOT_TAKEN (did not run, safe to retry): no leader yet")
+        assert (
+            lines[0]
+            == 'NOT_TAKEN (did not run, safe to retry): no leader yet {"cause":"NO_LEADER"}'
+        )
+
     finally:
         await cluster.stop()
 
