@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from balancer.backends import Backends
-from balancer.hop import Metadata, passthrough
+from balancer.hop import Metadata, passthrough, relayed, relayed_failure
 from balancer.metrics import BalancerMetrics
 from balancer.routes import Route
 from pqueue.errors import NotTakenError, ResourceExhaustedError, UnavailableError
@@ -132,13 +132,11 @@ class StreamProxy:
             code = await call.code()
             end = "ok" if code == grpc.StatusCode.OK else code.name
             if code != grpc.StatusCode.OK:
-                await _pass_status(context, call, code)
+                await _pass_status(context, call, code, address)
             context.set_trailing_metadata(passthrough(await call.trailing_metadata()))
         except grpc.aio.AioRpcError as exc:
             end = exc.code().name
-            await context.abort(
-                exc.code(), exc.details() or "", passthrough(exc.trailing_metadata())
-            )
+            await context.abort(exc.code(), exc.details() or "", relayed_failure(exc, address))
         finally:
             watch.cancel()
             pump.cancel()
@@ -188,12 +186,15 @@ def _ended_error(end: str) -> UnavailableError:
 
 
 async def _pass_status(
-    context: Context, call: grpc.aio.StreamStreamCall[bytes, bytes], code: grpc.StatusCode
+    context: Context,
+    call: grpc.aio.StreamStreamCall[bytes, bytes],
+    code: grpc.StatusCode,
+    address: str,
 ) -> None:
     """End the client's stream with the leader's status (its trailers passed on)."""
-    details = await call.details()
+    details = await call.details() or ""
     trailers = passthrough(await call.trailing_metadata())
-    await context.abort(code, details or "", trailers)
+    await context.abort(code, details, relayed(code, details, trailers, address))
 
 
 async def _pump(requests: AsyncIterator[bytes], call: grpc.aio.StreamStreamCall[Any, Any]) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 
+from balancer.hop import relayed
 from pqueue import errors
 from pqueue.node.forward import hop_error
 from pqueue.wire.status import error_of, status_proto
@@ -64,7 +65,7 @@ def test_every_unavailable_the_servers_raise_says_why() -> None:
 
 def test_every_reason_used_is_in_the_contract() -> None:
     used = {value for *_, value in _constructions() if value}
-    used |= {"NOT_LEADER", "REFUSED", "NODE_UNREACHABLE", "UNAVAILABLE"}  # not literals above
+    used |= {"NOT_LEADER", "REFUSED", "UNAVAILABLE"}  # not literals in a construction
     assert used - _documented() == set()
 
 
@@ -150,3 +151,20 @@ def test_a_follower_passes_the_leaders_reason_on(error: errors.UnavailableError)
     assert isinstance(relayed, errors.UnavailableError)
     assert relayed.reason == error.reason
     assert getattr(relayed, "cause", None) == getattr(error, "cause", None)
+
+
+def test_a_balancer_names_a_node_that_said_nothing() -> None:
+    bare = relayed(grpc.StatusCode.UNAVAILABLE, "Socket closed", (("x-a", "1"),), "h:2")
+    assert bare[0] == ("x-a", "1")
+    key, value = bare[1]
+    assert key == "grpc-status-details-bin"
+    assert isinstance(value, bytes)
+    proto = status_pb2.Status.FromString(value)
+    assert (proto.code, proto.message) == (grpc.StatusCode.UNAVAILABLE.value[0], "Socket closed")
+    error = error_of(grpc.StatusCode.UNAVAILABLE, proto.message, list(proto.details))
+    assert type(error) is errors.UnavailableError
+    assert (error.reason, error.metadata) == ("NODE_UNREACHABLE", {"node_address": "h:2"})
+    # What a node said passes as it is; other codes too.
+    said = (("grpc-status-details-bin", b"\x08\x0e"),)
+    assert relayed(grpc.StatusCode.UNAVAILABLE, "m", said, "h:2") == said
+    assert relayed(grpc.StatusCode.INTERNAL, "m", (), "h:2") == ()
