@@ -10,8 +10,9 @@
     ├── FailedPreconditionError      no                        FAILED_PRECONDITION
     │   ├── NotLeaderError           yes   (leader_id, leader_address)
     │   └── FeatureUnavailableError  no    (feature, nodes)    (rolling upgrade)
-    ├── UnavailableError             yes   (retry_after_s)     UNAVAILABLE
-    │   └── NotTakenError            yes   (retry_after_s)     (no leader, draining)
+    ├── UnavailableError             yes   (retry_after_s,     UNAVAILABLE
+    │                                       reason, metadata)
+    │   └── NotTakenError            yes   (cause)             (no leader, draining)
     ├── ResourceExhaustedError       hint  (retry_after_s)     RESOURCE_EXHAUSTED
     ├── UnauthenticatedError         no                        UNAUTHENTICATED
     ├── PermissionDeniedError        no                        PERMISSION_DENIED
