@@ -522,6 +522,4 @@ def _cause_of(error: PQueueError) -> str:
         return error.cause
     if isinstance(error, NotLeaderError):
         return "NOT_LEADER"
-    if isinstance(error, UnavailableError) and error.reason:
-        return error.reason
-    return "REFUSED"
+    return "REFUSED"  # the message says why
