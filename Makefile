@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/pqueue/v1/*.proto)
 # Tests marked slow (soak, long fault runs) are left out of `make test`.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install proto proto-check lint typecheck test test-all screenshots cluster bench bench-quick bench-tenants bench-shared bench-scale clean
+.PHONY: install proto proto-bundle proto-check lint typecheck test test-all screenshots cluster bench bench-quick bench-tenants bench-shared bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,14 @@ proto: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m grpc_tools.protoc -I proto \
 	  --python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=. $(PROTOS)
 
-proto-check: proto
-	@git diff --exit-code -- pqueue/v1 || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- pqueue/v1)" || { git status --porcelain -- pqueue/v1; echo "generated code is not committed: run 'make proto' and commit"; exit 1; }
+# proto-bundle/ is the contract for other languages: our protos plus the
+# google.rpc and google.protobuf files they need (its README says whence).
+proto-bundle: $(STAMP)
+	$(PY) proto/bundle.py proto-bundle
+
+proto-check: proto proto-bundle
+	@git diff --exit-code -- pqueue/v1 proto-bundle || { echo "generated code is stale: run 'make proto proto-bundle' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- pqueue/v1 proto-bundle)" || { git status --porcelain -- pqueue/v1 proto-bundle; echo "generated code is not committed: run 'make proto proto-bundle' and commit"; exit 1; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -79,7 +79,7 @@ _REFUSED_WHOLE = frozenset((grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RE
 #: never ran), in its place: NOT_TAKEN, as a single call told "not leader"
 #: twice gets (``proxy._abort_leader_twice``), never a node's address.
 _NOT_TAKEN_STATUS = to_op_status(
-    NotTakenError("the leader moved; try again", retry_after_s=0.2)
+    NotTakenError("the leader moved; try again", retry_after_s=0.2, cause="LEADER_MOVED")
 ).SerializeToString()
 _NOT_TAKEN_RESULT = Result(
     b"\x0a" + varint(len(_NOT_TAKEN_STATUS)) + _NOT_TAKEN_STATUS, _NOT_TAKEN_STATUS, 0, b""

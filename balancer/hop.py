@@ -11,13 +11,14 @@ from typing import Any
 import grpc
 
 from balancer.backends import BALANCER_ID
+from pqueue.errors import UnavailableError
 from pqueue.wire.keys import (
     FORWARDED_FOR_KEY,
     FORWARDED_KEY,
     FORWARDER_TOKEN_KEY,
     REQUEST_ID_KEY,
 )
-from pqueue.wire.status import NOT_LEADER, NOT_TAKEN, error_info
+from pqueue.wire.status import NOT_LEADER, NOT_TAKEN, error_info, status_proto
 from pqueue.wire.tokens import TokenSource, current_token
 
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -35,8 +36,9 @@ _HOP_KEYS = frozenset(
         FORWARDER_TOKEN_KEY,
     )
 )
+_DETAILS_KEY = "grpc-status-details-bin"
 #: Of gRPC's own keys, those that carry the call's meaning and must pass.
-_GRPC_KEYS_KEPT = frozenset(("grpc-status-details-bin", "grpc-retry-pushback-ms"))
+_GRPC_KEYS_KEPT = frozenset((_DETAILS_KEY, "grpc-retry-pushback-ms"))
 #: What every call onwards is marked with: the node answers, never forwards.
 FORWARDED: Metadata = ((FORWARDED_KEY, BALANCER_ID),)
 
@@ -53,6 +55,22 @@ def passthrough(metadata: Any) -> Metadata:
             continue
         kept.append((key, value))
     return tuple(kept)
+
+
+def relayed(code: grpc.StatusCode, message: str, trailers: Metadata, address: str) -> Metadata:
+    """A node's failure trailers as the balancer passes them on. A bare
+    UNAVAILABLE (the node did not answer, or died mid-call: no pqueue server
+    said it) gets an ErrorInfo ``NODE_UNREACHABLE`` naming the node, so that
+    every UNAVAILABLE a balancer returns says why (it may or may not have run)."""
+    if code != grpc.StatusCode.UNAVAILABLE or any(key == _DETAILS_KEY for key, _ in trailers):
+        return trailers
+    error = UnavailableError(message, reason="NODE_UNREACHABLE", metadata={"node_address": address})
+    return (*trailers, (_DETAILS_KEY, status_proto(error).SerializeToString()))
+
+
+def relayed_failure(exc: grpc.aio.AioRpcError, address: str) -> Metadata:
+    """``relayed`` for a failed call to the node at ``address``."""
+    return relayed(exc.code(), exc.details() or "", passthrough(exc.trailing_metadata()), address)
 
 
 def own_metadata(balancer_token: TokenSource | None, rid: str, ip: str) -> Metadata:

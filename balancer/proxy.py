@@ -33,7 +33,14 @@ import grpc
 from balancer.backends import Backends
 from balancer.coalesce import MOVED, PLAIN, Coalescer, OpFailed, WholeFailed, hide_leaders_in
 from balancer.framing import FramingError, count_ops
-from balancer.hop import Metadata, own_metadata, passthrough, why_failed
+from balancer.hop import (
+    Metadata,
+    own_metadata,
+    passthrough,
+    relayed,
+    relayed_failure,
+    why_failed,
+)
 from balancer.routes import Kind, Route, route_for
 from balancer.streams import StreamProxy
 from pqueue.errors import NotTakenError, UnavailableError
@@ -132,7 +139,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     logger.debug("%s to %s: %s, retrying", route.name, address, why)
                     tried.append(address)
                     continue
-                await self._abort_failed(context, exc, why)
+                await self._abort_failed(context, exc, why, address)
             if response is None:  # another node leads now; the call was cancelled
                 if attempt == 0 and self._may_resend(route, request, deadline):
                     self._retried(address, "leader_moved")
@@ -192,10 +199,14 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 tried.append(address)
                 continue
             if isinstance(outcome, WholeFailed):
-                await self._abort_failed(context, outcome.error, why)
+                await self._abort_failed(context, outcome.error, why, address)
             if why == "not_leader":
                 await self._abort_leader_twice(context)
-            await context.abort(outcome.code, outcome.message, outcome.trailers)
+            await context.abort(
+                outcome.code,
+                outcome.message,
+                relayed(outcome.code, outcome.message, outcome.trailers, address),
+            )
         raise AssertionError("unreachable: the second attempt returns or aborts")
 
     async def _stream(
@@ -229,9 +240,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as exc:
-            await context.abort(
-                exc.code(), exc.details() or "", passthrough(exc.trailing_metadata())
-            )
+            await context.abort(exc.code(), exc.details() or "", relayed_failure(exc, address))
         finally:
             call.cancel()
 
@@ -305,8 +314,14 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self.metrics.retries.labels(address, why).inc()
 
     async def _abort_no_target(self, context: Context, kind: Kind) -> NoReturn:
-        what = "no leader is known" if kind is Kind.LEADER else "no backend is serving"
-        await context.abort_with_status(to_status(NotTakenError(what, retry_after_s=0.5)))
+        what, cause = (
+            ("no leader is known", "NO_LEADER")
+            if kind is Kind.LEADER
+            else ("no backend is serving", "NO_BACKEND")
+        )
+        await context.abort_with_status(
+            to_status(NotTakenError(what, retry_after_s=0.5, cause=cause))
+        )
 
     async def _abort_leader_moved(self, context: Context) -> NoReturn:
         await context.abort_with_status(
@@ -315,12 +330,13 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     "the leader stopped answering and another took over; "
                     "the call may or may not have been applied",
                     retry_after_s=0.1,
+                    reason="LEADER_MOVED",
                 )
             )
         )
 
     async def _abort_failed(
-        self, context: Context, exc: grpc.aio.AioRpcError, why: str | None
+        self, context: Context, exc: grpc.aio.AioRpcError, why: str | None, address: str
     ) -> NoReturn:
         """Answer the client with the node's failure (its metadata passed on)."""
         if why == "not_leader":
@@ -328,13 +344,17 @@ class ProxyHandler(grpc.GenericRpcHandler):
         initial = passthrough(exc.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
-        await context.abort(exc.code(), exc.details() or "", passthrough(exc.trailing_metadata()))
+        await context.abort(exc.code(), exc.details() or "", relayed_failure(exc, address))
 
     async def _abort_leader_twice(self, context: Context) -> NoReturn:
         # The leader moved twice within one call. Do not hand the
         # client a node address it may not reach: say try again.
         await context.abort_with_status(
-            to_status(NotTakenError("the leader moved; try again", retry_after_s=0.2))
+            to_status(
+                NotTakenError(
+                    "the leader moved; try again", retry_after_s=0.2, cause="LEADER_MOVED"
+                )
+            )
         )
 
     async def _pass_back(

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from balancer.backends import Backends
-from balancer.hop import Metadata, passthrough
+from balancer.hop import Metadata, passthrough, relayed, relayed_failure
 from balancer.metrics import BalancerMetrics
 from balancer.routes import Route
 from pqueue.errors import NotTakenError, ResourceExhaustedError, UnavailableError
@@ -66,7 +66,11 @@ class StreamProxy:
         """The leader's messages for one client stream (see the module docstring)."""
         if self._closing.is_set():
             await context.abort_with_status(
-                to_status(NotTakenError("the balancer is stopping", retry_after_s=0.5))
+                to_status(
+                    NotTakenError(
+                        "the balancer is stopping", retry_after_s=0.5, cause="BALANCER_STOPPING"
+                    )
+                )
             )
         if self.open >= self.max_streams:
             await context.abort_with_status(
@@ -87,7 +91,9 @@ class StreamProxy:
             address = await self.backends.wait_leader(max(0.0, budget))
             if address is None:
                 await context.abort_with_status(
-                    to_status(NotTakenError("no leader is known", retry_after_s=0.5))
+                    to_status(
+                        NotTakenError("no leader is known", retry_after_s=0.5, cause="NO_LEADER")
+                    )
                 )
         except BaseException:
             self.open -= 1
@@ -126,13 +132,11 @@ class StreamProxy:
             code = await call.code()
             end = "ok" if code == grpc.StatusCode.OK else code.name
             if code != grpc.StatusCode.OK:
-                await _pass_status(context, call, code)
+                await _pass_status(context, call, code, address)
             context.set_trailing_metadata(passthrough(await call.trailing_metadata()))
         except grpc.aio.AioRpcError as exc:
             end = exc.code().name
-            await context.abort(
-                exc.code(), exc.details() or "", passthrough(exc.trailing_metadata())
-            )
+            await context.abort(exc.code(), exc.details() or "", relayed_failure(exc, address))
         finally:
             watch.cancel()
             pump.cancel()
@@ -174,17 +178,23 @@ def _ended_error(end: str) -> UnavailableError:
             "the leader stopped answering and another took over; reconnect "
             "(unsettled jobs are delivered again when their leases expire)",
             retry_after_s=0.1,
+            reason="LEADER_MOVED",
         )
-    return UnavailableError("the balancer is stopping; reconnect", retry_after_s=0.1)
+    return UnavailableError(
+        "the balancer is stopping; reconnect", retry_after_s=0.1, reason="BALANCER_STOPPING"
+    )
 
 
 async def _pass_status(
-    context: Context, call: grpc.aio.StreamStreamCall[bytes, bytes], code: grpc.StatusCode
+    context: Context,
+    call: grpc.aio.StreamStreamCall[bytes, bytes],
+    code: grpc.StatusCode,
+    address: str,
 ) -> None:
     """End the client's stream with the leader's status (its trailers passed on)."""
-    details = await call.details()
+    details = await call.details() or ""
     trailers = passthrough(await call.trailing_metadata())
-    await context.abort(code, details or "", trailers)
+    await context.abort(code, details, relayed(code, details, trailers, address))
 
 
 async def _pump(requests: AsyncIterator[bytes], call: grpc.aio.StreamStreamCall[Any, Any]) -> None:

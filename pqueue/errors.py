@@ -10,8 +10,9 @@
     ├── FailedPreconditionError      no                        FAILED_PRECONDITION
     │   ├── NotLeaderError           yes   (leader_id, leader_address)
     │   └── FeatureUnavailableError  no    (feature, nodes)    (rolling upgrade)
-    ├── UnavailableError             yes   (retry_after_s)     UNAVAILABLE
-    │   └── NotTakenError            yes   (retry_after_s)     (no leader, draining)
+    ├── UnavailableError             yes   (retry_after_s,     UNAVAILABLE
+    │                                       reason, metadata)
+    │   └── NotTakenError            yes   (cause)             (no leader, draining)
     ├── ResourceExhaustedError       hint  (retry_after_s)     RESOURCE_EXHAUSTED
     ├── UnauthenticatedError         no                        UNAUTHENTICATED
     ├── PermissionDeniedError        no                        PERMISSION_DENIED
@@ -90,13 +91,27 @@ class FeatureUnavailableError(FailedPreconditionError):
 
 
 class UnavailableError(PQueueError):
-    """No leader yet, the node is draining, or the server cannot be reached."""
+    """No leader yet, the node is draining, or the server cannot be reached.
+
+    ``reason`` is the ``ErrorInfo`` reason a server sent with it (the causes
+    are listed in proto/pqueue/v1/queue.proto, "Errors"), with its
+    ``metadata``; "" when none came (no server answered: a refused
+    connection, a node that died mid-call).
+    """
 
     retriable = True
 
-    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float = 0.0,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.reason = reason
+        self.metadata = dict(metadata or {})
 
 
 class NotTakenError(UnavailableError):
@@ -104,7 +119,19 @@ class NotTakenError(UnavailableError):
 
     Unlike a bare ``UnavailableError``, whose call may or may not have run,
     this one is certain the call did not, so even a lease may be retried.
+    Its ``reason`` is always ``NOT_TAKEN``; ``cause`` says why (``DRAINING``,
+    ``NO_LEADER``, ...), sent as the ErrorInfo's ``cause`` metadata.
     """
+
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float = 0.0,
+        cause: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retry_after_s, "NOT_TAKEN", metadata)
+        self.cause = cause
 
 
 class ResourceExhaustedError(PQueueError):

@@ -148,7 +148,7 @@ class Consumers:
                 await self._relay(requests, context)
                 return
             if node.draining:
-                raise NotTakenError("node is draining", retry_after_s=1.0)
+                raise NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
             iterator = aiter(requests)
             try:
                 async with asyncio.timeout(START_TIMEOUT_S):
@@ -210,7 +210,7 @@ class Consumers:
         finally:
             self.relays.discard(stop)
         if stop.done():  # the leader answered what it read; the rest was not read
-            raise NotTakenError("node is draining", retry_after_s=0.2)
+            raise NotTakenError("node is draining", retry_after_s=0.2, cause="DRAINING")
 
     def _watching(self) -> None:
         if self._watch is None or self._watch.done():
@@ -227,14 +227,16 @@ class Consumers:
             tick += 1
             why: PQueueError | None = None
             if node.draining:
-                why = NotTakenError("node is draining", retry_after_s=0.2)
+                why = NotTakenError("node is draining", retry_after_s=0.2, cause="DRAINING")
                 for stop in self.relays:
                     if not stop.done():
                         stop.set_result(None)
             elif not node.log.is_leader:
                 leader, address = node.log.leader_hint()
                 who = f"node {leader} ({address}) leads" if leader else "no leader yet"
-                why = NotTakenError(f"this node stopped leading; {who}", retry_after_s=0.2)
+                why = NotTakenError(
+                    f"this node stopped leading; {who}", retry_after_s=0.2, cause="STOPPED_LEADING"
+                )
             for stream in list(self.streams):
                 if why is not None:
                     stream.end(why)
@@ -413,7 +415,11 @@ class _Stream:
             # (draining, not leading): nothing of it was taken. Every
             # operation is answered so (the stream then ends), as the
             # contract promises each settle an answer.
-            error = exc if isinstance(exc, NotTakenError) else NotTakenError(exc.message, 0.2)
+            error = (
+                exc
+                if isinstance(exc, NotTakenError)
+                else NotTakenError(exc.message, 0.2, _cause_of(exc))
+            )
             status = to_op_status(error)
             results = [pb.OpResult(status=status) for _ in request.settle]
             self.emit((pb.ConsumeResponse(settle_id=request.settle_id, settled=results), True))
@@ -458,7 +464,11 @@ class _Stream:
                 await asyncio.wait([self.stop_pushing], timeout=exc.retry_after_s)
                 continue  # the tenant's lease quota: try again when it says
             except (NotLeaderError, UnavailableError) as exc:
-                self.end(NotTakenError(f"lease not taken: {exc.message}", retry_after_s=0.2))
+                self.end(
+                    NotTakenError(
+                        f"lease not taken: {exc.message}", retry_after_s=0.2, cause=_cause_of(exc)
+                    )
+                )
                 return
             except PQueueError as exc:
                 self.end(exc)
@@ -474,7 +484,7 @@ class _Stream:
                     (pb.ConsumeResponse(jobs=response.jobs, log_index=response.log_index), False)
                 )
             elif node.draining:
-                self.end(NotTakenError("node is draining", retry_after_s=0.2))
+                self.end(NotTakenError("node is draining", retry_after_s=0.2, cause="DRAINING"))
                 return
 
     async def _finish(self, reader: asyncio.Task[None], pusher: asyncio.Task[None]) -> None:
@@ -501,6 +511,16 @@ class _Stream:
                 f"{reason}; {unanswered} settle request(s) got no answer in time "
                 "and may or may not have applied",
                 retry_after_s=0.2,
+                reason="SETTLE_UNANSWERED",
             )
         self.final = why
         self.emit(None)
+
+
+def _cause_of(error: PQueueError) -> str:
+    """Why ``error`` left a call untaken, as a NOT_TAKEN ``cause``."""
+    if isinstance(error, NotTakenError):
+        return error.cause
+    if isinstance(error, NotLeaderError):
+        return "NOT_LEADER"
+    return "REFUSED"  # the message says why

@@ -11,6 +11,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
+from pqueue.errors import PQueueError, UnavailableError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.channels import channel_options
 from pqueue.wire.keys import DEFAULT_FORWARD_TIMEOUT_S, FORWARDED_KEY, FORWARDER_TOKEN_KEY
@@ -71,7 +72,7 @@ class Forwarder:
                 metadata=((FORWARDED_KEY, forwarded_by), *hop_metadata(), *proof, *credentials),
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise hop_error(exc, address) from exc
         return response
 
     async def relay(
@@ -112,7 +113,7 @@ class Forwarder:
                 assert isinstance(response, Message)
                 yield response
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise hop_error(exc, address) from exc
         finally:
             pump.cancel()
             await asyncio.wait([pump])
@@ -158,3 +159,18 @@ async def _pump(
         if nxt is not None and not nxt.done():
             nxt.cancel()
             await asyncio.wait([nxt])
+
+
+def hop_error(exc: grpc.aio.AioRpcError, address: str) -> PQueueError:
+    """The leader's error as a ``PQueueError``; a bare UNAVAILABLE (the leader
+    did not answer: unreachable, or it died mid-call) made ``LEADER_UNREACHABLE``,
+    so that the caller still learns why (the call may or may not have run)."""
+    error = from_rpc_error(exc)
+    if type(error) is UnavailableError and not error.reason:
+        return UnavailableError(
+            f"the leader at {address} did not answer: {error.message}",
+            error.retry_after_s,
+            reason="LEADER_UNREACHABLE",
+            metadata={"leader_address": address},
+        )
+    return error

@@ -225,7 +225,9 @@ class QueueNode:
         """Stop waiting long polls (they return empty; streams end) and refuse new ones."""
         self.draining = True
         self.long_polls.wake_all()
-        self.watchers.end_all(NotTakenError("node is draining: resume the watch", 0.2))
+        self.watchers.end_all(
+            NotTakenError("node is draining: resume the watch", 0.2, cause="DRAINING")
+        )
 
     async def stop(self) -> None:
         """Drain, stop ticking, commit what is pending, release storage."""

@@ -281,7 +281,8 @@ class ReplicatedLog:
         while True:
             if self.failed.is_set():
                 raise UnavailableError(
-                    f"node {self.config.node_id}: the log failed while recovering (see above)"
+                    f"node {self.config.node_id}: the log failed while recovering (see above)",
+                    reason="LOG_FAILED",
                 )
             status = replica.status()
             applied = self._applier.last_index()
@@ -296,6 +297,7 @@ class ReplicatedLog:
                     f"{STALL_S:g} s: {status.role.value} at ballot {_ballot(status.ballot)}, "
                     f"applied {applied} of {status.next_slot - 1}",
                     retry_after_s=1.0,
+                    reason="RECOVERY_STALLED",
                 )
             await asyncio.sleep(0.005)
 
@@ -306,7 +308,11 @@ class ReplicatedLog:
             "replicated log failed in %s: %s", task.get_name(), describe(exc), exc_info=exc
         )
         self._accepting = False
-        self._fail_all(UnavailableError(f"log stopped: {describe(exc)}", retry_after_s=1.0))
+        self._fail_all(
+            UnavailableError(
+                f"log stopped: {describe(exc)}", retry_after_s=1.0, reason="LOG_FAILED"
+            )
+        )
         self.failed.set()
 
     async def stop(self) -> None:
@@ -323,7 +329,7 @@ class ReplicatedLog:
         if self._snapshot_pool is not None:
             await asyncio.to_thread(self._snapshot_pool.shutdown)
             self._snapshot_pool = None
-        self._fail_all(UnavailableError("node stopped", retry_after_s=1.0))
+        self._fail_all(UnavailableError("node stopped", retry_after_s=1.0, reason="NODE_STOPPING"))
         await self._storage.close()
 
     def _fail_all(self, error: PQueueError) -> None:
@@ -360,7 +366,7 @@ class ReplicatedLog:
         leader, address = self.leader_hint()
         if leader:
             return NotLeaderError(f"node {leader} leads", str(leader), address)
-        return NotTakenError("no leader yet", retry_after_s=0.5)
+        return NotTakenError("no leader yet", retry_after_s=0.5, cause="NO_LEADER")
 
     async def submit(self, command: logpb.Command) -> Message:
         return (await self.submit_indexed(command))[0]
@@ -377,11 +383,15 @@ class ReplicatedLog:
     def _check_taking(self) -> None:
         """Raise the error for a command this node cannot take now."""
         if not self._accepting:
-            raise NotTakenError("node is not accepting writes", retry_after_s=1.0)
+            raise NotTakenError(
+                "node is not accepting writes", retry_after_s=1.0, cause="NOT_ACCEPTING_WRITES"
+            )
         if not self.is_leader:
             raise self.not_leader_error()
         if not self._storage.available:
-            raise NotTakenError("storage is unreachable; retrying", retry_after_s=1.0)
+            raise NotTakenError(
+                "storage is unreachable; retrying", retry_after_s=1.0, cause="STORAGE_UNAVAILABLE"
+            )
 
     async def transfer_leadership(self, timeout_s: float) -> bool:
         """Hand leadership to the most up-to-date peer before going away.
@@ -451,7 +461,9 @@ class ReplicatedLog:
                 await self._until_applied(index)
         except TimeoutError:
             raise UnavailableError(
-                "could not confirm leadership in time", retry_after_s=0.5
+                "could not confirm leadership in time",
+                retry_after_s=0.5,
+                reason="READ_UNCONFIRMED",
             ) from None
         finally:
             self._reads.pop(ctx, None)
@@ -465,7 +477,13 @@ class ReplicatedLog:
                 await self._until_applied(index)
         except TimeoutError:
             raise UnavailableError(
-                f"this node has not applied index {index} yet", retry_after_s=0.5
+                f"this node has not applied index {index} yet",
+                retry_after_s=0.5,
+                reason="NOT_CAUGHT_UP",
+                metadata={
+                    "min_index": str(index),
+                    "applied_index": str(self._applier.last_index()),
+                },
             ) from None
 
     async def _until_applied(self, index: int) -> None:
@@ -725,7 +743,7 @@ class ReplicatedLog:
             futures = self._inflight.pop(slot, (b"", []))[1]
         if not futures:
             return
-        error = UnavailableError(why, retry_after_s=0.2)
+        error = UnavailableError(why, retry_after_s=0.2, reason="COMMIT_UNKNOWN")
         for fut in futures:
             if not fut.done():
                 fut.set_exception(error)

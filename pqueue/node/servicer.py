@@ -265,7 +265,7 @@ class _Base:
 
     async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
         if self.node.draining:
-            raise NotTakenError("node is draining", retry_after_s=1.0)
+            raise NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
         self._charge_log_bytes(command)
         result, index = await self.node.propose_indexed(command)
         if not isinstance(result, response_type):
@@ -375,7 +375,7 @@ class QueueService(_Base, pbg.QueueServicer):
         limits.check_duration(request.wait_ms, "wait_ms", limits.MAX_WAIT_MS)
         limits.check_text(request.consumer_id, "consumer_id")
         if self.node.draining:
-            raise NotTakenError("node is draining", retry_after_s=1.0)
+            raise NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
         response = await self.node.lease(request, self._bound(request.queue))
         for job in response.jobs:
             job.queue = named
@@ -457,7 +457,7 @@ class QueueService(_Base, pbg.QueueServicer):
         leading while they waited (answered NOT_LEADER).
         """
         if self.node.draining:
-            raise NotTakenError("node is draining", retry_after_s=1.0)
+            raise NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
         results = [pb.OpResult() for _ in ops]
         commands: list[logpb.Command] = []
         slots: list[tuple[int, str]] = []
@@ -555,7 +555,7 @@ class QueueService(_Base, pbg.QueueServicer):
                 raise InvalidArgumentError("stats_interval_ms", "0 (no stats) or at least 1000")
             from_index = request.from_index if request.HasField("from_index") else None
             if self.node.draining:
-                raise NotTakenError("node is draining", retry_after_s=0.2)
+                raise NotTakenError("node is draining", retry_after_s=0.2, cause="DRAINING")
             sub = self.node.watchers.subscribe(match, from_index)
         except PQueueError as exc:
             await context.abort_with_status(to_status(exc))

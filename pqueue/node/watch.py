@@ -108,7 +108,11 @@ class Watchers:
         self._ring.clear()
         self._held = 0
         self.covered_after = self.applied = index
-        self.end_all(UnavailableError("this node installed a snapshot: resume the watch"))
+        self.end_all(
+            UnavailableError(
+                "this node installed a snapshot: resume the watch", reason="SNAPSHOT_INSTALLED"
+            )
+        )
 
     def end_all(self, error: PQueueError) -> None:
         """End every open watcher with ``error`` (the node drains: UNAVAILABLE,

@@ -9,6 +9,56 @@ Conventions:
 - Lower priority numbers are served first (priority 0 before priority 5).
 - Errors are gRPC statuses (see README, "Errors"): INVALID_ARGUMENT carries a
   google.rpc.BadRequest naming the field; ABORTED means a stale lease id.
+
+Errors: the details. A failed call's `grpc-status-details-bin` trailer is
+a serialized google.rpc.Status (google/rpc/status.proto and
+error_details.proto, in proto-bundle/ beside this file) whose `details`
+hold, as `google.protobuf.Any`:
+- INVALID_ARGUMENT: a BadRequest naming the field and why.
+- ABORTED (a stale lease): an ErrorInfo LEASE_LOST, metadata `job_id`.
+- FAILED_PRECONDITION from a node that cannot forward: an ErrorInfo
+  NOT_LEADER, metadata `leader_id` and `leader_address`.
+- Retriable errors: a RetryInfo (and the `grpc-retry-pushback-ms` trailer).
+- UNAVAILABLE from a node or a balancer: always an ErrorInfo (below).
+Every ErrorInfo has the domain "pqueue.v1"; Submit's OpStatus carries
+the same details.
+
+UNAVAILABLE: the ErrorInfo reason says whether the call ran.
+- NOT_TAKEN: it did not run. Send it again, to any node, whatever it is
+  (a lease or an ack too). Metadata `cause` says why:
+    NO_LEADER             no leader is elected (no quorum yet) or known
+    DRAINING              the node is shutting down
+    NOT_ACCEPTING_WRITES  the node's log has stopped taking commands
+    STORAGE_UNAVAILABLE   the leader cannot reach its storage
+    STOPPED_LEADING       (Consume) the stream's node no longer leads
+    NOT_LEADER            (Consume) another node leads
+    REFUSED               (Consume) a settle request or a push's lease
+                          was refused whole (the message says why)
+    LEADER_MOVED          (balancer) the leader changed under the call
+    NO_BACKEND            (balancer) no node serves reads
+    BALANCER_STOPPING     (balancer) the balancer is shutting down
+- Any other reason: it may or may not have run. Retry what is safe to
+  run twice (reads, enqueues with an idempotency key); else look first.
+    COMMIT_UNKNOWN        leadership changed before the command committed
+    LEADER_UNREACHABLE    the follower forwarding the call lost the leader
+                          (metadata `leader_address`)
+    NODE_UNREACHABLE      (balancer) the node did not answer, or died
+                          mid-call (metadata `node_address`)
+    LEADER_MOVED          (balancer) the leader stopped answering mid-call
+                          and another took over
+    NOT_CAUGHT_UP         (a read) `min_index` is not applied here in time
+                          (metadata `min_index`, `applied_index`)
+    READ_UNCONFIRMED      (a consistent read) leadership not confirmed in time
+    NODE_STOPPING         the node stopped with the call in flight
+    LOG_FAILED            the node's log failed
+    RECOVERY_STALLED      the node's log recovery made no progress
+    SETTLE_UNANSWERED     (Consume) settles got no answer before the end
+    SNAPSHOT_INSTALLED    (Watch) the node replaced its state: resume
+                          with `from_index`
+    BALANCER_STOPPING     (balancer, Consume) reconnect
+    UNAVAILABLE           any other (a server names its causes above)
+An UNAVAILABLE with no details came from no pqueue server: the connection
+failed, or the server went away mid-call. It may or may not have run.
 """
 
 from collections import abc as _abc

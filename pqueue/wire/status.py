@@ -6,8 +6,10 @@ google.rpc error model so clients in any language can read them:
 INVALID_ARGUMENT carries ``BadRequest`` (the field and why), retriable errors
 carry ``RetryInfo`` (and the ``grpc-retry-pushback-ms`` trailer), and a
 not-leader error carries ``ErrorInfo`` with the leader's id and address, and
-an UNAVAILABLE that is sure the call was not taken carries ``ErrorInfo``
-``NOT_TAKEN`` (a proxy may retry any call on it).
+every UNAVAILABLE carries an ``ErrorInfo`` saying why: ``NOT_TAKEN`` (with a
+``cause``) when it is sure the call was not taken (a proxy may retry any
+call on it), else the reason it may or may not have run. The reasons are the
+contract written in proto/pqueue/v1/queue.proto ("Errors").
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ _DETAILS_KEY = "grpc-status-details-bin"
 #: ErrorInfo reasons a proxy may act on.
 NOT_LEADER = "NOT_LEADER"
 NOT_TAKEN = "NOT_TAKEN"
+#: The reason of an UNAVAILABLE raised without one (the scan in
+#: tests/unit/test_unavailable_reasons.py keeps the node's own from it).
+UNAVAILABLE = "UNAVAILABLE"
 
 _CODES: list[tuple[type[errors.PQueueError], grpc.StatusCode]] = [
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -92,9 +97,20 @@ def status_proto(error: errors.PQueueError) -> status_pb2.Status:
                 )
             )
         )
-    if isinstance(error, errors.NotTakenError):
+    if isinstance(error, errors.UnavailableError):
+        # Every UNAVAILABLE a server sends says why (a client tells a call
+        # that did not run, NOT_TAKEN, from one that may have).
+        metadata = dict(error.metadata)
+        if isinstance(error, errors.NotTakenError) and error.cause:
+            metadata["cause"] = error.cause
         proto.details.append(
-            _pack(error_details_pb2.ErrorInfo(reason=NOT_TAKEN, domain=_ERROR_DOMAIN))
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason=error.reason or UNAVAILABLE,
+                    domain=_ERROR_DOMAIN,
+                    metadata=metadata,
+                )
+            )
         )
     retry_after_s = getattr(error, "retry_after_s", 0.0)
     if retry_after_s > 0:
@@ -152,6 +168,16 @@ def _error_info(details: list[any_pb2.Any], reason: str) -> dict[str, str] | Non
             any_.Unpack(info)
             if info.reason == reason:
                 return dict(info.metadata)
+    return None
+
+
+def _first_error_info(details: list[any_pb2.Any]) -> error_details_pb2.ErrorInfo | None:
+    """The first ErrorInfo detail (the one an UNAVAILABLE carries), if any."""
+    for any_ in details:
+        if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            any_.Unpack(info)
+            return info
     return None
 
 
@@ -218,9 +244,14 @@ def error_of(code: grpc.StatusCode, message: str, details: list[any_pb2.Any]) ->
     if code in simple:
         return simple[code](message)
     if code == grpc.StatusCode.UNAVAILABLE:
-        if _error_info(details, NOT_TAKEN) is not None:
-            return errors.NotTakenError(message, retry_after_s)
-        return errors.UnavailableError(message, retry_after_s)
+        info = _first_error_info(details)
+        if info is None:
+            return errors.UnavailableError(message, retry_after_s)
+        metadata = dict(info.metadata)
+        if info.reason == NOT_TAKEN:
+            cause = metadata.pop("cause", "")
+            return errors.NotTakenError(message, retry_after_s, cause, metadata)
+        return errors.UnavailableError(message, retry_after_s, info.reason, metadata)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return errors.ResourceExhaustedError(message, retry_after_s)
     return errors.RemoteError(message, code.name)

@@ -415,6 +415,7 @@ async def test_a_draining_node_ends_the_stream_not_taken(
         error = await stream.ended()
         assert isinstance(error, NotTakenError), error
         assert "draining" in error.message
+        assert error.cause == "DRAINING"  # the ErrorInfo's cause, as any language reads it
     fresh = raw()
     await fresh.start("q", credits=1)
     assert isinstance(await fresh.ended(), NotTakenError)

@@ -584,6 +584,10 @@ async def test_a_stream_ends_unavailable_when_the_leader_goes(rig: Rig) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await asyncio.wait_for(call.read(), 10)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    error = from_rpc_error(ended.value)  # no node said why: the balancer does
+    assert type(error) is UnavailableError, error
+    assert error.reason == "NODE_UNREACHABLE"
+    assert error.metadata == {"node_address": rig.leader.address}
 
 
 async def test_a_client_that_leaves_ends_the_leader_stream(rig: Rig) -> None:
@@ -707,3 +711,21 @@ async def test_a_client_submit_never_hands_back_a_node_address(rig: Rig) -> None
     assert rig.leader.calls(SUBMIT) + rig.follower.calls(SUBMIT) == 2  # sent again once
     for seen in (*rig.leader.seen, *rig.follower.seen):
         assert seen.metadata.get("pq-forwarded-by") == "balancer"  # never the node directly
+
+
+async def test_a_node_that_dies_mid_call_is_named_in_the_unavailable(rig: Rig) -> None:
+    # The node never answers: no pqueue server says why, so the balancer
+    # does (the call may or may not have run).
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        stall: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/pqueue.v1.Queue/Stall"
+        )
+        call = stall(b"", timeout=20)
+        await _wait(lambda: rig.leader.calls("/pqueue.v1.Queue/Stall") == 1, "the call arrives")
+        await rig.leader.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call
+    error = from_rpc_error(failed.value)
+    assert type(error) is UnavailableError, error  # not NOT_TAKEN: it may have run
+    assert error.reason == "NODE_UNREACHABLE"
+    assert error.metadata == {"node_address": rig.leader.address}
