@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.cli.args import Outcome, adder, metrics_token, parse_addresses, tls_of
+from pqueue.cli.failure import failure_line
 from pqueue.client import Client
-from pqueue.wire.logs import LOG_FORMATS, describe
+from pqueue.wire.logs import LOG_FORMATS
 from pqueue.wire.tokens import TokenFile
 
 
@@ -143,6 +144,6 @@ def run_balancer(args: argparse.Namespace) -> int:
             max_streams=args.max_streams,
         )
     except (OSError, ValueError) as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
+        print(failure_line(exc), file=sys.stderr)
         return 1
     return serve(config, args.log_level, args.log_format)

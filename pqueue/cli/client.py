@@ -13,12 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.cli import render
-from pqueue.cli.args import Outcome, adder, parse_node_id, parse_time_ms
-from pqueue.client import Client
-from pqueue.errors import PQueueError, RemoteError
+from pqueue.cli.args import (
+    Outcome,
+    adder,
+    id_arg,
+    parse_node_id,
+    parse_time_ms,
+    priority_arg,
+)
+from pqueue.cli.failure import UsageError, exit_code, failure_line
+from pqueue.client import DEFAULT_ENDPOINT, Client
+from pqueue.errors import PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.logs import describe
-from pqueue.wire.status import code_of
 from pqueue.wire.tls import Tls
 
 LEASE_COLUMNS = ("job_id", "lease_id", "priority", "attempt", "group", "payload")
@@ -28,7 +35,7 @@ JOB_COLUMNS = ("job_id", "state", "priority", "attempts", "group", "payload", "e
 async def cmd_enqueue(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
     payload = sys.stdin.buffer.read() if a.payload == "-" else a.payload.encode()
     if a.ttl_ms is not None and a.ttl_ms <= 0:
-        raise ValueError("--ttl-ms must be positive")
+        raise UsageError("--ttl-ms", "must be positive")
     expiries = [a.expires_at or 0, a.ttl_ms and int(time.time() * 1000) + a.ttl_ms]
     r = await c.enqueue(
         a.queue,
@@ -99,7 +106,7 @@ async def cmd_job(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] 
     stray = [o for o in given if o not in JOB_ACTIONS[action]]
     if stray:
         flag = "--" + stray[0].replace("_", "-")
-        raise ValueError(f"{flag} does not go with `pq job {action}`")
+        raise UsageError(flag, f"does not go with `pq job {action}`")
     if action == "show":
         job = await c.get_job(queue, job_id)
     elif action == "complete":
@@ -112,7 +119,7 @@ async def cmd_job(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] 
         job = await c.requeue_job(queue, job_id, delay_ms=a.delay_ms or 0)
     else:
         if a.priority is None and a.ready_at_ms is None:
-            raise ValueError("give --priority, --ready-at-ms or both")
+            raise UsageError("pq job reprioritize", "give --priority, --ready-at-ms or both")
         job = await c.reprioritize_job(
             queue, job_id, priority=a.priority, ready_at_ms=a.ready_at_ms
         )
@@ -127,11 +134,13 @@ def _job_words(words: Sequence[str]) -> tuple[str, str, int]:
     elif len(words) == 2:
         action, (queue, job_id) = "show", words
     else:
-        raise ValueError("usage: pq job [show|complete|cancel|requeue|reprioritize] QUEUE JOB_ID")
+        raise UsageError(
+            "pq job", "usage: pq job [show|complete|cancel|requeue|reprioritize] QUEUE JOB_ID"
+        )
     try:
-        return action, queue, int(job_id)
-    except ValueError:
-        raise ValueError(f"JOB_ID must be a number, not {job_id!r}") from None
+        return action, queue, id_arg(job_id)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError("JOB_ID", str(exc)) from None
 
 
 #: ``pq jobs list`` columns by state: what tells one job from the next there.
@@ -319,11 +328,13 @@ async def cmd_queue_update(c: Client, a: argparse.Namespace) -> tuple[Any, Seque
     if a.delete_when_idle is not None:
         fields["delete_when_idle"] = a.delete_when_idle
     if a.share and a.no_shares:
-        raise ValueError("--share and --no-shares contradict each other")
+        raise UsageError("--share", "--share and --no-shares contradict each other")
     if a.share or a.no_shares:
         fields["shares"] = a.share
     if not fields:
-        raise ValueError("nothing to update: give at least one flag (see pq queue update -h)")
+        raise UsageError(
+            "pq queue update", "nothing to update: give at least one flag (see pq queue update -h)"
+        )
     r = await c.update_queue(a.queue, **fields)
     config = render.fields_of(r.config)
     if a.output == "json":
@@ -444,9 +455,9 @@ async def cmd_watch(c: Client, a: argparse.Namespace) -> Outcome:
         try:
             job_id = int(a.job[1])
         except ValueError:
-            raise ValueError(f"--job QUEUE ID: {a.job[1]!r} is not a job id") from None
+            raise UsageError("--job QUEUE ID", f"{a.job[1]!r} is not a job id") from None
     if bool(queues) == a.all:
-        raise ValueError("name queues, or --all, or --job QUEUE ID")
+        raise UsageError("pq watch", "name queues, or --all, or --job QUEUE ID")
     events = c.watch(
         queues,
         all_queues=a.all,
@@ -484,10 +495,16 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
     """``Client`` keyword arguments from the global options (token, TLS)."""
     token = args.token
     if args.token_file is not None:
-        token = args.token_file.read_text().strip()
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise UsageError("--token-file", describe(exc)) from None
     tls = None
     if args.tls_ca is not None or args.tls_cert is not None:
-        tls = Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+        try:
+            tls = Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+        except OSError as exc:
+            raise UsageError("--tls-ca/--tls-cert/--tls-key", describe(exc)) from None
     return {"token": token or None, "tls": tls}
 
 
@@ -506,7 +523,7 @@ def register(sub: Any) -> None:
     sp = add("enqueue", cmd_enqueue, "enqueue a job (PAYLOAD '-' reads stdin)")
     sp.add_argument("queue")
     sp.add_argument("payload")
-    sp.add_argument("--priority", type=int, default=0, help="lower is served first")
+    sp.add_argument("--priority", type=priority_arg, default=0, help="lower is served first")
     sp.add_argument("--delay-ms", type=int, default=0)
     sp.add_argument("--idempotency-key", default="")
     sp.add_argument("--group", default="", help="ordering key: FIFO, one in flight")
@@ -538,8 +555,8 @@ def register(sub: Any) -> None:
     ):
         sp = add(name, fn, text)
         sp.add_argument("queue")
-        sp.add_argument("job_id", type=int)
-        sp.add_argument("lease_id", type=int)
+        sp.add_argument("job_id", type=id_arg, metavar="JOB_ID")
+        sp.add_argument("lease_id", type=id_arg, metavar="LEASE_ID")
         if name == "nack":
             sp.add_argument("--delay-ms", type=int, default=None, help="default: backoff")
             sp.add_argument("--reason", default="")
@@ -560,7 +577,9 @@ def register(sub: Any) -> None:
     sp.add_argument("--note", default=None, help="complete, cancel: kept as the job's reason")
     sp.add_argument("--result", default=None, help="complete: the job's result ('-': stdin)")
     sp.add_argument("--delay-ms", type=int, default=None, help="requeue: ready after this long")
-    sp.add_argument("--priority", type=int, default=None, help="reprioritize: the new priority")
+    sp.add_argument(
+        "--priority", type=priority_arg, default=None, help="reprioritize: the new priority"
+    )
     sp.add_argument(
         "--ready-at-ms", type=int, default=None, help="reprioritize: the new ready time (epoch ms)"
     )
@@ -672,7 +691,7 @@ def register(sub: Any) -> None:
     ):
         sp = add(name, fn, text, dsub)
         sp.add_argument("queue")
-        sp.add_argument("job_ids", type=int, nargs="*")
+        sp.add_argument("job_ids", type=id_arg, nargs="*", metavar="JOB_ID")
 
     schedule = sub.add_parser("schedule", help="cron schedules: add, list, remove, pause, resume")
     ssub = schedule.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -686,7 +705,7 @@ def register(sub: Any) -> None:
         "or @hourly, @daily...",
     )
     sp.add_argument("--payload", required=True, help="each tick's job ('-' reads stdin)")
-    sp.add_argument("--priority", type=int, default=0, help="lower is served first")
+    sp.add_argument("--priority", type=priority_arg, default=0, help="lower is served first")
     sp.add_argument("--group", default="", help="ordering key: FIFO, one in flight")
     sp.add_argument("--timezone", default="", help="IANA zone the fields are read in (UTC)")
     sp.add_argument(
@@ -709,21 +728,15 @@ def register(sub: Any) -> None:
 
 
 async def run_client(args: argparse.Namespace) -> int:
+    """Run a client command: its output on stdout, or one ``error:`` line on stderr."""
     try:
         options = client_options(args)
-    except (OSError, ValueError) as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
-        return 1
-    async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
-        try:
+        async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
             data, columns = await args.func(client, args)
-        except ValueError as exc:
-            print(f"error: {describe(exc)}", file=sys.stderr)
-            return 1
-        except PQueueError as exc:
-            code = exc.code if isinstance(exc, RemoteError) else code_of(exc).name
-            print(f"error: {code}: {describe(exc)}", file=sys.stderr)
-            return 1
+    except (PQueueError, ValueError, TypeError, OSError) as exc:
+        line = failure_line(exc, args.endpoint, DEFAULT_ENDPOINT)
+        print(line, file=sys.stderr)
+        return exit_code(exc)
     if data is not None:  # None: the command printed as it went (pq watch)
         print(render.emit(data, args.output, columns))
     return 0

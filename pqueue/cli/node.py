@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pqueue.cli.args import metrics_token, parse_bytes, parse_node_id, parse_peers
+from pqueue.cli.failure import failure_line
 from pqueue.errors import PQueueError
 from pqueue.wire.logs import LOG_FORMATS, describe
 from pqueue.wire.roles import DEFAULT_LEEWAY_S, PEER, node_subject
@@ -284,6 +285,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = _node_options(args)
     except ValueError as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
+        print(failure_line(exc), file=sys.stderr)
         return 1
     return run_node(options)

@@ -111,7 +111,10 @@ def run_web(args: argparse.Namespace) -> int:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        print(f"error: pq web needs pip install 'pqueue[web]' ({e})", file=sys.stderr)
+        print(
+            f"error: FAILED_PRECONDITION: pq web needs pip install 'pqueue[web]' ({e})",
+            file=sys.stderr,
+        )
         return 1
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -121,5 +124,7 @@ def run_web(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(args))
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from pqueue.cli.failure import failure_line
+
+        print(failure_line(e), file=sys.stderr)
         return 1

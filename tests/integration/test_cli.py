@@ -152,7 +152,7 @@ async def test_jobs_list_pages_and_times(server: NodeServer) -> None:
     code, _, err = await pq(a, "jobs", "list", "q", "--state", "ready", "--page-token", "zz")
     assert (code, err.strip()) == (
         1,
-        "error: INVALID_ARGUMENT: page_token: not a token this server gave",
+        "error: INVALID_ARGUMENT: --page-token: not a token this server gave",
     )
 
 
@@ -161,7 +161,7 @@ async def test_errors_are_one_line_and_non_zero(server: NodeServer) -> None:
     assert (code, out) == (1, "")
     assert err.strip() == "error: NOT_FOUND: queue 'emails' not found"
     code, _, err = await pq(server.address, "enqueue", "", "x")
-    assert (code, err.strip()) == (1, "error: INVALID_ARGUMENT: queue: must not be empty")
+    assert (code, err.strip()) == (1, "error: INVALID_ARGUMENT: QUEUE: must not be empty")
     code, _, err = await pq("127.0.0.1:1", "--timeout-s", "2", "stats")
     assert code == 1
     assert err.startswith("error: UNAVAILABLE: ")
@@ -236,3 +236,93 @@ async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         return str(r.read().decode())
+
+
+async def test_global_flags_go_before_or_after_the_command(server: NodeServer) -> None:
+    a = server.address
+    await pq_json(a, "enqueue", "q", "x")
+    code, out, err = await pq(a, "stats", "q", "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)[0]["ready"] == 1
+    code, out, err = await pq(a, "queue", "show", "q", "--output", "json", "--timeout-s", "5")
+    assert code == 0, err
+    assert json.loads(out)["queue"] == "q"
+    # After the command, --endpoint wins over the one given before it.
+    code, out, err = await pq("127.0.0.1:1", "stats", "--endpoint", a, "-o", "json")
+    assert (code, json.loads(out)[0]["queue"]) == (0, "q"), err
+    # Given before only: not overwritten by the command's parser.
+    code, out, err = await pq(a, "-o", "json", "stats", "q")
+    assert code == 0, err
+    assert json.loads(out)[0]["queue"] == "q"
+
+
+async def _interrupted(address: str, *args: str) -> tuple[int | None, str]:
+    """``pq ARGS`` interrupted with SIGINT once it is under way."""
+    proc = await asyncio.create_subprocess_exec(
+        *PQ, "--endpoint", address, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.5)  # imported, connected and waiting
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, err.decode()
+
+
+async def test_ctrl_c_is_one_line_and_exit_130(server: NodeServer) -> None:
+    await pq_json(server.address, "queue", "create", "q")
+    for args in (("lease", "q", "--wait-ms", "60000"), ("watch", "q")):
+        code, err = await _interrupted(server.address, *args)
+        assert code == 130, err
+        assert "Traceback" not in err
+        assert err.strip() == "interrupted", err
+
+
+async def test_client_side_checks_fail_in_the_documented_form(server: NodeServer) -> None:
+    a = server.address
+    code, out, err = await pq(a, "job", "q", "-1")
+    assert (code, out) == (2, "")
+    assert err.strip() == "error: INVALID_ARGUMENT: JOB_ID: must be 1 or more, not -1"
+    code, _, err = await pq(a, "enqueue", "q", "x", "--priority", str(1 << 31))
+    assert code == 2
+    assert err.splitlines()[-1].startswith("error: INVALID_ARGUMENT: argument --priority: ")
+    code, _, err = await pq(a, "ack", "q", "1", "0")
+    assert code == 2
+    assert "error: INVALID_ARGUMENT: argument LEASE_ID: must be 1 or more, not 0" in err
+    code, _, err = await pq(a, "enqueue", "q", "x", "--no-such-flag")
+    assert code == 2
+    assert err.splitlines()[-1] == "error: INVALID_ARGUMENT: unrecognized arguments: --no-such-flag"
+
+
+async def test_a_refused_connection_says_where_and_what_to_check() -> None:
+    code, out, err = await pq("127.0.0.1:1", "--timeout-s", "3", "stats")
+    assert (code, out) == (1, "")
+    assert err.strip() == (
+        "error: UNAVAILABLE: no cluster at 127.0.0.1:1 (connection refused) — "
+        "is --endpoint (PQ_ENDPOINT) right?"
+    )
+
+
+async def test_version() -> None:
+    proc = await asyncio.create_subprocess_exec(*PQ, "--version", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert re.fullmatch(r"pq \d+\.\d+\.\d+\S*\n", out.decode())
+
+
+async def test_server_errors_name_the_flags_typed(server: NodeServer) -> None:
+    a = server.address
+    await pq_json(a, "queue", "create", "q", "--max-priority", "9")
+    code, _, err = await pq(a, "enqueue", "q", "x", "--priority", "10")
+    assert code == 1
+    assert err.startswith("error: INVALID_ARGUMENT: --priority: "), err
+    code, _, err = await pq(a, "queue", "create", "r", "--lease-ms", "-5")
+    assert code in (1, 2)
+    assert err.splitlines()[-1].startswith("error: INVALID_ARGUMENT: "), err
+    assert "--lease-ms" in err
+    assert "config." not in err
