@@ -124,7 +124,7 @@ def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 def build_parser() -> argparse.ArgumentParser:
     """The ``pq`` parser; each program adds its own subparser (imported here, so
     importing one program, e.g. the client commands, loads no other)."""
-    from pqueue.cli import balancer, client, devcluster, node, token, web, worker
+    from pqueue.cli import balancer, commands, devcluster, node, token, web, worker
 
     p = Parser(prog="pq", description="pqueue: a replicated priority queue", epilog=EXIT_CODES)
     p.add_argument("--version", action="version", version=f"pq {_version()}")
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     balancer.register(sub)
     token.register(sub)
     devcluster.register(sub)
-    client.register(sub)
+    commands.register(sub)
     worker.register(sub)
     web.register(sub)
     for command in _commands(p):

@@ -58,7 +58,9 @@ def register(sub: Any) -> None:
         default=None,
         help="/metrics answers only scrapes with 'Authorization: Bearer <this file's text>'",
     )
-    run.add_argument("--probe-interval-s", type=float, default=1.0)
+    run.add_argument(
+        "--probe-interval-s", type=float, default=1.0, help="how often each node is probed"
+    )
     run.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate for clients")
     run.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
     run.add_argument("--tls-ca", type=Path, default=None, help="require client certificates")
@@ -103,7 +105,7 @@ def register(sub: Any) -> None:
         help="Consume streams carried at once; more are refused, RESOURCE_EXHAUSTED "
         "(default: 4096)",
     )
-    run.add_argument("--log-level", default="INFO")
+    run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     run.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
     )

@@ -210,7 +210,9 @@ def _check_peer_token(verifier: Verifier, token: str, node_id: int) -> None:
 def register(sub: Any) -> None:
     """The ``node`` subparser."""
     node = sub.add_parser("node", help="run a node", description="Run a queue node.")
-    node.add_argument("--data-dir", type=Path, required=True)
+    node.add_argument(
+        "--data-dir", type=Path, required=True, help="the node's directory (its SQLite store)"
+    )
     node.add_argument("--listen", default="127.0.0.1:7701", help="HOST:PORT (port 0: any)")
     node.add_argument("--node-id", type=parse_node_id, default=1, help="1, 2, ... (or n1, n2, ...)")
     node.add_argument(
@@ -221,7 +223,7 @@ def register(sub: Any) -> None:
         "(without it the node runs alone; a member of a cluster always needs it)",
     )
     _identity_args(node)
-    node.add_argument("--log-level", default="INFO")
+    node.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     node.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
     )

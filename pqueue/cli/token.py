@@ -63,7 +63,7 @@ def register(sub: Any) -> None:
     issue = tsub.add_parser(
         "issue", help="print a signed token", description="Print a signed bearer token (a JWT)."
     )
-    issue.add_argument("--tenant", required=True)
+    issue.add_argument("--tenant", required=True, help="the tenant it acts for")
     issue.add_argument(
         "--role", action="append", default=None, choices=sorted(ROLES), help="repeat for more"
     )
@@ -75,8 +75,10 @@ def register(sub: Any) -> None:
     )
     issue.add_argument("--ttl", default="24h", help="lifetime: 3600, 90s, 30m, 24h, 7d")
     issue.add_argument("--subject", default="", help="who it is for (logged)")
-    issue.add_argument("--audience", default=None)
-    issue.add_argument("--issuer", default=None)
+    issue.add_argument(
+        "--audience", default=None, help="its aud claim (the nodes' --auth-audience)"
+    )
+    issue.add_argument("--issuer", default=None, help="its iss claim (the nodes' --auth-issuer)")
     issue.add_argument(
         "--node-id",
         type=parse_node_id,

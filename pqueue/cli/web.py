@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(run=run_web)
     p.add_argument("--listen", default="127.0.0.1:7780", help="HOST:PORT (port 0: any)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def _host_port(listen: str) -> tuple[str, int]:

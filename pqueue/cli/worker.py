@@ -395,7 +395,7 @@ def register(sub: Any) -> None:
         ),
     )
     w.set_defaults(run=run_worker)
-    w.add_argument("--queue", required=True)
+    w.add_argument("--queue", required=True, help="the queue to consume")
     how = w.add_mutually_exclusive_group(required=True)
     how.add_argument("--exec", metavar="CMD", help="a shell command, run by /bin/sh -c")
     how.add_argument("--http", metavar="URL", help="POST each job's payload here")
