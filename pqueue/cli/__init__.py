@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pqueue.cli.args import HelpFormatter
-from pqueue.cli.failure import EXIT_FAILED, EXIT_USAGE
+from pqueue.cli.failure import EXIT_FAILED, EXIT_USAGE, exit_code, failure_line
 
 #: What ``pq`` exits with, and when.
 EXIT_OK = 0
@@ -163,4 +163,11 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from pqueue.cli.client import run_client
 
+    prepare = getattr(args, "prepare", None)  # input read before the loop runs
+    if prepare is not None:
+        try:
+            prepare(args)
+        except (ValueError, OSError) as exc:
+            print(failure_line(exc), file=sys.stderr)
+            return exit_code(exc)
     return asyncio.run(run_client(args))

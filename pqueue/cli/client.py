@@ -32,17 +32,28 @@ LEASE_COLUMNS = ("job_id", "lease_id", "priority", "attempt", "group", "payload"
 JOB_COLUMNS = ("job_id", "state", "priority", "attempts", "group", "payload", "errors")
 
 
-async def cmd_enqueue(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
+def prepare_enqueue(a: argparse.Namespace) -> None:
+    """Read ``pq enqueue``'s input (stdin, ``--file``) before the event loop
+    runs, so Ctrl-C while it waits for input stops at once; the jobs of
+    ``--file`` are checked here, before anything is sent."""
     if a.file is not None:
         if a.payload is not None:
             raise UsageError("--file", "give PAYLOAD or --file, not both")
+        from pqueue.cli.produce import load_specs
+
+        a.specs = load_specs(a.file, spec_options(a))
+        return
+    if a.payload is None:
+        raise UsageError("PAYLOAD", "give the payload ('-' reads stdin), or --file")
+    a.payload_bytes = sys.stdin.buffer.read() if a.payload == "-" else a.payload.encode()
+
+
+async def cmd_enqueue(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
+    if a.file is not None:
         from pqueue.cli.produce import enqueue_file
 
         return await enqueue_file(c, a)
-    if a.payload is None:
-        raise UsageError("PAYLOAD", "give the payload ('-' reads stdin), or --file")
-    payload = sys.stdin.buffer.read() if a.payload == "-" else a.payload.encode()
-    r = await c.enqueue(a.queue, payload, **spec_options(a))
+    r = await c.enqueue(a.queue, a.payload_bytes, **spec_options(a))
     return {"job_id": r.job_id, "duplicate": r.duplicate}, None
 
 

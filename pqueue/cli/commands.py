@@ -49,6 +49,7 @@ from pqueue.cli.client import (
     cmd_stats,
     cmd_stop_node,
     cmd_watch,
+    prepare_enqueue,
     share_arg,
     state_arg,
 )
@@ -167,6 +168,7 @@ def _produce_and_consume(sub: Any) -> None:
         help="one job per JSON line of F ('-': stdin): a payload, or "
         '{"payload": ..., "priority": ...}; the flags above are the defaults',
     )
+    sp.set_defaults(prepare=prepare_enqueue)
     sp.add_argument(
         "--batch-size",
         type=int_in(1, MAX_BATCH_JOBS),

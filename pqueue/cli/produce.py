@@ -18,7 +18,6 @@ rewritten in place on a terminal, a line per batch otherwise.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Iterable
@@ -168,10 +167,8 @@ class Progress:
 
 
 async def enqueue_file(c: Client, a: argparse.Namespace) -> tuple[Any, Any]:
-    """``pq enqueue QUEUE --file F|-``."""
-    from pqueue.cli.client import spec_options
-
-    specs = await asyncio.to_thread(load_specs, a.file, spec_options(a))
+    """``pq enqueue QUEUE --file F|-``: the jobs ``load_specs`` read (``a.specs``)."""
+    specs: Numbered = a.specs
     name = "stdin" if a.file == "-" else a.file
     progress = Progress(len(specs))
     ids: list[int] = []

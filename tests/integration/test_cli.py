@@ -257,9 +257,10 @@ async def test_global_flags_go_before_or_after_the_command(server: NodeServer) -
 
 
 async def _interrupted(address: str, *args: str) -> tuple[int | None, str]:
-    """``pq ARGS`` interrupted with SIGINT once it is under way."""
+    """``pq ARGS`` interrupted with SIGINT once it is under way (its stdin
+    open: a command reading it waits)."""
     proc = await asyncio.create_subprocess_exec(
-        *PQ, "--endpoint", address, *args,
+        *PQ, "--endpoint", address, *args, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -276,11 +277,16 @@ async def _interrupted(address: str, *args: str) -> tuple[int | None, str]:
 
 async def test_ctrl_c_is_one_line_and_exit_130(server: NodeServer) -> None:
     await pq_json(server.address, "queue", "create", "q")
-    for args in (("lease", "q", "--wait-ms", "60000"), ("watch", "q")):
+    for args in (
+        ("lease", "q", "--wait-ms", "60000"),
+        ("watch", "q"),
+        ("enqueue", "q", "-"),  # waiting for stdin
+        ("enqueue", "q", "--file", "-"),
+    ):
         code, err = await _interrupted(server.address, *args)
-        assert code == 130, err
+        assert code == 130, (args, err)
         assert "Traceback" not in err
-        assert err.strip() == "interrupted", err
+        assert err.strip() == "interrupted", (args, err)
 
 
 async def test_client_side_checks_fail_in_the_documented_form(server: NodeServer) -> None:
