@@ -88,13 +88,40 @@ def _global_options(p: argparse._ActionsContainer, suppress: bool, skip: set[str
             ("--token",),
             {"default": os.environ.get("PQ_TOKEN"), "help": "bearer token (env PQ_TOKEN)"},
         ),
-        (("--token-file",), {"type": Path, "default": None, "help": "read the bearer token here"}),
-        (("--tls-ca",), {"type": Path, "default": None, "help": "CA of the server (turns on TLS)"}),
-        (("--tls-cert",), {"type": Path, "default": None, "help": "client certificate (mTLS)"}),
-        (("--tls-key",), {"type": Path, "default": None, "help": "client key (mutual TLS)"}),
+        (
+            ("--token-file",),
+            {
+                "type": Path,
+                "default": None,
+                "metavar": "PATH",
+                "help": "read the bearer token here",
+            },
+        ),
+        (
+            ("--tls-ca",),
+            {
+                "type": Path,
+                "default": None,
+                "metavar": "PEM",
+                "help": "the server's CA (turns on TLS)",
+            },
+        ),
+        (
+            ("--tls-cert",),
+            {"type": Path, "default": None, "metavar": "PEM", "help": "client certificate (mTLS)"},
+        ),
+        (
+            ("--tls-key",),
+            {"type": Path, "default": None, "metavar": "PEM", "help": "client key (mutual TLS)"},
+        ),
         (
             ("--timeout-s",),
-            {"type": float, "default": 10.0, "help": "each call's deadline, in seconds"},
+            {
+                "type": float,
+                "default": 10.0,
+                "metavar": "S",
+                "help": "each call's deadline, in seconds",
+            },
         ),
     ]
     for flags, kwargs in options:
@@ -102,6 +129,7 @@ def _global_options(p: argparse._ActionsContainer, suppress: bool, skip: set[str
             continue
         if suppress:
             shown = kwargs["default"]
+            shown = f"{shown:g}" if isinstance(shown, float) else shown
             if kwargs["help"] and shown is not None and flags[0] != "--token":
                 kwargs["help"] += f" (default: {shown})"
             kwargs["default"] = argparse.SUPPRESS

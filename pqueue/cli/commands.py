@@ -89,13 +89,23 @@ def _job_and_lease(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def _metavar(field: str) -> str:
+    """``MS``, ``BYTES``, ``PER_S`` or ``N``: what a config flag takes."""
+    for suffix, metavar in (("_ms", "MS"), ("_bytes", "BYTES"), ("_per_s", "PER_S")):
+        if field.endswith(suffix):
+            return metavar
+    return "N"
+
+
 def _config_flags(sp: argparse.ArgumentParser, create: bool) -> None:
     """The queue config flags (``--max-attempts``...); ``create`` shows the
     node's defaults, ``update`` changes only the flags given."""
     for flags, name, kind, text in UPDATE_FLAGS:
         if create and name in CREATE_DEFAULTS:
             text = f"{text} (default: {CREATE_DEFAULTS[name]})"
-        sp.add_argument(*flags, dest=name, type=kind, default=None, help=text)
+        sp.add_argument(
+            *flags, dest=name, type=kind, default=None, metavar=_metavar(name), help=text
+        )
     sp.add_argument(
         "--delete-when-idle",
         action=argparse.BooleanOptionalAction,

@@ -106,3 +106,49 @@ def test_the_defaults_pq_queue_create_shows_are_the_node_s() -> None:
         commands.CREATE_DEFAULTS
     )
     assert commands.MAX_BATCH_JOBS == limits.MAX_BATCH_JOBS
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_enqueue_file_progress_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
+    from pqueue.cli.produce import Progress
+
+    tty = _Terminal()
+    bar = Progress(4, tty)
+    bar.show(2)
+    bar.show(4)
+    bar.close()
+    assert tty.getvalue() == (f"\r[{'#' * 15}{'.' * 15}] enqueued 2/4\r[{'#' * 30}] enqueued 4/4\n")
+    plain = io.StringIO()
+    lines = Progress(4, plain)
+    lines.show(2)
+    lines.show(4)
+    lines.close()
+    assert plain.getvalue() == "enqueued 2/4\nenqueued 4/4\n"
+
+
+def test_json_lines_read_as_jobs() -> None:
+    from pqueue.cli.failure import UsageError
+    from pqueue.cli.produce import read_specs
+
+    text = io.StringIO(
+        '{"to": "a"}\n'
+        "\n"
+        '{"payload": {"k": 1}, "priority": 3, "not_before": "2100-01-01T00:00:00Z"}\n'
+        '{"payload": "plain", "group": "g"}\n'
+    )
+    specs = read_specs(text, "f", {"priority": 7})
+    assert [n for n, _ in specs] == [1, 3, 4]
+    first, second, third = (s for _, s in specs)
+    assert (first.payload, first.priority) == (b'{"to": "a"}', 7)
+    assert (second.payload, second.priority, second.not_before_ms) == (
+        b'{"k": 1}',
+        3,
+        4102444800000,
+    )
+    assert (third.payload, third.group) == (b"plain", "g")
+    with pytest.raises(UsageError, match=r"^f line 2: priority: must be from"):
+        read_specs(io.StringIO('"ok"\n{"payload": 1, "priority": 2147483648}\n'), "f", {})
