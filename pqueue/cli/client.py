@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -583,7 +585,9 @@ async def run_client(args: argparse.Namespace) -> int:
         options = client_options(args)
         async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
             data, columns = await args.func(client, args)
-    except (PQueueError, ValueError, TypeError, OSError) as exc:
+    except Exception as exc:  # one line, even for a bug (PQ_DEBUG=1: its traceback)
+        if os.environ.get("PQ_DEBUG") and not isinstance(exc, PQueueError | ValueError):
+            traceback.print_exc()
         line = failure_line(exc, args.endpoint, DEFAULT_ENDPOINT)
         print(line, file=sys.stderr)
         return exit_code(exc)

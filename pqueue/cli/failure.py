@@ -160,7 +160,7 @@ def failure_line(exc: BaseException, endpoint: str = "", default_endpoint: str =
         return f"error: PERMISSION_DENIED: {describe(exc)}"
     if isinstance(exc, OSError):
         return f"error: FAILED_PRECONDITION: {describe(exc)}"
-    return f"error: INTERNAL: {describe(exc)}"
+    return f"error: INTERNAL: {describe(exc)} (PQ_DEBUG=1 shows where)"
 
 
 def exit_code(exc: BaseException) -> int:

@@ -65,6 +65,9 @@ def test_failure_lines_and_exit_codes() -> None:
         "error: ALREADY_EXISTS: queue 'q' exists with a different config: "
         "--max-attempts is 3, asked 4"
     )
+    bug = RuntimeError("boom")
+    assert failure_line(bug) == "error: INTERNAL: RuntimeError: boom (PQ_DEBUG=1 shows where)"
+    assert exit_code(bug) == 1
     assert failure_line(FileNotFoundError(2, "No such file or directory", "x")).startswith(
         "error: NOT_FOUND: "
     )
