@@ -19,6 +19,27 @@ Command = Callable[["Client", argparse.Namespace], Awaitable[Outcome]]
 Adder = Callable[..., argparse.ArgumentParser]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help line ends with its default, when it has one worth
+    showing (not None, off, empty, or already said in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default in ("", [], argparse.SUPPRESS)
+            or not (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            return text
+        shown = f"{default:g}" if isinstance(default, float) else default
+        if isinstance(default, Path):
+            shown = str(default)
+        return f"{text} (default: {str(shown).replace('%', '%%')})".lstrip()
+
+
 def adder(sub: Any) -> Adder:
     """``add(name, fn, help, parent=sub)``: a client command's subparser."""
 
@@ -118,3 +139,36 @@ def parse_time_ms(text: str) -> int:
             f"{text!r} is neither Unix milliseconds nor an ISO-8601 time"
         ) from None
     return round(moment.astimezone(UTC).timestamp() * 1000)
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (a protobuf
+    field's range), refused at the command line rather than by protobuf
+    (``Value out of range``) or by the server."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            if high >= 1 << 62:
+                raise argparse.ArgumentTypeError(f"must be {low} or more, not {value}")
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's "invalid integer value" names the type
+    return parse
+
+
+INT32 = (-(1 << 31), (1 << 31) - 1)
+UINT32 = (0, (1 << 32) - 1)
+#: Durations and times in ms: never negative, int64.
+MS = (0, (1 << 63) - 1)
+#: Job and lease ids: uint64, 0 is never one.
+ID = (1, (1 << 64) - 1)
+
+priority_arg = int_in(*INT32)
+ms_arg = int_in(*MS)
+id_arg = int_in(*ID)
+count_arg = int_in(*UINT32)

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.cli.args import Outcome, adder, metrics_token, parse_addresses, tls_of
+from pqueue.cli.failure import failure_line
 from pqueue.client import Client
-from pqueue.wire.logs import LOG_FORMATS, describe
+from pqueue.wire.logs import LOG_FORMATS
 from pqueue.wire.tokens import TokenFile
 
 
@@ -57,7 +58,9 @@ def register(sub: Any) -> None:
         default=None,
         help="/metrics answers only scrapes with 'Authorization: Bearer <this file's text>'",
     )
-    run.add_argument("--probe-interval-s", type=float, default=1.0)
+    run.add_argument(
+        "--probe-interval-s", type=float, default=1.0, help="how often each node is probed"
+    )
     run.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate for clients")
     run.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
     run.add_argument("--tls-ca", type=Path, default=None, help="require client certificates")
@@ -102,7 +105,7 @@ def register(sub: Any) -> None:
         help="Consume streams carried at once; more are refused, RESOURCE_EXHAUSTED "
         "(default: 4096)",
     )
-    run.add_argument("--log-level", default="INFO")
+    run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     run.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
     )
@@ -143,6 +146,6 @@ def run_balancer(args: argparse.Namespace) -> int:
             max_streams=args.max_streams,
         )
     except (OSError, ValueError) as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
+        print(failure_line(exc), file=sys.stderr)
         return 1
     return serve(config, args.log_level, args.log_format)

@@ -6,40 +6,72 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pqueue.cli import render
-from pqueue.cli.args import Outcome, adder, parse_node_id, parse_time_ms
-from pqueue.client import Client
-from pqueue.errors import PQueueError, RemoteError
+from pqueue.cli.args import (
+    INT32,
+    UINT32,
+    Outcome,
+    count_arg,
+    id_arg,
+    int_in,
+    ms_arg,
+)
+from pqueue.cli.failure import UsageError, exit_code, failure_line
+from pqueue.client import DEFAULT_ENDPOINT, Client
+from pqueue.errors import PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.logs import describe
-from pqueue.wire.status import code_of
 from pqueue.wire.tls import Tls
 
 LEASE_COLUMNS = ("job_id", "lease_id", "priority", "attempt", "group", "payload")
 JOB_COLUMNS = ("job_id", "state", "priority", "attempts", "group", "payload", "errors")
 
 
+def prepare_enqueue(a: argparse.Namespace) -> None:
+    """Read ``pq enqueue``'s input (stdin, ``--file``) before the event loop
+    runs, so Ctrl-C while it waits for input stops at once; the jobs of
+    ``--file`` are checked here, before anything is sent."""
+    if a.file is not None:
+        if a.payload is not None:
+            raise UsageError("--file", "give PAYLOAD or --file, not both")
+        from pqueue.cli.produce import load_specs
+
+        a.specs = load_specs(a.file, spec_options(a))
+        return
+    if a.payload is None:
+        raise UsageError("PAYLOAD", "give the payload ('-' reads stdin), or --file")
+    a.payload_bytes = sys.stdin.buffer.read() if a.payload == "-" else a.payload.encode()
+
+
 async def cmd_enqueue(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
-    payload = sys.stdin.buffer.read() if a.payload == "-" else a.payload.encode()
-    if a.ttl_ms is not None and a.ttl_ms <= 0:
-        raise ValueError("--ttl-ms must be positive")
-    expiries = [a.expires_at or 0, a.ttl_ms and int(time.time() * 1000) + a.ttl_ms]
-    r = await c.enqueue(
-        a.queue,
-        payload,
-        priority=a.priority,
-        delay_ms=a.delay_ms,
-        idempotency_key=a.idempotency_key,
-        group=a.group,
-        expires_at_ms=min((t for t in expiries if t), default=0),
-    )
+    if a.file is not None:
+        from pqueue.cli.produce import enqueue_file
+
+        return await enqueue_file(c, a)
+    r = await c.enqueue(a.queue, a.payload_bytes, **spec_options(a))
     return {"job_id": r.job_id, "duplicate": r.duplicate}, None
+
+
+def spec_options(a: argparse.Namespace) -> dict[str, Any]:
+    """``pq enqueue``'s job flags as ``job_spec`` keyword arguments."""
+    if a.ttl_ms is not None and a.ttl_ms <= 0:
+        raise UsageError("--ttl-ms", "must be positive")
+    expiries = [a.expires_at or 0, a.ttl_ms and int(time.time() * 1000) + a.ttl_ms]
+    return {
+        "priority": a.priority,
+        "delay_ms": a.delay_ms,
+        "not_before_ms": a.not_before or 0,
+        "idempotency_key": a.idempotency_key,
+        "group": a.group,
+        "expires_at_ms": min((t for t in expiries if t), default=0),
+    }
 
 
 async def cmd_lease(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
@@ -49,9 +81,36 @@ async def cmd_lease(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str
     return [render.leased_job_row(j) for j in jobs], LEASE_COLUMNS
 
 
+def lease_pairs(words: Sequence[str]) -> list[tuple[int, int]]:
+    """``JOB_ID LEASE_ID`` (one job), or ``JOB_ID:LEASE_ID ...`` (any number)."""
+    if len(words) == 2 and not any(":" in w for w in words):
+        return [(_id(words[0], "JOB_ID"), _id(words[1], "LEASE_ID"))]
+    pairs = []
+    for word in words:
+        job, sep, lease = word.partition(":")
+        if not sep:
+            raise UsageError("JOB_ID:LEASE_ID", f"{word!r}: expected JOB_ID:LEASE_ID")
+        pairs.append((_id(job, "JOB_ID"), _id(lease, "LEASE_ID")))
+    return pairs
+
+
+def _id(text: str, name: str) -> int:
+    try:
+        return id_arg(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(name, str(exc)) from None
+
+
 async def cmd_ack(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
-    await c.ack(a.queue, a.job_id, a.lease_id, result=_text_or_stdin(a.result))
-    return {"job_id": a.job_id, "acked": True}, None
+    leases = lease_pairs(a.leases)
+    result = _text_or_stdin(a.result)
+    if len(leases) == 1:
+        [(job_id, lease_id)] = leases
+        await c.ack(a.queue, job_id, lease_id, result=result)
+        return {"job_id": job_id, "acked": True}, None
+    # Several: all or none (one stale lease refuses the call, ABORTED).
+    await c.ack_many(a.queue, [(job_id, lease_id, result) for job_id, lease_id in leases])
+    return [{"job_id": job_id, "acked": True} for job_id, _ in leases], ("job_id", "acked")
 
 
 def _text_or_stdin(value: str) -> bytes:
@@ -60,7 +119,9 @@ def _text_or_stdin(value: str) -> bytes:
 
 
 async def cmd_nack(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
-    r = await c.nack(a.queue, a.job_id, a.lease_id, delay_ms=a.delay_ms, reason=a.reason)
+    r = await c.nack(
+        a.queue, a.job_id, a.lease_id, delay_ms=a.delay_ms, reason=a.reason, release=a.release
+    )
     row = {
         "job_id": a.job_id,
         "state": render.state_name(r.state),
@@ -99,7 +160,7 @@ async def cmd_job(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] 
     stray = [o for o in given if o not in JOB_ACTIONS[action]]
     if stray:
         flag = "--" + stray[0].replace("_", "-")
-        raise ValueError(f"{flag} does not go with `pq job {action}`")
+        raise UsageError(flag, f"does not go with `pq job {action}`")
     if action == "show":
         job = await c.get_job(queue, job_id)
     elif action == "complete":
@@ -112,7 +173,7 @@ async def cmd_job(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] 
         job = await c.requeue_job(queue, job_id, delay_ms=a.delay_ms or 0)
     else:
         if a.priority is None and a.ready_at_ms is None:
-            raise ValueError("give --priority, --ready-at-ms or both")
+            raise UsageError("pq job reprioritize", "give --priority, --ready-at-ms or both")
         job = await c.reprioritize_job(
             queue, job_id, priority=a.priority, ready_at_ms=a.ready_at_ms
         )
@@ -127,11 +188,13 @@ def _job_words(words: Sequence[str]) -> tuple[str, str, int]:
     elif len(words) == 2:
         action, (queue, job_id) = "show", words
     else:
-        raise ValueError("usage: pq job [show|complete|cancel|requeue|reprioritize] QUEUE JOB_ID")
+        raise UsageError(
+            "pq job", "usage: pq job [show|complete|cancel|requeue|reprioritize] QUEUE JOB_ID"
+        )
     try:
-        return action, queue, int(job_id)
-    except ValueError:
-        raise ValueError(f"JOB_ID must be a number, not {job_id!r}") from None
+        return action, queue, id_arg(job_id)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError("JOB_ID", str(exc)) from None
 
 
 #: ``pq jobs list`` columns by state: what tells one job from the next there.
@@ -236,20 +299,11 @@ def share_arg(text: str) -> pb.TenantShare:
 
 
 async def cmd_queue_create(c: Client, a: argparse.Namespace) -> tuple[Any, Sequence[str] | None]:
-    config = pb.QueueConfig(
-        max_attempts=a.max_attempts,
-        default_lease_ms=a.lease_ms,
-        aging_interval_ms=a.aging_interval_ms,
-        dedup_window_ms=a.dedup_window_ms,
-        max_payload_bytes=a.max_payload_bytes,
-        shares=a.share,
-        job_ttl_ms=a.job_ttl_ms,
-        dead_retention_ms=a.dead_retention_ms,
-    )
-    if a.min_priority is not None:
-        config.min_priority = a.min_priority
-    if a.max_priority is not None:
-        config.max_priority = a.max_priority
+    config = pb.QueueConfig(shares=a.share, delete_when_idle=bool(a.delete_when_idle))
+    for _, name, _, _ in UPDATE_FLAGS:
+        value = getattr(a, name)
+        if value is not None and value != CLEAR:
+            setattr(config, name, value)
     r = await c.create_queue(a.queue, config)
     return {"queue": a.queue, "created": r.created}, None
 
@@ -266,36 +320,62 @@ async def cmd_queue_purge(c: Client, a: argparse.Namespace) -> tuple[Any, Sequen
 CLEAR = "none"
 
 
-def int_or_clear(text: str) -> int | str:
-    """An integer, or ``none`` (leave the optional field unset: its default)."""
-    if text.lower() == CLEAR:
-        return CLEAR
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'none'") from None
+def int_or_clear(low: int, high: int) -> Callable[[str], int | str]:
+    """An argparse type: an integer from ``low`` to ``high``, or ``none``
+    (leave the optional field unset: its default)."""
+    number = int_in(low, high)
+
+    def parse(text: str) -> int | str:
+        return CLEAR if text.lower() == CLEAR else number(text)
+
+    return parse
 
 
-#: ``pq queue update`` flags: (flag names, QueueConfig field, type, help).
-#: Only the flags given go in the update mask.
+#: ``pq queue create`` and ``update`` flags: (flag names, QueueConfig field,
+#: type, help). ``update`` sends only the flags given (its update mask).
 UPDATE_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
-    (("--max-attempts",), "max_attempts", int, "deliveries before a job is dead"),
-    (("--lease-ms", "--default-lease-ms"), "default_lease_ms", int, "default lease"),
-    (("--max-lease-total-ms",), "max_lease_total_ms", int, "cap on a lease through extensions"),
-    (("--backoff-base-ms",), "backoff_base_ms", int, "nack backoff base"),
-    (("--backoff-max-ms",), "backoff_max_ms", int, "nack backoff cap"),
-    (("--aging-interval-ms",), "aging_interval_ms", int, "0: strict priority"),
-    (("--max-payload-bytes",), "max_payload_bytes", int, "largest payload"),
-    (("--dedup-window-ms",), "dedup_window_ms", int, "how long idempotency keys last"),
-    (("--min-priority",), "min_priority", int_or_clear, "lowest priority allowed (none: any)"),
-    (("--max-priority",), "max_priority", int_or_clear, "highest priority allowed (none: any)"),
-    (("--max-result-bytes",), "max_result_bytes", int, "largest ack result"),
-    (("--completed-retention-ms",), "completed_retention_ms", int, "how long records stay"),
-    (("--completed-max",), "completed_max", int_or_clear, "records kept (0: none)"),
+    (("--max-attempts",), "max_attempts", count_arg, "deliveries before a job is dead"),
+    (("--lease-ms", "--default-lease-ms"), "default_lease_ms", ms_arg, "a lease's length"),
+    (
+        ("--max-lease-total-ms",),
+        "max_lease_total_ms",
+        ms_arg,
+        "cap on a lease through all its extensions",
+    ),
+    (("--backoff-base-ms",), "backoff_base_ms", ms_arg, "a nack's retry delay, doubled per try"),
+    (("--backoff-max-ms",), "backoff_max_ms", ms_arg, "the longest retry delay"),
+    (("--aging-interval-ms",), "aging_interval_ms", ms_arg, "0: strict priority"),
+    (("--max-payload-bytes",), "max_payload_bytes", count_arg, "largest payload"),
+    (("--dedup-window-ms",), "dedup_window_ms", ms_arg, "how long idempotency keys last"),
+    (
+        ("--min-priority",),
+        "min_priority",
+        int_or_clear(*INT32),
+        "lowest priority allowed (none: any)",
+    ),
+    (
+        ("--max-priority",),
+        "max_priority",
+        int_or_clear(*INT32),
+        "highest priority allowed (none: any)",
+    ),
+    (("--max-result-bytes",), "max_result_bytes", count_arg, "largest ack result"),
+    (
+        ("--completed-retention-ms",),
+        "completed_retention_ms",
+        ms_arg,
+        "how long completed records stay",
+    ),
+    (
+        ("--completed-max",),
+        "completed_max",
+        int_or_clear(*UINT32),
+        "completed records kept (0: none)",
+    ),
     (("--max-dispatch-per-s",), "max_dispatch_per_s", float, "leases per second (0: no limit)"),
-    (("--max-inflight",), "max_inflight", int, "jobs leased at once (0: no limit)"),
-    (("--job-ttl-ms",), "job_ttl_ms", int, "unleased jobs expire after this (0: never)"),
-    (("--dead-retention-ms",), "dead_retention_ms", int, "dead jobs deleted after (0: kept)"),
+    (("--max-inflight",), "max_inflight", count_arg, "jobs leased at once (0: no limit)"),
+    (("--job-ttl-ms",), "job_ttl_ms", ms_arg, "unleased jobs expire after this (0: never)"),
+    (("--dead-retention-ms",), "dead_retention_ms", ms_arg, "dead jobs deleted after (0: kept)"),
 )
 
 
@@ -319,11 +399,13 @@ async def cmd_queue_update(c: Client, a: argparse.Namespace) -> tuple[Any, Seque
     if a.delete_when_idle is not None:
         fields["delete_when_idle"] = a.delete_when_idle
     if a.share and a.no_shares:
-        raise ValueError("--share and --no-shares contradict each other")
+        raise UsageError("--share", "--share and --no-shares contradict each other")
     if a.share or a.no_shares:
         fields["shares"] = a.share
     if not fields:
-        raise ValueError("nothing to update: give at least one flag (see pq queue update -h)")
+        raise UsageError(
+            "pq queue update", "nothing to update: give at least one flag (see pq queue update -h)"
+        )
     r = await c.update_queue(a.queue, **fields)
     config = render.fields_of(r.config)
     if a.output == "json":
@@ -444,9 +526,9 @@ async def cmd_watch(c: Client, a: argparse.Namespace) -> Outcome:
         try:
             job_id = int(a.job[1])
         except ValueError:
-            raise ValueError(f"--job QUEUE ID: {a.job[1]!r} is not a job id") from None
+            raise UsageError("--job QUEUE ID", f"{a.job[1]!r} is not a job id") from None
     if bool(queues) == a.all:
-        raise ValueError("name queues, or --all, or --job QUEUE ID")
+        raise UsageError("pq watch", "name queues, or --all, or --job QUEUE ID")
     events = c.watch(
         queues,
         all_queues=a.all,
@@ -484,246 +566,31 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
     """``Client`` keyword arguments from the global options (token, TLS)."""
     token = args.token
     if args.token_file is not None:
-        token = args.token_file.read_text().strip()
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise UsageError("--token-file", describe(exc)) from None
     tls = None
     if args.tls_ca is not None or args.tls_cert is not None:
-        tls = Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+        try:
+            tls = Tls.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+        except OSError as exc:
+            raise UsageError("--tls-ca/--tls-cert/--tls-key", describe(exc)) from None
     return {"token": token or None, "tls": tls}
 
 
-def register(sub: Any) -> None:
-    """The client commands' subparsers."""
-    add = adder(sub)
-
-    cluster = sub.add_parser("cluster", help="cluster status; stop or start a dev-cluster node")
-    csub = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add("status", cmd_cluster_status, "every node's role, ballot, indexes and lag", csub)
-    for name, fn in (("stop-node", cmd_stop_node), ("start-node", cmd_start_node)):
-        sp = add(name, fn, f"{name.split('-')[0]} node N of the `make cluster` dev cluster", csub)
-        sp.add_argument("node", type=parse_node_id)
-        sp.add_argument("--dir", type=Path, default=Path(".cluster"))
-
-    sp = add("enqueue", cmd_enqueue, "enqueue a job (PAYLOAD '-' reads stdin)")
-    sp.add_argument("queue")
-    sp.add_argument("payload")
-    sp.add_argument("--priority", type=int, default=0, help="lower is served first")
-    sp.add_argument("--delay-ms", type=int, default=0)
-    sp.add_argument("--idempotency-key", default="")
-    sp.add_argument("--group", default="", help="ordering key: FIFO, one in flight")
-    sp.add_argument(
-        "--expires-at",
-        type=parse_time_ms,
-        default=None,
-        metavar="TIME",
-        help="dead (reason 'expired') if not leased by TIME: ISO-8601 or Unix ms",
-    )
-    sp.add_argument(
-        "--ttl-ms",
-        type=int,
-        default=None,
-        help="dead (reason 'expired') if not leased within this long (from now, this clock)",
-    )
-
-    sp = add("lease", cmd_lease, "lease ready jobs")
-    sp.add_argument("queue")
-    sp.add_argument("--max", type=int, default=1)
-    sp.add_argument("--lease-ms", type=int, default=0)
-    sp.add_argument("--wait-ms", type=int, default=0, help="long poll up to this long")
-    sp.add_argument("--consumer-id", default="pq-cli")
-
-    for name, fn, text in (
-        ("ack", cmd_ack, "complete a leased job"),
-        ("nack", cmd_nack, "give a leased job back"),
-        ("extend", cmd_extend, "extend a lease"),
-    ):
-        sp = add(name, fn, text)
-        sp.add_argument("queue")
-        sp.add_argument("job_id", type=int)
-        sp.add_argument("lease_id", type=int)
-        if name == "nack":
-            sp.add_argument("--delay-ms", type=int, default=None, help="default: backoff")
-            sp.add_argument("--reason", default="")
-        if name == "extend":
-            sp.add_argument("--lease-ms", type=int, default=0)
-        if name == "ack":
-            sp.add_argument(
-                "--result", default="", help="kept on the COMPLETED record ('-' reads stdin)"
-            )
-
-    sp = add(
-        "job",
-        cmd_job,
-        "show one job, or act on it: pq job [show|complete|cancel|requeue|reprioritize] "
-        "QUEUE JOB_ID",
-    )
-    sp.add_argument("words", nargs="+", metavar="[ACTION] QUEUE JOB_ID")
-    sp.add_argument("--note", default=None, help="complete, cancel: kept as the job's reason")
-    sp.add_argument("--result", default=None, help="complete: the job's result ('-': stdin)")
-    sp.add_argument("--delay-ms", type=int, default=None, help="requeue: ready after this long")
-    sp.add_argument("--priority", type=int, default=None, help="reprioritize: the new priority")
-    sp.add_argument(
-        "--ready-at-ms", type=int, default=None, help="reprioritize: the new ready time (epoch ms)"
-    )
-
-    sp = add("watch", cmd_watch, "follow queues' events live (Ctrl-C stops)")
-    sp.add_argument("queues", nargs="*", metavar="QUEUE")
-    sp.add_argument("--all", action="store_true", help="every queue you may see")
-    sp.add_argument("--job", nargs=2, metavar=("QUEUE", "ID"), help="one job's events")
-    sp.add_argument(
-        "--from-index", type=int, default=None, help="replay events of entries after this index"
-    )
-    sp.add_argument(
-        "--stats-s", type=float, default=0, help="each queue's counts this often (at least 1)"
-    )
-
-    jobs = sub.add_parser("jobs", help="browse a queue's jobs")
-    jsub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sp = add(
-        "list",
-        cmd_jobs_list,
-        "a queue's jobs in one state, in the order they would be served "
-        "(dead, completed, cancelled: newest first), a page at a time",
-        jsub,
-    )
-    sp.add_argument("queue")
-    sp.add_argument("--state", type=state_arg, required=True, help=", ".join(LIST_COLUMNS))
-    sp.add_argument("--min-priority", type=int, default=None)
-    sp.add_argument("--max-priority", type=int, default=None)
-    sp.add_argument("--group", default="", help="only this group's jobs")
-    sp.add_argument("--tenant", default="", help="only jobs this tenant produced")
-    sp.add_argument(
-        "--limit", type=int, default=0, help="jobs per page (default 100, at most 1000)"
-    )
-    sp.add_argument("--page-token", default="", help="the page after the one that printed it")
-    sp.add_argument("--all", action="store_true", help="every page")
-
-    sp = add("stats", cmd_stats, "queue counts")
-    sp.add_argument("queue", nargs="?")
-    add("queues", cmd_queues, "list queues")
-
-    queue = sub.add_parser(
-        "queue", help="create, show, update, pause, resume, delete or purge a queue"
-    )
-    qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sp = add("create", cmd_queue_create, "create a queue", qsub)
-    sp.add_argument("queue")
-    sp.add_argument("--max-attempts", type=int, default=0)
-    sp.add_argument("--lease-ms", type=int, default=0)
-    sp.add_argument("--aging-interval-ms", type=int, default=0)
-    sp.add_argument("--dedup-window-ms", type=int, default=0)
-    sp.add_argument("--max-payload-bytes", type=int, default=0)
-    sp.add_argument("--min-priority", type=int, default=None)
-    sp.add_argument("--max-priority", type=int, default=None)
-    sp.add_argument(
-        "--job-ttl-ms",
-        type=int,
-        default=0,
-        help="a job not leased within this long of its enqueue is dead, reason 'expired'",
-    )
-    sp.add_argument(
-        "--dead-retention-ms",
-        type=int,
-        default=0,
-        help="delete dead jobs this long after they died (default: keep them)",
-    )
-    sp.add_argument(
-        "--share",
-        type=share_arg,
-        action="append",
-        default=[],
-        metavar="TENANT[=WEIGHT]",
-        help="let TENANT enqueue here too, leasing by WEIGHT (default 1); repeat per tenant. "
-        "List the owner to set its own weight",
-    )
-    add("delete", cmd_queue_delete, "delete a queue and its jobs", qsub).add_argument("queue")
-    add("purge", cmd_queue_purge, "remove ready and delayed jobs", qsub).add_argument("queue")
-    add("show", cmd_queue_show, "a queue's config and stats", qsub).add_argument("queue")
-    sp = add("update", cmd_queue_update, "change the config fields given (only those)", qsub)
-    sp.add_argument("queue")
-    for flags, name, kind, text in UPDATE_FLAGS:
-        sp.add_argument(*flags, dest=name, type=kind, default=None, help=text)
-    sp.add_argument(
-        "--delete-when-idle",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="delete the queue once it holds no job",
-    )
-    sp.add_argument(
-        "--share",
-        type=share_arg,
-        action="append",
-        default=[],
-        metavar="TENANT[=WEIGHT]",
-        help="the queue's shares: the list given replaces them; repeat per tenant",
-    )
-    sp.add_argument("--no-shares", action="store_true", help="share the queue with nobody")
-    add("pause", cmd_queue_pause, "lease nothing (enqueues go on)", qsub).add_argument("queue")
-    add("resume", cmd_queue_resume, "lease from a paused queue again", qsub).add_argument("queue")
-
-    dead = sub.add_parser("dead", help="list, redrive or delete dead jobs")
-    dsub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sp = add("list", cmd_dead_list, "list dead jobs", dsub)
-    sp.add_argument("queue")
-    sp.add_argument("--limit", type=int, default=0)
-    sp.add_argument("--after", type=int, default=0, help="page after this job id")
-    for name, fn, text in (
-        ("redrive", cmd_dead_redrive, "make dead jobs ready again (all, or the ids given)"),
-        ("delete", cmd_dead_delete, "delete dead jobs (all, or the ids given)"),
-    ):
-        sp = add(name, fn, text, dsub)
-        sp.add_argument("queue")
-        sp.add_argument("job_ids", type=int, nargs="*")
-
-    schedule = sub.add_parser("schedule", help="cron schedules: add, list, remove, pause, resume")
-    ssub = schedule.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sp = add("add", cmd_schedule_add, "create or replace a cron schedule", ssub)
-    sp.add_argument("queue")
-    sp.add_argument("name")
-    sp.add_argument(
-        "--cron",
-        required=True,
-        help='"*/5 * * * *" (minute hour day month weekday), six fields with seconds first, '
-        "or @hourly, @daily...",
-    )
-    sp.add_argument("--payload", required=True, help="each tick's job ('-' reads stdin)")
-    sp.add_argument("--priority", type=int, default=0, help="lower is served first")
-    sp.add_argument("--group", default="", help="ordering key: FIFO, one in flight")
-    sp.add_argument("--timezone", default="", help="IANA zone the fields are read in (UTC)")
-    sp.add_argument(
-        "--missed",
-        choices=("once", "all", "skip"),
-        default="once",
-        help="ticks missed during an outage: one job, one each (at most 100), or none",
-    )
-    sp.add_argument("--paused", action="store_true", help="create it paused")
-    sp = add("list", cmd_schedule_list, "list schedules (of one queue, or all)", ssub)
-    sp.add_argument("queue", nargs="?")
-    for name, fn, text in (
-        ("remove", cmd_schedule_remove, "delete a schedule (its jobs stay)"),
-        ("pause", cmd_schedule_pause, "stop a schedule's ticks"),
-        ("resume", cmd_schedule_resume, "tick again from now on"),
-    ):
-        sp = add(name, fn, text, ssub)
-        sp.add_argument("queue")
-        sp.add_argument("name")
-
-
 async def run_client(args: argparse.Namespace) -> int:
+    """Run a client command: its output on stdout, or one ``error:`` line on stderr."""
     try:
         options = client_options(args)
-    except (OSError, ValueError) as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
-        return 1
-    async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
-        try:
+        async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
             data, columns = await args.func(client, args)
-        except ValueError as exc:
-            print(f"error: {describe(exc)}", file=sys.stderr)
-            return 1
-        except PQueueError as exc:
-            code = exc.code if isinstance(exc, RemoteError) else code_of(exc).name
-            print(f"error: {code}: {describe(exc)}", file=sys.stderr)
-            return 1
+    except Exception as exc:  # one line, even for a bug (PQ_DEBUG=1: its traceback)
+        if os.environ.get("PQ_DEBUG") and not isinstance(exc, PQueueError | ValueError):
+            traceback.print_exc()
+        line = failure_line(exc, args.endpoint, DEFAULT_ENDPOINT)
+        print(line, file=sys.stderr)
+        return exit_code(exc)
     if data is not None:  # None: the command printed as it went (pq watch)
         print(render.emit(data, args.output, columns))
     return 0

@@ -509,8 +509,10 @@ async def cluster_status(endpoint: str, timeout_s: float, **client: Any) -> list
 def register(sub: Any) -> None:
     """The ``dev-cluster`` subparser."""
     dev = sub.add_parser("dev-cluster", help="run a local cluster under DIR (make cluster)")
-    dev.add_argument("--dir", type=Path, default=Path(".cluster"))
-    dev.add_argument("--nodes", type=int, default=3)
+    dev.add_argument(
+        "--dir", type=Path, default=Path(".cluster"), help="data, logs and pids live here"
+    )
+    dev.add_argument("--nodes", type=int, default=3, help="how many nodes")
     dev.add_argument(
         "--base-port",
         type=int,

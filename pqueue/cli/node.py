@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pqueue.cli.args import metrics_token, parse_bytes, parse_node_id, parse_peers
+from pqueue.cli.failure import failure_line
 from pqueue.errors import PQueueError
 from pqueue.wire.logs import LOG_FORMATS, describe
 from pqueue.wire.roles import DEFAULT_LEEWAY_S, PEER, node_subject
@@ -209,7 +210,9 @@ def _check_peer_token(verifier: Verifier, token: str, node_id: int) -> None:
 def register(sub: Any) -> None:
     """The ``node`` subparser."""
     node = sub.add_parser("node", help="run a node", description="Run a queue node.")
-    node.add_argument("--data-dir", type=Path, required=True)
+    node.add_argument(
+        "--data-dir", type=Path, required=True, help="the node's directory (its SQLite store)"
+    )
     node.add_argument("--listen", default="127.0.0.1:7701", help="HOST:PORT (port 0: any)")
     node.add_argument("--node-id", type=parse_node_id, default=1, help="1, 2, ... (or n1, n2, ...)")
     node.add_argument(
@@ -220,7 +223,7 @@ def register(sub: Any) -> None:
         "(without it the node runs alone; a member of a cluster always needs it)",
     )
     _identity_args(node)
-    node.add_argument("--log-level", default="INFO")
+    node.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     node.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text, or json for log shippers"
     )
@@ -284,6 +287,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = _node_options(args)
     except ValueError as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
+        print(failure_line(exc), file=sys.stderr)
         return 1
     return run_node(options)

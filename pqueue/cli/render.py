@@ -1,6 +1,6 @@
 """CLI output: tables for people, JSON for scripts (``-o json``).
 
-Times: a column named ``*_at_ms`` holding epoch milliseconds shows in a
+Times: a column of epoch milliseconds (``*_at_ms``, ``TIME_COLUMNS``) shows in a
 table as ISO-8601 UTC (``2026-11-30T12:00:00.123Z``, blank for 0) under its
 name without ``_ms``; JSON keeps the number. Bytes (a job's result) show in
 a table as text when they are printable UTF-8, else as their size and first
@@ -45,9 +45,14 @@ def iso_ms(ms: int) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S") + f".{when.microsecond // 1000:03d}Z"
 
 
+#: Columns of epoch milliseconds whose names do not end in ``_at_ms``.
+TIME_COLUMNS = frozenset({"time_ms", "not_before_ms", "last_tick_ms", "next_tick_ms"})
+
+
 def is_time_column(name: str) -> bool:
-    """A column of epoch milliseconds (``enqueued_at_ms``...)."""
-    return name.endswith("_at_ms")
+    """A column of epoch milliseconds (``enqueued_at_ms``, ``next_tick_ms``...),
+    not a duration (``oldest_ready_age_ms``)."""
+    return name.endswith("_at_ms") or name in TIME_COLUMNS
 
 
 def bytes_preview(data: bytes, width: int = 16) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.cli.args import parse_duration_s, parse_node_id
+from pqueue.cli.failure import UsageError, failure_line
 from pqueue.errors import PQueueError
-from pqueue.wire.logs import describe
 from pqueue.wire.roles import PEER, ROLES, node_subject
 from pqueue.wire.tokens import read_key
 
@@ -25,10 +25,18 @@ def issue_token(args: argparse.Namespace) -> int:
             return 1
         roles, subject = sorted({*roles, PEER}), node_subject(args.node_id)
     elif PEER in roles:
-        print("error: a peer token names its node: give --node-id N", file=sys.stderr)
+        print(
+            failure_line(UsageError("--role", "a peer token names its node: give --node-id N")),
+            file=sys.stderr,
+        )
         return 1
     if not roles:
-        print("error: give --role (or --node-id for a node's peer token)", file=sys.stderr)
+        print(
+            failure_line(
+                UsageError("--role", "give --role (or --node-id for a node's peer token)")
+            ),
+            file=sys.stderr,
+        )
         return 1
     try:
         token = issue(
@@ -42,7 +50,7 @@ def issue_token(args: argparse.Namespace) -> int:
             token_id=args.token_id,
         )
     except (OSError, ValueError, PQueueError) as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
+        print(failure_line(exc), file=sys.stderr)
         return 1
     print(json.dumps({"token": token}) if args.output == "json" else token)
     return 0
@@ -55,7 +63,7 @@ def register(sub: Any) -> None:
     issue = tsub.add_parser(
         "issue", help="print a signed token", description="Print a signed bearer token (a JWT)."
     )
-    issue.add_argument("--tenant", required=True)
+    issue.add_argument("--tenant", required=True, help="the tenant it acts for")
     issue.add_argument(
         "--role", action="append", default=None, choices=sorted(ROLES), help="repeat for more"
     )
@@ -67,8 +75,10 @@ def register(sub: Any) -> None:
     )
     issue.add_argument("--ttl", default="24h", help="lifetime: 3600, 90s, 30m, 24h, 7d")
     issue.add_argument("--subject", default="", help="who it is for (logged)")
-    issue.add_argument("--audience", default=None)
-    issue.add_argument("--issuer", default=None)
+    issue.add_argument(
+        "--audience", default=None, help="its aud claim (the nodes' --auth-audience)"
+    )
+    issue.add_argument("--issuer", default=None, help="its iss claim (the nodes' --auth-issuer)")
     issue.add_argument(
         "--node-id",
         type=parse_node_id,

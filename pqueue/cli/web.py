@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
         help="a Host header to answer (repeat for more; '*.example.com' for subdomains); "
         "default: 127.0.0.1, localhost and ::1 when --listen is on loopback, else any",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 #: The Host names a browser on this machine uses for a loopback listener.
@@ -149,7 +149,10 @@ def run_web(args: argparse.Namespace) -> int:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        print(f"error: pq web needs pip install 'pqueue[web]' ({e})", file=sys.stderr)
+        print(
+            f"error: FAILED_PRECONDITION: pq web needs pip install 'pqueue[web]' ({e})",
+            file=sys.stderr,
+        )
         return 1
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -159,5 +162,7 @@ def run_web(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(args))
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from pqueue.cli.failure import failure_line
+
+        print(failure_line(e), file=sys.stderr)
         return 1

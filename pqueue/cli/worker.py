@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pqueue.cli.client import client_options
+from pqueue.cli.failure import failure_line
 from pqueue.client import Client
 from pqueue.errors import NotFoundError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
@@ -356,7 +357,7 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(args))
     except (OSError, ValueError) as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
+        print(failure_line(exc), file=sys.stderr)
         return 1
 
 
@@ -394,7 +395,7 @@ def register(sub: Any) -> None:
         ),
     )
     w.set_defaults(run=run_worker)
-    w.add_argument("--queue", required=True)
+    w.add_argument("--queue", required=True, help="the queue to consume")
     how = w.add_mutually_exclusive_group(required=True)
     how.add_argument("--exec", metavar="CMD", help="a shell command, run by /bin/sh -c")
     how.add_argument("--http", metavar="URL", help="POST each job's payload here")

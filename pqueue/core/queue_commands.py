@@ -16,6 +16,28 @@ from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
 
+def _shown(config: pb.QueueConfig, name: str) -> str:
+    """One config field's value as an error message shows it."""
+    field = config.DESCRIPTOR.fields_by_name[name]
+    if field.is_repeated:
+        return ",".join(f"{s.tenant}={s.weight}" for s in config.shares) or "none"
+    if field.has_presence and all(f.name != name for f, _ in config.ListFields()):
+        return "unset"
+    value = getattr(config, name)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_differences(have: pb.QueueConfig, asked: pb.QueueConfig) -> list[str]:
+    """``max_attempts is 5, asked 3``: each field where two effective
+    configs differ, in field order (what ALREADY_EXISTS names)."""
+    out = []
+    for field in have.DESCRIPTOR.fields:
+        was, wants = _shown(have, field.name), _shown(asked, field.name)
+        if was != wants:
+            out.append(f"{field.name} is {was}, asked {wants}")
+    return out
+
+
 class QueueCommands(Transitions):
     """The commands an admin sends, and ``tick``."""
 
@@ -26,7 +48,10 @@ class QueueCommands(Transitions):
         existing = self.queues.get(req.queue)
         if existing is not None:
             if existing.config != config:
-                raise AlreadyExistsError(f"queue {req.queue!r} exists with a different config")
+                raise AlreadyExistsError(
+                    f"queue {req.queue!r} exists with a different config: "
+                    + ("; ".join(config_differences(existing.config, config)) or "?")
+                )
             return pb.CreateQueueResponse(created=False, config=existing.config)
         self._new_queue(req.queue, config)
         return pb.CreateQueueResponse(created=True, config=config)

@@ -181,6 +181,15 @@ def _failed(index: int, kind: str, error: PQueueError) -> pb.OpStatus:
     return status
 
 
+def _as_single_job(error: PQueueError) -> PQueueError:
+    """A single enqueue's error, naming its field as the call has it
+    (``job.priority``): the machine checks every enqueue as a batch
+    (``jobs[0].priority``)."""
+    if isinstance(error, InvalidArgumentError) and error.field.startswith("jobs[0]"):
+        return InvalidArgumentError("job" + error.field.removeprefix("jobs[0]"), error.reason)
+    return error
+
+
 def _check_count(n: int, field: str, upper: int) -> None:
     if n == 0:
         raise InvalidArgumentError(field, "must not be empty")
@@ -344,7 +353,10 @@ class QueueService(_Base, pbg.QueueServicer):
     async def Enqueue(self, request: pb.EnqueueRequest, context: Context) -> pb.EnqueueResponse:
         _check_size(request)
         command = self._enqueue_command(request)
-        result = await self._propose(command, pb.EnqueueBatchResponse)
+        try:
+            result = await self._propose(command, pb.EnqueueBatchResponse)
+        except InvalidArgumentError as exc:
+            raise _as_single_job(exc) from None
         return result.results[0]
 
     @rpc
@@ -482,6 +494,8 @@ class QueueService(_Base, pbg.QueueServicer):
             except PQueueError as exc:
                 result, index = exc, 0
             if isinstance(result, PQueueError):
+                if done == "enqueue":
+                    result = _as_single_job(result)
                 results[i].status.CopyFrom(_failed(i, done, result))
                 if moved is not None and isinstance(result, NotLeaderError):
                     moved.append(i)

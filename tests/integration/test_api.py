@@ -104,7 +104,7 @@ async def test_queue_admin(client: Client) -> None:
         (lambda c: c.enqueue("", b"x"), "queue"),
         (lambda c: c.enqueue("x" * 129, b"x"), "queue"),
         (lambda c: c.enqueue("bad name!", b"x"), "queue"),
-        (lambda c: c.enqueue("q", b"x" * ((1 << 20) + 1)), "jobs[0].payload"),
+        (lambda c: c.enqueue("q", b"x" * ((1 << 20) + 1)), "job.payload"),
         (lambda c: c.enqueue("q", b"x", delay_ms=-5), "job.delay_ms"),
         (lambda c: c.enqueue("q", b"x", group="g" * 300), "job.group"),
         (lambda c: c.enqueue_batch("q", []), "jobs"),
@@ -130,7 +130,7 @@ async def test_priority_outside_queue_bounds(client: Client) -> None:
     await client.create_queue("q", pb.QueueConfig(min_priority=0, max_priority=9))
     with pytest.raises(InvalidArgumentError, match="above the queue's max_priority 9") as err:
         await client.enqueue("q", b"x", priority=10)
-    assert err.value.field == "jobs[0].priority"
+    assert err.value.field == "job.priority"
     with pytest.raises(InvalidArgumentError, match="below"):
         await client.enqueue("q", b"x", priority=-1)
 

@@ -152,7 +152,7 @@ async def test_jobs_list_pages_and_times(server: NodeServer) -> None:
     code, _, err = await pq(a, "jobs", "list", "q", "--state", "ready", "--page-token", "zz")
     assert (code, err.strip()) == (
         1,
-        "error: INVALID_ARGUMENT: page_token: not a token this server gave",
+        "error: INVALID_ARGUMENT: --page-token: not a token this server gave",
     )
 
 
@@ -161,7 +161,7 @@ async def test_errors_are_one_line_and_non_zero(server: NodeServer) -> None:
     assert (code, out) == (1, "")
     assert err.strip() == "error: NOT_FOUND: queue 'emails' not found"
     code, _, err = await pq(server.address, "enqueue", "", "x")
-    assert (code, err.strip()) == (1, "error: INVALID_ARGUMENT: queue: must not be empty")
+    assert (code, err.strip()) == (1, "error: INVALID_ARGUMENT: QUEUE: must not be empty")
     code, _, err = await pq("127.0.0.1:1", "--timeout-s", "2", "stats")
     assert code == 1
     assert err.startswith("error: UNAVAILABLE: ")
@@ -236,3 +236,189 @@ async def test_dev_cluster_starts_serves_and_stops(tmp_path: Path) -> None:
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         return str(r.read().decode())
+
+
+async def test_global_flags_go_before_or_after_the_command(server: NodeServer) -> None:
+    a = server.address
+    await pq_json(a, "enqueue", "q", "x")
+    code, out, err = await pq(a, "stats", "q", "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)[0]["ready"] == 1
+    code, out, err = await pq(a, "queue", "show", "q", "--output", "json", "--timeout-s", "5")
+    assert code == 0, err
+    assert json.loads(out)["queue"] == "q"
+    # After the command, --endpoint wins over the one given before it.
+    code, out, err = await pq("127.0.0.1:1", "stats", "--endpoint", a, "-o", "json")
+    assert (code, json.loads(out)[0]["queue"]) == (0, "q"), err
+    # Given before only: not overwritten by the command's parser.
+    code, out, err = await pq(a, "-o", "json", "stats", "q")
+    assert code == 0, err
+    assert json.loads(out)[0]["queue"] == "q"
+
+
+async def _interrupted(address: str, *args: str) -> tuple[int | None, str]:
+    """``pq ARGS`` interrupted with SIGINT once it is under way (its stdin
+    open: a command reading it waits)."""
+    proc = await asyncio.create_subprocess_exec(
+        *PQ, "--endpoint", address, *args, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.5)  # imported, connected and waiting
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, err.decode()
+
+
+async def test_ctrl_c_is_one_line_and_exit_130(server: NodeServer) -> None:
+    await pq_json(server.address, "queue", "create", "q")
+    for args in (
+        ("lease", "q", "--wait-ms", "60000"),
+        ("watch", "q"),
+        ("enqueue", "q", "-"),  # waiting for stdin
+        ("enqueue", "q", "--file", "-"),
+    ):
+        code, err = await _interrupted(server.address, *args)
+        assert code == 130, (args, err)
+        assert "Traceback" not in err
+        assert err.strip() == "interrupted", (args, err)
+
+
+async def test_client_side_checks_fail_in_the_documented_form(server: NodeServer) -> None:
+    a = server.address
+    code, out, err = await pq(a, "job", "q", "-1")
+    assert (code, out) == (2, "")
+    assert err.strip() == "error: INVALID_ARGUMENT: JOB_ID: must be 1 or more, not -1"
+    code, _, err = await pq(a, "enqueue", "q", "x", "--priority", str(1 << 31))
+    assert code == 2
+    assert err.splitlines()[-1].startswith("error: INVALID_ARGUMENT: argument --priority: ")
+    code, _, err = await pq(a, "ack", "q", "1", "0")
+    assert code == 2
+    assert err.strip() == "error: INVALID_ARGUMENT: LEASE_ID: must be 1 or more, not 0"
+    code, _, err = await pq(a, "enqueue", "q", "x", "--no-such-flag")
+    assert code == 2
+    assert err.splitlines()[-1] == "error: INVALID_ARGUMENT: unrecognized arguments: --no-such-flag"
+
+
+async def test_a_refused_connection_says_where_and_what_to_check() -> None:
+    code, out, err = await pq("127.0.0.1:1", "--timeout-s", "3", "stats")
+    assert (code, out) == (1, "")
+    assert err.strip() == (
+        "error: UNAVAILABLE: no cluster at 127.0.0.1:1 (connection refused) — "
+        "is --endpoint (PQ_ENDPOINT) right?"
+    )
+
+
+async def test_version() -> None:
+    proc = await asyncio.create_subprocess_exec(*PQ, "--version", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert re.fullmatch(r"pq \d+\.\d+\.\d+\S*\n", out.decode())
+
+
+async def test_server_errors_name_the_flags_typed(server: NodeServer) -> None:
+    a = server.address
+    await pq_json(a, "queue", "create", "q", "--max-priority", "9")
+    code, _, err = await pq(a, "enqueue", "q", "x", "--priority", "10")
+    assert code == 1
+    assert err.startswith("error: INVALID_ARGUMENT: --priority: "), err
+    code, _, err = await pq(a, "queue", "create", "r", "--lease-ms", "-5")
+    assert code in (1, 2)
+    assert err.splitlines()[-1].startswith("error: INVALID_ARGUMENT: "), err
+    assert "--lease-ms" in err
+    assert "config." not in err
+
+
+async def test_enqueue_from_json_lines_in_batches(server: NodeServer, tmp_path: Path) -> None:
+    a = server.address
+    lines = [json.dumps({"n": k}) for k in range(7)]
+    lines.insert(3, "")  # blank lines are skipped
+    lines.append(json.dumps({"payload": "urgent", "priority": -5, "group": "g"}))
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code, out, err = await pq(
+        a, "-o", "json", "enqueue", "q", "--file", str(path), "--batch-size", "3", "--priority", "2"
+    )
+    assert code == 0, err
+    done = json.loads(out)
+    assert (done["enqueued"], done["duplicates"], len(done["job_ids"])) == (8, 0, 8)
+    # Not a terminal: a plain count per batch.
+    assert err.splitlines() == ["enqueued 3/8", "enqueued 6/8", "enqueued 8/8"]
+    jobs = await pq_json(a, "lease", "q", "--max", "10")
+    assert (jobs[0]["payload"], jobs[0]["priority"], jobs[0]["group"]) == ("urgent", -5, "g")
+    assert [j["payload"] for j in jobs[1:]] == lines[:3] + lines[4:8]
+    assert {j["priority"] for j in jobs[1:]} == {2}  # the flag is each line's default
+
+    # stdin, and a bad line: its number, exit 2, nothing sent.
+    bad = b'{"n": 1}\n{"payload": "x", "priority": "high"}\n'
+    code, out, err = await pq(a, "enqueue", "r", "--file", "-", stdin=bad)
+    assert (code, out) == (2, "")
+    assert err.strip() == (
+        'error: INVALID_ARGUMENT: stdin line 2: priority: expected an integer, got "high"'
+    )
+    code, _, err = await pq(a, "enqueue", "r", "--file", "-", stdin=b'{"n": 1}\n{nope\n')
+    assert code == 2
+    assert err.startswith("error: INVALID_ARGUMENT: stdin line 2: not JSON: ")
+    code, _, err = await pq(a, "stats", "r")
+    assert (code, err.strip()) == (1, "error: NOT_FOUND: queue 'r' not found")  # nothing sent
+
+    # A line the server refuses: its line, and what went before it.
+    await pq_json(a, "queue", "create", "bounded", "--max-priority", "9")
+    text = b'"a"\n"b"\n{"payload": "c", "priority": 10}\n'
+    code, _, err = await pq(a, "enqueue", "bounded", "--file", "-", "--batch-size", "2", stdin=text)
+    assert code == 1
+    assert err.splitlines()[-1].startswith("error: INVALID_ARGUMENT: stdin line 3: priority: "), err
+    assert "(enqueued: the 2 jobs before line 3; none from it on)" in err
+
+
+async def test_new_flags_reach_the_api(server: NodeServer) -> None:
+    a = server.address
+    created = await pq_json(
+        a, "queue", "create", "q", "--backoff-base-ms", "2000", "--backoff-max-ms", "9000",
+        "--max-lease-total-ms", "60000", "--delete-when-idle", "--max-attempts", "1",
+    )  # fmt: skip
+    assert created["created"]
+    config = (await pq_json(a, "queue", "show", "q"))["config"]
+    assert (config["backoff_base_ms"], config["backoff_max_ms"]) == (2000, 9000)
+    assert (config["max_lease_total_ms"], config["delete_when_idle"]) == (60000, True)
+
+    # --release: not an attempt, so max_attempts 1 does not make the job dead.
+    await pq_json(a, "enqueue", "q", "x")
+    [job] = await pq_json(a, "lease", "q")
+    nack = await pq_json(a, "nack", "q", str(job["job_id"]), str(job["lease_id"]), "--release")
+    assert (nack["state"], nack["attempts"]) == ("ready", 0)
+
+    # Multi-ack: JOB_ID:LEASE_ID pairs, all or none.
+    for k in range(2):
+        await pq_json(a, "enqueue", "q", f"m{k}")
+    jobs = await pq_json(a, "lease", "q", "--max", "3")
+    pairs = [f"{j['job_id']}:{j['lease_id']}" for j in jobs]
+    acked = await pq_json(a, "ack", "q", *pairs)
+    assert [r["job_id"] for r in acked] == [j["job_id"] for j in jobs]
+    code, _, err = await pq(a, "ack", "q", pairs[0], "7")
+    assert code == 2
+    assert err.strip() == "error: INVALID_ARGUMENT: JOB_ID:LEASE_ID: '7': expected JOB_ID:LEASE_ID"
+
+    # --not-before: an ISO time, delayed until then.
+    when = "2100-01-01T00:00:00Z"
+    job_id = (await pq_json(a, "enqueue", "later", "x", "--not-before", when))["job_id"]
+    shown = await pq_json(a, "job", "later", str(job_id))
+    assert (shown["state"], shown["ready_at_ms"]) == ("delayed", 4102444800000)
+
+
+async def test_create_again_with_another_config_names_the_flags(server: NodeServer) -> None:
+    a = server.address
+    await pq_json(a, "queue", "create", "q", "--max-attempts", "3")
+    again = await pq_json(a, "queue", "create", "q", "--max-attempts", "3")
+    assert again["created"] is False  # the same config: no change
+    code, _, err = await pq(a, "queue", "create", "q", "--max-attempts", "4", "--lease-ms", "9000")
+    assert code == 1
+    assert err.strip() == (
+        "error: ALREADY_EXISTS: queue 'q' exists with a different config: "
+        "--max-attempts is 3, asked 4; --lease-ms is 30000, asked 9000"
+    )

@@ -149,8 +149,8 @@ async def test_cli_ack_with_a_result_then_job_shows_it(server: NodeServer) -> No
     assert err.startswith("error: FAILED_PRECONDITION: ")
     assert "is CANCELLED" in err
     code, _, err = await pq(a, "job", "requeue", "q", str(ready), "--note", "x")
-    assert code == 1
-    assert "--note does not go with `pq job requeue`" in err
+    assert code == 2  # refused before any call
+    assert err.strip() == "error: INVALID_ARGUMENT: --note: does not go with `pq job requeue`"
 
 
 async def test_a_result_the_queue_refuses_still_acks_the_job(server: NodeServer) -> None:

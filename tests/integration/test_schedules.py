@@ -256,7 +256,7 @@ async def test_pq_schedule_commands(server: NodeServer) -> None:
         a, "schedule", "add", "reports", "x", "--cron", "* * *", "--payload", "x"
     )
     assert code == 1
-    assert err.startswith("error: INVALID_ARGUMENT: schedule.cron: ")
+    assert err.startswith("error: INVALID_ARGUMENT: --cron: ")
     paused = await pq_json(a, "schedule", "pause", "reports", "beat")
     assert (paused["paused"], paused["next_tick_ms"]) == (True, 0)
     resumed = await pq_json(a, "schedule", "resume", "reports", "beat")

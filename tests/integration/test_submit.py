@@ -46,6 +46,7 @@ async def test_each_operation_answers_alone(server: NodeServer, client: Client) 
     err = from_op_status(bad.status)
     assert isinstance(err, InvalidArgumentError)
     assert (err.field, err.reason) == (single.value.field, single.value.reason)
+    assert err.field == "job.priority"  # the single call's field, not the machine's jobs[0]
     assert isinstance(from_op_status(stale.status), LeaseLostError)
     assert from_op_status(empty.status) is not None
     assert from_op_status(first.status) is None

@@ -42,3 +42,12 @@ def test_pq_job_shows_the_new_fields_only_when_set() -> None:
     row = render.job_row(done)
     assert {"finished_at_ms", "result", "reason"} <= set(render.job_columns(row))
     assert json.loads(render.emit(row, "json"))["result"] == "ok"
+
+
+def test_every_timestamp_column_shows_as_iso_and_durations_stay_numbers() -> None:
+    row = {"next_tick_ms": 1_796_040_000_123, "not_before_ms": 0, "oldest_ready_age_ms": 1500}
+    assert render.emit(row, "table").splitlines() == [
+        "NEXT_TICK                 NOT_BEFORE  OLDEST_READY_AGE_MS",
+        "2026-11-30T12:00:00.123Z              1500",
+    ]
+    assert json.loads(render.emit(row, "json")) == row  # JSON keeps the numbers

@@ -9,6 +9,7 @@ import pytest
 
 from pqueue.core import features, limits
 from pqueue.core.effects import Effects
+from pqueue.core.queue_commands import config_differences
 from pqueue.core.queue_controls import check_update
 from pqueue.core.snapshot import restore, snapshot_bytes, state_hash
 from pqueue.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
@@ -453,3 +454,13 @@ def test_limits_combine_the_tightest_wins(d: Driver) -> None:
     assert d.lease(n=20) == []
     resume(d)
     assert d.lease(n=20) == []  # still 3 leased
+
+
+def test_create_queue_again_with_another_config_names_the_fields() -> None:
+    have = pb.QueueConfig(max_attempts=5, default_lease_ms=30_000, min_priority=0)
+    asked = pb.QueueConfig(max_attempts=3, default_lease_ms=30_000, delete_when_idle=True)
+    assert config_differences(have, asked) == [
+        "max_attempts is 5, asked 3",
+        "min_priority is 0, asked unset",
+        "delete_when_idle is false, asked true",
+    ]
