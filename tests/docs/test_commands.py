@@ -76,7 +76,7 @@ def test_a_bad_command_would_be_caught() -> None:
     parser = build_parser()
     assert parse(parser, ["lease", "emails", "--max", "2"]) is None
     assert parse(parser, ["lease", "emails", "--maxx", "2"]) is not None
-    assert parse(parser, ["ack", "emails", "2"]) is not None
+    assert parse(parser, ["nack", "emails", "2"]) is not None
     assert has_placeholder(["node", "...", "--tls-ca", "ca.pem"])
     assert has_placeholder(["--tls-ca", "ca.pem", "[--tls-cert", "me.pem]", "stats"])
     assert not has_placeholder(["node", "--peers", "1=…,2=…"])  # a value: parsed as it is
