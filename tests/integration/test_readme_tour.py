@@ -36,7 +36,7 @@ DEFAULT_BALANCER = "127.0.0.1:7700"
 KEY_OUTPUTS = {
     "pq job emails 2": lambda out: "completed" in out and "password reset" in out,
     "pq stats": lambda out: "emails" in out,
-    "pq -o json stats emails": lambda out: [s["queue"] for s in json.loads(out)] == ["emails"],
+    "pq stats emails -o json": lambda out: [s["queue"] for s in json.loads(out)] == ["emails"],
 }
 
 
