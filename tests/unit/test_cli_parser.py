@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import io
 import re
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,39 @@ def test_a_refused_command_line_is_invalid_argument_exit_2() -> None:
     )
     code, _, err = _run(["job", "q", "-1"])
     assert (code, err) == (2, "error: INVALID_ARGUMENT: JOB_ID: must be 1 or more, not -1\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["token", "issue", "--tenant", "t"], "error: INVALID_ARGUMENT: --role: give --role"),
+        (
+            ["token", "issue", "--tenant", "t", "--role", "peer"],
+            "error: INVALID_ARGUMENT: --role: a peer token names its node",
+        ),
+        (
+            ["token", "issue", "--tenant", "t", "--node-id", "1", "--subject", "x"],
+            "error: INVALID_ARGUMENT: --subject: ",
+        ),
+        (
+            ["token", "issue", "--tenant", "t", "--role", "admin", "--ttl", "soon"],
+            "error: INVALID_ARGUMENT: ",
+        ),
+        (["node", "--data-dir", "{tmp}", "--tls-ca", "{tmp}/ca.pem"], "error: INVALID_ARGUMENT: "),
+    ],
+)
+def test_a_program_s_own_check_is_invalid_argument_exit_2(
+    argv: list[str], line: str, tmp_path: Path
+) -> None:
+    """What says INVALID_ARGUMENT was refused before anything ran: exit 2,
+    like every other refused command line (1 is for a call that failed)."""
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    if argv[0] == "token":
+        argv = [*argv, "--key-file", str(key)]
+    code, out, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert (code, out, err.count("\n")) == (2, "", 1), err
+    assert err.startswith(line), err
 
 
 def test_the_defaults_pq_queue_create_shows_are_the_node_s() -> None:
