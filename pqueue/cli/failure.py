@@ -153,7 +153,8 @@ def failure_line(exc: BaseException, endpoint: str = "", default_endpoint: str =
             and _refused(message)
         ):
             message = connection_hint(endpoint, default_endpoint)
-        return f"error: {code}: {message}"
+        notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+        return f"error: {code}: {message}{notes}"
     if isinstance(exc, FileNotFoundError):
         return f"error: NOT_FOUND: {describe(exc)}"
     if isinstance(exc, PermissionError):

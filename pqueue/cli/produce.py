@@ -10,8 +10,10 @@ line's defaults. Blank lines are skipped.
 Every line is read and checked before anything is sent: a bad line fails the
 command (exit 2) naming its line number, and nothing is enqueued. Then the
 jobs go in ``EnqueueBatch`` calls of ``--batch-size`` jobs (each batch is
-atomic); a batch the server refuses stops there, and the error says which
-line and how many jobs went before it. Progress goes to stderr: one line
+atomic); a batch that fails stops there, and the error says how many jobs
+went in before it (and, for a job the server refused, its line). A batch
+whose answer was lost (a timeout, a dropped connection) may be in or not:
+the error says so. Progress goes to stderr: one line
 rewritten in place on a terminal, a line per batch otherwise.
 """
 
@@ -26,7 +28,14 @@ from typing import IO, Any
 from pqueue.cli.args import INT32, MS, int_in, parse_time_ms
 from pqueue.cli.failure import UsageError
 from pqueue.client import Client, job_spec
-from pqueue.errors import InvalidArgumentError
+from pqueue.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotTakenError,
+    PQueueError,
+    RemoteError,
+    UnavailableError,
+)
 from pqueue.v1 import queue_pb2 as pb
 
 #: Keys of a job object, and how each reads.
@@ -177,7 +186,7 @@ async def enqueue_file(c: Client, a: argparse.Namespace) -> tuple[Any, Any]:
         for batch in batches(specs, a.batch_size):
             try:
                 results = await c.enqueue_batch(a.queue, [spec for _, spec in batch])
-            except InvalidArgumentError as exc:
+            except PQueueError as exc:
                 raise _at_line(exc, batch, len(ids), name) from None
             ids.extend(r.job_id for r in results)
             duplicates += sum(r.duplicate for r in results)
@@ -192,16 +201,22 @@ async def enqueue_file(c: Client, a: argparse.Namespace) -> tuple[Any, Any]:
     return row, None
 
 
-def _at_line(
-    exc: InvalidArgumentError, batch: Numbered, done: int, name: str
-) -> InvalidArgumentError:
-    """The server's ``jobs[i].field`` as the line it came from."""
+def _at_line(exc: PQueueError, batch: Numbered, done: int, name: str) -> PQueueError:
+    """``exc`` saying how many jobs went in before its batch, and the
+    server's ``jobs[i].field`` as the line it came from."""
+    first = batch[0][0]
+    if isinstance(exc, DeadlineExceededError | RemoteError) or (
+        isinstance(exc, UnavailableError) and not isinstance(exc, NotTakenError)
+    ):  # the batch may have been applied before the answer was lost
+        gone = f"the {done} jobs before line {first}; lines {first}-{batch[-1][0]}: unknown"
+    else:
+        gone = f"the {done} jobs before line {first}; none from it on"
+    if not isinstance(exc, InvalidArgumentError):
+        exc.add_note(f"enqueued: {gone}")
+        return exc
     field, reason = exc.field, exc.reason
     if field.startswith("jobs[") and "]" in field:
         index, _, rest = field[len("jobs[") :].partition("]")
         if index.isdigit() and int(index) < len(batch):
             field = f"{name} line {batch[int(index)][0]}{': ' + rest.lstrip('.') if rest else ''}"
-    first = batch[0][0]
-    return InvalidArgumentError(
-        field, f"{reason} (enqueued: the {done} jobs before line {first}; none from it on)"
-    )
+    return InvalidArgumentError(field, f"{reason} (enqueued: {gone})")
