@@ -99,3 +99,17 @@ def test_a_file_batch_whose_answer_was_lost_says_it_may_be_in() -> None:
     assert failure_line(refused) == (
         "error: RESOURCE_EXHAUSTED: full (enqueued: the 3 jobs before line 4; none from it on)"
     )
+
+
+def test_config_fields_in_a_reason_or_a_difference_are_flags_and_a_queue_name_is_not() -> None:
+    bad = InvalidArgumentError("config.backoff_base_ms", "must not exceed backoff_max_ms")
+    assert failure_line(bad) == (
+        "error: INVALID_ARGUMENT: --backoff-base-ms: must not exceed --backoff-max-ms"
+    )
+    named = AlreadyExistsError(
+        "queue 'max_attempts' exists with a different config: max_attempts is 3, asked 4"
+    )
+    assert failure_line(named) == (
+        "error: ALREADY_EXISTS: queue 'max_attempts' exists with a different config: "
+        "--max-attempts is 3, asked 4"
+    )
