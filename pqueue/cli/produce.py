@@ -5,7 +5,8 @@ Each line is one job: a JSON value sent as is as the payload (``{"to":
 "g", ...}`` (an object whose keys are all of ``SPEC_KEYS`` and include
 ``payload``; a string payload is sent as its text, anything else as its
 JSON). The command's job flags (``--priority``, ``--group``...) are each
-line's defaults. Blank lines are skipped.
+line's defaults; not ``--idempotency-key`` (one key for every line would
+make each job after the first a duplicate): a line sets its own. Blank lines are skipped.
 
 Every line is read and checked before anything is sent: a bad line fails the
 command (exit 2) naming its line number, and nothing is enqueued. Then the

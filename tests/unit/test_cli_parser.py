@@ -186,3 +186,18 @@ def test_json_lines_read_as_jobs() -> None:
     assert (third.payload, third.group) == (b"plain", "g")
     with pytest.raises(UsageError, match=r"^f line 2: priority: must be from"):
         read_specs(io.StringIO('"ok"\n{"payload": 1, "priority": 2147483648}\n'), "f", {})
+
+
+def test_one_idempotency_key_for_a_whole_file_is_refused(tmp_path: Path) -> None:
+    """Each line's defaults are the flags: one key for every line would make
+    every job after the first a duplicate of it."""
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('"a"\n"b"\n')
+    argv = ["--endpoint", "127.0.0.1:1", "enqueue", "q", "--file", str(path)]
+    code, out, err = _run([*argv, "--idempotency-key", "k"])
+    assert (code, out) == (2, "")
+    assert err == (
+        "error: INVALID_ARGUMENT: --idempotency-key: one key for every line of --file "
+        "would make each job after the first a duplicate; give each line its own "
+        '"idempotency_key"\n'
+    )
