@@ -70,6 +70,22 @@ def test_a_program_s_own_option_wins_after_its_command(tmp_path: object) -> None
     assert (args.timeout_s, args.job_timeout_s) == (4.0, 9.0)
 
 
+@pytest.mark.parametrize(
+    "program", [["node", "--data-dir", "d"], ["balancer", "run", "--backends", "h:1"]]
+)
+def test_a_program_s_own_option_given_before_its_command_is_not_dropped(
+    program: list[str],
+) -> None:
+    """``pq --tls-cert C node`` is the node's certificate, not silently none
+    (a node run without the TLS it was given); after the command still wins."""
+    parse = build_parser().parse_args
+    args = parse(["--tls-cert", "c.pem", "--tls-key", "k.pem", *program])
+    assert (args.tls_cert, args.tls_key, args.tls_ca) == (Path("c.pem"), Path("k.pem"), None)
+    args = parse(["--tls-cert", "c.pem", *program, "--tls-cert", "own.pem"])
+    assert args.tls_cert == Path("own.pem")
+    assert parse(program).tls_cert is None
+
+
 def _run(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
