@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
-from pqueue.cli.args import INT32, MS, int_in, parse_time_ms
+from pqueue.cli.args import INT32, MS, Outcome, int_in, parse_time_ms
 from pqueue.cli.failure import UsageError
 from pqueue.client import Client, job_spec
 from pqueue.errors import (
@@ -176,7 +176,7 @@ class Progress:
             print(file=self.stream, flush=True)
 
 
-async def enqueue_file(c: Client, a: argparse.Namespace) -> tuple[Any, Any]:
+async def enqueue_file(c: Client, a: argparse.Namespace) -> Outcome:
     """``pq enqueue QUEUE --file F|-``: the jobs ``load_specs`` read (``a.specs``)."""
     specs: Numbered = a.specs
     name = "stdin" if a.file == "-" else a.file
