@@ -4,8 +4,9 @@ The endpoint comes from ``--endpoint`` or ``PQ_ENDPOINT`` (default: the
 balancer ``make cluster`` starts). Output is a table, or JSON with ``-o json``.
 The global options (``--endpoint``, ``-o``, ``--token``...) go before or after
 the command: ``pq -o json stats`` and ``pq stats -o json`` are the same (a
-program's own option of the same name wins after its command, e.g. ``pq node
---tls-cert`` is the node's certificate).
+program's own option of the same name is the program's, before or after its
+command, e.g. ``pq node --tls-cert`` is the node's certificate; given both
+before and after, the one after wins).
 
 Every failure prints one line to stderr, ``error: CODE: message`` (CODE is
 the gRPC status name, e.g. ``NOT_FOUND``; checks made before any call say
@@ -166,8 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(sub)
     worker.register(sub)
     web.register(sub)
+    globals_ = {a.dest: a for a in p._actions if a.option_strings}
     for command in _commands(p):
         own = set(command._option_string_actions)
+        for action in command._actions:
+            if action.dest in globals_ and own & set(globals_[action.dest].option_strings):
+                # The program's own option (``pq node --tls-cert``) given
+                # before the command is the program's too, not dropped by
+                # this parser's default (a node run without its TLS).
+                action.default = argparse.SUPPRESS
         group = command.add_argument_group("global options (also before the command)")
         _global_options(group, suppress=True, skip=own)
     return p

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.cli.args import Outcome, adder, metrics_token, parse_addresses, tls_of
-from pqueue.cli.failure import failure_line
+from pqueue.cli.failure import exit_code, failure_line
 from pqueue.client import Client
 from pqueue.wire.logs import LOG_FORMATS
 from pqueue.wire.tokens import TokenFile
@@ -147,5 +147,5 @@ def run_balancer(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as exc:
         print(failure_line(exc), file=sys.stderr)
-        return 1
+        return exit_code(exc)
     return serve(config, args.log_level, args.log_format)

@@ -41,6 +41,12 @@ def prepare_enqueue(a: argparse.Namespace) -> None:
     if a.file is not None:
         if a.payload is not None:
             raise UsageError("--file", "give PAYLOAD or --file, not both")
+        if a.idempotency_key:
+            raise UsageError(
+                "--idempotency-key",
+                "one key for every line of --file would make each job after the first "
+                'a duplicate; give each line its own "idempotency_key"',
+            )
         from pqueue.cli.produce import load_specs
 
         a.specs = load_specs(a.file, spec_options(a))

@@ -112,10 +112,23 @@ def flag_of(field: str) -> str:
     return field
 
 
-def _config_fields_as_flags(message: str) -> str:
-    """Config field names in a message (``max_attempts 5, asked 3``) as flags."""
+def _config_fields_as_flags(text: str, bare: bool = True) -> str:
+    """Config field names in ``text`` (``max_attempts is 5, asked 3``,
+    ``must not exceed config.max_priority``) as flags. ``bare``: a name
+    without ``config.`` too, else only one with an underscore (a plain word
+    of a reason, ``shares``, stays a word)."""
     names = "|".join(sorted(CONFIG_FLAGS, key=len, reverse=True))
-    return re.sub(rf"\b({names})\b", lambda m: CONFIG_FLAGS[m.group(1)], message)
+
+    def flag(m: re.Match[str]) -> str:
+        name = m.group(2)
+        return CONFIG_FLAGS[name] if m.group(1) or bare or "_" in name else m.group(0)
+
+    return re.sub(rf"\b(config\.)?({names})\b", flag, text)
+
+
+#: What an ALREADY_EXISTS says before the differing fields (the queue's name,
+#: which may look like a field, stays as it is).
+_DIFFERENCES = "different config: "
 
 
 def _refused(message: str) -> bool:
@@ -136,7 +149,8 @@ def failure_line(exc: BaseException, endpoint: str = "", default_endpoint: str =
     if isinstance(exc, UsageError):
         return f"error: INVALID_ARGUMENT: {exc.flag}: {exc.reason}"
     if isinstance(exc, InvalidArgumentError):
-        return f"error: INVALID_ARGUMENT: {flag_of(exc.field)}: {exc.reason}"
+        reason = _config_fields_as_flags(exc.reason, bare=False)
+        return f"error: INVALID_ARGUMENT: {flag_of(exc.field)}: {reason}"
     if isinstance(exc, ValueError | TypeError):  # a client-side check, or protobuf's
         return f"error: INVALID_ARGUMENT: {describe(exc)}"
     if isinstance(exc, PQueueError):
@@ -145,7 +159,8 @@ def failure_line(exc: BaseException, endpoint: str = "", default_endpoint: str =
         code = exc.code if isinstance(exc, RemoteError) else code_of(exc).name
         message = describe(exc)
         if isinstance(exc, AlreadyExistsError):
-            message = _config_fields_as_flags(message)
+            head, sep, differences = message.partition(_DIFFERENCES)
+            message = head + sep + _config_fields_as_flags(differences) if sep else message
         if (
             isinstance(exc, UnavailableError)
             and not isinstance(exc, NotTakenError)
@@ -153,7 +168,8 @@ def failure_line(exc: BaseException, endpoint: str = "", default_endpoint: str =
             and _refused(message)
         ):
             message = connection_hint(endpoint, default_endpoint)
-        return f"error: {code}: {message}"
+        notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+        return f"error: {code}: {message}{notes}"
     if isinstance(exc, FileNotFoundError):
         return f"error: NOT_FOUND: {describe(exc)}"
     if isinstance(exc, PermissionError):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pqueue.cli.args import metrics_token, parse_bytes, parse_node_id, parse_peers
-from pqueue.cli.failure import failure_line
+from pqueue.cli.failure import exit_code, failure_line
 from pqueue.errors import PQueueError
 from pqueue.wire.logs import LOG_FORMATS, describe
 from pqueue.wire.roles import DEFAULT_LEEWAY_S, PEER, node_subject
@@ -288,5 +288,5 @@ def run(args: argparse.Namespace) -> int:
         options = _node_options(args)
     except ValueError as exc:
         print(failure_line(exc), file=sys.stderr)
-        return 1
+        return exit_code(exc)
     return run_node(options)

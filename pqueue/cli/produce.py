@@ -5,13 +5,16 @@ Each line is one job: a JSON value sent as is as the payload (``{"to":
 "g", ...}`` (an object whose keys are all of ``SPEC_KEYS`` and include
 ``payload``; a string payload is sent as its text, anything else as its
 JSON). The command's job flags (``--priority``, ``--group``...) are each
-line's defaults. Blank lines are skipped.
+line's defaults; not ``--idempotency-key`` (one key for every line would
+make each job after the first a duplicate): a line sets its own. Blank lines are skipped.
 
 Every line is read and checked before anything is sent: a bad line fails the
 command (exit 2) naming its line number, and nothing is enqueued. Then the
 jobs go in ``EnqueueBatch`` calls of ``--batch-size`` jobs (each batch is
-atomic); a batch the server refuses stops there, and the error says which
-line and how many jobs went before it. Progress goes to stderr: one line
+atomic); a batch that fails stops there, and the error says how many jobs
+went in before it (and, for a job the server refused, its line). A batch
+whose answer was lost (a timeout, a dropped connection) may be in or not:
+the error says so. Progress goes to stderr: one line
 rewritten in place on a terminal, a line per batch otherwise.
 """
 
@@ -23,10 +26,17 @@ import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
-from pqueue.cli.args import INT32, MS, int_in, parse_time_ms
+from pqueue.cli.args import INT32, MS, Outcome, int_in, parse_time_ms
 from pqueue.cli.failure import UsageError
 from pqueue.client import Client, job_spec
-from pqueue.errors import InvalidArgumentError
+from pqueue.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotTakenError,
+    PQueueError,
+    RemoteError,
+    UnavailableError,
+)
 from pqueue.v1 import queue_pb2 as pb
 
 #: Keys of a job object, and how each reads.
@@ -166,7 +176,7 @@ class Progress:
             print(file=self.stream, flush=True)
 
 
-async def enqueue_file(c: Client, a: argparse.Namespace) -> tuple[Any, Any]:
+async def enqueue_file(c: Client, a: argparse.Namespace) -> Outcome:
     """``pq enqueue QUEUE --file F|-``: the jobs ``load_specs`` read (``a.specs``)."""
     specs: Numbered = a.specs
     name = "stdin" if a.file == "-" else a.file
@@ -177,7 +187,7 @@ async def enqueue_file(c: Client, a: argparse.Namespace) -> tuple[Any, Any]:
         for batch in batches(specs, a.batch_size):
             try:
                 results = await c.enqueue_batch(a.queue, [spec for _, spec in batch])
-            except InvalidArgumentError as exc:
+            except PQueueError as exc:
                 raise _at_line(exc, batch, len(ids), name) from None
             ids.extend(r.job_id for r in results)
             duplicates += sum(r.duplicate for r in results)
@@ -192,16 +202,22 @@ async def enqueue_file(c: Client, a: argparse.Namespace) -> tuple[Any, Any]:
     return row, None
 
 
-def _at_line(
-    exc: InvalidArgumentError, batch: Numbered, done: int, name: str
-) -> InvalidArgumentError:
-    """The server's ``jobs[i].field`` as the line it came from."""
+def _at_line(exc: PQueueError, batch: Numbered, done: int, name: str) -> PQueueError:
+    """``exc`` saying how many jobs went in before its batch, and the
+    server's ``jobs[i].field`` as the line it came from."""
+    first = batch[0][0]
+    if isinstance(exc, DeadlineExceededError | RemoteError) or (
+        isinstance(exc, UnavailableError) and not isinstance(exc, NotTakenError)
+    ):  # the batch may have been applied before the answer was lost
+        gone = f"the {done} jobs before line {first}; lines {first}-{batch[-1][0]}: unknown"
+    else:
+        gone = f"the {done} jobs before line {first}; none from it on"
+    if not isinstance(exc, InvalidArgumentError):
+        exc.add_note(f"enqueued: {gone}")
+        return exc
     field, reason = exc.field, exc.reason
     if field.startswith("jobs[") and "]" in field:
         index, _, rest = field[len("jobs[") :].partition("]")
         if index.isdigit() and int(index) < len(batch):
             field = f"{name} line {batch[int(index)][0]}{': ' + rest.lstrip('.') if rest else ''}"
-    first = batch[0][0]
-    return InvalidArgumentError(
-        field, f"{reason} (enqueued: the {done} jobs before line {first}; none from it on)"
-    )
+    return InvalidArgumentError(field, f"{reason} (enqueued: {gone})")

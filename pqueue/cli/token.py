@@ -9,10 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from pqueue.cli.args import parse_duration_s, parse_node_id
-from pqueue.cli.failure import UsageError, failure_line
+from pqueue.cli.failure import UsageError, exit_code, failure_line
 from pqueue.errors import PQueueError
 from pqueue.wire.roles import PEER, ROLES, node_subject
 from pqueue.wire.tokens import read_key
+
+
+def _refused(exc: Exception) -> int:
+    """Print ``exc``'s failure line; its exit code."""
+    print(failure_line(exc), file=sys.stderr)
+    return exit_code(exc)
 
 
 def issue_token(args: argparse.Namespace) -> int:
@@ -21,23 +27,14 @@ def issue_token(args: argparse.Namespace) -> int:
     roles, subject = list(args.role or ()), args.subject
     if args.node_id is not None:  # a node's peer token: it speaks for that node only
         if subject and subject != node_subject(args.node_id):
-            print("error: --node-id sets the subject; give no --subject", file=sys.stderr)
-            return 1
+            return _refused(
+                UsageError("--subject", "--node-id sets the subject; give no --subject")
+            )
         roles, subject = sorted({*roles, PEER}), node_subject(args.node_id)
     elif PEER in roles:
-        print(
-            failure_line(UsageError("--role", "a peer token names its node: give --node-id N")),
-            file=sys.stderr,
-        )
-        return 1
+        return _refused(UsageError("--role", "a peer token names its node: give --node-id N"))
     if not roles:
-        print(
-            failure_line(
-                UsageError("--role", "give --role (or --node-id for a node's peer token)")
-            ),
-            file=sys.stderr,
-        )
-        return 1
+        return _refused(UsageError("--role", "give --role (or --node-id for a node's peer token)"))
     try:
         token = issue(
             read_key(args.key_file),
@@ -50,8 +47,7 @@ def issue_token(args: argparse.Namespace) -> int:
             token_id=args.token_id,
         )
     except (OSError, ValueError, PQueueError) as exc:
-        print(failure_line(exc), file=sys.stderr)
-        return 1
+        return _refused(exc)
     print(json.dumps({"token": token}) if args.output == "json" else token)
     return 0
 

@@ -162,7 +162,7 @@ def run_web(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(args))
     except (OSError, ValueError) as e:
-        from pqueue.cli.failure import failure_line
+        from pqueue.cli.failure import exit_code, failure_line
 
         print(failure_line(e), file=sys.stderr)
-        return 1
+        return exit_code(e)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pqueue.cli.client import client_options
-from pqueue.cli.failure import failure_line
+from pqueue.cli.failure import exit_code, failure_line
 from pqueue.client import Client
 from pqueue.errors import NotFoundError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
@@ -358,7 +358,7 @@ def run_worker(args: argparse.Namespace) -> int:
         return asyncio.run(serve(args))
     except (OSError, ValueError) as exc:
         print(failure_line(exc), file=sys.stderr)
-        return 1
+        return exit_code(exc)
 
 
 def _positive(text: str) -> float:

@@ -12,7 +12,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pqueue.node.quotas import Quotas
 from pqueue.node.server import NodeServer
+from tests.inproc import one_node
 
 PQ = (sys.executable, "-m", "pqueue.cli")
 
@@ -327,11 +329,18 @@ async def test_server_errors_name_the_flags_typed(server: NodeServer) -> None:
     code, _, err = await pq(a, "enqueue", "q", "x", "--priority", "10")
     assert code == 1
     assert err.startswith("error: INVALID_ARGUMENT: --priority: "), err
-    code, _, err = await pq(a, "queue", "create", "r", "--lease-ms", "-5")
-    assert code in (1, 2)
-    assert err.splitlines()[-1].startswith("error: INVALID_ARGUMENT: "), err
-    assert "--lease-ms" in err
-    assert "config." not in err
+    # Refused by the node (the command line is fine): the fields in the
+    # reason are flags too.
+    code, _, err = await pq(a, "queue", "create", "r", "--lease-ms", str(13 * 3600 * 1000))
+    assert (code, err.strip()) == (
+        1,
+        "error: INVALID_ARGUMENT: --lease-ms: must not exceed --max-lease-total-ms",
+    )
+    code, _, err = await pq(a, "queue", "create", "r", "--min-priority", "5", "--max-priority", "1")
+    assert (code, err.strip()) == (
+        1,
+        "error: INVALID_ARGUMENT: --min-priority: must not exceed --max-priority",
+    )
 
 
 async def test_enqueue_from_json_lines_in_batches(server: NodeServer, tmp_path: Path) -> None:
@@ -374,6 +383,22 @@ async def test_enqueue_from_json_lines_in_batches(server: NodeServer, tmp_path: 
     assert code == 1
     assert err.splitlines()[-1].startswith("error: INVALID_ARGUMENT: stdin line 3: priority: "), err
     assert "(enqueued: the 2 jobs before line 3; none from it on)" in err
+
+
+async def test_enqueue_file_refused_midway_says_how_many_went_in(tmp_path: Path) -> None:
+    """Any refusal of a later batch, not only INVALID_ARGUMENT, says how many
+    jobs went in before it: the file is not all-or-nothing once sending."""
+    quotas = Quotas.parse("[defaults]\nmax_queue_depth = 4\n")
+    async with one_node(tmp_path, quotas=quotas) as srv:
+        text = b"".join(b'"%d"\n' % k for k in range(5))
+        code, _, err = await pq(
+            srv.address, "enqueue", "q", "--file", "-", "--batch-size", "3", stdin=text
+        )
+        assert code == 1
+        last = err.splitlines()[-1]
+        assert last.startswith("error: RESOURCE_EXHAUSTED: queue 'q' holds 3 jobs"), err
+        assert last.endswith("(enqueued: the 3 jobs before line 4; none from it on)"), err
+        assert (await pq_json(srv.address, "stats", "q"))[0]["ready"] == 3
 
 
 async def test_new_flags_reach_the_api(server: NodeServer) -> None:

@@ -82,3 +82,34 @@ def test_a_refused_connection_says_where_and_what_to_check() -> None:
     # A cluster that answers "not now" is no refused connection: its own words.
     busy = failure_line(NotTakenError("node is draining"), DEFAULT_ENDPOINT, DEFAULT_ENDPOINT)
     assert busy == "error: UNAVAILABLE: node is draining"
+
+
+def test_a_file_batch_whose_answer_was_lost_says_it_may_be_in() -> None:
+    from pqueue.cli.produce import _at_line
+    from pqueue.client import job_spec
+    from pqueue.errors import DeadlineExceededError, ResourceExhaustedError
+
+    batch = [(4, job_spec(b"a")), (6, job_spec(b"b"))]
+    lost = _at_line(DeadlineExceededError("deadline exceeded"), batch, 3, "f")
+    assert failure_line(lost) == (
+        "error: DEADLINE_EXCEEDED: deadline exceeded "
+        "(enqueued: the 3 jobs before line 4; lines 4-6: unknown)"
+    )
+    refused = _at_line(ResourceExhaustedError("full"), batch, 3, "f")
+    assert failure_line(refused) == (
+        "error: RESOURCE_EXHAUSTED: full (enqueued: the 3 jobs before line 4; none from it on)"
+    )
+
+
+def test_config_fields_in_a_reason_or_a_difference_are_flags_and_a_queue_name_is_not() -> None:
+    bad = InvalidArgumentError("config.backoff_base_ms", "must not exceed backoff_max_ms")
+    assert failure_line(bad) == (
+        "error: INVALID_ARGUMENT: --backoff-base-ms: must not exceed --backoff-max-ms"
+    )
+    named = AlreadyExistsError(
+        "queue 'max_attempts' exists with a different config: max_attempts is 3, asked 4"
+    )
+    assert failure_line(named) == (
+        "error: ALREADY_EXISTS: queue 'max_attempts' exists with a different config: "
+        "--max-attempts is 3, asked 4"
+    )

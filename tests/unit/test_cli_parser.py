@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import io
 import re
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,22 @@ def test_a_program_s_own_option_wins_after_its_command(tmp_path: object) -> None
     assert (args.timeout_s, args.job_timeout_s) == (4.0, 9.0)
 
 
+@pytest.mark.parametrize(
+    "program", [["node", "--data-dir", "d"], ["balancer", "run", "--backends", "h:1"]]
+)
+def test_a_program_s_own_option_given_before_its_command_is_not_dropped(
+    program: list[str],
+) -> None:
+    """``pq --tls-cert C node`` is the node's certificate, not silently none
+    (a node run without the TLS it was given); after the command still wins."""
+    parse = build_parser().parse_args
+    args = parse(["--tls-cert", "c.pem", "--tls-key", "k.pem", *program])
+    assert (args.tls_cert, args.tls_key, args.tls_ca) == (Path("c.pem"), Path("k.pem"), None)
+    args = parse(["--tls-cert", "c.pem", *program, "--tls-cert", "own.pem"])
+    assert args.tls_cert == Path("own.pem")
+    assert parse(program).tls_cert is None
+
+
 def _run(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -94,6 +111,39 @@ def test_a_refused_command_line_is_invalid_argument_exit_2() -> None:
     )
     code, _, err = _run(["job", "q", "-1"])
     assert (code, err) == (2, "error: INVALID_ARGUMENT: JOB_ID: must be 1 or more, not -1\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["token", "issue", "--tenant", "t"], "error: INVALID_ARGUMENT: --role: give --role"),
+        (
+            ["token", "issue", "--tenant", "t", "--role", "peer"],
+            "error: INVALID_ARGUMENT: --role: a peer token names its node",
+        ),
+        (
+            ["token", "issue", "--tenant", "t", "--node-id", "1", "--subject", "x"],
+            "error: INVALID_ARGUMENT: --subject: ",
+        ),
+        (
+            ["token", "issue", "--tenant", "t", "--role", "admin", "--ttl", "soon"],
+            "error: INVALID_ARGUMENT: ",
+        ),
+        (["node", "--data-dir", "{tmp}", "--tls-ca", "{tmp}/ca.pem"], "error: INVALID_ARGUMENT: "),
+    ],
+)
+def test_a_program_s_own_check_is_invalid_argument_exit_2(
+    argv: list[str], line: str, tmp_path: Path
+) -> None:
+    """What says INVALID_ARGUMENT was refused before anything ran: exit 2,
+    like every other refused command line (1 is for a call that failed)."""
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    if argv[0] == "token":
+        argv = [*argv, "--key-file", str(key)]
+    code, out, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert (code, out, err.count("\n")) == (2, "", 1), err
+    assert err.startswith(line), err
 
 
 def test_the_defaults_pq_queue_create_shows_are_the_node_s() -> None:
@@ -152,3 +202,18 @@ def test_json_lines_read_as_jobs() -> None:
     assert (third.payload, third.group) == (b"plain", "g")
     with pytest.raises(UsageError, match=r"^f line 2: priority: must be from"):
         read_specs(io.StringIO('"ok"\n{"payload": 1, "priority": 2147483648}\n'), "f", {})
+
+
+def test_one_idempotency_key_for_a_whole_file_is_refused(tmp_path: Path) -> None:
+    """Each line's defaults are the flags: one key for every line would make
+    every job after the first a duplicate of it."""
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('"a"\n"b"\n')
+    argv = ["--endpoint", "127.0.0.1:1", "enqueue", "q", "--file", str(path)]
+    code, out, err = _run([*argv, "--idempotency-key", "k"])
+    assert (code, out) == (2, "")
+    assert err == (
+        "error: INVALID_ARGUMENT: --idempotency-key: one key for every line of --file "
+        "would make each job after the first a duplicate; give each line its own "
+        '"idempotency_key"\n'
+    )
