@@ -8,22 +8,16 @@ from pathlib import Path
 import pytest
 
 from pqueue.client import Client
-from pqueue.node.server import NodeServer, ServerConfig
-from pqueue.storage.sqlite import SqliteStorage
-from tests.inproc import Cluster, lifecycle_on
+from pqueue.node.server import NodeServer
+from pqueue.testing import started_node
+from tests.inproc import Cluster
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[NodeServer]:
-    srv = NodeServer(
-        SqliteStorage(tmp_path / "n1"), ServerConfig(listen="127.0.0.1:0", grace_s=1.0)
-    )
-    await srv.start()
-    try:
-        await lifecycle_on(srv)
+    """One node alone, as users test against (``pqueue.testing.started_node``)."""
+    async with started_node(tmp_path, grace_s=1.0) as srv:
         yield srv
-    finally:
-        await srv.stop()
 
 
 @pytest.fixture
