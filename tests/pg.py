@@ -71,7 +71,8 @@ def _probe(dsn: str, timeout_s: float) -> str | None:
 
     def run() -> None:
         try:
-            asyncio.run(asyncio.wait_for(connect(), timeout_s * 2))
+            # One bound for the whole try (connect and query), as documented.
+            asyncio.run(asyncio.wait_for(connect(), timeout_s))
         except Exception as exc:  # any failure is the answer: "not there"
             outcome.append(f"{type(exc).__name__}: {exc}".rstrip(": "))
         else:

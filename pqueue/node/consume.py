@@ -25,8 +25,10 @@ credits and settles jobs on the same stream while the node pushes jobs.
   Reading stops first, running settles are answered (for up to
   ``END_GRACE_S``), then the status goes out: an UNAVAILABLE carries
   NOT_TAKEN when every settle read was answered (what was not read was not
-  taken). Leases already pushed outlive the stream and expire, as a lost
-  long poll's do; a parked waiter leaves its line, handing on any wake-up.
+  taken), unless a lease of its own may have committed unseen (then the
+  log's reason, e.g. COMMIT_UNKNOWN). Leases already pushed outlive the
+  stream and expire, as a lost long poll's do; a parked waiter leaves its
+  line, handing on any wake-up.
 - **Followers** relay the whole stream to the leader in one hop
   (``Forwarder.relay``), ending it NOT_TAKEN when they drain.
 """
@@ -463,10 +465,22 @@ class _Stream:
                     return
                 await asyncio.wait([self.stop_pushing], timeout=exc.retry_after_s)
                 continue  # the tenant's lease quota: try again when it says
-            except (NotLeaderError, UnavailableError) as exc:
+            except (NotLeaderError, NotTakenError) as exc:
                 self.end(
                     NotTakenError(
                         f"lease not taken: {exc.message}", retry_after_s=0.2, cause=_cause_of(exc)
+                    )
+                )
+                return
+            except UnavailableError as exc:
+                # The lease may have committed (COMMIT_UNKNOWN, the log
+                # failed...): never NOT_TAKEN; its reason goes on as it is.
+                self.end(
+                    UnavailableError(
+                        f"a lease may have been taken: {exc.message}",
+                        retry_after_s=0.2,
+                        reason=exc.reason,
+                        metadata=exc.metadata,
                     )
                 )
                 return

@@ -32,8 +32,8 @@ UNAVAILABLE: the ErrorInfo reason says whether the call ran.
     STORAGE_UNAVAILABLE   the leader cannot reach its storage
     STOPPED_LEADING       (Consume) the stream's node no longer leads
     NOT_LEADER            (Consume) another node leads
-    REFUSED               (Consume) a settle request or a push's lease
-                          was refused whole (the message says why)
+    REFUSED               (Consume) a settle request was refused whole
+                          (the message says why)
     LEADER_MOVED          (balancer) the leader changed under the call
     NO_BACKEND            (balancer) no node serves reads
     BALANCER_STOPPING     (balancer) the balancer is shutting down

@@ -15,6 +15,7 @@ from tests.inproc import Cluster
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[NodeServer]:
+    """One node alone, as users test against (``pqueue.testing.started_node``)."""
     async with started_node(tmp_path, grace_s=1.0) as srv:
         yield srv
 

@@ -3,6 +3,7 @@ a node can produce."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -275,3 +276,15 @@ async def test_writes_report_the_log_index_that_applied_them(client: Client) -> 
     assert (consistent.enqueued_total, consistent.nacked_total) == (2, 1)
     dead = await client.list_dead("rw", consistent=True)
     assert list(dead.jobs) == []
+
+
+async def test_list_queues_waits_for_its_min_index(server: NodeServer, client: Client) -> None:
+    await client.create_queue("first")
+    ahead = server.node.machine.applied_index + 1  # the next write's index
+    client.last_log_index = ahead  # as if this client had made that write
+    listing = asyncio.create_task(client.list_queues())
+    await asyncio.sleep(0.3)  # the call is at the node, waiting for the index
+    assert not listing.done()  # answered at once, it would miss the write below
+    await client.create_queue("second")  # index ``ahead``
+    names = {q.queue for q in await asyncio.wait_for(listing, 10)}
+    assert names == {"first", "second"}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 
 from pqueue.client import Client
@@ -20,9 +21,11 @@ from pqueue.errors import (
     PermissionDeniedError,
     PQueueError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from pqueue.node.auth import Verifier, issue
 from pqueue.node.server import NodeServer
+from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.keys import FORWARDED_KEY, authorization
 from pqueue.wire.status import from_op_status
@@ -419,6 +422,28 @@ async def test_a_draining_node_ends_the_stream_not_taken(
     fresh = raw()
     await fresh.start("q", credits=1)
     assert isinstance(await fresh.ended(), NotTakenError)
+
+
+async def test_a_lease_that_may_have_committed_never_ends_the_stream_not_taken(
+    server: NodeServer, client: Client, raw: Callable[..., RawStream]
+) -> None:
+    await client.enqueue("q", b"x")
+    propose = server.node.propose_indexed
+
+    async def committed_unknown(command: logpb.Command) -> tuple[Message, int]:
+        await propose(command)  # it commits, yet the proposer cannot tell
+        raise UnavailableError("the commit is unknown", 0.2, reason="COMMIT_UNKNOWN")
+
+    server.node.propose_indexed = committed_unknown  # type: ignore[method-assign]
+    stream = raw()
+    await stream.start("q", credits=1)
+    error = await stream.ended()
+    server.node.propose_indexed = propose  # type: ignore[method-assign]
+    assert await stats(client, "q") == (0, 1, 0)  # the lease did run
+    # So the end must not say NOT_TAKEN (nothing ran: send again anywhere).
+    assert not isinstance(error, NotTakenError), error
+    assert isinstance(error, UnavailableError)
+    assert error.reason == "COMMIT_UNKNOWN"
 
 
 @pytest.fixture

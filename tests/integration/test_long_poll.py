@@ -34,6 +34,15 @@ async def _lease_in_background(client: Client, queue: str) -> asyncio.Task[list]
     return task
 
 
+async def _parked(server: NodeServer, lines: dict[str, int]) -> None:
+    """Wait until the node's waiter lines are ``lines`` (a loaded machine may
+    take longer than a fixed sleep to park a poll)."""
+    deadline = time.monotonic() + 10
+    while server.node.long_polls.lines() != lines:
+        assert time.monotonic() < deadline, server.node.long_polls.lines()
+        await asyncio.sleep(0.02)
+
+
 async def test_empty_wait_returns_ok_with_no_jobs(client: Client) -> None:
     await client.create_queue("q")
     started = time.monotonic()
@@ -138,7 +147,7 @@ async def test_a_long_poll_waits_for_a_queue_not_created_yet(
     assert await client.lease("later", wait_ms=300) == []  # waited: empty, not NOT_FOUND
     assert server.node.machine.applied_index == before  # waiting wrote nothing
     poll = await _lease_in_background(client, "later")
-    assert server.node.long_polls.lines() == {"later": 1}
+    await _parked(server, {"later": 1})
     r = await client.enqueue("later", b"first")  # creates the queue: wakes the poll
     [job] = await asyncio.wait_for(poll, timeout=10)
     assert (job.job_id, job.payload) == (r.job_id, b"first")
@@ -174,8 +183,7 @@ async def test_waiting_for_a_queue_not_created_yet_still_checks_whose_it_is(
             with pytest.raises(PermissionDeniedError):
                 await p.lease("later", wait_ms=5_000)  # no consumer role: at once
             poll = asyncio.create_task(c.lease("later", wait_ms=LONG_WAIT_MS))
-            await asyncio.sleep(0.2)
-            assert server.node.long_polls.lines() == {"acme/later": 1}  # its own, scoped
+            await _parked(server, {"acme/later": 1})  # its own, scoped
             await p.enqueue("later", b"x")
             [job] = await asyncio.wait_for(poll, timeout=10)
             assert job.payload == b"x"

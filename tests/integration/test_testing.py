@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pqueue.testing
+from pqueue.client import Client
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.worker import Worker
 from tests.unit.test_purity import _modules
@@ -50,9 +51,12 @@ async def test_the_node_is_gone_and_its_directory_removed_after(tmp_path: Path) 
     assert not root.exists()
     async with pqueue.testing.started_node(tmp_path) as node:  # a directory of one's own
         address = node.address
+        async with Client(address) as client:
+            await client.enqueue("q", b"x")
     assert (tmp_path / "n1").exists()  # kept: it is the caller's
     async with pqueue.testing.local_node(tmp_path) as client:  # the same state, reopened
-        await client.enqueue("q", b"x")
+        [stats] = await client.stats("q")
+        assert stats.ready == 1
     assert address.startswith("127.0.0.1:")
 
 
