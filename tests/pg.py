@@ -1,11 +1,13 @@
 """PostgreSQL for tests: which one (``find``), throwaway schemas.
 
-The suite tests against ``PQ_TEST_PG_DSN`` when it is set (``.ci/run`` sets
-it; ``off`` opts out). Unset, it tries ``DEFAULT_DSN`` (the PostgreSQL a
+The suite tests against ``PQ_TEST_PG_DSN`` when it is set (``off`` opts
+out). Unset, it tries ``DEFAULT_DSN`` (the PostgreSQL a
 developer runs locally, trust auth) once at session start, with a short
 connect timeout, and uses it if it answers: ``make test`` on a fresh clone
 runs the PostgreSQL tests too. The session's header says which PostgreSQL
-it tests against, or why the PostgreSQL tests skip (a skip is never a pass).
+it tests against, or why the PostgreSQL tests skip (a skip is never a pass:
+``.ci/run`` sets no DSN, so CI finds the default, and sets
+``PQ_TEST_REQUIRE_PG`` so that a PostgreSQL it did not find fails).
 ``tests/conftest.py`` calls ``use`` once; tests call ``dsn()``.
 """
 
@@ -96,10 +98,17 @@ def use(env: Mapping[str, str]) -> str:
     return _found[1]
 
 
+#: Set (``.ci/run`` sets it), a PostgreSQL test without a PostgreSQL fails.
+REQUIRE_ENV = "PQ_TEST_REQUIRE_PG"
+
+
 def dsn() -> str:
-    """The test PostgreSQL, or skip the test (saying why)."""
+    """The test PostgreSQL, or skip the test (saying why; fail under
+    ``PQ_TEST_REQUIRE_PG``, where a skip would pass for a pass)."""
     found = _found if _found is not None else find(os.environ)
     if found[0] is None:
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{found[1]} ({REQUIRE_ENV} is set)")
         pytest.skip(found[1])
     return found[0]
 

@@ -1,8 +1,8 @@
 """The Storage contract, run against every store: SQLite and PostgreSQL.
 
-PostgreSQL runs where ``PQ_TEST_PG_DSN`` is set (``.ci/run`` sets it), each
-test in a schema of its own, dropped afterwards; elsewhere those cases skip
-and say why.
+PostgreSQL runs where ``tests.pg`` finds one (``PQ_TEST_PG_DSN``, or the
+default DSN), each test in a schema of its own, dropped afterwards; elsewhere
+those cases skip and say why.
 """
 
 from __future__ import annotations

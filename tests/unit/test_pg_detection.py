@@ -50,3 +50,14 @@ def test_the_session_header_says_which(pytestconfig: pytest.Config) -> None:
     line = pg.use(os.environ)  # decided once, at session start
     assert line in lines
     assert line.startswith(("PostgreSQL: ", "PostgreSQL tests skip: "))
+
+
+def test_none_found_skips_or_under_require_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI sets PQ_TEST_REQUIRE_PG: a PostgreSQL test that finds none fails there."""
+    monkeypatch.setattr(pg, "_found", (None, "PostgreSQL tests skip: nothing here"))
+    monkeypatch.delenv(pg.REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="nothing here"):
+        pg.dsn()
+    monkeypatch.setenv(pg.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="PQ_TEST_REQUIRE_PG is set"):
+        pg.dsn()
