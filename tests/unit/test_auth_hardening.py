@@ -136,7 +136,7 @@ def test_pq_token_issue_makes_per_node_peer_tokens(tmp_path: Path) -> None:
     )
     assert principal.token_id == "n2-2026"
     shared = subprocess.run((*base, "--role", "peer"), capture_output=True)
-    assert shared.returncode == 1
+    assert shared.returncode == 2  # a refused command line (docs/operations.md)
     assert b"--node-id" in shared.stderr
 
 
