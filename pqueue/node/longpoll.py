@@ -228,7 +228,7 @@ class LongPolls:
         riding: asyncio.Future[Indexed] | None = None
 
         def command() -> logpb.Command | None:
-            if host.draining or (stop is not None and stop.done()):
+            if host.draining or (stop is not None and stop.done()) or wanted() < 1:
                 return None
             req.max_jobs = min(wanted(), limits.MAX_LEASE_JOBS)
             return logpb.Command(lease=req, limits=bound)
