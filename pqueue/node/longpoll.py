@@ -16,6 +16,16 @@ return empty). A queue that does not exist yet is waited on like an empty
 one: lines are keyed by stored name, and the entry that creates the queue
 with a job (the first enqueue auto-creates it) reports it woken like any
 enqueue.
+
+A leader that proposes an enqueue on a queue with waiters proposes their
+leases right behind it (``ride``): group commit packs both into one entry,
+where the lease, applied after the enqueue, finds its job; the waiter sees
+that lease through instead of proposing one once the enqueue is applied,
+which cost a second entry. The lease command is the one the waiter would
+have proposed (only its moment changes), so it leases by the same rules; one
+that finds nothing (the enqueue refused or a duplicate, the job taken by an
+earlier lease, the queue paused meanwhile) puts its waiter back at the front
+of its line, as a waiter beaten to a job.
 """
 
 from __future__ import annotations
@@ -23,15 +33,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 from google.protobuf.message import Message
 
-from pqueue.core import limits
+from pqueue.core import dispatch, limits
 from pqueue.core.machine import QueueMachine
 from pqueue.errors import NotFoundError, PQueueError
-from pqueue.node.commitlog import CommandLog
+from pqueue.node.commitlog import CommandLog, Indexed
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
@@ -51,16 +61,30 @@ class LeaseHost(Protocol):
 
     def propose_indexed(self, command: logpb.Command) -> Awaitable[tuple[Message, int]]: ...
 
+    def prepare(self, command: logpb.Command) -> None: ...
+
+    def propose_many(self, commands: Sequence[logpb.Command]) -> list[asyncio.Future[Indexed]]: ...
+
 
 class Waiter:
     """One parked long poll: woken by resolving ``future``; ``want()`` says how
-    many jobs it would take (a stream's credits may grow while it waits)."""
+    many jobs it would take (a stream's credits may grow while it waits).
+    ``command()`` is the lease it would propose now (None: it would not
+    propose, e.g. its stream is ending); ``riding`` is that lease's
+    outcome once ``ride`` proposed it on the waiter's behalf."""
 
-    __slots__ = ("future", "want")
+    __slots__ = ("command", "future", "riding", "want")
 
-    def __init__(self, future: asyncio.Future[None], want: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future[None],
+        want: Callable[[], int],
+        command: Callable[[], logpb.Command | None] | None = None,
+    ) -> None:
         self.future = future
         self.want = want
+        self.command = command
+        self.riding: asyncio.Future[Indexed] | None = None
 
 
 class LongPolls:
@@ -88,8 +112,12 @@ class LongPolls:
 
         Waking only as many as can be served keeps the rest parked instead of
         each proposing a lease that would come back empty (a thundering herd
-        of log writes).
+        of log writes). Nobody is woken while a lease would find nothing (the
+        entry's own leases took the jobs: a waiter woken for nothing would
+        lose its place in line).
         """
+        if not self._host.machine.has_ready(queue):
+            return
         line = self._lines.get(queue)
         while line and jobs > 0:
             waiter = line.popleft()
@@ -98,6 +126,58 @@ class LongPolls:
                 jobs -= max(waiter.want(), 1)
         if line is not None and not line:
             del self._lines[queue]
+
+    def ride(self, commands: Iterable[logpb.Command]) -> None:
+        """Propose, right behind enqueues just queued for the log, the leases
+        of waiters their jobs can serve (as many as ``wake`` would wake, in
+        line order), so group commit packs them into the enqueue's entry.
+
+        Each waiter leaves its line with its lease's outcome to see through
+        (``Waiter.riding``). Only where a lease could take a job once the
+        enqueue applies: jobs ready at once (no delay), a queue neither
+        paused, nor at its ``max_inflight``, nor held back by its dispatch
+        rate, as far as the state applied so far tells; the lease itself
+        decides, in the log, as any lease does. The leader calls this only
+        after the log took the enqueues (it leads).
+        """
+        host = self._host
+        if host.draining:
+            return
+        now = host.clock_ms()
+        for command in commands:
+            if command.WhichOneof("kind") != "enqueue":
+                continue
+            req = command.enqueue
+            line = self._lines.get(req.queue)
+            if not line or not self._may_lease(req.queue):
+                continue
+            jobs = sum(1 for spec in req.jobs if spec.delay_ms <= 0 and spec.not_before_ms <= now)
+            while line and jobs > 0:
+                waiter = line[0]
+                lease = None if waiter.future.done() else waiter.command and waiter.command()
+                if lease is None:
+                    break  # it proposes for itself once the enqueue applies
+                try:
+                    host.prepare(lease)
+                    [riding] = host.propose_many([lease])
+                except PQueueError:
+                    break  # as above: it waits to be woken
+                line.popleft()
+                waiter.riding = riding
+                waiter.future.set_result(None)
+                jobs -= max(waiter.want(), 1)
+            if not line:
+                del self._lines[req.queue]
+
+    def _may_lease(self, queue: str) -> bool:
+        """Whether a lease on ``queue`` could take a job were one ready now
+        (an unknown queue: the enqueue creates it)."""
+        state = self._host.machine.queues.get(queue)
+        if state is None:
+            return True
+        return dispatch.leasable(state, self._host.machine.lifecycle) and (
+            self._dispatch_due_s(queue) == 0
+        )
 
     def wake_all(self) -> None:
         """Wake every waiter (a drain: they find the node draining and return)."""
@@ -143,11 +223,23 @@ class LongPolls:
         waits = stop is not None or req.wait_ms > 0
         first_in_line = False
         parked = False
+        #: Our lease, proposed by ``ride`` behind an enqueue while we waited:
+        #: seen through (its jobs are ours) whatever else happened meanwhile.
+        riding: asyncio.Future[Indexed] | None = None
+
+        def command() -> logpb.Command | None:
+            if host.draining or (stop is not None and stop.done()) or wanted() < 1:
+                return None
+            req.max_jobs = min(wanted(), limits.MAX_LEASE_JOBS)
+            return logpb.Command(lease=req, limits=bound)
+
         while True:
-            if host.draining or (stop is not None and stop.done()):
+            if riding is None and (host.draining or (stop is not None and stop.done())):
                 return empty
             queue = req.queue
-            if queue not in host.machine.queues and waits:
+            if riding is not None:
+                due_s = 0.0
+            elif queue not in host.machine.queues and waits:
                 # A queue not created yet waits like an empty one: the entry
                 # that creates it with a job (a producer's first enqueue)
                 # wakes this line, by the stored name the lease was scoped to.
@@ -166,11 +258,15 @@ class LongPolls:
             else:
                 due_s = -1.0
             if due_s == 0:
-                req.max_jobs = min(wanted(), limits.MAX_LEASE_JOBS)
                 try:
-                    result, index = await host.propose_indexed(
-                        logpb.Command(lease=req, limits=bound)
-                    )
+                    if riding is not None:
+                        result, index = await self._seen_through(riding)
+                        riding = None
+                    else:
+                        req.max_jobs = min(wanted(), limits.MAX_LEASE_JOBS)
+                        result, index = await host.propose_indexed(
+                            logpb.Command(lease=req, limits=bound)
+                        )
                 except NotFoundError:
                     if not waits:
                         raise
@@ -191,7 +287,7 @@ class LongPolls:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return empty
-            waiter = Waiter(loop.create_future(), wanted)
+            waiter = Waiter(loop.create_future(), wanted, command)
             line = self._lines.setdefault(queue, deque())
             if first_in_line:
                 line.appendleft(waiter)
@@ -207,9 +303,19 @@ class LongPolls:
                 self._leave(queue, waiter)
                 raise
             parked = True
+            riding = waiter.riding
             if not waiter.future.done():  # the wait ran out, or ``stop``
                 self._leave(queue, waiter)
                 return empty
+
+    @staticmethod
+    async def _seen_through(riding: asyncio.Future[Indexed]) -> tuple[Message, int]:
+        """A ridden lease's result and index (its error raised), as
+        ``propose_indexed`` gives them."""
+        result, index = await riding
+        if isinstance(result, PQueueError):
+            raise result
+        return result, index
 
     async def surely_unknown(self, queue: str) -> bool:
         """Whether no committed entry creates ``queue``, known without a log entry.

@@ -302,7 +302,14 @@ class QueueNode:
     async def propose_indexed(self, command: logpb.Command) -> tuple[Message, int]:
         """``propose``, with the log index of the entry that applied it."""
         self.prepare(command)
-        return await self.log.submit_indexed(command)
+        if command.WhichOneof("kind") != "enqueue":
+            return await self.log.submit_indexed(command)
+        [future] = self.log.submit_many([command])
+        self.long_polls.ride((command,))  # waiters' leases join its entry
+        result, index = await future
+        if isinstance(result, PQueueError):
+            raise result
+        return result, index
 
     def prepare(self, command: logpb.Command) -> None:
         """Make ``command`` fit for the log, or refuse it (as ``propose`` does)."""
@@ -311,8 +318,12 @@ class QueueNode:
 
     def propose_many(self, commands: Sequence[logpb.Command]) -> list[asyncio.Future[Indexed]]:
         """Propose ``commands`` (each passed through ``prepare``) in order, each
-        on its own: the future of each one's (result or error, log index)."""
-        return self.log.submit_many(commands)
+        on its own: the future of each one's (result or error, log index).
+        Waiters the enqueues among them can serve have their leases proposed
+        right behind (``LongPolls.ride``)."""
+        futures = self.log.submit_many(commands)
+        self.long_polls.ride(commands)
+        return futures
 
     async def lease(
         self, req: pb.LeaseRequest, bound: logpb.TenantLimits | None = None

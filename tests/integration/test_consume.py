@@ -220,9 +220,12 @@ async def test_a_stream_on_a_queue_not_created_yet_waits_for_its_first_job(
     r = await client.enqueue("later", b"first")  # creates the queue, wakes the stream
     [job] = await stream.take(1)
     assert (job.job_id, job.payload) == (r.job_id, b"first")
-    # The push says which entry leased it, for reads that must see the lease.
+    # The push says which entry leased it, for reads that must see the lease:
+    # the enqueue's own entry (the stream's lease rode behind it) or a later one.
     [pushed] = [p for p in stream.responses if p.jobs]
-    assert pushed.log_index > r.log_index
+    assert pushed.log_index >= r.log_index
+    assert server.node.machine.applied_index >= pushed.log_index
+    assert (await client.get_job("later", r.job_id)).state == pb.JOB_STATE_LEASED
 
 
 async def test_with_auth_a_stream_needs_the_consumer_role_on_its_own_queues(

@@ -200,11 +200,13 @@ async def test_a_worker_started_before_its_queue_exists_handles_its_first_job(
 ) -> None:
     handled: list[bytes] = []
     indexes: list[int] = []
+    states: list[int] = []
     done = asyncio.Event()
 
     async def handler(job: pb.LeasedJob) -> None:
         handled.append(job.payload)
         indexes.append(client.last_log_index)
+        states.append((await client.get_job("later", job.job_id)).state)
         done.set()
 
     # The default wait (20 s): the worker must not sit out a whole one.
@@ -220,7 +222,11 @@ async def test_a_worker_started_before_its_queue_exists_handles_its_first_job(
         worker.stop()
         await asyncio.wait_for(task, 30)
     assert handled == [b"x"]
-    assert indexes[0] > sent.log_index  # the lease is a write the client's reads wait for
+    # The lease is a write the client's reads wait for: its entry is the
+    # enqueue's (the waiting lease rode behind it) or a later one, and a read
+    # in the handler sees the job leased.
+    assert indexes[0] >= sent.log_index
+    assert states == [pb.JOB_STATE_LEASED]
 
 
 async def test_a_worker_cancelled_mid_poll_leaves_no_call_pending(client: Client) -> None:
