@@ -441,6 +441,8 @@ async def lease_ack(c: Client, queue: str, seconds: float) -> float:
     acked = 0
     owed = 0
     stopping = False
+    #: Every worker has returned: no ack is in flight, so ``owed`` is final.
+    workers_done = False
 
     async def worker() -> None:
         nonlocal acked, owed
@@ -453,7 +455,9 @@ async def lease_ack(c: Client, queue: str, seconds: float) -> float:
 
     async def refiller() -> None:
         nonlocal owed
-        while not stopping or owed:
+        # Not done at ``stopping``: a worker may still be acking a job it
+        # leased just before, which it then owes (the depth came back 6 short).
+        while not workers_done or owed:
             if owed >= REFILL or (stopping and owed):
                 n = min(owed, REFILL)
                 owed -= n
@@ -469,9 +473,10 @@ async def lease_ack(c: Client, queue: str, seconds: float) -> float:
         rate = acked / (time.perf_counter() - started)
         stopping = True
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        workers_done = True
         await asyncio.wait_for(refill, 60)  # the depth back where it was
     finally:
-        stopping = True
+        stopping = workers_done = True
         for t in (*tasks, refill):
             t.cancel()
     return rate
