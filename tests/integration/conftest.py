@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ import pytest
 from pqueue.client import Client
 from pqueue.node.server import NodeServer
 from pqueue.testing import started_node
+from tests.consume_raw import RawStream
 from tests.inproc import Cluster
 
 
@@ -38,3 +39,21 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
     finally:
         await c.stop()
+
+
+@pytest.fixture
+async def raw(server: NodeServer) -> AsyncIterator[Callable[..., RawStream]]:
+    """Opens raw ``Consume`` streams to ``server`` (optional metadata), all
+    closed at the end."""
+    opened: list[RawStream] = []
+
+    def open_stream(metadata: tuple[tuple[str, str], ...] = ()) -> RawStream:
+        stream = RawStream(server.address, metadata)
+        opened.append(stream)
+        return stream
+
+    try:
+        yield open_stream
+    finally:
+        for stream in opened:
+            await stream.close()

@@ -51,22 +51,6 @@ async def until(
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-async def raw(server: NodeServer) -> AsyncIterator[Callable[..., RawStream]]:
-    opened: list[RawStream] = []
-
-    def open_stream(metadata: tuple[tuple[str, str], ...] = ()) -> RawStream:
-        stream = RawStream(server.address, metadata)
-        opened.append(stream)
-        return stream
-
-    try:
-        yield open_stream
-    finally:
-        for stream in opened:
-            await stream.close()
-
-
 async def stats(client: Client, queue: str) -> tuple[int, int, int]:
     [s] = await client.stats(queue)
     return s.ready, s.leased, s.acked_total

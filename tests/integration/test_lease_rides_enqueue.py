@@ -7,7 +7,7 @@ and refused enqueues behave as for any lease."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -150,22 +150,6 @@ async def test_a_paused_queue_lets_no_lease_ride(
     await client.resume_queue("q")
     [job] = await asyncio.wait_for(poll, timeout=10)
     assert job.job_id == r.job_id
-
-
-@pytest.fixture
-async def raw(server: NodeServer) -> AsyncIterator[Callable[[], RawStream]]:
-    opened: list[RawStream] = []
-
-    def open_stream() -> RawStream:
-        stream = RawStream(server.address)
-        opened.append(stream)
-        return stream
-
-    try:
-        yield open_stream
-    finally:
-        for stream in opened:
-            await stream.close()
 
 
 async def test_a_consume_streams_lease_lands_in_the_enqueues_entry(
