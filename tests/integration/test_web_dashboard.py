@@ -57,6 +57,26 @@ def text(driver: WebDriver, css: str) -> str:
     raise AssertionError(f"{css} kept being replaced while read")
 
 
+def act(driver: WebDriver, steps: Callable[[], None]) -> None:
+    """Run ``steps`` (find elements, type, click), again from the start if an
+    element it found was replaced meanwhile (the page swaps its live part on
+    each refetch: a found link or form can go stale before its click)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(100):
+        try:
+            steps()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError("the elements kept being replaced")
+
+
+def click(driver: WebDriver, by: str, value: str, index: int = 0) -> None:
+    """Find the ``index``-th element ``by``/``value`` and click it (``act``)."""
+    act(driver, lambda: driver.find_elements(by, value)[index].click())
+
+
 def shoot(driver: WebDriver, name: str, out: Path) -> None:
     path = out / f"{name}.png"
     assert driver.save_screenshot(str(path)), name
@@ -110,11 +130,18 @@ async def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 driver.execute_script("window.notReloaded = true;")
 
                 # Enqueue through the form: the answer and the count, same page.
-                form = driver.find_element(By.ID, "submit")
-                form.find_element(By.NAME, "payload").send_keys('{"to": "ana@example.com"}')
-                form.find_element(By.NAME, "priority").clear()
-                form.find_element(By.NAME, "priority").send_keys("-3")
-                form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+                def submit() -> None:
+                    form = driver.find_element(By.ID, "submit")
+                    for name, value in (
+                        ("payload", '{"to": "ana@example.com"}'),
+                        ("priority", "-3"),
+                    ):
+                        field = form.find_element(By.NAME, name)
+                        field.clear()
+                        field.send_keys(value)
+                    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+                act(driver, submit)
                 until("the job id", lambda: "Enqueued job" in text(driver, "#flash"))
                 until("ready 1", lambda: text(driver, ".counts [data-stat=ready]") == "1")
                 until("the row", lambda: "ana@example.com" in text(driver, "table.jobs"))
@@ -134,28 +161,33 @@ async def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 # from the page's refetch. The answer first: a refetch that
                 # reads a node a few entries behind can drop the badge before
                 # the resume was even sent.
-                pause, resume = driver.find_elements(By.CSS_SELECTOR, ".toolbar button")
-                pause.click()
+                click(driver, By.CSS_SELECTOR, ".toolbar button", 0)  # pause
                 until("the pause", lambda: text(driver, "#flash") == "Pause leasing: done")
                 until("paused", lambda: text(driver, "#paused") == "paused")
                 assert (await c.stats("mail", consistent=True))[0].paused
-                resume.click()
+                click(driver, By.CSS_SELECTOR, ".toolbar button", 1)  # resume
                 until("the resume", lambda: text(driver, "#flash") == "Resume: done")
                 until("not paused", lambda: text(driver, "#paused") == "")
                 assert not (await c.stats("mail", consistent=True))[0].paused
 
                 # The dead letters, then the dead job's page: force-complete it.
-                driver.find_element(By.CSS_SELECTOR, "nav.tabs a[href*='state=dead']").click()
+                click(driver, By.CSS_SELECTOR, "nav.tabs a[href*='state=dead']")
                 until("the dead job", lambda: str(dead_id) in text(driver, "table.jobs"))
-                driver.find_element(By.LINK_TEXT, str(dead_id)).click()
+                click(driver, By.LINK_TEXT, str(dead_id))
                 until("DEAD", lambda: text(driver, "#job-state") == "DEAD")
                 assert "smtp: 550 no such user" in text(driver, "table.errors")
                 assert "ops@example.com" in text(driver, "#payload")
                 until("live: on", lambda: text(driver, "#live-state") == "live: on")
-                complete = driver.find_element(By.ID, "complete")
-                complete.find_element(By.NAME, "note").send_keys("resent by hand")
-                complete.find_element(By.NAME, "result").send_keys("ok: resent")
-                complete.find_element(By.TAG_NAME, "button").click()
+
+                def force_complete() -> None:
+                    form = driver.find_element(By.ID, "complete")
+                    for name, value in (("note", "resent by hand"), ("result", "ok: resent")):
+                        field = form.find_element(By.NAME, name)
+                        field.clear()
+                        field.send_keys(value)
+                    form.find_element(By.TAG_NAME, "button").click()
+
+                act(driver, force_complete)
                 until("COMPLETED", lambda: text(driver, "#job-state") == "COMPLETED")
                 assert "ok: resent" in text(driver, "#result")
                 shoot(driver, "job", shots)
@@ -163,7 +195,7 @@ async def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 assert (job.state, job.reason) == (pb.JOB_STATE_COMPLETED, "resent by hand")
 
                 # A refused action says why, on the page: a completed job cannot be cancelled.
-                driver.find_element(By.CSS_SELECTOR, "#cancel button").click()
+                click(driver, By.CSS_SELECTOR, "#cancel button")
                 until("the refusal", lambda: "409 FAILED_PRECONDITION" in text(driver, "#flash"))
 
                 driver.get(f"{url}/cluster")
