@@ -66,20 +66,19 @@ async def auth_state(endpoint: str, **options: Any) -> str | None:
     """One startup line on the cluster's auth, from a call without a token;
     None while the cluster does not answer."""
     from pqueue.client import Client
-    from pqueue.errors import PermissionDeniedError, PQueueError, UnauthenticatedError
+    from pqueue.web.auth import probe_auth
 
     options = {**options, "token": None}
     async with Client(endpoint, timeout_s=3.0, max_retries=1, **options) as c:
-        try:
-            await c.list_queues()
-        except (UnauthenticatedError, PermissionDeniedError):
-            return (
-                "auth is ON at the cluster: requests need 'Authorization: Bearer TOKEN'"
-                " (or pq web --token)"
-            )
-        except PQueueError as e:
-            log.debug("cluster at %s not reachable: %s", endpoint, e.message)
-            return None
+        on = await probe_auth(c)
+    if on is None:
+        log.debug("cluster at %s not reachable", endpoint)
+        return None
+    if on:
+        return (
+            "auth is ON at the cluster: requests need 'Authorization: Bearer TOKEN'"
+            " (or pq web --token)"
+        )
     return (
         f"auth is OFF at the cluster {endpoint}: anyone who reaches this port "
         "can read and change every queue"

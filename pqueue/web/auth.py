@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
+from pqueue.client import Client
 from pqueue.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
@@ -86,6 +87,18 @@ def token_claims(token: str) -> dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
+async def probe_auth(client: Client) -> bool | None:
+    """Whether the cluster wants a token, asked by ``client`` (which sends
+    none): True on, False off, None when it did not say (not reachable)."""
+    try:
+        await client.node_status()
+    except (UnauthenticatedError, PermissionDeniedError):
+        return True
+    except PQueueError:
+        return None
+    return False
+
+
 class AuthProbe:
     """Whether the cluster takes calls without a token (auth off), asked with
     a tokenless call and remembered for ``PROBE_TTL_S``."""
@@ -99,14 +112,7 @@ class AuthProbe:
         now = time.monotonic()
         if self._answer is not None and now - self._at < PROBE_TTL_S:
             return self._answer
-        client = await request.app.state.pool.anonymous()
-        try:
-            await client.node_status()
-            answer: bool | None = False
-        except (UnauthenticatedError, PermissionDeniedError):
-            answer = True
-        except PQueueError:
-            answer = None
+        answer = await probe_auth(await request.app.state.pool.anonymous())
         if answer is not None:
             self._answer, self._at = answer, now
         return answer
