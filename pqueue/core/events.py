@@ -106,8 +106,11 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
     def job(job_id: int) -> Job | None:
         return jobs.find_job(job_id, touched) if job_id in effects.changed else None
 
-    def add(kind: int, job_id: int, result_bytes: int = 0, reason: str = "") -> None:
-        found = job(job_id)
+    def add(
+        kind: int, job_id: int, result_bytes: int = 0, reason: str = "", found: Job | None = None
+    ) -> None:
+        if found is None:
+            found = job(job_id)
         if found is not None:
             events.append(_job_event(kind, found, index, now, result_bytes, reason))
             explained.add(job_id)
@@ -126,8 +129,8 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
         elif what == "ack":
             for lease in cmd.ack.leases:
                 size = len(lease.result)
-                if job(lease.job_id) is not None:
-                    add(K.COMPLETED, lease.job_id, result_bytes=size)
+                if (kept := job(lease.job_id)) is not None:
+                    add(K.COMPLETED, lease.job_id, result_bytes=size, found=kept)
                 else:  # acked and not kept (no records: before LIFECYCLE, completed_max 0)
                     events.append(
                         Event(
