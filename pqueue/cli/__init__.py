@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import pqueue.cli.grpc_env  # noqa: F401  (first: before anything imports grpc)
 from pqueue.cli.args import HelpFormatter
 from pqueue.cli.failure import EXIT_FAILED, EXIT_USAGE, exit_code, failure_line
 
