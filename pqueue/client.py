@@ -36,6 +36,7 @@ import grpc
 
 from pqueue.batching import NoSubmitError, SubmitBatcher, SubmitCounts, fits, op_bytes
 from pqueue.errors import (
+    DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     NotLeaderError,
@@ -381,7 +382,8 @@ class Client:
                 if direct:
                     # The leader the balancer named failed this call: the next
                     # ones go through the endpoint until it names one again.
-                    if isinstance(error, UnavailableError | NotLeaderError):
+                    # A deadline too: a frozen leader keeps its connection up.
+                    if isinstance(error, UnavailableError | NotLeaderError | DeadlineExceededError):
                         self._link.forget(direct, type(error).__name__)
                     direct = ""
                 if isinstance(error, NotLeaderError) and error.leader_address and not redirected:

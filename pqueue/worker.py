@@ -260,16 +260,23 @@ class Worker:
             self.streams_opened += 1
             opened = loop.time()
             self._move_stream = False
+            moving = False
             undo = None if direct else self.client.on_leader_ready(self._leader_ready)
             try:
                 error = await self._take_jobs(stream)
+                moving = error is None and not self._stopping.is_set()
             finally:
                 if undo is not None:
                     undo()
                 self._stream = None
                 for job in await stream.close(CLOSE_TIMEOUT_S):  # pushed as it closed
                     self.stats.leased += 1
-                    await self._release_unstarted(job)
+                    if moving and not self._stopping.is_set():
+                        # Moving to the leader, not stopping: the lease is
+                        # ours, run the job (settled on the next stream or by a call).
+                        self._start(job, streamed=True)
+                    else:
+                        await self._release_unstarted(job)
             if error is None:
                 if self._stopping.is_set():
                     break
