@@ -173,8 +173,8 @@ class Client:
 
     ``look_aside`` (on by default): a balancer names the leader in its
     answers (``pq-leader``); the client opens a channel to that address in
-    the background and, once it is READY, sends its enqueues, acks, nacks
-    and extends (and a ``Worker`` its new ``Consume`` streams) to the leader
+    the background and, once it is READY, sends its enqueues, acks, nacks,
+    extends and leases (and a ``Worker`` its new ``Consume`` streams) to the leader
     directly, saving the balancer's hop. A direct call that finds the leader
     unreachable or not leading sends the client back to the endpoint (the
     balancer) until it names the leader again; an address the client cannot
@@ -312,7 +312,8 @@ class Client:
         leader_bound: bool = False,
     ) -> T:
         """Call; follow one leader hint; retry retriable errors if ``retry``.
-        ``leader_bound``: an operation's single call, which goes to the leader
+        ``leader_bound``: a job write or lease (an operation's single call,
+        ``enqueue_batch``, ``ack_many``, ``lease``), which goes to the leader
         directly when look-aside has one ready."""
 
         async def send(stubs: _Stubs) -> T:
@@ -472,7 +473,7 @@ class Client:
         """Enqueue many jobs atomically (see ``job_spec``)."""
         req = pb.EnqueueBatchRequest(queue=queue, jobs=jobs)
         retry = all(j.idempotency_key for j in jobs)
-        resp = await self._call(lambda s: s.queue.EnqueueBatch, req, retry=retry)
+        resp = await self._call(lambda s: s.queue.EnqueueBatch, req, retry=retry, leader_bound=True)
         return list(resp.results)
 
     async def lease(
@@ -497,7 +498,10 @@ class Client:
             consumer_id=consumer_id,
         )
         resp = await self._call(
-            lambda s: s.queue.Lease, req, timeout_s=self.timeout_s + wait_ms / 1000
+            lambda s: s.queue.Lease,
+            req,
+            timeout_s=self.timeout_s + wait_ms / 1000,
+            leader_bound=True,
         )
         return list(resp.jobs)
 
@@ -519,7 +523,7 @@ class Client:
         (always its own call, never packed with others). Each is (job id,
         lease id) or (job id, lease id, result)."""
         req = pb.AckRequest(queue=queue, leases=[_job_lease(*lease) for lease in leases])
-        return (await self._call(lambda s: s.queue.Ack, req)).acked
+        return (await self._call(lambda s: s.queue.Ack, req, leader_bound=True)).acked
 
     async def nack(
         self,
