@@ -100,7 +100,8 @@ def check_files(result: dict[str, Any]) -> None:
         assert s["label"] in text
     for s in result["scenarios"]:
         assert s["title"] in text
-    assert text.count("history check") == len(result["scenarios"])
+    # Each scenario's row ("history check  ok ..."), not the target "history checks (...)".
+    assert text.count("history check ") == len(result["scenarios"])
     assert "FAILED" not in text
     assert "targets (issue 15, done when):" in text
 
