@@ -34,7 +34,7 @@ from balancer.pool import Pool, Report
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire import channels
-from pqueue.wire.keys import AUTHORIZATION_KEY, FORWARDED_KEY
+from pqueue.wire.keys import AUTHORIZATION_KEY, FORWARDED_KEY, LEADER_KEY
 from pqueue.wire.logs import describe
 from pqueue.wire.tls import channel as tls_channel
 from pqueue.wire.tokens import current_token
@@ -100,6 +100,11 @@ class Backends:
         self._leader: str | None = None
         #: Probe fast until then: the leader may be frozen.
         self._suspect_until_s = 0.0
+        #: By backend: the metadata naming it to clients as the leader
+        #: (``pq-leader``, its own address as its peers know it, from its
+        #: probes), which leader calls carry back; empty for a node that
+        #: reports no address (it runs alone).
+        self.leader_metadata: dict[str, tuple[tuple[str, str], ...]] = {}
 
     def probe_metadata(self) -> tuple[tuple[str, str], ...]:
         """What a probe carries: the probe token, else the balancer's, as its
@@ -111,6 +116,13 @@ class Backends:
             (FORWARDED_KEY, BALANCER_ID),
             *(((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()),
         )
+
+    def _announce(self, address: str, advertised: str) -> None:
+        """Keep the ``pq-leader`` metadata of ``address`` (a constant tuple,
+        made again only when the node reports another address)."""
+        known = self.leader_metadata.get(address)
+        if known is None or (known[0][1] if known else "") != advertised:
+            self.leader_metadata[address] = ((LEADER_KEY, advertised),) if advertised else ()
 
     def stub(self, address: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         """The raw-bytes callable of ``method`` on ``address``'s channel (kept:
@@ -369,6 +381,7 @@ class Backends:
                 self._probe_failed(address, f"probe: {type(exc).__name__}")
             else:
                 self.pool.on_report(address, report_of(status), self.clock_s(), sent_at)
+                self._announce(address, status.address)
             self._changed()
             interval = (
                 self.config.probe_interval_s

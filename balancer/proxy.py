@@ -8,6 +8,10 @@ status, details and trailers (rich error details, retry pushback) come back
 as they were. See ``balancer.routes`` for where each call goes and when a
 failed one is sent a second time; a call is sent at most twice.
 
+A leader's answer carries ``pq-leader`` in its trailers (and a ``Consume``
+stream in its initial metadata): the leader's own address, which a client
+may call directly (look-aside). The proxy stays for clients that do not.
+
 Single-job writes, and clients' own ``Submit`` calls, ride to the leader in
 ``Submit`` calls shared with other callers (``balancer.coalesce``) unless
 coalescing is off; each is answered, and resent, as if it had gone alone.
@@ -146,7 +150,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     tried.append(address)
                     continue
                 await self._abort_leader_moved(context)
-            await self._pass_back(context, call)
+            await self._pass_back(context, call, kind, address)
             if route.merges:  # per-operation NOT_LEADER: no node address goes back
                 response, moved = hide_leaders_in(response)
                 if moved is not None:
@@ -183,6 +187,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 address, metadata, route.op_field, request, deadline, ops
             )
             if isinstance(outcome, bytes):
+                leader = self.backends.leader_metadata.get(address)
+                if leader:  # look-aside: the client may call the leader itself
+                    context.set_trailing_metadata(leader)
                 return outcome
             if outcome is PLAIN:  # nothing of it ran: it goes alone
                 return await self._call(route, request, context)
@@ -358,13 +365,21 @@ class ProxyHandler(grpc.GenericRpcHandler):
         )
 
     async def _pass_back(
-        self, context: Context, call: grpc.aio.UnaryUnaryCall[bytes, bytes]
+        self,
+        context: Context,
+        call: grpc.aio.UnaryUnaryCall[bytes, bytes],
+        kind: Kind,
+        address: str,
     ) -> None:
-        """Hand the node's initial and trailing metadata on to the client."""
+        """Hand the node's initial and trailing metadata on to the client; a
+        leader's answer also names the leader (``pq-leader``, look-aside)."""
         initial = passthrough(await call.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
-        context.set_trailing_metadata(passthrough(await call.trailing_metadata()))
+        trailers = passthrough(await call.trailing_metadata())
+        if kind is Kind.LEADER:
+            trailers = (*trailers, *self.backends.leader_metadata.get(address, ()))
+        context.set_trailing_metadata(trailers)
 
     async def _target(self, kind: Kind, tried: list[str], deadline: float) -> str | None:
         """Where to send: waits (within the deadline) while nothing fits."""

@@ -4,7 +4,9 @@ A client's stream becomes one stream to the leader (no call per job): each
 message the client sends is written on it as it came, and each message the
 leader sends is handed back, in order, unparsed. The client's metadata goes
 along as for a unary call (``balancer.hop``), and its deadline, if it set one
-(a consumer's stream usually has none, and gets none).
+(a consumer's stream usually has none, and gets none). The client's stream
+gets initial metadata as soon as the leader is picked: ``pq-leader``, the
+leader's own address (look-aside: a client may open its next stream there).
 
 The client's stream ends as the leader's does: with its status, message and
 trailers (a bad ``start``, UNAVAILABLE when the node drains or stops
@@ -111,7 +113,9 @@ class StreamProxy:
         pump = asyncio.create_task(_pump(requests, call), name="pq-stream-pump")
         watch = asyncio.create_task(self._watch(address, call, ended_by), name="pq-stream-watch")
         try:
-            first = True
+            # Look-aside: the client learns the leader's address at once (a
+            # node sends a stream no initial metadata of its own).
+            await context.send_initial_metadata(self.backends.leader_metadata.get(address, ()))
             while True:
                 try:
                     message = await call.read()
@@ -123,11 +127,6 @@ class StreamProxy:
                     raise AssertionError("unreachable") from None  # abort raises
                 if not isinstance(message, bytes):  # grpc.aio.EOF: the leader's side ended
                     break
-                if first:
-                    first = False
-                    initial = passthrough(await call.initial_metadata())
-                    if initial:
-                        await context.send_initial_metadata(initial)
                 yield message
             code = await call.code()
             end = "ok" if code == grpc.StatusCode.OK else code.name

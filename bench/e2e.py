@@ -270,6 +270,8 @@ class CellRunner:
                 consumers=scenario.consumers,
                 consumer_clients=scenario.consumer_clients,
                 rate=scenario.rate,
+                # pqueue's columns: look-aside (the SDK's default) or the proxy only.
+                look_aside=getattr(self.system, "look_aside", True),
             )
             return await self._run(spec, drain_timeout_s)
         except Exception as exc:  # any system's error: reported, and the run goes on

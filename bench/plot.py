@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 COLORS = {
     "pq-balancer": "#1f77b4",
     "pq-direct": "#6baed6",
+    "pq-proxy": "#9467bd",
     "postgres": "#d62728",
     "nats": "#2ca02c",
 }

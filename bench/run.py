@@ -52,6 +52,7 @@ from bench.plot import plot
 from bench.report import history_text, load_before, ratios, table, targets
 from bench.spec import PAYLOAD_BYTES, CellSpec
 from bench.systems import (
+    PQ_MODES,
     NatsCluster,
     NatsSystem,
     PgSystem,
@@ -61,10 +62,11 @@ from bench.systems import (
     nats_binary,
 )
 
-SYSTEM_KEYS = ("pq-balancer", "pq-direct", "postgres", "nats")
+SYSTEM_KEYS = ("pq-balancer", "pq-direct", "pq-proxy", "postgres", "nats")
 LABELS = {
     "pq-balancer": "pqueue via balancer",
     "pq-direct": "pqueue direct",
+    "pq-proxy": "pqueue via balancer, proxy only",
     "postgres": "PostgreSQL SKIP LOCKED",
     "nats": "NATS JetStream R3",
 }
@@ -190,15 +192,14 @@ async def start_systems(
     not; what must be stopped is added to ``started`` as it starts."""
     systems: list[System] = []
     unavailable: dict[str, str] = {}
-    if {"pq-balancer", "pq-direct"} & set(args.systems):
+    if set(PQ_MODES) & set(args.systems):
         say("starting 3 pq nodes (SQLite, fsync) and a pq balancer")
         pq = PqCluster(tmp / "pq")
         started.append(pq)
         await pq.start()
-        for via_balancer in (True, False):
-            s = PqSystem(pq, via_balancer)
-            if s.key in args.systems:
-                systems.append(s)
+        for key in PQ_MODES:
+            if key in args.systems:
+                systems.append(PqSystem(pq, key))
     if "postgres" in args.systems:
         dsn = os.environ.get("PQ_BENCH_PG_DSN", DEFAULT_PG_DSN)
         pg = PgSystem(dsn)

@@ -48,6 +48,9 @@ class CellSpec:
     #: PostgreSQL consumers idle on "notify" (LISTEN/NOTIFY) or "poll".
     pg_wakeup: str = "poll"
     pg_poll_ms: float = 10.0
+    #: pqueue: the SDK's look-aside (operations and streams to the leader the
+    #: balancer names); False: everything through ``target``, the proxy's path.
+    look_aside: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

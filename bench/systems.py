@@ -81,14 +81,26 @@ class PqCluster:
         await self.cluster.stop()
 
 
+#: pqueue's columns: key -> (label, through the balancer, the SDK's look-aside).
+PQ_MODES = {
+    "pq-balancer": ("pqueue via balancer", True, True),
+    "pq-direct": ("pqueue direct", False, True),
+    "pq-proxy": ("pqueue via balancer, proxy only", True, False),
+}
+
+
 class PqSystem:
+    """One pqueue column: clients given the balancer's address (with the
+    SDK's default look-aside: operations and streams go to the leader it
+    names, ``pq-balancer``; or without, everything through its proxy,
+    ``pq-proxy``), or the leader's (``pq-direct``)."""
+
     kind = "pqueue"
 
-    def __init__(self, cluster: PqCluster, via_balancer: bool) -> None:
+    def __init__(self, cluster: PqCluster, key: str) -> None:
         self.c = cluster
-        self.via_balancer = via_balancer
-        self.key = "pq-balancer" if via_balancer else "pq-direct"
-        self.label = "pqueue via balancer" if via_balancer else "pqueue direct"
+        self.key = key
+        self.label, self.via_balancer, self.look_aside = PQ_MODES[key]
         self.leader = 0
 
     def target(self) -> str:

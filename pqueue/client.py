@@ -36,6 +36,7 @@ import grpc
 
 from pqueue.batching import NoSubmitError, SubmitBatcher, SubmitCounts, fits, op_bytes
 from pqueue.errors import (
+    DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     NotLeaderError,
@@ -44,6 +45,7 @@ from pqueue.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from pqueue.lookaside import LeaderLink, LookAsideCounts, leader_named
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
@@ -168,6 +170,20 @@ class Client:
     answer; for that, ``consistent=True`` reads at the leader. A node that
     has not caught up within 5 s answers UNAVAILABLE (retriable; reads are
     retried). ``last_log_index`` is the index reads wait for.
+
+    ``look_aside`` (on by default): a balancer names the leader in its
+    answers (``pq-leader``); the client opens a channel to that address in
+    the background and, once it is READY, sends its enqueues, acks, nacks,
+    extends and leases (and a ``Worker`` its new ``Consume`` streams) to the leader
+    directly, saving the balancer's hop. A direct call that finds the leader
+    unreachable or not leading sends the client back to the endpoint (the
+    balancer) until it names the leader again; an address the client cannot
+    reach is never waited for (tried again later, logged once at INFO).
+    The resend rules are the same either way; reads and admin calls always
+    go to the endpoint. A node never names the leader this way, so a client
+    given a node's address behaves as without it. ``look_aside=False``:
+    everything through the endpoint. ``look_aside_counts`` says where the
+    operations and streams went.
     """
 
     def __init__(
@@ -181,6 +197,7 @@ class Client:
         read_your_writes: bool = True,
         batching: bool = True,
         max_submits_in_flight: int = 1,
+        look_aside: bool = True,
     ) -> None:
         if max_submits_in_flight < 1:
             raise ValueError(
@@ -209,6 +226,10 @@ class Client:
         self.batching = batching
         self.max_submits_in_flight = max_submits_in_flight
         self._submit_counts = SubmitCounts()
+        #: Send leader-bound work to the leader a balancer names (look-aside).
+        self.look_aside = look_aside
+        self.look_aside_counts = LookAsideCounts()
+        self._link = LeaderLink(endpoint, lambda address: self._leader_stubs(address).channel)
 
     @property
     def submits(self) -> int:
@@ -224,8 +245,49 @@ class Client:
         """What every call carries (the bearer token); streams send it too (``pqueue.consumer``)."""
         return self._metadata
 
+    @property
+    def leader_address(self) -> str:
+        """The leader this client sends operations to directly (look-aside),
+        "" while they go to the endpoint."""
+        return self._link.ready
+
+    def leader_target(self) -> str:
+        """Where a new ``Consume`` stream goes: the leader a balancer named,
+        while the client's channel to it is READY (look-aside), else the
+        endpoint. Counted in ``look_aside_counts``."""
+        address = self._link.current() if self.look_aside else ""
+        if address:
+            self.look_aside_counts.streams_direct += 1
+            return address
+        self.look_aside_counts.streams_via_endpoint += 1
+        return self.endpoint
+
+    def note_leader(self, metadata: object) -> None:
+        """Metadata from the endpoint (a stream's initial metadata): if a
+        balancer named the leader in it, connect there in the background."""
+        if self.look_aside:
+            address = leader_named(metadata)
+            if address:
+                self._link.offer(address)
+
+    def forget_leader(self, address: str, why: str) -> None:
+        """Work sent to ``address`` directly failed: back to the endpoint."""
+        self._link.forget(address, why)
+
+    def on_leader_ready(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(address)`` each time a leader becomes ready for
+        direct work (a ``Worker`` moves its stream there); returns the undo."""
+        self._link.on_ready.append(callback)
+
+        def undo() -> None:
+            if callback in self._link.on_ready:
+                self._link.on_ready.remove(callback)
+
+        return undo
+
     async def close(self) -> None:
         """Close the channels (calls still out or waiting are cancelled)."""
+        self._link.close()
         for stubs in (self._stubs, *self._leaders.values()):
             for batcher in stubs.batchers.values():
                 batcher.cancel_waiting()
@@ -247,20 +309,28 @@ class Client:
         *,
         retry: bool = False,
         timeout_s: float | None = None,
+        leader_bound: bool = False,
     ) -> T:
-        """Call; follow one leader hint; retry retriable errors if ``retry``."""
+        """Call; follow one leader hint; retry retriable errors if ``retry``.
+        ``leader_bound``: a job write or lease (an operation's single call,
+        ``enqueue_batch``, ``ack_many``, ``lease``), which goes to the leader
+        directly when look-aside has one ready."""
 
         async def send(stubs: _Stubs) -> T:
+            learn = leader_bound and self.look_aside and stubs is self._stubs
             try:
-                response = await pick(stubs)(
+                call = pick(stubs)(
                     request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
                 )
+                response = await call
+                if learn:
+                    self.note_leader(await cast(grpc.aio.Call, call).trailing_metadata())
             except grpc.aio.AioRpcError as exc:
                 raise from_rpc_error(exc) from exc
             self.last_log_index = max(self.last_log_index, getattr(response, "log_index", 0) or 0)
             return response
 
-        return await self._resending(send, retry)
+        return await self._resending(send, retry, leader_bound)
 
     async def _op(
         self,
@@ -279,7 +349,7 @@ class Client:
             if fits(size):
                 try:
                     result = await self._resending(
-                        lambda stubs: self._batcher(stubs, retry).submit(op, size), retry
+                        lambda stubs: self._batcher(stubs, retry).submit(op, size), retry, True
                     )
                 except NoSubmitError:
                     pass  # an older server took nothing: its single call, from now on
@@ -287,19 +357,36 @@ class Client:
                     answer = getattr(result, kind)
                     self.last_log_index = max(self.last_log_index, answer.log_index)
                     return cast(T, answer)
-        return await self._call(pick, getattr(op, kind), retry=retry)
+        return await self._call(pick, getattr(op, kind), retry=retry, leader_bound=True)
 
-    async def _resending(self, send: Callable[[_Stubs], Awaitable[T]], retry: bool) -> T:
-        """``send`` to the endpoint; follow one leader hint; send again when
-        the error allows it: any retriable one if ``retry``, and whatever the
-        server did not take (NOT_TAKEN, a quota's refusal with a retry hint)."""
-        stubs = self._stubs
+    async def _resending(
+        self, send: Callable[[_Stubs], Awaitable[T]], retry: bool, leader_bound: bool = False
+    ) -> T:
+        """``send`` to the endpoint (a ``leader_bound`` first attempt: to the
+        leader look-aside has ready, if any); follow one leader hint; send
+        again when the error allows it: any retriable one if ``retry``, and
+        whatever the server did not take (NOT_TAKEN, a quota's refusal with a
+        retry hint). Sent again, it goes to the endpoint."""
+        direct = self._link.current() if leader_bound and self.look_aside else ""
+        stubs = self._leader_stubs(direct) if direct else self._stubs
         attempt = 0
         redirected = False
         while True:
+            if leader_bound:
+                if direct:
+                    self.look_aside_counts.direct += 1
+                else:
+                    self.look_aside_counts.via_endpoint += 1
             try:
                 return await send(stubs)
             except PQueueError as error:
+                if direct:
+                    # The leader the balancer named failed this call: the next
+                    # ones go through the endpoint until it names one again.
+                    # A deadline too: a frozen leader keeps its connection up.
+                    if isinstance(error, UnavailableError | NotLeaderError | DeadlineExceededError):
+                        self._link.forget(direct, type(error).__name__)
+                    direct = ""
                 if isinstance(error, NotLeaderError) and error.leader_address and not redirected:
                     # Nothing ran on that node, so any call may go to the leader.
                     stubs = self._leader_stubs(error.leader_address)
@@ -318,6 +405,7 @@ class Client:
                 attempt += 1
                 self.retries += 1
                 stubs = self._stubs  # the endpoint again: another node may lead now
+                direct = ""
                 hint = getattr(error, "retry_after_s", 0.0)
                 await asyncio.sleep(hint or 0.1 * 2**attempt)
 
@@ -329,9 +417,14 @@ class Client:
         batcher = stubs.batchers.get(resendable)
         if batcher is None:
             submit = stubs.queue.Submit
+            learn = self.look_aside and stubs is self._stubs
 
             async def send(request: pb.SubmitRequest) -> pb.SubmitResponse:
-                return await submit(request, timeout=self.timeout_s, metadata=self._metadata)
+                call = submit(request, timeout=self.timeout_s, metadata=self._metadata)
+                response = await call
+                if learn:  # the endpoint may be a balancer naming the leader (look-aside)
+                    self.note_leader(await call.trailing_metadata())
+                return response
 
             batcher = SubmitBatcher(send, self._submit_counts, self.max_submits_in_flight)
             stubs.batchers[resendable] = batcher
@@ -380,7 +473,7 @@ class Client:
         """Enqueue many jobs atomically (see ``job_spec``)."""
         req = pb.EnqueueBatchRequest(queue=queue, jobs=jobs)
         retry = all(j.idempotency_key for j in jobs)
-        resp = await self._call(lambda s: s.queue.EnqueueBatch, req, retry=retry)
+        resp = await self._call(lambda s: s.queue.EnqueueBatch, req, retry=retry, leader_bound=True)
         return list(resp.results)
 
     async def lease(
@@ -405,7 +498,10 @@ class Client:
             consumer_id=consumer_id,
         )
         resp = await self._call(
-            lambda s: s.queue.Lease, req, timeout_s=self.timeout_s + wait_ms / 1000
+            lambda s: s.queue.Lease,
+            req,
+            timeout_s=self.timeout_s + wait_ms / 1000,
+            leader_bound=True,
         )
         return list(resp.jobs)
 
@@ -427,7 +523,7 @@ class Client:
         (always its own call, never packed with others). Each is (job id,
         lease id) or (job id, lease id, result)."""
         req = pb.AckRequest(queue=queue, leases=[_job_lease(*lease) for lease in leases])
-        return (await self._call(lambda s: s.queue.Ack, req)).acked
+        return (await self._call(lambda s: s.queue.Ack, req, leader_bound=True)).acked
 
     async def nack(
         self,

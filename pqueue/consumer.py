@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -169,8 +169,11 @@ class ConsumeStream:
         *,
         lease_ms: int = 0,
         consumer_id: str = "",
+        on_metadata: Callable[[object], None] | None = None,
     ) -> None:
         self._channel = channel
+        #: Given the stream's initial metadata (a balancer names the leader in it).
+        self._on_metadata = on_metadata
         self._metadata = metadata
         self.queue = queue
         self.credits = credits
@@ -330,6 +333,8 @@ class ConsumeStream:
         assert call is not None
         error: PQueueError | None = None
         try:
+            if self._on_metadata is not None:
+                self._on_metadata(await call.initial_metadata())
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:

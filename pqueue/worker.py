@@ -178,6 +178,11 @@ class Worker:
         self._stream: ConsumeStream | None = None
         self._credits = Credits(min(self.config.concurrency, MAX_CREDITS))
         self._channel: grpc.aio.Channel | None = None
+        #: Where ``_channel`` goes: the client's endpoint, or the leader (look-aside).
+        self._channel_target = ""
+        #: Set when the client's look-aside has the leader ready: the stream
+        #: on the endpoint closes and the next one goes to the leader.
+        self._move_stream = False
         #: Streams opened so far (the first, and each reconnect).
         self.streams_opened = 0
         #: The next look for a queue not created yet (``MISSING_QUEUE_MIN_S``).
@@ -232,8 +237,15 @@ class Worker:
         backoff_s = RECONNECT_MIN_S
         odd_in_a_row = 0
         while not self._stopping.is_set():
+            # Look-aside: to the leader when the client has it ready, else the endpoint.
+            target = self.client.leader_target()
+            direct = target != self.client.endpoint
+            if self._channel is not None and self._channel_target != target:
+                await self._channel.close()
+                self._channel = None
             if self._channel is None:
-                self._channel = stream_channel(self.client.endpoint, self.client.tls)
+                self._channel = stream_channel(target, self.client.tls)
+                self._channel_target = target
             stream = ConsumeStream(
                 self._channel,
                 self.client.call_metadata(),
@@ -241,20 +253,41 @@ class Worker:
                 self._credits,
                 lease_ms=self.config.lease_ms,
                 consumer_id=self.config.consumer_id,
+                on_metadata=None if direct else self.client.note_leader,
             )
             stream.open()
             self._stream = stream
             self.streams_opened += 1
             opened = loop.time()
+            self._move_stream = False
+            moving = False
+            undo = None if direct else self.client.on_leader_ready(self._leader_ready)
             try:
                 error = await self._take_jobs(stream)
+                moving = error is None and not self._stopping.is_set()
             finally:
+                if undo is not None:
+                    undo()
                 self._stream = None
                 for job in await stream.close(CLOSE_TIMEOUT_S):  # pushed as it closed
                     self.stats.leased += 1
-                    await self._release_unstarted(job)
+                    if moving and not self._stopping.is_set():
+                        # Moving to the leader, not stopping: the lease is
+                        # ours, run the job (settled on the next stream or by a call).
+                        self._start(job, streamed=True)
+                    else:
+                        await self._release_unstarted(job)
             if error is None:
-                break  # stopping
+                if self._stopping.is_set():
+                    break
+                continue  # the leader is ready (look-aside): the next stream goes there
+            if direct and not isinstance(error, (*_FATAL, NotFoundError)):
+                # The leader the balancer named ended it (it stopped leading,
+                # or went away): the next stream goes through the endpoint.
+                self.client.forget_leader(target, describe(error))
+                backoff_s = RECONNECT_MIN_S
+                await self._pause(RECONNECT_MIN_S)
+                continue
             # A status no node ends a stream with (INTERNAL, UNKNOWN...), before
             # anything came: something on the way does not carry streams.
             odd = isinstance(error, RemoteError) and not stream.responses
@@ -288,9 +321,18 @@ class Worker:
             backoff_s = min(backoff_s * 2, RECONNECT_MAX_S)
         return True
 
+    def _leader_ready(self, address: str) -> None:
+        """The client has the leader ready (look-aside): move the stream there."""
+        stream = self._stream
+        if stream is not None:
+            logger.debug("the leader at %s is ready: the stream on %s moves", address, self.queue)
+            self._move_stream = True
+            stream.wake()
+
     async def _take_jobs(self, stream: ConsumeStream) -> PQueueError | None:
-        """Start each job the stream pushes; the error that ended it (None: stopping)."""
-        while not self._stopping.is_set():
+        """Start each job the stream pushes; the error that ended it (None:
+        stopping, or moving to the leader)."""
+        while not self._stopping.is_set() and not self._move_stream:
             try:
                 jobs = await stream.next_jobs()
             except PQueueError as exc:

@@ -589,7 +589,11 @@ async def run_client(args: argparse.Namespace) -> int:
     """Run a client command: its output on stdout, or one ``error:`` line on stderr."""
     try:
         options = client_options(args)
-        async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
+        # One command, a call or a few: a second channel, to the leader a
+        # balancer names (look-aside), would cost more than it saves.
+        async with Client(
+            args.endpoint, timeout_s=args.timeout_s, look_aside=False, **options
+        ) as client:
             data, columns = await args.func(client, args)
     except Exception as exc:  # one line, even for a bug (PQ_DEBUG=1: its traceback)
         if os.environ.get("PQ_DEBUG") and not isinstance(exc, PQueueError | ValueError):

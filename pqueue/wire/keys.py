@@ -3,7 +3,7 @@
 The SDK sets ``authorization``; a hop (the balancer, a forwarding follower)
 marks its calls with ``pq-forwarded-by``, proves itself with
 ``pq-forwarder-token`` and passes the request id and the first caller's
-address on.
+address on. A balancer names the leader to its clients with ``pq-leader``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ FORWARDED_FOR_KEY = "x-forwarded-for"
 FORWARDED_KEY = "pq-forwarded-by"
 #: Metadata a hop proves itself with: its own token (role ``balancer`` or ``peer``).
 FORWARDER_TOKEN_KEY = "pq-forwarder-token"
+#: Metadata a balancer adds to what it forwards to the leader (the trailers of
+#: a unary call, the initial metadata of a ``Consume`` stream): the leader's
+#: own address, as its peers know it, so a client may call it directly
+#: (look-aside; ``pqueue.client.Client(look_aside=...)``).
+LEADER_KEY = "pq-leader"
 
 #: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
 DEFAULT_FORWARD_TIMEOUT_S = 75.0

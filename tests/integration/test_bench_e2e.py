@@ -27,10 +27,10 @@ BASELINES = Path(__file__).resolve().parents[2] / "bench" / "baselines"
 async def test_the_quick_bench_runs_every_cell_and_every_history_check_passes(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    systems = ["pq-balancer", "pq-direct", "nats"]
+    systems = ["pq-balancer", "pq-direct", "pq-proxy", "nats"]
     if dsn := pg.configured():
         monkeypatch.setenv("PQ_BENCH_PG_DSN", dsn)
-        systems.insert(2, "postgres")
+        systems.insert(3, "postgres")
     argv = ["--quick", "-o", "json", "-q", "--out-dir", str(tmp_path)]
     argv += [f"--before={p}" for p in sorted(BASELINES.glob("before-issue-15-*.json"))]
     assert await run.main([*argv, "--systems", ",".join(systems)]) == 0
@@ -100,7 +100,8 @@ def check_files(result: dict[str, Any]) -> None:
         assert s["label"] in text
     for s in result["scenarios"]:
         assert s["title"] in text
-    assert text.count("history check") == len(result["scenarios"])
+    # Each scenario's row ("history check  ok ..."), not the target "history checks (...)".
+    assert text.count("history check ") == len(result["scenarios"])
     assert "FAILED" not in text
     assert "targets (issue 15, done when):" in text
 

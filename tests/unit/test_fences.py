@@ -130,8 +130,16 @@ def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
         "pqueue.batching",
         "pqueue.consumer",
         "pqueue.hooks",
+        "pqueue.lookaside",
     )
-    for name in ("client.py", "batching.py", "consumer.py", "hooks.py", "worker.py"):
+    for name in (
+        "client.py",
+        "batching.py",
+        "consumer.py",
+        "hooks.py",
+        "worker.py",
+        "lookaside.py",
+    ):
         path = ROOT / "pqueue" / name
         ours = {m for m in _modules(path) if _inside(m, ("pqueue", "consensus", "balancer"))}
         assert all(_inside(m, allowed) for m in ours), (path, ours)

@@ -1,0 +1,181 @@
+"""The SDK's look-aside: leader-bound calls sent straight to the leader a balancer names.
+
+A balancer names the leader in what it forwards there (``pq-leader``,
+``pqueue.wire.keys.LEADER_KEY``: in the trailers of a unary call, in the
+initial metadata of a ``Consume`` stream): the leader's own address, as its
+peers know it (the one a NOT_LEADER answer names). ``LeaderLink`` opens a
+channel to it in the background and names it ``ready`` only once that
+channel is READY, so an address the client cannot reach never holds up or
+fails a call: the client keeps using its endpoint, tries that address again
+later (``Backoff``) and logs it once. The client (``pqueue.client.Client``)
+sends ``Submit`` calls, and the ``Worker`` new ``Consume`` streams, to the
+ready leader, and ``forget``s it when a direct call fails as unreachable or
+is answered NOT_LEADER: back to the endpoint, until a balancer names the
+leader again. A node never sends ``pq-leader``: a client given a node's
+address never looks aside.
+
+Imports only the kernel (an SDK module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from pqueue.wire.keys import LEADER_KEY
+from pqueue.wire.logs import describe
+
+logger = logging.getLogger(__name__)
+
+#: How long a leader's channel may take to become READY before it counts as failed.
+CONNECT_TIMEOUT_S = 5.0
+#: An address that failed is tried again after this, doubling up to the most.
+BACKOFF_MIN_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+
+def leader_named(metadata: object) -> str:
+    """The leader address a balancer put in ``metadata`` (``pq-leader``), or ""."""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == LEADER_KEY and isinstance(value, str):
+            return value
+    return ""
+
+
+@dataclass
+class Backoff:
+    """When each address that failed may be tried again (pure: time is passed in)."""
+
+    min_s: float = BACKOFF_MIN_S
+    max_s: float = BACKOFF_MAX_S
+    #: By address: (not before, the wait after its next failure).
+    _state: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def allowed(self, address: str, now_s: float) -> bool:
+        """Whether ``address`` may be tried at ``now_s``."""
+        state = self._state.get(address)
+        return state is None or now_s >= state[0]
+
+    def failed(self, address: str, now_s: float) -> float:
+        """``address`` failed at ``now_s``; how long until it may be tried again."""
+        wait_s = self._state.get(address, (0.0, self.min_s))[1]
+        self._state[address] = (now_s + wait_s, min(self.max_s, wait_s * 2))
+        return wait_s
+
+    def succeeded(self, address: str) -> None:
+        """``address`` worked: no wait after its next failure but the least."""
+        self._state.pop(address, None)
+
+
+@dataclass
+class LookAsideCounts:
+    """Where a client's leader-bound work went (for tests and metrics)."""
+
+    #: Operations (enqueue, ack, nack, extend) sent to the leader directly.
+    direct: int = 0
+    #: Operations sent to the endpoint (a balancer, or a node), as without look-aside.
+    via_endpoint: int = 0
+    #: Consume streams opened to the leader directly, and to the endpoint.
+    streams_direct: int = 0
+    streams_via_endpoint: int = 0
+
+
+class LeaderLink:
+    """The leader a balancer named, and whether its channel is READY.
+
+    ``channel_for(address)`` is the client's channel to an address (kept
+    with those NOT_LEADER hints open); ``on_ready`` is called when a leader
+    becomes ready (a ``Worker`` moves its stream)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        channel_for: Callable[[str], grpc.aio.Channel],
+        clock_s: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoint = endpoint
+        self._channel_for = channel_for
+        self._clock_s = clock_s
+        #: The leader calls go to ("": the endpoint).
+        self.ready = ""
+        #: The address being connected to ("": none).
+        self._trying = ""
+        self._task: asyncio.Task[None] | None = None
+        self._backoff = Backoff()
+        self._told: set[str] = set()
+        self.on_ready: list[Callable[[str], None]] = []
+
+    def offer(self, address: str) -> None:
+        """A balancer named ``address`` the leader: connect to it in the
+        background unless it is the endpoint, ready, being tried, or waiting
+        out its backoff."""
+        if address == self.ready or address == self._trying or not address:
+            return
+        if address == self.endpoint or not self._backoff.allowed(address, self._clock_s()):
+            return
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # an older leader's attempt: this one is newer
+        self._trying = address
+        self._task = asyncio.get_running_loop().create_task(
+            self._connect(address), name="pq-look-aside"
+        )
+
+    def current(self) -> str:
+        """The ready leader's address while its channel is READY; else "" (and
+        it is forgotten: a dropped connection sends calls back to the endpoint)."""
+        address = self.ready
+        if not address:
+            return ""
+        state = self._channel_for(address).get_state(try_to_connect=True)
+        if state is grpc.ChannelConnectivity.READY:
+            return address
+        self.forget(address, f"its channel is {state.name}")
+        return ""
+
+    def forget(self, address: str, why: str) -> None:
+        """Calls to ``address`` failed (unreachable, NOT_LEADER): back to the endpoint."""
+        if address and address == self.ready:
+            self.ready = ""
+            self._backoff.failed(address, self._clock_s())
+            logger.info("look-aside: back to %s (leader %s: %s)", self.endpoint, address, why)
+
+    async def _connect(self, address: str) -> None:
+        try:
+            channel = self._channel_for(address)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await channel.channel_ready()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a timeout, a closed channel: stay on the endpoint
+            wait_s = self._backoff.failed(address, self._clock_s())
+            if address not in self._told:
+                self._told.add(address)
+                logger.info(
+                    "look-aside: the leader's address %s is not reachable (%s); calls keep "
+                    "going to %s (tried again after %.0f s, and later)",
+                    address,
+                    describe(exc) if str(exc) else "no connection",
+                    self.endpoint,
+                    wait_s,
+                )
+            return
+        finally:
+            if self._trying == address:
+                self._trying = ""
+        self._backoff.succeeded(address)
+        self.ready = address
+        logger.debug("look-aside: calls go to the leader at %s", address)
+        for callback in list(self.on_ready):
+            callback(address)
+
+    def close(self) -> None:
+        """Stop trying (the client closes)."""
+        if self._task is not None:
+            self._task.cancel()
+        self.ready = ""
+        self.on_ready.clear()
