@@ -10,7 +10,7 @@ from balancer.config import BalancerConfig
 from balancer.errors import BalancerError
 from balancer.server import BalancerServer
 from pqueue.wire.logs import LogFormat, describe, setup_logging
-from pqueue.wire.loop import new_event_loop, raise_fd_limit
+from pqueue.wire.loop import freeze_startup_heap, new_event_loop, raise_fd_limit
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 async def _serve(config: BalancerConfig) -> None:
     server = BalancerServer(config)
     await server.start()
+    freeze_startup_heap()
     metrics = (
         f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""
     )

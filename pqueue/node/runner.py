@@ -16,7 +16,7 @@ from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
 from pqueue.wire.logs import LogFormat, describe, flush_logs, setup_logging
-from pqueue.wire.loop import new_event_loop, raise_fd_limit
+from pqueue.wire.loop import freeze_startup_heap, new_event_loop, raise_fd_limit
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
     server = NodeServer(storage, o.server, node_config, cluster=cluster)
     doing.what = "recovering its log and starting to serve"
     await server.start()
+    freeze_startup_heap()  # the recovered state too: full collections stop rescanning it
     doing.what = "serving"
     if o.server.verifier is None:
         logger.warning(OPEN_BANNER, server.address)

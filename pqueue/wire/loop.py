@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 
@@ -39,3 +40,19 @@ def raise_fd_limit() -> int:
         return soft
     logger.debug("open-file limit raised from %d to %d", soft, target)
     return target
+
+
+def freeze_startup_heap() -> int:
+    """Move every object alive now out of the cyclic collector's reach; how many.
+
+    Called once a server is up: its modules, descriptors and (on a node) the
+    state it recovered are live for good, yet every full collection scanned
+    them again, on the event loop: 25-95 ms pauses on a bench node, each one
+    a latency spike for every caller waiting then. Frozen objects are still
+    freed by reference counting when they die; only a cycle among them would
+    stay (a collection runs first, so none is frozen as garbage)."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.debug("froze %d objects out of the cyclic collector's scans", frozen)
+    return frozen
