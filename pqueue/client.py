@@ -51,7 +51,7 @@ from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.channels import channel_options
-from pqueue.wire.keys import AUTHORIZATION_KEY
+from pqueue.wire.keys import AUTHORIZATION_KEY, DIRECT
 from pqueue.wire.status import from_rpc_error
 from pqueue.wire.tls import Tls, channel
 
@@ -133,8 +133,10 @@ def _channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
 class _Stubs:
     """The public services on one channel, and its Submit batchers (once used)."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, marks: tuple[tuple[str, str], ...] = ()) -> None:
         self.channel = channel
+        #: Metadata every call on these stubs adds (``DIRECT``: look-aside).
+        self.marks = marks
         self.queue = pbg.QueueStub(channel)
         self.admin = pbg.AdminStub(channel)
         self.balancer = bpbg.BalancerStub(channel)
@@ -217,6 +219,8 @@ class Client:
         self.retries = 0
         #: Channels to leaders named in not-leader answers, by address.
         self._leaders: dict[str, _Stubs] = {}
+        #: The same channels, for look-aside calls (marked ``DIRECT``).
+        self._direct: dict[str, _Stubs] = {}
         #: Reads carry ``min_index``: whichever node answers has applied this
         #: client's own writes.
         self.read_your_writes = read_your_writes
@@ -270,6 +274,11 @@ class Client:
             if address:
                 self._link.offer(address)
 
+    def leader_worked(self, address: str) -> None:
+        """Work sent to ``address`` directly was served (a stream that
+        delivered): its look-aside backoff starts over."""
+        self._link.worked(address)
+
     def forget_leader(self, address: str, why: str) -> None:
         """Work sent to ``address`` directly failed: back to the endpoint."""
         self._link.forget(address, why)
@@ -287,14 +296,14 @@ class Client:
 
     async def close(self) -> None:
         """Close the channels (calls still out or waiting are cancelled)."""
-        self._link.close()
-        for stubs in (self._stubs, *self._leaders.values()):
+        await self._link.close()
+        for stubs in (self._stubs, *self._leaders.values(), *self._direct.values()):
             for batcher in stubs.batchers.values():
                 batcher.cancel_waiting()
         await self._channel.close()
-        for stubs in self._leaders.values():
+        for stubs in self._leaders.values():  # the direct stubs share these channels
             await stubs.channel.close()
-        self._leaders = {}
+        self._leaders, self._direct = {}, {}
 
     async def __aenter__(self) -> Client:
         return self
@@ -320,7 +329,9 @@ class Client:
             learn = leader_bound and self.look_aside and stubs is self._stubs
             try:
                 call = pick(stubs)(
-                    request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+                    request,
+                    timeout=timeout_s or self.timeout_s,
+                    metadata=self._metadata + stubs.marks,
                 )
                 response = await call
                 if learn:
@@ -368,7 +379,7 @@ class Client:
         whatever the server did not take (NOT_TAKEN, a quota's refusal with a
         retry hint). Sent again, it goes to the endpoint."""
         direct = self._link.current() if leader_bound and self.look_aside else ""
-        stubs = self._leader_stubs(direct) if direct else self._stubs
+        stubs = self._direct_stubs(direct) if direct else self._stubs
         attempt = 0
         redirected = False
         while True:
@@ -378,7 +389,7 @@ class Client:
                 else:
                     self.look_aside_counts.via_endpoint += 1
             try:
-                return await send(stubs)
+                answer = await send(stubs)
             except PQueueError as error:
                 if direct:
                     # The leader the balancer named failed this call: the next
@@ -408,6 +419,10 @@ class Client:
                 direct = ""
                 hint = getattr(error, "retry_after_s", 0.0)
                 await asyncio.sleep(hint or 0.1 * 2**attempt)
+            else:
+                if direct:
+                    self._link.worked(direct)
+                return answer
 
     def _batcher(self, stubs: _Stubs, resendable: bool) -> SubmitBatcher:
         """The Submit batcher of ``stubs``' channel for ``resendable``
@@ -418,9 +433,10 @@ class Client:
         if batcher is None:
             submit = stubs.queue.Submit
             learn = self.look_aside and stubs is self._stubs
+            marks = stubs.marks
 
             async def send(request: pb.SubmitRequest) -> pb.SubmitResponse:
-                call = submit(request, timeout=self.timeout_s, metadata=self._metadata)
+                call = submit(request, timeout=self.timeout_s, metadata=self._metadata + marks)
                 response = await call
                 if learn:  # the endpoint may be a balancer naming the leader (look-aside)
                     self.note_leader(await call.trailing_metadata())
@@ -437,6 +453,15 @@ class Client:
         stubs = self._leaders.get(address)
         if stubs is None:
             stubs = self._leaders[address] = _Stubs(_channel(address, self.tls))
+        return stubs
+
+    def _direct_stubs(self, address: str) -> _Stubs:
+        """Stubs for look-aside calls to ``address``: its channel, each call
+        marked ``DIRECT`` (a node no longer leading answers NOT_LEADER
+        instead of forwarding it, and the client moves on)."""
+        stubs = self._direct.get(address)
+        if stubs is None:
+            stubs = self._direct[address] = _Stubs(self._leader_stubs(address).channel, DIRECT)
         return stubs
 
     # --------------------------------------------------------------- Queue

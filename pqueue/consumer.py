@@ -38,7 +38,7 @@ from pqueue.errors import NotTakenError, PQueueError, UnavailableError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.channels import channel_options
-from pqueue.wire.sizes import MAX_BATCH_JOBS
+from pqueue.wire.sizes import KEEPALIVE_TIMEOUT_MS, MAX_BATCH_JOBS
 from pqueue.wire.status import from_rpc_error
 from pqueue.wire.tls import Tls, channel
 
@@ -52,9 +52,15 @@ Metadata = tuple[tuple[str, str], ...]
 
 def stream_channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
     """A channel for streams: keepalive pings every 10 s, also while the
-    stream is quiet, so a silently dead connection ends the stream (a
-    stream, unlike a call, has no deadline to end it)."""
-    options = [*channel_options(keepalive=True), ("grpc.http2.max_pings_without_data", 0)]
+    stream is quiet, each answered within 5 s, so a silently dead connection
+    (or a frozen node: a look-aside stream goes to the leader itself) ends
+    the stream within 15 s (a stream, unlike a call, has no deadline to end
+    it)."""
+    options = [
+        *channel_options(keepalive=True),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
     return channel(target, tls, options)
 
 

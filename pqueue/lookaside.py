@@ -20,6 +20,7 @@ Imports only the kernel (an SDK module).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -118,6 +119,19 @@ class LeaderLink:
             return
         if address == self.endpoint or not self._backoff.allowed(address, self._clock_s()):
             return
+        if loopback(address) and not loopback(self.endpoint):
+            # A cluster whose peers know each other as 127.0.0.1: that name is
+            # this client's own host, where another server may listen.
+            if address not in self._told:
+                self._told.add(address)
+                logger.info(
+                    "look-aside: the balancer names the leader %s, a loopback address, and "
+                    "%s is not: calls keep going to %s",
+                    address,
+                    self.endpoint,
+                    self.endpoint,
+                )
+            return
         if self._task is not None and not self._task.done():
             self._task.cancel()  # an older leader's attempt: this one is newer
         self._trying = address
@@ -136,6 +150,12 @@ class LeaderLink:
             return address
         self.forget(address, f"its channel is {state.name}")
         return ""
+
+    def worked(self, address: str) -> None:
+        """A direct call to ``address`` succeeded: its backoff starts over
+        (not at connect: an address that connects but fails its calls
+        keeps backing off, up to a minute between tries)."""
+        self._backoff.succeeded(address)
 
     def forget(self, address: str, why: str) -> None:
         """Calls to ``address`` failed (unreachable, NOT_LEADER): back to the endpoint."""
@@ -167,15 +187,27 @@ class LeaderLink:
         finally:
             if self._trying == address:
                 self._trying = ""
-        self._backoff.succeeded(address)
         self.ready = address
         logger.debug("look-aside: calls go to the leader at %s", address)
         for callback in list(self.on_ready):
             callback(address)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop trying (the client closes)."""
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
         self.ready = ""
         self.on_ready.clear()
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+
+def loopback(address: str) -> bool:
+    """Whether ``host:port`` names this host's loopback (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, it is not obviously this host

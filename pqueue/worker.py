@@ -60,6 +60,7 @@ from pqueue.errors import (
 from pqueue.hooks import FailureLog, OnError, OnSuccess, call_hook
 from pqueue.hooks import JobFailed as JobFailed
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.keys import DIRECT
 from pqueue.wire.logs import describe
 from pqueue.wire.status import from_op_status
 
@@ -248,7 +249,7 @@ class Worker:
                 self._channel_target = target
             stream = ConsumeStream(
                 self._channel,
-                self.client.call_metadata(),
+                self.client.call_metadata() + (DIRECT if direct else ()),
                 self.queue,
                 self._credits,
                 lease_ms=self.config.lease_ms,
@@ -284,6 +285,8 @@ class Worker:
             if direct and not isinstance(error, (*_FATAL, NotFoundError)):
                 # The leader the balancer named ended it (it stopped leading,
                 # or went away): the next stream goes through the endpoint.
+                if stream.responses or loop.time() - opened >= STREAM_HEALTHY_S:
+                    self.client.leader_worked(target)  # it served: no pattern to back off from
                 self.client.forget_leader(target, describe(error))
                 backoff_s = RECONNECT_MIN_S
                 await self._pause(RECONNECT_MIN_S)

@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# First, before anything imports grpc: the suite's own process takes gRPC's
+# I/O path as every `pq` process does (pqueue/cli/grpc_env.py), whichever
+# tests are selected, and the `pq` processes it starts inherit it.
+import pqueue.cli.grpc_env  # noqa: F401
 from tests import pg
 
 

@@ -237,6 +237,8 @@ class Proposals:
 
 def _lingers(command: logpb.Command) -> bool:
     """Whether ``command`` may wait a moment for company: an ack. It frees a
-    job that is done; nothing a caller waits on to make progress depends on
-    it coming a few milliseconds sooner."""
+    job that is done, so mostly only its own answer waits; but a lease held
+    back by the ack (a queue at ``max_inflight``) waits with it, and an ack
+    applied a moment later may find its lease just expired (see
+    docs/durability.md, "Acks linger")."""
     return command.WhichOneof("kind") == "ack"

@@ -58,7 +58,7 @@ from pqueue.node.queue_node import QueueNode
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.admission import unknown_field_path
-from pqueue.wire.keys import FORWARDED_KEY
+from pqueue.wire.keys import FORWARDED_KEY, sent_direct
 from pqueue.wire.logs import describe
 from pqueue.wire.serving import log_failure
 from pqueue.wire.status import to_op_status
@@ -192,6 +192,8 @@ class Consumers:
         metadata = context.invocation_metadata() or ()
         if any(key == FORWARDED_KEY for key, _ in metadata):
             raise node.log.not_leader_error()  # already forwarded once: no second hop
+        if sent_direct(metadata):
+            raise node.log.not_leader_error()  # a look-aside client: it moves on
         _, address = node.log.leader_hint()
         if not address:
             raise node.log.not_leader_error()

@@ -42,7 +42,7 @@ from pqueue.node.watch import Subscription
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
-from pqueue.wire.keys import FORWARDED_KEY
+from pqueue.wire.keys import FORWARDED_KEY, sent_direct
 from pqueue.wire.load import CpuSampler
 from pqueue.wire.logs import describe
 from pqueue.wire.observe import log_op_failure
@@ -109,10 +109,16 @@ def on_leader(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: Context) -> Resp:
         if not self.node.log.is_leader:
+            if sent_direct(context.invocation_metadata()):
+                # A look-aside client takes this node for the leader: tell it
+                # (nothing ran, the leader named) rather than carry it on.
+                raise self.node.log.not_leader_error()
             return await self._forward(fn.__name__, request, context)  # type: ignore[no-any-return]
         try:
             return await fn(self, request, context)
         except NotLeaderError:  # lost the lead before proposing: nothing ran here
+            if sent_direct(context.invocation_metadata()):
+                raise
             return await self._forward(fn.__name__, request, context)  # type: ignore[no-any-return]
 
     return wrapper

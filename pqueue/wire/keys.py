@@ -28,6 +28,18 @@ FORWARDER_TOKEN_KEY = "pq-forwarder-token"
 #: own address, as its peers know it, so a client may call it directly
 #: (look-aside; ``pqueue.client.Client(look_aside=...)``).
 LEADER_KEY = "pq-leader"
+#: Metadata of a call or stream a client sent straight to the node it takes
+#: for the leader (look-aside): a follower answers NOT_LEADER (nothing ran,
+#: the leader named) instead of forwarding it, so the client moves on.
+DIRECT_KEY = "pq-direct"
+#: The metadata that marks a look-aside call.
+DIRECT = ((DIRECT_KEY, "1"),)
+
+
+def sent_direct(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether a call's metadata marks it look-aside (``DIRECT_KEY``)."""
+    return any(key == DIRECT_KEY for key, _ in metadata or ())
+
 
 #: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
 DEFAULT_FORWARD_TIMEOUT_S = 75.0

@@ -82,7 +82,7 @@ async def load(
 
 async def _sdk_load(address: str, clients: int, seconds: float, payload: bytes) -> tuple[int, int]:
     done = failed = 0
-    sdks = [Client(address, timeout_s=10, max_retries=0) for _ in range(clients)]
+    sdks = [Client(address, look_aside=False, timeout_s=10, max_retries=0) for _ in range(clients)]
     end = time.monotonic() + seconds
 
     async def client(c: Client) -> None:
@@ -134,7 +134,7 @@ async def knows_leader(address: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            async with Client(address, timeout_s=1, max_retries=0) as c:
+            async with Client(address, look_aside=False, timeout_s=1, max_retries=0) as c:
                 if (await c.balancer_status()).leader_address:
                     return
         except PQueueError:

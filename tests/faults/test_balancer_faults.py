@@ -67,7 +67,7 @@ async def test_a_killed_node_is_ejected_and_traffic_goes_on(cluster: ProcCluster
 
     async def traffic() -> None:
         nonlocal served
-        async with Client(address, timeout_s=5, max_retries=0) as c:
+        async with Client(address, look_aside=False, timeout_s=5, max_retries=0) as c:
             await c.create_queue("q")
             i = 0
             while not stop.is_set():
@@ -84,7 +84,7 @@ async def test_a_killed_node_is_ejected_and_traffic_goes_on(cluster: ProcCluster
     await asyncio.sleep(1.0)
     killed_at = time.monotonic()
     cluster.kill9(follower)
-    async with Client(address, timeout_s=5) as c:
+    async with Client(address, look_aside=False, timeout_s=5) as c:
         for _ in range(300):
             backends = (await c.balancer_status()).backends
             if next(b for b in backends if b.node_id == follower).ejected:
@@ -117,7 +117,9 @@ async def test_a_leader_kill_through_the_balancer_loses_nothing(cluster: ProcClu
     async def one_retry_producer() -> None:
         # Idempotent enqueues allowed a single retry each: a failover must
         # never need more (the balancer absorbs it, or one retry does).
-        async with Client(cluster.balancer_address, timeout_s=10, max_retries=1) as c:
+        async with Client(
+            cluster.balancer_address, look_aside=False, timeout_s=10, max_retries=1
+        ) as c:
             i = 0
             while not steady.is_set():
                 i += 1
@@ -197,7 +199,7 @@ async def test_a_node_beside_a_cpu_burner_gets_fewer_reads(cluster: ProcCluster)
     # This test's client joins the hot CPU too, so the calm one stays calm.
     _pin(os.getpid(), hot)
     try:
-        async with Client(address, timeout_s=5) as c:
+        async with Client(address, look_aside=False, timeout_s=5) as c:
             await c.create_queue("q")
             # What an operator sees: the busy node's weight drops within a
             # few probes. (A single reading may lag: a 2-vCPU VM's per-CPU
@@ -232,7 +234,7 @@ async def test_a_leader_kill_resends_riding_keyed_enqueues_and_never_unkeyed_one
     (it fails, maybe applied: never applied twice), and loses nothing
     acknowledged."""
     address = cluster.balancer_address
-    async with Client(address, timeout_s=10) as c:
+    async with Client(address, look_aside=False, timeout_s=10) as c:
         await c.create_queue("kill")
     acked: dict[bool, set[bytes]] = {True: set(), False: set()}
     failed: dict[bool, list[grpc.StatusCode]] = {True: [], False: []}
@@ -267,7 +269,7 @@ async def test_a_leader_kill_resends_riding_keyed_enqueues_and_never_unkeyed_one
         stop.set()
         await asyncio.gather(*producers)
     delivered: dict[bytes, int] = {}
-    async with Client(address, timeout_s=10, max_retries=6) as c:
+    async with Client(address, look_aside=False, timeout_s=10, max_retries=6) as c:
         while jobs := await c.lease("kill", max_jobs=500, lease_ms=60_000):
             for job in jobs:
                 delivered[job.payload] = delivered.get(job.payload, 0) + 1
@@ -301,7 +303,9 @@ async def relaunch_balancer(cluster: ProcCluster, probe_interval_s: float = 0.5)
         code = cluster.balancer.poll()
         assert code is None, f"the balancer exited ({code}): see {cluster.root}/balancer.log"
         with contextlib.suppress(PQueueError):
-            async with Client(cluster.balancer_address, timeout_s=0.5, max_retries=0) as c:
+            async with Client(
+                cluster.balancer_address, look_aside=False, timeout_s=0.5, max_retries=0
+            ) as c:
                 if (await c.balancer_status()).leader_address:
                     return
         await asyncio.sleep(0.1)
@@ -358,7 +362,7 @@ async def test_a_balancer_killed_under_a_worker_loses_nothing_and_takes_no_stale
         except NotFoundError:
             stale_taken.append(f"job {job.job_id} completed by a stale ack")
 
-    client = Client(cluster.balancer_address, timeout_s=3, max_retries=3)
+    client = Client(cluster.balancer_address, look_aside=False, timeout_s=3, max_retries=3)
     config = WorkerConfig(concurrency=16, lease_ms=lease_ms, wait_ms=500)
     worker = Worker(client, "work", handler, config=config)
     running = asyncio.create_task(worker.run())

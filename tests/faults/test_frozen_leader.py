@@ -33,7 +33,7 @@ async def elected(cluster: ProcCluster, frozen: int) -> float:
     while True:
         for address in others:
             try:
-                async with Client(address, timeout_s=0.2, max_retries=0) as c:
+                async with Client(address, look_aside=False, timeout_s=0.2, max_retries=0) as c:
                     if (await c.node_status()).role == "leader":
                         return time.monotonic() - started
             except PQueueError:
@@ -56,7 +56,7 @@ async def test_the_first_write_after_the_leader_freezes_succeeds_within_1_5_s(
     cluster: ProcCluster,
 ) -> None:
     # No client retry: whatever recovery there is, the balancer does it.
-    async with Client(cluster.balancer_address, timeout_s=10, max_retries=0) as c:
+    async with Client(cluster.balancer_address, look_aside=False, timeout_s=10, max_retries=0) as c:
         for i in range(5):
             await c.enqueue("q", f"warm-{i}".encode(), idempotency_key=f"warm-{i}")
         old = await cluster.leader()

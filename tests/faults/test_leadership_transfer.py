@@ -34,7 +34,9 @@ async def test_a_gracefully_stopped_leader_hands_over_without_stalling_writes(
     stop = asyncio.Event()
 
     async def producer() -> None:
-        async with Client(cluster.balancer_address, timeout_s=10, max_retries=0) as c:
+        async with Client(
+            cluster.balancer_address, look_aside=False, timeout_s=10, max_retries=0
+        ) as c:
             await c.create_queue("handover")
             i = 0
             while not stop.is_set():

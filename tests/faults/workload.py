@@ -1,4 +1,8 @@
-"""Producers and consumers against a cluster, recording a History."""
+"""Producers and consumers against a cluster, recording a History.
+
+Clients stay on the endpoint they are given (``look_aside=False``): given a
+balancer, a fault run tests the balancer's proxy; look-aside's own fault
+test is tests/integration/test_look_aside.py."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ def now_ms() -> int:
 
 
 async def produce(endpoint: str, history: History, name: str, stop: asyncio.Event) -> None:
-    async with Client(endpoint, timeout_s=3, max_retries=6) as c:
+    async with Client(endpoint, look_aside=False, timeout_s=3, max_retries=6) as c:
         i = 0
         while not stop.is_set():
             i += 1
@@ -34,7 +38,7 @@ async def produce(endpoint: str, history: History, name: str, stop: asyncio.Even
 
 
 async def consume(endpoint: str, history: History, stop: asyncio.Event) -> None:
-    async with Client(endpoint, timeout_s=3, max_retries=0) as c:
+    async with Client(endpoint, look_aside=False, timeout_s=3, max_retries=0) as c:
         while not stop.is_set():
             try:
                 jobs = await c.lease(QUEUE, max_jobs=4, lease_ms=LEASE_MS, wait_ms=300)
@@ -56,7 +60,7 @@ async def consume(endpoint: str, history: History, stop: asyncio.Event) -> None:
 
 
 async def run(endpoint: str, history: History, stop: asyncio.Event, producers: int = 3) -> None:
-    async with Client(endpoint, timeout_s=5, max_retries=6) as c:
+    async with Client(endpoint, look_aside=False, timeout_s=5, max_retries=6) as c:
         await c.create_queue(QUEUE)
     await asyncio.gather(
         *(produce(endpoint, history, f"p{k}", stop) for k in range(producers)),
@@ -67,7 +71,7 @@ async def run(endpoint: str, history: History, stop: asyncio.Event, producers: i
 async def drain(endpoint: str, history: History, timeout_s: float = 60) -> None:
     """Lease and ack until the queue is empty (held leases expire into it)."""
     deadline = time.monotonic() + timeout_s
-    async with Client(endpoint, timeout_s=5, max_retries=6) as c:
+    async with Client(endpoint, look_aside=False, timeout_s=5, max_retries=6) as c:
         while time.monotonic() < deadline:
             try:
                 jobs = await c.lease(QUEUE, max_jobs=100, lease_ms=LEASE_MS, wait_ms=500)

@@ -199,3 +199,37 @@ async def test_a_killed_leader_sends_the_client_back_through_the_balancer(
             assert failed <= 20, failed
     finally:
         await stop(proc)
+
+
+async def test_a_handover_moves_the_client_off_the_old_leader(tmp_path: Path) -> None:
+    """The old leader stays up as a follower: a call marked look-aside is
+    answered NOT_LEADER there (nothing ran) instead of being forwarded, so
+    the client follows the hint, goes back through the balancer and then
+    straight to the new leader; it does not stay two hops from it."""
+    async with balanced(tmp_path) as setup, Client(setup.balancer.address) as client:
+        old = await setup.cluster.leader()
+        await client.create_queue("q")
+        await _warm(client, "q")
+        assert client.leader_address == setup.cluster.addresses[old]
+        assert await setup.cluster.servers[old].node.log.transfer_leadership(10.0)
+        new = await setup.cluster.leader()
+        assert new != old
+        n = 0
+
+        def on_new_leader() -> bool:
+            return client.leader_address == setup.cluster.addresses[new]
+
+        deadline = time.monotonic() + 30
+        while not on_new_leader():
+            assert time.monotonic() < deadline, f"still at {client.leader_address}"
+            await client.enqueue("q", b"after-%d" % n)  # every one succeeds meanwhile
+            n += 1
+            await asyncio.sleep(0.02)
+        before = client.look_aside_counts.direct
+        for i in range(20):
+            await client.enqueue("q", b"direct-%d" % i)
+        assert client.look_aside_counts.direct - before == 20
+        jobs = [j async for j in client.iter_jobs("q", "ready")]
+        payloads = [j.payload for j in jobs]
+        wanted = [b"after-%d" % i for i in range(n)] + [b"direct-%d" % i for i in range(20)]
+        assert sorted(p for p in payloads if not p.startswith(b"warm-")) == sorted(wanted)

@@ -34,3 +34,12 @@ def test_an_address_that_worked_starts_again_from_the_least() -> None:
     backoff.succeeded("a")
     assert backoff.allowed("a", 3.0)
     assert backoff.failed("a", 3.0) == 1.0
+
+
+def test_loopback_names_this_host_only() -> None:
+    from pqueue.lookaside import loopback
+
+    here = ["127.0.0.1:7701", "127.8.0.3:1", "[::1]:7701", "localhost:7701", "n1.localhost:1"]
+    elsewhere = ["10.0.0.5:7701", "[2001:db8::1]:7701", "node1:7701", "pq-node-0.pq.svc:7701"]
+    assert [a for a in here if not loopback(a)] == []
+    assert [a for a in elsewhere if loopback(a)] == []
