@@ -47,18 +47,6 @@ def _byte_count(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _linger_ms(text: str) -> float:
-    from pqueue.node.replicated import MAX_ACK_LINGER_MS  # the node's room: only for pq node
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
-    if not 0 <= value <= MAX_ACK_LINGER_MS:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_ACK_LINGER_MS:g}, not {text}")
-    return value
-
-
 def _identity_args(node: argparse.ArgumentParser) -> None:
     """Identity on disk: the data dir records node id, cluster and members at first start."""
     node.add_argument(
@@ -202,7 +190,6 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         log_level=args.log_level,
         log_format=args.log_format,
         snapshot_every_entries=args.snapshot_every_entries,
-        ack_linger_ms=args.ack_linger_ms,
     )
 
 
@@ -259,14 +246,6 @@ def register(sub: Any) -> None:
         type=int,
         default=10_000,
         help="snapshot the state and compact the log every N entries (default 10,000)",
-    )
-    node.add_argument(
-        "--ack-linger-ms",
-        type=_linger_ms,
-        default=3.0,
-        help="on the leader, acks alone (no entry open) wait up to this long for other "
-        "commands to share their log entry: at a low, steady load a job costs one entry "
-        "instead of two; only the ack's answer comes later (0: never wait; at most 100)",
     )
     node.add_argument(
         "--store",

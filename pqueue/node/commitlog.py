@@ -68,9 +68,6 @@ class LogObserver(Protocol):
     def snapshot(self, seconds: float, size: int) -> None:
         """This node took a snapshot of ``size`` bytes in ``seconds`` (state to stored)."""
 
-    def lingered(self) -> None:
-        """The leader held acks back, waiting for company (``ack_linger_ms``)."""
-
 
 class NoObserver:
     """A ``LogObserver`` that keeps nothing."""
@@ -85,9 +82,6 @@ class NoObserver:
         pass
 
     def snapshot(self, seconds: float, size: int) -> None:
-        pass
-
-    def lingered(self) -> None:
         pass
 
 
@@ -166,10 +160,6 @@ class Proposals:
         #: made of these bytes), and the sum of their sizes.
         self.encoded: list[bytes] = []
         self.bytes = 0
-        #: Waiting commands that are not acks (acks alone may linger).
-        self.eager = 0
-        #: When the oldest waiting command arrived (the event loop's clock).
-        self.since = 0.0
         #: Set when commands arrive (the log's loop waits on it).
         self.wake = asyncio.Event()
 
@@ -183,12 +173,8 @@ class Proposals:
     def add(self, command: logpb.Command) -> asyncio.Future[Indexed]:
         """Queue ``command`` as it is now (it is encoded here); the future of
         its (result or error, index)."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Indexed] = loop.create_future()
+        fut: asyncio.Future[Indexed] = asyncio.get_running_loop().create_future()
         encoded = command.SerializeToString()
-        if not self.items:
-            self.since = loop.time()
-        self.eager += not _lingers(command)
         self.items.append((command, fut))
         self.encoded.append(encoded)
         self.bytes += len(encoded)
@@ -219,26 +205,13 @@ class Proposals:
         """Drop a batch taken with ``peek_batch`` (it went into an entry)."""
         n = len(batch)
         self.bytes -= sum(map(len, self.encoded[:n]))
-        self.eager -= sum(not _lingers(cmd) for cmd, _ in batch)
         del self.items[:n]
         del self.encoded[:n]
-        if self.items:  # what is left waits from now (it missed this entry)
-            self.since = asyncio.get_running_loop().time()
 
     def fail(self, error: PQueueError, batch: list[Pending] | None = None) -> None:
         """Fail ``batch`` (default: everything waiting) with ``error``."""
         if batch is None:
             batch, self.items, self.encoded, self.bytes = self.items, [], [], 0
-            self.eager = 0
         for _, fut in batch:
             if not fut.done():
                 fut.set_exception(error)
-
-
-def _lingers(command: logpb.Command) -> bool:
-    """Whether ``command`` may wait a moment for company: an ack. It frees a
-    job that is done, so mostly only its own answer waits; but a lease held
-    back by the ack (a queue at ``max_inflight``) waits with it, and an ack
-    applied a moment later may find its lease just expired (see
-    docs/durability.md, "Acks linger")."""
-    return command.WhichOneof("kind") == "ack"

@@ -101,12 +101,6 @@ class NodeMetrics:
             "Elections (phase-1 rounds) this node started.",
             registry=r,
         )
-        self.ack_lingers = Counter(
-            "pq_log_ack_lingers",
-            "Times the leader held acks back for company (ack_linger_ms) instead of "
-            "proposing an entry of acks alone.",
-            registry=r,
-        )
         self.snapshot_seconds = Histogram(
             "pq_snapshot_seconds",
             "Time of each snapshot this node took: the state encoded and stored.",
@@ -132,9 +126,6 @@ class NodeMetrics:
 
     def election(self) -> None:
         self.elections.inc()
-
-    def lingered(self) -> None:
-        self.ack_lingers.inc()
 
     def snapshot(self, seconds: float, size: int) -> None:
         self.snapshot_seconds.observe(seconds)

@@ -63,9 +63,6 @@ logger = logging.getLogger(__name__)
 APPLY_SLICE_S = 0.02
 #: A long run of entries being applied logs its progress this often.
 PROGRESS_EVERY_S = 5.0
-#: The longest ``ClusterConfig.ack_linger_ms`` allowed: a linger is meant to
-#: be shorter than a commit, not a timer that shapes traffic.
-MAX_ACK_LINGER_MS = 100.0
 #: A node alone fails its start when recovery made no progress this long.
 STALL_S = 10.0
 #: A snapshot waits for a log behind the last one of 1/SNAPSHOT_RATIO of its
@@ -96,11 +93,6 @@ class ClusterConfig:
     #: peer messages per command. A full entry (``max_batch_commands``, or
     #: ``limits.MAX_ENTRY_BYTES``) goes at once.
     open_entries: int = 1
-    #: Acks alone, with no entry open, wait up to this long for other commands
-    #: to share their entry (an enqueue, say): at a low, steady load a job then
-    #: costs one entry (enqueue, the lease riding behind it, earlier acks)
-    #: instead of two. Only an ack's own answer comes later; 0: never wait.
-    ack_linger_ms: float = 3.0
     #: Snapshot (and compact the log) once this many entries, or this many
     #: bytes of entries, were applied since the last snapshot: whichever first.
     snapshot_every_entries: int = 10_000
@@ -117,8 +109,6 @@ class ClusterConfig:
             raise ValueError("tick_ms must be at least 1")
         if self.open_entries < 1:
             raise ValueError("open_entries must be at least 1")
-        if not 0 <= self.ack_linger_ms <= MAX_ACK_LINGER_MS:
-            raise ValueError(f"ack_linger_ms must be between 0 and {MAX_ACK_LINGER_MS}")
         if self.snapshot_every_entries < 1 or self.snapshot_log_bytes < 1:
             raise ValueError("snapshot_every_entries and snapshot_log_bytes must be positive")
 
@@ -183,8 +173,6 @@ class ReplicatedLog:
         self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: Peer messages dropped because their sender is not a member.
         self.foreign = 0
-        #: Wakes the ready loop when lingering acks have waited long enough.
-        self._linger_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -329,9 +317,6 @@ class ReplicatedLog:
 
     async def stop(self) -> None:
         self._accepting = False
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-            self._linger_timer = None
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -625,8 +610,6 @@ class ReplicatedLog:
                 # Group commit: these join the next entry, proposed as soon as
                 # an open one commits (the ready loop runs this again then).
                 return
-            if open_entries == 0 and self._lingering(limit):
-                return
             batch = self._proposals.peek_batch(limit)
             # Time enters only here, and never runs backwards.
             self._last_time_ms = max(self._clock_ms(), self._last_time_ms)
@@ -647,27 +630,6 @@ class ReplicatedLog:
             # proposal lost it (its callers learn so now, not never).
             self._fail_slot(slot, "a later term reused the slot")
             self._inflight[slot] = (data, [fut for _, fut in batch])
-
-    def _lingering(self, limit: int) -> bool:
-        """Whether what waits is acks alone, the oldest younger than
-        ``ack_linger_ms``: they wait for company (a timer wakes the loop
-        when they have waited long enough). Anything else goes at once and
-        takes them along; so does a full entry."""
-        proposals = self._proposals
-        if not self.config.ack_linger_ms or proposals.eager or proposals.fills_an_entry(limit):
-            return False
-        loop = asyncio.get_running_loop()
-        due = proposals.since + self.config.ack_linger_ms / 1000
-        if loop.time() >= due:
-            return False
-        if self._linger_timer is None:
-            self.observer.lingered()
-            self._linger_timer = loop.call_at(due, self._linger_over)
-        return True
-
-    def _linger_over(self) -> None:
-        self._linger_timer = None
-        self._wake.set()
 
     async def _handle(self, ready: Ready) -> None:
         replica = self.replica

@@ -41,7 +41,6 @@ class NodeOptions:
     log_format: LogFormat = "text"
     #: Snapshot (and compact the log) every this many applied entries.
     snapshot_every_entries: int = 10_000
-    ack_linger_ms: float = 3.0
 
 
 OPEN_BANNER = (
@@ -64,7 +63,6 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
         cluster_id=o.cluster_id,
         accept_member_change=o.accept_member_change,
         data_dir=str(o.data_dir),
-        ack_linger_ms=o.ack_linger_ms,
     )
     storage = open_storage(
         o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}", spool_dir=o.data_dir
