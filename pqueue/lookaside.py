@@ -122,15 +122,14 @@ class LeaderLink:
         if loopback(address) and not loopback(self.endpoint):
             # A cluster whose peers know each other as 127.0.0.1: that name is
             # this client's own host, where another server may listen.
-            if address not in self._told:
-                self._told.add(address)
-                logger.info(
-                    "look-aside: the balancer names the leader %s, a loopback address, and "
-                    "%s is not: calls keep going to %s",
-                    address,
-                    self.endpoint,
-                    self.endpoint,
-                )
+            self._tell_once(
+                address,
+                "look-aside: the balancer names the leader %s, a loopback address, and %s "
+                "is not: calls keep going to %s",
+                address,
+                self.endpoint,
+                self.endpoint,
+            )
             return
         if self._task is not None and not self._task.done():
             self._task.cancel()  # an older leader's attempt: this one is newer
@@ -150,6 +149,12 @@ class LeaderLink:
             return address
         self.forget(address, f"its channel is {state.name}")
         return ""
+
+    def _tell_once(self, address: str, message: str, *args: object) -> None:
+        """Log why ``address`` is not used, the first time only (INFO)."""
+        if address not in self._told:
+            self._told.add(address)
+            logger.info(message, *args)
 
     def worked(self, address: str) -> None:
         """A direct call to ``address`` succeeded: its backoff starts over
@@ -173,16 +178,15 @@ class LeaderLink:
             raise
         except Exception as exc:  # a timeout, a closed channel: stay on the endpoint
             wait_s = self._backoff.failed(address, self._clock_s())
-            if address not in self._told:
-                self._told.add(address)
-                logger.info(
-                    "look-aside: the leader's address %s is not reachable (%s); calls keep "
-                    "going to %s (tried again after %.0f s, and later)",
-                    address,
-                    describe(exc) if str(exc) else "no connection",
-                    self.endpoint,
-                    wait_s,
-                )
+            self._tell_once(
+                address,
+                "look-aside: the leader's address %s is not reachable (%s); calls keep "
+                "going to %s (tried again after %.0f s, and later)",
+                address,
+                describe(exc) if str(exc) else "no connection",
+                self.endpoint,
+                wait_s,
+            )
             return
         finally:
             if self._trying == address:
