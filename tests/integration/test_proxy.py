@@ -609,10 +609,14 @@ async def test_streams_are_bounded(rig: Rig) -> None:
             await call.write(b"x")
             assert await call.read() == b"echo:x"
         third = _consume(channel)()
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            # The refusal may come before the write is taken, or after.
+
+        async def first_exchange() -> None:
+            # The refusal may come before the write is taken, or after it.
             await third.write(b"x")
             await third.read()
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await first_exchange()
         error = from_rpc_error(refused.value)
         assert isinstance(error, ResourceExhaustedError)
         assert error.retry_after_s > 0
