@@ -399,6 +399,10 @@ async def test_a_balancer_killed_under_a_worker_loses_nothing_and_takes_no_stale
     assert worker.stats.acked > jobs // 2  # acks went through the restarted balancer
     # It streamed: one Consume before the kill, and one again after (the
     # balancer's request log, as an operator reads it).
-    log = (cluster.root / "balancer.log").read_text()
-    assert log.count("Received Consume request") >= 2
-    assert "Received Lease request" not in log
+    # Request lines are written by the balancer's log thread: wait for them.
+    log_file = cluster.root / "balancer.log"
+    deadline = time.monotonic() + 10
+    while log_file.read_text().count("Received Consume request") < 2:
+        assert time.monotonic() < deadline, log_file.read_text()[-2000:]
+        await asyncio.sleep(0.1)
+    assert "Received Lease request" not in log_file.read_text()

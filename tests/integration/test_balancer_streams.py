@@ -124,4 +124,10 @@ async def test_a_worker_streams_through_the_balancer_and_follows_a_new_leader(
         assert (stats.ready, stats.leased, stats.acked_total) == (0, 0, 60)
         assert set(handled) == {b"%d" % i for i in range(40)} | {b"more-%d" % i for i in range(20)}
         ended = setup.balancer.metrics.registry.get_sample_value
-        assert (ended("pq_balancer_streams_total", {"end": "UNAVAILABLE"}) or 0) >= 1
+        # The old leader's drain ends it UNAVAILABLE, unless the balancer's
+        # own watch saw the leader move first (under load, either comes first).
+        moved = [
+            ended("pq_balancer_streams_total", {"end": e}) or 0
+            for e in ("UNAVAILABLE", "leader_moved")
+        ]
+        assert sum(moved) >= 1
