@@ -58,7 +58,7 @@ from pqueue.node.queue_node import QueueNode
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.admission import unknown_field_path
-from pqueue.wire.keys import FORWARDED_KEY, sent_direct
+from pqueue.wire.keys import DIRECT_KEY, FORWARDED_KEY, marked
 from pqueue.wire.logs import describe
 from pqueue.wire.serving import log_failure
 from pqueue.wire.status import to_op_status
@@ -190,10 +190,10 @@ class Consumers:
         """A follower's part: the whole stream to the leader and back, in one hop."""
         node = self.node
         metadata = context.invocation_metadata() or ()
-        if any(key == FORWARDED_KEY for key, _ in metadata):
-            raise node.log.not_leader_error()  # already forwarded once: no second hop
-        if sent_direct(metadata):
-            raise node.log.not_leader_error()  # a look-aside client: it moves on
+        if marked(metadata, FORWARDED_KEY) or marked(metadata, DIRECT_KEY):
+            # Forwarded once already (no second hop), or a look-aside client's
+            # (it moves on to the leader named).
+            raise node.log.not_leader_error()
         _, address = node.log.leader_hint()
         if not address:
             raise node.log.not_leader_error()

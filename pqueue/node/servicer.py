@@ -42,7 +42,7 @@ from pqueue.node.watch import Subscription
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
-from pqueue.wire.keys import FORWARDED_KEY, sent_direct
+from pqueue.wire.keys import DIRECT_KEY, FORWARDED_KEY, marked
 from pqueue.wire.load import CpuSampler
 from pqueue.wire.logs import describe
 from pqueue.wire.observe import log_op_failure
@@ -109,7 +109,7 @@ def on_leader(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: Context) -> Resp:
         if not self.node.log.is_leader:
-            if sent_direct(context.invocation_metadata()):
+            if marked(context.invocation_metadata(), DIRECT_KEY):
                 # A look-aside client takes this node for the leader: tell it
                 # (nothing ran, the leader named) rather than carry it on.
                 raise self.node.log.not_leader_error()
@@ -117,7 +117,7 @@ def on_leader(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await fn(self, request, context)
         except NotLeaderError:  # lost the lead before proposing: nothing ran here
-            if sent_direct(context.invocation_metadata()):
+            if marked(context.invocation_metadata(), DIRECT_KEY):
                 raise
             return await self._forward(fn.__name__, request, context)  # type: ignore[no-any-return]
 
@@ -249,7 +249,7 @@ class _Base:
         forwarded again unless ``onward`` (one hop more, never a loop: the
         leader marks nothing onward)."""
         metadata = context.invocation_metadata() or ()
-        if not onward and any(key == FORWARDED_KEY for key, _ in metadata):
+        if not onward and marked(metadata, FORWARDED_KEY):
             raise self.node.log.not_leader_error()  # already forwarded once: no second hop
         _, address = self.node.log.leader_hint()
         if not address:

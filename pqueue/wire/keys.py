@@ -36,9 +36,10 @@ DIRECT_KEY = "pq-direct"
 DIRECT = ((DIRECT_KEY, "1"),)
 
 
-def sent_direct(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
-    """Whether a call's metadata marks it look-aside (``DIRECT_KEY``)."""
-    return any(key == DIRECT_KEY for key, _ in metadata or ())
+def marked(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> bool:
+    """Whether a call's metadata carries ``key`` (``FORWARDED_KEY``: a hop
+    sent it; ``DIRECT_KEY``: a look-aside client did)."""
+    return any(k == key for k, _ in metadata or ())
 
 
 #: A forwarded call's deadline when its caller set none (a long poll waits 60 s).
