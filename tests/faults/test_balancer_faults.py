@@ -366,8 +366,15 @@ async def test_a_balancer_killed_under_a_worker_loses_nothing_and_takes_no_stale
     config = WorkerConfig(concurrency=16, lease_ms=lease_ms, wait_ms=500)
     worker = Worker(client, "work", handler, config=config)
     running = asyncio.create_task(worker.run())
+    log_file = cluster.root / "balancer.log"
     try:
-        while slow_running < 3 or len(handled) < jobs // 8:
+        # Mid-stream, and the stream's request line written: the balancer's
+        # log thread writes every 50 ms, and a kill -9 loses what it had not.
+        while (
+            slow_running < 3
+            or len(handled) < jobs // 8
+            or "Received Consume request" not in log_file.read_text()
+        ):
             assert not running.done(), running
             await asyncio.sleep(0.01)
         assert cluster.balancer is not None
@@ -400,7 +407,6 @@ async def test_a_balancer_killed_under_a_worker_loses_nothing_and_takes_no_stale
     # It streamed: one Consume before the kill, and one again after (the
     # balancer's request log, as an operator reads it).
     # Request lines are written by the balancer's log thread: wait for them.
-    log_file = cluster.root / "balancer.log"
     deadline = time.monotonic() + 10
     while log_file.read_text().count("Received Consume request") < 2:
         assert time.monotonic() < deadline, log_file.read_text()[-2000:]
