@@ -1,0 +1,227 @@
+"""What the replicated state machine costs per job, with no IO at all.
+
+Every node applies every entry: ``features.check_entry``, then
+``QueueMachine.apply_entry``, then ``events.derive`` (the ``Watch`` events
+every replica keeps a ring of); the leader also stamps each entry with the
+features it needs (``features.required_by``) and checks each command's
+(``QueueNode.check_features``'s walk). This replays two workloads shaped as
+``make bench``'s cells write them into the log, in one process, and prints
+microseconds per job for each step, so a change to the pure core is
+measured without a cluster, gRPC or a disk in the way (quote ratios:
+``--compare DIR`` alternates rounds with another checkout's core):
+
+- ``batch``: entries of one 100-job enqueue, then a lease of 100, then an
+  ack of those 100 (the 100-job batches cell);
+- ``single``: entries of 8 one-job enqueues, 8 one-job leases and the 8
+  acks of the entry before (the single-job cell under group commit).
+
+"all" is the process's CPU for the whole replay, the driver's own work
+(making the commands, encoding and decoding each entry) included. Time
+moves 2 ms an entry; each workload runs ``--jobs`` jobs after a warm-up
+of a tenth of that, on a queue of its own, on a machine with lifecycle
+records on (as every cluster since the lifecycle release).
+
+    python -m bench.apply [--jobs 50000] [--rounds 3] [--compare DIR] [-o json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pqueue.core import features
+from pqueue.core.machine import QueueMachine
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+
+derive: Callable[..., object] | None
+try:
+    from pqueue.core.events import derive
+except ImportError:  # a core from before Watch (``--compare`` an older tree)
+    derive = None
+
+ROOT = Path(__file__).resolve().parents[1]
+PAYLOAD = b"x" * 64
+STEPS = ("stamp", "check", "apply", "derive")
+Entry = list[logpb.Command]
+
+
+class Replay:
+    """A machine fed entries at 2 ms apart, timing each step."""
+
+    def __init__(self) -> None:
+        self.machine = QueueMachine()
+        self.now = 1_000_000
+        self.spent = dict.fromkeys(STEPS, 0)
+        self.apply([logpb.Command(tick=logpb.Tick(lifecycle=True))])
+
+    def apply(self, commands: Entry) -> list[Any]:
+        clock = time.perf_counter_ns
+        m = self.machine
+        t0 = clock()
+        known = m.features
+        try:
+            for command in commands:  # the leader's gate, then its stamp
+                features.required(command, known)
+            stamp = features.required_by(commands, known)
+        except TypeError:  # a core from before stamps left known features out
+            for command in commands:
+                features.required(command)
+            stamp = features.required_by(commands)
+        t1 = clock()
+        self.now += 2
+        entry = logpb.LogEntry(
+            index=m.applied_index + 1, time_ms=self.now, commands=commands,
+            required_features=stamp,
+        )  # fmt: skip
+        # A follower decodes what the leader sent: measure that entry.
+        entry = logpb.LogEntry.FromString(entry.SerializeToString())
+        t2 = clock()
+        features.check_entry(entry, features.SUPPORTED)
+        t3 = clock()
+        effects = m.apply_entry(entry)
+        t4 = clock()
+        if derive is not None:
+            derive(entry, effects, m)
+        t5 = clock()
+        spent = self.spent
+        spent["stamp"] += t1 - t0
+        spent["check"] += t3 - t2
+        spent["apply"] += t4 - t3
+        spent["derive"] += t5 - t4
+        for result in effects.results:
+            if isinstance(result, Exception):
+                raise result
+        return list(effects.results)
+
+
+def _leased(result: Any) -> list[pb.JobLease]:
+    return [pb.JobLease(job_id=j.job_id, lease_id=j.lease_id) for j in result.jobs]
+
+
+def batch(replay: Replay, queue: str, jobs: int) -> Iterator[None]:
+    """One 100-job enqueue, one lease of 100, one ack of 100, per 100 jobs."""
+    for _ in range(jobs // 100):
+        specs = [pb.JobSpec(payload=PAYLOAD) for _ in range(100)]
+        replay.apply([logpb.Command(enqueue=pb.EnqueueBatchRequest(queue=queue, jobs=specs))])
+        lease = pb.LeaseRequest(queue=queue, max_jobs=100, lease_ms=30_000)
+        [leased] = replay.apply([logpb.Command(lease=lease)])
+        ack = pb.AckRequest(queue=queue, leases=_leased(leased))
+        replay.apply([logpb.Command(ack=ack)])
+        yield
+
+
+def single(replay: Replay, queue: str, jobs: int) -> Iterator[None]:
+    """Entries of 8 one-job enqueues, 8 one-job leases, the last entry's 8 acks."""
+    acks: list[logpb.Command] = []
+    for _ in range(jobs // 8):
+        commands = [
+            logpb.Command(
+                enqueue=pb.EnqueueBatchRequest(queue=queue, jobs=[pb.JobSpec(payload=PAYLOAD)])
+            )
+            for _ in range(8)
+        ]
+        lease = logpb.Command(lease=pb.LeaseRequest(queue=queue, max_jobs=1, lease_ms=30_000))
+        commands += [lease] * 8
+        results = replay.apply(commands + acks)
+        acks = [
+            logpb.Command(ack=pb.AckRequest(queue=queue, leases=_leased(r))) for r in results[8:16]
+        ]
+        yield
+
+
+WORKLOADS: dict[str, Callable[[Replay, str, int], Iterator[None]]] = {
+    "batch": batch,
+    "single": single,
+}
+
+
+def run_workload(name: str, jobs: int) -> dict[str, float]:
+    """µs per job of each step, and in all, for ``jobs`` jobs of ``name``."""
+    replay = Replay()
+    queue = f"bench-{name}"
+    replay.apply([logpb.Command(create_queue=pb.CreateQueueRequest(queue=queue))])
+    for _ in WORKLOADS[name](replay, queue, max(jobs // 10, 100)):
+        pass  # warm-up: the machine holds records, as one that has served
+    replay.spent = dict.fromkeys(STEPS, 0)
+    gc.collect()
+    start = time.process_time_ns()
+    for _ in WORKLOADS[name](replay, queue, jobs):
+        pass
+    cpu = time.process_time_ns() - start
+    out = {step: replay.spent[step] / 1000 / jobs for step in STEPS}
+    out["all"] = cpu / 1000 / jobs
+    return out
+
+
+def _measure(tree: Path, name: str, jobs: int) -> dict[str, float]:
+    """One round in a fresh process: this driver, ``tree``'s core."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    done = subprocess.run(
+        [sys.executable, __file__, "--one", name, "--jobs", str(jobs)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise SystemExit(f"a round with {tree}'s core failed:\n{done.stderr}")
+    return dict(json.loads(done.stdout))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=50_000, help="jobs per workload and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (each a fresh process)")
+    parser.add_argument("--compare", type=Path, help="alternate rounds with this checkout's core")
+    parser.add_argument("-o", dest="output", choices=("table", "json"), default="table")
+    parser.add_argument("--one", choices=WORKLOADS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:  # a round, in the process _measure started
+        print(json.dumps(run_workload(args.one, args.jobs)))
+        return 0
+    trees = [("this tree", ROOT)]
+    if args.compare is not None:
+        trees.insert(0, (str(args.compare.resolve()), args.compare.resolve()))
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for r in range(args.rounds):
+        for name in WORKLOADS:
+            for label, tree in trees:
+                row = _measure(tree, name, args.jobs)
+                results.setdefault(label, {}).setdefault(name, []).append(row)
+                if args.output == "table":
+                    line = f"round {r + 1} {name:6} {label}: {row['all']:.1f} µs/job"
+                    print(line, file=sys.stderr)
+    if args.output == "json":
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"µs of CPU per job ({args.jobs} jobs, {args.rounds} rounds: min to max)")
+    print(f"{'tree':30} {'workload':8} " + " ".join(f"{s:>13}" for s in (*STEPS, "all")))
+    for label, per in results.items():
+        for name, rows in per.items():
+            cells = []
+            for step in (*STEPS, "all"):
+                values = [row[step] for row in rows]
+                cells.append(f"{min(values):6.1f}-{max(values):<6.1f}")
+            print(f"{label[-30:]:30} {name:8} " + " ".join(cells))
+    if args.compare is not None and len(results) == 2:
+        [(a, pa), (_, pb_)] = results.items()
+        for name in WORKLOADS:
+            ratios = [y["all"] / x["all"] for x, y in zip(pa[name], pb_[name], strict=True)]
+            print(
+                f"{name}: this tree / {Path(a).name}: "
+                f"{min(ratios):.2f}-{max(ratios):.2f}x (median {statistics.median(ratios):.2f})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""``python -m bench.apply`` (the pure core's cost per job) in a small run,
+so it cannot rot: both workloads, both steps a replica runs and the
+leader's stamp, in fresh processes, and ``--compare`` against a tree (this
+one). It checks the shape of the output, never the figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import apply
+from pqueue.v1 import log_pb2 as logpb
+from pqueue.v1 import queue_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_small_run_reports_every_step_of_every_workload(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert apply.main(["--jobs", "400", "--rounds", "1", "-o", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    [(tree, workloads)] = result.items()
+    assert tree == "this tree"
+    assert set(workloads) == {"batch", "single"}
+    for [row] in workloads.values():
+        assert set(row) == {"stamp", "check", "apply", "derive", "all"}
+        assert row["apply"] > 0
+        assert row["derive"] > 0
+        assert row["all"] > 0
+
+
+def test_compare_alternates_two_trees_and_prints_their_ratio(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert apply.main(["--jobs", "400", "--rounds", "2", "--compare", str(ROOT)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("batch") == 3
+    assert out.count("single") == 3
+    assert "batch: this tree / " in out
+    assert "single: this tree / " in out
+
+
+def test_the_workloads_fail_loudly_when_a_command_is_refused() -> None:
+    replay = apply.Replay()
+    with pytest.raises(Exception, match="queue"):
+        replay.apply([logpb.Command(lease=pb.LeaseRequest(queue="missing"))])
