@@ -58,6 +58,8 @@ class Jobs(Protocol):
 
     def find_job(self, job_id: int, among: Iterable[str] | None = None) -> Job | None: ...
 
+    def job_brief(self, job_id: int, among: Iterable[str]) -> tuple[str, int, int, int] | None: ...
+
 
 def _job_event(
     kind: int, job: Job, index: int, now: int, result_bytes: int = 0, reason: str = ""
@@ -103,17 +105,22 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
     explained: set[int] = set(e.job_id for e in events)
     touched = effects.touched
 
-    def job(job_id: int) -> Job | None:
-        return jobs.find_job(job_id, touched) if job_id in effects.changed else None
+    changed = effects.changed
 
-    def add(
-        kind: int, job_id: int, result_bytes: int = 0, reason: str = "", found: Job | None = None
-    ) -> None:
-        if found is None:
-            found = job(job_id)
-        if found is not None:
-            events.append(_job_event(kind, found, index, now, result_bytes, reason))
-            explained.add(job_id)
+    def job(job_id: int) -> Job | None:
+        return jobs.find_job(job_id, touched) if job_id in changed else None
+
+    def add(kind: int, job_id: int, result_bytes: int = 0, reason: str = "") -> bool:
+        """The job's event, if it is still there (False: it is gone)."""
+        brief = jobs.job_brief(job_id, touched) if job_id in changed else None
+        if brief is None:
+            return False
+        queue, state, attempt, priority = brief
+        events.append(
+            Event(index, now, queue, job_id, kind, state, attempt, priority, result_bytes, reason)
+        )
+        explained.add(job_id)
+        return True
 
     for cmd, result in zip(entry.commands, effects.results, strict=False):
         if isinstance(result, Exception):
@@ -129,9 +136,8 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
         elif what == "ack":
             for lease in cmd.ack.leases:
                 size = len(lease.result)
-                if (kept := job(lease.job_id)) is not None:
-                    add(K.COMPLETED, lease.job_id, result_bytes=size, found=kept)
-                else:  # acked and not kept (no records: before LIFECYCLE, completed_max 0)
+                if not add(K.COMPLETED, lease.job_id, result_bytes=size):
+                    # Acked and not kept (no records: before LIFECYCLE, completed_max 0).
                     events.append(
                         Event(
                             index, now, cmd.ack.queue, lease.job_id, K.COMPLETED, COMPLETED,

@@ -17,7 +17,9 @@ diverging:
    FAILED_PRECONDITION naming the feature and the nodes lacking it
    (``QueueNode.propose``). A cluster of one supports what it has.
 3. **Stop.** The leader stamps each entry with the features it needs
-   (``LogEntry.required_features``). A replica that meets an entry needing a
+   that the log does not need already (``LogEntry.required_features``):
+   the replica that lacks one of those stopped at the entry that first
+   needed it. A replica that meets an entry needing a
    feature it does not support, or holding fields or a command kind it cannot
    decode (a newer writer), stops before applying it (``check_entry``): the
    log fails, the node reports NOT_SERVING and says to upgrade it. It applies
@@ -36,7 +38,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable
-from typing import cast
+from collections.abc import Set as AbstractSet
+from typing import NamedTuple, cast
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -265,53 +268,69 @@ def parse_announcement(value: str | None) -> frozenset[str]:
     return frozenset(n for n in (s.strip() for s in names) if _NAME.fullmatch(n))
 
 
-# Per message type: its gated fields (-> their feature), and the message
-# fields worth descending into (those whose type can reach a gated field).
-# Built once per type, keyed by the descriptors themselves (one object per
-# type and field: no name is made per call).
-_Plan = tuple[dict[FieldDescriptor, str], frozenset[FieldDescriptor]]
+# Per message type: its gated fields (-> their feature), the message fields
+# worth descending into (those whose type can reach a gated field), and every
+# feature a message of the type can need at any depth. Built once per type,
+# keyed by the descriptors themselves (one object per type and field: no name
+# is made per call).
+class _Plan(NamedTuple):
+    gated: dict[FieldDescriptor, str]
+    descend: dict[FieldDescriptor, _Plan]
+    reach: frozenset[str]
+
+
 _plans: dict[Descriptor, _Plan] = {}
+_NOTHING = _Plan({}, {}, frozenset())
 
 
 def _plan(desc: Descriptor) -> _Plan:
     plan = _plans.get(desc)
     if plan is None:
-        _plans[desc] = ({}, frozenset())  # a cycle ends here
+        _plans[desc] = _NOTHING  # a cycle ends here
         gated = {
             f: FIELD_FEATURES[f.full_name] for f in desc.fields if f.full_name in FIELD_FEATURES
         }
-        descend = frozenset(
-            f for f in desc.fields if f.message_type is not None and any(_plan(f.message_type))
-        )
-        plan = _plans[desc] = (gated, descend)
+        inner = {f: _plan(f.message_type) for f in desc.fields if f.message_type is not None}
+        descend = {f: p for f, p in inner.items() if p.reach}
+        reach = frozenset(gated.values()).union(*(p.reach for p in inner.values()))
+        plan = _plans[desc] = _Plan(gated, descend, reach)
     return plan
 
 
-def required(message: Message) -> set[str]:
-    """The features a replica needs to apply ``message`` (a command or entry)."""
+def required(message: Message, known: AbstractSet[str] = frozenset()) -> set[str]:
+    """The features a replica needs to apply ``message`` (a command or
+    entry), less those in ``known``."""
     out: set[str] = set()
-    _collect(message, out)
+    _collect(message, _plan(cast(Descriptor, message.DESCRIPTOR)), out, known)
     return out
 
 
-def _collect(message: Message, out: set[str]) -> None:
-    gated, descend = _plan(cast(Descriptor, message.DESCRIPTOR))
-    if not (gated or descend):
-        return
+def _collect(message: Message, plan: _Plan, out: set[str], known: AbstractSet[str]) -> None:
+    if plan.reach <= known:
+        return  # nothing it could hold needs a feature not known already
+    gated, descend = plan.gated, plan.descend
     for field, value in message.ListFields():
         feature = gated.get(field)
-        if feature is not None:
+        if feature is not None and feature not in known:
             out.add(feature)
-        if field in descend:
+        inner = descend.get(field)
+        if inner is not None and not inner.reach <= known:
             for item in value if field.is_repeated else (value,):
-                _collect(item, out)
+                _collect(item, inner, out, known)
 
 
-def required_by(commands: Iterable[logpb.Command]) -> list[str]:
-    """What an entry holding ``commands`` needs, sorted (the leader stamps it)."""
+def required_by(
+    commands: Iterable[logpb.Command], known: AbstractSet[str] = frozenset()
+) -> list[str]:
+    """What an entry holding ``commands`` needs, sorted (the leader stamps
+    it), less the features in ``known``: those the log already needs before
+    the entry (rule 3 holds without them: a replica lacking one stopped at
+    an earlier entry, or refused the snapshot holding it, and never reaches
+    this one)."""
     out: set[str] = set()
+    plan = _plan(logpb.Command.DESCRIPTOR)
     for command in commands:
-        _collect(command, out)
+        _collect(command, plan, out, known)
     return sorted(out)
 
 

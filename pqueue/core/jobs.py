@@ -271,6 +271,16 @@ class JobTable:
             return unpack_row(job_id, self.queue, value)
         return value  # type: ignore[return-value]
 
+    def brief(self, job_id: int) -> tuple[int, int, int] | None:
+        """The job's (state, attempts, priority), with no ``Job`` made for a
+        compact row (a waiting job never delivered: READY, no attempt)."""
+        value = self._rows.get(job_id)
+        if value is None:
+            return None
+        if type(value) is bytes:
+            return READY, 0, _ROW.unpack_from(value)[0]
+        return value.state, value.attempts, value.priority  # type: ignore[union-attr]
+
     def values(self) -> Iterator[Job]:
         """Every job, by id (views for compact rows)."""
         for job_id, value in self._rows.items():

@@ -78,7 +78,8 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
         now = max(entry.time_ms, self.time_ms)  # time never runs backwards
         self.time_ms = now
         self.applied_index = entry.index
-        self.features.update(entry.required_features)
+        if entry.required_features and not self.features.issuperset(entry.required_features):
+            self.features = self.features.union(entry.required_features)
         if not self.lifecycle and LIFECYCLE in self.features:
             self._start_lifecycle()
         self.advance(now)
@@ -215,6 +216,16 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
             job = None if queue is None else queue.jobs.get(job_id)
             if job is not None:
                 return job
+        return None
+
+    def job_brief(self, job_id: int, among: Iterable[str]) -> tuple[str, int, int, int] | None:
+        """(queue, state, attempts, priority) of the job with this id in one
+        of the queues named in ``among``, as cheaply as it can be read."""
+        for name in among:
+            queue = self.queues.get(name)
+            brief = None if queue is None else queue.jobs.brief(job_id)
+            if brief is not None:
+                return (name, *brief)
         return None
 
     def all_jobs(self) -> Iterator[Job]:

@@ -212,7 +212,7 @@ def restore_chunks(chunks: Iterable[bytes]) -> QueueMachine:
     machine.time_ms = head.time_ms
     machine.next_job_id = head.next_job_id
     machine.next_lease_id = head.next_lease_id
-    machine.features = set(head.required_features)
+    machine.features = frozenset(head.required_features)
     machine.lifecycle = LIFECYCLE in machine.features
     for restoring in queues.values():
         restoring.finish()

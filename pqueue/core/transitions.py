@@ -64,7 +64,8 @@ class MachineState:
         self.time_ms = 0
         #: Every feature the entries applied so far needed (their
         #: ``required_features``): a snapshot of this state needs them too.
-        self.features: set[str] = set()
+        #: Replaced, never changed in place: it may key a cache.
+        self.features: frozenset[str] = frozenset()
         #: (ready_at_ms, job_id, token, queue) of DELAYED jobs, all queues.
         self._delayed: list[tuple[int, int, int, str]] = []
         #: (expires_at_ms, lease_id, job_id, queue) of LEASED jobs, all queues.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -51,6 +52,10 @@ class Applier(Protocol):
 
     def last_index(self) -> int:
         """The index of the last applied entry (what ``snapshot`` covers)."""
+
+    def known_features(self) -> AbstractSet[str]:
+        """The features the log applied so far needs: every replica that
+        applies a later entry supports them, so its stamp leaves them out."""
 
 
 class LogObserver(Protocol):

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -199,6 +200,9 @@ class QueueNode:
     def last_index(self) -> int:
         return self.machine.applied_index
 
+    def known_features(self) -> AbstractSet[str]:
+        return self.machine.features
+
     # ----------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
@@ -271,7 +275,7 @@ class QueueNode:
         """Refuse ``command`` if a member may not be able to apply it."""
         # A feature the log already needs is supported by every member
         # that applies it (one that does not stops there): no gate.
-        needed = features.required(command) - self.machine.features
+        needed = features.required(command, self.machine.features)
         if not needed:
             return
         gap = features.lacking(needed, self.cluster.addresses, self.announced)

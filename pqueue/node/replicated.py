@@ -617,8 +617,9 @@ class ReplicatedLog:
                 status.next_slot,
                 self._last_time_ms,
                 self._proposals.encoded_batch(batch),
-                # What a replica must understand to apply it (checked on apply).
-                features.required_by(cmd for cmd, _ in batch),
+                # What a replica must understand to apply it (checked on apply)
+                # that the log did not need already.
+                features.required_by((cmd for cmd, _ in batch), self._applier.known_features()),
             )
             slot = replica.propose(data)
             if slot is None:
