@@ -85,8 +85,11 @@ class Job:
     leased_at_ms: int = 0
     lease_expires_at_ms: int = 0
     consumer_id: str = ""
-    #: (attempt, at_ms, reason), oldest first, at most MAX_ERROR_HISTORY.
-    errors: list[tuple[int, int, str]] = field(default_factory=list)
+    #: (attempt, at_ms, reason), oldest first, at most MAX_ERROR_HISTORY. A
+    #: tuple, replaced when it grows: a job then is one object the cyclic
+    #: collector tracks, not two (completed records are kept by the ten
+    #: thousand, and every full collection walks them).
+    errors: tuple[tuple[int, int, str], ...] = ()
     #: Bumped each time the job enters the ready or delayed heap; older heap
     #: entries then no longer match and are skipped.
     token: int = 0
@@ -163,7 +166,7 @@ class Job:
         ``owner`` produced records from before tenants were recorded)."""
         job = cls(
             queue=queue,
-            errors=[(e.attempt, e.at_ms, e.reason) for e in rec.errors],
+            errors=tuple((e.attempt, e.at_ms, e.reason) for e in rec.errors),
             **{name: getattr(rec, name) for name in RECORD_FIELDS},
         )
         job.tenant = job.tenant or owner

@@ -288,8 +288,8 @@ class Transitions(MachineState):
         self, queue: QueueState, job: Job, now: int, reason: str, retry_at: int
     ) -> None:
         """Record the failed attempt; retry at ``retry_at`` or make the job dead."""
-        job.errors.append((job.attempts, now, reason[: limits.MAX_REASON_CHARS]))
-        del job.errors[: -limits.MAX_ERROR_HISTORY]
+        error = (job.attempts, now, reason[: limits.MAX_REASON_CHARS])
+        job.errors = (*job.errors, error)[-limits.MAX_ERROR_HISTORY :]
         self._end_lease(queue, job)
         if job.attempts >= queue.config.max_attempts:
             self._make_dead(queue, job, now, "attempts exhausted")
