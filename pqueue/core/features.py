@@ -17,9 +17,9 @@ diverging:
    FAILED_PRECONDITION naming the feature and the nodes lacking it
    (``QueueNode.propose``). A cluster of one supports what it has.
 3. **Stop.** The leader stamps each entry with the features it needs
-   that the log does not need already (``LogEntry.required_features``):
-   the replica that lacks one of those stopped at the entry that first
-   needed it. A replica that meets an entry needing a
+   (``LogEntry.required_features``), less those the log before it already
+   needs: a replica lacking one of the features left out stopped at the
+   first entry that needed it. A replica that meets an entry needing a
    feature it does not support, or holding fields or a command kind it cannot
    decode (a newer writer), stops before applying it (``check_entry``): the
    log fails, the node reports NOT_SERVING and says to upgrade it. It applies
@@ -359,7 +359,8 @@ def check_entry(entry: logpb.LogEntry, supported: Collection[str]) -> int:
     entry applies: refusing it would stop every upgraded node at a command
     the old ones applied long ago, on every restart, for good. A newer
     writer's own fields in a request are never left to this: each is in
-    ``FIELD_FEATURES``, so the entry names its feature (the check above).
+    ``FIELD_FEATURES``, so the first entry that needs its feature names it
+    (the check above), and a replica lacking it stops there.
     """
     missing = sorted(set(entry.required_features) - set(supported))
     if missing:

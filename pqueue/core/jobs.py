@@ -390,7 +390,7 @@ def _shared_fields(message: Any, special: set[str]) -> tuple[str, ...]:
     return names
 
 
-#: ``JobRecord`` fields copied by name (``errors`` is a list of tuples in
+#: ``JobRecord`` fields copied by name (``errors`` is a tuple of tuples in
 #: a Job). The record is the source of truth: a field added to it must be
 #: added to ``Job`` or importing this module fails, and it is then kept in
 #: snapshots without further edits.

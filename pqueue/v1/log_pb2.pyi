@@ -284,9 +284,11 @@ class LogEntry(_message.Message):
     @_builtins.property
     def required_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What a replica must understand to apply this entry (pqueue/core/features.py),
-        stamped by the leader from the commands' fields. A replica that does not
-        support one of them stops instead of applying the entry. Absent from
-        entries of releases before announcements: those use only their features.
+        stamped by the leader from the commands' fields, less the features the
+        log before it already needs (a replica lacking one of those stopped at
+        the first entry that needed it). A replica that does not support one of
+        them stops instead of applying the entry. Absent from entries of
+        releases before announcements: those use only their features.
         """
 
     def __init__(

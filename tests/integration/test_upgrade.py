@@ -127,11 +127,15 @@ async def test_an_old_replica_that_meets_a_newer_entry_stops_loudly_and_the_rest
     lead = cluster.servers[leader].node
     _skip_gate(cluster)
     creates: list[int] = []  # the index of the entry that creates the shared queue
+    stamps: dict[str, list[str]] = {}  # a shared queue's name -> its entry's stamp
     apply = lead.apply
 
     def watch(entry: logpb.LogEntry) -> Effects:
         if any(cmd.create_queue.queue == "shared" for cmd in entry.commands):
             creates.append(entry.index)
+        for cmd in entry.commands:
+            if cmd.create_queue.config.shares:
+                stamps.setdefault(cmd.create_queue.queue, list(entry.required_features))
         return apply(entry)
 
     lead.apply = watch  # type: ignore[method-assign]
@@ -142,6 +146,10 @@ async def test_an_old_replica_that_meets_a_newer_entry_stops_loudly_and_the_rest
         # The others go on without it.
         for k in range(5):
             await c.enqueue("shared", f"after-{k}")
+        # Once the log needs 'shares', an entry needing it again is not
+        # stamped with it: a replica lacking it stopped at the first.
+        await c.create_queue("shared-2", SHARED)
+    assert stamps == {"shared": ["shares"], "shared-2": []}
     entry = creates[0]  # (a retried create may have left a second, idempotent one)
     assert entry > before
 

@@ -216,3 +216,57 @@ def test_a_snapshot_remembers_every_feature_its_entries_needed() -> None:
     features.check_restored(2, restored.features, features.SUPPORTED)
     with pytest.raises(UpgradeRequiredError, match="the snapshot at entry 2 needs"):
         features.check_restored(2, restored.features, features.SUPPORTED - {"shares"})
+
+
+def test_features_already_known_are_left_out_of_the_gate_and_the_stamp() -> None:
+    enqueue = logpb.Command(
+        enqueue=pb.EnqueueBatchRequest(queue="q", jobs=[pb.JobSpec(payload=b"x")] * 3),
+        limits=logpb.TenantLimits(max_queues=3),
+        caller=logpb.Caller(tenant="acme"),
+    )
+    plain = logpb.Command(create_queue=pb.CreateQueueRequest(queue="q"))
+    tick = logpb.Command(tick=logpb.Tick(lifecycle=True))
+    every = sorted(features.SUPPORTED)
+    for command in (plain, enqueue, _shared_queue(), tick):
+        needed = features.required(command)
+        for mask in range(1 << len(every)):  # every set of known features
+            known = frozenset(f for i, f in enumerate(every) if mask >> i & 1)
+            assert features.required(command, known) == needed - known
+            assert features.required_by([command], known) == sorted(needed - known)
+    assert features.required(tick) == {features.LIFECYCLE}
+
+
+def test_only_the_first_entry_needing_a_feature_is_stamped_and_one_lacking_it_stops_there() -> None:
+    leader = QueueMachine()
+    entries = []
+    for index, queue in enumerate(["a", "b", "c"], start=1):
+        config = pb.QueueConfig(shares=[pb.TenantShare(tenant="acme", weight=2)])
+        commands = [logpb.Command(create_queue=pb.CreateQueueRequest(queue=queue, config=config))]
+        entry = logpb.LogEntry(
+            index=index,
+            time_ms=5,
+            commands=commands,
+            required_features=features.required_by(commands, leader.features),  # as the leader
+        )
+        leader.apply_entry(entry)
+        entries.append(entry)
+    assert [list(e.required_features) for e in entries] == [["shares"], [], []]
+    assert leader.features == {"shares"}
+
+    # A replica without the feature applies entries in order: it stops at
+    # the first, before anything of it applies, and never reaches the rest.
+    replica = QueueMachine()
+    lacking = features.SUPPORTED - {features.SHARES}
+
+    def apply_in_order(supported: frozenset[str]) -> None:
+        for entry in entries:
+            features.check_entry(entry, supported)
+            replica.apply_entry(entry)
+
+    with pytest.raises(UpgradeRequiredError, match="log entry 1 needs feature"):
+        apply_in_order(lacking)
+    assert replica.applied_index == 0
+    # One that has the feature applies all three alike.
+    apply_in_order(features.SUPPORTED)
+    assert replica.features == leader.features
+    assert snapshot_bytes(replica) == snapshot_bytes(leader)
