@@ -26,21 +26,31 @@ def test_a_small_run_reports_every_step_of_every_workload(
     assert tree == "this tree"
     assert set(workloads) == {"batch", "single"}
     for [row] in workloads.values():
-        assert set(row) == {"stamp", "check", "apply", "derive", "all"}
+        assert set(row) == {"stamp", "check", "apply", "derive", "all", "jobs"}
         assert row["apply"] > 0
         assert row["derive"] > 0
         assert row["all"] > 0
+    # Jobs went all the way through (enqueued, leased, acked): whole
+    # entries' worth, the single workload's last 8 never acked.
+    assert workloads["batch"][0]["jobs"] == 400
+    assert workloads["single"][0]["jobs"] == 392
 
 
 def test_compare_alternates_two_trees_and_prints_their_ratio(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert apply.main(["--jobs", "400", "--rounds", "2", "--compare", str(ROOT)]) == 0
-    out = capsys.readouterr().out
-    assert out.count("batch") == 3
-    assert out.count("single") == 3
-    assert "batch: this tree / " in out
-    assert "single: this tree / " in out
+    lines = capsys.readouterr().out.splitlines()
+    # The table: a tree's name in 30 columns, then the workload's.
+    rows = [(line[:30].strip(), line[31:39].strip()) for line in lines]
+    assert [row for row in rows if row[1] in ("batch", "single")] == [
+        (str(ROOT)[-30:], "batch"),
+        (str(ROOT)[-30:], "single"),
+        ("this tree", "batch"),
+        ("this tree", "single"),
+    ]
+    assert any(line.startswith("batch: this tree / ") for line in lines)
+    assert any(line.startswith("single: this tree / ") for line in lines)
 
 
 def test_the_workloads_fail_loudly_when_a_command_is_refused() -> None:
