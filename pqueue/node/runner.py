@@ -17,6 +17,7 @@ from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
 from pqueue.wire.logs import LogFormat, describe, flush_logs, setup_logging
 from pqueue.wire.loop import freeze_startup_heap, new_event_loop, raise_fd_limit
+from pqueue.wire.stalls import StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
     doing.what = "recovering its log and starting to serve"
     await server.start()
     freeze_startup_heap()  # the recovered state too: full collections stop rescanning it
+    stalls = StallWatch()
+    server.metrics.registry.register(stalls)
+    stalls.start()
     doing.what = "serving"
     if o.server.verifier is None:
         logger.warning(OPEN_BANNER, server.address)
@@ -91,7 +95,10 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
     tmp = o.data_dir / "ADDRESS.tmp"
     tmp.write_text(server.address + "\n")
     tmp.replace(o.data_dir / "ADDRESS")
-    return await server.serve_until_signal()
+    try:
+        return await server.serve_until_signal()
+    finally:
+        await stalls.stop()
 
 
 #: glibc's ``mallopt`` parameters (malloc.h).
