@@ -357,6 +357,11 @@ def test_a_node_process_logs_json_and_serves_metrics(tmp_path: Path) -> None:
         text = scrape(metrics)
         assert 'pq_node_info{node="n1"' in text
         assert "pq_consensus_leader 1.0" in text
+        # The process watches its event loop (pq node's runner, not a server).
+        assert 'pq_event_loop_lag_seconds_bucket{le="+Inf"}' in text
+        for generation in "012":
+            assert f'pq_gc_pause_seconds_count{{generation="{generation}"}}' in text
+        promtool.check("metrics", stdin=text.encode())
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
