@@ -2,7 +2,8 @@
 
     python -m bench.run [--quick] [-o json] [--before FILE ...] ...   (make bench; make bench-quick)
 
-Four systems, one run, every scenario on each in turn:
+Four systems, one run, every scenario on each in turn (each scenario starts
+one system further along, ``cell_order``, so no column always runs first):
 
 - pqueue: 3 ``pq node`` processes on SQLite (fsync per group commit), through
   a ``pq balancer`` process, and directly at the leader;
@@ -42,7 +43,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -181,6 +182,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+T = TypeVar("T")
+
+
+def cell_order(systems: Sequence[T], scenario_index: int) -> list[T]:
+    """The order a scenario's cells run in: rotated by one system per
+    scenario, so no column always runs first (pqueue's three columns share
+    one cluster, and a later cell meets a cluster that has served more)."""
+    if not systems:
+        return []
+    k = scenario_index % len(systems)
+    return [*systems[k:], *systems[:k]]
+
+
 async def start_systems(
     args: argparse.Namespace,
     tmp: Path,
@@ -291,8 +305,8 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         runners = {s.key: CellRunner(s, tmp, say) for s in systems}
         total = len(plan) * len(systems)
         n = 0
-        for scenario, out in zip(plan, result["scenarios"], strict=True):
-            for system in systems:
+        for index, (scenario, out) in enumerate(zip(plan, result["scenarios"], strict=True)):
+            for system in cell_order(systems, index):
                 n += 1
                 say(f"[{n}/{total}] {scenario.title} · {system.label}")
                 say.prefix = "    "
