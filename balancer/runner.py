@@ -10,8 +10,7 @@ from balancer.config import BalancerConfig
 from balancer.errors import BalancerError
 from balancer.server import BalancerServer
 from pqueue.wire.logs import LogFormat, describe, setup_logging
-from pqueue.wire.loop import freeze_startup_heap, new_event_loop, raise_fd_limit
-from pqueue.wire.stalls import StallWatch
+from pqueue.wire.loop import new_event_loop, raise_fd_limit, serving_process
 
 logger = logging.getLogger(__name__)
 
@@ -19,18 +18,14 @@ logger = logging.getLogger(__name__)
 async def _serve(config: BalancerConfig) -> None:
     server = BalancerServer(config)
     await server.start()
-    freeze_startup_heap()
-    stalls = StallWatch()
-    server.metrics.registry.register(stalls)
-    stalls.start()
-    metrics = (
-        f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""
-    )
-    print(f"balancer listening on {server.address}{metrics}", flush=True)
-    try:
+    async with serving_process(server.metrics.registry):
+        metrics = (
+            f", metrics on http://{server.metrics_address}/metrics"
+            if server.metrics_address
+            else ""
+        )
+        print(f"balancer listening on {server.address}{metrics}", flush=True)
         await server.serve_until_signal()
-    finally:
-        await stalls.stop()
 
 
 def run_balancer(config: BalancerConfig, log_level: str, log_format: LogFormat = "text") -> int:

@@ -16,8 +16,7 @@ from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
 from pqueue.wire.logs import LogFormat, describe, flush_logs, setup_logging
-from pqueue.wire.loop import freeze_startup_heap, new_event_loop, raise_fd_limit
-from pqueue.wire.stalls import StallWatch
+from pqueue.wire.loop import new_event_loop, raise_fd_limit, serving_process
 
 logger = logging.getLogger(__name__)
 
@@ -77,28 +76,23 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
     server = NodeServer(storage, o.server, node_config, cluster=cluster)
     doing.what = "recovering its log and starting to serve"
     await server.start()
-    freeze_startup_heap()  # the recovered state too: full collections stop rescanning it
-    stalls = StallWatch()
-    server.metrics.registry.register(stalls)
-    stalls.start()
-    doing.what = "serving"
-    if o.server.verifier is None:
-        logger.warning(OPEN_BANNER, server.address)
-    else:
-        logger.info("node %s checks %s bearer tokens", o.node_id, o.server.verifier.algorithm)
-    if o.server.tls is not None:
-        mutual = "mutual TLS: peers, balancers and clients need a certificate from the CA"
-        logger.info(
-            "node %s serves TLS%s", o.node_id, f" ({mutual})" if o.server.tls.mutual else ""
-        )
-    # Tell scripts and `pq dev-cluster` where we listen (port 0 resolved).
-    tmp = o.data_dir / "ADDRESS.tmp"
-    tmp.write_text(server.address + "\n")
-    tmp.replace(o.data_dir / "ADDRESS")
-    try:
+    # The recovered state is frozen too: full collections stop rescanning it.
+    async with serving_process(server.metrics.registry):
+        doing.what = "serving"
+        if o.server.verifier is None:
+            logger.warning(OPEN_BANNER, server.address)
+        else:
+            logger.info("node %s checks %s bearer tokens", o.node_id, o.server.verifier.algorithm)
+        if o.server.tls is not None:
+            mutual = "mutual TLS: peers, balancers and clients need a certificate from the CA"
+            logger.info(
+                "node %s serves TLS%s", o.node_id, f" ({mutual})" if o.server.tls.mutual else ""
+            )
+        # Tell scripts and `pq dev-cluster` where we listen (port 0 resolved).
+        tmp = o.data_dir / "ADDRESS.tmp"
+        tmp.write_text(server.address + "\n")
+        tmp.replace(o.data_dir / "ADDRESS")
         return await server.serve_until_signal()
-    finally:
-        await stalls.stop()
 
 
 #: glibc's ``mallopt`` parameters (malloc.h).

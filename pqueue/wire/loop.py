@@ -6,8 +6,13 @@ import asyncio
 import gc
 import logging
 import resource
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from prometheus_client.registry import CollectorRegistry
 
 from pqueue.wire.logs import describe
+from pqueue.wire.stalls import StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +61,18 @@ def freeze_startup_heap() -> int:
     frozen = gc.get_freeze_count()
     logger.debug("froze %d objects out of the cyclic collector's scans", frozen)
     return frozen
+
+
+@asynccontextmanager
+async def serving_process(registry: CollectorRegistry) -> AsyncIterator[StallWatch]:
+    """What a node or balancer process does once its server serves, for as
+    long as it serves: its startup heap frozen (``freeze_startup_heap``) and
+    its event loop watched (``StallWatch``, exported on ``registry``)."""
+    freeze_startup_heap()
+    stalls = StallWatch()
+    registry.register(stalls)
+    stalls.start()
+    try:
+        yield stalls
+    finally:
+        await stalls.stop()
