@@ -34,7 +34,7 @@ from balancer.pool import Pool, Report
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire import channels
-from pqueue.wire.keys import AUTHORIZATION_KEY, FORWARDED_KEY, LEADER_KEY
+from pqueue.wire.keys import AUTHORIZATION_KEY, CLUSTER_KEY, FORWARDED_KEY, LEADER_KEY
 from pqueue.wire.logs import describe
 from pqueue.wire.tls import channel as tls_channel
 from pqueue.wire.tokens import current_token
@@ -101,9 +101,10 @@ class Backends:
         #: Probe fast until then: the leader may be frozen.
         self._suspect_until_s = 0.0
         #: By backend: the metadata naming it to clients as the leader
-        #: (``pq-leader``, its own address as its peers know it, from its
-        #: probes), which leader calls carry back; empty for a node that
-        #: reports no address (it runs alone).
+        #: (``pq-leader``, its own address as its peers know it, and
+        #: ``pq-cluster``, its cluster id, from its probes), which leader
+        #: calls carry back; empty for a node that reports no address (it
+        #: runs alone).
         self.leader_metadata: dict[str, tuple[tuple[str, str], ...]] = {}
 
     def probe_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -117,12 +118,18 @@ class Backends:
             *(((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()),
         )
 
-    def _announce(self, address: str, advertised: str) -> None:
+    def _announce(self, address: str, advertised: str, cluster_id: str) -> None:
         """Keep the ``pq-leader`` metadata of ``address`` (a constant tuple,
-        made again only when the node reports another address)."""
-        known = self.leader_metadata.get(address)
-        if known is None or (known[0][1] if known else "") != advertised:
-            self.leader_metadata[address] = ((LEADER_KEY, advertised),) if advertised else ()
+        made again only when the node reports another address or cluster),
+        with ``pq-cluster`` when the node reports its cluster (an older
+        node does not: its clients look aside unchecked, as before)."""
+        metadata: tuple[tuple[str, str], ...] = ()
+        if advertised:
+            metadata = ((LEADER_KEY, advertised),)
+            if cluster_id:
+                metadata += ((CLUSTER_KEY, cluster_id),)
+        if self.leader_metadata.get(address) != metadata:
+            self.leader_metadata[address] = metadata
 
     def stub(self, address: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         """The raw-bytes callable of ``method`` on ``address``'s channel (kept:
@@ -381,7 +388,7 @@ class Backends:
                 self._probe_failed(address, f"probe: {type(exc).__name__}")
             else:
                 self.pool.on_report(address, report_of(status), self.clock_s(), sent_at)
-                self._announce(address, status.address)
+                self._announce(address, status.address, status.cluster_id)
             self._changed()
             interval = (
                 self.config.probe_interval_s

@@ -45,13 +45,13 @@ from pqueue.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from pqueue.lookaside import LeaderLink, LookAsideCounts, leader_named
+from pqueue.lookaside import LeaderLink, LookAsideCounts, direct_marks, leader_named
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.channels import channel_options
-from pqueue.wire.keys import AUTHORIZATION_KEY, DIRECT
+from pqueue.wire.keys import AUTHORIZATION_KEY, WRONG_CLUSTER
 from pqueue.wire.status import from_rpc_error
 from pqueue.wire.tls import Tls, channel
 
@@ -270,9 +270,9 @@ class Client:
         """Metadata from the endpoint (a stream's initial metadata): if a
         balancer named the leader in it, connect there in the background."""
         if self.look_aside:
-            address = leader_named(metadata)
+            address, cluster = leader_named(metadata)
             if address:
-                self._link.offer(address)
+                self._link.offer(address, cluster)
 
     def leader_worked(self, address: str) -> None:
         """Work sent to ``address`` directly was served (a stream that
@@ -282,6 +282,23 @@ class Client:
     def forget_leader(self, address: str, why: str) -> None:
         """Work sent to ``address`` directly failed: back to the endpoint."""
         self._link.forget(address, why)
+
+    def direct_failed(self, address: str, error: PQueueError) -> bool:
+        """Work sent to ``address`` directly failed with ``error``: back to
+        the endpoint, for good if a node of another cluster answered there
+        (True: nothing ran, send it to the endpoint now)."""
+        if isinstance(error, NotTakenError) and error.cause == WRONG_CLUSTER:
+            self._link.refuse(address, error.message)
+            return True
+        if isinstance(error, UnavailableError | NotLeaderError | DeadlineExceededError):
+            # A deadline too: a frozen leader keeps its connection up.
+            self._link.forget(address, type(error).__name__)
+        return False
+
+    def direct_marks(self, address: str) -> tuple[tuple[str, str], ...]:
+        """The metadata of a look-aside call or stream to ``address``:
+        ``pq-direct``, and the cluster the balancer named it with."""
+        return direct_marks(self._link.cluster_of(address))
 
     def on_leader_ready(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(address)`` each time a leader becomes ready for
@@ -394,10 +411,11 @@ class Client:
                 if direct:
                     # The leader the balancer named failed this call: the next
                     # ones go through the endpoint until it names one again.
-                    # A deadline too: a frozen leader keeps its connection up.
-                    if isinstance(error, UnavailableError | NotLeaderError | DeadlineExceededError):
-                        self._link.forget(direct, type(error).__name__)
+                    elsewhere = self.direct_failed(direct, error)
                     direct = ""
+                    if elsewhere:  # another cluster's node: nothing ran, no attempt spent
+                        stubs = self._stubs
+                        continue
                 if isinstance(error, NotLeaderError) and error.leader_address and not redirected:
                     # Nothing ran on that node, so any call may go to the leader.
                     stubs = self._leader_stubs(error.leader_address)
@@ -459,9 +477,10 @@ class Client:
         """Stubs for look-aside calls to ``address``: its channel, each call
         marked ``DIRECT`` (a node no longer leading answers NOT_LEADER
         instead of forwarding it, and the client moves on)."""
+        marks = self.direct_marks(address)
         stubs = self._direct.get(address)
-        if stubs is None:
-            stubs = self._direct[address] = _Stubs(self._leader_stubs(address).channel, DIRECT)
+        if stubs is None or stubs.marks != marks:
+            stubs = self._direct[address] = _Stubs(self._leader_stubs(address).channel, marks)
         return stubs
 
     # --------------------------------------------------------------- Queue

@@ -14,6 +14,13 @@ is answered NOT_LEADER: back to the endpoint, until a balancer names the
 leader again. A node never sends ``pq-leader``: a client given a node's
 address never looks aside.
 
+Beside the leader, a balancer names its cluster (``pq-cluster``). Direct
+calls and streams carry it, and a node of another cluster refuses them unrun
+(NOT_TAKEN, cause ``WRONG_CLUSTER``): an address that means another
+cluster's node from where this client runs (NAT, split DNS, a port reused)
+never takes its writes. The client then ``refuse``s that address for good
+and sends the call through its endpoint.
+
 Imports only the kernel (an SDK module).
 """
 
@@ -28,7 +35,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pqueue.wire.keys import LEADER_KEY
+from pqueue.wire.keys import CLUSTER_KEY, DIRECT, LEADER_KEY, value_of
 from pqueue.wire.logs import describe
 
 logger = logging.getLogger(__name__)
@@ -40,12 +47,15 @@ BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
 
 
-def leader_named(metadata: object) -> str:
-    """The leader address a balancer put in ``metadata`` (``pq-leader``), or ""."""
-    for key, value in metadata or ():  # type: ignore[attr-defined]
-        if key == LEADER_KEY and isinstance(value, str):
-            return value
-    return ""
+def leader_named(metadata: object) -> tuple[str, str]:
+    """The leader address a balancer put in ``metadata`` (``pq-leader``) and
+    its cluster (``pq-cluster``); "" for what it did not name."""
+    return value_of(metadata, LEADER_KEY), value_of(metadata, CLUSTER_KEY)  # type: ignore[arg-type]
+
+
+def direct_marks(cluster: str) -> tuple[tuple[str, str], ...]:
+    """The metadata of a look-aside call to a leader of ``cluster`` ("": not named)."""
+    return DIRECT + (((CLUSTER_KEY, cluster),) if cluster else ())
 
 
 @dataclass
@@ -110,12 +120,20 @@ class LeaderLink:
         self._backoff = Backoff()
         self._told: set[str] = set()
         self.on_ready: list[Callable[[str], None]] = []
+        #: The cluster the balancer named with each address ("": none named).
+        self._clusters: dict[str, str] = {}
+        #: Addresses a node of another cluster answered at: never used again.
+        self._refused: set[str] = set()
 
-    def offer(self, address: str) -> None:
-        """A balancer named ``address`` the leader: connect to it in the
-        background unless it is the endpoint, ready, being tried, or waiting
-        out its backoff."""
-        if address == self.ready or address == self._trying or not address:
+    def offer(self, address: str, cluster: str = "") -> None:
+        """A balancer named ``address`` the leader (of ``cluster``): connect
+        to it in the background unless it is the endpoint, ready, being
+        tried, waiting out its backoff, or refused."""
+        if not address or address in self._refused:
+            return
+        if address in self._clusters or len(self._clusters) < 64:
+            self._clusters[address] = cluster  # the latest (bounded: a server names them)
+        if address == self.ready or address == self._trying:
             return
         if address == self.endpoint or not self._backoff.allowed(address, self._clock_s()):
             return
@@ -168,6 +186,26 @@ class LeaderLink:
             self.ready = ""
             self._backoff.failed(address, self._clock_s())
             logger.info("look-aside: back to %s (leader %s: %s)", self.endpoint, address, why)
+
+    def cluster_of(self, address: str) -> str:
+        """The cluster the balancer named with ``address`` ("": none)."""
+        return self._clusters.get(address, "")
+
+    def refuse(self, address: str, why: str) -> None:
+        """A node of another cluster answered at ``address``: this client
+        never sends there directly again (logged once, WARNING)."""
+        if address in self._refused:
+            return
+        self._refused.add(address)
+        if address == self.ready:
+            self.ready = ""
+        logger.warning(
+            "look-aside: %s, which the balancer names as its leader, is not a node of "
+            "its cluster (%s); calls keep going to %s",
+            address,
+            why,
+            self.endpoint,
+        )
 
     async def _connect(self, address: str) -> None:
         try:

@@ -60,7 +60,6 @@ from pqueue.errors import (
 from pqueue.hooks import FailureLog, OnError, OnSuccess, call_hook
 from pqueue.hooks import JobFailed as JobFailed
 from pqueue.v1 import queue_pb2 as pb
-from pqueue.wire.keys import DIRECT
 from pqueue.wire.logs import describe
 from pqueue.wire.status import from_op_status
 
@@ -249,7 +248,7 @@ class Worker:
                 self._channel_target = target
             stream = ConsumeStream(
                 self._channel,
-                self.client.call_metadata() + (DIRECT if direct else ()),
+                self.client.call_metadata() + (self.client.direct_marks(target) if direct else ()),
                 self.queue,
                 self._credits,
                 lease_ms=self.config.lease_ms,
@@ -287,7 +286,7 @@ class Worker:
                 # or went away): the next stream goes through the endpoint.
                 if stream.responses or loop.time() - opened >= STREAM_HEALTHY_S:
                     self.client.leader_worked(target)  # it served: no pattern to back off from
-                self.client.forget_leader(target, describe(error))
+                self.client.direct_failed(target, error)
                 backoff_s = RECONNECT_MIN_S
                 await self._pause(RECONNECT_MIN_S)
                 continue

@@ -501,6 +501,7 @@ async def cluster_status(endpoint: str, timeout_s: float, **client: Any) -> list
                 "lag": top - s.applied_index,
                 "snapshot": s.snapshot_index,
                 "pending": s.pending,
+                "cluster": s.cluster_id,
             }
         )
     return rows

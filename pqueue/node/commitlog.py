@@ -130,6 +130,10 @@ class CommandLog(Protocol):
         """Current indexes and role."""
 
     @property
+    def cluster_id(self) -> str:
+        """The cluster this node belongs to (its data dir's record)."""
+
+    @property
     def failed(self) -> asyncio.Event:
         """Set once the log has failed for good; the node must stop."""
 

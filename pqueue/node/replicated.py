@@ -51,7 +51,7 @@ from pqueue.node.commitlog import (
     Proposals,
     Result,
 )
-from pqueue.node.identity import claim_identity
+from pqueue.node.identity import DEFAULT_CLUSTER_ID, claim_identity
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.wire.logs import describe
@@ -173,6 +173,8 @@ class ReplicatedLog:
         self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: Peer messages dropped because their sender is not a member.
         self.foreign = 0
+        #: The cluster this node belongs to, as its data dir records it (set at start).
+        self.cluster_id = config.cluster_id or DEFAULT_CLUSTER_ID
 
     # ----------------------------------------------------------- lifecycle
 
@@ -181,7 +183,7 @@ class ReplicatedLog:
         await self._storage.open()
         try:
             state = await self._storage.load_acceptor()
-            await claim_identity(self._storage, self.config, state)
+            self.cluster_id = (await claim_identity(self._storage, self.config, state)).cluster_id
         except BaseException:
             await self._storage.close()
             raise

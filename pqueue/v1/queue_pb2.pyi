@@ -34,6 +34,10 @@ UNAVAILABLE: the ErrorInfo reason says whether the call ran.
     NOT_LEADER            (Consume) another node leads
     REFUSED               (Consume) a settle request was refused whole
                           (the message says why)
+    WRONG_CLUSTER         the call's `pq-cluster` metadata names another
+                          cluster than this node's (a look-aside client
+                          reached a node of another cluster): send it to
+                          the balancer instead
     LEADER_MOVED          (balancer) the leader changed under the call
     NO_BACKEND            (balancer) no node serves reads
     BALANCER_STOPPING     (balancer) the balancer is shutting down
@@ -2148,6 +2152,7 @@ class NodeStatusResponse(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     LOG_FEATURES_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     """0 for a single node without replication."""
     address: _builtins.str
@@ -2169,6 +2174,13 @@ class NodeStatusResponse(_message.Message):
     not_serving: _builtins.bool
     """True while the node drains or after its storage failed (as its
     grpc.health.v1 status says). Absent, as from an older node, it serves.
+    """
+    cluster_id: _builtins.str
+    """The cluster this node belongs to (its `--cluster-id`, or the one its
+    data dir recorded; "pqueue" when none was ever given). A balancer names
+    it to clients beside the leader (`pq-cluster`), and a node refuses a
+    call whose `pq-cluster` names another cluster (NOT_TAKEN, cause
+    WRONG_CLUSTER): see "Errors".
     """
     @_builtins.property
     def peers(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
@@ -2210,10 +2222,11 @@ class NodeStatusResponse(_message.Message):
         load: Global___NodeLoad | None = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
         log_features: _abc.Iterable[_builtins.str] | None = ...,
+        cluster_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "commit_index", b"commit_index", "features", b"features", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "log_features", b"log_features", "node_id", b"node_id", "not_serving", b"not_serving", "peers", b"peers", "pending", b"pending", "role", b"role", "snapshot_index", b"snapshot_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_index", b"applied_index", "ballot", b"ballot", "ballot_round", b"ballot_round", "cluster_id", b"cluster_id", "commit_index", b"commit_index", "features", b"features", "leader_address", b"leader_address", "leader_id", b"leader_id", "load", b"load", "log_features", b"log_features", "node_id", b"node_id", "not_serving", b"not_serving", "peers", b"peers", "pending", b"pending", "role", b"role", "snapshot_index", b"snapshot_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,6 +34,10 @@ UNAVAILABLE: the ErrorInfo reason says whether the call ran.
     NOT_LEADER            (Consume) another node leads
     REFUSED               (Consume) a settle request was refused whole
                           (the message says why)
+    WRONG_CLUSTER         the call's `pq-cluster` metadata names another
+                          cluster than this node's (a look-aside client
+                          reached a node of another cluster): send it to
+                          the balancer instead
     LEADER_MOVED          (balancer) the leader changed under the call
     NO_BACKEND            (balancer) no node serves reads
     BALANCER_STOPPING     (balancer) the balancer is shutting down

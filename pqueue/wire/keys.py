@@ -3,7 +3,9 @@
 The SDK sets ``authorization``; a hop (the balancer, a forwarding follower)
 marks its calls with ``pq-forwarded-by``, proves itself with
 ``pq-forwarder-token`` and passes the request id and the first caller's
-address on. A balancer names the leader to its clients with ``pq-leader``.
+address on. A balancer names the leader to its clients with ``pq-leader``,
+and the leader's cluster with ``pq-cluster``; a look-aside call carries
+``pq-direct`` and that ``pq-cluster``, which a node of another cluster refuses.
 """
 
 from __future__ import annotations
@@ -34,6 +36,22 @@ LEADER_KEY = "pq-leader"
 DIRECT_KEY = "pq-direct"
 #: The metadata that marks a look-aside call.
 DIRECT = ((DIRECT_KEY, "1"),)
+#: Beside ``pq-leader``: the cluster id of the leader a balancer names. A
+#: look-aside call carries it back, and a node whose own cluster id differs
+#: refuses the call unrun (NOT_TAKEN, cause ``WRONG_CLUSTER``): an address
+#: that means another cluster's node from where the client runs (NAT, split
+#: DNS, a reused port) never takes its writes.
+CLUSTER_KEY = "pq-cluster"
+#: The NOT_TAKEN cause of a call refused for naming another cluster.
+WRONG_CLUSTER = "WRONG_CLUSTER"
+
+
+def value_of(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str:
+    """The text value of ``key`` in call metadata, or ""."""
+    for k, value in metadata or ():
+        if k == key and isinstance(value, str):
+            return value
+    return ""
 
 
 def marked(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> bool:

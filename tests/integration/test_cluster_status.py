@@ -51,6 +51,7 @@ async def test_cluster_status_honours_token_and_mutual_tls(tmp_path: Path) -> No
         assert [r["node"] for r in rows] == ["n1", "n2", "n3"]
         assert sorted(r["role"] for r in rows) == ["follower", "follower", "leader"]
         assert {r["leader"] for r in rows} == {f"n{leader}"}
+        assert {r["cluster"] for r in rows} == {"pqueue"}  # the default, recorded by each node
         # Without the token the nodes refuse it, and it says so (not a table of "down").
         code, _, err = await status(*tls_flags)
         assert code == 1

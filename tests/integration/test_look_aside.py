@@ -7,6 +7,7 @@ process, or ``pq dev-cluster`` processes for a SIGKILL), a real balancer."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -20,8 +21,9 @@ from pqueue.cli.devcluster import node_pid
 from pqueue.client import Client
 from pqueue.errors import PQueueError
 from pqueue.v1 import queue_pb2 as pb
-from pqueue.wire.keys import LEADER_KEY
+from pqueue.wire.keys import CLUSTER_KEY, LEADER_KEY
 from pqueue.worker import Worker, WorkerConfig
+from tests.inproc import Cluster
 from tests.integration.test_balancer import Setup, balanced
 from tests.integration.test_balancer_streams import running
 from tests.integration.test_dev_cluster import dev_cluster, stop, until_ready
@@ -127,7 +129,7 @@ async def test_an_unreachable_leader_address_leaves_every_call_on_the_balancer(
         async with balanced(tmp_path) as setup:
             backends = setup.balancer.backends
 
-            def announce(address: str, advertised: str) -> None:
+            def announce(address: str, advertised: str, cluster_id: str) -> None:
                 # The nodes advertise an address this client cannot reach.
                 backends.leader_metadata[address] = ((LEADER_KEY, bad),)
 
@@ -152,6 +154,77 @@ async def test_an_unreachable_leader_address_leaves_every_call_on_the_balancer(
     finally:
         if hole is not None:
             hole.close()
+
+
+async def test_a_leader_address_that_reaches_another_cluster_takes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The balancer's cluster ("pqueue", the default) names as its leader an
+    address that, from this client, reaches a node of another cluster (NAT,
+    split DNS, a port reused): that node refuses the direct calls and stream
+    unrun (WRONG_CLUSTER), and everything lands in the balancer's cluster."""
+    other = Cluster(tmp_path / "other", n=1, cluster_options={"cluster_id": "other-cluster"})
+    await other.start()
+    try:
+        await other.leader()
+        stray = other.addresses[1]
+        async with Client(stray, max_retries=0) as there:
+            assert (await there.node_status()).cluster_id == "other-cluster"
+            await there.create_queue("q")  # a write that reached it would land
+        async with balanced(tmp_path / "main") as setup:
+            backends = setup.balancer.backends
+            leader_id = await setup.cluster.leader()
+            assert setup.cluster.servers[leader_id].node.log.cluster_id == "pqueue"
+
+            def announce(address: str, advertised: str, cluster_id: str) -> None:
+                # What the probes report (the real cluster id), beside an
+                # address that means the other cluster's node from here.
+                assert cluster_id == "pqueue"
+                backends.leader_metadata[address] = ((LEADER_KEY, stray), (CLUSTER_KEY, cluster_id))
+
+            backends._announce = announce  # type: ignore[method-assign]
+            backends.leader_metadata.clear()
+            caplog.set_level(logging.WARNING, logger="pqueue.lookaside")
+            async with (
+                Client(setup.balancer.address, max_retries=0) as consumer,
+                Client(setup.balancer.address, max_retries=0) as producer,
+            ):
+                await producer.create_queue("q")
+                leader_at = setup.cluster.addresses[leader_id]
+                await _until(
+                    "a probe to name it", lambda: bool(backends.leader_metadata.get(leader_at))
+                )
+                worker = Worker(consumer, "q", lambda job: asyncio.sleep(0), config=WorkerConfig())
+                async with running(worker):
+                    # The worker's stream through the balancer names the stray
+                    # leader; its next stream goes there and is refused.
+                    await _until("the stream to be refused", lambda: not consumer.leader_address)
+                    await _until(
+                        "a stream tried direct",
+                        lambda: consumer.look_aside_counts.streams_direct > 0,
+                    )
+                    for i in range(30):  # max_retries=0: the resend spends no attempt
+                        await producer.enqueue("q", b"%d" % i)
+                        await asyncio.sleep(0.02)
+                    await _until("every job", lambda: worker.stats.acked >= 30)
+                assert producer.look_aside_counts.direct >= 1  # tried, refused, sent on
+                assert producer.leader_address == ""
+                assert consumer.leader_address == ""
+            stats = (await _stats(setup.balancer.address, "q")).enqueued_total
+            assert stats == 30
+        refused = [
+            r.getMessage() for r in caplog.records if "not a node of its cluster" in r.getMessage()
+        ]
+        assert len(refused) == 2, refused  # once per client
+        async with Client(stray, max_retries=0) as there:
+            assert (await there.stats("q", consistent=True))[0].enqueued_total == 0
+    finally:
+        await other.stop()
+
+
+async def _stats(endpoint: str, queue: str) -> pb.QueueStats:
+    async with Client(endpoint, max_retries=0) as client:
+        return (await client.stats(queue, consistent=True))[0]
 
 
 async def test_a_killed_leader_sends_the_client_back_through_the_balancer(

@@ -2,15 +2,66 @@
 
 from __future__ import annotations
 
-from pqueue.lookaside import Backoff, leader_named
-from pqueue.wire.keys import LEADER_KEY
+import asyncio
+import logging
+
+import grpc
+import pytest
+
+from pqueue.lookaside import Backoff, LeaderLink, direct_marks, leader_named
+from pqueue.wire.keys import CLUSTER_KEY, DIRECT_KEY, LEADER_KEY
 
 
 def test_the_leader_is_read_from_the_balancers_metadata() -> None:
-    assert leader_named((("x-other", "a"), (LEADER_KEY, "10.0.0.2:7701"))) == "10.0.0.2:7701"
-    assert leader_named((("x-other", "a"),)) == ""
-    assert leader_named(None) == ""
-    assert leader_named(((LEADER_KEY, b"binary"),)) == ""  # not a text value: ignored
+    named = (("x-other", "a"), (LEADER_KEY, "10.0.0.2:7701"), (CLUSTER_KEY, "prod-1"))
+    assert leader_named(named) == ("10.0.0.2:7701", "prod-1")
+    assert leader_named((("x-other", "a"), (LEADER_KEY, "10.0.0.2:7701"))) == ("10.0.0.2:7701", "")
+    assert leader_named((("x-other", "a"),)) == ("", "")
+    assert leader_named(None) == ("", "")
+    assert leader_named(((LEADER_KEY, b"binary"),)) == ("", "")  # not a text value: ignored
+
+
+def test_a_direct_call_names_the_cluster_the_balancer_named() -> None:
+    assert direct_marks("prod-1") == ((DIRECT_KEY, "1"), (CLUSTER_KEY, "prod-1"))
+    assert direct_marks("") == ((DIRECT_KEY, "1"),)  # an older balancer named none: unchecked
+
+
+class _ReadyChannel:
+    async def channel_ready(self) -> None:
+        return None
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return grpc.ChannelConnectivity.READY
+
+
+async def test_an_address_another_cluster_answered_at_is_never_used_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    link = LeaderLink("10.0.0.1:7700", lambda address: _ReadyChannel())  # type: ignore[arg-type,return-value]
+    link.offer("10.0.0.2:7701", "prod-1")
+    for _ in range(50):
+        if link.ready:
+            break
+        await asyncio.sleep(0.01)
+    assert link.current() == "10.0.0.2:7701"
+    assert link.cluster_of("10.0.0.2:7701") == "prod-1"
+    with caplog.at_level(logging.WARNING, logger="pqueue.lookaside"):
+        link.refuse("10.0.0.2:7701", "this node belongs to cluster 'other'")
+        link.refuse("10.0.0.2:7701", "again")  # told once
+    assert link.current() == ""
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "not a node of its cluster" in warnings[0].getMessage()
+    link.offer("10.0.0.2:7701", "prod-1")  # the balancer names it again: not tried
+    await asyncio.sleep(0.05)
+    assert link.current() == ""
+    link.offer("10.0.0.3:7701", "prod-1")  # another address is
+    for _ in range(50):
+        if link.ready:
+            break
+        await asyncio.sleep(0.01)
+    assert link.current() == "10.0.0.3:7701"
+    await link.close()
 
 
 def test_an_address_that_failed_waits_doubling_up_to_the_most() -> None:
