@@ -45,13 +45,19 @@ from pqueue.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from pqueue.lookaside import LeaderLink, LookAsideCounts, direct_marks, leader_named
+from pqueue.lookaside import (
+    LeaderLink,
+    LookAsideCounts,
+    direct_marks,
+    leader_named,
+    wrong_cluster,
+)
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.channels import channel_options
-from pqueue.wire.keys import AUTHORIZATION_KEY, WRONG_CLUSTER
+from pqueue.wire.keys import AUTHORIZATION_KEY, CLUSTER_KEY
 from pqueue.wire.status import from_rpc_error
 from pqueue.wire.tls import Tls, channel
 
@@ -219,8 +225,10 @@ class Client:
         self.retries = 0
         #: Channels to leaders named in not-leader answers, by address.
         self._leaders: dict[str, _Stubs] = {}
-        #: The same channels, for look-aside calls (marked ``DIRECT``).
+        #: The same channels, for look-aside calls (marked ``DIRECT`` and the
+        #: cluster), and for calls sent where a NOT_LEADER hint points (the cluster).
         self._direct: dict[str, _Stubs] = {}
+        self._hinted: dict[str, _Stubs] = {}
         #: Reads carry ``min_index``: whichever node answers has applied this
         #: client's own writes.
         self.read_your_writes = read_your_writes
@@ -283,22 +291,16 @@ class Client:
         """Work sent to ``address`` directly failed: back to the endpoint."""
         self._link.forget(address, why)
 
-    def direct_failed(self, address: str, error: PQueueError) -> bool:
-        """Work sent to ``address`` directly failed with ``error``: back to
-        the endpoint, for good if a node of another cluster answered there
-        (True: nothing ran, send it to the endpoint now)."""
-        if isinstance(error, NotTakenError) and error.cause == WRONG_CLUSTER:
-            self._link.refuse(address, error.message)
-            return True
-        if isinstance(error, UnavailableError | NotLeaderError | DeadlineExceededError):
-            # A deadline too: a frozen leader keeps its connection up.
-            self._link.forget(address, type(error).__name__)
-        return False
+    def refuse_leader(self, address: str, why: str) -> None:
+        """A node of another cluster answered at ``address`` (WRONG_CLUSTER):
+        never send there directly again."""
+        self._link.refuse(address, why)
 
-    def direct_marks(self, address: str) -> tuple[tuple[str, str], ...]:
-        """The metadata of a look-aside call or stream to ``address``:
-        ``pq-direct``, and the cluster the balancer named it with."""
-        return direct_marks(self._link.cluster_of(address))
+    def direct_marks(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of a look-aside call or stream: ``pq-direct``, and
+        the cluster the balancer names (``pq-cluster``), which a node of
+        another cluster refuses."""
+        return direct_marks(self._link.cluster)
 
     def on_leader_ready(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(address)`` each time a leader becomes ready for
@@ -314,13 +316,14 @@ class Client:
     async def close(self) -> None:
         """Close the channels (calls still out or waiting are cancelled)."""
         await self._link.close()
-        for stubs in (self._stubs, *self._leaders.values(), *self._direct.values()):
+        kept = (*self._leaders.values(), *self._direct.values(), *self._hinted.values())
+        for stubs in (self._stubs, *kept):
             for batcher in stubs.batchers.values():
                 batcher.cancel_waiting()
         await self._channel.close()
-        for stubs in self._leaders.values():  # the direct stubs share these channels
+        for stubs in self._leaders.values():  # the direct and hinted stubs share these channels
             await stubs.channel.close()
-        self._leaders, self._direct = {}, {}
+        self._leaders, self._direct, self._hinted = {}, {}, {}
 
     async def __aenter__(self) -> Client:
         return self
@@ -397,6 +400,9 @@ class Client:
         retry hint). Sent again, it goes to the endpoint."""
         direct = self._link.current() if leader_bound and self.look_aside else ""
         stubs = self._direct_stubs(direct) if direct else self._stubs
+        # Where this attempt went when it named the balancer's cluster (a
+        # direct call, or a leader hint's): another cluster's node refuses it.
+        checked = direct
         attempt = 0
         redirected = False
         while True:
@@ -408,17 +414,26 @@ class Client:
             try:
                 answer = await send(stubs)
             except PQueueError as error:
+                if checked and wrong_cluster(error):
+                    # A node of another cluster took nothing: never there
+                    # directly again, and this call through the endpoint now
+                    # (no attempt spent; the endpoint's stubs name no cluster).
+                    self._link.refuse(checked, error.message)
+                    stubs, direct, checked = self._stubs, "", ""
+                    continue
+                checked = ""
                 if direct:
                     # The leader the balancer named failed this call: the next
                     # ones go through the endpoint until it names one again.
-                    elsewhere = self.direct_failed(direct, error)
+                    # A deadline too: a frozen leader keeps its connection up.
+                    if isinstance(error, UnavailableError | NotLeaderError | DeadlineExceededError):
+                        self._link.forget(direct, type(error).__name__)
                     direct = ""
-                    if elsewhere:  # another cluster's node: nothing ran, no attempt spent
-                        stubs = self._stubs
-                        continue
                 if isinstance(error, NotLeaderError) and error.leader_address and not redirected:
-                    # Nothing ran on that node, so any call may go to the leader.
-                    stubs = self._leader_stubs(error.leader_address)
+                    # Nothing ran on that node, so any call may go to the leader
+                    # (naming the balancer's cluster, as a direct call does).
+                    stubs = self._hint_stubs(error.leader_address)
+                    checked = error.leader_address if stubs.marks else ""
                     redirected = True
                     continue
                 # A call the server did not take may be sent again, whatever it
@@ -477,10 +492,25 @@ class Client:
         """Stubs for look-aside calls to ``address``: its channel, each call
         marked ``DIRECT`` (a node no longer leading answers NOT_LEADER
         instead of forwarding it, and the client moves on)."""
-        marks = self.direct_marks(address)
-        stubs = self._direct.get(address)
+        return self._marked_stubs(self._direct, address, self.direct_marks())
+
+    def _hint_stubs(self, address: str) -> _Stubs:
+        """Stubs for a call sent where a NOT_LEADER answer points: they name
+        the cluster the balancer names, if it names one (a node of another
+        cluster refuses them), else the plain leader stubs."""
+        if not self._link.cluster:
+            return self._leader_stubs(address)
+        marks = ((CLUSTER_KEY, self._link.cluster),)
+        return self._marked_stubs(self._hinted, address, marks)
+
+    def _marked_stubs(
+        self, kept: dict[str, _Stubs], address: str, marks: tuple[tuple[str, str], ...]
+    ) -> _Stubs:
+        """``address``'s stubs with ``marks`` on every call, kept in ``kept``
+        (made again only if the marks change: the balancer named another cluster)."""
+        stubs = kept.get(address)
         if stubs is None or stubs.marks != marks:
-            stubs = self._direct[address] = _Stubs(self._leader_stubs(address).channel, marks)
+            stubs = kept[address] = _Stubs(self._leader_stubs(address).channel, marks)
         return stubs
 
     # --------------------------------------------------------------- Queue

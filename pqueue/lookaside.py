@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pqueue.wire.keys import CLUSTER_KEY, DIRECT, LEADER_KEY, value_of
+from pqueue.errors import NotTakenError, PQueueError
+from pqueue.wire.keys import CLUSTER_KEY, DIRECT, LEADER_KEY, WRONG_CLUSTER, value_of
 from pqueue.wire.logs import describe
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ def leader_named(metadata: object) -> tuple[str, str]:
     """The leader address a balancer put in ``metadata`` (``pq-leader``) and
     its cluster (``pq-cluster``); "" for what it did not name."""
     return value_of(metadata, LEADER_KEY), value_of(metadata, CLUSTER_KEY)  # type: ignore[arg-type]
+
+
+def wrong_cluster(error: PQueueError) -> bool:
+    """Whether a node refused a call for naming another cluster (unrun)."""
+    return isinstance(error, NotTakenError) and error.cause == WRONG_CLUSTER
 
 
 def direct_marks(cluster: str) -> tuple[tuple[str, str], ...]:
@@ -120,8 +126,10 @@ class LeaderLink:
         self._backoff = Backoff()
         self._told: set[str] = set()
         self.on_ready: list[Callable[[str], None]] = []
-        #: The cluster the balancer named with each address ("": none named).
-        self._clusters: dict[str, str] = {}
+        #: The cluster the balancer names ("": none named yet, or an older
+        #: balancer that names none): one for the endpoint, whatever address
+        #: it names as leader; a balancer naming none does not unset it.
+        self.cluster = ""
         #: Addresses a node of another cluster answered at: never used again.
         self._refused: set[str] = set()
 
@@ -129,10 +137,10 @@ class LeaderLink:
         """A balancer named ``address`` the leader (of ``cluster``): connect
         to it in the background unless it is the endpoint, ready, being
         tried, waiting out its backoff, or refused."""
+        if cluster:
+            self.cluster = cluster
         if not address or address in self._refused:
             return
-        if address in self._clusters or len(self._clusters) < 64:
-            self._clusters[address] = cluster  # the latest (bounded: a server names them)
         if address == self.ready or address == self._trying:
             return
         if address == self.endpoint or not self._backoff.allowed(address, self._clock_s()):
@@ -187,18 +195,17 @@ class LeaderLink:
             self._backoff.failed(address, self._clock_s())
             logger.info("look-aside: back to %s (leader %s: %s)", self.endpoint, address, why)
 
-    def cluster_of(self, address: str) -> str:
-        """The cluster the balancer named with ``address`` ("": none)."""
-        return self._clusters.get(address, "")
-
     def refuse(self, address: str, why: str) -> None:
         """A node of another cluster answered at ``address``: this client
         never sends there directly again (logged once, WARNING)."""
+        if address == self.ready:
+            self.ready = ""
+        if address == self._trying and self._task is not None:
+            self._task.cancel()  # a connect under way would make it ready again
+            self._trying = ""
         if address in self._refused:
             return
         self._refused.add(address)
-        if address == self.ready:
-            self.ready = ""
         logger.warning(
             "look-aside: %s, which the balancer names as its leader, is not a node of "
             "its cluster (%s); calls keep going to %s",
@@ -229,6 +236,8 @@ class LeaderLink:
         finally:
             if self._trying == address:
                 self._trying = ""
+        if address in self._refused:
+            return  # refused while connecting
         self.ready = address
         logger.debug("look-aside: calls go to the leader at %s", address)
         for callback in list(self.on_ready):

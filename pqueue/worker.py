@@ -59,6 +59,7 @@ from pqueue.errors import (
 )
 from pqueue.hooks import FailureLog, OnError, OnSuccess, call_hook
 from pqueue.hooks import JobFailed as JobFailed
+from pqueue.lookaside import wrong_cluster
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.logs import describe
 from pqueue.wire.status import from_op_status
@@ -248,7 +249,7 @@ class Worker:
                 self._channel_target = target
             stream = ConsumeStream(
                 self._channel,
-                self.client.call_metadata() + (self.client.direct_marks(target) if direct else ()),
+                self.client.call_metadata() + (self.client.direct_marks() if direct else ()),
                 self.queue,
                 self._credits,
                 lease_ms=self.config.lease_ms,
@@ -286,7 +287,10 @@ class Worker:
                 # or went away): the next stream goes through the endpoint.
                 if stream.responses or loop.time() - opened >= STREAM_HEALTHY_S:
                     self.client.leader_worked(target)  # it served: no pattern to back off from
-                self.client.direct_failed(target, error)
+                if wrong_cluster(error):  # another cluster's node: never there again
+                    self.client.refuse_leader(target, describe(error))
+                else:
+                    self.client.forget_leader(target, describe(error))
                 backoff_s = RECONNECT_MIN_S
                 await self._pause(RECONNECT_MIN_S)
                 continue

@@ -163,7 +163,10 @@ class NodeServer(Serving):
             )
             # Every service behind admission and the observer (outermost: its
             # refusals are logged and counted), wrapped once per method.
-            self._guard = Guard(observer, Admission(self.config.admission, self.config.verifier))
+            admission = Admission(
+                self.config.admission, self.config.verifier, lambda: self.node.log.cluster_id
+            )
+            self._guard = Guard(observer, admission)
             self._server.add_generic_rpc_handlers((self._guard,))
             try:
                 self.port = add_port(self._server, self.config.listen, self.config.tls)

@@ -42,14 +42,7 @@ from pqueue.node.watch import Subscription
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
-from pqueue.wire.keys import (
-    CLUSTER_KEY,
-    DIRECT_KEY,
-    FORWARDED_KEY,
-    WRONG_CLUSTER,
-    marked,
-    value_of,
-)
+from pqueue.wire.keys import DIRECT_KEY, FORWARDED_KEY, marked
 from pqueue.wire.load import CpuSampler
 from pqueue.wire.logs import describe
 from pqueue.wire.observe import log_op_failure
@@ -82,7 +75,6 @@ def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         self.node.calls_in_flight += 1  # load, as balancers see it
         try:
             principal.set(self.authenticate(context))
-            self.check_cluster(context)
             return await fn(self, request, context)
         except PQueueError as exc:
             logger.debug("%s refused: %s", fn.__name__, describe(exc))
@@ -103,7 +95,6 @@ def stream_rpc(fn: StreamHandler[Req]) -> StreamHandler[Req]:
     async def wrapper(self: Any, requests: AsyncIterator[Req], context: Context) -> None:
         try:
             principal.set(self.authenticate(context))
-            self.check_cluster(context)
             await fn(self, requests, context)
         except PQueueError as exc:
             logger.debug("%s ended: %s", fn.__name__, describe(exc))
@@ -250,18 +241,6 @@ class _Base:
         if self.verifier is None:
             return OPEN
         return self.verifier.verify(access.bearer(context.invocation_metadata()))
-
-    def check_cluster(self, context: Context) -> None:
-        """Refuse, unrun, a call that names another cluster than this node's
-        (``pq-cluster``: a look-aside client's, from what its balancer said):
-        its address reached a node of another cluster."""
-        named = value_of(context.invocation_metadata(), CLUSTER_KEY)
-        if named and named != self.node.log.cluster_id:
-            raise NotTakenError(
-                f"this node belongs to cluster {self.node.log.cluster_id!r}, not to "
-                f"{named!r} the call names: send it through the balancer",
-                cause=WRONG_CLUSTER,
-            )
 
     async def _forward(
         self, method: str, request: Message, context: Context, onward: bool = False

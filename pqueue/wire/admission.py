@@ -25,6 +25,11 @@ other call). For each method it
   looked at its token (the peer service checks its own before it reads a
   message, and says why it refused). Roles and tenants are still the servicer's to check
   (they need the queue name), from the same verifier's cache.
+- on a node, refuses a call whose ``pq-cluster`` metadata names another
+  cluster than the node's (``UNAVAILABLE``, ``NOT_TAKEN``, cause
+  ``WRONG_CLUSTER``; the SDK's look-aside calls carry the cluster their
+  balancer named): first of all, before the token, which is the other
+  cluster's and may mean nothing here.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
-from pqueue.errors import UnauthenticatedError
+from pqueue.errors import NotTakenError, UnauthenticatedError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire import sizes as limits
-from pqueue.wire.keys import bearer
+from pqueue.wire.keys import CLUSTER_KEY, WRONG_CLUSTER, bearer, value_of
+from pqueue.wire.status import to_status
 
 logger = logging.getLogger(__name__)
 
@@ -218,12 +224,18 @@ class Admission(grpc.aio.ServerInterceptor):
     """Caps request sizes before parsing, refuses unknown fields, bounds watches."""
 
     def __init__(
-        self, config: AdmissionConfig | None = None, verifier: TokenVerifier | None = None
+        self,
+        config: AdmissionConfig | None = None,
+        verifier: TokenVerifier | None = None,
+        cluster_id: Callable[[], str] | None = None,
     ) -> None:
         self.config = config or AdmissionConfig()
         self.config.validate()
         #: Checks tokens before parsing; None: auth is off (or not this server's).
         self.verifier = verifier
+        #: A node's cluster id (read per call that names one); None: a
+        #: server of no cluster (the balancer), which checks no ``pq-cluster``.
+        self.cluster_id = cluster_id
         # Not ``Peer.Send``: the peer service checks its token itself before it
         # reads a single message (a client stream is parsed as it is read), and
         # says why it refused (throttled): a node whose token expired or was
@@ -248,6 +260,16 @@ class Admission(grpc.aio.ServerInterceptor):
         """The handler one call gets: ``handler`` behind admission (wrapped
         once per method), or one that refuses the call's missing or bad token."""
         method = details.method
+        if self.cluster_id is not None:
+            named = value_of(details.invocation_metadata, CLUSTER_KEY)
+            if named and named != self.cluster_id():
+                # Only what the caller sent: it may hold no token of ours.
+                refusal = NotTakenError(
+                    f"this node is not of cluster {named!r}, which the call names: "
+                    "send it through that cluster's balancer",
+                    cause=WRONG_CLUSTER,
+                )
+                return _refusing_with(handler, to_status(refusal))
         if self.verifier is not None and method in self._authenticated:
             try:
                 self.verifier.verify(bearer(details.invocation_metadata))
@@ -331,11 +353,26 @@ class Admission(grpc.aio.ServerInterceptor):
 def _refusing(handler: Handler, code: grpc.StatusCode, details: str) -> Handler:
     """A handler of ``handler``'s shape that parses nothing and answers ``code``."""
 
-    def discard(data: bytes) -> None:
-        return None
-
     async def refuse(request: Any, context: Context) -> None:
         await context.abort(code, details)
+
+    return _answering(handler, refuse)
+
+
+def _refusing_with(handler: Handler, status: grpc.Status) -> Handler:
+    """``_refusing``, answering ``status`` (its rich details too)."""
+
+    async def refuse(request: Any, context: Context) -> None:
+        await context.abort_with_status(status)
+
+    return _answering(handler, refuse)
+
+
+def _answering(handler: Handler, refuse: Callable[[Any, Context], Awaitable[None]]) -> Handler:
+    """A handler of ``handler``'s shape that parses nothing and runs ``refuse``."""
+
+    def discard(data: bytes) -> None:
+        return None
 
     serialize = handler.response_serializer
     if handler.unary_unary is not None:

@@ -20,6 +20,7 @@ import pytest
 from pqueue.cli.devcluster import node_pid
 from pqueue.client import Client
 from pqueue.errors import PQueueError
+from pqueue.node.auth import Verifier, issue
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.keys import CLUSTER_KEY, LEADER_KEY
 from pqueue.worker import Worker, WorkerConfig
@@ -27,6 +28,8 @@ from tests.inproc import Cluster
 from tests.integration.test_balancer import Setup, balanced
 from tests.integration.test_balancer_streams import running
 from tests.integration.test_dev_cluster import dev_cluster, stop, until_ready
+
+OTHER_SECRET = b"o" * 32
 
 
 async def _until(what: str, check: Callable[[], bool], timeout_s: float = 30) -> None:
@@ -162,13 +165,21 @@ async def test_a_leader_address_that_reaches_another_cluster_takes_nothing(
     """The balancer's cluster ("pqueue", the default) names as its leader an
     address that, from this client, reaches a node of another cluster (NAT,
     split DNS, a port reused): that node refuses the direct calls and stream
-    unrun (WRONG_CLUSTER), and everything lands in the balancer's cluster."""
-    other = Cluster(tmp_path / "other", n=1, cluster_options={"cluster_id": "other-cluster"})
+    unrun (WRONG_CLUSTER), and everything lands in the balancer's cluster.
+    That node checks tokens (its own cluster's), and the cluster check comes
+    first: a token it does not know would end the calls UNAUTHENTICATED."""
+    other = Cluster(
+        tmp_path / "other",
+        n=1,
+        cluster_options={"cluster_id": "other-cluster"},
+        verifier=Verifier(OTHER_SECRET),
+    )
     await other.start()
     try:
         await other.leader()
         stray = other.addresses[1]
-        async with Client(stray, max_retries=0) as there:
+        admin = issue(OTHER_SECRET, "ops", ["admin"], 600)
+        async with Client(stray, max_retries=0, token=admin) as there:
             assert (await there.node_status()).cluster_id == "other-cluster"
             await there.create_queue("q")  # a write that reached it would land
         async with balanced(tmp_path / "main") as setup:
@@ -216,7 +227,7 @@ async def test_a_leader_address_that_reaches_another_cluster_takes_nothing(
             r.getMessage() for r in caplog.records if "not a node of its cluster" in r.getMessage()
         ]
         assert len(refused) == 2, refused  # once per client
-        async with Client(stray, max_retries=0) as there:
+        async with Client(stray, max_retries=0, token=admin) as there:
             assert (await there.stats("q", consistent=True))[0].enqueued_total == 0
     finally:
         await other.stop()

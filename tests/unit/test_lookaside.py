@@ -44,7 +44,7 @@ async def test_an_address_another_cluster_answered_at_is_never_used_again(
             break
         await asyncio.sleep(0.01)
     assert link.current() == "10.0.0.2:7701"
-    assert link.cluster_of("10.0.0.2:7701") == "prod-1"
+    assert link.cluster == "prod-1"
     with caplog.at_level(logging.WARNING, logger="pqueue.lookaside"):
         link.refuse("10.0.0.2:7701", "this node belongs to cluster 'other'")
         link.refuse("10.0.0.2:7701", "again")  # told once
@@ -94,3 +94,49 @@ def test_loopback_names_this_host_only() -> None:
     elsewhere = ["10.0.0.5:7701", "[2001:db8::1]:7701", "node1:7701", "pq-node-0.pq.svc:7701"]
     assert [a for a in here if not loopback(a)] == []
     assert [a for a in elsewhere if loopback(a)] == []
+
+
+async def test_a_balancer_that_names_no_cluster_does_not_unset_it() -> None:
+    link = LeaderLink("10.0.0.1:7700", lambda address: _ReadyChannel())  # type: ignore[arg-type,return-value]
+    link.offer("10.0.0.2:7701", "prod-1")
+    link.offer("10.0.0.2:7701", "")  # an older balancer behind the same endpoint
+    assert link.cluster == "prod-1"
+    link.offer("10.0.0.9:7701", "prod-2")  # named anew: the newest wins
+    assert link.cluster == "prod-2"
+    await link.close()
+
+
+class _SlowChannel(_ReadyChannel):
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    async def channel_ready(self) -> None:
+        await self.go.wait()
+
+
+async def test_an_address_refused_while_its_connect_is_under_way_never_becomes_ready() -> None:
+    channel = _SlowChannel()
+    link = LeaderLink("10.0.0.1:7700", lambda address: channel)  # type: ignore[arg-type,return-value]
+    link.offer("10.0.0.2:7701", "prod-1")
+    await asyncio.sleep(0.01)  # connecting
+    link.refuse("10.0.0.2:7701", "a call already in flight was refused")
+    channel.go.set()
+    await asyncio.sleep(0.05)
+    assert link.ready == ""
+    assert link.current() == ""
+    link.refuse("10.0.0.2:7701", "again")  # a second refusal changes nothing
+    assert link.ready == ""
+    await link.close()
+
+
+async def test_a_leader_hint_names_the_cluster_the_balancer_named() -> None:
+    from pqueue.client import Client
+
+    async with Client("127.0.0.1:1", max_retries=0) as client:
+        plain = client._hint_stubs("10.0.0.2:7701")
+        assert plain.marks == ()  # no balancer named a cluster: as before
+        client._link.offer("", "prod-1")
+        hinted = client._hint_stubs("10.0.0.2:7701")
+        assert hinted.marks == ((CLUSTER_KEY, "prod-1"),)
+        assert client.direct_marks() == ((DIRECT_KEY, "1"), (CLUSTER_KEY, "prod-1"))
+        assert client._hint_stubs("10.0.0.2:7701") is hinted  # kept
