@@ -3,7 +3,8 @@
     python -m bench.run [--quick] [-o json] [--before FILE ...] ...   (make bench; make bench-quick)
 
 Four systems, one run, every scenario on each in turn (each scenario starts
-one system further along, ``cell_order``, so no column always runs first):
+one system further along, ``cell_order``, so no column always runs first;
+and each pqueue cell runs on a fresh cluster unless ``--reuse-cluster``):
 
 - pqueue: 3 ``pq node`` processes on SQLite (fsync per group commit), through
   a ``pq balancer`` process, and directly at the leader;
@@ -165,6 +166,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--keep", action="store_true", help="keep the data dirs and process logs")
+    p.add_argument(
+        "--reuse-cluster",
+        action="store_true",
+        help="one pqueue cluster for every cell (default: a fresh one per pqueue cell)",
+    )
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
@@ -187,8 +193,9 @@ T = TypeVar("T")
 
 def cell_order(systems: Sequence[T], scenario_index: int) -> list[T]:
     """The order a scenario's cells run in: rotated by one system per
-    scenario, so no column always runs first (pqueue's three columns share
-    one cluster, and a later cell meets a cluster that has served more)."""
+    scenario, so no column always runs first (a machine warms up, and with
+    ``--reuse-cluster`` a later pqueue cell meets a cluster that has served
+    more)."""
     if not systems:
         return []
     k = scenario_index % len(systems)
@@ -208,7 +215,7 @@ async def start_systems(
     unavailable: dict[str, str] = {}
     if set(PQ_MODES) & set(args.systems):
         say("starting 3 pq nodes (SQLite, fsync) and a pq balancer")
-        pq = PqCluster(tmp / "pq")
+        pq = PqCluster(tmp / "pq", fresh=not args.reuse_cluster, keep=args.keep)
         started.append(pq)
         await pq.start()
         for key in PQ_MODES:

@@ -67,11 +67,18 @@ class System(Protocol):
 
 
 class PqCluster:
-    """The 3-node cluster and its balancer, shared by two columns."""
+    """The 3-node cluster and its balancer, shared by pqueue's columns. With
+    ``fresh`` (``make bench``'s default), every cell gets a cluster no cell
+    ran on (empty data dirs, new ports), so none meets the log, records and
+    heap that earlier cells left; ``keep``: the old clusters' dirs stay."""
 
-    def __init__(self, root: Path) -> None:
-        self.cluster = ProcCluster(root)
+    def __init__(self, root: Path, fresh: bool = True, keep: bool = False) -> None:
+        self.root, self.fresh, self.keep = root, fresh, keep
+        self.generation = 0
+        self.cluster = ProcCluster(root / "c0")
         self.balancer = ""
+        #: Whether a cell ran on this cluster.
+        self._served = False
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -79,6 +86,17 @@ class PqCluster:
 
     async def stop(self) -> None:
         await self.cluster.stop()
+
+    async def for_a_cell(self) -> None:
+        """Before each cell: with ``fresh``, a cluster no cell ran on."""
+        if self.fresh and self._served:
+            await self.cluster.stop()
+            if not self.keep:
+                shutil.rmtree(self.cluster.root, ignore_errors=True)
+            self.generation += 1
+            self.cluster = ProcCluster(self.root / f"c{self.generation}")
+            await self.start()
+        self._served = True
 
 
 #: pqueue's columns: key -> (label, through the balancer, the SDK's look-aside).
@@ -109,8 +127,10 @@ class PqSystem:
         return self.c.cluster.address(self.leader)
 
     async def new_queue(self, name: str) -> str:
-        """Created at the leader; returned once every node has applied it
-        (a balancer may send the agents' first calls to any of them)."""
+        """Created at the leader (of a fresh cluster, by default); returned
+        once every node has applied it (a balancer may send the agents'
+        first calls to any of them)."""
+        await self.c.for_a_cell()
         self.leader = await self.c.cluster.leader()
         async with Client(self.c.cluster.address(self.leader), timeout_s=30) as c:
             await c.create_queue(name)
