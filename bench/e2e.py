@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -219,6 +219,42 @@ def cpu_seconds(pids: dict[int, str]) -> dict[int, float]:
     return out
 
 
+#: Before a cell: the machine counts as quiet once its CPUs are this busy or
+#: less over two samples in a row (what the last cell left behind, such as
+#: PostgreSQL's autovacuum and checkpoints, or a cluster's shutdown, is done)...
+QUIET_BUSY = 0.25
+QUIET_SAMPLE_S = 0.5
+#: ...or after this long (a shared machine may never be quiet: the cell runs).
+QUIET_MAX_S = 20.0
+
+
+async def until_quiet(
+    sample: Callable[[], Awaitable[float]],
+    busy: float = QUIET_BUSY,
+    max_s: float = QUIET_MAX_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[float, bool]:
+    """Wait until ``sample()`` (the machine's busy share over a sample, 0..1)
+    is at most ``busy`` twice in a row, or ``max_s`` passed: (the seconds
+    waited, whether it was quiet)."""
+    start = clock()
+    calm = 0
+    while True:
+        calm = calm + 1 if await sample() <= busy else 0
+        waited = clock() - start
+        if calm >= 2:
+            return waited, True
+        if waited >= max_s:
+            return waited, False
+
+
+async def machine_busy(interval_s: float = QUIET_SAMPLE_S) -> float:
+    """The share of all CPUs busy over the next ``interval_s`` (0..1)."""
+    psutil.cpu_percent()  # starts the interval
+    await asyncio.sleep(interval_s)
+    return psutil.cpu_percent() / 100
+
+
 def _ms(us: float | None) -> float | None:
     return None if us is None else round(us / 1000, 2)
 
@@ -259,6 +295,9 @@ class CellRunner:
         queue = ""
         try:
             queue = await self.system.new_queue(name)
+            waited_s, quiet = await until_quiet(machine_busy)
+            if not quiet:
+                self.say(f"the machine stayed busy for {waited_s:.0f} s: running the cell anyway")
             spec = replace(
                 base,
                 system=self.system.kind,
@@ -273,7 +312,9 @@ class CellRunner:
                 # pqueue's columns: look-aside (the SDK's default) or the proxy only.
                 look_aside=getattr(self.system, "look_aside", True),
             )
-            return await self._run(spec, drain_timeout_s)
+            cell = await self._run(spec, drain_timeout_s)
+            cell["settle"] = {"waited_s": round(waited_s, 1), "quiet": quiet}
+            return cell
         except Exception as exc:  # any system's error: reported, and the run goes on
             self.say(f"FAILED: {type(exc).__name__}: {exc}")
             await self.stop()
