@@ -29,9 +29,9 @@ from pqueue.errors import (
     NotTakenError,
     PQueueError,
 )
-from pqueue.node import access
+from pqueue.node import access, packing
 from pqueue.node.auth import ADMIN, CONSUMER, NOBODY, OPEN, PRODUCER, Principal, Verifier
-from pqueue.node.commitlog import LogStatus
+from pqueue.node.commitlog import Indexed, LogStatus
 from pqueue.node.consume import Consumers
 from pqueue.node.cron import DEFAULT_TIMEZONE, check_schedule, next_tick_ms
 from pqueue.node.forward import Forwarder
@@ -185,6 +185,18 @@ def _failed(index: int, kind: str, error: PQueueError) -> pb.OpStatus:
     status = to_op_status(error)
     log_op_failure(index, kind, code_of(error).name, error.message)
     return status
+
+
+async def _indexed(futures: Sequence[asyncio.Future[Indexed]]) -> list[Indexed]:
+    """Each future's (result or error, log index); a future that failed (the
+    log's own error: commit unknown, leadership lost) gives (its error, 0)."""
+    out: list[Indexed] = []
+    for future in futures:
+        try:
+            out.append(await future)
+        except PQueueError as exc:
+            out.append((exc, 0))
+    return out
 
 
 def _as_single_job(error: PQueueError) -> PQueueError:
@@ -492,13 +504,8 @@ class QueueService(_Base, pbg.QueueServicer):
                 continue
             commands.append(command)
             slots.append((i, kind))
-        futures = self.node.propose_many(commands) if commands else []
         top = 0
-        for (i, done), future in zip(slots, futures, strict=True):
-            try:
-                result, index = await future
-            except PQueueError as exc:
-                result, index = exc, 0
+        for (i, done), (result, index) in zip(slots, await self._outcomes(commands), strict=True):
             if isinstance(result, PQueueError):
                 if done == "enqueue":
                     result = _as_single_job(result)
@@ -506,11 +513,41 @@ class QueueService(_Base, pbg.QueueServicer):
                 if moved is not None and isinstance(result, NotLeaderError):
                     moved.append(i)
                 continue
-            answer: Any = result.results[0] if done == "enqueue" else result  # type: ignore[attr-defined]
+            # An enqueue's own command answers an EnqueueBatchResponse; one of a
+            # packed run, its own EnqueueResponse (``_outcomes``).
+            answer: Any = (
+                result.results[0] if isinstance(result, pb.EnqueueBatchResponse) else result
+            )
             answer.log_index = index
             getattr(results[i], done).CopyFrom(answer)
             top = max(top, index)
         return results, top
+
+    async def _outcomes(self, commands: Sequence[logpb.Command]) -> list[Indexed]:
+        """Each command's (result or error, log index), proposed in order; the
+        trailing run of one-queue enqueues as one command (``pqueue.node.packing``),
+        its result split back. If the machine refused that run whole (nothing
+        of it changed), each of its commands is proposed again alone, for its
+        own answer: still after everything before it, so in request order."""
+        start = packing.trailing_run(commands)
+        run = commands[start:]
+        proposed = [*commands[:start], packing.packed(run)] if run else list(commands)
+        outcomes = await _indexed(self.node.propose_many(proposed) if proposed else [])
+        if not run:
+            return outcomes
+        result, index = outcomes.pop()
+        if isinstance(result, PQueueError) and index:  # refused whole by the machine
+            try:
+                alone = self.node.propose_many(run)
+            except PQueueError as exc:  # not leading any more: nothing of them ran
+                return [*outcomes, *((exc, 0) for _ in run)]
+            return [*outcomes, *await _indexed(alone)]
+        if not isinstance(result, pb.EnqueueBatchResponse):  # the log's error: every one's
+            return [*outcomes, *((result, index) for _ in run)]
+        # One job per operation (an EnqueueRequest holds one): each its result.
+        assert len(result.results) == len(run)
+        outcomes.extend((one, index) for one in result.results)
+        return outcomes
 
     _op_builders: ClassVar[dict[str, Callable[[Any, Any], logpb.Command]]] = {
         "enqueue": _enqueue_command,

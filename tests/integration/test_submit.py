@@ -8,6 +8,7 @@ import pytest
 from pqueue.client import Client
 from pqueue.errors import InvalidArgumentError, LeaseLostError, NotFoundError
 from pqueue.node.server import NodeServer
+from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
 from pqueue.wire.status import from_op_status
@@ -106,3 +107,63 @@ async def test_admin_writes_carry_their_log_index_so_reads_see_them(client: Clie
     assert purged.log_index > created.log_index
     (stats,) = await client.stats("fresh")
     assert stats.queue == "fresh"
+
+
+async def _entry_at(server: NodeServer, index: int) -> logpb.LogEntry:
+    """The log entry at ``index``, as the node's store holds it."""
+    state = await server.node.storage.load_acceptor()
+    [record] = [r for r in state.records if r.slot == index]
+    return logpb.LogEntry.FromString(record.value)
+
+
+async def test_the_trailing_enqueues_of_one_queue_go_in_as_one_command(
+    server: NodeServer, client: Client
+) -> None:
+    await client.create_queue("q")
+    keyed = pb.JobSpec(payload=b"k1", idempotency_key="k")
+    ops = [
+        pb.Operation(enqueue=pb.EnqueueRequest(queue="other", job=pb.JobSpec(payload=b"o"))),
+        _enqueue("q", b"a"),
+        pb.Operation(enqueue=pb.EnqueueRequest(queue="q", job=keyed)),
+        _enqueue("q", b"b", priority=2),
+        pb.Operation(
+            enqueue=pb.EnqueueRequest(queue="q", job=pb.JobSpec(payload=b"k2", idempotency_key="k"))
+        ),
+    ]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        resp = await pbg.QueueStub(channel).Submit(pb.SubmitRequest(ops=ops))
+    assert [r.status.code for r in resp.results] == [0, 0, 0, 0, 0]
+    other, a, k1, b, k2 = (r.enqueue for r in resp.results)
+    assert other.job_id == a.job_id - 1
+    assert [k1.job_id, b.job_id] == [a.job_id + 1, a.job_id + 2]
+    assert (k2.job_id, k2.duplicate, k1.duplicate) == (k1.job_id, True, False)  # as two commands
+    assert a.log_index == k1.log_index == b.log_index == k2.log_index == resp.log_index
+    entry = await _entry_at(server, resp.log_index)
+    enqueues = [c.enqueue for c in entry.commands if c.WhichOneof("kind") == "enqueue"]
+    assert [(e.queue, [j.payload for j in e.jobs]) for e in enqueues] == [
+        ("other", [b"o"]),  # not of the trailing run: alone
+        ("q", [b"a", b"k1", b"b", b"k2"]),  # one command
+    ]
+    jobs = await client.lease("q", max_jobs=10)
+    assert [j.payload for j in jobs] == [b"a", b"k1", b"b"]  # priority 0 first, in order
+
+
+async def test_a_packed_run_the_machine_refuses_is_answered_one_by_one(
+    server: NodeServer, client: Client
+) -> None:
+    await client.create_queue("q", pb.QueueConfig(min_priority=0, max_priority=9))
+    ops = [_enqueue("q", b"a"), _enqueue("q", b"bad", priority=99), _enqueue("q", b"b")]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        resp = await pbg.QueueStub(channel).Submit(pb.SubmitRequest(ops=ops))
+    # The machine's max_priority check refused the packed command whole; each
+    # was proposed again alone and answers as its single call would.
+    assert [r.status.code for r in resp.results] == [0, 3, 0]
+    err = from_op_status(resp.results[1].status)
+    assert isinstance(err, InvalidArgumentError)
+    assert err.field == "job.priority"
+    first, second = resp.results[0].enqueue, resp.results[2].enqueue
+    assert second.job_id == first.job_id + 1  # the refused command took no id
+    refused = await _entry_at(server, first.log_index - 1)
+    assert [len(c.enqueue.jobs) for c in refused.commands] == [3]  # tried packed, first
+    jobs = await client.lease("q", max_jobs=10)
+    assert [j.payload for j in jobs] == [b"a", b"b"]
