@@ -529,24 +529,29 @@ class QueueService(_Base, pbg.QueueServicer):
         its result split back. If the machine refused that run whole (nothing
         of it changed), each of its commands is proposed again alone, for its
         own answer: still after everything before it, so in request order."""
-        start = packing.trailing_run(commands)
+        start = packing.run_start(commands)
         run = commands[start:]
         proposed = [*commands[:start], packing.packed(run)] if run else list(commands)
         outcomes = await _indexed(self.node.propose_many(proposed) if proposed else [])
         if not run:
             return outcomes
         result, index = outcomes.pop()
-        if isinstance(result, PQueueError) and index:  # refused whole by the machine
+        if isinstance(result, PQueueError) and index and packing.per_job(result):
+            # Refused whole (nothing of it changed) for one job's sake: each
+            # alone, for its own answer. (A refusal of the queue or the
+            # caller, the same for every job, is every one's answer.)
+            if self.node.draining:
+                refusal = NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
+                return [*outcomes, *((refusal, 0) for _ in run)]
             try:
                 alone = self.node.propose_many(run)
-            except PQueueError as exc:  # not leading any more: nothing of them ran
+            except PQueueError as exc:  # the log takes nothing now: nothing of them ran
                 return [*outcomes, *((exc, 0) for _ in run)]
             return [*outcomes, *await _indexed(alone)]
-        if not isinstance(result, pb.EnqueueBatchResponse):  # the log's error: every one's
+        if not isinstance(result, pb.EnqueueBatchResponse):  # one error: every one's
             return [*outcomes, *((result, index) for _ in run)]
         # One job per operation (an EnqueueRequest holds one): each its result.
-        assert len(result.results) == len(run)
-        outcomes.extend((one, index) for one in result.results)
+        outcomes.extend((one, index) for _, one in zip(run, result.results, strict=True))
         return outcomes
 
     _op_builders: ClassVar[dict[str, Callable[[Any, Any], logpb.Command]]] = {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pqueue.core import limits
-from pqueue.node.packing import packed, trailing_run
+from pqueue.errors import InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError
+from pqueue.node.packing import packed, per_job, run_start
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
@@ -22,24 +23,32 @@ def ack(queue: str = "q") -> logpb.Command:
 
 
 def test_the_run_that_ends_the_submit_is_packed_and_nothing_before_it() -> None:
-    assert trailing_run([enqueue(), enqueue(), enqueue()]) == 0
-    assert trailing_run([enqueue(), ack(), enqueue(), enqueue()]) == 2
-    assert trailing_run([enqueue("a"), enqueue("b"), enqueue("b")]) == 1  # another queue ends it
-    assert trailing_run([enqueue(tenant="t1"), enqueue(tenant="t2")]) == 2  # other stamps: none
-    assert trailing_run([enqueue(), enqueue(), ack()]) == 3  # ends with an ack: none
-    assert trailing_run([enqueue()]) == 1  # one alone is not a run
-    assert trailing_run([]) == 0
+    assert run_start([enqueue(), enqueue(), enqueue()]) == 0
+    assert run_start([enqueue(), ack(), enqueue(), enqueue()]) == 2
+    assert run_start([enqueue("a"), enqueue("b"), enqueue("b")]) == 1  # another queue ends it
+    assert run_start([enqueue(tenant="t1"), enqueue(tenant="t2")]) == 2  # other stamps: none
+    assert run_start([enqueue(), enqueue(), ack()]) == 3  # ends with an ack: none
+    assert run_start([enqueue()]) == 1  # one alone is not a run
+    assert run_start([]) == 0
     limited = logpb.Command()
     limited.CopyFrom(enqueue())
     limited.limits.max_queue_depth = 5
-    assert trailing_run([limited, enqueue(), enqueue()]) == 1  # other tenant limits
+    assert run_start([limited, enqueue(), enqueue()]) == 1  # other tenant limits
+    assert run_start([enqueue(), limited, limited]) == 3  # under a depth limit: never packed
+
+
+def test_only_one_jobs_refusal_sends_the_run_again_one_by_one() -> None:
+    assert per_job(InvalidArgumentError("jobs[3].priority", "above the queue's max_priority"))
+    assert not per_job(InvalidArgumentError("queue", "bad name"))  # every job's: one answer
+    assert not per_job(PermissionDeniedError("not this tenant's queue"))
+    assert not per_job(ResourceExhaustedError("the tenant holds its limit of queues"))
 
 
 def test_a_run_holds_one_job_enqueues_and_at_most_the_batch_limit() -> None:
-    assert trailing_run([enqueue(jobs=2), enqueue(), enqueue()]) == 1  # a batch is not packed
-    assert trailing_run([enqueue(), enqueue(jobs=2)]) == 2
+    assert run_start([enqueue(jobs=2), enqueue(), enqueue()]) == 1  # a batch is not packed
+    assert run_start([enqueue(), enqueue(jobs=2)]) == 2
     many = [enqueue() for _ in range(limits.MAX_BATCH_JOBS + 5)]
-    assert trailing_run(many) == 5  # the last MAX_BATCH_JOBS of them
+    assert run_start(many) == 5  # the last MAX_BATCH_JOBS of them
 
 
 def test_a_packed_command_keeps_the_stamps_and_every_job_in_order() -> None:
