@@ -31,6 +31,7 @@ from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.tls import Tls, channel
 from tests.certs import Authority, ec_pair, rsa_pair
 from tests.inproc import Cluster, node_tokens, one_node
+from tests.peer_wire import send_batch
 
 SECRET = b"s" * 32
 PQ = (sys.executable, "-m", "pqueue.cli")
@@ -200,27 +201,13 @@ async def test_open_mode_says_so_loudly(tmp_path: Path) -> None:
 
 
 async def speak_peer(address: str, tls: Tls | None, tok: str | None = None) -> None:
-    """Open a peer stream and send one (empty) batch, as a node would.
-
-    A node refuses a stream before it reads a message; when that refusal
-    ends the call while the client's first write is being sent, the client
-    sees its own write fail (INTERNAL, "Failed execute_batch"), not the
-    node's status: that is asked again (the race is rare; seen once in CI)."""
+    """Open a peer stream and send one (empty) batch, as a node would."""
     metadata = (("authorization", f"Bearer {tok}"),) if tok else ()
-    for attempt in range(3):
-        async with channel(address, tls) as ch:
-            send = peer_pb2_grpc.PeerStub(ch).Send(timeout=3, metadata=metadata)
-            try:
-                await send.write(peer_pb2.PeerBatch())
-                await send.done_writing()
-                await send
-                return
-            except grpc.aio.AioRpcError as exc:
-                raced = exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (
-                    exc.debug_error_string() or ""
-                )
-                if not raced or attempt == 2:
-                    raise
+    async with channel(address, tls) as ch:
+        await send_batch(
+            lambda: peer_pb2_grpc.PeerStub(ch).Send(timeout=3, metadata=metadata),
+            peer_pb2.PeerBatch(),
+        )
 
 
 async def test_a_cluster_on_mutual_tls_refuses_whoever_lacks_a_certificate(
