@@ -480,8 +480,9 @@ class QueueService(_Base, pbg.QueueServicer):
 
         Every operation is checked and built exactly as its single call is;
         one refused fails alone (its status says why). The rest are proposed
-        together, in order, each its own command (group commit puts them in
-        as few entries as fit). Raises only for the whole call: draining, or
+        together, in order, each its own command but for the trailing run of
+        one-queue enqueues, which is one (``_outcomes``; group commit puts
+        them in as few entries as fit). Raises only for the whole call: draining, or
         not leading before anything was proposed. ``moved`` collects the
         positions of operations that never ran because this node stopped
         leading while they waited (answered NOT_LEADER).
