@@ -390,8 +390,28 @@ class PostgresStorage:
             self._pool.terminate()
             self._pool = None
         if self._lock_conn is not None:
-            self._lock_conn.terminate()  # the server drops the advisory lock with it
-            self._lock_conn = None
+            conn, self._lock_conn = self._lock_conn, None
+            await self._unlock(conn)
+
+    async def _unlock(self, conn: asyncpg.Connection) -> None:
+        """Let the schema go before the connection does.
+
+        Closing alone is not enough: the server drops a session's advisory lock
+        only once its backend has seen the socket close, a moment after we
+        return, so a store opened at once (a restart, a test) could find the
+        schema still held and refuse. An explicit unlock is synchronous.
+        """
+        try:
+            if not conn.is_closed():
+                await conn.execute(
+                    "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                    f"pqueue:{self.schema}",
+                    timeout=CONNECT_TIMEOUT_S,
+                )
+        except Exception as exc:  # the lock goes with the session anyway
+            logger.debug("schema %s: unlock failed (%s); closing", self.schema, describe(exc))
+        finally:
+            conn.terminate()
 
     # ------------------------------------------------------------ writes
 

@@ -75,6 +75,28 @@ async def test_reopening_migrates_nothing_twice(schema: str) -> None:
         await s.close()
 
 
+async def test_closing_lets_the_schema_go_at_once(schema: str) -> None:
+    # A restart (or a test) opens the schema again straight after closing it:
+    # the advisory lock must be gone when close() returns, not a moment later
+    # when the server notices the old session's socket closed.
+    key = f"pqueue:{schema}"
+    checker = await asyncpg.connect(pg.dsn())
+    try:
+        for _ in range(5):
+            s = PostgresStorage(pg.dsn(), schema)
+            await s.open()
+            await s.close()
+            held = await checker.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND (classid::bigint << 32) | objid::bigint"
+                " = hashtextextended($1, 0) & x'ffffffffffffffff'::bigint",
+                key,
+            )
+            assert held == 0
+    finally:
+        await checker.close()
+
+
 async def test_an_outage_holds_writes_and_loses_nothing(schema: str) -> None:
     async with pg.through_a_proxy() as (proxy, via_proxy):
         await _ride_out_an_outage(proxy, PostgresStorage(via_proxy, schema, retry_max_s=0.2))
