@@ -64,8 +64,11 @@ cluster: $(STAMP)
 # direct, beside PostgreSQL SKIP LOCKED and NATS JetStream R3 (bench/run.py):
 # a table, a JSON and a PNG under bench/out/. ARGS="--quick" (or make
 # bench-quick) for a smoke run; ARGS="-o json", ARGS="--before FILE.json": --help.
+# The tree before issue 15 (BEFORE, from this checkout's history) runs its
+# single-job cells here first, for the CPU target; BEFORE= leaves it out.
+BEFORE ?= 891eb5c
 bench: $(STAMP)
-	$(PY) -m bench.run $(ARGS)
+	$(PY) -m bench.run $(if $(BEFORE),--before-commit $(BEFORE)) $(ARGS)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick $(ARGS)

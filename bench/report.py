@@ -73,9 +73,16 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("ok" if ok else "MISSED")
 
 
-def targets(result: dict[str, Any], before: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+def targets(
+    result: dict[str, Any],
+    before: Sequence[dict[str, Any]] = (),
+    before_tree: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Issue 15's "done when", each with its figure and ok / MISSED / not measured;
-    ``before``: earlier runs, whose lowest CPU per job is today's figure."""
+    ``before``: earlier runs, whose lowest CPU per job is today's figure;
+    ``before_tree``: the tree before issue 15 measured in this run
+    (``bench.before_tree``), which, when it has figures, is the one compared
+    with (a figure from another machine or day is not)."""
     r = result["ratios"]
     out: list[dict[str, Any]] = []
 
@@ -111,17 +118,25 @@ def targets(result: dict[str, Any], before: Sequence[dict[str, Any]] = ()) -> li
             add(what, value, p99 is not None and pg99 is not None and p99 <= pg99 and bounded)
     key = "single_balancer_over_direct"
     add(f"single-job e2e: {BALANCER} >= 0.8x direct", _x(r.get(key)), at_least(key, 0.8))
+    here = (before_tree or {}).get("cells") or {}
     for system in (BALANCER, DIRECT):
         now = _get(result, "single", system, "cpu_us_per_job")
-        was = min(
-            (v for b in before if (v := _get(b, "single", system, "cpu_us_per_job"))),
-            default=None,
-        )
-        what = f"CPU per single-job e2e job ({system}) <= 1/5 of before"
-        if now is None or was is None:
-            add(what, f"{now:,.0f} us/job, no --before" if now else "n/a", None)
+        if here:
+            old = here.get(system) or {}
+            was = old.get("cpu_us_per_job") if not old.get("error") else None
+            source = f"before, measured in this run ({before_tree_name(before_tree)})"
         else:
-            value = f"{now:,.0f} us vs {was:,.0f} us before: {was / now:.1f}x less"
+            was = min(
+                (v for b in before if (v := _get(b, "single", system, "cpu_us_per_job"))),
+                default=None,
+            )
+            source = "before (--before: another run)"
+        what = f"CPU per single-job e2e job ({system}) <= 1/5 of before"
+        if now is None or not was:
+            missing = "no before figure" if here else "no --before or --before-commit"
+            add(what, f"{now:,.0f} us/job, {missing}" if now else "n/a", None)
+        else:
+            value = f"{now:,.0f} us vs {was:,.0f} us {source}: {was / now:.1f}x less"
             add(what, value, was >= 5 * now)
     cells = [c for s in result["scenarios"] for c in s["cells"].values() if not c.get("error")]
     failed = [c for c in cells if not c["history"]["ok"]]
@@ -255,10 +270,34 @@ def table(result: dict[str, Any]) -> list[str]:
     ]
     if p99:
         lines.append("p99 at fixed loads, via balancer over PostgreSQL: " + ", ".join(p99))
+    if old := result.get("before_tree"):
+        lines.append(before_tree_line(old))
     lines += ["", "targets (issue 15, done when):"]
     for t in result["targets"]:
         lines.append(f"  {t['what']}: {t['value']}: {_verdict(t['ok'])}")
     return lines
+
+
+def before_tree_name(before_tree: dict[str, Any] | None) -> str:
+    """How the table names the old tree: its commit, or where it was."""
+    if not before_tree:
+        return ""
+    return str(before_tree.get("commit") or before_tree.get("tree") or "")
+
+
+def before_tree_line(old: dict[str, Any]) -> str:
+    """The old tree's single-job figures from this run, or why there are none."""
+    head = f"before issue 15 ({before_tree_name(old)}), single-job e2e in this run: "
+    if old.get("error"):
+        return head + f"not measured: {old['error']}"
+    parts = [
+        f"{key} FAILED: {c['error']}"
+        if c.get("error")
+        else f"{key} {c['jobs_per_s'] or 0:,.0f} jobs/s, {c['cpu_us_per_job'] or 0:,.0f} us CPU/job"
+        + ("" if c.get("history_ok") else " (history check FAILED)")
+        for key, c in sorted(old.get("cells", {}).items())
+    ]
+    return head + ("; ".join(parts) or "no cells")
 
 
 def load_before(path: Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from bench import before_tree
 from bench.e2e import ROOT, CellRunner, Scenario
 from bench.pg import DEFAULT_PG_DSN
 from bench.plot import plot
@@ -163,6 +164,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         help="an earlier run's JSON (repeatable; the lowest CPU per job counts): "
         "e.g. bench/baselines/before-issue-15-*.json",
+    )
+    old = p.add_mutually_exclusive_group()
+    old.add_argument(
+        "--before-commit",
+        metavar="COMMIT",
+        help="measure this commit's tree here, in this run, for the CPU target "
+        f"(make bench: {before_tree.BEFORE_ISSUE_15}, the tree before issue 15; "
+        "from this checkout's history)",
+    )
+    old.add_argument(
+        "--before-tree",
+        type=Path,
+        metavar="DIR",
+        help="the same, from a checkout of that tree already on disk",
     )
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--keep", action="store_true", help="keep the data dirs and process logs")
@@ -313,6 +328,8 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         total = len(plan) * len(systems)
         n = 0
         for index, (scenario, out) in enumerate(zip(plan, result["scenarios"], strict=True)):
+            if scenario.key == "single" and (args.before_commit or args.before_tree):
+                result["before_tree"] = await measure_before(args, say, tmp)
             for system in cell_order(systems, index):
                 n += 1
                 say(f"[{n}/{total}] {scenario.title} · {system.label}")
@@ -331,8 +348,47 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
     result["ratios"] = ratios(result)
     result["before"] = [str(p) for p in args.before]
-    result["targets"] = targets(result, [load_before(p) for p in args.before])
+    result["targets"] = targets(
+        result, [load_before(p) for p in args.before], result.get("before_tree")
+    )
     return result
+
+
+async def measure_before(args: argparse.Namespace, say: Say, tmp: Path) -> dict[str, Any]:
+    """The old tree's single-job cells, run here just before the current
+    tree's (``bench.before_tree``): what the CPU target compares with."""
+    systems = [k for k in before_tree.OLD_SYSTEMS if k in args.systems]
+    done: dict[str, Any] = {
+        "commit": args.before_commit or "",
+        "tree": str(args.before_tree or ""),
+        "cells": {},
+        "error": "",
+    }
+    if not systems:
+        done["error"] = f"none of {', '.join(before_tree.OLD_SYSTEMS)} asked for"
+        return done
+    try:
+        tree = args.before_tree or await asyncio.to_thread(
+            before_tree.checkout, args.before_commit, tmp
+        )
+        done["tree"] = str(tree)
+        say(
+            f"[before] the tree before issue 15 ({done['commit'] or tree}): "
+            f"its single-job cells, {', '.join(systems)} (about {20 + 25 * len(systems)} s)"
+        )
+        measured = await before_tree.measure(tree, systems, args.seconds, args.out_dir / "before")
+    except before_tree.BeforeTreeError as exc:
+        done["error"] = str(exc)
+        say(f"[before] not measured: {exc}")
+        return done
+    done["cells"] = before_tree.summary(measured)
+    for key, c in done["cells"].items():
+        say(
+            f"    {key}: {c['jobs_per_s'] or 0:,.0f} jobs/s, "
+            f"{c['cpu_us_per_job'] or 0:,.0f} us CPU/job, history "
+            f"{'ok' if c['history_ok'] else 'FAILED'}"
+        )
+    return done
 
 
 def _summary(c: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bench import run
+from bench.before_tree import BEFORE_ISSUE_15
 from bench.e2e import check_history
 from bench.systems import nats_binary
 from tests import pg
@@ -88,6 +89,35 @@ async def test_the_quick_bench_runs_every_cell_and_every_history_check_passes(
         assert isinstance(t["ok"], bool)
 
     check_files(result)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_the_tree_before_issue_15_is_measured_in_the_same_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Its own bench, from this checkout's history, just before the single cells.
+    argv = ["--quick", "-o", "json", "-q", "--out-dir", str(tmp_path), "--scenarios", "single"]
+    argv += ["--systems", "pq-balancer", "--before-commit", BEFORE_ISSUE_15]
+    assert await run.main(argv) == 0
+    result: dict[str, Any] = json.loads(capsys.readouterr().out)
+
+    old = result["before_tree"]
+    assert (old["commit"], old["error"]) == (BEFORE_ISSUE_15, "")
+    assert sorted(old["cells"]) == ["pq-balancer"]
+    cell = old["cells"]["pq-balancer"]
+    assert cell["error"] == ""
+    assert cell["cpu_us_per_job"] > 0
+    assert cell["jobs_per_s"] > 0
+    assert cell["cpu_us_per_job_by"]["balancer"] > 0  # the old tree's balancer proxied it all
+    [cpu] = [t for t in result["targets"] if "(pq-balancer) <= 1/5" in t["what"]]
+    assert f"measured in this run ({BEFORE_ISSUE_15})" in cpu["value"]
+    assert isinstance(cpu["ok"], bool)
+    assert f"before issue 15 ({BEFORE_ISSUE_15})" in read_text(result["files"]["table"])
+
+
+def read_text(path: str) -> str:
+    return Path(path).read_text()
 
 
 def check_files(result: dict[str, Any]) -> None:
