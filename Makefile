@@ -66,7 +66,7 @@ cluster: $(STAMP)
 # bench-quick) for a smoke run; ARGS="-o json", ARGS="--before FILE.json": --help.
 # The tree before issue 15 (BEFORE, from this checkout's history) runs its
 # single-job cells here first, for the CPU target; BEFORE= leaves it out.
-BEFORE ?= 891eb5c
+BEFORE ?= 891eb5c7b4d373ad8847511eec63ba2374e23c0c
 bench: $(STAMP)
 	$(PY) -m bench.run $(if $(BEFORE),--before-commit $(BEFORE)) $(ARGS)
 

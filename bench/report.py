@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,20 +122,29 @@ def targets(
     here = (before_tree or {}).get("cells") or {}
     for system in (BALANCER, DIRECT):
         now = _get(result, "single", system, "cpu_us_per_job")
-        if here:
+        what = f"CPU per single-job e2e job ({system}) <= 1/5 of before"
+        if now is None:
+            add(what, "n/a", None)
+            continue
+        if before_tree:
             old = here.get(system) or {}
-            was = old.get("cpu_us_per_job") if not old.get("error") else None
             source = f"before, measured in this run ({before_tree_name(before_tree)})"
+            was, missing = old.get("cpu_us_per_job"), ""
+            if old.get("error") or not was:
+                was, missing = None, old.get("error") or before_tree.get("error") or "no cell"
+            elif not old.get("history_ok"):
+                # A before-figure from a run that lost or doubled jobs is not one.
+                was, missing = None, "its history check failed"
+            missing = f"the tree before not measured: {missing}"
         else:
             was = min(
                 (v for b in before if (v := _get(b, "single", system, "cpu_us_per_job"))),
                 default=None,
             )
-            source = "before (--before: another run)"
-        what = f"CPU per single-job e2e job ({system}) <= 1/5 of before"
-        if now is None or not was:
-            missing = "no before figure" if here else "no --before or --before-commit"
-            add(what, f"{now:,.0f} us/job, {missing}" if now else "n/a", None)
+            source = "before (--before: another run, another machine perhaps)"
+            missing = "no --before or --before-commit"
+        if was is None:
+            add(what, f"{now:,.0f} us/job, {missing}", None)
         else:
             value = f"{now:,.0f} us vs {was:,.0f} us {source}: {was / now:.1f}x less"
             add(what, value, was >= 5 * now)
@@ -279,24 +289,30 @@ def table(result: dict[str, Any]) -> list[str]:
 
 
 def before_tree_name(before_tree: dict[str, Any] | None) -> str:
-    """How the table names the old tree: its commit, or where it was."""
+    """How the table names the old tree: its commit (a full id cut to 12), or
+    where it was."""
     if not before_tree:
         return ""
-    return str(before_tree.get("commit") or before_tree.get("tree") or "")
+    commit = str(before_tree.get("commit") or "")
+    if re.fullmatch(r"[0-9a-f]{40}", commit):
+        commit = commit[:12]
+    return commit or str(before_tree.get("tree") or "")
+
+
+def before_cell_text(cell: dict[str, Any]) -> str:
+    """One old cell: its throughput and CPU per job, or how it failed."""
+    if cell.get("error"):
+        return f"FAILED: {cell['error']}"
+    text = f"{cell['jobs_per_s'] or 0:,.0f} jobs/s, {cell['cpu_us_per_job'] or 0:,.0f} us CPU/job"
+    return text + ("" if cell.get("history_ok") else " (history check FAILED)")
 
 
 def before_tree_line(old: dict[str, Any]) -> str:
-    """The old tree's single-job figures from this run, or why there are none."""
+    """The old tree's single-job figures from this run, and why any are missing."""
     head = f"before issue 15 ({before_tree_name(old)}), single-job e2e in this run: "
+    parts = [f"{key} {before_cell_text(c)}" for key, c in sorted(old.get("cells", {}).items())]
     if old.get("error"):
-        return head + f"not measured: {old['error']}"
-    parts = [
-        f"{key} FAILED: {c['error']}"
-        if c.get("error")
-        else f"{key} {c['jobs_per_s'] or 0:,.0f} jobs/s, {c['cpu_us_per_job'] or 0:,.0f} us CPU/job"
-        + ("" if c.get("history_ok") else " (history check FAILED)")
-        for key, c in sorted(old.get("cells", {}).items())
-    ]
+        parts.append(f"not measured: {old['error']}")
     return head + ("; ".join(parts) or "no cells")
 
 

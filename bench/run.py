@@ -49,10 +49,18 @@ from typing import Any, TypeVar
 import asyncpg
 
 from bench import before_tree
-from bench.e2e import ROOT, CellRunner, Scenario
+from bench.e2e import ROOT, CellRunner, Scenario, machine_busy, until_quiet
 from bench.pg import DEFAULT_PG_DSN
 from bench.plot import plot
-from bench.report import history_text, load_before, ratios, table, targets
+from bench.report import (
+    before_cell_text,
+    before_tree_name,
+    history_text,
+    load_before,
+    ratios,
+    table,
+    targets,
+)
 from bench.spec import PAYLOAD_BYTES, CellSpec
 from bench.systems import (
     PQ_MODES,
@@ -165,19 +173,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="an earlier run's JSON (repeatable; the lowest CPU per job counts): "
         "e.g. bench/baselines/before-issue-15-*.json",
     )
-    old = p.add_mutually_exclusive_group()
-    old.add_argument(
+    p.add_argument(
         "--before-commit",
         metavar="COMMIT",
         help="measure this commit's tree here, in this run, for the CPU target "
         f"(make bench: {before_tree.BEFORE_ISSUE_15}, the tree before issue 15; "
         "from this checkout's history)",
     )
-    old.add_argument(
+    p.add_argument(
         "--before-tree",
         type=Path,
         metavar="DIR",
-        help="the same, from a checkout of that tree already on disk",
+        help="the same, from a checkout of that tree already on disk (over --before-commit)",
     )
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--keep", action="store_true", help="keep the data dirs and process logs")
@@ -316,6 +323,9 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
     started: list[Any] = []
     runners: dict[str, CellRunner] = {}
     try:
+        if "single" in args.scenarios and (args.before_commit or args.before_tree):
+            # First, with nothing of this run's started yet.
+            result["before_tree"] = await measure_before(args, say, tmp)
         systems, unavailable = await start_systems(args, tmp, say, started, result["versions"])
         result["systems"] = [
             {"key": k, "label": LABELS[k], "unavailable": unavailable.get(k, "")}
@@ -328,8 +338,6 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         total = len(plan) * len(systems)
         n = 0
         for index, (scenario, out) in enumerate(zip(plan, result["scenarios"], strict=True)):
-            if scenario.key == "single" and (args.before_commit or args.before_tree):
-                result["before_tree"] = await measure_before(args, say, tmp)
             for system in cell_order(systems, index):
                 n += 1
                 say(f"[{n}/{total}] {scenario.title} · {system.label}")
@@ -355,39 +363,39 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
 
 
 async def measure_before(args: argparse.Namespace, say: Say, tmp: Path) -> dict[str, Any]:
-    """The old tree's single-job cells, run here just before the current
-    tree's (``bench.before_tree``): what the CPU target compares with."""
+    """The old tree's single-job cells, one column at a time, each on a quiet
+    machine (``bench.before_tree``): what the CPU target compares with."""
     systems = [k for k in before_tree.OLD_SYSTEMS if k in args.systems]
     done: dict[str, Any] = {
-        "commit": args.before_commit or "",
+        "commit": "" if args.before_tree else args.before_commit,
         "tree": str(args.before_tree or ""),
         "cells": {},
+        "settle": {},
         "error": "",
     }
     if not systems:
         done["error"] = f"none of {', '.join(before_tree.OLD_SYSTEMS)} asked for"
         return done
+    load = before_tree.Load(args.seconds, args.concurrency, args.drain_timeout)
     try:
         tree = args.before_tree or await asyncio.to_thread(
             before_tree.checkout, args.before_commit, tmp
         )
         done["tree"] = str(tree)
-        say(
-            f"[before] the tree before issue 15 ({done['commit'] or tree}): "
-            f"its single-job cells, {', '.join(systems)} (about {20 + 25 * len(systems)} s)"
-        )
-        measured = await before_tree.measure(tree, systems, args.seconds, args.out_dir / "before")
+        name = before_tree_name(done)
+        for system in systems:
+            say(f"[before] the tree before issue 15 ({name}): its single-job cell, {system}")
+            waited_s, quiet = await until_quiet(machine_busy)
+            done["settle"][system] = {"waited_s": round(waited_s, 1), "quiet": quiet}
+            measured = await before_tree.measure(tree, system, load, args.out_dir / "before")
+            cell = before_tree.summary(measured).get(system)
+            if cell is None:
+                raise before_tree.BeforeTreeError(f"its bench reported no {system} cell")
+            done["cells"][system] = cell
+            say("    " + before_cell_text(cell))
     except before_tree.BeforeTreeError as exc:
         done["error"] = str(exc)
         say(f"[before] not measured: {exc}")
-        return done
-    done["cells"] = before_tree.summary(measured)
-    for key, c in done["cells"].items():
-        say(
-            f"    {key}: {c['jobs_per_s'] or 0:,.0f} jobs/s, "
-            f"{c['cpu_us_per_job'] or 0:,.0f} us CPU/job, history "
-            f"{'ok' if c['history_ok'] else 'FAILED'}"
-        )
     return done
 
 

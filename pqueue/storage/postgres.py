@@ -178,6 +178,12 @@ KEEPALIVE_SETTINGS = {
     "tcp_user_timeout": "10000",
 }
 CONNECT_TIMEOUT_S = 5.0
+#: At close, how long the explicit unlock may take before the connection is
+#: just closed (the lock then goes when the server notices): short, since a
+#: node stopping during a partition waits this long.
+UNLOCK_TIMEOUT_S = 2.0
+#: The advisory lock's key, from ``PostgresStorage._lock_name`` as $1.
+LOCK_KEY_SQL = "hashtextextended($1, 0)"
 #: The latest time a timestamptz column takes here (9999-12-31).
 _MAX_MS = 253_402_300_799_999
 
@@ -328,7 +334,7 @@ class PostgresStorage:
         )
         try:
             got = await conn.fetchval(
-                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", f"pqueue:{self.schema}"
+                f"SELECT pg_try_advisory_lock({LOCK_KEY_SQL})", self._lock_name()
             )
             epoch = (
                 None
@@ -393,6 +399,10 @@ class PostgresStorage:
             conn, self._lock_conn = self._lock_conn, None
             await self._unlock(conn)
 
+    def _lock_name(self) -> str:
+        """What the schema's advisory lock is keyed on (``LOCK_KEY_SQL``)."""
+        return f"pqueue:{self.schema}"
+
     async def _unlock(self, conn: asyncpg.Connection) -> None:
         """Let the schema go before the connection does.
 
@@ -403,11 +413,13 @@ class PostgresStorage:
         """
         try:
             if not conn.is_closed():
-                await conn.execute(
-                    "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                    f"pqueue:{self.schema}",
-                    timeout=CONNECT_TIMEOUT_S,
+                held = await conn.fetchval(
+                    f"SELECT pg_advisory_unlock({LOCK_KEY_SQL})",
+                    self._lock_name(),
+                    timeout=UNLOCK_TIMEOUT_S,
                 )
+                if not held:
+                    logger.warning("schema %s: its lock was not held at close", self.schema)
         except Exception as exc:  # the lock goes with the session anyway
             logger.debug("schema %s: unlock failed (%s); closing", self.schema, describe(exc))
         finally:

@@ -109,11 +109,13 @@ async def test_the_tree_before_issue_15_is_measured_in_the_same_run(
     assert cell["error"] == ""
     assert cell["cpu_us_per_job"] > 0
     assert cell["jobs_per_s"] > 0
-    assert cell["cpu_us_per_job_by"]["balancer"] > 0  # the old tree's balancer proxied it all
+    # The old tree ran: its SDK had no look-aside, so its balancer proxied every
+    # call (hundreds of us a job; today's look-aside leaves it a few).
+    assert cell["cpu_us_per_job_by"]["balancer"] > 50
     [cpu] = [t for t in result["targets"] if "(pq-balancer) <= 1/5" in t["what"]]
-    assert f"measured in this run ({BEFORE_ISSUE_15})" in cpu["value"]
+    assert f"measured in this run ({BEFORE_ISSUE_15[:12]})" in cpu["value"]
     assert isinstance(cpu["ok"], bool)
-    assert f"before issue 15 ({BEFORE_ISSUE_15})" in read_text(result["files"]["table"])
+    assert f"before issue 15 ({BEFORE_ISSUE_15[:12]})" in read_text(result["files"]["table"])
 
 
 def read_text(path: str) -> str:
