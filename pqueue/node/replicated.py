@@ -63,6 +63,12 @@ logger = logging.getLogger(__name__)
 APPLY_SLICE_S = 0.02
 #: A long run of entries being applied logs its progress this often.
 PROGRESS_EVERY_S = 5.0
+#: A durable write slower than this is logged: the disk stalled, and every
+#: commit that needed this node's vote waited for it (etcd's "slow
+#: fdatasync"). At most one line per ``SLOW_WRITE_LOG_EVERY_S``, counting
+#: the others; every write's time is in ``pq_storage_fsync_seconds``.
+SLOW_WRITE_S = 0.1
+SLOW_WRITE_LOG_EVERY_S = 10.0
 #: A node alone fails its start when recovery made no progress this long.
 STALL_S = 10.0
 #: A snapshot waits for a log behind the last one of 1/SNAPSHOT_RATIO of its
@@ -118,6 +124,33 @@ class ClusterConfig:
             raise ValueError(f"node {self.node_id} is not among the peers {sorted(self.addresses)}")
 
 
+class SlowWrites:
+    """Which slow durable writes to log, and what to say: at most one line
+    every ``every_s``, with the writes since the last line and the slowest."""
+
+    def __init__(self, over_s: float = SLOW_WRITE_S, every_s: float = SLOW_WRITE_LOG_EVERY_S):
+        self.over_s, self.every_s = over_s, every_s
+        self._said_at: float | None = None
+        self._unsaid = 0
+        self._worst = 0.0
+
+    def note(self, seconds: float, now: float) -> str | None:
+        """A write took ``seconds``, at ``now`` (monotonic): the line to log, if one."""
+        if seconds < self.over_s:
+            return None
+        self._unsaid += 1
+        self._worst = max(self._worst, seconds)
+        if self._said_at is not None and now - self._said_at < self.every_s:
+            return None
+        text = f"a durable write took {seconds * 1e3:.0f} ms (over {self.over_s * 1e3:.0f} ms)"
+        if self._said_at is not None and self._unsaid > 1:
+            since = now - self._said_at
+            text += f"; {self._unsaid} such in the last {since:.0f} s, the slowest "
+            text += f"{self._worst * 1e3:.0f} ms"
+        self._said_at, self._unsaid, self._worst = now, 0, 0.0
+        return text
+
+
 class ReplicatedLog:
     """A ``CommandLog`` whose order and durability come from a majority."""
 
@@ -159,6 +192,7 @@ class ReplicatedLog:
         #: When the snapshot being received started coming (for the log line).
         self._receiving_since = 0.0
         self._commit_hint: int | None = None
+        self._slow_writes = SlowWrites()
         #: The leadership view the replica last reported (``Ready.soft_state``).
         self._soft = SoftState(Role.FOLLOWER, 0, ZERO, ZERO)
         self._caught_up = False
@@ -655,7 +689,15 @@ class ReplicatedLog:
             snapshot = StoredSnapshot(*ready.snapshot) if ready.snapshot else None
             started = time.perf_counter()
             await self._storage.persist(ready.promised, ready.records, self._commit_hint, snapshot)
-            self.observer.persisted(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.observer.persisted(took)
+            if slow := self._slow_writes.note(took, time.monotonic()):
+                logger.warning(
+                    "node %d: %s; commits that needed this node's vote waited for it "
+                    "(the disk, or the PostgreSQL server, stalled)",
+                    self.config.node_id,
+                    slow,
+                )
             self._commit_hint = None
         if ready.snapshot is not None:
             index, blob = ready.snapshot

@@ -1,0 +1,83 @@
+"""A node whose disk stalls says so: a durable write slower than
+``SLOW_WRITE_S`` is a WARNING naming the node and how long it took (one line
+per ``SLOW_WRITE_LOG_EVERY_S`` at most); writes at the disk's pace are not
+told."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from consensus.messages import Ballot, Record
+from pqueue.client import Client
+from pqueue.node.replicated import SlowWrites
+from pqueue.storage import StoredSnapshot
+from pqueue.storage.sqlite import SqliteStorage
+from tests.inproc import Cluster
+
+
+class StallingStorage(SqliteStorage):
+    """SQLite whose writes take ``stall_s`` longer while ``stall_s`` is set:
+    a disk that stalls."""
+
+    stall_s = 0.0
+
+    async def persist(
+        self,
+        promised: Ballot | None,
+        records: Sequence[Record],
+        commit_index: int | None,
+        snapshot: StoredSnapshot | None,
+    ) -> None:
+        await super().persist(promised, records, commit_index, snapshot)
+        if self.stall_s:
+            await asyncio.sleep(self.stall_s)
+
+
+def test_slow_writes_are_told_at_most_once_a_while_with_the_rest_counted() -> None:
+    slow = SlowWrites(over_s=0.1, every_s=10.0)
+    assert slow.note(0.05, now=100.0) is None  # at the disk's pace
+    assert slow.note(0.15, now=100.0) == "a durable write took 150 ms (over 100 ms)"
+    assert slow.note(0.3, now=101.0) is None  # told within the last 10 s
+    assert slow.note(0.09, now=105.0) is None
+    assert slow.note(0.2, now=112.0) == (
+        "a durable write took 200 ms (over 100 ms); 2 such in the last 12 s, the slowest 300 ms"
+    )
+    assert slow.note(0.12, now=123.0) == "a durable write took 120 ms (over 100 ms)"
+
+
+async def test_a_node_whose_disk_stalls_logs_it_once_for_the_lot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stores: dict[int, StallingStorage] = {}
+
+    def storage(i: int) -> StallingStorage:
+        stores[i] = StallingStorage(tmp_path / f"n{i}")
+        return stores[i]
+
+    caplog.set_level(logging.WARNING, logger="pqueue.node.replicated")
+    cluster = Cluster(tmp_path, storage=storage)
+    await cluster.start()
+    try:
+        leader = await cluster.leader()
+        stalling = next(i for i in stores if i != leader)
+        async with Client(cluster.addresses[leader]) as client:
+            await client.create_queue("q")
+            stores[stalling].stall_s = 0.15
+            for i in range(3):
+                await client.enqueue("q", f"job {i}".encode())
+            # The other follower's vote commits the writes meanwhile; the
+            # stalling one catches up behind them.
+            await asyncio.sleep(0.5)
+    finally:
+        await cluster.stop()
+    said = [r.getMessage() for r in caplog.records]
+    # (This machine's own disk may stall the other nodes too: only the
+    # stalling node's lines are counted.)
+    slow = [m for m in said if m.startswith(f"node {stalling}: a durable write took ")]
+    assert len(slow) == 1, said  # one line for the lot, within SLOW_WRITE_LOG_EVERY_S
+    assert "commits that needed this node's vote waited for it" in slow[0]
