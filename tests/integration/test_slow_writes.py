@@ -7,35 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from consensus.messages import Ballot, Record
 from pqueue.client import Client
 from pqueue.node.replicated import SlowWrites
-from pqueue.storage import StoredSnapshot
-from pqueue.storage.sqlite import SqliteStorage
+from tests.disk import FaultyDisk
 from tests.inproc import Cluster
-
-
-class StallingStorage(SqliteStorage):
-    """SQLite whose writes take ``stall_s`` longer while ``stall_s`` is set:
-    a disk that stalls."""
-
-    stall_s = 0.0
-
-    async def persist(
-        self,
-        promised: Ballot | None,
-        records: Sequence[Record],
-        commit_index: int | None,
-        snapshot: StoredSnapshot | None,
-    ) -> None:
-        await super().persist(promised, records, commit_index, snapshot)
-        if self.stall_s:
-            await asyncio.sleep(self.stall_s)
 
 
 def test_slow_writes_are_told_at_most_once_a_while_with_the_rest_counted() -> None:
@@ -53,10 +32,10 @@ def test_slow_writes_are_told_at_most_once_a_while_with_the_rest_counted() -> No
 async def test_a_node_whose_disk_stalls_logs_it_once_for_the_lot(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    stores: dict[int, StallingStorage] = {}
+    stores: dict[int, FaultyDisk] = {}
 
-    def storage(i: int) -> StallingStorage:
-        stores[i] = StallingStorage(tmp_path / f"n{i}")
+    def storage(i: int) -> FaultyDisk:
+        stores[i] = FaultyDisk(tmp_path / f"n{i}")
         return stores[i]
 
     caplog.set_level(logging.WARNING, logger="pqueue.node.replicated")

@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from consensus.blob import Blob
-from consensus.messages import Ballot, Record
 from pqueue.client import Client
-from pqueue.errors import StorageError, UnavailableError
+from pqueue.errors import UnavailableError
 from pqueue.node.queue_node import NodeConfig
 from pqueue.node.server import NodeServer, ServerConfig
-from pqueue.storage.base import StoredSnapshot
 from pqueue.storage.sqlite import SqliteStorage
-
-
-class FlakyDisk(SqliteStorage):
-    """The real SQLite store, with one write failing on demand (as ENOSPC would)."""
-
-    fail_append = False
-    fail_snapshot = False
-
-    async def persist(
-        self,
-        promised: Ballot | None,
-        records: Sequence[Record],
-        commit_index: int | None,
-        snapshot: StoredSnapshot | None,
-    ) -> None:
-        if self.fail_append:
-            raise StorageError("injected: no space left on device")
-        await super().persist(promised, records, commit_index, snapshot)
-
-    async def save_snapshot(self, index: int, blob: Blob) -> None:
-        if self.fail_snapshot:
-            self.fail_snapshot = False
-            raise StorageError("injected: no space left on device")
-        await super().save_snapshot(index, blob)
+from tests.disk import FaultyDisk
 
 
 async def _health(address: str) -> int:
@@ -52,7 +25,7 @@ async def _health(address: str) -> int:
 async def test_a_failed_append_stops_the_node_and_loses_nothing_acknowledged(
     tmp_path: Path,
 ) -> None:
-    disk = FlakyDisk(tmp_path)
+    disk = FaultyDisk(tmp_path)
     server = NodeServer(disk, ServerConfig(listen="127.0.0.1:0", grace_s=0.5))
     await server.start()
     try:
@@ -79,7 +52,7 @@ async def test_a_failed_append_stops_the_node_and_loses_nothing_acknowledged(
 
 
 async def test_a_failed_snapshot_only_delays_the_next_one(tmp_path: Path) -> None:
-    disk = FlakyDisk(tmp_path)
+    disk = FaultyDisk(tmp_path)
     disk.fail_snapshot = True
     server = NodeServer(
         disk, ServerConfig(listen="127.0.0.1:0"), NodeConfig(snapshot_every_entries=4)
