@@ -34,9 +34,10 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 #: The commit that added ``make bench`` on top of 4a25ab1 (the tree the
 #: README's "before issue 15" figures were measured on): nothing but bench/
@@ -62,12 +63,14 @@ def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
 
 def resolve(commit: str, repo: Path = ROOT) -> str:
     """``commit``'s full id in ``repo``'s history, or why it is not there."""
+    if not commit or commit.startswith("-"):
+        raise BeforeTreeError(f"{commit!r} is not a commit")
     try:
-        found = _git(
-            repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{commit}}"
-        )
+        found = _git(repo, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
         if found.returncode == 0:
             return found.stdout.decode().strip()
+        if _git(repo, "rev-parse", "--git-dir").returncode != 0:
+            raise BeforeTreeError(f"{repo} is not a git checkout")
         shallow = _git(repo, "rev-parse", "--is-shallow-repository").stdout.strip() == b"true"
     except FileNotFoundError as exc:
         raise BeforeTreeError("git is not installed") from exc
@@ -153,47 +156,60 @@ async def measure(
 ) -> dict[str, Any]:
     """Run the old tree's single-job cell for ``system``; its result document.
 
-    The old bench runs in a process group of its own: on a timeout or an
-    interrupt it gets SIGINT (its own cleanup stops its cluster), then, after
-    ``STOP_GRACE_S``, the group gets SIGKILL, so no old node outlives it."""
+    The old bench runs in a process group of its own, its output to files
+    (no pipe that nobody reads can hold it up): on a timeout or an interrupt
+    the group gets SIGINT (its own cleanup stops its cluster), then, after
+    ``STOP_GRACE_S``, SIGKILL, so no old node outlives it."""
     tree, out_dir = _resolved(tree, out_dir)
     limit = load.timeout_s() if timeout_s is None else timeout_s
     env = dict(os.environ, PYTHONPATH=str(tree))
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *command(system, load, out_dir),
-            cwd=tree,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise BeforeTreeError(f"cannot start its bench: {exc}") from exc
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), limit)
-    except TimeoutError as exc:
-        raise BeforeTreeError(f"its {system} cell took over {limit:g} s") from exc
-    finally:
-        if proc.returncode is None:
-            await _stop_group(proc)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command(system, load, out_dir),
+                cwd=tree,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise BeforeTreeError(f"cannot start its bench: {exc}") from exc
+        try:
+            await asyncio.wait_for(proc.wait(), limit)
+        except TimeoutError as exc:
+            raise BeforeTreeError(f"its {system} cell took over {limit:g} s") from exc
+        finally:
+            if proc.returncode is None:
+                await _stop_group(proc)
+        printed, said = _read(out), _read(err)
     if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        tail = said.decode(errors="replace").strip().splitlines()[-3:]
         raise BeforeTreeError(f"its bench exited {proc.returncode}: {' / '.join(tail)}")
     try:
-        result: dict[str, Any] = json.loads(out)
+        result: dict[str, Any] = json.loads(printed)
     except json.JSONDecodeError as exc:
         raise BeforeTreeError(f"its bench printed no JSON: {exc}") from exc
     return result
 
 
+def _read(file: IO[bytes]) -> bytes:
+    file.seek(0)
+    return file.read()
+
+
 async def _stop_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(proc.wait()), STOP_GRACE_S)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+    """SIGINT to the old bench's group, a grace, then SIGKILL to what is left
+    (a second interrupt during the grace skips to that, never past it)."""
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proc.wait()), STOP_GRACE_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
     await proc.wait()
 
 

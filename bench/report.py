@@ -126,6 +126,9 @@ def targets(
         if now is None:
             add(what, "n/a", None)
             continue
+        if not (cell(result, "single", system) or {}).get("history", {}).get("ok", True):
+            add(what, f"{now:,.0f} us/job, but this run's history check failed", None)
+            continue
         if before_tree:
             old = here.get(system) or {}
             source = f"before, measured in this run ({before_tree_name(before_tree)})"

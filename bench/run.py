@@ -378,24 +378,32 @@ async def measure_before(args: argparse.Namespace, say: Say, tmp: Path) -> dict[
         return done
     load = before_tree.Load(args.seconds, args.concurrency, args.drain_timeout)
     try:
-        tree = args.before_tree or await asyncio.to_thread(
-            before_tree.checkout, args.before_commit, tmp
-        )
-        done["tree"] = str(tree)
-        name = before_tree_name(done)
-        for system in systems:
-            say(f"[before] the tree before issue 15 ({name}): its single-job cell, {system}")
+        if args.before_tree:
+            tree = args.before_tree
+        else:
+            done["commit"] = await asyncio.to_thread(before_tree.resolve, args.before_commit)
+            tree = await asyncio.to_thread(before_tree.checkout, done["commit"], tmp)
+    except before_tree.BeforeTreeError as exc:
+        done["error"] = str(exc)
+        say(f"[before] not measured: {exc}")
+        return done
+    done["tree"] = str(tree)
+    name = before_tree_name(done)
+    for system in systems:
+        # Each column on its own: one that fails leaves the other measured.
+        say(f"[before] the tree before issue 15 ({name}): its single-job cell, {system}")
+        try:
             waited_s, quiet = await until_quiet(machine_busy)
             done["settle"][system] = {"waited_s": round(waited_s, 1), "quiet": quiet}
             measured = await before_tree.measure(tree, system, load, args.out_dir / "before")
             cell = before_tree.summary(measured).get(system)
             if cell is None:
                 raise before_tree.BeforeTreeError(f"its bench reported no {system} cell")
-            done["cells"][system] = cell
-            say("    " + before_cell_text(cell))
-    except before_tree.BeforeTreeError as exc:
-        done["error"] = str(exc)
-        say(f"[before] not measured: {exc}")
+        except Exception as exc:  # never the whole bench: the table says why
+            why = str(exc) if isinstance(exc, before_tree.BeforeTreeError) else repr(exc)
+            cell = {"error": why}
+        done["cells"][system] = cell
+        say("    " + before_cell_text(cell))
     return done
 
 

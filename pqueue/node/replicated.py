@@ -126,7 +126,9 @@ class ClusterConfig:
 
 class SlowWrites:
     """Which slow durable writes to log, and what to say: at most one line
-    every ``every_s``, with the writes since the last line and the slowest."""
+    every ``every_s``, with the writes since the last line and the slowest;
+    writes held back are told at the first write after ``every_s``, slow
+    or not."""
 
     def __init__(self, over_s: float = SLOW_WRITE_S, every_s: float = SLOW_WRITE_LOG_EVERY_S):
         self.over_s, self.every_s = over_s, every_s
@@ -136,17 +138,25 @@ class SlowWrites:
 
     def note(self, seconds: float, now: float) -> str | None:
         """A write took ``seconds``, at ``now`` (monotonic): the line to log, if one."""
-        if seconds < self.over_s:
+        slow = seconds > self.over_s
+        if not slow and not self._unsaid:
             return None
-        self._unsaid += 1
-        self._worst = max(self._worst, seconds)
-        if self._said_at is not None and now - self._said_at < self.every_s:
+        due = self._said_at is None or now - self._said_at >= self.every_s
+        if slow:
+            self._unsaid += 1
+            self._worst = max(self._worst, seconds)
+        if not due:
             return None
-        text = f"a durable write took {seconds * 1e3:.0f} ms (over {self.over_s * 1e3:.0f} ms)"
-        if self._said_at is not None and self._unsaid > 1:
-            since = now - self._said_at
-            text += f"; {self._unsaid} such in the last {since:.0f} s, the slowest "
-            text += f"{self._worst * 1e3:.0f} ms"
+        over = f"over {self.over_s * 1e3:.0f} ms"
+        since = f"in the last {now - (self._said_at or now):.0f} s"
+        worst = f"the slowest {self._worst * 1e3:.0f} ms"
+        if not slow:  # the ones held back, told late rather than never
+            text = f"{self._unsaid} durable write(s) {over} {since}, {worst}"
+        elif self._unsaid > 1:
+            text = f"a durable write took {seconds * 1e3:.0f} ms ({over}); "
+            text += f"{self._unsaid} such {since}, {worst}"
+        else:
+            text = f"a durable write took {seconds * 1e3:.0f} ms ({over})"
         self._said_at, self._unsaid, self._worst = now, 0, 0.0
         return text
 
@@ -692,11 +702,16 @@ class ReplicatedLog:
             took = time.perf_counter() - started
             self.observer.persisted(took)
             if slow := self._slow_writes.note(took, time.monotonic()):
+                leading = self._soft.role is Role.LEADER
                 logger.warning(
-                    "node %d: %s; commits that needed this node's vote waited for it "
-                    "(the disk, or the PostgreSQL server, stalled)",
+                    "node %d (%s): %s; %s (the disk or the store stalled, or this node was "
+                    "too busy to hear back)",
                     self.config.node_id,
+                    "leader" if leading else "follower",
                     slow,
+                    "every commit's answer waited for it"
+                    if leading
+                    else "commits that needed this node's vote waited for it",
                 )
             self._commit_hint = None
         if ready.snapshot is not None:

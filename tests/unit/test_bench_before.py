@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,11 @@ def test_a_commit_the_history_lacks_says_so_and_names_a_shallow_clone(
     path, old = repo
     with pytest.raises(before_tree.BeforeTreeError, match=r"is not in .* history$"):
         before_tree.checkout("0123456789abcdef", tmp_path, repo=path)
-    # An option is never taken for a commit.
-    with pytest.raises(before_tree.BeforeTreeError, match="is not in"):
+    # An option is never taken for a commit (git archive --output=...).
+    with pytest.raises(before_tree.BeforeTreeError, match="is not a commit"):
         before_tree.checkout("--output=/tmp/x", tmp_path, repo=path)
+    with pytest.raises(before_tree.BeforeTreeError, match="is not a git checkout"):
+        before_tree.resolve(old, tmp_path / "nowhere")
     shallow = tmp_path / "shallow"
     _git(tmp_path, "clone", "-q", "--depth", "1", f"file://{path}", str(shallow))
     with pytest.raises(before_tree.BeforeTreeError, match=r"git fetch --unshallow"):
@@ -147,8 +150,9 @@ async def test_an_old_bench_that_fails_or_prints_no_json_is_reported(tmp_path: P
 async def test_an_old_bench_past_its_time_is_stopped_with_what_it_started(
     tmp_path: Path,
 ) -> None:
-    # It starts a child (as the old bench starts its nodes) and ignores SIGINT:
-    # the whole group goes, the child included.
+    # It starts a child (as the old bench starts its nodes), fills its stderr
+    # past any pipe's buffer and ignores SIGINT: the whole group goes, the
+    # child included, within the time and the grace.
     pid_file = tmp_path / "child.pid"
     tree = _stand_in(
         tmp_path / "stuck",
@@ -157,21 +161,46 @@ async def test_an_old_bench_past_its_time_is_stopped_with_what_it_started(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
         open({str(pid_file)!r}, "w").write(str(child.pid))
+        sys.stderr.write("x" * (4 << 20))
+        sys.stderr.flush()
         time.sleep(120)
         """,
     )
     before_tree.STOP_GRACE_S, grace = 0.5, before_tree.STOP_GRACE_S
+    started = time.monotonic()
     try:
         with pytest.raises(before_tree.BeforeTreeError, match="took over 2 s"):
             await before_tree.measure(tree, "pq-balancer", LOAD, tmp_path / "out", timeout_s=2.0)
     finally:
         before_tree.STOP_GRACE_S = grace
+    assert time.monotonic() - started < 2.0 + 0.5 + 5
     child = int(pid_file.read_text())
     for _ in range(50):  # reaped by init once killed
         if not _alive(child):
             break
         await asyncio.sleep(0.1)
     assert not _alive(child)
+
+
+async def test_an_old_bench_past_its_time_is_asked_to_stop_first(tmp_path: Path) -> None:
+    # SIGINT first: the old bench's own cleanup stops its cluster.
+    said = tmp_path / "said"
+    tree = _stand_in(
+        tmp_path / "slow",
+        f"""
+        import sys, time
+        try:
+            time.sleep(120)
+        except KeyboardInterrupt:
+            open({str(said)!r}, "w").write("stopping my cluster")
+            sys.exit(1)
+        """,
+    )
+    started = time.monotonic()
+    with pytest.raises(before_tree.BeforeTreeError, match="took over 1 s"):
+        await before_tree.measure(tree, "pq-balancer", LOAD, tmp_path / "out", timeout_s=1.0)
+    assert said.read_text() == "stopping my cluster"
+    assert time.monotonic() - started < 1.0 + 5  # not the whole grace: it stopped
 
 
 def _alive(pid: int) -> bool:
