@@ -119,7 +119,6 @@ def targets(
             add(what, value, p99 is not None and pg99 is not None and p99 <= pg99 and bounded)
     key = "single_balancer_over_direct"
     add(f"single-job e2e: {BALANCER} >= 0.8x direct", _x(r.get(key)), at_least(key, 0.8))
-    here = (before_tree or {}).get("cells") or {}
     for system in (BALANCER, DIRECT):
         now = _get(result, "single", system, "cpu_us_per_job")
         what = f"CPU per single-job e2e job ({system}) <= 1/5 of before"
@@ -129,25 +128,9 @@ def targets(
         if not (cell(result, "single", system) or {}).get("history", {}).get("ok", True):
             add(what, f"{now:,.0f} us/job, but this run's history check failed", None)
             continue
-        if before_tree:
-            old = here.get(system) or {}
-            source = f"before, measured in this run ({before_tree_name(before_tree)})"
-            was, missing = old.get("cpu_us_per_job"), ""
-            if old.get("error") or not was:
-                was, missing = None, old.get("error") or before_tree.get("error") or "no cell"
-            elif not old.get("history_ok"):
-                # A before-figure from a run that lost or doubled jobs is not one.
-                was, missing = None, "its history check failed"
-            missing = f"the tree before not measured: {missing}"
-        else:
-            was = min(
-                (v for b in before if (v := _get(b, "single", system, "cpu_us_per_job"))),
-                default=None,
-            )
-            source = "before (--before: another run, another machine perhaps)"
-            missing = "no --before or --before-commit"
+        was, source = _cpu_before(system, before, before_tree)
         if was is None:
-            add(what, f"{now:,.0f} us/job, {missing}", None)
+            add(what, f"{now:,.0f} us/job, {source}", None)
         else:
             value = f"{now:,.0f} us vs {was:,.0f} us {source}: {was / now:.1f}x less"
             add(what, value, was >= 5 * now)
@@ -289,6 +272,31 @@ def table(result: dict[str, Any]) -> list[str]:
     for t in result["targets"]:
         lines.append(f"  {t['what']}: {t['value']}: {_verdict(t['ok'])}")
     return lines
+
+
+def _cpu_before(
+    system: str, before: Sequence[dict[str, Any]], before_tree: dict[str, Any] | None
+) -> tuple[float | None, str]:
+    """``system``'s CPU per single job before, and where it is from; or None
+    and why there is none. The tree measured in this run, when asked for,
+    is the only source (a file from another machine is not one then)."""
+    if not before_tree:
+        was = min(
+            (v for b in before if (v := _get(b, "single", system, "cpu_us_per_job"))),
+            default=None,
+        )
+        if was is None:
+            return None, "no --before or --before-commit"
+        return was, "before (--before: another run, another machine perhaps)"
+    old = (before_tree.get("cells") or {}).get(system) or {}
+    if old.get("error") or not old.get("cpu_us_per_job"):
+        why = old.get("error") or before_tree.get("error") or "no cell"
+    elif not old.get("history_ok"):
+        why = "its history check failed"  # a run that lost or doubled jobs is no figure
+    else:
+        name = before_tree_name(before_tree)
+        return old["cpu_us_per_job"], f"before, measured in this run ({name})"
+    return None, f"the tree before not measured: {why}"
 
 
 def before_tree_name(before_tree: dict[str, Any] | None) -> str:
