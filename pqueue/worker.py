@@ -5,9 +5,12 @@
   never more than the worker can run. Acks, nacks and lease extensions ride
   on the same stream: whatever finished while the previous write was
   pending goes out in one message, with the slots it freed granted again.
-  A stream that breaks (the node drains, the leader changes, the connection
-  drops) is opened again with backoff; jobs in hand keep their leases, and
-  their acks go by the client's single calls while no stream is up. Against
+  With ``buffer=N``, N more credits: pushed jobs wait in the worker (their
+  leases extended) and start as slots free, so no slot idles for a push's
+  round trip; a stop releases them unrun. A stream that breaks (the node
+  drains, the leader changes, the connection drops) is opened again with
+  backoff; jobs in hand keep their leases, and their acks go by the
+  client's single calls while no stream is up. Against
   a node that serves no streams (UNIMPLEMENTED) it falls back to long polls;
   ``WorkerConfig(streaming=False)`` asks for them.
 - Long polls: leases up to ``prefetch`` jobs per call, never more than free
@@ -97,6 +100,12 @@ class WorkerConfig:
     concurrency: int = 4
     #: Jobs per lease call; 0 means ``concurrency``.
     prefetch: int = 0
+    #: On a stream: jobs the node may push beyond the free slots. They wait
+    #: in the worker (their leases extended) and start as slots free, so a
+    #: slot never idles for a push's round trip; but each may run before a
+    #: more urgent job enqueued after it was pushed. 0: the worker holds no
+    #: job it is not running (strict priority order across workers).
+    buffer: int = 0
     lease_ms: int = 30_000
     wait_ms: int = 20_000
     shutdown_grace_s: float = 30.0
@@ -113,6 +122,8 @@ class WorkerConfig:
             raise ValueError("concurrency must be at least 1")
         if self.prefetch < 0 or self.lease_ms < 3 or self.wait_ms < 0:
             raise ValueError("prefetch, lease_ms and wait_ms must be positive")
+        if self.buffer < 0 or (self.buffer and self.concurrency + self.buffer > MAX_CREDITS):
+            raise ValueError(f"buffer must be positive, and at most {MAX_CREDITS} - concurrency")
         if self.failure_log_interval_s < 0:
             raise ValueError("failure_log_interval_s must not be negative")
 
@@ -177,7 +188,9 @@ class Worker:
         self._ack_gathering = False
         #: The stream jobs come on, while one is up.
         self._stream: ConsumeStream | None = None
-        self._credits = Credits(min(self.config.concurrency, MAX_CREDITS))
+        self._credits = Credits(min(self.config.concurrency + self.config.buffer, MAX_CREDITS))
+        #: With a buffer, streamed jobs take one of these to run (the rest wait).
+        self._slots = asyncio.Semaphore(self.config.concurrency) if self.config.buffer else None
         self._channel: grpc.aio.Channel | None = None
         #: Where ``_channel`` goes: the client's endpoint, or the leader (look-aside).
         self._channel_target = ""
@@ -434,6 +447,8 @@ class Worker:
     async def _process(self, job: pb.LeasedJob, streamed: bool) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(job), name=f"pq-heartbeat-{job.job_id}")
         try:
+            if streamed and self._slots is not None and not await self._wait_for_slot(job):
+                return
             try:
                 returned = await self.handler(job)
             except asyncio.CancelledError:
@@ -463,10 +478,40 @@ class Worker:
         finally:
             heartbeat.cancel()
 
+    async def _wait_for_slot(self, job: pb.LeasedJob) -> bool:
+        """A buffered job waits for a free slot (True: it has one). A stop
+        first gives it back unrun (False), as a job pushed while stopping."""
+        acquire = asyncio.create_task(self._slot())
+        try:
+            await self._race_stop(acquire)
+        except asyncio.CancelledError:
+            self._let_go(acquire)
+            await self._release_unstarted(job)
+            raise
+        if acquire.done() and not self._stopping.is_set():
+            return True
+        self._let_go(acquire)
+        await self._release_unstarted(job)
+        return False
+
+    async def _slot(self) -> None:
+        assert self._slots is not None
+        await self._slots.acquire()
+
+    def _let_go(self, acquire: asyncio.Task[None]) -> None:
+        """Give up waiting for a slot: the wait cancelled, or the slot back."""
+        assert self._slots is not None
+        if not acquire.done():
+            acquire.cancel()
+        elif not acquire.cancelled() and acquire.exception() is None:
+            self._slots.release()
+
     def _handler_done(self, streamed: bool) -> None:
         """A streamed job's handler ended: its slot is free, and granted again
         in the message that carries its ack or nack."""
         if streamed:
+            if self._slots is not None:
+                self._slots.release()
             self._credits.finished()
             if self._stream is not None and not self._stopping.is_set():
                 self._stream.refill()

@@ -38,6 +38,7 @@ from typing import Any
 from pqueue.cli.client import client_options
 from pqueue.cli.failure import exit_code, failure_line
 from pqueue.client import Client
+from pqueue.consumer import MAX_CREDITS
 from pqueue.errors import NotFoundError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.logs import describe
@@ -314,8 +315,12 @@ async def serve(args: argparse.Namespace) -> int:
             )
         else:
             handler = HttpHandler(args.http, args.queue, args.job_timeout_s, limit)
+        if args.buffer and args.concurrency + args.buffer > MAX_CREDITS:
+            logger.error("--concurrency plus --buffer must be at most %d", MAX_CREDITS)
+            return 2
         config = WorkerConfig(
             concurrency=args.concurrency,
+            buffer=args.buffer,
             lease_ms=args.lease_ms,
             shutdown_grace_s=args.shutdown_grace_s,
             consumer_id=args.consumer_id or f"{socket.gethostname()}:{os.getpid()}",
@@ -323,11 +328,12 @@ async def serve(args: argparse.Namespace) -> int:
         worker = Worker(client, args.queue, handler, config=config)
         what = f"exec {args.exec!r}" if args.exec is not None else f"POST {args.http}"
         logger.info(
-            "worker on %s at %s: %s, concurrency %d",
+            "worker on %s at %s: %s, concurrency %d, buffer %d",
             args.queue,
             args.endpoint,
             what,
             args.concurrency,
+            args.buffer,
         )
         try:
             await worker.run_until_signal()
@@ -382,6 +388,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _buffer(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_CREDITS - 1:
+        raise argparse.ArgumentTypeError(f"must be 0..{MAX_CREDITS - 1}")
+    return value
+
+
 def register(sub: Any) -> None:
     """The ``worker`` subparser."""
     w = sub.add_parser(
@@ -400,6 +413,13 @@ def register(sub: Any) -> None:
     how.add_argument("--exec", metavar="CMD", help="a shell command, run by /bin/sh -c")
     how.add_argument("--http", metavar="URL", help="POST each job's payload here")
     w.add_argument("--concurrency", type=_count, default=1, help="jobs at once (default 1)")
+    w.add_argument(
+        "--buffer",
+        type=_buffer,
+        default=0,
+        help="jobs held beyond --concurrency, started as slots free: no slot waits for a "
+        "push, but a held job may run before a more urgent one enqueued later (default 0)",
+    )
     w.add_argument(
         "--timeout-s",
         dest="job_timeout_s",

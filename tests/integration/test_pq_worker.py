@@ -277,3 +277,50 @@ async def test_pq_worker_refuses_both_or_neither_way() -> None:
         _, err = await proc.communicate()
         assert proc.returncode == 2
         assert b"--exec" in err
+
+
+def started(marks: Path) -> int:
+    """How many commands have marked their start in ``marks``."""
+    return len(list(marks.iterdir()))
+
+
+async def test_a_buffer_holds_jobs_beyond_the_concurrency_and_runs_them_in_turn(
+    server: NodeServer, client: Client, tmp_path: Path
+) -> None:
+    ids = [(await client.enqueue("q", b"%d" % i)).job_id for i in range(3)]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # Each command marks its start, holds its slot a while, then acks.
+    cmd = f"touch {marks}/$PQ_JOB_ID; sleep 0.6; cat"
+    args = ("--queue", "q", "--exec", cmd, "--concurrency", "1", "--buffer", "2")
+    async with pq_worker(server.address, *args) as proc:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while (await client.stats("q"))[0].leased < 3:  # one running, two held
+            assert loop.time() < deadline
+            await asyncio.sleep(0.02)
+        assert started(marks) == 1  # held, not run: one command at a time
+        for job_id in ids:
+            await wait_job(client, "q", job_id, in_state(pb.JOB_STATE_COMPLETED))
+        log = await stop(proc)
+    assert "concurrency 1, buffer 2" in log
+    assert started(marks) == 3
+
+
+async def test_a_buffer_out_of_range_is_refused() -> None:
+    for value in ("-1", "1000"):
+        proc = await asyncio.create_subprocess_exec(
+            *PQ,
+            "worker",
+            "--queue",
+            "q",
+            "--exec",
+            "true",
+            "--buffer",
+            value,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PQ_ENDPOINT": "127.0.0.1:1"},
+        )
+        _, err = await proc.communicate()
+        assert proc.returncode == 2
+        assert b"--buffer" in err

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from pqueue.client import Client
 from pqueue.errors import NotLeaderError
@@ -361,3 +362,106 @@ async def test_an_ack_a_former_leader_did_not_take_is_sent_again_by_its_single_c
             await _until("the job acked", lambda: worker.stats.acked == 1, timeout_s=10)
     [stats] = await client.stats("q")
     assert (stats.leased, stats.acked_total) == (0, 1)
+
+
+async def test_a_buffered_worker_holds_jobs_beyond_its_slots_but_runs_no_more_than_them(
+    server: NodeServer, client: Client
+) -> None:
+    await client.enqueue_batch("q", [pb.JobSpec(payload=b"%d" % i) for i in range(30)])
+    running_now, most = 0, 0
+    go = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> None:
+        nonlocal running_now, most
+        running_now += 1
+        most = max(most, running_now)
+        await go.wait()
+        running_now -= 1
+
+    config = WorkerConfig(concurrency=4, buffer=6, wait_ms=200)
+    worker = Worker(client, "q", handler, config=config)
+    async with running(worker):
+        # Four run, six more wait in the worker: ten leased, no more.
+        await _until("ten leased", lambda: worker.stats.leased == 10)
+        await _until("four running", lambda: running_now == 4)
+        await asyncio.sleep(0.3)
+        [stats] = await client.stats("q")
+        assert (stats.ready, stats.leased) == (20, 10)
+        assert (running_now, worker.stats.leased) == (4, 10)
+        go.set()
+        await _until("30 acks", lambda: worker.stats.acked == 30)
+    [stats] = await client.stats("q")
+    assert (stats.ready, stats.leased, stats.acked_total) == (0, 0, 30)
+    assert most == 4  # the buffer never ran a job beyond the slots
+    assert worker.stats.lost == 0
+
+
+async def test_a_stop_gives_buffered_jobs_back_at_once_and_never_runs_them(
+    server: NodeServer, client: Client
+) -> None:
+    await client.enqueue_batch("q", [pb.JobSpec(payload=b"%d" % i) for i in range(10)])
+    ran: list[bytes] = []
+    go = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> None:
+        ran.append(job.payload)
+        await go.wait()
+
+    config = WorkerConfig(concurrency=2, buffer=3, wait_ms=200, shutdown_grace_s=30)
+    worker = Worker(client, "q", handler, config=config)
+    task = asyncio.create_task(worker.run())
+    try:
+        await _until("five leased", lambda: worker.stats.leased == 5)
+        await _until("two running", lambda: len(ran) == 2)
+        worker.stop()
+
+        # The three waiting go back now, not after the 30 s grace the two
+        # running ones have: another worker can take them at once.
+        async def released() -> bool:
+            [stats] = await client.stats("q")
+            return stats.ready == 8
+
+        deadline = time.monotonic() + 5
+        while not await released():
+            assert time.monotonic() < deadline, "the buffered jobs were not given back"
+            await asyncio.sleep(0.05)
+        assert not task.done()  # the running two are still within their grace
+        go.set()
+        await asyncio.wait_for(task, 30)
+    finally:
+        go.set()
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert len(ran) == 2  # a job given back from the buffer never ran
+    assert (worker.stats.acked, worker.stats.released) == (2, 3)
+    [stats] = await client.stats("q")
+    assert (stats.ready, stats.leased, stats.acked_total) == (8, 0, 2)
+
+
+async def test_a_buffered_jobs_lease_is_extended_while_it_waits(
+    server: NodeServer, client: Client
+) -> None:
+    await client.enqueue_batch("q", [pb.JobSpec(payload=b"first"), pb.JobSpec(payload=b"second")])
+    attempts: dict[bytes, int] = {}
+
+    async def handler(job: pb.LeasedJob) -> None:
+        attempts[job.payload] = job.attempt
+        if job.payload == b"first":
+            await asyncio.sleep(2.0)  # over three of the second's leases
+
+    config = WorkerConfig(concurrency=1, buffer=1, lease_ms=600, wait_ms=200)
+    worker = Worker(client, "q", handler, config=config)
+    async with running(worker):
+        await _until("two acks", lambda: worker.stats.acked == 2)
+    assert attempts == {b"first": 1, b"second": 1}  # never expired, never came again
+    [stats] = await client.stats("q")
+    assert (stats.expired_total, stats.acked_total) == (0, 2)
+    assert worker.stats.lost == 0
+
+
+def test_a_buffer_is_bounded_by_the_credits_a_stream_may_hold() -> None:
+    WorkerConfig(concurrency=2000)  # no buffer: as large a worker as before
+    WorkerConfig(concurrency=600, buffer=400)
+    for bad in ({"buffer": -1}, {"concurrency": 600, "buffer": 401}):
+        with pytest.raises(ValueError, match="buffer"):
+            WorkerConfig(**bad)  # type: ignore[arg-type]
