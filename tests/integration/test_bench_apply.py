@@ -31,9 +31,9 @@ def test_a_small_run_reports_every_step_of_every_workload(
         assert row["derive"] > 0
         assert row["all"] > 0
     # Jobs went all the way through (enqueued, leased, acked): whole
-    # entries' worth, the single workload's last 8 never acked.
+    # entries' worth, the single workload's last 16 never acked.
     assert workloads["batch"][0]["jobs"] == 400
-    assert workloads["single"][0]["jobs"] == 392
+    assert workloads["single"][0]["jobs"] == 384
 
 
 def test_compare_alternates_two_trees_and_prints_their_ratio(
