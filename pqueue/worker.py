@@ -123,7 +123,7 @@ class WorkerConfig:
         if self.prefetch < 0 or self.lease_ms < 3 or self.wait_ms < 0:
             raise ValueError("prefetch, lease_ms and wait_ms must be positive")
         if self.buffer < 0 or (self.buffer and self.concurrency + self.buffer > MAX_CREDITS):
-            raise ValueError(f"buffer must be positive, and at most {MAX_CREDITS} - concurrency")
+            raise ValueError(f"buffer must be 0 or more, and at most {MAX_CREDITS} - concurrency")
         if self.failure_log_interval_s < 0:
             raise ValueError("failure_log_interval_s must not be negative")
 
@@ -225,6 +225,9 @@ class Worker:
             if not (self.config.streaming and await self._consume()):
                 await self._poll()
         finally:
+            # However it ended (a stop, a refusal, a cancel): jobs waiting in
+            # the buffer go back now, and no more start.
+            self._stopping.set()
             await self._shutdown()
 
     async def _poll(self) -> None:
@@ -447,7 +450,8 @@ class Worker:
     async def _process(self, job: pb.LeasedJob, streamed: bool) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(job), name=f"pq-heartbeat-{job.job_id}")
         try:
-            if streamed and self._slots is not None and not await self._wait_for_slot(job):
+            waits = streamed and self._slots is not None
+            if waits and not await self._wait_for_slot(job, heartbeat):
                 return
             try:
                 returned = await self.handler(job)
@@ -478,19 +482,29 @@ class Worker:
         finally:
             heartbeat.cancel()
 
-    async def _wait_for_slot(self, job: pb.LeasedJob) -> bool:
+    async def _wait_for_slot(self, job: pb.LeasedJob, heartbeat: asyncio.Task[None]) -> bool:
         """A buffered job waits for a free slot (True: it has one). A stop
-        first gives it back unrun (False), as a job pushed while stopping."""
+        first gives it back unrun (False), as a job pushed while stopping; a
+        lease lost meanwhile (``heartbeat`` ended) drops it unrun."""
         acquire = asyncio.create_task(self._slot())
         try:
             await self._race_stop(acquire)
         except asyncio.CancelledError:
             self._let_go(acquire)
+            heartbeat.cancel()
             await self._release_unstarted(job)
             raise
         if acquire.done() and not self._stopping.is_set():
-            return True
+            if not heartbeat.done():
+                return True
+            # Its lease lapsed while it waited (said by the heartbeat): the
+            # job is another worker's now; running it would be wasted work.
+            self._let_go(acquire)
+            self._credits.finished()
+            self.stats.lost += 1
+            return False
         self._let_go(acquire)
+        heartbeat.cancel()
         await self._release_unstarted(job)
         return False
 
@@ -586,7 +600,7 @@ class Worker:
                 elif (error := from_op_status(result.status)) is not None:
                     raise error
             except LeaseLostError:
-                logger.warning("lease of job %d lost while its handler ran", job.job_id)
+                logger.warning("lease of job %d lost (it expired, or was taken)", job.job_id)
                 return
             except PQueueError as exc:
                 logger.warning("extending job %d failed: %s", job.job_id, describe(exc))

@@ -301,6 +301,9 @@ async def _max_result_bytes(client: Client, queue: str) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    if args.buffer and args.concurrency + args.buffer > MAX_CREDITS:
+        logger.error("--concurrency plus --buffer must be at most %d", MAX_CREDITS)
+        return 2
     options = client_options(args)
     async with Client(args.endpoint, timeout_s=args.timeout_s, **options) as client:
         try:
@@ -315,9 +318,6 @@ async def serve(args: argparse.Namespace) -> int:
             )
         else:
             handler = HttpHandler(args.http, args.queue, args.job_timeout_s, limit)
-        if args.buffer and args.concurrency + args.buffer > MAX_CREDITS:
-            logger.error("--concurrency plus --buffer must be at most %d", MAX_CREDITS)
-            return 2
         config = WorkerConfig(
             concurrency=args.concurrency,
             buffer=args.buffer,

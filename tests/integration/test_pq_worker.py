@@ -290,16 +290,19 @@ async def test_a_buffer_holds_jobs_beyond_the_concurrency_and_runs_them_in_turn(
     ids = [(await client.enqueue("q", b"%d" % i)).job_id for i in range(3)]
     marks = tmp_path / "marks"
     marks.mkdir()
-    # Each command marks its start, holds its slot a while, then acks.
-    cmd = f"touch {marks}/$PQ_JOB_ID; sleep 0.6; cat"
+    go = tmp_path / "go"
+    # Each command marks its start and holds its slot until the test says go.
+    cmd = f"touch {marks}/$PQ_JOB_ID; while [ ! -e {go} ]; do sleep 0.02; done; cat"
     args = ("--queue", "q", "--exec", cmd, "--concurrency", "1", "--buffer", "2")
     async with pq_worker(server.address, *args) as proc:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while (await client.stats("q"))[0].leased < 3:  # one running, two held
-            assert loop.time() < deadline
+        while started(marks) < 1 or (await client.stats("q"))[0].leased < 3:
+            assert loop.time() < deadline  # one running, two held
             await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
         assert started(marks) == 1  # held, not run: one command at a time
+        go.touch()
         for job_id in ids:
             await wait_job(client, "q", job_id, in_state(pb.JOB_STATE_COMPLETED))
         log = await stop(proc)
@@ -307,8 +310,12 @@ async def test_a_buffer_holds_jobs_beyond_the_concurrency_and_runs_them_in_turn(
     assert started(marks) == 3
 
 
-async def test_a_buffer_out_of_range_is_refused() -> None:
-    for value in ("-1", "1000"):
+async def test_a_buffer_out_of_range_is_refused_before_connecting() -> None:
+    for args in (
+        ("--buffer", "-1"),
+        ("--buffer", "1000"),
+        ("--concurrency", "2", "--buffer", "999"),
+    ):
         proc = await asyncio.create_subprocess_exec(
             *PQ,
             "worker",
@@ -316,8 +323,7 @@ async def test_a_buffer_out_of_range_is_refused() -> None:
             "q",
             "--exec",
             "true",
-            "--buffer",
-            value,
+            *args,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PQ_ENDPOINT": "127.0.0.1:1"},
         )

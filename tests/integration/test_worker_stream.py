@@ -465,3 +465,40 @@ def test_a_buffer_is_bounded_by_the_credits_a_stream_may_hold() -> None:
     for bad in ({"buffer": -1}, {"concurrency": 600, "buffer": 401}):
         with pytest.raises(ValueError, match="buffer"):
             WorkerConfig(**bad)  # type: ignore[arg-type]
+
+
+async def test_buffered_jobs_go_back_at_once_however_the_worker_ends(
+    server: NodeServer, client: Client
+) -> None:
+    """Cancelled (or ended by a refusal) rather than stopped: the jobs
+    waiting in the buffer go back at once all the same, unrun."""
+    await client.enqueue_batch("q", [pb.JobSpec(payload=b"%d" % i) for i in range(6)])
+    ran: list[bytes] = []
+    go = asyncio.Event()
+
+    async def handler(job: pb.LeasedJob) -> None:
+        ran.append(job.payload)
+        await go.wait()
+
+    config = WorkerConfig(concurrency=1, buffer=2, wait_ms=200, shutdown_grace_s=30)
+    worker = Worker(client, "q", handler, config=config)
+    task = asyncio.create_task(worker.run())
+    try:
+        await _until("three leased", lambda: worker.stats.leased == 3)
+        await _until("one running", lambda: len(ran) == 1)
+        task.cancel()
+        deadline = time.monotonic() + 5
+        while (await client.stats("q"))[0].ready != 5:
+            assert time.monotonic() < deadline, "the buffered jobs were not given back"
+            await asyncio.sleep(0.05)
+        go.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+    finally:
+        go.set()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert len(ran) == 1
+    assert worker.stats.released == 2
