@@ -14,8 +14,10 @@ two fresh processes on this machine, for each way pqueue could carry it:
   one connection each way (what a peer transport without gRPC would be).
 
 It prints the round trip's p50/p90/p99 and µs of CPU per round trip of
-each side (from ``/proc``), per shape, over ``--rounds`` rounds that
-alternate the shapes. ``--hogs N`` runs N processes busy half of each
+each side over the measured round trips (each process counts its own;
+the asking side's includes the wake-up after its pause), per shape, over
+``--rounds`` rounds that alternate the shapes. Each process binds port 0
+and dies with its parent. ``--hogs N`` runs N processes busy half of each
 millisecond meanwhile, as a full machine's other processes are: a hop's
 latency is mostly the wake-ups of the processes and threads it crosses.
 Quote ratios between shapes of one run; the machine is shared.
@@ -27,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import json
 import os
-import socket
+import select
+import signal
 import statistics
 import struct
 import subprocess
@@ -52,6 +57,12 @@ WARMUP = 100
 GAP_S = 0.001
 _SERVICE = "bench.Hops"
 _FRAME = struct.Struct(">I")
+#: The asking side's last request: the answering side reports and ends.
+_QUIT = b"q"
+#: prctl(2): a signal for this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+#: The bench's pid, in its children's environment.
+_PARENT_ENV = "PQ_HOPS_PARENT"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,31 +71,43 @@ def _cpu_s() -> float:
     return time.process_time()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (a bench killed
+    by a timeout leaves no busy or waiting process behind); one whose parent
+    died before it got here ends now."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(os.environ.get(_PARENT_ENV, os.getppid())):
+        os._exit(1)
 
 
-class _Inbox:
-    """Messages as they arrive, awaited one at a time."""
+class _Answers:
+    """The answering side's count: its CPU from the first measured request
+    (after the warm-up) to the last, and the end (a ``q`` request)."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.seen = 0
+        self.started = 0.0
+        self.cpu_s = 0.0
+        self.done = asyncio.Event()
 
-    def put(self, message: bytes) -> None:
-        self.queue.put_nowait(message)
-
-    async def get(self) -> bytes:
-        return await self.queue.get()
+    def request(self, message: bytes) -> bool:
+        """Count ``message``; False once it is the end."""
+        if message == _QUIT:
+            self.cpu_s = _cpu_s() - self.started if self.started else 0.0
+            self.done.set()
+            return False
+        self.seen += 1
+        if self.seen == WARMUP + 1:
+            self.started = _cpu_s()
+        return True
 
 
 class _Framed(asyncio.Protocol):
-    """Length-prefixed messages from a TCP connection into an inbox."""
+    """Length-prefixed messages from a TCP connection, each handed on."""
 
-    def __init__(self, inbox: _Inbox) -> None:
-        self.inbox = inbox
+    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+        self.deliver = deliver
         self.buffer = bytearray()
 
     def data_received(self, data: bytes) -> None:
@@ -93,80 +116,142 @@ class _Framed(asyncio.Protocol):
             (size,) = _FRAME.unpack_from(self.buffer)
             if len(self.buffer) < _FRAME.size + size:
                 return
-            self.inbox.put(bytes(self.buffer[_FRAME.size : _FRAME.size + size]))
+            self.deliver(bytes(self.buffer[_FRAME.size : _FRAME.size + size]))
             del self.buffer[: _FRAME.size + size]
 
 
-async def _one_way_server(port: int, inbox: _Inbox) -> grpc.aio.Server:
-    """A gRPC server taking a client stream of messages into ``inbox``."""
+def _framed(message: bytes) -> bytes:
+    return _FRAME.pack(len(message)) + message
 
-    async def take(requests: AsyncIterator[bytes], _: Any) -> bytes:
-        async for message in requests:
-            inbox.put(message)
-        return b""
 
-    async def unary(request: bytes, _: Any) -> bytes:
-        return b"y" * REPLY_BYTES
+async def _answer(shape: str) -> None:
+    """The answering process: serve, say the port, answer until ``q``, then
+    print its CPU over the measured requests."""
+    answers = _Answers()
+    reply = b"y" * REPLY_BYTES
+    loop = asyncio.get_running_loop()
+    if shape == "tcp":
+        back: list[asyncio.Transport] = []
+        owed = 0  # requests that came before the connection back
 
-    async def bidi(requests: AsyncIterator[bytes], context: Any) -> None:
-        async for _message in requests:
-            await context.write(b"y" * REPLY_BYTES)
+        def deliver(message: bytes) -> None:
+            nonlocal owed
+            if answers.request(message):
+                if back:
+                    back[0].write(_framed(reply))
+                else:
+                    owed += 1
 
-    server = grpc.aio.server()
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Take": grpc.stream_unary_rpc_method_handler(take),
-        "Unary": grpc.unary_unary_rpc_method_handler(unary),
-        "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    return server
+        server = await loop.create_server(lambda: _Framed(deliver), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        print(f"ready {port}", flush=True)
+        back.append(await _connect_tcp(int(await _read_line())))
+        back[0].write(_framed(reply) * owed)
+        await answers.done.wait()
+        back[0].close()
+        server.close()
+    else:
+        channel: list[grpc.aio.Channel] = []
+        peer_calls: list[grpc.aio.StreamUnaryCall[bytes, bytes]] = []
+
+        back_ready = asyncio.Event()
+
+        async def take(requests: AsyncIterator[bytes], _: Any) -> bytes:
+            async for message in requests:
+                if answers.request(message):
+                    await back_ready.wait()  # the stream back is open
+                    await peer_calls[0].write(reply)
+            return b""
+
+        async def unary(request: bytes, _: Any) -> bytes:
+            answers.request(request)
+            return reply
+
+        async def bidi(requests: AsyncIterator[bytes], context: Any) -> None:
+            async for message in requests:
+                if not answers.request(message):
+                    return
+                await context.write(reply)
+
+        grpc_server = grpc.aio.server()
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            "Take": grpc.stream_unary_rpc_method_handler(take),
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        }
+        grpc_server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, handlers),)
+        )
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        print(f"ready {port}", flush=True)
+        if shape == "grpc-peer":  # answers go back on a stream of its own
+            channel.append(grpc.aio.insecure_channel(f"127.0.0.1:{await _read_line()}"))
+            peer_calls.append(channel[0].stream_unary(f"/{_SERVICE}/Take")())
+            back_ready.set()
+        await answers.done.wait()
+        if peer_calls:
+            await peer_calls[0].done_writing()
+            await peer_calls[0]
+        for ch in channel:
+            await ch.close()
+        await grpc_server.stop(1)
+    print(json.dumps({"cpu_s": answers.cpu_s, "seen": answers.seen}), flush=True)
+
+
+async def _read_line() -> str:
+    """A line from stdin (the driver's), read off the event loop."""
+    line: str = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    return line.strip()
 
 
 async def _connect_tcp(port: int) -> asyncio.Transport:
     loop = asyncio.get_running_loop()
-    for _ in range(200):
-        try:
-            transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
-            return transport
-        except OSError:
-            await asyncio.sleep(0.02)
-    raise SystemExit(f"no listener on {port}")
+    transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    return transport
 
 
-async def _peer_side(shape: str, my_port: int, other_port: int, answer: bool, n: int) -> None:
-    """One process of a round. The answering side echoes every message; the
-    asking side times ``n`` round trips and prints them with its CPU."""
-    inbox = _Inbox()
+async def _ask(shape: str, other: int, n: int, payload: int) -> None:
+    """The asking process: ``n`` timed round trips after a warm-up, then
+    ``q``; prints the times and its CPU over them."""
+    inbox: asyncio.Queue[bytes] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
     send: Callable[[bytes], Awaitable[None]]
-    closers: list[Callable[[], Awaitable[Any]]] = []
+    finish: Callable[[], Awaitable[Any]]
+    if shape in ("tcp", "grpc-peer"):  # answers come to a server of this side's own
+        if shape == "tcp":
+            server = await loop.create_server(lambda: _Framed(inbox.put_nowait), "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+        else:
+
+            async def take(requests: AsyncIterator[bytes], _: Any) -> bytes:
+                async for message in requests:
+                    inbox.put_nowait(message)
+                return b""
+
+            grpc_server = grpc.aio.server()
+            handler: grpc.RpcMethodHandler[Any, Any] = grpc.stream_unary_rpc_method_handler(take)
+            grpc_server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(_SERVICE, {"Take": handler}),)
+            )
+            port = grpc_server.add_insecure_port("127.0.0.1:0")
+            await grpc_server.start()
+        print(f"port {port}", flush=True)
     if shape == "tcp":
-        server = await asyncio.get_running_loop().create_server(
-            lambda: _Framed(inbox), "127.0.0.1", my_port
-        )
-        if answer:
-            print("ready", flush=True)
-        transport = await _connect_tcp(other_port)
+        transport = await _connect_tcp(other)
 
         async def send_tcp(message: bytes) -> None:
-            transport.write(_FRAME.pack(len(message)) + message)
+            transport.write(_framed(message))
 
-        send = send_tcp
-
-        async def close_tcp() -> None:
-            transport.close()
+        async def finish_tcp() -> None:
+            transport.close()  # what is buffered goes first
+            await asyncio.sleep(0.05)
             server.close()
 
-        closers.append(close_tcp)
+        send, finish = send_tcp, finish_tcp
     else:
-        grpc_server = await _one_way_server(my_port, inbox)
-        closers.append(lambda: grpc_server.stop(0))
-        if answer:
-            print("ready", flush=True)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{other_port}")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{other}")
         await channel.channel_ready()
-        closers.append(channel.close)
         if shape == "grpc-peer":
             call: grpc.aio.StreamUnaryCall[bytes, bytes] = channel.stream_unary(
                 f"/{_SERVICE}/Take"
@@ -175,7 +260,13 @@ async def _peer_side(shape: str, my_port: int, other_port: int, answer: bool, n:
             async def send_peer(message: bytes) -> None:
                 await call.write(message)
 
-            send = send_peer
+            async def finish_peer() -> None:
+                await call.done_writing()
+                await call  # the other side has read everything, the q too
+                await channel.close()
+                await grpc_server.stop(1)
+
+            send, finish = send_peer, finish_peer
         elif shape == "grpc-stream":
             bidi: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(
                 f"/{_SERVICE}/Bidi"
@@ -183,116 +274,109 @@ async def _peer_side(shape: str, my_port: int, other_port: int, answer: bool, n:
 
             async def send_bidi(message: bytes) -> None:
                 await bidi.write(message)
-                reply = await bidi.read()
-                assert isinstance(reply, bytes)
-                inbox.put(reply)
+                if message != _QUIT:
+                    reply = await bidi.read()
+                    assert isinstance(reply, bytes)
+                    inbox.put_nowait(reply)
 
-            send = send_bidi
+            async def finish_bidi() -> None:
+                await bidi.done_writing()
+                await bidi.wait_for_connection()
+                await channel.close()
+
+            send, finish = send_bidi, finish_bidi
         else:
             unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
                 f"/{_SERVICE}/Unary"
             )
 
             async def send_unary(message: bytes) -> None:
-                inbox.put(await unary(message))
+                reply = await unary(message)
+                if message != _QUIT:
+                    inbox.put_nowait(reply)
 
-            send = send_unary
-    payload = os.environ.get("PQ_HOPS_PAYLOAD", "2048")
-    request = b"x" * int(payload)
-    if answer:  # the echo side of the peer and tcp shapes; the others echo in the server
-        if shape in ("grpc-peer", "tcp"):
-            started = None
-            while await inbox.get() != b"q":
-                if started is None:
-                    started = _cpu_s()
-                await send(b"y" * REPLY_BYTES)
-            print(json.dumps({"cpu_s": _cpu_s() - (started or _cpu_s())}), flush=True)
-        else:
-            await inbox.get()  # the unary and stream shapes answer in the server
-            print(json.dumps({"cpu_s": None}), flush=True)
-    else:
-        for _ in range(WARMUP):
-            await send(request)
-            await inbox.get()
-        times = []
-        started = _cpu_s()
-        for _ in range(n):
-            begin = time.perf_counter()
-            await send(request)
-            await inbox.get()
-            times.append(time.perf_counter() - begin)
-            await asyncio.sleep(GAP_S)
-        cpu = _cpu_s() - started
-        print(json.dumps({"times": times, "cpu_s": cpu}), flush=True)
-        if shape in ("grpc-peer", "tcp"):
-            await send(b"q")
-            await asyncio.sleep(0.2)
-    for close in closers:
-        await close()
+            async def finish_unary() -> None:
+                await channel.close()
+
+            send, finish = send_unary, finish_unary
+    request = b"x" * payload
+    for _ in range(WARMUP):
+        await send(request)
+        await inbox.get()
+    times = []
+    started = _cpu_s()
+    for _ in range(n):
+        begin = time.perf_counter()
+        await send(request)
+        await inbox.get()
+        times.append(time.perf_counter() - begin)
+        await asyncio.sleep(GAP_S)
+    cpu = _cpu_s() - started
+    await send(_QUIT)
+    await finish()
+    print(json.dumps({"times": times, "cpu_s": cpu}), flush=True)
 
 
-def _cpu_of(pid: int) -> float:
-    """A process's CPU so far, from /proc (seconds)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _line(proc: subprocess.Popen[str], timeout_s: float, what: str) -> str:
+    """The next line ``proc`` prints, within ``timeout_s``."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        raise SystemExit(f"{what}: no answer in {timeout_s:.0f} s (exit {proc.poll()})")
+    return line.strip()
 
 
 def _round(shape: str, n: int, payload: int) -> dict[str, float]:
-    """One round of ``shape``: an answering process and an asking one."""
-    ports = (_free_port(), _free_port())
-    env = dict(os.environ, PQ_HOPS_PAYLOAD=str(payload))
-    cmd = [sys.executable, "-m", "bench.hops", "--side", shape, "--n", str(n)]
-    answer = subprocess.Popen(
-        [*cmd, "--ports", f"{ports[0]},{ports[1]}", "--answer"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=_ROOT,
-    )
+    """One round of ``shape``: an answering process and an asking one, each
+    on a port of its own choosing (bound to 0, so no two share one)."""
+    cmd = [sys.executable, "-m", "bench.hops", "--side", shape]
+    env = dict(os.environ, **{_PARENT_ENV: str(os.getpid())})
+    pipes: dict[str, Any] = {"stdout": subprocess.PIPE, "text": True, "cwd": _ROOT, "env": env}
+    answering = subprocess.Popen([*cmd, "--answer"], stdin=subprocess.PIPE, **pipes)
+    asking: subprocess.Popen[str] | None = None
     try:
-        assert answer.stdout is not None
-        if answer.stdout.readline().strip() != "ready":
-            raise SystemExit(f"{shape}: the answering process did not start")
-        before = _cpu_of(answer.pid)
-        asked = subprocess.run(
-            [*cmd, "--ports", f"{ports[1]},{ports[0]}"],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=_ROOT,
-            timeout=60 + n * 0.02,
-            check=True,
-        )
-        after = _cpu_of(answer.pid)
-        if shape in ("grpc-unary", "grpc-stream"):
-            # These answer in its server: nothing tells the answering
-            # process the round is over; end it.
-            answer.terminate()
-        answered, _ = answer.communicate(timeout=30)
+        ready = _line(answering, 60, f"{shape}: the answering process").split()
+        if ready[:1] != ["ready"]:
+            raise SystemExit(f"{shape}: the answering process said {ready!r}")
+        ask = [*cmd, "--other", ready[1], "--n", str(n), "--payload", str(payload)]
+        asking = subprocess.Popen(ask, stderr=subprocess.PIPE, **pipes)
+        if shape in ("tcp", "grpc-peer"):  # it answers on a connection back
+            port = _line(asking, 60, f"{shape}: the asking process").split()[-1]
+            assert answering.stdin is not None
+            answering.stdin.write(port + "\n")
+            answering.stdin.flush()
+        try:
+            asked, err = asking.communicate(timeout=60 + n * 0.02)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"{shape}: the asking process took too long") from None
+        if asking.returncode:
+            raise SystemExit(f"{shape}: the asking process failed:\n{err}")
+        answered, _ = answering.communicate(timeout=30)
     finally:
-        if answer.poll() is None:
-            answer.kill()
-            answer.wait()
-    result = json.loads(asked.stdout.strip().splitlines()[-1])
+        for proc in (asking, answering):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    result = json.loads(asked.strip().splitlines()[-1])
+    theirs = json.loads(answered.strip().splitlines()[-1])
+    if theirs["seen"] != WARMUP + n:
+        raise SystemExit(f"{shape}: {theirs['seen']} requests answered of {WARMUP + n}")
     times = sorted(result["times"])
     k = len(times)
-    # The answering side's CPU: its own count from the first message where
-    # it sees them (peer, tcp), else /proc over the asking side's warm-up
-    # and measured round trips (ticks: coarse, so rounds of a few seconds).
-    lines = answered.strip().splitlines() if answered else []
-    own = json.loads(lines[-1]).get("cpu_s") if lines and lines[-1].startswith("{") else None
-    answering_s = own if own is not None else after - before
     return {
         "p50_us": times[k // 2] * 1e6,
         "p90_us": times[int(k * 0.9)] * 1e6,
         "p99_us": times[min(k - 1, int(k * 0.99))] * 1e6,
         "asking_cpu_us": result["cpu_s"] / n * 1e6,
-        "answering_cpu_us": answering_s / (n + WARMUP if own is None else n) * 1e6,
+        # Over the requests after the warm-up, as the asking side's.
+        "answering_cpu_us": theirs["cpu_s"] / n * 1e6,
     }
 
 
 def _hog() -> None:
     """Busy half of every millisecond, for ever (a process of a full machine)."""
+    _die_with_parent()
     while True:
         until = time.perf_counter() + 0.0005
         while time.perf_counter() < until:
@@ -309,27 +393,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("-o", dest="output", choices=("table", "json"), default="table")
     parser.add_argument("--side", choices=SHAPES, help=argparse.SUPPRESS)
-    parser.add_argument("--ports", help=argparse.SUPPRESS)
+    parser.add_argument("--other", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--answer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--hog", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hog:
         _hog()
     if args.side:
-        mine, other = (int(p) for p in args.ports.split(","))
+        _die_with_parent()
         uvloop.install()
-        asyncio.run(_peer_side(args.side, mine, other, args.answer, args.n))
+        if args.answer:
+            asyncio.run(_answer(args.side))
+        else:
+            asyncio.run(_ask(args.side, args.other, args.n, args.payload))
         return 0
+    if args.n < 1 or args.rounds < 1 or args.payload < 1 or args.hogs < 0:
+        parser.error("--n, --rounds and --payload must be at least 1, --hogs 0 or more")
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = set(shapes) - set(SHAPES)
     if unknown:
         parser.error(f"unknown shapes {sorted(unknown)}; choose from {', '.join(SHAPES)}")
-    hogs = [
-        subprocess.Popen([sys.executable, "-m", "bench.hops", "--hog"], cwd=_ROOT)
-        for _ in range(args.hogs)
-    ]
+    hogs: list[subprocess.Popen[bytes]] = []
     results: dict[str, list[dict[str, float]]] = {s: [] for s in shapes}
     try:
+        for _ in range(args.hogs):
+            hogs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench.hops", "--hog"],
+                    cwd=_ROOT,
+                    env=dict(os.environ, **{_PARENT_ENV: str(os.getpid())}),
+                )
+            )
         for r in range(args.rounds):
             for shape in shapes:
                 row = _round(shape, args.n, args.payload)

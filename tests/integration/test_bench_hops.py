@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from bench import hops
 
 
-def _children() -> set[int]:
-    """This process's live children (from /proc)."""
-    me = str(os.getpid())
+def _children(parent: int | None = None) -> set[int]:
+    """A process's live children (this one's by default), from /proc."""
+    me = str(parent or os.getpid())
     kids = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -56,3 +61,33 @@ def test_the_table_names_each_shape_and_the_ratio(capsys: pytest.CaptureFixture[
 def test_an_unknown_shape_is_refused() -> None:
     with pytest.raises(SystemExit):
         hops.main(["--shapes", "carrier-pigeon"])
+
+
+def test_a_killed_bench_leaves_no_process_behind() -> None:
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "bench.hops", "--n", "100000", "--hogs", "1"]
+    bench = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while len(kids := _children(bench.pid)) < 3:  # a busy one, and a round's two
+            assert time.monotonic() < deadline, kids
+            time.sleep(0.05)
+        bench.send_signal(signal.SIGKILL)
+        bench.wait()
+        deadline = time.monotonic() + 10
+        while alive := [k for k in kids if os.path.exists(f"/proc/{k}")]:
+            zombies = []
+            for k in alive:
+                try:
+                    with open(f"/proc/{k}/stat") as f:
+                        zombies.append(f.read().rsplit(")", 1)[1].split()[0] == "Z")
+                except OSError:
+                    zombies.append(True)
+            if all(zombies):
+                break
+            assert time.monotonic() < deadline, f"still running: {alive}"
+            time.sleep(0.05)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
