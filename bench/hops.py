@@ -13,10 +13,12 @@ two fresh processes on this machine, for each way pqueue could carry it:
 - ``tcp``: an asyncio ``Protocol`` on uvloop with 4-byte length framing,
   one connection each way (what a peer transport without gRPC would be).
 
-It prints the round trip's p50/p90/p99 and µs of CPU per round trip of
-each side over the measured round trips (each process counts its own;
-the asking side's includes the wake-up after its pause), per shape, over
-``--rounds`` rounds that alternate the shapes. Each process binds port 0
+gRPC runs as pq's own processes run it (``pqueue.cli.grpc_env``'s poller
+path) unless ``GRPC_EXPERIMENTS`` is set. It prints the round trip's
+p50/p90/p99 and µs of CPU per round trip of each side over the measured
+round trips (each process counts its own; the asking side's includes the
+wake-up after its pause), per shape, over ``--rounds`` rounds that
+alternate the shapes. Each process binds port 0
 and dies with its parent. ``--hogs N`` runs N processes busy half of each
 millisecond meanwhile, as a full machine's other processes are: a hop's
 latency is mostly the wake-ups of the processes and threads it crosses.
@@ -46,6 +48,8 @@ from typing import Any
 
 import grpc
 import uvloop
+
+from pqueue.cli.grpc_env import POLLER_PATH
 
 SHAPES = ("grpc-unary", "grpc-stream", "grpc-peer", "tcp")
 #: The answer's size (a vote, a Submit's results).
@@ -332,6 +336,8 @@ def _round(shape: str, n: int, payload: int) -> dict[str, float]:
     on a port of its own choosing (bound to 0, so no two share one)."""
     cmd = [sys.executable, "-m", "bench.hops", "--side", shape]
     env = dict(os.environ, **{_PARENT_ENV: str(os.getpid())})
+    # gRPC's I/O path as pq's processes take it (unless the caller chose one).
+    env.setdefault("GRPC_EXPERIMENTS", POLLER_PATH)
     pipes: dict[str, Any] = {"stdout": subprocess.PIPE, "text": True, "cwd": _ROOT, "env": env}
     answering = subprocess.Popen([*cmd, "--answer"], stdin=subprocess.PIPE, **pipes)
     asking: subprocess.Popen[str] | None = None
