@@ -396,9 +396,13 @@ async def test_a_buffered_worker_holds_jobs_beyond_its_slots_but_runs_no_more_th
     assert worker.stats.lost == 0
 
 
-async def test_a_stop_gives_buffered_jobs_back_at_once_and_never_runs_them(
-    server: NodeServer, client: Client
+@pytest.mark.parametrize("ending", ["stop", "cancel"])
+async def test_buffered_jobs_go_back_at_once_and_never_run_however_the_worker_ends(
+    server: NodeServer, client: Client, ending: str
 ) -> None:
+    """``stop()``, or ``run()`` cancelled (as a refusal ends it too): the
+    jobs waiting in the buffer go back at once, unrun, while the running
+    ones have their grace."""
     await client.enqueue_batch("q", [pb.JobSpec(payload=b"%d" % i) for i in range(10)])
     ran: list[bytes] = []
     go = asyncio.Event()
@@ -413,25 +417,26 @@ async def test_a_stop_gives_buffered_jobs_back_at_once_and_never_runs_them(
     try:
         await _until("five leased", lambda: worker.stats.leased == 5)
         await _until("two running", lambda: len(ran) == 2)
-        worker.stop()
-
+        if ending == "stop":
+            worker.stop()
+        else:
+            task.cancel()
         # The three waiting go back now, not after the 30 s grace the two
         # running ones have: another worker can take them at once.
-        async def released() -> bool:
-            [stats] = await client.stats("q")
-            return stats.ready == 8
-
         deadline = time.monotonic() + 5
-        while not await released():
+        while (await client.stats("q"))[0].ready != 8:
             assert time.monotonic() < deadline, "the buffered jobs were not given back"
             await asyncio.sleep(0.05)
         assert not task.done()  # the running two are still within their grace
         go.set()
-        await asyncio.wait_for(task, 30)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
     finally:
         go.set()
-        worker.stop()
-        await asyncio.wait_for(task, 30)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     assert len(ran) == 2  # a job given back from the buffer never ran
     assert (worker.stats.acked, worker.stats.released) == (2, 3)
     [stats] = await client.stats("q")
@@ -465,40 +470,3 @@ def test_a_buffer_is_bounded_by_the_credits_a_stream_may_hold() -> None:
     for bad in ({"buffer": -1}, {"concurrency": 600, "buffer": 401}):
         with pytest.raises(ValueError, match="buffer"):
             WorkerConfig(**bad)  # type: ignore[arg-type]
-
-
-async def test_buffered_jobs_go_back_at_once_however_the_worker_ends(
-    server: NodeServer, client: Client
-) -> None:
-    """Cancelled (or ended by a refusal) rather than stopped: the jobs
-    waiting in the buffer go back at once all the same, unrun."""
-    await client.enqueue_batch("q", [pb.JobSpec(payload=b"%d" % i) for i in range(6)])
-    ran: list[bytes] = []
-    go = asyncio.Event()
-
-    async def handler(job: pb.LeasedJob) -> None:
-        ran.append(job.payload)
-        await go.wait()
-
-    config = WorkerConfig(concurrency=1, buffer=2, wait_ms=200, shutdown_grace_s=30)
-    worker = Worker(client, "q", handler, config=config)
-    task = asyncio.create_task(worker.run())
-    try:
-        await _until("three leased", lambda: worker.stats.leased == 3)
-        await _until("one running", lambda: len(ran) == 1)
-        task.cancel()
-        deadline = time.monotonic() + 5
-        while (await client.stats("q"))[0].ready != 5:
-            assert time.monotonic() < deadline, "the buffered jobs were not given back"
-            await asyncio.sleep(0.05)
-        go.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 30)
-    finally:
-        go.set()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    assert len(ran) == 1
-    assert worker.stats.released == 2
