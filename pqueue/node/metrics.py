@@ -96,6 +96,15 @@ class NodeMetrics:
             registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1),
         )
+        self.operations = Counter(
+            "pq_operations",
+            "Operations of Submit calls and Consume settles this node answered, by kind "
+            "(enqueue, ack, nack, extend) and outcome (OK, or the operation's status code): "
+            "a Submit answers OK with each operation's own status.",
+            ["op", "code"],
+            registry=r,
+        )
+        self._operation_children: dict[tuple[str, str], Counter] = {}
         self.elections = Counter(
             "pq_consensus_elections",
             "Elections (phase-1 rounds) this node started.",
@@ -116,6 +125,13 @@ class NodeMetrics:
             registry=r,
         )
         r.register(ProcessCollector())
+
+    def operation(self, kind: str, code: str) -> None:
+        """One operation of a Submit or a Consume settle answered (``code``: OK or its error's)."""
+        child = self._operation_children.get((kind, code))
+        if child is None:  # labels() takes a lock and builds a key: once per pair
+            child = self._operation_children[(kind, code)] = self.operations.labels(kind, code)
+        child.inc()
 
     # LogObserver
     def batch(self, commands: int) -> None:

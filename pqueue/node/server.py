@@ -194,7 +194,14 @@ class NodeServer(Serving):
         verifier, quotas = self.config.verifier, self.config.quotas
         # The generated ``add_*`` functions take the guard as they take a server.
         services = cast(grpc.aio.Server, guard)
-        queue = QueueService(self.node, self.forwarder, verifier, quotas, self.memory)
+        queue = QueueService(
+            self.node,
+            self.forwarder,
+            verifier,
+            quotas,
+            self.memory,
+            count_operation=self.metrics.operation,
+        )
         pbg.add_QueueServicer_to_server(queue, services)
         pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), services)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others

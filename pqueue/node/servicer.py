@@ -180,6 +180,18 @@ def _op_queue(op: pb.Operation) -> str:
     return getattr(op, kind).queue if kind else ""
 
 
+#: A status code's name by its number (an ``OpStatus`` carries the number).
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _code_name(code: int) -> str:
+    return _CODE_NAMES.get(code, str(code))
+
+
+def _uncounted(kind: str, code: str) -> None:
+    """No metrics: operations are not counted."""
+
+
 def _failed(index: int, kind: str, error: PQueueError) -> pb.OpStatus:
     """One operation's status, its error line logged (the call answers OK)."""
     status = to_op_status(error)
@@ -333,6 +345,20 @@ class QueueService(_Base, pbg.QueueServicer):
     """Producers and consumers."""
 
     SERVICE = "pqueue.v1.Queue"
+
+    def __init__(
+        self,
+        node: QueueNode,
+        forwarder: Forwarder,
+        verifier: Verifier | None = None,
+        quotas: Quotas | None = None,
+        memory: MemoryBudget | None = None,
+        count_operation: Callable[[str, str], None] | None = None,
+    ) -> None:
+        super().__init__(node, forwarder, verifier, quotas, memory)
+        #: Told each operation a Submit or a settle answered: its kind and
+        #: outcome (OK, or its status code); a call's own status is the observer's.
+        self.count_operation = count_operation or _uncounted
 
     # Each write is built the same way whether it comes alone or in a Submit.
 
@@ -522,6 +548,9 @@ class QueueService(_Base, pbg.QueueServicer):
             answer.log_index = index
             getattr(results[i], done).CopyFrom(answer)
             top = max(top, index)
+        for op, result in zip(ops, results, strict=True):
+            code = result.status.code if result.HasField("status") else 0
+            self.count_operation(op.WhichOneof("op") or "none", _code_name(code))
         return results, top
 
     async def _outcomes(self, commands: Sequence[logpb.Command]) -> list[Indexed]:

@@ -54,6 +54,20 @@ async def test_each_operation_answers_alone(server: NodeServer, client: Client) 
     # The good jobs went in, in order; the bad one did not.
     jobs = await client.lease("q", max_jobs=10)
     assert [j.payload for j in jobs] == [b"a", b"b"]
+    # The call answered OK; each operation is counted with its own outcome.
+    counted = {
+        (sample.labels["op"], sample.labels["code"]): sample.value
+        for family in server.metrics.registry.collect()
+        if family.name == "pq_operations"
+        for sample in family.samples
+        if sample.name == "pq_operations_total"
+    }
+    assert counted == {
+        ("enqueue", "OK"): 2,
+        ("enqueue", "INVALID_ARGUMENT"): 2,  # the SDK's single call above is a Submit too
+        ("ack", "ABORTED"): 1,
+        ("none", "INVALID_ARGUMENT"): 1,
+    }
 
 
 async def test_settles_leases_of_several_queues(server: NodeServer, client: Client) -> None:

@@ -85,6 +85,11 @@ async def test_a_worker_streams_and_acks_on_the_stream(server: NodeServer, clien
     # with the credits their slots freed.
     assert stream.ops_sent < 40
     assert stream.requests_sent < 40
+    # Each Ack the stream settled is counted as one operation, answered OK.
+    registry = server.metrics.registry
+    assert registry.get_sample_value("pq_operations_total", {"op": "ack", "code": "OK"}) == (
+        stream.ops_sent
+    )
     assert (worker.streams_opened, worker.stats.leased) == (1, 40)
 
 
