@@ -486,7 +486,8 @@ class Worker:
         """A buffered job waits for a free slot (True: it has one). A stop
         first gives it back unrun (False), as a job pushed while stopping; a
         lease lost meanwhile (``heartbeat`` ended) drops it unrun."""
-        acquire = asyncio.create_task(self._slot())
+        assert self._slots is not None
+        acquire = asyncio.create_task(self._slots.acquire())
         try:
             await self._race_stop(acquire)
         except asyncio.CancelledError:
@@ -508,11 +509,7 @@ class Worker:
         await self._release_unstarted(job)
         return False
 
-    async def _slot(self) -> None:
-        assert self._slots is not None
-        await self._slots.acquire()
-
-    def _let_go(self, acquire: asyncio.Task[None]) -> None:
+    def _let_go(self, acquire: asyncio.Task[bool]) -> None:
         """Give up waiting for a slot: the wait cancelled, or the slot back."""
         assert self._slots is not None
         if not acquire.done():

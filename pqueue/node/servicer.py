@@ -46,7 +46,7 @@ from pqueue.wire.keys import DIRECT_KEY, FORWARDED_KEY, marked
 from pqueue.wire.load import CpuSampler
 from pqueue.wire.logs import describe
 from pqueue.wire.observe import log_op_failure
-from pqueue.wire.status import code_of, to_op_status, to_status
+from pqueue.wire.status import code_by_value, code_of, to_op_status, to_status
 
 logger = logging.getLogger(__name__)
 
@@ -178,14 +178,6 @@ def _token(last: str) -> str:
 def _op_queue(op: pb.Operation) -> str:
     kind = op.WhichOneof("op")
     return getattr(op, kind).queue if kind else ""
-
-
-#: A status code's name by its number (an ``OpStatus`` carries the number).
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-
-
-def _code_name(code: int) -> str:
-    return _CODE_NAMES.get(code, str(code))
 
 
 def _uncounted(kind: str, code: str) -> None:
@@ -550,7 +542,7 @@ class QueueService(_Base, pbg.QueueServicer):
             top = max(top, index)
         for op, result in zip(ops, results, strict=True):
             code = result.status.code if result.HasField("status") else 0
-            self.count_operation(op.WhichOneof("op") or "none", _code_name(code))
+            self.count_operation(op.WhichOneof("op") or "none", code_by_value(code).name)
         return results, top
 
     async def _outcomes(self, commands: Sequence[logpb.Command]) -> list[Indexed]:

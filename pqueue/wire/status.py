@@ -197,11 +197,16 @@ def from_op_status(status: pb.OpStatus) -> errors.PQueueError | None:
     exactly as ``from_rpc_error`` gives it for the single call."""
     if status.code == 0:
         return None
-    code = _BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN)
+    code = code_by_value(status.code)
     return error_of(code, status.message or code.name, list(status.details))
 
 
 _BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def code_by_value(number: int) -> grpc.StatusCode:
+    """The status code a status's number stands for (UNKNOWN if none)."""
+    return _BY_VALUE.get(number, grpc.StatusCode.UNKNOWN)
 
 
 def error_of(code: grpc.StatusCode, message: str, details: list[any_pb2.Any]) -> errors.PQueueError:
