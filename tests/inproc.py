@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from pqueue.cli.devcluster import free_ports
 from pqueue.core import features
 from pqueue.core.snapshot import state_hash
 from pqueue.node.auth import PEER, Verifier, issue, node_subject
@@ -47,8 +48,16 @@ class Cluster:
         node_options: dict[str, Any] | None = None,
         server_options: dict[str, Any] | None = None,
         storage: Callable[[int], Storage] | None = None,
+        peer_tcp: Collection[int] | None = None,
     ) -> None:
         self.root = root
+        #: The nodes that take peers' TCP connections (default: all, as
+        #: ``make cluster`` runs). The others run without peer ports, while
+        #: the rest are told a port for them where nothing listens (an older
+        #: release, mid-upgrade): they reach those over gRPC.
+        self.peer_tcp = set(range(1, n + 1)) if peer_tcp is None else set(peer_tcp)
+        #: Each node's TCP peer port, filled in as they bind.
+        self.peer_ports: dict[int, int] = {}
         #: Node id -> its store (default: SQLite under ``root``).
         self.storage = storage or (lambda i: SqliteStorage(root / f"n{i}"))
         #: More ``ServerConfig`` fields for every node (memory_budget_bytes...).
@@ -68,7 +77,12 @@ class Cluster:
         self.n = n
 
     def _server(self, i: int) -> NodeServer:
-        config = ClusterConfig(node_id=i, addresses=self.addresses, **self.cluster_options)
+        config = ClusterConfig(
+            node_id=i,
+            addresses=self.addresses,
+            peer_ports=self.peer_ports if i in self.peer_tcp else None,
+            **self.cluster_options,
+        )
         listen = self.addresses.get(i, "127.0.0.1:0")
         return NodeServer(
             self.storage(i),
@@ -96,6 +110,8 @@ class Cluster:
         )
 
     async def start(self) -> None:
+        idle = [i for i in range(1, self.n + 1) if i not in self.peer_tcp]
+        self.peer_ports.update(zip(idle, free_ports(len(idle)), strict=True))
         for i in range(1, self.n + 1):
             self.servers[i] = self._server(i)
             self.addresses[i] = await self.servers[i].bind()

@@ -75,6 +75,29 @@ def parse_peers(text: str) -> dict[int, str]:
     return peers
 
 
+def parse_peer_ports(text: str) -> int | dict[int, int]:
+    """``PORT`` (every node's) or ``ID=PORT,ID=PORT,...``."""
+
+    def port(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if not 1 <= n <= 65535:
+            raise argparse.ArgumentTypeError(f"{value!r}: a port is 1 to 65535")
+        return n
+
+    if "=" not in text:
+        return port(text)
+    ports = {}
+    for part in text.split(","):
+        node, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected ID=PORT")
+        ports[parse_node_id(node)] = port(value)
+    return ports
+
+
 def metrics_token(path: Path | None) -> str | None:
     """The /metrics scrape token in ``path`` (None: no file given)."""
     if path is None:

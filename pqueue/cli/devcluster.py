@@ -72,9 +72,12 @@ class _Node:
         store: str | None = None,
         metrics: str = "",
         cluster_id: str = "",
+        peer_ports: dict[int, int] | None = None,
     ) -> None:
         self.id = node_id
         self.metrics = metrics
+        #: Where it takes its peers' TCP connections ("": none).
+        self.peer = f"127.0.0.1:{peer_ports[node_id]}" if peer_ports else ""
         self.name = f"n{node_id}"
         self.address = addresses[node_id]
         self.data = root / self.name
@@ -82,6 +85,11 @@ class _Node:
         self.cmd = [sys.executable, "-m", "pqueue.cli", "node", "--data-dir", str(self.data)]
         self.cmd += ["--listen", self.address, "--node-id", str(node_id)]
         self.cmd += ["--peers", peers_arg(addresses)]
+        if peer_ports:
+            self.cmd += [
+                "--peer-ports",
+                ",".join(f"{i}={p}" for i, p in sorted(peer_ports.items())),
+            ]
         if cluster_id:
             self.cmd += ["--cluster-id", cluster_id]
         if store:
@@ -300,6 +308,15 @@ def _plan(
 ) -> tuple[list[_Node], _Balancer]:
     """The nodes and the balancer to run, with their ports (not started)."""
     addresses = cluster_addresses(nodes, base_port)
+    # Consensus over TCP, on the ports after the nodes' (base_port+nodes+1...).
+    peer_ports = dict(
+        enumerate(
+            free_ports(nodes)
+            if base_port == 0
+            else range(base_port + nodes + 1, base_port + 2 * nodes + 1),
+            start=1,
+        )
+    )
     balancer_port = base_port or free_ports(1)[0]
     if base_port == 0 or metrics_port == 0:  # 0: any free ports
         metrics_ports = free_ports(nodes + 1)
@@ -313,7 +330,7 @@ def _plan(
     )
     cluster_id = cluster_id_of(root)
     nodes_ = [
-        _Node(root, i, addresses, store, f"127.0.0.1:{metrics_ports[i]}", cluster_id)
+        _Node(root, i, addresses, store, f"127.0.0.1:{metrics_ports[i]}", cluster_id, peer_ports)
         for i in sorted(addresses)
     ]
     return nodes_, balancer
@@ -321,7 +338,7 @@ def _plan(
 
 def _ports_free(cluster: list[_Node]) -> bool:
     """Whether every port the cluster wants is free (if not, says which)."""
-    taken = taken_ports([a for n in cluster for a in (n.address, n.metrics) if a])
+    taken = taken_ports([a for n in cluster for a in (n.address, n.metrics, n.peer) if a])
     if taken:
         print(
             f"refusing to start: {', '.join(taken)} already taken (another cluster? "

@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pqueue.cli.args import metrics_token, parse_bytes, parse_node_id, parse_peers
+from pqueue.cli.args import (
+    metrics_token,
+    parse_bytes,
+    parse_node_id,
+    parse_peer_ports,
+    parse_peers,
+)
 from pqueue.cli.failure import exit_code, failure_line
 from pqueue.errors import PQueueError
 from pqueue.wire.logs import LOG_FORMATS, describe
@@ -182,6 +188,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
             memory_budget_bytes=args.memory_budget_mb << 20,
         ),
         peers=args.peers,
+        peer_ports=_peer_ports(args.peer_ports, args.peers, args.node_id),
         cluster_id=args.cluster_id,
         accept_member_change=args.accept_member_change,
         store=args.store,
@@ -191,6 +198,22 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         log_format=args.log_format,
         snapshot_every_entries=args.snapshot_every_entries,
     )
+
+
+def _peer_ports(
+    given: int | dict[int, int] | None, peers: dict[int, str] | None, node_id: int
+) -> dict[int, int] | None:
+    """Each node's TCP peer port, from ``--peer-ports`` (one port: every node's)."""
+    if given is None:
+        return None
+    if not peers:
+        raise ValueError("--peer-ports needs --peers: a node alone has no peers to talk to")
+    ports = dict.fromkeys(peers, given) if isinstance(given, int) else given
+    if unknown := sorted(set(ports) - set(peers)):
+        raise ValueError(f"--peer-ports names nodes that --peers does not: {unknown}")
+    if node_id not in ports:
+        raise ValueError(f"--peer-ports names no port for this node ({node_id}) to listen on")
+    return ports
 
 
 def _check_peer_token(verifier: Verifier, token: str, node_id: int) -> None:
@@ -221,6 +244,16 @@ def register(sub: Any) -> None:
         default=None,
         help="every node of the cluster, this one too: 1=HOST:PORT,2=HOST:PORT,... "
         "(without it the node runs alone; a member of a cluster always needs it)",
+    )
+    node.add_argument(
+        "--peer-ports",
+        type=parse_peer_ports,
+        default=None,
+        metavar="PORT|ID=PORT,...",
+        help="consensus messages over plain TCP (or TLS) instead of gRPC streams: each node "
+        "takes peers' connections on its port (at its --listen host), and is dialled at the "
+        "host of its --peers address (one PORT: the same on every node). Cheaper and faster; "
+        "a peer not named, or not listening, is reached over gRPC",
     )
     _identity_args(node)
     node.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")

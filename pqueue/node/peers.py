@@ -23,9 +23,12 @@ connection, so they never wait behind megabytes of entries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from typing import Any
 
 import grpc
@@ -33,8 +36,10 @@ import grpc
 from consensus.messages import Message
 from pqueue.core import features, limits
 from pqueue.errors import UnauthenticatedError
+from pqueue.node import peer_tcp
 from pqueue.node.auth import PEER, Principal, Verifier, node_subject
 from pqueue.node.peer_codec import EntryCache, approx_size, decode, encode_wire
+from pqueue.node.peer_tcp import HelloRefused, PeerRefused
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from pqueue.wire.channels import channel_options
@@ -58,6 +63,12 @@ MAX_QUEUED_BYTES = 64 << 20
 SMALL_MESSAGE_BYTES = 64 << 10
 #: Room left under the gRPC limit for the batch's own framing.
 _FRAMING_BYTES = 1 << 10
+#: After a peer's TCP port refused a connection (nothing listening there: an
+#: older release, or a node started without ``--peer-ports``), its gRPC
+#: stream carries the messages this long before TCP is tried again.
+GRPC_FALLBACK_S = 10.0
+#: How long a peer's gRPC port has to answer for the fallback to use it.
+PROBE_S = 2.0
 _CHANNEL_OPTIONS = channel_options(limits.MAX_PEER_MESSAGE_BYTES, keepalive=True)
 
 
@@ -87,73 +98,99 @@ class PeerService(ppbg.PeerServicer):
         request_iterator: AsyncIterator[ppb.PeerBatch],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ppb.PeerAck:
-        caller = await self._authenticate(context)
-        sender = caller.node_id if caller is not None else None
+        metadata = context.invocation_metadata()
+        try:
+            caller = self.admit(lambda: bearer(metadata), context.peer())
+        except PeerRefused as exc:
+            await context.abort(exc.code, exc.message)
+            raise AssertionError("unreachable") from exc  # abort raises
         # One stream per peer: its header speaks for the sender of its first message.
-        announced: frozenset[str] | None = _announcement(context.invocation_metadata())
+        announced: frozenset[str] | None = _announcement(metadata)
         async for batch in request_iterator:
-            if caller is not None and self.verifier is not None:
-                try:  # a stream outlives its first check: expiry and revocation end it
-                    self.verifier.still_valid(caller)
-                except UnauthenticatedError as exc:
-                    self.refused += 1
-                    logger.warning("ended the peer stream of %s: %s", caller.subject, describe(exc))
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-            for wire in batch.messages:
-                try:
-                    msg = decode(wire)
-                except ValueError as exc:
-                    logger.warning("dropping a malformed peer message: %s", describe(exc))
-                    continue
-                if sender is not None and msg.src != sender:
-                    # A node speaks only for itself: a message claiming another
-                    # sender (the leader, say) could win a vote it has no right to.
-                    self.spoofed += 1
-                    if self.spoofed & (self.spoofed - 1) == 0:  # 1, 2, 4, 8...: bounded noise
-                        logger.warning(
-                            "dropped a peer message claiming to be from node %d on the stream "
-                            "of %s (%d so far)",
-                            msg.src,
-                            node_subject(sender),
-                            self.spoofed,
-                        )
-                    continue
-                if announced is not None and self.announce is not None:
-                    self.announce(msg.src, announced)
-                    announced = None
-                self.deliver(msg)
+            try:  # a stream outlives its first check: expiry and revocation end it
+                self.still_valid(caller)
+            except PeerRefused as exc:
+                await context.abort(exc.code, exc.message)
+            announced = self.take(batch.messages, caller, announced)
         return ppb.PeerAck()
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
-        """The sending node's principal (None with auth off); aborts the call if none."""
+    def admit(self, token: Callable[[], str], peer: str) -> Principal | None:
+        """The sending node's principal (None with auth off), from the token
+        its stream or connection shows (``token()``: it, or
+        ``UnauthenticatedError``); ``PeerRefused`` (said and counted) if it
+        may not speak the peer protocol."""
         if self.verifier is None:
             return None
         try:
-            caller = self.verifier.verify(bearer(context.invocation_metadata()))
+            caller = self.verifier.verify(token())
         except UnauthenticatedError as exc:
             self.refused += 1
             if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8...: a node retries each second
-                peer, n = context.peer(), self.refused
-                logger.warning(
-                    "refused a peer stream from %s: %s (%d so far)", peer, describe(exc), n
-                )
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-            raise AssertionError("unreachable") from exc  # abort raises
+                n, why = self.refused, describe(exc)
+                logger.warning("refused a peer stream from %s: %s (%d so far)", peer, why, n)
+            raise PeerRefused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from exc
         if PEER not in caller.roles:
             self.refused += 1
-            logger.warning("refused a peer stream from %s: no peer role", context.peer())
-            await context.abort(
+            logger.warning("refused a peer stream from %s: no peer role", peer)
+            raise PeerRefused(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "only the cluster's nodes (a token with the peer role) speak this protocol",
             )
         if caller.node_id is None:
             self.refused += 1
-            logger.warning("refused a peer stream from %s: its token names no node", context.peer())
-            await context.abort(
+            logger.warning("refused a peer stream from %s: its token names no node", peer)
+            raise PeerRefused(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "a peer token must name its node (sub node:<id>; pq token issue --node-id N)",
             )
         return caller
+
+    def still_valid(self, caller: Principal | None) -> None:
+        """``PeerRefused`` (said and counted) once an admitted sender's token
+        has expired or been revoked: checked at each batch."""
+        if caller is None or self.verifier is None:
+            return
+        try:
+            self.verifier.still_valid(caller)
+        except UnauthenticatedError as exc:
+            self.refused += 1
+            logger.warning("ended the peer stream of %s: %s", caller.subject, describe(exc))
+            raise PeerRefused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from exc
+
+    def take(
+        self,
+        messages: Iterable[ppb.PeerMessage],
+        caller: Principal | None,
+        announced: frozenset[str] | None,
+    ) -> frozenset[str] | None:
+        """Decode and deliver one batch's messages from ``caller``'s stream or
+        connection; ``announced``: its features, if not yet told (what is
+        still untold is returned)."""
+        sender = caller.node_id if caller is not None else None
+        for wire in messages:
+            try:
+                msg = decode(wire)
+            except ValueError as exc:
+                logger.warning("dropping a malformed peer message: %s", describe(exc))
+                continue
+            if sender is not None and msg.src != sender:
+                # A node speaks only for itself: a message claiming another
+                # sender (the leader, say) could win a vote it has no right to.
+                self.spoofed += 1
+                if self.spoofed & (self.spoofed - 1) == 0:  # 1, 2, 4, 8...: bounded noise
+                    logger.warning(
+                        "dropped a peer message claiming to be from node %d on the stream "
+                        "of %s (%d so far)",
+                        msg.src,
+                        node_subject(sender),
+                        self.spoofed,
+                    )
+                continue
+            if announced is not None and self.announce is not None:
+                self.announce(msg.src, announced)
+                announced = None
+            self.deliver(msg)
+        return announced
 
 
 def _announcement(metadata: Any) -> frozenset[str]:
@@ -188,10 +225,22 @@ class _Link:
         address: str,
         tls: Tls | None,
         metadata: Callable[[], Metadata],
+        lane: str = "bulk",
+        tcp_port: int | None = None,
+        hello: Callable[[], ppb.PeerHello] | None = None,
     ) -> None:
         self.node_id, self.peer, self.address = node_id, peer, address
         self.tls = tls
         self._metadata = metadata
+        self.lane = lane
+        #: The peer's TCP port (``--peer-ports``); None: its gRPC stream only.
+        self.tcp_port = tcp_port
+        self._hello = hello or (lambda: ppb.PeerHello(node=node_id))
+        #: Until then (monotonic s), the gRPC stream: nobody listened on the TCP port.
+        self._grpc_until = 0.0
+        #: How the link sends now ("tcp" or "grpc"; "" before its first connection).
+        self.transport = ""
+        self._refusals = 0
         #: (a serialized PeerMessage in pieces, its size), oldest first.
         self.queue: deque[tuple[list[bytes], int]] = deque()
         self.queued_bytes = 0
@@ -248,20 +297,119 @@ class _Link:
         backoff_s = 0.05
         while True:
             try:
-                async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
-                    call = _raw_send(ch)(metadata=self.metadata)
-                    while True:
-                        if not self.queue:
-                            self.ready.clear()
-                            await self.ready.wait()
-                        await call.write(self.take_batch())
-                        backoff_s = 0.05
+                if self.tcp_port is not None and time.monotonic() >= self._grpc_until:
+                    if await self._tcp_session():
+                        continue  # nobody listened: the gRPC stream at once
+                else:
+                    until = self._grpc_until if self.tcp_port is not None else None
+                    try:
+                        await self._grpc_session(until)
+                    except Exception:
+                        # Not up at all (starting, say): TCP first next time.
+                        self._grpc_until = 0.0
+                        raise
+                    continue  # its time is up: TCP again
+            except HelloRefused as exc:
+                self._refusals += 1
+                if self._refusals & (self._refusals - 1) == 0:  # 1, 2, 4...: bounded noise
+                    logger.warning(
+                        "node %d -> %d: the peer refused this node's hello: %s (%d so far)",
+                        self.node_id,
+                        self.peer,
+                        exc,
+                        self._refusals,
+                    )
             except Exception as exc:  # any failure: reconnect, never die
                 logger.debug(
                     "node %d -> %d: stream broke: %s", self.node_id, self.peer, describe(exc)
                 )
+            else:
+                backoff_s = 0.05
+                continue
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 1.0)
+
+    def _now_over(self, transport: str, why: str = "") -> None:
+        if transport != self.transport:
+            self.transport = transport
+            logger.info(
+                "node %d -> %d (%s): peer messages over %s%s",
+                self.node_id,
+                self.peer,
+                self.lane,
+                "TCP" if transport == "tcp" else "the gRPC stream",
+                f" ({why})" if why else "",
+            )
+
+    async def _tcp_session(self) -> bool:
+        """Send over a TCP connection until it breaks (raises); True at once
+        if nobody listens on the peer's port (it uses gRPC for a while)."""
+        assert self.tcp_port is not None
+        host = host_of(self.address)
+        dial = functools.partial(peer_tcp.dial, host, self.tcp_port, self.tls)
+        try:
+            reader, writer = await dial(self._hello())
+        except ConnectionRefusedError as exc:
+            if not await self._grpc_answers():
+                raise  # not up at all (starting, say): TCP again after the backoff
+            try:  # up now: its TCP port too, unless it has none
+                reader, writer = await dial(self._hello())
+            except ConnectionRefusedError:
+                # An older release, or a node started without --peer-ports: its
+                # gRPC stream still reaches it. TCP is tried again after a while.
+                self._grpc_until = time.monotonic() + GRPC_FALLBACK_S
+                why = f"nothing listens on {host}:{self.tcp_port}: {describe(exc)}"
+                self._now_over("grpc", why)
+                return True
+        self._now_over("tcp")
+        try:
+            while True:
+                if not self.queue:
+                    self.ready.clear()
+                    await self.ready.wait()
+                if reader.at_eof() or writer.is_closing():
+                    raise ConnectionResetError("the peer closed the connection")
+                batch = self.take_batch()
+                writer.writelines((peer_tcp.header(len(batch)), batch))
+                if writer.transport.get_write_buffer_size() > peer_tcp.DRAIN_ABOVE_BYTES:
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    async def _grpc_answers(self) -> bool:
+        """Whether the peer's gRPC port takes a connection within ``PROBE_S``."""
+        async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
+            try:
+                async with asyncio.timeout(PROBE_S):
+                    await ch.channel_ready()
+            except TimeoutError:
+                return False
+        return True
+
+    async def _grpc_session(self, until: float | None) -> None:
+        """Send over a gRPC stream until it breaks (raises), or until ``until``
+        (monotonic s; None: for good)."""
+        async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
+            call = _raw_send(ch)(metadata=self.metadata)
+            if until is None:
+                self._now_over("grpc")
+            while until is None or time.monotonic() < until:
+                if not self.queue:
+                    self.ready.clear()
+                    if until is None:
+                        await self.ready.wait()
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                                await self.ready.wait()
+                        continue
+                await call.write(self.take_batch())
+
+
+def host_of(address: str) -> str:
+    """The host of ``host:port`` (an IPv6 literal without its brackets)."""
+    host = address.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 class PeerTransport:
@@ -274,8 +422,12 @@ class PeerTransport:
         tls: Tls | None = None,
         token: TokenSource | None = None,
         supported: Collection[str] = features.SUPPORTED,
+        peer_ports: dict[int, int] | None = None,
     ) -> None:
         self.node_id = node_id
+        #: Each node's TCP peer port (``--peer-ports``; this one's too), read
+        #: at start; None: every peer over its gRPC stream.
+        self.peer_ports = peer_ports
         #: This node's peer token (role ``peer``), when the cluster checks tokens:
         #: a string, or a ``TokenFile`` re-read when it changes (rotation).
         self.token = token
@@ -299,12 +451,30 @@ class PeerTransport:
             (features.FEATURES_KEY, features.announce(self.supported)),
         )
 
+    def hello(self) -> ppb.PeerHello:
+        """What a TCP connection to a peer says first: the stream's headers."""
+        return ppb.PeerHello(
+            node=self.node_id,
+            token=current_token(self.token) or "",
+            features=features.announce(self.supported),
+        )
+
     def start(self) -> None:
         """Start two senders per peer (addresses are read now: ports may bind late)."""
+        ports = self.peer_ports or {}
         for lanes, lane in ((self._links, "bulk"), (self._small, "small")):
             lanes.update(
                 {
-                    peer: _Link(self.node_id, peer, address, self.tls, self.metadata)
+                    peer: _Link(
+                        self.node_id,
+                        peer,
+                        address,
+                        self.tls,
+                        self.metadata,
+                        lane,
+                        ports.get(peer),
+                        self.hello,
+                    )
                     for peer, address in self._addresses.items()
                     if peer != self.node_id
                 }

@@ -102,7 +102,12 @@ class QueueNode:
         )
         self.cluster = cluster
         self.transport = PeerTransport(
-            cluster.node_id, cluster.addresses, tls, peer_token, self.config.features
+            cluster.node_id,
+            cluster.addresses,
+            tls,
+            peer_token,
+            self.config.features,
+            cluster.peer_ports,
         )
         #: Commands applied whose request held a client's unknown fields (an
         #: older release stored them; ``features.check_entry`` drops them).

@@ -87,6 +87,11 @@ class ClusterConfig:
     node_id: int
     #: Every node's peer address, this one's included: id -> "host:port".
     addresses: dict[int, str] = field(default_factory=dict)
+    #: The TCP peer transport (``pq node --peer-ports``): id -> the port that
+    #: node takes peers' connections on (at its address's host); this node
+    #: listens on its own (0: any, the bound port is put here). A peer not
+    #: named is reached over its gRPC stream; None: every peer is.
+    peer_ports: dict[int, int] | None = None
     tick_ms: int = 50
     #: Election timeout: between 1 and 2 times this many ticks.
     election_ticks: int = 10

@@ -29,6 +29,8 @@ class NodeOptions:
     node_id: int
     server: ServerConfig
     peers: dict[int, str] | None = None
+    #: Each node's TCP peer port (``--peer-ports``); None: gRPC streams only.
+    peer_ports: dict[int, int] | None = None
     #: Identity on disk (``pqueue.node.identity``): the cluster's name, and whether a
     #: new member set may replace the one the data dir recorded.
     cluster_id: str | None = None
@@ -60,6 +62,7 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
     cluster = ClusterConfig(
         node_id=o.node_id,
         addresses=dict(o.peers or {}),
+        peer_ports=dict(o.peer_ports) if o.peer_ports is not None else None,
         cluster_id=o.cluster_id,
         accept_member_change=o.accept_member_change,
         data_dir=str(o.data_dir),

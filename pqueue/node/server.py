@@ -16,7 +16,8 @@ from pqueue.node.auth import Verifier, trusted_hops
 from pqueue.node.forward import Forwarder
 from pqueue.node.memory import MemoryBudget
 from pqueue.node.metrics import QUEUE_LABEL_MODES, NodeCollector, NodeMetrics
-from pqueue.node.peers import PeerService
+from pqueue.node.peer_tcp import PeerListener
+from pqueue.node.peers import PeerService, host_of
 from pqueue.node.queue_node import NodeConfig, QueueNode
 from pqueue.node.quotas import Quotas
 from pqueue.node.replicated import ClusterConfig, ReplicatedLog
@@ -137,8 +138,10 @@ class NodeServer(Serving):
         self._watch: asyncio.Task[None] | None = None
         self._started = False
         self.port = 0
-        #: The peer protocol's service, once started (its refusal counters).
+        #: The peer protocol's service, once bound (its refusal counters).
         self.peers: PeerService | None = None
+        #: Peers' TCP connections (with peer ports), once bound.
+        self.peer_listener: PeerListener | None = None
 
     @property
     def address(self) -> str:
@@ -173,7 +176,29 @@ class NodeServer(Serving):
             except RuntimeError as exc:
                 self._server = None
                 raise OSError(f"cannot listen on {self.config.listen}: {describe(exc)}") from exc
+            if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
+                self.peers = PeerService(
+                    self.node.log.on_message, self.config.verifier, self.node.note_features
+                )
+                await self._bind_peer_port(self.peers)
         return self.address
+
+    async def _bind_peer_port(self, peers: PeerService) -> None:
+        """With peer ports, listen on this node's (its listen address's host)."""
+        cluster = self.node.cluster
+        if cluster.peer_ports is None:
+            return
+        host = host_of(self.config.listen)
+        wanted = cluster.peer_ports.get(cluster.node_id, 0)
+        listener = PeerListener(peers, self.config.tls)
+        try:
+            port = await listener.bind(host, wanted)
+        except OSError as exc:
+            raise OSError(
+                f"cannot listen for peers on {host or '*'}:{wanted}: {describe(exc)}"
+            ) from exc
+        cluster.peer_ports[cluster.node_id] = port
+        self.peer_listener = listener
 
     async def start(self) -> None:
         """Recover the node, then serve."""
@@ -190,6 +215,8 @@ class NodeServer(Serving):
         except BaseException:
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
+            if self.peer_listener is not None:
+                await self.peer_listener.stop()
             raise
         verifier, quotas = self.config.verifier, self.config.quotas
         # The generated ``add_*`` functions take the guard as they take a server.
@@ -205,7 +232,7 @@ class NodeServer(Serving):
         pbg.add_QueueServicer_to_server(queue, services)
         pbg.add_AdminServicer_to_server(AdminService(self.node, self.forwarder, verifier), services)
         if isinstance(self.node.log, ReplicatedLog):  # always, today; the seam allows others
-            self.peers = PeerService(self.node.log.on_message, verifier, self.node.note_features)
+            assert self.peers is not None  # made at bind
             ppbg.add_PeerServicer_to_server(self.peers, services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -216,6 +243,8 @@ class NodeServer(Serving):
             services,
         )
         await server.start()
+        if self.peer_listener is not None:
+            self.peer_listener.start()
         self._started = True
         self.memory.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -277,6 +306,8 @@ class NodeServer(Serving):
         self.node.begin_drain()
         await self._server.stop(self.config.grace_s)
         self._server = None
+        if self.peer_listener is not None:
+            await self.peer_listener.stop()
         try:
             await self.memory.stop()
             await self.forwarder.close()

@@ -272,3 +272,62 @@ class PeerAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PeerAck: _TypeAlias = PeerAck  # noqa: Y015
+
+@_typing.final
+class PeerHello(_message.Message):
+    """The TCP peer transport (`pq node --peer-ports`), used in place of `Send`
+    where a peer names a port for it. Every frame on the connection is a
+    4-byte big-endian length and that many bytes. The dialing node sends one
+    PeerHello; the listening node answers one PeerWelcome; then the dialing
+    node sends PeerBatch frames and the listening node only reads, as on `Send`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    node: _builtins.int
+    """The sending node's id."""
+    token: _builtins.str
+    """Its peer token, when the cluster checks tokens (as `Send`'s
+    `authorization: Bearer` header).
+    """
+    features: _builtins.str
+    """The log features it supports (as `Send`'s `pq-features` header)."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.int = ...,
+        token: _builtins.str = ...,
+        features: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "node", b"node", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerHello: _TypeAlias = PeerHello  # noqa: Y015
+
+@_typing.final
+class PeerWelcome(_message.Message):
+    """The listening node's one answer to a PeerHello."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFUSED_FIELD_NUMBER: _builtins.int
+    refused: _builtins.str
+    """Empty: accepted. Otherwise why not; the connection then closes."""
+    def __init__(
+        self,
+        *,
+        refused: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerWelcome: _TypeAlias = PeerWelcome  # noqa: Y015

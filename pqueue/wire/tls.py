@@ -1,4 +1,5 @@
-"""TLS for every gRPC hop: clients to balancer or node, balancer to node, node to node.
+"""TLS for every hop: clients to balancer or node, balancer to node, node to node
+(gRPC, and the TCP peer transport's sockets).
 
 A ``Tls`` is read from PEM files: this side's certificate and key, and the
 CA that certifies the other side. A server given a CA requires and checks a
@@ -11,6 +12,9 @@ subject alternative names, as gRPC does.
 
 from __future__ import annotations
 
+import os
+import ssl
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +70,42 @@ class Tls:
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
         )
+
+    def server_context(self) -> ssl.SSLContext:
+        """The same server side for a plain TLS socket (the TCP peer transport):
+        this chain and key; with a CA, client certificates from it required."""
+        if self.cert is None or self.key is None:
+            raise ValueError("a TLS server needs a certificate and a key")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._load_chain(ctx)
+        if self.ca is not None:
+            ctx.load_verify_locations(cadata=self.ca.decode())
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """The same client side for a plain TLS socket: the server checked
+        against the CA (the system's roots without one) and its name against
+        the certificate's, this chain presented if given."""
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cadata=self.ca.decode() if self.ca is not None else None
+        )
+        if self.cert is not None:
+            self._load_chain(ctx)
+        return ctx
+
+    def _load_chain(self, ctx: ssl.SSLContext) -> None:
+        # ``ssl`` reads a chain and key only from files: a private temporary
+        # directory holds them for the moment it takes.
+        assert self.cert is not None
+        assert self.key is not None
+        with tempfile.TemporaryDirectory(prefix="pq-tls-") as tmp:
+            cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+            for path, data in ((cert, self.cert), (key, self.key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            ctx.load_cert_chain(cert, key)
 
 
 def channel(

@@ -28,18 +28,26 @@ class ProcCluster:
         store: str | None = None,
         schema_prefix: str = "",
         extra: dict[int, tuple[str, ...]] | None = None,
+        peer_tcp: bool = True,
     ) -> None:
         """``store``: a postgresql:// DSN puts node N in schema ``{schema_prefix}_nN``;
-        ``extra``: more ``pq node`` flags, by node id."""
+        ``extra``: more ``pq node`` flags, by node id; ``peer_tcp``: consensus
+        over the TCP peer transport (``--peer-ports``), as ``make cluster`` runs it."""
         self.root = root
         self.extra = extra or {}
         self.store = store
         self.schema_prefix = schema_prefix
         self.n = nodes
         self.partitionable = partitionable
+        self.peer_tcp = peer_tcp
         self.ports: dict[int, int] = {}
+        #: Each node's TCP peer port (with ``peer_tcp``).
+        self.peer_ports: dict[int, int] = {}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.proxies: dict[tuple[int, int], Proxy] = {}
+        #: The same per link for the TCP peer transport: (i, j) carries i's
+        #: connections to j's peer port.
+        self.peer_proxies: dict[tuple[int, int], Proxy] = {}
         self.balancer: subprocess.Popen[bytes] | None = None
         self.balancer_address = ""
 
@@ -51,13 +59,19 @@ class ProcCluster:
         return f"127.0.0.1:{self.ports[i]}"
 
     async def start(self) -> None:
-        self.ports = dict(enumerate(free_ports(self.n), start=1))
+        ports = free_ports(2 * self.n)
+        self.ports = dict(enumerate(ports[: self.n], start=1))
+        if self.peer_tcp:
+            self.peer_ports = dict(enumerate(ports[self.n :], start=1))
         if self.partitionable:
             for i in self.ports:
                 for j in self.ports:
                     if i != j:
                         self.proxies[(i, j)] = Proxy(self.ports[j])
                         await self.proxies[(i, j)].start()
+                        if self.peer_tcp:
+                            self.peer_proxies[(i, j)] = Proxy(self.peer_ports[j])
+                            await self.peer_proxies[(i, j)].start()
         for i in self.ports:
             self.launch(i)
         await self.leader()
@@ -70,6 +84,14 @@ class ProcCluster:
             for j in self.ports
         }
 
+    def _peer_ports_of(self, i: int) -> dict[int, int]:
+        if not self.partitionable:
+            return dict(self.peer_ports)
+        return {
+            j: port if j == i else self.peer_proxies[(i, j)].port
+            for j, port in self.peer_ports.items()
+        }
+
     def launch(self, i: int, program: tuple[str, ...] = ("-m", "pqueue.cli")) -> None:
         """Start node ``i``; ``program``: what the interpreter runs (``pq`` by default)."""
         data = self.root / f"n{i}"
@@ -77,6 +99,9 @@ class ProcCluster:
         cmd = [sys.executable, *program, "node", "--data-dir", str(data)]
         cmd += ["--listen", self.address(i), "--node-id", str(i), "--grace-s", "1"]
         cmd += ["--peers", peers_arg(self._peers_of(i)), "--log-level", "INFO"]
+        if self.peer_tcp:
+            ports = self._peer_ports_of(i)
+            cmd += ["--peer-ports", ",".join(f"{j}={p}" for j, p in sorted(ports.items()))]
         if self.store:
             cmd += ["--store", self.store, "--pg-schema", self.schema(i)]
         cmd += self.extra.get(i, ())
@@ -141,12 +166,12 @@ class ProcCluster:
         os.kill(self.procs[i].pid, signal.SIGCONT)
 
     def isolate(self, i: int) -> None:
-        for (a, b), proxy in self.proxies.items():
+        for (a, b), proxy in [*self.proxies.items(), *self.peer_proxies.items()]:
             if i in (a, b):
                 proxy.cut()
 
     def heal(self) -> None:
-        for proxy in self.proxies.values():
+        for proxy in [*self.proxies.values(), *self.peer_proxies.values()]:
             proxy.heal()
 
     async def stop(self) -> None:
@@ -165,7 +190,7 @@ class ProcCluster:
                 await asyncio.to_thread(proc.wait, 15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for proxy in self.proxies.values():
+        for proxy in [*self.proxies.values(), *self.peer_proxies.values()]:
             await proxy.stop()
 
 

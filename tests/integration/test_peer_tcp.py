@@ -1,0 +1,319 @@
+"""The TCP peer transport (``--peer-ports``): real sockets on loopback, a real
+``PeerService`` behind the listener, real TLS and tokens; and an in-process
+cluster whose nodes talk TCP to some peers and gRPC to one that has no port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from consensus.messages import Heartbeat, Message
+from pqueue.cli.devcluster import free_ports
+from pqueue.client import Client
+from pqueue.node import peer_tcp
+from pqueue.node.auth import PEER, Verifier, issue, node_subject
+from pqueue.node.peer_tcp import FrameError, HelloRefused, PeerListener, header, read_frame
+from pqueue.node.peers import PeerService, PeerTransport
+from pqueue.v1 import peer_pb2 as ppb
+from pqueue.v1 import peer_pb2_grpc as ppbg
+from pqueue.wire.tls import Tls
+from tests.certs import Authority
+from tests.inproc import Cluster
+
+SECRET = b"t" * 32
+
+
+def token(node: int, ttl_s: float = 600, now_s: float | None = None) -> str:
+    return issue(SECRET, "cluster", [PEER], ttl_s, subject=node_subject(node), now_s=now_s)
+
+
+def beat(src: int = 1, dst: int = 2, commit: int = 7) -> Heartbeat:
+    return Heartbeat(src=src, dst=dst, ballot=(3, src), commit_index=commit)
+
+
+@asynccontextmanager
+async def listening(
+    verifier: Verifier | None = None, tls: Tls | None = None
+) -> AsyncIterator[tuple[PeerListener, PeerService, list[Message], int]]:
+    """A listener on 127.0.0.1 (any port) in front of a PeerService that keeps
+    what it is handed: (listener, service, delivered, port)."""
+    got: list[Message] = []
+    service = PeerService(got.append, verifier)
+    listener = PeerListener(service, tls)
+    port = await listener.bind("127.0.0.1", 0)
+    listener.start()
+    try:
+        yield listener, service, got, port
+    finally:
+        await listener.stop()
+
+
+@asynccontextmanager
+async def sending(
+    port: int,
+    grpc_port: int = 1,
+    token: str | None = None,
+    tls: Tls | None = None,
+) -> AsyncIterator[PeerTransport]:
+    """Node 1's transport towards node 2 (TCP ``port``; its gRPC at ``grpc_port``)."""
+    transport = PeerTransport(
+        1,
+        {1: "127.0.0.1:1", 2: f"127.0.0.1:{grpc_port}"},
+        tls=tls,
+        token=token,
+        peer_ports={1: 1, 2: port},
+    )
+    transport.start()
+    try:
+        yield transport
+    finally:
+        await transport.stop()
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_frame_is_its_length_then_its_bytes_and_nothing_else_is_taken() -> None:
+    def reader(data: bytes) -> asyncio.StreamReader:
+        r = asyncio.StreamReader()
+        r.feed_data(data)
+        r.feed_eof()
+        return r
+
+    r = reader(header(3) + b"abc" + header(0))
+    assert await read_frame(r, 10) == b"abc"
+    assert await read_frame(r, 10) == b""
+    assert await read_frame(r, 10) is None  # a clean end, between frames
+    with pytest.raises(FrameError, match="11-byte frame"):
+        await read_frame(reader(header(11) + b"x" * 11), 10)
+    with pytest.raises(FrameError, match="inside a frame's length"):
+        await read_frame(reader(b"\x00\x00"), 10)
+    with pytest.raises(FrameError, match="inside a frame"):
+        await read_frame(reader(header(5) + b"abc"), 10)
+
+
+async def test_messages_go_over_tcp_to_the_peer_port() -> None:
+    async with listening() as (_, _, got, port), sending(port) as transport:
+        transport.send(beat(commit=7))
+        transport.send(beat(commit=8))
+        await until(lambda: len(got) == 2)
+        assert got == [beat(commit=7), beat(commit=8)]
+        assert transport._small[2].transport == "tcp"
+
+
+async def test_entries_of_megabytes_go_on_the_bulk_lane_whole() -> None:
+    from consensus.messages import Accept
+
+    value = bytes(range(256)) * (12 << 12)  # 12 MiB
+    accept = Accept(src=1, dst=2, ballot=(3, 1), entries=((5, value),), commit_index=4)
+    async with listening() as (_, _, got, port), sending(port) as transport:
+        transport.send(accept)
+        await until(lambda: len(got) == 1, timeout_s=20)
+        assert got == [accept]
+        assert transport._links[2].transport == "tcp"
+
+
+async def test_a_hello_without_a_valid_token_is_refused_and_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with listening(Verifier(SECRET)) as (_, service, got, port):
+        with pytest.raises(HelloRefused, match="requires a peer token"):
+            await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(node=1))
+        stranger = issue(b"x" * 32, "cluster", [PEER], 600, subject=node_subject(1))
+        with pytest.raises(HelloRefused, match=r"signature|invalid|verif"):
+            await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(node=1, token=stranger))
+        not_a_peer = issue(SECRET, "cluster", ["producer"], 600, subject=node_subject(1))
+        with pytest.raises(HelloRefused, match="peer role"):
+            await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(token=not_a_peer))
+        assert service.refused == 3
+        assert got == []
+        # The sender says so too, and keeps trying (bounded noise).
+        async with sending(port) as transport:
+            transport.send(beat())
+            await until(lambda: transport._small[2]._refusals >= 1)
+        assert any("refused this node's hello" in r.getMessage() for r in caplog.records)
+        assert got == []
+
+
+async def test_a_node_speaks_only_for_itself_over_tcp() -> None:
+    async with (
+        listening(Verifier(SECRET)) as (_, service, got, port),
+        sending(port, token=token(1)) as transport,
+    ):
+        transport.send(beat(src=3))  # claims another sender: dropped
+        transport.send(beat(src=1, commit=9))
+        await until(lambda: len(got) == 1)
+        assert got == [beat(src=1, commit=9)]
+        assert service.spoofed == 1
+
+
+async def test_an_expired_token_ends_the_connection_and_each_one_after() -> None:
+    now = [time.time()]
+    verifier = Verifier(SECRET, clock_s=lambda: now[0], leeway_s=0)
+    async with (
+        listening(verifier) as (_, service, got, port),
+        sending(port, token=token(1, ttl_s=60, now_s=now[0])) as transport,
+    ):
+        transport.send(beat(commit=1))
+        await until(lambda: len(got) == 1)
+        now[0] += 120  # the token has expired
+        for commit in range(2, 100):  # the sender sees the end at its next write
+            transport.send(beat(commit=commit))
+            if service.refused >= 2:  # ended, and the next connection too
+                break
+            await asyncio.sleep(0.05)
+        assert service.refused >= 2
+        assert got == [beat(commit=1)]
+
+
+async def test_mutual_tls_takes_only_a_certificate_from_the_ca() -> None:
+    ca = Authority.new()
+    async with listening(tls=ca.tls("node2")) as (_, _, got, port):
+        async with sending(port, tls=ca.tls("node1")) as transport:
+            transport.send(beat())
+            await until(lambda: len(got) == 1)
+            assert transport._small[2].transport == "tcp"
+        # No client certificate: the handshake fails, nothing is read.
+        with pytest.raises((OSError, EOFError, FrameError)):
+            await peer_tcp.dial("127.0.0.1", port, Tls(ca=ca.pem), ppb.PeerHello(node=1))
+        # A certificate from another CA: the same.
+        other = Authority.new("another CA").tls("node1")
+        with pytest.raises((OSError, EOFError, FrameError)):
+            await peer_tcp.dial(
+                "127.0.0.1", port, Tls(other.cert, other.key, ca.pem), ppb.PeerHello()
+            )
+        assert len(got) == 1
+
+
+async def test_an_oversized_frame_or_a_silent_stranger_is_cut_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(peer_tcp, "HELLO_TIMEOUT_S", 0.3)
+    async with listening() as (listener, _, got, port):
+        # A hello larger than a hello may be: the connection ends unread.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(header(peer_tcp.HELLO_MAX_BYTES + 1) + b"x" * 100)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # A frame past the limit after a good hello: the same.
+        reader, writer = await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(node=1))
+        writer.write(header(peer_tcp.MAX_FRAME_BYTES + 1))
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await until(lambda: listener.broken == 2)
+        # Connected, and saying nothing: closed after the hello timeout.
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert time.monotonic() - started < 4
+        writer.close()
+        assert got == []
+
+
+async def test_a_peer_without_a_tcp_listener_is_reached_over_grpc(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="pqueue.node.peers")
+    got: list[Message] = []
+    server = grpc.aio.server()
+    ppbg.add_PeerServicer_to_server(PeerService(got.append), server)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    nobody = free_ports(1)[0]
+    try:
+        async with sending(nobody, grpc_port=grpc_port) as transport:
+            transport.send(beat(commit=3))
+            await until(lambda: len(got) == 1)
+            assert transport._small[2].transport == "grpc"
+        assert any("nothing listens on" in r.getMessage() for r in caplog.records)
+    finally:
+        await server.stop(0)
+
+
+async def test_a_peer_that_is_not_up_is_not_taken_for_an_older_one() -> None:
+    """Neither port answers yet (a node starting): TCP is asked again, not
+    gRPC for the fallback's whole time; the peer is reached over TCP once up."""
+    port = free_ports(1)[0]
+    async with sending(port, grpc_port=free_ports(1)[0]) as transport:
+        transport.send(beat())
+        await asyncio.sleep(0.3)
+        got: list[Message] = []
+        listener = PeerListener(PeerService(got.append))
+        await listener.bind("127.0.0.1", port)
+        listener.start()
+        try:
+            await until(lambda: len(got) == 1)
+            assert transport._small[2].transport == "tcp"
+        finally:
+            await listener.stop()
+
+
+async def test_a_cluster_mid_upgrade_runs_with_one_node_on_grpc(tmp_path: Path) -> None:
+    """Nodes 1 and 2 take TCP; node 3 has no peer port (an older release):
+    1 and 2 talk TCP to each other and gRPC to 3, and every node serves."""
+    cluster = Cluster(tmp_path, peer_tcp={1, 2})
+    await cluster.start()
+    try:
+        leader = await cluster.leader()
+        async with Client(cluster.addresses[leader]) as c:
+            ids = [(await c.enqueue("q", f"job {i}")).job_id for i in range(5)]
+            jobs = await c.lease("q", max_jobs=5)
+            assert sorted(j.job_id for j in jobs) == sorted(ids)
+            await c.ack_many("q", [(j.job_id, j.lease_id) for j in jobs])
+        await cluster.settled()
+        links = {
+            (i, j): link.transport
+            for i in (1, 2)
+            for j, link in cluster.servers[i].node.transport._links.items()
+        }
+        assert links == {(1, 2): "tcp", (1, 3): "grpc", (2, 1): "tcp", (2, 3): "grpc"}
+        assert all(
+            link.transport == "grpc" for link in cluster.servers[3].node.transport._links.values()
+        )
+    finally:
+        await cluster.stop()
+
+
+def test_a_taken_peer_port_stops_the_node_with_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    grpc_port, peer_port = free_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", peer_port))
+        taken.listen()
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pqueue.cli",
+                "node",
+                "--data-dir",
+                str(tmp_path / "n1"),
+                "--listen",
+                f"127.0.0.1:{grpc_port}",
+                "--peers",
+                f"1=127.0.0.1:{grpc_port},2=127.0.0.1:1,3=127.0.0.1:2",
+                "--peer-ports",
+                str(peer_port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert out.returncode != 0
+    assert f"cannot listen for peers on 127.0.0.1:{peer_port}" in out.stderr + out.stdout
