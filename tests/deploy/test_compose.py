@@ -152,6 +152,16 @@ def test_peers_are_the_node_services_at_their_listen_ports() -> None:
         assert args.peers == expected, f"{name}: --peers does not name every node as it listens"
 
 
+def test_every_node_takes_its_peers_on_an_exposed_peer_port() -> None:
+    """Consensus over TCP (``--peer-ports``): one port, the same on every node,
+    reachable from the other containers."""
+    found = nodes()
+    for name, args in found.items():
+        assert isinstance(args.peer_ports, int), f"{name}: --peer-ports is one port for all"
+        assert args.peer_ports in container_ports(services()[name]), f"{name}: not exposed"
+    assert len({args.peer_ports for args in found.values()}) == 1
+
+
 def test_balancer_backends_are_the_nodes_at_their_listen_ports() -> None:
     expected = sorted(f"{name}:{host_port(args.listen)[1]}" for name, args in nodes().items())
     for name, args in balancers().items():

@@ -16,8 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tests.deploy.dockerfile import stages
 from tests.deploy.files import DEPLOY, DOCKERFILE, ENTRYPOINT, ROOT
 
-#: gRPC (balancer, node), pq web's HTTP, metrics (balancer, node).
-PORTS = {7700, 7701, 7780, 9700, 9701}
+#: gRPC (balancer, node), the nodes' peer port, pq web's HTTP, metrics (balancer, node).
+PORTS = {7700, 7701, 7711, 7780, 9700, 9701}
 DATA_DIR = "/var/lib/pqueue"
 DOCKERIGNORE = DOCKERFILE.with_name(DOCKERFILE.name + ".dockerignore")
 

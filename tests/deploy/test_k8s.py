@@ -101,6 +101,8 @@ def test_statefulset_service_is_headless_and_publishes_unready_pods() -> None:
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert selected_workloads(service["spec"]["selector"]) == [s]
+    # The port peers dial for consensus over TCP (--peer-ports), named.
+    assert "peer" in {p.get("targetPort") for p in service["spec"]["ports"]}
 
 
 def test_workload_selectors_match_their_pods() -> None:
@@ -178,6 +180,8 @@ def test_node_command_parses_in_every_pod(tmp_path: Path) -> None:
         assert args.peers == peers, f"{pod}: --peers"
         assert peers[args.node_id].startswith(f"{pod}."), f"{pod} is not its own entry"
         assert host_port(args.listen) == ("0.0.0.0", container_port(c, "grpc"))
+        # Consensus over TCP on the named peer port, which the peers' service publishes.
+        assert args.peer_ports == container_port(c, "peer"), f"{pod}: --peer-ports"
         assert str(args.data_dir) == data_mount["mountPath"]
         assert args.store in (None, f"sqlite:{data_mount['mountPath']}")
         assert args.log_format == "json"
