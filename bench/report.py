@@ -227,6 +227,8 @@ def table(result: dict[str, Any]) -> list[str]:
                     if result["pg_wakeup"] == "poll"
                     else "LISTEN for each enqueue's NOTIFY"
                 ),
+                "pqueue's peers over "
+                + ("gRPC streams" if result.get("peer_transport") == "grpc" else "TCP"),
             ]
         ),
         "",

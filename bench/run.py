@@ -193,6 +193,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="one pqueue cluster for every cell (default: a fresh one per pqueue cell)",
     )
+    p.add_argument(
+        "--peer-transport",
+        choices=("tcp", "grpc"),
+        default="tcp",
+        help="pqueue's consensus messages: the TCP peer transport (--peer-ports, as make "
+        "cluster runs) or gRPC streams (nodes without --peer-ports)",
+    )
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
@@ -237,7 +244,12 @@ async def start_systems(
     unavailable: dict[str, str] = {}
     if set(PQ_MODES) & set(args.systems):
         say("starting 3 pq nodes (SQLite, fsync) and a pq balancer")
-        pq = PqCluster(tmp / "pq", fresh=not args.reuse_cluster, keep=args.keep)
+        pq = PqCluster(
+            tmp / "pq",
+            fresh=not args.reuse_cluster,
+            keep=args.keep,
+            peer_tcp=args.peer_transport == "tcp",
+        )
         started.append(pq)
         await pq.start()
         for key in PQ_MODES:
@@ -299,6 +311,7 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         "pg_wakeup": args.pg_wakeup,
         "pg_poll_ms": args.pg_poll_ms,
         "pg_max_conns": args.pg_max_conns,
+        "peer_transport": args.peer_transport,
         "versions": {},
         "systems": [],
         "scenarios": [

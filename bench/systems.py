@@ -72,10 +72,14 @@ class PqCluster:
     ran on (empty data dirs, new ports), so none meets the log, records and
     heap that earlier cells left; ``keep``: the old clusters' dirs stay."""
 
-    def __init__(self, root: Path, fresh: bool = True, keep: bool = False) -> None:
+    def __init__(
+        self, root: Path, fresh: bool = True, keep: bool = False, peer_tcp: bool = True
+    ) -> None:
         self.root, self.fresh, self.keep = root, fresh, keep
+        #: Consensus over the TCP peer transport (as ``make cluster``), or gRPC streams.
+        self.peer_tcp = peer_tcp
         self.generation = 0
-        self.cluster = ProcCluster(root / "c0")
+        self.cluster = ProcCluster(root / "c0", peer_tcp=peer_tcp)
         self.balancer = ""
         #: Whether a cell ran on this cluster.
         self._served = False
@@ -94,7 +98,7 @@ class PqCluster:
             if not self.keep:
                 shutil.rmtree(self.cluster.root, ignore_errors=True)
             self.generation += 1
-            self.cluster = ProcCluster(self.root / f"c{self.generation}")
+            self.cluster = ProcCluster(self.root / f"c{self.generation}", peer_tcp=self.peer_tcp)
             await self.start()
         self._served = True
 
