@@ -58,11 +58,16 @@ class ProcCluster:
     def address(self, i: int) -> str:
         return f"127.0.0.1:{self.ports[i]}"
 
-    async def start(self) -> None:
+    def allocate_ports(self) -> None:
+        """Pick every node's client port and (with ``peer_tcp``) peer port, all
+        in one call so that no two collide."""
         ports = free_ports(2 * self.n)
         self.ports = dict(enumerate(ports[: self.n], start=1))
         if self.peer_tcp:
             self.peer_ports = dict(enumerate(ports[self.n :], start=1))
+
+    async def start(self) -> None:
+        self.allocate_ports()
         if self.partitionable:
             for i in self.ports:
                 for j in self.ports:

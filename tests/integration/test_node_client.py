@@ -95,7 +95,7 @@ async def test_not_taken_from_a_node_without_quorum(node_bin: str, tmp_path: Pat
     # Node 1 of three, alone: it elects nobody, so it takes no write and
     # says so (UNAVAILABLE with ErrorInfo NOT_TAKEN).
     cluster = ProcCluster(tmp_path, nodes=3)
-    cluster.ports = dict(enumerate(free_ports(3), start=1))
+    cluster.allocate_ports()
     cluster.launch(1)
     try:
         deadline = time.monotonic() + 20
