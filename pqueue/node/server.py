@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import cast
@@ -180,7 +181,12 @@ class NodeServer(Serving):
                 self.peers = PeerService(
                     self.node.log.on_message, self.config.verifier, self.node.note_features
                 )
-                await self._bind_peer_port(self.peers)
+                try:
+                    await self._bind_peer_port(self.peers)
+                except BaseException:
+                    await _release(self._server)
+                    self._server = None
+                    raise
         return self.address
 
     async def _bind_peer_port(self, peers: PeerService) -> None:
@@ -208,16 +214,44 @@ class NodeServer(Serving):
         server, guard = self._server, self._guard
         assert server is not None
         assert guard is not None
-        if self.metrics_server is not None:
-            await self.metrics_server.start()  # first: a taken port fails before recovery
+        recovered = False
         try:
+            if self.metrics_server is not None:
+                await self.metrics_server.start()  # first: a taken port fails before recovery
             await self.node.start()
+            recovered = True
+            await self._serve(server, guard)
         except BaseException:
+            await self._undo_start(recovered)
+            raise
+        self._started = True
+        self.memory.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._watch_log_loop(), name="pq-watch-log")
+        self._watch.add_done_callback(log_failure)
+        metrics = (
+            f", metrics on http://{self.metrics_server.address}/metrics"
+            if self.metrics_server is not None
+            else ""
+        )
+        logger.info("node %s serving on %s%s", self.node.config.node_id, self.address, metrics)
+
+    async def _undo_start(self, recovered: bool) -> None:
+        """Close what a failed ``start`` opened: no port stays bound."""
+        if self.peer_listener is not None:
+            await self.peer_listener.stop()
+        if self._server is not None:
+            await _release(self._server)
+            self._server = None
+        try:
+            if recovered:
+                await self.node.stop()
+        finally:
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
-            if self.peer_listener is not None:
-                await self.peer_listener.stop()
-            raise
+
+    async def _serve(self, server: grpc.aio.Server, guard: Guard) -> None:
+        """Register the services and take calls and peers."""
         verifier, quotas = self.config.verifier, self.config.quotas
         # The generated ``add_*`` functions take the guard as they take a server.
         services = cast(grpc.aio.Server, guard)
@@ -245,17 +279,6 @@ class NodeServer(Serving):
         await server.start()
         if self.peer_listener is not None:
             self.peer_listener.start()
-        self._started = True
-        self.memory.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self._watch = asyncio.create_task(self._watch_log_loop(), name="pq-watch-log")
-        self._watch.add_done_callback(log_failure)
-        metrics = (
-            f", metrics on http://{self.metrics_server.address}/metrics"
-            if self.metrics_server is not None
-            else ""
-        )
-        logger.info("node %s serving on %s%s", self.node.config.node_id, self.address, metrics)
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
@@ -290,8 +313,11 @@ class NodeServer(Serving):
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self) -> None:
-        """Drain: report NOT_SERVING, end long polls, let calls finish, then close."""
+        """Drain: report NOT_SERVING, end long polls, let calls finish, then close.
+        Bound but never started: close the ports."""
         if self._server is None or not self._started:
+            if self._server is not None:
+                await self._undo_start(recovered=False)
             return
         self._started = False
         logger.info("node %s draining", self.node.config.node_id)
@@ -319,3 +345,13 @@ class NodeServer(Serving):
     def stop_events(self) -> tuple[asyncio.Event, ...]:
         """A failed log ends serving (``serve_until_signal`` returns False)."""
         return (self.node.log.failed,)
+
+
+async def _release(server: grpc.aio.Server) -> None:
+    """Stop a server that may never have started, its port with it: grpc.aio
+    lets go of a bound port only once the server has started, so one that has
+    not is started (no service is registered yet, or all are: either way no
+    call gets far in the instant) and stopped at once."""
+    with contextlib.suppress(Exception):  # it had started (or cannot): stopping is enough
+        await server.start()
+    await server.stop(None)
