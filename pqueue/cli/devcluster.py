@@ -307,21 +307,23 @@ def _plan(
     root: Path, base_port: int, nodes: int, metrics_port: int, store: str | None
 ) -> tuple[list[_Node], _Balancer]:
     """The nodes and the balancer to run, with their ports (not started)."""
-    addresses = cluster_addresses(nodes, base_port)
-    # Consensus over TCP, on the ports after the nodes' (base_port+nodes+1...).
-    peer_ports = dict(
-        enumerate(
-            free_ports(nodes)
-            if base_port == 0
-            else range(base_port + nodes + 1, base_port + 2 * nodes + 1),
-            start=1,
-        )
-    )
-    balancer_port = base_port or free_ports(1)[0]
-    if base_port == 0 or metrics_port == 0:  # 0: any free ports
-        metrics_ports = free_ports(nodes + 1)
+    if base_port == 0:  # any free ports, all from one call so that none collide
+        free = iter(free_ports(3 * nodes + 2))
+        addresses = {i: f"127.0.0.1:{next(free)}" for i in range(1, nodes + 1)}
+        # Consensus over TCP, on ports of their own.
+        peer_ports = {i: next(free) for i in range(1, nodes + 1)}
+        balancer_port = next(free)
+        metrics_ports = [next(free) for _ in range(nodes + 1)]
     else:
-        metrics_ports = [metrics_port + i for i in range(nodes + 1)]
+        addresses = cluster_addresses(nodes, base_port)
+        # Consensus over TCP, on the ports after the nodes' (base_port+nodes+1...).
+        peer_ports = {i: base_port + nodes + i for i in range(1, nodes + 1)}
+        balancer_port = base_port
+        metrics_ports = (
+            free_ports(nodes + 1)
+            if metrics_port == 0
+            else [metrics_port + i for i in range(nodes + 1)]
+        )
     balancer = _Balancer(
         root,
         f"127.0.0.1:{balancer_port}",

@@ -1,10 +1,14 @@
-"""The gRPC peer transport: one long-lived stream per peer, messages batched.
+"""Peer messages: the senders to each peer, and the receiving service.
 
 Consensus tolerates lost, duplicated and reordered messages, so the transport
 keeps it simple: each peer gets a bounded queue (the oldest message goes when
-it overflows) and a sender task that holds a client stream open, writes
-whatever has queued up as one batch, and reconnects with backoff when the
-stream breaks. Inbound streams are decoded and handed to the log.
+it overflows) and a sender task that holds a connection open, writes
+whatever has queued up as one batch, and reconnects with backoff when it
+breaks. The connection is a TCP one to the peer's peer port
+(``peer_tcp``, ``--peer-ports``) or, for a peer without one, a client stream
+on its gRPC port; a link whose peer's TCP port fails while its gRPC port
+answers (mid-upgrade, say) sends on the stream and dials TCP again in the
+background. Inbound batches, from either, are decoded and handed to the log.
 
 With auth on, each node has its own peer token naming it (``sub`` =
 ``node:<id>``): a stream is taken only with one, a message on it that claims
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections import deque
@@ -63,9 +66,9 @@ MAX_QUEUED_BYTES = 64 << 20
 SMALL_MESSAGE_BYTES = 64 << 10
 #: Room left under the gRPC limit for the batch's own framing.
 _FRAMING_BYTES = 1 << 10
-#: After a peer's TCP port refused a connection (nothing listening there: an
-#: older release, or a node started without ``--peer-ports``), its gRPC
-#: stream carries the messages this long before TCP is tried again.
+#: While a peer's TCP port fails and its gRPC port answers (an older release,
+#: a node started without ``--peer-ports``, a firewall), its gRPC stream
+#: carries the messages and TCP is dialed again in the background this often.
 GRPC_FALLBACK_S = 10.0
 #: How long a peer's gRPC port has to answer for the fallback to use it.
 PROBE_S = 2.0
@@ -105,20 +108,24 @@ class PeerService(ppbg.PeerServicer):
             await context.abort(exc.code, exc.message)
             raise AssertionError("unreachable") from exc  # abort raises
         # One stream per peer: its header speaks for the sender of its first message.
+        sender = caller.node_id if caller is not None else None
         announced: frozenset[str] | None = _announcement(metadata)
         async for batch in request_iterator:
             try:  # a stream outlives its first check: expiry and revocation end it
                 self.still_valid(caller)
             except PeerRefused as exc:
                 await context.abort(exc.code, exc.message)
-            announced = self.take(batch.messages, caller, announced)
+            announced = self.take(batch.messages, sender, announced)
         return ppb.PeerAck()
 
-    def admit(self, token: Callable[[], str], peer: str) -> Principal | None:
+    def admit(
+        self, token: Callable[[], str], peer: str, claims: int | None = None
+    ) -> Principal | None:
         """The sending node's principal (None with auth off), from the token
         its stream or connection shows (``token()``: it, or
         ``UnauthenticatedError``); ``PeerRefused`` (said and counted) if it
-        may not speak the peer protocol."""
+        may not speak the peer protocol, or if ``claims`` (the node a TCP
+        hello names) is not its token's node."""
         if self.verifier is None:
             return None
         try:
@@ -127,21 +134,33 @@ class PeerService(ppbg.PeerServicer):
             self.refused += 1
             if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8...: a node retries each second
                 n, why = self.refused, describe(exc)
-                logger.warning("refused a peer stream from %s: %s (%d so far)", peer, why, n)
+                logger.warning("refused a peer from %s: %s (%d so far)", peer, why, n)
             raise PeerRefused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from exc
         if PEER not in caller.roles:
             self.refused += 1
-            logger.warning("refused a peer stream from %s: no peer role", peer)
+            logger.warning("refused a peer from %s: no peer role", peer)
             raise PeerRefused(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "only the cluster's nodes (a token with the peer role) speak this protocol",
             )
         if caller.node_id is None:
             self.refused += 1
-            logger.warning("refused a peer stream from %s: its token names no node", peer)
+            logger.warning("refused a peer from %s: its token names no node", peer)
             raise PeerRefused(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "a peer token must name its node (sub node:<id>; pq token issue --node-id N)",
+            )
+        if claims is not None and claims != caller.node_id:
+            self.refused += 1
+            logger.warning(
+                "refused a peer from %s: it says it is node %d, its token names node %d",
+                peer,
+                claims,
+                caller.node_id,
+            )
+            raise PeerRefused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the hello names node {claims} but the token node {caller.node_id}",
             )
         return caller
 
@@ -154,19 +173,19 @@ class PeerService(ppbg.PeerServicer):
             self.verifier.still_valid(caller)
         except UnauthenticatedError as exc:
             self.refused += 1
-            logger.warning("ended the peer stream of %s: %s", caller.subject, describe(exc))
+            logger.warning("ended the peer link of %s: %s", caller.subject, describe(exc))
             raise PeerRefused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from exc
 
     def take(
         self,
         messages: Iterable[ppb.PeerMessage],
-        caller: Principal | None,
+        sender: int | None,
         announced: frozenset[str] | None,
     ) -> frozenset[str] | None:
-        """Decode and deliver one batch's messages from ``caller``'s stream or
-        connection; ``announced``: its features, if not yet told (what is
+        """Decode and deliver one batch's messages from ``sender``'s stream or
+        connection (None: any sender; the node its token or hello names
+        otherwise); ``announced``: its features, if not yet told (what is
         still untold is returned)."""
-        sender = caller.node_id if caller is not None else None
         for wire in messages:
             try:
                 msg = decode(wire)
@@ -179,7 +198,7 @@ class PeerService(ppbg.PeerServicer):
                 self.spoofed += 1
                 if self.spoofed & (self.spoofed - 1) == 0:  # 1, 2, 4, 8...: bounded noise
                     logger.warning(
-                        "dropped a peer message claiming to be from node %d on the stream "
+                        "dropped a peer message claiming to be from node %d on the link "
                         "of %s (%d so far)",
                         msg.src,
                         node_subject(sender),
@@ -235,9 +254,10 @@ class _Link:
         self.lane = lane
         #: The peer's TCP port (``--peer-ports``); None: its gRPC stream only.
         self.tcp_port = tcp_port
-        self._hello = hello or (lambda: ppb.PeerHello(node=node_id))
-        #: Until then (monotonic s), the gRPC stream: nobody listened on the TCP port.
-        self._grpc_until = 0.0
+        #: What a TCP connection says first (with ``tcp_port``).
+        self._hello = hello
+        #: Why the link last fell back to the gRPC stream (for the log).
+        self._fallback_why = ""
         #: How the link sends now ("tcp" or "grpc"; "" before its first connection).
         self.transport = ""
         self._refusals = 0
@@ -297,18 +317,13 @@ class _Link:
         backoff_s = 0.05
         while True:
             try:
-                if self.tcp_port is not None and time.monotonic() >= self._grpc_until:
-                    if await self._tcp_session():
-                        continue  # nobody listened: the gRPC stream at once
+                if self.tcp_port is None:
+                    await self._grpc_session(fallback=None)  # until it breaks
                 else:
-                    until = self._grpc_until if self.tcp_port is not None else None
-                    try:
-                        await self._grpc_session(until)
-                    except Exception:
-                        # Not up at all (starting, say): TCP first next time.
-                        self._grpc_until = 0.0
-                        raise
-                    continue  # its time is up: TCP again
+                    conn = await self._tcp_or_fallback()
+                    if conn is None:  # the peer answers on gRPC only, for now
+                        conn = await self._grpc_session(fallback=self._fallback_why)
+                    await self._tcp_session(conn)  # until it breaks
             except HelloRefused as exc:
                 self._refusals += 1
                 if self._refusals & (self._refusals - 1) == 0:  # 1, 2, 4...: bounded noise
@@ -321,7 +336,7 @@ class _Link:
                     )
             except Exception as exc:  # any failure: reconnect, never die
                 logger.debug(
-                    "node %d -> %d: stream broke: %s", self.node_id, self.peer, describe(exc)
+                    "node %d -> %d: link broke: %s", self.node_id, self.peer, describe(exc)
                 )
             else:
                 backoff_s = 0.05
@@ -341,26 +356,36 @@ class _Link:
                 f" ({why})" if why else "",
             )
 
-    async def _tcp_session(self) -> bool:
-        """Send over a TCP connection until it breaks (raises); True at once
-        if nobody listens on the peer's port (it uses gRPC for a while)."""
+    async def _dial(self) -> peer_tcp.Connection:
         assert self.tcp_port is not None
-        host = host_of(self.address)
-        dial = functools.partial(peer_tcp.dial, host, self.tcp_port, self.tls)
+        assert self._hello is not None
+        return await peer_tcp.dial(host_of(self.address), self.tcp_port, self.tls, self._hello())
+
+    async def _tcp_or_fallback(self) -> peer_tcp.Connection | None:
+        """A TCP connection to the peer; None if its TCP port fails twice
+        while its gRPC port answers (an older release, a node without
+        ``--peer-ports``, a firewall that lets only gRPC through): the link
+        then sends on the gRPC stream. Raises if neither answers (the peer is
+        down or starting: TCP again after the backoff)."""
         try:
-            reader, writer = await dial(self._hello())
-        except ConnectionRefusedError as exc:
+            return await self._dial()
+        except HelloRefused:
+            raise
+        except Exception as exc:
             if not await self._grpc_answers():
-                raise  # not up at all (starting, say): TCP again after the backoff
-            try:  # up now: its TCP port too, unless it has none
-                reader, writer = await dial(self._hello())
-            except ConnectionRefusedError:
-                # An older release, or a node started without --peer-ports: its
-                # gRPC stream still reaches it. TCP is tried again after a while.
-                self._grpc_until = time.monotonic() + GRPC_FALLBACK_S
-                why = f"nothing listens on {host}:{self.tcp_port}: {describe(exc)}"
-                self._now_over("grpc", why)
-                return True
+                raise  # not up at all
+            try:  # up now: its TCP port too, unless something keeps it from us
+                return await self._dial()
+            except HelloRefused:
+                raise
+            except Exception:
+                where = f"{host_of(self.address)}:{self.tcp_port}"
+                self._fallback_why = f"no peer connection to {where}: {describe(exc)}"
+                return None
+
+    async def _tcp_session(self, conn: peer_tcp.Connection) -> None:
+        """Send over a TCP connection until it breaks (raises)."""
+        reader, writer = conn
         self._now_over("tcp")
         try:
             while True:
@@ -374,36 +399,82 @@ class _Link:
                 if writer.transport.get_write_buffer_size() > peer_tcp.DRAIN_ABOVE_BYTES:
                     await writer.drain()
         finally:
-            writer.close()
+            writer.transport.abort()  # nothing waits for a goodbye: the peer reads to the end
 
     async def _grpc_answers(self) -> bool:
-        """Whether the peer's gRPC port takes a connection within ``PROBE_S``."""
+        """Whether the peer's gRPC port takes a connection within ``PROBE_S``
+        (a port that refuses it fails at once)."""
+        ready = grpc.ChannelConnectivity.READY
+        failed = grpc.ChannelConnectivity.TRANSIENT_FAILURE
         async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
             try:
                 async with asyncio.timeout(PROBE_S):
-                    await ch.channel_ready()
+                    state = ch.get_state(try_to_connect=True)
+                    while state != ready:
+                        if state == failed:
+                            return False
+                        await ch.wait_for_state_change(state)
+                        state = ch.get_state(try_to_connect=True)
             except TimeoutError:
                 return False
         return True
 
-    async def _grpc_session(self, until: float | None) -> None:
-        """Send over a gRPC stream until it breaks (raises), or until ``until``
-        (monotonic s; None: for good)."""
+    async def _grpc_session(self, fallback: str | None) -> peer_tcp.Connection:
+        """Send over a gRPC stream until it breaks (raises). As a ``fallback``
+        (why TCP failed), dial TCP again in the background every
+        ``GRPC_FALLBACK_S`` while sending, and return its connection, the
+        stream closed, once one is made."""
         async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
             call = _raw_send(ch)(metadata=self.metadata)
-            if until is None:
-                self._now_over("grpc")
-            while until is None or time.monotonic() < until:
-                if not self.queue:
-                    self.ready.clear()
-                    if until is None:
+            self._now_over("grpc", fallback or "")
+            if fallback is None:
+                while True:
+                    if not self.queue:
+                        self.ready.clear()
                         await self.ready.wait()
-                    else:
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(max(0.0, until - time.monotonic())):
-                                await self.ready.wait()
+                    await call.write(self.take_batch())
+            redial_at = time.monotonic() + GRPC_FALLBACK_S
+            dialing: asyncio.Task[peer_tcp.Connection] | None = None
+            try:
+                while True:
+                    if dialing is not None and dialing.done():
+                        if dialing.exception() is None:
+                            conn = dialing.result()
+                            dialing = None
+                            await _finish(call)
+                            return conn
+                        dialing = None
+                        redial_at = time.monotonic() + GRPC_FALLBACK_S
+                    if dialing is None and time.monotonic() >= redial_at:
+                        dialing = asyncio.create_task(self._dial())
+                    if self.queue:
+                        await call.write(self.take_batch())
                         continue
-                await call.write(self.take_batch())
+                    self.ready.clear()
+                    waiting = asyncio.create_task(self.ready.wait())
+                    timeout_s = None if dialing else max(0.0, redial_at - time.monotonic())
+                    try:
+                        await asyncio.wait(
+                            [waiting, *([dialing] if dialing else [])],
+                            timeout=timeout_s,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        waiting.cancel()
+            finally:  # a dial under way is dropped (it closes its own connection)
+                if dialing is not None:
+                    if dialing.done() and not dialing.cancelled() and not dialing.exception():
+                        dialing.result()[1].transport.abort()
+                    dialing.cancel()
+
+
+async def _finish(call: Any) -> None:
+    """End a gRPC stream cleanly: what was written is delivered, then it closes
+    (within ``PROBE_S``; the stream is dropped with its channel otherwise)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(PROBE_S):
+            await call.done_writing()
+            await call
 
 
 def host_of(address: str) -> str:

@@ -12,6 +12,7 @@ subject alternative names, as gRPC does.
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 import tempfile
@@ -73,7 +74,18 @@ class Tls:
 
     def server_context(self) -> ssl.SSLContext:
         """The same server side for a plain TLS socket (the TCP peer transport):
-        this chain and key; with a CA, client certificates from it required."""
+        this chain and key; with a CA, client certificates from it required.
+        Made once (a context serves every connection)."""
+        return self._server_context
+
+    def client_context(self) -> ssl.SSLContext:
+        """The same client side for a plain TLS socket: the server checked
+        against the CA (the system's roots without one) and its name against
+        the certificate's, this chain presented if given. Made once."""
+        return self._client_context
+
+    @functools.cached_property
+    def _server_context(self) -> ssl.SSLContext:
         if self.cert is None or self.key is None:
             raise ValueError("a TLS server needs a certificate and a key")
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -83,10 +95,8 @@ class Tls:
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
-    def client_context(self) -> ssl.SSLContext:
-        """The same client side for a plain TLS socket: the server checked
-        against the CA (the system's roots without one) and its name against
-        the certificate's, this chain presented if given."""
+    @functools.cached_property
+    def _client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(
             ssl.Purpose.SERVER_AUTH, cadata=self.ca.decode() if self.ca is not None else None
         )

@@ -53,9 +53,11 @@ async def cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
 
 @pytest.fixture
 async def pg_cluster(tmp_path: Path) -> AsyncIterator[ProcCluster]:
-    """The same cluster, each node keeping its log in a PostgreSQL schema."""
+    """The same cluster, each node keeping its log in a PostgreSQL schema; its
+    peers talk over their gRPC streams (no ``--peer-ports``: the transport of
+    a node without a peer port, kept under fault tests here)."""
     prefix = pg.new_schema("pq_fault")
-    c = ProcCluster(tmp_path, store=pg.dsn(), schema_prefix=prefix)
+    c = ProcCluster(tmp_path, store=pg.dsn(), schema_prefix=prefix, peer_tcp=False)
     try:
         await c.start()
         yield c

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,10 +19,14 @@ import pytest
 from consensus.messages import Heartbeat, Message
 from pqueue.cli.devcluster import free_ports
 from pqueue.client import Client
-from pqueue.node import peer_tcp
+from pqueue.node import peer_tcp, peers
 from pqueue.node.auth import PEER, Verifier, issue, node_subject
+from pqueue.node.peer_codec import encode
 from pqueue.node.peer_tcp import FrameError, HelloRefused, PeerListener, header, read_frame
 from pqueue.node.peers import PeerService, PeerTransport
+from pqueue.node.replicated import ClusterConfig
+from pqueue.node.server import NodeServer, ServerConfig
+from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import peer_pb2 as ppb
 from pqueue.v1 import peer_pb2_grpc as ppbg
 from pqueue.wire.tls import Tls
@@ -41,14 +46,14 @@ def beat(src: int = 1, dst: int = 2, commit: int = 7) -> Heartbeat:
 
 @asynccontextmanager
 async def listening(
-    verifier: Verifier | None = None, tls: Tls | None = None
+    verifier: Verifier | None = None, tls: Tls | None = None, host: str = "127.0.0.1"
 ) -> AsyncIterator[tuple[PeerListener, PeerService, list[Message], int]]:
-    """A listener on 127.0.0.1 (any port) in front of a PeerService that keeps
+    """A listener on ``host`` (any port) in front of a PeerService that keeps
     what it is handed: (listener, service, delivered, port)."""
     got: list[Message] = []
     service = PeerService(got.append, verifier)
     listener = PeerListener(service, tls)
-    port = await listener.bind("127.0.0.1", 0)
+    port = await listener.bind(host, 0)
     listener.start()
     try:
         yield listener, service, got, port
@@ -137,8 +142,14 @@ async def test_a_hello_without_a_valid_token_is_refused_and_said(
             await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(node=1, token=stranger))
         not_a_peer = issue(SECRET, "cluster", ["producer"], 600, subject=node_subject(1))
         with pytest.raises(HelloRefused, match="peer role"):
-            await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(token=not_a_peer))
-        assert service.refused == 3
+            await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(node=1, token=not_a_peer))
+        # A good token for node 1 in a hello that says node 2: refused too.
+        with pytest.raises(HelloRefused, match="names node 2 but the token node 1"):
+            await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(node=2, token=token(1)))
+        # A hello that names no node at all: refused before its token is read.
+        with pytest.raises(HelloRefused, match="must name its node"):
+            await peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(token=token(1)))
+        assert service.refused == 4
         assert got == []
         # The sender says so too, and keeps trying (bounded noise).
         async with sending(port) as transport:
@@ -148,10 +159,12 @@ async def test_a_hello_without_a_valid_token_is_refused_and_said(
         assert got == []
 
 
-async def test_a_node_speaks_only_for_itself_over_tcp() -> None:
+@pytest.mark.parametrize("auth", [True, False])
+async def test_a_node_speaks_only_for_itself_over_tcp(auth: bool) -> None:
+    # With auth, the node its token names; without, the node its hello names.
     async with (
-        listening(Verifier(SECRET)) as (_, service, got, port),
-        sending(port, token=token(1)) as transport,
+        listening(Verifier(SECRET) if auth else None) as (_, service, got, port),
+        sending(port, token=token(1) if auth else None) as transport,
     ):
         transport.send(beat(src=3))  # claims another sender: dropped
         transport.send(beat(src=1, commit=9))
@@ -193,9 +206,17 @@ async def test_mutual_tls_takes_only_a_certificate_from_the_ca() -> None:
         other = Authority.new("another CA").tls("node1")
         with pytest.raises((OSError, EOFError, FrameError)):
             await peer_tcp.dial(
-                "127.0.0.1", port, Tls(other.cert, other.key, ca.pem), ppb.PeerHello()
+                "127.0.0.1", port, Tls(other.cert, other.key, ca.pem), ppb.PeerHello(node=1)
             )
         assert len(got) == 1
+    # The dialing side checks the listener too: a certificate from another CA,
+    # or one for another name, and it sends nothing.
+    # (The test certificates name localhost and 127.0.0.1, not 127.0.0.2.)
+    for listener_tls, host in ((other, "127.0.0.1"), (ca.tls("node2"), "127.0.0.2")):
+        async with listening(tls=listener_tls, host=host) as (_, _, got, port):
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await peer_tcp.dial(host, port, ca.tls("node1"), ppb.PeerHello(node=1))
+            assert got == []
 
 
 async def test_an_oversized_frame_or_a_silent_stranger_is_cut_off(
@@ -223,31 +244,79 @@ async def test_an_oversized_frame_or_a_silent_stranger_is_cut_off(
         assert got == []
 
 
-async def test_a_peer_without_a_tcp_listener_is_reached_over_grpc(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.INFO, logger="pqueue.node.peers")
+@asynccontextmanager
+async def grpc_peer() -> AsyncIterator[tuple[list[Message], int]]:
+    """Node 2 on gRPC only (an older release): what it is handed, its port."""
     got: list[Message] = []
     server = grpc.aio.server()
     ppbg.add_PeerServicer_to_server(PeerService(got.append), server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    nobody = free_ports(1)[0]
     try:
-        async with sending(nobody, grpc_port=grpc_port) as transport:
-            transport.send(beat(commit=3))
-            await until(lambda: len(got) == 1)
-            assert transport._small[2].transport == "grpc"
-        assert any("nothing listens on" in r.getMessage() for r in caplog.records)
+        yield got, grpc_port
     finally:
         await server.stop(0)
 
 
-async def test_a_peer_that_is_not_up_is_not_taken_for_an_older_one() -> None:
+async def test_a_peer_without_a_tcp_listener_is_reached_over_grpc_and_tcp_once_it_has_one(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peers, "GRPC_FALLBACK_S", 0.2)
+    caplog.set_level(logging.INFO, logger="pqueue.node.peers")
+    async with grpc_peer() as (got, grpc_port):
+        nobody = free_ports(1)[0]
+        async with sending(nobody, grpc_port=grpc_port) as transport:
+            transport.send(beat(commit=3))
+            await until(lambda: len(got) == 1)
+            assert transport._small[2].transport == "grpc"
+            assert any("no peer connection to" in r.getMessage() for r in caplog.records)
+            # Upgraded: its TCP port opens, and the link moves there while it sends.
+            on_tcp: list[Message] = []
+            listener = PeerListener(PeerService(on_tcp.append))
+            await listener.bind("127.0.0.1", nobody)
+            listener.start()
+            try:
+                for commit in range(4, 200):
+                    transport.send(beat(commit=commit))
+                    if on_tcp:
+                        break
+                    await asyncio.sleep(0.05)
+                assert on_tcp, "the link never moved to TCP"
+                assert transport._small[2].transport == "tcp"
+                # Every message went one way or the other: none was lost on the move.
+                await until(lambda: len(got) + len(on_tcp) >= commit - 2)
+                sent = sorted(m.commit_index for m in [*got, *on_tcp] if isinstance(m, Heartbeat))
+                assert sent == list(range(3, commit + 1))
+            finally:
+                await listener.stop()
+
+
+async def test_a_tcp_port_that_never_answers_falls_back_to_grpc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer port that takes connections but never says a word (a firewall
+    that drops, a proxy in the way): after a dial times out and the gRPC port
+    answers, the link sends on gRPC rather than waiting for TCP."""
+    monkeypatch.setattr(peer_tcp, "DIAL_TIMEOUT_S", 0.3)
+    async with grpc_peer() as (got, grpc_port):
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()  # connections complete in the kernel; nothing answers
+            port = silent.getsockname()[1]
+            async with sending(port, grpc_port=grpc_port) as transport:
+                transport.send(beat())
+                await until(lambda: len(got) == 1)
+                assert transport._small[2].transport == "grpc"
+
+
+async def test_a_peer_that_is_not_up_is_not_taken_for_an_older_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Neither port answers yet (a node starting): TCP is asked again, not
     gRPC for the fallback's whole time; the peer is reached over TCP once up."""
-    port = free_ports(1)[0]
-    async with sending(port, grpc_port=free_ports(1)[0]) as transport:
+    caplog.set_level(logging.INFO, logger="pqueue.node.peers")
+    port, grpc_port = free_ports(2)
+    async with sending(port, grpc_port=grpc_port) as transport:
         transport.send(beat())
         await asyncio.sleep(0.3)
         got: list[Message] = []
@@ -259,6 +328,50 @@ async def test_a_peer_that_is_not_up_is_not_taken_for_an_older_one() -> None:
             assert transport._small[2].transport == "tcp"
         finally:
             await listener.stop()
+    assert not any("the gRPC stream" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_hello_waits_for_the_node_to_serve_and_strangers_are_capped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(peer_tcp, "MAX_UNWELCOMED", 3)
+    got: list[Message] = []
+    listener = PeerListener(PeerService(got.append))
+    port = await listener.bind("127.0.0.1", 0)
+    try:
+        # Before start (the node recovering), a hello is read but not answered.
+        early = asyncio.create_task(
+            peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(node=1), timeout_s=10)
+        )
+        await asyncio.sleep(0.2)
+        assert not early.done()
+        # Two silent strangers fill the waiting room; the next is closed at once.
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await until(lambda: listener._unwelcomed == 3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert listener.turned_away == 1
+        writer.close()
+        # Serving now: the early hello is welcomed, and its batches taken.
+        listener.start()
+        _, early_writer = await asyncio.wait_for(early, 5)
+        batch = ppb.PeerBatch(messages=[encode(beat())]).SerializeToString()
+        early_writer.write(header(len(batch)) + batch)
+        await until(lambda: got == [beat()])
+        assert listener.batches == 1
+        # stop() ends every connection, welcomed or not, within its bound.
+        started = time.monotonic()
+        await listener.stop()
+        assert time.monotonic() - started < 3
+        for r, w in silent:
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+        early_writer.close()
+        # And a connection that comes after is not taken at all.
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        await listener.stop()
 
 
 async def test_a_cluster_mid_upgrade_runs_with_one_node_on_grpc(tmp_path: Path) -> None:
@@ -283,6 +396,15 @@ async def test_a_cluster_mid_upgrade_runs_with_one_node_on_grpc(tmp_path: Path) 
         assert all(
             link.transport == "grpc" for link in cluster.servers[3].node.transport._links.values()
         )
+        # What goes over TCP arrives: with node 1 or 2 leading, its heartbeats
+        # reach the other through that node's listener.
+        if leader == 3:
+            assert await cluster.servers[3].node.log.transfer_leadership(10)
+            leader = await cluster.leader()
+        follower = cluster.servers[3 - leader].peer_listener
+        assert follower is not None
+        await until(lambda: follower.batches > 0)
+        assert cluster.servers[3].peer_listener is None
     finally:
         await cluster.stop()
 
@@ -317,3 +439,27 @@ def test_a_taken_peer_port_stops_the_node_with_a_clear_error(tmp_path: Path) -> 
         )
     assert out.returncode != 0
     assert f"cannot listen for peers on 127.0.0.1:{peer_port}" in out.stderr + out.stdout
+
+
+async def test_a_node_that_fails_to_start_leaves_no_port_bound(tmp_path: Path) -> None:
+    """Its metrics port taken: ``start`` fails, and neither its gRPC port nor
+    its peer port is left listening (a retry in the same process can bind)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = NodeServer(
+            SqliteStorage(tmp_path / "n1"),
+            ServerConfig(
+                listen="127.0.0.1:0", metrics_listen=f"127.0.0.1:{taken.getsockname()[1]}"
+            ),
+            cluster=ClusterConfig(node_id=1, addresses={}, peer_ports={1: 0}),
+        )
+        with pytest.raises(OSError, match="in use"):
+            await server.start()
+    assert server.peer_listener is not None
+    peer_port = server.node.cluster.peer_ports[1] if server.node.cluster.peer_ports else 0
+    for port in (server.port, peer_port):
+        assert port
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
+    await server.stop()  # harmless after a failed start
