@@ -17,14 +17,15 @@ listening node checks it as it checks a stream's headers and answers one
 the dialing node sends ``PeerBatch`` frames, the same bytes a gRPC stream
 carries, and the listening node only reads: one-way, like the streams.
 
-Everything is bounded. A connection must send its hello (at most
-``HELLO_MAX_BYTES``, TLS included) within ``HELLO_TIMEOUT_S``, and at most
-``MAX_UNWELCOMED`` may be waiting at once (more are closed at once), so
-strangers can hold neither memory nor many sockets; after the welcome a
-frame may be at most the peer message limit (a larger one ends the
-connection). The dialing side learns of a peer that stopped acknowledging
-from the kernel (``TCP_USER_TIMEOUT``), the listening side, which only reads,
-from TCP keepalive probes: the same bounds as gRPC's keepalive.
+Everything is bounded. A connection must end its TLS handshake, then send
+its hello (at most ``HELLO_MAX_BYTES``), each within ``HELLO_TIMEOUT_S``; at
+most ``MAX_UNWELCOMED`` may be waiting for a welcome at once (more are
+closed at once) and ``MAX_WELCOMED`` be welcomed, so strangers can hold
+neither much memory nor many sockets; after the welcome a frame may be at
+most the peer message limit (a larger one ends the connection). The
+dialing side learns of a peer that stopped acknowledging from the kernel
+(``TCP_USER_TIMEOUT``), the listening side, which only reads, from TCP
+keepalive probes: the same bounds as gRPC's keepalive.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ HELLO_TIMEOUT_S = 10.0
 #: Connections that may wait for their hello (or their welcome) at once; one
 #: more is closed at once, so strangers cannot pile up sockets and tasks.
 MAX_UNWELCOMED = 256
+#: Welcomed connections at once (a node has two from each peer): each may
+#: buffer a frame of up to the peer message limit.
+MAX_WELCOMED = 64
 #: A dial (connection, TLS and the hello's answer) that takes longer fails:
 #: the link falls back to the peer's gRPC stream and tries TCP again later.
 DIAL_TIMEOUT_S = 5.0
@@ -92,6 +96,10 @@ class PeerRefused(Exception):
         self.code, self.message = code, message
 
 
+class CutShort(FrameError):
+    """The connection ended inside a frame (the peer went away or was stopped)."""
+
+
 class HelloRefused(Exception):
     """The listening node refused this node's hello (the reason is its own words)."""
 
@@ -125,14 +133,14 @@ async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes | None:
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
-        raise FrameError("the connection ended inside a frame's length") from exc
+        raise CutShort("the connection ended inside a frame's length") from exc
     size = int.from_bytes(head, "big")
     if size > limit:
         raise FrameError(f"a {size}-byte frame (at most {limit} here)")
     try:
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError as exc:
-        raise FrameError("the connection ended inside a frame") from exc
+        raise CutShort("the connection ended inside a frame") from exc
 
 
 def tune(writer: asyncio.StreamWriter) -> None:
@@ -158,13 +166,18 @@ class PeerListener:
         self.receiver = receiver
         self.tls = tls
         self._server: asyncio.Server | None = None
+        #: TLS: the server completes each handshake (within ``HELLO_TIMEOUT_S``)
+        #: before the connection is handed over, and counted. (Upgrading a
+        #: counted connection with ``start_tls`` hangs on uvloop.)
+        self._ssl = tls.server_context() if tls is not None else None
         self._connections: set[asyncio.Task[None]] = set()
         #: Set once the node serves: a hello that came before waits for it
         #: (a refused one would send the peer to gRPC for a while).
         self._open = asyncio.Event()
         self._closing = False
-        #: Connections that have not been welcomed yet.
+        #: Connections that have not been welcomed yet, and those that have.
         self._unwelcomed = 0
+        self._welcomed = 0
         #: Connections ended for a protocol error (a bad or oversized frame).
         self.broken = 0
         #: Connections closed at once: ``MAX_UNWELCOMED`` were already waiting.
@@ -175,13 +188,12 @@ class PeerListener:
     async def bind(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); the bound port.
         Hellos wait for ``start``."""
-        ssl = self.tls.server_context() if self.tls is not None else None
         self._server = await asyncio.start_server(
             self._handle,
             host or None,
             port,
-            ssl=ssl,
-            ssl_handshake_timeout=HELLO_TIMEOUT_S if ssl is not None else None,
+            ssl=self._ssl,
+            ssl_handshake_timeout=HELLO_TIMEOUT_S if self._ssl is not None else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
 
@@ -226,6 +238,8 @@ class PeerListener:
             await self._serve(reader, writer, peer)
         except asyncio.CancelledError:
             pass
+        except CutShort as exc:  # the peer went away mid-frame: it stopped, or broke
+            logger.debug("peer connection from %s ended: %s", peer, describe(exc))
         except FrameError as exc:
             self.broken += 1
             logger.warning("ended the peer connection from %s: %s", peer, describe(exc))
@@ -234,8 +248,8 @@ class PeerListener:
         except Exception:  # a bug: this connection ends, the node goes on
             logger.exception("the peer connection from %s failed", peer)
         finally:
-            self._connections.discard(task)
             await _close(writer)
+            self._connections.discard(task)  # after: stop() waits for the close too
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
@@ -258,11 +272,25 @@ class PeerListener:
                 raise PeerRefused(
                     grpc.StatusCode.INVALID_ARGUMENT, "a hello must name its node (none here)"
                 )
+            if self._welcomed >= MAX_WELCOMED:
+                raise PeerRefused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this node already takes {MAX_WELCOMED} peer connections",
+                )
             caller = self.receiver.admit(lambda: _token(hello), peer, hello.node)
         except PeerRefused as exc:
             await _send(writer, ppb.PeerWelcome(refused=exc.message).SerializeToString())
             return
         await _send(writer, ppb.PeerWelcome().SerializeToString())
+        self._welcomed += 1
+        try:
+            await self._take(reader, caller, hello)
+        finally:
+            self._welcomed -= 1
+
+    async def _take(
+        self, reader: asyncio.StreamReader, caller: Principal | None, hello: ppb.PeerHello
+    ) -> None:
         # The connection speaks for the node its hello names (its token's node, with auth).
         sender = hello.node
         announced: frozenset[str] | None = features.parse_announcement(hello.features)
@@ -280,12 +308,13 @@ class PeerListener:
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
-    """Close a connection, waiting at most ``CLOSE_WAIT_S`` for TLS's goodbye."""
+    """Close a connection, waiting at most ``CLOSE_WAIT_S`` for TLS's goodbye
+    (the connection's last step: a cancel meanwhile only drops it sooner)."""
     writer.close()
     try:
         async with asyncio.timeout(CLOSE_WAIT_S):
             await writer.wait_closed()
-    except Exception:  # it did not close in time, or closing failed: drop it
+    except (Exception, asyncio.CancelledError):  # not closed in time, or failed: drop it
         writer.transport.abort()
 
 

@@ -258,6 +258,8 @@ class _Link:
         self._hello = hello
         #: Why the link last fell back to the gRPC stream (for the log).
         self._fallback_why = ""
+        #: Whether the session now ending carried messages (backoff starts over).
+        self._up = False
         #: How the link sends now ("tcp" or "grpc"; "" before its first connection).
         self.transport = ""
         self._refusals = 0
@@ -325,24 +327,27 @@ class _Link:
                         conn = await self._grpc_session(fallback=self._fallback_why)
                     await self._tcp_session(conn)  # until it breaks
             except HelloRefused as exc:
-                self._refusals += 1
-                if self._refusals & (self._refusals - 1) == 0:  # 1, 2, 4...: bounded noise
-                    logger.warning(
-                        "node %d -> %d: the peer refused this node's hello: %s (%d so far)",
-                        self.node_id,
-                        self.peer,
-                        exc,
-                        self._refusals,
-                    )
+                self._said_refused(exc)
             except Exception as exc:  # any failure: reconnect, never die
                 logger.debug(
                     "node %d -> %d: link broke: %s", self.node_id, self.peer, describe(exc)
                 )
-            else:
+            if self._up:  # it carried messages: reconnect soon, backing off from the start
+                self._up = False
                 backoff_s = 0.05
-                continue
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 1.0)
+
+    def _said_refused(self, exc: HelloRefused) -> None:
+        self._refusals += 1
+        if self._refusals & (self._refusals - 1) == 0:  # 1, 2, 4...: bounded noise
+            logger.warning(
+                "node %d -> %d: the peer refused this node's hello: %s (%d so far)",
+                self.node_id,
+                self.peer,
+                exc,
+                self._refusals,
+            )
 
     def _now_over(self, transport: str, why: str = "") -> None:
         if transport != self.transport:
@@ -387,6 +392,7 @@ class _Link:
         """Send over a TCP connection until it breaks (raises)."""
         reader, writer = conn
         self._now_over("tcp")
+        self._up = True
         try:
             while True:
                 if not self.queue:
@@ -424,48 +430,66 @@ class _Link:
         (why TCP failed), dial TCP again in the background every
         ``GRPC_FALLBACK_S`` while sending, and return its connection, the
         stream closed, once one is made."""
-        async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
-            call = _raw_send(ch)(metadata=self.metadata)
-            self._now_over("grpc", fallback or "")
-            if fallback is None:
-                while True:
-                    if not self.queue:
-                        self.ready.clear()
-                        await self.ready.wait()
-                    await call.write(self.take_batch())
-            redial_at = time.monotonic() + GRPC_FALLBACK_S
-            dialing: asyncio.Task[peer_tcp.Connection] | None = None
-            try:
-                while True:
-                    if dialing is not None and dialing.done():
-                        if dialing.exception() is None:
-                            conn = dialing.result()
-                            dialing = None
-                            await _finish(call)
-                            return conn
-                        dialing = None
-                        redial_at = time.monotonic() + GRPC_FALLBACK_S
-                    if dialing is None and time.monotonic() >= redial_at:
-                        dialing = asyncio.create_task(self._dial())
-                    if self.queue:
+        made: list[peer_tcp.Connection] = []  # dialed while on gRPC, until handed over
+        try:
+            async with channel(self.address, self.tls, _CHANNEL_OPTIONS) as ch:
+                call = _raw_send(ch)(metadata=self.metadata)
+                self._now_over("grpc", fallback or "")
+                if fallback is None:
+                    while True:
+                        if not self.queue:
+                            self.ready.clear()
+                            await self.ready.wait()
                         await call.write(self.take_batch())
-                        continue
-                    self.ready.clear()
-                    waiting = asyncio.create_task(self.ready.wait())
-                    timeout_s = None if dialing else max(0.0, redial_at - time.monotonic())
-                    try:
-                        await asyncio.wait(
-                            [waiting, *([dialing] if dialing else [])],
-                            timeout=timeout_s,
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                    finally:
-                        waiting.cancel()
-            finally:  # a dial under way is dropped (it closes its own connection)
-                if dialing is not None:
-                    if dialing.done() and not dialing.cancelled() and not dialing.exception():
-                        dialing.result()[1].transport.abort()
-                    dialing.cancel()
+                        self._up = True
+                await self._fall_back(call, made)
+                await _finish(call)
+            return made.pop()
+        except BaseException:
+            for _, writer in made:  # not handed over: nobody else will close it
+                writer.transport.abort()
+            raise
+
+    async def _fall_back(self, call: Any, made: list[peer_tcp.Connection]) -> None:
+        """Send on the gRPC stream ``call`` while dialing TCP every
+        ``GRPC_FALLBACK_S`` in the background; returns once a dial made a
+        connection (put in ``made``)."""
+        redial_at = time.monotonic() + GRPC_FALLBACK_S
+        dialing: asyncio.Task[peer_tcp.Connection] | None = None
+        try:
+            while True:
+                if dialing is not None and dialing.done():
+                    failed = dialing.exception()
+                    if failed is None:
+                        made.append(dialing.result())
+                        dialing = None
+                        return
+                    if isinstance(failed, HelloRefused):
+                        self._said_refused(failed)
+                    dialing = None
+                    redial_at = time.monotonic() + GRPC_FALLBACK_S
+                if dialing is None and time.monotonic() >= redial_at:
+                    dialing = asyncio.create_task(self._dial())
+                if self.queue:
+                    await call.write(self.take_batch())
+                    self._up = True
+                    continue
+                self.ready.clear()
+                if dialing is None:  # nothing to watch but the queue, until the next dial
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, redial_at - time.monotonic())):
+                            await self.ready.wait()
+                    continue
+                waiting = asyncio.create_task(self.ready.wait())
+                try:
+                    await asyncio.wait([waiting, dialing], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiting.cancel()
+        finally:  # a dial under way is dropped (it closes its own connection)
+            if dialing is not None:
+                if dialing.done() and not dialing.cancelled() and not dialing.exception():
+                    made.append(dialing.result())  # the caller closes it
+                dialing.cancel()
 
 
 async def _finish(call: Any) -> None:

@@ -138,6 +138,7 @@ class NodeServer(Serving):
         self._guard: Guard | None = None
         self._watch: asyncio.Task[None] | None = None
         self._started = False
+        self._stopping = False
         self.port = 0
         #: The peer protocol's service, once bound (its refusal counters).
         self.peers: PeerService | None = None
@@ -237,18 +238,17 @@ class NodeServer(Serving):
         logger.info("node %s serving on %s%s", self.node.config.node_id, self.address, metrics)
 
     async def _undo_start(self, recovered: bool) -> None:
-        """Close what a failed ``start`` opened: no port stays bound."""
-        if self.peer_listener is not None:
-            await self.peer_listener.stop()
-        if self._server is not None:
-            await _release(self._server)
-            self._server = None
-        try:
-            if recovered:
-                await self.node.stop()
-        finally:
+        """Close what a failed ``start`` opened: no port stays bound, whatever fails."""
+        server, self._server = self._server, None
+        async with contextlib.AsyncExitStack() as closing:  # run last to first
             if self.metrics_server is not None:
-                await self.metrics_server.stop()
+                closing.push_async_callback(self.metrics_server.stop)
+            if recovered:
+                closing.push_async_callback(self.node.stop)
+            if server is not None:
+                closing.push_async_callback(_release, server)
+            if self.peer_listener is not None:
+                closing.push_async_callback(self.peer_listener.stop)
 
     async def _serve(self, server: grpc.aio.Server, guard: Guard) -> None:
         """Register the services and take calls and peers."""
@@ -316,10 +316,11 @@ class NodeServer(Serving):
         """Drain: report NOT_SERVING, end long polls, let calls finish, then close.
         Bound but never started: close the ports."""
         if self._server is None or not self._started:
-            if self._server is not None:
+            if self._server is not None and not self._stopping:
                 await self._undo_start(recovered=False)
             return
         self._started = False
+        self._stopping = True  # a second stop meanwhile leaves this one to finish
         logger.info("node %s draining", self.node.config.node_id)
         if self._watch is not None:
             self._watch.cancel()
@@ -330,17 +331,17 @@ class NodeServer(Serving):
             logger.info("node %s handed over leadership", self.node.config.node_id)
         await self.health.enter_graceful_shutdown()
         self.node.begin_drain()
-        await self._server.stop(self.config.grace_s)
-        self._server = None
-        if self.peer_listener is not None:
-            await self.peer_listener.stop()
-        try:
-            await self.memory.stop()
-            await self.forwarder.close()
-            await self.node.stop()
-        finally:
+        server, self._server = self._server, None
+        async with contextlib.AsyncExitStack() as closing:  # run last to first, each whatever fails
             if self.metrics_server is not None:
-                await self.metrics_server.stop()
+                closing.push_async_callback(self.metrics_server.stop)
+            closing.push_async_callback(self.node.stop)
+            closing.push_async_callback(self.forwarder.close)
+            closing.push_async_callback(self.memory.stop)
+            if self.peer_listener is not None:
+                closing.push_async_callback(self.peer_listener.stop)
+            await server.stop(self.config.grace_s)
+        self._stopping = False
 
     def stop_events(self) -> tuple[asyncio.Event, ...]:
         """A failed log ends serving (``serve_until_signal`` returns False)."""

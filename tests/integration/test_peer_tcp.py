@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import uvloop
 
 from consensus.messages import Heartbeat, Message
 from pqueue.cli.devcluster import free_ports
@@ -331,30 +332,40 @@ async def test_a_peer_that_is_not_up_is_not_taken_for_an_older_one(
     assert not any("the gRPC stream" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("with_tls", [False, True])
 async def test_a_hello_waits_for_the_node_to_serve_and_strangers_are_capped(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, with_tls: bool
 ) -> None:
     monkeypatch.setattr(peer_tcp, "MAX_UNWELCOMED", 3)
+    ca = Authority.new()
     got: list[Message] = []
-    listener = PeerListener(PeerService(got.append))
+    listener = PeerListener(PeerService(got.append), ca.tls("node2") if with_tls else None)
     port = await listener.bind("127.0.0.1", 0)
+    hello, tls = ppb.PeerHello(node=1), ca.tls("node1") if with_tls else None
+    opened: list[asyncio.StreamWriter] = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ssl, name = (tls.client_context(), "127.0.0.1") if tls is not None else (None, None)
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ssl, server_hostname=name)
+        opened.append(w)
+        return r, w
+
+    early = asyncio.create_task(peer_tcp.dial("127.0.0.1", port, tls, hello, timeout_s=10))
     try:
         # Before start (the node recovering), a hello is read but not answered.
-        early = asyncio.create_task(
-            peer_tcp.dial("127.0.0.1", port, None, ppb.PeerHello(node=1), timeout_s=10)
-        )
         await asyncio.sleep(0.2)
         assert not early.done()
         # Two silent strangers fill the waiting room; the next is closed at once.
-        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        # (With TLS, a stranger is counted once its handshake is done.)
+        silent = [await connect() for _ in range(2)]
         await until(lambda: listener._unwelcomed == 3)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, _ = await connect()
         assert await asyncio.wait_for(reader.read(), 5) == b""
-        assert listener.turned_away == 1
-        writer.close()
+        await until(lambda: listener.turned_away == 1)
         # Serving now: the early hello is welcomed, and its batches taken.
         listener.start()
         _, early_writer = await asyncio.wait_for(early, 5)
+        opened.append(early_writer)
         batch = ppb.PeerBatch(messages=[encode(beat())]).SerializeToString()
         early_writer.write(header(len(batch)) + batch)
         await until(lambda: got == [beat()])
@@ -363,15 +374,47 @@ async def test_a_hello_waits_for_the_node_to_serve_and_strangers_are_capped(
         started = time.monotonic()
         await listener.stop()
         assert time.monotonic() - started < 3
-        for r, w in silent:
+        assert not listener._connections
+        for r, _ in silent:
             assert await asyncio.wait_for(r.read(), 5) == b""
-            w.close()
-        early_writer.close()
         # And a connection that comes after is not taken at all.
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)
     finally:
+        early.cancel()
+        for w in opened:
+            w.close()
         await listener.stop()
+
+
+async def test_a_link_stopped_while_it_moves_to_tcp_leaves_no_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The transport stops while a link, its TCP dial made, still closes its
+    gRPC stream: the new connection is closed with it, not left open."""
+    monkeypatch.setattr(peers, "GRPC_FALLBACK_S", 0.1)
+    closing = asyncio.Event()
+
+    async def slow_finish(call: object) -> None:
+        closing.set()
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(peers, "_finish", slow_finish)
+    async with grpc_peer() as (got, grpc_port):
+        nobody = free_ports(1)[0]
+        async with sending(nobody, grpc_port=grpc_port) as transport:
+            transport.send(beat())
+            await until(lambda: len(got) == 1)
+            listener = PeerListener(PeerService(lambda m: None))
+            await listener.bind("127.0.0.1", nobody)
+            listener.start()
+            try:
+                await asyncio.wait_for(closing.wait(), 10)  # dialed; the stream is closing
+                assert listener._connections
+            finally:
+                await transport.stop()  # (again on the way out: harmless)
+                await until(lambda: not listener._connections)
+                await listener.stop()
 
 
 async def test_a_cluster_mid_upgrade_runs_with_one_node_on_grpc(tmp_path: Path) -> None:
@@ -396,6 +439,7 @@ async def test_a_cluster_mid_upgrade_runs_with_one_node_on_grpc(tmp_path: Path) 
         assert all(
             link.transport == "grpc" for link in cluster.servers[3].node.transport._links.values()
         )
+        # (settled: node 3, reached only over gRPC, applied what the others did.)
         # What goes over TCP arrives: with node 1 or 2 leading, its heartbeats
         # reach the other through that node's listener.
         if leader == 3:
@@ -463,3 +507,18 @@ async def test_a_node_that_fails_to_start_leaves_no_port_bound(tmp_path: Path) -
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)
     await server.stop()  # harmless after a failed start
+
+
+def test_the_transport_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pq's processes run on uvloop, whose sockets and TLS are its own: the
+    transport's paths that lean on them, there too."""
+
+    async def scenarios() -> None:
+        await test_messages_go_over_tcp_to_the_peer_port()
+        await test_mutual_tls_takes_only_a_certificate_from_the_ca()
+        await test_a_hello_waits_for_the_node_to_serve_and_strangers_are_capped(
+            monkeypatch, with_tls=True
+        )
+        await test_a_tcp_port_that_never_answers_falls_back_to_grpc(monkeypatch)
+
+    uvloop.run(scenarios())
