@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -340,7 +341,16 @@ class NodeServer(Serving):
             closing.push_async_callback(self.memory.stop)
             if self.peer_listener is not None:
                 closing.push_async_callback(self.peer_listener.stop)
+            drained_from = time.monotonic()
             await server.stop(self.config.grace_s)
+            if self.peer_listener is not None and not self.node.log.is_leader:
+                # Peer streams on the gRPC port held its grace open; over TCP
+                # nothing does. A follower goes on taking peers' messages for
+                # what is left of it (at most a handover's time), so a leader
+                # stopping at the same moment (the whole cluster stopped) can
+                # still hand over rather than wait out its transfer.
+                left_s = self.config.grace_s - (time.monotonic() - drained_from)
+                await asyncio.sleep(min(max(0.0, left_s), TRANSFER_TIMEOUT_S))
         self._stopping = False
 
     def stop_events(self) -> tuple[asyncio.Event, ...]:

@@ -63,4 +63,4 @@ async def test_a_refused_peer_token_is_counted_and_said(
             await send_peer(srv.address, stale)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert srv.peers.refused == 1
-        assert any("refused a peer stream" in r.getMessage() for r in caplog.records)
+        assert any("refused a peer from" in r.getMessage() for r in caplog.records)
