@@ -21,7 +21,7 @@ the series stay bounded however many queues the cluster holds (up to
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -30,6 +30,8 @@ from prometheus_client.registry import Collector
 
 from pqueue.core.jobs import CANCELLED, COMPLETED, DEAD, DELAYED, LEASED, READY, QueueState
 from pqueue.node.memory import MemoryBudget
+from pqueue.node.peer_tcp import PeerListener
+from pqueue.node.peers import PeerService
 from pqueue.node.queue_node import QueueNode
 from pqueue.node.replicated import ReplicatedLog
 from pqueue.node.scheduler import ENQUEUED, SKIPPED
@@ -158,6 +160,7 @@ class NodeCollector(Collector):
         max_queues: int = DEFAULT_MAX_QUEUES,
         queue_labels: str = "queue",
         memory: MemoryBudget | None = None,
+        receiving: Callable[[], tuple[PeerService | None, PeerListener | None]] | None = None,
     ) -> None:
         if queue_labels not in QUEUE_LABEL_MODES:
             raise ValueError(f"queue_labels must be one of {', '.join(QUEUE_LABEL_MODES)}")
@@ -167,6 +170,8 @@ class NodeCollector(Collector):
         #: One of QUEUE_LABEL_MODES.
         self.queue_labels = queue_labels
         self.memory = memory
+        #: The peer service and TCP listener, once bound (their counters).
+        self.receiving = receiving
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         node = self._node
@@ -235,6 +240,52 @@ class NodeCollector(Collector):
             for peer, entries in sorted(node.log.replication_lag().items()):
                 lag.add_metric([str(peer)], entries)
         yield lag
+        yield from self._peers(node)
+
+    def _peers(self, node: QueueNode) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        over = GaugeMetricFamily(
+            "pq_peer_link_transport",
+            "1 for how each link to a peer sends now: tcp (--peer-ports) or grpc.",
+            labels=["peer", "lane", "transport"],
+        )
+        dropped = CounterMetricFamily(
+            "pq_peer_messages_dropped",
+            "Messages a link's full queue dropped, oldest first (consensus resends).",
+            labels=["peer", "lane"],
+        )
+        for link in node.transport.links():
+            if link.transport:
+                over.add_metric([str(link.peer), link.lane, link.transport], 1)
+            dropped.add_metric([str(link.peer), link.lane], link.dropped)
+        yield over
+        yield dropped
+        service, listener = self.receiving() if self.receiving is not None else (None, None)
+        if service is not None:
+            yield CounterMetricFamily(
+                "pq_peer_refused",
+                "Peer streams and hellos refused or ended for their token (none, bad, "
+                "expired, revoked, another node's).",
+                value=service.refused,
+            )
+            yield CounterMetricFamily(
+                "pq_peer_spoofed_messages",
+                "Peer messages dropped for claiming another sender than their link's node.",
+                value=service.spoofed,
+            )
+        if listener is not None:
+            yield CounterMetricFamily(
+                "pq_peer_tcp_batches", "Batches taken on the TCP peer port.", value=listener.batches
+            )
+            yield CounterMetricFamily(
+                "pq_peer_tcp_broken",
+                "TCP peer connections ended for a protocol error (a bad or oversized frame).",
+                value=listener.broken,
+            )
+            yield CounterMetricFamily(
+                "pq_peer_tcp_turned_away",
+                "TCP peer connections closed at once: too many were owing a hello.",
+                value=listener.turned_away,
+            )
 
     def _queues(self, node: QueueNode) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         jobs = GaugeMetricFamily(

@@ -581,12 +581,15 @@ class PeerTransport:
 
     async def stop(self) -> None:
         """Stop the senders and close their streams."""
-        links = [*self._links.values(), *self._small.values()]
-        tasks = [link.task for link in links if link.task is not None]
+        tasks = [link.task for link in self.links() if link.task is not None]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+
+    def links(self) -> list[_Link]:
+        """Every link to a peer, both lanes (none before ``start``)."""
+        return [*self._links.values(), *self._small.values()]
 
     def send(self, msg: Message) -> None:
         """Queue a message for its destination (dropped if unknown)."""

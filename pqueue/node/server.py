@@ -120,9 +120,16 @@ class NodeServer(Serving):
             self.node.config.node_id,
             jobs=lambda: self.node.machine.job_count(),
         )
+        #: The peer protocol's service, once bound (its refusal counters).
+        self.peers: PeerService | None = None
+        #: Peers' TCP connections (with peer ports), once bound.
+        self.peer_listener: PeerListener | None = None
         self.metrics.registry.register(
             NodeCollector(
-                self.node, queue_labels=self.config.metrics_queue_labels, memory=self.memory
+                self.node,
+                queue_labels=self.config.metrics_queue_labels,
+                memory=self.memory,
+                receiving=lambda: (self.peers, self.peer_listener),
             )
         )
         self.metrics_server = (
@@ -141,10 +148,6 @@ class NodeServer(Serving):
         self._started = False
         self._stopping = False
         self.port = 0
-        #: The peer protocol's service, once bound (its refusal counters).
-        self.peers: PeerService | None = None
-        #: Peers' TCP connections (with peer ports), once bound.
-        self.peer_listener: PeerListener | None = None
 
     @property
     def address(self) -> str:

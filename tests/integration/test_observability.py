@@ -67,6 +67,13 @@ NODE_FAMILIES = {
     "pq_snapshot_last_timestamp_seconds",
     "pq_process_cpu_seconds_total",
     "pq_process_resident_memory_bytes",
+    "pq_peer_link_transport",
+    "pq_peer_messages_dropped_total",
+    "pq_peer_tcp_batches_total",
+    "pq_peer_tcp_broken_total",
+    "pq_peer_tcp_turned_away_total",
+    "pq_peer_refused_total",
+    "pq_peer_spoofed_messages_total",
 }
 BALANCER_FAMILIES = {
     "pq_grpc_server_handled_total",
@@ -172,6 +179,12 @@ async def test_every_node_and_the_balancer_export_every_family_and_pass_promtool
         assert value(s, "pq_node_info", node=f"n{i}", version=value_label(s, "pq_node_info")) == 1
         lag = {dict(k[1])["peer"] for k in s if k[0] == "pq_consensus_replication_lag_entries"}
         assert lag == ({str(p) for p in texts if p != i} if i == leader else set())
+        # Every link to a peer sends over TCP; each node takes batches on its peer port.
+        for p in texts:
+            for lane in ("bulk", "small") if p != i else ():
+                assert value(s, "pq_peer_link_transport", peer=str(p), lane=lane, transport="tcp")
+        assert value(s, "pq_peer_tcp_batches_total") > 0
+        assert value(s, "pq_peer_tcp_broken_total") == 0
     s = samples(texts[leader])
     assert value(s, "pq_consensus_batch_commands_count") > 0
     created = {"service": "pqueue.v1.Admin", "method": "CreateQueue", "code": "OK"}
