@@ -249,6 +249,7 @@ async def start_systems(
             fresh=not args.reuse_cluster,
             keep=args.keep,
             peer_tcp=args.peer_transport == "tcp",
+            failed_logs=args.out_dir,
         )
         started.append(pq)
         await pq.start()

@@ -73,9 +73,17 @@ class PqCluster:
     heap that earlier cells left; ``keep``: the old clusters' dirs stay."""
 
     def __init__(
-        self, root: Path, fresh: bool = True, keep: bool = False, peer_tcp: bool = True
+        self,
+        root: Path,
+        fresh: bool = True,
+        keep: bool = False,
+        peer_tcp: bool = True,
+        failed_logs: Path | None = None,
     ) -> None:
         self.root, self.fresh, self.keep = root, fresh, keep
+        #: Where the logs of a cluster that failed to start are copied (kept
+        #: when the data dirs go), so that a failed cell can be read later.
+        self.failed_logs = failed_logs
         #: Consensus over the TCP peer transport (as ``make cluster``), or gRPC streams.
         self.peer_tcp = peer_tcp
         self.generation = 0
@@ -99,8 +107,20 @@ class PqCluster:
                 shutil.rmtree(self.cluster.root, ignore_errors=True)
             self.generation += 1
             self.cluster = ProcCluster(self.root / f"c{self.generation}", peer_tcp=self.peer_tcp)
-            await self.start()
+            try:
+                await self.start()
+            except Exception:
+                self._keep_logs()
+                raise
         self._served = True
+
+    def _keep_logs(self) -> None:
+        if self.failed_logs is None:
+            return
+        kept = self.failed_logs / f"failed-cluster-{self.generation}"
+        kept.mkdir(parents=True, exist_ok=True)
+        for log in self.cluster.root.glob("*.log"):
+            shutil.copy(log, kept / log.name)
 
 
 #: pqueue's columns: key -> (label, through the balancer, the SDK's look-aside).
