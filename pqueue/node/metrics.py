@@ -260,32 +260,37 @@ class NodeCollector(Collector):
         yield over
         yield dropped
         service, listener = self.receiving() if self.receiving is not None else (None, None)
+        counts: list[tuple[str, str, int]] = []
         if service is not None:
-            yield CounterMetricFamily(
-                "pq_peer_refused",
-                "Peer streams and hellos refused or ended for their token (none, bad, "
-                "expired, revoked, another node's).",
-                value=service.refused,
-            )
-            yield CounterMetricFamily(
-                "pq_peer_spoofed_messages",
-                "Peer messages dropped for claiming another sender than their link's node.",
-                value=service.spoofed,
-            )
+            counts += [
+                (
+                    "pq_peer_refused",
+                    "Peer streams and hellos refused or ended for their token (none, bad, "
+                    "expired, revoked, another node's).",
+                    service.refused,
+                ),
+                (
+                    "pq_peer_spoofed_messages",
+                    "Peer messages dropped for claiming another sender than their link's node.",
+                    service.spoofed,
+                ),
+            ]
         if listener is not None:
-            yield CounterMetricFamily(
-                "pq_peer_tcp_batches", "Batches taken on the TCP peer port.", value=listener.batches
-            )
-            yield CounterMetricFamily(
-                "pq_peer_tcp_broken",
-                "TCP peer connections ended for a protocol error (a bad or oversized frame).",
-                value=listener.broken,
-            )
-            yield CounterMetricFamily(
-                "pq_peer_tcp_turned_away",
-                "TCP peer connections closed at once: too many were owing a hello.",
-                value=listener.turned_away,
-            )
+            counts += [
+                ("pq_peer_tcp_batches", "Batches taken on the TCP peer port.", listener.batches),
+                (
+                    "pq_peer_tcp_broken",
+                    "TCP peer connections ended for a protocol error (a bad or oversized frame).",
+                    listener.broken,
+                ),
+                (
+                    "pq_peer_tcp_turned_away",
+                    "TCP peer connections closed at once: too many were owing a hello.",
+                    listener.turned_away,
+                ),
+            ]
+        for name, documentation, value in counts:
+            yield CounterMetricFamily(name, documentation, value=value)
 
     def _queues(self, node: QueueNode) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         jobs = GaugeMetricFamily(
