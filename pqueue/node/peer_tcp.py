@@ -164,7 +164,6 @@ class PeerListener:
 
     def __init__(self, receiver: Receiver, tls: Tls | None = None) -> None:
         self.receiver = receiver
-        self.tls = tls
         self._server: asyncio.Server | None = None
         #: TLS: the server completes each handshake (within ``HELLO_TIMEOUT_S``)
         #: before the connection is handed over, and counted. (Upgrading a

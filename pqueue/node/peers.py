@@ -256,8 +256,6 @@ class _Link:
         self.tcp_port = tcp_port
         #: What a TCP connection says first (with ``tcp_port``).
         self._hello = hello
-        #: Why the link last fell back to the gRPC stream (for the log).
-        self._fallback_why = ""
         #: Whether the session now ending carried messages (backoff starts over).
         self._up = False
         #: How the link sends now ("tcp" or "grpc"; "" before its first connection).
@@ -323,8 +321,8 @@ class _Link:
                     await self._grpc_session(fallback=None)  # until it breaks
                 else:
                     conn = await self._tcp_or_fallback()
-                    if conn is None:  # the peer answers on gRPC only, for now
-                        conn = await self._grpc_session(fallback=self._fallback_why)
+                    if isinstance(conn, str):  # the peer answers on gRPC only, for now
+                        conn = await self._grpc_session(fallback=conn)
                     await self._tcp_session(conn)  # until it breaks
             except HelloRefused as exc:
                 self._said_refused(exc)
@@ -366,11 +364,11 @@ class _Link:
         assert self._hello is not None
         return await peer_tcp.dial(host_of(self.address), self.tcp_port, self.tls, self._hello())
 
-    async def _tcp_or_fallback(self) -> peer_tcp.Connection | None:
-        """A TCP connection to the peer; None if its TCP port fails twice
-        while its gRPC port answers (an older release, a node without
-        ``--peer-ports``, a firewall that lets only gRPC through): the link
-        then sends on the gRPC stream. Raises if neither answers (the peer is
+    async def _tcp_or_fallback(self) -> peer_tcp.Connection | str:
+        """A TCP connection to the peer; or why not (for the log) if its TCP
+        port fails twice while its gRPC port answers (an older release, a node
+        without ``--peer-ports``, a firewall that lets only gRPC through): the
+        link then sends on the gRPC stream. Raises if neither answers (the peer is
         down or starting: TCP again after the backoff)."""
         try:
             return await self._dial()
@@ -385,8 +383,7 @@ class _Link:
                 raise
             except Exception:
                 where = f"{host_of(self.address)}:{self.tcp_port}"
-                self._fallback_why = f"no peer connection to {where}: {describe(exc)}"
-                return None
+                return f"no peer connection to {where}: {describe(exc)}"
 
     async def _tcp_session(self, conn: peer_tcp.Connection) -> None:
         """Send over a TCP connection until it breaks (raises)."""

@@ -146,7 +146,6 @@ class NodeServer(Serving):
         self._guard: Guard | None = None
         self._watch: asyncio.Task[None] | None = None
         self._started = False
-        self._stopping = False
         self.port = 0
 
     @property
@@ -320,11 +319,12 @@ class NodeServer(Serving):
         """Drain: report NOT_SERVING, end long polls, let calls finish, then close.
         Bound but never started: close the ports."""
         if self._server is None or not self._started:
-            if self._server is not None and not self._stopping:
+            if self._server is not None:
                 await self._undo_start(recovered=False)
             return
         self._started = False
-        self._stopping = True  # a second stop meanwhile leaves this one to finish
+        # Taken now: a second stop meanwhile finds none and leaves this one to finish.
+        server, self._server = self._server, None
         logger.info("node %s draining", self.node.config.node_id)
         if self._watch is not None:
             self._watch.cancel()
@@ -335,7 +335,6 @@ class NodeServer(Serving):
             logger.info("node %s handed over leadership", self.node.config.node_id)
         await self.health.enter_graceful_shutdown()
         self.node.begin_drain()
-        server, self._server = self._server, None
         async with contextlib.AsyncExitStack() as closing:  # run last to first, each whatever fails
             if self.metrics_server is not None:
                 closing.push_async_callback(self.metrics_server.stop)
@@ -354,7 +353,6 @@ class NodeServer(Serving):
                 # still hand over rather than wait out its transfer.
                 left_s = self.config.grace_s - (time.monotonic() - drained_from)
                 await asyncio.sleep(min(max(0.0, left_s), TRANSFER_TIMEOUT_S))
-        self._stopping = False
 
     def stop_events(self) -> tuple[asyncio.Event, ...]:
         """A failed log ends serving (``serve_until_signal`` returns False)."""
