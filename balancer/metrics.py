@@ -73,11 +73,14 @@ class BalancerMetrics:
             registry=r,
         )
         self.streams_open = Gauge(
-            "pq_balancer_streams_open", "Consume streams carried to the leader now.", registry=r
+            "pq_balancer_streams_open",
+            "Streams (Consume, SubmitStream) carried to the leader now.",
+            registry=r,
         )
         self.streams = Counter(
             "pq_balancer_streams_total",
-            "Consume streams ended, by how (ok, client_left, leader_moved, a status code).",
+            "Streams (Consume, SubmitStream) ended, by how"
+            " (ok, client_left, leader_moved, a status code).",
             ["end"],
             registry=r,
         )

@@ -1,4 +1,5 @@
-"""``Consume`` streams carried to the leader as raw bytes, message for message.
+"""Bidirectional streams (``Consume``, ``SubmitStream``) carried to the leader
+as raw bytes, message for message.
 
 A client's stream becomes one stream to the leader (no call per job): each
 message the client sends is written on it as it came, and each message the
@@ -13,12 +14,15 @@ trailers (a bad ``start``, UNAVAILABLE when the node drains or stops
 leading). When the connection to the leader breaks, gRPC ends it with
 UNAVAILABLE; when another node takes over while the old leader is silent (a
 frozen leader, which cannot say so), the balancer ends it with UNAVAILABLE
-itself; and when the balancer stops, too. Nothing is lost: leases outlive
-their stream (they expire and the jobs are delivered again) and a consumer
-reconnects, through this balancer, to the new leader.
+itself (LEADER_MOVED); and when the balancer stops, too. Nothing is lost:
+leases outlive their stream (they expire and the jobs are delivered again)
+and a consumer reconnects, through this balancer, to the new leader; the
+SDK sends a ``SubmitStream``'s requests that never ran by ``Submit``, and
+opens a new stream.
 
 At most ``max_streams`` are carried at once; more are refused with
-RESOURCE_EXHAUSTED and a retry hint.
+RESOURCE_EXHAUSTED and a retry hint (a ``SubmitStream``: NOT_TAKEN, so the
+SDK sends its batches as ``Submit`` calls).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from pqueue.wire.logs import describe
 from pqueue.wire.status import to_status
 
 logger = logging.getLogger(__name__)
+
+SUBMIT_STREAM = "/pqueue.v1.Queue/SubmitStream"
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
 
@@ -75,14 +81,16 @@ class StreamProxy:
                 )
             )
         if self.open >= self.max_streams:
-            await context.abort_with_status(
-                to_status(
-                    ResourceExhaustedError(
-                        f"this balancer carries its limit of {self.max_streams} streams",
-                        retry_after_s=1.0,
-                    )
-                )
+            full = f"this balancer carries its limit of {self.max_streams} streams"
+            # A SubmitStream refused so ran nothing: NOT_TAKEN, and the SDK
+            # sends its batch as a Submit call (a bare RESOURCE_EXHAUSTED
+            # can also end a stream that ran something).
+            refusal = (
+                NotTakenError(full, retry_after_s=1.0, cause="STREAM_LIMIT")
+                if route.method == SUBMIT_STREAM
+                else ResourceExhaustedError(full, retry_after_s=1.0)
             )
+            await context.abort_with_status(to_status(refusal))
         budget = self.backends.config.leader_wait_s
         if timeout_s is not None:
             budget = min(budget, 0.9 * timeout_s)
@@ -111,7 +119,9 @@ class StreamProxy:
         end = "client_left"
         ended_by: list[str] = []
         pump = asyncio.create_task(_pump(requests, call), name="pq-stream-pump")
-        watch = asyncio.create_task(self._watch(address, call, ended_by), name="pq-stream-watch")
+        watch = asyncio.create_task(
+            self._watch(route, address, call, ended_by), name="pq-stream-watch"
+        )
         try:
             # Look-aside: the client learns the leader's address at once (a
             # node sends a stream no initial metadata of its own).
@@ -123,7 +133,7 @@ class StreamProxy:
                     if not ended_by:
                         raise  # the client left (or the server stops): not ours to answer
                     end = ended_by[0]
-                    await context.abort_with_status(to_status(_ended_error(end)))
+                    await context.abort_with_status(to_status(_ended_error(end, route)))
                     raise AssertionError("unreachable") from None  # abort raises
                 if not isinstance(message, bytes):  # grpc.aio.EOF: the leader's side ended
                     break
@@ -147,9 +157,16 @@ class StreamProxy:
             self.metrics.streams.labels(end).inc()
 
     async def _watch(
-        self, address: str, call: grpc.aio.StreamStreamCall[bytes, bytes], ended_by: list[str]
+        self,
+        route: Route,
+        address: str,
+        call: grpc.aio.StreamStreamCall[bytes, bytes],
+        ended_by: list[str],
     ) -> None:
-        """Cancel the leader stream when another node leads, or the balancer stops."""
+        """Cancel the leader stream when another node leads, or the balancer
+        stops. (A node that stops leading ends its streams itself within
+        0.2 s, its status passed on; by the time a probe names another
+        leader, one still open is most likely frozen.)"""
         closing = asyncio.ensure_future(self._closing.wait())
         try:
             while not closing.done():
@@ -171,11 +188,15 @@ class StreamProxy:
             closing.cancel()
 
 
-def _ended_error(end: str) -> UnavailableError:
+def _ended_error(end: str, route: Route) -> UnavailableError:
     if end == "leader_moved":
+        what = (
+            "requests out may or may not have been applied"
+            if route.method == SUBMIT_STREAM
+            else "unsettled jobs are delivered again when their leases expire"
+        )
         return UnavailableError(
-            "the leader stopped answering and another took over; reconnect "
-            "(unsettled jobs are delivered again when their leases expire)",
+            f"the leader stopped answering and another took over; reconnect ({what})",
             retry_after_s=0.1,
             reason="LEADER_MOVED",
         )

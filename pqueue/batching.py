@@ -116,7 +116,7 @@ class SubmitBatcher:
 
     def __init__(
         self,
-        send: Callable[[pb.SubmitRequest], Awaitable[pb.SubmitResponse]],
+        send: Callable[[pb.SubmitRequest], Awaitable[pb.SubmitResponse | pb.SubmitStreamResponse]],
         counts: SubmitCounts,
         max_in_flight: int = 1,
     ) -> None:

@@ -18,6 +18,7 @@ its synchronous twin) in the one module users import.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import (
     AsyncIterator,
@@ -52,6 +53,7 @@ from pqueue.lookaside import (
     leader_named,
     wrong_cluster,
 )
+from pqueue.submitstream import Answer, SubmitStreamer
 from pqueue.v1 import balancer_pb2 as bpb
 from pqueue.v1 import balancer_pb2_grpc as bpbg
 from pqueue.v1 import queue_pb2 as pb
@@ -149,6 +151,8 @@ class _Stubs:
         #: By resendability: True for operations any hop may send again
         #: after a plain UNAVAILABLE (enqueues with an idempotency key).
         self.batchers: dict[bool, SubmitBatcher] = {}
+        #: Their streams (``Client(stream_submits=True)``).
+        self.streamers: list[SubmitStreamer] = []
 
 
 class Client:
@@ -164,9 +168,14 @@ class Client:
     after another keep their order; concurrent calls have none among
     themselves (as without batching); the operations of one Submit are
     applied in the order they were called. ``batching=False`` sends one call
-    per operation. ``enqueue_batch`` and ``ack_many`` are always their own
-    atomic call. An older server without ``Submit`` is detected once
-    (nothing ran) and answered single calls from then on.
+    per operation. ``stream_submits`` (on by default): those Submits go as
+    requests on one open ``SubmitStream`` per batcher, which saves a call's
+    cost per batch; errors are those of the ``Submit`` call, and a server
+    without the stream (UNIMPLEMENTED) or a follower that refuses it is sent
+    ``Submit`` instead (``pqueue.submitstream``). ``enqueue_batch`` and
+    ``ack_many`` are always their own atomic call. An older server without
+    ``Submit`` is detected once (nothing ran) and answered single calls from
+    then on.
 
     ``read_your_writes`` (on by default): every read this client makes
     (``stats``, ``get_job``, ``get_queue``, ``list_queues``, ``list_jobs``,
@@ -206,6 +215,7 @@ class Client:
         batching: bool = True,
         max_submits_in_flight: int = 1,
         look_aside: bool = True,
+        stream_submits: bool = True,
     ) -> None:
         if max_submits_in_flight < 1:
             raise ValueError(
@@ -237,6 +247,8 @@ class Client:
         #: Pack concurrent enqueues, acks, nacks and extends into Submit calls.
         self.batching = batching
         self.max_submits_in_flight = max_submits_in_flight
+        #: Send those Submits on an open ``SubmitStream`` per batcher.
+        self.stream_submits = stream_submits
         self._submit_counts = SubmitCounts()
         #: Send leader-bound work to the leader a balancer names (look-aside).
         self.look_aside = look_aside
@@ -320,6 +332,8 @@ class Client:
         for stubs in (self._stubs, *kept):
             for batcher in stubs.batchers.values():
                 batcher.cancel_waiting()
+            for streamer in stubs.streamers:
+                streamer.close()
         await self._channel.close()
         for stubs in self._leaders.values():  # the direct and hinted stubs share these channels
             await stubs.channel.close()
@@ -409,6 +423,10 @@ class Client:
             if leader_bound:
                 if direct:
                     self.look_aside_counts.direct += 1
+                    for streamer in self._stubs.streamers:
+                        # Its batches go to the leader now: the endpoint's
+                        # stream (a balancer's slot and the leader's) ends.
+                        streamer.idle()
                 else:
                     self.look_aside_counts.via_endpoint += 1
             try:
@@ -475,7 +493,18 @@ class Client:
                     self.note_leader(await call.trailing_metadata())
                 return response
 
-            batcher = SubmitBatcher(send, self._submit_counts, self.max_submits_in_flight)
+            sender: Callable[[pb.SubmitRequest], Awaitable[Answer]] = send
+            if self.stream_submits:
+                streamer = SubmitStreamer(
+                    functools.partial(stubs.queue.SubmitStream, metadata=self._metadata + marks),
+                    send,
+                    self.timeout_s,
+                    self.note_leader if learn else None,
+                    resendable=resendable,
+                )
+                stubs.streamers.append(streamer)
+                sender = streamer.send
+            batcher = SubmitBatcher(sender, self._submit_counts, self.max_submits_in_flight)
             stubs.batchers[resendable] = batcher
         return batcher
 

@@ -57,7 +57,7 @@ from pqueue.node.forward import Forwarder
 from pqueue.node.queue_node import QueueNode
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
-from pqueue.wire.admission import unknown_field_path
+from pqueue.wire.admission import check_known_fields
 from pqueue.wire.keys import DIRECT_KEY, FORWARDED_KEY, marked
 from pqueue.wire.logs import describe
 from pqueue.wire.serving import log_failure
@@ -371,13 +371,7 @@ class _Stream:
         """Check one request and add its credits; INVALID_ARGUMENT ends the stream."""
         if not first and request.HasField("start"):
             raise InvalidArgumentError("start", "only the first request may carry it")
-        path = unknown_field_path(request)
-        if path is not None:
-            raise InvalidArgumentError(
-                path,
-                "unknown field (this server does not know it, and stores nothing it "
-                "does not know); remove it or upgrade the cluster first",
-            )
+        check_known_fields(request)
         if len(request.settle) > limits.MAX_BATCH_JOBS:
             raise InvalidArgumentError(
                 "settle", f"at most {limits.MAX_BATCH_JOBS} per request, got {len(request.settle)}"

@@ -194,6 +194,16 @@ class NodeCollector(Collector):
             value=node.consume_streams,
         )
         yield GaugeMetricFamily(
+            "pq_node_submit_streams",
+            "Open SubmitStream streams served here.",
+            value=node.submit_streams,
+        )
+        yield CounterMetricFamily(
+            "pq_node_submit_stream_requests",
+            "Requests (Submit batches) read on SubmitStream streams.",
+            value=node.submit_stream_requests,
+        )
+        yield GaugeMetricFamily(
             "pq_storage_available",
             "1 while the store is reachable.",
             value=int(node.storage.available),

@@ -133,6 +133,9 @@ class QueueNode:
         self.calls_in_flight = 0
         #: Open ``Consume`` streams, served here or forwarded to the leader.
         self.consume_streams = 0
+        #: Open ``SubmitStream`` streams, and the requests they have carried.
+        self.submit_streams = 0
+        self.submit_stream_requests = 0
         self.storage = storage
         self.mirror = (
             JobsMirror(storage, lambda: self.machine) if isinstance(storage, MirrorStore) else None

@@ -38,10 +38,12 @@ from pqueue.node.forward import Forwarder
 from pqueue.node.memory import MemoryBudget
 from pqueue.node.queue_node import QueueNode
 from pqueue.node.quotas import Quotas
+from pqueue.node.submits import SubmitStreams
 from pqueue.node.watch import Subscription
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.admission import check_known_fields
 from pqueue.wire.keys import DIRECT_KEY, FORWARDED_KEY, marked
 from pqueue.wire.load import CpuSampler
 from pqueue.wire.logs import describe
@@ -449,6 +451,15 @@ class QueueService(_Base, pbg.QueueServicer):
     @rpc
     @on_leader
     async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
+        results, index = await self.submit_ops(request, context)
+        return pb.SubmitResponse(results=results, log_index=index)
+
+    async def submit_ops(
+        self, request: pb.SubmitRequest | pb.SubmitStreamRequest, context: Context
+    ) -> tuple[list[pb.OpResult], int]:
+        """A ``Submit``'s (or a ``SubmitStream`` request's) results and log
+        index: its checks, ``run_ops``, and the operations this node never
+        ran because it lost the lead forwarded to the new leader."""
         _check_size(request)
         _check_count(len(request.ops), "ops", limits.MAX_BATCH_JOBS)
         names = [_op_queue(op) for op in request.ops]  # as the caller named them
@@ -456,11 +467,20 @@ class QueueService(_Base, pbg.QueueServicer):
         results, index = await self.run_ops(request.ops, moved)
         if moved:  # lost the lead with them queued: as ``on_leader`` does, forward
             index = max(index, await self._forward_moved(request, names, moved, results, context))
-        return pb.SubmitResponse(results=results, log_index=index)
+        return results, index
+
+    async def submit_stream_ops(
+        self, request: pb.SubmitStreamRequest, context: Context
+    ) -> tuple[list[pb.OpResult], int]:
+        """``submit_ops`` for a ``SubmitStream`` request, which admission
+        did not look at (it checks a stream's messages for nothing): unknown
+        fields are refused as they are in a call."""
+        check_known_fields(request)
+        return await self.submit_ops(request, context)
 
     async def _forward_moved(
         self,
-        request: pb.SubmitRequest,
+        request: pb.SubmitRequest | pb.SubmitStreamRequest,
         names: list[str],
         moved: list[int],
         results: list[pb.OpResult],
@@ -588,6 +608,17 @@ class QueueService(_Base, pbg.QueueServicer):
         self, request_iterator: AsyncIterator[pb.ConsumeRequest], context: Context
     ) -> None:
         await self._consumers.serve(request_iterator, context)
+
+    @stream_rpc
+    async def SubmitStream(  # type: ignore[override]  # writes with context.write, returns None
+        self, request_iterator: AsyncIterator[pb.SubmitStreamRequest], context: Context
+    ) -> None:
+        await self.submit_streams.serve(request_iterator, context)
+
+    @functools.cached_property
+    def submit_streams(self) -> SubmitStreams:
+        """This node's ``SubmitStream`` streams (``pqueue.node.submits``)."""
+        return SubmitStreams(self.node, self.submit_stream_ops, self.authenticate)
 
     @functools.cached_property
     def _consumers(self) -> Consumers:

@@ -34,6 +34,8 @@ UNAVAILABLE: the ErrorInfo reason says whether the call ran.
     NOT_LEADER            (Consume) another node leads
     REFUSED               (Consume) a settle request was refused whole
                           (the message says why)
+    STREAM_LIMIT          (balancer, SubmitStream) it carries its limit of
+                          streams: send Submit calls
     WRONG_CLUSTER         the call's `pq-cluster` metadata names another
                           cluster than this node's (a look-aside client
                           reached a node of another cluster): send it to
@@ -57,6 +59,9 @@ UNAVAILABLE: the ErrorInfo reason says whether the call ran.
     LOG_FAILED            the node's log failed
     RECOVERY_STALLED      the node's log recovery made no progress
     SETTLE_UNANSWERED     (Consume) settles got no answer before the end
+    SUBMIT_UNANSWERED     (SubmitStream) requests got no answer before the end
+    SUBMIT_FAILED         (SubmitStream) a request, or reading the stream,
+                          failed on the node (logged there)
     SNAPSHOT_INSTALLED    (Watch) the node replaced its state: resume
                           with `from_index`
     BALANCER_STOPPING     (balancer, Consume) reconnect
@@ -2440,6 +2445,62 @@ class SubmitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitResponse: _TypeAlias = SubmitResponse  # noqa: Y015
+
+@_typing.final
+class SubmitStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBMIT_ID_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    submit_id: _builtins.int
+    """The caller's id for this request, echoed by its response (unique among
+    the stream's requests out).
+    """
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]:
+        """As SubmitRequest.ops."""
+
+    def __init__(
+        self,
+        *,
+        submit_id: _builtins.int = ...,
+        ops: _abc.Iterable[Global___Operation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops", "submit_id", b"submit_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitStreamRequest: _TypeAlias = SubmitStreamRequest  # noqa: Y015
+
+@_typing.final
+class SubmitStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBMIT_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    submit_id: _builtins.int
+    log_index: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpResult]:
+        """As SubmitResponse."""
+
+    def __init__(
+        self,
+        *,
+        submit_id: _builtins.int = ...,
+        results: _abc.Iterable[Global___OpResult] | None = ...,
+        log_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_index", b"log_index", "results", b"results", "submit_id", b"submit_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitStreamResponse: _TypeAlias = SubmitStreamResponse  # noqa: Y015
 
 @_typing.final
 class ConsumeStart(_message.Message):

@@ -80,6 +80,11 @@ class QueueStub:
                 request_serializer=pqueue_dot_v1_dot_queue__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=pqueue_dot_v1_dot_queue__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitStream = channel.stream_stream(
+                '/pqueue.v1.Queue/SubmitStream',
+                request_serializer=pqueue_dot_v1_dot_queue__pb2.SubmitStreamRequest.SerializeToString,
+                response_deserializer=pqueue_dot_v1_dot_queue__pb2.SubmitStreamResponse.FromString,
+                _registered_method=True)
         self.Consume = channel.stream_stream(
                 '/pqueue.v1.Queue/Consume',
                 request_serializer=pqueue_dot_v1_dot_queue__pb2.ConsumeRequest.SerializeToString,
@@ -170,6 +175,29 @@ class QueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitStream(self, request_iterator, context):
+        """Submit on one open stream: each request's operations run as one
+        Submit's would (the same per-operation results, checks, order and
+        limits), answered by a response with the request's `submit_id`; a
+        stream may have up to 8 requests running (more wait unread), answered
+        as each completes, not necessarily in request order. It saves a call's
+        cost per batch; the SDK opens one per batcher and sends its batches on
+        it, falling back to Submit where a server answers UNIMPLEMENTED.
+        Served by the leader: a follower or a draining node refuses it at once
+        (NOT_LEADER naming the leader, or NOT_TAKEN: send Submit, which a
+        follower forwards); a balancer carries it to the leader, as Consume.
+        The stream ends after answering every request it read: with OK when
+        the caller half-closes, or with a status (a request reusing a
+        submit_id still out: INVALID_ARGUMENT; the token lapsed; the node
+        drains or stops leading: NOT_TAKEN or NOT_LEADER) that is the status
+        of every request not answered, none of which ran. A stream that breaks
+        otherwise (UNAVAILABLE) leaves the requests out as a failed Submit
+        does: they may have run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Consume(self, request_iterator, context):
         """A streaming consumer: one stream for as long as a consumer runs. The
         first request carries `start`; then the consumer grants credits (how
@@ -249,6 +277,11 @@ def add_QueueServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=pqueue_dot_v1_dot_queue__pb2.SubmitRequest.FromString,
                     response_serializer=pqueue_dot_v1_dot_queue__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitStream,
+                    request_deserializer=pqueue_dot_v1_dot_queue__pb2.SubmitStreamRequest.FromString,
+                    response_serializer=pqueue_dot_v1_dot_queue__pb2.SubmitStreamResponse.SerializeToString,
             ),
             'Consume': grpc.stream_stream_rpc_method_handler(
                     servicer.Consume,
@@ -505,6 +538,33 @@ class Queue:
             '/pqueue.v1.Queue/Submit',
             pqueue_dot_v1_dot_queue__pb2.SubmitRequest.SerializeToString,
             pqueue_dot_v1_dot_queue__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pqueue.v1.Queue/SubmitStream',
+            pqueue_dot_v1_dot_queue__pb2.SubmitStreamRequest.SerializeToString,
+            pqueue_dot_v1_dot_queue__pb2.SubmitStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,8 @@ UNAVAILABLE: the ErrorInfo reason says whether the call ran.
     NOT_LEADER            (Consume) another node leads
     REFUSED               (Consume) a settle request was refused whole
                           (the message says why)
+    STREAM_LIMIT          (balancer, SubmitStream) it carries its limit of
+                          streams: send Submit calls
     WRONG_CLUSTER         the call's `pq-cluster` metadata names another
                           cluster than this node's (a look-aside client
                           reached a node of another cluster): send it to
@@ -57,6 +59,9 @@ UNAVAILABLE: the ErrorInfo reason says whether the call ran.
     LOG_FAILED            the node's log failed
     RECOVERY_STALLED      the node's log recovery made no progress
     SETTLE_UNANSWERED     (Consume) settles got no answer before the end
+    SUBMIT_UNANSWERED     (SubmitStream) requests got no answer before the end
+    SUBMIT_FAILED         (SubmitStream) a request, or reading the stream,
+                          failed on the node (logged there)
     SNAPSHOT_INSTALLED    (Watch) the node replaced its state: resume
                           with `from_index`
     BALANCER_STOPPING     (balancer, Consume) reconnect
@@ -127,6 +132,25 @@ class QueueStub:
     applied in request order. For all-or-nothing use EnqueueBatch, or one
     Ack of many leases. The SDK packs concurrent calls into it.
     """
+    SubmitStream: _grpc.StreamStreamMultiCallable[_queue_pb2.SubmitStreamRequest, _queue_pb2.SubmitStreamResponse]
+    """Submit on one open stream: each request's operations run as one
+    Submit's would (the same per-operation results, checks, order and
+    limits), answered by a response with the request's `submit_id`; a
+    stream may have up to 8 requests running (more wait unread), answered
+    as each completes, not necessarily in request order. It saves a call's
+    cost per batch; the SDK opens one per batcher and sends its batches on
+    it, falling back to Submit where a server answers UNIMPLEMENTED.
+    Served by the leader: a follower or a draining node refuses it at once
+    (NOT_LEADER naming the leader, or NOT_TAKEN: send Submit, which a
+    follower forwards); a balancer carries it to the leader, as Consume.
+    The stream ends after answering every request it read: with OK when
+    the caller half-closes, or with a status (a request reusing a
+    submit_id still out: INVALID_ARGUMENT; the token lapsed; the node
+    drains or stops leading: NOT_TAKEN or NOT_LEADER) that is the status
+    of every request not answered, none of which ran. A stream that breaks
+    otherwise (UNAVAILABLE) leaves the requests out as a failed Submit
+    does: they may have run.
+    """
     Consume: _grpc.StreamStreamMultiCallable[_queue_pb2.ConsumeRequest, _queue_pb2.ConsumeResponse]
     """A streaming consumer: one stream for as long as a consumer runs. The
     first request carries `start`; then the consumer grants credits (how
@@ -188,6 +212,25 @@ class QueueAsyncStub(QueueStub):
     others apply. Results come back in request order, and operations are
     applied in request order. For all-or-nothing use EnqueueBatch, or one
     Ack of many leases. The SDK packs concurrent calls into it.
+    """
+    SubmitStream: _aio.StreamStreamMultiCallable[_queue_pb2.SubmitStreamRequest, _queue_pb2.SubmitStreamResponse]  # type: ignore[assignment]
+    """Submit on one open stream: each request's operations run as one
+    Submit's would (the same per-operation results, checks, order and
+    limits), answered by a response with the request's `submit_id`; a
+    stream may have up to 8 requests running (more wait unread), answered
+    as each completes, not necessarily in request order. It saves a call's
+    cost per batch; the SDK opens one per batcher and sends its batches on
+    it, falling back to Submit where a server answers UNIMPLEMENTED.
+    Served by the leader: a follower or a draining node refuses it at once
+    (NOT_LEADER naming the leader, or NOT_TAKEN: send Submit, which a
+    follower forwards); a balancer carries it to the leader, as Consume.
+    The stream ends after answering every request it read: with OK when
+    the caller half-closes, or with a status (a request reusing a
+    submit_id still out: INVALID_ARGUMENT; the token lapsed; the node
+    drains or stops leading: NOT_TAKEN or NOT_LEADER) that is the status
+    of every request not answered, none of which ran. A stream that breaks
+    otherwise (UNAVAILABLE) leaves the requests out as a failed Submit
+    does: they may have run.
     """
     Consume: _aio.StreamStreamMultiCallable[_queue_pb2.ConsumeRequest, _queue_pb2.ConsumeResponse]  # type: ignore[assignment]
     """A streaming consumer: one stream for as long as a consumer runs. The
@@ -301,6 +344,31 @@ class QueueServicer(metaclass=_abc_1.ABCMeta):
         others apply. Results come back in request order, and operations are
         applied in request order. For all-or-nothing use EnqueueBatch, or one
         Ack of many leases. The SDK packs concurrent calls into it.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_queue_pb2.SubmitStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queue_pb2.SubmitStreamResponse], _abc.AsyncIterator[_queue_pb2.SubmitStreamResponse]]:
+        """Submit on one open stream: each request's operations run as one
+        Submit's would (the same per-operation results, checks, order and
+        limits), answered by a response with the request's `submit_id`; a
+        stream may have up to 8 requests running (more wait unread), answered
+        as each completes, not necessarily in request order. It saves a call's
+        cost per batch; the SDK opens one per batcher and sends its batches on
+        it, falling back to Submit where a server answers UNIMPLEMENTED.
+        Served by the leader: a follower or a draining node refuses it at once
+        (NOT_LEADER naming the leader, or NOT_TAKEN: send Submit, which a
+        follower forwards); a balancer carries it to the leader, as Consume.
+        The stream ends after answering every request it read: with OK when
+        the caller half-closes, or with a status (a request reusing a
+        submit_id still out: INVALID_ARGUMENT; the token lapsed; the node
+        drains or stops leading: NOT_TAKEN or NOT_LEADER) that is the status
+        of every request not answered, none of which ran. A stream that breaks
+        otherwise (UNAVAILABLE) leaves the requests out as a failed Submit
+        does: they may have run.
         """
 
     @_abc_1.abstractmethod

@@ -46,7 +46,7 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
-from pqueue.errors import NotTakenError, UnauthenticatedError
+from pqueue.errors import InvalidArgumentError, NotTakenError, UnauthenticatedError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire import sizes as limits
 from pqueue.wire.keys import CLUSTER_KEY, WRONG_CLUSTER, bearer, value_of
@@ -100,6 +100,8 @@ def request_caps() -> dict[str, int]:
         _Q + "GetJob": SMALL_REQUEST_BYTES,
         _Q + "Stats": SMALL_REQUEST_BYTES,
         _Q + "Submit": limits.MAX_MESSAGE_BYTES,
+        # Each message of the stream: a Submit's operations and an id.
+        _Q + "SubmitStream": limits.MAX_MESSAGE_BYTES,
         # Each message of the stream: a start, credits, and settlements.
         _Q + "Consume": limits.MAX_MESSAGE_BYTES,
         # Up to 1000 queue names of at most 128 characters after a tenant's.
@@ -185,6 +187,21 @@ def has_unknown_fields(message: Message) -> bool:
 
 class OversizeRequestError(ValueError):
     """A streamed message over its method's cap (the stream drops it)."""
+
+
+#: Why a field this server does not know is refused (after the field's path).
+UNKNOWN_FIELD = (
+    "unknown field (this server does not know it, and stores nothing it does not know); "
+    "remove it or upgrade the cluster first"
+)
+
+
+def check_known_fields(message: Message) -> None:
+    """INVALID_ARGUMENT naming the first unknown field of ``message``, if it
+    has one: for a stream's messages, which admission does not parse."""
+    path = unknown_field_path(message)
+    if path is not None:
+        raise InvalidArgumentError(path, UNKNOWN_FIELD)
 
 
 def unknown_field_path(message: Message, prefix: str = "") -> str | None:
@@ -407,11 +424,7 @@ async def _admit(request: Any, context: Context, strict: bool) -> None:
     if strict and isinstance(request, Message):
         path = unknown_field_path(request)
         if path is not None:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{path}: unknown field (this server does not know it, and stores "
-                "nothing it does not know); remove it or upgrade the cluster first",
-            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {UNKNOWN_FIELD}")
 
 
 def _unary(inner: Behaviour, strict: bool) -> Behaviour:

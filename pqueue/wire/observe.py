@@ -81,6 +81,24 @@ def log_op_failure(index: int, kind: str, code: str, message: str) -> None:
         )
 
 
+def log_stream_request(name: str, submit_id: int, ops: int) -> None:
+    """The request line of one request read on a stream whose every message
+    is a request of its own (``SubmitStream``): as a call's, the stream's
+    request id with the message's id after a slash."""
+    if logger.isEnabledFor(logging.INFO):
+        rid = request_id.get()
+        ip = client_ip.get()
+        logger.info(
+            "Received %s request %s/%d (%d ops) from IP: %s",
+            name,
+            rid,
+            submit_id,
+            ops,
+            ip,
+            extra={"route": call_route.get() or "-", "request_id": rid, "client_ip": ip},
+        )
+
+
 _QUIET_SERVICES = frozenset(
     (
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

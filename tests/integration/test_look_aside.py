@@ -93,10 +93,12 @@ async def test_look_aside_off_sends_everything_through_the_balancer(tmp_path: Pa
         Client(setup.balancer.address, look_aside=False) as client,
     ):
         await client.create_queue("q")
+        leader = setup.cluster.servers[await setup.cluster.leader()]
         forwarded = _forwarded(setup)
         for i in range(20):
             await client.enqueue("q", b"%d" % i)
-        assert _forwarded(setup) == forwarded + 20
+        assert _forwarded(setup) == forwarded + 1  # one SubmitStream, carried
+        assert leader.node.submit_stream_requests == 20
         worker = Worker(client, "q", lambda job: asyncio.sleep(0), config=WorkerConfig())
         async with running(worker):
             await _until("every job", lambda: worker.stats.acked >= 20)
@@ -140,7 +142,7 @@ async def test_an_unreachable_leader_address_leaves_every_call_on_the_balancer(
             backends.leader_metadata.clear()
             async with Client(setup.balancer.address, max_retries=0) as client:
                 await client.create_queue("q")
-                forwarded = _forwarded(setup)
+                leader = setup.cluster.servers[await setup.cluster.leader()]
                 started = time.monotonic()
                 for i in range(30):  # past the connect timeout: nothing waits for it
                     await client.enqueue("q", b"%d" % i)
@@ -153,7 +155,8 @@ async def test_an_unreachable_leader_address_leaves_every_call_on_the_balancer(
                 assert counts.direct == 0
                 assert counts.via_endpoint >= 30
                 assert counts.streams_direct == 0
-                assert _forwarded(setup) >= forwarded + 30
+                # Each on the balancer's SubmitStream to the leader.
+                assert leader.node.submit_stream_requests >= 30
     finally:
         if hole is not None:
             hole.close()

@@ -121,8 +121,8 @@ class _Queue(grpc.GenericRpcHandler):
         self, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
         method = details.method
-        if not method.startswith("/pqueue.v1.Queue/"):
-            return None
+        if not method.startswith("/pqueue.v1.Queue/") or method.endswith("/SubmitStream"):
+            return None  # (a stream it does not serve: UNIMPLEMENTED, as an older node)
         if method == CONSUME:
             return grpc.stream_stream_rpc_method_handler(self.consume)
 

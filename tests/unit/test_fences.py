@@ -128,6 +128,7 @@ def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
         "pqueue.v1",
         "pqueue.client",
         "pqueue.batching",
+        "pqueue.submitstream",
         "pqueue.consumer",
         "pqueue.hooks",
         "pqueue.lookaside",
@@ -135,6 +136,7 @@ def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
     for name in (
         "client.py",
         "batching.py",
+        "submitstream.py",
         "consumer.py",
         "hooks.py",
         "worker.py",

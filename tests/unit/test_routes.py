@@ -95,7 +95,7 @@ def test_a_client_submit_is_sent_again_after_unavailable_only_if_all_keyed_enque
     assert not submit.retry_unavailable(b"\xff")
 
 
-def test_single_job_writes_may_ride_in_a_submit_and_consume_is_a_stream() -> None:
+def test_single_job_writes_may_ride_in_a_submit_and_consume_and_submit_stream_are_streams() -> None:
     riders = {r.name: r.op_field for r in ROUTES.values() if r.op_field}
     fields = pb.Operation.DESCRIPTOR.fields_by_name
     assert riders == {
@@ -104,5 +104,7 @@ def test_single_job_writes_may_ride_in_a_submit_and_consume_is_a_stream() -> Non
         "Nack": fields["nack"].number,
         "ExtendLease": fields["extend"].number,
     }
-    assert {r.name for r in ROUTES.values() if r.streaming} == {"Consume"}
+    assert {r.name for r in ROUTES.values() if r.streaming} == {"Consume", "SubmitStream"}
     assert ROUTES["/pqueue.v1.Queue/Consume"].kind is Kind.LEADER
+    assert ROUTES["/pqueue.v1.Queue/SubmitStream"].kind is Kind.LEADER
+    assert not ROUTES["/pqueue.v1.Queue/SubmitStream"].merges  # carried, not coalesced
