@@ -103,7 +103,15 @@ def consumer_for(spec: CellSpec) -> Consumer:
 
 
 async def _pq_clients(spec: CellSpec, n: int) -> list[Client]:
-    clients = [Client(spec.target, timeout_s=60, look_aside=spec.look_aside) for _ in range(n)]
+    clients = [
+        Client(
+            spec.target,
+            timeout_s=60,
+            look_aside=spec.look_aside,
+            stream_submits=spec.stream_submits,
+        )
+        for _ in range(n)
+    ]
     # Connected before the clock starts (a read through the same channel).
     await asyncio.gather(*(c.stats(spec.queue) for c in clients))
     return clients

@@ -229,6 +229,8 @@ def table(result: dict[str, Any]) -> list[str]:
                 ),
                 "pqueue's peers over "
                 + ("gRPC streams" if result.get("peer_transport") == "grpc" else "TCP"),
+                "the SDK's Submits "
+                + ("as calls" if result.get("submits") == "call" else "on a stream"),
             ]
         ),
         "",

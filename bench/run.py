@@ -200,6 +200,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="pqueue's consensus messages: the TCP peer transport (--peer-ports, as make "
         "cluster runs) or gRPC streams (nodes without --peer-ports)",
     )
+    p.add_argument(
+        "--submits",
+        choices=("stream", "call"),
+        default="stream",
+        help="how the SDK sends its Submit batches: on an open SubmitStream (its "
+        "default) or as Submit calls (Client(stream_submits=False))",
+    )
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
@@ -300,6 +307,7 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         pg_max_conns=args.pg_max_conns,
         pg_wakeup=args.pg_wakeup,
         pg_poll_ms=args.pg_poll_ms,
+        stream_submits=args.submits == "stream",
     )
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -313,6 +321,7 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         "pg_poll_ms": args.pg_poll_ms,
         "pg_max_conns": args.pg_max_conns,
         "peer_transport": args.peer_transport,
+        "submits": args.submits,
         "versions": {},
         "systems": [],
         "scenarios": [

@@ -51,6 +51,9 @@ class CellSpec:
     #: pqueue: the SDK's look-aside (operations and streams to the leader the
     #: balancer names); False: everything through ``target``, the proxy's path.
     look_aside: bool = True
+    #: pqueue: the SDK's Submits on an open ``SubmitStream`` (its default);
+    #: False: each a ``Submit`` call (``--submits call``).
+    stream_submits: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
