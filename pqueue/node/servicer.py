@@ -43,7 +43,6 @@ from pqueue.node.watch import Subscription
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
-from pqueue.wire.admission import check_known_fields
 from pqueue.wire.keys import DIRECT_KEY, FORWARDED_KEY, marked
 from pqueue.wire.load import CpuSampler
 from pqueue.wire.logs import describe
@@ -469,15 +468,6 @@ class QueueService(_Base, pbg.QueueServicer):
             index = max(index, await self._forward_moved(request, names, moved, results, context))
         return results, index
 
-    async def submit_stream_ops(
-        self, request: pb.SubmitStreamRequest, context: Context
-    ) -> tuple[list[pb.OpResult], int]:
-        """``submit_ops`` for a ``SubmitStream`` request, which admission
-        did not look at (it checks a stream's messages for nothing): unknown
-        fields are refused as they are in a call."""
-        check_known_fields(request)
-        return await self.submit_ops(request, context)
-
     async def _forward_moved(
         self,
         request: pb.SubmitRequest | pb.SubmitStreamRequest,
@@ -618,7 +608,7 @@ class QueueService(_Base, pbg.QueueServicer):
     @functools.cached_property
     def submit_streams(self) -> SubmitStreams:
         """This node's ``SubmitStream`` streams (``pqueue.node.submits``)."""
-        return SubmitStreams(self.node, self.submit_stream_ops, self.authenticate)
+        return SubmitStreams(self.node, self.submit_ops, self.authenticate)
 
     @functools.cached_property
     def _consumers(self) -> Consumers:

@@ -11,7 +11,8 @@ per batcher (``pqueue.submitstream``) and sends its ``Submit`` batches on it.
   NOT_TAKEN, UNAVAILABLE): nothing ran, and the caller sends ``Submit``
   instead, which a follower forwards.
 - **Requests.** Each is checked and run exactly as a ``Submit`` is
-  (``QueueService.submit_stream_ops``: unknown fields, size, count, every
+  (unknown fields, which admission leaves to a stream's server; then
+  ``QueueService.submit_ops``: size, count, every
   operation alone, in order; operations a leader that lost the lead never
   ran are forwarded to the new one, as ``Submit``'s are) and answered with
   its ``submit_id`` as soon as it completes; up to ``MAX_RUNNING`` run at
@@ -45,8 +46,13 @@ from typing import Any
 import grpc
 
 from pqueue.errors import InvalidArgumentError, NotTakenError, PQueueError, UnavailableError
+
+# How often a token is checked again, how often open streams look whether
+# their node still leads, how long an ending one waits: as ``Consume``'s.
+from pqueue.node.consume import AUTH_RECHECK_S, END_GRACE_S, WATCH_INTERVAL_S
 from pqueue.node.queue_node import QueueNode
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.admission import check_known_fields
 from pqueue.wire.logs import describe
 from pqueue.wire.observe import log_stream_request
 from pqueue.wire.serving import log_failure
@@ -60,12 +66,6 @@ SubmitOps = Callable[[pb.SubmitStreamRequest, Context], Awaitable[tuple[list[pb.
 
 #: Requests of one stream running at once; further ones wait unread.
 MAX_RUNNING = 8
-#: How often, at most, a stream's token is checked again (expiry, revocation).
-AUTH_RECHECK_S = 1.0
-#: How often open streams look whether their node still leads or drains.
-WATCH_INTERVAL_S = 0.2
-#: How long an ending stream waits for the requests it read to be answered.
-END_GRACE_S = 2.0
 
 
 class SubmitStreams:
@@ -215,6 +215,7 @@ class _Stream:
         node.calls_in_flight += 1  # load, as balancers see it
         try:
             try:
+                check_known_fields(request)
                 results, index = await self.hub.submit_ops(request, self.context)
             except PQueueError as exc:
                 # Refused whole before anything ran (bad input, draining, not
