@@ -7,7 +7,11 @@ leader sends is handed back, in order, unparsed. The client's metadata goes
 along as for a unary call (``balancer.hop``), and its deadline, if it set one
 (a consumer's stream usually has none, and gets none). The client's stream
 gets initial metadata as soon as the leader is picked: ``pq-leader``, the
-leader's own address (look-aside: a client may open its next stream there).
+leader's own address (look-aside: a client may open its next stream there);
+a ``SubmitStream``'s, once the leader sent its own, which says whether it
+took the stream (``pq-stream-open``): the SDK writes nothing before, so a
+refusal is never raced by a write (grpc.aio would turn its status into
+INTERNAL: grpc/grpc#36066).
 
 The client's stream ends as the leader's does: with its status, message and
 trailers (a bad ``start``, UNAVAILABLE when the node drains or stops
@@ -118,14 +122,22 @@ class StreamProxy:
         call: grpc.aio.StreamStreamCall[bytes, bytes] = stub(metadata=metadata, timeout=timeout_s)
         end = "client_left"
         ended_by: list[str] = []
-        pump = asyncio.create_task(_pump(requests, call), name="pq-stream-pump")
+        pump: asyncio.Task[None] | None = None
         watch = asyncio.create_task(
             self._watch(route, address, call, ended_by), name="pq-stream-watch"
         )
         try:
-            # Look-aside: the client learns the leader's address at once (a
-            # node sends a stream no initial metadata of its own).
-            await context.send_initial_metadata(self.backends.leader_metadata.get(address, ()))
+            # Look-aside: the client learns the leader's address at once. A
+            # SubmitStream's leader says first whether it took the stream
+            # (``pq-stream-open``, passed on; a refusal ends it with none),
+            # and the client writes only then: the pump starts after.
+            opened: Metadata = ()
+            if route.method == SUBMIT_STREAM:
+                opened = passthrough(await call.initial_metadata())
+            await context.send_initial_metadata(
+                (*self.backends.leader_metadata.get(address, ()), *opened)
+            )
+            pump = asyncio.create_task(_pump(requests, call), name="pq-stream-pump")
             while True:
                 try:
                     message = await call.read()
@@ -148,10 +160,11 @@ class StreamProxy:
             await context.abort(exc.code(), exc.details() or "", relayed_failure(exc, address))
         finally:
             watch.cancel()
-            pump.cancel()
+            if pump is not None:
+                pump.cancel()
             if not call.done():
                 call.cancel()
-            await asyncio.wait((watch, pump))
+            await asyncio.wait([task for task in (watch, pump) if task is not None])
             self.open -= 1
             self.metrics.streams_open.set(self.open)
             self.metrics.streams.labels(end).inc()

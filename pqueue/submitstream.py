@@ -15,16 +15,21 @@ What a caller sees is what a unary ``Submit`` gives it:
   keyed enqueues only (``resendable``) is sent once more by unary
   ``Submit`` then, as a balancer resends such a ``Submit`` itself (the
   stream it carries, it cannot);
-- a stream the server ends saying nothing it did not answer ran (NOT_LEADER,
-  NOT_TAKEN: also a balancer at its limit of streams), or does not know
-  (UNIMPLEMENTED: an older node or balancer) has each unanswered request
-  sent again by unary ``Submit`` on the same channel, which a follower
-  forwards to the leader; so has a request whose write failed (it never
-  left: the stream had ended).
-  A stream that had answered requests (its node stopped leading) is opened
-  again for the next batch; one refused before answering anything is tried
-  again after ``RETRY_STREAM_S``, doubling to ``MAX_RETRY_STREAM_S`` while
-  refusals go on (``UNIMPLEMENTED_RETRY_S`` after UNIMPLEMENTED);
+- nothing is written on a stream before the server says it took it (its
+  initial metadata carries ``pq-stream-open``; a balancer passes the
+  leader's on): one refused at once (a follower's NOT_LEADER, a draining
+  node's or a full balancer's NOT_TAKEN, an older server's UNIMPLEMENTED)
+  is never raced by a write, which in grpc.aio would turn the status into
+  INTERNAL (grpc/grpc#36066) and lose that nothing ran. Its batches, and
+  the next ones for ``RETRY_STREAM_S`` (doubling to ``MAX_RETRY_STREAM_S``
+  while refusals go on; ``UNIMPLEMENTED_RETRY_S`` after UNIMPLEMENTED),
+  go by unary ``Submit`` on the same channel, which a follower forwards to
+  the leader;
+- a stream the server ends later saying nothing it did not answer ran
+  (NOT_LEADER, NOT_TAKEN: its node stopped leading or drains) has each
+  unanswered request sent again by unary ``Submit``; so has a request whose
+  write failed (it never left: the stream had ended). The next batch opens
+  a new stream;
 - no answer within ``timeout_s`` (writing the request included):
   DEADLINE_EXCEEDED, as the call's deadline would give (the request may
   still run). A request that could not even be written in that time (the
@@ -51,6 +56,7 @@ import grpc
 
 from pqueue.errors import NotLeaderError, NotTakenError
 from pqueue.v1 import queue_pb2 as pb
+from pqueue.wire.keys import STREAM_OPEN_KEY, marked
 from pqueue.wire.serving import log_failure
 from pqueue.wire.status import from_rpc_error
 
@@ -73,10 +79,13 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 class _Open:
     """One stream and the requests out on it."""
 
-    __slots__ = ("answered", "broken", "call", "waiting")
+    __slots__ = ("answered", "broken", "call", "took", "waiting")
 
     def __init__(self, call: StreamCall) -> None:
         self.call = call
+        #: Whether the server took the stream (its initial metadata said so):
+        #: nothing is written before. False: it refused it, or never says.
+        self.took: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         #: Requests out, by submit_id.
         self.waiting: dict[int, asyncio.Future[pb.SubmitStreamResponse]] = {}
         #: Whether the server answered any request on it.
@@ -175,6 +184,8 @@ class SubmitStreamer:
         stream had ended or was given up, or gRPC refused the write)."""
         if self._open is not stream or stream.call.done():
             return False
+        if not await stream.took:
+            return False
         try:
             await stream.call.write(pb.SubmitStreamRequest(submit_id=submit_id, ops=request.ops))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -212,25 +223,37 @@ class SubmitStreamer:
         )
         cancelled = False
         try:
+            opened = await call.initial_metadata()
             if self._on_open is not None:
-                self._on_open(await call.initial_metadata())
+                self._on_open(opened)
+            took = marked(opened, STREAM_OPEN_KEY)
+            stream.took.set_result(took)
+            if took:
+                self._refusals = 0
+            else:
+                # Refused (its status follows), or a server that never says
+                # it took a stream: by call for a while; let it end.
+                self._back_off(stream)
+                await call.done_writing()
             while True:
                 message = await call.read()
                 if not isinstance(message, pb.SubmitStreamResponse):
                     break  # grpc.aio.EOF: ended OK, which only our half-close asks for
                 stream.answered = True
-                self._refusals = 0
                 future = stream.waiting.get(message.submit_id)
                 if future is not None and not future.done():
                     future.set_result(message)
         except grpc.aio.AioRpcError as exc:
             error = exc
-            if stream.nothing_ran(exc):
-                self._refused(stream, exc)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # An older server: by call for longer. (Refused at once, by a
+                # follower or a draining node, it never took the stream: the
+                # reader backed off already.)
+                self._unary_until = time.monotonic() + UNIMPLEMENTED_RETRY_S
             elif exc.code() == grpc.StatusCode.INTERNAL:
-                # Likely a refusal overwritten by a write racing it (grpc/grpc#36066):
-                # what was out may have run, and a stream that answered
-                # nothing is not tried again at once.
+                # A status overwritten by a write racing the stream's end
+                # (grpc/grpc#36066): what was out may have run, and a stream
+                # that answered nothing is not tried again at once.
                 error = _rpc_error(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the Submit stream failed ({exc.details()}); requests out may or may "
@@ -251,6 +274,8 @@ class SubmitStreamer:
                 "requests out may have applied",
             )
         finally:
+            if not stream.took.done():
+                stream.took.set_result(False)
             if self._open is stream:
                 self._open = None
             if not call.done():
@@ -262,13 +287,6 @@ class SubmitStreamer:
                     future.cancel()
                 else:
                     future.set_exception(error)
-
-    def _refused(self, stream: _Open, exc: grpc.aio.AioRpcError) -> None:
-        """Back off to unary ``Submit`` after a stream that ran nothing unanswered."""
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            self._unary_until = time.monotonic() + UNIMPLEMENTED_RETRY_S
-        elif not stream.answered and stream.waiting:  # refused at once: a follower, draining
-            self._back_off(stream)
 
     def _back_off(self, stream: _Open) -> None:
         if self._open is not None and self._open is not stream:

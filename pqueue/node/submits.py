@@ -9,7 +9,10 @@ per batcher (``pqueue.submitstream``) and sends its ``Submit`` batches on it.
   leader only: a follower or a draining node ends it at once, before reading
   anything (NOT_LEADER naming the leader, FAILED_PRECONDITION; or
   NOT_TAKEN, UNAVAILABLE): nothing ran, and the caller sends ``Submit``
-  instead, which a follower forwards.
+  instead, which a follower forwards. The leader says it took the stream in
+  its initial metadata (``pq-stream-open``), and the SDK writes only after:
+  a write racing a refusal could turn its status into INTERNAL
+  (grpc/grpc#36066), which would no longer say that nothing ran.
 - **Requests.** Each is checked and run exactly as a ``Submit`` is
   (unknown fields, which admission leaves to a stream's server; then
   ``QueueService.submit_ops``: size, count, every
@@ -53,6 +56,7 @@ from pqueue.node.consume import AUTH_RECHECK_S, END_GRACE_S, WATCH_INTERVAL_S
 from pqueue.node.queue_node import QueueNode
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.admission import check_known_fields
+from pqueue.wire.keys import STREAM_OPEN
 from pqueue.wire.logs import describe
 from pqueue.wire.observe import log_stream_request
 from pqueue.wire.serving import log_failure
@@ -100,6 +104,8 @@ class SubmitStreams:
         why = self.refusal()
         if why is not None:
             raise why
+        # Taken: the caller writes from here (never into a refusal).
+        await context.send_initial_metadata(STREAM_OPEN)
         stream = _Stream(self, context)
         self.streams.add(stream)
         self.node.submit_streams += 1

@@ -186,6 +186,10 @@ class QueueServicer:
         Served by the leader: a follower or a draining node refuses it at once
         (NOT_LEADER naming the leader, or NOT_TAKEN: send Submit, which a
         follower forwards); a balancer carries it to the leader, as Consume.
+        The leader says it took the stream with initial metadata
+        `pq-stream-open: 1` (a balancer passes it on once the leader sent it);
+        write nothing before: a write racing a refusal can turn its status
+        into INTERNAL in some gRPC clients (grpc/grpc#36066 in Python's aio).
         The stream ends after answering every request it read: with OK when
         the caller half-closes, or with a status (a request reusing a
         submit_id still out: INVALID_ARGUMENT; the token lapsed; the node

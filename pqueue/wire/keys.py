@@ -44,6 +44,14 @@ DIRECT = ((DIRECT_KEY, "1"),)
 CLUSTER_KEY = "pq-cluster"
 #: The NOT_TAKEN cause of a call refused for naming another cluster.
 WRONG_CLUSTER = "WRONG_CLUSTER"
+#: Initial metadata a leader sends a ``SubmitStream`` as soon as it takes it
+#: (a balancer passes it on once the leader sent it). The SDK writes nothing
+#: before: a node that refuses the stream (a follower, a draining node) ends
+#: it at once, and a client write racing that end turns its status, which
+#: says nothing ran, into INTERNAL in grpc.aio (grpc/grpc#36066).
+STREAM_OPEN_KEY = "pq-stream-open"
+#: The metadata that says so.
+STREAM_OPEN = ((STREAM_OPEN_KEY, "1"),)
 
 
 def value_of(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str:

@@ -22,6 +22,7 @@ from pqueue.node.servicer import QueueService
 from pqueue.storage.sqlite import SqliteStorage
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.v1 import queue_pb2_grpc as pbg
+from pqueue.wire.keys import LEADER_KEY, STREAM_OPEN_KEY, marked
 from pqueue.wire.status import from_rpc_error
 from tests.inproc import Cluster
 from tests.integration.test_balancer_coalesce import balanced
@@ -47,6 +48,8 @@ async def test_each_request_is_answered_by_its_id_with_per_operation_results(
 ) -> None:
     async with grpc.aio.insecure_channel(node.address) as channel:
         call = pbg.QueueStub(channel).SubmitStream()
+        # The leader says it took the stream before anything is written.
+        assert marked(await call.initial_metadata(), STREAM_OPEN_KEY)
         await call.write(pb.SubmitStreamRequest(submit_id=7, ops=[_enqueue("q", b"a")]))
         bad = _enqueue("", b"b")  # no queue named
         await call.write(
@@ -129,8 +132,9 @@ async def test_a_follower_refuses_the_stream_and_the_sdk_sends_submit_instead(
         address = cluster.addresses[follower]
         async with grpc.aio.insecure_channel(address) as channel:
             call = pbg.QueueStub(channel).SubmitStream()
-            with pytest.raises(grpc.aio.AioRpcError) as refused:  # at the write, or the read
-                await _write_and_read(call, pb.SubmitStreamRequest(ops=[_enqueue("q", b"x")]))
+            assert not marked(await call.initial_metadata(), STREAM_OPEN_KEY)  # not taken
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
         assert isinstance(from_rpc_error(refused.value), NotLeaderError)
         async with Client(address, max_retries=0) as c:
             results = await asyncio.gather(*(c.enqueue("q", f"{i}") for i in range(30)))
@@ -148,6 +152,13 @@ async def test_a_follower_refuses_the_stream_and_the_sdk_sends_submit_instead(
 async def test_a_balancer_carries_the_stream_to_the_leader(tmp_path: Path) -> None:
     async with balanced(tmp_path) as (cluster, balancer):
         leader = cluster.servers[await cluster.leader()]
+        async with grpc.aio.insecure_channel(balancer.address) as channel:
+            call = pbg.QueueStub(channel).SubmitStream()
+            opened = await call.initial_metadata()  # the leader's, passed on, and its address
+            assert marked(opened, STREAM_OPEN_KEY)
+            assert marked(opened, LEADER_KEY)
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
         async with Client(balancer.address, look_aside=False, max_retries=0) as c:
             results = await asyncio.gather(*(c.enqueue("q", f"{i}") for i in range(100)))
             [streamer] = c._stubs.streamers
@@ -320,3 +331,69 @@ async def test_a_balancer_at_its_limit_of_streams_refuses_unrun_and_submit_calls
         assert stats.ready == 20
         assert leader.node.submit_stream_requests == 1  # the held stream's
         held.cancel()
+
+
+class Unsaid(grpc.GenericRpcHandler):
+    """A server that opens a ``SubmitStream`` without saying it took it (a
+    server of another make, or a proxy that does not pass the leader's
+    metadata on), reads whatever comes on it, and answers ``Submit`` calls."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.read: list[pb.SubmitStreamRequest] = []
+        self.half_closed = asyncio.Event()
+        self.submits = 0
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if details.method.endswith("/SubmitStream"):
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream,
+                request_deserializer=pb.SubmitStreamRequest.FromString,
+                response_serializer=pb.SubmitStreamResponse.SerializeToString,
+            )
+        if details.method.endswith("/Submit"):
+            return grpc.unary_unary_rpc_method_handler(
+                self._submit,
+                request_deserializer=pb.SubmitRequest.FromString,
+                response_serializer=pb.SubmitResponse.SerializeToString,
+            )
+        return None
+
+    async def _stream(self, requests: AsyncIterator[pb.SubmitStreamRequest], context: Any) -> None:
+        self.streams += 1
+        await context.send_initial_metadata((("x-other", "1"),))
+        async for request in requests:
+            self.read.append(request)  # never answered
+        self.half_closed.set()
+
+    async def _submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
+        self.submits += 1
+        results = [
+            pb.OpResult(enqueue=pb.EnqueueResponse(job_id=self.submits * 1000 + i))
+            for i in range(len(request.ops))
+        ]
+        return pb.SubmitResponse(results=results, log_index=self.submits)
+
+
+async def test_the_sdk_writes_nothing_on_a_stream_the_server_did_not_say_it_took() -> None:
+    # A refusal ends a stream at once; a write racing it would turn its
+    # status (nothing ran) into INTERNAL in grpc.aio (grpc/grpc#36066). So
+    # the SDK writes only once the server says it took the stream, and a
+    # server that never says gets Submit calls instead, and its stream closed.
+    fake = Unsaid()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((fake,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with Client(f"127.0.0.1:{port}", max_retries=0, timeout_s=5) as c:
+            first = await c.enqueue("q", b"a")
+            await asyncio.wait_for(fake.half_closed.wait(), 5)
+            second = await c.enqueue("q", b"b")
+            [streamer] = c._stubs.streamers
+            assert (streamer.streamed, streamer.unary_sent) == (0, 2)
+        assert (first.job_id, second.job_id) == (1000, 2000)
+        assert fake.read == []  # nothing written on it
+        assert fake.streams == 1  # and not opened again at once
+    finally:
+        await server.stop(None)
