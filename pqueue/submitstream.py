@@ -20,11 +20,14 @@ What a caller sees is what a unary ``Submit`` gives it:
   leader's on): one refused at once (a follower's NOT_LEADER, a draining
   node's or a full balancer's NOT_TAKEN, an older server's UNIMPLEMENTED)
   is never raced by a write, which in grpc.aio would turn the status into
-  INTERNAL (grpc/grpc#36066) and lose that nothing ran. Its batches, and
-  the next ones for ``RETRY_STREAM_S`` (doubling to ``MAX_RETRY_STREAM_S``
-  while refusals go on; ``UNIMPLEMENTED_RETRY_S`` after UNIMPLEMENTED),
-  go by unary ``Submit`` on the same channel, which a follower forwards to
-  the leader;
+  INTERNAL (grpc/grpc#36066) and lose that nothing ran. A server that
+  does not say so within ``OPEN_WAIT_S`` (a node from before) is taken to
+  refuse, and the stream is given up unwritten (so it is when a batch's
+  deadline comes first: that batch gets DEADLINE_EXCEEDED, not sent). Its
+  batches, and the next ones for ``RETRY_STREAM_S`` (doubling to
+  ``MAX_RETRY_STREAM_S`` while refusals go on; ``UNIMPLEMENTED_RETRY_S``
+  after UNIMPLEMENTED), go by unary ``Submit`` on the same channel, which
+  a follower forwards to the leader;
 - a stream the server ends later saying nothing it did not answer ran
   (NOT_LEADER, NOT_TAKEN: its node stopped leading or drains) has each
   unanswered request sent again by unary ``Submit``; so has a request whose
@@ -66,6 +69,10 @@ RETRY_STREAM_S = 5.0
 MAX_RETRY_STREAM_S = 300.0
 #: After a stream was answered UNIMPLEMENTED: unary ``Submit`` for this long.
 UNIMPLEMENTED_RETRY_S = 600.0
+#: How long a new stream waits for its server to say it took it (longer
+#: than a balancer waits for the leader's word, ``balancer.streams``); past
+#: it, the stream is given up unwritten and its batches go by call.
+OPEN_WAIT_S = 2.0
 
 Answer = pb.SubmitResponse | pb.SubmitStreamResponse
 StreamCall: TypeAlias = "grpc.aio.StreamStreamCall[pb.SubmitStreamRequest, pb.SubmitStreamResponse]"
@@ -162,17 +169,25 @@ class SubmitStreamer:
                 return await self._send_unary(request)
             raise
         except TimeoutError:
+            taken = stream.took.done()  # else it waited for the stream: never written
             if not written:  # the server reads nothing: this stream is of no more use
+                if not taken:  # as a refusal: by call for a while
+                    self._back_off(stream)
                 self._break(stream, "a request could not be written in time")
             raise _rpc_error(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                "Deadline Exceeded (no answer on the Submit stream in time)",
+                "Deadline Exceeded (no answer on the Submit stream in time)"
+                if taken
+                else "Deadline Exceeded (the Submit stream was not taken in time; "
+                "the request was not sent)",
             ) from None
         finally:
             stream.waiting.pop(submit_id, None)
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved (the reader may have failed it meanwhile)
-        if not sent:  # it never left: by a call
+        if not sent:  # it never left: by a call (unless the client closes)
+            if self._closing:
+                raise asyncio.CancelledError
             return await self._send_unary(request)
         self.streamed += 1
         return answer
@@ -184,7 +199,8 @@ class SubmitStreamer:
         stream had ended or was given up, or gRPC refused the write)."""
         if self._open is not stream or stream.call.done():
             return False
-        if not await stream.took:
+        # Shielded: a writer's timeout must not cancel what every writer waits for.
+        if not await asyncio.shield(stream.took):
             return False
         try:
             await stream.call.write(pb.SubmitStreamRequest(submit_id=submit_id, ops=request.ops))
@@ -223,18 +239,28 @@ class SubmitStreamer:
         )
         cancelled = False
         try:
-            opened = await call.initial_metadata()
-            if self._on_open is not None:
+            opened: grpc.aio.Metadata | None = None
+            with contextlib.suppress(TimeoutError):
+                opened = await asyncio.wait_for(
+                    asyncio.shield(call.initial_metadata()), OPEN_WAIT_S
+                )
+            if self._on_open is not None and opened is not None:
                 self._on_open(opened)
-            took = marked(opened, STREAM_OPEN_KEY)
-            stream.took.set_result(took)
+            took = opened is not None and marked(opened, STREAM_OPEN_KEY)
+            if not stream.took.done():
+                stream.took.set_result(took)
             if took:
                 self._refusals = 0
             else:
-                # Refused (its status follows), or a server that never says
-                # it took a stream: by call for a while; let it end.
-                self._back_off(stream)
-                await call.done_writing()
+                # Refused (its status follows), or a server that does not say
+                # it took a stream: by call for a while. Nothing was written
+                # on it: half-closed, it ends; one silent still, given up.
+                if not stream.broken:  # (this side gave it up: it backed off then)
+                    self._back_off(stream)
+                if opened is None:
+                    self._break(stream, "the server did not say it took the stream")
+                else:
+                    await call.done_writing()
             while True:
                 message = await call.read()
                 if not isinstance(message, pb.SubmitStreamResponse):
@@ -259,7 +285,8 @@ class SubmitStreamer:
                     f"the Submit stream failed ({exc.details()}); requests out may or may "
                     "not have been applied",
                 )
-                if not stream.answered and stream.waiting:
+                taken = stream.took.done() and stream.took.result()
+                if taken and not stream.answered and stream.waiting:
                     self._back_off(stream)
         except asyncio.CancelledError:
             task = asyncio.current_task()

@@ -8,6 +8,7 @@ it to the leader, and a leader stopped with requests out.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import grpc
 import pytest
 
+from pqueue import submitstream
 from pqueue.client import Client
-from pqueue.errors import NotLeaderError, PQueueError, UnavailableError
+from pqueue.errors import DeadlineExceededError, NotLeaderError, PQueueError, UnavailableError
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.node.servicer import QueueService
 from pqueue.storage.sqlite import SqliteStorage
@@ -338,7 +340,9 @@ class Unsaid(grpc.GenericRpcHandler):
     server of another make, or a proxy that does not pass the leader's
     metadata on), reads whatever comes on it, and answers ``Submit`` calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, silent: bool = False) -> None:
+        #: Not even initial metadata (a node from before ``pq-stream-open``).
+        self.silent = silent
         self.streams = 0
         self.read: list[pb.SubmitStreamRequest] = []
         self.half_closed = asyncio.Event()
@@ -361,7 +365,8 @@ class Unsaid(grpc.GenericRpcHandler):
 
     async def _stream(self, requests: AsyncIterator[pb.SubmitStreamRequest], context: Any) -> None:
         self.streams += 1
-        await context.send_initial_metadata((("x-other", "1"),))
+        if not self.silent:
+            await context.send_initial_metadata((("x-other", "1"),))
         async for request in requests:
             self.read.append(request)  # never answered
         self.half_closed.set()
@@ -395,5 +400,57 @@ async def test_the_sdk_writes_nothing_on_a_stream_the_server_did_not_say_it_took
         assert (first.job_id, second.job_id) == (1000, 2000)
         assert fake.read == []  # nothing written on it
         assert fake.streams == 1  # and not opened again at once
+    finally:
+        await server.stop(None)
+
+
+async def _unsaid_server(fake: Unsaid) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((fake,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_a_stream_never_taken_is_given_up_unwritten_and_calls_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(submitstream, "OPEN_WAIT_S", 0.3)
+    fake = Unsaid(silent=True)
+    server, address = await _unsaid_server(fake)
+    try:
+        async with Client(address, max_retries=0, timeout_s=5) as c:
+            first = await c.enqueue("q", b"a")  # by call, once the wait ran out
+            second = await c.enqueue("q", b"b")
+            [streamer] = c._stubs.streamers
+            assert (streamer.streamed, streamer.unary_sent) == (0, 2)
+        assert (first.job_id, second.job_id) == (1000, 2000)
+        assert fake.read == []
+        assert fake.streams == 1
+    finally:
+        await server.stop(None)
+
+
+async def test_a_request_timing_out_before_the_stream_is_taken_spoils_nothing_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its caller's deadline ends the wait for the stream (never sent); the
+    # stream is given up, and the next batches go by call, not each on a
+    # new stream that is never taken either.
+    fake = Unsaid(silent=True)
+    server, address = await _unsaid_server(fake)
+    try:
+        async with Client(address, max_retries=0, timeout_s=0.3) as c:
+            with pytest.raises(DeadlineExceededError) as late:
+                await c.enqueue("q", b"a")
+            assert "not sent" in late.value.message
+            [streamer] = c._stubs.streamers
+            assert not streamer.streaming  # given up
+            after = await c.enqueue("q", b"b")
+            assert streamer.unary_sent == 1
+        assert after.job_id == 1000
+        assert fake.read == []
+        assert fake.streams == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
         await server.stop(None)
