@@ -11,14 +11,19 @@ leader's own address (look-aside: a client may open its next stream there);
 a ``SubmitStream``'s, once the leader sent its own, which says whether it
 took the stream (``pq-stream-open``): the SDK writes nothing before, so a
 refusal is never raced by a write (grpc.aio would turn its status into
-INTERNAL: grpc/grpc#36066).
+INTERNAL: grpc/grpc#36066). A leader silent for ``LEADER_OPEN_WAIT_S``
+(a node from before, or a frozen one) leaves it out: the SDK then sends
+its batches by call.
 
 The client's stream ends as the leader's does: with its status, message and
 trailers (a bad ``start``, UNAVAILABLE when the node drains or stops
 leading). When the connection to the leader breaks, gRPC ends it with
 UNAVAILABLE; when another node takes over while the old leader is silent (a
 frozen leader, which cannot say so), the balancer ends it with UNAVAILABLE
-itself (LEADER_MOVED); and when the balancer stops, too. Nothing is lost:
+itself (LEADER_MOVED); and when the balancer stops, too. A ``SubmitStream``
+request unanswered for ``leader_stall_s`` makes the leader suspect, as a
+call does (every node probed fast), so a frozen leader's successor is found
+within about an election, not a probe interval. Nothing is lost:
 leases outlive their stream (they expire and the jobs are delivered again)
 and a consumer reconnects, through this balancer, to the new leader; the
 SDK sends a ``SubmitStream``'s requests that never ran by ``Submit``, and
@@ -32,6 +37,7 @@ SDK sends its batches as ``Submit`` calls).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -49,6 +55,9 @@ from pqueue.wire.status import to_status
 logger = logging.getLogger(__name__)
 
 SUBMIT_STREAM = "/pqueue.v1.Queue/SubmitStream"
+#: How long a SubmitStream waits for the leader to say it took it (shorter
+#: than the SDK's own wait, ``pqueue.submitstream.OPEN_WAIT_S``).
+LEADER_OPEN_WAIT_S = 1.0
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
 
@@ -123,6 +132,10 @@ class StreamProxy:
         end = "client_left"
         ended_by: list[str] = []
         pump: asyncio.Task[None] | None = None
+        stalls: asyncio.Task[None] | None = None
+        # A SubmitStream's requests are each answered soon: one unanswered
+        # for ``leader_stall_s`` makes the leader suspect, as a call does.
+        answers = _Answers() if route.method == SUBMIT_STREAM else None
         watch = asyncio.create_task(
             self._watch(route, address, call, ended_by), name="pq-stream-watch"
         )
@@ -133,11 +146,20 @@ class StreamProxy:
             # and the client writes only then: the pump starts after.
             opened: Metadata = ()
             if route.method == SUBMIT_STREAM:
-                opened = passthrough(await call.initial_metadata())
+                # Bounded: a node from before never says (then the client
+                # hears nothing of it, and sends by call).
+                with contextlib.suppress(TimeoutError):
+                    opened = passthrough(
+                        await asyncio.wait_for(
+                            asyncio.shield(call.initial_metadata()), LEADER_OPEN_WAIT_S
+                        )
+                    )
             await context.send_initial_metadata(
                 (*self.backends.leader_metadata.get(address, ()), *opened)
             )
-            pump = asyncio.create_task(_pump(requests, call), name="pq-stream-pump")
+            if answers is not None:
+                stalls = asyncio.create_task(self._stalls(answers), name="pq-stream-stalls")
+            pump = asyncio.create_task(_pump(requests, call, answers), name="pq-stream-pump")
             while True:
                 try:
                     message = await call.read()
@@ -149,6 +171,8 @@ class StreamProxy:
                     raise AssertionError("unreachable") from None  # abort raises
                 if not isinstance(message, bytes):  # grpc.aio.EOF: the leader's side ended
                     break
+                if answers is not None:
+                    answers.answered()
                 yield message
             code = await call.code()
             end = "ok" if code == grpc.StatusCode.OK else code.name
@@ -159,15 +183,28 @@ class StreamProxy:
             end = exc.code().name
             await context.abort(exc.code(), exc.details() or "", relayed_failure(exc, address))
         finally:
-            watch.cancel()
-            if pump is not None:
-                pump.cancel()
+            tasks = [task for task in (watch, pump, stalls) if task is not None]
+            for task in tasks:
+                task.cancel()
             if not call.done():
                 call.cancel()
-            await asyncio.wait([task for task in (watch, pump) if task is not None])
+            await asyncio.wait(tasks)
             self.open -= 1
             self.metrics.streams_open.set(self.open)
             self.metrics.streams.labels(end).inc()
+
+    async def _stalls(self, answers: _Answers) -> None:
+        """Suspect the leader (probe every node fast) when a request has been
+        out for ``leader_stall_s`` with no answer meanwhile; once per silence."""
+        stall_s = self.backends.config.leader_stall_s
+        while True:
+            await answers.changed(until_out=True)
+            seen = answers.total
+            await asyncio.sleep(stall_s)
+            if answers.out > 0 and answers.total == seen:
+                logger.info("a stream's request has had no answer for %.2f s: probing", stall_s)
+                self.backends.suspect_leader()
+                await answers.changed(beyond=seen)  # an answer: it speaks again
 
     async def _watch(
         self,
@@ -201,6 +238,34 @@ class StreamProxy:
             closing.cancel()
 
 
+class _Answers:
+    """A carried ``SubmitStream``'s requests out (each gets one answer)."""
+
+    __slots__ = ("_changed", "out", "total")
+
+    def __init__(self) -> None:
+        self.out = 0
+        #: Answers so far.
+        self.total = 0
+        self._changed = asyncio.Event()
+
+    def sent(self) -> None:
+        self.out += 1
+        self._changed.set()
+
+    def answered(self) -> None:
+        self.out = max(0, self.out - 1)
+        self.total += 1
+        self._changed.set()
+
+    async def changed(self, *, until_out: bool = False, beyond: int = -1) -> None:
+        """Return once a request is out (``until_out``), or once more than
+        ``beyond`` answers came."""
+        while (until_out and self.out == 0) or self.total <= beyond:
+            self._changed.clear()
+            await self._changed.wait()
+
+
 def _ended_error(end: str, route: Route) -> UnavailableError:
     if end == "leader_moved":
         what = (
@@ -230,11 +295,17 @@ async def _pass_status(
     await context.abort(code, details, relayed(code, details, trailers, address))
 
 
-async def _pump(requests: AsyncIterator[bytes], call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+async def _pump(
+    requests: AsyncIterator[bytes],
+    call: grpc.aio.StreamStreamCall[Any, Any],
+    answers: _Answers | None,
+) -> None:
     """The client's messages onto the leader stream, then its half-close."""
     try:
         async for message in requests:
             await call.write(message)
+            if answers is not None:
+                answers.sent()
         await call.done_writing()
     except asyncio.CancelledError:
         raise

@@ -14,6 +14,7 @@ the fake answers each operation of a ``Submit`` from ``op_script``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,11 @@ class FakeNode:
     op_script: deque[PQueueError | None] = field(default_factory=deque)
     #: Whether Submit is served (an older node answers UNIMPLEMENTED).
     serves_submit: bool = True
+    #: Whether SubmitStream is taken without a word (a node from before
+    #: ``pq-stream-open``); else it is UNIMPLEMENTED.
+    silent_submit_stream: bool = False
+    #: Messages read on those streams.
+    stream_messages: list[bytes] = field(default_factory=list)
     #: How long each Submit takes.
     submit_delay_s: float = 0.0
     seen: list[Seen] = field(default_factory=list)
@@ -121,7 +127,9 @@ class _Queue(grpc.GenericRpcHandler):
         self, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
         method = details.method
-        if not method.startswith("/pqueue.v1.Queue/") or method.endswith("/SubmitStream"):
+        if method == SUBMIT_STREAM and self.fake.silent_submit_stream:
+            return grpc.stream_stream_rpc_method_handler(self.silent)
+        if not method.startswith("/pqueue.v1.Queue/") or method == SUBMIT_STREAM:
             return None  # (a stream it does not serve: UNIMPLEMENTED, as an older node)
         if method == CONSUME:
             return grpc.stream_stream_rpc_method_handler(self.consume)
@@ -153,6 +161,16 @@ class _Queue(grpc.GenericRpcHandler):
             return b""
 
         return grpc.unary_unary_rpc_method_handler(handle)
+
+    async def silent(self, requests: AsyncIterator[bytes], context: Context) -> None:
+        """Takes the stream and says nothing until it ends: no initial
+        metadata, no answer (a node from before ``pq-stream-open`` sends
+        its initial metadata with its first answer)."""
+        self.fake.seen.append(
+            Seen(SUBMIT_STREAM, dict(context.invocation_metadata() or ()), context.time_remaining())
+        )
+        async for message in requests:
+            self.fake.stream_messages.append(message)
 
     async def consume(
         self, requests: AsyncIterator[bytes], context: Context
@@ -254,6 +272,7 @@ ENQUEUE = "/pqueue.v1.Queue/Enqueue"
 LEASE = "/pqueue.v1.Queue/Lease"
 STATS = "/pqueue.v1.Queue/Stats"
 SUBMIT = "/pqueue.v1.Queue/Submit"
+SUBMIT_STREAM = "/pqueue.v1.Queue/SubmitStream"
 CONSUME = "/pqueue.v1.Queue/Consume"
 
 
@@ -716,6 +735,43 @@ async def test_a_client_submit_never_hands_back_a_node_address(rig: Rig) -> None
     assert rig.leader.calls(SUBMIT) + rig.follower.calls(SUBMIT) == 2  # sent again once
     for seen in (*rig.leader.seen, *rig.follower.seen):
         assert seen.metadata.get("pq-forwarded-by") == "balancer"  # never the node directly
+
+
+async def test_a_leader_that_never_says_it_took_a_submit_stream_gets_submit_calls(
+    rig: Rig,
+) -> None:
+    # The balancer waits a while for the leader's pq-stream-open, then
+    # passes its metadata on without it: the SDK writes nothing on the
+    # stream, ends it, and sends its batches by call for a while.
+    rig.leader.silent_submit_stream = True
+    async with Client(rig.balancer.address, look_aside=False, max_retries=0) as c:
+        await c.nack("q", 1, 2)
+        await c.nack("q", 1, 2)
+        [streamer] = c._stubs.streamers
+        assert (streamer.streamed, streamer.unary_sent) == (0, 2)
+    assert rig.leader.calls(SUBMIT) == 2
+    assert rig.leader.calls(SUBMIT_STREAM) == 1  # not opened again at once
+    assert rig.leader.stream_messages == []  # nothing written on it
+
+
+async def test_a_submit_stream_request_left_unanswered_makes_the_leader_suspect(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As a call unanswered for leader_stall_s does: the balancer probes every
+    # node fast, so a frozen leader's successor is found (and the stream cut,
+    # LEADER_MOVED) within about an election, not a probe interval.
+    caplog.set_level(logging.INFO, logger="balancer.streams")
+    rig.leader.silent_submit_stream = True
+    async with grpc.aio.insecure_channel(rig.balancer.address) as channel:
+        call = pbg.QueueStub(channel).SubmitStream()
+        await call.initial_metadata()  # once the balancer gave up waiting for the leader's
+        op = pb.Operation(enqueue=pb.EnqueueRequest(queue="q", job=pb.JobSpec(payload=b"x")))
+        await call.write(pb.SubmitStreamRequest(submit_id=1, ops=[op]))
+        await _wait(
+            lambda: any("no answer" in r.getMessage() for r in caplog.records), "a suspicion"
+        )
+        call.cancel()
+    assert len(rig.leader.stream_messages) == 1  # it reached the leader, which said nothing
 
 
 async def test_a_node_that_dies_mid_call_is_named_in_the_unavailable(rig: Rig) -> None:
