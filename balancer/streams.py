@@ -55,8 +55,9 @@ from pqueue.wire.status import to_status
 logger = logging.getLogger(__name__)
 
 SUBMIT_STREAM = "/pqueue.v1.Queue/SubmitStream"
-#: How long a SubmitStream waits for the leader to say it took it (shorter
-#: than the SDK's own wait, ``pqueue.submitstream.OPEN_WAIT_S``).
+#: How long a SubmitStream waits for the leader to say it took it (the
+#: SDK's own wait, ``pqueue.submitstream.OPEN_WAIT_S``, is longer, though a
+#: wait for a leader to be known may outlast it: the SDK then sends by call).
 LEADER_OPEN_WAIT_S = 1.0
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
@@ -254,7 +255,7 @@ class _Answers:
         self._changed.set()
 
     def answered(self) -> None:
-        self.out = max(0, self.out - 1)
+        self.out -= 1
         self.total += 1
         self._changed.set()
 
@@ -303,9 +304,9 @@ async def _pump(
     """The client's messages onto the leader stream, then its half-close."""
     try:
         async for message in requests:
-            await call.write(message)
             if answers is not None:
-                answers.sent()
+                answers.sent()  # before: its answer may be read before the write returns
+            await call.write(message)
         await call.done_writing()
     except asyncio.CancelledError:
         raise

@@ -69,9 +69,10 @@ RETRY_STREAM_S = 5.0
 MAX_RETRY_STREAM_S = 300.0
 #: After a stream was answered UNIMPLEMENTED: unary ``Submit`` for this long.
 UNIMPLEMENTED_RETRY_S = 600.0
-#: How long a new stream waits for its server to say it took it (longer
-#: than a balancer waits for the leader's word, ``balancer.streams``); past
-#: it, the stream is given up unwritten and its batches go by call.
+#: How long a new stream waits for its server to say it took it (a
+#: batch's own wait: at most half its deadline); past it, the stream is
+#: given up unwritten and its batches go by call. (A balancer waits 1 s for
+#: the leader's word, ``balancer.streams``.)
 OPEN_WAIT_S = 2.0
 
 Answer = pb.SubmitResponse | pb.SubmitStreamResponse
@@ -124,6 +125,8 @@ class SubmitStreamer:
         self._resendable = resendable
         self._unary = unary
         self._timeout_s = timeout_s
+        #: How long a batch waits for a new stream to be taken (then by call).
+        self._took_wait_s = min(OPEN_WAIT_S, timeout_s / 2) if timeout_s else OPEN_WAIT_S
         self._on_open = on_open
         self._ids = itertools.count(1)
         self._open: _Open | None = None
@@ -169,8 +172,9 @@ class SubmitStreamer:
                 return await self._send_unary(request)
             raise
         except TimeoutError:
-            taken = stream.took.done()  # else it waited for the stream: never written
-            if not written:  # the server reads nothing: this stream is of no more use
+            # Else it waited for the stream: never written.
+            taken = stream.took.done() and stream.took.result()
+            if not written and not stream.broken:  # the server reads nothing: of no more use
                 if not taken:  # as a refusal: by call for a while
                     self._back_off(stream)
                 self._break(stream, "a request could not be written in time")
@@ -199,8 +203,16 @@ class SubmitStreamer:
         stream had ended or was given up, or gRPC refused the write)."""
         if self._open is not stream or stream.call.done():
             return False
-        # Shielded: a writer's timeout must not cancel what every writer waits for.
-        if not await asyncio.shield(stream.took):
+        # Shielded: a writer's timeout must not cancel what every writer
+        # waits for. Bounded: not taken by then, it is given up unwritten.
+        try:
+            took = await asyncio.wait_for(asyncio.shield(stream.took), self._took_wait_s)
+        except TimeoutError:
+            if not stream.broken:
+                self._back_off(stream)
+            self._break(stream, "the server did not say in time that it took the stream")
+            return False
+        if not took:
             return False
         try:
             await stream.call.write(pb.SubmitStreamRequest(submit_id=submit_id, ops=request.ops))
