@@ -206,7 +206,11 @@ class SubmitStreamer:
         # Shielded: a writer's timeout must not cancel what every writer
         # waits for. Bounded: not taken by then, it is given up unwritten.
         try:
-            took = await asyncio.wait_for(asyncio.shield(stream.took), self._took_wait_s)
+            took = (
+                stream.took.result()
+                if stream.took.done()  # (every batch after the first: no timer)
+                else await asyncio.wait_for(asyncio.shield(stream.took), self._took_wait_s)
+            )
         except TimeoutError:
             if not stream.broken:
                 self._back_off(stream)
