@@ -21,10 +21,10 @@ What a caller sees is what a unary ``Submit`` gives it:
   node's or a full balancer's NOT_TAKEN, an older server's UNIMPLEMENTED)
   is never raced by a write, which in grpc.aio would turn the status into
   INTERNAL (grpc/grpc#36066) and lose that nothing ran. A server that
-  does not say so within ``OPEN_WAIT_S`` (a node from before) is taken to
-  refuse, and the stream is given up unwritten (so it is when a batch's
-  deadline comes first: that batch gets DEADLINE_EXCEEDED, not sent). Its
-  batches, and the next ones for ``RETRY_STREAM_S`` (doubling to
+  does not say so within ``OPEN_WAIT_S``, or half a waiting batch's
+  deadline (a node from before), is taken to refuse, and the stream is
+  given up unwritten. Its batches, and the next ones for
+  ``RETRY_STREAM_S`` (doubling to
   ``MAX_RETRY_STREAM_S`` while refusals go on; ``UNIMPLEMENTED_RETRY_S``
   after UNIMPLEMENTED), go by unary ``Submit`` on the same channel, which
   a follower forwards to the leader;
