@@ -255,14 +255,12 @@ class SubmitStreamer:
         )
         cancelled = False
         try:
-            opened: grpc.aio.Metadata | None = None
-            with contextlib.suppress(TimeoutError):
-                opened = await asyncio.wait_for(
-                    asyncio.shield(call.initial_metadata()), OPEN_WAIT_S
-                )
-            if self._on_open is not None and opened is not None:
+            # (A server silent here is given up by the batch waiting for it,
+            # ``_write_request``: the cancel ends this wait.)
+            opened = await call.initial_metadata()
+            if self._on_open is not None:
                 self._on_open(opened)
-            took = opened is not None and marked(opened, STREAM_OPEN_KEY)
+            took = marked(opened, STREAM_OPEN_KEY)
             if not stream.took.done():
                 stream.took.set_result(took)
             if took:
@@ -270,13 +268,10 @@ class SubmitStreamer:
             else:
                 # Refused (its status follows), or a server that does not say
                 # it took a stream: by call for a while. Nothing was written
-                # on it: half-closed, it ends; one silent still, given up.
+                # on it: half-closed, it ends.
                 if not stream.broken:  # (this side gave it up: it backed off then)
                     self._back_off(stream)
-                if opened is None:
-                    self._break(stream, "the server did not say it took the stream")
-                else:
-                    await call.done_writing()
+                await call.done_writing()
             while True:
                 message = await call.read()
                 if not isinstance(message, pb.SubmitStreamResponse):
