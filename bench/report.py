@@ -231,6 +231,7 @@ def table(result: dict[str, Any]) -> list[str]:
                 + ("gRPC streams" if result.get("peer_transport") == "grpc" else "TCP"),
                 "the SDK's Submits "
                 + ("as calls" if result.get("submits") == "call" else "on a stream"),
+                *(["pq node " + " ".join(result["node_args"])] if result.get("node_args") else []),
             ]
         ),
         "",

@@ -207,6 +207,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="how the SDK sends its Submit batches: on an open SubmitStream (its "
         "default) or as Submit calls (Client(stream_submits=False))",
     )
+    p.add_argument(
+        "--node-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="an extra `pq node` flag for every node, e.g. --node-arg=--mix-wait-ms=0 (repeatable)",
+    )
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
@@ -257,6 +264,7 @@ async def start_systems(
             keep=args.keep,
             peer_tcp=args.peer_transport == "tcp",
             failed_logs=args.out_dir,
+            node_args=tuple(args.node_arg),
         )
         started.append(pq)
         await pq.start()
@@ -322,6 +330,7 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
         "pg_max_conns": args.pg_max_conns,
         "peer_transport": args.peer_transport,
         "submits": args.submits,
+        "node_args": list(args.node_arg),
         "versions": {},
         "systems": [],
         "scenarios": [

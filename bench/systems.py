@@ -79,18 +79,25 @@ class PqCluster:
         keep: bool = False,
         peer_tcp: bool = True,
         failed_logs: Path | None = None,
+        node_args: tuple[str, ...] = (),
     ) -> None:
         self.root, self.fresh, self.keep = root, fresh, keep
+        #: More ``pq node`` flags for every node (``--node-arg``).
+        self.node_args = node_args
         #: Where the logs of a cluster that failed to start are copied (kept
         #: when the data dirs go), so that a failed cell can be read later.
         self.failed_logs = failed_logs
         #: Consensus over the TCP peer transport (as ``make cluster``), or gRPC streams.
         self.peer_tcp = peer_tcp
         self.generation = 0
-        self.cluster = ProcCluster(root / "c0", peer_tcp=peer_tcp)
+        self.cluster = self._new_cluster(root / "c0")
         self.balancer = ""
         #: Whether a cell ran on this cluster.
         self._served = False
+
+    def _new_cluster(self, root: Path) -> ProcCluster:
+        extra = dict.fromkeys(range(1, 4), self.node_args)
+        return ProcCluster(root, peer_tcp=self.peer_tcp, extra=extra)
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -106,7 +113,7 @@ class PqCluster:
             if not self.keep:
                 shutil.rmtree(self.cluster.root, ignore_errors=True)
             self.generation += 1
-            self.cluster = ProcCluster(self.root / f"c{self.generation}", peer_tcp=self.peer_tcp)
+            self.cluster = self._new_cluster(self.root / f"c{self.generation}")
             try:
                 await self.start()
             except Exception:
