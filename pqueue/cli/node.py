@@ -46,6 +46,18 @@ def _budget_mb(text: str) -> int:
     return mb
 
 
+def _mix_wait_ms(text: str) -> float:
+    from pqueue.node.mixing import MAX_MIX_WAIT_MS  # parsing any `pq` command loads no server
+
+    try:
+        ms = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 <= ms <= MAX_MIX_WAIT_MS:
+        raise argparse.ArgumentTypeError(f"must be between 0 (never) and {MAX_MIX_WAIT_MS:g}")
+    return ms
+
+
 def _byte_count(text: str) -> int:
     try:
         return parse_bytes(text)
@@ -197,6 +209,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         log_level=args.log_level,
         log_format=args.log_format,
         snapshot_every_entries=args.snapshot_every_entries,
+        mix_wait_ms=args.mix_wait_ms,
     )
 
 
@@ -279,6 +292,15 @@ def register(sub: Any) -> None:
         type=int,
         default=10_000,
         help="snapshot the state and compact the log every N entries (default 10,000)",
+    )
+    node.add_argument(
+        "--mix-wait-ms",
+        type=_mix_wait_ms,
+        default=2.0,
+        metavar="MS",
+        help="while the log is idle, hold an entry of producers' commands alone (or "
+        "consumers' alone) up to MS for the other side's, when the entry before held "
+        "them: one entry a round instead of two (default 2; 0: never)",
     )
     node.add_argument(
         "--store",

@@ -25,6 +25,7 @@ from pqueue.core.effects import Effects
 from pqueue.core.limits import MAX_ENTRY_BYTES, take_batch
 from pqueue.core.snapshot import SnapshotView
 from pqueue.errors import PQueueError
+from pqueue.node.mixing import side_of
 from pqueue.v1 import log_pb2 as logpb
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class LogObserver(Protocol):
     def persisted(self, seconds: float) -> None:
         """A durable write (fsync, or a committed transaction) took this long."""
 
+    def held(self, seconds: float, outcome: str) -> None:
+        """An idle leader held an entry this long for the other side's
+        commands (``pqueue.node.mixing``); how the hold ended (``joined``,
+        ``timed_out``, ``cut``)."""
+
     def election(self) -> None:
         """This node started a phase 1 (an election) at a new ballot."""
 
@@ -81,6 +87,9 @@ class NoObserver:
         pass
 
     def persisted(self, seconds: float) -> None:
+        pass
+
+    def held(self, seconds: float, outcome: str) -> None:
         pass
 
     def election(self) -> None:
@@ -169,6 +178,9 @@ class Proposals:
         #: made of these bytes), and the sum of their sizes.
         self.encoded: list[bytes] = []
         self.bytes = 0
+        #: Each item's side (``pqueue.node.mixing``), and how many wait of each.
+        self._item_sides: list[int] = []
+        self._of_side: dict[int, int] = {}
         #: Set when commands arrive (the log's loop waits on it).
         self.wake = asyncio.Event()
 
@@ -187,6 +199,9 @@ class Proposals:
         self.items.append((command, fut))
         self.encoded.append(encoded)
         self.bytes += len(encoded)
+        side = side_of(command.WhichOneof("kind"))
+        self._item_sides.append(side)
+        self._of_side[side] = self._of_side.get(side, 0) + 1
         self.wake.set()
         return fut
 
@@ -206,6 +221,21 @@ class Proposals:
         """The encoded commands of ``batch`` (taken with ``peek_batch``)."""
         return self.encoded[: len(batch)]
 
+    def sides(self) -> int:
+        """The sides of what waits (``pqueue.node.mixing``)."""
+        mask = 0
+        for side, count in self._of_side.items():
+            if count:
+                mask |= side
+        return mask
+
+    def sides_of_first(self, n: int) -> int:
+        """The sides of the first ``n`` commands waiting (a batch's)."""
+        mask = 0
+        for side in self._item_sides[:n]:
+            mask |= side
+        return mask
+
     def fills_an_entry(self, max_commands: int) -> bool:
         """Whether what waits fills an entry (by count or bytes): it goes at once."""
         return len(self.items) >= max_commands or self.bytes >= MAX_ENTRY_BYTES
@@ -214,13 +244,17 @@ class Proposals:
         """Drop a batch taken with ``peek_batch`` (it went into an entry)."""
         n = len(batch)
         self.bytes -= sum(map(len, self.encoded[:n]))
+        for side in self._item_sides[:n]:
+            self._of_side[side] -= 1
         del self.items[:n]
         del self.encoded[:n]
+        del self._item_sides[:n]
 
     def fail(self, error: PQueueError, batch: list[Pending] | None = None) -> None:
         """Fail ``batch`` (default: everything waiting) with ``error``."""
         if batch is None:
             batch, self.items, self.encoded, self.bytes = self.items, [], [], 0
+            self._item_sides, self._of_side = [], {}
         for _, fut in batch:
             if not fut.done():
                 fut.set_exception(error)

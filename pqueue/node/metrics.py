@@ -98,6 +98,23 @@ class NodeMetrics:
             registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1),
         )
+        self.mix_holds = Counter(
+            "pq_consensus_mix_holds",
+            "Entries an idle leader held for the other side's commands (producers' "
+            "for consumers', or the reverse: --mix-wait-ms), by outcome: joined (they "
+            "came and went in the same entry), timed_out, or cut (an admin command or a "
+            "tick came, or the entry filled, first).",
+            ["outcome"],
+            registry=r,
+        )
+        self._mix_outcomes = {
+            outcome: self.mix_holds.labels(outcome) for outcome in ("joined", "timed_out", "cut")
+        }
+        self.mix_hold_seconds = Counter(
+            "pq_consensus_mix_hold_seconds",
+            "Time entries were held for the other side's commands, in all.",
+            registry=r,
+        )
         self.operations = Counter(
             "pq_operations",
             "Operations of Submit calls and Consume settles this node answered, by kind "
@@ -141,6 +158,10 @@ class NodeMetrics:
 
     def persisted(self, seconds: float) -> None:
         self.fsync_seconds.observe(seconds)
+
+    def held(self, seconds: float, outcome: str) -> None:
+        self._mix_outcomes[outcome].inc()
+        self.mix_hold_seconds.inc(seconds)
 
     def election(self) -> None:
         self.elections.inc()

@@ -52,6 +52,7 @@ from pqueue.node.commitlog import (
     Result,
 )
 from pqueue.node.identity import DEFAULT_CLUSTER_ID, claim_identity
+from pqueue.node.mixing import MAX_MIX_WAIT_MS, Mixer
 from pqueue.storage.base import Storage, StoredSnapshot
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.wire.logs import describe
@@ -104,6 +105,11 @@ class ClusterConfig:
     #: peer messages per command. A full entry (``max_batch_commands``, or
     #: ``limits.MAX_ENTRY_BYTES``) goes at once.
     open_entries: int = 1
+    #: An idle leader holds an entry of producers' commands alone (or
+    #: consumers' alone) up to this long for the other side's, when the
+    #: entry before held them: one entry a round of the queue instead of
+    #: two (``pqueue.node.mixing``). 0: never.
+    mix_wait_ms: float = 2.0
     #: Snapshot (and compact the log) once this many entries, or this many
     #: bytes of entries, were applied since the last snapshot: whichever first.
     snapshot_every_entries: int = 10_000
@@ -120,6 +126,8 @@ class ClusterConfig:
             raise ValueError("tick_ms must be at least 1")
         if self.open_entries < 1:
             raise ValueError("open_entries must be at least 1")
+        if not 0 <= self.mix_wait_ms <= MAX_MIX_WAIT_MS:
+            raise ValueError(f"mix_wait_ms must be between 0 and {MAX_MIX_WAIT_MS}")
         if self.snapshot_every_entries < 1 or self.snapshot_log_bytes < 1:
             raise ValueError("snapshot_every_entries and snapshot_log_bytes must be positive")
 
@@ -188,6 +196,10 @@ class ReplicatedLog:
         self._proposals = Proposals()
         self._inflight: dict[int, tuple[bytes, list[asyncio.Future[Indexed]]]] = {}
         self._wake = self._proposals.wake
+        self._mixer = Mixer(self.config.mix_wait_ms / 1000)
+        self._mix_timer: asyncio.TimerHandle | None = None
+        #: Whether what waits queued behind an open entry (``Mixer.hold``).
+        self._queued = False
         self._tasks: list[asyncio.Task[None]] = []
         self._accepting = False
         self._last_time_ms = 0
@@ -368,6 +380,7 @@ class ReplicatedLog:
 
     async def stop(self) -> None:
         self._accepting = False
+        self._cancel_mix_timer()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -642,6 +655,9 @@ class ReplicatedLog:
             self._leading.set()
         else:
             self._leading.clear()
+        if not leading:
+            self._mixer.reset()
+            self._cancel_mix_timer()
         if not leading and self._proposals and not (self._handing_over and not soft.leader_id):
             # (While handing over, wait to name the new leader: callers go
             # straight there instead of retrying blind.)
@@ -660,6 +676,9 @@ class ReplicatedLog:
             ):
                 # Group commit: these join the next entry, proposed as soon as
                 # an open one commits (the ready loop runs this again then).
+                self._queued = True
+                return
+            if open_entries == 0 and self._held_for_other_side(limit):
                 return
             batch = self._proposals.peek_batch(limit)
             # Time enters only here, and never runs backwards.
@@ -676,12 +695,43 @@ class ReplicatedLog:
             if slot is None:
                 return  # too much in flight: these wait for the next round
             self.observer.batch(len(batch))
+            self._queued = False
+            if self._mixer.hold_s:
+                sides = self._proposals.sides_of_first(len(batch))
+                held = self._mixer.proposed(sides, time.monotonic())
+                if held is not None:
+                    self.observer.held(*held)
+                self._cancel_mix_timer()
             assert slot == status.next_slot
             self._proposals.remove(batch)
             # A slot we proposed at in an earlier term is being reused: that
             # proposal lost it (its callers learn so now, not never).
             self._fail_slot(slot, "a later term reused the slot")
             self._inflight[slot] = (data, [fut for _, fut in batch])
+
+    def _held_for_other_side(self, limit: int) -> bool:
+        """Whether the idle log holds what waits for the other side's
+        commands (``pqueue.node.mixing``); the ready loop is woken when the
+        hold ends, and by any command that comes meanwhile."""
+        if not self._mixer.hold_s or self._proposals.fills_an_entry(limit):
+            return False
+        now = time.monotonic()
+        until = self._mixer.hold(self._proposals.sides(), now, self._queued)
+        if until is None:
+            return False
+        if self._mix_timer is None:
+            loop = asyncio.get_running_loop()
+            self._mix_timer = loop.call_at(loop.time() + (until - now), self._mix_due)
+        return True
+
+    def _mix_due(self) -> None:
+        self._mix_timer = None
+        self._wake.set()
+
+    def _cancel_mix_timer(self) -> None:
+        if self._mix_timer is not None:
+            self._mix_timer.cancel()
+            self._mix_timer = None
 
     async def _handle(self, ready: Ready) -> None:
         replica = self.replica

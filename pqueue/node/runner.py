@@ -43,6 +43,8 @@ class NodeOptions:
     log_format: LogFormat = "text"
     #: Snapshot (and compact the log) every this many applied entries.
     snapshot_every_entries: int = 10_000
+    #: How long an idle leader holds one side's entry for the other's (``ClusterConfig``).
+    mix_wait_ms: float = 2.0
 
 
 OPEN_BANNER = (
@@ -66,6 +68,7 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
         cluster_id=o.cluster_id,
         accept_member_change=o.accept_member_change,
         data_dir=str(o.data_dir),
+        mix_wait_ms=o.mix_wait_ms,
     )
     storage = open_storage(
         o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}", spool_dir=o.data_dir

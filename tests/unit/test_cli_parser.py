@@ -109,6 +109,11 @@ def test_a_refused_command_line_is_invalid_argument_exit_2() -> None:
         "error: INVALID_ARGUMENT: argument --priority: "
         "must be from -2147483648 to 2147483647, not 2147483648"
     )
+    code, _, err = _run(["node", "--data-dir", "unused", "--mix-wait-ms", "1001"])
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        "error: INVALID_ARGUMENT: argument --mix-wait-ms: must be between 0 (never) and 1000"
+    )
     code, _, err = _run(["job", "q", "-1"])
     assert (code, err) == (2, "error: INVALID_ARGUMENT: JOB_ID: must be 1 or more, not -1\n")
 

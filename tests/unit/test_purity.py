@@ -22,6 +22,7 @@ PURE_MODULES = [
     "pqueue/core/schedules.py",
     "pqueue/node/access.py",
     "pqueue/node/principal.py",
+    "pqueue/node/mixing.py",
     "pqueue/wire/keys.py",
     "pqueue/wire/sizes.py",
     "pqueue/wire/channels.py",
