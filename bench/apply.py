@@ -16,7 +16,10 @@ measured without a cluster, gRPC or a disk in the way (quote ratios:
   with their lease and the ack of the 16 before: the single-job cell's log
   since session 8, whose 16 producers' jobs go in one ``Submit``, a
   command each (a cell's log read in session 10: 2,382 entries of 1.39
-  commands, every command 16 jobs: "e", "l+a", "e", "l+a"...).
+  commands, every command 16 jobs: "e", "l+a", "e", "l+a"...). Since
+  session 14 the cell's log holds one entry a round ("e+l+a": the leader
+  holds one side's commands for the other's); the workload keeps the
+  two-entry shape, so its figures compare with earlier sessions'.
 
 "all" is the process's CPU for the whole replay, the driver's own work
 (making the commands, encoding and decoding each entry) included. Time

@@ -16,7 +16,7 @@ have no event of their own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 from pqueue.core.effects import Effects
@@ -59,6 +59,8 @@ class Jobs(Protocol):
     def find_job(self, job_id: int, among: Iterable[str] | None = None) -> Job | None: ...
 
     def job_brief(self, job_id: int, among: Iterable[str]) -> tuple[str, int, int, int] | None: ...
+
+    def briefs_in(self, queue: str) -> Callable[[int], tuple[int, int, int] | None] | None: ...
 
 
 def _job_event(
@@ -104,11 +106,40 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
     events: list[Event] = [e._replace(log_index=index) for e in effects.advanced]
     explained: set[int] = set(e.job_id for e in events)
     touched = effects.touched
-
     changed = effects.changed
 
     def job(job_id: int) -> Job | None:
         return jobs.find_job(job_id, touched) if job_id in changed else None
+
+    def add_all(
+        queue: str, kind: int, named: Iterable[tuple[int, int]], gone: bool = False
+    ) -> None:
+        """The events of the jobs (id, result bytes) a command on ``queue``
+        named (each looked up there first: a job stays in the queue its
+        command names). ``gone``: a job no longer held still gets its event
+        (an acked job no record keeps), as ``COMPLETED``."""
+        brief_of = jobs.briefs_in(queue)
+        for job_id, size in named:
+            brief = None
+            if job_id in changed:
+                brief = brief_of(job_id) if brief_of is not None else None
+                if brief is None and (found := jobs.job_brief(job_id, touched)) is not None:
+                    name, state, attempt, priority = found
+                    events.append(
+                        Event(index, now, name, job_id, kind, state, attempt, priority, size)
+                    )
+                    explained.add(job_id)
+                    continue
+            if brief is not None:
+                state, attempt, priority = brief
+                events.append(
+                    Event(index, now, queue, job_id, kind, state, attempt, priority, size)
+                )
+            elif gone:
+                events.append(Event(index, now, queue, job_id, kind, COMPLETED, result_bytes=size))
+            else:
+                continue
+            explained.add(job_id)
 
     def add(kind: int, job_id: int, result_bytes: int = 0, reason: str = "") -> bool:
         """The job's event, if it is still there (False: it is gone)."""
@@ -127,24 +158,15 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
             continue  # refused: nothing changed
         what = cmd.WhichOneof("kind")
         if what == "enqueue" and isinstance(result, pb.EnqueueBatchResponse):
-            for one in result.results:
-                if not one.duplicate:
-                    add(K.ENQUEUED, one.job_id)
+            fresh = ((one.job_id, 0) for one in result.results if not one.duplicate)
+            add_all(cmd.enqueue.queue, K.ENQUEUED, fresh)
         elif what == "lease" and isinstance(result, pb.LeaseResponse):
-            for leased in result.jobs:
-                add(K.LEASED, leased.job_id)
+            add_all(cmd.lease.queue, K.LEASED, ((leased.job_id, 0) for leased in result.jobs))
         elif what == "ack":
-            for lease in cmd.ack.leases:
-                size = len(lease.result)
-                if not add(K.COMPLETED, lease.job_id, result_bytes=size):
-                    # Acked and not kept (no records: before LIFECYCLE, completed_max 0).
-                    events.append(
-                        Event(
-                            index, now, cmd.ack.queue, lease.job_id, K.COMPLETED, COMPLETED,
-                            result_bytes=size,
-                        )
-                    )  # fmt: skip
-                    explained.add(lease.job_id)
+            # An acked job no record keeps (before LIFECYCLE, completed_max 0)
+            # is gone, and still completed.
+            acked = ((lease.job_id, len(lease.result)) for lease in cmd.ack.leases)
+            add_all(cmd.ack.queue, K.COMPLETED, acked, gone=True)
         elif what == "nack" and isinstance(result, pb.NackResponse):
             dead = result.state == DEAD
             add(K.DEAD if dead else K.NACKED, cmd.nack.job_id, reason=cmd.nack.reason)
@@ -163,8 +185,8 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
         found = job(job_id)
         if found is None or found.state not in WAITING:
             continue
-        fresh = found.attempts == 0 and found.enqueued_at_ms == now and not found.errors
-        events.append(_job_event(K.ENQUEUED if fresh else K.REQUEUED, found, index, now))
+        fresh_job = found.attempts == 0 and found.enqueued_at_ms == now and not found.errors
+        events.append(_job_event(K.ENQUEUED if fresh_job else K.REQUEUED, found, index, now))
     return events
 
 

@@ -233,10 +233,15 @@ def check_job_spec(spec: pb.JobSpec, field: str) -> None:
         raise InvalidArgumentError(
             f"{field}.payload", f"{len(spec.payload)} bytes exceeds {MAX_PAYLOAD_BYTES_LIMIT}"
         )
-    check_duration(spec.delay_ms, f"{field}.delay_ms")
+    # Each field's name is formatted only for its error (this runs for every
+    # job of every enqueue, on every replica).
+    if not 0 <= spec.delay_ms <= MAX_DURATION_MS:
+        check_duration(spec.delay_ms, f"{field}.delay_ms")
     if spec.not_before_ms < 0:
         raise InvalidArgumentError(f"{field}.not_before_ms", "must not be negative")
     if spec.expires_at_ms < 0:
         raise InvalidArgumentError(f"{field}.expires_at_ms", "must not be negative")
-    check_text(spec.idempotency_key, f"{field}.idempotency_key")
-    check_text(spec.group, f"{field}.group")
+    if len(spec.idempotency_key) > MAX_KEY_CHARS:
+        check_text(spec.idempotency_key, f"{field}.idempotency_key")
+    if len(spec.group) > MAX_KEY_CHARS:
+        check_text(spec.group, f"{field}.group")

@@ -228,6 +228,12 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
                 return (name, *brief)
         return None
 
+    def briefs_in(self, queue: str) -> Callable[[int], tuple[int, int, int] | None] | None:
+        """How to read a job's (state, attempts, priority) in this queue
+        (``JobTable.brief``; None: no such queue)."""
+        state = self.queues.get(queue)
+        return None if state is None else state.jobs.brief
+
     def all_jobs(self) -> Iterator[Job]:
         """Every job of every queue (views for those in the compact form)."""
         for queue in self.queues.values():

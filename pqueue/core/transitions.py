@@ -528,7 +528,8 @@ class Transitions(MachineState):
                 f"{len(spec.payload)} bytes exceeds the queue's max_payload_bytes "
                 f"{config.max_payload_bytes}",
             )
-        self._check_priority(config, spec.priority, f"{field}.priority")
+        if config.HasField("min_priority") or config.HasField("max_priority"):
+            self._check_priority(config, spec.priority, f"{field}.priority")
 
     def _check_priority(self, config: pb.QueueConfig, priority: int, field: str) -> None:
         """A priority within the queue's bounds."""
