@@ -106,8 +106,14 @@ async def test_the_documented_curl_examples_run_against_the_dev_cluster(tmp_path
         )
         assert (status, err["error"]["code"]) == (409, "FAILED_PRECONDITION")
         assert "READY" in err["error"]["message"]
-        web_log = (tmp_path / "c" / "web.log").read_text()
-        assert "auth is OFF" in web_log
+        # pq web says whether auth is on once the cluster answers its probe
+        # (every second until then: the cluster may start after it).
+        web_log = tmp_path / "c" / "web.log"
+        for _ in range(150):
+            if "auth is OFF" in web_log.read_text():
+                break
+            await asyncio.sleep(0.1)
+        assert "auth is OFF" in web_log.read_text()
     finally:
         await stop(proc)
     assert proc.returncode == 0
