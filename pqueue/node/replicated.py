@@ -794,12 +794,20 @@ class ReplicatedLog:
             if read is not None and not read.done():
                 read.set_result(index)
         # 2. Send: only now may our own promise and accept vote be counted.
+        sending = False
         for msg in ready.messages:
             if msg.dst == self.config.node_id:
                 replica.step(msg)
             elif id(msg) not in sent:
                 self._send(msg)
-        # 3. Apply.
+                sending = True
+        # 3. Apply. What step 2 sent goes out first: each peer link writes
+        #    from its own task, which must run before this one applies (a
+        #    follower's vote, which comes with the leader's next Accept,
+        #    otherwise waited for the entry before it to apply: about 0.5 ms
+        #    of every commit's round trip in the single-job bench).
+        if sending and ready.committed:
+            await asyncio.sleep(0)
         await self._apply(ready.committed)
 
     async def _apply(self, committed: list[tuple[int, bytes]]) -> None:
