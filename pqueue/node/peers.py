@@ -4,7 +4,11 @@ Consensus tolerates lost, duplicated and reordered messages, so the transport
 keeps it simple: each peer gets a bounded queue (the oldest message goes when
 it overflows) and a sender task that holds a connection open, writes
 whatever has queued up as one batch, and reconnects with backoff when it
-breaks. The connection is a TCP one to the peer's peer port
+breaks. While a TCP connection is up and its socket takes more, what is
+queued is written straight from the sender (``flush``: the log calls it
+once a Ready's messages are queued; otherwise once the sender yields), not a
+loop turn later from the task: a vote or an Accept is on the wire before the
+node goes on to apply or to write its own log. The connection is a TCP one to the peer's peer port
 (``peer_tcp``, ``--peer-ports``) or, for a peer without one, a client stream
 on its gRPC port; a link whose peer's TCP port fails while its gRPC port
 answers (mid-upgrade, say) sends on the stream and dials TCP again in the
@@ -267,6 +271,10 @@ class _Link:
         self.dropped = 0
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        #: The TCP connection while its session is up and not draining: what
+        #: is queued is written straight to it (``flush``), not by the task.
+        self._direct: peer_tcp.Connection | None = None
+        self._flush_soon = False
 
     @property
     def metadata(self) -> Metadata:
@@ -293,7 +301,47 @@ class _Link:
             _, old = self.queue.popleft()
             self.queued_bytes -= old
             self.dropped += 1
-        self.ready.set()
+        if self._direct is None:
+            self.ready.set()  # the task sends (gRPC, connecting, draining)
+        elif not self._flush_soon:
+            # Written once the caller yields, with whatever else it queues
+            # until then (one write); a caller that must not wait flushes.
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_soon = False
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write what is queued now to the TCP connection, if one is up and
+        not draining; whether nothing is left queued (the rest, the task sends).
+
+        Straight from the caller: a message handed to the task went out only
+        once the loop came to it, after whatever the caller did next (a
+        follower's vote waited for its apply of the entry before)."""
+        conn = self._direct
+        if conn is None:
+            return not self.queue
+        reader, writer = conn
+        while self.queue:
+            if reader.at_eof() or writer.is_closing():
+                self._direct = None
+                self.ready.set()  # the task finds it broken and reconnects
+                return False
+            batch = self.take_batch()
+            try:
+                writer.writelines((peer_tcp.header(len(batch)), batch))
+            except (OSError, RuntimeError) as exc:  # a transport that just broke
+                logger.debug("node %d -> %d: write failed: %s", self.node_id, self.peer, exc)
+                self._direct = None  # (the batch is lost, as on any broken link)
+                self.ready.set()
+                return False
+            if writer.transport.get_write_buffer_size() > peer_tcp.DRAIN_ABOVE_BYTES:
+                self._direct = None  # the task waits for the socket, then takes it back
+                self.ready.set()
+                return not self.queue
+        return True
 
     def take_batch(self) -> bytes:
         """The next serialized PeerBatch: up to MAX_BATCH messages and
@@ -392,16 +440,21 @@ class _Link:
         self._up = True
         try:
             while True:
-                if not self.queue:
-                    self.ready.clear()
-                    await self.ready.wait()
                 if reader.at_eof() or writer.is_closing():
                     raise ConnectionResetError("the peer closed the connection")
-                batch = self.take_batch()
-                writer.writelines((peer_tcp.header(len(batch)), batch))
                 if writer.transport.get_write_buffer_size() > peer_tcp.DRAIN_ABOVE_BYTES:
+                    self._direct = None
                     await writer.drain()
+                    continue
+                # Idle: what comes is written by ``flush``, until it breaks or
+                # must wait for the socket (then it hands back: ``ready``).
+                self._direct = conn
+                if not self.flush() or self._direct is None:
+                    continue  # left queued, or the socket must drain first
+                self.ready.clear()
+                await self.ready.wait()
         finally:
+            self._direct = None
             writer.transport.abort()  # nothing waits for a goodbye: the peer reads to the end
 
     async def _grpc_answers(self) -> bool:
@@ -588,8 +641,18 @@ class PeerTransport:
         """Every link to a peer, both lanes (none before ``start``)."""
         return [*self._links.values(), *self._small.values()]
 
+    def flush(self) -> bool:
+        """Write what is queued now on every link whose TCP connection is up
+        (``_Link.flush``); whether nothing is left for the links' tasks."""
+        done = True
+        for link in self.links():
+            if link.queue:
+                done = link.flush() and done
+        return done
+
     def send(self, msg: Message) -> None:
-        """Queue a message for its destination (dropped if unknown)."""
+        """Queue a message for its destination (dropped if unknown); it is
+        written when the caller yields, or at its ``flush``."""
         lanes = self._small if approx_size(msg) <= SMALL_MESSAGE_BYTES else self._links
         link = lanes.get(msg.dst)
         if link is not None:

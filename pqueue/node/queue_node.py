@@ -115,7 +115,7 @@ class QueueNode:
         #: Each member's announced features (this node's own included).
         self.announced: dict[int, frozenset[str]] = {cluster.node_id: self.config.features}
         self.log: CommandLog = ReplicatedLog(
-            storage, self, clock_ms, cluster, self.transport.send, observer
+            storage, self, clock_ms, cluster, self.transport.send, observer, self.transport.flush
         )
         #: Leases waiting for work: ``Lease`` calls and ``Consume`` streams.
         self.long_polls = LongPolls(self)

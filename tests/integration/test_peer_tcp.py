@@ -119,6 +119,78 @@ async def test_messages_go_over_tcp_to_the_peer_port() -> None:
         assert transport._small[2].transport == "tcp"
 
 
+async def test_an_idle_tcp_link_writes_at_flush_without_waiting_for_its_task() -> None:
+    async with listening() as (_, _, got, port), sending(port) as transport:
+        transport.send(beat(commit=1))
+        await until(lambda: len(got) == 1)
+        link = transport._small[2]
+        await until(lambda: link._direct is not None)  # its task now waits, idle
+        transport.send(beat(commit=2))
+        transport.send(beat(commit=3))
+        assert len(link.queue) == 2  # queued, nothing yielded yet
+        assert transport.flush()  # written here, in this call
+        assert not link.queue
+        await until(lambda: len(got) == 3)
+        assert got[1:] == [beat(commit=2), beat(commit=3)]
+        # Unflushed, they go as soon as the sender yields (still not by the task).
+        transport.send(beat(commit=4))
+        await asyncio.sleep(0)
+        assert not link.queue
+        await until(lambda: len(got) == 4)
+
+
+async def test_a_flush_into_a_closed_connection_raises_nothing_and_the_link_redials() -> None:
+    async with listening() as (listener, _, got, port), sending(port) as transport:
+        transport.send(beat(commit=1))
+        await until(lambda: len(got) == 1)
+        link = transport._small[2]
+        await until(lambda: link._direct is not None)
+        await listener.stop()  # the peer goes away, its connections with it
+        for commit in range(2, 40):  # into the closing connection, then none
+            transport.send(beat(commit=commit))
+            transport.flush()
+            await asyncio.sleep(0.005)
+        again: list[Message] = []
+        back = PeerListener(PeerService(again.append, None), None)
+        await back.bind("127.0.0.1", port)
+        back.start()
+        try:
+            transport.send(beat(commit=99))
+            transport.flush()
+            await until(lambda: beat(commit=99) in again, timeout_s=10)
+        finally:
+            await back.stop()
+
+
+async def test_a_link_over_its_socket_buffer_hands_back_to_its_task_and_keeps_order() -> None:
+    from consensus.messages import Accept
+
+    def accept(slot: int) -> Accept:
+        value = bytes([slot]) * (3 << 20)  # over the 1 MiB a link writes before draining
+        return Accept(src=1, dst=2, ballot=(3, 1), entries=((slot, value),), commit_index=0)
+
+    async with listening() as (_, _, got, port), sending(port) as transport:
+        transport.send(accept(1))
+        await until(lambda: len(got) == 1, timeout_s=20)
+        link = transport._links[2]
+        await until(lambda: link._direct is not None)
+        slot = 1
+        while link._direct is not None:  # until the kernel's buffer is full too
+            slot += 1
+            assert slot < 40, "the socket never filled"
+            transport.send(accept(slot))
+            transport.flush()
+        # Handed back: what comes now waits for the task, which drains the
+        # socket, then sends the rest, in order.
+        for more in (slot + 1, slot + 2):
+            transport.send(accept(more))
+            assert not transport.flush()
+        assert len(link.queue) == 2
+        await until(lambda: len(got) == slot + 2, timeout_s=30)
+        assert [m.entries[0][0] for m in got if isinstance(m, Accept)] == list(range(1, slot + 3))
+        await until(lambda: link._direct is not None)  # idle again: written directly
+
+
 async def test_entries_of_megabytes_go_on_the_bulk_lane_whole() -> None:
     from consensus.messages import Accept
 
