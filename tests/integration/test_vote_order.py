@@ -9,10 +9,7 @@ single-job bench: ``docs/benchmarks.md``, session 15)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-
-import pytest
+from collections.abc import Callable
 
 from consensus.messages import Accepted, Message
 from pqueue.client import Client
@@ -20,16 +17,6 @@ from pqueue.core.effects import Effects
 from pqueue.node.replicated import ReplicatedLog
 from pqueue.v1 import log_pb2 as logpb
 from tests.inproc import Cluster
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
 
 
 async def test_a_followers_vote_is_written_before_it_applies_the_entry_before(
