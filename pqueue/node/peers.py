@@ -8,8 +8,8 @@ breaks. While a TCP connection is up and its socket takes more, what is
 queued is written straight from the sender (``flush``: the log calls it
 once a Ready's messages are queued; otherwise once the sender yields), not a
 loop turn later from the task: a vote or an Accept is on the wire before the
-node goes on to apply or to write its own log. The connection is a TCP one to the peer's peer port
-(``peer_tcp``, ``--peer-ports``) or, for a peer without one, a client stream
+node goes on to apply or to write its own log. The connection is a TCP one
+to the peer's peer port (``peer_tcp``, ``--peer-ports``) or, for a peer without one, a client stream
 on its gRPC port; a link whose peer's TCP port fails while its gRPC port
 answers (mid-upgrade, say) sends on the stream and dials TCP again in the
 background. Inbound batches, from either, are decoded and handed to the log.
@@ -326,22 +326,22 @@ class _Link:
         reader, writer = conn
         while self.queue:
             if reader.at_eof() or writer.is_closing():
-                self._direct = None
-                self.ready.set()  # the task finds it broken and reconnects
-                return False
+                return self._hand_back()  # the task finds it broken and reconnects
             batch = self.take_batch()
             try:
                 writer.writelines((peer_tcp.header(len(batch)), batch))
             except (OSError, RuntimeError) as exc:  # a transport that just broke
                 logger.debug("node %d -> %d: write failed: %s", self.node_id, self.peer, exc)
-                self._direct = None  # (the batch is lost, as on any broken link)
-                self.ready.set()
-                return False
+                return self._hand_back()  # (the batch is lost, as on any broken link)
             if writer.transport.get_write_buffer_size() > peer_tcp.DRAIN_ABOVE_BYTES:
-                self._direct = None  # the task waits for the socket, then takes it back
-                self.ready.set()
-                return not self.queue
+                return self._hand_back()  # the task waits for the socket, then takes it back
         return True
+
+    def _hand_back(self) -> bool:
+        """Leave sending to the task (woken); whether nothing is left queued."""
+        self._direct = None
+        self.ready.set()
+        return not self.queue
 
     def take_batch(self) -> bytes:
         """The next serialized PeerBatch: up to MAX_BATCH messages and
