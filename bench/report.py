@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.host import describe as describe_host
+
 LABEL_W = 26
 CELL_W = 12
 BALANCER, DIRECT, PG, NATS = "pq-balancer", "pq-direct", "postgres", "nats"
@@ -234,6 +236,7 @@ def table(result: dict[str, Any]) -> list[str]:
                 *(["pq node " + " ".join(result["node_args"])] if result.get("node_args") else []),
             ]
         ),
+        *([line] if (line := describe_host(result.get("host"))) else []),
         "",
         "".ljust(LABEL_W)
         + "".join(s["label"].ljust(w) for s, w in zip(systems, widths, strict=True)),

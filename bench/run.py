@@ -50,6 +50,7 @@ import asyncpg
 
 from bench import before_tree
 from bench.e2e import ROOT, CellRunner, Scenario, machine_busy, until_quiet
+from bench.host import HostWatch
 from bench.pg import DEFAULT_PG_DSN
 from bench.plot import plot
 from bench.report import (
@@ -349,6 +350,7 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
             for s in plan
         ],
     }
+    host = HostWatch()  # before anything of this run starts
     tmp = Path(tempfile.mkdtemp(prefix="pq-bench-"))
     if args.keep:
         say(f"data dirs and logs under {tmp}")
@@ -386,6 +388,7 @@ async def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
             await s.stop()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+    result["host"] = host.finish()  # after everything stopped
     result["ratios"] = ratios(result)
     result["before"] = [str(p) for p in args.before]
     result["targets"] = targets(
