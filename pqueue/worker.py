@@ -60,6 +60,7 @@ from pqueue.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
+from pqueue.heartbeats import Heartbeats, Held
 from pqueue.hooks import FailureLog, OnError, OnSuccess, call_hook
 from pqueue.hooks import JobFailed as JobFailed
 from pqueue.lookaside import wrong_cluster
@@ -201,6 +202,9 @@ class Worker:
         self.streams_opened = 0
         #: The next look for a queue not created yet (``MISSING_QUEUE_MIN_S``).
         self._missing_s = MISSING_QUEUE_MIN_S
+        #: The leases of jobs held (waiting for a slot, or running), extended
+        #: every third of ``lease_ms`` by one timer for all of them.
+        self._heartbeats = Heartbeats(self.config.lease_ms / 3000, self._extend)
 
     def stop(self) -> None:
         """Ask the worker to stop; ``run`` returns once it has."""
@@ -448,21 +452,21 @@ class Worker:
             logger.error("job task failed: %s", describe(exc), exc_info=exc)
 
     async def _process(self, job: pb.LeasedJob, streamed: bool) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(job), name=f"pq-heartbeat-{job.job_id}")
+        held = self._heartbeats.hold(job)
         try:
             waits = streamed and self._slots is not None
-            if waits and not await self._wait_for_slot(job, heartbeat):
+            if waits and not await self._wait_for_slot(job, held):
                 return
             try:
                 returned = await self.handler(job)
             except asyncio.CancelledError:
-                heartbeat.cancel()
+                self._heartbeats.release(held)
                 self._handler_done(streamed)
                 await self._give_back(job, None, "", release=True)
                 self.stats.released += 1
                 raise
             except Exception as exc:
-                heartbeat.cancel()
+                self._heartbeats.release(held)
                 self._handler_done(streamed)
                 self.stats.failed += 1
                 self.failures.failed(job, exc)
@@ -474,38 +478,38 @@ class Worker:
                 await self._give_back(job, None, reason)
                 await call_hook("on_error", self.on_error, job, exc)
             else:
-                heartbeat.cancel()
+                self._heartbeats.release(held)
                 self._handler_done(streamed)
                 if await self._ack(job, _result_of(returned, job)):
                     self.stats.acked += 1
                 await call_hook("on_success", self.on_success, job, returned)
         finally:
-            heartbeat.cancel()
+            self._heartbeats.release(held)
 
-    async def _wait_for_slot(self, job: pb.LeasedJob, heartbeat: asyncio.Task[None]) -> bool:
+    async def _wait_for_slot(self, job: pb.LeasedJob, held: Held) -> bool:
         """A buffered job waits for a free slot (True: it has one). A stop
         first gives it back unrun (False), as a job pushed while stopping; a
-        lease lost meanwhile (``heartbeat`` ended) drops it unrun."""
+        lease lost meanwhile (``held.lost``) drops it unrun."""
         assert self._slots is not None
         acquire = asyncio.create_task(self._slots.acquire())
         try:
             await self._race_stop(acquire)
         except asyncio.CancelledError:
             self._let_go(acquire)
-            heartbeat.cancel()
+            self._heartbeats.release(held)
             await self._release_unstarted(job)
             raise
         if acquire.done() and not self._stopping.is_set():
-            if not heartbeat.done():
+            if not held.lost:
                 return True
-            # Its lease lapsed while it waited (said by the heartbeat): the
+            # Its lease lapsed while it waited (an extension was refused): the
             # job is another worker's now; running it would be wasted work.
             self._let_go(acquire)
             self._credits.finished()
             self.stats.lost += 1
             return False
         self._let_go(acquire)
-        heartbeat.cancel()
+        self._heartbeats.release(held)
         await self._release_unstarted(job)
         return False
 
@@ -582,25 +586,16 @@ class Worker:
         except PQueueError as exc:
             logger.warning("nack of job %d failed: %s", job.job_id, describe(exc))
 
-    async def _heartbeat(self, job: pb.LeasedJob) -> None:
-        interval_s = self.config.lease_ms / 3000
+    async def _extend(self, job: pb.LeasedJob) -> None:
+        """Extend ``job``'s lease once (``Heartbeats`` calls it every third
+        of the lease): on the stream, else by the single call."""
         extend = pb.ExtendLeaseRequest(queue=self.queue, job_id=job.job_id, lease_id=job.lease_id)
         extend.lease_ms = self.config.lease_ms
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                result = await self._on_stream(pb.Operation(extend=extend))
-                if result is None:
-                    await self.client.extend(
-                        self.queue, job.job_id, job.lease_id, self.config.lease_ms
-                    )
-                elif (error := from_op_status(result.status)) is not None:
-                    raise error
-            except LeaseLostError:
-                logger.warning("lease of job %d lost (it expired, or was taken)", job.job_id)
-                return
-            except PQueueError as exc:
-                logger.warning("extending job %d failed: %s", job.job_id, describe(exc))
+        result = await self._on_stream(pb.Operation(extend=extend))
+        if result is None:
+            await self.client.extend(self.queue, job.job_id, job.lease_id, self.config.lease_ms)
+        elif (error := from_op_status(result.status)) is not None:
+            raise error
 
     async def _ack(self, job: pb.LeasedJob, result: bytes) -> bool:
         """Ack on the stream (its acks are packed per message); without one,
@@ -663,6 +658,7 @@ class Worker:
         try:
             await self._finish_jobs()
         finally:
+            self._heartbeats.close()
             if self._channel is not None:
                 await self._channel.close()
                 self._channel = None
