@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from pqueue.batching import MAX_SUBMIT_BYTES, op_bytes
 from pqueue.errors import NotTakenError, PQueueError, UnavailableError
@@ -123,7 +124,7 @@ class _Settle:
     def __init__(self, op: pb.Operation, future: asyncio.Future[pb.OpResult]) -> None:
         self.op = op
         self.future = future
-        self.packable = op.WhichOneof("op") == "ack"
+        self.packable = op.HasField("ack")
 
 
 def _fitting(unsent: Sequence[_Settle]) -> int:
@@ -142,24 +143,25 @@ def pack(settles: Sequence[_Settle]) -> tuple[list[pb.Operation], list[list[_Set
     packable acks of each queue become one ``Ack`` (up to 1000 leases)."""
     ops: list[pb.Operation] = []
     groups: list[list[_Settle]] = []
-    packed: dict[str, int] = {}
+    #: Per queue: the leases of its packed ``Ack`` (the message's own), and their group.
+    packed: dict[str, tuple[RepeatedCompositeFieldContainer[pb.JobLease], list[_Settle]]] = {}
     for settle in settles:
-        if settle.packable:
-            queue = settle.op.ack.queue
-            at = packed.get(queue)
-            if at is not None:
-                leases = ops[at].ack.leases
-                if len(leases) + len(settle.op.ack.leases) <= MAX_BATCH_JOBS:
-                    leases.extend(settle.op.ack.leases)
-                    groups[at].append(settle)
-                    continue
-            packed[queue] = len(ops)
-            op = pb.Operation()
-            op.CopyFrom(settle.op)
-            ops.append(op)
-        else:
+        if not settle.packable:
             ops.append(settle.op)
-        groups.append([settle])
+            groups.append([settle])
+            continue
+        ack = settle.op.ack
+        queue, leases = ack.queue, ack.leases
+        into = packed.get(queue)
+        if into is None or len(into[0]) + len(leases) > MAX_BATCH_JOBS:
+            op = pb.Operation()
+            op.ack.queue = queue
+            into = (op.ack.leases, [])
+            packed[queue] = into
+            ops.append(op)
+            groups.append(into[1])
+        into[0].extend(leases)
+        into[1].append(settle)
     return ops, groups
 
 
@@ -372,11 +374,17 @@ class ConsumeStream:
             if len(group) == 1:
                 self._resolve(group[0], result)
             elif result.status.code == 0:  # a packed ack: all of its leases acked
+                # Each settle's own answer, shared by those of as many leases
+                # (a Worker's acks are one lease each): callers only read it.
+                answers: dict[int, pb.OpResult] = {}
                 for settle in group:
-                    acked = pb.AckResponse(
-                        acked=len(settle.op.ack.leases), log_index=result.ack.log_index
-                    )
-                    self._resolve(settle, pb.OpResult(ack=acked))
+                    n = len(settle.op.ack.leases)
+                    answer = answers.get(n)
+                    if answer is None:
+                        answer = pb.OpResult()
+                        answer.ack.acked, answer.ack.log_index = n, result.ack.log_index
+                        answers[n] = answer
+                    self._resolve(settle, answer)
             else:  # refused as a whole: each alone, for its own answer
                 for settle in group:
                     settle.packable = False

@@ -600,10 +600,11 @@ class Worker:
     async def _ack(self, job: pb.LeasedJob, result: bytes) -> bool:
         """Ack on the stream (its acks are packed per message); without one,
         queue an ack: acks queued in the same loop turn go out as one call."""
-        lease = pb.JobLease(job_id=job.job_id, lease_id=job.lease_id, result=result)
-        answer = await self._on_stream(
-            pb.Operation(ack=pb.AckRequest(queue=self.queue, leases=[lease]))
-        )
+        op = pb.Operation()
+        ack = op.ack
+        ack.queue = self.queue
+        ack.leases.add(job_id=job.job_id, lease_id=job.lease_id, result=result)
+        answer = await self._on_stream(op)
         if answer is not None:
             error = from_op_status(answer.status)
             if error is not None and result and _refuses_result(error):
