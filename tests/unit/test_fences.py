@@ -131,6 +131,7 @@ def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
         "pqueue.submitstream",
         "pqueue.consumer",
         "pqueue.hooks",
+        "pqueue.heartbeats",
         "pqueue.lookaside",
     )
     for name in (
@@ -139,6 +140,7 @@ def test_the_sdk_imports_no_server_room_even_inside_a_function() -> None:
         "submitstream.py",
         "consumer.py",
         "hooks.py",
+        "heartbeats.py",
         "worker.py",
         "lookaside.py",
     ):
