@@ -46,6 +46,20 @@ def _budget_mb(text: str) -> int:
     return mb
 
 
+#: The most ``--open-entries`` (well inside a leader's in-flight window of 64 slots).
+MAX_OPEN_ENTRIES = 16
+
+
+def _open_entries(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= MAX_OPEN_ENTRIES:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_OPEN_ENTRIES}")
+    return n
+
+
 def _mix_wait_ms(text: str) -> float:
     from pqueue.node.mixing import MAX_MIX_WAIT_MS  # parsing any `pq` command loads no server
 
@@ -210,6 +224,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         log_format=args.log_format,
         snapshot_every_entries=args.snapshot_every_entries,
         mix_wait_ms=args.mix_wait_ms,
+        open_entries=args.open_entries,
     )
 
 
@@ -292,6 +307,16 @@ def register(sub: Any) -> None:
         type=int,
         default=10_000,
         help="snapshot the state and compact the log every N entries (default 10,000)",
+    )
+    node.add_argument(
+        "--open-entries",
+        type=_open_entries,
+        default=1,
+        metavar="N",
+        help="group commit: log entries the leader keeps proposed and not yet chosen "
+        "before new commands wait to go together in the next (default 1; more overlaps "
+        "one entry's fsyncs with the next's, for slow disks; at most "
+        f"{MAX_OPEN_ENTRIES})",
     )
     node.add_argument(
         "--mix-wait-ms",

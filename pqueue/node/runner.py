@@ -45,6 +45,8 @@ class NodeOptions:
     snapshot_every_entries: int = 10_000
     #: How long an idle leader holds one side's entry for the other's (``ClusterConfig``).
     mix_wait_ms: float = 2.0
+    #: Group commit: entries proposed and not yet chosen at once (``ClusterConfig``).
+    open_entries: int = 1
 
 
 OPEN_BANNER = (
@@ -69,6 +71,7 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
         accept_member_change=o.accept_member_change,
         data_dir=str(o.data_dir),
         mix_wait_ms=o.mix_wait_ms,
+        open_entries=o.open_entries,
     )
     storage = open_storage(
         o.store or f"sqlite:{o.data_dir}", o.pg_schema or f"pq_n{o.node_id}", spool_dir=o.data_dir
