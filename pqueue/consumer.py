@@ -30,9 +30,9 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from pqueue.batching import MAX_SUBMIT_BYTES, op_bytes
 from pqueue.errors import NotTakenError, PQueueError, UnavailableError
@@ -42,6 +42,9 @@ from pqueue.wire.channels import channel_options
 from pqueue.wire.sizes import KEEPALIVE_TIMEOUT_MS, MAX_BATCH_JOBS
 from pqueue.wire.status import from_rpc_error
 from pqueue.wire.tls import Tls, channel
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 logger = logging.getLogger(__name__)
 

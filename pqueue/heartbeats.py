@@ -15,7 +15,7 @@ An extension that fails with ``LeaseLostError`` marks the lease ``lost``
 is logged and tried again at the next interval. Releasing a lease cancels
 its extension if one is under way.
 
-Imports only the errors and the generated code (an SDK module).
+Imports only the kernel, the errors and the generated code (an SDK module).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pqueue.errors import LeaseLostError, PQueueError
 from pqueue.v1 import queue_pb2 as pb
 from pqueue.wire.logs import describe
 
-logger = logging.getLogger(__name__)
+#: The worker's logger: one name to configure for everything a worker says.
+logger = logging.getLogger("pqueue.worker")
 
 #: Extends one held job's lease; raises ``LeaseLostError`` once it is lost.
 Extend = Callable[[pb.LeasedJob], Awaitable[None]]
@@ -100,7 +101,7 @@ class Heartbeats:
                 return
             del self._due[held]
             self._due[held] = now + self.interval_s
-            if held.extending is None:  # one still under way is not doubled
+            if held.extending is None or held.extending.done():  # none doubled
                 self.extensions += 1
                 held.extending = asyncio.create_task(
                     self._extend_one(held), name=f"pq-extend-{held.job.job_id}"
@@ -115,6 +116,8 @@ class Heartbeats:
             self._due.pop(held, None)
         except PQueueError as exc:
             logger.warning("extending job %d failed: %s", held.job.job_id, describe(exc))
+        except Exception:  # not the node's answer (a closed client...): tried again too
+            logger.warning("extending job %d failed", held.job.job_id, exc_info=True)
         finally:
             if held.extending is asyncio.current_task():
                 held.extending = None

@@ -118,3 +118,34 @@ async def test_release_cancels_an_extension_under_way_and_none_is_doubled() -> N
 def test_the_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         Heartbeats(0, Recorder())
+
+
+async def test_an_extension_cancelled_before_it_ran_does_not_stop_the_next() -> None:
+    extend = Recorder()
+    beats = Heartbeats(INTERVAL_S, extend)
+    held = beats.hold(job(1))
+    await until(lambda: held.extending is not None)
+    first = held.extending
+    assert first is not None
+    first.cancel()  # by something other than a release (its body may never run)
+    await until(lambda: extend.calls.count(1) >= 2)
+    assert not held.lost
+    beats.close()
+
+
+async def test_a_failure_that_is_not_the_nodes_is_logged_and_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[int] = []
+
+    async def broken(leased: pb.LeasedJob) -> None:
+        calls.append(leased.job_id)
+        raise RuntimeError("the client was closed")
+
+    beats = Heartbeats(INTERVAL_S, broken)
+    held = beats.hold(job(7))
+    await until(lambda: len(calls) >= 2)
+    assert not held.lost
+    assert "extending job 7 failed" in caplog.text
+    assert any(r.name == "pqueue.worker" for r in caplog.records)
+    beats.close()
