@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pqueue.cli.args import (
+    int_in,
     metrics_token,
     parse_bytes,
     parse_node_id,
@@ -48,16 +49,6 @@ def _budget_mb(text: str) -> int:
 
 #: The most ``--open-entries`` (well inside a leader's in-flight window of 64 slots).
 MAX_OPEN_ENTRIES = 16
-
-
-def _open_entries(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= n <= MAX_OPEN_ENTRIES:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_OPEN_ENTRIES}")
-    return n
 
 
 def _mix_wait_ms(text: str) -> float:
@@ -310,7 +301,7 @@ def register(sub: Any) -> None:
     )
     node.add_argument(
         "--open-entries",
-        type=_open_entries,
+        type=int_in(1, MAX_OPEN_ENTRIES),
         default=1,
         metavar="N",
         help="group commit: log entries the leader keeps proposed and not yet chosen "

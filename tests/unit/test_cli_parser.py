@@ -117,7 +117,7 @@ def test_a_refused_command_line_is_invalid_argument_exit_2() -> None:
     code, _, err = _run(["node", "--data-dir", "unused", "--open-entries", "0"])
     assert code == 2
     assert err.splitlines()[-1] == (
-        "error: INVALID_ARGUMENT: argument --open-entries: must be between 1 and 16"
+        "error: INVALID_ARGUMENT: argument --open-entries: must be from 1 to 16, not 0"
     )
     code, _, err = _run(["job", "q", "-1"])
     assert (code, err) == (2, "error: INVALID_ARGUMENT: JOB_ID: must be 1 or more, not -1\n")
