@@ -137,7 +137,34 @@ class Cluster:
             ):
                 return leaders[0]
             await asyncio.sleep(0.05)
-        raise AssertionError("no single leader")
+        raise AssertionError("no single leader:\n" + self.describe())
+
+    def describe(self) -> str:
+        """Each running node's view of the leadership, the lifecycle switch
+        and its waiting proposals, plus where its tick loop waits: what a
+        failed ``leader()`` needs to be read after the fact (a CI log)."""
+        lines = []
+        for i, server in sorted(self.servers.items()):
+            node, log = server.node, server.node.log
+            replica = getattr(log, "replica", None)
+            status = replica.status() if replica is not None else None
+            tick = getattr(node, "_tick_task", None)
+            stack = tick.get_stack(limit=3) if tick is not None and not tick.done() else []
+            waits = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(stack))
+            lines.append(
+                f"  n{i}: is_leader={log.is_leader} hint={log.leader_hint()[0]}"
+                + (
+                    f" role={status.role.value} ballot={status.ballot}"
+                    f" next_slot={status.next_slot} commit={status.commit_index}"
+                    if status is not None
+                    else ""
+                )
+                + f" lifecycle={node.machine.lifecycle}"
+                f" inflight={sorted(getattr(log, '_inflight', {}))}"
+                f" announced={ {k: sorted(v) for k, v in sorted(node.announced.items())} }"
+                f" tick_loop={waits or 'not running'}"
+            )
+        return "\n".join(lines)
 
     def _lifecycle_settled(self, leader: int) -> bool:
         """A cluster whose every member runs and supports the lifecycle

@@ -657,6 +657,8 @@ class ReplicatedLog:
             )
         if leading:
             self._leading.set()
+            if old.role is not Role.LEADER or old.ballot != soft.ballot:
+                self._fail_orphans()
         else:
             self._leading.clear()
         if not leading:
@@ -668,6 +670,20 @@ class ReplicatedLog:
             self._proposals.fail(self.not_leader_error())
         if not leading and self._reads:
             self._fail_reads(self.not_leader_error())
+
+    def _fail_orphans(self) -> None:
+        """A new term of this node's: fail what it proposed in an earlier one
+        at the slots this term's phase 1 did not take up (its quorum reported
+        nothing there). Nothing fills those slots until the next proposal,
+        and on a quiet cluster the next proposer may be the very caller that
+        waits (the tick loop): outcome unknown, retriable, as for a slot a
+        snapshot covered. Slots below ``next_slot`` resolve when applied."""
+        assert self.replica is not None
+        next_slot = self.replica.status().next_slot
+        for slot in [s for s in self._inflight if s >= next_slot]:
+            self._fail_slot(
+                slot, "leadership changed before the command was chosen: outcome unknown"
+            )
 
     def _propose_pending(self) -> None:
         replica = self.replica
