@@ -32,6 +32,17 @@ def node_tokens(key: bytes, ttl_s: float = 600) -> Callable[[int], str]:
     return lambda i: issue(key, "cluster", [PEER], ttl_s, subject=node_subject(i))
 
 
+def awaiting(coro: object) -> str:
+    """Where a suspended coroutine waits, outermost first ("a:12 -> b:40"):
+    ``Task.get_stack`` gives only the outer frame on 3.11, so the chain of
+    ``cr_await`` is followed down."""
+    where = []
+    while coro is not None and (frame := getattr(coro, "cr_frame", None)) is not None:
+        where.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None)
+    return " -> ".join(where)
+
+
 class Cluster:
     """``n`` nodes on loopback; ``peer_token``: one for all, or node id -> its own."""
 
@@ -137,7 +148,11 @@ class Cluster:
             ):
                 return leaders[0]
             await asyncio.sleep(0.05)
-        raise AssertionError("no single leader:\n" + self.describe())
+        try:
+            detail = self.describe()
+        except Exception as exc:  # the diagnostic never hides the failure
+            detail = f"  (describe failed: {exc!r})"
+        raise AssertionError("no single leader:\n" + detail)
 
     def describe(self) -> str:
         """Each running node's view of the leadership, the lifecycle switch
@@ -149,8 +164,7 @@ class Cluster:
             replica = getattr(log, "replica", None)
             status = replica.status() if replica is not None else None
             tick = getattr(node, "_tick_task", None)
-            stack = tick.get_stack(limit=3) if tick is not None and not tick.done() else []
-            waits = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(stack))
+            waits = awaiting(tick.get_coro()) if tick is not None and not tick.done() else ""
             lines.append(
                 f"  n{i}: is_leader={log.is_leader} hint={log.leader_hint()[0]}"
                 + (

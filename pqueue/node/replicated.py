@@ -682,7 +682,7 @@ class ReplicatedLog:
         next_slot = self.replica.status().next_slot
         for slot in [s for s in self._inflight if s >= next_slot]:
             self._fail_slot(
-                slot, "leadership changed before the command was chosen: outcome unknown"
+                slot, "this term did not take the slot up: outcome unknown (it may still commit)"
             )
 
     def _propose_pending(self) -> None:

@@ -51,12 +51,20 @@ async def _sent(sent: list[Message], kind: type[M], match: Callable[[M], bool]) 
 async def _leads(log: ReplicatedLog, ballot: Ballot | None = None) -> None:
     async with asyncio.timeout(5):
         while True:
-            if log.is_leader and ballot in (None, log._soft.ballot):
+            assert log.replica is not None
+            if log.is_leader and ballot in (None, log.replica.status().ballot):
                 return
             await asyncio.sleep(0.001)
 
 
-async def test_a_proposal_the_next_term_did_not_take_up_fails(tmp_path: Path) -> None:
+@pytest.mark.parametrize("peer_holds_it", [False, True], ids=["unknown", "known"])
+async def test_a_proposal_the_next_term_did_not_take_up_fails(
+    tmp_path: Path, peer_holds_it: bool
+) -> None:
+    """unknown: no peer of the new term's quorum accepted slot 1, so the
+    new term starts there (``next_slot`` 1) and the old proposal fails at
+    once. known: a peer reports it, so the new term proposes it again and
+    the caller gets its result, as before the change."""
     storage = SqliteStorage(tmp_path / "n1")
     # Ticks only when the test says: the election timer never fires by itself.
     cluster = ClusterConfig(node_id=1, addresses={1: "", 2: "-", 3: "-"}, tick_ms=3_600_000)
@@ -87,34 +95,62 @@ async def test_a_proposal_the_next_term_did_not_take_up_fails(tmp_path: Path) ->
             replica.tick()
         log._wake.set()
         pre = await _sent(sent, PreVote, lambda m: m.dst == 2)
-        log.on_message(PreVoteReply(2, 1, pre.ballot, True, ZERO, 0))
+        log.on_message(
+            PreVoteReply(src=2, dst=1, ballot=pre.ballot, ok=True, promised=ZERO, commit_index=0)
+        )
         first = await _sent(sent, Prepare, lambda m: m.dst == 2)
-        log.on_message(Promise(2, 1, first.ballot, True, first.ballot, (), 0, first.from_slot))
+        log.on_message(
+            Promise(
+                src=2, dst=1, ballot=first.ballot, ok=True, promised=first.ballot,
+                from_slot=first.from_slot,
+            )
+        )  # fmt: skip
         await _leads(log)
 
         # It leads (round 1) and proposes at slot 1 (the lifecycle tick, say)...
         proposed = asyncio.ensure_future(log.submit(logpb.Command(tick=logpb.Tick())))
-        await _sent(sent, Accept, lambda m: m.dst == 2)
+        accept = await _sent(sent, Accept, lambda m: m.dst == 2)
+        [(slot, value)] = accept.entries
+        assert slot == 1
         # ...but node 2 promised node 3's ballot 1.3 meanwhile and refuses it:
         # still followed by a majority, the leader runs phase 1 again.
-        log.on_message(Accepted(2, 1, first.ballot, False, (1, 3)))
+        log.on_message(Accepted(src=2, dst=1, ballot=first.ballot, ok=False, promised=(1, 3)))
         again = await _sent(sent, Prepare, lambda m: m.ballot[0] == 2)
-        # Nodes 2 and 3 promise it (neither accepted slot 1) before this
-        # node's own promise is written: it leads again without its record.
+        # Nodes 2 and 3 promise it before this node's own promise is
+        # written: it leads again on what they report alone.
         for peer in (2, 3):
+            held = (Record(1, first.ballot, value),) if peer_holds_it and peer == 3 else ()
             log.on_message(
-                Promise(peer, 1, again.ballot, True, again.ballot, (), 0, again.from_slot)
-            )
+                Promise(
+                    src=peer, dst=1, ballot=again.ballot, ok=True, promised=again.ballot,
+                    records=held, from_slot=again.from_slot,
+                )
+            )  # fmt: skip
         status = replica.status()
-        assert (status.role.value, status.ballot, status.next_slot) == ("leader", again.ballot, 1)
+        assert (status.role.value, status.ballot) == ("leader", again.ballot)
+        assert status.next_slot == (2 if peer_holds_it else 1)
         release.set()
         await _leads(log, again.ballot)
 
-        # Nothing fills slot 1 until the next proposal: the caller learns now.
-        with pytest.raises(UnavailableError) as err:
-            async with asyncio.timeout(2):
-                await proposed
-        assert err.value.reason == "COMMIT_UNKNOWN"
+        if not peer_holds_it:
+            # Nothing fills slot 1 until the next proposal: the caller learns now.
+            with pytest.raises(UnavailableError) as err:
+                async with asyncio.timeout(2):
+                    await proposed
+            assert err.value.reason == "COMMIT_UNKNOWN"
+            assert "did not take the slot up" in str(err.value)
+            return
+        # The new term proposes slot 1's value again; once a peer accepts it
+        # the caller has its result.
+        redo = await _sent(sent, Accept, lambda m: m.ballot == again.ballot and m.dst == 2)
+        assert redo.entries == ((1, value),)
+        log.on_message(
+            Accepted(src=2, dst=1, ballot=again.ballot, ok=True, promised=again.ballot, slots=(1,))
+        )
+        async with asyncio.timeout(5):
+            result = await proposed  # the tick's own result: no error
+        assert isinstance(result, logpb.Tick)
+        assert replica.status().commit_index >= 1
     finally:
         release.set()
         await log.stop()
