@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -39,13 +40,52 @@ from pqueue.cli import render
 from pqueue.client import Client
 from pqueue.errors import PQueueError
 
+#: Where the OS draws ports for ``bind(0)`` and for every outgoing
+#: connection's local end (Linux's default, if /proc says nothing).
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: The lowest port ``free_ports`` picks (below: well-known services).
+LOWEST_PICKED = 10_000
 
-def free_ports(n: int) -> list[int]:
-    """Ports the OS has just handed out (for tests; a small race remains)."""
-    socks = [socket.socket() for _ in range(n)]
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE) -> tuple[int, int]:
+    """The OS's ephemeral port range (32768-60999 where unknown)."""
     try:
-        for s in socks:
+        low, high = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        return 32_768, 60_999
+    return low, high
+
+
+def free_ports(n: int, ephemeral: tuple[int, int] | None = None) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 now (for tests, benches and a
+    local cluster; whoever binds them later may still find one taken).
+
+    Picked below the OS's ephemeral range where there is room: a port the
+    OS hands out for ``bind(0)`` is one it hands out again, to the next
+    ``bind(0)`` or to an outgoing connection's local end, as soon as it is
+    closed, so a node started on it a moment later could find it taken (CI
+    saw two nodes of one fault-test cluster fail to bind that way). A port
+    below the range is only ever taken by an explicit bind. Each is checked
+    by binding it, all held until all are found."""
+    low, _ = ephemeral or ephemeral_range()
+    span = range(LOWEST_PICKED, low)
+    socks: list[socket.socket] = []
+    try:
+        if len(span) >= 4 * n:
+            for port in random.sample(span, min(len(span), 64 * n)):
+                s = socket.socket()
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    s.close()
+                    continue
+                socks.append(s)
+                if len(socks) == n:
+                    return [s.getsockname()[1] for s in socks]
+        while len(socks) < n:  # no room below the range (or all taken): the OS's pick
+            s = socket.socket()
             s.bind(("127.0.0.1", 0))
+            socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
