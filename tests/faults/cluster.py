@@ -134,7 +134,21 @@ class ProcCluster:
             if len(leaders) == 1:
                 return leaders[0]
             await asyncio.sleep(0.1)
-        raise AssertionError("no single leader")
+        raise AssertionError("no single leader" + self._exited())
+
+    def _exited(self) -> str:
+        """The nodes that exited, each with its exit code and last log lines
+        (a node that could not bind its port says so there)."""
+        out = []
+        for i, proc in sorted(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            try:
+                tail = (self.root / f"n{i}.log").read_text(errors="replace").splitlines()[-3:]
+            except OSError as exc:
+                tail = [f"(no log: {exc})"]
+            out.append(f"\n  n{i} exited ({proc.returncode}): " + "\n    ".join(tail))
+        return "".join(out)
 
     async def start_balancer(self, probe_interval_s: float = 0.5) -> str:
         """A ``pq balancer`` process in front of the nodes; its address once it knows a leader."""
