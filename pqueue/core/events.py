@@ -111,6 +111,9 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
     def job(job_id: int) -> Job | None:
         return jobs.find_job(job_id, touched) if job_id in changed else None
 
+    append, mark = events.append, explained.add
+    make = tuple.__new__  # an Event with every field given, past NamedTuple's __new__
+
     def add_all(
         queue: str, kind: int, named: Iterable[tuple[int, int]], gone: bool = False
     ) -> None:
@@ -125,21 +128,19 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
                 brief = brief_of(job_id) if brief_of is not None else None
                 if brief is None and (found := jobs.job_brief(job_id, touched)) is not None:
                     name, state, attempt, priority = found
-                    events.append(
-                        Event(index, now, name, job_id, kind, state, attempt, priority, size)
-                    )
-                    explained.add(job_id)
+                    fields = (index, now, name, job_id, kind, state, attempt, priority, size, "")
+                    append(make(Event, fields))
+                    mark(job_id)
                     continue
             if brief is not None:
                 state, attempt, priority = brief
-                events.append(
-                    Event(index, now, queue, job_id, kind, state, attempt, priority, size)
-                )
+                fields = (index, now, queue, job_id, kind, state, attempt, priority, size, "")
             elif gone:
-                events.append(Event(index, now, queue, job_id, kind, COMPLETED, result_bytes=size))
+                fields = (index, now, queue, job_id, kind, COMPLETED, 0, 0, size, "")
             else:
                 continue
-            explained.add(job_id)
+            append(make(Event, fields))
+            mark(job_id)
 
     def add(kind: int, job_id: int, result_bytes: int = 0, reason: str = "") -> bool:
         """The job's event, if it is still there (False: it is gone)."""

@@ -14,7 +14,7 @@ from pqueue.core.jobs import (
     READY,
     Job,
     backoff_ms,
-    pack_row,
+    pack_fresh_row,
 )
 from pqueue.core.tenancy import TenancyRules
 from pqueue.errors import (
@@ -34,44 +34,61 @@ class JobCommands(TenancyRules):
         config = (
             queue.config if queue else limits.effective_config(pb.QueueConfig(), self.lifecycle)
         )
-        for i, spec in enumerate(req.jobs):
-            self._check_spec(config, spec, f"jobs[{i}]")
+        specs = req.jobs
+        self._check_specs(config, specs)
         self._check_tenant_enqueue(req, queue, tenant)
         if queue is None:
             queue = self._new_queue(req.queue, config)
         lane = queue.lane(tenant)
         out = pb.EnqueueBatchResponse()
-        for spec in req.jobs:
+        # Per job, this runs on every replica for every job: what is the
+        # same for the whole batch is read once, and the response's list
+        # is bound once (each ``out.results`` read costs a wrapper lookup).
+        add_result = out.results.add
+        dedup = queue.dedup
+        changed = self._changed
+        name = queue.name
+        ttl = config.job_ttl_ms if self.lifecycle else 0
+        ttl_at = now + ttl if ttl else 0
+        lifecycle = self.lifecycle
+        tenant_bytes = tenant.encode()
+        made = compact = 0
+        for spec in specs:
             key = spec.idempotency_key
-            if key and (tenant, key) in queue.dedup:
-                out.results.add(job_id=queue.dedup[tenant, key][0], duplicate=True)
+            if key and (tenant, key) in dedup:
+                add_result(job_id=dedup[tenant, key][0], duplicate=True)
                 continue
             job_id = self.next_job_id
-            self.next_job_id += 1
-            queue.counters.enqueued += 1
-            self._changed.add(job_id)
-            self._touched.add(queue.name)
+            self.next_job_id = job_id + 1
+            made += 1
+            changed.add(job_id)
             if key:
                 self.remember_key(queue, tenant, key, job_id, now + config.dedup_window_ms)
-            ready_at = max(now + spec.delay_ms, spec.not_before_ms)
-            expires_at = self._expiry_of(config, spec, now)
+            delay, not_before = spec.delay_ms, spec.not_before_ms
+            ready_at = now + delay if now + delay >= not_before else not_before
+            # When it expires unleased: the earlier of its own expires_at_ms
+            # and the queue's job_ttl_ms from now (0: never; lifecycle only).
+            own = spec.expires_at_ms if lifecycle else 0
+            expires_at = (own if own < ttl_at else ttl_at) if own and ttl_at else own or ttl_at
             if (
                 ready_at <= now
                 and not spec.group
                 and not expires_at
-                and queue.add_compact(
-                    job_id, pack_row(spec.priority, now, now, tenant, key, spec.payload)
+                and queue.add_compact_fresh(
+                    job_id,
+                    pack_fresh_row(spec.priority, now, tenant_bytes, key, spec.payload),
+                    spec.priority,
+                    now,
+                    lane,
                 )
             ):
                 # Waiting in the compact form (jobs.py): ready, no Job object.
-                lane.held += 1
-                queue.counts[READY] += 1
-                self._woken[queue.name] += 1
-                out.results.add(job_id=job_id)
+                compact += 1
+                add_result(job_id=job_id)
                 continue
             job = Job(
                 job_id=job_id,
-                queue=queue.name,
+                queue=name,
                 priority=spec.priority,
                 payload=spec.payload,
                 state=0,
@@ -90,16 +107,15 @@ class JobCommands(TenancyRules):
                 self._make_ready(queue, job, now)
             if self._expired(job, now):  # expired already: never leasable
                 self._expire(queue, job, now)
-            out.results.add(job_id=job_id)
+            add_result(job_id=job_id)
+        if made:
+            queue.counters.enqueued += made
+            self._touched.add(name)
+        if compact:
+            lane.held += compact
+            queue.counts[READY] += compact
+            self._woken[name] += compact
         return out
-
-    def _expiry_of(self, config: pb.QueueConfig, spec: pb.JobSpec, now: int) -> int:
-        """When a new job expires unleased: the earlier of its own
-        ``expires_at_ms`` and the queue's ``job_ttl_ms`` from now (0: never)."""
-        if not self.lifecycle:
-            return 0
-        ttl = config.job_ttl_ms
-        return min((t for t in (spec.expires_at_ms, ttl and now + ttl) if t), default=0)
 
     @handles("lease")
     def _lease(self, req: pb.LeaseRequest, now: int) -> pb.LeaseResponse:
@@ -116,59 +132,67 @@ class JobCommands(TenancyRules):
             req.lease_ms or queue.config.default_lease_ms, queue.config.max_lease_total_ms
         )
         out = pb.LeaseResponse()
-        size = 0
-        while len(out.jobs) < max_jobs and size < limits.MAX_LEASE_RESPONSE_BYTES:
+        add_job = out.jobs.add  # bound once: each ``out.jobs`` read costs a lookup
+        name, consumer_id = queue.name, req.consumer_id
+        expires_at = now + lease_ms
+        leases = self._leases
+        taken = size = 0
+        while taken < max_jobs and size < limits.MAX_LEASE_RESPONSE_BYTES:
             job = queue.take_ready()
             if job is None:
                 break
+            taken += 1
             size += len(job.payload)
             self._set_state(queue, job, LEASED)
             job.attempts += 1
-            queue.counters.leased += 1
-            job.lease_id = self.next_lease_id
-            self.next_lease_id += 1
+            job.lease_id = lease_id = self.next_lease_id
+            self.next_lease_id = lease_id + 1
             job.leased_at_ms = now
-            job.lease_expires_at_ms = now + lease_ms
-            job.consumer_id = req.consumer_id
-            heapq.heappush(
-                self._leases, (job.lease_expires_at_ms, job.lease_id, job.job_id, queue.name)
-            )
+            job.lease_expires_at_ms = expires_at
+            job.consumer_id = consumer_id
+            heapq.heappush(leases, (expires_at, lease_id, job.job_id, name))
             if job.group:
                 queue.groups[job.group_key].in_flight = job.job_id
-            out.jobs.add(
+            add_job(
                 job_id=job.job_id,
-                lease_id=job.lease_id,
+                lease_id=lease_id,
                 priority=job.priority,
                 payload=job.payload,
                 attempt=job.attempts,
                 group=job.group,
                 enqueued_at_ms=job.enqueued_at_ms,
-                lease_expires_at_ms=job.lease_expires_at_ms,
-                queue=queue.name,
+                lease_expires_at_ms=expires_at,
+                queue=name,
                 tenant=job.tenant,
             )
-        dispatch.charge(queue, now, len(out.jobs), self.lifecycle)
+        queue.counters.leased += taken
+        dispatch.charge(queue, now, taken, self.lifecycle)
         return out
 
     @handles("ack")
     def _ack(self, req: pb.AckRequest, now: int) -> pb.AckResponse:
         queue = self._queue(req.queue)
         seen: set[int] = set()
-        jobs = []
+        done: list[tuple[Job, bytes]] = []
+        bound = self._result_bound(queue)
         for i, lease in enumerate(req.leases):
-            if lease.job_id in seen:
+            job_id, result = lease.job_id, lease.result
+            if job_id in seen:
                 raise InvalidArgumentError(f"leases[{i}].job_id", "job listed twice")
-            seen.add(lease.job_id)
-            self._check_result(queue, lease.result, f"leases[{i}].result")
-            jobs.append(self._leased_job(queue, lease.job_id, lease.lease_id))
-        for job, lease in zip(jobs, req.leases, strict=True):
-            queue.counters.acked += 1
-            if self.lifecycle:
-                self._finish(queue, job, COMPLETED, now, lease.result, "")
-            else:  # as releases before job records did
+            seen.add(job_id)
+            if len(result) > bound:
+                self._check_result(queue, result, f"leases[{i}].result")
+            done.append((self._leased_job(queue, job_id, lease.lease_id), result))
+        queue.counters.acked += len(done)
+        if self.lifecycle:
+            keeps = self._keeps_records(queue)
+            for job, result in done:
+                self._finish(queue, job, COMPLETED, now, result, "", keeps)
+        else:  # as releases before job records did
+            for job, _ in done:
                 self._end_lease(queue, job)
                 self._remove(queue, job)
-        return pb.AckResponse(acked=len(jobs))
+        return pb.AckResponse(acked=len(done))
 
     @handles("nack")
     def _nack(self, req: pb.NackRequest, now: int) -> pb.NackResponse:

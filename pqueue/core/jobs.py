@@ -184,6 +184,13 @@ def pack_row(
     return _ROW.pack(priority, enqueued_at, ready_at, len(t), len(k)) + t + k + payload
 
 
+def pack_fresh_row(priority: int, now: int, tenant: bytes, key: str, payload: bytes) -> bytes:
+    """``pack_row`` of a job enqueued and ready at ``now`` (the tenant
+    already encoded: an enqueue encodes it once for all its jobs)."""
+    k = key.encode() if key else b""
+    return _ROW.pack(priority, now, now, len(tenant), len(k)) + tenant + k + payload
+
+
 def unpack_row(job_id: int, queue: str, row: bytes) -> Job:
     """The ``Job`` a compact row describes."""
     priority, enqueued_at, ready_at, tlen, klen = _ROW.unpack_from(row)
@@ -553,18 +560,25 @@ class QueueState:
         priority, _, ready_at, tlen, _ = _ROW.unpack_from(row)
         tenant = row[_ROW.size : _ROW.size + tlen].decode() if tlen else ""
         lane = self.lanes.get(tenant) or self.lane(tenant)
+        return lane if self.add_compact_fresh(job_id, row, priority, ready_at, lane) else None
+
+    def add_compact_fresh(
+        self, job_id: int, row: bytes, priority: int, ready_at: int, lane: Lane
+    ) -> bool:
+        """``add_compact`` where the caller has the row's priority, ready
+        time and lane at hand (an enqueue: it made the row); whether taken."""
         line = lane.fifo.get(priority)
         place = (ready_at, job_id)
         if line is None:
             if len(lane.fifo) >= MAX_FIFO_PRIORITIES:
-                return None
+                return False
             line = lane.fifo[priority] = deque()
         elif place < lane.last[priority]:
-            return None
+            return False
         self.jobs.add_row(job_id, row)
         line.append(job_id)
         lane.last[priority] = place
-        return lane
+        return True
 
     def push_ready(self, job: Job) -> None:
         """Make ``job`` (READY, eligible) a candidate for the next lease."""

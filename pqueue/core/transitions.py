@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pqueue.core import limits
 from pqueue.core.jobs import (
@@ -334,18 +334,27 @@ class Transitions(MachineState):
         return self.lifecycle and config.completed_max > 0 and not config.delete_when_idle
 
     def _finish(
-        self, queue: QueueState, job: Job, state: int, now: int, result: bytes, reason: str
+        self,
+        queue: QueueState,
+        job: Job,
+        state: int,
+        now: int,
+        result: bytes,
+        reason: str,
+        keeps: bool | None = None,
     ) -> None:
         """The job ends (acked, force-completed or cancelled): it leaves every
         index and, where the queue keeps records, stays as a record (the
-        oldest records go past ``completed_max``); else it is forgotten."""
+        oldest records go past ``completed_max``); else it is forgotten.
+        ``keeps``: ``_keeps_records(queue)`` where the caller has it (an
+        ack of many jobs asks once)."""
         if state == COMPLETED:
             queue.counters.completed += 1
         else:
             queue.counters.cancelled += 1
         if job.state == LEASED:
             self._end_lease(queue, job)
-        if not self._keeps_records(queue):
+        if not (self._keeps_records(queue) if keeps is None else keeps):
             self._remove(queue, job)
             return
         if job.state == DEAD:
@@ -531,6 +540,26 @@ class Transitions(MachineState):
         if config.HasField("min_priority") or config.HasField("max_priority"):
             self._check_priority(config, spec.priority, f"{field}.priority")
 
+    def _check_specs(self, config: pb.QueueConfig, specs: Sequence[pb.JobSpec]) -> None:
+        """``_check_spec`` for each of an enqueue's jobs (``jobs[i]``), with
+        the common case, a job every bound admits, found without formatting
+        a field name: a job that trips any bound here is checked by
+        ``_check_spec``, which raises the error it earns."""
+        largest = min(config.max_payload_bytes, limits.MAX_PAYLOAD_BYTES_LIMIT)
+        bounded = config.HasField("min_priority") or config.HasField("max_priority")
+        longest, longest_delay = limits.MAX_KEY_CHARS, limits.MAX_DURATION_MS
+        for i, spec in enumerate(specs):
+            if (
+                bounded
+                or len(spec.payload) > largest
+                or not 0 <= spec.delay_ms <= longest_delay
+                or spec.not_before_ms < 0
+                or spec.expires_at_ms < 0
+                or len(spec.idempotency_key) > longest
+                or len(spec.group) > longest
+            ):
+                self._check_spec(config, spec, f"jobs[{i}]")
+
     def _check_priority(self, config: pb.QueueConfig, priority: int, field: str) -> None:
         """A priority within the queue's bounds."""
         if config.HasField("min_priority") and priority < config.min_priority:
@@ -542,9 +571,13 @@ class Transitions(MachineState):
                 field, f"{priority} is above the queue's max_priority {config.max_priority}"
             )
 
+    def _result_bound(self, queue: QueueState) -> int:
+        """The largest result the queue takes (``max_result_bytes``)."""
+        return queue.config.max_result_bytes or limits.DEFAULT_MAX_RESULT_BYTES
+
     def _check_result(self, queue: QueueState, result: bytes, field: str) -> None:
         """A job's result fits the queue's ``max_result_bytes``."""
-        bound = queue.config.max_result_bytes or limits.DEFAULT_MAX_RESULT_BYTES
+        bound = self._result_bound(queue)
         if len(result) > bound:
             raise InvalidArgumentError(
                 field, f"{len(result)} bytes exceeds the queue's max_result_bytes {bound}"
