@@ -28,6 +28,15 @@ of a tenth of that, on a queue of its own, on a machine with lifecycle
 records on (as every cluster since the lifecycle release).
 
     python -m bench.apply [--jobs 50000] [--rounds 3] [--compare DIR] [-o json]
+    python -m bench.apply --instructions [--compare DIR]
+
+``--instructions`` counts instead of timing: each workload runs under
+valgrind's callgrind at two sizes (``--jobs`` and three times that), and
+the difference in instructions executed, over the difference in jobs, is
+the cost of a job: the same figure on a quiet host and a noisy one, every
+time (a shared machine's CPU time moves 30 % between rounds). It counts
+the whole replay (the driver's commands and encoding too), so a change to
+the core shows as a smaller share of it.
 """
 
 from __future__ import annotations
@@ -37,9 +46,11 @@ import gc
 import inspect
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -191,20 +202,68 @@ def _measure(tree: Path, name: str, jobs: int) -> dict[str, float]:
     return dict(json.loads(done.stdout))
 
 
+def _instructions(tree: Path, name: str, jobs: int) -> int:
+    """Instructions one replay of ``jobs`` jobs executes, under callgrind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        done = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--jobs",
+                str(jobs),
+            ],
+            env=dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0"),
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            raise SystemExit(f"callgrind on {tree}'s core failed:\n{done.stderr[-2000:]}")
+        for line in out.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise SystemExit("callgrind wrote no totals")
+
+
+def instructions_per_job(tree: Path, name: str, jobs: int) -> float:
+    """Instructions a job of ``name`` costs: two replays' difference over
+    their difference in jobs (start-up and imports cancel; each replay's
+    warm-up is a tenth of its jobs, so it is counted in)."""
+    small, large = jobs, 3 * jobs
+    spent = _instructions(tree, name, large) - _instructions(tree, name, small)
+    return spent / (1.1 * (large - small))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=50_000, help="jobs per workload and round")
+    parser.add_argument("--jobs", type=int, help="jobs per workload and round (default 50000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (each a fresh process)")
     parser.add_argument("--compare", type=Path, help="alternate rounds with this checkout's core")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions a job under valgrind's callgrind (deterministic; --jobs "
+        "defaults to 2000 here) instead of timing rounds",
+    )
     parser.add_argument("-o", dest="output", choices=("table", "json"), default="table")
     parser.add_argument("--one", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.jobs_given = args.jobs is not None
+    if not args.jobs_given:
+        args.jobs = 50_000
     if args.one:  # a round, in the process _measure started
         print(json.dumps(run_workload(args.one, args.jobs)))
         return 0
     trees = [("this tree", ROOT)]
     if args.compare is not None:
         trees.insert(0, (str(args.compare.resolve()), args.compare.resolve()))
+    if args.instructions:
+        return _count(trees, args.jobs if args.jobs_given else 2000, args.output)
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for r in range(args.rounds):
         for name in WORKLOADS:
@@ -234,6 +293,31 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: this tree / {Path(a).name}: "
                 f"{min(ratios):.2f}-{max(ratios):.2f}x (median {statistics.median(ratios):.2f})"
             )
+    return 0
+
+
+def _count(trees: list[tuple[str, Path]], jobs: int, output: str) -> int:
+    """``--instructions``: a table (or JSON) of instructions a job, per tree
+    and workload, and the ratio to the first tree with ``--compare``."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (Debian package valgrind)")
+    counts: dict[str, dict[str, float]] = {}
+    for label, tree in trees:
+        for name in WORKLOADS:
+            counts.setdefault(label, {})[name] = instructions_per_job(tree, name, jobs)
+            if output == "table":
+                print(f"{name:6} {label}: {counts[label][name]:,.0f}", file=sys.stderr)
+    if output == "json":
+        print(json.dumps(counts, indent=2))
+        return 0
+    print(f"instructions a job (callgrind, {jobs} and {3 * jobs} jobs)")
+    print(f"{'tree':30} " + " ".join(f"{name:>12}" for name in WORKLOADS))
+    for label, per in counts.items():
+        print(f"{label[-30:]:30} " + " ".join(f"{per[name]:>12,.0f}" for name in WORKLOADS))
+    if len(counts) == 2:
+        [(a, first), (_, this)] = counts.items()
+        for name in WORKLOADS:
+            print(f"{name}: this tree / {Path(a).name}: {this[name] / first[name]:.3f}x")
     return 0
 
 

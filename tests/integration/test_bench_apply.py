@@ -6,6 +6,7 @@ one). It checks the shape of the output, never the figures."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,12 @@ def test_the_workloads_fail_loudly_when_a_command_is_refused() -> None:
     replay = apply.Replay()
     with pytest.raises(Exception, match="queue"):
         replay.apply([logpb.Command(lease=pb.LeaseRequest(queue="missing"))])
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instructions_counts_a_job_under_callgrind() -> None:
+    """``--instructions``'s figure: two callgrind replays' difference, per job."""
+    per_job = apply.instructions_per_job(ROOT, "batch", 200)
+    # A job's enqueue, lease and ack run thousands of bytecodes; the
+    # interpreter's start-up (hundreds of millions) cancels out.
+    assert 10_000 < per_job < 10_000_000
