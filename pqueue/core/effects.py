@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 #: A command's outcome: its response message, or the error that left nothing changed.
 Result = Message | PQueueError
+#: The ids of the jobs one command's events are about, in order, and each
+#: one's result bytes (None: 0 for all), as its handler had them at hand.
+Named = tuple[list[int], list[int] | None]
 
 
 @dataclass(frozen=True)
@@ -43,3 +46,9 @@ class Effects:
     advanced: tuple[WatchEvent, ...] = ()
     #: The jobs advancing time changed (a delayed job come due has no event).
     advanced_ids: frozenset[int] = frozenset()
+    #: Per command, the jobs it named for its events (``Named``): the
+    #: enqueue's new jobs, the lease's, the ack's with their result sizes;
+    #: None where its handler records none (``events.derive`` then reads the
+    #: command and its result). Plain ints: on every replica, derive would
+    #: otherwise walk each command's messages a job at a time again.
+    named: tuple[Named | None, ...] = ()

@@ -17,6 +17,7 @@ have no event of their own.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import NamedTuple, Protocol
 
 from pqueue.core.effects import Effects
@@ -154,20 +155,34 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
         explained.add(job_id)
         return True
 
-    for cmd, result in zip(entry.commands, effects.results, strict=False):
+    named_by = effects.named
+    for i, (cmd, result) in enumerate(zip(entry.commands, effects.results, strict=False)):
         if isinstance(result, Exception):
             continue  # refused: nothing changed
         what = cmd.WhichOneof("kind")
+        # What the handler named (plain ints), else read off the messages.
+        named = named_by[i] if i < len(named_by) else None
+        pairs: Iterable[tuple[int, int]] | None = None
+        if named is not None:
+            ids, sizes = named
+            if sizes is None:
+                pairs = zip(ids, repeat(0), strict=False)
+            else:
+                pairs = zip(ids, sizes, strict=True)
         if what == "enqueue" and isinstance(result, pb.EnqueueBatchResponse):
-            fresh = ((one.job_id, 0) for one in result.results if not one.duplicate)
-            add_all(cmd.enqueue.queue, K.ENQUEUED, fresh)
+            if pairs is None:
+                pairs = ((one.job_id, 0) for one in result.results if not one.duplicate)
+            add_all(cmd.enqueue.queue, K.ENQUEUED, pairs)
         elif what == "lease" and isinstance(result, pb.LeaseResponse):
-            add_all(cmd.lease.queue, K.LEASED, ((leased.job_id, 0) for leased in result.jobs))
+            if pairs is None:
+                pairs = ((leased.job_id, 0) for leased in result.jobs)
+            add_all(cmd.lease.queue, K.LEASED, pairs)
         elif what == "ack":
             # An acked job no record keeps (before LIFECYCLE, completed_max 0)
             # is gone, and still completed.
-            acked = ((lease.job_id, len(lease.result)) for lease in cmd.ack.leases)
-            add_all(cmd.ack.queue, K.COMPLETED, acked, gone=True)
+            if pairs is None:
+                pairs = ((lease.job_id, len(lease.result)) for lease in cmd.ack.leases)
+            add_all(cmd.ack.queue, K.COMPLETED, pairs, gone=True)
         elif what == "nack" and isinstance(result, pb.NackResponse):
             dead = result.state == DEAD
             add(K.DEAD if dead else K.NACKED, cmd.nack.job_id, reason=cmd.nack.reason)

@@ -52,7 +52,8 @@ class JobCommands(TenancyRules):
         ttl_at = now + ttl if ttl else 0
         lifecycle = self.lifecycle
         tenant_bytes = tenant.encode()
-        made = compact = 0
+        compact = 0
+        fresh: list[int] = []
         for spec in specs:
             key = spec.idempotency_key
             if key and (tenant, key) in dedup:
@@ -60,7 +61,7 @@ class JobCommands(TenancyRules):
                 continue
             job_id = self.next_job_id
             self.next_job_id = job_id + 1
-            made += 1
+            fresh.append(job_id)
             changed.add(job_id)
             if key:
                 self.remember_key(queue, tenant, key, job_id, now + config.dedup_window_ms)
@@ -108,13 +109,14 @@ class JobCommands(TenancyRules):
             if self._expired(job, now):  # expired already: never leasable
                 self._expire(queue, job, now)
             add_result(job_id=job_id)
-        if made:
-            queue.counters.enqueued += made
+        if fresh:
+            queue.counters.enqueued += len(fresh)
             self._touched.add(name)
         if compact:
             lane.held += compact
             queue.counts[READY] += compact
             self._woken[name] += compact
+        self._named = (fresh, None)
         return out
 
     @handles("lease")
@@ -136,12 +138,13 @@ class JobCommands(TenancyRules):
         name, consumer_id = queue.name, req.consumer_id
         expires_at = now + lease_ms
         leases = self._leases
-        taken = size = 0
-        while taken < max_jobs and size < limits.MAX_LEASE_RESPONSE_BYTES:
+        size = 0
+        taken: list[int] = []
+        while len(taken) < max_jobs and size < limits.MAX_LEASE_RESPONSE_BYTES:
             job = queue.take_ready()
             if job is None:
                 break
-            taken += 1
+            taken.append(job.job_id)
             size += len(job.payload)
             self._set_state(queue, job, LEASED)
             job.attempts += 1
@@ -165,8 +168,9 @@ class JobCommands(TenancyRules):
                 queue=name,
                 tenant=job.tenant,
             )
-        queue.counters.leased += taken
-        dispatch.charge(queue, now, taken, self.lifecycle)
+        queue.counters.leased += len(taken)
+        dispatch.charge(queue, now, len(taken), self.lifecycle)
+        self._named = (taken, None)
         return out
 
     @handles("ack")
@@ -184,6 +188,7 @@ class JobCommands(TenancyRules):
                 self._check_result(queue, result, f"leases[{i}].result")
             done.append((self._leased_job(queue, job_id, lease.lease_id), result))
         queue.counters.acked += len(done)
+        self._named = ([job.job_id for job, _ in done], [len(result) for _, result in done])
         if self.lifecycle:
             keeps = self._keeps_records(queue)
             for job, result in done:

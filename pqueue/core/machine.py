@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 
 from pqueue.core import browse, dispatch, events, limits
 from pqueue.core.commands import bind, checked_commands
-from pqueue.core.effects import Effects, Result
+from pqueue.core.effects import Effects, Named, Result
 from pqueue.core.features import LIFECYCLE
 from pqueue.core.job_actions import JobActions
 from pqueue.core.job_commands import JobCommands
@@ -85,7 +85,11 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
         self.advance(now)
         moved = frozenset(self._changed)
         advanced = events.advanced(self, moved, self._touched, now) if moved else []
-        results = [self.apply_command(cmd, now) for cmd in entry.commands]
+        results: list[Result] = []
+        named: list[Named | None] = []
+        for cmd in entry.commands:
+            results.append(self.apply_command(cmd, now))
+            named.append(self._named)
         effects = Effects(
             entry.index,
             results,
@@ -94,6 +98,7 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
             frozenset(self._touched),
             tuple(advanced),
             moved,
+            tuple(named),
         )
         self._woken, self._changed, self._touched = Counter(), set(), set()
         return effects
@@ -108,6 +113,7 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
 
     def apply_command(self, cmd: logpb.Command, now: int) -> Result:
         """Apply one command at ``now``; an error result means nothing changed."""
+        self._named = None
         kind = cmd.WhichOneof("kind")
         if kind is None:
             return InvalidArgumentError("command", "empty command")
@@ -116,6 +122,7 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
         try:
             return self._handlers[kind](getattr(cmd, kind), now)
         except PQueueError as exc:
+            self._named = None  # refused: nothing changed, nothing to name
             return exc
         finally:
             self._limits = self._caller = None

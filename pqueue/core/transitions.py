@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from pqueue.core import limits
+from pqueue.core.effects import Named
 from pqueue.core.jobs import (
     CANCELLED,
     COMPLETED,
@@ -104,6 +105,9 @@ class MachineState:
         self._changed: set[int] = set()
         #: Names of the queues those jobs are (or were) in.
         self._touched: set[str] = set()
+        #: The jobs the command being applied named for its events (reported
+        #: in its ``Effects.named``; set by the handlers that record them).
+        self._named: Named | None = None
 
 
 class Transitions(MachineState):

@@ -5,6 +5,7 @@ every entry must be the same, in the same order."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -101,6 +102,8 @@ class Both(QueueMachine):
         effects = super().apply_entry(entry)
         got = events.derive(entry, effects, self)
         assert got == reference(entry, effects, self), entry
+        # The jobs the handlers named are the ones the messages name.
+        assert events.derive(entry, replace(effects, named=()), self) == got, entry
         self.entries += 1
         self.events += len(got)
         return effects
