@@ -84,6 +84,10 @@ class JobCommands(TenancyRules):
                 )
             ):
                 # Waiting in the compact form (jobs.py): ready, no Job object.
+                # Counted READY at once: push_ready and note_ready size their
+                # heaps by counts[READY] - jobs.compact, and add_row has just
+                # counted it compact (the lane's and wake-up counts may wait).
+                queue.counts[READY] += 1
                 compact += 1
                 add_result(job_id=job_id)
                 continue
@@ -114,7 +118,6 @@ class JobCommands(TenancyRules):
             self._touched.add(name)
         if compact:
             lane.held += compact
-            queue.counts[READY] += compact
             self._woken[name] += compact
         self._named = (fresh, None)
         return out

@@ -113,6 +113,8 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
 
     def apply_command(self, cmd: logpb.Command, now: int) -> Result:
         """Apply one command at ``now``; an error result means nothing changed."""
+        # A handler that names jobs for events (Effects.named) sets _named on
+        # success only; apply_entry reads it after each command, in order.
         self._named = None
         kind = cmd.WhichOneof("kind")
         if kind is None:

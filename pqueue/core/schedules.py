@@ -154,6 +154,7 @@ class ScheduleCommands(JobCommands):
                 pass  # nothing changed: the tick is recorded as skipped
             else:
                 made = not out.results[0].duplicate
+            self._named = None  # the enqueue's; a tick names no job for its events
         schedule.last_tick_ms = req.tick_ms
         return logpb.ScheduleTick(
             queue=req.queue, name=req.name, tick_ms=req.tick_ms, skip=not made

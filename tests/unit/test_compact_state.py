@@ -255,3 +255,33 @@ def test_a_lane_forgets_the_priorities_it_no_longer_holds() -> None:
             d.ack(job)
     lane = d.m.queues["q"].lanes[""]
     assert len(lane.last) <= jobs.MAX_FIFO_PRIORITIES, f"{len(lane.last)} priorities remembered"
+
+
+def test_an_enqueue_mixing_both_forms_counts_each_compact_job_ready_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Heaps are sized by ``counts[READY] - jobs.compact`` (``push_ready``,
+    ``note_ready``): within one enqueue, a job the compact form took is
+    counted READY before the next job is indexed, so a grouped or expiring
+    job after many plain ones finds the count right (else its heaps were
+    rebuilt, and its token bumped, for nothing)."""
+    seen: list[int] = []
+    note_ready = jobs.QueueState.note_ready
+
+    def checked(self: jobs.QueueState, job: jobs.Job) -> None:
+        seen.append(self.counts[jobs.READY] - self.jobs.compact)
+        note_ready(self, job)
+
+    monkeypatch.setattr(jobs.QueueState, "note_ready", checked)
+    d = Driver(lifecycle=True)
+    specs = [pb.JobSpec(payload=b"x") for _ in range(40)]
+    specs += [
+        pb.JobSpec(payload=b"g", group="g"),
+        pb.JobSpec(payload=b"e", expires_at_ms=d.now + 9),
+    ]
+    d.ok(enqueue=pb.EnqueueBatchRequest(queue="q", jobs=specs))
+    assert seen == [1, 2]  # each object job, counted itself, and none of the 40 rows
+    grouped = d.m.queues["q"].jobs[41]
+    alone = Driver(lifecycle=True)
+    alone.ok(enqueue=pb.EnqueueBatchRequest(queue="q", jobs=specs[40:41]))
+    assert grouped.token == alone.m.queues["q"].jobs[1].token  # pushed once, not rebuilt

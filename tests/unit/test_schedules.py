@@ -338,3 +338,16 @@ def test_list_schedules(d: Driver) -> None:
     listed = d.m.list_schedules(["q"])[0]
     listed.paused = True  # a copy: the machine's is untouched
     assert not d.m.queues["q"].schedules["b"].paused
+
+
+def test_a_tick_names_no_job_for_events_though_it_enqueues_one(d: Driver) -> None:
+    """``Effects.named`` is the enqueue's own; a tick enqueues through the
+    same handler and must not leave its jobs named as the tick's."""
+    put(d)
+    d.now += 60_000
+    tick_ms = T0 + 60_000
+    command = logpb.Command(schedule_tick=logpb.ScheduleTick(queue="q", name="s", tick_ms=tick_ms))
+    entry = logpb.LogEntry(index=d.m.applied_index + 1, time_ms=d.now, commands=[command])
+    effects = d.m.apply_entry(entry)
+    assert len(jobs(d)) == 1
+    assert effects.named == (None,)
