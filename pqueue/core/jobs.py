@@ -405,6 +405,8 @@ RECORD_FIELDS = _shared_fields(logpb.JobRecord, {"errors"})
 #: ``pb.Job`` fields copied by name (``queue`` and ``errors`` are built).
 PUBLIC_FIELDS = _shared_fields(pb.Job, {"queue", "errors"})
 _record = attrgetter(*RECORD_FIELDS)
+#: A job's ``RECORD_FIELDS`` as a tuple of values (immutable ones), taken in C.
+record_values = _record
 _public = attrgetter(*PUBLIC_FIELDS)
 
 

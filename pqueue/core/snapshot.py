@@ -8,12 +8,14 @@ queue, whichever form a replica holds them in; the rest as ``JobRecord``s in
 their queue. Restore rebuilds every index (ready heaps and FIFOs, delayed,
 lease and dedup heaps; groups; counts) from them.
 
-``freeze`` is cheap and happens on the node's loop: it encodes the few jobs
-held as mutable ``Job`` objects and opens a copy-on-write view of each
-queue's compact rows (``JobTable.freeze``: a row that leaves the table is
-kept for the view). ``SnapshotView.chunks`` then serializes piece by piece,
-so the machine goes on applying entries while a snapshot of a million jobs
-is written.
+``freeze`` is cheap and happens on the node's loop: it copies out the
+fields of the jobs held as mutable ``Job`` objects (a tuple of values each,
+taken in C; the records a queue keeps are thousands of them) and of each
+queue, and opens a copy-on-write view of each queue's compact rows
+(``JobTable.freeze``: a row that leaves the table is kept for the view).
+``SnapshotView.chunks`` then serializes piece by piece, the head of queues
+and records first, so the machine goes on applying entries while a
+snapshot of a million jobs is written.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pqueue.core import limits
 from pqueue.core.features import LIFECYCLE, check_snapshot
 from pqueue.core.jobs import (
     READY,
+    RECORD_FIELDS,
     RECORD_HEAD,
     Counters,
     FrozenJobs,
     Job,
     QueueState,
+    record_values,
     unpack_row,
 )
 from pqueue.core.machine import QueueMachine
@@ -55,6 +60,38 @@ class _FrozenQueue:
 
 
 @dataclass(frozen=True, slots=True)
+class _QueueHead:
+    """One queue's fields but its compact rows, as values copied at the
+    freeze (messages copied, jobs as ``record_values`` tuples): what
+    ``_serialize_head`` serializes later, whatever the machine does meanwhile."""
+
+    name: str
+    config: pb.QueueConfig
+    counters: dict[str, Any]
+    vclock: int
+    paused: bool
+    dispatch_tokens: float
+    dispatch_at_ms: int
+    schedules: list[pb.Schedule]
+    lanes: list[tuple[str, int]]
+    #: (record fields, errors) of the jobs not packable, in no order.
+    jobs: list[tuple[tuple[Any, ...], tuple[tuple[int, int, str], ...]]]
+    dedup: list[tuple[tuple[str, str], tuple[int, int]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """The machine's fields but the compact rows, copied at the freeze."""
+
+    index: int
+    time_ms: int
+    next_job_id: int
+    next_lease_id: int
+    features: frozenset[str]
+    queues: tuple[_QueueHead, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotView:
     """The machine's state frozen at ``index``: serialized piece by piece by
     ``chunks`` while the machine goes on applying entries (the shell writes
@@ -62,16 +99,26 @@ class SnapshotView:
     deterministic snapshot bytes ``restore`` reads."""
 
     index: int
-    #: Everything but the compact rows, serialized (``Snapshot`` fields 1-6).
-    _head: bytes
+    #: Everything but the compact rows (``Snapshot`` fields 1-6), as copied.
+    _head: _Head
     _queues: tuple[_FrozenQueue, ...]
 
-    def chunks(self) -> Iterator[bytes]:
-        """The serialized snapshot, in pieces of about ``CHUNK_BYTES``; the
-        view is closed when they end or the reader stops (``close``)."""
-        out = [self._head]
-        size = len(self._head)
+    def head_bytes(self) -> bytes:
+        """The snapshot's first piece: everything but the compact rows,
+        serialized. Made of values copied at the freeze, so any thread may
+        make it while the machine goes on (the shell's snapshot thread does:
+        with thousands of records kept, it is most of a small state's work)."""
+        return _serialize_head(self._head)
+
+    def chunks(self, head: bytes | None = None) -> Iterator[bytes]:
+        """The serialized snapshot, in pieces of about ``CHUNK_BYTES``
+        (``head``: ``head_bytes()`` if already made); the view is closed
+        when they end or the reader stops (``close``)."""
         try:
+            if head is None:
+                head = self.head_bytes()
+            out = [head]
+            size = len(head)
             for queue in self._queues:
                 for block in _blocks(queue):
                     out.append(block)
@@ -118,50 +165,96 @@ def freeze(machine: QueueMachine) -> SnapshotView:
     Costs O(jobs held as objects + queues + idempotency keys) on the loop,
     not O(jobs): the compact rows are read later, copy-on-write
     (``JobTable.freeze``)."""
-    head = _head(machine)
+    head = _copy_head(machine)
     frozen = tuple(
         _FrozenQueue(name, machine.queues[name].jobs.freeze()) for name in sorted(machine.queues)
     )
     return SnapshotView(machine.applied_index, head, frozen)
 
 
-def _head(machine: QueueMachine) -> bytes:
-    """Every field but the compact rows: the queues with their configs,
-    counters, lanes, dedup keys and the jobs not packable, as records."""
-    snap = logpb.Snapshot(
+def _copy_head(machine: QueueMachine) -> _Head:
+    """Every field but the compact rows, copied out of the machine as it is
+    now: plain values, copies of the messages it changes in place
+    (schedules), and a ``record_values`` tuple per job not packable. No message is
+    built per job here: this runs on the node's loop."""
+    queues = []
+    for name in sorted(machine.queues):
+        queue = machine.queues[name]
+        lanes = [(tenant, lane.vtime) for tenant, lane in queue.lanes.items()]
+        full = queue.jobs.full_values()
+        queues.append(
+            _QueueHead(
+                name=name,
+                config=queue.config,  # replaced, never changed in place
+                counters=queue.counters.to_stats(),
+                vclock=queue.vclock,
+                paused=queue.paused,
+                dispatch_tokens=queue.dispatch_tokens,
+                dispatch_at_ms=queue.dispatch_at_ms,
+                schedules=[_copied(queue.schedules[n]) for n in sorted(queue.schedules)],
+                lanes=lanes,
+                jobs=[(record_values(j), j.errors) for j in full if not j.packable()],
+                dedup=list(queue.dedup.items()),
+            )
+        )
+    return _Head(
         index=machine.applied_index,
         time_ms=machine.time_ms,
         next_job_id=machine.next_job_id,
         next_lease_id=machine.next_lease_id,
-        required_features=sorted(machine.features),
+        features=machine.features,
+        queues=tuple(queues),
     )
-    for name in sorted(machine.queues):
-        queue = machine.queues[name]
+
+
+def _copied(schedule: pb.Schedule) -> pb.Schedule:
+    copy = pb.Schedule()
+    copy.CopyFrom(schedule)
+    return copy
+
+
+def _serialize_head(head: _Head) -> bytes:
+    """``Snapshot`` fields 1-6 of a copied head: the queues with their
+    configs, counters, lanes, dedup keys and the jobs not packable, as
+    records by id (deterministic, as every other part)."""
+    snap = logpb.Snapshot(
+        index=head.index,
+        time_ms=head.time_ms,
+        next_job_id=head.next_job_id,
+        next_lease_id=head.next_lease_id,
+        required_features=sorted(head.features),
+    )
+    for queue in head.queues:
         qs = snap.queues.add(
-            name=name,
+            name=queue.name,
             config=queue.config,
-            counters=pb.QueueStats(**queue.counters.to_stats()),
+            counters=pb.QueueStats(**queue.counters),
             vclock=queue.vclock,
             paused=queue.paused,
             dispatch_tokens=queue.dispatch_tokens,
             dispatch_at_ms=queue.dispatch_at_ms,
-            schedules=[queue.schedules[n] for n in sorted(queue.schedules)],
+            schedules=queue.schedules,
         )
-        for tenant in sorted(queue.lanes):
+        for tenant, vtime in sorted(queue.lanes):
             # A lane at or behind the clock acts as if at it: only those ahead count.
-            if queue.lanes[tenant].vtime > queue.vclock:
-                qs.lanes.add(tenant=tenant, vtime=queue.lanes[tenant].vtime)
-        for job in sorted(queue.jobs.full_values(), key=_by_id):
-            if not job.packable():
-                qs.jobs.add(**job.record_fields())
-        for tenant, key in sorted(queue.dedup):
-            job_id, expires = queue.dedup[tenant, key]
+            if vtime > queue.vclock:
+                qs.lanes.add(tenant=tenant, vtime=vtime)
+        add_job = qs.jobs.add
+        for fields, errors in sorted(queue.jobs, key=_by_record_id):
+            add_job(
+                errors=[pb.JobError(attempt=a, at_ms=t, reason=r) for a, t, r in errors],
+                **dict(zip(RECORD_FIELDS, fields, strict=True)),
+            )
+        for (tenant, key), (job_id, expires) in sorted(queue.dedup):
             qs.dedup.add(key=key, job_id=job_id, expires_at_ms=expires, tenant=tenant)
     return snap.SerializeToString(deterministic=True)
 
 
-def _by_id(job: Job) -> int:
-    return job.job_id
+_JOB_ID_AT = RECORD_FIELDS.index("job_id")
+
+
+def _by_record_id(job: tuple[tuple[Any, ...], object]) -> int:
+    return int(job[0][_JOB_ID_AT])
 
 
 def take_snapshot(machine: QueueMachine) -> logpb.Snapshot:

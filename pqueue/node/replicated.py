@@ -944,18 +944,21 @@ class ReplicatedLog:
     ) -> None:
         """Write ``view`` to a file, have the store record it, compact.
 
-        The chunks are serialized here, on the loop, because the view is
-        only safe to read between applies (``Applier.freeze``); each is
-        written and hashed by ``pool``'s one thread while the next is made,
-        and the loop serves others between chunks. Nothing holds more than
-        a chunk or two of the snapshot.
+        The head (queues, records, keys: values copied at the freeze) is
+        serialized by ``pool``'s one thread. The compact rows' chunks are
+        serialized here, on the loop, because that view is only safe to
+        read between applies (``Applier.freeze``); each is written and
+        hashed by the thread while the next is made, and the loop serves
+        others between chunks. Nothing holds more than a chunk or two of
+        the snapshot.
         """
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         sink = self._storage.snapshot_sink()
         try:
+            head = await loop.run_in_executor(pool, view.head_bytes)
             pending: asyncio.Future[None] | None = None
-            for chunk in view.chunks():  # made while the previous one is written
+            for chunk in view.chunks(head):  # made while the previous one is written
                 if pending is not None:
                     await pending
                 pending = loop.run_in_executor(pool, sink.write, chunk)

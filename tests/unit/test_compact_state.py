@@ -285,3 +285,31 @@ def test_an_enqueue_mixing_both_forms_counts_each_compact_job_ready_at_once(
     alone = Driver(lifecycle=True)
     alone.ok(enqueue=pb.EnqueueBatchRequest(queue="q", jobs=specs[40:41]))
     assert grouped.token == alone.m.queues["q"].jobs[1].token  # pushed once, not rebuilt
+
+
+def test_a_frozen_head_is_the_state_when_frozen_whatever_changes_in_place() -> None:
+    """The head is copied at the freeze and serialized later (on another
+    thread, in a node): a schedule's tick mark, a record's errors, the
+    counters, a lane's clock and a dedup key changed after the freeze do
+    not reach the view."""
+    d = Driver(lifecycle=True)
+    d.create()
+    d.ok(
+        put_schedule=pb.PutScheduleRequest(
+            schedule=pb.Schedule(queue="q", name="s", cron="* * * * *", job=pb.JobSpec())
+        )
+    )
+    d.enqueue(idempotency_key="k")
+    [job] = d.lease()
+    d.nack(job, delay_ms=0)  # an error in its history: a full Job, not packable
+    d.enqueue()
+    expected = snapshot_bytes(d.m)
+    view = freeze(d.m)
+    d.now += 60_000
+    tick = logpb.ScheduleTick(queue="q", name="s", tick_ms=d.now - d.now % 60_000)
+    assert not d.ok(schedule_tick=tick).skip  # the mark moved, a job was made
+    for leased in d.lease(n=5):
+        d.ack(leased)
+    d.enqueue(idempotency_key="k2")
+    assert view.head_bytes() + b"".join(view.chunks(b"")) == expected
+    assert b"".join(freeze(d.m).chunks()) == snapshot_bytes(d.m)
