@@ -70,7 +70,7 @@ class _QueueHead:
     counters: dict[str, Any]
     vclock: int
     paused: bool
-    dispatch_tokens: float
+    dispatch_tokens: int
     dispatch_at_ms: int
     schedules: list[pb.Schedule]
     lanes: list[tuple[str, int]]

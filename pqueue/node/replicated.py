@@ -968,6 +968,10 @@ class ReplicatedLog:
             blob = await loop.run_in_executor(pool, sink.finish_synced)
         except BaseException:
             pool.submit(sink.abort)  # after the write in flight, on its thread
+            # The rows' views close as chunks() ends; a head that failed (or
+            # a cancel while it was made) never started it: close them here,
+            # or each queue keeps every row that leaves it for nobody.
+            view.close()
             raise
         written = time.perf_counter() - started
         replica = self.replica
