@@ -37,6 +37,16 @@ the cost of a job: the same figure on a quiet host and a noisy one, every
 time (a shared machine's CPU time moves 30 % between rounds). It counts
 the whole replay (the driver's commands and encoding too), so a change to
 the core shows as a smaller share of it.
+
+``--snapshot`` times what a snapshot costs the node's loop instead: a
+queue holding 18,000 waiting jobs (compact rows) and 10,000 completed
+records (the default ``completed_max``) is frozen seven times; it prints
+the median of ``freeze`` (on the loop: every job in flight waits for it)
+and of serializing the head (``SnapshotView.head_bytes``, on the
+snapshot thread since session 19; an older core does it inside
+``freeze``).
+
+    python -m bench.apply --snapshot [--compare DIR]
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pqueue.core import features
+from pqueue.core import features, snapshot
 from pqueue.core.machine import QueueMachine
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
@@ -202,6 +212,31 @@ def _measure(tree: Path, name: str, jobs: int) -> dict[str, float]:
     return dict(json.loads(done.stdout))
 
 
+def snapshot_costs(waiting: int = 18_000, records: int = 10_000) -> dict[str, float]:
+    """Median ms of ``freeze`` and of the head's serialization, over seven
+    freezes of a machine holding ``waiting`` jobs and ``records`` records."""
+    replay = Replay()
+    queue = "bench-snapshot"
+    replay.apply([logpb.Command(create_queue=pb.CreateQueueRequest(queue=queue))])
+    for _ in batch(replay, queue, records):
+        pass  # each round's 100 jobs end as completed records
+    for _ in range(waiting // 100):
+        specs = [pb.JobSpec(payload=PAYLOAD) for _ in range(100)]
+        replay.apply([logpb.Command(enqueue=pb.EnqueueBatchRequest(queue=queue, jobs=specs))])
+    froze, heads = [], []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        view = snapshot.freeze(replay.machine)
+        t1 = time.perf_counter()
+        head = view.head_bytes() if hasattr(view, "head_bytes") else None
+        t2 = time.perf_counter()
+        for _chunk in view.chunks(head) if head is not None else view.chunks():
+            pass
+        froze.append((t1 - t0) * 1000)
+        heads.append((t2 - t1) * 1000)
+    return {"freeze_ms": statistics.median(froze), "head_ms": statistics.median(heads)}
+
+
 def _instructions(tree: Path, name: str, jobs: int) -> int:
     """Instructions one replay of ``jobs`` jobs executes, under callgrind."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,12 +285,20 @@ def main(argv: list[str] | None = None) -> int:
         help="count instructions a job under valgrind's callgrind (deterministic; --jobs "
         "defaults to 2000 here) instead of timing rounds",
     )
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="time a snapshot's freeze (on the loop) and head (off it) instead",
+    )
     parser.add_argument("-o", dest="output", choices=("table", "json"), default="table")
-    parser.add_argument("--one", choices=WORKLOADS, help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=(*WORKLOADS, "snapshot"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.jobs_given = args.jobs is not None
     if not args.jobs_given:
         args.jobs = 50_000
+    if args.one == "snapshot":  # in the process _measure started
+        print(json.dumps(snapshot_costs()))
+        return 0
     if args.one:  # a round, in the process _measure started
         print(json.dumps(run_workload(args.one, args.jobs)))
         return 0
@@ -264,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         trees.insert(0, (str(args.compare.resolve()), args.compare.resolve()))
     if args.instructions:
         return _count(trees, args.jobs if args.jobs_given else 2000, args.output)
+    if args.snapshot:
+        costs = {label: _measure(tree, "snapshot", 0) for label, tree in trees}
+        if args.output == "json":
+            print(json.dumps(costs, indent=2))
+            return 0
+        print("a snapshot of 18,000 waiting jobs and 10,000 records, median of 7, ms")
+        print(f"{'tree':30} {'freeze (loop)':>14} {'head (thread)':>14}")
+        for label, cost in costs.items():
+            print(f"{label[-30:]:30} {cost['freeze_ms']:>14.1f} {cost['head_ms']:>14.1f}")
+        return 0
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for r in range(args.rounds):
         for name in WORKLOADS:

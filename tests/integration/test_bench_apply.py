@@ -67,3 +67,12 @@ def test_instructions_counts_a_job_under_callgrind() -> None:
     # A job's enqueue, lease and ack run thousands of bytecodes; the
     # interpreter's start-up (hundreds of millions) cancels out.
     assert 10_000 < per_job < 10_000_000
+
+
+def test_snapshot_times_the_freeze_and_the_head(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--snapshot``: a fresh process per tree, both figures for each."""
+    assert apply.main(["--snapshot", "-o", "json"]) == 0
+    [(tree, costs)] = json.loads(capsys.readouterr().out).items()
+    assert tree == "this tree"
+    assert costs["freeze_ms"] > 0
+    assert costs["head_ms"] > 0  # this core serializes the head apart from the freeze
