@@ -191,7 +191,7 @@ def _copy_head(machine: QueueMachine) -> _Head:
                 paused=queue.paused,
                 dispatch_tokens=queue.dispatch_tokens,
                 dispatch_at_ms=queue.dispatch_at_ms,
-                schedules=[_copied(queue.schedules[n]) for n in sorted(queue.schedules)],
+                schedules=[_copy_schedule(queue.schedules[n]) for n in sorted(queue.schedules)],
                 lanes=lanes,
                 jobs=[(record_values(j), j.errors) for j in full if not j.packable()],
                 dedup=list(queue.dedup.items()),
@@ -205,12 +205,6 @@ def _copy_head(machine: QueueMachine) -> _Head:
         features=machine.features,
         queues=tuple(queues),
     )
-
-
-def _copied(schedule: pb.Schedule) -> pb.Schedule:
-    copy = pb.Schedule()
-    copy.CopyFrom(schedule)
-    return copy
 
 
 def _serialize_head(head: _Head) -> bytes:
@@ -314,7 +308,9 @@ def restore_chunks(chunks: Iterable[bytes]) -> QueueMachine:
 
 def _copy_schedule(schedule: pb.Schedule) -> pb.Schedule:
     """A schedule of its own: one held from the parsed queue record would
-    keep that whole record (every job in it) alive as long as it lives."""
+    keep that whole record (every job in it) alive as long as it lives, and
+    a frozen head must not see the ticks applied after it (a tick changes
+    its schedule in place)."""
     copy = pb.Schedule()
     copy.CopyFrom(schedule)
     return copy
