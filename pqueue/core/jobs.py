@@ -156,7 +156,7 @@ class Job:
 
     def record_fields(self) -> dict[str, Any]:
         """``JobRecord`` keyword arguments: every field of the record."""
-        view = dict(zip(RECORD_FIELDS, _record(self), strict=True))
+        view = dict(zip(RECORD_FIELDS, record_values(self), strict=True))
         view["errors"] = self._errors()
         return view
 
@@ -180,15 +180,20 @@ def pack_row(
     priority: int, enqueued_at: int, ready_at: int, tenant: str, key: str, payload: bytes
 ) -> bytes:
     """One waiting job in the compact form (its id is the table's key)."""
-    t, k = tenant.encode(), key.encode()
-    return _ROW.pack(priority, enqueued_at, ready_at, len(t), len(k)) + t + k + payload
+    return _packed(priority, enqueued_at, ready_at, tenant.encode(), key.encode(), payload)
 
 
 def pack_fresh_row(priority: int, now: int, tenant: bytes, key: str, payload: bytes) -> bytes:
     """``pack_row`` of a job enqueued and ready at ``now`` (the tenant
     already encoded: an enqueue encodes it once for all its jobs)."""
-    k = key.encode() if key else b""
-    return _ROW.pack(priority, now, now, len(tenant), len(k)) + tenant + k + payload
+    return _packed(priority, now, now, tenant, key.encode() if key else b"", payload)
+
+
+def _packed(
+    priority: int, enqueued_at: int, ready_at: int, tenant: bytes, key: bytes, payload: bytes
+) -> bytes:
+    head = _ROW.pack(priority, enqueued_at, ready_at, len(tenant), len(key))
+    return head + tenant + key + payload
 
 
 def unpack_row(job_id: int, queue: str, row: bytes) -> Job:
@@ -404,9 +409,8 @@ def _shared_fields(message: Any, special: set[str]) -> tuple[str, ...]:
 RECORD_FIELDS = _shared_fields(logpb.JobRecord, {"errors"})
 #: ``pb.Job`` fields copied by name (``queue`` and ``errors`` are built).
 PUBLIC_FIELDS = _shared_fields(pb.Job, {"queue", "errors"})
-_record = attrgetter(*RECORD_FIELDS)
 #: A job's ``RECORD_FIELDS`` as a tuple of values (immutable ones), taken in C.
-record_values = _record
+record_values = attrgetter(*RECORD_FIELDS)
 _public = attrgetter(*PUBLIC_FIELDS)
 
 
