@@ -234,6 +234,10 @@ class ReplicatedLog:
         self._read_ctx = 0
         #: Handing leadership over: commands wait for the new leader's name.
         self._handing_over = False
+        #: Set while not handing over blind (``handover_settled``; kept by
+        #: ``_note_role``, and set when a handover ends).
+        self._handover_settled = asyncio.Event()
+        self._handover_settled.set()
         #: Callers waiting for the state to apply up to an index.
         self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: Peer messages dropped because their sender is not a member.
@@ -423,15 +427,30 @@ class ReplicatedLog:
         return self.replica is not None and self._soft.role is Role.LEADER
 
     def leader_hint(self) -> tuple[int, str]:
-        """The leader's id and address as far as we know; (0, "") if unknown."""
-        leader = 0 if self.replica is None else self._soft.leader_id
+        """The leader's id and address as far as we know; (0, "") if unknown.
+
+        As of the last ``Ready``, unless that named nobody or this node and
+        the replica itself follows another node by now (a handover that has
+        just ended: the ready loop takes the news a moment later)."""
+        if self.replica is None:
+            return 0, ""
+        leader = self._soft.leader_id
+        if leader in (0, self.config.node_id):
+            fresh = self.replica.status().leader_id
+            if fresh not in (0, self.config.node_id):
+                leader = fresh
         if not leader:
             return 0, ""
         return leader, self.config.addresses.get(leader, "")
 
-    def not_leader_error(self) -> PQueueError:
-        """What a caller gets from a node that cannot take its command."""
-        leader, address = self.leader_hint()
+    def not_leader_error(self, leader: int | None = None) -> PQueueError:
+        """What a caller gets from a node that cannot take its command
+        (``leader``: who leads, when the caller knows better than the last
+        ``Ready``; else as ``leader_hint`` says)."""
+        if leader is None:
+            leader, address = self.leader_hint()
+        else:
+            address = self.config.addresses.get(leader, "")
         if leader:
             return NotLeaderError(f"node {leader} leads", str(leader), address)
         return NotTakenError("no leader yet", retry_after_s=0.5, cause="NO_LEADER")
@@ -454,12 +473,25 @@ class ReplicatedLog:
             raise NotTakenError(
                 "node is not accepting writes", retry_after_s=1.0, cause="NOT_ACCEPTING_WRITES"
             )
-        if not self.is_leader:
+        if not self.is_leader and not self._handing_over_blind():
             raise self.not_leader_error()
         if not self._storage.available:
             raise NotTakenError(
                 "storage is unreachable; retrying", retry_after_s=1.0, cause="STORAGE_UNAVAILABLE"
             )
+
+    def _handing_over_blind(self) -> bool:
+        """Handing over, stepped down, and no successor known yet: a command
+        that comes now is held with the others, and told the new leader
+        when the handover ends (not "no leader yet": the caller would retry
+        blind what a moment later goes straight to the new leader)."""
+        return self._handing_over and not self._soft.leader_id
+
+    async def handover_settled(self) -> None:
+        """Return once this node is not handing over blind (see
+        ``_handing_over_blind``): a successor is known or the handover ended."""
+        if self._handing_over_blind():
+            await self._handover_settled.wait()
 
     async def transfer_leadership(self, timeout_s: float) -> bool:
         """Hand leadership to the most up-to-date peer before going away.
@@ -487,8 +519,13 @@ class ReplicatedLog:
             return handed
         finally:
             self._handing_over = False
-            if not self.is_leader and self._proposals:
-                self._proposals.fail(self.not_leader_error())
+            self._handover_settled.set()
+            status = replica.status()
+            if status.role is not Role.LEADER and self._proposals:
+                # Named from the replica itself: the last ``Ready`` may not
+                # know the new leader yet, and "no leader yet" would send the
+                # callers away to retry blind instead of to the new leader.
+                self._proposals.fail(self.not_leader_error(status.leader_id))
 
     async def _hand_over(self, replica: Replica, deadline: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -648,6 +685,10 @@ class ReplicatedLog:
                 "became leader" if leading else "stepped down",
                 _ballot(soft.ballot),
             )
+        if self._handing_over_blind():
+            self._handover_settled.clear()
+        else:
+            self._handover_settled.set()
         if soft.leader_id != old.leader_id and soft.leader_id not in (0, self.config.node_id):
             logger.info(
                 "node %d follows leader %d at ballot %s",

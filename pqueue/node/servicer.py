@@ -113,6 +113,7 @@ def on_leader(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
             if marked(context.invocation_metadata(), DIRECT_KEY):
                 # A look-aside client takes this node for the leader: tell it
                 # (nothing ran, the leader named) rather than carry it on.
+                await self._leader_heard()
                 raise self.node.log.not_leader_error()
             return await self._forward(fn.__name__, request, context)  # type: ignore[no-any-return]
         try:
@@ -266,6 +267,7 @@ class _Base:
         forwarded again unless ``onward`` (one hop more, never a loop: the
         leader marks nothing onward)."""
         metadata = context.invocation_metadata() or ()
+        await self._leader_heard()
         if not onward and marked(metadata, FORWARDED_KEY):
             raise self.node.log.not_leader_error()  # already forwarded once: no second hop
         _, address = self.node.log.leader_hint()
@@ -295,9 +297,26 @@ class _Base:
             tenant = caller.tenant
         self.quotas.take_bytes(tenant, command.ByteSize(), time.monotonic())
 
-    async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
+    async def _leader_heard(self) -> None:
+        """A leader handing over that stepped down a moment before it hears
+        who took over: wait for that (at most the handover's time), so the
+        call goes there or is told where, not sent back "no leader yet"."""
+        if not self.node.log.leader_hint()[0]:
+            await self.node.log.handover_settled()
+
+    def _check_not_draining(self) -> None:
+        """A draining node proposes nothing. One that knows another node
+        leads (a leader that just handed over) says so: nothing ran, and
+        ``on_leader`` and ``submit_ops`` forward the call there. Else
+        NOT_TAKEN."""
         if self.node.draining:
+            log = self.node.log
+            if log.leader_hint()[0] not in (0, self.node.cluster.node_id):
+                raise log.not_leader_error()
             raise NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
+
+    async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
+        self._check_not_draining()
         self._charge_log_bytes(command)
         result, index = await self.node.propose_indexed(command)
         if not isinstance(result, response_type):
@@ -423,8 +442,7 @@ class QueueService(_Base, pbg.QueueServicer):
         limits.check_duration(request.lease_ms, "lease_ms")
         limits.check_duration(request.wait_ms, "wait_ms", limits.MAX_WAIT_MS)
         limits.check_text(request.consumer_id, "consumer_id")
-        if self.node.draining:
-            raise NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
+        self._check_not_draining()
         response = await self.node.lease(request, self._bound(request.queue))
         for job in response.jobs:
             job.queue = named
@@ -463,7 +481,17 @@ class QueueService(_Base, pbg.QueueServicer):
         _check_count(len(request.ops), "ops", limits.MAX_BATCH_JOBS)
         names = [_op_queue(op) for op in request.ops]  # as the caller named them
         moved: list[int] = []
-        results, index = await self.run_ops(request.ops, moved)
+        try:
+            results, index = await self.run_ops(request.ops, moved)
+        except NotLeaderError as exc:  # refused whole, nothing ran: all of it goes on
+            # (A look-aside client calling here as the leader is told instead.)
+            if not self.node.log.leader_hint()[0] or marked(
+                context.invocation_metadata(), DIRECT_KEY
+            ):
+                raise
+            status = to_op_status(exc)
+            results, index = [pb.OpResult(status=status) for _ in request.ops], 0
+            moved = list(range(len(request.ops)))
         if moved:  # lost the lead with them queued: as ``on_leader`` does, forward
             index = max(index, await self._forward_moved(request, names, moved, results, context))
         return results, index
@@ -477,24 +505,32 @@ class QueueService(_Base, pbg.QueueServicer):
         context: Context,
     ) -> int:
         """Send the operations that never ran here (this node stopped leading
-        while they waited for an entry) to the new leader in one Submit, and
-        put its answers in their places; the highest log index it applied.
-        A call a balancer or follower sent here goes this one hop further
-        (the new leader never forwards it again): a balancer cannot split a
-        client's Submit to resend the part that did not run. Where it cannot
-        (no leader known, the hop failed), they keep their NOT_LEADER
-        answers: never ran, safe to send again."""
+        while they waited for an entry, or it refused them all unrun: it
+        drains, or stopped leading first) to the new leader in one Submit,
+        and put its answers in their places; the highest log index it
+        applied. A call a balancer or follower sent here goes this one hop
+        further (the new leader never forwards it again): a balancer cannot
+        split a client's Submit to resend the part that did not run. Where
+        no leader is known, or the leader said the hop ran nowhere, they
+        keep their NOT_LEADER answers: never ran, safe to send again. A hop
+        that failed otherwise may have run: its error is their answer."""
         ops = []
         for i in moved:
             op = request.ops[i]
             getattr(op, op.WhichOneof("op") or "enqueue").queue = names[i]
             ops.append(op)
-        if self.node.log.is_leader:
-            return 0
+        if self.node.log.leader_hint()[0] in (0, self.node.cluster.node_id):
+            return 0  # (the last Ready may still say this node leads: the replica knows)
         try:
             answer = await self._forward("Submit", pb.SubmitRequest(ops=ops), context, onward=True)
         except PQueueError as exc:
             logger.debug("%d operation(s) not forwarded: %s", len(moved), describe(exc))
+            if not isinstance(exc, NotLeaderError | NotTakenError):
+                # The hop may have reached the leader (no answer, a deadline):
+                # they may have run there, so never "ran nowhere" now.
+                status = to_op_status(exc)
+                for i in moved:
+                    results[i] = pb.OpResult(status=status)
             return 0
         assert isinstance(answer, pb.SubmitResponse)
         for i, result in zip(moved, answer.results, strict=True):
@@ -515,8 +551,7 @@ class QueueService(_Base, pbg.QueueServicer):
         positions of operations that never ran because this node stopped
         leading while they waited (answered NOT_LEADER).
         """
-        if self.node.draining:
-            raise NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
+        self._check_not_draining()
         results = [pb.OpResult() for _ in ops]
         commands: list[logpb.Command] = []
         slots: list[tuple[int, str]] = []

@@ -224,8 +224,9 @@ class _Stream:
                 check_known_fields(request)
                 results, index = await self.hub.submit_ops(request, self.context)
             except PQueueError as exc:
-                # Refused whole before anything ran (bad input, draining, not
-                # leading): each operation's answer is the call's status.
+                # Refused whole before anything ran (bad input; draining, or
+                # not leading, with no other leader known to forward it to):
+                # each operation's answer is the call's status.
                 logger.debug("a SubmitStream request refused: %s", describe(exc))
                 results, index = _each(request, exc), 0
             except Exception as exc:  # a bug or a failing store: it may have run
