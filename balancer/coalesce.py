@@ -77,7 +77,7 @@ _BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 _REFUSED_WHOLE = frozenset((grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED))
 #: What a client's ``Submit`` gets for an operation answered NOT_LEADER (it
 #: never ran), in its place: NOT_TAKEN, as a single call told "not leader"
-#: twice gets (``proxy._abort_leader_twice``), never a node's address.
+#: at its last send gets (``proxy._abort_ran_nowhere``), never a node's address.
 _NOT_TAKEN_STATUS = to_op_status(
     NotTakenError("the leader moved; try again", retry_after_s=0.2, cause="LEADER_MOVED")
 ).SerializeToString()

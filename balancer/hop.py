@@ -92,10 +92,30 @@ def own_metadata(balancer_token: TokenSource | None, rid: str, ip: str) -> Metad
 def why_failed(exc: grpc.aio.AioRpcError) -> str | None:
     """Why a call failed, if the balancer may act on it: ``not_leader``
     (ran nowhere), ``not_taken`` (ran nowhere), ``unreachable`` (a plain
-    UNAVAILABLE: may or may not have run)."""
+    UNAVAILABLE, or a CANCELLED the balancer did not ask for: may or may not
+    have run)."""
     code = exc.code()
     if code == grpc.StatusCode.FAILED_PRECONDITION and error_info(exc, NOT_LEADER) is not None:
         return "not_leader"
     if code == grpc.StatusCode.UNAVAILABLE:
         return "not_taken" if error_info(exc, NOT_TAKEN) is not None else "unreachable"
+    if code == grpc.StatusCode.CANCELLED:
+        # The node's end cancelled it: a gRPC server that stops cancels the
+        # calls it had not begun, and at the end of its grace those it had.
+        # (Had the balancer's caller left, this handler would be cancelled
+        # too; had the balancer given the call up, it would not read this.)
+        return "unreachable"
     return None
+
+
+def node_cancelled(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    """The status a client gets for a node's failure: as it was, but for a
+    CANCELLED the node's end chose (``why_failed``), which to the client
+    would mean it cancelled itself: UNAVAILABLE, outcome unknown."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.CANCELLED:
+        return grpc.StatusCode.UNAVAILABLE, (
+            f"the node cancelled the call ({details or 'CANCELLED'}: it may be stopping); "
+            "it may or may not have been applied"
+        )
+    return code, details

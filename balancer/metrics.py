@@ -47,7 +47,8 @@ class BalancerMetrics:
         )
         self.retries = Counter(
             "pq_balancer_retries_total",
-            "Calls sent a second time, by why (not_leader, not_taken, unreachable).",
+            "Calls sent again (each resend), by why "
+            "(not_leader, not_taken, unreachable, leader_moved).",
             ["backend", "reason"],
             registry=r,
         )

@@ -6,7 +6,10 @@ bytes pass through untouched. The client's metadata goes along (plus
 remaining deadline becomes the forwarded call's deadline, and the node's
 status, details and trailers (rich error details, retry pushback) come back
 as they were. See ``balancer.routes`` for where each call goes and when a
-failed one is sent a second time; a call is sent at most twice.
+failed one is sent again. A call answered "ran nowhere" (not leader, not
+taken: an election or a leader's handover under way) is sent again up to
+``MAX_SENDS`` times in all, from the third send on only after the backends'
+next probe round; a call that may have run is sent again at most once.
 
 A leader's answer carries ``pq-leader`` in its trailers (and a ``Consume``
 stream in its initial metadata): the leader's own address, which a client
@@ -27,9 +30,11 @@ answer.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
@@ -39,6 +44,7 @@ from balancer.coalesce import MOVED, PLAIN, Coalescer, OpFailed, WholeFailed, hi
 from balancer.framing import FramingError, count_ops
 from balancer.hop import (
     Metadata,
+    node_cancelled,
     own_metadata,
     passthrough,
     relayed,
@@ -60,6 +66,23 @@ __all__ = ["Metadata", "ProxyHandler", "passthrough"]
 
 #: Method handlers kept (the public methods, and a few newer ones).
 _MAX_HANDLERS = 256
+
+#: Sends of one call at most. Resends past the first wait for the backends'
+#: next change (a probe), so an election or handover a few probe rounds long
+#: is ridden out instead of answered with an error the client must retry.
+MAX_SENDS = 4
+
+
+@dataclass
+class _Sends:
+    """One call's sends so far (past the first), and where they went."""
+
+    count: int = 0
+    #: An attempt may have run (a plain UNAVAILABLE or a node's CANCELLED, an
+    #: abandoned call): the call is sent again after that at most once, and
+    #: never answered "ran nowhere".
+    unsure: bool = False
+    tried: list[str] = field(default_factory=list)
 
 
 class ProxyHandler(grpc.GenericRpcHandler):
@@ -113,19 +136,25 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 self._handlers[method] = handler
         return handler
 
-    async def _call(self, route: Route, request: bytes, context: Context) -> bytes:
+    async def _call(
+        self, route: Route, request: bytes, context: Context, sends: _Sends | None = None
+    ) -> bytes:
         """Forward one call (``pqueue.wire.observe`` counts, times and logs it).
 
-        At most two attempts: a second only when the first failed in a way
+        At most ``MAX_SENDS`` attempts (``sends``: those a ``Submit`` it rode
+        in made already): another only when the last failed in a way
         ``_may_retry`` (or, for a leader that stopped answering,
         ``_may_resend``) allows and time is left.
         """
         kind = route.kind_of(request)
         metadata = self._hop_metadata(context)
         deadline = self._deadline(context)
-        tried: list[str] = []
-        for attempt in range(2):
-            address = await self._target(kind, tried, deadline)
+        sends = sends or _Sends()
+        while True:
+            if sends.count >= 2:
+                await self._settle(deadline)
+            # (A read avoids the node that just failed it, not every one tried.)
+            address = await self._target(kind, sends.tried[-1:], deadline)
             if address is None:
                 await self._abort_no_target(context, kind)
             self._count(address, kind)
@@ -134,20 +163,14 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 response = await self._answer(route, request, call, address, kind)
             except grpc.aio.AioRpcError as exc:
                 why = self._failed(exc, address, kind)
-                if (
-                    attempt == 0
-                    and why is not None
-                    and self._may_retry(route, request, why, deadline)
-                ):
-                    self._retried(address, why)
+                if why is not None and self._may_retry(route, request, why, deadline, sends):
+                    self._retried(address, why, sends)
                     logger.debug("%s to %s: %s, retrying", route.name, address, why)
-                    tried.append(address)
                     continue
-                await self._abort_failed(context, exc, why, address)
+                await self._abort_failed(context, exc, why, address, sends)
             if response is None:  # another node leads now; the call was cancelled
-                if attempt == 0 and self._may_resend(route, request, deadline):
-                    self._retried(address, "leader_moved")
-                    tried.append(address)
+                if self._may_resend(route, request, deadline, sends):
+                    self._retried(address, "leader_moved", sends)
                     continue
                 await self._abort_leader_moved(context)
             await self._pass_back(context, call, kind, address)
@@ -156,7 +179,6 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 if moved is not None:
                     self.backends.not_leader(address, moved.leader_id)
             return response
-        raise AssertionError("unreachable: the second attempt returns or aborts")
 
     async def _coalesced(self, route: Route, request: bytes, context: Context) -> bytes:
         """A single-job write or a client's ``Submit``, sent in a ``Submit``
@@ -173,13 +195,15 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 return await self._call(route, request, context)  # the node says why
         metadata = passthrough(context.invocation_metadata())
         deadline = self._deadline(context)
-        tried: list[str] = []
-        for attempt in range(2):
-            address = await self._target(Kind.LEADER, tried, deadline)
+        sends = _Sends()
+        while True:
+            if sends.count >= 2:
+                await self._settle(deadline)
+            address = await self._target(Kind.LEADER, sends.tried, deadline)
             if address is None:
                 await self._abort_no_target(context, Kind.LEADER)
             if not self.coalescer.serves(address):
-                return await self._call(route, request, context)
+                return await self._call(route, request, context, sends)
             self._count(address, Kind.LEADER)
             # At the caller's deadline gRPC cancels this call, which leaves the
             # Submit if it has not gone yet; its Submit ends by the latest one.
@@ -192,29 +216,25 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     context.set_trailing_metadata(leader)
                 return outcome
             if outcome is PLAIN:  # nothing of it ran: it goes alone
-                return await self._call(route, request, context)
+                return await self._call(route, request, context, sends)
             if outcome is MOVED:
-                if attempt == 0 and self._may_resend(route, request, deadline):
-                    self._retried(address, "leader_moved")
-                    tried.append(address)
+                if self._may_resend(route, request, deadline, sends):
+                    self._retried(address, "leader_moved", sends)
                     continue
                 await self._abort_leader_moved(context)
             assert isinstance(outcome, OpFailed | WholeFailed)
             why = outcome.why
-            if attempt == 0 and why is not None and self._may_retry(route, request, why, deadline):
-                self._retried(address, why)
-                tried.append(address)
+            if why is not None and self._may_retry(route, request, why, deadline, sends):
+                self._retried(address, why, sends)
                 continue
             if isinstance(outcome, WholeFailed):
-                await self._abort_failed(context, outcome.error, why, address)
-            if why == "not_leader":
-                await self._abort_leader_twice(context)
+                await self._abort_failed(context, outcome.error, why, address, sends)
+            await self._abort_ran_nowhere(context, why, sends)
             await context.abort(
                 outcome.code,
                 outcome.message,
                 relayed(outcome.code, outcome.message, outcome.trailers, address),
             )
-        raise AssertionError("unreachable: the second attempt returns or aborts")
 
     async def _stream(
         self, route: Route, requests: AsyncIterator[bytes], context: Context
@@ -305,20 +325,50 @@ class ProxyHandler(grpc.GenericRpcHandler):
             self.backends.kick()
         return why
 
-    def _may_retry(self, route: Route, request: bytes, why: str, deadline: float) -> bool:
-        """Whether a first attempt that failed for ``why`` is sent again."""
-        again = why in ("not_leader", "not_taken") or (
-            why == "unreachable" and route.retry_unavailable(request)
+    def _may_retry(
+        self, route: Route, request: bytes, why: str, deadline: float, sends: _Sends
+    ) -> bool:
+        """Whether an attempt that failed for ``why`` is sent again: one that
+        ran nowhere while sends are left, one that may have run (a plain
+        UNAVAILABLE, a node's CANCELLED) only once and only if ``route``
+        allows it."""
+        if sends.count + 1 >= MAX_SENDS or deadline <= self.backends.clock_s():
+            return False
+        if why in ("not_leader", "not_taken"):
+            return True
+        return why == "unreachable" and not sends.unsure and route.retry_unavailable(request)
+
+    def _may_resend(self, route: Route, request: bytes, deadline: float, sends: _Sends) -> bool:
+        """Whether an attempt abandoned on a moved leader is sent again."""
+        return (
+            sends.count + 1 < MAX_SENDS
+            and not sends.unsure
+            and route.retry_unavailable(request)
+            and deadline > self.backends.clock_s()
         )
-        return again and deadline > self.backends.clock_s()
 
-    def _may_resend(self, route: Route, request: bytes, deadline: float) -> bool:
-        """Whether a first attempt abandoned on a moved leader is sent again."""
-        return route.retry_unavailable(request) and deadline > self.backends.clock_s()
-
-    def _retried(self, address: str, why: str) -> None:
+    def _retried(self, address: str, why: str, sends: _Sends) -> None:
+        sends.count += 1
+        sends.unsure = sends.unsure or why in ("unreachable", "leader_moved")
+        sends.tried.append(address)
         self.retries += 1
         self.metrics.retries.labels(address, why).inc()
+
+    async def _settle(self, deadline: float) -> None:
+        """Before a third send or later: wait for the backends' next change
+        (probes run fast after a failed leader call), at most one fast probe
+        interval and never past a tenth of the time left. (A node's retry
+        hint is not waited out: the call goes wherever the probes say leads.)"""
+        remaining = deadline - self.backends.clock_s()
+        wait_s = min(self.backends.config.fast_probe_interval_s, 0.1 * remaining)
+        if wait_s <= 0:
+            return
+        self.backends.kick()
+        try:
+            async with asyncio.timeout(wait_s):
+                await self.backends.next_update().wait()
+        except TimeoutError:
+            pass
 
     async def _abort_no_target(self, context: Context, kind: Kind) -> NoReturn:
         what, cause = (
@@ -343,26 +393,49 @@ class ProxyHandler(grpc.GenericRpcHandler):
         )
 
     async def _abort_failed(
-        self, context: Context, exc: grpc.aio.AioRpcError, why: str | None, address: str
+        self,
+        context: Context,
+        exc: grpc.aio.AioRpcError,
+        why: str | None,
+        address: str,
+        sends: _Sends,
     ) -> NoReturn:
         """Answer the client with the node's failure (its metadata passed on)."""
-        if why == "not_leader":
-            await self._abort_leader_twice(context)
+        await self._abort_ran_nowhere(context, why, sends)
         initial = passthrough(exc.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
-        await context.abort(exc.code(), exc.details() or "", relayed_failure(exc, address))
+        code, details = node_cancelled(exc)
+        trailers = passthrough(exc.trailing_metadata())
+        await context.abort(code, details, relayed(code, details, trailers, address))
 
-    async def _abort_leader_twice(self, context: Context) -> NoReturn:
-        # The leader moved twice within one call. Do not hand the
-        # client a node address it may not reach: say try again.
-        await context.abort_with_status(
-            to_status(
-                NotTakenError(
-                    "the leader moved; try again", retry_after_s=0.2, cause="LEADER_MOVED"
+    async def _abort_ran_nowhere(self, context: Context, why: str | None, sends: _Sends) -> None:
+        """For a last send that ran nowhere (``why``), the client's answer:
+        UNAVAILABLE, outcome unknown, if an earlier send may have run; else,
+        for a not-leader one, NOT_TAKEN "try again", never a node address the
+        client may not reach. Returns for any other ``why``."""
+        if why not in ("not_leader", "not_taken"):
+            return
+        if sends.unsure:
+            await context.abort_with_status(
+                to_status(
+                    UnavailableError(
+                        "an earlier send of this call met a node that did not answer "
+                        "(or cancelled it) and the last was not taken; it may or may "
+                        "not have been applied",
+                        retry_after_s=0.2,
+                        reason="LEADER_MOVED",
+                    )
                 )
             )
-        )
+        if why == "not_leader":
+            await context.abort_with_status(
+                to_status(
+                    NotTakenError(
+                        "the leader moved; try again", retry_after_s=0.2, cause="LEADER_MOVED"
+                    )
+                )
+            )
 
     async def _pass_back(
         self,

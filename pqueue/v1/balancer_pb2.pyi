@@ -117,8 +117,8 @@ class BalancerStatusResponse(_message.Message):
     RETRIES_FIELD_NUMBER: _builtins.int
     LEADER_ADDRESS_FIELD_NUMBER: _builtins.int
     retries: _builtins.int
-    """Calls sent a second time (after a not-leader or not-taken answer, or an
-    unreachable node).
+    """Calls sent again, each resend counted (after a not-leader or not-taken
+    answer, an unreachable node, or a leader that stopped answering).
     """
     leader_address: _builtins.str
     """The backend writes go to; empty when no leader is known."""

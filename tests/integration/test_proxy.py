@@ -27,6 +27,7 @@ from grpc_health.v1._async import HealthServicer
 
 from balancer.config import BalancerConfig
 from balancer.pool import PoolConfig
+from balancer.proxy import MAX_SENDS
 from balancer.server import BalancerServer
 from pqueue.client import Client
 from pqueue.errors import (
@@ -57,8 +58,9 @@ class FakeNode:
     node_id: int
     leader: bool
     ballot_round: int = 1
-    #: What the next Queue calls get: None answers OK, an error aborts.
-    script: deque[PQueueError | None] = field(default_factory=deque)
+    #: What the next Queue calls get: None answers OK, an error aborts (a
+    #: bare status code: aborts with it, as a stopping gRPC server does).
+    script: deque[PQueueError | grpc.StatusCode | None] = field(default_factory=deque)
     #: What the next operations of a Submit get: None answers OK, an error is its status.
     op_script: deque[PQueueError | None] = field(default_factory=deque)
     #: Whether Submit is served (an older node answers UNIMPLEMENTED).
@@ -148,6 +150,8 @@ class _Queue(grpc.GenericRpcHandler):
             outcome = f.script.popleft() if f.script else None
             if isinstance(outcome, PQueueError):
                 await context.abort_with_status(to_status(outcome))
+            if isinstance(outcome, grpc.StatusCode):
+                await context.abort(outcome, outcome.name)
             await context.send_initial_metadata((("x-served-by", str(f.node_id)),))
             context.set_trailing_metadata((("x-trailer", "yes"),))
             if method == SUBMIT:
@@ -293,6 +297,33 @@ async def test_a_keyed_enqueue_that_met_unavailable_is_sent_again(rig: Rig) -> N
     assert rig.leader.calls(ENQUEUE) == 2  # the probe after the failure said it still leads
 
 
+async def test_a_call_that_may_have_run_is_never_answered_ran_nowhere_later(rig: Rig) -> None:
+    rig.leader.script.append(UnavailableError("connection reset"))  # may have run
+    rig.leader.script.extend([NotTakenError("no leader yet")] * (MAX_SENDS - 1))
+    async with Client(rig.balancer.address, max_retries=0, batching=False) as c:
+        with pytest.raises(UnavailableError) as err:
+            await c.enqueue("q", b"keyed", idempotency_key="k4")
+    assert not isinstance(err.value, NotTakenError)  # the first send may have applied it
+    assert rig.leader.calls(ENQUEUE) == MAX_SENDS
+
+
+async def test_a_call_the_node_cancelled_is_unavailable_and_resent_only_if_keyed(
+    rig: Rig,
+) -> None:
+    # A node's gRPC server that stops cancels the calls it had not begun:
+    # CANCELLED would tell the client it cancelled; it may or may not have run.
+    rig.leader.script.append(grpc.StatusCode.CANCELLED)
+    async with Client(rig.balancer.address, max_retries=0, batching=False) as c:
+        await c.enqueue("q", b"keyed", idempotency_key="k3")
+        assert rig.leader.calls(ENQUEUE) == 2  # resent, as after a plain UNAVAILABLE
+        rig.leader.script.append(grpc.StatusCode.CANCELLED)
+        with pytest.raises(UnavailableError) as err:
+            await c.enqueue("q", b"unkeyed")
+    assert not isinstance(err.value, NotTakenError)
+    assert "node cancelled" in err.value.message
+    assert rig.leader.calls(ENQUEUE) == 3  # sent once
+
+
 async def test_a_lease_that_was_not_taken_is_sent_again(rig: Rig) -> None:
     rig.leader.script.append(NotTakenError("no leader yet", retry_after_s=0.1))
     async with Client(rig.balancer.address, max_retries=0) as c:
@@ -300,21 +331,64 @@ async def test_a_lease_that_was_not_taken_is_sent_again(rig: Rig) -> None:
     assert rig.leader.calls(LEASE) == 2
 
 
-async def test_a_not_leader_answer_is_followed_once_and_never_leaks_an_address(rig: Rig) -> None:
-    rig.leader.script.append(NotLeaderError("node 2 leads", "2", rig.follower.address))
-    rig.follower.script.append(NotLeaderError("node 1 leads", "1", rig.leader.address))
+async def test_not_leader_answers_are_followed_and_never_leak_an_address(rig: Rig) -> None:
+    rig.leader.script.extend(
+        [NotLeaderError("node 2 leads", "2", rig.follower.address)] * MAX_SENDS
+    )
+    rig.follower.script.extend(
+        [NotLeaderError("node 1 leads", "1", rig.leader.address)] * MAX_SENDS
+    )
     async with Client(rig.balancer.address, max_retries=0) as c:
         with pytest.raises(NotTakenError):  # not FAILED_PRECONDITION with a node address
             await c.lease("q")
-    assert (rig.leader.calls(LEASE), rig.follower.calls(LEASE)) == (1, 1)  # the hint was taken
+    assert rig.follower.calls(LEASE) >= 1  # the first hint was taken
+    assert rig.leader.calls(LEASE) + rig.follower.calls(LEASE) == MAX_SENDS
+
+
+async def test_a_call_not_taken_during_a_handover_is_sent_until_a_leader_takes_it(
+    rig: Rig,
+) -> None:
+    # A leader's graceful stop: it refuses writes, then the others have no
+    # leader for a moment. A client with no retries of its own sees no error.
+    rig.leader.script.append(NotTakenError("node is not accepting writes", retry_after_s=1.0))
+    rig.leader.script.extend([NotTakenError("no leader yet", retry_after_s=0.5)] * (MAX_SENDS - 2))
+    async with Client(rig.balancer.address, max_retries=0, batching=False) as c:
+        await c.enqueue("q", b"through a handover")
+    assert rig.leader.calls(ENQUEUE) == MAX_SENDS
+    assert rig.balancer.proxy.retries == MAX_SENDS - 1
+
+
+async def test_a_call_not_taken_at_every_send_fails_after_max_sends(rig: Rig) -> None:
+    rig.leader.script.extend([NotTakenError("draining", retry_after_s=0.1)] * MAX_SENDS)
+    async with Client(rig.balancer.address, max_retries=0, batching=False) as c:
+        with pytest.raises(NotTakenError):
+            await c.enqueue("q", b"never taken")
+    assert rig.leader.calls(ENQUEUE) == MAX_SENDS
+
+
+async def test_a_keyed_enqueue_is_resent_once_after_unavailable_even_among_not_taken(
+    rig: Rig,
+) -> None:
+    rig.leader.script.extend(
+        [
+            NotTakenError("no leader yet"),
+            UnavailableError("connection reset"),
+            UnavailableError("connection reset"),
+        ]
+    )
+    async with Client(rig.balancer.address, max_retries=0, batching=False) as c:
+        with pytest.raises(UnavailableError) as err:
+            await c.enqueue("q", b"keyed", idempotency_key="k2")
+    assert not isinstance(err.value, NotTakenError)
+    assert rig.leader.calls(ENQUEUE) == 3  # ran nowhere, then maybe ran twice: once resent
 
 
 async def test_the_sdk_resends_any_call_not_taken(rig: Rig) -> None:
-    rig.leader.script.extend([NotTakenError("draining"), NotTakenError("draining")])
+    rig.leader.script.extend([NotTakenError("draining", retry_after_s=0.05)] * MAX_SENDS)
     async with Client(rig.balancer.address, max_retries=1) as c:
         assert await c.lease("q") == []  # a lease: no idempotency key, yet safe
         assert c.retries == 1
-    assert rig.leader.calls(LEASE) == 3  # balancer once, SDK once
+    assert rig.leader.calls(LEASE) == MAX_SENDS + 1  # the balancer's sends, then the SDK's
 
 
 async def test_a_read_that_met_unavailable_goes_to_another_node(rig: Rig) -> None:
@@ -479,12 +553,26 @@ async def test_a_riding_ack_not_taken_is_sent_again(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize("coalesce", [True])
-async def test_a_riding_call_told_not_leader_twice_never_leaks_an_address(rig: Rig) -> None:
-    rig.leader.op_script.append(NotLeaderError("node 2 leads", "2", rig.follower.address))
-    rig.follower.op_script.append(NotLeaderError("node 1 leads", "1", rig.leader.address))
+async def test_a_riding_call_told_not_leader_at_every_send_never_leaks_an_address(
+    rig: Rig,
+) -> None:
+    rig.leader.op_script.extend(
+        [NotLeaderError("node 2 leads", "2", rig.follower.address)] * MAX_SENDS
+    )
+    rig.follower.op_script.extend(
+        [NotLeaderError("node 1 leads", "1", rig.leader.address)] * MAX_SENDS
+    )
     with pytest.raises(NotTakenError):
         await single(rig, "Nack", pb.NackRequest(queue="q", job_id=1, lease_id=2))
-    assert (_ops(rig.leader), _ops(rig.follower)) == (["nack"], ["nack"])  # the hint was taken
+    assert _ops(rig.follower)  # the first hint was taken
+    assert len(_ops(rig.leader)) + len(_ops(rig.follower)) == MAX_SENDS
+
+
+@pytest.mark.parametrize("coalesce", [True])
+async def test_a_riding_call_not_taken_during_a_handover_is_sent_until_taken(rig: Rig) -> None:
+    rig.leader.op_script.extend([NotTakenError("no leader yet")] * (MAX_SENDS - 1))
+    await single(rig, "Ack", pb.AckRequest(queue="q", leases=[pb.JobLease(job_id=1)]))
+    assert _ops(rig.leader) == ["ack"] * MAX_SENDS
 
 
 @pytest.mark.parametrize("coalesce", [True])
