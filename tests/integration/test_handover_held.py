@@ -35,37 +35,52 @@ from tests.inproc import Cluster
 from tests.integration.test_peer_tcp import until
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
-
-
-async def test_a_command_held_through_a_handover_is_told_the_new_leader(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _leading(cluster: Cluster) -> tuple[int, ReplicatedLog]:
+    """The leader's id and its log."""
     old = await cluster.leader()
     log = cluster.servers[old].node.log
     assert isinstance(log, ReplicatedLog)
+    assert log.replica is not None
+    return old, log
+
+
+def _hear_late(
+    log: ReplicatedLog, monkeypatch: pytest.MonkeyPatch, transfer: list[asyncio.Task[bool]]
+) -> list[SoftState]:
+    """The moment CI met: while ``transfer``'s task runs, the ready loop
+    takes each ``Ready`` naming another leader without that news (kept in
+    the list returned), while the replica itself already follows that
+    leader. ``_restore`` puts the news back."""
     note_role = log._note_role
     heard: list[SoftState] = []
+    own = log.config.node_id
 
     def heard_late(ready: Ready) -> None:
-        # The moment CI met: until the handover returns, the Ready naming the
-        # new leader has not been taken (its news is kept back), while the
-        # replica itself already follows that leader.
         soft = ready.soft_state
-        if soft is not None and soft.leader_id not in (0, old) and not transfer.done():
+        running = bool(transfer) and not transfer[0].done()
+        if soft is not None and soft.leader_id not in (0, own) and running:
             heard.append(soft)
             ready.soft_state = dataclasses.replace(soft, leader_id=0)
         note_role(ready)
 
     monkeypatch.setattr(log, "_note_role", heard_late)
+    return heard
+
+
+def _restore(log: ReplicatedLog, heard: list[SoftState]) -> None:
+    """What the ready loop would have taken next (``_hear_late``)."""
+    if heard:
+        log._soft = heard[-1]
+
+
+async def test_a_command_held_through_a_handover_is_told_the_new_leader(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, log = await _leading(cluster)
+    running: list[asyncio.Task[bool]] = []
+    heard = _hear_late(log, monkeypatch, running)
     transfer = asyncio.create_task(log.transfer_leadership(5.0))
+    running.append(transfer)
     await asyncio.sleep(0)  # it has stopped proposing: what comes now is held
     assert log.replica is not None
     assert log.replica.status().transfer_target
@@ -78,8 +93,7 @@ async def test_a_command_held_through_a_handover_is_told_the_new_leader(
             await held
     assert err.value.leader_id == str(new)
     assert err.value.leader_address == cluster.addresses[new]
-    if heard:  # what it would have taken next
-        log._soft = heard[-1]
+    _restore(log, heard)
 
 
 async def test_calls_that_come_after_it_stepped_down_and_before_it_heard_go_to_the_new_leader(
@@ -89,9 +103,7 @@ async def test_calls_that_come_after_it_stepped_down_and_before_it_heard_go_to_t
     1) and has not yet heard from the successor as leader. A command
     submitted then is held, and a call through the node's API waits and is
     forwarded, instead of "no leader yet"."""
-    old = await cluster.leader()
-    log = cluster.servers[old].node.log
-    assert isinstance(log, ReplicatedLog)
+    old, log = await _leading(cluster)
     replica = log.replica
     assert replica is not None
     step = replica.step
@@ -152,9 +164,7 @@ async def test_a_call_held_through_a_handover_reaches_the_new_leader(
     leader hands over, then sent on to the new leader (a client's), or
     answered NOT_LEADER naming it (a balancer's, which follows that itself)."""
     cluster = patient_cluster
-    old = await cluster.leader()
-    log = cluster.servers[old].node.log
-    assert isinstance(log, ReplicatedLog)
+    old, log = await _leading(cluster)
     replica = log.replica
     assert replica is not None
     # The handover waits for the go: the call is held before anything moves.
@@ -169,28 +179,14 @@ async def test_a_call_held_through_a_handover_reaches_the_new_leader(
         send(msg)
 
     monkeypatch.setattr(log, "_send", send_after_go)
-    note_role = log._note_role
-    heard: list[SoftState] = []
-    transfer: asyncio.Task[bool] | None = None
-
-    def heard_late(ready: Ready) -> None:  # as in the test above, once the transfer runs
-        soft = ready.soft_state
-        if (
-            soft is not None
-            and soft.leader_id not in (0, old)
-            and transfer is not None
-            and not transfer.done()
-        ):
-            heard.append(soft)
-            ready.soft_state = dataclasses.replace(soft, leader_id=0)
-        note_role(ready)
-
-    monkeypatch.setattr(log, "_note_role", heard_late)
+    running: list[asyncio.Task[bool]] = []
+    heard = _hear_late(log, monkeypatch, running)
     metadata = ((FORWARDED_KEY, "balancer"),) if hop == "balancer" else ()
     async with grpc.aio.insecure_channel(cluster.addresses[old]) as channel:
         stub = pbg.QueueStub(channel)
         await pbg.AdminStub(channel).CreateQueue(pb.CreateQueueRequest(queue="q"))
         transfer = asyncio.create_task(log.transfer_leadership(5.0))
+        running.append(transfer)
         await until(lambda: bool(parked))  # it stopped proposing, and asks the successor
         call = stub.Enqueue(
             pb.EnqueueRequest(queue="q", job=pb.JobSpec(payload=b"held")),
@@ -213,20 +209,23 @@ async def test_a_call_held_through_a_handover_reaches_the_new_leader(
             error = from_rpc_error(err.value)
             assert isinstance(error, NotLeaderError), error
             assert error.leader_address == cluster.addresses[new]
-    if heard:  # what it would have taken next
-        log._soft = heard[-1]
+    _restore(log, heard)
     async with Client(cluster.addresses[new]) as c:
         [stats] = await c.stats("q", consistent=True)
     assert stats.ready == (1 if hop == "client" else 0)
 
 
+@pytest.mark.parametrize("hop", ["answers", "fails"])
 async def test_a_stream_request_that_meets_the_drain_goes_to_the_new_leader(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, hop: str
 ) -> None:
     """A ``SubmitStream`` request read before the old leader handed over and
     began to drain, run after: it goes on to the new leader (nothing ran
-    here), not back as "node is draining"."""
-    old = await cluster.leader()
+    here), not back as "node is draining". If that hop gets no answer
+    (``fails``), it may have reached the leader, so the answer says the
+    outcome is unknown, never NOT_LEADER or NOT_TAKEN (which a client or
+    balancer would send again)."""
+    old, log = await _leading(cluster)
     server = cluster.servers[old]
     entered, go = asyncio.Event(), asyncio.Event()
     run_ops = QueueService.run_ops
@@ -245,55 +244,24 @@ async def test_a_stream_request_that_meets_the_drain_goes_to_the_new_leader(
         late = asyncio.ensure_future(c.enqueue("q", b"late"))
         async with asyncio.timeout(5):
             await entered.wait()
-        assert await server.node.log.transfer_leadership(5.0)
+        assert await log.transfer_leadership(5.0)
+        new, _ = log.leader_hint()
+        if hop == "fails":
+            # The new leader's address as this node has it leads nowhere: the
+            # hop gets no answer, as from a leader that died under it.
+            monkeypatch.setitem(log.config.addresses, new, f"127.0.0.1:{free_ports(1)[0]}")
         server.node.begin_drain()
         go.set()
+        if hop == "fails":
+            with pytest.raises(UnavailableError) as err:
+                async with asyncio.timeout(10):
+                    await late
+            assert not isinstance(err.value, NotTakenError)
+            assert err.value.reason == "LEADER_UNREACHABLE"
+            return
         async with asyncio.timeout(10):
             answer = await late
         assert answer.job_id
-    new = await cluster.leader()
-    assert new != old
     async with Client(cluster.addresses[new]) as c:
         [stats] = await c.stats("q", consistent=True)
     assert stats.ready == 1
-
-
-async def test_a_stream_request_whose_hop_to_the_new_leader_fails_is_not_said_to_be_unrun(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As above, but the new leader is gone when the request goes on: the hop
-    may have reached it, so the answer says the outcome is unknown, never
-    NOT_LEADER or NOT_TAKEN (which a client or balancer would send again)."""
-    old = await cluster.leader()
-    server = cluster.servers[old]
-    entered, go = asyncio.Event(), asyncio.Event()
-    run_ops = QueueService.run_ops
-
-    async def run_after_the_drain(
-        self: QueueService, ops: Sequence[pb.Operation], moved: list[int] | None = None
-    ) -> tuple[list[pb.OpResult], int]:
-        if self.node is server.node and ops and ops[0].enqueue.job.payload == b"late":
-            entered.set()
-            await go.wait()
-        return await run_ops(self, ops, moved)
-
-    monkeypatch.setattr(QueueService, "run_ops", run_after_the_drain)
-    async with Client(cluster.addresses[old], max_retries=0, look_aside=False) as c:
-        await c.create_queue("q")
-        late = asyncio.ensure_future(c.enqueue("q", b"late"))
-        async with asyncio.timeout(5):
-            await entered.wait()
-        assert await server.node.log.transfer_leadership(5.0)
-        new, _ = server.node.log.leader_hint()
-        log = server.node.log
-        assert isinstance(log, ReplicatedLog)
-        # The new leader's address as this node has it leads nowhere now: the
-        # hop gets no answer, as from a leader that died under it.
-        monkeypatch.setitem(log.config.addresses, new, f"127.0.0.1:{free_ports(1)[0]}")
-        server.node.begin_drain()
-        go.set()
-        with pytest.raises(UnavailableError) as err:
-            async with asyncio.timeout(10):
-                await late
-    assert not isinstance(err.value, NotTakenError)
-    assert err.value.reason == "LEADER_UNREACHABLE"
