@@ -38,6 +38,17 @@ time (a shared machine's CPU time moves 30 % between rounds). It counts
 the whole replay (the driver's commands and encoding too), so a change to
 the core shows as a smaller share of it.
 
+``--follower`` measures a follower instead: every entry is applied twice,
+by the driver's machine (the leader: its answers make the next commands)
+and by a second one that answers nobody, as a replica applies what another
+node proposed (``apply_entry(respond=False)`` since session 20: no lease
+answer is built). The check, apply and derive steps are the second
+machine's (the stamp stays the leader's); "all" and the instruction
+counts take in both machines, so compare them between trees as
+differences, not ratios (``--instructions`` prints the difference a job).
+
+    python -m bench.apply --instructions --follower [--compare DIR]
+
 ``--snapshot`` times what a snapshot costs the node's loop instead: a
 queue holding 18,000 waiting jobs (compact rows) and 10,000 completed
 records (the default ``completed_max``) is frozen seven times; it prints
@@ -79,6 +90,8 @@ except ImportError:  # a core from before Watch (``--compare`` an older tree)
 
 #: Whether this core's stamp and gate leave out the features already known.
 KNOWN_FEATURES = "known" in inspect.signature(features.required_by).parameters
+#: Whether this core applies an entry without answering (a follower's apply).
+QUIET_APPLY = "respond" in inspect.signature(QueueMachine.apply_entry).parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = b"x" * 64
@@ -89,10 +102,13 @@ Entry = list[logpb.Command]
 
 
 class Replay:
-    """A machine fed entries at 2 ms apart, timing each step."""
+    """A machine fed entries at 2 ms apart, timing each step (``follower``:
+    each entry is applied by a second machine too, as a follower, and its
+    steps are the ones timed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, follower: bool = False) -> None:
         self.machine = QueueMachine()
+        self.follower = QueueMachine() if follower else None
         self.now = 1_000_000
         self.spent = dict.fromkeys(STEPS, 0)
         self.apply([logpb.Command(tick=logpb.Tick(lifecycle=True))])
@@ -118,13 +134,23 @@ class Replay:
         )  # fmt: skip
         # A follower decodes what the leader sent: measure that entry.
         entry = logpb.LogEntry.FromString(entry.SerializeToString())
+        if self.follower is not None:  # the leader's apply, untimed: its answers drive
+            effects = m.apply_entry(entry)
+            if derive is not None:
+                derive(entry, effects, m)
+            m = self.follower
         t2 = clock()
         features.check_entry(entry, features.SUPPORTED)
         t3 = clock()
-        effects = m.apply_entry(entry)
+        if self.follower is None:
+            effects = mine = m.apply_entry(entry)
+        elif QUIET_APPLY:
+            mine = m.apply_entry(entry, respond=False)
+        else:
+            mine = m.apply_entry(entry)
         t4 = clock()
         if derive is not None:
-            derive(entry, effects, m)
+            derive(entry, mine, m)
         t5 = clock()
         spent = self.spent
         spent["stamp"] += t1 - t0
@@ -173,11 +199,11 @@ WORKLOADS: dict[str, Callable[[Replay, str, int], Iterator[None]]] = {
 }
 
 
-def run_workload(name: str, jobs: int) -> dict[str, float]:
+def run_workload(name: str, jobs: int, follower: bool = False) -> dict[str, float]:
     """µs per job of each step, and in all, for ``jobs`` jobs of ``name``
     (rounded down to whole entries of the workload; "jobs" says how many
-    were acked)."""
-    replay = Replay()
+    were acked; ``follower``: see ``Replay``)."""
+    replay = Replay(follower)
     queue = f"bench-{name}"
     replay.apply([logpb.Command(create_queue=pb.CreateQueueRequest(queue=queue))])
     for _ in WORKLOADS[name](replay, queue, max(jobs // 10, 100)):
@@ -198,11 +224,12 @@ def run_workload(name: str, jobs: int) -> dict[str, float]:
     return out
 
 
-def _measure(tree: Path, name: str, jobs: int) -> dict[str, float]:
+def _measure(tree: Path, name: str, jobs: int, follower: bool = False) -> dict[str, float]:
     """One round in a fresh process: this driver, ``tree``'s core."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     done = subprocess.run(
-        [sys.executable, __file__, "--one", name, "--jobs", str(jobs)],
+        [sys.executable, __file__, "--one", name, "--jobs", str(jobs)]
+        + (["--follower"] if follower else []),
         env=env,
         capture_output=True,
         text=True,
@@ -237,7 +264,7 @@ def snapshot_costs(waiting: int = 18_000, records: int = 10_000) -> dict[str, fl
     return {"freeze_ms": statistics.median(froze), "head_ms": statistics.median(heads)}
 
 
-def _instructions(tree: Path, name: str, jobs: int) -> int:
+def _instructions(tree: Path, name: str, jobs: int, follower: bool = False) -> int:
     """Instructions one replay of ``jobs`` jobs executes, under callgrind."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -252,6 +279,7 @@ def _instructions(tree: Path, name: str, jobs: int) -> int:
                 name,
                 "--jobs",
                 str(jobs),
+                *(["--follower"] if follower else []),
             ],
             env=dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0"),
             capture_output=True,
@@ -265,12 +293,12 @@ def _instructions(tree: Path, name: str, jobs: int) -> int:
     raise SystemExit("callgrind wrote no totals")
 
 
-def instructions_per_job(tree: Path, name: str, jobs: int) -> float:
+def instructions_per_job(tree: Path, name: str, jobs: int, follower: bool = False) -> float:
     """Instructions a job of ``name`` costs: two replays' difference over
     their difference in jobs (start-up and imports cancel; each replay's
     warm-up is a tenth of its jobs, so it is counted in)."""
     small, large = jobs, 3 * jobs
-    spent = _instructions(tree, name, large) - _instructions(tree, name, small)
+    spent = _instructions(tree, name, large, follower) - _instructions(tree, name, small, follower)
     return spent / (1.1 * (large - small))
 
 
@@ -290,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time a snapshot's freeze (on the loop) and head (off it) instead",
     )
+    parser.add_argument(
+        "--follower",
+        action="store_true",
+        help="measure a follower's apply (a second machine that answers nobody)",
+    )
     parser.add_argument("-o", dest="output", choices=("table", "json"), default="table")
     parser.add_argument("--one", choices=(*WORKLOADS, "snapshot"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -299,13 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(snapshot_costs()))
         return 0
     if args.one:  # a round, in the process _measure started
-        print(json.dumps(run_workload(args.one, args.jobs)))
+        print(json.dumps(run_workload(args.one, args.jobs, args.follower)))
         return 0
     trees = [("this tree", ROOT)]
     if args.compare is not None:
         trees.insert(0, (str(args.compare.resolve()), args.compare.resolve()))
     if args.instructions:
-        return _count(trees, args.jobs, args.output)
+        return _count(trees, args.jobs, args.output, args.follower)
     if args.snapshot:
         costs = {label: _measure(tree, "snapshot", 0) for label, tree in trees}
         if args.output == "json":
@@ -320,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for name in WORKLOADS:
             for label, tree in trees:
-                row = _measure(tree, name, args.jobs)
+                row = _measure(tree, name, args.jobs, args.follower)
                 results.setdefault(label, {}).setdefault(name, []).append(row)
                 if args.output == "table":
                     line = f"round {r + 1} {name:6} {label}: {row['all']:.1f} µs/job"
@@ -348,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _count(trees: list[tuple[str, Path]], jobs: int, output: str) -> int:
+def _count(trees: list[tuple[str, Path]], jobs: int, output: str, follower: bool = False) -> int:
     """``--instructions``: a table (or JSON) of instructions a job, per tree
     and workload, and the ratio to the first tree with ``--compare``."""
     if shutil.which("valgrind") is None:
@@ -356,7 +389,7 @@ def _count(trees: list[tuple[str, Path]], jobs: int, output: str) -> int:
     counts: dict[str, dict[str, float]] = {}
     for label, tree in trees:
         for name in WORKLOADS:
-            counts.setdefault(label, {})[name] = instructions_per_job(tree, name, jobs)
+            counts.setdefault(label, {})[name] = instructions_per_job(tree, name, jobs, follower)
             if output == "table":
                 print(f"{name:6} {label}: {counts[label][name]:,.0f}", file=sys.stderr)
     if output == "json":
@@ -369,7 +402,10 @@ def _count(trees: list[tuple[str, Path]], jobs: int, output: str) -> int:
     if len(counts) == 2:
         [(a, first), (_, this)] = counts.items()
         for name in WORKLOADS:
-            print(f"{name}: this tree / {Path(a).name}: {this[name] / first[name]:.3f}x")
+            print(
+                f"{name}: this tree / {Path(a).name}: {this[name] / first[name]:.3f}x "
+                f"({this[name] - first[name]:+,.0f} a job)"
+            )
     return 0
 
 

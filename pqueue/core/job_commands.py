@@ -138,6 +138,7 @@ class JobCommands(TenancyRules):
         )
         out = pb.LeaseResponse()
         add_job = out.jobs.add  # bound once: each ``out.jobs`` read costs a lookup
+        respond = self._responding
         name, consumer_id = queue.name, req.consumer_id
         expires_at = now + lease_ms
         leases = self._leases
@@ -159,6 +160,8 @@ class JobCommands(TenancyRules):
             heapq.heappush(leases, (expires_at, lease_id, job.job_id, name))
             if job.group:
                 queue.groups[job.group_key].in_flight = job.job_id
+            if not respond:
+                continue
             add_job(
                 job_id=job.job_id,
                 lease_id=lease_id,

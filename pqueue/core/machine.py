@@ -68,11 +68,22 @@ class QueueMachine(ScheduleCommands, JobCommands, QueueCommands, JobActions, Que
 
     # ------------------------------------------------------------------ apply
 
-    def apply_entry(self, entry: logpb.LogEntry) -> Effects:
+    def apply_entry(self, entry: logpb.LogEntry, respond: bool = True) -> Effects:
         """Apply one log entry: what it did (one result per command, in order;
-        the queues that gained leasable jobs; the jobs changed or removed)."""
+        the queues that gained leasable jobs; the jobs changed or removed).
+        ``respond``: False when no caller waits for these results (a
+        replica applying another's commands): a lease's answer then lists no
+        jobs. The state, the events and every effect but those answers are
+        the same either way."""
         if entry.index != self.applied_index + 1:
             raise ValueError(f"entry {entry.index} applied after {self.applied_index}")
+        self._responding = respond
+        try:
+            return self._apply_entry(entry)
+        finally:
+            self._responding = True  # a command applied alone is answered
+
+    def _apply_entry(self, entry: logpb.LogEntry) -> Effects:
         self._woken = Counter()
         self._changed, self._touched = set(), set()
         now = max(entry.time_ms, self.time_ms)  # time never runs backwards

@@ -38,8 +38,10 @@ Indexed = tuple[Result, int]
 class Applier(Protocol):
     """The state-machine side of the seam."""
 
-    def apply(self, entry: logpb.LogEntry) -> Effects:
-        """Apply a committed entry; what it did (``results``: one per command)."""
+    def apply(self, entry: logpb.LogEntry, respond: bool = True) -> Effects:
+        """Apply a committed entry; what it did (``results``: one per command;
+        ``respond`` False: nobody here waits for them, see
+        ``QueueMachine.apply_entry``)."""
 
     def freeze(self) -> SnapshotView:
         """The state at the last applied index, serialized piece by piece

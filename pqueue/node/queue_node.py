@@ -148,7 +148,7 @@ class QueueNode:
         """Neither draining nor failed, and its storage reachable."""
         return not (self.draining or self.log.failed.is_set()) and self.storage.available
 
-    def apply(self, entry: logpb.LogEntry) -> Effects:
+    def apply(self, entry: logpb.LogEntry, respond: bool = True) -> Effects:
         try:
             junk = features.check_entry(entry, self.config.features)
         except UpgradeRequiredError as exc:
@@ -167,7 +167,7 @@ class QueueNode:
                     junk,
                     self.client_junk,
                 )
-        effects = self.machine.apply_entry(entry)
+        effects = self.machine.apply_entry(entry, respond)
         if self.mirror is not None:
             self.mirror.observe(effects)
         self.watchers.publish(entry.index, events.derive(entry, effects, self.machine))

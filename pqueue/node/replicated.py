@@ -892,7 +892,9 @@ class ReplicatedLog:
             self._applied_time_ms = max(self._applied_time_ms, entry.time_ms)
             self._last_time_ms = max(self._last_time_ms, entry.time_ms)
             self._applied_bytes += len(value)
-            self._resolve(slot, value, self._applier.apply(entry).results)
+            # Results only where a caller of this node waits for them.
+            effects = self._applier.apply(entry, slot in self._inflight)
+            self._resolve(slot, value, effects.results)
             now = time.perf_counter()
             if now - slice_at >= APPLY_SLICE_S and done < total:
                 self._wake_applied()

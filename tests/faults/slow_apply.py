@@ -23,9 +23,9 @@ def slowed(delay_s: float) -> None:
     (per command, not per entry: group commit packs concurrent calls together)."""
     apply = QueueNode.apply
 
-    def slow_apply(self: QueueNode, entry: logpb.LogEntry) -> Effects:
+    def slow_apply(self: QueueNode, entry: logpb.LogEntry, respond: bool = True) -> Effects:
         time.sleep(delay_s * len(entry.commands))
-        return apply(self, entry)
+        return apply(self, entry, respond)
 
     QueueNode.apply = slow_apply  # type: ignore[method-assign]
 

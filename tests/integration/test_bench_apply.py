@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import apply
+from pqueue.core import snapshot
 from pqueue.v1 import log_pb2 as logpb
 from pqueue.v1 import queue_pb2 as pb
 
@@ -76,3 +77,22 @@ def test_snapshot_times_the_freeze_and_the_head(capsys: pytest.CaptureFixture[st
     assert tree == "this tree"
     assert costs["freeze_ms"] > 0
     assert costs["head_ms"] > 0  # this core serializes the head apart from the freeze
+
+
+def test_follower_times_a_second_machine_that_answers_nobody() -> None:
+    """``--follower``: every entry applied twice, the second machine's steps
+    timed; answering nobody, it ends in the state the driver's machine does."""
+    row = apply.run_workload("batch", 400, follower=True)
+    assert row["jobs"] == 400
+    assert row["apply"] > 0
+    replay = apply.Replay(follower=True)
+    replay.apply([logpb.Command(create_queue=pb.CreateQueueRequest(queue="q"))])
+    for _ in apply.batch(replay, "q", 200):
+        pass
+    assert replay.follower is not None
+    assert replay.machine.queues["q"].counters.acked == 200
+    follower, leader = (
+        snapshot.take_snapshot(m).SerializeToString(deterministic=True)
+        for m in (replay.follower, replay.machine)
+    )
+    assert follower == leader

@@ -30,9 +30,9 @@ def entries(server: NodeServer) -> Entries:
     seen: Entries = []
     apply = server.node.apply
 
-    def recording_apply(entry: logpb.LogEntry) -> Effects:
+    def recording_apply(entry: logpb.LogEntry, respond: bool = True) -> Effects:
         seen.append([command.WhichOneof("kind") for command in entry.commands])
-        return apply(entry)
+        return apply(entry, respond)
 
     server.node.apply = recording_apply  # type: ignore[method-assign]
     return seen

@@ -99,9 +99,9 @@ async def test_one_job_wakes_one_waiter_not_all(server: NodeServer, client: Clie
     applied: list[str | None] = []
     apply = server.node.apply
 
-    def counting_apply(entry: logpb.LogEntry) -> Effects:
+    def counting_apply(entry: logpb.LogEntry, respond: bool = True) -> Effects:
         applied.extend(command.WhichOneof("kind") for command in entry.commands)
-        return apply(entry)
+        return apply(entry, respond)
 
     server.node.apply = counting_apply  # type: ignore[method-assign]
     await client.enqueue("q", b"one")

@@ -105,9 +105,9 @@ async def test_a_snapshot_taken_while_writes_go_on_is_the_state_at_its_index(
     applied: list[logpb.LogEntry] = []
     apply = node.apply
 
-    def recording(entry: logpb.LogEntry) -> object:
+    def recording(entry: logpb.LogEntry, respond: bool = True) -> object:
         applied.append(logpb.LogEntry.FromString(entry.SerializeToString()))
-        return apply(entry)
+        return apply(entry, respond)
 
     node.apply = recording  # type: ignore[assignment,method-assign]
     # Note what the machine had applied as each chunk of each snapshot was written.

@@ -130,13 +130,13 @@ async def test_an_old_replica_that_meets_a_newer_entry_stops_loudly_and_the_rest
     stamps: dict[str, list[str]] = {}  # a shared queue's name -> its entry's stamp
     apply = lead.apply
 
-    def watch(entry: logpb.LogEntry) -> Effects:
+    def watch(entry: logpb.LogEntry, respond: bool = True) -> Effects:
         if any(cmd.create_queue.queue == "shared" for cmd in entry.commands):
             creates.append(entry.index)
         for cmd in entry.commands:
             if cmd.create_queue.config.shares:
                 stamps.setdefault(cmd.create_queue.queue, list(entry.required_features))
-        return apply(entry)
+        return apply(entry, respond)
 
     lead.apply = watch  # type: ignore[method-assign]
     async with Client(cluster.addresses[leader], max_retries=3) as c:

@@ -42,10 +42,13 @@ async def test_a_followers_vote_is_written_before_it_applies_the_entry_before(
         apply = node.apply
 
         def spy_apply(
-            entry: logpb.LogEntry, i: int = i, apply: Callable[[logpb.LogEntry], Effects] = apply
+            entry: logpb.LogEntry,
+            respond: bool = True,
+            i: int = i,
+            apply: Callable[[logpb.LogEntry, bool], Effects] = apply,
         ) -> Effects:
             events.append((i, "apply"))
-            return apply(entry)
+            return apply(entry, respond)
 
         log._send = spy_send
         node.apply = spy_apply  # type: ignore[method-assign]

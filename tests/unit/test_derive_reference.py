@@ -98,8 +98,8 @@ class Both(QueueMachine):
         self.entries = 0
         self.events = 0
 
-    def apply_entry(self, entry: logpb.LogEntry) -> Any:
-        effects = super().apply_entry(entry)
+    def apply_entry(self, entry: logpb.LogEntry, respond: bool = True) -> Any:
+        effects = super().apply_entry(entry, respond)
         got = events.derive(entry, effects, self)
         assert got == reference(entry, effects, self), entry
         # The jobs the handlers named are the ones the messages name.

@@ -23,8 +23,8 @@ class Recording(QueueMachine):
         super().__init__()
         self.seen: list[tuple[list[str], bytes]] = []
 
-    def apply_entry(self, entry: logpb.LogEntry) -> Any:
-        effects = super().apply_entry(entry)
+    def apply_entry(self, entry: logpb.LogEntry, respond: bool = True) -> Any:
+        effects = super().apply_entry(entry, respond)
         state = take_snapshot(self).SerializeToString(deterministic=True)
         self.seen.append(([repr(r) for r in effects.results], state))
         return effects

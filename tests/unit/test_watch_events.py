@@ -25,8 +25,8 @@ class Recording(QueueMachine):
         super().__init__()
         self.events: list[events.Event] = []
 
-    def apply_entry(self, entry: logpb.LogEntry) -> Any:
-        effects = super().apply_entry(entry)
+    def apply_entry(self, entry: logpb.LogEntry, respond: bool = True) -> Any:
+        effects = super().apply_entry(entry, respond)
         self.events.extend(events.derive(entry, effects, self))
         return effects
 
