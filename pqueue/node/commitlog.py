@@ -155,9 +155,8 @@ class CommandLog(Protocol):
     def leader_hint(self) -> tuple[int, str]:
         """The leader's node id and address if known, else (0, "")."""
 
-    def not_leader_error(self, leader: int | None = None) -> PQueueError:
-        """The error for a command this node cannot take (leader hint inside;
-        ``leader``: who leads, when the caller knows, else ``leader_hint``'s)."""
+    def not_leader_error(self) -> PQueueError:
+        """The error for a command this node cannot take (leader hint inside)."""
 
     async def handover_settled(self) -> None:
         """Return once this node, handing leadership over, knows its successor

@@ -443,14 +443,9 @@ class ReplicatedLog:
             return 0, ""
         return leader, self.config.addresses.get(leader, "")
 
-    def not_leader_error(self, leader: int | None = None) -> PQueueError:
-        """What a caller gets from a node that cannot take its command
-        (``leader``: who leads, when the caller knows better than the last
-        ``Ready``; else as ``leader_hint`` says)."""
-        if leader is None:
-            leader, address = self.leader_hint()
-        else:
-            address = self.config.addresses.get(leader, "")
+    def not_leader_error(self) -> PQueueError:
+        """What a caller gets from a node that cannot take its command."""
+        leader, address = self.leader_hint()
         if leader:
             return NotLeaderError(f"node {leader} leads", str(leader), address)
         return NotTakenError("no leader yet", retry_after_s=0.5, cause="NO_LEADER")
@@ -520,12 +515,11 @@ class ReplicatedLog:
         finally:
             self._handing_over = False
             self._handover_settled.set()
-            status = replica.status()
-            if status.role is not Role.LEADER and self._proposals:
-                # Named from the replica itself: the last ``Ready`` may not
-                # know the new leader yet, and "no leader yet" would send the
-                # callers away to retry blind instead of to the new leader.
-                self._proposals.fail(self.not_leader_error(status.leader_id))
+            if replica.status().role is not Role.LEADER and self._proposals:
+                # The replica's own word (the last ``Ready`` may not know the
+                # new leader yet; ``leader_hint`` asks the replica then), so
+                # the callers go to the new leader, not away to retry blind.
+                self._proposals.fail(self.not_leader_error())
 
     async def _hand_over(self, replica: Replica, deadline: float) -> bool:
         loop = asyncio.get_running_loop()

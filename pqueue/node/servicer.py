@@ -304,15 +304,19 @@ class _Base:
         if not self.node.log.leader_hint()[0]:
             await self.node.log.handover_settled()
 
+    def _leader_elsewhere(self) -> bool:
+        """Whether another node leads, as this one knows (the last ``Ready``
+        may still say this node does: ``leader_hint`` asks the replica)."""
+        return self.node.log.leader_hint()[0] not in (0, self.node.cluster.node_id)
+
     def _check_not_draining(self) -> None:
         """A draining node proposes nothing. One that knows another node
         leads (a leader that just handed over) says so: nothing ran, and
         ``on_leader`` and ``submit_ops`` forward the call there. Else
         NOT_TAKEN."""
         if self.node.draining:
-            log = self.node.log
-            if log.leader_hint()[0] not in (0, self.node.cluster.node_id):
-                raise log.not_leader_error()
+            if self._leader_elsewhere():
+                raise self.node.log.not_leader_error()
             raise NotTakenError("node is draining", retry_after_s=1.0, cause="DRAINING")
 
     async def _propose(self, command: logpb.Command, response_type: type[Resp]) -> Resp:
@@ -519,8 +523,8 @@ class QueueService(_Base, pbg.QueueServicer):
             op = request.ops[i]
             getattr(op, op.WhichOneof("op") or "enqueue").queue = names[i]
             ops.append(op)
-        if self.node.log.leader_hint()[0] in (0, self.node.cluster.node_id):
-            return 0  # (the last Ready may still say this node leads: the replica knows)
+        if not self._leader_elsewhere():
+            return 0
         try:
             answer = await self._forward("Submit", pb.SubmitRequest(ops=ops), context, onward=True)
         except PQueueError as exc:
