@@ -49,6 +49,21 @@ class Event(NamedTuple):
         return pb.WatchEvent(**self._asdict())
 
 
+#: An ``Event``'s fields as a plain tuple, in its order: what ``derive``
+#: returns and a node keeps in its ring of recent events (``as_event`` makes
+#: the ``Event`` where a watcher wants one). Plain, because the cyclic
+#: collector stops tracking a plain tuple of atoms the first time it sees
+#: one, and tracks a ``NamedTuple`` (a subclass) for as long as it lives: a
+#: busy node's ring of 100,000 events was then the bulk of every collection
+#: of the older generations, and each event's way through them (session 21).
+Row = tuple[int, int, str, int, int, int, int, int, int, str]
+
+
+def as_event(row: Row) -> Event:
+    """The ``Event`` of a ``Row``."""
+    return Event._make(row)
+
+
 K = pb.WatchEvent  # the kinds
 
 
@@ -64,10 +79,10 @@ class Jobs(Protocol):
     def briefs_in(self, queue: str) -> Callable[[int], tuple[int, int, int] | None] | None: ...
 
 
-def _job_event(
+def _job_row(
     kind: int, job: Job, index: int, now: int, result_bytes: int = 0, reason: str = ""
-) -> Event:
-    return Event(
+) -> Row:
+    return (
         index,
         now,
         job.queue,
@@ -95,17 +110,18 @@ def advanced(jobs: Jobs, changed: Iterable[int], touched: Iterable[str], now: in
         if job.state == DEAD:
             expired = job.reason == EXPIRED_REASON or (not failed_now and not job.reason)
             kind = K.EXPIRED if expired else K.DEAD
-            out.append(_job_event(kind, job, 0, now, reason=job.reason))
+            out.append(as_event(_job_row(kind, job, 0, now, reason=job.reason)))
         elif job.state in WAITING and failed_now and last_error is not None:
-            out.append(_job_event(K.NACKED, job, 0, now, reason=last_error[2]))
+            out.append(as_event(_job_row(K.NACKED, job, 0, now, reason=last_error[2])))
     return out
 
 
-def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
-    """Every event of one applied entry, in order (see the module's doc)."""
+def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Row]:
+    """Every event of one applied entry, in order (see the module's doc), as
+    ``Row``s."""
     index, now = effects.index, jobs.time_ms
-    events: list[Event] = [e._replace(log_index=index) for e in effects.advanced]
-    explained: set[int] = set(e.job_id for e in events)
+    events: list[Row] = [(index, *e[1:]) for e in effects.advanced]
+    explained: set[int] = {e[3] for e in events}  # job_id
     touched = effects.touched
     changed = effects.changed
 
@@ -113,7 +129,6 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
         return jobs.find_job(job_id, touched) if job_id in changed else None
 
     append, mark = events.append, explained.add
-    make = tuple.__new__  # an Event with every field given, past NamedTuple's __new__
 
     def add_all(
         queue: str, kind: int, named: Iterable[tuple[int, int]], gone: bool = False
@@ -129,8 +144,7 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
                 brief = brief_of(job_id) if brief_of is not None else None
                 if brief is None and (found := jobs.job_brief(job_id, touched)) is not None:
                     name, state, attempt, priority = found
-                    fields = (index, now, name, job_id, kind, state, attempt, priority, size, "")
-                    append(make(Event, fields))
+                    append((index, now, name, job_id, kind, state, attempt, priority, size, ""))
                     mark(job_id)
                     continue
             if brief is not None:
@@ -140,7 +154,7 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
                 fields = (index, now, queue, job_id, kind, COMPLETED, 0, 0, size, "")
             else:
                 continue
-            append(make(Event, fields))
+            append(fields)
             mark(job_id)
 
     def add(kind: int, job_id: int, result_bytes: int = 0, reason: str = "") -> bool:
@@ -150,7 +164,7 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
             return False
         queue, state, attempt, priority = brief
         events.append(
-            Event(index, now, queue, job_id, kind, state, attempt, priority, result_bytes, reason)
+            (index, now, queue, job_id, kind, state, attempt, priority, result_bytes, reason)
         )
         explained.add(job_id)
         return True
@@ -196,13 +210,14 @@ def derive(entry: logpb.LogEntry, effects: Effects, jobs: Jobs) -> list[Event]:
             add(K.REPRIORITIZED, cmd.reprioritize_job.job_id)
         elif what in _QUEUE_KINDS:
             queue = getattr(cmd, what).queue
-            events.append(Event(index, now, queue, 0, _QUEUE_KINDS[what]))
+            events.append((index, now, queue, 0, _QUEUE_KINDS[what], 0, 0, 0, 0, ""))
     for job_id in sorted(effects.changed - explained - effects.advanced_ids):
         found = job(job_id)
         if found is None or found.state not in WAITING:
             continue
         fresh_job = found.attempts == 0 and found.enqueued_at_ms == now and not found.errors
-        events.append(_job_event(K.ENQUEUED if fresh_job else K.REQUEUED, found, index, now))
+        kind = K.ENQUEUED if fresh_job else K.REQUEUED
+        events.append(_job_row(kind, found, index, now))
     return events
 
 
@@ -213,4 +228,4 @@ _QUEUE_KINDS: dict[str, int] = {
     "delete_queue": K.QUEUE_DELETED,
 }
 
-__all__ = ["CANCELLED", "COMPLETED", "Event", "advanced", "derive"]
+__all__ = ["CANCELLED", "COMPLETED", "Event", "Row", "advanced", "as_event", "derive"]

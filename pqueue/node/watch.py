@@ -22,7 +22,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from pqueue.core.events import Event
+from pqueue.core.events import Event, Row, as_event
 from pqueue.errors import (
     FailedPreconditionError,
     PQueueError,
@@ -95,7 +95,8 @@ class Watchers:
     def __init__(self, ring_events: int = RING_EVENTS, buffer: int = WATCHER_BUFFER) -> None:
         self.ring_events = ring_events
         self.buffer = buffer
-        self._ring: deque[tuple[int, list[Event]]] = deque()
+        #: (index, its events) of the recent entries that had events.
+        self._ring: deque[tuple[int, list[Row]]] = deque()
         self._held = 0
         #: Every entry after this one is in the ring.
         self.covered_after = 0
@@ -120,7 +121,7 @@ class Watchers:
         for sub in list(self.subscriptions):
             sub.end(error)
 
-    def publish(self, index: int, events: list[Event]) -> None:
+    def publish(self, index: int, events: list[Row]) -> None:
         self.applied = index
         if events:
             self._ring.append((index, events))
@@ -129,8 +130,10 @@ class Watchers:
                 dropped, old = self._ring.popleft()
                 self._held -= len(old)
                 self.covered_after = dropped
-        for sub in self.subscriptions:
-            sub.offer(index, events)
+        if self.subscriptions:  # ``Event``s only for a watcher
+            made = [as_event(row) for row in events]
+            for sub in self.subscriptions:
+                sub.offer(index, made)
 
     def subscribe(self, match: Match, from_index: int | None) -> Subscription:
         """A watcher of the entries after ``from_index`` (None: from now)."""
@@ -143,7 +146,7 @@ class Watchers:
         sub = Subscription(match, after, self.buffer)
         for index, events in self._ring:
             if index > after:
-                sub.offer(index, events)
+                sub.offer(index, [as_event(row) for row in events])
         if sub.error is None:
             sub.offered = max(sub.offered, self.applied)
         self.subscriptions.add(sub)

@@ -21,7 +21,7 @@ class Answering(QueueMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: list[tuple[logpb.LogEntry, bytes, list[events.Event], Any]] = []
+        self.seen: list[tuple[logpb.LogEntry, bytes, list[events.Row], Any]] = []
 
     def apply_entry(self, entry: logpb.LogEntry, respond: bool = True) -> Any:
         effects = super().apply_entry(entry, respond)

@@ -27,7 +27,7 @@ class Recording(QueueMachine):
 
     def apply_entry(self, entry: logpb.LogEntry, respond: bool = True) -> Any:
         effects = super().apply_entry(entry, respond)
-        self.events.extend(events.derive(entry, effects, self))
+        self.events.extend(map(events.as_event, events.derive(entry, effects, self)))
         return effects
 
 
