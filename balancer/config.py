@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from balancer.pool import PoolConfig
+from pqueue.wire.loop import GC_YOUNG
 from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenSource
 
@@ -17,6 +18,8 @@ class BalancerConfig:
     listen: str = "127.0.0.1:0"
     #: ``HOST:PORT`` for ``/metrics`` (port 0: any); None serves no metrics.
     metrics_listen: str | None = None
+    #: The cyclic collector's youngest threshold (``pqueue.wire.loop.GC_YOUNG``).
+    gc_young: int = GC_YOUNG
     #: How often each node's load is probed.
     probe_interval_s: float = 1.0
     #: A probe that takes longer fails.

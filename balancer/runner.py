@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 async def _serve(config: BalancerConfig) -> None:
     server = BalancerServer(config)
     await server.start()
-    async with serving_process(server.metrics.registry):
+    async with serving_process(server.metrics.registry, config.gc_young):
         metrics = (
             f", metrics on http://{server.metrics_address}/metrics"
             if server.metrics_address

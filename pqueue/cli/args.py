@@ -195,3 +195,18 @@ priority_arg = int_in(*INT32)
 ms_arg = int_in(*MS)
 id_arg = int_in(*ID)
 count_arg = int_in(*UINT32)
+
+
+def add_gc_young(parser: argparse.ArgumentParser) -> None:
+    """``--gc-young``, for a server process (a node, a balancer)."""
+    from pqueue.wire.loop import GC_YOUNG
+
+    parser.add_argument(
+        "--gc-young",
+        type=int_in(100, 10_000_000),
+        default=GC_YOUNG,
+        metavar="N",
+        help="collect the cyclic collector's youngest generation once N more objects "
+        f"were made than freed (default {GC_YOUNG:,}; CPython's own is 700: more "
+        "collections, each shorter, and more CPU in all)",
+    )

@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pqueue.cli.args import Outcome, adder, metrics_token, parse_addresses, tls_of
+from pqueue.cli.args import (
+    Outcome,
+    add_gc_young,
+    adder,
+    metrics_token,
+    parse_addresses,
+    tls_of,
+)
 from pqueue.cli.failure import exit_code, failure_line
 from pqueue.client import Client
 from pqueue.wire.logs import LOG_FORMATS
@@ -61,6 +68,7 @@ def register(sub: Any) -> None:
     run.add_argument(
         "--probe-interval-s", type=float, default=1.0, help="how often each node is probed"
     )
+    add_gc_young(run)
     run.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate for clients")
     run.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
     run.add_argument("--tls-ca", type=Path, default=None, help="require client certificates")
@@ -144,6 +152,7 @@ def run_balancer(args: argparse.Namespace) -> int:
             coalesce=args.coalesce,
             coalesce_in_flight=args.coalesce_in_flight,
             max_streams=args.max_streams,
+            gc_young=args.gc_young,
         )
     except (OSError, ValueError) as exc:
         print(failure_line(exc), file=sys.stderr)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pqueue.cli.args import (
+    add_gc_young,
     int_in,
     metrics_token,
     parse_bytes,
@@ -216,6 +217,7 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         snapshot_every_entries=args.snapshot_every_entries,
         mix_wait_ms=args.mix_wait_ms,
         open_entries=args.open_entries,
+        gc_young=args.gc_young,
     )
 
 
@@ -318,6 +320,7 @@ def register(sub: Any) -> None:
         "consumers' alone) up to MS for the other side's, when the entry before held "
         "them: one entry a round instead of two (default 2; 0: never)",
     )
+    add_gc_young(node)
     node.add_argument(
         "--store",
         default=None,

@@ -16,7 +16,7 @@ from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
 from pqueue.wire.logs import LogFormat, describe, flush_logs, setup_logging
-from pqueue.wire.loop import new_event_loop, raise_fd_limit, serving_process
+from pqueue.wire.loop import GC_YOUNG, new_event_loop, raise_fd_limit, serving_process
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class NodeOptions:
     mix_wait_ms: float = 2.0
     #: Group commit: entries proposed and not yet chosen at once (``ClusterConfig``).
     open_entries: int = 1
+    #: The cyclic collector's youngest threshold (``pqueue.wire.loop.GC_YOUNG``).
+    gc_young: int = GC_YOUNG
 
 
 OPEN_BANNER = (
@@ -86,7 +88,7 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
     doing.what = "recovering its log and starting to serve"
     await server.start()
     # The recovered state is frozen too: full collections stop rescanning it.
-    async with serving_process(server.metrics.registry):
+    async with serving_process(server.metrics.registry, o.gc_young):
         doing.what = "serving"
         if o.server.verifier is None:
             logger.warning(OPEN_BANNER, server.address)

@@ -63,12 +63,38 @@ def freeze_startup_heap() -> int:
     return frozen
 
 
+#: The cyclic collector's youngest generation is collected once this many
+#: more container objects were made than freed (CPython's default is 700).
+#: A server's objects mostly die young by reference counting, but at 700 a
+#: collection came mid-request, every few hundred microseconds of a busy
+#: node, and traversed what that request held alive at the time (a batch's
+#: jobs, lists, futures), then moved it to the older generations, whose
+#: collections it made come sooner: in the 100-job batch cell a follower
+#: spent 16 % of its CPU in the collector, and a full collection took
+#: 60 ms, ten times in 40 s (session 21; ``docs/benchmarks.md``). At 20,000
+#: transients die before a collection sees them; one comes every few
+#: seconds of a busy node and takes 10-30 ms (``pq_gc_pause_seconds``
+#: shows them); the older generations keep their thresholds.
+GC_YOUNG = 20_000
+
+
+def tune_collector(young: int = GC_YOUNG) -> tuple[int, ...]:
+    """Set the youngest generation's threshold (``GC_YOUNG``); the thresholds now."""
+    gc.set_threshold(young, *gc.get_threshold()[1:])
+    return gc.get_threshold()
+
+
 @asynccontextmanager
-async def serving_process(registry: CollectorRegistry) -> AsyncIterator[StallWatch]:
+async def serving_process(
+    registry: CollectorRegistry, gc_young: int = GC_YOUNG
+) -> AsyncIterator[StallWatch]:
     """What a node or balancer process does once its server serves, for as
-    long as it serves: its startup heap frozen (``freeze_startup_heap``) and
-    its event loop watched (``StallWatch``, exported on ``registry``)."""
+    long as it serves: its startup heap frozen (``freeze_startup_heap``), the
+    collector's youngest threshold set (``tune_collector``) and its event
+    loop watched (``StallWatch``, exported on ``registry``)."""
     freeze_startup_heap()
+    before = gc.get_threshold()
+    logger.debug("collector thresholds %s", tune_collector(gc_young))
     stalls = StallWatch()
     registry.register(stalls)
     stalls.start()
@@ -76,3 +102,4 @@ async def serving_process(registry: CollectorRegistry) -> AsyncIterator[StallWat
         yield stalls
     finally:
         await stalls.stop()
+        gc.set_threshold(*before)

@@ -119,6 +119,12 @@ def test_a_refused_command_line_is_invalid_argument_exit_2() -> None:
     assert err.splitlines()[-1] == (
         "error: INVALID_ARGUMENT: argument --open-entries: must be from 1 to 16, not 0"
     )
+    for argv in (["node", "--data-dir", "unused"], ["balancer", "run", "--backends", "h:1"]):
+        code, _, err = _run([*argv, "--gc-young", "0"])
+        assert code == 2
+        assert err.splitlines()[-1] == (
+            "error: INVALID_ARGUMENT: argument --gc-young: must be from 100 to 10000000, not 0"
+        )
     code, _, err = _run(["job", "q", "-1"])
     assert (code, err) == (2, "error: INVALID_ARGUMENT: JOB_ID: must be 1 or more, not -1\n")
 
