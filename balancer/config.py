@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from balancer.pool import PoolConfig
-from pqueue.wire.loop import GC_YOUNG
+from pqueue.wire.loop import GC_YOUNG, GC_YOUNG_MIN
 from pqueue.wire.tls import Tls
 from pqueue.wire.tokens import TokenSource
 
@@ -68,6 +68,8 @@ class BalancerConfig:
         """Raise ``ValueError`` on a setting that cannot work."""
         if not self.backends:
             raise ValueError("a balancer needs at least one backend")
+        if self.gc_young < GC_YOUNG_MIN:
+            raise ValueError(f"gc_young must be {GC_YOUNG_MIN} or more, not {self.gc_young}")
         for address in (*self.backends, self.listen, self.metrics_listen or "h:0"):
             if ":" not in address:
                 raise ValueError(f"address {address!r} needs a port (HOST:PORT)")

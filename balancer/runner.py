@@ -10,22 +10,23 @@ from balancer.config import BalancerConfig
 from balancer.errors import BalancerError
 from balancer.server import BalancerServer
 from pqueue.wire.logs import LogFormat, describe, setup_logging
-from pqueue.wire.loop import new_event_loop, raise_fd_limit, serving_process
+from pqueue.wire.loop import collector_tuned, new_event_loop, raise_fd_limit, serving_process
 
 logger = logging.getLogger(__name__)
 
 
 async def _serve(config: BalancerConfig) -> None:
     server = BalancerServer(config)
-    await server.start()
-    async with serving_process(server.metrics.registry, config.gc_young):
-        metrics = (
-            f", metrics on http://{server.metrics_address}/metrics"
-            if server.metrics_address
-            else ""
-        )
-        print(f"balancer listening on {server.address}{metrics}", flush=True)
-        await server.serve_until_signal()
+    with collector_tuned(config.gc_young):
+        await server.start()
+        async with serving_process(server.metrics.registry):
+            metrics = (
+                f", metrics on http://{server.metrics_address}/metrics"
+                if server.metrics_address
+                else ""
+            )
+            print(f"balancer listening on {server.address}{metrics}", flush=True)
+            await server.serve_until_signal()
 
 
 def run_balancer(config: BalancerConfig, log_level: str, log_format: LogFormat = "text") -> int:

@@ -199,11 +199,11 @@ count_arg = int_in(*UINT32)
 
 def add_gc_young(parser: argparse.ArgumentParser) -> None:
     """``--gc-young``, for a server process (a node, a balancer)."""
-    from pqueue.wire.loop import GC_YOUNG
+    from pqueue.wire.loop import GC_YOUNG, GC_YOUNG_MIN
 
     parser.add_argument(
         "--gc-young",
-        type=int_in(100, 10_000_000),
+        type=int_in(GC_YOUNG_MIN, 10_000_000),
         default=GC_YOUNG,
         metavar="N",
         help="collect the cyclic collector's youngest generation once N more objects "

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from pqueue.errors import PQueueError
 
 if TYPE_CHECKING:
-    from pqueue.core.events import Event as WatchEvent
+    from pqueue.core.events import Row
 
 #: A command's outcome: its response message, or the error that left nothing changed.
 Result = Message | PQueueError
@@ -43,7 +43,7 @@ class Effects:
     touched: frozenset[str] = frozenset()
     #: What advancing time did at the start of the entry, as watch events
     #: (``pqueue.core.events``), taken before the entry's commands ran.
-    advanced: tuple[WatchEvent, ...] = ()
+    advanced: tuple[Row, ...] = ()
     #: The jobs advancing time changed (a delayed job come due has no event).
     advanced_ids: frozenset[int] = frozenset()
     #: Per command, the jobs it named for its events (``Named``): the

@@ -96,7 +96,7 @@ def _job_row(
     )
 
 
-def advanced(jobs: Jobs, changed: Iterable[int], touched: Iterable[str], now: int) -> list[Event]:
+def advanced(jobs: Jobs, changed: Iterable[int], touched: Iterable[str], now: int) -> list[Row]:
     """The events of what ``advance`` did to the ``changed`` jobs (their
     state right after it; ``log_index`` is filled in by ``derive``)."""
     among = list(touched)
@@ -110,9 +110,9 @@ def advanced(jobs: Jobs, changed: Iterable[int], touched: Iterable[str], now: in
         if job.state == DEAD:
             expired = job.reason == EXPIRED_REASON or (not failed_now and not job.reason)
             kind = K.EXPIRED if expired else K.DEAD
-            out.append(as_event(_job_row(kind, job, 0, now, reason=job.reason)))
+            out.append(_job_row(kind, job, 0, now, reason=job.reason))
         elif job.state in WAITING and failed_now and last_error is not None:
-            out.append(as_event(_job_row(K.NACKED, job, 0, now, reason=last_error[2])))
+            out.append(_job_row(K.NACKED, job, 0, now, reason=last_error[2]))
     return out
 
 

@@ -16,7 +16,13 @@ from pqueue.node.replicated import ClusterConfig
 from pqueue.node.server import NodeServer, ServerConfig
 from pqueue.storage import open_storage
 from pqueue.wire.logs import LogFormat, describe, flush_logs, setup_logging
-from pqueue.wire.loop import GC_YOUNG, new_event_loop, raise_fd_limit, serving_process
+from pqueue.wire.loop import (
+    GC_YOUNG,
+    collector_tuned,
+    new_event_loop,
+    raise_fd_limit,
+    serving_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +91,15 @@ async def _serve(o: NodeOptions, doing: _Doing) -> bool:
         snapshot_log_bytes=o.snapshot_log_bytes,
     )
     server = NodeServer(storage, o.server, node_config, cluster=cluster)
+    with collector_tuned(o.gc_young):
+        return await _start_and_serve(o, server, doing)
+
+
+async def _start_and_serve(o: NodeOptions, server: NodeServer, doing: _Doing) -> bool:
     doing.what = "recovering its log and starting to serve"
     await server.start()
     # The recovered state is frozen too: full collections stop rescanning it.
-    async with serving_process(server.metrics.registry, o.gc_young):
+    async with serving_process(server.metrics.registry):
         doing.what = "serving"
         if o.server.verifier is None:
             logger.warning(OPEN_BANNER, server.address)

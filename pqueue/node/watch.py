@@ -95,8 +95,9 @@ class Watchers:
     def __init__(self, ring_events: int = RING_EVENTS, buffer: int = WATCHER_BUFFER) -> None:
         self.ring_events = ring_events
         self.buffer = buffer
-        #: (index, its events) of the recent entries that had events.
-        self._ring: deque[tuple[int, list[Row]]] = deque()
+        #: (index, its events) of the recent entries that had events: tuples
+        #: of plain tuples, which the cyclic collector stops tracking.
+        self._ring: deque[tuple[int, tuple[Row, ...]]] = deque()
         self._held = 0
         #: Every entry after this one is in the ring.
         self.covered_after = 0
@@ -121,10 +122,10 @@ class Watchers:
         for sub in list(self.subscriptions):
             sub.end(error)
 
-    def publish(self, index: int, events: list[Row]) -> None:
+    def publish(self, index: int, events: Sequence[Row]) -> None:
         self.applied = index
         if events:
-            self._ring.append((index, events))
+            self._ring.append((index, tuple(events)))
             self._held += len(events)
             while self._held > self.ring_events and self._ring:
                 dropped, old = self._ring.popleft()

@@ -6,8 +6,8 @@ import asyncio
 import gc
 import logging
 import resource
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from prometheus_client.registry import CollectorRegistry
 
@@ -70,7 +70,7 @@ def freeze_startup_heap() -> int:
 #: node, and traversed what that request held alive at the time (a batch's
 #: jobs, lists, futures), then moved it to the older generations, whose
 #: collections it made come sooner: in the 100-job batch cell a follower
-#: spent 16 % of its CPU in the collector, and a full collection took
+#: spent 7-10 % of its CPU in the collector, and a full collection took
 #: 60 ms, ten times in 40 s (session 21; ``docs/benchmarks.md``). At 20,000
 #: transients die before a collection sees them; one comes every few
 #: seconds of a busy node and takes 10-30 ms (``pq_gc_pause_seconds``
@@ -78,23 +78,33 @@ def freeze_startup_heap() -> int:
 GC_YOUNG = 20_000
 
 
-def tune_collector(young: int = GC_YOUNG) -> tuple[int, ...]:
-    """Set the youngest generation's threshold (``GC_YOUNG``); the thresholds now."""
-    gc.set_threshold(young, *gc.get_threshold()[1:])
-    return gc.get_threshold()
+#: The lowest ``--gc-young`` taken (0 would turn automatic collection off).
+GC_YOUNG_MIN = 100
+
+
+@contextmanager
+def collector_tuned(young: int = GC_YOUNG) -> Iterator[tuple[int, ...]]:
+    """While inside: the youngest generation's threshold ``young``, the
+    older ones as they were (the thresholds, yielded); then as before."""
+    if young < GC_YOUNG_MIN:
+        raise ValueError(f"gc_young must be {GC_YOUNG_MIN} or more, not {young}")
+    before = gc.get_threshold()
+    gc.set_threshold(young, *before[1:])
+    try:
+        logger.debug("collector thresholds %s", gc.get_threshold())
+        yield gc.get_threshold()
+    finally:
+        gc.set_threshold(*before)
 
 
 @asynccontextmanager
-async def serving_process(
-    registry: CollectorRegistry, gc_young: int = GC_YOUNG
-) -> AsyncIterator[StallWatch]:
+async def serving_process(registry: CollectorRegistry) -> AsyncIterator[StallWatch]:
     """What a node or balancer process does once its server serves, for as
-    long as it serves: its startup heap frozen (``freeze_startup_heap``), the
-    collector's youngest threshold set (``tune_collector``) and its event
-    loop watched (``StallWatch``, exported on ``registry``)."""
+    long as it serves: its startup heap frozen (``freeze_startup_heap``) and
+    its event loop watched (``StallWatch``, exported on ``registry``). The
+    runners set the collector's threshold before, around starting too
+    (``collector_tuned``): a node's recovery makes objects as serving does."""
     freeze_startup_heap()
-    before = gc.get_threshold()
-    logger.debug("collector thresholds %s", tune_collector(gc_young))
     stalls = StallWatch()
     registry.register(stalls)
     stalls.start()
@@ -102,4 +112,3 @@ async def serving_process(
         yield stalls
     finally:
         await stalls.stop()
-        gc.set_threshold(*before)

@@ -23,7 +23,7 @@ def reference(entry: logpb.LogEntry, effects: Effects, jobs: QueueMachine) -> li
     """``derive`` as it was written first: every job looked up among the
     touched queues (the specification the faster one must match)."""
     index, now = effects.index, jobs.time_ms
-    events: list[Event] = [e._replace(log_index=index) for e in effects.advanced]
+    events: list[Event] = [Event._make((index, *e[1:])) for e in effects.advanced]
     explained: set[int] = set(e.job_id for e in events)
     touched = effects.touched
 

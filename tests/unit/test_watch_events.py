@@ -3,6 +3,7 @@ node's ring of recent ones (pqueue.node.watch)."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -179,8 +180,27 @@ def test_replicas_derive_the_same_events() -> None:
     assert len(ma.events) > 10
 
 
-def ev(index: int, queue: str = "q", job_id: int = 1) -> events.Event:
-    return events.Event(index, 0, queue, job_id, E.ENQUEUED)
+def ev(index: int, queue: str = "q", job_id: int = 1) -> events.Row:
+    """An event as ``derive`` gives it, a plain tuple (watchers get ``Event``s)."""
+    return (index, 0, queue, job_id, E.ENQUEUED, 0, 0, 0, 0, "")
+
+
+def test_the_ring_leaves_the_cyclic_collectors_scans() -> None:
+    """What the ring keeps is plain tuples of atoms: after a few collections
+    the collector no longer tracks them (a ``NamedTuple`` it would track for
+    life, and a list too)."""
+    w = Watchers()
+    for index in range(1, 4):
+        w.publish(index, [ev(index), ev(index, job_id=2)])
+    gc.collect()
+    assert w.covered_after == 0
+    sub = w.subscribe(lambda e: True, 0)  # replayed from the ring as Events
+    assert [(e.log_index, e.job_id) for e in sub.take()] == [
+        (i, j) for i in (1, 2, 3) for j in (1, 2)
+    ]
+    for _ in range(3):  # a collection untracks one level of tuples
+        gc.collect()
+    assert not any(gc.is_tracked(kept) for kept in w._ring)
 
 
 def test_ring_resumes_and_refuses_what_it_dropped() -> None:
